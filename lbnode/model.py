@@ -1,0 +1,648 @@
+"""The configuration model: pools, backends, listeners, routes, and their validation.
+
+Owns the one place where raw data (a TOML table, later an API message or an
+lbctl apply file) becomes frozen dataclasses, so an error reads the same
+everywhere: ``pools[1].backends[0].address: "x" is not host:port``.
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``key`` is the dotted path of the offending value."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key = key
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- values
+
+ALGORITHMS = (
+    "random",
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "least_loaded",
+    "least_latency",
+    "source_hash",
+    "consistent_hash",
+)
+HASH_KEY_RE = re.compile(r"^(source_ip|path|(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+AFFINITY_MODE_RE = re.compile(r"^(cookie|source_ip|(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(value: object, key: str) -> Address:
+    """``host:port`` or ``[v6]:port``; the host is an IP literal or a DNS name."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string host:port, got {_type_name(value)}")
+    text = value.strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})", text) or re.fullmatch(
+        r"([A-Za-z0-9.-]+):(\d{1,5})", text
+    )
+    if not m:
+        raise ConfigError(key, f'"{value}" is not host:port')
+    host, port = m.group(1), int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ConfigError(key, f'"{value}": port {port} is out of range 1-65535')
+    if text.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(key, f'"{value}": "{host}" is not an IPv6 address') from None
+    elif re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(key, f'"{value}": "{host}" is not an IPv4 address') from None
+    return Address(host, port)
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Seconds as a number, or a string with a unit: ``"250ms"``, ``"1.5s"``, ``"2m"``."""
+    if isinstance(value, bool):
+        raise ConfigError(key, "expected a duration, got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value)
+        if not m:
+            raise ConfigError(key, f'"{value}" is not a duration (e.g. 5, "250ms", "1.5s", "2m")')
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(key, f"expected a duration, got {_type_name(value)}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(key, f"duration must be a finite number >= 0, got {value!r}")
+    return seconds
+
+
+def parse_status_ranges(value: object, key: str) -> tuple[tuple[int, int], ...]:
+    """``200``, ``"200-399"``, ``"200,204,300-399"`` or a list of those."""
+    items: list[object]
+    if isinstance(value, list):
+        items = list(value)
+    elif isinstance(value, str):
+        items = [part for part in value.split(",") if part.strip()]
+    else:
+        items = [value]
+    ranges: list[tuple[int, int]] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise ConfigError(key, f"expected status codes like 200 or \"200-399\", got {item!r}")
+        text = str(item).strip()
+        m = re.fullmatch(r"(\d{3})(?:\s*-\s*(\d{3}))?", text)
+        if not m:
+            raise ConfigError(key, f'"{text}" is not a status code or range like "200-399"')
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not (100 <= lo <= hi <= 599):
+            raise ConfigError(key, f'"{text}" is not a valid range of status codes 100-599')
+        ranges.append((lo, hi))
+    if not ranges:
+        raise ConfigError(key, "at least one status code is required")
+    return tuple(ranges)
+
+
+def _type_name(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+class Table:
+    """Reads one table of raw config, remembering which keys were used.
+
+    ``done()`` rejects the keys nobody asked for, so a typo is an error, not a
+    silently ignored setting.
+    """
+
+    _MISSING: Any = object()
+
+    def __init__(self, data: object, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(path, f"expected a table, got {_type_name(data)}")
+        self.data: Mapping[str, Any] = data
+        self.path = path
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
+        self._used.add(name)
+        if name not in self.data:
+            if default is Table._MISSING:
+                raise ConfigError(self.key(name), "is required")
+            return default
+        return self.data[name]
+
+    def str(self, name: str, default: Any = _MISSING, choices: tuple[str, ...] = ()) -> Any:
+        value = self.raw(name, default)
+        if value is default and default is not Table._MISSING:
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(self.key(name), f"expected a string, got {_type_name(value)}")
+        if choices and value not in choices:
+            raise ConfigError(self.key(name), f'"{value}" is not one of: {", ".join(choices)}')
+        return value
+
+    def name(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.str(name, default)
+        if value is default and default is not Table._MISSING:
+            return value
+        if not NAME_RE.fullmatch(value):
+            raise ConfigError(
+                self.key(name),
+                f'"{value}" is not a valid name (letters, digits, "_", "-", "."; at most 63)',
+            )
+        return value
+
+    def bool(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), f"expected true or false, got {_type_name(value)}")
+        return value
+
+    def int(self, name: str, default: Any = _MISSING, lo: int | None = None, hi: int | None = None) -> Any:
+        value = self.raw(name, default)
+        if value is default and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(name), f"expected an integer, got {_type_name(value)}")
+        if lo is not None and value < lo:
+            raise ConfigError(self.key(name), f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise ConfigError(self.key(name), f"must be <= {hi}, got {value}")
+        return value
+
+    def number(self, name: str, default: Any = _MISSING, lo: float | None = None, hi: float | None = None) -> Any:
+        value = self.raw(name, default)
+        if value is default and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(self.key(name), f"expected a number, got {_type_name(value)}")
+        if lo is not None and value < lo:
+            raise ConfigError(self.key(name), f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise ConfigError(self.key(name), f"must be <= {hi}, got {value}")
+        return float(value)
+
+    def duration(self, name: str, default: Any = _MISSING, positive: bool = True) -> Any:
+        value = self.raw(name, default)
+        if value is default and default is None:
+            return None
+        seconds = parse_duration(value, self.key(name))
+        if positive and seconds <= 0:
+            raise ConfigError(self.key(name), f"must be greater than 0, got {value!r}")
+        return seconds
+
+    def table(self, name: str) -> Table | None:
+        value = self.raw(name, None)
+        return None if value is None else Table(value, self.key(name))
+
+    def tables(self, name: str) -> list[Table]:
+        value = self.raw(name, [])
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), f"expected a list of tables ([[{name}]]), got {_type_name(value)}")
+        return [Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self._used)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key")
+
+
+# --------------------------------------------------------------------------- pools
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    address: Address
+    weight: int = 1  # 0 = no new sessions
+    name: str = ""  # defaults to the address
+    max_inflight: int | None = None  # L7 requests at once (issue 4)
+    max_connections: int | None = None  # L4 connections at once (issue 4)
+
+    @property
+    def id(self) -> str:
+        return self.name or str(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTimeouts:
+    connect: float = 3.0  # backend TCP connect
+    response: float = 30.0  # request fully sent -> first response byte
+    idle: float = 60.0  # an idle pooled upstream connection is closed after this
+    tcp_idle: float = 600.0  # L4: no bytes either way for this long closes the pair
+
+
+@dataclass(frozen=True, slots=True)
+class Affinity:
+    mode: str  # "cookie" | "source_ip" | "header:NAME" | "cookie:NAME"
+    cookie_name: str = "FULCRUM"
+    key: bytes | None = None  # 32-byte AES-GCM key for mode "cookie"
+    ttl: float = 86400.0  # lifetime of a sealed cookie
+    idle_timeout: float = 1800.0  # learned entries expire after this idle time
+    max_entries: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    type: str = "tcp"  # "tcp" | "http"
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    path: str = "/"
+    method: str = "GET"
+    host: str | None = None
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)
+    expect_body: str | None = None
+    initial_state: str = "up"  # state before the first result: "up" | "down"
+    jitter: float = 0.1  # fraction of the interval added at random
+
+
+@dataclass(frozen=True, slots=True)
+class Outlier:
+    consecutive_failures: int = 5
+    eject_on_5xx: bool = False
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    name: str
+    backends: tuple[Backend, ...] = ()
+    algorithm: str = "round_robin"
+    hash_key: str = "source_ip"  # consistent_hash key
+    maglev_table_size: int = 65537
+    latency_decay: float = 10.0  # least_latency: peak-EWMA decay time in seconds
+    timeouts: PoolTimeouts = field(default_factory=PoolTimeouts)
+    max_idle_per_backend: int = 32  # pooled idle upstream connections per backend
+    affinity: Affinity | None = None
+    health: HealthCheck | None = None
+    outlier: Outlier | None = None
+    slow_start: float = 0.0
+    retries: int = 2
+    retry_on: tuple[int, ...] = ()  # 502/503/504 retried for idempotent methods
+    retry_budget_percent: float = 20.0
+    retry_buffer_bytes: int = 64 * 1024  # request bodies up to this are buffered for retry
+    queue_timeout: float = 5.0
+    max_queue: int = 10_000
+
+
+def parse_pool(t: Table) -> Pool:
+    """One ``[[pools]]`` table (or an API/apply pool spec) into a ``Pool``."""
+    name = t.name("name")
+    algorithm = t.str("algorithm", "round_robin", choices=ALGORITHMS)
+    hash_key = t.str("hash_key", "source_ip")
+    if not HASH_KEY_RE.fullmatch(hash_key):
+        raise ConfigError(
+            t.key("hash_key"),
+            f'"{hash_key}" is not one of source_ip, path, header:NAME, cookie:NAME, query:NAME',
+        )
+    table_size = t.int("maglev_table_size", 65537, lo=7, hi=1_000_003)
+    if not _is_prime(table_size):
+        raise ConfigError(t.key("maglev_table_size"), f"must be a prime number, got {table_size}")
+    backends: list[Backend] = []
+    seen: dict[str, str] = {}
+    for bt in t.tables("backends"):
+        backend = Backend(
+            address=parse_address(bt.raw("address"), bt.key("address")),
+            weight=bt.int("weight", 1, lo=0, hi=1000),
+            name=bt.name("name", ""),
+            max_inflight=bt.int("max_inflight", None, lo=1),
+            max_connections=bt.int("max_connections", None, lo=1),
+        )
+        bt.done()
+        if backend.id in seen:
+            raise ConfigError(bt.path, f'backend "{backend.id}" appears twice (also {seen[backend.id]})')
+        seen[backend.id] = bt.path
+        backends.append(backend)
+    tt = t.table("timeouts")
+    timeouts = PoolTimeouts()
+    if tt is not None:
+        timeouts = PoolTimeouts(
+            connect=tt.duration("connect", timeouts.connect),
+            response=tt.duration("response", timeouts.response),
+            idle=tt.duration("idle", timeouts.idle),
+            tcp_idle=tt.duration("tcp_idle", timeouts.tcp_idle),
+        )
+        tt.done()
+    pool = Pool(
+        name=name,
+        backends=tuple(backends),
+        algorithm=algorithm,
+        hash_key=hash_key,
+        maglev_table_size=table_size,
+        latency_decay=t.duration("latency_decay", 10.0),
+        timeouts=timeouts,
+        max_idle_per_backend=t.int("max_idle_per_backend", 32, lo=0, hi=10_000),
+        affinity=_parse_affinity(t.table("affinity")),
+        health=_parse_health(t.table("health")),
+        outlier=_parse_outlier(t.table("outlier")),
+        slow_start=t.duration("slow_start", 0.0, positive=False),
+        retries=t.int("retries", 2, lo=0, hi=10),
+        retry_on=_parse_retry_on(t),
+        retry_budget_percent=t.number("retry_budget_percent", 20.0, lo=0, hi=100),
+        retry_buffer_bytes=t.int("retry_buffer_bytes", 64 * 1024, lo=0, hi=64 * 1024 * 1024),
+        queue_timeout=t.duration("queue_timeout", 5.0, positive=False),
+        max_queue=t.int("max_queue", 10_000, lo=0),
+    )
+    t.done()
+    return pool
+
+
+def _parse_retry_on(t: Table) -> tuple[int, ...]:
+    value = t.raw("retry_on", [])
+    if not isinstance(value, list):
+        raise ConfigError(t.key("retry_on"), f"expected a list of status codes, got {_type_name(value)}")
+    codes = []
+    for i, code in enumerate(value):
+        if code not in (502, 503, 504) or isinstance(code, bool):
+            raise ConfigError(f"{t.key('retry_on')}[{i}]", f"{code!r} is not one of 502, 503, 504")
+        codes.append(code)
+    return tuple(codes)
+
+
+def _parse_affinity(t: Table | None) -> Affinity | None:
+    if t is None:
+        return None
+    mode = t.str("mode")
+    if not AFFINITY_MODE_RE.fullmatch(mode):
+        raise ConfigError(
+            t.key("mode"), f'"{mode}" is not one of cookie, source_ip, header:NAME, cookie:NAME'
+        )
+    key: bytes | None = None
+    raw_key = t.str("key", None)
+    if raw_key is not None:
+        try:
+            key = bytes.fromhex(raw_key)
+        except ValueError:
+            raise ConfigError(t.key("key"), "must be 64 hex digits (a 32-byte key)") from None
+        if len(key) != 32:
+            raise ConfigError(t.key("key"), f"must be 64 hex digits (a 32-byte key), got {len(raw_key)}")
+    cookie_name = t.str("cookie_name", "FULCRUM")
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", cookie_name):
+        raise ConfigError(t.key("cookie_name"), f'"{cookie_name}" is not a valid cookie name')
+    affinity = Affinity(
+        mode=mode,
+        cookie_name=cookie_name,
+        key=key,
+        ttl=t.duration("ttl", 86400.0),
+        idle_timeout=t.duration("idle_timeout", 1800.0),
+        max_entries=t.int("max_entries", 100_000, lo=1),
+    )
+    t.done()
+    return affinity
+
+
+def _parse_health(t: Table | None) -> HealthCheck | None:
+    if t is None:
+        return None
+    kind = t.str("type", "tcp", choices=("tcp", "http"))
+    interval = t.duration("interval", 2.0)
+    timeout = t.duration("timeout", min(1.0, interval))
+    path = t.str("path", "/")
+    if not path.startswith("/") or any(c in path for c in " \r\n\0"):
+        raise ConfigError(t.key("path"), f'"{path}" must start with "/" and have no spaces')
+    method = t.str("method", "GET")
+    if not re.fullmatch(r"[A-Z]+", method):
+        raise ConfigError(t.key("method"), f'"{method}" is not an HTTP method')
+    check = HealthCheck(
+        type=kind,
+        interval=interval,
+        timeout=timeout,
+        rise=t.int("rise", 2, lo=1, hi=100),
+        fall=t.int("fall", 3, lo=1, hi=100),
+        path=path,
+        method=method,
+        host=t.str("host", None),
+        expect_status=parse_status_ranges(t.raw("expect_status", "200-399"), t.key("expect_status")),
+        expect_body=t.str("expect_body", None),
+        initial_state=t.str("initial_state", "up", choices=("up", "down")),
+        jitter=t.number("jitter", 0.1, lo=0, hi=1),
+    )
+    t.done()
+    return check
+
+
+def _parse_outlier(t: Table | None) -> Outlier | None:
+    if t is None:
+        return None
+    outlier = Outlier(
+        consecutive_failures=t.int("consecutive_failures", 5, lo=1),
+        eject_on_5xx=t.bool("eject_on_5xx", False),
+        base_ejection_time=t.duration("base_ejection_time", 30.0),
+        max_ejection_percent=t.int("max_ejection_percent", 50, lo=0, hi=100),
+    )
+    t.done()
+    return outlier
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    i = 3
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 2
+    return True
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    pool: str
+    host: str | None = None  # exact, or "*.example.com"
+    path_prefix: str | None = None
+
+    def matches(self, host: str | None, path: str) -> bool:
+        if self.host is not None:
+            if host is None:
+                return False
+            h = host.lower()
+            if self.host.startswith("*."):
+                if not (h.endswith(self.host[1:]) and len(h) > len(self.host) - 1):
+                    return False
+            elif h != self.host:
+                return False
+        return self.path_prefix is None or path.startswith(self.path_prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTimeouts:
+    header: float = 10.0  # client must send a whole request head within this (slowloris)
+    idle: float = 60.0  # keep-alive: time allowed between requests
+    body: float = 60.0  # client body: longest pause between two reads
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float  # requests per second per client IP
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    protocol: str  # "http" | "tcp"
+    bind: Address
+    pool: str
+    routes: tuple[Route, ...] = ()
+    timeouts: ListenerTimeouts = field(default_factory=ListenerTimeouts)
+    max_header_bytes: int = 64 * 1024
+    max_connections: int | None = None
+    rate_limit: RateLimit | None = None
+    backlog: int = 1024
+
+
+def parse_listener(t: Table) -> Listener:
+    protocol = t.str("protocol", choices=("http", "tcp"))
+    routes: list[Route] = []
+    for rt in t.tables("routes"):
+        if protocol != "http":
+            raise ConfigError(rt.path, 'routes need protocol = "http"')
+        host = rt.str("host", None)
+        if host is not None:
+            host = host.lower()
+            if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?", host):
+                raise ConfigError(rt.key("host"), f'"{host}" is not a host name or "*.domain"')
+        path_prefix = rt.str("path_prefix", None)
+        if path_prefix is not None and not path_prefix.startswith("/"):
+            raise ConfigError(rt.key("path_prefix"), f'"{path_prefix}" must start with "/"')
+        routes.append(Route(pool=rt.name("pool"), host=host, path_prefix=path_prefix))
+        rt.done()
+    tt = t.table("timeouts")
+    timeouts = ListenerTimeouts()
+    if tt is not None:
+        timeouts = ListenerTimeouts(
+            header=tt.duration("header", timeouts.header),
+            idle=tt.duration("idle", timeouts.idle),
+            body=tt.duration("body", timeouts.body),
+        )
+        tt.done()
+    rl = t.table("rate_limit")
+    rate_limit = None
+    if rl is not None:
+        rate_limit = RateLimit(rate=rl.number("rate", lo=0.001), burst=rl.int("burst", lo=1))
+        rl.done()
+    listener = Listener(
+        name=t.name("name"),
+        protocol=protocol,
+        bind=parse_address(t.raw("bind"), t.key("bind")),
+        pool=t.name("pool"),
+        routes=tuple(routes),
+        timeouts=timeouts,
+        max_header_bytes=t.int("max_header_bytes", 64 * 1024, lo=1024, hi=16 * 1024 * 1024),
+        max_connections=t.int("max_connections", None, lo=1),
+        rate_limit=rate_limit,
+        backlog=t.int("backlog", 1024, lo=1, hi=65535),
+    )
+    t.done()
+    return listener
+
+
+# --------------------------------------------------------------------------- node
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    id: str
+    admin: Address | None = None
+    state_dir: str = "state"
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node: NodeSettings
+    listeners: tuple[Listener, ...]
+    pools: tuple[Pool, ...]
+
+    def pool(self, name: str) -> Pool:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def parse_config(data: object) -> Config:
+    """A whole node.toml document (already decoded) into a ``Config``."""
+    root = Table(data, "")
+    nt = Table(root.raw("node"), "node")
+    admin_raw = nt.raw("admin", None)
+    node = NodeSettings(
+        id=nt.name("id"),
+        admin=None if admin_raw is None else parse_address(admin_raw, "node.admin"),
+        state_dir=nt.str("state_dir", "state"),
+        drain_timeout=nt.duration("drain_timeout", 30.0, positive=False),
+    )
+    nt.done()
+    pools = [parse_pool(pt) for pt in root.tables("pools")]
+    listeners = [parse_listener(lt) for lt in root.tables("listeners")]
+    root.done()
+    _unique(pools, "pools", lambda p: p.name)
+    _unique(listeners, "listeners", lambda li: li.name)
+    pool_names = {p.name for p in pools}
+    binds: dict[tuple[str, int], int] = {}
+    for i, li in enumerate(listeners):
+        if li.pool not in pool_names:
+            raise ConfigError(f"listeners[{i}].pool", f'pool "{li.pool}" is not defined')
+        for j, route in enumerate(li.routes):
+            if route.pool not in pool_names:
+                raise ConfigError(f"listeners[{i}].routes[{j}].pool", f'pool "{route.pool}" is not defined')
+        bind_key = (li.bind.host, li.bind.port)
+        if bind_key in binds:
+            raise ConfigError(
+                f"listeners[{i}].bind", f"{li.bind} is already used by listeners[{binds[bind_key]}]"
+            )
+        binds[bind_key] = i
+    if node.admin is not None and (node.admin.host, node.admin.port) in binds:
+        raise ConfigError("node.admin", f"{node.admin} is already used by a listener")
+    return Config(node=node, listeners=tuple(listeners), pools=tuple(pools))
+
+
+def _unique(items: list[T], section: str, name_of: Callable[[T], str]) -> None:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        n = name_of(item)
+        if n in seen:
+            raise ConfigError(f"{section}[{i}].name", f'"{n}" is already used by {section}[{seen[n]}]')
+        seen[n] = i
