@@ -55,8 +55,10 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_address(value: object, key: str) -> Address:
-    """``host:port`` or ``[v6]:port``; the host is an IP literal or a DNS name."""
+def parse_address(value: object, key: str, *, bind: bool = False) -> Address:
+    """``host:port`` or ``[v6]:port``; the host is an IP literal or a DNS name.
+
+    A ``bind`` address may use port 0 (any free port; tests use it)."""
     if not isinstance(value, str):
         raise ConfigError(key, f"expected a string host:port, got {_type_name(value)}")
     text = value.strip()
@@ -66,7 +68,7 @@ def parse_address(value: object, key: str) -> Address:
     if not m:
         raise ConfigError(key, f'"{value}" is not host:port')
     host, port = m.group(1), int(m.group(2))
-    if not 1 <= port <= 65535:
+    if not (0 if bind else 1) <= port <= 65535:
         raise ConfigError(key, f'"{value}": port {port} is out of range 1-65535')
     if text.startswith("["):
         try:
@@ -566,7 +568,7 @@ def parse_listener(t: Table) -> Listener:
     listener = Listener(
         name=t.name("name"),
         protocol=protocol,
-        bind=parse_address(t.raw("bind"), t.key("bind")),
+        bind=parse_address(t.raw("bind"), t.key("bind"), bind=True),
         pool=t.name("pool"),
         routes=tuple(routes),
         timeouts=timeouts,
@@ -610,7 +612,7 @@ def parse_config(data: object) -> Config:
     admin_raw = nt.raw("admin", None)
     node = NodeSettings(
         id=nt.name("id"),
-        admin=None if admin_raw is None else parse_address(admin_raw, "node.admin"),
+        admin=None if admin_raw is None else parse_address(admin_raw, "node.admin", bind=True),
         state_dir=nt.str("state_dir", "state"),
         drain_timeout=nt.duration("drain_timeout", 30.0, positive=False),
     )
@@ -629,12 +631,12 @@ def parse_config(data: object) -> Config:
             if route.pool not in pool_names:
                 raise ConfigError(f"listeners[{i}].routes[{j}].pool", f'pool "{route.pool}" is not defined')
         bind_key = (li.bind.host, li.bind.port)
-        if bind_key in binds:
+        if li.bind.port and bind_key in binds:
             raise ConfigError(
                 f"listeners[{i}].bind", f"{li.bind} is already used by listeners[{binds[bind_key]}]"
             )
         binds[bind_key] = i
-    if node.admin is not None and (node.admin.host, node.admin.port) in binds:
+    if node.admin is not None and node.admin.port and (node.admin.host, node.admin.port) in binds:
         raise ConfigError("node.admin", f"{node.admin} is already used by a listener")
     return Config(node=node, listeners=tuple(listeners), pools=tuple(pools))
 

@@ -1,0 +1,118 @@
+"""The admin HTTP endpoint: ``GET /healthz`` (and ``/status`` as JSON).
+
+Owns answering operators and outer load balancers about this node. Reads
+the node's snapshot; never changes it (changes go through the control API).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Protocol
+
+import trio
+
+from lbnode.http.framing import RequestReader
+from lbnode.http.headers import RequestHead
+from lbnode.listen import ConnectionGate, accept_loop
+from lbnode.runtime import Snapshot
+
+log = logging.getLogger("lbnode.admin")
+
+# Admin requests are tiny; anything bigger is not an operator's curl.
+MAX_HEAD = 16 * 1024
+# An admin client that sends nothing for this long is dropped.
+READ_TIMEOUT = 10.0
+
+
+class AdminView(Protocol):
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
+def status_document(node: AdminView) -> dict[str, Any]:
+    snap = node.snapshot
+    pools = []
+    for name, pool in snap.pools.items():
+        pools.append(
+            {
+                "name": name,
+                "algorithm": pool.spec.algorithm,
+                "backends": [
+                    {
+                        "id": b.id,
+                        "address": str(b.spec.address),
+                        "weight": b.spec.weight,
+                        "admin": b.admin,
+                        "state": b.health,
+                        "reason": b.health_reason,
+                        "inflight": b.inflight,
+                        "connections": b.connections,
+                        "requests": b.requests,
+                        "failures": b.failures,
+                    }
+                    for b in pool.backends
+                ],
+            }
+        )
+    return {
+        "node": snap.config.node.id,
+        "draining": node.draining,
+        "config_version": snap.version,
+        "pools": pools,
+    }
+
+
+def _response(status: int, body: bytes, content_type: str) -> bytes:
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+    return (
+        f"HTTP/1.1 {status} {reason.get(status, '')}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def answer(node: AdminView, head: RequestHead) -> bytes:
+    path = head.target.split(b"?", 1)[0]
+    if head.method not in (b"GET", b"HEAD"):
+        return _response(405, b"only GET\n", "text/plain")
+    if path == b"/healthz":
+        if node.draining:
+            return _response(503, b"draining\n", "text/plain")
+        return _response(200, b"ok\n", "text/plain")
+    if path == b"/status":
+        return _response(200, json.dumps(status_document(node), indent=2).encode() + b"\n", "application/json")
+    return _response(404, b"not found: try /healthz or /status\n", "text/plain")
+
+
+async def _handle(node: AdminView, sock: trio.socket.SocketType, client_ip: str) -> None:
+    reader = RequestReader(MAX_HEAD)
+    with trio.move_on_after(READ_TIMEOUT):
+        try:
+            while not reader.events:
+                data = await sock.recv(4096)
+                if not data:
+                    return
+                reader.feed(data)
+            ev = reader.events.popleft()
+            if isinstance(ev, RequestHead):
+                out = answer(node, ev)
+                if ev.method == b"HEAD":
+                    out = out.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+            else:
+                out = _response(400, b"bad request\n", "text/plain")
+            view = memoryview(out)
+            while view:
+                view = view[await sock.send(view):]
+        except OSError as exc:
+            log.debug("admin client %s: %s", client_ip, exc)
+
+
+async def serve_admin(sock: trio.socket.SocketType, node: AdminView) -> None:
+    async def handler(conn: trio.socket.SocketType, client_ip: str) -> None:
+        await _handle(node, conn, client_ip)
+
+    async with trio.open_nursery() as handlers:
+        await accept_loop(sock, handler, handlers, ConnectionGate(64), "admin")

@@ -1,0 +1,92 @@
+"""``lbnode`` command line: run, check, demo.
+
+Owns turning operator mistakes into one line on stderr and an exit status;
+never prints a traceback for a bad file or a busy port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import trio
+
+from lbnode import __version__
+from lbnode.config import ConfigFileError, load_config
+from lbnode.listen import BindError
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigFileError as exc:
+        print(f"lbnode: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.config}: ok (node {config.node.id}, {len(config.listeners)} listeners, "
+        f"{len(config.pools)} pools, {sum(len(p.backends) for p in config.pools)} backends)"
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from lbnode.node import LbNode
+
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigFileError as exc:
+        print(f"lbnode: {exc}", file=sys.stderr)
+        return 1
+    try:
+        trio.run(LbNode(config).run)
+    except BindError as exc:
+        print(f"lbnode: {args.config}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lbnode.demo import run_demo
+
+    setup_logging(args.log_level)
+    try:
+        trio.run(run_demo)
+    except BindError as exc:
+        print(f"lbnode demo: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lbnode", description="Fulcrum load-balancer node")
+    parser.add_argument("--version", action="version", version=f"lbnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="serve the listeners of a config file")
+    p_run.add_argument("--config", "-c", required=True, help="path to node.toml")
+    p_run.add_argument("--log-level", default="INFO")
+    p_run.set_defaults(func=_cmd_run)
+    p_check = sub.add_parser("check", help="validate a config file and exit 0 (valid) or 1")
+    p_check.add_argument("--config", "-c", required=True, help="path to node.toml")
+    p_check.set_defaults(func=_cmd_check)
+    p_demo = sub.add_parser("demo", help="three demo backends and a node in front of them")
+    p_demo.add_argument("--log-level", default="INFO")
+    p_demo.set_defaults(func=_cmd_demo)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

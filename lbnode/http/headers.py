@@ -1,0 +1,273 @@
+"""HTTP/1.1 message heads and the header rules a proxy applies to them.
+
+Owns the pure part of L7: the head objects the framing layer produces, the
+checks that stop request smuggling beyond what llhttp already rejects, the
+hop-by-hop and forwarded-header rules, and the serialisation of heads and of
+responses the node makes itself. Pure: no sockets, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 section 7.6.1: connection-specific fields a proxy must not forward,
+# plus the ones the Connection header names. Transfer-Encoding is re-framed by us.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
+)
+# Connection may name any field, but never these: dropping them would change
+# the framing or routing of the message we forward (a smuggling lever).
+NEVER_DROPPED = frozenset({b"content-length", b"host", b"transfer-encoding"})
+
+# Methods whose requests carry no meaning in a body but may still send one.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+REASONS = {
+    100: "Continue",
+    101: "Switching Protocols",
+    200: "OK",
+    204: "No Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    417: "Expectation Failed",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class BadRequest(Exception):
+    """The client broke the protocol; answered with ``status`` and the connection closed."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: str  # "1.0" | "1.1"
+    headers: Headers
+    keep_alive: bool
+    upgrade: bool
+    # Derived by ``check_request``:
+    host: str | None = None
+    path: str = "/"
+    query: str = ""
+    content_length: int | None = None
+    chunked: bool = False
+    expect_continue: bool = False
+    connection_tokens: frozenset[bytes] = field(default_factory=frozenset)
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of a header, by lower-case name."""
+        for n, v in self.headers:
+            if n.lower() == name:
+                return v
+        return None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: str
+    headers: Headers
+    keep_alive: bool
+    content_length: int | None = None
+    chunked: bool = False
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for n, v in headers:
+        if n.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in v.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def check_request(head: RequestHead) -> None:
+    """Validate what llhttp leaves to us and fill in the derived fields.
+
+    llhttp already rejects CL+TE, duplicate Content-Length, bad chunk sizes,
+    bare CR/LF, NUL, obs-fold and whitespace before the colon. We add: the only
+    accepted Transfer-Encoding is a lone ``chunked`` (we re-frame the body, so
+    ``gzip, chunked`` could not be forwarded faithfully), exactly one Host on
+    HTTP/1.1, and a target we can route.
+    """
+    hosts: list[bytes] = []
+    te_seen = False
+    for n, v in head.headers:
+        name = n.lower()
+        if name == b"host":
+            hosts.append(v)
+        elif name == b"transfer-encoding":
+            if te_seen or v.strip().lower() != b"chunked":
+                raise BadRequest(f"unsupported Transfer-Encoding {v.decode('latin-1')!r}")
+            te_seen = True
+        elif name == b"content-length":
+            # llhttp checked the digits; two headers were rejected as duplicates.
+            head.content_length = int(v)
+        elif name == b"expect":
+            if v.strip().lower() == b"100-continue":
+                head.expect_continue = True
+            else:
+                raise BadRequest(f"unsupported Expect {v.decode('latin-1')!r}", status=417)
+    head.chunked = te_seen
+    if len(hosts) > 1:
+        raise BadRequest("more than one Host header")
+    if not hosts and head.version == "1.1":
+        raise BadRequest("missing Host header")
+    target = head.target
+    if head.method == b"CONNECT":
+        raise BadRequest("CONNECT is not supported", status=405)
+    if target.startswith((b"http://", b"https://")):
+        # absolute-form: its authority wins over the Host header (RFC 9112 3.2.2).
+        rest = target.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        authority, target = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+        hosts = [authority]
+        head.target = target
+    elif not (target.startswith(b"/") or (target == b"*" and head.method == b"OPTIONS")):
+        raise BadRequest(f"unsupported request target {target[:64].decode('latin-1')!r}")
+    if hosts:
+        host = hosts[0].strip().decode("latin-1").lower()
+        if host.startswith("["):
+            end = host.find("]")
+            host = host[: end + 1] if end > 0 else host
+        elif ":" in host:
+            host = host.rsplit(":", 1)[0]
+        head.host = host
+    raw_path, _, raw_query = target.partition(b"?")
+    head.path = raw_path.decode("latin-1")
+    head.query = raw_query.decode("latin-1")
+    head.connection_tokens = connection_tokens(head.headers)
+
+
+def _dropped(tokens: frozenset[bytes]) -> frozenset[bytes]:
+    return HOP_BY_HOP | (tokens - NEVER_DROPPED)
+
+
+def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: str) -> bytes:
+    """The request head sent to a backend: hop-by-hop removed, forwarded headers added."""
+    drop = _dropped(head.connection_tokens) | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"}
+    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+    xff: list[bytes] = []
+    vias: list[bytes] = []
+    original_host = b""
+    for n, v in head.headers:
+        name = n.lower()
+        if name in drop:
+            if name == b"x-forwarded-for":
+                xff.append(v)
+            elif name == b"via":
+                vias.append(v)
+            continue
+        if name == b"host":
+            original_host = v
+        out += (n, b": ", v, b"\r\n")
+    xff.append(client_ip.encode())
+    vias.append(f"{head.version} {via}".encode())
+    out += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n")
+    out += (b"X-Forwarded-Proto: ", proto.encode(), b"\r\n")
+    if original_host or head.host:
+        out += (b"X-Forwarded-Host: ", original_host or head.host.encode(), b"\r\n")  # type: ignore[union-attr]
+    out += (b"Via: ", b", ".join(vias), b"\r\n")
+    if head.chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if head.upgrade:
+        upgrade = head.header(b"upgrade") or b""
+        out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def client_response_head(
+    head: ResponseHead, via: str, *, keep_alive: bool, chunked: bool, client_version: str
+) -> bytes:
+    """The response head sent to the client: hop-by-hop removed, Via added, our framing."""
+    tokens = connection_tokens(head.headers)
+    drop = _dropped(tokens) | {b"via"}
+    is_upgrade = head.status == 101
+    out = [b"HTTP/1.1 ", str(head.status).encode(), b" ", head.reason or REASONS.get(head.status, "").encode(), b"\r\n"]
+    vias: list[bytes] = []
+    upgrade_value = b""
+    for n, v in head.headers:
+        name = n.lower()
+        if name in drop:
+            if name == b"via":
+                vias.append(v)
+            elif name == b"upgrade":
+                upgrade_value = v
+            continue
+        out += (n, b": ", v, b"\r\n")
+    vias.append(f"{head.version} {via}".encode())
+    out += (b"Via: ", b", ".join(vias), b"\r\n")
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if is_upgrade:
+        out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
+    elif not keep_alive:
+        out.append(b"Connection: close\r\n")
+    elif client_version == "1.0":
+        out.append(b"Connection: keep-alive\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def local_response(
+    status: int,
+    message: str,
+    *,
+    close: bool,
+    extra: Headers | None = None,
+    head_only: bool = False,
+) -> bytes:
+    """A response the node makes itself: a short text body naming the problem."""
+    body = f"{status} {REASONS.get(status, '')}: {message}\n".encode()
+    lines = [
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n".encode(),
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        f"Content-Length: {len(body)}\r\n".encode(),
+        b"Cache-Control: no-store\r\n",
+    ]
+    for n, v in extra or ():
+        lines.append(n + b": " + v + b"\r\n")
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    if not head_only:
+        lines.append(body)
+    return b"".join(lines)
+
+
+def encode_trailers(trailers: Headers) -> bytes:
+    """The last chunk of a chunked body with its trailer fields."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    parts = [b"0\r\n"]
+    for n, v in trailers:
+        parts += (n, b": ", v, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def response_has_no_body(request_method: bytes, status: int) -> bool:
+    return request_method == b"HEAD" or 100 <= status < 200 or status in (204, 304)

@@ -1,0 +1,606 @@
+"""The L7 listener: one client connection at a time, requests forwarded to backends.
+
+Owns moving bytes between a client and the backends with keep-alive on both
+sides, streaming bodies, 100-continue, upgrades, retries of requests that are
+safe to send again, and the responses the node makes itself (400, 408, 431,
+502, 503, 504). Framing is in ``framing``, header rules in ``headers``, the
+choice of backend in the pool's policy: this module only calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as stdsocket
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from lbnode.balance import PickContext
+from lbnode.http.framing import End, ParseError, RequestReader, ResponseReader, Upgrade
+from lbnode.http.headers import (
+    BadRequest,
+    RequestHead,
+    ResponseHead,
+    check_request,
+    client_response_head,
+    encode_trailers,
+    local_response,
+    response_has_no_body,
+    upstream_request_head,
+)
+from lbnode.http.upstream import ConnectFailed, UpstreamConn, UpstreamPool
+from lbnode.model import Listener, Pool
+from lbnode.runtime import BackendState, PoolRuntime, Snapshot
+
+log = logging.getLogger("lbnode.http")
+
+# Bytes asked of the kernel per read: one large read per event loop turn.
+RECV_SIZE = 256 * 1024
+# Name we add to Via: a pseudonym, so the node's host name does not leak.
+VIA_NAME = "fulcrum"
+
+
+class Node(Protocol):
+    """What a listener needs from the node that runs it."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    upstreams: UpstreamPool
+
+
+class ClientGone(Exception):
+    """The client went away or stalled; nothing can be sent to it any more."""
+
+
+class UpstreamError(Exception):
+    """The exchange with a backend failed.
+
+    ``responded`` tells whether any response byte reached us (then the request
+    cannot be retried); ``status`` is what the client gets if it is not retried.
+    """
+
+    def __init__(self, reason: str, status: int = 502, responded: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.responded = responded
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class ClientConn:
+    """One accepted client connection and the request stream parsed from it."""
+
+    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_scope")
+
+    def __init__(self, sock: trio.socket.SocketType, ip: str, max_header_bytes: int) -> None:
+        self.sock = sock
+        self.ip = ip
+        self.reader = RequestReader(max_header_bytes)
+        self.eof = False
+        self.served = 0
+        self.idle_scope: trio.CancelScope | None = None
+
+    async def fill(self) -> None:
+        """Read once from the client into the parser."""
+        try:
+            data = await self.sock.recv(RECV_SIZE)
+        except OSError as exc:
+            raise ClientGone(f"client read failed: {exc}") from None
+        if data:
+            self.reader.feed(data)
+        else:
+            self.eof = True
+            self.reader.feed_eof()
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        try:
+            with trio.move_on_after(timeout) as scope:
+                await send_all(self.sock, data)
+        except OSError as exc:
+            raise ClientGone(f"client write failed: {exc}") from None
+        if scope.cancelled_caught:
+            raise ClientGone(f"client did not read for {timeout:g}s")
+
+    async def body_event(self, timeout: float) -> bytes | End:
+        """Next piece of the current request's body, or its End."""
+        events = self.reader.events
+        while not events:
+            if self.eof:
+                raise ClientGone("client closed the connection mid-body")
+            with trio.move_on_after(timeout) as scope:
+                await self.fill()
+            if scope.cancelled_caught:
+                raise BadRequest(f"no request body data for {timeout:g}s", status=408)
+        ev = events.popleft()
+        if isinstance(ev, bytes | End):
+            return ev
+        if isinstance(ev, ParseError):
+            raise BadRequest(ev.reason, ev.status)
+        raise BadRequest("unexpected data in request body")
+
+
+class HttpProxy:
+    """Serves one ``[[listeners]]`` entry with ``protocol = "http"``."""
+
+    def __init__(self, listener: Listener, node: Node, clock: Callable[[], float] = trio.current_time) -> None:
+        self.listener = listener
+        self.node = node
+        self.clock = clock
+        self.proto = "http"
+        self._idle: set[ClientConn] = set()
+        self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
+
+    def drain(self) -> None:
+        """Stop keep-alive: close idle connections now, the others after their response."""
+        for conn in list(self._idle):
+            if conn.idle_scope is not None:
+                conn.idle_scope.cancel()
+
+    # ------------------------------------------------------------------ connection
+    async def handle(self, sock: trio.socket.SocketType, client_ip: str) -> None:
+        sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        conn = ClientConn(sock, client_ip, self.listener.max_header_bytes)
+        try:
+            while True:
+                head = await self._read_head(conn)
+                if head is None:
+                    return
+                if not await self._serve_request(conn, head):
+                    return
+                conn.served += 1
+                if self.node.draining:
+                    return
+        except ClientGone as exc:
+            log.debug("listener %s: %s: %s", self.listener.name, client_ip, exc)
+        except BadRequest as exc:
+            await self._refuse(conn, None, exc.status, exc.reason)
+
+    async def _read_head(self, conn: ClientConn) -> RequestHead | None:
+        """The next request head, or None when the client is done (EOF, idle, drain)."""
+        timeouts = self.listener.timeouts
+        events = conn.reader.events
+        head_deadline: float | None = None
+        if conn.served == 0:
+            head_deadline = self.clock() + timeouts.header
+        while not events:
+            if conn.eof:
+                return None
+            if conn.reader.mid_message:
+                if head_deadline is None:
+                    head_deadline = self.clock() + timeouts.header
+                with trio.move_on_at(head_deadline) as scope:
+                    await conn.fill()
+                if scope.cancelled_caught:
+                    raise BadRequest(f"request head not received within {timeouts.header:g}s", status=408)
+                continue
+            if self.node.draining and conn.served:
+                return None
+            deadline = head_deadline if head_deadline is not None else self.clock() + timeouts.idle
+            conn.idle_scope = trio.CancelScope(deadline=deadline)
+            self._idle.add(conn)
+            try:
+                with conn.idle_scope:
+                    await conn.fill()
+            finally:
+                self._idle.discard(conn)
+            if conn.idle_scope.cancelled_caught:
+                if conn.served == 0 and not self.node.draining:
+                    raise BadRequest(f"request head not received within {timeouts.header:g}s", status=408)
+                return None  # keep-alive idle timeout or drain: close quietly
+        ev = events.popleft()
+        if isinstance(ev, RequestHead):
+            return ev
+        if isinstance(ev, ParseError):
+            raise BadRequest(ev.reason, ev.status)
+        raise BadRequest("malformed request")
+
+    async def _refuse(self, conn: ClientConn, head: RequestHead | None, status: int, reason: str,
+                      close: bool = True, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Answer with a response of our own, logged; close unless told otherwise."""
+        self.local_responses[status] = self.local_responses.get(status, 0) + 1
+        what = f"{head.method.decode()} {head.target[:200].decode('latin-1')}" if head else "-"
+        log.warning("listener %s: %s %s -> %d %s", self.listener.name, conn.ip, what, status, reason)
+        data = local_response(status, reason, close=close, extra=extra,
+                              head_only=head is not None and head.method == b"HEAD")
+        try:
+            await conn.send(data, self.listener.timeouts.idle)
+        except ClientGone:
+            pass
+
+    # ------------------------------------------------------------------ one request
+    async def _serve_request(self, conn: ClientConn, head: RequestHead) -> bool:
+        """Forward one request and its response; True if the connection stays open."""
+        try:
+            check_request(head)
+        except BadRequest as exc:
+            await self._refuse(conn, head, exc.status, exc.reason)
+            return False
+        snapshot = self.node.snapshot
+        pool = snapshot.pools[self._route(head)]
+        body: list[bytes | End] | None = None
+        if head.has_body:
+            body = await self._buffer_body(conn, head, pool)
+        else:
+            await self._expect_end(conn)
+            body = []
+        ctx = PickContext(client_ip=conn.ip)
+        return await self._forward(conn, head, pool, ctx, body)
+
+    def _route(self, head: RequestHead) -> str:
+        for route in self.listener.routes:
+            if route.matches(head.host, head.path):
+                return route.pool
+        return self.listener.pool
+
+    async def _expect_end(self, conn: ClientConn) -> None:
+        ev = await conn.body_event(self.listener.timeouts.body)
+        if not isinstance(ev, End):
+            raise BadRequest("request body where none was announced")
+
+    async def _buffer_body(self, conn: ClientConn, head: RequestHead, pool: PoolRuntime) -> list[bytes | End] | None:
+        """The whole body if it is small enough to keep for a retry, else None (stream it)."""
+        limit = pool.spec.retry_buffer_bytes
+        events = conn.reader.events
+        # Already received with the head (the common case for small bodies)?
+        size = 0
+        for i, ev in enumerate(events):
+            if isinstance(ev, bytes):
+                size += len(ev)
+                if size > limit:
+                    break
+            elif isinstance(ev, End):
+                taken = [events.popleft() for _ in range(i + 1)]
+                return taken  # type: ignore[return-value]
+            else:
+                break
+        if head.expect_continue or head.content_length is None or head.content_length > limit:
+            return None
+        taken: list[bytes | End] = []
+        while True:
+            ev = await conn.body_event(self.listener.timeouts.body)
+            taken.append(ev)
+            if isinstance(ev, End):
+                return taken
+
+    async def _forward(
+        self, conn: ClientConn, head: RequestHead, pool: PoolRuntime, ctx: PickContext, body: list[bytes | End] | None
+    ) -> bool:
+        """Try backends until one answers; relay its response."""
+        spec = pool.spec
+        tried: set[int] = set()
+        retries_left = spec.retries
+        fresh_retry_used = False
+        last: UpstreamError | None = None
+        request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME)
+        if body:
+            request_bytes += self._encode_body(head, body)  # type: ignore[arg-type]
+        while True:
+            now = self.clock()
+            backend = pool.choose(ctx, now, frozenset(tried))
+            if backend is None:
+                if last is None:
+                    await self._refuse(conn, head, 503, f"no backend available in pool {spec.name}",
+                                       close=not self._can_continue(conn, head, body),
+                                       extra=[(b"Retry-After", b"1")])
+                    return self._can_continue(conn, head, body)
+                break
+            try:
+                return await self._exchange(conn, head, pool, backend, request_bytes, body, now)
+            except ConnectFailed as exc:
+                log.warning("pool %s: backend %s: %s", spec.name, backend.id, exc.reason)
+                backend.failures += 1
+                last = UpstreamError(f"backend {backend.id}: {exc.reason}", 504 if exc.timed_out else 502)
+            except _RetryFresh:
+                # A pooled connection the backend had closed: one free retry on a new one.
+                if not fresh_retry_used:
+                    fresh_retry_used = True
+                    continue
+                last = UpstreamError(f"backend {backend.id} closed the connection", 502)
+            except UpstreamError as exc:
+                log.warning("pool %s: backend %s: %s", spec.name, backend.id, exc.reason)
+                backend.failures += 1
+                if exc.responded:
+                    return False  # the client has part of a response: all we can do is close
+                if body is None or exc.status == 504:
+                    # A streamed body is gone, and a slow backend may still act on the request.
+                    await self._refuse(conn, head, exc.status, exc.reason)
+                    return False
+                last = exc
+            tried.add(backend.index)
+            if retries_left <= 0:
+                break
+            retries_left -= 1
+        assert last is not None
+        await self._refuse(conn, head, last.status, last.reason)
+        return False
+
+    def _can_continue(self, conn: ClientConn, head: RequestHead, body: object) -> bool:
+        """After a local response, may the connection serve another request?"""
+        return body is not None and head.keep_alive and not head.upgrade
+
+    @staticmethod
+    def _encode_body(head: RequestHead, body: list[bytes | End]) -> bytes:
+        if not head.chunked:
+            return b"".join(ev for ev in body if isinstance(ev, bytes))
+        out = []
+        for ev in body:
+            out.append(chunk(ev) if isinstance(ev, bytes) else encode_trailers(ev.trailers))
+        return b"".join(out)
+
+    # ------------------------------------------------------------------ exchange
+    async def _exchange(
+        self,
+        conn: ClientConn,
+        head: RequestHead,
+        pool: PoolRuntime,
+        backend: BackendState,
+        request_bytes: bytes,
+        body: list[bytes | End] | None,
+        now: float,
+    ) -> bool:
+        spec = pool.spec
+        upstreams = self.node.upstreams
+        up = upstreams.take(str(backend.spec.address), now)
+        if up is None:
+            up = await upstreams.connect(backend.spec.address, spec.timeouts.connect)
+        backend.inflight += 1
+        pool.started(backend)
+        started = self.clock()
+        reusable = False
+        try:
+            result, reusable = await self._exchange_on(conn, head, spec, up, request_bytes, body)
+            return result
+        finally:
+            backend.inflight -= 1
+            end = self.clock()
+            pool.finished(backend, end - started, end)
+            if reusable:
+                upstreams.give_back(up, end, spec.max_idle_per_backend)
+            else:
+                up.close()
+
+    async def _exchange_on(
+        self,
+        conn: ClientConn,
+        head: RequestHead,
+        spec: Pool,
+        up: UpstreamConn,
+        request_bytes: bytes,
+        body: list[bytes | End] | None,
+    ) -> tuple[bool, bool]:
+        """Send the request on ``up`` and relay the response. Returns (keep client, reuse upstream)."""
+        timeouts = spec.timeouts
+        try:
+            await send_all(up.sock, request_bytes)
+        except OSError as exc:
+            if up.reused:
+                raise _RetryFresh() from None
+            raise UpstreamError(f"send failed: {exc}") from None
+        if body is not None:
+            # Whole request sent: read the response.
+            return await self._relay_response(conn, head, up, timeouts.response, request_done=lambda: True)
+        # Stream the body while reading the response (100-continue, early answers).
+        # Errors are carried out of the nursery by hand so that callers see plain
+        # exceptions, not ExceptionGroups.
+        state = _BodyState()
+        relay_error: Exception | None = None
+        result = (False, False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stream_body, conn, head, up, state, nursery.cancel_scope)
+            try:
+                result = await self._relay_response(
+                    conn, head, up, timeouts.response, request_done=lambda: state.done
+                )
+            except _RetryFresh:
+                relay_error = UpstreamError("backend closed the connection before responding")
+            except Exception as exc:
+                relay_error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if state.error is not None:
+            raise state.error
+        if relay_error is not None:
+            raise relay_error
+        keep_client, reuse = result
+        return keep_client and state.done, reuse and state.done
+
+    async def _stream_body(
+        self, conn: ClientConn, head: RequestHead, up: UpstreamConn, state: _BodyState, scope: trio.CancelScope
+    ) -> None:
+        timeout = self.listener.timeouts.body
+        try:
+            while True:
+                ev = await conn.body_event(timeout)
+                if isinstance(ev, bytes):
+                    data = chunk(ev) if head.chunked else ev
+                else:
+                    data = encode_trailers(ev.trailers) if head.chunked else b""
+                if data:
+                    try:
+                        await send_all(up.sock, data)
+                    except OSError:
+                        # The backend stopped reading (e.g. it answered early): its response decides.
+                        state.upstream_closed = True
+                        return
+                if isinstance(ev, End):
+                    state.done = True
+                    return
+        except (BadRequest, ClientGone) as exc:
+            state.error = exc
+            scope.cancel()
+
+    async def _relay_response(
+        self,
+        conn: ClientConn,
+        head: RequestHead,
+        up: UpstreamConn,
+        response_timeout: float,
+        request_done: Callable[[], bool],
+    ) -> tuple[bool, bool]:
+        reader = ResponseReader(head.method)
+        events = reader.events
+        responded = False
+        write_timeout = self.listener.timeouts.idle
+
+        async def fill(timeout: float) -> bool:
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    data = await up.sock.recv(RECV_SIZE)
+                except OSError as exc:
+                    if not responded and up.reused:
+                        raise _RetryFresh() from None
+                    raise UpstreamError(f"read failed: {exc}", responded=responded) from None
+            if scope.cancelled_caught:
+                raise UpstreamError(f"no response within {timeout:g}s", 504, responded=responded)
+            if not data:
+                return False
+            reader.feed(data)
+            return True
+
+        # Head (after any 1xx interim responses, which a 1.1 client gets too).
+        while True:
+            while not events:
+                if not await fill(response_timeout):
+                    if not responded and up.reused:
+                        raise _RetryFresh()
+                    raise UpstreamError("backend closed the connection before responding", responded=responded)
+            ev = events.popleft()
+            if isinstance(ev, ParseError):
+                raise UpstreamError(f"invalid response: {ev.reason}", 502, responded=responded)
+            if not isinstance(ev, ResponseHead):
+                raise UpstreamError("invalid response", 502, responded=responded)
+            responded = True
+            if ev.status == 101 or ev.status >= 200:
+                resp = ev
+                break
+            # interim response: its End follows immediately
+            while not events:
+                if not await fill(response_timeout):
+                    raise UpstreamError("backend closed after an interim response", responded=True)
+            events.popleft()
+            if head.version == "1.1":
+                await conn.send(b"HTTP/1.1 %d %b\r\n\r\n" % (ev.status, ev.reason or b"Continue"), write_timeout)
+
+        if resp.status == 101:
+            if not head.upgrade:
+                raise UpstreamError("101 Switching Protocols without an upgrade request", 502, responded=True)
+            await self._tunnel(conn, head, up, resp, reader)
+            return False, False
+
+        no_body = response_has_no_body(head.method, resp.status)
+        close_delimited = not no_body and resp.content_length is None and not resp.chunked
+        keep_client = (
+            head.keep_alive
+            and not close_delimited
+            and request_done()
+            and not head.upgrade
+            and not self.node.draining
+        )
+        out: list[bytes] = [
+            client_response_head(
+                resp, VIA_NAME, keep_alive=keep_client, chunked=resp.chunked and not no_body,
+                client_version=head.version,
+            )
+        ]
+        chunked = resp.chunked and not no_body
+        finished = False
+        while True:
+            while events:
+                ev = events.popleft()
+                if isinstance(ev, bytes):
+                    out.append(chunk(ev) if chunked else ev)
+                elif isinstance(ev, End):
+                    if chunked:
+                        out.append(encode_trailers(ev.trailers))
+                    finished = True
+                    break
+                else:
+                    # Garbage mid-body: the client already has the head, so all we can do is cut.
+                    if out:
+                        await conn.send(b"".join(out), write_timeout)
+                    raise ClientGone(f"backend sent an invalid body: {getattr(ev, 'reason', ev)}")
+            if out:
+                await conn.send(out[0] if len(out) == 1 else b"".join(out), write_timeout)
+                out.clear()
+            if finished:
+                break
+            if not await fill(response_timeout):
+                if close_delimited:
+                    break
+                raise ClientGone("backend closed the connection mid-response")
+        reuse = finished and resp.keep_alive and not close_delimited and not reader.broken
+        return keep_client, reuse
+
+    async def _tunnel(
+        self, conn: ClientConn, head: RequestHead, up: UpstreamConn, resp: ResponseHead, reader: ResponseReader
+    ) -> None:
+        """Relay 101 and then bytes both ways until both sides are done (WebSocket)."""
+        upstream_rest = b""
+        while reader.events:
+            ev = reader.events.popleft()
+            if isinstance(ev, Upgrade):
+                upstream_rest = ev.rest
+        client_rest = b""
+        while conn.reader.events:
+            ev2 = conn.reader.events.popleft()
+            if isinstance(ev2, Upgrade):
+                client_rest = ev2.rest
+        await conn.send(
+            client_response_head(resp, VIA_NAME, keep_alive=True, chunked=False, client_version=head.version)
+            + upstream_rest,
+            self.listener.timeouts.idle,
+        )
+        if client_rest:
+            await send_all(up.sock, client_rest)
+        idle = self.node.snapshot.pools[self._route(head)].spec.timeouts.tcp_idle
+        await pump_both_ways(conn.sock, up.sock, idle)
+
+
+class _RetryFresh(Exception):
+    """A reused upstream connection failed before any response byte."""
+
+
+class _BodyState:
+    __slots__ = ("done", "error", "upstream_closed")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: BadRequest | ClientGone | None = None
+        self.upstream_closed = False
+
+
+async def pump_both_ways(a: trio.socket.SocketType, b: trio.socket.SocketType, idle_timeout: float) -> None:
+    """Copy bytes a->b and b->a with half-close, until both directions end or go idle."""
+    activity = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+
+    async def one_way(src: trio.socket.SocketType, dst: trio.socket.SocketType) -> None:
+        try:
+            while True:
+                data = await src.recv(RECV_SIZE)
+                if not data:
+                    break
+                activity.deadline = trio.current_time() + idle_timeout
+                await send_all(dst, data)
+            dst.shutdown(stdsocket.SHUT_WR)
+        except OSError:
+            activity.cancel()
+
+    with activity:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_way, a, b)
+            nursery.start_soon(one_way, b, a)

@@ -1,0 +1,113 @@
+"""Listening sockets and the accept loop shared by the L7 and L4 listeners.
+
+Owns binding (with errors that name the address), the per-listener connection
+cap, and surviving overload the way trio's serve_listeners does: on
+EMFILE/ENFILE/ENOMEM/ENOBUFS log once, sleep, go on; never crash or spin.
+Connection handlers run in a nursery that outlives the accept loop, so a
+drain can stop accepting while in-flight connections finish.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket as stdsocket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from lbnode.model import Address
+
+log = logging.getLogger("lbnode.listen")
+
+# Errors that mean "the system is out of capacity right now", not "this socket is broken".
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# How long to back off after a capacity error: long enough to let connections close.
+ACCEPT_CAPACITY_SLEEP = 0.1
+
+Handler = Callable[[trio.socket.SocketType, str], Awaitable[None]]
+
+
+class BindError(Exception):
+    """A listener could not bind; the message names the address and the reason."""
+
+
+def bind_tcp(address: Address, backlog: int, what: str) -> trio.socket.SocketType:
+    family = stdsocket.AF_INET6 if ":" in address.host else stdsocket.AF_INET
+    raw = stdsocket.socket(family, stdsocket.SOCK_STREAM)
+    try:
+        raw.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+        raw.bind((address.host, address.port))
+        raw.listen(backlog)
+    except OSError as exc:
+        raw.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise BindError(f"{what}: cannot listen on {address}: {reason}") from None
+    raw.setblocking(False)
+    return trio.socket.from_stdlib_socket(raw)
+
+
+class ConnectionGate:
+    """Caps a listener's open connections; above the cap the kernel backlog holds clients."""
+
+    def __init__(self, limit: int | None) -> None:
+        self._limiter = trio.CapacityLimiter(limit) if limit else None
+
+    async def acquire(self, token: object) -> None:
+        if self._limiter is not None:
+            await self._limiter.acquire_on_behalf_of(token)
+
+    def release(self, token: object) -> None:
+        if self._limiter is not None:
+            self._limiter.release_on_behalf_of(token)
+
+    @property
+    def in_use(self) -> int:
+        return int(self._limiter.borrowed_tokens) if self._limiter is not None else 0
+
+
+async def accept_loop(
+    sock: trio.socket.SocketType,
+    handler: Handler,
+    handlers: trio.Nursery,
+    gate: ConnectionGate,
+    name: str,
+) -> None:
+    """Accept until cancelled; each connection runs ``handler`` in ``handlers``.
+
+    The caller cancels this loop to stop accepting; ``handlers`` belongs to the
+    caller, so the connections already accepted carry on.
+    """
+    capacity_logged = False
+    while True:
+        token = object()
+        await gate.acquire(token)
+        try:
+            conn, peer = await sock.accept()
+        except OSError as exc:
+            gate.release(token)
+            if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                if not capacity_logged:
+                    log.error("listener %s: accept failed (%s); backing off", name, errno.errorcode[exc.errno])
+                    capacity_logged = True
+                await trio.sleep(ACCEPT_CAPACITY_SLEEP)
+                continue
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                continue  # the client gave up between SYN and accept
+            raise
+        except BaseException:
+            gate.release(token)
+            raise
+        capacity_logged = False
+        client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
+
+
+async def _run_handler(
+    handler: Handler, conn: trio.socket.SocketType, client_ip: str, gate: ConnectionGate, token: object
+) -> None:
+    try:
+        await handler(conn, client_ip)
+    finally:
+        conn.close()
+        gate.release(token)

@@ -1,0 +1,132 @@
+"""One lbnode process: its listeners, admin endpoint, snapshot and lifecycle.
+
+Owns the order of things: bind everything first (so a port in use is a clear
+error before anything serves), serve, and on SIGTERM/SIGINT stop accepting,
+let in-flight requests finish up to ``drain_timeout``, then return. Holds the
+current ``Snapshot`` and swaps it whole when the configuration changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+
+import trio
+
+from lbnode.admin.server import serve_admin
+from lbnode.http.proxy import HttpProxy
+from lbnode.http.upstream import UpstreamPool
+from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
+from lbnode.model import Config
+from lbnode.runtime import Snapshot
+
+log = logging.getLogger("lbnode")
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """Where the node actually listens (ports may have been 0 in tests)."""
+
+    listeners: dict[str, tuple[str, int]]
+    admin: tuple[str, int] | None
+
+
+class LbNode:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._snapshot = Snapshot.build(config)
+        self._draining = False
+        self._stop = trio.Event()
+        self.upstreams = UpstreamPool(
+            max_idle=max((p.max_idle_per_backend for p in config.pools), default=32),
+            idle_timeout=min((p.timeouts.idle for p in config.pools), default=60.0),
+        )
+        self.http_proxies: dict[str, HttpProxy] = {}
+        self.tcp_proxies: dict[str, object] = {}
+        self.bound: Bound | None = None
+
+    # --------------------------------------------------------------- state
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def apply(self, config: Config) -> None:
+        """Swap in a new configuration; connections in flight keep their backends."""
+        self.config = config
+        self._snapshot = Snapshot.build(config, self._snapshot)
+        log.info("configuration version %d applied", self._snapshot.version)
+
+    def stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        self._stop.set()
+
+    # --------------------------------------------------------------- lifecycle
+    async def run(self, *, handle_signals: bool = True, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        sockets = []
+        try:
+            for li in config.listeners:
+                sockets.append((li, bind_tcp(li.bind, li.backlog, f"listener {li.name}")))
+            admin_sock = bind_tcp(config.node.admin, 128, "node.admin") if config.node.admin else None
+        except BaseException:
+            for _, s in sockets:
+                s.close()
+            raise
+        self.bound = Bound(
+            listeners={li.name: s.getsockname()[:2] for li, s in sockets},
+            admin=admin_sock.getsockname()[:2] if admin_sock is not None else None,
+        )
+        async with trio.open_nursery() as outer:
+            if handle_signals:
+                outer.start_soon(self._watch_signals, outer.cancel_scope)
+            if admin_sock is not None:
+                outer.start_soon(serve_admin, admin_sock, self)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for li, sock in sockets:
+                        gate = ConnectionGate(li.max_connections)
+                        if li.protocol == "http":
+                            proxy = HttpProxy(li, self)
+                            self.http_proxies[li.name] = proxy
+                            handler = proxy.handle
+                        else:
+                            from lbnode.tcp.proxy import TcpProxy
+
+                            tcp = TcpProxy(li, self)
+                            self.tcp_proxies[li.name] = tcp
+                            handler = tcp.handle
+                        accepting.start_soon(accept_loop, sock, handler, connections, gate, li.name)
+                    for li in config.listeners:
+                        log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
+                    task_status.started(self.bound)
+                    await self._stop.wait()
+                    accepting.cancel_scope.cancel()
+                for _, sock in sockets:
+                    sock.close()
+                self._draining = True
+                for proxy in self.http_proxies.values():
+                    proxy.drain()
+                drain = config.node.drain_timeout
+                log.info("draining: no new connections; waiting up to %gs for requests in flight", drain)
+                connections.cancel_scope.deadline = trio.current_time() + drain
+            if connections.cancel_scope.cancelled_caught:
+                log.warning("drain timeout: closed connections still in flight")
+            self.upstreams.close()
+            log.info("stopped")
+            outer.cancel_scope.cancel()
+
+    async def _watch_signals(self, everything: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self._stop.is_set():
+                    log.info("%s: stopping gracefully", signal.Signals(signum).name)
+                    self.stop()
+                else:
+                    log.warning("%s again: stopping now", signal.Signals(signum).name)
+                    everything.cancel()
+                    return
