@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 import trio
 
@@ -47,24 +48,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigFileError as exc:
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
+    return _run_reporting_bind_errors(lambda: trio.run(LbNode(config).run), f"lbnode: {args.config}")
+
+
+def _run_reporting_bind_errors(run: Callable[[], None], prefix: str) -> int:
+    """Run; a port in use (raised inside nurseries, so maybe grouped) is one line, exit 1."""
     try:
-        trio.run(LbNode(config).run)
+        run()
     except BindError as exc:
-        print(f"lbnode: {args.config}: {exc}", file=sys.stderr)
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        bind_errors, rest = group.split(BindError)
+        if bind_errors is None or rest is not None:
+            raise
+        print(f"{prefix}: {_first(bind_errors)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _first(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lbnode.demo import run_demo
 
     setup_logging(args.log_level)
-    try:
-        trio.run(run_demo)
-    except BindError as exc:
-        print(f"lbnode demo: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _run_reporting_bind_errors(lambda: trio.run(run_demo), "lbnode demo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,8 +66,12 @@ class RequestReader:
             return
         except httptools.HttpParserError as exc:
             self.broken = True
-            self.events.append(ParseError(_reason(exc)))
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self.events.append(ParseError("request header section too large", 431))
+            else:
+                self.events.append(ParseError(_reason(exc)))
             return
+        # A head still incomplete but already too big: stop buffering it.
         if self._in_head and self._head_bytes > self._max_header_bytes:
             self.broken = True
             self.events.append(ParseError("request header section too large", 431))
@@ -96,6 +100,11 @@ class RequestReader:
 
     def on_headers_complete(self) -> None:
         p = self._parser
+        # The head arrived whole in one read: measure what was parsed
+        # (request line + "name: value\r\n" per field).
+        size = sum(len(u) for u in self._url) + 16 + sum(len(n) + len(v) + 4 for n, v in self._headers)
+        if size > self._max_header_bytes:
+            raise _HeadTooLarge()
         self.events.append(
             RequestHead(
                 method=p.get_method(),
@@ -189,6 +198,10 @@ class ResponseReader:
         self.events.append(End(self._trailers))
         if self._parser.get_status_code() >= 200:
             self.done = True
+
+
+class _HeadTooLarge(Exception):
+    """Raised inside the httptools callback; httptools re-raises it as a parser error."""
 
 
 def _reason(exc: Exception) -> str:

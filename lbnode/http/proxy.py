@@ -266,6 +266,9 @@ class HttpProxy:
             elif isinstance(ev, End):
                 taken = [events.popleft() for _ in range(i + 1)]
                 return taken  # type: ignore[return-value]
+            elif isinstance(ev, ParseError):
+                # Already known to be malformed: refuse before anything reaches a backend.
+                raise BadRequest(ev.reason, ev.status)
             else:
                 break
         if head.expect_continue or head.content_length is None or head.content_length > limit:

@@ -1,0 +1,168 @@
+"""Shared test helpers: real demo backends, real nodes (in process or as a subprocess), real clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from lbnode.config import load_config_text
+from lbnode.demo_backend import BackendStats, serve_demo_backend
+from lbnode.node import Bound, LbNode
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DemoBackend:
+    name: str
+    port: int
+    stats: BackendStats
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+async def start_backends(nursery: trio.Nursery, *names: str) -> list[DemoBackend]:
+    out = []
+    for name in names:
+        stats = BackendStats()
+        port = await nursery.start(lambda task_status, n=name, s=stats: serve_demo_backend(n, "127.0.0.1", 0, stats=s, task_status=task_status))
+        out.append(DemoBackend(name, port, stats))
+    return out
+
+
+def pool_toml(name: str, addresses: list[str], **settings: object) -> str:
+    """A [[pools]] table; nested tables can be given as pre-rendered strings under '_extra'."""
+    extra = settings.pop("_extra", "")
+    lines = ["[[pools]]", f'name = "{name}"']
+    for key, value in settings.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    lines.append(str(extra))
+    for addr in addresses:
+        lines += ["  [[pools.backends]]", f'  address = "{addr}"']
+    return "\n".join(lines) + "\n"
+
+
+def listener_toml(name: str, protocol: str, pool: str, bind: str = "127.0.0.1:0", extra: str = "", **settings: object) -> str:
+    lines = ["[[listeners]]", f'name = "{name}"', f'protocol = "{protocol}"', f'bind = "{bind}"', f'pool = "{pool}"']
+    for key, value in settings.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n" + extra + "\n"
+
+
+def node_toml(*sections: str, node_id: str = "t1", admin: str | None = "127.0.0.1:0", node_extra: str = "") -> str:
+    head = f'[node]\nid = "{node_id}"\n' + (f'admin = "{admin}"\n' if admin else "") + node_extra + "\n"
+    return head + "\n".join(sections)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+async def start_node(nursery: trio.Nursery, toml_text: str) -> tuple[LbNode, Bound]:
+    node = LbNode(load_config_text(toml_text, "test.toml"))
+    bound = await nursery.start(lambda task_status: node.run(handle_signals=False, task_status=task_status))
+    return node, bound
+
+
+async def http_get(url: str, **kwargs: object) -> httpx.Response:
+    """One request with a real client (httpx, in a worker thread)."""
+
+    def call() -> httpx.Response:
+        with httpx.Client(timeout=30) as client:
+            return client.request(kwargs.pop("method", "GET"), url, **kwargs)  # type: ignore[arg-type]
+
+    return await trio.to_thread.run_sync(call)
+
+
+async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0, until_close: bool = True) -> bytes:
+    """Send raw bytes; read until the server closes (or the timeout)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    chunks = []
+    try:
+        await stream.send_all(data)
+        with trio.move_on_after(read_timeout):
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if not until_close:
+                    break
+    finally:
+        await stream.aclose()
+    return b"".join(chunks)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
+    """Start real processes (lbnode, demo backends) that are always killed afterwards."""
+    procs: list[Proc] = []
+
+    def _spawn(*args: str, name: str = "proc") -> Proc:
+        log_path = tmp_path / f"{name}-{len(procs)}.log"
+        log = open(log_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        popen = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+        proc = Proc(popen, log_path)
+        procs.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in procs:
+        if proc.popen.poll() is None:
+            proc.popen.kill()
+            proc.popen.wait(10)

@@ -1,0 +1,421 @@
+"""L7 proxy behaviour through a real node, real demo backends and real clients."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import struct
+
+import trio
+
+from tests.conftest import (
+    http_get,
+    listener_toml,
+    node_toml,
+    pool_toml,
+    raw_exchange,
+    start_backends,
+    start_node,
+)
+
+
+async def _node_with(nursery, addresses, listener_extra="", pool_settings=None, listener_settings=None):
+    toml = node_toml(
+        listener_toml("web", "http", "web", extra=listener_extra, **(listener_settings or {})),
+        pool_toml("web", addresses, **(pool_settings or {})),
+    )
+    node, bound = await start_node(nursery, toml)
+    return node, bound.listeners["web"][1]
+
+
+def _statuses(data: bytes) -> list[bytes]:
+    return re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", data)
+
+
+def _split_response(data: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        n, _, v = line.partition(b":")
+        headers[n.strip().lower()] = v.strip()
+    return lines[0], headers, body
+
+
+async def test_requests_spread_round_robin_over_backends(nursery):
+    backends = await start_backends(nursery, "a", "b", "c")
+    _, port = await _node_with(nursery, [b.address for b in backends])
+    names = [(await http_get(f"http://127.0.0.1:{port}/")).text.strip() for _ in range(9)]
+    assert sorted(names) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    assert all(b.stats.requests == 3 for b in backends)
+
+
+async def test_keep_alive_reuses_client_and_upstream_connections(nursery):
+    backends = await start_backends(nursery, "a", "b")
+    node, port = await _node_with(nursery, [b.address for b in backends])
+
+    def many() -> list[int]:
+        import httpx
+
+        with httpx.Client() as client:
+            return [client.get(f"http://127.0.0.1:{port}/").status_code for _ in range(50)]
+
+    codes = await trio.to_thread.run_sync(many)
+    assert codes == [200] * 50
+    # one upstream connection per backend, reused for all 50 requests
+    assert node.upstreams.opened == 2
+    assert sum(b.stats.total_connections for b in backends) == 2
+
+
+async def test_pipelined_requests_are_answered_in_order(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    req = (
+        b"GET /slow?ms=200 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nfirst"
+        b"GET /status/404 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    data = await raw_exchange(port, req)
+    statuses = _statuses(data)
+    assert statuses == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found"]
+    assert data.index(b"a\n") < data.index(b"first") < data.index(b"404 Not Found")
+
+
+async def test_forwarded_headers_are_added_and_appended(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    r = await http_get(
+        f"http://127.0.0.1:{port}/echo",
+        headers={"X-Forwarded-For": "203.0.113.7", "Via": "1.0 edge", "X-Forwarded-Proto": "https"},
+    )
+    echoed = r.text
+    assert "X-Forwarded-For: 203.0.113.7, 127.0.0.1" in echoed
+    assert "X-Forwarded-Proto: http\n" in echoed
+    assert f"X-Forwarded-Host: 127.0.0.1:{port}" in echoed
+    assert "Via: 1.0 edge, 1.1 fulcrum" in echoed
+    assert r.headers["via"] == "1.1 fulcrum"
+
+
+async def test_hop_by_hop_headers_are_removed_both_ways(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    req = (
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Private\r\nX-Private: secret\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-Kept: yes\r\n"
+        b"Upgrade: h2c\r\nConnection: close\r\n\r\n"
+    )
+    data = await raw_exchange(port, req)
+    status, headers, body = _split_response(data)
+    assert status == b"HTTP/1.1 200 OK"
+    assert b"X-Kept: yes" in body
+    for gone in (b"X-Private", b"Keep-Alive", b"Proxy-Connection", b"TE:", b"Upgrade", b"Connection"):
+        assert gone not in body, gone
+
+
+async def test_streaming_bodies_chunked_and_content_length(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    payload = os.urandom(3 * 1024 * 1024)
+
+    def upload():
+        import httpx
+
+        def gen():
+            for i in range(0, len(payload), 100_000):
+                yield payload[i : i + 100_000]
+
+        with httpx.Client(timeout=30) as client:
+            chunked = client.post(f"http://127.0.0.1:{port}/sink", content=gen()).json()
+            sized = client.post(f"http://127.0.0.1:{port}/sink", content=payload).json()
+            down = client.get(f"http://127.0.0.1:{port}/bytes?n=5000000")
+        return chunked, sized, down
+
+    chunked, sized, down = await trio.to_thread.run_sync(upload)
+    digest = hashlib.sha256(payload).hexdigest()
+    assert chunked == {"bytes": len(payload), "sha256": digest}
+    assert sized == {"bytes": len(payload), "sha256": digest}
+    from lbnode.demo_backend import pattern_bytes
+
+    assert down.content == pattern_bytes(5_000_000)
+
+
+async def test_chunked_request_trailers_reach_the_backend(nursery):
+    """A raw backend shows exactly what the node forwarded, trailers included."""
+    seen: list[bytes] = []
+
+    async def backend(stream: trio.SocketStream) -> None:
+        buf = b""
+        while b"\r\n0\r\n" not in buf or not buf.endswith(b"\r\n\r\n"):
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            buf += chunk
+        seen.append(buf)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Checksum: 42\r\n\r\n"
+        )
+
+    listeners = await nursery.start(trio.serve_tcp, backend, 0)
+    bport = listeners[0].socket.getsockname()[1]
+    _, port = await _node_with(nursery, [f"127.0.0.1:{bport}"])
+    req = (
+        b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\nConnection: close\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 99\r\n\r\n"
+    )
+    data = await raw_exchange(port, req)
+    assert b"Transfer-Encoding: chunked\r\n" in seen[0]
+    assert b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 99\r\n\r\n" in seen[0]
+    assert data.endswith(b"3\r\nabc\r\n0\r\nX-Checksum: 42\r\n\r\n")
+
+
+async def test_expect_100_continue(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        )
+        with trio.fail_after(5):
+            interim = await stream.receive_some(1024)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await stream.send_all(b"ping")
+        buf = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+        with trio.fail_after(5):
+            while b"ping" not in buf:
+                buf += await stream.receive_some(65536)
+        assert buf.startswith(b"HTTP/1.1 200 OK")
+
+
+async def test_websocket_upgrade_is_tunnelled(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    key = base64.b64encode(os.urandom(16))
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+        )
+        buf = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in buf:
+                buf += await stream.receive_some(4096)
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        expected = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        assert b"Sec-WebSocket-Accept: " + expected in head
+        mask = os.urandom(4)
+        payload = b"hello through fulcrum"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await stream.send_all(struct.pack("!BB", 0x81, 0x80 | len(payload)) + mask + masked)
+        with trio.fail_after(5):
+            while len(rest) < 2 + len(payload):
+                rest += await stream.receive_some(4096)
+        assert rest[:2] == bytes([0x81, len(payload)])
+        assert rest[2 : 2 + len(payload)] == payload
+
+
+SMUGGLING = {
+    "content-length and transfer-encoding": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two different content-lengths": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "transfer-encoding not chunked": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    "transfer-encoding chunked not final": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "transfer-encoding gzip then chunked": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "invalid chunk size": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    "bare LF in header": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\nX-B: 2\r\n\r\n",
+    "bare CR in header": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\rX-B: 2\r\n\r\n",
+    "NUL in header": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\x002\r\n\r\n",
+    "obs-fold": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n 2\r\n\r\n",
+    "whitespace before colon": b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "two host headers": b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    "missing host": b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n",
+}
+
+
+async def test_smuggling_attempts_get_400_close_and_are_never_forwarded(nursery):
+    backends = await start_backends(nursery, "a")
+    node, port = await _node_with(nursery, [backends[0].address])
+    for name, req in SMUGGLING.items():
+        # A valid request first on the same connection shows the 400 closes it for good.
+        data = await raw_exchange(port, b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n" + req + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        statuses = _statuses(data)
+        assert statuses == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"], (name, data)
+        assert b"Connection: close" in data.split(b"HTTP/1.1 400")[1], name
+    # only the leading valid requests ever reached the backend
+    assert backends[0].stats.paths == {"/first": len(SMUGGLING)}
+    assert node.http_proxies["web"].local_responses[400] == len(SMUGGLING)
+
+
+async def test_header_section_over_limit_gets_431(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address], listener_settings={"max_header_bytes": 4096})
+    big = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 100) for i in range(60)) + b"\r\n"
+    data = await raw_exchange(port, big)
+    assert data.startswith(b"HTTP/1.1 431 ")
+    assert b"Connection: close" in data
+    ok = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"X-Small: 1\r\n" * 20 + b"\r\n"
+    assert (await raw_exchange(port, ok)).startswith(b"HTTP/1.1 200 OK")
+    assert backends[0].stats.requests == 1
+
+
+async def test_default_header_limit_is_64_kib(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    under = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"v" * 60_000 + b"\r\n\r\n"
+    over = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 70_000 + b"\r\n\r\n"
+    assert (await raw_exchange(port, under)).startswith(b"HTTP/1.1 200 OK")
+    assert (await raw_exchange(port, over)).startswith(b"HTTP/1.1 431 ")
+
+
+async def test_refused_backend_gives_502(nursery):
+    dead = trio.socket.socket()
+    await dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # nothing listens there now: connection refused
+    _, port = await _node_with(nursery, [f"127.0.0.1:{dead_port}"])
+    r = await http_get(f"http://127.0.0.1:{port}/")
+    assert r.status_code == 502
+    assert "connection refused" in r.text
+    assert r.headers["connection"] == "close"
+
+
+async def test_refused_backend_is_skipped_for_a_live_one(nursery):
+    backends = await start_backends(nursery, "a")
+    dead = trio.socket.socket()
+    await dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    _, port = await _node_with(nursery, [f"127.0.0.1:{dead_port}", backends[0].address])
+    codes = [(await http_get(f"http://127.0.0.1:{port}/")).status_code for _ in range(6)]
+    assert codes == [200] * 6
+
+
+async def test_no_usable_backend_gives_503(nursery):
+    toml = node_toml(listener_toml("web", "http", "web"), pool_toml("web", []))
+    _, bound = await start_node(nursery, toml)
+    r = await http_get(f"http://127.0.0.1:{bound.listeners['web'][1]}/")
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+
+
+async def test_backend_slower_than_response_timeout_gives_504(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(
+        nursery, [backends[0].address], pool_settings={"_extra": "[pools.timeouts]\nresponse = \"300ms\"\n"}
+    )
+    start = trio.current_time()
+    r = await http_get(f"http://127.0.0.1:{port}/slow?ms=3000")
+    assert r.status_code == 504
+    assert trio.current_time() - start < 2.0
+    assert "no response within 0.3s" in r.text
+
+
+async def test_slow_request_head_gets_408(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(
+        nursery, [backends[0].address], listener_extra="[listeners.timeouts]\nheader = \"300ms\"\n"
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ...and never the final CRLF
+        with trio.fail_after(3):
+            data = await stream.receive_some(4096)
+        assert data.startswith(b"HTTP/1.1 408 ")
+        with trio.fail_after(3):
+            assert await stream.receive_some(4096) == b""  # closed
+    assert backends[0].stats.requests == 0
+
+
+async def test_idle_keep_alive_connection_is_closed_after_idle_timeout(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(
+        nursery, [backends[0].address], listener_extra="[listeners.timeouts]\nidle = \"300ms\"\n"
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await stream.receive_some(4096)
+        assert first.startswith(b"HTTP/1.1 200 OK")
+        with trio.fail_after(3):
+            assert await stream.receive_some(4096) == b""
+
+
+async def test_backend_closing_a_pooled_connection_is_invisible_to_clients(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+
+    def run() -> list[int]:
+        import httpx
+
+        with httpx.Client() as client:
+            codes = []
+            for _ in range(5):
+                codes.append(client.get(f"http://127.0.0.1:{port}/close").status_code)
+                codes.append(client.get(f"http://127.0.0.1:{port}/").status_code)
+            return codes
+
+    assert await trio.to_thread.run_sync(run) == [200] * 10
+
+
+async def test_head_and_no_body_responses_keep_the_connection_usable(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    req = (
+        b"HEAD /bytes?n=1000 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /status/204 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /status/304 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    data = await raw_exchange(port, req)
+    statuses = _statuses(data)
+    assert statuses == [b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 200 OK"]
+    assert b"Content-Length: 1000" in data
+    assert data.endswith(b"a\n")
+
+
+async def test_routes_switch_on_host_and_path(nursery):
+    web, api, wild = await start_backends(nursery, "web", "api", "wild")
+    routes = (
+        '[[listeners.routes]]\nhost = "api.example.com"\npath_prefix = "/v1/"\npool = "api"\n'
+        '[[listeners.routes]]\nhost = "*.example.org"\npool = "wild"\n'
+    )
+    toml = node_toml(
+        listener_toml("web", "http", "web", extra=routes),
+        pool_toml("web", [web.address]),
+        pool_toml("api", [api.address]),
+        pool_toml("wild", [wild.address]),
+    )
+    _, bound = await start_node(nursery, toml)
+    base = f"http://127.0.0.1:{bound.listeners['web'][1]}"
+
+    async def who(path: str, host: str) -> str:
+        return (await http_get(base + path, headers={"Host": host})).text.strip()
+
+    assert await who("/v1/users", "api.example.com") == "api"
+    assert await who("/v1/users", "API.example.com:8080") == "api"
+    assert await who("/v2/users", "api.example.com") == "web"
+    assert await who("/", "shop.example.org") == "wild"
+    assert await who("/", "example.org") == "web"
+    assert await who("/", "other") == "web"
+
+
+async def test_config_change_keeps_requests_in_flight(nursery):
+    a, b = await start_backends(nursery, "a", "b")
+    node, port = await _node_with(nursery, [a.address])
+    result = {}
+
+    async def slow():
+        result["slow"] = await http_get(f"http://127.0.0.1:{port}/slow?ms=500")
+
+    nursery.start_soon(slow)
+    await trio.sleep(0.2)
+    from lbnode.config import load_config_text
+
+    node.apply(load_config_text(node_toml(listener_toml("web", "http", "web"), pool_toml("web", [b.address]))))
+    after = await http_get(f"http://127.0.0.1:{port}/")
+    await trio.sleep(0.6)
+    assert result["slow"].status_code == 200 and result["slow"].text.strip() == "a"
+    assert after.text.strip() == "b"
