@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from lbnode.model import Address
+from lbnode.sockio import accept
 
 log = logging.getLogger("lbnode.listen")
 
@@ -25,14 +26,14 @@ ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUF
 # How long to back off after a capacity error: long enough to let connections close.
 ACCEPT_CAPACITY_SLEEP = 0.1
 
-Handler = Callable[[trio.socket.SocketType, str], Awaitable[None]]
+Handler = Callable[[stdsocket.socket, str], Awaitable[None]]
 
 
 class BindError(Exception):
     """A listener could not bind; the message names the address and the reason."""
 
 
-def bind_tcp(address: Address, backlog: int, what: str) -> trio.socket.SocketType:
+def bind_tcp(address: Address, backlog: int, what: str) -> stdsocket.socket:
     family = stdsocket.AF_INET6 if ":" in address.host else stdsocket.AF_INET
     raw = stdsocket.socket(family, stdsocket.SOCK_STREAM)
     try:
@@ -44,7 +45,7 @@ def bind_tcp(address: Address, backlog: int, what: str) -> trio.socket.SocketTyp
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
         raise BindError(f"{what}: cannot listen on {address}: {reason}") from None
     raw.setblocking(False)
-    return trio.socket.from_stdlib_socket(raw)
+    return raw
 
 
 class ConnectionGate:
@@ -67,7 +68,7 @@ class ConnectionGate:
 
 
 async def accept_loop(
-    sock: trio.socket.SocketType,
+    sock: stdsocket.socket,
     handler: Handler,
     handlers: trio.Nursery,
     gate: ConnectionGate,
@@ -83,7 +84,7 @@ async def accept_loop(
         token = object()
         await gate.acquire(token)
         try:
-            conn, peer = await sock.accept()
+            conn, peer = await accept(sock)
         except OSError as exc:
             gate.release(token)
             if exc.errno in ACCEPT_CAPACITY_ERRNOS:
@@ -104,7 +105,7 @@ async def accept_loop(
 
 
 async def _run_handler(
-    handler: Handler, conn: trio.socket.SocketType, client_ip: str, gate: ConnectionGate, token: object
+    handler: Handler, conn: stdsocket.socket, client_ip: str, gate: ConnectionGate, token: object
 ) -> None:
     try:
         await handler(conn, client_ip)

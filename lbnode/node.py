@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from lbnode.admin.server import serve_admin
+from lbnode.health.checker import HealthChecker
+from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
 from lbnode.http.upstream import UpstreamPool
 from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
@@ -45,6 +48,9 @@ class LbNode:
         self.http_proxies: dict[str, HttpProxy] = {}
         self.tcp_proxies: dict[str, object] = {}
         self.bound: Bound | None = None
+        self.health_checkers: dict[str, HealthChecker] = {}
+        self._checker_scopes: dict[str, trio.CancelScope] = {}
+        self._health_nursery: trio.Nursery | None = None
 
     # --------------------------------------------------------------- state
     @property
@@ -59,6 +65,7 @@ class LbNode:
         """Swap in a new configuration; connections in flight keep their backends."""
         self.config = config
         self._snapshot = Snapshot.build(config, self._snapshot)
+        self._sync_health()
         log.info("configuration version %d applied", self._snapshot.version)
 
     def stop(self) -> None:
@@ -86,6 +93,8 @@ class LbNode:
                 outer.start_soon(self._watch_signals, outer.cancel_scope)
             if admin_sock is not None:
                 outer.start_soon(serve_admin, admin_sock, self)
+            self._health_nursery = outer
+            self._sync_health()
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     for li, sock in sockets:
@@ -119,6 +128,41 @@ class LbNode:
             self.upstreams.close()
             log.info("stopped")
             outer.cancel_scope.cancel()
+
+    # --------------------------------------------------------------- health
+    def _sync_health(self) -> None:
+        """One checker per pool with [pools.health], following pool changes."""
+        if self._health_nursery is None:
+            return
+        wanted = {p.name: p for p in self.config.pools if p.health is not None}
+        for name in list(self.health_checkers):
+            if name not in wanted:
+                self._checker_scopes.pop(name).cancel()
+                del self.health_checkers[name]
+        for name, pool in wanted.items():
+            assert pool.health is not None
+            checker = self.health_checkers.get(name)
+            if checker is not None:
+                checker.update(pool.backends, pool.health)
+                continue
+            checker = HealthChecker(name, pool.health, pool.backends, on_transition=self._transition_for(name))
+            scope = trio.CancelScope()
+            self.health_checkers[name] = checker
+            self._checker_scopes[name] = scope
+            self._health_nursery.start_soon(self._run_checker, checker, scope)
+
+    def _transition_for(self, pool_name: str) -> Callable[[str, Transition], None]:
+        def on_transition(backend_id: str, t: Transition) -> None:
+            pool = self._snapshot.pools.get(pool_name)
+            if pool is not None:
+                pool.health_changed(backend_id, t.new, t.reason, t.at)
+
+        return on_transition
+
+    @staticmethod
+    async def _run_checker(checker: HealthChecker, scope: trio.CancelScope) -> None:
+        with scope:
+            await checker.run()
 
     async def _watch_signals(self, everything: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -10,12 +10,20 @@ Runs on the Trio thread only: no locks.
 
 from __future__ import annotations
 
+import logging
 import random
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import trio
+
 from lbnode.balance import PickContext, Policy, make_policy
+from lbnode.health.state import OutlierDetector, slow_start_factor
+from lbnode.limits import RetryBudget
 from lbnode.model import Backend, Config, Listener, Pool
+
+log = logging.getLogger("lbnode.pool")
 
 # Admin states an operator sets; health is separate and set by the checkers.
 ENABLED, DRAINING, DISABLED = "enabled", "draining", "disabled"
@@ -35,14 +43,16 @@ class BackendState:
         "connections",
         "requests",
         "failures",
+        "up_since",
     )
 
-    def __init__(self, spec: Backend, index: int) -> None:
+    def __init__(self, spec: Backend, index: int, health: str = "up", reason: str = "") -> None:
         self.spec = spec
         self.index = index
         self.admin = ENABLED
-        self.health = "up"  # "up" | "down" | "unknown"; set by health checks
-        self.health_reason = ""
+        self.health = health  # "up" | "down" | "unknown" (serving until the first check); set by checks
+        self.health_reason = reason
+        self.up_since: float | None = None  # when it last came up, for slow start
         self.ejected_until = 0.0  # passive outlier ejection, in trio clock seconds
         self.inflight = 0  # L7 requests in flight
         self.connections = 0  # L4 connections open
@@ -70,23 +80,53 @@ class BackendState:
 
 
 class PoolRuntime:
-    """A pool's backends, their live state and the balancing policy over them."""
+    """A pool's backends, their live state and the balancing policy over them.
+
+    Also owns what must outlive a snapshot swap: passive outlier state, the
+    retry budget and the queue of requests waiting for a backend with room
+    (all carried over from ``previous``).
+    """
 
     def __init__(self, spec: Pool, previous: PoolRuntime | None = None, rng: random.Random | None = None) -> None:
         self.spec = spec
         old = {b.id: b for b in previous.backends} if previous is not None else {}
+        waits_for_check = spec.health is not None and spec.health.initial_state == "down"
         self.backends: list[BackendState] = []
         for i, b in enumerate(spec.backends):
             state = old.get(b.id)
             if state is None:
-                state = BackendState(b, i)
+                if waits_for_check:
+                    state = BackendState(b, i, "down", "no health check passed yet")
+                else:
+                    state = BackendState(b, i, "unknown" if spec.health else "up")
             else:
                 state.spec, state.index = b, i
             self.backends.append(state)
         self.policy: Policy = make_policy(spec, rng or random.Random())
+        ids = [b.id for b in spec.backends]
+        if previous is not None and previous.outlier is not None and spec.outlier is not None:
+            self.outlier: OutlierDetector[str] | None = previous.outlier
+            self.outlier.update(ids, spec.outlier)
+        else:
+            self.outlier = OutlierDetector(spec.outlier, ids) if spec.outlier is not None else None
+        if previous is not None and previous.spec.retry_budget_percent == spec.retry_budget_percent:
+            self.retry_budget = previous.retry_budget
+        else:
+            self.retry_budget = RetryBudget(spec.retry_budget_percent)
+        # Requests waiting for a backend below max_inflight/max_connections, oldest first.
+        self.waiters: deque[trio.Event] = previous.waiters if previous is not None else deque()
+        # Backends in their slow-start ramp: index -> time they came up.
+        self._ramping: dict[int, float] = {}
+        if spec.slow_start > 0:
+            for state in self.backends:
+                if state.up_since is not None:
+                    self._ramping[state.index] = state.up_since
 
+    # ------------------------------------------------------------------ picking
     def choose(self, ctx: PickContext, now: float, exclude: frozenset[int] = frozenset()) -> BackendState | None:
         backends = self.backends
+        if self._ramping:
+            self._ramp(now)
 
         def usable(i: int) -> bool:
             b = backends[i]
@@ -95,15 +135,85 @@ class PoolRuntime:
         i = self.policy.pick(ctx, usable)
         return None if i is None else backends[i]
 
+    def saturated(self, now: float, exclude: frozenset[int] = frozenset()) -> bool:
+        """Some backend could serve, but every such backend is at its limit."""
+        return any(b.index not in exclude and b.takes_new(now) for b in self.backends)
+
+    async def wait_for_room(self, deadline: float) -> bool:
+        """Queue (FIFO) until a backend frees a slot; False at the deadline or when the queue is full."""
+        if len(self.waiters) >= self.spec.max_queue:
+            return False
+        event = trio.Event()
+        self.waiters.append(event)
+        with trio.move_on_at(deadline):
+            await event.wait()
+            return True
+        try:
+            self.waiters.remove(event)
+        except ValueError:
+            self._wake_one()  # it was woken just as it gave up: pass the slot on
+        return False
+
+    def _wake_one(self) -> None:
+        if self.waiters:
+            self.waiters.popleft().set()
+
     def started(self, backend: BackendState) -> None:
         backend.requests += 1
-        if backend.index < len(self.backends) and self.backends[backend.index] is backend:
+        if self._current(backend):
             self.policy.on_start(backend.index)
 
     def finished(self, backend: BackendState, latency: float, now: float) -> None:
         # A backend removed by a newer snapshot is no longer in this policy.
-        if backend.index < len(self.backends) and self.backends[backend.index] is backend:
+        if self._current(backend):
             self.policy.on_finish(backend.index, latency, now)
+        if self.waiters:
+            self._wake_one()
+
+    def _current(self, backend: BackendState) -> bool:
+        return backend.index < len(self.backends) and self.backends[backend.index] is backend
+
+    # ------------------------------------------------------------------ health
+    def report(self, backend: BackendState, failure: str | None, now: float) -> None:
+        """Outcome of one attempt for passive checks: None = success, else a failure kind."""
+        if failure is not None:
+            backend.failures += 1
+        if self.outlier is None or not self._current(backend):
+            return
+        if failure is None:
+            self.outlier.record_success(backend.id, now)
+            return
+        until = self.outlier.record_failure(backend.id, failure, now)
+        if until is not None:
+            backend.ejected_until = until
+            log.warning(
+                "pool %s backend %s ejected for %.1fs: %d consecutive failures (last: %s)",
+                self.spec.name, backend.id, until - now, self.spec.outlier.consecutive_failures, failure,  # type: ignore[union-attr]
+            )
+
+    def health_changed(self, backend_id: str, new: str, reason: str, now: float) -> None:
+        """An active check moved a backend up or down."""
+        for state in self.backends:
+            if state.id != backend_id:
+                continue
+            state.health, state.health_reason = new, reason
+            if new == "up":
+                state.up_since = now
+                state.ejected_until = 0.0
+                if self.outlier is not None:
+                    self.outlier.unejected(backend_id, now)
+                if self.spec.slow_start > 0:
+                    self._ramping[state.index] = now
+                    self._ramp(now)
+                if self.waiters:
+                    self._wake_one()
+
+    def _ramp(self, now: float) -> None:
+        for i, since in list(self._ramping.items()):
+            factor = slow_start_factor(since, now, self.spec.slow_start)
+            self.policy.set_weight(i, self.backends[i].spec.weight * factor)
+            if factor >= 1.0:
+                del self._ramping[i]
 
 
 @dataclass(frozen=True, slots=True)

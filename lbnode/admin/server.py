@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from typing import Any, Protocol
 
 import trio
@@ -16,6 +17,7 @@ from lbnode.http.framing import RequestReader
 from lbnode.http.headers import RequestHead
 from lbnode.listen import ConnectionGate, accept_loop
 from lbnode.runtime import Snapshot
+from lbnode.sockio import SendTimeout, recv_some, send_all
 
 log = logging.getLogger("lbnode.admin")
 
@@ -33,8 +35,24 @@ class AdminView(Protocol):
     def draining(self) -> bool: ...
 
 
+def _last_check(checker: Any, backend_id: str, now: float) -> dict[str, Any]:
+    state = checker.states.get(backend_id) if checker is not None else None
+    if state is None or state.last_at is None:
+        return {"last_check": None}
+    return {
+        "last_check": {
+            "ok": state.last_ok,
+            "reason": state.last_reason,
+            "seconds_ago": round(now - state.last_at, 3),
+            "checks": state.checks,
+        }
+    }
+
+
 def status_document(node: AdminView) -> dict[str, Any]:
     snap = node.snapshot
+    now = trio.current_time()
+    checkers = getattr(node, "health_checkers", {})
     pools = []
     for name, pool in snap.pools.items():
         pools.append(
@@ -53,9 +71,13 @@ def status_document(node: AdminView) -> dict[str, Any]:
                         "connections": b.connections,
                         "requests": b.requests,
                         "failures": b.failures,
+                        "ejected_for": round(max(0.0, b.ejected_until - now), 3),
+                        "ejections": pool.outlier.ejections(b.id) if pool.outlier is not None else 0,
+                        **_last_check(checkers.get(name), b.id, now),
                     }
                     for b in pool.backends
                 ],
+                "queue": len(pool.waiters),
             }
         )
     return {
@@ -87,12 +109,12 @@ def answer(node: AdminView, head: RequestHead) -> bytes:
     return _response(404, b"not found: try /healthz or /status\n", "text/plain")
 
 
-async def _handle(node: AdminView, sock: trio.socket.SocketType, client_ip: str) -> None:
+async def _handle(node: AdminView, sock: socket.socket, client_ip: str) -> None:
     reader = RequestReader(MAX_HEAD)
     with trio.move_on_after(READ_TIMEOUT):
         try:
             while not reader.events:
-                data = await sock.recv(4096)
+                data = await recv_some(sock, 4096)
                 if not data:
                     return
                 reader.feed(data)
@@ -103,15 +125,13 @@ async def _handle(node: AdminView, sock: trio.socket.SocketType, client_ip: str)
                     out = out.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
             else:
                 out = _response(400, b"bad request\n", "text/plain")
-            view = memoryview(out)
-            while view:
-                view = view[await sock.send(view):]
-        except OSError as exc:
+            await send_all(sock, out, READ_TIMEOUT)
+        except (OSError, SendTimeout) as exc:
             log.debug("admin client %s: %s", client_ip, exc)
 
 
-async def serve_admin(sock: trio.socket.SocketType, node: AdminView) -> None:
-    async def handler(conn: trio.socket.SocketType, client_ip: str) -> None:
+async def serve_admin(sock: socket.socket, node: AdminView) -> None:
+    async def handler(conn: socket.socket, client_ip: str) -> None:
         await _handle(node, conn, client_ip)
 
     async with trio.open_nursery() as handlers:

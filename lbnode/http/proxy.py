@@ -19,6 +19,7 @@ import trio
 from lbnode.balance import PickContext
 from lbnode.http.framing import End, ParseError, RequestReader, ResponseReader, Upgrade
 from lbnode.http.headers import (
+    IDEMPOTENT_METHODS,
     BadRequest,
     RequestHead,
     ResponseHead,
@@ -29,9 +30,11 @@ from lbnode.http.headers import (
     response_has_no_body,
     upstream_request_head,
 )
-from lbnode.http.upstream import ConnectFailed, UpstreamConn, UpstreamPool
+from lbnode.http.upstream import UpstreamConn, UpstreamPool
+from lbnode.limits import RateLimiter, retry_after_seconds
 from lbnode.model import Listener, Pool
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
+from lbnode.sockio import ConnectFailed, SendTimeout, recv_some, recv_within, send_all
 
 log = logging.getLogger("lbnode.http")
 
@@ -71,13 +74,6 @@ class UpstreamError(Exception):
         self.responded = responded
 
 
-async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        sent = await sock.send(view)
-        view = view[sent:]
-
-
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
@@ -87,7 +83,7 @@ class ClientConn:
 
     __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_scope")
 
-    def __init__(self, sock: trio.socket.SocketType, ip: str, max_header_bytes: int) -> None:
+    def __init__(self, sock: stdsocket.socket, ip: str, max_header_bytes: int) -> None:
         self.sock = sock
         self.ip = ip
         self.reader = RequestReader(max_header_bytes)
@@ -98,9 +94,23 @@ class ClientConn:
     async def fill(self) -> None:
         """Read once from the client into the parser."""
         try:
-            data = await self.sock.recv(RECV_SIZE)
+            data = await recv_some(self.sock, RECV_SIZE)
         except OSError as exc:
             raise ClientGone(f"client read failed: {exc}") from None
+        self._take(data)
+
+    def try_fill(self) -> bool:
+        """Read what the kernel already holds, without waiting; False if nothing."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise ClientGone(f"client read failed: {exc}") from None
+        self._take(data)
+        return True
+
+    def _take(self, data: bytes) -> None:
         if data:
             self.reader.feed(data)
         else:
@@ -109,12 +119,11 @@ class ClientConn:
 
     async def send(self, data: bytes, timeout: float) -> None:
         try:
-            with trio.move_on_after(timeout) as scope:
-                await send_all(self.sock, data)
+            await send_all(self.sock, data, timeout)
         except OSError as exc:
             raise ClientGone(f"client write failed: {exc}") from None
-        if scope.cancelled_caught:
-            raise ClientGone(f"client did not read for {timeout:g}s")
+        except SendTimeout:
+            raise ClientGone(f"client did not read for {timeout:g}s") from None
 
     async def body_event(self, timeout: float) -> bytes | End:
         """Next piece of the current request's body, or its End."""
@@ -144,6 +153,8 @@ class HttpProxy:
         self.proto = "http"
         self._idle: set[ClientConn] = set()
         self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
+        rl = listener.rate_limit
+        self.rate_limiter = RateLimiter(rl.rate, rl.burst) if rl is not None else None
 
     def drain(self) -> None:
         """Stop keep-alive: close idle connections now, the others after their response."""
@@ -152,7 +163,7 @@ class HttpProxy:
                 conn.idle_scope.cancel()
 
     # ------------------------------------------------------------------ connection
-    async def handle(self, sock: trio.socket.SocketType, client_ip: str) -> None:
+    async def handle(self, sock: stdsocket.socket, client_ip: str) -> None:
         sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
         conn = ClientConn(sock, client_ip, self.listener.max_header_bytes)
         try:
@@ -190,6 +201,8 @@ class HttpProxy:
                 continue
             if self.node.draining and conn.served:
                 return None
+            if conn.try_fill():
+                continue
             deadline = head_deadline if head_deadline is not None else self.clock() + timeouts.idle
             conn.idle_scope = trio.CancelScope(deadline=deadline)
             self._idle.add(conn)
@@ -230,6 +243,15 @@ class HttpProxy:
         except BadRequest as exc:
             await self._refuse(conn, head, exc.status, exc.reason)
             return False
+        if self.rate_limiter is not None:
+            wait = self.rate_limiter.take(conn.ip, self.clock())
+            if wait > 0:
+                keep = not head.has_body and head.keep_alive and not head.upgrade
+                if keep:
+                    await self._expect_end(conn)
+                await self._refuse(conn, head, 429, f"rate limit of {self.listener.rate_limit.rate:g}/s exceeded",  # type: ignore[union-attr]
+                                   close=not keep, extra=[(b"Retry-After", b"%d" % retry_after_seconds(wait))])
+                return keep
         snapshot = self.node.snapshot
         pool = snapshot.pools[self._route(head)]
         body: list[bytes | End] | None = None
@@ -289,12 +311,33 @@ class HttpProxy:
         retries_left = spec.retries
         fresh_retry_used = False
         last: UpstreamError | None = None
+        budget = pool.retry_budget
+        budget.record_request(self.clock())
         request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME)
         if body:
             request_bytes += self._encode_body(head, body)  # type: ignore[arg-type]
+        # Only a request we can send again, and whose method allows it, may be retried on a status.
+        status_retry = frozenset(spec.retry_on) if body is not None and head.method in IDEMPOTENT_METHODS else frozenset()
+
+        def may_retry() -> bool:
+            return retries_left > 0 and budget.try_acquire(self.clock())
+
         while True:
             now = self.clock()
-            backend = pool.choose(ctx, now, frozenset(tried))
+            exclude = frozenset(tried)
+            backend = pool.choose(ctx, now, exclude)
+            if backend is None and pool.saturated(now, exclude):
+                # Every usable backend is at max_inflight: wait our turn (FIFO).
+                while backend is None and pool.saturated(now, exclude):
+                    if not await pool.wait_for_room(now + spec.queue_timeout if not tried else now):
+                        break
+                    now = self.clock()
+                    backend = pool.choose(ctx, now, exclude)
+                if backend is None and last is None:
+                    await self._refuse(conn, head, 503, f"all backends of pool {spec.name} are busy",
+                                       close=not self._can_continue(conn, head, body),
+                                       extra=[(b"Retry-After", b"%d" % max(1, round(spec.queue_timeout)))])
+                    return self._can_continue(conn, head, body)
             if backend is None:
                 if last is None:
                     await self._refuse(conn, head, 503, f"no backend available in pool {spec.name}",
@@ -303,20 +346,33 @@ class HttpProxy:
                     return self._can_continue(conn, head, body)
                 break
             try:
-                return await self._exchange(conn, head, pool, backend, request_bytes, body, now)
+                return await self._exchange(conn, head, pool, backend, request_bytes, body, now,
+                                            status_retry, may_retry)
             except ConnectFailed as exc:
                 log.warning("pool %s: backend %s: %s", spec.name, backend.id, exc.reason)
-                backend.failures += 1
+                pool.report(backend, "timeout" if exc.timed_out else "connect_error", self.clock())
                 last = UpstreamError(f"backend {backend.id}: {exc.reason}", 504 if exc.timed_out else 502)
+                # Nothing reached any backend: moving the request elsewhere adds no load,
+                # so it is limited by `retries` only, not by the retry budget (HAProxy's redispatch).
+                if retries_left <= 0:
+                    break
             except _RetryFresh:
                 # A pooled connection the backend had closed: one free retry on a new one.
                 if not fresh_retry_used:
                     fresh_retry_used = True
                     continue
                 last = UpstreamError(f"backend {backend.id} closed the connection", 502)
+                pool.report(backend, "reset", self.clock())
+                if not may_retry():
+                    break
+            except _RetryStatus as exc:
+                # may_retry() already allowed (and counted) this retry.
+                log.info("pool %s: backend %s answered %d; retrying elsewhere", spec.name, backend.id, exc.status)
+                pool.report(backend, "http_5xx", self.clock())
+                last = UpstreamError(f"backend {backend.id} answered {exc.status}", exc.status)
             except UpstreamError as exc:
                 log.warning("pool %s: backend %s: %s", spec.name, backend.id, exc.reason)
-                backend.failures += 1
+                pool.report(backend, "timeout" if exc.status == 504 else "reset", self.clock())
                 if exc.responded:
                     return False  # the client has part of a response: all we can do is close
                 if body is None or exc.status == 504:
@@ -324,9 +380,9 @@ class HttpProxy:
                     await self._refuse(conn, head, exc.status, exc.reason)
                     return False
                 last = exc
+                if not may_retry():
+                    break
             tried.add(backend.index)
-            if retries_left <= 0:
-                break
             retries_left -= 1
         assert last is not None
         await self._refuse(conn, head, last.status, last.reason)
@@ -355,6 +411,8 @@ class HttpProxy:
         request_bytes: bytes,
         body: list[bytes | End] | None,
         now: float,
+        status_retry: frozenset[int] = frozenset(),
+        may_retry: Callable[[], bool] = lambda: False,
     ) -> bool:
         spec = pool.spec
         upstreams = self.node.upstreams
@@ -365,13 +423,18 @@ class HttpProxy:
         pool.started(backend)
         started = self.clock()
         reusable = False
+        status = 0
         try:
-            result, reusable = await self._exchange_on(conn, head, spec, up, request_bytes, body)
+            result, reusable, status = await self._exchange_on(
+                conn, head, spec, up, request_bytes, body, status_retry, may_retry
+            )
             return result
         finally:
             backend.inflight -= 1
             end = self.clock()
             pool.finished(backend, end - started, end)
+            if status:
+                pool.report(backend, "http_5xx" if status >= 500 else None, end)
             if reusable:
                 upstreams.give_back(up, end, spec.max_idle_per_backend)
             else:
@@ -385,29 +448,37 @@ class HttpProxy:
         up: UpstreamConn,
         request_bytes: bytes,
         body: list[bytes | End] | None,
-    ) -> tuple[bool, bool]:
-        """Send the request on ``up`` and relay the response. Returns (keep client, reuse upstream)."""
+        status_retry: frozenset[int],
+        may_retry: Callable[[], bool],
+    ) -> tuple[bool, bool, int]:
+        """Send the request on ``up`` and relay the response.
+
+        Returns (keep client, reuse upstream, response status)."""
         timeouts = spec.timeouts
         try:
-            await send_all(up.sock, request_bytes)
+            await send_all(up.sock, request_bytes, timeouts.response)
         except OSError as exc:
             if up.reused:
                 raise _RetryFresh() from None
             raise UpstreamError(f"send failed: {exc}") from None
+        except SendTimeout:
+            raise UpstreamError(f"backend did not read the request for {timeouts.response:g}s", 504) from None
         if body is not None:
             # Whole request sent: read the response.
-            return await self._relay_response(conn, head, up, timeouts.response, request_done=lambda: True)
+            return await self._relay_response(
+                conn, head, up, timeouts.response, lambda: True, status_retry, may_retry
+            )
         # Stream the body while reading the response (100-continue, early answers).
         # Errors are carried out of the nursery by hand so that callers see plain
         # exceptions, not ExceptionGroups.
         state = _BodyState()
         relay_error: Exception | None = None
-        result = (False, False)
+        result = (False, False, 0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stream_body, conn, head, up, state, nursery.cancel_scope)
             try:
                 result = await self._relay_response(
-                    conn, head, up, timeouts.response, request_done=lambda: state.done
+                    conn, head, up, timeouts.response, lambda: state.done, frozenset(), may_retry
                 )
             except _RetryFresh:
                 relay_error = UpstreamError("backend closed the connection before responding")
@@ -419,8 +490,8 @@ class HttpProxy:
             raise state.error
         if relay_error is not None:
             raise relay_error
-        keep_client, reuse = result
-        return keep_client and state.done, reuse and state.done
+        keep_client, reuse, status = result
+        return keep_client and state.done, reuse and state.done, status
 
     async def _stream_body(
         self, conn: ClientConn, head: RequestHead, up: UpstreamConn, state: _BodyState, scope: trio.CancelScope
@@ -435,8 +506,8 @@ class HttpProxy:
                     data = encode_trailers(ev.trailers) if head.chunked else b""
                 if data:
                     try:
-                        await send_all(up.sock, data)
-                    except OSError:
+                        await send_all(up.sock, data, self.listener.timeouts.body)
+                    except (OSError, SendTimeout):
                         # The backend stopped reading (e.g. it answered early): its response decides.
                         state.upstream_closed = True
                         return
@@ -454,21 +525,22 @@ class HttpProxy:
         up: UpstreamConn,
         response_timeout: float,
         request_done: Callable[[], bool],
-    ) -> tuple[bool, bool]:
+        status_retry: frozenset[int],
+        may_retry: Callable[[], bool],
+    ) -> tuple[bool, bool, int]:
         reader = ResponseReader(head.method)
         events = reader.events
         responded = False
         write_timeout = self.listener.timeouts.idle
 
         async def fill(timeout: float) -> bool:
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    data = await up.sock.recv(RECV_SIZE)
-                except OSError as exc:
-                    if not responded and up.reused:
-                        raise _RetryFresh() from None
-                    raise UpstreamError(f"read failed: {exc}", responded=responded) from None
-            if scope.cancelled_caught:
+            try:
+                data = await recv_within(up.sock, RECV_SIZE, timeout)
+            except OSError as exc:
+                if not responded and up.reused:
+                    raise _RetryFresh() from None
+                raise UpstreamError(f"read failed: {exc}", responded=responded) from None
+            if data is None:
                 raise UpstreamError(f"no response within {timeout:g}s", 504, responded=responded)
             if not data:
                 return False
@@ -503,7 +575,10 @@ class HttpProxy:
             if not head.upgrade:
                 raise UpstreamError("101 Switching Protocols without an upgrade request", 502, responded=True)
             await self._tunnel(conn, head, up, resp, reader)
-            return False, False
+            return False, False, 101
+
+        if resp.status in status_retry and may_retry():
+            raise _RetryStatus(resp.status)
 
         no_body = response_has_no_body(head.method, resp.status)
         close_delimited = not no_body and resp.content_length is None and not resp.chunked
@@ -547,7 +622,7 @@ class HttpProxy:
                     break
                 raise ClientGone("backend closed the connection mid-response")
         reuse = finished and resp.keep_alive and not close_delimited and not reader.broken
-        return keep_client, reuse
+        return keep_client, reuse, resp.status
 
     async def _tunnel(
         self, conn: ClientConn, head: RequestHead, up: UpstreamConn, resp: ResponseHead, reader: ResponseReader
@@ -578,6 +653,14 @@ class _RetryFresh(Exception):
     """A reused upstream connection failed before any response byte."""
 
 
+class _RetryStatus(Exception):
+    """The backend answered a status listed in retry_on; the response is dropped and retried."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 class _BodyState:
     __slots__ = ("done", "error", "upstream_closed")
 
@@ -587,14 +670,14 @@ class _BodyState:
         self.upstream_closed = False
 
 
-async def pump_both_ways(a: trio.socket.SocketType, b: trio.socket.SocketType, idle_timeout: float) -> None:
+async def pump_both_ways(a: stdsocket.socket, b: stdsocket.socket, idle_timeout: float) -> None:
     """Copy bytes a->b and b->a with half-close, until both directions end or go idle."""
     activity = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
 
-    async def one_way(src: trio.socket.SocketType, dst: trio.socket.SocketType) -> None:
+    async def one_way(src: stdsocket.socket, dst: stdsocket.socket) -> None:
         try:
             while True:
-                data = await src.recv(RECV_SIZE)
+                data = await recv_some(src, RECV_SIZE)
                 if not data:
                     break
                 activity.deadline = trio.current_time() + idle_timeout

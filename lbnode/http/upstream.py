@@ -8,59 +8,25 @@ Never decides which backend to use: the pool's policy does.
 
 from __future__ import annotations
 
-import errno
 import socket as stdsocket
 
-import trio
-
 from lbnode.model import Address
+from lbnode.sockio import ConnectFailed, connect
+
+__all__ = ["ConnectFailed", "UpstreamConn", "UpstreamPool"]
 
 
 class UpstreamConn:
-    __slots__ = ("sock", "raw", "key", "idle_since", "reused")
+    __slots__ = ("sock", "key", "idle_since", "reused")
 
-    def __init__(self, raw: stdsocket.socket, key: str) -> None:
-        self.raw = raw  # the stdlib socket, for non-blocking peeks
-        self.sock = trio.socket.from_stdlib_socket(raw)
+    def __init__(self, sock: stdsocket.socket, key: str) -> None:
+        self.sock = sock  # non-blocking stdlib socket (see lbnode.sockio)
         self.key = key
         self.idle_since = 0.0
         self.reused = False
 
     def close(self) -> None:
         self.sock.close()
-
-
-class ConnectFailed(Exception):
-    """The backend could not be reached; ``reason`` is for the log line."""
-
-    def __init__(self, reason: str, timed_out: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.timed_out = timed_out
-
-
-async def open_connection(address: Address, timeout: float) -> stdsocket.socket:
-    """A connected, non-blocking stdlib socket with TCP_NODELAY."""
-    family = stdsocket.AF_INET6 if ":" in address.host else stdsocket.AF_INET
-    raw = stdsocket.socket(family, stdsocket.SOCK_STREAM)
-    raw.setblocking(False)
-    sock = trio.socket.from_stdlib_socket(raw)
-    try:
-        with trio.move_on_after(timeout) as scope:
-            await sock.connect((address.host, address.port))
-        if scope.cancelled_caught:
-            raise ConnectFailed(f"connect timeout after {timeout:g}s", timed_out=True)
-        sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
-    except OSError as exc:
-        sock.close()
-        reason = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
-        if exc.errno == errno.ECONNREFUSED:
-            reason = "connection refused"
-        raise ConnectFailed(reason or str(exc)) from None
-    except BaseException:
-        sock.close()
-        raise
-    return raw
 
 
 class UpstreamPool:
@@ -77,7 +43,7 @@ class UpstreamPool:
         stack = self._idle.get(key)
         while stack:
             conn = stack.pop()
-            if now - conn.idle_since > self.idle_timeout or not _still_open(conn.raw):
+            if now - conn.idle_since > self.idle_timeout or not _still_open(conn.sock):
                 conn.close()
                 continue
             conn.reused = True
@@ -85,9 +51,9 @@ class UpstreamPool:
         return None
 
     async def connect(self, address: Address, timeout: float) -> UpstreamConn:
-        raw = await open_connection(address, timeout)
+        sock = await connect(address, timeout)
         self.opened += 1
-        return UpstreamConn(raw, str(address))
+        return UpstreamConn(sock, str(address))
 
     def give_back(self, conn: UpstreamConn, now: float, max_idle: int | None = None) -> None:
         limit = self.max_idle if max_idle is None else max_idle
