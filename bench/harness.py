@@ -1,0 +1,1339 @@
+"""Side-by-side benchmark harness: processes, wrk parsing, /proc CPU accounting, tables.
+
+Everything talks to 127.0.0.1 only, and every load loop is bounded in time.
+
+The pure parts (``parse_wrk``, ``parse_proc_stat``, ``render_table``, the config
+renderers, ``evaluate_targets``) have no side effects and are unit-tested in
+``tests/unit/test_bench_harness.py``. The rest starts and stops real processes.
+
+Adding a section: write ``def my_section(ctx: Context) -> str`` returning a
+markdown block (use ``ctx.fulcrum(...)``, ``ctx.haproxy()``, ``measure_l7`` and
+``measure_bulk`` as building blocks), and append ``Section("name", "Title",
+my_section)`` to the list ``bench.__main__.sections()`` returns. A module that
+exposes ``run() -> str`` (or ``run(ctx) -> str``) can instead be listed in
+``OPTIONAL_MODULES`` below; it is skipped if it does not exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import inspect
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"  # the only address this benchmark ever talks to
+SMALL_BODY = b"x" * 99 + b"\n"  # the 100-byte L7 response body
+BULK_SIZE = 64 * 1024 * 1024  # the 64 MiB L4 response body
+SMALL_PATH = "/small"
+BULK_PATH = "/big.bin"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Targets from the project brief: (key, figure, goal text, test on ratio = Fulcrum / HAProxy).
+L7_CPU_TARGET = 3.5  # Fulcrum L7 CPU per request <= 3.5x HAProxy's
+L4_BULK_TARGET = 0.9  # Fulcrum L4 bulk GB/s >= 0.9x HAProxy's
+MAX_ERROR_SHARE = 0.001  # a Fulcrum L7 row with more errors than this does not meet a target
+
+# Optional sections provided by other modules: (section name, module, title).
+OPTIONAL_MODULES: list[tuple[str, str, str]] = [
+    ("pick", "bench.pick", "Policy pick cost"),
+]
+
+
+# --------------------------------------------------------------------------- wrk output
+
+
+class WrkParseError(ValueError):
+    pass
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    rps: float
+    latency_ms: dict[int, float]  # percentile -> milliseconds (50, 75, 90, 99)
+    non_2xx_3xx: int = 0
+    socket_errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx_3xx + sum(self.socket_errors.values())
+
+
+_TIME_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def parse_time_ms(token: str) -> float:
+    """A wrk time like ``535.20us``, ``1.23ms``, ``2.00s`` or ``1.00m`` in milliseconds."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(us|ms|s|m|h)", token.strip())
+    if not m:
+        raise WrkParseError(f"not a wrk time: {token!r}")
+    return float(m.group(1)) * _TIME_UNITS_MS[m.group(2)]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Parse the stdout of ``wrk --latency``. Raises ``WrkParseError`` when a figure is missing."""
+    m = re.search(r"^\s*(\d+) requests in ([0-9.]+)(us|ms|s|m|h),", text, re.M)
+    if not m:
+        raise WrkParseError("no 'N requests in T' line in wrk output")
+    requests = int(m.group(1))
+    seconds = parse_time_ms(m.group(2) + m.group(3)) / 1000.0
+    m = re.search(r"^Requests/sec:\s*([0-9.]+)", text, re.M)
+    if not m:
+        raise WrkParseError("no 'Requests/sec' line in wrk output")
+    rps = float(m.group(1))
+    latency: dict[int, float] = {}
+    dist = text.split("Latency Distribution", 1)
+    if len(dist) == 2:
+        for pm in re.finditer(r"^\s*(\d+)%\s+(\S+)\s*$", dist[1], re.M):
+            latency[int(pm.group(1))] = parse_time_ms(pm.group(2))
+    if 50 not in latency or 99 not in latency:
+        raise WrkParseError("no latency distribution in wrk output (run with --latency)")
+    non2xx = 0
+    m = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
+    if m:
+        non2xx = int(m.group(1))
+    sock: dict[str, int] = {}
+    m = re.search(r"Socket errors:(.*)$", text, re.M)
+    if m:
+        for em in re.finditer(r"(\w+)\s+(\d+)", m.group(1)):
+            sock[em.group(1)] = int(em.group(2))
+    return WrkResult(requests, seconds, rps, latency, non2xx, sock)
+
+
+# --------------------------------------------------------------------------- /proc CPU accounting
+
+
+@dataclass
+class ProcTimes:
+    ppid: int
+    pgrp: int
+    utime: int  # clock ticks
+    stime: int
+    cutime: int  # reaped children
+    cstime: int
+
+    @property
+    def ticks(self) -> int:
+        return self.utime + self.stime + self.cutime + self.cstime
+
+
+def parse_proc_stat(text: str) -> ProcTimes:
+    """Fields of ``/proc/PID/stat``. The command name may contain spaces and ')'."""
+    rest = text[text.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state): ppid is field 4, utime..cstime are fields 14..17.
+    return ProcTimes(
+        ppid=int(rest[1]),
+        pgrp=int(rest[2]),
+        utime=int(rest[11]),
+        stime=int(rest[12]),
+        cutime=int(rest[13]),
+        cstime=int(rest[14]),
+    )
+
+
+def _read_stat(pid: int) -> ProcTimes | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return parse_proc_stat(f.read())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _all_stats() -> dict[int, ProcTimes]:
+    stats: dict[int, ProcTimes] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _read_stat(int(entry))
+            if st is not None:
+                stats[int(entry)] = st
+    return stats
+
+
+def process_group(pgid: int) -> list[int]:
+    """Live members of process group ``pgid``."""
+    return [pid for pid, st in _all_stats().items() if st.pgrp == pgid]
+
+
+def process_tree(root: int) -> dict[int, ProcTimes]:
+    """``root`` and all its live descendants, with their CPU times."""
+    stats = _all_stats()
+    if root not in stats:
+        return {}
+    children: dict[int, list[int]] = {}
+    for pid, st in stats.items():
+        children.setdefault(st.ppid, []).append(pid)
+    out: dict[int, ProcTimes] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        out[pid] = stats[pid]
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def tree_cpu_seconds(roots: Iterable[int]) -> float:
+    """User+system CPU seconds of the process trees under ``roots`` (all threads,
+    plus children they have reaped)."""
+    ticks = 0
+    for root in roots:
+        ticks += sum(st.ticks for st in process_tree(root).values())
+    return ticks / CLK_TCK
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
+    """A markdown table. ``align`` holds one of ``l``/``r`` per column (default: first
+    column left, the rest right). Cells are stringified; ``|`` in cells is escaped."""
+    n = len(headers)
+    align = (align or "l" + "r" * (n - 1)).ljust(n, "r")
+
+    def cell(v: object) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    body = [[cell(h) for h in headers]] + [[cell(v) for v in r] + [""] * (n - len(r)) for r in rows]
+    widths = [max(len(r[i]) for r in body) for i in range(n)]
+    widths = [max(w, 3) for w in widths]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            c.ljust(w) if a == "l" else c.rjust(w)
+            for c, w, a in zip(cells, widths, align, strict=True)
+        ]
+        return "| " + " | ".join(parts) + " |"
+
+    sep = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if a == "r" else (":" + "-" * (w + 1))
+            for w, a in zip(widths, align, strict=True)
+        )
+        + "|"
+    )
+    return "\n".join([line(body[0]), sep] + [line(r) for r in body[1:]])
+
+
+DASH = "—"
+
+
+def fmt_num(v: float | None, digits: int = 1, thousands: bool = False) -> str:
+    if v is None:
+        return DASH
+    return f"{v:,.{digits}f}" if thousands else f"{v:.{digits}f}"
+
+
+def fmt_ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return DASH
+    return f"{a / b:.2f}x"
+
+
+# --------------------------------------------------------------------------- results + targets
+
+
+@dataclass
+class L7Row:
+    name: str
+    failed: str | None = None
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    cpu_us_per_req: float | None = None  # balancer; None for direct
+    backend_cpu_us_per_req: float | None = None
+    requests: int = 0
+    errors: int = 0
+    note: str = ""
+
+
+@dataclass
+class L4Row:
+    name: str
+    failed: str | None = None
+    gbps: float | None = None  # 1e9 bytes / s
+    cpu_ms_per_gb: float | None = None  # balancer CPU per 1e9 bytes; None for direct
+    downloads: int = 0
+    note: str = ""
+
+
+def _fail_text(reason: str) -> str:
+    return "failed: " + reason
+
+
+def render_l7(rows: Sequence[L7Row], ref: str = "HAProxy") -> str:
+    base = next((r for r in rows if r.name == ref and not r.failed), None)
+    out = []
+    for r in rows:
+        if r.failed:
+            out.append([r.name, _fail_text(r.failed)] + [DASH] * 7)
+            continue
+        errs = str(r.errors) if r.errors else "0"
+        out.append(
+            [
+                r.name,
+                fmt_num(r.rps, 0, thousands=True),
+                fmt_num(r.p50_ms, 2),
+                fmt_num(r.p99_ms, 2),
+                fmt_num(r.cpu_us_per_req, 1),
+                fmt_ratio(r.cpu_us_per_req, base.cpu_us_per_req if base else None),
+                fmt_ratio(r.rps, base.rps if base else None),
+                fmt_num(r.backend_cpu_us_per_req, 1),
+                errs + (f" ({r.note})" if r.note else ""),
+            ]
+        )
+    return render_table(
+        [
+            "Balancer",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU µs/req",
+            "CPU vs HAProxy",
+            "req/s vs HAProxy",
+            "backend µs/req",
+            "errors",
+        ],
+        out,
+    )
+
+
+def render_l4(rows: Sequence[L4Row], ref: str = "HAProxy") -> str:
+    base = next((r for r in rows if r.name == ref and not r.failed), None)
+    out = []
+    for r in rows:
+        if r.failed:
+            out.append([r.name, _fail_text(r.failed)] + [DASH] * 3)
+            continue
+        out.append(
+            [
+                r.name,
+                fmt_num(r.gbps, 2),
+                fmt_ratio(r.gbps, base.gbps if base else None),
+                fmt_num(r.cpu_ms_per_gb, 0),
+                f"{r.downloads}" + (f" ({r.note})" if r.note else ""),
+            ]
+        )
+    return render_table(["Path", "GB/s", "vs HAProxy", "balancer CPU ms/GB", "downloads"], out)
+
+
+@dataclass
+class TargetResult:
+    name: str
+    fulcrum: str
+    haproxy: str
+    ratio: str
+    goal: str
+    status: str
+
+
+def evaluate_targets(l7: Sequence[L7Row] | None, l4: Sequence[L4Row] | None) -> list[TargetResult]:
+    """The two targets: met / not met / not measured, from the section results."""
+
+    def pick(rows, name):
+        return next((r for r in rows if r.name == name), None) if rows is not None else None
+
+    out = []
+    for title, rows, attr, unit, goal, limit, higher_ok in (
+        (
+            "L7 CPU per request",
+            l7,
+            "cpu_us_per_req",
+            "µs/req",
+            f"<= {L7_CPU_TARGET}x",
+            L7_CPU_TARGET,
+            False,
+        ),
+        ("L4 bulk throughput", l4, "gbps", "GB/s", f">= {L4_BULK_TARGET}x", L4_BULK_TARGET, True),
+    ):
+        if rows is None:
+            out.append(
+                TargetResult(title, DASH, DASH, DASH, goal, "not measured (section skipped)")
+            )
+            continue
+        f, h = pick(rows, "Fulcrum"), pick(rows, "HAProxy")
+        fv = getattr(f, attr) if f and not f.failed else None
+        hv = getattr(h, attr) if h and not h.failed else None
+        digits = 1 if unit == "µs/req" else 2
+        fs = f"{fv:.{digits}f} {unit}" if fv is not None else ("failed" if f else DASH)
+        hs = f"{hv:.{digits}f} {unit}" if hv is not None else ("failed" if h else DASH)
+        if hv is None or hv == 0:
+            out.append(TargetResult(title, fs, hs, DASH, goal, "not met (no HAProxy figure)"))
+        elif fv is None:
+            out.append(TargetResult(title, fs, hs, DASH, goal, "not met (no Fulcrum figure)"))
+        else:
+            ratio = fv / hv
+            ok = ratio >= limit if higher_ok else ratio <= limit
+            status = "met" if ok else "not met"
+            # Cheap error responses must not pass for cheap proxying.
+            errors, requests = getattr(f, "errors", 0), getattr(f, "requests", 0)
+            if ok and errors and errors > MAX_ERROR_SHARE * max(requests, 1):
+                status = f"not met ({errors} errors in {requests} requests)"
+            out.append(TargetResult(title, fs, hs, f"{ratio:.2f}x", goal, status))
+    return out
+
+
+def render_targets(targets: Sequence[TargetResult]) -> str:
+    return render_table(
+        ["Target", "Fulcrum", "HAProxy", "Fulcrum / HAProxy", "Goal", "Status"],
+        [[t.name, t.fulcrum, t.haproxy, t.ratio, t.goal, t.status] for t in targets],
+        align="lrrrll",
+    )
+
+
+# --------------------------------------------------------------------------- config renderers
+
+
+@dataclass
+class Ports:
+    backends: list[int]
+    fulcrum_web: int
+    fulcrum_bulk: int
+    fulcrum_admin: int
+    haproxy_web: int
+    haproxy_bulk: int
+    haproxy_bulk_splice: int  # informational: option splice-response (always splice)
+    nginx_web: int
+
+
+def fulcrum_config(
+    ports: Ports,
+    algorithm: str = "round_robin",
+    node_id: str = "bench",
+    state_dir: str | None = None,
+) -> str:
+    """node.toml for lbnode: an http listener over all backends, a tcp listener over the first."""
+    state = f'state_dir = "{state_dir}"\n' if state_dir else ""
+    backends = "".join(f'  [[pools.backends]]\n  address = "{HOST}:{p}"\n' for p in ports.backends)
+    return f"""\
+[node]
+id = "{node_id}"
+admin = "{HOST}:{ports.fulcrum_admin}"
+{state}
+[[listeners]]
+name = "web"
+protocol = "http"
+bind = "{HOST}:{ports.fulcrum_web}"
+pool = "web"
+
+[[listeners]]
+name = "bulk"
+protocol = "tcp"
+bind = "{HOST}:{ports.fulcrum_bulk}"
+pool = "bulk"
+
+[[pools]]
+name = "web"
+algorithm = "{algorithm}"
+{backends}
+[[pools]]
+name = "bulk"
+  [[pools.backends]]
+  address = "{HOST}:{ports.backends[0]}"
+"""
+
+
+def haproxy_config(ports: Ports) -> str:
+    servers = "".join(f"    server b{i} {HOST}:{p}\n" for i, p in enumerate(ports.backends, 1))
+    return f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend web
+    mode http
+    option http-keep-alive
+    bind {HOST}:{ports.haproxy_web}
+    default_backend web
+
+backend web
+    mode http
+    option http-keep-alive
+    http-reuse always
+    balance roundrobin
+{servers}
+frontend bulk
+    mode tcp
+    option splice-auto
+    bind {HOST}:{ports.haproxy_bulk}
+    default_backend bulk
+
+backend bulk
+    mode tcp
+    option splice-auto
+    server b1 {HOST}:{ports.backends[0]}
+
+# Not a target reference: splice-auto's heuristics may not splice at all, so this
+# shows what HAProxy does when it always splices the response direction.
+frontend bulk_splice
+    mode tcp
+    option splice-response
+    bind {HOST}:{ports.haproxy_bulk_splice}
+    default_backend bulk_splice
+
+backend bulk_splice
+    mode tcp
+    option splice-response
+    server b1 {HOST}:{ports.backends[0]}
+"""
+
+
+def _nginx_common(prefix: Path, workers: int, run_as_root: bool) -> str:
+    user = "user root;\n" if run_as_root else ""
+    return f"""\
+{user}worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+"""
+
+
+def _nginx_http_common(prefix: Path) -> str:
+    return f"""\
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+"""
+
+
+def nginx_backend_config(prefix: Path, www: Path, ports: Ports, run_as_root: bool) -> str:
+    """One nginx, one worker, listening on every backend port: 100-byte replies and a 64 MiB file."""
+    listens = "".join(f"        listen {HOST}:{p};\n" for p in ports.backends)
+    body = SMALL_BODY.decode().rstrip("\n")
+    return (
+        _nginx_common(prefix, 1, run_as_root)
+        + "http {\n"
+        + _nginx_http_common(prefix)
+        + f"""\
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    server {{
+{listens}        root {www};
+        location = {BULK_PATH} {{ }}
+        location / {{ return 200 "{body}\\n"; }}
+    }}
+}}
+"""
+    )
+
+
+def nginx_lb_config(prefix: Path, ports: Ports, run_as_root: bool) -> str:
+    """nginx as an L7 balancer: one worker, upstream keep-alive, HTTP/1.1 to the backends."""
+    servers = "".join(f"        server {HOST}:{p};\n" for p in ports.backends)
+    return (
+        _nginx_common(prefix, 1, run_as_root)
+        + "http {\n"
+        + _nginx_http_common(prefix)
+        + f"""\
+    upstream web {{
+{servers}        keepalive 128;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen {HOST}:{ports.nginx_web};
+        location / {{
+            proxy_pass http://web;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+        }}
+    }}
+}}
+"""
+    )
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class StartError(RuntimeError):
+    """A process that did not come up; ``str()`` is the short reason for the table."""
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(preferred: int, taken: set[int], limit: int = 2000) -> int:
+    """``preferred`` or the next free port above it, never one in ``taken``."""
+    for port in range(preferred, min(preferred + limit, 65535)):
+        if port not in taken and port_is_free(port):
+            taken.add(port)
+            return port
+    raise StartError(f"no free port in {preferred}..{preferred + limit}")
+
+
+def allocate_ports(base: int = 27000) -> Ports:
+    """Ports from ``base`` up (below Linux's ephemeral range, away from the 18xxx/19xxx
+    examples other tools and tests use), each the next free one."""
+    taken: set[int] = set()
+    backends = [pick_port(base + 1 + i, taken) for i in range(3)]
+    return Ports(
+        backends=backends,
+        fulcrum_web=pick_port(base + 80, taken),
+        fulcrum_bulk=pick_port(base + 81, taken),
+        fulcrum_admin=pick_port(base + 70, taken),
+        haproxy_web=pick_port(base + 180, taken),
+        haproxy_bulk=pick_port(base + 181, taken),
+        haproxy_bulk_splice=pick_port(base + 182, taken),
+        nginx_web=pick_port(base + 280, taken),
+    )
+
+
+def parse_proc_net_tcp_listeners(text: str) -> dict[int, int]:
+    """``/proc/net/tcp`` -> {port: socket inode} of the sockets listening on 127.0.0.1
+    or 0.0.0.0."""
+    out: dict[int, int] = {}
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 10 or f[3] != "0A":  # 0A = TCP_LISTEN
+            continue
+        addr, _, port = f[1].partition(":")
+        if addr in ("0100007F", "00000000"):
+            out[int(port, 16)] = int(f[9])
+    return out
+
+
+def listening_ports_of(pids: Iterable[int]) -> set[int]:
+    """The ports on 127.0.0.1/0.0.0.0 that a socket held by one of ``pids`` listens on."""
+    try:
+        by_inode = {
+            ino: port
+            for port, ino in parse_proc_net_tcp_listeners(Path("/proc/net/tcp").read_text()).items()
+        }
+    except OSError:
+        return set()
+    found: set[int] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                port = by_inode.get(int(target[8:-1]))
+                if port is not None:
+                    found.add(port)
+    return found
+
+
+def port_accepts(port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": "bench"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _log_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [t.strip() for t in text if t.strip()]
+
+
+def failure_line(lines: Sequence[str], width: int = 120) -> str:
+    """The most telling line of a dead process's output, for a table cell; shortened
+    to ``width``. In order: the last Python exception line that is not an exception
+    group (tracebacks of groups are prefixed with ``|``), the last haproxy ALERT or
+    nginx emerg/crit line, the last line."""
+    clean = [re.sub(r"^[|+\s-]*", "", ln).strip() for ln in lines]
+    clean = [ln for ln in clean if ln]
+    py = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b")
+    group = re.compile(r"^(Base)?ExceptionGroup\b")
+    other = re.compile(r"\[(ALERT|emerg|crit)\]")
+    pick = (
+        next((ln for ln in reversed(clean) if py.match(ln) and not group.match(ln)), None)
+        or next((ln for ln in reversed(clean) if other.search(ln)), None)
+        or (clean[-1] if clean else "")
+    )
+    pick = re.sub(r"^\[(ALERT|NOTICE|WARNING)\]\s*\(\d+\)\s*:\s*", "", pick)
+    return pick if len(pick) <= width else pick[: width - 1] + "…"
+
+
+class Proc:
+    """A child process in its own session, output to ``log``, stopped by ``stop()``."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, cwd: Path | None = None) -> None:
+        self.name = name
+        self.log = log
+        self._logf = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        try:
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._logf,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._logf.close()
+            raise StartError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def exited(self) -> int | None:
+        return self.popen.poll()
+
+    def why_dead(self) -> str:
+        rc = self.popen.poll()
+        tail = self.report_log()
+        return f"{self.name} exited with code {rc}" + (f": {tail}" if tail else "")
+
+    def report_log(self, lines: int = 15) -> str:
+        """Print the end of the log to stderr (the temp dir is removed at exit);
+        return its most telling line."""
+        got = _log_lines(self.log)
+        if got:
+            print(f"  --- last lines of {self.name}'s output:", file=sys.stderr)
+            for ln in got[-lines:]:
+                print(f"  | {ln}", file=sys.stderr)
+        return failure_line(got)
+
+    def wait_ready(
+        self, ports: Sequence[int], timeout: float, health: Callable[[], bool] | None = None
+    ) -> None:
+        """Until every port accepts and ``health()`` (if given) is true; raise ``StartError``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.exited() is not None:
+                raise StartError(self.why_dead())
+            # Our process must hold the listening sockets: a port that accepts but
+            # belongs to someone else (taken after we picked it) is not ours.
+            mine = listening_ports_of(process_tree(self.pid))
+            if set(ports) <= mine and all(port_accepts(p) for p in ports):
+                if health is None or health():
+                    return
+            time.sleep(0.1)
+        if self.exited() is not None:
+            raise StartError(self.why_dead())
+        tail = self.report_log()
+        missing = sorted(set(ports) - listening_ports_of(process_tree(self.pid)))
+        what = f"not listening on {HOST}:{missing}" if missing else "not healthy"
+        raise StartError(f"{self.name} {what} after {timeout:.0f}s" + (f": {tail}" if tail else ""))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL to the process group this process leads."""
+        try:
+            if self.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.popen.send_signal(signal.SIGTERM)
+                try:
+                    self.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    # Not reaped yet, so the group id is still ours.
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(self.popen.pid, signal.SIGKILL)
+                    self.popen.wait(timeout)
+            # Stragglers of the group this process led (e.g. children of a parent that
+            # died on SIGTERM). While a member lives, the kernel does not reuse the
+            # group id, so this only reaches processes we started.
+            if process_group(self.popen.pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+        finally:
+            self._logf.close()
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    duration: float = 10.0  # L7 measured seconds per balancer
+    warmup: float = 2.0  # L7 warm-up seconds per balancer (not measured)
+    connections: int = 50
+    threads: int = 1
+    bulk_duration: float = 4.0  # L4 seconds of downloads per path
+    bulk_min_downloads: int = 3
+    start_timeout: float = 20.0
+    pin: bool = True
+
+
+class Context:
+    """What sections share: options, temp dir, ports, CPUs, started processes, results.
+
+    Processes are started on first use and all stopped by ``close()``. A process
+    that failed to start is remembered, so its rows say why in every section.
+    """
+
+    def __init__(self, opts: Options, repo: Path, tmp: Path) -> None:
+        self.opts = opts
+        self.repo = repo
+        self.tmp = tmp
+        self.ports = allocate_ports()
+        self.run_as_root = os.geteuid() == 0
+        self.results: dict[str, object] = {}
+        self._procs: list[Proc] = []
+        self._started: dict[str, Proc | StartError] = {}
+        cpus = sorted(os.sched_getaffinity(0))
+        have_taskset = shutil.which("taskset") is not None
+        if opts.pin and len(cpus) >= 2 and have_taskset:
+            self.client_cpu: int | None = cpus[0]
+            self.balancer_cpu: int | None = cpus[1]
+        else:
+            self.client_cpu = self.balancer_cpu = None
+
+    # -- process helpers
+
+    def _pinned(self, argv: list[str], cpu: int | None) -> list[str]:
+        return ["taskset", "-c", str(cpu)] + argv if cpu is not None else argv
+
+    def spawn(self, name: str, argv: list[str], pin_balancer: bool = False) -> Proc:
+        argv = self._pinned(argv, self.balancer_cpu if pin_balancer else None)
+        log = self.tmp / f"{name}.log"
+        proc = Proc(name, argv, log, cwd=self.tmp)
+        self._procs.append(proc)
+        return proc
+
+    def _once(self, key: str, start: Callable[[], Proc]) -> Proc:
+        got = self._started.get(key)
+        if got is None:
+            try:
+                got = start()
+            except StartError as exc:
+                got = exc
+            self._started[key] = got
+        if isinstance(got, StartError):
+            raise got
+        return got
+
+    def close(self) -> None:
+        for proc in reversed(self._procs):
+            with contextlib.suppress(Exception):
+                proc.stop()
+        self._procs.clear()
+
+    # -- the processes
+
+    def backends(self) -> Proc:
+        def start() -> Proc:
+            if not shutil.which("nginx"):
+                raise StartError("nginx not installed")
+            prefix = self.tmp / "backends"
+            www = prefix / "www"
+            www.mkdir(parents=True)
+            chunk = os.urandom(1024 * 1024)
+            with open(www / BULK_PATH.lstrip("/"), "wb") as f:
+                for _ in range(BULK_SIZE // len(chunk)):
+                    f.write(chunk)
+            conf = prefix / "nginx.conf"
+            conf.write_text(nginx_backend_config(prefix, www, self.ports, self.run_as_root))
+            proc = self.spawn("backends", _nginx_argv(conf, prefix))
+            proc.wait_ready(self.ports.backends, self.opts.start_timeout)
+            status, body = http_get(self.ports.backends[0], SMALL_PATH)
+            if status != 200 or body != SMALL_BODY:
+                raise StartError(f"backend nginx answered {status} with {len(body)} bytes")
+            return proc
+
+        return self._once("backends", start)
+
+    def haproxy(self) -> Proc:
+        def start() -> Proc:
+            if not shutil.which("haproxy"):
+                raise StartError("haproxy not installed")
+            conf = self.tmp / "haproxy.cfg"
+            conf.write_text(haproxy_config(self.ports))
+            proc = self.spawn("haproxy", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
+            ports = [
+                self.ports.haproxy_web,
+                self.ports.haproxy_bulk,
+                self.ports.haproxy_bulk_splice,
+            ]
+            proc.wait_ready(ports, self.opts.start_timeout)
+            return proc
+
+        return self._once("haproxy", start)
+
+    def nginx_lb(self) -> Proc:
+        def start() -> Proc:
+            if not shutil.which("nginx"):
+                raise StartError("nginx not installed")
+            prefix = self.tmp / "nginx-lb"
+            prefix.mkdir()
+            conf = prefix / "nginx.conf"
+            conf.write_text(nginx_lb_config(prefix, self.ports, self.run_as_root))
+            proc = self.spawn("nginx-lb", _nginx_argv(conf, prefix), pin_balancer=True)
+            proc.wait_ready([self.ports.nginx_web], self.opts.start_timeout)
+            return proc
+
+        return self._once("nginx-lb", start)
+
+    def fulcrum(
+        self,
+        config: str | None = None,
+        key: str = "fulcrum",
+        ready_ports: Sequence[int] | None = None,
+        admin_port: int | None = None,
+    ) -> Proc:
+        """lbnode with ``config`` (default: ``fulcrum_config(ports)``), started once per ``key``.
+
+        A section that wants another config (say another algorithm) passes a
+        different ``key``, its own config and the ports to wait for; it must use
+        other ports or ``stop("fulcrum")`` first, since the default binds
+        ``ports.fulcrum_*``.
+        """
+        if ready_ports is None:
+            ready_ports = [self.ports.fulcrum_web, self.ports.fulcrum_bulk]
+        admin = self.ports.fulcrum_admin if admin_port is None else admin_port
+
+        def start() -> Proc:
+            lbnode = _lbnode_path(self.repo)
+            if lbnode is None:
+                raise StartError("lbnode not installed (run make venv)")
+            conf = self.tmp / f"{key}.toml"
+            text = config
+            if text is None:
+                text = fulcrum_config(self.ports, state_dir=str(self.tmp / f"{key}-state"))
+            conf.write_text(text)
+            proc = self.spawn(key, [lbnode, "run", "--config", str(conf)], pin_balancer=True)
+
+            def healthy() -> bool:
+                # Only ask /healthz when the admin port is lbnode's own.
+                if admin not in listening_ports_of(process_tree(proc.pid)):
+                    return True
+                return _healthz_ok(admin)
+
+            proc.wait_ready(ready_ports, self.opts.start_timeout, health=healthy)
+            return proc
+
+        return self._once(key, start)
+
+    def stop(self, key: str) -> None:
+        """Stop a process started through this context (e.g. before reusing its ports)."""
+        got = self._started.pop(key, None)
+        if isinstance(got, Proc):
+            got.stop()
+            self._procs.remove(got)
+
+
+def _nginx_argv(conf: Path, prefix: Path) -> list[str]:
+    return [
+        "nginx",
+        "-e",
+        str(prefix / "error.log"),
+        "-p",
+        str(prefix),
+        "-c",
+        str(conf),
+        "-g",
+        "daemon off;",
+    ]
+
+
+def _lbnode_path(repo: Path) -> str | None:
+    cand = Path(sys.executable).parent / "lbnode"
+    if cand.exists():
+        return str(cand)
+    cand = repo / ".venv" / "bin" / "lbnode"
+    if cand.exists():
+        return str(cand)
+    return shutil.which("lbnode")
+
+
+def _healthz_ok(admin_port: int) -> bool:
+    """True when /healthz says 2xx, or when there is no admin endpoint (yet) to ask:
+    a refused connection or a 404. False while it answers 5xx (starting)."""
+    try:
+        status, _ = http_get(admin_port, "/healthz", timeout=1.0)
+    except OSError:
+        return True
+    except http.client.HTTPException:
+        return True
+    return status < 500
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def run_wrk(ctx: Context, port: int, seconds: float, path: str = SMALL_PATH) -> WrkResult:
+    o = ctx.opts
+    argv = ctx._pinned(
+        [
+            "wrk",
+            f"-t{o.threads}",
+            f"-c{o.connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "5s",
+            "--latency",
+            f"http://{HOST}:{port}{path}",
+        ],
+        ctx.client_cpu,
+    )
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise StartError("wrk did not finish in time") from None
+    except OSError as exc:
+        raise StartError(f"cannot run wrk: {exc}") from None
+    try:
+        return parse_wrk(cp.stdout)
+    except WrkParseError as exc:
+        err = (cp.stderr or cp.stdout).strip().splitlines()
+        raise StartError(f"wrk: {exc}" + (f" ({err[-1][:120]})" if err else "")) from None
+
+
+def measure_l7(ctx: Context, name: str, port: int, pids: Sequence[int]) -> L7Row:
+    """Warm up, then one measured wrk run against ``port``; CPU of ``pids``' trees per request."""
+    try:
+        status, body = http_get(port, SMALL_PATH)
+    except (OSError, http.client.HTTPException) as exc:
+        return L7Row(name, failed=f"GET {SMALL_PATH}: {exc}")
+    if status != 200 or body != SMALL_BODY:
+        return L7Row(name, failed=f"GET {SMALL_PATH} answered {status} with {len(body)} bytes")
+    try:
+        if ctx.opts.warmup > 0:
+            run_wrk(ctx, port, ctx.opts.warmup)
+        backend_pid = ctx.backends().pid
+        cpu0, b0 = tree_cpu_seconds(pids), tree_cpu_seconds([backend_pid])
+        res = run_wrk(ctx, port, ctx.opts.duration)
+        cpu1, b1 = tree_cpu_seconds(pids), tree_cpu_seconds([backend_pid])
+    except StartError as exc:
+        return L7Row(name, failed=str(exc))
+    if res.requests == 0:
+        return L7Row(name, failed="no requests completed")
+    note = ""
+    if res.errors:
+        parts = [f"{res.non_2xx_3xx} non-2xx"] if res.non_2xx_3xx else []
+        parts += [f"{v} {k}" for k, v in res.socket_errors.items() if v]
+        note = ", ".join(parts)
+    return L7Row(
+        name,
+        rps=res.rps,
+        p50_ms=res.latency_ms[50],
+        p99_ms=res.latency_ms[99],
+        cpu_us_per_req=(cpu1 - cpu0) * 1e6 / res.requests if pids else None,
+        backend_cpu_us_per_req=(b1 - b0) * 1e6 / res.requests,
+        requests=res.requests,
+        errors=res.errors,
+        note=note,
+    )
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def download(
+    port: int, path: str = BULK_PATH, timeout: float = 30.0, buf: memoryview | None = None
+) -> int:
+    """GET ``path`` over a fresh connection (Connection: close), discard the body; bytes of body.
+    ``timeout`` bounds the whole download, not only each read."""
+    deadline = time.monotonic() + timeout
+    if buf is None:
+        buf = memoryview(bytearray(4 * 1024 * 1024))
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            if len(head) > 65536:
+                raise DownloadError("response head too long")
+            n = s.recv_into(buf, 65536)
+            if n == 0:
+                raise DownloadError("connection closed before the response head")
+            head += bytes(buf[:n])
+        head, _, rest = head.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split()
+        if len(parts) < 2 or parts[1] != "200":
+            raise DownloadError(f"status line {lines[0]!r}")
+        length = None
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            if k.strip().lower() == "content-length":
+                length = int(v.strip())
+        if length is None:
+            raise DownloadError("no Content-Length")
+        got = len(rest)
+        while got < length:
+            if time.monotonic() > deadline:
+                raise DownloadError(f"slower than {timeout:g} s: {got} of {length} bytes")
+            n = s.recv_into(buf)
+            if n == 0:
+                raise DownloadError(f"short body: {got} of {length} bytes")
+            got += n
+        return got
+
+
+@contextlib.contextmanager
+def _affinity(cpu: int | None):
+    if cpu is None:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def measure_bulk(ctx: Context, name: str, port: int, pids: Sequence[int]) -> L4Row:
+    """Download the 64 MiB file over fresh connections for ``bulk_duration`` seconds."""
+    buf = memoryview(bytearray(4 * 1024 * 1024))
+    try:
+        got = download(port, buf=buf)  # also warms the page cache and the path
+        if got != BULK_SIZE:
+            return L4Row(name, failed=f"got {got} bytes, expected {BULK_SIZE}")
+        total = count = 0
+        with _affinity(ctx.client_cpu):
+            cpu0 = tree_cpu_seconds(pids)
+            t0 = time.perf_counter()
+            deadline = t0 + ctx.opts.bulk_duration
+            while count < ctx.opts.bulk_min_downloads or time.perf_counter() < deadline:
+                total += download(port, buf=buf)
+                count += 1
+                if time.perf_counter() > deadline + 30:  # bound even a very slow path
+                    break
+            elapsed = time.perf_counter() - t0
+            cpu1 = tree_cpu_seconds(pids)
+    except (OSError, DownloadError, ValueError) as exc:
+        return L4Row(name, failed=f"download: {exc}")
+    return L4Row(
+        name,
+        gbps=total / elapsed / 1e9,
+        cpu_ms_per_gb=(cpu1 - cpu0) * 1e3 / (total / 1e9) if pids else None,
+        downloads=count,
+    )
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class Section:
+    name: str  # for --only
+    title: str
+    run: Callable[[Context], str]  # returns a markdown block (without the title)
+
+
+def _try_proc(getter: Callable[[], Proc]) -> tuple[Proc | None, str | None]:
+    try:
+        return getter(), None
+    except StartError as exc:
+        return None, str(exc)
+
+
+def section_l7(ctx: Context) -> str:
+    ctx.backends()
+    rows: list[L7Row] = []
+    for name, getter, port in (
+        ("Fulcrum", ctx.fulcrum, ctx.ports.fulcrum_web),
+        ("HAProxy", ctx.haproxy, ctx.ports.haproxy_web),
+        ("nginx", ctx.nginx_lb, ctx.ports.nginx_web),
+    ):
+        proc, err = _try_proc(getter)
+        rows.append(
+            L7Row(name, failed=err) if proc is None else measure_l7(ctx, name, port, [proc.pid])
+        )
+        _progress(rows[-1])
+    rows.append(measure_l7(ctx, "direct (no balancer)", ctx.ports.backends[0], []))
+    _progress(rows[-1])
+    ctx.results["l7"] = rows
+    o = ctx.opts
+    return (
+        render_l7(rows)
+        + "\n\n"
+        + f"`wrk -t{o.threads} -c{o.connections} -d{o.duration:g}s --latency` on GET {SMALL_PATH} "
+        f"(100-byte body, HTTP/1.1 keep-alive), after a {o.warmup:g} s unmeasured warm-up. "
+        "Latency is under full closed-loop load, so it mostly mirrors throughput. "
+        "CPU µs/req = the balancer's (utime+stime) over the run, all threads and child processes, "
+        "from /proc/PID/stat, divided by the requests wrk completed; backend µs/req is the same "
+        "for the backend nginx. Round robin over 3 backends; direct = wrk to one backend."
+    )
+
+
+def section_l4(ctx: Context) -> str:
+    ctx.backends()
+    rows: list[L4Row] = []
+    for name, getter, port in (
+        ("Fulcrum", ctx.fulcrum, ctx.ports.fulcrum_bulk),
+        ("HAProxy", ctx.haproxy, ctx.ports.haproxy_bulk),
+        ("HAProxy, splice-response (info)", ctx.haproxy, ctx.ports.haproxy_bulk_splice),
+    ):
+        proc, err = _try_proc(getter)
+        rows.append(
+            L4Row(name, failed=err) if proc is None else measure_bulk(ctx, name, port, [proc.pid])
+        )
+        _progress(rows[-1])
+    rows.append(measure_bulk(ctx, "direct (no balancer)", ctx.ports.backends[0], []))
+    _progress(rows[-1])
+    ctx.results["l4"] = rows
+    return (
+        render_l4(rows)
+        + "\n\n"
+        + f"GET {BULK_PATH} (64 MiB, nginx sendfile) over a fresh connection each time, "
+        f"repeated for {ctx.opts.bulk_duration:g} s (at least {ctx.opts.bulk_min_downloads}) by a "
+        "Python socket client reading into a 4 MiB buffer; GB/s = 10^9 bytes of body per second "
+        "of wall time including connect. Fulcrum: tcp listener; HAProxy: mode tcp, "
+        "option splice-auto (the reference for the target). The splice-response row is the same "
+        "HAProxy process with splicing forced on the response direction, for information: "
+        "splice-auto only splices when its heuristics call a stream fast, which may be never here. "
+        "balancer CPU ms/GB = balancer CPU per 10^9 bytes moved."
+    )
+
+
+def section_targets(ctx: Context) -> str:
+    targets = evaluate_targets(ctx.results.get("l7"), ctx.results.get("l4"))  # type: ignore[arg-type]
+    ctx.results["targets"] = targets
+    return render_targets(targets)
+
+
+def optional_sections() -> list[Section]:
+    """Sections from modules that may not exist yet (see ``OPTIONAL_MODULES``)."""
+    import importlib
+
+    out = []
+    for name, module, title in OPTIONAL_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            if exc.name != module:  # the module exists but its own import failed
+                out.append(Section(name, title, _failing(f"import {module}: {exc}")))
+            continue
+        run = getattr(mod, "run", None)
+        if callable(run):
+            out.append(Section(name, title, _adapt(run)))
+    return out
+
+
+def _failing(reason: str) -> Callable[[Context], str]:
+    return lambda ctx: f"failed: {reason}"
+
+
+def _adapt(run: Callable[..., str]) -> Callable[[Context], str]:
+    try:
+        takes_ctx = len(inspect.signature(run).parameters) >= 1
+    except (TypeError, ValueError):
+        takes_ctx = False
+    return (lambda ctx: run(ctx)) if takes_ctx else (lambda ctx: run())
+
+
+def _progress(row: L7Row | L4Row) -> None:
+    if row.failed:
+        msg = "failed: " + row.failed
+    elif isinstance(row, L7Row):
+        msg = f"{row.rps:,.0f} req/s, p99 {row.p99_ms:.2f} ms, CPU {fmt_num(row.cpu_us_per_req)} µs/req"
+    else:
+        msg = f"{row.gbps:.2f} GB/s over {row.downloads} downloads"
+    print(f"  {row.name}: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cmd_first_line(argv: list[str]) -> str:
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not found"
+    lines = (cp.stdout + cp.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "?"
+
+
+def environment(ctx: Context) -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    rev = _cmd_first_line(["git", "-C", str(ctx.repo), "rev-parse", "--short", "HEAD"])
+    if ctx.client_cpu is not None:
+        pin = (
+            f"wrk and the L4 client pinned to CPU {ctx.client_cpu}, the balancer under test to "
+            f"CPU {ctx.balancer_cpu} (taskset); the backend nginx (1 worker) is not pinned and "
+            "shares both"
+        )
+    else:
+        pin = "no CPU pinning (fewer than 2 CPUs, taskset missing or --no-pin)"
+    items = [
+        f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"host: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}",
+        f"Fulcrum: git {rev}, Python {platform.python_version()}",
+        f"HAProxy: {_cmd_first_line(['haproxy', '-v'])}",
+        f"nginx: {_cmd_first_line(['nginx', '-v'])}",
+        f"wrk: {_cmd_first_line(['wrk', '-v'])}",
+        f"pinning: {pin}",
+        "mode: " + ("--quick" if ctx.opts.quick else "full"),
+        f"load average at start: {_loadavg()} (other work on the machine skews every figure)",
+    ]
+    return "\n".join(f"- {i}" for i in items)
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def run_sections(ctx: Context, sections: Sequence[Section]) -> str:
+    """Run each section, turning a crash into a 'failed' block, and assemble the report."""
+    blocks = ["# Fulcrum benchmark", "", environment(ctx)]
+    for sec in sections:
+        print(f"== {sec.title}", file=sys.stderr, flush=True)
+        try:
+            body = sec.run(ctx)
+        except StartError as exc:
+            body = f"failed: {exc}"
+        except Exception as exc:  # noqa: BLE001 - one broken section must not sink the rest
+            body = f"failed: {type(exc).__name__}: {exc}"
+        blocks += ["", f"## {sec.title}", "", body.rstrip()]
+    blocks += ["", f"Load average at the end: {_loadavg()}."]
+    return "\n".join(blocks) + "\n"
+
+
+def write_report(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,352 @@
+"""The pure parts of the benchmark harness: wrk parsing, /proc/PID/stat, tables, targets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import harness  # noqa: E402
+from bench.harness import (  # noqa: E402
+    L4Row,
+    L7Row,
+    Ports,
+    WrkParseError,
+    evaluate_targets,
+    failure_line,
+    parse_proc_stat,
+    parse_time_ms,
+    parse_wrk,
+    render_l4,
+    render_l7,
+    render_table,
+)
+
+# Real wrk 4.1.0 output (Debian) against the backend nginx.
+WRK_OK = """\
+Running 1s test @ http://127.0.0.1:19001/small
+  1 threads and 10 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    72.70us  103.61us   2.84ms   99.19%
+    Req/Sec   116.47k     6.76k  127.53k    60.00%
+  Latency Distribution
+     50%   69.00us
+     75%   81.00us
+     90%   92.00us
+     99%  161.00us
+  115546 requests in 1.00s, 28.98MB read
+Requests/sec: 115498.07
+Transfer/sec:     28.97MB
+"""
+
+# A slow, failing run: ms/s units, socket errors, non-2xx responses.
+WRK_ERRORS = """\
+Running 10s test @ http://127.0.0.1:18080/small
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    12.31ms   40.02ms   1.99s    97.50%
+    Req/Sec     4.52k   310.00     5.01k    71.00%
+  Latency Distribution
+     50%    5.12ms
+     75%    8.00ms
+     90%   20.51ms
+     99%    1.02s
+  45012 requests in 10.01s, 9.87MB read
+  Socket errors: connect 0, read 12, write 0, timeout 3
+  Non-2xx or 3xx responses: 42
+Requests/sec:   4496.70
+Transfer/sec:      0.99MB
+"""
+
+
+def test_parse_time_units():
+    assert parse_time_ms("535.20us") == pytest.approx(0.5352)
+    assert parse_time_ms("1.23ms") == pytest.approx(1.23)
+    assert parse_time_ms("2.00s") == pytest.approx(2000.0)
+    assert parse_time_ms("1.00m") == pytest.approx(60_000.0)
+    with pytest.raises(WrkParseError):
+        parse_time_ms("12 parsecs")
+
+
+def test_parse_wrk_ok():
+    r = parse_wrk(WRK_OK)
+    assert r.requests == 115546
+    assert r.seconds == pytest.approx(1.0)
+    assert r.rps == pytest.approx(115498.07)
+    assert r.latency_ms == pytest.approx({50: 0.069, 75: 0.081, 90: 0.092, 99: 0.161})
+    assert r.non_2xx_3xx == 0
+    assert r.socket_errors == {}
+    assert r.errors == 0
+
+
+def test_parse_wrk_errors_and_units():
+    r = parse_wrk(WRK_ERRORS)
+    assert r.requests == 45012
+    assert r.seconds == pytest.approx(10.01)
+    assert r.rps == pytest.approx(4496.70)
+    assert r.latency_ms[50] == pytest.approx(5.12)
+    assert r.latency_ms[99] == pytest.approx(1020.0)
+    assert r.non_2xx_3xx == 42
+    assert r.socket_errors == {"connect": 0, "read": 12, "write": 0, "timeout": 3}
+    assert r.errors == 57
+
+
+def test_parse_wrk_needs_latency_distribution():
+    no_latency = WRK_OK.split("  Latency Distribution")[0] + WRK_OK.split("161.00us\n")[1]
+    with pytest.raises(WrkParseError, match="latency"):
+        parse_wrk(no_latency)
+
+
+@pytest.mark.parametrize("text", ["", "unable to connect to 127.0.0.1:1 Connection refused\n"])
+def test_parse_wrk_rejects_garbage(text):
+    with pytest.raises(WrkParseError):
+        parse_wrk(text)
+
+
+def test_parse_proc_stat_with_spaces_and_parens_in_comm():
+    fields = ["S", "4242", "1", "1", "0", "-1", "4194560", "100", "0", "0", "0"]
+    fields += ["1234", "567", "8", "9"] + ["0"] * 37
+    text = "4243 (lb (node) x) " + " ".join(fields) + "\n"
+    st = parse_proc_stat(text)
+    assert (st.ppid, st.pgrp, st.utime, st.stime, st.cutime, st.cstime) == (
+        4242,
+        1,
+        1234,
+        567,
+        8,
+        9,
+    )
+    assert st.ticks == 1234 + 567 + 8 + 9
+
+
+def test_own_process_tree_cpu_is_readable():
+    tree = harness.process_tree(harness.os.getpid())
+    assert harness.os.getpid() in tree
+    assert harness.tree_cpu_seconds([harness.os.getpid()]) >= 0.0
+    assert harness.process_tree(2**22 + 12345) == {}
+
+
+def test_render_table_aligns_and_escapes():
+    out = render_table(["Name", "n"], [["a|b", 1], ["long name", 22]]).splitlines()
+    assert out[0] == "| Name      |   n |"
+    assert out[1] == "|:----------|----:|"
+    assert out[2] == "| a\\|b      |   1 |"
+    assert out[3] == "| long name |  22 |"
+    assert len({len(line) for line in out}) == 1
+
+
+def test_render_l7_ratios_and_failed_row():
+    rows = [
+        L7Row(
+            "Fulcrum",
+            rps=10_000,
+            p50_ms=4.0,
+            p99_ms=9.0,
+            cpu_us_per_req=50.0,
+            backend_cpu_us_per_req=8.0,
+        ),
+        L7Row(
+            "HAProxy",
+            rps=50_000,
+            p50_ms=0.9,
+            p99_ms=1.9,
+            cpu_us_per_req=16.0,
+            backend_cpu_us_per_req=8.0,
+        ),
+        L7Row("nginx", failed="nginx exited with code 1: [emerg] bind() failed"),
+        L7Row(
+            "direct (no balancer)",
+            rps=130_000,
+            p50_ms=0.2,
+            p99_ms=0.5,
+            backend_cpu_us_per_req=7.0,
+            errors=3,
+            note="3 timeout",
+        ),
+    ]
+    lines = render_l7(rows).splitlines()
+    fulcrum = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert fulcrum == ["Fulcrum", "10,000", "4.00", "9.00", "50.0", "3.12x", "0.20x", "8.0", "0"]
+    assert "failed: nginx exited with code 1: [emerg] bind() failed" in lines[4]
+    direct = [c.strip() for c in lines[5].strip("|").split("|")]
+    assert direct[4] == "—" and direct[5] == "—"  # no balancer CPU
+    assert direct[8] == "3 (3 timeout)"
+
+
+def test_render_l7_without_haproxy_has_no_ratios():
+    out = render_l7(
+        [
+            L7Row("Fulcrum", rps=1.0, p50_ms=1, p99_ms=2, cpu_us_per_req=3.0),
+            L7Row("HAProxy", failed="x"),
+        ]
+    )
+    assert "x" in out and "1.00x" not in out
+
+
+def test_render_l4():
+    rows = [
+        L4Row("Fulcrum", gbps=0.5, cpu_ms_per_gb=2000, downloads=9),
+        L4Row("HAProxy", gbps=1.0, cpu_ms_per_gb=1000, downloads=20),
+    ]
+    line = [c.strip() for c in render_l4(rows).splitlines()[2].strip("|").split("|")]
+    assert line == ["Fulcrum", "0.50", "0.50x", "2000", "9"]
+
+
+def _l7(f_cpu, h_cpu="ok"):
+    f = L7Row("Fulcrum", failed="boom") if f_cpu is None else L7Row("Fulcrum", cpu_us_per_req=f_cpu)
+    h = L7Row("HAProxy", failed="boom") if h_cpu is None else L7Row("HAProxy", cpu_us_per_req=10.0)
+    return [f, h]
+
+
+def _l4(f_gbps, h_gbps=1.0):
+    f = L4Row("Fulcrum", failed="boom") if f_gbps is None else L4Row("Fulcrum", gbps=f_gbps)
+    return [f, L4Row("HAProxy", gbps=h_gbps), L4Row("HAProxy, splice-response (info)", gbps=9.0)]
+
+
+def test_targets_met_and_not_met():
+    t = evaluate_targets(_l7(35.0), _l4(0.9))
+    assert [(x.ratio, x.status) for x in t] == [("3.50x", "met"), ("0.90x", "met")]
+    t = evaluate_targets(_l7(36.0), _l4(0.89))
+    assert [(x.ratio, x.status) for x in t] == [("3.60x", "not met"), ("0.89x", "not met")]
+    assert t[0].fulcrum == "36.0 µs/req" and t[0].haproxy == "10.0 µs/req"
+
+
+def test_target_not_met_with_errors():
+    rows = [
+        L7Row("Fulcrum", cpu_us_per_req=20.0, requests=10_000, errors=11),
+        L7Row("HAProxy", cpu_us_per_req=10.0, requests=50_000),
+    ]
+    assert evaluate_targets(rows, None)[0].status == "not met (11 errors in 10000 requests)"
+    rows[0].errors = 10  # 0.1 % is tolerated
+    assert evaluate_targets(rows, None)[0].status == "met"
+
+
+def test_targets_failed_or_skipped():
+    t = evaluate_targets(_l7(None), None)
+    assert t[0].status == "not met (no Fulcrum figure)" and t[0].fulcrum == "failed"
+    assert t[1].status == "not measured (section skipped)"
+    t = evaluate_targets(_l7(10.0, h_cpu=None), _l4(1.0, h_gbps=0.0))
+    assert t[0].status == "not met (no HAProxy figure)"
+    assert t[1].status == "not met (no HAProxy figure)"
+
+
+PORTS = Ports(
+    backends=[19001, 19002, 19003],
+    fulcrum_web=18080,
+    fulcrum_bulk=18081,
+    fulcrum_admin=17070,
+    haproxy_web=18180,
+    haproxy_bulk=18181,
+    haproxy_bulk_splice=18182,
+    nginx_web=18280,
+)
+
+
+def test_fulcrum_config_is_valid_for_lbnode():
+    from lbnode.config import load_config_text
+
+    cfg = load_config_text(harness.fulcrum_config(PORTS, state_dir="/tmp/x"))
+    assert cfg.node.id == "bench"
+    assert [(li.name, li.protocol, li.bind.port) for li in cfg.listeners] == [
+        ("web", "http", 18080),
+        ("bulk", "tcp", 18081),
+    ]
+    web, bulk = cfg.pools
+    assert [b.address.port for b in web.backends] == [19001, 19002, 19003]
+    assert web.algorithm == "round_robin"
+    assert [b.address.port for b in bulk.backends] == [19001]
+
+
+def test_proxy_configs_use_loopback_only(tmp_path):
+    texts = [
+        harness.haproxy_config(PORTS),
+        harness.nginx_lb_config(tmp_path, PORTS, run_as_root=True),
+        harness.nginx_backend_config(tmp_path, tmp_path / "www", PORTS, run_as_root=False),
+        harness.fulcrum_config(PORTS),
+    ]
+    import re
+
+    for text in texts:
+        addrs = set(re.findall(r"\b\d{1,3}(?:\.\d{1,3}){3}\b", text))
+        assert addrs == {"127.0.0.1"}
+    hap = texts[0]
+    assert "nbthread 1" in hap and "http-reuse always" in hap and "option splice-auto" in hap
+    lb = texts[1]
+    assert (
+        "worker_processes 1;" in lb and "proxy_http_version 1.1;" in lb and "keepalive 128;" in lb
+    )
+    assert "user root;" in lb and "user root;" not in texts[2]
+
+
+def test_failure_line_picks_the_telling_line():
+    trio_tb = [
+        "| ExceptionGroup: Exceptions from Trio nursery (1 sub-exception)",
+        "+-+---------------- 1 ----------------",
+        "| Traceback (most recent call last):",
+        '|   File "/work/main/lbnode/node.py", line 98, in run',
+        "| ImportError: cannot import name 'TcpProxy' from 'lbnode.tcp.proxy'",
+        "+------------------------------------",
+    ]
+    assert (
+        failure_line(trio_tb)
+        == "ImportError: cannot import name 'TcpProxy' from 'lbnode.tcp.proxy'"
+    )
+    hap = [
+        "[NOTICE]   (4748) : path to executable is /usr/sbin/haproxy",
+        "[ALERT]    (4748) : [haproxy.main()] Cannot raise FD limit to 50015, limit is 20000.",
+    ]
+    assert failure_line(hap) == "[haproxy.main()] Cannot raise FD limit to 50015, limit is 20000."
+    assert failure_line(["starting", "listening"]) == "listening"
+    assert failure_line([]) == ""
+    assert len(failure_line(["ValueError: " + "x" * 500])) == 120
+
+
+PROC_NET_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1527 1 0 100 0 0 10 0
+   1: 0100007F:4E21 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 21451 1 0 100 0 0 10 0
+   2: 0100007F:4E21 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 21999 1 0 20 4 30 10 -1
+   3: 0200007F:4E22 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 22000 1 0 100 0 0 10 0
+"""
+
+
+def test_parse_proc_net_tcp_listeners():
+    # listening on 0.0.0.0:2024 and 127.0.0.1:20001; not the established one, not 127.0.0.2
+    assert harness.parse_proc_net_tcp_listeners(PROC_NET_TCP) == {2024: 1527, 20001: 21451}
+
+
+def test_listening_ports_of_own_socket():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert port in harness.listening_ports_of([harness.os.getpid()])
+
+
+def test_optional_sections(tmp_path, monkeypatch):
+    (tmp_path / "bench_opt_ok.py").write_text("def run():\n    return 'ok block'\n")
+    (tmp_path / "bench_opt_ctx.py").write_text("def run(ctx):\n    return f'ctx {ctx}'\n")
+    (tmp_path / "bench_opt_broken.py").write_text("import no_such_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(
+        harness,
+        "OPTIONAL_MODULES",
+        [
+            ("missing", "bench_opt_missing_xyz", "Missing"),
+            ("ok", "bench_opt_ok", "OK"),
+            ("ctx", "bench_opt_ctx", "Ctx"),
+            ("broken", "bench_opt_broken", "Broken"),
+        ],
+    )
+    secs = {s.name: s for s in harness.optional_sections()}
+    assert set(secs) == {"ok", "ctx", "broken"}
+    assert secs["ok"].run("C") == "ok block"
+    assert secs["ctx"].run("C") == "ctx C"
+    assert secs["broken"].run("C").startswith("failed: import bench_opt_broken")
