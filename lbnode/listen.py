@@ -23,6 +23,11 @@ log = logging.getLogger("lbnode.listen")
 
 # Errors that mean "the system is out of capacity right now", not "this socket is broken".
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# accept(2) on Linux passes on network errors of the pending connection: skip it.
+ACCEPT_PEER_ERRNOS = {
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+    errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+}
 # How long to back off after a capacity error: long enough to let connections close.
 ACCEPT_CAPACITY_SLEEP = 0.1
 
@@ -93,13 +98,15 @@ async def accept_loop(
                     capacity_logged = True
                 await trio.sleep(ACCEPT_CAPACITY_SLEEP)
                 continue
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                continue  # the client gave up between SYN and accept
+            if exc.errno in ACCEPT_PEER_ERRNOS:
+                continue  # that one client is gone; the listener is fine
             raise
         except BaseException:
             gate.release(token)
             raise
         capacity_logged = False
+        # accept() that never waits would starve every other task under a connection flood.
+        await trio.lowlevel.checkpoint()
         client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
         handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
 

@@ -92,7 +92,10 @@ async def connect(address: Address, timeout: float) -> socket.socket:
     """A connected non-blocking socket with TCP_NODELAY, or ConnectFailed."""
     with trio.move_on_after(timeout) as scope:
         family, sockaddr = await _resolve(address)
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE and friends: this node is out of sockets
+            raise ConnectFailed(f"cannot open a socket: {exc.strerror}") from None
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

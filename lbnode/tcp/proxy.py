@@ -1,0 +1,337 @@
+"""L4 TCP proxy: backend choice with connect failover, and the byte pump of each session.
+
+Owns the backend socket of a session and moves bytes between it and the client
+(``os.splice`` through a pipe on Linux, recv/send elsewhere); accepting is
+``lbnode.listen``'s. It must never parse the bytes it moves, nor block the Trio
+thread: every socket is non-blocking and waited on through trio.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from lbnode.balance import PickContext
+from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
+from lbnode.model import Listener
+from lbnode.runtime import BackendState, PoolRuntime, Snapshot
+from lbnode.sockio import ConnectFailed, connect
+
+log = logging.getLogger("lbnode.tcp")
+
+# Zero-copy is Linux-only; FULCRUM_TCP_NO_SPLICE=1 forces the copy path (benchmarks, tests).
+SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
+SPLICE_DEFAULT = SPLICE_AVAILABLE and os.environ.get("FULCRUM_TCP_NO_SPLICE", "") not in ("1", "true")
+# Pipe between the two sockets: larger pipes mean fewer splice calls per GiB. 1 MiB
+# is Linux's default /proc/sys/fs/pipe-max-size for unprivileged processes.
+PIPE_SIZE = 1024 * 1024
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, spelled out for Pythons that lack the name
+# recv/send fallback buffer, per direction.
+COPY_BUFFER = 256 * 1024
+# A pump that never finds its source empty yields to the scheduler after this many
+# bytes, so one fast session cannot starve the accept loop and the others.
+YIELD_EVERY_BYTES = 16 * 1024 * 1024
+# The idle watchdog looks at the activity counter this many times per idle period,
+# so an idle session is closed between tcp_idle and 1.25 * tcp_idle.
+IDLE_CHECKS_PER_PERIOD = 4
+# SO_LINGER {on, 0}: close() sends RST, so the peer of a broken session sees an
+# abort instead of a clean end that would pass a truncated stream off as whole.
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+class SnapshotSource(Protocol):
+    """Where a proxy reads the current snapshot (``LbNode`` is one)."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+
+@dataclass(slots=True)
+class _Activity:
+    """Shared by a session's two pumps and its idle watchdog."""
+
+    chunks: int = 0  # bumped on every chunk moved either way
+    broken: bool = False  # a pump hit an error (reset, broken pipe)
+
+
+class TcpProxy:
+    """Serves the connections of one ``protocol = "tcp"`` listener.
+
+    ``handle(sock, client_ip)`` is the handler for ``lbnode.listen.accept_loop``:
+    it picks a backend from ``node.snapshot`` (failing over on refused or timed-out
+    connects, at most ``retries + 1`` backends), then pumps bytes both ways until
+    both sides are done, one breaks, or nothing moved for the pool's ``tcp_idle``.
+    The caller owns and closes the client socket.
+    """
+
+    def __init__(self, listener: Listener, node: SnapshotSource, *, use_splice: bool | None = None) -> None:
+        self.listener = listener
+        self.node = node
+        self.use_splice = SPLICE_DEFAULT if use_splice is None else (use_splice and SPLICE_AVAILABLE)
+        self.active = 0  # sessions with a backend right now
+        self.total = 0  # sessions that reached a backend since start
+        self.failed = 0  # clients closed because no backend could be reached
+
+    async def handle(self, client: socket.socket, client_ip: str) -> None:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener = self.listener
+        pool = self.node.snapshot.pools.get(listener.pool)
+        if pool is None:
+            log.warning("listener %s: pool %s is not configured; closing client %s",
+                        listener.name, listener.pool, client_ip)
+            self.failed += 1
+            return
+        connected = await self._connect_backend(pool, client_ip)
+        if connected is None:
+            self.failed += 1
+            return
+        upstream, backend, connect_time = connected
+        self.active += 1
+        self.total += 1
+        pool.started(backend)
+        try:
+            await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, self.use_splice)
+        finally:
+            self.active -= 1
+            backend.connections -= 1
+            # least_latency learns from the connect time: a session's length says
+            # nothing about the backend's speed.
+            pool.finished(backend, connect_time, trio.current_time())
+            _close(upstream)
+
+    async def _connect_backend(
+        self, pool: PoolRuntime, client_ip: str
+    ) -> tuple[socket.socket, BackendState, float] | None:
+        """Connect to the pool's choice, then to the next ones when it refuses or times out.
+
+        On success the backend's ``connections`` counter has been incremented
+        (``handle`` decrements it when the session ends).
+        """
+        name = self.listener.name
+        ctx = PickContext(client_ip=client_ip)
+        timeout = pool.spec.timeouts.connect
+        tried: set[int] = set()
+        while len(tried) <= pool.spec.retries:
+            backend = pool.choose(ctx, trio.current_time(), frozenset(tried))
+            if backend is None:
+                break
+            tried.add(backend.index)
+            # Counted while connecting too, so Backend.max_connections holds under a burst.
+            backend.connections += 1
+            start = trio.current_time()
+            try:
+                upstream = await connect(backend.spec.address, timeout)
+            except (ConnectFailed, OSError) as exc:
+                backend.connections -= 1
+                timed_out = isinstance(exc, ConnectFailed) and exc.timed_out
+                reason = exc.reason if isinstance(exc, ConnectFailed) else (exc.strerror or str(exc))
+                log.warning("listener %s: backend %s of pool %s failed: %s",
+                            name, backend.id, pool.spec.name, reason)
+                pool.report(backend, "timeout" if timed_out else "connect_error", trio.current_time())
+                continue
+            except BaseException:
+                backend.connections -= 1
+                raise
+            now = trio.current_time()
+            pool.report(backend, None, now)
+            return upstream, backend, now - start
+        if tried:
+            log.warning("listener %s: no backend of pool %s reachable (%d tried); closing client %s",
+                        name, pool.spec.name, len(tried), client_ip)
+        else:
+            log.warning("listener %s: pool %s has no usable backend; closing client %s",
+                        name, pool.spec.name, client_ip)
+        return None
+
+
+class _CallableSource:
+    def __init__(self, get_snapshot: Callable[[], Snapshot]) -> None:
+        self._get = get_snapshot
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._get()
+
+
+async def serve_tcp_listener(
+    listener: Listener,
+    get_snapshot: Callable[[], Snapshot],
+    *,
+    stop_accepting: trio.Event | None = None,
+    use_splice: bool | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind and serve one ``protocol = "tcp"`` listener on its own until cancelled.
+
+    ``task_status.started(port)`` reports the bound port once listening (port 0 in
+    ``listener.bind`` picks a free one). When ``stop_accepting`` is set the listening
+    socket is closed and this returns once the open sessions have ended; cancel the
+    surrounding scope to cut them (drain timeout). ``use_splice=False`` forces the
+    recv/send pump. A bind failure raises ``lbnode.listen.BindError`` naming the address.
+    """
+    proxy = TcpProxy(listener, _CallableSource(get_snapshot), use_splice=use_splice)
+    lsock = bind_tcp(listener.bind, listener.backlog, f"listener {listener.name}")
+    try:
+        async with trio.open_nursery() as sessions:
+            async with trio.open_nursery() as acceptor:
+                if stop_accepting is not None:
+                    acceptor.start_soon(_cancel_when_set, stop_accepting, acceptor.cancel_scope)
+                gate = ConnectionGate(listener.max_connections)
+                acceptor.start_soon(accept_loop, lsock, proxy.handle, sessions, gate, listener.name)
+                task_status.started(lsock.getsockname()[1])
+            # Draining: refuse new connections at once instead of leaving them queued.
+            lsock.close()
+    finally:
+        lsock.close()
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+async def _pump_session(client: socket.socket, upstream: socket.socket, idle: float, splice: bool) -> None:
+    """Move bytes both ways until both directions ended, one broke, or the pair idled."""
+    activity = _Activity()
+    pump = _splice_one_way if splice else _copy_one_way
+    async with trio.open_nursery() as nursery:
+        scope = nursery.cancel_scope
+        directions_open = 2
+
+        async def one_way(src: socket.socket, dst: socket.socket) -> None:
+            nonlocal directions_open
+            try:
+                await pump(src, dst, activity)
+            except OSError as exc:
+                log.debug("tcp session broken: %s", _describe(exc))
+                activity.broken = True
+                scope.cancel()
+                return
+            directions_open -= 1
+            if directions_open == 0:
+                scope.cancel()
+
+        nursery.start_soon(one_way, client, upstream)
+        nursery.start_soon(one_way, upstream, client)
+        nursery.start_soon(_idle_watchdog, activity, idle, scope)
+    if activity.broken:
+        for sock in (client, upstream):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            except OSError:
+                pass  # already reset by the peer; close() will do
+
+
+async def _idle_watchdog(activity: _Activity, idle: float, scope: trio.CancelScope) -> None:
+    step = idle / IDLE_CHECKS_PER_PERIOD
+    last_seen = activity.chunks
+    last_change = trio.current_time()
+    while True:
+        await trio.sleep_until(min(last_change + idle, trio.current_time() + step))
+        now = trio.current_time()
+        if activity.chunks != last_seen:
+            last_seen, last_change = activity.chunks, now
+        elif now >= last_change + idle:
+            log.debug("tcp session idle for %.1f s; closing", idle)
+            scope.cancel()
+            return
+
+
+def _make_pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        import fcntl  # POSIX-only, and only this Linux path needs it
+
+        fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        # Over pipe-max-size or the per-user pipe budget: the default 64 KiB pipe
+        # still works, with more splice calls per MiB.
+        pass
+    return r, w
+
+
+async def _splice_one_way(src: socket.socket, dst: socket.socket, activity: _Activity) -> None:
+    """socket -> pipe -> socket with os.splice; the bytes never enter Python."""
+    splice = os.splice
+    wait_readable = trio.lowlevel.wait_readable
+    wait_writable = trio.lowlevel.wait_writable
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    pipe_r, pipe_w = _make_pipe()
+    try:
+        since_yield = 0
+        while True:
+            try:
+                n = splice(src_fd, pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                # The pipe is always drained before this call, so EAGAIN means the
+                # source socket is empty.
+                await wait_readable(src_fd)
+                since_yield = 0
+                continue
+            if n == 0:
+                break
+            activity.chunks += 1
+            since_yield += n
+            while n:
+                try:
+                    n -= splice(pipe_r, dst_fd, n, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await wait_writable(dst_fd)
+                    since_yield = 0
+            if since_yield >= YIELD_EVERY_BYTES:
+                since_yield = 0
+                await trio.lowlevel.checkpoint()
+        dst.shutdown(socket.SHUT_WR)
+    finally:
+        os.close(pipe_r)
+        os.close(pipe_w)
+
+
+async def _copy_one_way(src: socket.socket, dst: socket.socket, activity: _Activity) -> None:
+    """recv_into one buffer, send it on; the portable path."""
+    wait_readable = trio.lowlevel.wait_readable
+    wait_writable = trio.lowlevel.wait_writable
+    buf = bytearray(COPY_BUFFER)
+    view = memoryview(buf)
+    since_yield = 0
+    while True:
+        try:
+            n = src.recv_into(buf)
+        except BlockingIOError:
+            await wait_readable(src)
+            since_yield = 0
+            continue
+        if n == 0:
+            break
+        activity.chunks += 1
+        since_yield += n
+        sent = 0
+        while sent < n:
+            try:
+                sent += dst.send(view[sent:n])
+            except BlockingIOError:
+                await wait_writable(dst)
+                since_yield = 0
+        if since_yield >= YIELD_EVERY_BYTES:
+            since_yield = 0
+            await trio.lowlevel.checkpoint()
+    dst.shutdown(socket.SHUT_WR)
+
+
+def _close(sock: socket.socket) -> None:
+    if sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
