@@ -1,9 +1,10 @@
 """Balancing policies: given the backends of a pool, which one serves next.
 
-Pure: no I/O, no clock, no global state. Time comes in as ``now`` arguments,
-randomness as an injected ``random.Random``. Health, draining and limits stay
-outside the policy: the caller passes ``usable(i)`` and the policy only picks
-among the backends for which it is true.
+Owns the policy interface and ``make_policy``; each algorithm family lives in
+its own module. Pure: no I/O, no clock, no global state. Time comes in as
+``now`` arguments, randomness as an injected ``random.Random``. Health,
+draining and limits stay outside the policy: the caller passes ``usable(i)``
+and the policy only picks among the backends for which it is true.
 """
 
 from __future__ import annotations
@@ -13,9 +14,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from lbnode.model import Backend, Pool
+from lbnode.balance.least_connections import LeastConnections
+from lbnode.balance.maglev import ConsistentHash, MaglevTable, SourceHash
+from lbnode.balance.power_of_two import LeastLatency, LeastLoaded
+from lbnode.balance.round_robin import RoundRobin, WeightedRoundRobin
+from lbnode.balance.weighted_random import WeightedRandom
+from lbnode.model import Pool
 
 Usable = Callable[[int], bool]
+
+__all__ = [
+    "ConsistentHash",
+    "LeastConnections",
+    "LeastLatency",
+    "LeastLoaded",
+    "MaglevTable",
+    "PickContext",
+    "Policy",
+    "RoundRobin",
+    "SourceHash",
+    "Usable",
+    "WeightedRandom",
+    "WeightedRoundRobin",
+    "make_policy",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,45 +49,61 @@ class PickContext:
 
 
 class Policy(Protocol):
+    """The operations every algorithm family implements (HAProxy's lb_* shape).
+
+    Weights: a backend whose effective weight is 0 is never picked. ``pick``
+    returns None only when no backend with weight > 0 is usable.
+    """
+
     def pick(self, ctx: PickContext, usable: Usable) -> int | None:
         """Index of the backend to use, or None when no backend is usable."""
+        ...
 
     def set_weight(self, index: int, weight: float) -> None:
         """Effective weight of one backend changed (admin change, slow start)."""
+        ...
 
     def on_start(self, index: int) -> None:
         """A request/connection was sent to backend ``index``."""
+        ...
 
     def on_finish(self, index: int, latency: float, now: float) -> None:
         """That request/connection ended after ``latency`` seconds, at time ``now``."""
+        ...
 
 
-class RoundRobin:
-    """Plain rotation over usable backends with weight > 0."""
+def make_policy(
+    pool: Pool,
+    rng: random.Random | None = None,
+    active: Sequence[int] | None = None,
+) -> Policy:
+    """The policy named by ``pool.algorithm`` over ``pool.backends``.
 
-    def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
-        self._weights = [float(b.weight) for b in backends]
-        self._next = rng.randrange(len(backends)) if backends else 0
-
-    def pick(self, ctx: PickContext, usable: Usable) -> int | None:
-        n = len(self._weights)
-        for step in range(n):
-            i = (self._next + step) % n
-            if self._weights[i] > 0 and usable(i):
-                self._next = i + 1
-                return i
-        return None
-
-    def set_weight(self, index: int, weight: float) -> None:
-        self._weights[index] = weight
-
-    def on_start(self, index: int) -> None:
-        pass
-
-    def on_finish(self, index: int, latency: float, now: float) -> None:
-        pass
-
-
-def make_policy(pool: Pool, rng: random.Random | None = None) -> Policy:
+    Called once per configuration snapshot. ``active`` optionally carries the
+    requests already in flight per backend (index-aligned), so a new snapshot
+    does not forget the load the previous policy was tracking.
+    """
     rng = rng or random.Random()
-    return RoundRobin(pool.backends, rng)
+    backends = pool.backends
+    algorithm = pool.algorithm
+    policy: Policy
+    if algorithm == "random":
+        policy = WeightedRandom(backends, rng)
+    elif algorithm == "round_robin":
+        policy = RoundRobin(backends, rng)
+    elif algorithm == "weighted_round_robin":
+        policy = WeightedRoundRobin(backends, rng)
+    elif algorithm == "least_connections":
+        policy = LeastConnections(backends, rng, active)
+    elif algorithm == "least_loaded":
+        policy = LeastLoaded(backends, rng, active)
+    elif algorithm == "least_latency":
+        policy = LeastLatency(backends, rng, active, decay=pool.latency_decay)
+    elif algorithm == "source_hash":
+        policy = SourceHash(backends, rng, table_size=pool.maglev_table_size)
+    elif algorithm == "consistent_hash":
+        policy = ConsistentHash(backends, rng, table_size=pool.maglev_table_size)
+    else:
+        # model.parse_pool validates the name; reaching this is a programming error.
+        raise ValueError(f'pool "{pool.name}": unknown algorithm "{algorithm}"')
+    return policy

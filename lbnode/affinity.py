@@ -1,0 +1,239 @@
+"""Session affinity: tables of learned key -> backend entries, and sealed affinity cookies.
+
+Owns remembering which backend a session key was sent to (idle expiry, LRU
+bound, first writer wins) and sealing a backend id into a cookie any node can
+open. Never waits on the network and never reads the clock: ``now`` is passed
+in; the only I/O is ``load_or_create_key``, called once at start-up.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import struct
+from collections import OrderedDict
+from pathlib import Path
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+# --------------------------------------------------------------------------- tables
+
+
+class AffinityTable(Protocol):
+    """Session key -> backend id, with idle expiry. Independent of the balancing algorithm.
+
+    Every method answers from local state at once, so an implementation backed
+    by etcd fits the same shape: it serves ``get`` from the cache its watch
+    keeps, and turns ``put_if_absent`` into a background ``create_revision ==
+    0`` transaction on ``/fulcrum/v1/affinity/<pool>/<key>`` bound to a TTL
+    lease (idle expiry; ``get`` queues a keepalive), adopting the winner when
+    the watch reports another node's entry. The request never waits for the
+    write; until it lands, the local choice stands.
+    """
+
+    evictions: int  # entries dropped to respect the size bound (not idle expiries)
+
+    def get(self, key: str, now: float) -> str | None:
+        """Backend id remembered for ``key``, refreshing its idle expiry; None if none or expired."""
+        ...
+
+    def put_if_absent(self, key: str, backend_id: str, now: float) -> str:
+        """Remember ``backend_id`` unless a live entry exists; returns the entry that stands."""
+        ...
+
+    def replace(self, key: str, backend_id: str, now: float) -> None:
+        """Overwrite the entry: the remembered backend was unusable and the request went elsewhere."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Forget ``key`` (no error if absent)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+class MemoryAffinityTable:
+    """In-process table: an ``OrderedDict`` in least-recently-used order.
+
+    Entries idle for ``idle_timeout`` seconds are gone (checked on use, and
+    dropped from the old end on each insert); beyond ``max_entries`` the least
+    recently used entry is evicted and counted in ``evictions``. ``len`` may
+    include expired entries not yet dropped. ``now`` must not go backwards.
+    """
+
+    def __init__(self, idle_timeout: float, max_entries: int) -> None:
+        if idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be > 0, got {idle_timeout}")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.idle_timeout = idle_timeout
+        self.max_entries = max_entries
+        self.evictions = 0
+        self.expirations = 0
+        # key -> (backend id, last use), least recently used first
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, now: float) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        backend_id, last = entry
+        if now - last >= self.idle_timeout:
+            del self._entries[key]
+            self.expirations += 1
+            return None
+        self._entries[key] = (backend_id, now)
+        self._entries.move_to_end(key)
+        return backend_id
+
+    def put_if_absent(self, key: str, backend_id: str, now: float) -> str:
+        existing = self.get(key, now)
+        if existing is not None:
+            return existing
+        self._insert(key, backend_id, now)
+        return backend_id
+
+    def replace(self, key: str, backend_id: str, now: float) -> None:
+        self._entries.pop(key, None)
+        self._insert(key, backend_id, now)
+
+    def delete(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def expire(self, now: float) -> int:
+        """Drop the entries idle for ``idle_timeout`` or more; returns how many."""
+        entries = self._entries
+        dropped = 0
+        # Least recently used first: stop at the first entry still alive.
+        while entries:
+            key, (_, last) = next(iter(entries.items()))
+            if now - last < self.idle_timeout:
+                break
+            del entries[key]
+            dropped += 1
+        self.expirations += dropped
+        return dropped
+
+    def _insert(self, key: str, backend_id: str, now: float) -> None:
+        self.expire(now)
+        entries = self._entries
+        entries[key] = (backend_id, now)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+            self.evictions += 1
+
+
+# --------------------------------------------------------------------------- cookies
+
+KEY_BYTES = 32  # AES-256-GCM
+NONCE_BYTES = 12  # the GCM standard nonce; random per cookie
+_VERSION = b"\x01"  # first byte of every sealed value, so the format can change later
+_AAD = b"fulcrum-affinity-cookie"  # binds the ciphertext to this use of the key
+_EXPIRY = struct.Struct(">Q")  # expiry in whole milliseconds since the epoch of ``now``
+_MIN_SEALED = len(_VERSION) + NONCE_BYTES + _EXPIRY.size + 16  # + GCM tag
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    raw = text.encode("ascii")  # UnicodeEncodeError for non-ASCII: caught by the caller
+    return base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
+
+
+class CookieSealer:
+    """Seals a backend id and an expiry into a cookie-safe string (AES-GCM), and opens it.
+
+    Any node holding the same key opens any node's cookie, with no lookup.
+    The value is urlsafe base64 without padding: only ``A-Z a-z 0-9 - _``.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"affinity cookie key must be {KEY_BYTES} bytes, got {len(key)}")
+        self._aead = AESGCM(key)
+
+    def seal(self, backend_id: str, expires: float) -> str:
+        nonce = os.urandom(NONCE_BYTES)
+        plain = _EXPIRY.pack(max(0, int(expires * 1000))) + backend_id.encode(
+            "utf-8", "surrogatepass"
+        )
+        return _b64encode(_VERSION + nonce + self._aead.encrypt(nonce, plain, _AAD))
+
+    def open(self, value: str, now: float) -> str | None:
+        """The backend id, or None for a tampered, malformed, expired or foreign value."""
+        try:
+            raw = _b64decode(value)
+            if len(raw) < _MIN_SEALED or raw[:1] != _VERSION:
+                return None
+            nonce = raw[1 : 1 + NONCE_BYTES]
+            plain = self._aead.decrypt(nonce, raw[1 + NONCE_BYTES :], _AAD)
+            (expires_ms,) = _EXPIRY.unpack_from(plain)
+            if now * 1000 >= expires_ms:
+                return None
+            return plain[_EXPIRY.size :].decode("utf-8")
+        except (InvalidTag, ValueError, binascii.Error, TypeError, AttributeError, struct.error):
+            # ValueError covers UnicodeEncodeError / UnicodeDecodeError.
+            return None
+
+
+def set_cookie_header(name: str, value: str, ttl: float, tls: bool) -> str:
+    """``Set-Cookie`` value for an affinity cookie; ``Secure`` when the client came over TLS."""
+    parts = [f"{name}={value}", "Path=/", f"Max-Age={max(0, int(ttl))}", "HttpOnly", "SameSite=Lax"]
+    if tls:
+        parts.append("Secure")
+    return "; ".join(parts)
+
+
+COOKIE_KEY_FILE = "cookie.key"
+
+
+def load_or_create_key(state_dir: Path) -> bytes:
+    """The node's cookie key from ``state_dir/cookie.key``, created (mode 0600) if missing.
+
+    The file holds 64 hex digits. Two processes racing to create it agree: the
+    key is written to a private temporary file and linked into place, and the
+    loser reads the winner's file.
+    """
+    state_dir = Path(state_dir)
+    path = state_dir / COOKIE_KEY_FILE
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = state_dir / f".{COOKIE_KEY_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, os.urandom(KEY_BYTES).hex().encode("ascii") + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process got there first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise ValueError(
+            f"{path}: expected {2 * KEY_BYTES} hex digits (a {KEY_BYTES}-byte key); "
+            "delete the file to generate a new key (existing affinity cookies stop matching)"
+        )
+    return key

@@ -1,0 +1,146 @@
+"""Session affinity: learned-entry tables (idle expiry, first writer wins, LRU bound) and sealed cookies."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from lbnode.affinity import (
+    AffinityTable,
+    CookieSealer,
+    MemoryAffinityTable,
+    load_or_create_key,
+    set_cookie_header,
+)
+
+KEY = bytes(range(32))
+
+
+def test_memory_table_is_an_affinity_table() -> None:
+    table: AffinityTable = MemoryAffinityTable(idle_timeout=60, max_entries=10)
+    assert len(table) == 0
+
+
+def test_entry_expires_after_idle_time_and_use_refreshes_it() -> None:
+    table = MemoryAffinityTable(idle_timeout=60, max_entries=10)
+    table.put_if_absent("s1", "b1", now=0)
+    assert table.get("s1", now=59) == "b1"  # refreshed at 59
+    assert table.get("s1", now=118) == "b1"  # 59 s idle: still there
+    assert table.get("s1", now=178) is None  # 60 s idle: gone
+    assert len(table) == 0
+    assert table.evictions == 0  # expiry is not an eviction
+
+
+def test_first_writer_wins() -> None:
+    table = MemoryAffinityTable(idle_timeout=60, max_entries=10)
+    assert table.put_if_absent("s1", "b1", now=0) == "b1"
+    assert table.put_if_absent("s1", "b2", now=1) == "b1"
+    assert table.get("s1", now=2) == "b1"
+
+
+def test_an_expired_entry_does_not_block_a_new_writer() -> None:
+    table = MemoryAffinityTable(idle_timeout=10, max_entries=10)
+    table.put_if_absent("s1", "b1", now=0)
+    assert table.put_if_absent("s1", "b2", now=10) == "b2"
+
+
+def test_replace_moves_a_session_when_its_backend_is_down() -> None:
+    table = MemoryAffinityTable(idle_timeout=60, max_entries=10)
+    table.put_if_absent("s1", "b1", now=0)
+    table.replace("s1", "b2", now=1)
+    assert table.get("s1", now=2) == "b2"
+    table.delete("s1")
+    table.delete("never-there")
+    assert table.get("s1", now=3) is None
+
+
+def test_size_bound_evicts_least_recently_used_and_counts() -> None:
+    table = MemoryAffinityTable(idle_timeout=600, max_entries=3)
+    for n, key in enumerate(["a", "b", "c"]):
+        table.put_if_absent(key, f"b-{key}", now=n)
+    assert table.get("a", now=3) == "b-a"  # a is now the most recently used
+    table.put_if_absent("d", "b-d", now=4)  # evicts b
+    assert len(table) == 3
+    assert table.evictions == 1
+    assert table.get("b", now=5) is None
+    assert [table.get(k, now=5) for k in ("a", "c", "d")] == ["b-a", "b-c", "b-d"]
+
+
+def test_idle_entries_are_dropped_on_insert_before_evicting_live_ones() -> None:
+    table = MemoryAffinityTable(idle_timeout=10, max_entries=2)
+    table.put_if_absent("old", "b1", now=0)
+    table.put_if_absent("live", "b2", now=5)
+    table.put_if_absent("new", "b3", now=12)  # "old" expired at 10: dropped, not evicted
+    assert table.evictions == 0
+    assert table.expirations == 1
+    assert table.get("live", now=13) == "b2"
+
+
+# --------------------------------------------------------------------------- cookies
+
+
+def test_cookie_round_trip_is_cookie_safe() -> None:
+    sealer = CookieSealer(KEY)
+    value = sealer.seal("10.0.0.1:8080", expires=1000.0)
+    assert all(c.isalnum() or c in "-_" for c in value)
+    assert sealer.open(value, now=999.0) == "10.0.0.1:8080"
+    assert sealer.seal("10.0.0.1:8080", expires=1000.0) != value  # fresh nonce each time
+
+
+def test_tampered_cookie_is_refused() -> None:
+    sealer = CookieSealer(KEY)
+    value = sealer.seal("web-1", expires=1000.0)
+    raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    for pos in range(len(raw)):  # every byte: version, nonce, ciphertext, tag
+        flipped = bytearray(raw)
+        flipped[pos] ^= 0x01
+        tampered = base64.urlsafe_b64encode(bytes(flipped)).rstrip(b"=").decode()
+        assert sealer.open(tampered, now=0.0) is None
+    assert sealer.open(value[:-1], now=0.0) is None  # truncated
+
+
+def test_expired_cookie_is_refused() -> None:
+    sealer = CookieSealer(KEY)
+    assert sealer.open(sealer.seal("web-1", expires=100.0), now=100.0) is None
+
+
+def test_cookie_sealed_under_another_key_is_refused() -> None:
+    value = CookieSealer(os.urandom(32)).seal("web-1", expires=1000.0)
+    assert CookieSealer(KEY).open(value, now=0.0) is None
+
+
+@pytest.mark.parametrize("garbage", ["", "x", "!!!!", "é", "AAAA" * 20, "A" * 5, "%00", "a b"])
+def test_garbage_cookie_is_refused_without_raising(garbage: str) -> None:
+    assert CookieSealer(KEY).open(garbage, now=0.0) is None
+
+
+def test_wrong_key_length_is_an_error() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        CookieSealer(b"short")
+
+
+def test_set_cookie_header() -> None:
+    assert set_cookie_header("FULCRUM", "v", ttl=3600, tls=False) == (
+        "FULCRUM=v; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
+    )
+    assert set_cookie_header("FULCRUM", "v", ttl=3600, tls=True).endswith("; SameSite=Lax; Secure")
+
+
+def test_cookie_key_is_created_once_with_mode_0600(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    key = load_or_create_key(state)
+    assert len(key) == 32
+    path = state / "cookie.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_key(state) == key
+    assert [p.name for p in state.iterdir()] == ["cookie.key"]
+
+
+def test_corrupt_cookie_key_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "cookie.key").write_text("not hex")
+    with pytest.raises(ValueError, match=r"cookie\.key.*delete the file"):
+        load_or_create_key(tmp_path)
