@@ -311,7 +311,7 @@ class Pool:
     maglev_table_size: int = 65537
     latency_decay: float = 10.0  # least_latency: peak-EWMA decay time in seconds
     timeouts: PoolTimeouts = field(default_factory=PoolTimeouts)
-    max_idle_per_backend: int = 32  # pooled idle upstream connections per backend
+    max_idle_per_backend: int = 128  # pooled idle upstream connections per backend (above usual concurrency)
     affinity: Affinity | None = None
     health: HealthCheck | None = None
     outlier: Outlier | None = None
@@ -370,7 +370,7 @@ def parse_pool(t: Table) -> Pool:
         maglev_table_size=table_size,
         latency_decay=t.duration("latency_decay", 10.0),
         timeouts=timeouts,
-        max_idle_per_backend=t.int("max_idle_per_backend", 32, lo=0, hi=10_000),
+        max_idle_per_backend=t.int("max_idle_per_backend", 128, lo=0, hi=10_000),
         affinity=_parse_affinity(t.table("affinity")),
         health=_parse_health(t.table("health")),
         outlier=_parse_outlier(t.table("outlier")),

@@ -42,7 +42,7 @@ class LbNode:
         self._draining = False
         self._stop = trio.Event()
         self.upstreams = UpstreamPool(
-            max_idle=max((p.max_idle_per_backend for p in config.pools), default=32),
+            max_idle=max((p.max_idle_per_backend for p in config.pools), default=128),
             idle_timeout=min((p.timeouts.idle for p in config.pools), default=60.0),
         )
         self.http_proxies: dict[str, HttpProxy] = {}

@@ -40,12 +40,16 @@ async def recv_some(sock: socket.socket, size: int) -> bytes:
             await trio.lowlevel.wait_readable(sock)
 
 
-async def recv_within(sock: socket.socket, size: int, timeout: float) -> bytes | None:
-    """Like ``recv_some``; None if nothing arrived within ``timeout`` seconds."""
-    try:
-        return sock.recv(size)
-    except BlockingIOError:
-        pass
+async def recv_within(sock: socket.socket, size: int, timeout: float, *, expect_wait: bool = False) -> bytes | None:
+    """Like ``recv_some``; None if nothing arrived within ``timeout`` seconds.
+
+    ``expect_wait``: the peer cannot have answered yet (a request just sent),
+    so skip the first, certainly failing, system call."""
+    if not expect_wait:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            pass
     with trio.move_on_after(timeout):
         while True:
             await trio.lowlevel.wait_readable(sock)

@@ -158,12 +158,27 @@ class ResponseReader:
         self._trailers = []
         self._reason = b""
         self._in_head = True
+        self._content_length: int | None = None
+        self._chunked = False
+        self._tokens: list[bytes] = []
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        (self._headers if self._in_head else self._trailers).append((name, value))
+        if not self._in_head:
+            self._trailers.append((name, value))
+            return
+        self._headers.append((name, value))
+        # The few fields framing depends on, noted once as they arrive.
+        if len(name) in _FRAMING_NAME_LENGTHS:
+            lname = name.lower()
+            if lname == b"content-length":
+                self._content_length = int(value)
+            elif lname == b"transfer-encoding":
+                self._chunked = value.strip().lower().endswith(b"chunked")
+            elif lname == b"connection":
+                self._tokens.extend(t.strip().lower() for t in value.split(b",") if t.strip())
 
     def on_headers_complete(self) -> None:
         p = self._parser
@@ -174,13 +189,10 @@ class ResponseReader:
             version=p.get_http_version(),
             headers=self._headers,
             keep_alive=p.should_keep_alive(),
+            content_length=self._content_length,
+            chunked=self._chunked,
+            connection_tokens=frozenset(self._tokens),
         )
-        for n, v in self._headers:
-            name = n.lower()
-            if name == b"content-length":
-                head.content_length = int(v)
-            elif name == b"transfer-encoding":
-                head.chunked = v.strip().lower().endswith(b"chunked")
         self._in_head = False
         self.events.append(head)
         if self._head_request and status >= 200:
@@ -198,6 +210,10 @@ class ResponseReader:
         self.events.append(End(self._trailers))
         if self._parser.get_status_code() >= 200:
             self.done = True
+
+
+# len("content-length"), len("transfer-encoding"), len("connection"): a cheap first filter.
+_FRAMING_NAME_LENGTHS = frozenset({14, 17, 10})
 
 
 class _HeadTooLarge(Exception):

@@ -93,6 +93,7 @@ class ResponseHead:
     keep_alive: bool
     content_length: int | None = None
     chunked: bool = False
+    connection_tokens: frozenset[bytes] = field(default_factory=frozenset)
 
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
@@ -165,6 +166,9 @@ def _dropped(tokens: frozenset[bytes]) -> frozenset[bytes]:
     return HOP_BY_HOP | (tokens - NEVER_DROPPED)
 
 
+_RESPONSE_DROP = HOP_BY_HOP | {b"via"}
+
+
 def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: str) -> bytes:
     """The request head sent to a backend: hop-by-hop removed, forwarded headers added."""
     drop = _dropped(head.connection_tokens) | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"}
@@ -203,8 +207,7 @@ def client_response_head(
     head: ResponseHead, via: str, *, keep_alive: bool, chunked: bool, client_version: str
 ) -> bytes:
     """The response head sent to the client: hop-by-hop removed, Via added, our framing."""
-    tokens = connection_tokens(head.headers)
-    drop = _dropped(tokens) | {b"via"}
+    drop = _RESPONSE_DROP if not head.connection_tokens else _dropped(head.connection_tokens) | {b"via"}
     is_upgrade = head.status == 101
     out = [b"HTTP/1.1 ", str(head.status).encode(), b" ", head.reason or REASONS.get(head.status, "").encode(), b"\r\n"]
     vias: list[bytes] = []

@@ -99,17 +99,6 @@ class ClientConn:
             raise ClientGone(f"client read failed: {exc}") from None
         self._take(data)
 
-    def try_fill(self) -> bool:
-        """Read what the kernel already holds, without waiting; False if nothing."""
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            raise ClientGone(f"client read failed: {exc}") from None
-        self._take(data)
-        return True
-
     def _take(self, data: bytes) -> None:
         if data:
             self.reader.feed(data)
@@ -201,8 +190,6 @@ class HttpProxy:
                 continue
             if self.node.draining and conn.served:
                 return None
-            if conn.try_fill():
-                continue
             deadline = head_deadline if head_deadline is not None else self.clock() + timeouts.idle
             conn.idle_scope = trio.CancelScope(deadline=deadline)
             self._idle.add(conn)
@@ -535,7 +522,7 @@ class HttpProxy:
 
         async def fill(timeout: float) -> bool:
             try:
-                data = await recv_within(up.sock, RECV_SIZE, timeout)
+                data = await recv_within(up.sock, RECV_SIZE, timeout, expect_wait=not responded)
             except OSError as exc:
                 if not responded and up.reused:
                     raise _RetryFresh() from None

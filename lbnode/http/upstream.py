@@ -16,6 +16,10 @@ from lbnode.sockio import ConnectFailed, connect
 __all__ = ["ConnectFailed", "UpstreamConn", "UpstreamPool"]
 
 
+# Idle time after which a pooled connection is checked for a close by the backend.
+PEEK_AFTER_IDLE = 1.0
+
+
 class UpstreamConn:
     __slots__ = ("sock", "key", "idle_since", "reused")
 
@@ -43,7 +47,11 @@ class UpstreamPool:
         stack = self._idle.get(key)
         while stack:
             conn = stack.pop()
-            if now - conn.idle_since > self.idle_timeout or not _still_open(conn.sock):
+            idle = now - conn.idle_since
+            # A backend closes idle connections after seconds, not milliseconds: peeking at a
+            # connection used a moment ago costs a system call per request for nothing (a rare
+            # miss is retried on a fresh connection by the proxy).
+            if idle > self.idle_timeout or (idle > PEEK_AFTER_IDLE and not _still_open(conn.sock)):
                 conn.close()
                 continue
             conn.reused = True
