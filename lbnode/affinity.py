@@ -13,11 +13,15 @@ import binascii
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from lbnode.balance.keys import cookie_value
+from lbnode.model import Affinity
 
 # --------------------------------------------------------------------------- tables
 
@@ -237,3 +241,94 @@ def _read_key(path: Path) -> bytes:
             "delete the file to generate a new key (existing affinity cookies stop matching)"
         )
     return key
+
+
+# --------------------------------------------------------------------------- a pool's rules
+
+
+class Stickiness:
+    """One pool's session persistence: which session a request belongs to, where it went.
+
+    ``cookie`` mode seals the backend id into a cookie the node sets (no table:
+    any node with the key honours it). ``source_ip``, ``header:NAME`` and
+    ``cookie:NAME`` modes look the session key up in a table; the two last
+    ones also learn keys that the application hands out in its response
+    (``NAME`` response header, ``Set-Cookie: NAME=...``). Pure: times come in
+    as arguments (``wall`` is wall-clock time, for cookie expiry across nodes).
+    """
+
+    def __init__(self, spec: Affinity, cookie_key: bytes | None, table: AffinityTable | None) -> None:
+        self.spec = spec
+        self.mode, _, self.name = spec.mode.partition(":")
+        self.cookie_key = cookie_key
+        self.sealer = CookieSealer(cookie_key) if cookie_key is not None else None
+        self.table = table
+
+    @classmethod
+    def build(cls, spec: Affinity, state_dir: Path, previous: Stickiness | None) -> Stickiness:
+        """Keep the previous table (sessions survive a config change) when the mode is unchanged."""
+        if spec.mode == "cookie":
+            key = spec.key
+            if key is None and previous is not None and previous.cookie_key is not None:
+                key = previous.cookie_key  # generated at start: no need to read the file again
+            return cls(spec, key if key is not None else load_or_create_key(state_dir), None)
+        table: AffinityTable | None = None
+        if previous is not None and previous.spec.mode == spec.mode and previous.table is not None:
+            table = previous.table
+        else:
+            table = MemoryAffinityTable(spec.idle_timeout, spec.max_entries)
+        return cls(spec, None, table)
+
+    def session_key(self, client_ip: str, header: Callable[[str], str | None]) -> str | None:
+        """The table key of this request (None in cookie mode or when the request has none)."""
+        if self.mode == "source_ip":
+            return client_ip or None
+        if self.mode == "header":
+            return header(self.name.lower())
+        if self.mode == "cookie" and self.name:
+            cookies = header("cookie")
+            return None if cookies is None else cookie_value(cookies, self.name)
+        return None
+
+    def remembered(self, client_ip: str, header: Callable[[str], str | None], now: float, wall: float) -> tuple[str | None, str | None]:
+        """(backend id the session is bound to, session key) for this request."""
+        if self.sealer is not None:
+            cookies = header("cookie")
+            value = None if cookies is None else cookie_value(cookies, self.spec.cookie_name)
+            return (None if value is None else self.sealer.open(value, wall)), None
+        key = self.session_key(client_ip, header)
+        if key is None or self.table is None:
+            return None, key
+        return self.table.get(key, now), key
+
+    def bind(self, key: str | None, backend_id: str, previous_id: str | None, now: float) -> None:
+        """The request with session ``key`` went to ``backend_id``: remember it (first writer wins)."""
+        if key is None or self.table is None:
+            return
+        if previous_id is not None and previous_id != backend_id:
+            self.table.replace(key, backend_id, now)  # its backend was down: the session moves
+        else:
+            self.table.put_if_absent(key, backend_id, now)
+
+    def response_headers(self, backend_id: str, previous_id: str | None, wall: float, tls: bool) -> list[tuple[bytes, bytes]]:
+        """Headers to add to the response: a fresh sealed cookie unless the client's one is right."""
+        if self.sealer is None or previous_id == backend_id:
+            return []
+        value = self.sealer.seal(backend_id, wall + self.spec.ttl)
+        cookie = set_cookie_header(self.spec.cookie_name, value, self.spec.ttl, tls)
+        return [(b"Set-Cookie", cookie.encode("ascii"))]
+
+    def learn(self, response_headers: list[tuple[bytes, bytes]], backend_id: str, now: float) -> None:
+        """Session keys the application handed out in its response are bound to its backend."""
+        if self.table is None or self.mode not in ("header", "cookie") or not self.name:
+            return
+        wanted = self.name.lower().encode("latin-1")
+        for n, v in response_headers:
+            lname = n.lower()
+            if self.mode == "header" and lname == wanted:
+                self.table.put_if_absent(v.decode("latin-1"), backend_id, now)
+            elif self.mode == "cookie" and lname == b"set-cookie":
+                first = v.decode("latin-1").split(";", 1)[0]
+                k, sep, value = first.partition("=")
+                if sep and k.strip() == self.name and value.strip():
+                    self.table.replace(value.strip(), backend_id, now)

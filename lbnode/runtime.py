@@ -15,15 +15,20 @@ import random
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
+from lbnode.affinity import Stickiness
 from lbnode.balance import PickContext, Policy, make_policy
 from lbnode.health.state import OutlierDetector, slow_start_factor
 from lbnode.limits import RetryBudget
 from lbnode.model import Backend, Config, Listener, Pool
 
 log = logging.getLogger("lbnode.pool")
+
+# Slow-start weights are recomputed this often, not on every request.
+RAMP_STEP = 0.1
 
 # Admin states an operator sets; health is separate and set by the checkers.
 ENABLED, DRAINING, DISABLED = "enabled", "draining", "disabled"
@@ -87,7 +92,13 @@ class PoolRuntime:
     (all carried over from ``previous``).
     """
 
-    def __init__(self, spec: Pool, previous: PoolRuntime | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        spec: Pool,
+        previous: PoolRuntime | None = None,
+        rng: random.Random | None = None,
+        state_dir: Path = Path("state"),
+    ) -> None:
         self.spec = spec
         old = {b.id: b for b in previous.backends} if previous is not None else {}
         waits_for_check = spec.health is not None and spec.health.initial_state == "down"
@@ -102,7 +113,16 @@ class PoolRuntime:
             else:
                 state.spec, state.index = b, i
             self.backends.append(state)
-        self.policy: Policy = make_policy(spec, rng or random.Random())
+        # Requests already in flight count for the least-* policies of the new snapshot too.
+        self.policy: Policy = make_policy(
+            spec, rng or random.Random(), active=[b.inflight + b.connections for b in self.backends]
+        )
+        self._by_id = {b.id: b for b in self.backends}
+        self.stickiness: Stickiness | None = None
+        if spec.affinity is not None:
+            self.stickiness = Stickiness.build(
+                spec.affinity, state_dir, previous.stickiness if previous is not None else None
+            )
         ids = [b.id for b in spec.backends]
         if previous is not None and previous.outlier is not None and spec.outlier is not None:
             self.outlier: OutlierDetector[str] | None = previous.outlier
@@ -117,6 +137,7 @@ class PoolRuntime:
         self.waiters: deque[trio.Event] = previous.waiters if previous is not None else deque()
         # Backends in their slow-start ramp: index -> time they came up.
         self._ramping: dict[int, float] = {}
+        self._next_ramp = 0.0
         if spec.slow_start > 0:
             for state in self.backends:
                 if state.up_since is not None:
@@ -125,7 +146,7 @@ class PoolRuntime:
     # ------------------------------------------------------------------ picking
     def choose(self, ctx: PickContext, now: float, exclude: frozenset[int] = frozenset()) -> BackendState | None:
         backends = self.backends
-        if self._ramping:
+        if self._ramping and now >= self._next_ramp:
             self._ramp(now)
 
         def usable(i: int) -> bool:
@@ -134,6 +155,19 @@ class PoolRuntime:
 
         i = self.policy.pick(ctx, usable)
         return None if i is None else backends[i]
+
+    def sticky(self, backend_id: str | None, now: float) -> BackendState | None:
+        """The backend a session is bound to, if it may still serve it.
+
+        A draining backend keeps its sessions (no new ones); a down, disabled,
+        ejected or full one loses them to a fresh pick.
+        """
+        if backend_id is None:
+            return None
+        b = self._by_id.get(backend_id)
+        if b is None or b.admin == DISABLED or b.health == "down" or now < b.ejected_until or b.spec.weight <= 0:
+            return None
+        return b if b.has_room() else None
 
     def saturated(self, now: float, exclude: frozenset[int] = frozenset()) -> bool:
         """Some backend could serve, but every such backend is at its limit."""
@@ -209,6 +243,7 @@ class PoolRuntime:
                     self._wake_one()
 
     def _ramp(self, now: float) -> None:
+        self._next_ramp = now + RAMP_STEP
         for i, since in list(self._ramping.items()):
             factor = slow_start_factor(since, now, self.spec.slow_start)
             self.policy.set_weight(i, self.backends[i].spec.weight * factor)
@@ -228,7 +263,8 @@ class Snapshot:
     @classmethod
     def build(cls, config: Config, previous: Snapshot | None = None, rng: random.Random | None = None) -> Snapshot:
         old_pools = previous.pools if previous is not None else {}
-        pools = {p.name: PoolRuntime(p, old_pools.get(p.name), rng) for p in config.pools}
+        state_dir = Path(config.node.state_dir)
+        pools = {p.name: PoolRuntime(p, old_pools.get(p.name), rng, state_dir) for p in config.pools}
         return cls(
             config=config,
             pools=pools,

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import socket as stdsocket
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from lbnode.balance import PickContext
+from lbnode.balance.keys import extract_hash_key
 from lbnode.http.framing import End, ParseError, RequestReader, ResponseReader, Upgrade
 from lbnode.http.headers import (
     IDEMPOTENT_METHODS,
@@ -135,10 +138,17 @@ class ClientConn:
 class HttpProxy:
     """Serves one ``[[listeners]]`` entry with ``protocol = "http"``."""
 
-    def __init__(self, listener: Listener, node: Node, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(
+        self,
+        listener: Listener,
+        node: Node,
+        clock: Callable[[], float] = trio.current_time,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.listener = listener
         self.node = node
         self.clock = clock
+        self.wall_clock = wall_clock  # affinity cookies expire in wall-clock time, valid on every node
         self.proto = "http"
         self._idle: set[ClientConn] = set()
         self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
@@ -247,8 +257,21 @@ class HttpProxy:
         else:
             await self._expect_end(conn)
             body = []
-        ctx = PickContext(client_ip=conn.ip)
-        return await self._forward(conn, head, pool, ctx, body)
+        spec = pool.spec
+
+        def header(name: str) -> str | None:
+            value = head.header(name.encode("latin-1"))
+            return None if value is None else value.decode("latin-1")
+
+        hash_key = None
+        if spec.algorithm == "consistent_hash":
+            hash_key = extract_hash_key(spec.hash_key, conn.ip, head.path, head.query, header)
+        ctx = PickContext(client_ip=conn.ip, hash_key=hash_key)
+        session = None
+        if pool.stickiness is not None:
+            bound_to, key = pool.stickiness.remembered(conn.ip, header, self.clock(), self.wall_clock())
+            session = Session(key, bound_to)
+        return await self._forward(conn, head, pool, ctx, body, session)
 
     def _route(self, head: RequestHead) -> str:
         for route in self.listener.routes:
@@ -290,7 +313,13 @@ class HttpProxy:
                 return taken
 
     async def _forward(
-        self, conn: ClientConn, head: RequestHead, pool: PoolRuntime, ctx: PickContext, body: list[bytes | End] | None
+        self,
+        conn: ClientConn,
+        head: RequestHead,
+        pool: PoolRuntime,
+        ctx: PickContext,
+        body: list[bytes | End] | None,
+        session: Session | None = None,
     ) -> bool:
         """Try backends until one answers; relay its response."""
         spec = pool.spec
@@ -309,10 +338,15 @@ class HttpProxy:
         def may_retry() -> bool:
             return retries_left > 0 and budget.try_acquire(self.clock())
 
+        # A session bound to a backend that can still serve it goes there first.
+        preferred = pool.sticky(session.bound_to, self.clock()) if session is not None else None
         while True:
             now = self.clock()
             exclude = frozenset(tried)
-            backend = pool.choose(ctx, now, exclude)
+            if preferred is not None:
+                backend, preferred = preferred, None
+            else:
+                backend = pool.choose(ctx, now, exclude)
             if backend is None and pool.saturated(now, exclude):
                 # Every usable backend is at max_inflight: wait our turn (FIFO).
                 while backend is None and pool.saturated(now, exclude):
@@ -334,7 +368,7 @@ class HttpProxy:
                 break
             try:
                 return await self._exchange(conn, head, pool, backend, request_bytes, body, now,
-                                            status_retry, may_retry)
+                                            status_retry, may_retry, session)
             except ConnectFailed as exc:
                 log.warning("pool %s: backend %s: %s", spec.name, backend.id, exc.reason)
                 pool.report(backend, "timeout" if exc.timed_out else "connect_error", self.clock())
@@ -388,6 +422,20 @@ class HttpProxy:
             out.append(chunk(ev) if isinstance(ev, bytes) else encode_trailers(ev.trailers))
         return b"".join(out)
 
+    def _session_hook(self, pool: PoolRuntime, backend: BackendState, session: Session) -> OnHead:
+        """Once the backend answered: bind the session to it and tell the client if needed."""
+
+        def on_head(resp: ResponseHead) -> list[tuple[bytes, bytes]]:
+            stickiness = pool.stickiness
+            if stickiness is None:
+                return []
+            now = self.clock()
+            stickiness.bind(session.key, backend.id, session.bound_to, now)
+            stickiness.learn(resp.headers, backend.id, now)
+            return stickiness.response_headers(backend.id, session.bound_to, self.wall_clock(), self.proto == "https")
+
+        return on_head
+
     # ------------------------------------------------------------------ exchange
     async def _exchange(
         self,
@@ -400,8 +448,10 @@ class HttpProxy:
         now: float,
         status_retry: frozenset[int] = frozenset(),
         may_retry: Callable[[], bool] = lambda: False,
+        session: Session | None = None,
     ) -> bool:
         spec = pool.spec
+        on_head = self._session_hook(pool, backend, session) if session is not None else None
         upstreams = self.node.upstreams
         up = upstreams.take(str(backend.spec.address), now)
         if up is None:
@@ -413,7 +463,7 @@ class HttpProxy:
         status = 0
         try:
             result, reusable, status = await self._exchange_on(
-                conn, head, spec, up, request_bytes, body, status_retry, may_retry
+                conn, head, spec, up, request_bytes, body, status_retry, may_retry, on_head
             )
             return result
         finally:
@@ -437,6 +487,7 @@ class HttpProxy:
         body: list[bytes | End] | None,
         status_retry: frozenset[int],
         may_retry: Callable[[], bool],
+        on_head: OnHead | None,
     ) -> tuple[bool, bool, int]:
         """Send the request on ``up`` and relay the response.
 
@@ -453,7 +504,7 @@ class HttpProxy:
         if body is not None:
             # Whole request sent: read the response.
             return await self._relay_response(
-                conn, head, up, timeouts.response, lambda: True, status_retry, may_retry
+                conn, head, up, timeouts.response, lambda: True, status_retry, may_retry, on_head
             )
         # Stream the body while reading the response (100-continue, early answers).
         # Errors are carried out of the nursery by hand so that callers see plain
@@ -465,7 +516,7 @@ class HttpProxy:
             nursery.start_soon(self._stream_body, conn, head, up, state, nursery.cancel_scope)
             try:
                 result = await self._relay_response(
-                    conn, head, up, timeouts.response, lambda: state.done, frozenset(), may_retry
+                    conn, head, up, timeouts.response, lambda: state.done, frozenset(), may_retry, on_head
                 )
             except _RetryFresh:
                 relay_error = UpstreamError("backend closed the connection before responding")
@@ -514,6 +565,7 @@ class HttpProxy:
         request_done: Callable[[], bool],
         status_retry: frozenset[int],
         may_retry: Callable[[], bool],
+        on_head: OnHead | None = None,
     ) -> tuple[bool, bool, int]:
         reader = ResponseReader(head.method)
         events = reader.events
@@ -558,14 +610,16 @@ class HttpProxy:
             if head.version == "1.1":
                 await conn.send(b"HTTP/1.1 %d %b\r\n\r\n" % (ev.status, ev.reason or b"Continue"), write_timeout)
 
+        if resp.status in status_retry and may_retry():
+            raise _RetryStatus(resp.status)
+        if on_head is not None:
+            resp.headers.extend(on_head(resp))
+
         if resp.status == 101:
             if not head.upgrade:
                 raise UpstreamError("101 Switching Protocols without an upgrade request", 502, responded=True)
             await self._tunnel(conn, head, up, resp, reader)
             return False, False, 101
-
-        if resp.status in status_retry and may_retry():
-            raise _RetryStatus(resp.status)
 
         no_body = response_has_no_body(head.method, resp.status)
         close_delimited = not no_body and resp.content_length is None and not resp.chunked
@@ -634,6 +688,17 @@ class HttpProxy:
             await send_all(up.sock, client_rest)
         idle = self.node.snapshot.pools[self._route(head)].spec.timeouts.tcp_idle
         await pump_both_ways(conn.sock, up.sock, idle)
+
+
+@dataclass(slots=True)
+class Session:
+    """A request's session for affinity: its table key and the backend it is bound to."""
+
+    key: str | None
+    bound_to: str | None
+
+
+OnHead = Callable[[ResponseHead], list[tuple[bytes, bytes]]]
 
 
 class _RetryFresh(Exception):

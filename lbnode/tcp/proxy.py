@@ -117,11 +117,21 @@ class TcpProxy:
         (``handle`` decrements it when the session ends).
         """
         name = self.listener.name
-        ctx = PickContext(client_ip=client_ip)
-        timeout = pool.spec.timeouts.connect
+        spec = pool.spec
+        # At L4 only the client address is known: it is the key of consistent_hash
+        # (whatever hash_key says) and of source_ip affinity; other affinity modes need L7.
+        hash_key = client_ip.encode() if spec.algorithm == "consistent_hash" else None
+        ctx = PickContext(client_ip=client_ip, hash_key=hash_key)
+        stickiness = pool.stickiness if pool.stickiness is not None and pool.stickiness.mode == "source_ip" else None
+        bound_to = stickiness.remembered(client_ip, _no_headers, trio.current_time(), 0.0)[0] if stickiness else None
+        preferred = pool.sticky(bound_to, trio.current_time())
+        timeout = spec.timeouts.connect
         tried: set[int] = set()
-        while len(tried) <= pool.spec.retries:
-            backend = pool.choose(ctx, trio.current_time(), frozenset(tried))
+        while len(tried) <= spec.retries:
+            if preferred is not None:
+                backend, preferred = preferred, None
+            else:
+                backend = pool.choose(ctx, trio.current_time(), frozenset(tried))
             if backend is None:
                 break
             tried.add(backend.index)
@@ -143,6 +153,8 @@ class TcpProxy:
                 raise
             now = trio.current_time()
             pool.report(backend, None, now)
+            if stickiness is not None:
+                stickiness.bind(client_ip, backend.id, bound_to, now)
             return upstream, backend, now - start
         if tried:
             log.warning("listener %s: no backend of pool %s reachable (%d tried); closing client %s",
@@ -197,6 +209,10 @@ async def serve_tcp_listener(
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+def _no_headers(name: str) -> None:
+    return None
 
 
 def _describe(exc: OSError) -> str:
