@@ -41,6 +41,7 @@ ALGORITHMS = (
 )
 HASH_KEY_RE = re.compile(r"^(source_ip|path|(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
 AFFINITY_MODE_RE = re.compile(r"^(cookie|source_ip|(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+ADMIN_STATES = ("enabled", "draining", "disabled")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -254,6 +255,7 @@ class Backend:
     name: str = ""  # defaults to the address
     max_inflight: int | None = None  # L7 requests at once (issue 4)
     max_connections: int | None = None  # L4 connections at once (issue 4)
+    admin: str = "enabled"  # "enabled" | "draining" (no new sessions) | "disabled"
 
     @property
     def id(self) -> str:
@@ -346,6 +348,7 @@ def parse_pool(t: Table) -> Pool:
             name=bt.name("name", ""),
             max_inflight=bt.int("max_inflight", None, lo=1),
             max_connections=bt.int("max_connections", None, lo=1),
+            admin=bt.str("admin", "enabled", choices=ADMIN_STATES),
         )
         bt.done()
         if backend.id in seen:
@@ -648,3 +651,66 @@ def _unique(items: list[T], section: str, name_of: Callable[[T], str]) -> None:
         if n in seen:
             raise ConfigError(f"{section}[{i}].name", f'"{n}" is already used by {section}[{seen[n]}]')
         seen[n] = i
+
+
+# --------------------------------------------------------------------------- serialisation
+
+
+def pool_to_dict(pool: Pool) -> dict[str, Any]:
+    """A ``Pool`` as the table ``parse_pool`` reads (defaults left out): for stores and the API."""
+    defaults = Pool(name=pool.name)
+    out: dict[str, Any] = {"name": pool.name}
+    for key in ("algorithm", "hash_key", "maglev_table_size", "latency_decay", "max_idle_per_backend",
+                "slow_start", "retries", "retry_budget_percent", "retry_buffer_bytes", "queue_timeout",
+                "max_queue"):
+        value = getattr(pool, key)
+        if value != getattr(defaults, key):
+            out[key] = value
+    if pool.retry_on:
+        out["retry_on"] = list(pool.retry_on)
+    if pool.timeouts != defaults.timeouts:
+        out["timeouts"] = _changed(pool.timeouts, PoolTimeouts())
+    if pool.affinity is not None:
+        aff = _changed(pool.affinity, Affinity(mode=pool.affinity.mode))
+        aff["mode"] = pool.affinity.mode
+        if pool.affinity.key is not None:
+            aff["key"] = pool.affinity.key.hex()
+        out["affinity"] = aff
+    if pool.health is not None:
+        health = _changed(pool.health, HealthCheck())
+        if "expect_status" in health:
+            health["expect_status"] = ",".join(
+                str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in pool.health.expect_status
+            )
+        out["health"] = health
+    if pool.outlier is not None:
+        out["outlier"] = _changed(pool.outlier, Outlier())
+    backends = []
+    for b in pool.backends:
+        entry: dict[str, Any] = {"address": str(b.address)}
+        if b.weight != 1:
+            entry["weight"] = b.weight
+        if b.name:
+            entry["name"] = b.name
+        for key in ("max_inflight", "max_connections"):
+            if getattr(b, key) is not None:
+                entry[key] = getattr(b, key)
+        if b.admin != "enabled":
+            entry["admin"] = b.admin
+        backends.append(entry)
+    out["backends"] = backends
+    return out
+
+
+def pool_from_dict(data: object, path: str = "pool") -> Pool:
+    """The inverse of ``pool_to_dict``, with the same validation as the config file."""
+    return parse_pool(Table(data, path))
+
+
+def _changed(value: Any, default: Any) -> dict[str, Any]:
+    out = {}
+    for f in value.__dataclass_fields__:
+        v = getattr(value, f)
+        if v != getattr(default, f) and v is not None:
+            out[f] = v
+    return out

@@ -40,7 +40,6 @@ class BackendState:
     __slots__ = (
         "spec",
         "index",
-        "admin",
         "health",
         "health_reason",
         "ejected_until",
@@ -54,7 +53,6 @@ class BackendState:
     def __init__(self, spec: Backend, index: int, health: str = "up", reason: str = "") -> None:
         self.spec = spec
         self.index = index
-        self.admin = ENABLED
         self.health = health  # "up" | "down" | "unknown" (serving until the first check); set by checks
         self.health_reason = reason
         self.up_since: float | None = None  # when it last came up, for slow start
@@ -67,6 +65,11 @@ class BackendState:
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def admin(self) -> str:
+        """Set by operators through the pool spec (enabled, draining, disabled)."""
+        return self.spec.admin
 
     def takes_new(self, now: float) -> bool:
         """May receive a new request or connection (health, admin state, ejection)."""

@@ -1,0 +1,83 @@
+"""The pool store contract: where pools live (etcd in a cluster, a file when standalone).
+
+Owns the interface every store implements and the errors the control API
+maps to gRPC codes. Stores are blocking and thread-safe: gRPC handler
+threads call them directly; Trio code calls them through
+``trio.to_thread.run_sync``; ``watch_pools`` runs in one thread and its
+events are handed to Trio through a memory channel. A store never touches
+the data plane: nodes learn every change, their own included, from the watch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from lbnode.model import Pool
+
+
+class StoreError(Exception):
+    """Base of the errors a store raises; the message is shown to operators as is."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    """The pool changed since the revision the caller read (no lost updates)."""
+
+
+class Unavailable(StoreError):
+    """The store cannot take writes now (etcd unreachable, no quorum)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRecord:
+    pool: Pool
+    revision: int  # changes on every write of this pool (etcd: the key's mod_revision)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEvent:
+    """A change seen by a watch: ``record`` is None when the pool was deleted."""
+
+    name: str
+    record: PoolRecord | None
+    revision: int  # store revision of the change
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """The watch lost its place (error, compaction): here is everything, as of ``revision``."""
+
+    records: tuple[PoolRecord, ...]
+    revision: int
+
+
+class PoolStore(Protocol):
+    def list_pools(self) -> tuple[list[PoolRecord], int]:
+        """Every pool, and the store revision they were read at."""
+
+    def get_pool(self, name: str) -> PoolRecord: ...
+
+    def create_pool(self, pool: Pool) -> PoolRecord:
+        """AlreadyExists if a pool of that name exists."""
+
+    def update_pool(self, pool: Pool, expected_revision: int | None) -> PoolRecord:
+        """Conflict unless the stored pool is still at ``expected_revision`` (None: unconditional)."""
+
+    def delete_pool(self, name: str, expected_revision: int | None = None) -> None: ...
+
+    def watch_pools(self, after_revision: int, stop: threading.Event) -> Iterator[PoolEvent | Resync]:
+        """Changes after ``after_revision`` until ``stop`` is set; blocks, so run it in a thread.
+
+        After an error or a compaction the watch yields a ``Resync`` with the
+        full state and carries on from there.
+        """
