@@ -596,10 +596,33 @@ class NodeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlSettings:
+    """The gRPC control API of this node (mutual TLS unless ``insecure``)."""
+
+    bind: Address
+    ca: str | None = None  # PEM of the cluster CA: clients must present a certificate it signed
+    cert: str | None = None  # this node's certificate (PEM)
+    key: str | None = None  # and its private key
+    insecure: bool = False  # plain text, no client certificates: for tests and labs only
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """Membership of an etcd-backed cluster; absent = standalone."""
+
+    etcd: tuple[str, ...]  # endpoints, e.g. "http://127.0.0.1:2379"
+    lease_ttl: float = 5.0  # node key and health observations vanish this long after the node dies
+    health_checkers: int = 2  # nodes actively checking each backend (rendezvous hashing)
+    prefix: str = "/fulcrum/v1"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     node: NodeSettings
     listeners: tuple[Listener, ...]
     pools: tuple[Pool, ...]
+    control: ControlSettings | None = None
+    cluster: ClusterSettings | None = None
 
     def pool(self, name: str) -> Pool:
         for p in self.pools:
@@ -622,6 +645,8 @@ def parse_config(data: object) -> Config:
     nt.done()
     pools = [parse_pool(pt) for pt in root.tables("pools")]
     listeners = [parse_listener(lt) for lt in root.tables("listeners")]
+    control = _parse_control(root.table("control"))
+    cluster = _parse_cluster(root.table("cluster"))
     root.done()
     _unique(pools, "pools", lambda p: p.name)
     _unique(listeners, "listeners", lambda li: li.name)
@@ -641,7 +666,53 @@ def parse_config(data: object) -> Config:
         binds[bind_key] = i
     if node.admin is not None and node.admin.port and (node.admin.host, node.admin.port) in binds:
         raise ConfigError("node.admin", f"{node.admin} is already used by a listener")
-    return Config(node=node, listeners=tuple(listeners), pools=tuple(pools))
+    if control is not None and control.bind.port and (control.bind.host, control.bind.port) in binds:
+        raise ConfigError("control.bind", f"{control.bind} is already used by a listener")
+    return Config(node=node, listeners=tuple(listeners), pools=tuple(pools), control=control, cluster=cluster)
+
+
+def _parse_control(t: Table | None) -> ControlSettings | None:
+    if t is None:
+        return None
+    control = ControlSettings(
+        bind=parse_address(t.raw("bind"), t.key("bind"), bind=True),
+        ca=t.str("ca", None),
+        cert=t.str("cert", None),
+        key=t.str("key", None),
+        insecure=t.bool("insecure", False),
+    )
+    t.done()
+    if not control.insecure:
+        for name in ("ca", "cert", "key"):
+            if getattr(control, name) is None:
+                raise ConfigError(
+                    t.key(name), 'is required for mutual TLS (or set insecure = true for plain text)'
+                )
+    return control
+
+
+def _parse_cluster(t: Table | None) -> ClusterSettings | None:
+    if t is None:
+        return None
+    endpoints = t.raw("etcd")
+    if not isinstance(endpoints, list) or not endpoints:
+        raise ConfigError(t.key("etcd"), 'expected a list of endpoints like ["http://127.0.0.1:2379"]')
+    for i, ep in enumerate(endpoints):
+        if not isinstance(ep, str) or not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+:\d{1,5}/?", ep):
+            raise ConfigError(f"{t.key('etcd')}[{i}]", f'{ep!r} is not an endpoint like "http://127.0.0.1:2379"')
+    prefix = t.str("prefix", "/fulcrum/v1")
+    if not prefix.startswith("/") or prefix.endswith("/"):
+        raise ConfigError(t.key("prefix"), f'"{prefix}" must start with "/" and not end with "/"')
+    cluster = ClusterSettings(
+        etcd=tuple(endpoints),
+        lease_ttl=t.duration("lease_ttl", 5.0),
+        health_checkers=t.int("health_checkers", 2, lo=1, hi=100),
+        prefix=prefix,
+    )
+    if cluster.lease_ttl < 1:
+        raise ConfigError(t.key("lease_ttl"), f"must be at least 1s (etcd leases count whole seconds), got {cluster.lease_ttl:g}s")
+    t.done()
+    return cluster
 
 
 def _unique(items: list[T], section: str, name_of: Callable[[T], str]) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import trio
 
 from lbnode.admin.server import serve_admin
+from lbnode.cluster.store import PoolStore
+from lbnode.cluster.sync import StoreFollower
 from lbnode.health.checker import HealthChecker
 from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
@@ -36,8 +38,13 @@ class Bound:
 
 
 class LbNode:
-    def __init__(self, config: Config) -> None:
+    """One node. With a ``store`` its pools come from the store (etcd, or the standalone
+    file store) and follow its changes; without one, from the config file alone."""
+
+    def __init__(self, config: Config, store: PoolStore | None = None) -> None:
         self.config = config
+        self.store = store
+        self.follower: StoreFollower | None = None
         self._snapshot = Snapshot.build(config)
         self._draining = False
         self._stop = trio.Event()
@@ -91,6 +98,9 @@ class LbNode:
         async with trio.open_nursery() as outer:
             if handle_signals:
                 outer.start_soon(self._watch_signals, outer.cancel_scope)
+            if self.store is not None:
+                self.follower = StoreFollower(self.store, lambda: self.config, self.apply)
+                await outer.start(self.follower.run)
             if admin_sock is not None:
                 outer.start_soon(serve_admin, admin_sock, self)
             self._health_nursery = outer

@@ -250,7 +250,15 @@ class HttpProxy:
                                    close=not keep, extra=[(b"Retry-After", b"%d" % retry_after_seconds(wait))])
                 return keep
         snapshot = self.node.snapshot
-        pool = snapshot.pools[self._route(head)]
+        pool_name = self._route(head)
+        pool = snapshot.pools.get(pool_name)
+        if pool is None:
+            # Deleted through the control API while this listener still names it.
+            keep = not head.has_body and head.keep_alive and not head.upgrade
+            if keep:
+                await self._expect_end(conn)
+            await self._refuse(conn, head, 503, f"pool {pool_name} is not configured", close=not keep)
+            return keep
         body: list[bytes | End] | None = None
         if head.has_body:
             body = await self._buffer_body(conn, head, pool)
@@ -686,7 +694,8 @@ class HttpProxy:
         )
         if client_rest:
             await send_all(up.sock, client_rest)
-        idle = self.node.snapshot.pools[self._route(head)].spec.timeouts.tcp_idle
+        pool = self.node.snapshot.pools.get(self._route(head))
+        idle = pool.spec.timeouts.tcp_idle if pool is not None else 600.0
         await pump_both_ways(conn.sock, up.sock, idle)
 
 

@@ -1,0 +1,122 @@
+"""Following a pool store: every change becomes a new snapshot on this node.
+
+Owns the one-way flow store -> node: a first full read, then a watch run in
+one thread that hands events to Trio through a memory channel. The data plane
+never waits on it: while the store is unreachable the node serves on its last
+snapshot, logs once, and retries with backoff (static stability).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+
+import trio
+
+from lbnode.cluster.store import PoolEvent, PoolRecord, PoolStore, Resync, StoreError
+from lbnode.model import Config, Pool
+
+log = logging.getLogger("lbnode.cluster")
+
+# Retry delays after the store failed: short first, never hammering a sick etcd.
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 5.0
+
+
+class StoreFollower:
+    """Keeps ``apply(config)`` fed with the store's pools; ``revision`` is the last one applied."""
+
+    def __init__(self, store: PoolStore, base: Callable[[], Config], apply: Callable[[Config], None]) -> None:
+        self.store = store
+        self._base = base  # the node's config (listeners, node settings) to put the pools into
+        self._apply = apply
+        self.pools: dict[str, PoolRecord] = {}
+        self.revision = 0
+        self.synced = trio.Event()  # set after the first full read
+        self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
+
+    def subscribe(self, callback: Callable[[str, PoolRecord | None], None]) -> None:
+        """``callback(name, record)`` after each applied change (None: deleted)."""
+        self._on_change.append(callback)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        delay = BACKOFF_FIRST
+        failing = False
+        while True:
+            try:
+                records, revision = await trio.to_thread.run_sync(self.store.list_pools, abandon_on_cancel=True)
+                self._replace_all(records, revision)
+                if failing:
+                    log.info("pool store reachable again; following changes from revision %d", revision)
+                failing, delay = False, BACKOFF_FIRST
+                if not started:
+                    started = True
+                    task_status.started()
+                await self._watch()
+            except StoreError as exc:
+                if not failing:
+                    log.warning("pool store unavailable (%s); serving the last configuration", exc)
+                    failing = True
+                if not started:
+                    started = True
+                    task_status.started()
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _watch(self) -> None:
+        send, receive = trio.open_memory_channel[PoolEvent | Resync | StoreError](64)
+        stop = threading.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def pump() -> None:
+            try:
+                for event in self.store.watch_pools(self.revision, stop):
+                    trio.from_thread.run(send.send, event, trio_token=token)
+            except StoreError as exc:
+                if not stop.is_set():
+                    trio.from_thread.run(send.send, exc, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, pump, abandon_on_cancel=True)
+                async for event in receive:
+                    if isinstance(event, StoreError):
+                        raise event
+                    if isinstance(event, Resync):
+                        self._replace_all(list(event.records), event.revision)
+                    else:
+                        self._change(event)
+        finally:
+            stop.set()
+
+    def _replace_all(self, records: list[PoolRecord], revision: int) -> None:
+        old = self.pools
+        self.pools = {r.pool.name: r for r in records}
+        self.revision = revision
+        self._push()
+        self.synced.set()
+        for name in set(old) | set(self.pools):
+            if old.get(name) != self.pools.get(name):
+                self._notify(name, self.pools.get(name))
+
+    def _change(self, event: PoolEvent) -> None:
+        if event.record is None:
+            self.pools.pop(event.name, None)
+        else:
+            self.pools[event.name] = event.record
+        self.revision = max(self.revision, event.revision)
+        self._push()
+        self._notify(event.name, event.record)
+
+    def _push(self) -> None:
+        pools: tuple[Pool, ...] = tuple(r.pool for _, r in sorted(self.pools.items()))
+        self._apply(replace(self._base(), pools=pools))
+
+    def _notify(self, name: str, record: PoolRecord | None) -> None:
+        for callback in self._on_change:
+            callback(name, record)
