@@ -6,8 +6,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 
-# Debian packages the tests use: curl as a real client; etcd for the cluster tests.
-TEST_DEBS  := curl
+# Debian packages the tests use: curl as a real client; etcd (3.4) for the cluster tests.
+TEST_DEBS  := curl etcd-server
 # Debian packages the benchmark runs beside Fulcrum.
 BENCH_DEBS := haproxy nginx wrk
 
