@@ -461,15 +461,18 @@ class HttpProxy:
         spec = pool.spec
         on_head = self._session_hook(pool, backend, session) if session is not None else None
         upstreams = self.node.upstreams
-        up = upstreams.take(str(backend.spec.address), now)
-        if up is None:
-            up = await upstreams.connect(backend.spec.address, spec.timeouts.connect)
+        # Counted before connecting: requests arriving together must see each other,
+        # or they would all pass max_inflight while the connects are under way.
         backend.inflight += 1
         pool.started(backend)
         started = self.clock()
         reusable = False
         status = 0
+        up: UpstreamConn | None = None
         try:
+            up = upstreams.take(str(backend.spec.address), now)
+            if up is None:
+                up = await upstreams.connect(backend.spec.address, spec.timeouts.connect)
             result, reusable, status = await self._exchange_on(
                 conn, head, spec, up, request_bytes, body, status_retry, may_retry, on_head
             )
@@ -480,10 +483,11 @@ class HttpProxy:
             pool.finished(backend, end - started, end)
             if status:
                 pool.report(backend, "http_5xx" if status >= 500 else None, end)
-            if reusable:
-                upstreams.give_back(up, end, spec.max_idle_per_backend)
-            else:
-                up.close()
+            if up is not None:
+                if reusable:
+                    upstreams.give_back(up, end, spec.max_idle_per_backend)
+                else:
+                    up.close()
 
     async def _exchange_on(
         self,
