@@ -25,10 +25,16 @@ def sections() -> list[Section]:
     """The report, in order. Add a section here (or via ``harness.OPTIONAL_MODULES``).
 
     The targets section reads what the l7 and l4 sections stored in ``ctx.results``,
-    so it stays last.
+    so it stays last. The policies and protections sections restart lbnode with
+    their own configs on Fulcrum's ports (the l4 section starts the main one again),
+    and carry their own targets.
     """
     return [
         Section("l7", "L7: HTTP/1.1 keep-alive, 100-byte responses", harness.section_l7),
+        Section("policies", "L7 per balancing policy (Fulcrum)", harness.section_policies),
+        Section(
+            "protections", "L7 with protections on vs off (Fulcrum)", harness.section_protections
+        ),
         Section("l4", "L4: bulk TCP, 64 MiB responses", harness.section_l4),
         *harness.optional_sections(),
         Section("targets", "Targets", harness.section_targets),
@@ -41,7 +47,9 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
         description="Side-by-side benchmark of Fulcrum, HAProxy and nginx (see docs/benchmarks.md).",
     )
     p.add_argument(
-        "--quick", action="store_true", help="short runs (3 s L7, 2 s L4) for a smoke check"
+        "--quick",
+        action="store_true",
+        help="short runs (3 s main L7, 2 s per policy/protections run, 2 s L4) for a smoke check",
     )
     p.add_argument(
         "--only",
@@ -52,6 +60,12 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
         "--duration",
         type=float,
         help="seconds of measured wrk load per balancer (default 10, 3 with --quick)",
+    )
+    p.add_argument(
+        "--variant-duration",
+        type=float,
+        help="seconds of measured wrk load per run in the policies and protections sections "
+        "(default 4, 2 with --quick)",
     )
     p.add_argument(
         "--bulk-duration",
@@ -77,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(quick=args.quick, connections=args.connections, pin=not args.no_pin)
     if args.quick:
         opts.duration, opts.warmup, opts.bulk_duration = 3.0, 1.0, 2.0
+        opts.variant_duration = 2.0
     if args.duration is not None:
         opts.duration = max(1.0, args.duration)
+    if args.variant_duration is not None:
+        opts.variant_duration = max(1.0, args.variant_duration)
     if args.bulk_duration is not None:
         opts.bulk_duration = max(0.5, args.bulk_duration)
     chosen = [s for s in all_sections if args.only is None or s.name in (args.only, "targets")]

@@ -43,6 +43,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 L7_CPU_TARGET = 3.5  # Fulcrum L7 CPU per request <= 3.5x HAProxy's
 L4_BULK_TARGET = 0.9  # Fulcrum L4 bulk GB/s >= 0.9x HAProxy's
 MAX_ERROR_SHARE = 0.001  # a Fulcrum L7 row with more errors than this does not meet a target
+POLICY_TARGET = 0.95  # every policy's L7 req/s >= 0.95x round robin's (in the same run)
+PROTECTION_TARGET = 0.05  # protections on: req/s at most 5 % below, CPU/req at most 5 % above
+
+# The protections the "protections" section switches on, sized so that none of them
+# refuses anything under the benchmark's load (50 connections from one client IP).
+PROTECTIONS: dict[str, object] = {
+    "health_interval": "1s",  # [pools.health] type = "http"
+    "health_path": "/",
+    "max_inflight": 1000,  # per backend
+    "max_connections": 10000,  # per listener
+    "rate": 1000000,  # [listeners.rate_limit], per client IP
+    "burst": 1000000,
+}
+# A fixed AES-GCM key for the cookie-affinity runs (a test key, not a secret).
+AFFINITY_KEY = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
 
 # Optional sections provided by other modules: (section name, module, title).
 OPTIONAL_MODULES: list[tuple[str, str, str]] = [
@@ -235,10 +250,10 @@ def fmt_num(v: float | None, digits: int = 1, thousands: bool = False) -> str:
     return f"{v:,.{digits}f}" if thousands else f"{v:.{digits}f}"
 
 
-def fmt_ratio(a: float | None, b: float | None) -> str:
+def fmt_ratio(a: float | None, b: float | None, digits: int = 2) -> str:
     if a is None or b is None or b == 0:
         return DASH
-    return f"{a / b:.2f}x"
+    return f"{a / b:.{digits}f}x"
 
 
 # --------------------------------------------------------------------------- results + targets
@@ -412,10 +427,48 @@ def fulcrum_config(
     algorithm: str = "round_robin",
     node_id: str = "bench",
     state_dir: str | None = None,
+    *,
+    hash_key: str | None = None,
+    weights: Sequence[int] | None = None,
+    affinity_key: str | None = None,
+    protections: bool = False,
 ) -> str:
-    """node.toml for lbnode: an http listener over all backends, a tcp listener over the first."""
+    """node.toml for lbnode: an http listener over all backends, a tcp listener over the first.
+
+    The keyword options change only the http side (pool and listener "web"):
+    ``hash_key`` for consistent_hash, per-backend ``weights`` (cycled), cookie
+    affinity sealed with ``affinity_key`` (64 hex digits), and ``protections``:
+    http health checks, outlier detection, ``max_inflight`` per backend, the
+    listener's ``max_connections`` and a rate limit (see ``PROTECTIONS``), all set
+    so that none of them refuses anything under the benchmark's load.
+    """
     state = f'state_dir = "{state_dir}"\n' if state_dir else ""
-    backends = "".join(f'  [[pools.backends]]\n  address = "{HOST}:{p}"\n' for p in ports.backends)
+    pool_keys = f'hash_key = "{hash_key}"\n' if hash_key else ""
+    backends = ""
+    for i, p in enumerate(ports.backends):
+        backends += f'  [[pools.backends]]\n  address = "{HOST}:{p}"\n'
+        if weights:
+            backends += f"  weight = {weights[i % len(weights)]}\n"
+        if protections:
+            backends += f"  max_inflight = {PROTECTIONS['max_inflight']}\n"
+    pool_tables = ""
+    listener_keys = ""
+    if protections:
+        pool_tables += (
+            "  [pools.health]\n"
+            '  type = "http"\n'
+            f'  interval = "{PROTECTIONS["health_interval"]}"\n'
+            f'  path = "{PROTECTIONS["health_path"]}"\n'
+            "  [pools.outlier]\n"
+        )
+        listener_keys = (
+            f"max_connections = {PROTECTIONS['max_connections']}\n"
+            "  [listeners.rate_limit]\n"
+            f"  rate = {PROTECTIONS['rate']}\n"
+            f"  burst = {PROTECTIONS['burst']}\n"
+        )
+    if affinity_key:
+        pool_tables += f'  [pools.affinity]\n  mode = "cookie"\n  key = "{affinity_key}"\n'
     return f"""\
 [node]
 id = "{node_id}"
@@ -426,7 +479,7 @@ name = "web"
 protocol = "http"
 bind = "{HOST}:{ports.fulcrum_web}"
 pool = "web"
-
+{listener_keys}
 [[listeners]]
 name = "bulk"
 protocol = "tcp"
@@ -436,7 +489,7 @@ pool = "bulk"
 [[pools]]
 name = "web"
 algorithm = "{algorithm}"
-{backends}
+{pool_keys}{backends}{pool_tables}
 [[pools]]
 name = "bulk"
   [[pools.backends]]
@@ -563,6 +616,285 @@ def nginx_lb_config(prefix: Path, ports: Ports, run_as_root: bool) -> str:
 }}
 """
     )
+
+
+# --------------------------------------------------------------------------- L7 variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One Fulcrum configuration of the policies / protections sections, and the client
+    it gets: ``client`` is "" (plain wrk, as in the main L7 section), "x-user" (a wrk
+    Lua script giving each request one of 1024 ``X-User`` values) or "cookie" (wrk sends
+    the affinity cookie a first response set)."""
+
+    name: str
+    algorithm: str = "round_robin"
+    hash_key: str | None = None
+    weights: tuple[int, ...] | None = None
+    affinity: bool = False  # [pools.affinity] mode = "cookie" with AFFINITY_KEY
+    protections: bool = False  # see PROTECTIONS
+    client: str = ""
+
+    def config(self, ports: Ports, state_dir: str | None = None) -> str:
+        return fulcrum_config(
+            ports,
+            self.algorithm,
+            state_dir=state_dir,
+            hash_key=self.hash_key,
+            weights=self.weights,
+            affinity_key=AFFINITY_KEY if self.affinity else None,
+            protections=self.protections,
+        )
+
+
+BASELINE = Variant("round_robin")
+POLICY_VARIANTS: tuple[Variant, ...] = (
+    Variant("weighted_round_robin (weights 1,2,3)", "weighted_round_robin", weights=(1, 2, 3)),
+    Variant("random", "random"),
+    Variant("least_connections", "least_connections"),
+    Variant("least_loaded", "least_loaded"),
+    Variant("least_latency", "least_latency"),
+    Variant("source_hash", "source_hash"),
+    Variant("consistent_hash, hash_key path", "consistent_hash", hash_key="path"),
+    Variant(
+        "consistent_hash, hash_key header:X-User",
+        "consistent_hash",
+        hash_key="header:X-User",
+        client="x-user",
+    ),
+    Variant("cookie affinity, no cookie sent", affinity=True),
+    Variant("cookie affinity, cookie sent", affinity=True, client="cookie"),
+)
+PLAIN = Variant("without protections")
+PROTECTED = Variant("with protections", protections=True)
+
+# wrk Lua script for client "x-user". A request function makes wrk build each request
+# in Lua (cheap next to the balancer; wrk runs on its own CPU).
+X_USER_LUA = """\
+-- Each request carries "X-User: u<n mod 1024>": 1024 distinct consistent_hash keys.
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, {["X-User"] = "u" .. (n % 1024)})
+end
+"""
+
+
+def policy_runs() -> list[tuple[str, Variant]]:
+    """The policies section's runs in order: round robin first and again last (its
+    mean is the baseline, so a drift of the machine during the section shows up as
+    the gap between the two), every other variant once in between."""
+    return (
+        [(f"{BASELINE.name} (1st)", BASELINE)]
+        + [(v.name, v) for v in POLICY_VARIANTS]
+        + [(f"{BASELINE.name} (2nd)", BASELINE)]
+    )
+
+
+def protection_runs() -> list[tuple[str, Variant]]:
+    """Without, with, with, without (ABBA): a steady drift affects both sides alike."""
+    return [
+        (f"{PLAIN.name} (1st)", PLAIN),
+        (f"{PROTECTED.name} (1st)", PROTECTED),
+        (f"{PROTECTED.name} (2nd)", PROTECTED),
+        (f"{PLAIN.name} (2nd)", PLAIN),
+    ]
+
+
+def mean_figure(rows: Iterable[L7Row], attr: str) -> float | None:
+    """Mean of ``attr`` over the rows that did not fail and have it; None when none has."""
+    vals = [getattr(r, attr) for r in rows if not r.failed and getattr(r, attr) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def spread(rows: Iterable[L7Row], attr: str = "rps") -> float | None:
+    """(max - min) / mean of ``attr`` over the measured rows; None with fewer than two."""
+    vals = [getattr(r, attr) for r in rows if not r.failed and getattr(r, attr) is not None]
+    if len(vals) < 2 or sum(vals) == 0:
+        return None
+    return (max(vals) - min(vals)) / (sum(vals) / len(vals))
+
+
+def core_percent(row: L7Row) -> float | None:
+    """How much of a core the balancer used during the run: req/s x CPU s/req x 100.
+    Near the usual figure when the balancer had its pinned core to itself; clearly
+    lower when something else ran there (or the balancer sat waiting)."""
+    if row.failed or row.rps is None or row.cpu_us_per_req is None:
+        return None
+    return row.rps * row.cpu_us_per_req / 1e4
+
+
+def _too_many_errors(errors: int, requests: int) -> bool:
+    return errors > MAX_ERROR_SHARE * max(requests, 1)
+
+
+def ratio_status(ratio: float | None, limit: float, higher_ok: bool, missing: str) -> str:
+    """``met`` / ``not met`` for ``ratio`` against ``limit``; ``not met (missing)`` without it."""
+    if ratio is None:
+        return f"not met ({missing})"
+    return "met" if (ratio >= limit if higher_ok else ratio <= limit) else "not met"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def policy_statuses(
+    rows: Sequence[L7Row], baseline: Sequence[str], limit: float = POLICY_TARGET
+) -> list[str]:
+    """Per row: ``baseline``, ``met`` (req/s >= ``limit`` x the mean of the baseline rows,
+    errors within ``MAX_ERROR_SHARE``) or ``not met (...)``."""
+    b_rps = mean_figure([r for r in rows if r.name in baseline], "rps")
+    out = []
+    for r in rows:
+        if r.name in baseline:
+            out.append("baseline (failed)" if r.failed else "baseline")
+        elif r.failed:
+            out.append("not met (failed)")
+        else:
+            status = ratio_status(_ratio(r.rps, b_rps), limit, True, "no round_robin figure")
+            if status == "met" and _too_many_errors(r.errors, r.requests):
+                status = f"not met ({r.errors} errors in {r.requests} requests)"
+            out.append(status)
+    return out
+
+
+def render_policies(
+    rows: Sequence[L7Row], baseline: Sequence[str], limit: float = POLICY_TARGET
+) -> str:
+    """The per-policy table: every row against the mean of the ``baseline`` rows (the
+    round robin runs); the target is on throughput: req/s >= ``limit`` x baseline.
+    Ratios have 3 decimals, so a row just under the goal does not read as on it."""
+    base = [r for r in rows if r.name in baseline]
+    b_rps, b_cpu = mean_figure(base, "rps"), mean_figure(base, "cpu_us_per_req")
+    goal = f">= {limit:.2f}x"
+    statuses = policy_statuses(rows, baseline, limit)
+    out = []
+    for r, status in zip(rows, statuses, strict=True):
+        is_base = r.name in baseline
+        if r.failed:
+            out.append([r.name, _fail_text(r.failed)] + [DASH] * 8 + [status])
+            continue
+        out.append(
+            [
+                r.name,
+                fmt_num(r.rps, 0, thousands=True),
+                fmt_num(r.p50_ms, 2),
+                fmt_num(r.p99_ms, 2),
+                fmt_num(r.cpu_us_per_req, 1),
+                fmt_num(core_percent(r), 0),
+                fmt_ratio(r.cpu_us_per_req, b_cpu, 3),
+                fmt_ratio(r.rps, b_rps, 3),
+                (str(r.errors) if r.errors else "0") + (f" ({r.note})" if r.note else ""),
+                DASH if is_base else goal,
+                status,
+            ]
+        )
+    return render_table(
+        [
+            "Policy",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU µs/req",
+            "core %",
+            "CPU vs round_robin",
+            "throughput vs round_robin",
+            "errors",
+            "goal",
+            "status",
+        ],
+        out,
+        align="lrrrrrrrrll",
+    )
+
+
+@dataclass
+class Comparison:
+    figure: str
+    without: str
+    with_: str
+    ratio: str
+    goal: str
+    status: str
+
+
+def compare_protections(
+    without: Sequence[L7Row], with_: Sequence[L7Row], limit: float = PROTECTION_TARGET
+) -> list[Comparison]:
+    """Means of the runs without and with protections: req/s at most ``limit`` below,
+    CPU µs/req at most ``limit`` above (both targets), p99 for information. Too many
+    errors in the runs with protections (e.g. a rate limit that triggered) fail both."""
+    errors = sum(r.errors for r in with_ if not r.failed)
+    requests = sum(r.requests for r in with_ if not r.failed)
+    bad = _too_many_errors(errors, requests)
+    out = []
+    for figure, attr, digits, higher_ok in (
+        ("req/s", "rps", 0, True),
+        ("CPU µs/req", "cpu_us_per_req", 1, False),
+        ("p99 ms", "p99_ms", 2, None),
+    ):
+        a, b = mean_figure(without, attr), mean_figure(with_, attr)
+        ratio = _ratio(b, a)
+        if higher_ok is None:
+            goal, status = DASH, "information"
+        else:
+            goal = f">= {1 - limit:.2f}x" if higher_ok else f"<= {1 + limit:.2f}x"
+            missing = "no figure without protections" if a is None else "no figure with protections"
+            status = ratio_status(ratio, 1 - limit if higher_ok else 1 + limit, higher_ok, missing)
+            if status == "met" and bad:
+                status = f"not met ({errors} errors in {requests} requests)"
+        out.append(
+            Comparison(
+                figure,
+                fmt_num(a, digits, thousands=True),
+                fmt_num(b, digits, thousands=True),
+                DASH if ratio is None else f"{ratio:.3f}x",
+                goal,
+                status,
+            )
+        )
+    return out
+
+
+def render_runs(rows: Sequence[L7Row]) -> str:
+    """A plain table of L7 runs (no ratios)."""
+    out = []
+    for r in rows:
+        if r.failed:
+            out.append([r.name, _fail_text(r.failed)] + [DASH] * 5)
+            continue
+        out.append(
+            [
+                r.name,
+                fmt_num(r.rps, 0, thousands=True),
+                fmt_num(r.p50_ms, 2),
+                fmt_num(r.p99_ms, 2),
+                fmt_num(r.cpu_us_per_req, 1),
+                fmt_num(core_percent(r), 0),
+                (str(r.errors) if r.errors else "0") + (f" ({r.note})" if r.note else ""),
+            ]
+        )
+    return render_table(["Run", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "core %", "errors"], out)
+
+
+def render_comparison(rows: Sequence[Comparison]) -> str:
+    return render_table(
+        ["Figure", "without (mean)", "with (mean)", "with / without", "goal", "status"],
+        [[c.figure, c.without, c.with_, c.ratio, c.goal, c.status] for c in rows],
+        align="lrrrll",
+    )
+
+
+def cookie_from_set_cookie(values: Iterable[str], name: str = "FULCRUM") -> str | None:
+    """``NAME=value`` from the first ``Set-Cookie`` header value that sets ``name``."""
+    for v in values:
+        first = v.split(";", 1)[0].strip()
+        k, eq, val = first.partition("=")
+        if eq and k.strip() == name and val:
+            return f"{name}={val.strip()}"
+    return None
 
 
 # --------------------------------------------------------------------------- processes
@@ -793,6 +1125,8 @@ class Options:
     threads: int = 1
     bulk_duration: float = 4.0  # L4 seconds of downloads per path
     bulk_min_downloads: int = 3
+    variant_duration: float = 4.0  # measured seconds per run in the policies/protections sections
+    variant_warmup: float = 1.0  # warm-up seconds per run there (not measured)
     start_timeout: float = 20.0
     pin: bool = True
 
@@ -947,11 +1281,15 @@ class Context:
         return self._once(key, start)
 
     def stop(self, key: str) -> None:
-        """Stop a process started through this context (e.g. before reusing its ports)."""
-        got = self._started.pop(key, None)
-        if isinstance(got, Proc):
-            got.stop()
-            self._procs.remove(got)
+        """Stop a process started through this context (e.g. before reusing its ports),
+        also one that started but never became ready; forget it, so the next use of
+        ``key`` starts it again."""
+        self._started.pop(key, None)
+        for proc in [p for p in self._procs if p.name == key]:
+            try:
+                proc.stop()
+            finally:
+                self._procs.remove(proc)
 
 
 def _nginx_argv(conf: Path, prefix: Path) -> list[str]:
@@ -993,21 +1331,41 @@ def _healthz_ok(admin_port: int) -> bool:
 # --------------------------------------------------------------------------- measurements
 
 
-def run_wrk(ctx: Context, port: int, seconds: float, path: str = SMALL_PATH) -> WrkResult:
-    o = ctx.opts
-    argv = ctx._pinned(
-        [
-            "wrk",
-            f"-t{o.threads}",
-            f"-c{o.connections}",
-            f"-d{max(1, round(seconds))}s",
-            "--timeout",
-            "5s",
-            "--latency",
-            f"http://{HOST}:{port}{path}",
-        ],
-        ctx.client_cpu,
-    )
+def wrk_argv(
+    opts: Options,
+    port: int,
+    seconds: float,
+    path: str = SMALL_PATH,
+    script: Path | None = None,
+    headers: Sequence[str] = (),
+) -> list[str]:
+    """The wrk command line (unpinned): the same settings for every L7 figure, plus an
+    optional Lua ``script`` and extra ``headers`` (``"Name: value"``)."""
+    argv = [
+        "wrk",
+        f"-t{opts.threads}",
+        f"-c{opts.connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "5s",
+        "--latency",
+    ]
+    for h in headers:
+        argv += ["-H", h]
+    if script is not None:
+        argv += ["-s", str(script)]
+    return argv + [f"http://{HOST}:{port}{path}"]
+
+
+def run_wrk(
+    ctx: Context,
+    port: int,
+    seconds: float,
+    path: str = SMALL_PATH,
+    script: Path | None = None,
+    headers: Sequence[str] = (),
+) -> WrkResult:
+    argv = ctx._pinned(wrk_argv(ctx.opts, port, seconds, path, script, headers), ctx.client_cpu)
     try:
         cp = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     except subprocess.TimeoutExpired:
@@ -1021,8 +1379,22 @@ def run_wrk(ctx: Context, port: int, seconds: float, path: str = SMALL_PATH) -> 
         raise StartError(f"wrk: {exc}" + (f" ({err[-1][:120]})" if err else "")) from None
 
 
-def measure_l7(ctx: Context, name: str, port: int, pids: Sequence[int]) -> L7Row:
-    """Warm up, then one measured wrk run against ``port``; CPU of ``pids``' trees per request."""
+def measure_l7(
+    ctx: Context,
+    name: str,
+    port: int,
+    pids: Sequence[int],
+    duration: float | None = None,
+    warmup: float | None = None,
+    script: Path | None = None,
+    headers: Sequence[str] = (),
+) -> L7Row:
+    """Warm up, then one measured wrk run against ``port``; CPU of ``pids``' trees per request.
+
+    ``duration`` and ``warmup`` default to the options' (the main L7 section's);
+    ``script`` and ``headers`` go to wrk (warm-up and measured run alike)."""
+    duration = ctx.opts.duration if duration is None else duration
+    warmup = ctx.opts.warmup if warmup is None else warmup
     try:
         status, body = http_get(port, SMALL_PATH)
     except (OSError, http.client.HTTPException) as exc:
@@ -1030,11 +1402,11 @@ def measure_l7(ctx: Context, name: str, port: int, pids: Sequence[int]) -> L7Row
     if status != 200 or body != SMALL_BODY:
         return L7Row(name, failed=f"GET {SMALL_PATH} answered {status} with {len(body)} bytes")
     try:
-        if ctx.opts.warmup > 0:
-            run_wrk(ctx, port, ctx.opts.warmup)
+        if warmup > 0:
+            run_wrk(ctx, port, warmup, script=script, headers=headers)
         backend_pid = ctx.backends().pid
         cpu0, b0 = tree_cpu_seconds(pids), tree_cpu_seconds([backend_pid])
-        res = run_wrk(ctx, port, ctx.opts.duration)
+        res = run_wrk(ctx, port, duration, script=script, headers=headers)
         cpu1, b1 = tree_cpu_seconds(pids), tree_cpu_seconds([backend_pid])
     except StartError as exc:
         return L7Row(name, failed=str(exc))
@@ -1218,6 +1590,158 @@ def section_l4(ctx: Context) -> str:
         "HAProxy process with splicing forced on the response direction, for information: "
         "splice-auto only splices when its heuristics call a stream fast, which may be never here. "
         "balancer CPU ms/GB = balancer CPU per 10^9 bytes moved."
+    )
+
+
+def affinity_cookie(port: int, timeout: float = 5.0) -> str | None:
+    """``FULCRUM=value`` from the Set-Cookie of one ``GET /small`` through ``port``."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", SMALL_PATH, headers={"Host": "bench"})
+        resp = conn.getresponse()
+        resp.read()
+        return cookie_from_set_cookie(resp.headers.get_all("Set-Cookie") or [])
+    finally:
+        conn.close()
+
+
+def run_variant(ctx: Context, label: str, variant: Variant, key: str) -> L7Row:
+    """Start lbnode with ``variant``'s config on the usual Fulcrum ports (stopping the
+    main section's lbnode first), measure it like the main L7 section with the
+    shorter ``variant_duration``, stop it."""
+    ctx.stop("fulcrum")  # frees the ports; a later section starts it again
+    config = variant.config(ctx.ports, state_dir=str(ctx.tmp / f"{key}-state"))
+    port = ctx.ports.fulcrum_web
+    try:
+        proc, err = _try_proc(lambda: ctx.fulcrum(config, key=key))
+        if proc is None:
+            return L7Row(label, failed=err or "did not start")
+        script: Path | None = None
+        headers: tuple[str, ...] = ()
+        if variant.client == "x-user":
+            script = ctx.tmp / "x-user.lua"
+            script.write_text(X_USER_LUA)
+        elif variant.client == "cookie":
+            try:
+                cookie = affinity_cookie(port)
+            except (OSError, http.client.HTTPException) as exc:
+                return L7Row(label, failed=f"GET {SMALL_PATH} for the cookie: {exc}")
+            if cookie is None:
+                return L7Row(label, failed="no FULCRUM cookie in the response")
+            headers = (f"Cookie: {cookie}",)
+        o = ctx.opts
+        return measure_l7(
+            ctx,
+            label,
+            port,
+            [proc.pid],
+            duration=o.variant_duration,
+            warmup=o.variant_warmup,
+            script=script,
+            headers=headers,
+        )
+    finally:
+        ctx.stop(key)
+
+
+def _run_all(ctx: Context, runs: Sequence[tuple[str, Variant]], prefix: str) -> list[L7Row]:
+    ctx.backends()
+    rows: list[L7Row] = []
+    for i, (label, variant) in enumerate(runs):
+        rows.append(run_variant(ctx, label, variant, key=f"fulcrum-{prefix}-{i}"))
+        _progress(rows[-1])
+    return rows
+
+
+def _variant_load_text(ctx: Context) -> str:
+    o = ctx.opts
+    return (
+        f"Same load as the main L7 section (`wrk -t{o.threads} -c{o.connections} --latency` on "
+        f"GET {SMALL_PATH}, 3 backends), shorter: {o.variant_duration:g} s measured after a "
+        f"{o.variant_warmup:g} s warm-up per run, each run on a freshly started lbnode (pinned "
+        "as in the main section) with only the pool's policy or protections changed. "
+    )
+
+
+CORE_NOTE = (
+    " core % = req/s x CPU µs/req: the share of its pinned core lbnode used; a run well "
+    "below the others had less CPU (other work on the machine, or waiting), which lowers "
+    "its req/s but not its CPU µs/req, the steadier measure of cost."
+)
+
+
+def _spread_text(rows: Sequence[L7Row], what: str) -> str:
+    sp = spread(rows)
+    figures = " and ".join(fmt_num(r.rps, 0, thousands=True) for r in rows if not r.failed)
+    if sp is None:
+        return f"{what}: {figures or 'no figure'} req/s."
+    return (
+        f"{what}: {figures} req/s, {sp * 100:.1f} % apart: differences of that order "
+        "are within this run's noise."
+    )
+
+
+def section_policies(ctx: Context) -> str:
+    runs = policy_runs()
+    rows = _run_all(ctx, runs, "policy")
+    ctx.results["policies"] = rows
+    base_names = [label for label, v in runs if v == BASELINE]
+    base_rows = [r for r in rows if r.name in base_names]
+    measured = [r for r in rows if r.name not in base_names]
+    met = policy_statuses(rows, base_names).count("met")
+    return (
+        render_policies(rows, base_names)
+        + "\n\n"
+        + f"Target: no policy costs more than {(1 - POLICY_TARGET) * 100:.0f} % of throughput "
+        f"against round_robin (req/s >= {POLICY_TARGET:.2f}x): met by {met} of {len(measured)}. "
+        + _variant_load_text(ctx)
+        + "Round robin runs first and again last; the ratios are against the mean of the two "
+        "(the machine is shared and noisy; nothing is re-run or dropped). "
+        + _spread_text(base_rows, "The two round_robin runs")
+        + CORE_NOTE
+        + " Every row sends the same path from the same client IP, so source_hash and "
+        "consistent_hash on `path` send every request to one backend (the backends are one "
+        "nginx worker, so this does not change backend capacity). consistent_hash on "
+        "`header:X-User` gets a wrk Lua script that sends one of 1024 X-User values per request "
+        "(about 14 more request bytes, requests built in Lua on wrk's CPU). Cookie affinity "
+        "(round robin underneath, a fixed 64-hex key): with no cookie sent, as wrk does, every "
+        "request is a new session, so every response carries a freshly sealed Set-Cookie; the "
+        '"cookie sent" row replays one cookie (wrk -H) so every request is unsealed and '
+        "sticks to one backend. Weighted round robin uses weights 1, 2, 3."
+    )
+
+
+def section_protections(ctx: Context) -> str:
+    runs = protection_runs()
+    rows = _run_all(ctx, runs, "protect")
+    ctx.results["protections"] = rows
+    without = [r for r, (_, v) in zip(rows, runs, strict=True) if v == PLAIN]
+    with_ = [r for r, (_, v) in zip(rows, runs, strict=True) if v == PROTECTED]
+    comparison = compare_protections(without, with_)
+    ctx.results["protections_comparison"] = comparison
+    pr = PROTECTIONS
+    return (
+        render_runs(rows)
+        + "\n\n"
+        + render_comparison(comparison)
+        + "\n\n"
+        + f"Target: with protections, no more than {PROTECTION_TARGET * 100:.0f} % below the "
+        "figures without them (req/s at least, CPU per request at most that far off; p99 "
+        "for information). Protections: `[pools.health]` type http, interval "
+        f'{pr["health_interval"]}, path "{pr["health_path"]}"; `[pools.outlier]` with its '
+        f"defaults; `max_inflight = {pr['max_inflight']}` per backend; listener "
+        f"`max_connections = {pr['max_connections']}`; `[listeners.rate_limit]` rate "
+        f"{pr['rate']}, burst {pr['burst']} (never triggered by this load: a 429 would count "
+        "as an error). Round robin in both. "
+        + _variant_load_text(ctx)
+        + "Runs in the order without, with, with, without (a steady drift of the machine "
+        "weighs on both sides alike); the comparison is between the means of the two runs "
+        "of each; nothing is re-run or dropped. "
+        + _spread_text(without, "Without protections")
+        + " "
+        + _spread_text(with_, "With protections")
+        + CORE_NOTE
+        + " The health checks' own CPU (3 checks a second) is in the CPU figures."
     )
 
 

@@ -350,3 +350,270 @@ def test_optional_sections(tmp_path, monkeypatch):
     assert secs["ok"].run("C") == "ok block"
     assert secs["ctx"].run("C") == "ctx C"
     assert secs["broken"].run("C").startswith("failed: import bench_opt_broken")
+
+
+# --------------------------------------------------------------------------- policies / protections
+
+
+def _load(text):
+    from lbnode.config import load_config_text
+
+    return load_config_text(text)
+
+
+def test_every_policy_variant_config_is_valid_for_lbnode():
+    from lbnode.model import ALGORITHMS
+
+    runs = harness.policy_runs()
+    seen = set()
+    for _label, v in runs:
+        cfg = _load(v.config(PORTS, state_dir="/tmp/x"))
+        web = cfg.pool("web")
+        seen.add(web.algorithm)
+        assert [b.address.port for b in web.backends] == [19001, 19002, 19003]
+        assert web.health is None and web.outlier is None
+        assert all(b.max_inflight is None for b in web.backends)
+        assert cfg.listeners[0].rate_limit is None and cfg.listeners[0].max_connections is None
+        # the rest of the config is the main section's
+        assert [(li.name, li.bind.port) for li in cfg.listeners] == [
+            ("web", 18080),
+            ("bulk", 18081),
+        ]
+        assert [b.address.port for b in cfg.pool("bulk").backends] == [19001]
+        assert cfg.node.admin.port == 17070 and cfg.node.state_dir == "/tmp/x"
+    assert seen == set(ALGORITHMS)  # every algorithm is measured
+
+
+def test_policy_variant_details():
+    by_name = {v.name: v for v in harness.POLICY_VARIANTS}
+    wrr = _load(by_name["weighted_round_robin (weights 1,2,3)"].config(PORTS)).pool("web")
+    assert [b.weight for b in wrr.backends] == [1, 2, 3]
+    path = _load(by_name["consistent_hash, hash_key path"].config(PORTS)).pool("web")
+    assert (path.algorithm, path.hash_key) == ("consistent_hash", "path")
+    v = by_name["consistent_hash, hash_key header:X-User"]
+    hdr = _load(v.config(PORTS)).pool("web")
+    assert (hdr.algorithm, hdr.hash_key, v.client) == ("consistent_hash", "header:X-User", "x-user")
+    for name, client in (
+        ("cookie affinity, no cookie sent", ""),
+        ("cookie affinity, cookie sent", "cookie"),
+    ):
+        pool = _load(by_name[name].config(PORTS)).pool("web")
+        assert pool.algorithm == "round_robin" and by_name[name].client == client
+        assert pool.affinity.mode == "cookie"
+        assert (
+            pool.affinity.key == bytes.fromhex(harness.AFFINITY_KEY)
+            and len(pool.affinity.key) == 32
+        )
+    # without options: byte for byte the main section's config
+    assert harness.BASELINE.config(PORTS, "/s") == harness.fulcrum_config(PORTS, state_dir="/s")
+
+
+def test_protections_config():
+    cfg = _load(harness.PROTECTED.config(PORTS))
+    web, web_l = cfg.pool("web"), cfg.listeners[0]
+    assert web.algorithm == "round_robin"
+    assert (web.health.type, web.health.interval, web.health.path) == ("http", 1.0, "/")
+    assert web.outlier is not None and web.outlier.consecutive_failures == 5
+    assert [b.max_inflight for b in web.backends] == [1000, 1000, 1000]
+    assert web_l.max_connections == 10000
+    assert (web_l.rate_limit.rate, web_l.rate_limit.burst) == (1_000_000.0, 1_000_000)
+    # the bulk side is untouched
+    bulk, bulk_l = cfg.pool("bulk"), cfg.listeners[1]
+    assert bulk.health is None and bulk.backends[0].max_inflight is None
+    assert bulk_l.rate_limit is None and bulk_l.max_connections is None
+    plain = _load(harness.PLAIN.config(PORTS))
+    assert plain.pool("web").health is None and plain.listeners[0].rate_limit is None
+
+
+def test_run_orders():
+    runs = harness.policy_runs()
+    assert runs[0] == ("round_robin (1st)", harness.BASELINE)
+    assert runs[-1] == ("round_robin (2nd)", harness.BASELINE)
+    assert [v for _, v in runs[1:-1]] == list(harness.POLICY_VARIANTS)
+    assert len({label for label, _ in runs}) == len(runs)
+    prot = harness.protection_runs()
+    assert [v for _, v in prot] == [
+        harness.PLAIN,
+        harness.PROTECTED,
+        harness.PROTECTED,
+        harness.PLAIN,
+    ]
+    assert len({label for label, _ in prot}) == 4
+
+
+def test_core_percent():
+    assert harness.core_percent(L7Row("a", rps=8000.0, cpu_us_per_req=100.0)) == pytest.approx(80.0)
+    assert harness.core_percent(L7Row("direct", rps=8000.0)) is None
+    assert harness.core_percent(L7Row("x", failed="boom")) is None
+
+
+def test_mean_and_spread():
+    rows = [L7Row("a", rps=100.0), L7Row("b", rps=120.0), L7Row("c", failed="x"), L7Row("d")]
+    assert harness.mean_figure(rows, "rps") == pytest.approx(110.0)
+    assert harness.mean_figure(rows, "cpu_us_per_req") is None
+    assert harness.spread(rows) == pytest.approx(20 / 110)
+    assert harness.spread(rows[:1]) is None
+
+
+def _prow(name, rps, cpu=100.0, **kw):
+    return L7Row(name, rps=rps, p50_ms=1.0, p99_ms=2.0, cpu_us_per_req=cpu, requests=10_000, **kw)
+
+
+def test_policy_statuses_against_mean_of_baselines():
+    base = ["rr (1st)", "rr (2nd)"]
+    rows = [
+        _prow("rr (1st)", 1100.0),
+        _prow("ok", 950.0),  # exactly 0.95x of the mean 1000
+        _prow("slow", 949.0),
+        _prow("errors", 1000.0, errors=11),
+        _prow("few errors", 1000.0, errors=10),
+        L7Row("dead", failed="lbnode exited"),
+        _prow("rr (2nd)", 900.0),
+    ]
+    assert harness.policy_statuses(rows, base) == [
+        "baseline",
+        "met",
+        "not met",
+        "not met (11 errors in 10000 requests)",
+        "met",
+        "not met (failed)",
+        "baseline",
+    ]
+    # one failed baseline run: the other one is the baseline
+    rows2 = [L7Row("rr (1st)", failed="x"), _prow("p", 960.0), _prow("rr (2nd)", 1000.0)]
+    assert harness.policy_statuses(rows2, base) == ["baseline (failed)", "met", "baseline"]
+    rows3 = [L7Row("rr (1st)", failed="x"), _prow("p", 960.0)]
+    assert harness.policy_statuses(rows3, base)[1] == "not met (no round_robin figure)"
+
+
+def test_render_policies():
+    base = ["rr (1st)", "rr (2nd)"]
+    rows = [
+        _prow("rr (1st)", 1100.0, cpu=90.0),
+        _prow("hash", 800.0, cpu=120.0, errors=2, note="2 timeout"),
+        L7Row("dead", failed="boom"),
+        _prow("rr (2nd)", 900.0, cpu=110.0),
+    ]
+    lines = render_policies_lines(rows, base)
+    assert lines[0].split("|")[1].strip() == "Policy"
+    assert "throughput vs round_robin" in lines[0]
+    rr1 = cells(lines[2])
+    assert rr1 == [
+        "rr (1st)",
+        "1,100",
+        "1.00",
+        "2.00",
+        "90.0",
+        "10",
+        "0.900x",
+        "1.100x",
+        "0",
+        "—",
+        "baseline",
+    ]
+    hashed = cells(lines[3])
+    assert hashed == [
+        "hash",
+        "800",
+        "1.00",
+        "2.00",
+        "120.0",
+        "10",
+        "1.200x",
+        "0.800x",
+        "2 (2 timeout)",
+        ">= 0.95x",
+        "not met",
+    ]
+    dead = cells(lines[4])
+    assert dead[1] == "failed: boom" and dead[-1] == "not met (failed)" and len(dead) == 11
+    assert len({len(line) for line in lines}) == 1
+
+
+def render_policies_lines(rows, base):
+    return harness.render_policies(rows, base).splitlines()
+
+
+def cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_compare_protections():
+    without = [_prow("w1", 1000.0, cpu=100.0), _prow("w2", 1200.0, cpu=110.0)]
+    with_ = [_prow("p1", 1050.0, cpu=110.0), _prow("p2", 1040.0, cpu=111.0)]
+    c = harness.compare_protections(without, with_)
+    assert [(x.figure, x.ratio, x.goal, x.status) for x in c] == [
+        ("req/s", "0.950x", ">= 0.95x", "met"),
+        ("CPU µs/req", "1.052x", "<= 1.05x", "not met"),
+        ("p99 ms", "1.000x", "—", "information"),
+    ]
+    assert (c[0].without, c[0].with_) == ("1,100", "1,045")
+    # errors in the runs with protections (a rate limit that triggered) fail the targets
+    with_[1].errors = 21
+    c = harness.compare_protections(without, [_prow("p", 1100.0, cpu=100.0)] + with_[1:])
+    assert c[0].status == "not met (21 errors in 20000 requests)"
+    # a side without figures
+    c = harness.compare_protections(without, [L7Row("p", failed="x")])
+    assert c[0].status == "not met (no figure with protections)" and c[0].ratio == "—"
+    c = harness.compare_protections([], with_)
+    assert c[1].status == "not met (no figure without protections)"
+
+
+def test_render_runs_and_comparison():
+    out = harness.render_runs([_prow("a", 1234.0), L7Row("b", failed="boom")]).splitlines()
+    assert cells(out[2]) == ["a", "1,234", "1.00", "2.00", "100.0", "12", "0"]
+    assert cells(out[3]) == ["b", "failed: boom", "—", "—", "—", "—", "—"]
+    comp = harness.compare_protections([_prow("w", 1000.0)], [_prow("p", 990.0)])
+    out = harness.render_comparison(comp).splitlines()
+    assert cells(out[0]) == [
+        "Figure",
+        "without (mean)",
+        "with (mean)",
+        "with / without",
+        "goal",
+        "status",
+    ]
+    assert cells(out[2]) == ["req/s", "1,000", "990", "0.990x", ">= 0.95x", "met"]
+
+
+def test_cookie_from_set_cookie():
+    f = harness.cookie_from_set_cookie
+    assert f(["other=1; Path=/", "FULCRUM=abc.def-_; Path=/; HttpOnly"]) == "FULCRUM=abc.def-_"
+    assert f(["FULCRUMX=1", "FULCRUM=; Path=/"]) is None
+    assert f([]) is None
+
+
+def test_wrk_argv():
+    o = harness.Options()
+    plain = harness.wrk_argv(o, 18080, 4.0)
+    assert plain == [
+        "wrk",
+        "-t1",
+        "-c50",
+        "-d4s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "http://127.0.0.1:18080/small",
+    ]
+    x = harness.wrk_argv(o, 18080, 1.4, script=Path("/t/x.lua"), headers=["Cookie: FULCRUM=a"])
+    assert x == plain[:3] + ["-d1s"] + plain[4:7] + [
+        "-H",
+        "Cookie: FULCRUM=a",
+        "-s",
+        "/t/x.lua",
+        "http://127.0.0.1:18080/small",
+    ]
+    assert "request = function()" in harness.X_USER_LUA and '"X-User"' in harness.X_USER_LUA
+
+
+def test_cli_sections_and_options():
+    from bench import __main__ as cli
+
+    names = [s.name for s in cli.sections()]
+    assert names[:3] == ["l7", "policies", "protections"] and names[-1] == "targets"
+    for only in ("l7", "policies", "protections", "l4"):
+        assert cli.parse_args(["--only", only], names).only == only
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--only", "targets"], names)
+    assert cli.parse_args(["--variant-duration", "6"], names).variant_duration == 6.0
