@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import trio
 
@@ -81,18 +82,25 @@ class StoreFollower:
             except trio.RunFinishedError:
                 pass
 
+        # The error leaves the nursery by hand: raised inside it, it would come out as
+        # an ExceptionGroup that run()'s `except StoreError` does not catch.
+        failure: StoreError | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, pump, abandon_on_cancel=True)
+                nursery.start_soon(partial(trio.to_thread.run_sync, pump, abandon_on_cancel=True))
                 async for event in receive:
                     if isinstance(event, StoreError):
-                        raise event
+                        failure = event
+                        nursery.cancel_scope.cancel()
+                        break
                     if isinstance(event, Resync):
                         self._replace_all(list(event.records), event.revision)
                     else:
                         self._change(event)
         finally:
             stop.set()
+        if failure is not None:
+            raise failure
 
     def _replace_all(self, records: list[PoolRecord], revision: int) -> None:
         old = self.pools

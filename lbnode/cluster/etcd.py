@@ -1,0 +1,541 @@
+"""The pool store over etcd, and the etcd connection every cluster module shares.
+
+Owns the etcd client (failover across endpoints, a short deadline per call), the mapping
+of etcd failures to store errors, and the ``{prefix}/pools/`` keys. Blocking: call it from
+threads, never from Trio directly; it never touches the data plane.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import etcd3
+import grpc
+from etcd3 import etcdrpc
+from etcd3 import exceptions as etcd_errors
+from etcd3.etcdrpc import kv_pb2
+from etcd3.utils import prefix_range_end
+
+from lbnode.cluster.store import (
+    AlreadyExists,
+    Conflict,
+    NotFound,
+    PoolEvent,
+    PoolRecord,
+    Resync,
+    StoreError,
+    Unavailable,
+)
+from lbnode.model import NAME_RE, ClusterSettings, ConfigError, Pool, pool_from_dict, pool_to_dict
+
+log = logging.getLogger("lbnode.cluster")
+
+T = TypeVar("T")
+
+# One attempt of an etcd call (its gRPC deadline). A healthy etcd answers in milliseconds.
+CALL_TIMEOUT = 2.0
+# At most this many attempts of one call may end in a deadline: enough to ride out a leader
+# election (a write sent during one hangs until its deadline, then works on the new leader;
+# elections take 1-2 s with etcd's defaults), short enough that a control-API request is told
+# "unavailable" within about 4 s when etcd has no quorum.
+MAX_DEADLINE_ATTEMPTS = 2
+# Quick "no leader" answers are retried this often while the call's time lasts.
+LEADERLESS_RETRY_PAUSE = 0.1
+# An endpoint that failed is skipped this long while the others are tried; when every
+# endpoint has failed, the oldest failure is tried again at once (so one etcd that
+# restarts is found again on the next call, not after the library's 300 s default).
+FAILED_ENDPOINT_SKIP = 5.0
+# How soon a watch notices that its stop flag was set and cancels its stream.
+WATCH_STOP_POLL = 0.1
+# After a watch broke, before it is opened again: a flapping member must not make us spin.
+WATCH_RETRY_PAUSE = 0.2
+# gRPC channel settings. Reconnect backoff capped at 1 s (gRPC's default grows to 120 s, far
+# too long to notice that etcd is back); keepalive pings find a dead peer behind a silent
+# partition (etcd accepts pings every 5 s or more).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+# etcd cancels a watch carrying this metadata when its member loses the leader, instead of
+# leaving it silently stuck on a member cut off from the cluster (clientv3's WithRequireLeader).
+REQUIRE_LEADER = (("hasleader", "true"),)
+
+
+class Compacted(StoreError):
+    """A watch started before etcd's compacted revision: its history is gone, read everything again."""
+
+    def __init__(self, prefix: str, start_revision: int, compact_revision: int) -> None:
+        super().__init__(
+            f"etcd history of {prefix} before revision {compact_revision} was compacted "
+            f"(watch wanted it from {start_revision})"
+        )
+        self.compact_revision = compact_revision
+
+
+class LeaseNotFound(StoreError):
+    """The lease a write or keepalive named has expired (or was revoked)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int  # 0 when not bound to a lease
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    """One change seen by a watch; ``value`` is None when the key was deleted or its lease expired."""
+
+    key: str
+    value: bytes | None
+    revision: int
+    lease: int = 0  # the lease the key is bound to after a put (0: none, or a delete)
+
+
+def parse_endpoint(url: str) -> tuple[str, int]:
+    """``http://host:port`` into (host, port); TLS to etcd is not supported yet."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http":
+        raise ValueError(f'etcd endpoint "{url}": only http:// is supported (TLS to etcd is not implemented yet)')
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f'etcd endpoint "{url}" is not like "http://127.0.0.1:2379"')
+    return parts.hostname, parts.port
+
+
+class EtcdConnection:
+    """A failover client for a list of etcd endpoints, with every failure mapped to a store error.
+
+    Thread-safe: gRPC channels are, and the failover bookkeeping only flips endpoints
+    between "in use" and "failed". ``call_retried`` says which failures are retried where.
+    """
+
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = CALL_TIMEOUT) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is required")
+        self.endpoints = tuple(endpoints)
+        self.timeout = timeout
+        eps = []
+        for url in self.endpoints:
+            host, port = parse_endpoint(url)
+            eps.append(
+                etcd3.Endpoint(host, port, secure=False, time_retry=FAILED_ENDPOINT_SKIP, opts=CHANNEL_OPTIONS)
+            )
+        self.client = etcd3.MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"EtcdConnection({', '.join(self.endpoints)})"
+
+    # ------------------------------------------------------------------ calls
+    def call(self, what: str, fn: Callable[[etcd3.MultiEndpointEtcd3Client], T]) -> T:
+        """``fn(client)`` with failover; ``what`` names the operation in error messages."""
+        return self.call_retried(what, fn)[0]
+
+    def call_retried(self, what: str, fn: Callable[[etcd3.MultiEndpointEtcd3Client], T]) -> tuple[T, bool]:
+        """``fn(client)`` with failover, and whether an earlier attempt may have been applied.
+
+        - A member that refuses the connection: the next member is tried at once; when
+          every member refused, ``Unavailable`` at once (etcd is down: no waiting).
+        - A member that answers "no leader": retried after a short pause (an election).
+        - No answer within the deadline: tried again on another member, at most
+          ``MAX_DEADLINE_ATTEMPTS`` deadlines in all. Such an attempt may still have been
+          applied, hence the flag: a compare-and-swap write retried after it checks
+          whether the value it finds is its own.
+        """
+        started = time.monotonic()
+        budget = MAX_DEADLINE_ATTEMPTS * self.timeout
+        refused = deadlines = 0
+        maybe_applied = False
+        reason = "no endpoint answered"
+        while True:
+            self._revive_if_all_failed()
+            try:
+                return fn(self.client), maybe_applied
+            except etcd_errors.NoServerAvailableError:
+                break
+            except (etcd_errors.ConnectionTimeoutError, grpc.RpcError) as exc:
+                if isinstance(exc, grpc.RpcError) and not _server_deadline(exc):
+                    raise self._refused(what, exc) from None
+                # our deadline, or etcd's own context deadline (UNKNOWN "context deadline exceeded")
+                deadlines += 1
+                maybe_applied = True
+                reason = f"no answer within {self.timeout:g}s (no quorum, partition or overload){_details(exc)}"
+                if deadlines >= MAX_DEADLINE_ATTEMPTS:
+                    break
+            except (etcd_errors.ConnectionFailedError, etcd_errors.InternalServerError) as exc:
+                details = _details(exc)
+                if "etcdserver:" in details:
+                    # the member answered: it is up but has no leader (an election, or no quorum)
+                    maybe_applied = maybe_applied or "timed out" in details
+                    reason = f"no leader{details}"
+                    self.client.endpoint_in_use.last_failed = 0  # reachable: try it again, not skip it
+                    if time.monotonic() - started + LEADERLESS_RETRY_PAUSE >= budget:
+                        break
+                    time.sleep(LEADERLESS_RETRY_PAUSE)
+                else:
+                    refused += 1
+                    reason = f"unreachable{details}"
+                    if refused >= len(self.endpoints):
+                        break
+            if time.monotonic() - started >= budget:
+                break
+        raise Unavailable(f"etcd unavailable ({', '.join(self.endpoints)}): {what}: {reason}")
+
+    def _refused(self, what: str, exc: grpc.RpcError) -> StoreError:
+        code = exc.code()
+        details = exc.details() or ""
+        if code == grpc.StatusCode.NOT_FOUND and "lease" in details:
+            return LeaseNotFound(f"{what}: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return Unavailable(
+                f"etcd refused {what}: {details} (NOSPACE alarm: compact and defragment etcd, "
+                "then `etcdctl alarm disarm`)"
+            )
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            return Unavailable(f"etcd refused {what}: {details} (etcd authentication is not supported yet)")
+        return Unavailable(f"etcd refused {what}: {code.name}: {details}")
+
+    def _revive_if_all_failed(self) -> None:
+        endpoints = list(self.client.endpoints.values())
+        if all(ep.is_failed() for ep in endpoints):
+            min(endpoints, key=lambda ep: ep.last_failed).last_failed = 0
+
+    def get(self, key: str) -> KeyValue | None:
+        response = self.call(f"read {key}", lambda c: c.get_response(key))
+        if not response.kvs:
+            return None
+        return _key_value(response.kvs[0])
+
+    def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """Every key under ``prefix`` and the store revision they were read at (linearizable)."""
+        response = self.call(f"read {prefix}", lambda c: c.get_prefix_response(prefix))
+        return [_key_value(kv) for kv in response.kvs], int(response.header.revision)
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Write ``key``; returns the store revision of the write."""
+        response = self.call(f"write {key}", lambda c: c.put(key, value, lease=lease or None))
+        return int(response.header.revision)
+
+    def put_many(self, items: Sequence[tuple[str, bytes]], lease: int = 0) -> None:
+        """Several puts in one transaction (etcd allows 128 operations per transaction)."""
+        if not items:
+            return
+        self.call(
+            f"write {len(items)} keys",
+            lambda c: c.transaction(
+                compare=[], success=[c.transactions.put(k, v, lease=lease or None) for k, v in items], failure=[]
+            ),
+        )
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        self.call(
+            f"delete {len(keys)} keys",
+            lambda c: c.transaction(compare=[], success=[c.transactions.delete(k) for k in keys], failure=[]),
+        )
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: (id, granted TTL in seconds; etcd may raise it to its minimum)."""
+        lease = self.call(f"grant a {ttl}s lease", lambda c: c.lease(ttl))
+        return int(lease.id), int(lease.ttl)
+
+    def keepalive(self, lease_id: int) -> int:
+        """Refresh a lease; returns its TTL, 0 when etcd no longer knows it (expired)."""
+        responses = self.call(f"keep lease {lease_id:x} alive", lambda c: list(c.refresh_lease(lease_id)))
+        return int(responses[0].TTL) if responses else 0
+
+    def revoke(self, lease_id: int) -> None:
+        """End a lease now: every key bound to it is deleted at once."""
+        try:
+            self.call(f"revoke lease {lease_id:x}", lambda c: c.revoke_lease(lease_id))
+        except LeaseNotFound:
+            pass
+
+    def compact(self, revision: int) -> None:
+        self.call(f"compact to revision {revision}", lambda c: c.compact(revision, physical=True))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.client.close()
+
+    # ------------------------------------------------------------------ watch
+    def watch_prefix(self, prefix: str, start_revision: int, stop: threading.Event) -> Iterator[list[KeyEvent]]:
+        """Changes under ``prefix`` from ``start_revision`` on, one list per etcd response, until ``stop``.
+
+        Raises ``Compacted`` when etcd no longer has that history, ``Unavailable`` when the
+        stream breaks (member down, leader lost); returns quietly once ``stop`` is set. The
+        stream is opened here on the gRPC stub (not etcd3's Watcher, which never reports a
+        broken stream to its callbacks), so a failure always reaches the caller.
+        """
+        self._revive_if_all_failed()
+        try:
+            channel = self.client.channel
+        except etcd_errors.NoServerAvailableError:
+            raise Unavailable(f"etcd unavailable ({', '.join(self.endpoints)}): watch {prefix}: no endpoint") from None
+        endpoint = self.client.endpoint_in_use
+        key = prefix.encode()
+        create = etcdrpc.WatchRequest(
+            create_request=etcdrpc.WatchCreateRequest(
+                key=key, range_end=prefix_range_end(key), start_revision=start_revision
+            )
+        )
+        ended = threading.Event()
+        calls: list[Any] = []
+
+        def requests() -> Iterator[Any]:
+            yield create
+            # gRPC reads this generator in a thread of its own: the one place that can wait
+            # for ``stop`` while the reader below is blocked on the stream.
+            while not stop.wait(WATCH_STOP_POLL):
+                if ended.is_set():
+                    return
+            for call in calls:
+                call.cancel()
+
+        call = etcdrpc.WatchStub(channel).Watch(requests(), metadata=REQUIRE_LEADER)
+        calls.append(call)
+        try:
+            for response in call:
+                if response.compact_revision:
+                    raise Compacted(prefix, start_revision, int(response.compact_revision))
+                if response.canceled:
+                    if stop.is_set():
+                        return
+                    raise Unavailable(
+                        f"etcd at {endpoint.netloc} cancelled the watch on {prefix}: "
+                        f"{response.cancel_reason or 'no reason given'}"
+                    )
+                if response.events:
+                    yield [_key_event(ev) for ev in response.events]
+        except grpc.RpcError as exc:
+            if stop.is_set() or exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                endpoint.fail()  # the next call or watch tries another member first
+            raise Unavailable(
+                f"etcd watch on {prefix} at {endpoint.netloc} broke: {exc.details()}"
+            ) from None
+        finally:
+            ended.set()
+            call.cancel()
+
+
+def _details(exc: BaseException) -> str:
+    cause = exc if isinstance(exc, grpc.RpcError) else exc.__context__
+    details = cause.details() if isinstance(cause, grpc.RpcError) else ""
+    return f" ({details})" if details else ""
+
+
+def _server_deadline(exc: grpc.RpcError) -> bool:
+    """etcd passes its context's deadline error through as UNKNOWN."""
+    return exc.code() == grpc.StatusCode.UNKNOWN and "deadline exceeded" in (exc.details() or "")
+
+
+def _key_value(kv: Any) -> KeyValue:
+    return KeyValue(kv.key.decode(errors="replace"), bytes(kv.value), int(kv.mod_revision), int(kv.lease))
+
+
+def _key_event(ev: Any) -> KeyEvent:
+    if ev.type == kv_pb2.Event.DELETE:
+        return KeyEvent(ev.kv.key.decode(errors="replace"), None, int(ev.kv.mod_revision))
+    return KeyEvent(ev.kv.key.decode(errors="replace"), bytes(ev.kv.value), int(ev.kv.mod_revision), int(ev.kv.lease))
+
+
+# ---------------------------------------------------------------------- the pool store
+
+
+class EtcdStore:
+    """``PoolStore`` over etcd: ``{prefix}/pools/<name>`` holds the JSON of ``pool_to_dict``.
+
+    A pool's revision is its key's mod_revision. Creates compare ``create_revision == 0``,
+    updates and deletes compare ``mod_revision`` with the revision the caller read, so no
+    update is lost. A value that is not a valid pool (someone wrote it with etcdctl) is
+    logged once, naming the key, and skipped: nodes keep the last valid version.
+    """
+
+    def __init__(self, settings: ClusterSettings, *, connection: EtcdConnection | None = None) -> None:
+        self.settings = settings
+        self.conn = connection if connection is not None else EtcdConnection(settings.etcd)
+        self._owns_connection = connection is None
+        self.prefix = f"{settings.prefix}/pools/"
+        self._logged_bad: set[tuple[str, int]] = set()  # (key, mod_revision) of invalid values logged
+        self._bad_lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._owns_connection:
+            self.conn.close()
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    # ------------------------------------------------------------------ reads
+    def list_pools(self) -> tuple[list[PoolRecord], int]:
+        kvs, revision = self.conn.get_prefix(self.prefix)
+        records = []
+        for kv in kvs:
+            record = self._decode(kv.key, kv.value, kv.mod_revision)
+            if record is not None:
+                records.append(record)
+        return records, revision
+
+    def get_pool(self, name: str) -> PoolRecord:
+        kv = self.conn.get(self.key(name))
+        if kv is None:
+            raise NotFound(f'pool "{name}" does not exist')
+        try:
+            return PoolRecord(self._parse(kv.key, kv.value), kv.mod_revision)
+        except Exception as exc:  # foreign data: any failure to read it is the data's fault
+            raise StoreError(
+                f"{kv.key}: the stored pool is not valid ({exc}); replace it with lbctl apply, "
+                f"or delete it with `etcdctl del {kv.key}`"
+            ) from None
+
+    # ------------------------------------------------------------------ writes
+    def create_pool(self, pool: Pool) -> PoolRecord:
+        key, value = self.key(pool.name), _encode(pool)
+        (ok, responses), maybe_applied = self.conn.call_retried(
+            f'create pool "{pool.name}"',
+            lambda c: c.transaction(
+                compare=[c.transactions.create(key) == 0],
+                success=[c.transactions.put(key, value), c.transactions.get(key)],
+                failure=[c.transactions.get(key)],
+            ),
+        )
+        if not ok:
+            if maybe_applied and _holds(responses[-1], value):
+                return PoolRecord(pool, _mod_revision(responses[-1]))  # our first attempt did it
+            raise AlreadyExists(f'pool "{pool.name}" already exists')
+        return PoolRecord(pool, _mod_revision(responses[-1]))
+
+    def update_pool(self, pool: Pool, expected_revision: int | None) -> PoolRecord:
+        key, value = self.key(pool.name), _encode(pool)
+
+        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
+            compare = [c.transactions.create(key) > 0]
+            if expected_revision is not None:
+                compare.append(c.transactions.mod(key) == expected_revision)
+            return c.transaction(  # type: ignore[no-any-return]
+                compare=compare,
+                success=[c.transactions.put(key, value), c.transactions.get(key)],
+                failure=[c.transactions.get(key)],
+            )
+
+        (ok, responses), maybe_applied = self.conn.call_retried(f'update pool "{pool.name}"', txn)
+        if not ok:
+            if maybe_applied and _holds(responses[-1], value):
+                return PoolRecord(pool, _mod_revision(responses[-1]))  # our first attempt did it
+            raise self._refusal(pool.name, expected_revision, responses[-1])
+        return PoolRecord(pool, _mod_revision(responses[-1]))
+
+    def delete_pool(self, name: str, expected_revision: int | None = None) -> None:
+        key = self.key(name)
+
+        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
+            compare = [c.transactions.create(key) > 0]
+            if expected_revision is not None:
+                compare.append(c.transactions.mod(key) == expected_revision)
+            return c.transaction(  # type: ignore[no-any-return]
+                compare=compare, success=[c.transactions.delete(key)], failure=[c.transactions.get(key)]
+            )
+
+        (ok, responses), maybe_applied = self.conn.call_retried(f'delete pool "{name}"', txn)
+        if not ok:
+            if maybe_applied and not responses[-1]:
+                return  # our first attempt deleted it
+            raise self._refusal(name, expected_revision, responses[-1])
+
+    @staticmethod
+    def _refusal(name: str, expected_revision: int | None, current: list[Any]) -> StoreError:
+        if not current:
+            return NotFound(f'pool "{name}" does not exist')
+        now = current[0][1].mod_revision
+        return Conflict(f'pool "{name}" changed since revision {expected_revision} (now at {now}): read it again and retry')
+
+    # ------------------------------------------------------------------ watch
+    def watch_pools(self, after_revision: int, stop: threading.Event) -> Iterator[PoolEvent | Resync]:
+        """Changes after ``after_revision``; after a compaction or a broken stream, a ``Resync``.
+
+        ``Unavailable`` escapes only when etcd cannot even be read for the resync: the
+        follower then retries with backoff and serves its last snapshot meanwhile.
+        """
+        start = after_revision + 1
+        while not stop.is_set():
+            try:
+                for batch in self.conn.watch_prefix(self.prefix, start, stop):
+                    for change in batch:
+                        start = change.revision + 1
+                        event = self._event(change)
+                        if event is not None:
+                            yield event
+            except Compacted as exc:
+                log.info("pool watch: %s; reading every pool again", exc)
+            except Unavailable as exc:
+                if stop.is_set():
+                    return
+                log.info("pool watch: %s; reading every pool again", exc)
+                stop.wait(WATCH_RETRY_PAUSE)
+            if stop.is_set():
+                return
+            records, revision = self.list_pools()
+            yield Resync(tuple(records), revision)
+            start = revision + 1
+
+    def _event(self, change: KeyEvent) -> PoolEvent | None:
+        name = change.key[len(self.prefix):]
+        if change.value is None:
+            # deletes of keys that could never hold a pool are not worth an event
+            return PoolEvent(name, None, change.revision) if NAME_RE.fullmatch(name) else None
+        record = self._decode(change.key, change.value, change.revision)
+        return None if record is None else PoolEvent(name, record, change.revision)
+
+    # ------------------------------------------------------------------ encoding
+    def _parse(self, key: str, value: bytes) -> Pool:
+        name = key[len(self.prefix):]
+        pool = pool_from_dict(json.loads(value), "pool")
+        if pool.name != name:
+            raise ConfigError("pool.name", f'"{pool.name}" does not match the key (expected "{name}")')
+        return pool
+
+    def _decode(self, key: str, value: bytes, revision: int) -> PoolRecord | None:
+        try:
+            return PoolRecord(self._parse(key, value), revision)
+        except Exception as exc:  # foreign data: any failure to read it is the data's fault
+            with self._bad_lock:
+                first = (key, revision) not in self._logged_bad
+                self._logged_bad.add((key, revision))
+            if first:
+                log.warning(
+                    "%s (revision %d) is not a valid pool, skipped: %s; nodes keep its last valid "
+                    "version. Fix it with lbctl apply, or `etcdctl del %s`",
+                    key, revision, exc, key,
+                )
+            return None
+
+
+def _encode(pool: Pool) -> bytes:
+    return json.dumps(pool_to_dict(pool), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _holds(range_result: list[Any], value: bytes) -> bool:
+    """Does a transaction's get (a list of (value, metadata)) show exactly ``value``?"""
+    return bool(range_result) and bytes(range_result[0][0]) == value
+
+
+def _mod_revision(range_result: list[Any]) -> int:
+    """The mod_revision from a transaction's get (a list of (value, metadata))."""
+    return int(range_result[0][1].mod_revision)

@@ -1,0 +1,573 @@
+"""Cluster membership and shared health: this node's lease and node key, every node's observations.
+
+Owns the node lease (grant, keepalive every TTL/3, a new lease after losing it), the set of
+live nodes and the health observations read back from etcd, and the cluster verdict on the
+backends this node does not check. Never blocks the data plane: etcd calls run in threads,
+failures are retried with backoff, and a node without a lease checks every backend itself.
+
+Wiring (what ``LbNode`` does with an agent; all calls from the Trio thread):
+
+- ``agent = ClusterAgent(config.cluster, config.node.id, {"addresses": [...]})`` and
+  ``await nursery.start(agent.run)`` next to the store follower (``run`` returns to the
+  nursery at once; it never waits for etcd).
+- Each pool's ``HealthChecker`` gets only ``[b for b in pool.backends if agent.assigned(pool.name, b.id)]``
+  and ``on_observation=lambda o: agent.publish(o, pool.name)``.
+- ``agent.on_assignment_change(cb)``: ``cb()`` runs when the set of live nodes or this node's
+  lease changed: re-filter every checker with ``checker.update(...)`` as above.
+- ``agent.on_verdict(cb)``: ``cb(pool, backend_id, up, reason)`` for backends this node does
+  not check: drive ``PoolRuntime.health_changed(backend_id, "up" | "down", reason, now)``.
+- ``agent.retract(pool, backend_ids)`` when a pool or backends are removed (``None``: all).
+- On stop: cancel ``run`` (the lease is revoked: the node's keys vanish at once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+
+from lbnode import __version__
+from lbnode.cluster.assign import backend_key, checkers_for, cluster_verdict
+from lbnode.cluster.etcd import Compacted, EtcdConnection, KeyEvent, KeyValue, LeaseNotFound
+from lbnode.cluster.store import StoreError
+from lbnode.health.state import Observation
+from lbnode.model import NAME_RE, ClusterSettings
+
+log = logging.getLogger("lbnode.cluster")
+
+# Retry delays after etcd failed: short first, never hammering a sick etcd.
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 5.0
+# While keepalives fail, they are retried this often (not every TTL/3) until the lease expires.
+KEEPALIVE_RETRY = 0.5
+# An unchanged observation is written again this often, so its "at" shows it is fresh;
+# a change of ok/not-ok is written at once. Checks themselves run far more often.
+HEALTH_REFRESH = 5.0
+# Puts per transaction (etcd's default limit is 128 operations).
+TXN_MAX_OPS = 100
+
+BackendRef = tuple[str, str]  # (pool, backend id)
+VerdictCallback = Callable[[str, str, bool, str], object]
+NodeCallback = Callable[[str], object]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedObservation:
+    """One node's latest result for one backend, as read from etcd."""
+
+    node: str
+    ok: bool
+    reason: str
+    at: float  # wall-clock seconds when the observing node wrote it
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    ok: bool
+    lease: int
+    at: float  # Trio clock
+
+
+class ClusterAgent:
+    """This node's membership in the cluster (see the module docstring for the wiring).
+
+    ``live_nodes`` is the set of nodes whose key exists in etcd (this one included once
+    registered); while etcd is unreachable it keeps its last value. ``lease_ok_since``,
+    ``lease_expires_at`` and ``lease_lost_at`` (Trio clock) are for fencing: the lease may
+    have expired in etcd any time after ``lease_expires_at`` (a conservative bound: the last
+    keepalive's send time plus the TTL).
+    """
+
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        node_id: str,
+        node_info: dict[str, Any],
+        *,
+        connection: EtcdConnection | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        refresh_interval: float = HEALTH_REFRESH,
+    ) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.node_info = dict(node_info)
+        self.conn = connection if connection is not None else EtcdConnection(settings.etcd)
+        self._owns_connection = connection is None
+        self.k = settings.health_checkers
+        self.refresh_interval = refresh_interval
+        self._wall = wall_clock
+        self.node_key = f"{settings.prefix}/nodes/{node_id}"
+        self.node_prefix = f"{settings.prefix}/nodes/"
+        self.health_prefix = f"{settings.prefix}/health/"
+        # the lease
+        self.lease_id: int | None = None
+        self.lease_ttl = 0  # as granted by etcd
+        self.lease_ok_since: float | None = None
+        self.lease_expires_at: float | None = None
+        self.lease_lost_at: float | None = None
+        self.registered = trio.Event()  # set when the node key was first written
+        # what etcd says
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.live_nodes: frozenset[str] = frozenset()
+        self._health: dict[BackendRef, dict[str, SharedObservation]] = {}
+        self._told: dict[BackendRef, bool] = {}  # last verdict handed to the callbacks
+        # what this node publishes
+        self._latest: dict[BackendRef, Observation] = {}
+        self._written: dict[BackendRef, _Written] = {}
+        self._retracted: set[BackendRef] = set()
+        self._wake = trio.Event()
+        # callbacks
+        self._on_join: list[NodeCallback] = []
+        self._on_leave: list[NodeCallback] = []
+        self._on_verdict: list[VerdictCallback] = []
+        self._on_assignment: list[Callable[[], object]] = []
+        self._scope: trio.CancelScope | None = None
+        self._revoke_on_exit = True
+        self._logged_bad: set[tuple[str, int]] = set()
+        self._started = 0.0
+
+    # ------------------------------------------------------------------ wiring
+    def on_join(self, callback: NodeCallback) -> None:
+        self._on_join.append(callback)
+
+    def on_leave(self, callback: NodeCallback) -> None:
+        self._on_leave.append(callback)
+
+    def on_verdict(self, callback: VerdictCallback) -> None:
+        """``callback(pool, backend_id, up, reason)`` when the cluster's view of a backend this
+        node does not check changes (and once when this node stops checking it)."""
+        self._on_verdict.append(callback)
+
+    def on_assignment_change(self, callback: Callable[[], object]) -> None:
+        """``callback()`` when ``assigned`` may answer differently (nodes joined/left, lease lost/back)."""
+        self._on_assignment.append(callback)
+
+    @property
+    def isolated(self) -> bool:
+        """No lease: nobody else counts on this node's checks, so it checks everything itself."""
+        return self.lease_id is None
+
+    def checkers(self, pool: str, backend_id: str) -> list[str]:
+        live = set(self.live_nodes)
+        if not self.isolated:
+            live.add(self.node_id)  # our key exists even if the watch has not shown it yet
+        return checkers_for(backend_key(pool, backend_id), live, self.k)
+
+    def assigned(self, pool: str, backend_id: str) -> bool:
+        """Must this node actively check this backend?"""
+        return self.isolated or self.node_id in self.checkers(pool, backend_id)
+
+    def publish(self, observation: Observation, pool: str) -> None:
+        """Share a check result; written at once when ok/not-ok changed, else every ``refresh_interval``."""
+        ref = (pool, observation.backend_id)
+        if not self.isolated and not self.assigned(*ref):
+            return  # a checker not yet re-filtered; its results are not ours to share
+        self._latest[ref] = observation
+        self._retracted.discard(ref)
+        written = self._written.get(ref)
+        if written is None or written.ok != observation.ok or written.lease != self.lease_id:
+            self._wake.set()
+
+    def retract(self, pool: str, backend_ids: Iterable[str] | None = None) -> None:
+        """Stop sharing results for these backends of ``pool`` (all when None); their keys are deleted."""
+        wanted = None if backend_ids is None else set(backend_ids)
+        for ref in list(self._latest) + list(self._written):
+            if ref[0] == pool and (wanted is None or ref[1] in wanted):
+                self._latest.pop(ref, None)
+                if ref in self._written:
+                    self._retracted.add(ref)
+        self._wake.set()
+
+    def observations(self, pool: str, backend_id: str) -> dict[str, SharedObservation]:
+        """Every node's latest shared result for this backend (for the status page)."""
+        return dict(self._health.get((pool, backend_id), {}))
+
+    def verdict(self, pool: str, backend_id: str) -> bool | None:
+        obs = self._health.get((pool, backend_id), {})
+        return cluster_verdict({n: o.ok for n, o in obs.items()}, self.checkers(pool, backend_id))
+
+    def stop(self, *, revoke: bool = True) -> None:
+        """End ``run``. ``revoke=False`` leaves the lease to expire, as if the node had died."""
+        self._revoke_on_exit = revoke
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # ------------------------------------------------------------------ run
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._started = self._wall()
+        with trio.CancelScope() as self._scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_lease)
+                    nursery.start_soon(self._follow, self.node_prefix, self._reset_nodes, self._node_changed, "node list")
+                    nursery.start_soon(
+                        self._follow, self.health_prefix, self._reset_health, self._health_changed, "shared health"
+                    )
+                    nursery.start_soon(self._publish_loop)
+                    task_status.started()
+            finally:
+                await self._leave()
+
+    async def _leave(self) -> None:
+        lease, self.lease_id = self.lease_id, None
+        with trio.CancelScope(shield=True):
+            if lease is not None and self._revoke_on_exit:
+                with trio.move_on_after(self.conn.timeout):
+                    try:
+                        await trio.to_thread.run_sync(self.conn.revoke, lease, abandon_on_cancel=True)
+                        log.info("node %s left the cluster (lease %x revoked)", self.node_id, lease)
+                    except StoreError as exc:
+                        log.warning("could not revoke lease %x (%s); node %s's keys expire within %ds",
+                                    lease, exc, self.node_id, self.lease_ttl)
+            if self._owns_connection:
+                self.conn.close()
+
+    # ------------------------------------------------------------------ lease
+    async def _keep_lease(self) -> None:
+        delay, failing = BACKOFF_FIRST, False
+        while True:
+            try:
+                await self._register()
+            except StoreError as exc:
+                if not failing:
+                    log.warning("node %s cannot register in etcd (%s); serving on, checking every backend, "
+                                "retrying", self.node_id, exc)
+                    failing = True
+                await trio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            if failing:
+                log.info("node %s registered in etcd again (lease %x)", self.node_id, self.lease_id)
+            delay, failing = BACKOFF_FIRST, False
+            await self._keep_alive()  # returns once the lease is lost; then register again at once
+
+    async def _register(self) -> None:
+        ttl = max(1, math.ceil(self.settings.lease_ttl))
+        sent = trio.current_time()
+        lease_id, granted = await trio.to_thread.run_sync(self.conn.grant, ttl, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(self.conn.put, self.node_key, self._node_value(), lease_id, abandon_on_cancel=True)
+        self.lease_id, self.lease_ttl = lease_id, granted
+        self.lease_expires_at = sent + granted
+        self.lease_ok_since = trio.current_time()
+        self.lease_lost_at = None
+        log.info("node %s registered in etcd (lease %x, ttl %ds)", self.node_id, lease_id, granted)
+        self.registered.set()
+        self._wake.set()  # every observation is written again under the new lease
+        self._assignments_changed()
+
+    async def _keep_alive(self) -> None:
+        lease_id = self.lease_id
+        assert lease_id is not None and self.lease_expires_at is not None
+        failing = False
+        while True:
+            interval = self.lease_ttl / 3
+            await trio.sleep(min(interval, KEEPALIVE_RETRY) if failing else interval)
+            sent = trio.current_time()
+            remaining = None
+            error: StoreError | None = None
+            # past lease_expires_at etcd may have dropped our keys: stop waiting for this call
+            with trio.move_on_at(self.lease_expires_at):
+                try:
+                    remaining = await trio.to_thread.run_sync(self.conn.keepalive, lease_id, abandon_on_cancel=True)
+                except LeaseNotFound:
+                    remaining = 0
+                except StoreError as exc:
+                    error = exc
+            if remaining is not None and remaining <= 0:
+                self._lose(lease_id, "etcd says it expired")
+                return
+            if remaining is not None:
+                self.lease_expires_at = sent + remaining
+                if failing:
+                    log.info("lease %x of node %s kept alive again", lease_id, self.node_id)
+                failing = False
+                continue
+            if trio.current_time() >= self.lease_expires_at:
+                self._lose(lease_id, f"no keepalive answered within its {self.lease_ttl}s TTL"
+                           + (f": {error}" if error else ""))
+                return
+            if not failing:
+                log.warning("lease %x of node %s: keepalive failed (%s); it expires in %.1fs unless etcd answers",
+                            lease_id, self.node_id, error, self.lease_expires_at - trio.current_time())
+                failing = True
+
+    def _lose(self, lease_id: int, why: str) -> None:
+        log.warning("lease %x of node %s lost (%s): its node key and health observations are gone; "
+                    "checking every backend locally and registering again", lease_id, self.node_id, why)
+        self.lease_id = None
+        self.lease_ok_since = None
+        self.lease_lost_at = trio.current_time()
+        self._assignments_changed()
+
+    def _node_value(self) -> bytes:
+        info = {**self.node_info, "id": self.node_id, "started": self._started, "version": __version__}
+        return json.dumps(info, sort_keys=True).encode()
+
+    # ------------------------------------------------------------------ publishing
+    async def _publish_loop(self) -> None:
+        delay, failing = BACKOFF_FIRST, False
+        while True:
+            with trio.move_on_at(self._next_refresh()):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            lease = self.lease_id
+            if lease is None:
+                continue  # woken again on registration
+            now = trio.current_time()
+            puts = [
+                (ref, obs) for ref, obs in self._latest.items()
+                if (w := self._written.get(ref)) is None
+                or w.ok != obs.ok or w.lease != lease or now - w.at >= self.refresh_interval
+            ]
+            deletes = [ref for ref in self._retracted if ref in self._written]
+            try:
+                for i in range(0, len(puts), TXN_MAX_OPS):
+                    chunk = puts[i:i + TXN_MAX_OPS]
+                    items = [(self._health_key(ref), self._health_value(obs)) for ref, obs in chunk]
+                    await trio.to_thread.run_sync(self.conn.put_many, items, lease, abandon_on_cancel=True)
+                    for ref, obs in chunk:
+                        self._written[ref] = _Written(obs.ok, lease, now)
+                for i in range(0, len(deletes), TXN_MAX_OPS):
+                    gone = deletes[i:i + TXN_MAX_OPS]
+                    keys = [self._health_key(ref) for ref in gone]
+                    await trio.to_thread.run_sync(self.conn.delete_many, keys, abandon_on_cancel=True)
+                    for ref in gone:
+                        self._written.pop(ref, None)
+                        self._retracted.discard(ref)
+            except LeaseNotFound:
+                self._wake.set()  # the keepalive task finds out and registers again, then we rewrite
+                await trio.sleep(BACKOFF_FIRST)
+                continue
+            except StoreError as exc:
+                if not failing:
+                    log.warning("node %s cannot share health results (%s); retrying", self.node_id, exc)
+                    failing = True
+                self._wake.set()
+                await trio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay, failing = BACKOFF_FIRST, False
+
+    def _next_refresh(self) -> float:
+        if self.lease_id is None:
+            return math.inf
+        oldest = min((w.at for ref, w in self._written.items() if ref in self._latest), default=math.inf)
+        return oldest + self.refresh_interval
+
+    def _health_key(self, ref: BackendRef) -> str:
+        return f"{self.health_prefix}{ref[0]}/{ref[1]}/{self.node_id}"
+
+    def _health_value(self, obs: Observation) -> bytes:
+        return json.dumps({"ok": obs.ok, "reason": obs.reason, "at": round(self._wall(), 3)}).encode()
+
+    # ------------------------------------------------------------------ following etcd
+    async def _follow(
+        self,
+        prefix: str,
+        reset: Callable[[list[KeyValue]], None],
+        change: Callable[[KeyEvent], None],
+        what: str,
+    ) -> None:
+        """Read everything under ``prefix``, then follow its watch; again after any failure."""
+        delay, failing = BACKOFF_FIRST, False
+        while True:
+            try:
+                kvs, revision = await trio.to_thread.run_sync(self.conn.get_prefix, prefix, abandon_on_cancel=True)
+                reset(kvs)
+                if failing:
+                    log.info("%s: etcd reachable again, following from revision %d", what, revision)
+                delay, failing = BACKOFF_FIRST, False
+                await self._watch(prefix, revision, change)
+            except Compacted as exc:
+                log.info("%s: %s; reading it all again", what, exc)
+                continue
+            except StoreError as exc:
+                if not failing:
+                    log.warning("%s: %s; keeping the last view, retrying", what, exc)
+                    failing = True
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _watch(self, prefix: str, revision: int, change: Callable[[KeyEvent], None]) -> None:
+        send, receive = trio.open_memory_channel[list[KeyEvent] | StoreError](64)
+        stop = threading.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def pump() -> None:
+            try:
+                for batch in self.conn.watch_prefix(prefix, revision + 1, stop):
+                    trio.from_thread.run(send.send, batch, trio_token=token)
+            except StoreError as exc:
+                if not stop.is_set():
+                    trio.from_thread.run(send.send, exc, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+
+        failure: StoreError | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(trio.to_thread.run_sync, pump, abandon_on_cancel=True))
+                async for item in receive:
+                    if isinstance(item, StoreError):
+                        failure = item  # raised below, outside the nursery (which would wrap it in a group)
+                        nursery.cancel_scope.cancel()
+                        break
+                    for event in item:
+                        change(event)
+        finally:
+            stop.set()
+        if failure is not None:
+            raise failure
+
+    def _bad(self, key: str, revision: int, why: str) -> None:
+        if (key, revision) not in self._logged_bad:
+            self._logged_bad.add((key, revision))
+            log.warning("%s (revision %d) skipped: %s", key, revision, why)
+
+    # ------------------------------------------------------------------ nodes
+    def _parse_node(self, key: str, value: bytes, lease: int, revision: int) -> tuple[str, dict[str, Any]] | None:
+        node_id = key[len(self.node_prefix):]
+        if not NAME_RE.fullmatch(node_id):
+            self._bad(key, revision, "not a node id")
+            return None
+        if not lease:
+            # a node key outlives its node only if someone wrote it by hand: it would never check
+            self._bad(key, revision, "not bound to a lease (written by hand?); delete it with etcdctl del")
+            return None
+        try:
+            info = json.loads(value)
+        except ValueError as exc:
+            self._bad(key, revision, f"not JSON ({exc})")
+            return None
+        if not isinstance(info, dict) or info.get("id") != node_id:
+            self._bad(key, revision, f'not a node record with "id": "{node_id}"')
+            return None
+        return node_id, info
+
+    def _reset_nodes(self, kvs: list[KeyValue]) -> None:
+        nodes = {}
+        for kv in kvs:
+            parsed = self._parse_node(kv.key, kv.value, kv.lease, kv.mod_revision)
+            if parsed is not None:
+                nodes[parsed[0]] = parsed[1]
+        self._set_nodes(nodes)
+
+    def _node_changed(self, event: KeyEvent) -> None:
+        nodes = dict(self.nodes)
+        if event.value is None:
+            nodes.pop(event.key[len(self.node_prefix):], None)
+        else:
+            parsed = self._parse_node(event.key, event.value, event.lease, event.revision)
+            if parsed is None:
+                return
+            nodes[parsed[0]] = parsed[1]
+        self._set_nodes(nodes)
+
+    def _set_nodes(self, nodes: dict[str, dict[str, Any]]) -> None:
+        old = self.live_nodes
+        self.nodes = nodes
+        self.live_nodes = frozenset(nodes)
+        joined, left = sorted(self.live_nodes - old), sorted(old - self.live_nodes)
+        for node in joined:
+            log.info("node %s joined the cluster", node)
+            for callback in self._on_join:
+                callback(node)
+        for node in left:
+            log.info("node %s left the cluster (its key was deleted or its lease expired)", node)
+            for callback in self._on_leave:
+                callback(node)
+        if joined or left:
+            self._assignments_changed()
+
+    def _assignments_changed(self) -> None:
+        for ref in list(self._latest):
+            if not self.assigned(*ref):
+                self.retract(ref[0], [ref[1]])
+        for callback in self._on_assignment:
+            callback()
+        for ref in set(self._health) | set(self._told):
+            self._reconsider(ref)
+
+    # ------------------------------------------------------------------ shared health
+    def _parse_health(
+        self, key: str, value: bytes, revision: int
+    ) -> tuple[BackendRef, SharedObservation] | None:
+        parts = key[len(self.health_prefix):].split("/")
+        if len(parts) != 3 or not all(parts):
+            self._bad(key, revision, "not a health key <pool>/<backend>/<node>")
+            return None
+        pool, backend, node = parts
+        try:
+            data = json.loads(value)
+            obs = SharedObservation(node, data["ok"], str(data.get("reason", "")), float(data.get("at", 0.0)))
+            if not isinstance(obs.ok, bool):
+                raise TypeError('"ok" is not true or false')
+        except (ValueError, TypeError, KeyError) as exc:
+            self._bad(key, revision, f'not a health observation {{"ok": bool, "reason": str, "at": time}} ({exc!r})')
+            return None
+        return (pool, backend), obs
+
+    def _reset_health(self, kvs: list[KeyValue]) -> None:
+        health: dict[BackendRef, dict[str, SharedObservation]] = {}
+        for kv in kvs:
+            parsed = self._parse_health(kv.key, kv.value, kv.mod_revision)
+            if parsed is not None:
+                ref, obs = parsed
+                health.setdefault(ref, {})[obs.node] = obs
+        old = self._health
+        self._health = health
+        for ref in set(old) | set(health):
+            self._reconsider(ref)
+
+    def _health_changed(self, event: KeyEvent) -> None:
+        if event.value is None:
+            parts = event.key[len(self.health_prefix):].split("/")
+            if len(parts) != 3:
+                return
+            ref, node = (parts[0], parts[1]), parts[2]
+            observations = self._health.get(ref, {})
+            observations.pop(node, None)
+            if not observations:
+                self._health.pop(ref, None)
+        else:
+            parsed = self._parse_health(event.key, event.value, event.revision)
+            if parsed is None:
+                return
+            ref, obs = parsed
+            self._health.setdefault(ref, {})[obs.node] = obs
+        self._reconsider(ref)
+
+    def _reconsider(self, ref: BackendRef) -> None:
+        """Tell the callbacks when the cluster's verdict on a backend we do not check changed."""
+        pool, backend = ref
+        if self.assigned(pool, backend):
+            self._told.pop(ref, None)  # our own checker drives it
+            return
+        observations = self._health.get(ref)
+        if observations is None:
+            self._told.pop(ref, None)  # nobody speaks about it any more (pool or backend gone)
+            return
+        checkers = self.checkers(pool, backend)
+        up = cluster_verdict({n: o.ok for n, o in observations.items()}, checkers)
+        if up is None or self._told.get(ref) == up:
+            return
+        self._told[ref] = up
+        reason = _describe(up, checkers, observations)
+        log.info("pool %s backend %s is %s for the cluster: %s", pool, backend, "up" if up else "down", reason)
+        for callback in self._on_verdict:
+            callback(pool, backend, up, reason)
+
+
+def _describe(up: bool, checkers: list[str], observations: dict[str, SharedObservation]) -> str:
+    spoken = [observations[n] for n in checkers if n in observations]
+    agreeing = [o for o in spoken if o.ok == up]
+    detail = "; ".join(f"{o.node}: {o.reason}" for o in spoken)
+    return f"{'up' if up else 'down'} on {len(agreeing)} of {len(checkers)} checkers ({detail})"

@@ -1,0 +1,165 @@
+"""Real etcd servers for the integration tests: one member, or a 3-member cluster, on loopback ports.
+
+Owns starting ``etcd`` (quick elections, data under the test's tmp dir), waiting until it
+serves, killing and restarting members. Never leaves a process behind: ``etcd_cluster``
+kills every member on exit, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from lbnode.model import ClusterSettings
+from tests.conftest import free_port
+
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+# Elections in about half a second (etcd's defaults are 100 ms / 1 s): kill-a-member tests
+# stay short. Lease TTLs of 1 s are then allowed (etcd's minimum is 1.5 x election timeout).
+HEARTBEAT_MS = 50
+ELECTION_MS = 500
+
+
+def require_etcd() -> None:
+    if not Path(ETCD).exists():
+        pytest.skip("etcd is not installed (Debian package etcd-server; `make sysdeps-test` installs it)")
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    initial_cluster: str = ""
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self) -> None:
+        """Start (or restart, keeping the data dir) this member; does not wait for it."""
+        assert not self.alive, f"etcd member {self.name} is already running"
+        args = [
+            ETCD,
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.url,
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster,
+            "--initial-cluster-state", "new",
+            "--initial-cluster-token", "fulcrum-test",
+            "--heartbeat-interval", str(HEARTBEAT_MS),
+            "--election-timeout", str(ELECTION_MS),
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+            "--log-level", "warn",
+        ]
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def kill(self) -> None:
+        """SIGKILL: the member dies as in a crash (no goodbye to its peers)."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def healthy(self) -> bool:
+        """etcd's /health: true once the member has a leader and no alarm."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as response:
+                return bool(json.loads(response.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+    def wait_healthy(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(f"etcd member {self.name} exited:\n{self.log()[-3000:]}")
+            if self.healthy():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"etcd member {self.name} not healthy after {timeout}s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class EtcdCluster:
+    members: list[EtcdMember]
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(m.url for m in self.members)
+
+    def settings(self, prefix: str = "/fulcrum/v1", lease_ttl: float = 2.0, health_checkers: int = 2) -> ClusterSettings:
+        return ClusterSettings(etcd=self.endpoints, lease_ttl=lease_ttl, health_checkers=health_checkers, prefix=prefix)
+
+    def member_at(self, netloc: str) -> EtcdMember:
+        """The member serving ``host:port`` (as etcd3's ``Endpoint.netloc`` names it)."""
+        for m in self.members:
+            if netloc.endswith(f":{m.client_port}"):
+                return m
+        raise KeyError(netloc)
+
+    def wait_healthy(self, timeout: float = 15.0) -> None:
+        for m in self.members:
+            if m.alive:
+                m.wait_healthy(timeout)
+
+    def kill_all(self) -> None:
+        for m in self.members:
+            m.kill()
+
+
+@contextmanager
+def etcd_cluster(base_dir: Path, size: int = 1) -> Iterator[EtcdCluster]:
+    """``size`` etcd members on free loopback ports, healthy on entry, all killed on exit."""
+    require_etcd()
+    members = []
+    for i in range(size):
+        name = f"m{i}"
+        members.append(
+            EtcdMember(
+                name=name,
+                client_port=free_port(),
+                peer_port=free_port(),
+                data_dir=base_dir / f"etcd-{name}",
+                log_path=base_dir / f"etcd-{name}.log",
+            )
+        )
+    initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
+    cluster = EtcdCluster(members)
+    try:
+        for m in members:
+            m.initial_cluster = initial
+            m.start()
+        cluster.wait_healthy()
+        yield cluster
+    finally:
+        cluster.kill_all()
