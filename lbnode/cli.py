@@ -40,7 +40,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lbnode.node import LbNode
+    from lbnode.node import node_from_config
 
     setup_logging(args.log_level)
     try:
@@ -48,7 +48,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigFileError as exc:
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
-    return _run_reporting_bind_errors(lambda: trio.run(LbNode(config).run), f"lbnode: {args.config}")
+    node = node_from_config(config)
+    return _run_reporting_bind_errors(lambda: trio.run(node.run), f"lbnode: {args.config}")
 
 
 def _run_reporting_bind_errors(run: Callable[[], None], prefix: str) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from lbnode.admin.server import serve_admin
+from lbnode.cluster.membership import ClusterAgent
 from lbnode.cluster.store import PoolStore
 from lbnode.cluster.sync import StoreFollower
 from lbnode.health.checker import HealthChecker
@@ -41,9 +42,12 @@ class LbNode:
     """One node. With a ``store`` its pools come from the store (etcd, or the standalone
     file store) and follow its changes; without one, from the config file alone."""
 
-    def __init__(self, config: Config, store: PoolStore | None = None) -> None:
+    def __init__(self, config: Config, store: PoolStore | None = None, agent: ClusterAgent | None = None) -> None:
         self.config = config
         self.store = store
+        # Cluster membership: which backends this node checks, and the others' verdicts.
+        self.agent = agent
+        self._checked: dict[str, set[str]] = {}  # pool -> backend ids whose observations we publish
         self.follower: StoreFollower | None = None
         self._snapshot = Snapshot.build(config)
         self._draining = False
@@ -98,6 +102,10 @@ class LbNode:
         async with trio.open_nursery() as outer:
             if handle_signals:
                 outer.start_soon(self._watch_signals, outer.cancel_scope)
+            if self.agent is not None:
+                self.agent.on_assignment_change(self._sync_health)
+                self.agent.on_verdict(self._on_verdict)
+                await outer.start(self.agent.run)
             if self.store is not None:
                 self.follower = StoreFollower(self.store, lambda: self.config, self.apply)
                 await outer.start(self.follower.run)
@@ -145,17 +153,34 @@ class LbNode:
         if self._health_nursery is None:
             return
         wanted = {p.name: p for p in self.config.pools if p.health is not None}
+        agent = self.agent
         for name in list(self.health_checkers):
             if name not in wanted:
                 self._checker_scopes.pop(name).cancel()
                 del self.health_checkers[name]
+        if agent is not None:
+            for name in list(self._checked):
+                if name not in wanted:
+                    agent.retract(name)
+                    del self._checked[name]
         for name, pool in wanted.items():
             assert pool.health is not None
+            # In a cluster each backend is checked by a few nodes only; the rest follow their verdict.
+            mine = [b for b in pool.backends if agent is None or agent.assigned(name, b.id)]
+            if agent is not None:
+                ids = {b.id for b in mine}
+                gone = self._checked.get(name, set()) - ids
+                if gone:
+                    agent.retract(name, gone)
+                self._checked[name] = ids
             checker = self.health_checkers.get(name)
             if checker is not None:
-                checker.update(pool.backends, pool.health)
+                checker.update(mine, pool.health)
                 continue
-            checker = HealthChecker(name, pool.health, pool.backends, on_transition=self._transition_for(name))
+            on_observation = (lambda o, n=name: agent.publish(o, n)) if agent is not None else _ignore
+            checker = HealthChecker(
+                name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation
+            )
             scope = trio.CancelScope()
             self.health_checkers[name] = checker
             self._checker_scopes[name] = scope
@@ -168,6 +193,17 @@ class LbNode:
                 pool.health_changed(backend_id, t.new, t.reason, t.at)
 
         return on_transition
+
+    def _on_verdict(self, pool_name: str, backend_id: str, up: bool, reason: str) -> None:
+        """The cluster's verdict on a backend this node does not check itself."""
+        pool = self._snapshot.pools.get(pool_name)
+        if pool is None:
+            return
+        new = "up" if up else "down"
+        for b in pool.backends:
+            if b.id == backend_id and b.health != new:  # a repeated "up" would restart slow start
+                log.info("pool %s backend %s %s -> %s (cluster verdict: %s)", pool_name, backend_id, b.health, new, reason)
+                pool.health_changed(backend_id, new, reason, trio.current_time())
 
     @staticmethod
     async def _run_checker(checker: HealthChecker, scope: trio.CancelScope) -> None:
@@ -184,3 +220,36 @@ class LbNode:
                     log.warning("%s again: stopping now", signal.Signals(signum).name)
                     everything.cancel()
                     return
+
+
+def _ignore(*args: object) -> None:
+    pass
+
+
+def node_from_config(config: Config) -> LbNode:
+    """The node ``lbnode run`` serves: standalone, or a cluster member when [cluster] is set.
+
+    In a cluster the pools live in etcd; the pools of node.toml seed it (a pool
+    already in etcd is left as it is). With etcd unreachable at start the node
+    serves the file's pools and follows etcd once it answers (static stability).
+    """
+    if config.cluster is None:
+        return LbNode(config)
+    from lbnode.cluster.etcd import EtcdConnection, EtcdStore
+    from lbnode.cluster.store import AlreadyExists, StoreError
+
+    connection = EtcdConnection(config.cluster.etcd)
+    store = EtcdStore(config.cluster, connection=connection)
+    for pool in config.pools:
+        try:
+            store.create_pool(pool)
+        except AlreadyExists:
+            pass
+        except StoreError as exc:
+            log.warning("cannot seed pool %s into etcd (%s); serving it from the config file", pool.name, exc)
+            break
+    addresses = [str(li.bind) for li in config.listeners]
+    if config.control is not None:
+        addresses.append(str(config.control.bind))
+    agent = ClusterAgent(config.cluster, config.node.id, {"addresses": addresses}, connection=connection)
+    return LbNode(config, store=store, agent=agent)
