@@ -131,7 +131,18 @@ class TcpProxy:
             if preferred is not None:
                 backend, preferred = preferred, None
             else:
-                backend = pool.choose(ctx, trio.current_time(), frozenset(tried))
+                now = trio.current_time()
+                exclude = frozenset(tried)
+                backend = pool.choose(ctx, now, exclude)
+                # Every usable backend at max_connections: wait in the pool's FIFO queue.
+                deadline = now + spec.queue_timeout
+                while backend is None and not tried and pool.saturated(now, exclude):
+                    if not await pool.wait_for_room(deadline):
+                        log.warning("listener %s: all backends of pool %s at max_connections for %gs; closing client %s",
+                                    name, spec.name, spec.queue_timeout, client_ip)
+                        return None
+                    now = trio.current_time()
+                    backend = pool.choose(ctx, now, exclude)
             if backend is None:
                 break
             tried.add(backend.index)

@@ -36,6 +36,8 @@ def build(
     tcp_idle: float = 600.0,
     connect: float = 2.0,
     retries: int = 2,
+    backend_max_connections: int | None = None,
+    queue_timeout: float = 5.0,
 ) -> tuple[Listener, Snapshot]:
     listener: dict[str, Any] = {"name": "l4", "protocol": "tcp", "bind": "127.0.0.1:1", "pool": "p"}
     if max_connections is not None:
@@ -46,9 +48,14 @@ def build(
             "pools": [
                 {
                     "name": "p",
-                    "backends": [{"address": f"{HOST}:{p}", "name": f"b{i}"} for i, p in enumerate(ports)],
+                    "backends": [
+                        {"address": f"{HOST}:{p}", "name": f"b{i}"}
+                        | ({"max_connections": backend_max_connections} if backend_max_connections else {})
+                        for i, p in enumerate(ports)
+                    ],
                     "timeouts": {"connect": connect, "tcp_idle": tcp_idle},
                     "retries": retries,
+                    "queue_timeout": queue_timeout,
                 }
             ],
             "listeners": [listener],
@@ -264,6 +271,40 @@ async def test_max_connections_holds_the_excess_until_a_slot_frees(nursery: trio
     assert backend.connections == 2
     for s in (second, third):
         await s.aclose()
+
+
+async def test_backend_max_connections_queues_the_excess_fifo(nursery: trio.Nursery) -> None:
+    listener, snapshot = build([await start_server(nursery, echo)], backend_max_connections=1)
+    port = await start_proxy(nursery, listener, snapshot)
+    backend: BackendState = snapshot.pools["p"].backends[0]
+    first = await trio.open_tcp_stream(HOST, port)
+    await first.send_all(b"1")
+    assert await first.receive_some(10) == b"1"
+    waiting = await trio.open_tcp_stream(HOST, port)  # accepted, then queued for the backend
+    await waiting.send_all(b"2")
+    with trio.move_on_after(0.3) as held:
+        await waiting.receive_some(10)
+    assert held.cancelled_caught, "second connection reached a backend at max_connections"
+    assert backend.connections == 1
+    await first.aclose()  # frees the slot: the queued connection goes through
+    with trio.fail_after(2):
+        assert await waiting.receive_some(10) == b"2"
+    await waiting.aclose()
+
+
+async def test_backend_max_connections_queue_timeout_closes_the_client(nursery: trio.Nursery) -> None:
+    listener, snapshot = build([await start_server(nursery, echo)], backend_max_connections=1, queue_timeout=0.3)
+    port = await start_proxy(nursery, listener, snapshot)
+    first = await trio.open_tcp_stream(HOST, port)
+    await first.send_all(b"1")
+    assert await first.receive_some(10) == b"1"
+    late = await trio.open_tcp_stream(HOST, port)
+    start = trio.current_time()
+    with trio.fail_after(3):
+        assert await late.receive_some(10) == b""  # closed after the queue timeout
+    assert 0.25 <= trio.current_time() - start < 2
+    await first.aclose()
+    await late.aclose()
 
 
 async def test_connections_spread_over_backends(nursery: trio.Nursery) -> None:
