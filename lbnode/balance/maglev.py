@@ -17,6 +17,7 @@ from hashlib import blake2b
 from typing import TYPE_CHECKING
 
 from lbnode.balance.round_robin import RoundRobin
+from lbnode.balance.weights import TableWeights
 from lbnode.model import Backend
 
 if TYPE_CHECKING:
@@ -109,13 +110,10 @@ class ConsistentHash:
         self, backends: Sequence[Backend], rng: random.Random, *, table_size: int = 65537
     ) -> None:
         self._ids = [b.id for b in backends]
-        self._built_with = [float(b.weight) for b in backends]
-        self._share = [1.0 if w > 0 else 0.0 for w in self._built_with]  # effective / built-with
-        self._partial = 0  # backends in the table with share < 1
-        self._full = sum(1 for w in self._built_with if w > 0)  # ... with share 1
-        self._scale = 1.0  # largest share: 1 unless every backend is lowered; -1 = recompute
+        self._tw = TableWeights([b.weight for b in backends])  # the table is built from .table
+        self._share = self._tw.ratio  # shared list: effective / built-with weight
         self._size = table_size
-        self._table = MaglevTable(self._ids, self._built_with, table_size)
+        self._table = MaglevTable(self._ids, self._tw.table, table_size)
         self._slots = self._table.slots
         self._dirty = False
         self._fallback = RoundRobin(backends, rng)
@@ -130,28 +128,13 @@ class ConsistentHash:
         return ctx.hash_key
 
     def set_weight(self, index: int, weight: float) -> None:
-        weight = float(weight)
         self._fallback.set_weight(index, weight)
-        base = self._built_with[index]
-        if base > 0:  # leaves its old count
-            if self._share[index] < 1.0:
-                self._partial -= 1
-            else:
-                self._full -= 1
-        if weight > base:
-            base = self._built_with[index] = weight
+        if self._tw.set(index, weight):
             self._dirty = True
-        share = self._share[index] = weight / base if base > 0 else 0.0
-        if base > 0:
-            if share < 1.0:
-                self._partial += 1
-            else:
-                self._full += 1
-        self._scale = 1.0 if self._full else -1.0
 
     def _rebuild(self) -> None:
         self._dirty = False
-        self._table = MaglevTable(self._ids, self._built_with, self._size)
+        self._table = MaglevTable(self._ids, self._tw.table, self._size)
         self._slots = self._table.slots
 
     def on_start(self, index: int) -> None:
@@ -172,7 +155,7 @@ class ConsistentHash:
         h = int.from_bytes(blake2b(key, digest_size=8, person=_KEY_PERSON).digest(), "little")
         s = h % self._size
         i = slots[s]
-        if (not self._partial or self._share[i] >= 1.0) and usable(i):
+        if (not self._tw.lowered or self._share[i] >= 1.0) and usable(i):
             return i
         return self._walk(s, h, usable)
 
@@ -182,11 +165,9 @@ class ConsistentHash:
         size = len(slots)
         # Stable per key and independent of the slot. Scaled by the largest share
         # so that a pool ramping up all together moves no key.
-        scale = self._scale
+        scale = self._tw.scale
         if scale < 0:
-            scale = self._scale = max(
-                (f for f, b in zip(share, self._built_with, strict=True) if b > 0), default=0.0
-            )
+            scale = self._tw.rescale()
         coin = (h // size) / (2**64 // size + 1) * scale
         known: dict[int, bool] = {}
         first_usable = -1  # usable but this key is outside its (slow start) share

@@ -11,10 +11,12 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from operator import length_hint
 from typing import TYPE_CHECKING
 
 from lbnode.balance.weighted_random import weighted_choice
+from lbnode.balance.weights import TableWeights
 from lbnode.model import Backend
 
 if TYPE_CHECKING:
@@ -83,22 +85,18 @@ class WeightedRoundRobin:
     def __init__(
         self, backends: Sequence[Backend], rng: random.Random, *, random_start: bool = False
     ) -> None:
-        n = len(backends)
-        self._weights = [float(b.weight) for b in backends]  # effective
-        self._table_weights = list(self._weights)  # what the cycle is built from
-        self._ratio = [1.0] * n  # effective / table weight
+        self._tw = TableWeights([b.weight for b in backends])  # the cycle is built from .table
         # Spread starting credits (golden ratio steps) so that backends ramping
         # together do not all pass their turns in the same stretch of the cycle.
-        self._credit = [(i * _GOLDEN) % 1.0 for i in range(n)]
-        self._lowered = 0  # backends with ratio < 1
-        self._full = sum(1 for w in self._weights if w > 0)  # backends with ratio 1
-        self._scale = 1.0  # largest ratio: 1 unless every backend is lowered; -1 = recompute
+        self._credit = [(i * _GOLDEN) % 1.0 for i in range(len(backends))]
         self._rng = rng
         self._random_start = random_start
         self._schedule: list[int] = []  # exact cycle (integer weights within budget)
-        self._pos = 0
+        self._pos = 0  # where the cycle stood at the last rebuild
         self._heap: list[tuple[float, int]] = []  # EDF fallback: (deadline, index)
         self._step: list[float] = []  # EDF: 1 / weight
+        # Entries still to come: the rest of the current cycle, or the endless EDF order.
+        self._entries: Iterator[int] = iter(())
         self._built = False
         self._dirty = True
 
@@ -110,26 +108,8 @@ class WeightedRoundRobin:
         return bool(self._schedule) or not self._heap
 
     def set_weight(self, index: int, weight: float) -> None:
-        weight = float(weight)
-        if self._weights[index] == weight:
-            return
-        self._weights[index] = weight
-        base = self._table_weights[index]
-        if base > 0:  # leaves its old count
-            if self._ratio[index] < 1.0:
-                self._lowered -= 1
-            else:
-                self._full -= 1
-        if weight > base:
-            base = self._table_weights[index] = weight
+        if self._tw.set(index, weight):
             self._dirty = True  # rebuilt on the next pick: a burst of raises costs one rebuild
-        if base > 0:
-            ratio = self._ratio[index] = weight / base
-            if ratio < 1.0:
-                self._lowered += 1
-            else:
-                self._full += 1
-        self._scale = 1.0 if self._full else -1.0
 
     def on_start(self, index: int) -> None:
         pass
@@ -141,9 +121,13 @@ class WeightedRoundRobin:
         self._dirty = False
         first = not self._built
         self._built = True
-        weights = self._table_weights
+        sched = self._schedule
+        if sched:  # next position in the old cycle
+            self._pos = (len(sched) - length_hint(self._entries)) % len(sched)
+        weights = self._tw.table
         positive = [(i, w) for i, w in enumerate(weights) if w > 0]
         self._schedule, self._heap = [], []
+        self._entries = iter(())
         if not positive:
             return
         if all(w.is_integer() for _, w in positive):
@@ -157,6 +141,7 @@ class WeightedRoundRobin:
                     self._pos = self._rng.randrange(total) if self._random_start else 0
                 else:
                     self._pos %= total  # keep going from about the same place
+                self._entries = iter(self._schedule[self._pos :])
                 return
         # EDF: each backend's next turn is one 1/weight further in virtual time;
         # random phases so that a rebuild favours nobody.
@@ -164,36 +149,33 @@ class WeightedRoundRobin:
         self._step = [1.0 / w if w > 0 else 0.0 for w in weights]
         self._heap = [(rng.random() / w, i) for i, w in positive]
         heapq.heapify(self._heap)
+        self._entries = self._edf(self._heap, self._step)
+
+    @staticmethod
+    def _edf(heap: list[tuple[float, int]], step: list[float]) -> Iterator[int]:
+        """Backends in the order of their deadlines, endlessly."""
+        while True:
+            d, i = heap[0]
+            heapq.heapreplace(heap, (d + step[i], i))
+            yield i
 
     def _advance(self) -> int:
-        sched = self._schedule
-        if sched:
-            pos = self._pos
-            i = sched[pos]
-            pos += 1
-            self._pos = 0 if pos == len(sched) else pos
-            return i
-        heap = self._heap
-        d, i = heap[0]
-        heapq.heapreplace(heap, (d + self._step[i], i))
+        """The next entry of the rotation; -1 when no backend has weight > 0."""
+        i = next(self._entries, -1)
+        if i < 0 and self._schedule:  # end of the cycle: start the next one
+            self._entries = iter(self._schedule)
+            i = next(self._entries)
         return i
 
     def pick(self, ctx: PickContext, usable: Usable) -> int | None:
         if self._dirty:
             self._rebuild()
-        sched = self._schedule
-        if sched:
-            pos = self._pos
-            i = sched[pos]
-            pos += 1
-            self._pos = 0 if pos == len(sched) else pos
-        elif self._heap:
-            heap = self._heap
-            d, i = heap[0]
-            heapq.heapreplace(heap, (d + self._step[i], i))
-        else:
-            return None
-        if self._lowered:
+        i = next(self._entries, -1)  # _advance's common case, inlined for speed
+        if i < 0:
+            i = self._advance()
+            if i < 0:
+                return None
+        if self._tw.lowered:
             return self._walk(usable, i, {})
         if usable(i):
             return i
@@ -201,12 +183,10 @@ class WeightedRoundRobin:
 
     def _walk(self, usable: Usable, i: int, known: dict[int, bool]) -> int | None:
         """From entry ``i`` on: the first backend that is due and usable."""
-        ratio, credit = self._ratio, self._credit
-        scale = self._scale
+        tw, credit = self._tw, self._credit
+        ratio, scale = tw.ratio, tw.scale
         if scale < 0:
-            scale = self._scale = max(
-                (r for r, w in zip(ratio, self._table_weights, strict=True) if w > 0), default=0.0
-            )
+            scale = tw.rescale()
         if scale <= 0:
             return None  # every weight is 0
         for _ in range(SKIP_LIMIT):
@@ -230,7 +210,7 @@ class WeightedRoundRobin:
                         return i
                     credit[i] = 1.0  # owed one turn while unusable, never more
             i = self._advance()
-        weights = self._weights
+        weights = tw.weights
         eligible = [
             j for j, w in enumerate(weights) if w > 0 and (known[j] if j in known else usable(j))
         ]

@@ -13,6 +13,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from lbnode.balance.weights import TableWeights
 from lbnode.model import Backend
 
 if TYPE_CHECKING:
@@ -36,58 +37,26 @@ class WeightedSampler:
     exactly the effective shares without touching the table.
     """
 
-    __slots__ = (
-        "weights",
-        "_table_weights",
-        "_ratio",
-        "_lowered",
-        "_full",
-        "_scale",
-        "_cum",
-        "_total",
-        "_last",
-        "_dirty",
-    )
+    __slots__ = ("weights", "_tw", "_table", "_cum", "_total", "_last", "_dirty")
 
     def __init__(self, weights: Sequence[float]) -> None:
-        self.weights = [float(w) for w in weights]  # effective weights, read by the policies
-        self._table_weights = list(self.weights)
-        self._ratio = [1.0] * len(self.weights)  # effective / table weight
-        self._lowered = 0  # backends in the table with ratio < 1
-        self._full = sum(1 for w in self.weights if w > 0)  # backends in the table with ratio 1
-        self._scale = 1.0  # largest ratio: 1 unless every backend is lowered; -1 = recompute
+        self._tw = TableWeights(weights)
+        self.weights = self._tw.weights  # effective weights (shared list), read by the policies
+        self._table = self._tw.table  # shared list: what the cumulative sums are built from
         self._cum: list[float] = []
         self._total = 0.0
         self._last = -1  # highest index with weight > 0, for float round-up at the top
         self._dirty = True
 
     def set_weight(self, index: int, weight: float) -> None:
-        weight = float(weight)
-        if self.weights[index] == weight:
-            return
-        self.weights[index] = weight
-        base = self._table_weights[index]
-        if base > 0:  # leaves its old count
-            if self._ratio[index] < 1.0:
-                self._lowered -= 1
-            else:
-                self._full -= 1
-        if weight > base:
-            base = self._table_weights[index] = weight
+        if self._tw.set(index, weight):
             self._dirty = True
-        if base > 0:
-            ratio = self._ratio[index] = weight / base
-            if ratio < 1.0:
-                self._lowered += 1
-            else:
-                self._full += 1
-        self._scale = 1.0 if self._full else -1.0
 
     def _rebuild(self) -> None:
         cum: list[float] = []
         total = 0.0
         last = -1
-        for i, w in enumerate(self._table_weights):
+        for i, w in enumerate(self._table):
             if w > 0:
                 total += w
                 last = i
@@ -100,7 +69,7 @@ class WeightedSampler:
         if exclude < 0:
             i = bisect_right(cum, rng.random() * self._total)
         else:
-            w = self._table_weights[exclude]
+            w = self._table[exclude]
             x = rng.random() * (self._total - w)
             if x >= cum[exclude] - w:
                 x += w  # jump over the excluded interval
@@ -115,22 +84,20 @@ class WeightedSampler:
             self._rebuild()
         if self._last < 0:
             return None
-        if exclude >= 0 and self._total - self._table_weights[exclude] <= 0:
+        if exclude >= 0 and self._total - self._table[exclude] <= 0:
             return None
         i = self._draw_table(rng, exclude)
         if i == exclude:  # float rounding at the interval edge
             return None
-        if not self._lowered:
+        if not self._tw.lowered:
             return i
         return self._accept(rng, i, exclude)
 
     def _accept(self, rng: random.Random, i: int, exclude: int) -> int | None:
-        ratio = self._ratio
-        scale = self._scale
+        tw = self._tw
+        ratio, scale = tw.ratio, tw.scale
         if scale < 0:
-            scale = self._scale = max(
-                (r for r, w in zip(ratio, self._table_weights, strict=True) if w > 0), default=0.0
-            )
+            scale = tw.rescale()
         if scale <= 0:
             return None
         for _ in range(REJECTION_LIMIT):
