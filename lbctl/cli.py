@@ -1,21 +1,480 @@
-"""``lbctl``: the Fulcrum control CLI (a gRPC client; it never talks to etcd).
+"""``lbctl``: the Fulcrum control CLI, a gRPC client of the nodes' control API (never etcd).
 
-Only ``--version`` for now: the control API arrives with the cluster issue.
+Owns the commands and turning every failure into one line on stderr and a
+non-zero exit (the gRPC status code name and its details): no tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from lbctl import __version__
 
+EXIT_ERROR = 1
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+
+
+class Failure(Exception):
+    """Ends the command with this one line (already says what failed)."""
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options of every command; ``default`` SUPPRESS on subcommands so they may follow it too."""
+    parser.add_argument("--endpoint", "-e", action="append", metavar="HOST:PORT", default=default,
+                        help="a node's control API (repeat or comma-separate; the next is tried when one is down)")
+    parser.add_argument("--output", "-o", choices=("table", "json"), default=default, help="table (default) or json")
+    parser.add_argument("--ca", metavar="FILE", default=default, help="the cluster CA certificate (PEM)")
+    parser.add_argument("--cert", metavar="FILE", default=default, help="this client's certificate (PEM)")
+    parser.add_argument("--key", metavar="FILE", default=default, help="this client's private key (PEM)")
+    parser.add_argument("--insecure", action="store_true", default=default if default is not None else False,
+                        help="plain text, no certificates (labs and tests only)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", default=default, help="per call (default 10)")
+    parser.add_argument("--config", type=Path, metavar="FILE", default=default,
+                        help="lbctl.toml (default ~/.config/fulcrum/lbctl.toml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lbctl",
+        description="Fulcrum control CLI: talks to the control API of the lbnode nodes (gRPC, mutual TLS).",
+        epilog="Endpoints and certificates also come from LBCTL_ENDPOINTS, LBCTL_CA, LBCTL_CERT, LBCTL_KEY, "
+        "LBCTL_INSECURE, or ~/.config/fulcrum/lbctl.toml (flags win, then variables, then the file).",
+    )
+    parser.add_argument("--version", action="version", version=f"lbctl {__version__}")
+    _connection_options(parser, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _connection_options(common, argparse.SUPPRESS)
+
+    def command(group: Any, name: str, help_text: str, func: Callable[..., int], **defaults: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func, **defaults)
+        return p
+
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    command(sub, "status", "the answering node: configuration revision and backend health", cmd_status)
+    command(sub, "nodes", "the nodes of the cluster, their listeners and health", cmd_nodes)
+
+    pools = sub.add_parser("pools", help="list, show, create, delete pools").add_subparsers(
+        dest="pools_command", metavar="ACTION", required=True
+    )
+    command(pools, "list", "every pool", cmd_pools_list)
+    command(pools, "show", "one pool: settings and backends", cmd_pools_show).add_argument("name")
+    p = command(pools, "create", "create the pool(s) of a file (node.toml pool schema)", cmd_pools_create)
+    p.add_argument("-f", "--file", required=True, help="TOML ([[pools]] or one pool), .json, or - for stdin")
+    p = command(pools, "delete", "delete a pool", cmd_pools_delete)
+    p.add_argument("name")
+    p.add_argument("--revision", type=int, help="only if the pool is still at this revision")
+
+    p = command(sub, "apply", "make the store's pools match a file: shows the diff, then applies it", cmd_apply)
+    p.add_argument("-f", "--file", required=True, help="[[pools]] tables in the node.toml schema")
+    p.add_argument("--prune", action="store_true", help="also delete pools that are not in the file")
+    p.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+
+    backends = sub.add_parser("backends", help="add, remove, weight, drain, enable, disable a backend").add_subparsers(
+        dest="backends_command", metavar="ACTION", required=True
+    )
+    p = command(backends, "add", "add a backend to a pool", cmd_backends_add)
+    p.add_argument("pool")
+    p.add_argument("address", help="HOST:PORT")
+    p.add_argument("--weight", type=int)
+    p.add_argument("--name")
+    p.add_argument("--max-inflight", type=int)
+    p.add_argument("--max-connections", type=int)
+    for action, help_text in (
+        ("remove", "remove a backend"),
+        ("drain", "no new sessions; sessions in progress finish"),
+        ("enable", "take new sessions again"),
+        ("disable", "no traffic at all"),
+    ):
+        p = command(backends, action, help_text, cmd_backends_simple, action=action)
+        p.add_argument("pool")
+        p.add_argument("backend", help="its name, or its address")
+    p = command(backends, "weight", "set a backend's weight (0-1000; 0 = no new sessions)", cmd_backends_weight)
+    p.add_argument("pool")
+    p.add_argument("backend", help="its name, or its address")
+    p.add_argument("weight", type=int)
+
+    command(sub, "watch", "stream pool and backend health events until Ctrl-C", cmd_watch)
+
+    certs = sub.add_parser("certs", help="certificates for the control API").add_subparsers(
+        dest="certs_command", metavar="ACTION", required=True
+    )
+    p = command(certs, "init", "a cluster CA, one certificate per node, and a client certificate",
+                cmd_certs_init, offline=True)
+    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--nodes", required=True, help="node names, comma-separated: n1,n2,n3")
+    p.add_argument("--hosts", action="append", default=[], metavar="NODE=ADDR,...",
+                   help="extra addresses or DNS names per node, e.g. n1=10.0.0.11,n2=10.0.0.12")
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lbctl", description="Fulcrum control CLI")
-    parser.add_argument("--version", action="version", version=f"lbctl {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if getattr(args, "offline", False):
+            return int(args.func(args, None))
+        from lbctl.client import ControlClient
+        from lbctl.settings import SettingsError, resolve
+
+        try:
+            settings = resolve(
+                endpoints=args.endpoint, ca=args.ca, cert=args.cert, key=args.key, insecure=args.insecure,
+                output=args.output, timeout=args.timeout, config_path=args.config,
+            )
+        except SettingsError as exc:
+            raise Failure(str(exc)) from None
+        args.output = settings.output
+        with ControlClient(settings) as client:
+            return int(args.func(args, client))
+    except Failure as exc:
+        print(f"lbctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `lbctl ... | head`
+        return 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _call(client: Any, service: str, method: str, request: Any) -> Any:
+    from lbctl.client import ControlError
+
+    try:
+        return client.call(service, method, request)
+    except ControlError as exc:
+        raise Failure(str(exc)) from None
+
+
+def _pool_dict(msg: Any) -> dict[str, Any]:
+    from lbnode.api.pools import message_pool_dict
+
+    return message_pool_dict(msg)
+
+
+def _json(args: argparse.Namespace) -> bool:
+    return bool(args.output == "json")
+
+
+def _done(args: argparse.Namespace, pool_msg: Any, line: str) -> int:
+    """A write's result: the pool as written (json) or one line saying what happened."""
+    from lbctl.output import emit_json
+
+    if _json(args):
+        emit_json(_pool_dict(pool_msg))
+    else:
+        print(line)
+    return 0
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_status(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json, message_dict, table
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    status = _call(client, "Cluster", "Status", pb.StatusRequest())
+    if _json(args):
+        emit_json(message_dict(status))
+        return 0
+    state = "draining" if status.draining else "serving"
+    print(f"node {status.node_id}: {state}, revision {status.config_revision}, "
+          f"snapshot {status.snapshot_version}, {status.pools_count} pools")
+    rows = []
+    for pool in status.pools:
+        for b in pool.backends:
+            health = b.health + (f" ({b.health_reason})" if b.health_reason else "")
+            ejected = f"ejected {b.ejected_for:g}s" if b.ejected_for > 0 else ""
+            rows.append([pool.name, b.id, b.address, b.weight, b.admin, health, b.inflight, b.connections,
+                         b.requests, b.failures, ejected])
+    table(["POOL", "BACKEND", "ADDRESS", "WEIGHT", "ADMIN", "HEALTH", "INFLIGHT", "CONNS", "REQUESTS",
+           "FAILURES", ""], rows)
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json, message_dict, table
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    nodes = _call(client, "Cluster", "ListNodes", pb.ListNodesRequest())
+    if _json(args):
+        emit_json([message_dict(n) for n in nodes.nodes])
+        return 0
+    rows = []
+    for n in nodes.nodes:
+        listeners = ", ".join(f"{li.name} {li.protocol} {li.address} -> {li.pool}" for li in n.listeners)
+        h = n.health
+        health = f"{h.up} up, {h.down} down" + (f", {h.unknown} unknown" if h.unknown else "")
+        rows.append([n.id, "draining" if n.draining else "serving", n.control_address, n.config_revision,
+                     f"{h.pools} pools, {h.backends} backends: {health}", listeners, n.version])
+    table(["NODE", "STATE", "CONTROL", "REVISION", "HEALTH", "LISTENERS", "VERSION"], rows)
+    return 0
+
+
+def cmd_pools_list(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json, table
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    response = _call(client, "Pools", "ListPools", pb.ListPoolsRequest())
+    if _json(args):
+        emit_json({"revision": response.revision, "pools": [_pool_dict(p) for p in response.pools]})
+        return 0
+    rows = []
+    for p in response.pools:
+        admin: dict[str, int] = {}
+        for b in p.backends:
+            if b.admin and b.admin != "enabled":
+                admin[b.admin] = admin.get(b.admin, 0) + 1
+        extra = "".join(f", {n} {state}" for state, n in sorted(admin.items()))
+        rows.append([p.name, p.algorithm, f"{len(p.backends)}{extra}", p.revision])
+    table(["NAME", "ALGORITHM", "BACKENDS", "REVISION"], rows)
+    return 0
+
+
+def cmd_pools_show(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json, table
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    msg = _call(client, "Pools", "GetPool", pb.GetPoolRequest(name=args.name))
+    data = _pool_dict(msg)
+    if _json(args):
+        emit_json(data)
+        return 0
+    backends = data.pop("backends")
+    print(f"pool {data.pop('name')} (revision {data.pop('revision')})")
+    for key, value in data.items():
+        print(f"  {key} = {json.dumps(value)}")
+    rows = [
+        [b.get("name", ""), b["address"], b.get("weight", 1), b.get("admin", "enabled"),
+         b.get("max_inflight", ""), b.get("max_connections", "")]
+        for b in backends
+    ]
+    table(["NAME", "ADDRESS", "WEIGHT", "ADMIN", "MAX_INFLIGHT", "MAX_CONNECTIONS"], rows)
+    return 0
+
+
+def _load(path: str) -> list[Any]:
+    from lbctl.apply import PoolsFileError, load_pools_file
+
+    try:
+        return load_pools_file(path)
+    except PoolsFileError as exc:
+        raise Failure(str(exc)) from None
+
+
+def cmd_pools_create(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+    from lbnode.api.pools import pool_message
+
+    created = []
+    for pool in _load(args.file):
+        msg = _call(client, "Pools", "CreatePool", pb.CreatePoolRequest(pool=pool_message(pool)))
+        created.append(msg)
+        if not _json(args):
+            print(f"pool {msg.name} created (revision {msg.revision})")
+    if _json(args):
+        emit_json([_pool_dict(m) for m in created])
+    return 0
+
+
+def cmd_pools_delete(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    request = pb.DeletePoolRequest(name=args.name)
+    if args.revision is not None:
+        request.expected_revision = args.revision
+    _call(client, "Pools", "DeletePool", request)
+    if _json(args):
+        emit_json({"deleted": args.name})
+    else:
+        print(f"pool {args.name} deleted")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.apply import make_plan
+    from lbctl.output import emit_json
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+    from lbnode.api.pools import pool_dict, pool_message
+    from lbnode.model import pool_from_dict
+
+    desired = _load(args.file)
+    listed = _call(client, "Pools", "ListPools", pb.ListPoolsRequest())
+    current = {m.name: (pool_from_dict(pool_dict(m)), m.revision) for m in listed.pools}
+    plan = make_plan(desired, current, listed.revision, prune=args.prune)
+    as_json = _json(args)
+    if not as_json:
+        _print_plan(plan, args.file)
+    done: list[str] = []
+    report: dict[str, Any] = {
+        "created": [p.name for p in plan.pools if p.action == "create"],
+        "updated": [{"name": p.name, "revision": p.revision, "changes": list(p.changes)}
+                    for p in plan.pools if p.action == "update"],
+        "deleted": [p.name for p in plan.pools if p.action == "delete"],
+        "unchanged": [p.name for p in plan.pools if p.action == "unchanged"],
+        "kept": [p.name for p in plan.pools if p.action == "keep"],
+        "applied": False,
+    }
+    if args.dry_run or not plan.writes:
+        if as_json:
+            emit_json(report)
+        elif args.dry_run and plan.writes:
+            print("dry run: nothing applied")
+        return 0
+    for step in plan.writes:
+        try:
+            if step.action == "create":
+                assert step.pool is not None
+                _call(client, "Pools", "CreatePool", pb.CreatePoolRequest(pool=pool_message(step.pool)))
+            elif step.action == "update":
+                assert step.pool is not None
+                _call(client, "Pools", "UpdatePool",
+                      pb.UpdatePoolRequest(pool=pool_message(step.pool), expected_revision=step.revision))
+            else:
+                _call(client, "Pools", "DeletePool",
+                      pb.DeletePoolRequest(name=step.name, expected_revision=step.revision))
+        except Failure as exc:
+            so_far = f" (applied before it: {', '.join(done)})" if done else " (nothing applied)"
+            raise Failure(f"{step.action} pool {step.name}: {exc}{so_far}") from None
+        done.append(f"{step.action}d {step.name}")  # created, updated, deleted
+    report["applied"] = True
+    if as_json:
+        emit_json(report)
+    else:
+        print(f"applied: {', '.join(done)}")
+    return 0
+
+
+def _print_plan(plan: Any, source: str) -> None:
+    marks = {"create": "+", "update": "~", "delete": "-", "unchanged": "=", "keep": "!"}
+    for p in plan.pools:
+        mark = marks[p.action]
+        if p.action == "create":
+            print(f"{mark} pool {p.name}: create")
+        elif p.action == "update":
+            print(f"{mark} pool {p.name}: update (revision {p.revision})")
+        elif p.action == "delete":
+            print(f"{mark} pool {p.name}: delete (revision {p.revision})")
+        elif p.action == "unchanged":
+            print(f"{mark} pool {p.name}: unchanged")
+        else:
+            print(f"{mark} pool {p.name}: not in {source}; kept (--prune deletes it)")
+        for line in p.changes:
+            print(f"    {line}")
+    counts = ", ".join(f"{plan.count(a)} {w}" for a, w in (
+        ("create", "to create"), ("update", "to update"), ("delete", "to delete"), ("unchanged", "unchanged")))
+    print("no changes" if not plan.writes else counts)
+
+
+def cmd_backends_add(args: argparse.Namespace, client: Any) -> int:
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    backend = pb.Backend(address=args.address, name=args.name or "")
+    for key in ("weight", "max_inflight", "max_connections"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 0:
+                raise Failure(f"--{key.replace('_', '-')}: must be >= 0, got {value}")
+            setattr(backend, key, value)
+    msg = _call(client, "Backends", "AddBackend", pb.AddBackendRequest(pool=args.pool, backend=backend))
+    return _done(args, msg, f"pool {msg.name}: backend {args.name or args.address} added (revision {msg.revision})")
+
+
+_SIMPLE: dict[str, tuple[str, str]] = {
+    "remove": ("RemoveBackend", "removed"),
+    "drain": ("Drain", "draining"),
+    "enable": ("Enable", "enabled"),
+    "disable": ("Disable", "disabled"),
+}
+
+
+def cmd_backends_simple(args: argparse.Namespace, client: Any) -> int:
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    method, word = _SIMPLE[args.action]
+    msg = _call(client, "Backends", method, pb.BackendRequest(pool=args.pool, backend=args.backend))
+    return _done(args, msg, f"pool {msg.name}: backend {args.backend} {word} (revision {msg.revision})")
+
+
+def cmd_backends_weight(args: argparse.Namespace, client: Any) -> int:
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    if args.weight < 0:
+        raise Failure(f"weight: must be >= 0, got {args.weight}")
+    msg = _call(client, "Backends", "SetWeight",
+                pb.SetWeightRequest(pool=args.pool, backend=args.backend, weight=args.weight))
+    return _done(args, msg, f"pool {msg.name}: backend {args.backend} weight {args.weight} (revision {msg.revision})")
+
+
+def cmd_watch(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.client import ControlError
+    from lbctl.output import emit_json, message_dict
+
+    def started(endpoint: str) -> None:
+        print(f"watching events from {endpoint} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+    try:
+        for event in client.watch(started):
+            if _json(args):
+                emit_json(message_dict(event), compact=True)
+            else:
+                print(describe_event(event), flush=True)
+    except ControlError as exc:
+        raise Failure(str(exc)) from None
+    except KeyboardInterrupt:
+        return 0
+    raise Failure("the event stream ended: the node is stopping")
+
+
+def describe_event(event: Any) -> str:
+    when = event.time.ToDatetime(tzinfo=datetime.UTC).isoformat(timespec="milliseconds")
+    kind = event.WhichOneof("event")
+    if kind == "pool":
+        change = event.pool.DESCRIPTOR.fields_by_name["change"].enum_type.values_by_number[event.pool.change].name
+        return f"{when} {event.node_id} pool {event.pool.name} {change.lower()} (revision {event.pool.revision})"
+    if kind == "backend_health":
+        h = event.backend_health
+        return f"{when} {event.node_id} backend {h.pool}/{h.backend} {h.old} -> {h.new}: {h.reason}"
+    if kind == "node":
+        change = event.node.DESCRIPTOR.fields_by_name["change"].enum_type.values_by_number[event.node.change].name
+        return f"{when} {event.node_id} node {event.node.node_id} {change.lower()}"
+    return f"{when} {event.node_id} unknown event"
+
+
+def cmd_certs_init(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.certs import CertsError, init_certs, parse_hosts
+    from lbctl.output import emit_json, table
+
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if not nodes:
+        raise Failure("--nodes: give at least one node name, e.g. --nodes n1,n2,n3")
+    try:
+        written = init_certs(args.dir, nodes, parse_hosts(args.hosts, nodes))
+    except CertsError as exc:
+        raise Failure(str(exc)) from None
+    except OSError as exc:
+        raise Failure(f"{args.dir}: {exc.strerror or exc}") from None
+    if args.output == "json":
+        emit_json([{"path": str(w.path), "what": w.what} for w in written])
+    else:
+        table(["FILE", "WHAT"], [[str(w.path), w.what] for w in written])
     return 0
 
 

@@ -48,7 +48,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigFileError as exc:
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
-    node = node_from_config(config)
+    try:
+        node = node_from_config(config)
+    except ConfigFileError as exc:  # a corrupt state_dir/pools.json
+        print(f"lbnode: {exc}", file=sys.stderr)
+        return 1
     return _run_reporting_bind_errors(lambda: trio.run(node.run), f"lbnode: {args.config}")
 
 

@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -19,6 +20,7 @@ from lbnode.admin.server import serve_admin
 from lbnode.cluster.membership import ClusterAgent
 from lbnode.cluster.store import PoolStore
 from lbnode.cluster.sync import StoreFollower
+from lbnode.control.events import EventHub
 from lbnode.health.checker import HealthChecker
 from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
@@ -48,6 +50,8 @@ class LbNode:
         # Cluster membership: which backends this node checks, and the others' verdicts.
         self.agent = agent
         self._checked: dict[str, set[str]] = {}  # pool -> backend ids whose observations we publish
+        self.events = EventHub()  # pool, backend health and node changes, for the control API's WatchEvents
+        self.control_port: int | None = None
         self.follower: StoreFollower | None = None
         self._snapshot = Snapshot.build(config)
         self._draining = False
@@ -105,10 +109,16 @@ class LbNode:
             if self.agent is not None:
                 self.agent.on_assignment_change(self._sync_health)
                 self.agent.on_verdict(self._on_verdict)
+                self.events.follow_cluster(self.agent)
                 await outer.start(self.agent.run)
             if self.store is not None:
                 self.follower = StoreFollower(self.store, lambda: self.config, self.apply)
+                self.events.follow(self.follower)
                 await outer.start(self.follower.run)
+            if config.control is not None and self.store is not None:
+                from lbnode.control.server import serve_control
+
+                self.control_port = await outer.start(serve_control, config.control, self.store, self)
             if admin_sock is not None:
                 outer.start_soon(serve_admin, admin_sock, self)
             self._health_nursery = outer
@@ -191,6 +201,7 @@ class LbNode:
             pool = self._snapshot.pools.get(pool_name)
             if pool is not None:
                 pool.health_changed(backend_id, t.new, t.reason, t.at)
+            self.events.backend_health(pool_name, backend_id, t)
 
         return on_transition
 
@@ -234,7 +245,12 @@ def node_from_config(config: Config) -> LbNode:
     serves the file's pools and follows etcd once it answers (static stability).
     """
     if config.cluster is None:
-        return LbNode(config)
+        if config.control is None:
+            return LbNode(config)
+        # Standalone with a control API: changes persist in state_dir; node.toml seeds it once.
+        from lbnode.cluster.filestore import FileStore
+
+        return LbNode(config, store=FileStore(Path(config.node.state_dir), config.pools))
     from lbnode.cluster.etcd import EtcdConnection, EtcdStore
     from lbnode.cluster.store import AlreadyExists, StoreError
 
@@ -248,8 +264,8 @@ def node_from_config(config: Config) -> LbNode:
         except StoreError as exc:
             log.warning("cannot seed pool %s into etcd (%s); serving it from the config file", pool.name, exc)
             break
-    addresses = [str(li.bind) for li in config.listeners]
+    info: dict[str, object] = {"addresses": [str(li.bind) for li in config.listeners]}
     if config.control is not None:
-        addresses.append(str(config.control.bind))
-    agent = ClusterAgent(config.cluster, config.node.id, {"addresses": addresses}, connection=connection)
+        info["control"] = str(config.control.bind)
+    agent = ClusterAgent(config.cluster, config.node.id, info, connection=connection)
     return LbNode(config, store=store, agent=agent)

@@ -1,0 +1,293 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Backend(_message.Message):
+    __slots__ = ("address", "weight", "name", "admin", "max_inflight", "max_connections")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    weight: int
+    name: str
+    admin: str
+    max_inflight: int
+    max_connections: int
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., name: _Optional[str] = ..., admin: _Optional[str] = ..., max_inflight: _Optional[int] = ..., max_connections: _Optional[int] = ...) -> None: ...
+
+class Pool(_message.Message):
+    __slots__ = ("name", "algorithm", "backends", "spec_json", "revision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    algorithm: str
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    spec_json: str
+    revision: int
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., spec_json: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class CreatePoolRequest(_message.Message):
+    __slots__ = ("pool",)
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    pool: Pool
+    def __init__(self, pool: _Optional[_Union[Pool, _Mapping]] = ...) -> None: ...
+
+class GetPoolRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListPoolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPoolsResponse(_message.Message):
+    __slots__ = ("pools", "revision")
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[Pool]
+    revision: int
+    def __init__(self, pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class UpdatePoolRequest(_message.Message):
+    __slots__ = ("pool", "expected_revision")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    pool: Pool
+    expected_revision: int
+    def __init__(self, pool: _Optional[_Union[Pool, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeletePoolRequest(_message.Message):
+    __slots__ = ("name", "expected_revision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expected_revision: int
+    def __init__(self, name: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeletePoolResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AddBackendRequest(_message.Message):
+    __slots__ = ("pool", "backend")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    backend: Backend
+    def __init__(self, pool: _Optional[str] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ...) -> None: ...
+
+class BackendRequest(_message.Message):
+    __slots__ = ("pool", "backend")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    backend: str
+    def __init__(self, pool: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class SetWeightRequest(_message.Message):
+    __slots__ = ("pool", "backend", "weight")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    backend: str
+    weight: int
+    def __init__(self, pool: _Optional[str] = ..., backend: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class Listener(_message.Message):
+    __slots__ = ("name", "protocol", "address", "pool")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    protocol: str
+    address: str
+    pool: str
+    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ...) -> None: ...
+
+class HealthSummary(_message.Message):
+    __slots__ = ("pools", "backends", "up", "down", "unknown")
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    DOWN_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    pools: int
+    backends: int
+    up: int
+    down: int
+    unknown: int
+    def __init__(self, pools: _Optional[int] = ..., backends: _Optional[int] = ..., up: _Optional[int] = ..., down: _Optional[int] = ..., unknown: _Optional[int] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("id", "control_address", "listeners", "health", "draining", "config_revision", "version")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_REVISION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    control_address: str
+    listeners: _containers.RepeatedCompositeFieldContainer[Listener]
+    health: HealthSummary
+    draining: bool
+    config_revision: int
+    version: str
+    def __init__(self, id: _Optional[str] = ..., control_address: _Optional[str] = ..., listeners: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ..., health: _Optional[_Union[HealthSummary, _Mapping]] = ..., draining: _Optional[bool] = ..., config_revision: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackendStatus(_message.Message):
+    __slots__ = ("id", "address", "weight", "admin", "health", "health_reason", "inflight", "connections", "requests", "failures", "ejected_for")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_REASON_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    weight: int
+    admin: str
+    health: str
+    health_reason: str
+    inflight: int
+    connections: int
+    requests: int
+    failures: int
+    ejected_for: float
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[int] = ..., admin: _Optional[str] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., inflight: _Optional[int] = ..., connections: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., ejected_for: _Optional[float] = ...) -> None: ...
+
+class PoolStatus(_message.Message):
+    __slots__ = ("name", "algorithm", "backends")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    algorithm: str
+    backends: _containers.RepeatedCompositeFieldContainer[BackendStatus]
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[BackendStatus, _Mapping]]] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("node_id", "config_revision", "snapshot_version", "pools_count", "pools", "draining")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_REVISION_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POOLS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    config_revision: int
+    snapshot_version: int
+    pools_count: int
+    pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
+    draining: bool
+    def __init__(self, node_id: _Optional[str] = ..., config_revision: _Optional[int] = ..., snapshot_version: _Optional[int] = ..., pools_count: _Optional[int] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PoolChanged(_message.Message):
+    __slots__ = ("name", "change", "pool", "revision")
+    class Change(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CHANGE_UNSPECIFIED: _ClassVar[PoolChanged.Change]
+        CREATED: _ClassVar[PoolChanged.Change]
+        UPDATED: _ClassVar[PoolChanged.Change]
+        DELETED: _ClassVar[PoolChanged.Change]
+    CHANGE_UNSPECIFIED: PoolChanged.Change
+    CREATED: PoolChanged.Change
+    UPDATED: PoolChanged.Change
+    DELETED: PoolChanged.Change
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    change: PoolChanged.Change
+    pool: Pool
+    revision: int
+    def __init__(self, name: _Optional[str] = ..., change: _Optional[_Union[PoolChanged.Change, str]] = ..., pool: _Optional[_Union[Pool, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class BackendHealthChanged(_message.Message):
+    __slots__ = ("pool", "backend", "old", "new", "reason")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    OLD_FIELD_NUMBER: _ClassVar[int]
+    NEW_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    backend: str
+    old: str
+    new: str
+    reason: str
+    def __init__(self, pool: _Optional[str] = ..., backend: _Optional[str] = ..., old: _Optional[str] = ..., new: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class NodeChanged(_message.Message):
+    __slots__ = ("node_id", "change")
+    class Change(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CHANGE_UNSPECIFIED: _ClassVar[NodeChanged.Change]
+        JOINED: _ClassVar[NodeChanged.Change]
+        LEFT: _ClassVar[NodeChanged.Change]
+    CHANGE_UNSPECIFIED: NodeChanged.Change
+    JOINED: NodeChanged.Change
+    LEFT: NodeChanged.Change
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    change: NodeChanged.Change
+    def __init__(self, node_id: _Optional[str] = ..., change: _Optional[_Union[NodeChanged.Change, str]] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    node_id: str
+    time: _timestamp_pb2.Timestamp
+    pool: PoolChanged
+    backend_health: BackendHealthChanged
+    node: NodeChanged
+    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,488 @@
+"""The gRPC control API server: Pools, Backends and Cluster servicers, health and reflection.
+
+Owns translating messages into store writes and node reads, and domain errors
+into status codes. Never pokes the data plane: writes go to the store and
+reach every node (this one too) through its watch. Runs in gRPC's own thread
+pool; it reads Trio state only through ``trio.from_thread`` with the run's token.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import grpc
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lbnode import __version__
+from lbnode.api.fulcrum.v1 import control_pb2 as pb
+from lbnode.api.fulcrum.v1 import control_pb2_grpc as rpc
+from lbnode.api.pools import backend_dict, pool_dict, pool_message
+from lbnode.cluster.store import (
+    AlreadyExists,
+    Conflict,
+    NotFound,
+    PoolRecord,
+    PoolStore,
+    Unavailable,
+)
+from lbnode.control import backends as edits
+from lbnode.control.events import (
+    BackendHealthChange,
+    EventHub,
+    NodeChange,
+    PoolChange,
+    Published,
+    StreamEnded,
+    Subscription,
+)
+from lbnode.listen import BindError
+from lbnode.model import ConfigError, ControlSettings, pool_from_dict
+
+if TYPE_CHECKING:  # the node imports this module: no import cycle at run time
+    from lbnode.cluster.sync import StoreFollower
+    from lbnode.model import Config
+    from lbnode.node import Bound
+    from lbnode.runtime import Snapshot
+
+log = logging.getLogger("lbnode.control")
+
+# WatchEvents streams each hold a worker thread for their lifetime: cap them,
+# and keep workers beyond the cap so that unary calls are never starved.
+MAX_WATCH_STREAMS = 16
+UNARY_WORKERS = 8
+# Seconds calls in flight may take to finish when the server stops.
+STOP_GRACE = 2.0
+# How often a stream with nothing to send checks that its client is still there.
+STREAM_POLL = 0.5
+
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+
+_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (Conflict, grpc.StatusCode.ABORTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (trio.RunFinishedError, grpc.StatusCode.UNAVAILABLE),
+)
+_DOMAIN_ERRORS = tuple(kind for kind, _ in _CODES)
+
+
+class ControlSetupError(BindError):
+    """The control API cannot start (unreadable certificate, address in use): one line for operators."""
+
+
+class NodeView(Protocol):
+    """What the control API reads from a node (``LbNode`` satisfies it); Trio-thread state."""
+
+    config: Config
+    bound: Bound | None
+    follower: StoreFollower | None
+    events: EventHub
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
+R = TypeVar("R")
+
+
+def _translating(method: Callable[..., R]) -> Callable[..., R]:
+    """Domain errors -> status codes; the message is the error's own text (it names the field)."""
+
+    @functools.wraps(method)
+    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> R:
+        try:
+            return method(self, request, context)
+        except _DOMAIN_ERRORS as exc:
+            code = next(c for kind, c in _CODES if isinstance(exc, kind))
+            message = "the node is stopping" if isinstance(exc, trio.RunFinishedError) else str(exc)
+            context.abort(code, message)
+            raise  # abort raised already; this keeps type checkers content
+
+    return handler
+
+
+def _who(context: grpc.ServicerContext) -> str:
+    """The caller for the audit log: its certificate's common name, and where it called from."""
+    names = context.auth_context().get("x509_common_name") or []
+    peer = context.peer()
+    return f"{names[0].decode(errors='replace')} ({peer})" if names else peer
+
+
+def _required(value: str, field: str) -> str:
+    if not value:
+        raise ConfigError(field, "is required")
+    return value
+
+
+# --------------------------------------------------------------------------- Pools
+
+
+class PoolsServicer(rpc.PoolsServicer):
+    def __init__(self, store: PoolStore) -> None:
+        self.store = store
+
+    @_translating
+    def CreatePool(self, request: pb.CreatePoolRequest, context: grpc.ServicerContext) -> pb.Pool:
+        record = self.store.create_pool(pool_from_dict(pool_dict(request.pool), "pool"))
+        log.info("pool %s created by %s (revision %d)", record.pool.name, _who(context), record.revision)
+        return pool_message(record.pool, record.revision)
+
+    @_translating
+    def GetPool(self, request: pb.GetPoolRequest, context: grpc.ServicerContext) -> pb.Pool:
+        record = self.store.get_pool(_required(request.name, "name"))
+        return pool_message(record.pool, record.revision)
+
+    @_translating
+    def ListPools(self, request: pb.ListPoolsRequest, context: grpc.ServicerContext) -> pb.ListPoolsResponse:
+        records, revision = self.store.list_pools()
+        return pb.ListPoolsResponse(
+            pools=[pool_message(r.pool, r.revision) for r in sorted(records, key=lambda r: r.pool.name)],
+            revision=revision,
+        )
+
+    @_translating
+    def UpdatePool(self, request: pb.UpdatePoolRequest, context: grpc.ServicerContext) -> pb.Pool:
+        pool = pool_from_dict(pool_dict(request.pool), "pool")
+        expected = request.expected_revision if request.HasField("expected_revision") else None
+        record = self.store.update_pool(pool, expected)
+        log.info("pool %s updated by %s (revision %d)", pool.name, _who(context), record.revision)
+        return pool_message(record.pool, record.revision)
+
+    @_translating
+    def DeletePool(self, request: pb.DeletePoolRequest, context: grpc.ServicerContext) -> pb.DeletePoolResponse:
+        expected = request.expected_revision if request.HasField("expected_revision") else None
+        self.store.delete_pool(_required(request.name, "name"), expected)
+        log.info("pool %s deleted by %s", request.name, _who(context))
+        return pb.DeletePoolResponse()
+
+
+# --------------------------------------------------------------------------- Backends
+
+
+class BackendsServicer(rpc.BackendsServicer):
+    def __init__(self, store: PoolStore) -> None:
+        self.store = store
+
+    @_translating
+    def AddBackend(self, request: pb.AddBackendRequest, context: grpc.ServicerContext) -> pb.Pool:
+        record = edits.add_backend(self.store, _required(request.pool, "pool"), backend_dict(request.backend))
+        return self._done(record, context, f"backend {request.backend.name or request.backend.address} added")
+
+    @_translating
+    def RemoveBackend(self, request: pb.BackendRequest, context: grpc.ServicerContext) -> pb.Pool:
+        record = edits.remove_backend(self.store, _required(request.pool, "pool"), request.backend)
+        return self._done(record, context, f"backend {request.backend} removed")
+
+    @_translating
+    def SetWeight(self, request: pb.SetWeightRequest, context: grpc.ServicerContext) -> pb.Pool:
+        record = edits.set_weight(self.store, _required(request.pool, "pool"), request.backend, request.weight)
+        return self._done(record, context, f"backend {request.backend} weight {request.weight}")
+
+    @_translating
+    def Drain(self, request: pb.BackendRequest, context: grpc.ServicerContext) -> pb.Pool:
+        return self._admin(request, context, "draining")
+
+    @_translating
+    def Enable(self, request: pb.BackendRequest, context: grpc.ServicerContext) -> pb.Pool:
+        return self._admin(request, context, "enabled")
+
+    @_translating
+    def Disable(self, request: pb.BackendRequest, context: grpc.ServicerContext) -> pb.Pool:
+        return self._admin(request, context, "disabled")
+
+    def _admin(self, request: pb.BackendRequest, context: grpc.ServicerContext, admin: str) -> pb.Pool:
+        record = edits.set_admin(self.store, _required(request.pool, "pool"), request.backend, admin)
+        return self._done(record, context, f"backend {request.backend} {admin}")
+
+    @staticmethod
+    def _done(record: PoolRecord, context: grpc.ServicerContext, what: str) -> pb.Pool:
+        log.info("pool %s: %s by %s (revision %d)", record.pool.name, what, _who(context), record.revision)
+        return pool_message(record.pool, record.revision)
+
+
+# --------------------------------------------------------------------------- Cluster
+
+
+class ClusterServicer(rpc.ClusterServicer):
+    """Node reads hop onto the Trio thread (``token``); events come from the node's hub."""
+
+    def __init__(self, node: NodeView, token: trio.lowlevel.TrioToken, control_address: str) -> None:
+        self.node = node
+        self.token = token
+        self.control_address = control_address
+        self._streams = threading.BoundedSemaphore(MAX_WATCH_STREAMS)
+        self._lock = threading.Lock()
+        self._subscriptions: set[Subscription] = set()
+        self._closing = False
+
+    def _on_trio(self, fn: Callable[[], R]) -> R:
+        return trio.from_thread.run_sync(fn, trio_token=self.token)
+
+    @_translating
+    def ListNodes(self, request: pb.ListNodesRequest, context: grpc.ServicerContext) -> pb.ListNodesResponse:
+        return pb.ListNodesResponse(nodes=self._on_trio(self._nodes))
+
+    @_translating
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        return self._on_trio(self._status_message)
+
+    def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
+        if not self._streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this node serves at most {MAX_WATCH_STREAMS} event streams at once",
+            )
+        sub = None
+        try:
+            with self._lock:
+                if self._closing:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "the node is stopping")
+                sub = self.node.events.subscribe()
+                self._subscriptions.add(sub)
+            context.add_callback(sub.close)  # client gone: wake the loop below at once
+            # Headers go out once the subscription exists: a client that waits
+            # for them sees every event published after that.
+            node_id = self._on_trio(lambda: self.node.config.node.id)
+            context.send_initial_metadata(())
+            while True:
+                try:
+                    item = sub.get(STREAM_POLL)
+                except StreamEnded as end:
+                    if end.overflowed:
+                        context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            "this stream fell behind and lost events: list again and watch again",
+                        )
+                    return
+                if item is not None:
+                    yield _event_message(item, node_id)
+                elif not context.is_active():
+                    return
+        finally:
+            if sub is not None:
+                with self._lock:
+                    self._subscriptions.discard(sub)
+                sub.close()
+            self._streams.release()
+
+    def close_streams(self) -> None:
+        """End every WatchEvents stream (the server is stopping); new ones are refused."""
+        with self._lock:
+            self._closing = True
+            subs = list(self._subscriptions)
+        for sub in subs:
+            sub.close()
+
+    # These run on the Trio thread: plain reads, no awaits.
+    def _nodes(self) -> list[pb.Node]:
+        """This node in full; in a cluster, the other live nodes as they registered (``agent.nodes``)."""
+        me = self._node_message()
+        peers = getattr(getattr(self.node, "agent", None), "nodes", None) or {}
+        others = [
+            pb.Node(id=node_id, version=str(info.get("version", "")), control_address=str(info.get("control", "")))
+            for node_id, info in sorted(peers.items())
+            if node_id != me.id and isinstance(info, dict)
+        ]
+        return sorted([me, *others], key=lambda n: n.id)
+
+    def _node_message(self) -> pb.Node:
+        node = self.node
+        snap = node.snapshot
+        health = pb.HealthSummary(pools=len(snap.pools))
+        for pool in snap.pools.values():
+            for b in pool.backends:
+                health.backends += 1
+                if b.health == "up":
+                    health.up += 1
+                elif b.health == "down":
+                    health.down += 1
+                else:
+                    health.unknown += 1
+        bound = node.bound.listeners if node.bound is not None else {}
+        listeners = []
+        for name, li in snap.listeners.items():
+            host, port = bound.get(name, (li.bind.host, li.bind.port))
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            listeners.append(pb.Listener(name=name, protocol=li.protocol, address=address, pool=li.pool))
+        return pb.Node(
+            id=snap.config.node.id,
+            control_address=self.control_address,
+            listeners=listeners,
+            health=health,
+            draining=node.draining,
+            config_revision=node.follower.revision if node.follower is not None else 0,
+            version=__version__,
+        )
+
+    def _status_message(self) -> pb.StatusResponse:
+        node = self.node
+        snap = node.snapshot
+        now = trio.current_time()
+        pools = []
+        for name in sorted(snap.pools):
+            pool = snap.pools[name]
+            pools.append(
+                pb.PoolStatus(
+                    name=name,
+                    algorithm=pool.spec.algorithm,
+                    backends=[
+                        pb.BackendStatus(
+                            id=b.id,
+                            address=str(b.spec.address),
+                            weight=b.spec.weight,
+                            admin=b.admin,
+                            health=b.health,
+                            health_reason=b.health_reason,
+                            inflight=b.inflight,
+                            connections=b.connections,
+                            requests=b.requests,
+                            failures=b.failures,
+                            ejected_for=round(max(0.0, b.ejected_until - now), 3),
+                        )
+                        for b in pool.backends
+                    ],
+                )
+            )
+        return pb.StatusResponse(
+            node_id=snap.config.node.id,
+            config_revision=node.follower.revision if node.follower is not None else 0,
+            snapshot_version=snap.version,
+            pools_count=len(snap.pools),
+            pools=pools,
+            draining=node.draining,
+        )
+
+
+def _event_message(item: Published, node_id: str) -> pb.Event:
+    msg = pb.Event(seq=item.seq, node_id=node_id)
+    msg.time.FromNanoseconds(int(item.time * 1e9))
+    event = item.event
+    if isinstance(event, PoolChange):
+        change = {"created": pb.PoolChanged.CREATED, "updated": pb.PoolChanged.UPDATED}.get(
+            event.change, pb.PoolChanged.DELETED
+        )
+        msg.pool.CopyFrom(pb.PoolChanged(name=event.name, change=change, revision=event.revision))
+        if event.record is not None:
+            msg.pool.pool.CopyFrom(pool_message(event.record.pool, event.record.revision))
+    elif isinstance(event, BackendHealthChange):
+        msg.backend_health.CopyFrom(
+            pb.BackendHealthChanged(
+                pool=event.pool, backend=event.backend, old=event.old, new=event.new, reason=event.reason
+            )
+        )
+    elif isinstance(event, NodeChange):
+        joined_or_left = pb.NodeChanged.JOINED if event.change == "joined" else pb.NodeChanged.LEFT
+        msg.node.CopyFrom(pb.NodeChanged(node_id=event.node_id, change=joined_or_left))
+    return msg
+
+
+# --------------------------------------------------------------------------- server
+
+
+def _pem(value: str | None, what: str, kind: str) -> bytes:
+    """A PEM value of [control]: inline PEM text, or the path of a PEM file (checked here, not at the first client)."""
+    if value is None:
+        raise ControlSetupError(f"control.{what}: is required for mutual TLS (or set insecure = true)")
+    if value.lstrip().startswith("-----BEGIN"):
+        data, where = value.encode(), "the inline value"
+    else:
+        try:
+            data, where = Path(value).read_bytes(), value
+        except OSError as exc:
+            raise ControlSetupError(f"control.{what}: cannot read {value}: {exc.strerror or exc}") from None
+    try:
+        if kind == "key":
+            load_pem_private_key(data, password=None)
+        else:
+            x509.load_pem_x509_certificates(data)
+    except (ValueError, TypeError) as exc:
+        raise ControlSetupError(f"control.{what}: {where} is not a PEM {kind} without a passphrase ({exc})") from None
+    return data
+
+
+def server_credentials(settings: ControlSettings) -> grpc.ServerCredentials:
+    """Mutual TLS: this node's certificate, and only clients with a certificate from the cluster CA."""
+    return grpc.ssl_server_credentials(
+        [(_pem(settings.key, "key", "key"), _pem(settings.cert, "cert", "certificate"))],
+        root_certificates=_pem(settings.ca, "ca", "certificate"),
+        require_client_auth=True,
+    )
+
+
+async def serve_control(
+    settings: ControlSettings,
+    store: PoolStore,
+    node: NodeView,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the control API until cancelled; ``task_status.started(port)`` once it listens.
+
+    Raises ControlSetupError (a BindError) for an unusable certificate or address.
+    """
+    token = trio.lowlevel.current_trio_token()
+    credentials = None if settings.insecure else server_credentials(settings)
+    executor = ThreadPoolExecutor(MAX_WATCH_STREAMS + UNARY_WORKERS, thread_name_prefix="control")
+    # gRPC sets SO_REUSEPORT by default: two nodes could then share a port without an error.
+    server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
+    rpc.add_PoolsServicer_to_server(PoolsServicer(store), server)  # type: ignore[no-untyped-call]
+    rpc.add_BackendsServicer_to_server(BackendsServicer(store), server)  # type: ignore[no-untyped-call]
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = str(settings.bind)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        executor.shutdown(wait=False)
+        raise ControlSetupError(f"control.bind: cannot listen on {address}: {exc}") from None
+    if port == 0:  # older grpcio reports a failed bind this way
+        executor.shutdown(wait=False)
+        raise ControlSetupError(f"control.bind: cannot listen on {address}: address in use or not available")
+    host = settings.bind.host
+    control_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cluster = ClusterServicer(node, token, control_address)
+    rpc.add_ClusterServicer_to_server(cluster, server)  # type: ignore[no-untyped-call]
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.start()
+    if settings.insecure:
+        log.warning(
+            "control API on %s WITHOUT TLS (insecure = true): anyone who reaches it can change pools",
+            control_address,
+        )
+    else:
+        log.info("control API on %s (mutual TLS)", control_address)
+    try:
+        task_status.started(port)
+        await trio.sleep_forever()
+    finally:
+        health_servicer.enter_graceful_shutdown()
+        cluster.close_streams()
+        stopped = server.stop(STOP_GRACE)
+        # Handlers may still hop onto this Trio thread while they finish: wait in a thread.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(stopped.wait, STOP_GRACE + 1.0)
+        executor.shutdown(wait=False)
+        log.info("control API stopped")
