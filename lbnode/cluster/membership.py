@@ -25,11 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import trio
@@ -38,6 +36,7 @@ from lbnode import __version__
 from lbnode.cluster.assign import backend_key, checkers_for, cluster_verdict
 from lbnode.cluster.etcd import Compacted, EtcdConnection, KeyEvent, KeyValue, LeaseNotFound
 from lbnode.cluster.store import StoreError
+from lbnode.cluster.watch import follow_watch
 from lbnode.health.state import Observation
 from lbnode.model import NAME_RE, ClusterSettings
 
@@ -397,35 +396,11 @@ class ClusterAgent:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _watch(self, prefix: str, revision: int, change: Callable[[KeyEvent], None]) -> None:
-        send, receive = trio.open_memory_channel[list[KeyEvent] | StoreError](64)
-        stop = threading.Event()
-        token = trio.lowlevel.current_trio_token()
+        def each(batch: list[KeyEvent]) -> None:
+            for event in batch:
+                change(event)
 
-        def pump() -> None:
-            try:
-                for batch in self.conn.watch_prefix(prefix, revision + 1, stop):
-                    trio.from_thread.run(send.send, batch, trio_token=token)
-            except StoreError as exc:
-                if not stop.is_set():
-                    trio.from_thread.run(send.send, exc, trio_token=token)
-            except trio.RunFinishedError:
-                pass
-
-        failure: StoreError | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(trio.to_thread.run_sync, pump, abandon_on_cancel=True))
-                async for item in receive:
-                    if isinstance(item, StoreError):
-                        failure = item  # raised below, outside the nursery (which would wrap it in a group)
-                        nursery.cancel_scope.cancel()
-                        break
-                    for event in item:
-                        change(event)
-        finally:
-            stop.set()
-        if failure is not None:
-            raise failure
+        await follow_watch(lambda stop: self.conn.watch_prefix(prefix, revision + 1, stop), each)
 
     def _bad(self, key: str, revision: int, why: str) -> None:
         if (key, revision) not in self._logged_bad:

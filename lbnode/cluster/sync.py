@@ -9,14 +9,13 @@ snapshot, logs once, and retries with backoff (static stability).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
 
 import trio
 
 from lbnode.cluster.store import PoolEvent, PoolRecord, PoolStore, Resync, StoreError
+from lbnode.cluster.watch import follow_watch
 from lbnode.model import Config, Pool
 
 log = logging.getLogger("lbnode.cluster")
@@ -68,39 +67,13 @@ class StoreFollower:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _watch(self) -> None:
-        send, receive = trio.open_memory_channel[PoolEvent | Resync | StoreError](64)
-        stop = threading.Event()
-        token = trio.lowlevel.current_trio_token()
+        await follow_watch(lambda stop: self.store.watch_pools(self.revision, stop), self._on_event)
 
-        def pump() -> None:
-            try:
-                for event in self.store.watch_pools(self.revision, stop):
-                    trio.from_thread.run(send.send, event, trio_token=token)
-            except StoreError as exc:
-                if not stop.is_set():
-                    trio.from_thread.run(send.send, exc, trio_token=token)
-            except trio.RunFinishedError:
-                pass
-
-        # The error leaves the nursery by hand: raised inside it, it would come out as
-        # an ExceptionGroup that run()'s `except StoreError` does not catch.
-        failure: StoreError | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(trio.to_thread.run_sync, pump, abandon_on_cancel=True))
-                async for event in receive:
-                    if isinstance(event, StoreError):
-                        failure = event
-                        nursery.cancel_scope.cancel()
-                        break
-                    if isinstance(event, Resync):
-                        self._replace_all(list(event.records), event.revision)
-                    else:
-                        self._change(event)
-        finally:
-            stop.set()
-        if failure is not None:
-            raise failure
+    def _on_event(self, event: PoolEvent | Resync) -> None:
+        if isinstance(event, Resync):
+            self._replace_all(list(event.records), event.revision)
+        else:
+            self._change(event)
 
     def _replace_all(self, records: list[PoolRecord], revision: int) -> None:
         old = self.pools

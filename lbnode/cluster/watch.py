@@ -1,0 +1,65 @@
+"""Following a blocking etcd-style watch from Trio: one thread, one memory channel.
+
+Owns the bridge the architecture prescribes for watches (the etcd client
+blocks): the watch runs in a worker thread, each item crosses to the Trio
+thread through a memory channel, and a failure comes back as a plain
+StoreError, not wrapped in an ExceptionGroup. Never interprets the items.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TypeVar
+
+import trio
+
+from lbnode.cluster.store import StoreError
+
+T = TypeVar("T")
+
+# Items in flight between the watch thread and Trio; the thread waits when it is full.
+CHANNEL_SIZE = 64
+
+
+async def follow_watch(watch: Callable[[threading.Event], Iterable[T]], handle: Callable[[T], None]) -> None:
+    """Run ``watch(stop)`` in a thread and call ``handle(item)`` on the Trio thread for each item.
+
+    Returns when the watch ends by itself; raises its StoreError; on
+    cancellation sets ``stop`` so that the thread finishes.
+    """
+    send, receive = trio.open_memory_channel[T | StoreError](CHANNEL_SIZE)
+    stop = threading.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def pump() -> None:
+        try:
+            for item in watch(stop):
+                trio.from_thread.run(send.send, item, trio_token=token)
+        except StoreError as exc:
+            if not stop.is_set():
+                trio.from_thread.run(send.send, exc, trio_token=token)
+        except trio.RunFinishedError:
+            pass
+        finally:
+            try:
+                trio.from_thread.run_sync(send.close, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+
+    failure: StoreError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, pump, abandon_on_cancel=True))
+            async for item in receive:
+                if isinstance(item, StoreError):
+                    # Raised below, outside the nursery, which would wrap it in a group.
+                    failure = item
+                    nursery.cancel_scope.cancel()
+                    break
+                handle(item)
+    finally:
+        stop.set()
+    if failure is not None:
+        raise failure
