@@ -8,8 +8,8 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 
 # Debian packages the tests use: curl as a real client; etcd (3.4) for the cluster tests.
 TEST_DEBS  := curl etcd-server
-# Debian packages the benchmark runs beside Fulcrum.
-BENCH_DEBS := haproxy nginx wrk
+# Debian packages the benchmark runs beside Fulcrum (etcd for the cluster section).
+BENCH_DEBS := haproxy nginx wrk etcd-server
 
 .PHONY: demo test test-fast bench lint venv sysdeps-test sysdeps-bench clean
 

@@ -1,8 +1,9 @@
 """``python -m bench [--quick] [--only SECTION] [--duration S]``: the side-by-side benchmark.
 
 Starts nginx as three backends, then Fulcrum (lbnode), HAProxy and nginx as
-balancers in front of them, measures each, prints a markdown report and writes
-it to ``bench/results/latest.md``. See docs/benchmarks.md.
+balancers in front of them (and etcd for the cluster section), measures each,
+prints a markdown report and writes it to ``bench/results/latest.md``. See
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ def sections() -> list[Section]:
     """The report, in order. Add a section here (or via ``harness.OPTIONAL_MODULES``).
 
     The targets section reads what the l7 and l4 sections stored in ``ctx.results``,
-    so it stays last. The policies and protections sections restart lbnode with
-    their own configs on Fulcrum's ports (the l4 section starts the main one again),
-    and carry their own targets.
+    so it stays last. The policies, protections and cluster sections restart lbnode
+    with their own configs on Fulcrum's ports (the l4 section starts the main one
+    again), and carry their own targets; the cluster section also starts etcd.
     """
     return [
         Section("l7", "L7: HTTP/1.1 keep-alive, 100-byte responses", harness.section_l7),
@@ -36,6 +37,11 @@ def sections() -> list[Section]:
             "protections", "L7 with protections on vs off (Fulcrum)", harness.section_protections
         ),
         Section("l4", "L4: bulk TCP, 64 MiB responses", harness.section_l4),
+        Section(
+            "cluster",
+            "Cluster member vs standalone, and control-plane propagation (Fulcrum)",
+            harness.section_cluster,
+        ),
         *harness.optional_sections(),
         Section("targets", "Targets", harness.section_targets),
     ]
@@ -49,7 +55,8 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="short runs (3 s main L7, 2 s per policy/protections run, 2 s L4) for a smoke check",
+        help="short runs (3 s main L7 and cluster runs, 2 s per policy/protections run, 2 s L4) "
+        "for a smoke check",
     )
     p.add_argument(
         "--only",
@@ -59,7 +66,8 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--duration",
         type=float,
-        help="seconds of measured wrk load per balancer (default 10, 3 with --quick)",
+        help="seconds of measured wrk load per balancer and per cluster-section run "
+        "(default 10, 3 with --quick)",
     )
     p.add_argument(
         "--variant-duration",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import inspect
+import json
 import os
 import platform
 import re
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 HOST = "127.0.0.1"  # the only address this benchmark ever talks to
@@ -45,6 +46,15 @@ L4_BULK_TARGET = 0.9  # Fulcrum L4 bulk GB/s >= 0.9x HAProxy's
 MAX_ERROR_SHARE = 0.001  # a Fulcrum L7 row with more errors than this does not meet a target
 POLICY_TARGET = 0.95  # every policy's L7 req/s >= 0.95x round robin's (in the same run)
 PROTECTION_TARGET = 0.05  # protections on: req/s at most 5 % below, CPU/req at most 5 % above
+CLUSTER_TARGET = 0.05  # cluster member vs standalone: req/s at most 5 % below, CPU/req 5 % above
+PROPAGATION_TARGET = 0.5  # seconds: p99 of a pool change reaching every node's /status
+PROPAGATION_CHANGES = 50
+PROPAGATION_TIMEOUT = 5.0  # seconds: a change not seen by every node by then counts as failed
+ETCD = "/usr/bin/etcd"  # Debian's etcd-server (`make sysdeps-test` installs it)
+# etcd key prefixes of the cluster section: the L7 runs and the propagation nodes do not
+# see each other's pools.
+CLUSTER_L7_PREFIX = "/fulcrum-bench-l7/v1"
+CLUSTER_PROPAGATION_PREFIX = "/fulcrum-bench-propagation/v1"
 
 # The protections the "protections" section switches on, sized so that none of them
 # refuses anything under the benchmark's load (50 connections from one client IP).
@@ -432,6 +442,9 @@ def fulcrum_config(
     weights: Sequence[int] | None = None,
     affinity_key: str | None = None,
     protections: bool = False,
+    etcd: Sequence[str] = (),
+    etcd_prefix: str | None = None,
+    control_port: int | None = None,
 ) -> str:
     """node.toml for lbnode: an http listener over all backends, a tcp listener over the first.
 
@@ -441,8 +454,19 @@ def fulcrum_config(
     http health checks, outlier detection, ``max_inflight`` per backend, the
     listener's ``max_connections`` and a rate limit (see ``PROTECTIONS``), all set
     so that none of them refuses anything under the benchmark's load.
+
+    ``etcd`` (client URLs) makes the node a cluster member (``[cluster]``, pools in etcd
+    under ``etcd_prefix``, seeded from these same pools); ``control_port`` adds a
+    plain-text control API (``[control] insecure = true``: loopback only, bench only).
+    Without them the text is exactly the standalone config.
     """
     state = f'state_dir = "{state_dir}"\n' if state_dir else ""
+    if etcd:
+        urls = ", ".join(f'"{u}"' for u in etcd)
+        prefix = f'prefix = "{etcd_prefix}"\n' if etcd_prefix else ""
+        state += f"\n[cluster]\netcd = [{urls}]\n{prefix}"
+    if control_port is not None:
+        state += f'\n[control]\nbind = "{HOST}:{control_port}"\ninsecure = true\n'
     pool_keys = f'hash_key = "{hash_key}"\n' if hash_key else ""
     backends = ""
     for i, p in enumerate(ports.backends):
@@ -635,8 +659,11 @@ class Variant:
     affinity: bool = False  # [pools.affinity] mode = "cookie" with AFFINITY_KEY
     protections: bool = False  # see PROTECTIONS
     client: str = ""
+    cluster: bool = False  # a cluster member: [cluster] on the given etcd (CLUSTER_L7_PREFIX)
 
-    def config(self, ports: Ports, state_dir: str | None = None) -> str:
+    def config(self, ports: Ports, state_dir: str | None = None, etcd: Sequence[str] = ()) -> str:
+        if self.cluster and not etcd:
+            raise ValueError(f"variant {self.name!r} is a cluster member: give the etcd URLs")
         return fulcrum_config(
             ports,
             self.algorithm,
@@ -645,6 +672,8 @@ class Variant:
             weights=self.weights,
             affinity_key=AFFINITY_KEY if self.affinity else None,
             protections=self.protections,
+            etcd=etcd if self.cluster else (),
+            etcd_prefix=CLUSTER_L7_PREFIX if self.cluster else None,
         )
 
 
@@ -668,6 +697,8 @@ POLICY_VARIANTS: tuple[Variant, ...] = (
 )
 PLAIN = Variant("without protections")
 PROTECTED = Variant("with protections", protections=True)
+STANDALONE = Variant("standalone")
+CLUSTERED = Variant("cluster member", cluster=True)
 
 # wrk Lua script for client "x-user". A request function makes wrk build each request
 # in Lua (cheap next to the balancer; wrk runs on its own CPU).
@@ -699,6 +730,16 @@ def protection_runs() -> list[tuple[str, Variant]]:
         (f"{PROTECTED.name} (1st)", PROTECTED),
         (f"{PROTECTED.name} (2nd)", PROTECTED),
         (f"{PLAIN.name} (2nd)", PLAIN),
+    ]
+
+
+def cluster_runs() -> list[tuple[str, Variant]]:
+    """Standalone, cluster, cluster, standalone (ABBA), as the protections section."""
+    return [
+        (f"{STANDALONE.name} (1st)", STANDALONE),
+        (f"{CLUSTERED.name} (1st)", CLUSTERED),
+        (f"{CLUSTERED.name} (2nd)", CLUSTERED),
+        (f"{STANDALONE.name} (2nd)", STANDALONE),
     ]
 
 
@@ -826,6 +867,19 @@ def compare_protections(
     """Means of the runs without and with protections: req/s at most ``limit`` below,
     CPU µs/req at most ``limit`` above (both targets), p99 for information. Too many
     errors in the runs with protections (e.g. a rate limit that triggered) fail both."""
+    return compare_runs(without, with_, limit, "without protections", "with protections")
+
+
+def compare_runs(
+    without: Sequence[L7Row],
+    with_: Sequence[L7Row],
+    limit: float,
+    base_name: str,
+    other_name: str,
+) -> list[Comparison]:
+    """Means of the ``base_name`` runs (``without``) against the ``other_name`` runs
+    (``with_``): req/s at most ``limit`` below, CPU µs/req at most ``limit`` above (both
+    targets), p99 for information. Too many errors in the ``with_`` runs fail both."""
     errors = sum(r.errors for r in with_ if not r.failed)
     requests = sum(r.requests for r in with_ if not r.failed)
     bad = _too_many_errors(errors, requests)
@@ -841,7 +895,7 @@ def compare_protections(
             goal, status = DASH, "information"
         else:
             goal = f">= {1 - limit:.2f}x" if higher_ok else f"<= {1 + limit:.2f}x"
-            missing = "no figure without protections" if a is None else "no figure with protections"
+            missing = f"no figure {base_name}" if a is None else f"no figure {other_name}"
             status = ratio_status(ratio, 1 - limit if higher_ok else 1 + limit, higher_ok, missing)
             if status == "met" and bad:
                 status = f"not met ({errors} errors in {requests} requests)"
@@ -879,9 +933,11 @@ def render_runs(rows: Sequence[L7Row]) -> str:
     return render_table(["Run", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "core %", "errors"], out)
 
 
-def render_comparison(rows: Sequence[Comparison]) -> str:
+def render_comparison(
+    rows: Sequence[Comparison], base: str = "without", other: str = "with"
+) -> str:
     return render_table(
-        ["Figure", "without (mean)", "with (mean)", "with / without", "goal", "status"],
+        ["Figure", f"{base} (mean)", f"{other} (mean)", f"{other} / {base}", "goal", "status"],
         [[c.figure, c.without, c.with_, c.ratio, c.goal, c.status] for c in rows],
         align="lrrrll",
     )
@@ -1145,6 +1201,7 @@ class Context:
         self.ports = allocate_ports()
         self.run_as_root = os.geteuid() == 0
         self.results: dict[str, object] = {}
+        self._etcd_url = ""
         self._procs: list[Proc] = []
         self._started: dict[str, Proc | StartError] = {}
         cpus = sorted(os.sched_getaffinity(0))
@@ -1280,6 +1337,23 @@ class Context:
 
         return self._once(key, start)
 
+    def etcd(self) -> str:
+        """A one-member etcd (data in the temp dir, free ports from 27400), started once;
+        its client URL. ``StartError`` when ``ETCD`` is not installed or does not serve."""
+
+        def start() -> Proc:
+            if not Path(ETCD).exists():
+                raise StartError(f"etcd not installed ({ETCD}; Debian package etcd-server)")
+            taken = set(ports_of(self.ports))
+            client, peer = pick_port(27400, taken), pick_port(27401, taken)
+            proc = self.spawn("etcd", etcd_argv(ETCD, self.tmp / "etcd", client, peer))
+            proc.wait_ready([client], self.opts.start_timeout, health=lambda: _etcd_healthy(client))
+            self._etcd_url = f"http://{HOST}:{client}"
+            return proc
+
+        self._once("etcd", start)
+        return self._etcd_url
+
     def stop(self, key: str) -> None:
         """Stop a process started through this context (e.g. before reusing its ports),
         also one that started but never became ready; forget it, so the next use of
@@ -1290,6 +1364,63 @@ class Context:
                 proc.stop()
             finally:
                 self._procs.remove(proc)
+
+
+def ports_of(ports: Ports) -> list[int]:
+    """Every port in ``ports``."""
+    return [*ports.backends] + [
+        ports.fulcrum_web,
+        ports.fulcrum_bulk,
+        ports.fulcrum_admin,
+        ports.haproxy_web,
+        ports.haproxy_bulk,
+        ports.haproxy_bulk_splice,
+        ports.nginx_web,
+    ]
+
+
+def etcd_argv(etcd: str, data_dir: Path, client_port: int, peer_port: int) -> list[str]:
+    """A one-member etcd on loopback: client and peer URLs on ``HOST``, warnings only."""
+    client, peer = f"http://{HOST}:{client_port}", f"http://{HOST}:{peer_port}"
+    return [
+        etcd,
+        "--name",
+        "bench",
+        "--data-dir",
+        str(data_dir),
+        "--listen-client-urls",
+        client,
+        "--advertise-client-urls",
+        client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        f"bench={peer}",
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        "fulcrum-bench",
+        "--logger",
+        "zap",
+        "--log-outputs",
+        "stderr",
+        "--log-level",
+        "warn",
+    ]
+
+
+def _etcd_healthy(client_port: int) -> bool:
+    """etcd's ``GET /health`` says ``{"health":"true"}`` (a leader, no alarm)."""
+    try:
+        status, body = http_get(client_port, "/health", timeout=1.0)
+    except (OSError, http.client.HTTPException):
+        return False
+    try:
+        return status == 200 and json.loads(body).get("health") == "true"
+    except ValueError:
+        return False
 
 
 def _nginx_argv(conf: Path, prefix: Path) -> list[str]:
@@ -1605,12 +1736,24 @@ def affinity_cookie(port: int, timeout: float = 5.0) -> str | None:
         conn.close()
 
 
-def run_variant(ctx: Context, label: str, variant: Variant, key: str) -> L7Row:
+def run_variant(
+    ctx: Context,
+    label: str,
+    variant: Variant,
+    key: str,
+    duration: float | None = None,
+    warmup: float | None = None,
+) -> L7Row:
     """Start lbnode with ``variant``'s config on the usual Fulcrum ports (stopping the
     main section's lbnode first), measure it like the main L7 section with the
-    shorter ``variant_duration``, stop it."""
+    shorter ``variant_duration`` (or ``duration``/``warmup`` when given), stop it.
+    A cluster variant joins ``ctx.etcd()``."""
     ctx.stop("fulcrum")  # frees the ports; a later section starts it again
-    config = variant.config(ctx.ports, state_dir=str(ctx.tmp / f"{key}-state"))
+    try:
+        etcd = [ctx.etcd()] if variant.cluster else []
+    except StartError as exc:
+        return L7Row(label, failed=str(exc))
+    config = variant.config(ctx.ports, state_dir=str(ctx.tmp / f"{key}-state"), etcd=etcd)
     port = ctx.ports.fulcrum_web
     try:
         proc, err = _try_proc(lambda: ctx.fulcrum(config, key=key))
@@ -1635,8 +1778,8 @@ def run_variant(ctx: Context, label: str, variant: Variant, key: str) -> L7Row:
             label,
             port,
             [proc.pid],
-            duration=o.variant_duration,
-            warmup=o.variant_warmup,
+            duration=o.variant_duration if duration is None else duration,
+            warmup=o.variant_warmup if warmup is None else warmup,
             script=script,
             headers=headers,
         )
@@ -1644,11 +1787,17 @@ def run_variant(ctx: Context, label: str, variant: Variant, key: str) -> L7Row:
         ctx.stop(key)
 
 
-def _run_all(ctx: Context, runs: Sequence[tuple[str, Variant]], prefix: str) -> list[L7Row]:
+def _run_all(
+    ctx: Context,
+    runs: Sequence[tuple[str, Variant]],
+    prefix: str,
+    duration: float | None = None,
+    warmup: float | None = None,
+) -> list[L7Row]:
     ctx.backends()
     rows: list[L7Row] = []
     for i, (label, variant) in enumerate(runs):
-        rows.append(run_variant(ctx, label, variant, key=f"fulcrum-{prefix}-{i}"))
+        rows.append(run_variant(ctx, label, variant, f"fulcrum-{prefix}-{i}", duration, warmup))
         _progress(rows[-1])
     return rows
 
@@ -1742,6 +1891,248 @@ def section_protections(ctx: Context) -> str:
         + _spread_text(with_, "With protections")
         + CORE_NOTE
         + " The health checks' own CPU (3 checks a second) is in the CPU figures."
+    )
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@dataclass
+class Propagation:
+    """Pool changes written through one node's control API, and when every node showed them."""
+
+    nodes: int
+    # Seconds per change: the SetWeight call until it returned; from its return until every
+    # node's /status shows the change; from the call until every node shows it.
+    write_s: list[float] = field(default_factory=list)
+    propagation_s: list[float] = field(default_factory=list)
+    total_s: list[float] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # refused writes, changes not seen in time
+
+    @property
+    def attempted(self) -> int:
+        return len(self.total_s) + len(self.failed)
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0-100) of ``values``; None when empty. The p99 of
+    50 samples is the largest, the p50 the 25th smallest."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(1, -(-q * len(ordered) // 100))  # ceil(q/100 * n), at least the first
+    return ordered[min(int(rank), len(ordered)) - 1]
+
+
+def status_weight(doc: object, pool: str, backend_id: str) -> int | None:
+    """The weight of ``backend_id`` in ``pool`` in an admin ``/status`` document; None when
+    the document, the pool or the backend is not there."""
+    if not isinstance(doc, dict):
+        return None
+    for p in doc.get("pools") or []:
+        if isinstance(p, dict) and p.get("name") == pool:
+            for b in p.get("backends") or []:
+                if isinstance(b, dict) and b.get("id") == backend_id:
+                    w = b.get("weight")
+                    return w if isinstance(w, int) else None
+    return None
+
+
+def render_propagation(p: Propagation, limit: float = PROPAGATION_TARGET) -> str:
+    """p50 / p99 / max of the three timings; the target (p99 below ``limit`` seconds, every
+    change seen by every node) on the two propagation rows."""
+    goal = f"p99 < {limit * 1000:.0f} ms"
+    out = []
+    for figure, values, has_goal in (
+        ("SetWeight through node 1's control API (until it returned)", p.write_s, False),
+        (f"write returned -> all {p.nodes} nodes' /status show it", p.propagation_s, True),
+        (f"write issued -> all {p.nodes} nodes' /status show it", p.total_s, True),
+    ):
+        p50, p99 = percentile(values, 50), percentile(values, 99)
+        top = max(values) if values else None
+        if not has_goal:
+            status = "information"
+        elif p99 is None:
+            status = "not met (no change measured)"
+        elif p.failed:
+            status = f"not met ({len(p.failed)} of {p.attempted} changes failed)"
+        else:
+            status = "met" if p99 < limit else "not met"
+        ms = [None if v is None else v * 1000 for v in (p50, p99, top)]
+        out.append(
+            [figure, f"{len(values)}/{p.attempted}"]
+            + [fmt_num(v, 1) for v in ms]
+            + [goal if has_goal else DASH, status]
+        )
+    return render_table(
+        ["Figure", "changes", "p50 ms", "p99 ms", "max ms", "goal", "status"],
+        out,
+        align="lrrrrll",
+    )
+
+
+def _admin_status(port: int) -> object:
+    try:
+        status, body = http_get(port, "/status", timeout=2.0)
+        return json.loads(body) if status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+
+
+def measure_propagation(
+    ctx: Context, nodes: int = 3, changes: int = PROPAGATION_CHANGES
+) -> Propagation:
+    """``nodes`` cluster members on ``ctx.etcd()`` (own ports, their own etcd prefix, control
+    API in plain text); ``changes`` weight changes of one backend written through node 1's
+    control API (SetWeight, alternating 2 and 3), each timed until every node's admin
+    ``/status`` shows it. The nodes are stopped afterwards."""
+    try:
+        import grpc
+
+        from lbnode.api.fulcrum.v1 import control_pb2 as pb
+        from lbnode.api.fulcrum.v1 import control_pb2_grpc as rpc
+    except ImportError as exc:
+        raise StartError(f"cannot import the control API client: {exc}") from None
+    url = ctx.etcd()
+    ctx.backends()
+    taken = set(ports_of(ctx.ports))
+    keys: list[str] = []
+    admins: list[int] = []
+    control = 0
+    backend = f"{HOST}:{ctx.ports.backends[0]}"
+    result = Propagation(nodes)
+    try:
+        for i in range(1, nodes + 1):
+            web, bulk, admin, ctl = (pick_port(27500 + 10 * i + k, taken) for k in range(4))
+            ports = replace(ctx.ports, fulcrum_web=web, fulcrum_bulk=bulk, fulcrum_admin=admin)
+            config = fulcrum_config(
+                ports,
+                node_id=f"n{i}",
+                state_dir=str(ctx.tmp / f"cluster-n{i}-state"),
+                etcd=[url],
+                etcd_prefix=CLUSTER_PROPAGATION_PREFIX,
+                control_port=ctl,
+            )
+            key = f"fulcrum-cluster-n{i}"
+            keys.append(key)
+            # The control port is gRPC's socket (AF_INET6, v4-mapped: not in the
+            # /proc/net/tcp that wait_ready reads), so it is waited for below.
+            ctx.fulcrum(config, key=key, ready_ports=[web, bulk], admin_port=admin)
+            admins.append(admin)
+            control = control or ctl
+        deadline = time.monotonic() + ctx.opts.start_timeout
+        while not port_accepts(control):
+            if time.monotonic() > deadline:
+                raise StartError(f"node 1's control API on {HOST}:{control} does not accept")
+            time.sleep(0.05)
+        while not all(status_weight(_admin_status(a), "web", backend) for a in admins):
+            if time.monotonic() > deadline:
+                raise StartError("the cluster nodes did not show pool web from etcd")
+            time.sleep(0.05)
+        with grpc.insecure_channel(f"{HOST}:{control}") as channel:
+            stub = rpc.BackendsStub(channel)
+
+            def set_weight(weight: int) -> None:
+                stub.SetWeight(
+                    pb.SetWeightRequest(pool="web", backend=backend, weight=weight), timeout=10
+                )
+
+            try:
+                set_weight(5)  # unmeasured: opens the channel, warms the path
+            except grpc.RpcError as exc:
+                raise StartError(f"SetWeight: {exc.code().name}: {exc.details()}") from None
+            for i in range(changes):
+                weight = 2 + i % 2  # alternating: every change is a write
+                t0 = time.perf_counter()
+                try:
+                    set_weight(weight)
+                except grpc.RpcError as exc:
+                    result.failed.append(f"change {i}: {exc.code().name}: {exc.details()}")
+                    continue
+                t1 = time.perf_counter()
+                waiting = list(admins)
+                while waiting and time.perf_counter() - t1 < PROPAGATION_TIMEOUT:
+                    waiting = [
+                        a
+                        for a in waiting
+                        if status_weight(_admin_status(a), "web", backend) != weight
+                    ]
+                    if waiting:
+                        time.sleep(0.002)
+                if waiting:
+                    result.failed.append(
+                        f"change {i}: {len(waiting)} nodes not showing it after {PROPAGATION_TIMEOUT:g} s"
+                    )
+                    continue
+                t2 = time.perf_counter()
+                result.write_s.append(t1 - t0)
+                result.propagation_s.append(t2 - t1)
+                result.total_s.append(t2 - t0)
+    finally:
+        for key in keys:
+            ctx.stop(key)
+    return result
+
+
+def section_cluster(ctx: Context) -> str:
+    if not Path(ETCD).exists():
+        return (
+            f"skipped: etcd is not installed ({ETCD}; Debian package etcd-server, which "
+            "`make sysdeps-test` installs). Nothing was measured."
+        )
+    runs = cluster_runs()
+    o = ctx.opts
+    rows = _run_all(ctx, runs, "cluster", duration=o.duration, warmup=o.warmup)
+    ctx.results["cluster"] = rows
+    standalone = [r for r, (_, v) in zip(rows, runs, strict=True) if v == STANDALONE]
+    clustered = [r for r, (_, v) in zip(rows, runs, strict=True) if v == CLUSTERED]
+    comparison = compare_runs(standalone, clustered, CLUSTER_TARGET, "standalone", "cluster member")
+    ctx.results["cluster_comparison"] = comparison
+    print(
+        f"  propagation: 3 cluster nodes, {PROPAGATION_CHANGES} changes",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        prop = measure_propagation(ctx)
+        ctx.results["propagation"] = prop
+        prop_text = render_propagation(prop)
+        if prop.failed:
+            prop_text += "\n\nFailed changes: " + "; ".join(prop.failed[:5])
+    except StartError as exc:
+        prop_text = f"failed: {exc}"
+    return (
+        render_runs(rows)
+        + "\n\n"
+        + render_comparison(comparison, "standalone", "cluster member")
+        + "\n\n"
+        + f"Target: a cluster member no more than {CLUSTER_TARGET * 100:.0f} % below a standalone "
+        "node (req/s at least, CPU per request at most that far off; p99 for information). "
+        f"Same wrk command and durations as the main L7 section (`wrk -t{o.threads} "
+        f"-c{o.connections} -d{o.duration:g}s --latency` on GET {SMALL_PATH} after a "
+        f"{o.warmup:g} s warm-up), each run on a freshly started lbnode pinned as there. "
+        "The cluster member's node.toml is the standalone one plus `[cluster]` on a "
+        "one-member etcd the benchmark starts in its temp dir (unpinned; running during "
+        "every run, idle in the standalone ones): its pools are seeded into etcd and "
+        "followed through a watch, and it keeps a lease alive (node key, every TTL/3 of the "
+        "default 5 s). No health checks, so no observations are published. Runs in the "
+        "order standalone, cluster, cluster, standalone; means compared; nothing is re-run "
+        "or dropped. "
+        + _spread_text(standalone, "Standalone")
+        + " "
+        + _spread_text(clustered, "Cluster member")
+        + CORE_NOTE
+        + "\n\n### Control-plane propagation\n\n"
+        + prop_text
+        + "\n\n"
+        + f"Three cluster members (own ports and etcd prefix, unmeasured by wrk, the machine "
+        f"otherwise idle) follow the same etcd. {PROPAGATION_CHANGES} changes of one "
+        "backend's weight (alternating 2 and 3, so each is a write) go through node 1's "
+        "control API (gRPC `Backends/SetWeight`, plain text on loopback, one channel kept "
+        "open); after each, the admin `/status` of every node is polled (every 2 ms) until "
+        "all show the new weight. Percentiles are nearest-rank: the p99 of 50 changes is "
+        f"the slowest. A change not seen by every node within {PROPAGATION_TIMEOUT:g} s "
+        "fails the target."
     )
 
 

@@ -651,12 +651,15 @@ def parse_config(data: object) -> Config:
     _unique(pools, "pools", lambda p: p.name)
     _unique(listeners, "listeners", lambda li: li.name)
     pool_names = {p.name for p in pools}
+    # With a store (etcd, or the API's file store) pools may be created later through the
+    # control API; until then the listener answers 503. Without one, a missing pool is a typo.
+    pools_from_store = control is not None or cluster is not None
     binds: dict[tuple[str, int], int] = {}
     for i, li in enumerate(listeners):
-        if li.pool not in pool_names:
+        if li.pool not in pool_names and not pools_from_store:
             raise ConfigError(f"listeners[{i}].pool", f'pool "{li.pool}" is not defined')
         for j, route in enumerate(li.routes):
-            if route.pool not in pool_names:
+            if route.pool not in pool_names and not pools_from_store:
                 raise ConfigError(f"listeners[{i}].routes[{j}].pool", f'pool "{route.pool}" is not defined')
         bind_key = (li.bind.host, li.bind.port)
         if li.bind.port and bind_key in binds:

@@ -612,8 +612,141 @@ def test_cli_sections_and_options():
 
     names = [s.name for s in cli.sections()]
     assert names[:3] == ["l7", "policies", "protections"] and names[-1] == "targets"
-    for only in ("l7", "policies", "protections", "l4"):
+    for only in ("l7", "policies", "protections", "l4", "cluster"):
         assert cli.parse_args(["--only", only], names).only == only
     with pytest.raises(SystemExit):
         cli.parse_args(["--only", "targets"], names)
     assert cli.parse_args(["--variant-duration", "6"], names).variant_duration == 6.0
+
+
+# --------------------------------------------------------------------------- cluster section
+
+
+def test_cluster_config_is_the_standalone_one_plus_cluster_and_control():
+    url = "http://127.0.0.1:27400"
+    plain = harness.fulcrum_config(PORTS, state_dir="/s")
+    assert harness.fulcrum_config(PORTS, state_dir="/s", etcd=()) == plain
+    text = harness.fulcrum_config(
+        PORTS, node_id="n2", state_dir="/s", etcd=[url], etcd_prefix="/p/v1", control_port=27513
+    )
+    cfg = _load(text)
+    assert cfg.node.id == "n2" and cfg.node.state_dir == "/s"
+    assert (cfg.cluster.etcd, cfg.cluster.prefix) == ((url,), "/p/v1")
+    assert cfg.control.insecure and cfg.control.bind.port == 27513
+    assert cfg.control.bind.host == "127.0.0.1"
+    assert [p.name for p in cfg.pools] == ["web", "bulk"]  # the pools seeded into etcd
+    # the clustered variant: the standalone config plus [cluster], nothing else
+    member = harness.CLUSTERED.config(PORTS, "/s", etcd=[url])
+    cfg = _load(member)
+    assert cfg.cluster.etcd == (url,) and cfg.cluster.prefix == harness.CLUSTER_L7_PREFIX
+    assert cfg.control is None
+    extra = f'\n[cluster]\netcd = ["{url}"]\nprefix = "{harness.CLUSTER_L7_PREFIX}"\n'
+    assert member.replace(extra, "") == plain
+    assert harness.STANDALONE.config(PORTS, "/s", etcd=[url]) == plain  # etcd ignored
+    with pytest.raises(ValueError):
+        harness.CLUSTERED.config(PORTS, "/s")
+
+
+def test_cluster_runs_are_abba():
+    runs = harness.cluster_runs()
+    assert [v for _, v in runs] == [
+        harness.STANDALONE,
+        harness.CLUSTERED,
+        harness.CLUSTERED,
+        harness.STANDALONE,
+    ]
+    assert len({label for label, _ in runs}) == 4
+    assert not harness.STANDALONE.cluster and harness.CLUSTERED.cluster
+
+
+def test_compare_runs_names_its_sides():
+    base = [_prow("s1", 1000.0, cpu=100.0), _prow("s2", 1000.0, cpu=100.0)]
+    member = [_prow("c1", 960.0, cpu=104.0), _prow("c2", 940.0, cpu=106.0)]
+    c = harness.compare_runs(base, member, 0.05, "standalone", "cluster member")
+    assert [(x.figure, x.ratio, x.goal, x.status) for x in c] == [
+        ("req/s", "0.950x", ">= 0.95x", "met"),
+        ("CPU µs/req", "1.050x", "<= 1.05x", "met"),
+        ("p99 ms", "1.000x", "—", "information"),
+    ]
+    c = harness.compare_runs(base, [L7Row("c", failed="x")], 0.05, "standalone", "cluster member")
+    assert c[0].status == "not met (no figure cluster member)"
+    out = harness.render_comparison(c, "standalone", "cluster member").splitlines()
+    assert cells(out[0])[1:4] == [
+        "standalone (mean)",
+        "cluster member (mean)",
+        "cluster member / standalone",
+    ]
+
+
+def test_etcd_argv_is_one_member_on_loopback(tmp_path):
+    argv = harness.etcd_argv("/usr/bin/etcd", tmp_path / "etcd", 27400, 27401)
+    opts = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert argv[0] == "/usr/bin/etcd" and opts["--data-dir"] == str(tmp_path / "etcd")
+    assert (
+        opts["--listen-client-urls"] == opts["--advertise-client-urls"] == "http://127.0.0.1:27400"
+    )
+    assert opts["--listen-peer-urls"] == "http://127.0.0.1:27401"
+    assert opts["--initial-cluster"] == "bench=http://127.0.0.1:27401"
+    assert opts["--initial-cluster-state"] == "new"
+
+
+def test_ports_of_lists_every_port():
+    assert sorted(harness.ports_of(PORTS)) == sorted(
+        [19001, 19002, 19003, 18080, 18081, 17070, 18180, 18181, 18182, 18280]
+    )
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(50, 0, -1)]  # 50 samples, unsorted
+    assert harness.percentile(values, 99) == 50.0  # the slowest of 50
+    assert harness.percentile(values, 50) == 25.0
+    assert harness.percentile(values, 0) == 1.0
+    assert harness.percentile(range(1, 201), 99) == 198
+    assert harness.percentile([3.0], 99) == 3.0
+    assert harness.percentile([], 50) is None
+
+
+def test_status_weight():
+    doc = {
+        "node": "n1",
+        "pools": [
+            {"name": "bulk", "backends": [{"id": "127.0.0.1:1", "weight": 9}]},
+            {
+                "name": "web",
+                "backends": [{"id": "a", "weight": 1}, {"id": "127.0.0.1:1", "weight": 3}],
+            },
+        ],
+    }
+    assert harness.status_weight(doc, "web", "127.0.0.1:1") == 3
+    assert harness.status_weight(doc, "bulk", "127.0.0.1:1") == 9
+    assert harness.status_weight(doc, "web", "b") is None
+    assert harness.status_weight(doc, "api", "a") is None
+    assert harness.status_weight(None, "web", "a") is None
+    assert (
+        harness.status_weight({"pools": [{"name": "web", "backends": [{"id": "a"}]}]}, "web", "a")
+        is None
+    )
+
+
+def test_render_propagation_and_its_target():
+    p = harness.Propagation(3)
+    p.write_s = [0.004] * 50
+    p.propagation_s = [0.002] * 49 + [0.120]
+    p.total_s = [0.006] * 49 + [0.6]
+    out = harness.render_propagation(p).splitlines()
+    assert cells(out[0]) == ["Figure", "changes", "p50 ms", "p99 ms", "max ms", "goal", "status"]
+    assert cells(out[2])[1:] == ["50/50", "4.0", "4.0", "4.0", "—", "information"]
+    assert cells(out[3])[1:] == ["50/50", "2.0", "120.0", "120.0", "p99 < 500 ms", "met"]
+    assert cells(out[4])[1:] == ["50/50", "6.0", "600.0", "600.0", "p99 < 500 ms", "not met"]
+    assert "all 3 nodes" in out[3]
+    p.failed = ["change 7: 1 nodes not showing it after 5 s"]
+    out = harness.render_propagation(p).splitlines()
+    assert cells(out[3])[1] == "50/51" and cells(out[3])[-1] == "not met (1 of 51 changes failed)"
+    empty = harness.render_propagation(harness.Propagation(3)).splitlines()
+    assert cells(empty[3])[-1] == "not met (no change measured)"
+
+
+def test_cluster_section_is_skipped_without_etcd(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "ETCD", str(tmp_path / "no-etcd"))
+    out = harness.section_cluster(None)  # type: ignore[arg-type]  # touches nothing else
+    assert out.startswith("skipped: etcd is not installed (") and "etcd-server" in out
