@@ -3,7 +3,9 @@
 Owns remembering which backend a session key was sent to (idle expiry, LRU
 bound, first writer wins) and sealing a backend id into a cookie any node can
 open. Never waits on the network and never reads the clock: ``now`` is passed
-in; the only I/O is ``load_or_create_key``, called once at start-up.
+in; the only I/O is ``load_or_create_key``, called once at start-up. In a
+cluster the tables and the cookie key come from ``SharedAffinity``
+(``lbnode.cluster.affinity``), which does its etcd I/O in the background.
 """
 
 from __future__ import annotations
@@ -188,6 +190,42 @@ class CookieSealer:
             return None
 
 
+class CookieKeyring:
+    """The cookie key a node uses now, which may change once while it runs.
+
+    A node in a cluster starts with its own ``state_dir`` key and switches to
+    the cluster's key when etcd answers. It seals under the current key and
+    opens under it or any key it replaced, so the cookies it handed out before
+    the switch still work on this node. Same interface as ``CookieSealer``.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self._current = CookieSealer(key)
+        self._older: list[CookieSealer] = []
+
+    def switch(self, key: bytes) -> bool:
+        """Seal under ``key`` from now on; False (and nothing changes) if it is already current."""
+        if key == self.key:
+            return False
+        sealer = CookieSealer(key)  # ValueError for a bad key, before anything changes
+        self._older.insert(0, self._current)
+        self.key, self._current = key, sealer
+        return True
+
+    def seal(self, backend_id: str, expires: float) -> str:
+        return self._current.seal(backend_id, expires)
+
+    def open(self, value: str, now: float) -> str | None:
+        backend_id = self._current.open(value, now)
+        if backend_id is None:
+            for sealer in self._older:
+                backend_id = sealer.open(value, now)
+                if backend_id is not None:
+                    break
+        return backend_id
+
+
 def set_cookie_header(name: str, value: str, ttl: float, tls: bool) -> str:
     """``Set-Cookie`` value for an affinity cookie; ``Secure`` when the client came over TLS."""
     parts = [f"{name}={value}", "Path=/", f"Max-Age={max(0, int(ttl))}", "HttpOnly", "SameSite=Lax"]
@@ -246,6 +284,22 @@ def _read_key(path: Path) -> bytes:
 # --------------------------------------------------------------------------- a pool's rules
 
 
+class SharedAffinity(Protocol):
+    """What a cluster gives the pools of its nodes: shared tables and the cluster cookie key.
+
+    Both answer at once from local state (the etcd I/O happens in the
+    background); ``Snapshot.build`` passes one down to every pool.
+    """
+
+    def table(self, pool: str, spec: Affinity, previous: AffinityTable | None) -> AffinityTable:
+        """The pool's shared table; ``previous`` (same mode) is kept when it is a shared one."""
+        ...
+
+    def cookie_keyring(self) -> CookieKeyring:
+        """The node's keyring for ``cookie`` mode pools without a configured ``key``."""
+        ...
+
+
 class Stickiness:
     """One pool's session persistence: which session a request belongs to, where it went.
 
@@ -257,27 +311,48 @@ class Stickiness:
     as arguments (``wall`` is wall-clock time, for cookie expiry across nodes).
     """
 
-    def __init__(self, spec: Affinity, cookie_key: bytes | None, table: AffinityTable | None) -> None:
+    def __init__(
+        self, spec: Affinity, cookie_key: bytes | CookieKeyring | None, table: AffinityTable | None
+    ) -> None:
         self.spec = spec
         self.mode, _, self.name = spec.mode.partition(":")
-        self.cookie_key = cookie_key
-        self.sealer = CookieSealer(cookie_key) if cookie_key is not None else None
+        self.sealer: CookieSealer | CookieKeyring | None
+        if isinstance(cookie_key, CookieKeyring):
+            self.sealer = cookie_key  # the cluster's: its key may switch while the node runs
+            self.cookie_key: bytes | None = None
+        else:
+            self.sealer = CookieSealer(cookie_key) if cookie_key is not None else None
+            self.cookie_key = cookie_key
         self.table = table
 
     @classmethod
-    def build(cls, spec: Affinity, state_dir: Path, previous: Stickiness | None) -> Stickiness:
-        """Keep the previous table (sessions survive a config change) when the mode is unchanged."""
+    def build(
+        cls,
+        spec: Affinity,
+        state_dir: Path,
+        previous: Stickiness | None,
+        *,
+        pool: str = "",
+        shared: SharedAffinity | None = None,
+    ) -> Stickiness:
+        """Keep the previous table (sessions survive a config change) when the mode is unchanged.
+
+        With ``shared`` (a cluster) the table and the generated cookie key are the
+        cluster's; a configured ``key`` always wins.
+        """
         if spec.mode == "cookie":
+            if spec.key is None and shared is not None:
+                return cls(spec, shared.cookie_keyring(), None)
             key = spec.key
             if key is None and previous is not None and previous.cookie_key is not None:
                 key = previous.cookie_key  # generated at start: no need to read the file again
             return cls(spec, key if key is not None else load_or_create_key(state_dir), None)
-        table: AffinityTable | None = None
-        if previous is not None and previous.spec.mode == spec.mode and previous.table is not None:
-            table = previous.table
-        else:
-            table = MemoryAffinityTable(spec.idle_timeout, spec.max_entries)
-        return cls(spec, None, table)
+        kept: AffinityTable | None = None
+        if previous is not None and previous.spec.mode == spec.mode:
+            kept = previous.table
+        if shared is not None:
+            return cls(spec, None, shared.table(pool, spec, kept))
+        return cls(spec, None, kept if kept is not None else MemoryAffinityTable(spec.idle_timeout, spec.max_entries))
 
     def session_key(self, client_ip: str, header: Callable[[str], str | None]) -> str | None:
         """The table key of this request (None in cookie mode or when the request has none)."""

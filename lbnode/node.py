@@ -17,6 +17,8 @@ from pathlib import Path
 import trio
 
 from lbnode.admin.server import serve_admin
+from lbnode.affinity import AffinityTable
+from lbnode.cluster.affinity import ClusterAffinity
 from lbnode.cluster.membership import ClusterAgent
 from lbnode.cluster.store import PoolStore
 from lbnode.cluster.sync import StoreFollower
@@ -44,16 +46,25 @@ class LbNode:
     """One node. With a ``store`` its pools come from the store (etcd, or the standalone
     file store) and follow its changes; without one, from the config file alone."""
 
-    def __init__(self, config: Config, store: PoolStore | None = None, agent: ClusterAgent | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: PoolStore | None = None,
+        agent: ClusterAgent | None = None,
+        affinity: ClusterAffinity | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         # Cluster membership: which backends this node checks, and the others' verdicts.
         self.agent = agent
+        # Affinity tables and cookie key shared through etcd (None: this node's own, in memory).
+        self.affinity = affinity
         self._checked: dict[str, set[str]] = {}  # pool -> backend ids whose observations we publish
         self.events = EventHub()  # pool, backend health and node changes, for the control API's WatchEvents
         self.control_port: int | None = None
         self.follower: StoreFollower | None = None
-        self._snapshot = Snapshot.build(config)
+        self._snapshot = Snapshot.build(config, shared_affinity=affinity)
+        self._retain_affinity_tables()
         self._draining = False
         self._stop = trio.Event()
         self.upstreams = UpstreamPool(
@@ -79,9 +90,20 @@ class LbNode:
     def apply(self, config: Config) -> None:
         """Swap in a new configuration; connections in flight keep their backends."""
         self.config = config
-        self._snapshot = Snapshot.build(config, self._snapshot)
+        self._snapshot = Snapshot.build(config, self._snapshot, shared_affinity=self.affinity)
+        self._retain_affinity_tables()
         self._sync_health()
         log.info("configuration version %d applied", self._snapshot.version)
+
+    def _retain_affinity_tables(self) -> None:
+        """Shared tables of pools removed (or no longer in a table mode) stop following etcd."""
+        if self.affinity is None:
+            return
+        tables: list[AffinityTable] = []
+        for pool in self._snapshot.pools.values():
+            if pool.stickiness is not None and pool.stickiness.table is not None:
+                tables.append(pool.stickiness.table)
+        self.affinity.retain(tables)
 
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
@@ -111,6 +133,8 @@ class LbNode:
                 self.agent.on_verdict(self._on_verdict)
                 self.events.follow_cluster(self.agent)
                 await outer.start(self.agent.run)
+            if self.affinity is not None:
+                await outer.start(self.affinity.run)
             if self.store is not None:
                 self.follower = StoreFollower(self.store, lambda: self.config, self.apply)
                 self.events.follow(self.follower)
@@ -243,6 +267,7 @@ def node_from_config(config: Config) -> LbNode:
     In a cluster the pools live in etcd; the pools of node.toml seed it (a pool
     already in etcd is left as it is). With etcd unreachable at start the node
     serves the file's pools and follows etcd once it answers (static stability).
+    Affinity tables and the generated cookie key are shared through etcd too.
     """
     if config.cluster is None:
         if config.control is None:
@@ -268,4 +293,5 @@ def node_from_config(config: Config) -> LbNode:
     if config.control is not None:
         info["control"] = str(config.control.bind)
     agent = ClusterAgent(config.cluster, config.node.id, info, connection=connection)
-    return LbNode(config, store=store, agent=agent)
+    affinity = ClusterAffinity(config.cluster, config.node.id, Path(config.node.state_dir), connection=connection)
+    return LbNode(config, store=store, agent=agent, affinity=affinity)

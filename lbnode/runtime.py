@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from lbnode.affinity import Stickiness
+from lbnode.affinity import SharedAffinity, Stickiness
 from lbnode.balance import PickContext, Policy, make_policy
 from lbnode.health.state import OutlierDetector, slow_start_factor
 from lbnode.limits import RetryBudget
@@ -101,6 +101,7 @@ class PoolRuntime:
         previous: PoolRuntime | None = None,
         rng: random.Random | None = None,
         state_dir: Path = Path("state"),
+        shared_affinity: SharedAffinity | None = None,
     ) -> None:
         self.spec = spec
         old = {b.id: b for b in previous.backends} if previous is not None else {}
@@ -124,7 +125,11 @@ class PoolRuntime:
         self.stickiness: Stickiness | None = None
         if spec.affinity is not None:
             self.stickiness = Stickiness.build(
-                spec.affinity, state_dir, previous.stickiness if previous is not None else None
+                spec.affinity,
+                state_dir,
+                previous.stickiness if previous is not None else None,
+                pool=spec.name,
+                shared=shared_affinity,
             )
         ids = [b.id for b in spec.backends]
         if previous is not None and previous.outlier is not None and spec.outlier is not None:
@@ -264,10 +269,20 @@ class Snapshot:
     version: int = 0
 
     @classmethod
-    def build(cls, config: Config, previous: Snapshot | None = None, rng: random.Random | None = None) -> Snapshot:
+    def build(
+        cls,
+        config: Config,
+        previous: Snapshot | None = None,
+        rng: random.Random | None = None,
+        shared_affinity: SharedAffinity | None = None,
+    ) -> Snapshot:
+        """``shared_affinity``: the cluster's affinity tables and cookie key (None when standalone)."""
         old_pools = previous.pools if previous is not None else {}
         state_dir = Path(config.node.state_dir)
-        pools = {p.name: PoolRuntime(p, old_pools.get(p.name), rng, state_dir) for p in config.pools}
+        pools = {
+            p.name: PoolRuntime(p, old_pools.get(p.name), rng, state_dir, shared_affinity)
+            for p in config.pools
+        }
         return cls(
             config=config,
             pools=pools,
