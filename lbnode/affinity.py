@@ -165,9 +165,20 @@ class CookieSealer:
         if len(key) != KEY_BYTES:
             raise ValueError(f"affinity cookie key must be {KEY_BYTES} bytes, got {len(key)}")
         self._aead = AESGCM(key)
+        # Nonces never repeat under one key (all that AES-GCM needs): a random 64-bit prefix
+        # per sealer and a 32-bit counter (NIST SP 800-38D's deterministic construction), so a
+        # new session costs no getrandom system call; a fresh prefix when the counter wraps.
+        self._prefix = os.urandom(NONCE_BYTES - 4)
+        self._counter = 0
+
+    def _nonce(self) -> bytes:
+        self._counter += 1
+        if self._counter >= 1 << 32:
+            self._prefix, self._counter = os.urandom(NONCE_BYTES - 4), 1
+        return self._prefix + self._counter.to_bytes(4, "big")
 
     def seal(self, backend_id: str, expires: float) -> str:
-        nonce = os.urandom(NONCE_BYTES)
+        nonce = self._nonce()
         plain = _EXPIRY.pack(max(0, int(expires * 1000))) + backend_id.encode(
             "utf-8", "surrogatepass"
         )

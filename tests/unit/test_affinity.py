@@ -144,3 +144,24 @@ def test_corrupt_cookie_key_file_names_the_file_and_the_fix(tmp_path: Path) -> N
     (tmp_path / "cookie.key").write_text("not hex")
     with pytest.raises(ValueError, match=r"cookie\.key.*delete the file"):
         load_or_create_key(tmp_path)
+
+
+def test_sealer_nonces_never_repeat_and_the_prefix_changes_when_the_counter_wraps() -> None:
+    import base64
+
+    from lbnode.affinity import CookieSealer
+
+    sealer = CookieSealer(bytes(range(32)))
+
+    def nonce_of(value: str) -> bytes:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        return raw[1:13]
+
+    nonces = {nonce_of(sealer.seal("b1", 2e9)) for _ in range(1000)}
+    assert len(nonces) == 1000
+    sealer._counter = (1 << 32) - 2
+    last = sealer.seal("b1", 2e9)
+    wrapped = sealer.seal("b1", 2e9)
+    assert nonce_of(last)[:8] != nonce_of(wrapped)[:8]  # new random prefix after the wrap
+    assert nonce_of(wrapped)[8:] == (1).to_bytes(4, "big")
+    assert sealer.open(last, 1e9) == "b1" and sealer.open(wrapped, 1e9) == "b1"
