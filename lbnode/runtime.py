@@ -27,6 +27,9 @@ from lbnode.model import Backend, Config, Listener, Pool
 
 log = logging.getLogger("lbnode.pool")
 
+# A backend this node failed to connect to sits out this long (without [pools.outlier]):
+# long enough to spare the clients a retry each, short enough to notice its return soon.
+CONNECT_EJECTION = 2.0
 # Slow-start weights are recomputed this often, not on every request.
 RAMP_STEP = 0.1
 
@@ -220,7 +223,11 @@ class PoolRuntime:
         """Outcome of one attempt for passive checks: None = success, else a failure kind."""
         if failure is not None:
             backend.failures += 1
-        if self.outlier is None or not self._current(backend):
+        if not self._current(backend):
+            return
+        if self.outlier is None:
+            if failure in ("connect_error", "timeout"):
+                self._eject_unreachable(backend, now)
             return
         if failure is None:
             self.outlier.record_success(backend.id, now)
@@ -232,6 +239,19 @@ class PoolRuntime:
                 "pool %s backend %s ejected for %.1fs: %d consecutive failures (last: %s)",
                 self.spec.name, backend.id, until - now, self.spec.outlier.consecutive_failures, failure,  # type: ignore[union-attr]
             )
+
+    def _eject_unreachable(self, backend: BackendState, now: float) -> None:
+        """Without [pools.outlier], a backend this node cannot connect to is ejected here at once,
+        whatever the active checks (or the cluster's verdict) say: for CONNECT_EJECTION seconds,
+        and never the last backend still taking requests (then retries and 502s tell the truth)."""
+        if now < backend.ejected_until:
+            return
+        others = any(b is not backend and b.takes_new(now) for b in self.backends)
+        if not others:
+            return
+        backend.ejected_until = now + CONNECT_EJECTION
+        log.warning("pool %s backend %s ejected on this node for %gs: cannot connect",
+                    self.spec.name, backend.id, CONNECT_EJECTION)
 
     def health_changed(self, backend_id: str, new: str, reason: str, now: float) -> None:
         """An active check moved a backend up or down."""

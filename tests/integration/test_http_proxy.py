@@ -293,6 +293,21 @@ async def test_refused_backend_is_skipped_for_a_live_one(nursery):
     assert codes == [200] * 6
 
 
+async def test_a_backend_this_node_cannot_connect_to_is_ejected_here_at_once(nursery):
+    backends = await start_backends(nursery, "a")
+    dead = trio.socket.socket()
+    await dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    node, port = await _node_with(nursery, [f"127.0.0.1:{dead_port}", backends[0].address])
+    codes = [(await http_get(f"http://127.0.0.1:{port}/")).status_code for _ in range(20)]
+    assert codes == [200] * 20
+    dead_state = node.snapshot.pools["web"].backends[0]
+    assert dead_state.failures == 1  # one refused connect, then no more attempts while ejected
+    assert dead_state.ejected_until > trio.current_time()
+    assert backends[0].stats.requests == 20
+
+
 async def test_no_usable_backend_gives_503(nursery):
     toml = node_toml(listener_toml("web", "http", "web"), pool_toml("web", []))
     _, bound = await start_node(nursery, toml)
