@@ -243,22 +243,15 @@ class HttpProxy:
         if self.rate_limiter is not None:
             wait = self.rate_limiter.take(conn.ip, self.clock())
             if wait > 0:
-                keep = not head.has_body and head.keep_alive and not head.upgrade
-                if keep:
-                    await self._expect_end(conn)
-                await self._refuse(conn, head, 429, f"rate limit of {self.listener.rate_limit.rate:g}/s exceeded",  # type: ignore[union-attr]
-                                   close=not keep, extra=[(b"Retry-After", b"%d" % retry_after_seconds(wait))])
-                return keep
+                rate = self.listener.rate_limit.rate  # type: ignore[union-attr]
+                return await self._refuse_unread(conn, head, 429, f"rate limit of {rate:g}/s exceeded",
+                                                 [(b"Retry-After", b"%d" % retry_after_seconds(wait))])
         snapshot = self.node.snapshot
         pool_name = self._route(head)
         pool = snapshot.pools.get(pool_name)
         if pool is None:
             # Deleted through the control API while this listener still names it.
-            keep = not head.has_body and head.keep_alive and not head.upgrade
-            if keep:
-                await self._expect_end(conn)
-            await self._refuse(conn, head, 503, f"pool {pool_name} is not configured", close=not keep)
-            return keep
+            return await self._refuse_unread(conn, head, 503, f"pool {pool_name} is not configured")
         body: list[bytes | End] | None = None
         if head.has_body:
             body = await self._buffer_body(conn, head, pool)
@@ -280,6 +273,17 @@ class HttpProxy:
             bound_to, key = pool.stickiness.remembered(conn.ip, header, self.clock(), self.wall_clock())
             session = Session(key, bound_to)
         return await self._forward(conn, head, pool, ctx, body, session)
+
+    async def _refuse_unread(
+        self, conn: ClientConn, head: RequestHead, status: int, reason: str,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> bool:
+        """Answer before reading the body: the connection only goes on if there is none."""
+        keep = not head.has_body and head.keep_alive and not head.upgrade
+        if keep:
+            await self._expect_end(conn)
+        await self._refuse(conn, head, status, reason, close=not keep, extra=extra)
+        return keep
 
     def _route(self, head: RequestHead) -> str:
         for route in self.listener.routes:
