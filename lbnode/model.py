@@ -13,7 +13,10 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from lbnode.cluster.vips import VipSpec
 
 T = TypeVar("T")
 
@@ -614,6 +617,7 @@ class ClusterSettings:
     lease_ttl: float = 5.0  # node key and health observations vanish this long after the node dies
     health_checkers: int = 2  # nodes actively checking each backend (rendezvous hashing)
     prefix: str = "/fulcrum/v1"
+    vips: tuple[VipSpec, ...] = ()  # [[cluster.vips]]: addresses held by one node at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -697,6 +701,8 @@ def _parse_control(t: Table | None) -> ControlSettings | None:
 def _parse_cluster(t: Table | None) -> ClusterSettings | None:
     if t is None:
         return None
+    from lbnode.cluster.vips import parse_vips  # here, not at the top: vips.py imports this module
+
     endpoints = t.raw("etcd")
     if not isinstance(endpoints, list) or not endpoints:
         raise ConfigError(t.key("etcd"), 'expected a list of endpoints like ["http://127.0.0.1:2379"]')
@@ -711,6 +717,7 @@ def _parse_cluster(t: Table | None) -> ClusterSettings | None:
         lease_ttl=t.duration("lease_ttl", 5.0),
         health_checkers=t.int("health_checkers", 2, lo=1, hi=100),
         prefix=prefix,
+        vips=parse_vips(t),
     )
     if cluster.lease_ttl < 1:
         raise ConfigError(t.key("lease_ttl"), f"must be at least 1s (etcd leases count whole seconds), got {cluster.lease_ttl:g}s")

@@ -22,6 +22,7 @@ from lbnode.cluster.affinity import ClusterAffinity
 from lbnode.cluster.membership import ClusterAgent
 from lbnode.cluster.store import PoolStore
 from lbnode.cluster.sync import StoreFollower
+from lbnode.cluster.vips import VipClaimer
 from lbnode.control.events import EventHub
 from lbnode.health.checker import HealthChecker
 from lbnode.health.state import Transition
@@ -62,6 +63,7 @@ class LbNode:
         self._checked: dict[str, set[str]] = {}  # pool -> backend ids whose observations we publish
         self.events = EventHub()  # pool, backend health and node changes, for the control API's WatchEvents
         self.control_port: int | None = None
+        self.vips: VipClaimer | None = None  # virtual IPs this node may hold ([[cluster.vips]])
         self.follower: StoreFollower | None = None
         self._snapshot = Snapshot.build(config, shared_affinity=affinity)
         self._retain_affinity_tables()
@@ -133,6 +135,9 @@ class LbNode:
                 self.agent.on_verdict(self._on_verdict)
                 self.events.follow_cluster(self.agent)
                 await outer.start(self.agent.run)
+                if config.cluster is not None and config.cluster.vips:
+                    self.vips = VipClaimer(config.cluster, config.node.id, self.agent.conn, self.agent)
+                    await outer.start(self.vips.run)
             if self.affinity is not None:
                 await outer.start(self.affinity.run)
             if self.store is not None:
@@ -166,6 +171,10 @@ class LbNode:
                         log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
                     task_status.started(self.bound)
                     await self._stop.wait()
+                    if self.vips is not None:
+                        # Planned stop: hand the VIPs over first, so clients move before we drain.
+                        with trio.move_on_after(2 * self.vips.conn.timeout):
+                            await self.vips.release_all()
                     accepting.cancel_scope.cancel()
                 for _, sock in sockets:
                     sock.close()

@@ -1,0 +1,680 @@
+"""Virtual IPs: which node holds each VIP, the etcd election per VIP, and the addresses on the wire.
+
+Owns the pure placement rule (``plan``: fair share with hysteresis over rendezvous hashing),
+the ``{prefix}/vips/<address>`` keys (created with ``create_revision == 0``, bound to the
+node lease), fencing (a node whose lease renewal has failed for TTL/2 drops every VIP at
+once), and adding/removing the addresses with netlink plus a gratuitous ARP. Never blocks
+the data plane: etcd, netlink and raw-socket calls run in threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import json
+import logging
+import math
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import trio
+
+from lbnode.cluster.assign import checkers_for
+from lbnode.cluster.etcd import EtcdConnection, KeyEvent, KeyValue
+from lbnode.cluster.store import StoreError
+from lbnode.cluster.watch import follow_watch
+from lbnode.model import NAME_RE, ClusterSettings, ConfigError, Table
+
+log = logging.getLogger("lbnode.cluster.vips")
+
+# Without a wake-up (watch event, node joined/left), placement is looked at this often:
+# it bounds how late a missed event is noticed and when ``FREE_GRACE`` fires.
+ROUND_INTERVAL = 0.5
+# A VIP nobody holds is first left to the node the placement picks; past this, every live
+# node campaigns for it (that node may not run a claimer, or may be stuck): availability first.
+FREE_GRACE = 1.0
+# Fencing: past this fraction of the TTL since the last keepalive that etcd answered, the
+# lease may be lost soon; the VIPs go before another node can be handed them.
+FENCE_FRACTION = 0.5
+# Gratuitous ARPs sent after adding an address, this far apart: one may be lost on a busy LAN.
+GARP_COUNT = 2
+GARP_SPACING = 0.2
+# Retry delays after etcd failed.
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 2.0
+# A node whose address change failed (interface missing, no permission) stops taking VIPs
+# this long, so that the VIPs are not dealt to a node that cannot put them on the wire.
+BROKEN_PAUSE = 30.0
+
+MovedCallback = Callable[[str, "str | None", "str | None"], object]  # (vip, old holder, new holder)
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, slots=True)
+class VipSpec:
+    """One configured VIP: ``address/prefixlen`` added on ``interface`` by whichever node holds it."""
+
+    address: str  # "10.77.0.100": also the name of its etcd key
+    prefixlen: int
+    interface: str
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.prefixlen}"
+
+
+def parse_vips(t: Table) -> tuple[VipSpec, ...]:
+    """``[cluster] vip_interface`` and ``[[cluster.vips]]`` (``address``, optional ``interface``)."""
+    default_interface = _interface(t, "vip_interface", "eth0")
+    vips: list[VipSpec] = []
+    seen: dict[str, int] = {}
+    for i, vt in enumerate(t.tables("vips")):
+        raw = vt.str("address")
+        try:
+            iface = ipaddress.ip_interface(raw)
+        except ValueError:
+            raise ConfigError(vt.key("address"), f'"{raw}" is not an address like "10.0.0.100/24"') from None
+        if iface.version != 4:
+            raise ConfigError(vt.key("address"), f'"{raw}": only IPv4 VIPs are supported (no IPv6 neighbour advertisement yet)')
+        if "/" not in raw:
+            raise ConfigError(vt.key("address"), f'"{raw}" needs its prefix length, like "{raw}/24"')
+        address = str(iface.ip)
+        if address in seen:
+            raise ConfigError(vt.key("address"), f"{address} is already used by {t.key('vips')}[{seen[address]}]")
+        seen[address] = i
+        vips.append(VipSpec(address, iface.network.prefixlen, _interface(vt, "interface", default_interface)))
+        vt.done()
+    return tuple(vips)
+
+
+def _interface(t: Table, name: str, default: str) -> str:
+    value: str = t.str(name, default)
+    if not value or len(value) > 15 or "/" in value or any(c.isspace() for c in value):
+        raise ConfigError(t.key(name), f'"{value}" is not a network interface name (at most 15 characters)')
+    return value
+
+
+# ---------------------------------------------------------------------- placement (pure)
+
+
+def fair_share(n_vips: int, n_nodes: int) -> tuple[int, int]:
+    """(floor, ceil) of VIPs per node when ``n_vips`` are spread over ``n_nodes``."""
+    if n_nodes <= 0:
+        return 0, n_vips
+    return n_vips // n_nodes, -(-n_vips // n_nodes)
+
+
+def preference(vip: str, nodes: Collection[str]) -> list[str]:
+    """The nodes in rendezvous order for ``vip``, best first (the same on every node)."""
+    return checkers_for(f"vip/{vip}", nodes, max(1, len(nodes)))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    campaign: tuple[str, ...] = ()  # free VIPs this node should try to create the key of
+    release: tuple[str, ...] = ()  # VIPs this node holds and should hand off
+
+
+def plan(
+    me: str,
+    vips: Sequence[str],
+    holders: Mapping[str, str],
+    candidates: Collection[str],
+    urgent: Collection[str] = (),
+) -> Plan:
+    """What node ``me`` should do, given who holds which VIP and which nodes run a claimer.
+
+    - Free VIPs are dealt out in address order, each to the candidate with the fewest VIPs
+      below the ceiling share (ties: rendezvous order); ``me`` campaigns for those it is
+      dealt, and for any free VIP in ``urgent`` (free for too long: anyone may take it).
+    - Hand-off only when no VIP is free, one VIP per round: a node above the ceiling gives
+      back its extras; otherwise the candidate with the most VIPs gives one to a candidate
+      below the floor, choosing the VIP rendezvous prefers most for that node. A node
+      between floor and ceiling never moves anything: no flapping when counts are uneven
+      by one, and a returning node takes only what brings it to the floor.
+
+    Every node computes the same answer from the same view; etcd settles the races when
+    views differ (the create compares ``create_revision == 0``).
+    """
+    cands = set(candidates) | {me}
+    floor, ceil = fair_share(len(vips), len(cands))
+    count = dict.fromkeys(cands, 0)
+    for vip in vips:
+        holder = holders.get(vip)
+        if holder in count:
+            count[holder] += 1
+    free = sorted(v for v in vips if v not in holders)
+    campaign = []
+    dealt = dict(count)
+    for vip in free:
+        rank = {node: i for i, node in enumerate(preference(vip, cands))}
+        eligible = [c for c in cands if dealt[c] < ceil] or list(cands)
+        winner = min(eligible, key=lambda c: (dealt[c], rank[c]))
+        dealt[winner] += 1
+        if winner == me or vip in urgent:
+            campaign.append(vip)
+    if free:
+        return Plan(campaign=tuple(campaign))
+    mine = sorted(v for v in vips if holders.get(v) == me)
+    if count[me] > ceil:
+        # keep the ones rendezvous prefers us for most; give back the rest
+        mine.sort(key=lambda v: preference(v, cands).index(me))
+        return Plan(release=tuple(mine[ceil:]))
+    needy = sorted((c for c in cands if count[c] < floor), key=lambda c: (count[c], c))
+    if not needy or count[me] <= floor:
+        return Plan()
+    donor = max(cands, key=lambda c: (count[c], c))
+    if donor != me:
+        return Plan()
+    receiver = needy[0]
+    others = cands - {me}
+    # the VIP whose rendezvous order ranks the receiver highest among the other nodes
+    gift = min(mine, key=lambda v: (preference(v, others).index(receiver), v))
+    return Plan(release=(gift,))
+
+
+# ---------------------------------------------------------------------- addresses on the wire
+
+
+class Addresses(Protocol):
+    """Adds and removes VIP addresses on this host (netlink in production, a dict in tests)."""
+
+    def add(self, vip: VipSpec) -> None: ...
+    def remove(self, vip: VipSpec) -> None: ...
+    def announce(self, vip: VipSpec) -> None: ...
+
+
+class NetlinkAddresses:
+    """VIPs through pyroute2's IPRoute in this process's network namespace, GARP on a raw socket."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]  # here: nodes without VIPs never need it
+
+        self._ipr = IPRoute()
+
+    def _index(self, interface: str) -> int:
+        found = self._ipr.link_lookup(ifname=interface)
+        if not found:
+            raise OSError(errno.ENODEV, f'network interface "{interface}" does not exist')
+        return int(found[0])
+
+    def add(self, vip: VipSpec) -> None:
+        from pyroute2 import NetlinkError
+
+        try:
+            self._ipr.addr("add", index=self._index(vip.interface), address=vip.address, prefixlen=vip.prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise OSError(exc.code, f"adding {vip} on {vip.interface}: {exc}") from None
+
+    def remove(self, vip: VipSpec) -> None:
+        from pyroute2 import NetlinkError
+
+        try:
+            self._ipr.addr("del", index=self._index(vip.interface), address=vip.address, prefixlen=vip.prefixlen)
+        except NetlinkError as exc:
+            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+                raise OSError(exc.code, f"removing {vip} from {vip.interface}: {exc}") from None
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise
+
+    def announce(self, vip: VipSpec) -> None:
+        send_garp(vip.interface, vip.address)
+
+    def close(self) -> None:
+        self._ipr.close()
+
+
+def garp_frame(mac: bytes, address: str) -> bytes:
+    """A broadcast ARP request for ``address`` from ``address`` (RFC 5227's ARP announcement)."""
+    ip = socket.inet_aton(address)
+    ethernet = b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\x00" * 6 + ip
+    return ethernet + arp
+
+
+def send_garp(interface: str, address: str) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)) as s:
+        s.bind((interface, 0x0806))
+        mac = s.getsockname()[4]
+        s.send(garp_frame(mac, address))
+
+
+# ---------------------------------------------------------------------- the claimer
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    node: str
+    since: float  # wall clock when it took the VIP
+    lease: int
+
+
+class VipClaimer:
+    """Campaigns for VIPs in etcd and keeps the addresses of the VIPs this node holds.
+
+    Wiring (from the Trio thread): ``await nursery.start(claimer.run)`` after the agent's
+    ``run``; VIPs are dealt only among nodes whose ``{prefix}/vip-claimers/<node>`` key (bound
+    to their lease, written here) says they accept VIPs. On a planned
+    stop or drain: ``await claimer.release_all()`` (addresses first, then the keys, so the
+    next node takes over within a watch round trip). ``held`` maps each VIP address this
+    node holds to the wall-clock time it took it; ``holders`` is the cluster's view.
+    """
+
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        node_id: str,
+        conn: EtcdConnection,
+        agent: Any,  # ClusterAgent: lease_id, lease_ttl, lease_expires_at, live_nodes, nodes
+        interface_override: str | None = None,
+        *,
+        vips: Sequence[VipSpec] | None = None,
+        addresses: Addresses | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        configured = tuple(vips if vips is not None else getattr(settings, "vips", ()))
+        if interface_override:
+            configured = tuple(VipSpec(v.address, v.prefixlen, interface_override) for v in configured)
+        self.vips = {v.address: v for v in configured}
+        self.settings = settings
+        self.node_id = node_id
+        self.conn = conn
+        self.agent = agent
+        self.prefix = f"{settings.prefix}/vips/"
+        self.claimer_prefix = f"{settings.prefix}/vip-claimers/"
+        self._read_prefix = f"{settings.prefix}/vip"  # both of the above in one read and one watch
+        self._addresses = addresses
+        self._wall = wall_clock
+        self.held: dict[str, float] = {}
+        self.holders: dict[str, Holder] = {}
+        self._values: dict[str, bytes] = {}  # what we wrote in each key we created
+        self._free_since: dict[str, float] = {}
+        self._on_moved: list[MovedCallback] = []
+        self._wake = trio.Event()
+        self._lock = trio.Lock()  # one address change at a time (fencing vs. a round)
+        self.claimers: dict[str, bool] = {}  # node -> accepting VIPs, from the claimer keys
+        self._announced: tuple[int, bool] | None = None  # (lease, accepting) of our claimer key
+        self._broken_until = -math.inf
+        self._held_lease: int | None = None  # the lease our held VIPs' keys are bound to
+        self._draining = False
+        self._fenced_logged = False
+
+    def on_moved(self, callback: MovedCallback) -> None:
+        """``callback(vip, old_holder, new_holder)`` when etcd shows a VIP changing hands (None: free)."""
+        self._on_moved.append(callback)
+
+    def key(self, vip: str) -> str:
+        return self.prefix + vip
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ fencing
+    def fence_deadline(self) -> float:
+        """Trio time after which this node must not hold any VIP (-inf: already)."""
+        agent = self.agent
+        if agent.lease_id is None or agent.lease_expires_at is None or not agent.lease_ttl:
+            return -math.inf
+        return float(agent.lease_expires_at - agent.lease_ttl * (1 - FENCE_FRACTION))
+
+    def fenced(self) -> bool:
+        return trio.current_time() >= self.fence_deadline()
+
+    async def _fence_loop(self) -> None:
+        while True:
+            deadline = self.fence_deadline()
+            if self.held and self._held_lease != self.agent.lease_id:
+                # a new lease means the old one is gone, and our keys with it
+                await self._drop_all("the lease they were bound to is gone")
+                continue
+            if trio.current_time() < deadline:
+                self._fenced_logged = False
+                await trio.sleep_until(min(deadline, trio.current_time() + ROUND_INTERVAL))
+                continue
+            if self.held:
+                log.warning("node %s: lease not renewed for %.1fs (half its TTL): dropping VIPs %s at once",
+                            self.node_id, self.agent.lease_ttl * FENCE_FRACTION, ", ".join(sorted(self.held)))
+                await self._drop_all("fenced")
+            elif not self._fenced_logged:
+                log.info("node %s: no valid lease; not campaigning for VIPs until etcd answers", self.node_id)
+            self._fenced_logged = True
+            await trio.sleep(0.05)  # fenced: look again soon for a renewed lease
+
+    # ------------------------------------------------------------------ run
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._addresses is None:
+            self._addresses = await trio.to_thread.run_sync(NetlinkAddresses)
+        # a VIP left on our interface by a crashed run is not ours until etcd says so
+        for vip in self.vips.values():
+            await self._netlink(self._addresses.remove, vip)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._fence_loop)
+                nursery.start_soon(self._watch_loop)
+                nursery.start_soon(self._round_loop)
+                if hasattr(self.agent, "on_assignment_change"):
+                    self.agent.on_assignment_change(self.wake)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.conn.timeout * 2):
+                await self.release_all()
+            close = getattr(self._addresses, "close", None)
+            if close is not None:
+                close()
+
+    @property
+    def accepting(self) -> bool:
+        """Does this node take VIPs? Not while draining, nor for a while after an address failed."""
+        return not self._draining and trio.current_time() >= self._broken_until
+
+    async def release_all(self) -> None:
+        """Planned stop or drain: say so, drop every address, then delete our keys; campaign no more.
+
+        The other claimers see this node stop accepting first, so they deal its VIPs among
+        themselves at once instead of waiting ``FREE_GRACE`` for it.
+        """
+        self._draining = True
+        lease = self.agent.lease_id
+        if lease is not None:
+            try:
+                await self._announce(lease)
+            except StoreError as exc:
+                log.warning("node %s: could not announce its drain (%s)", self.node_id, exc)
+        await self._drop_all("released (stop or drain)")
+        mine = {vip: value for vip, value in self._values.items()}
+        for vip, value in mine.items():
+            try:
+                await self._delete_if_ours(vip, value)
+            except StoreError as exc:
+                log.warning("node %s: could not release VIP %s in etcd (%s); it goes when the lease expires",
+                            self.node_id, vip, exc)
+
+    async def _watch_loop(self) -> None:
+        """The watch only wakes the rounds up; each round reads every key afresh."""
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                _, revision = await trio.to_thread.run_sync(self.conn.get_prefix, self._read_prefix,
+                                                            abandon_on_cancel=True)
+                delay = BACKOFF_FIRST
+
+                def changed(batch: list[KeyEvent]) -> None:
+                    self.wake()
+
+                await follow_watch(partial(self.conn.watch_prefix, self._read_prefix, revision + 1), changed)
+            except StoreError:
+                pass  # the rounds log etcd failures; the watch just tries again
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _round_loop(self) -> None:
+        delay, failing = BACKOFF_FIRST, False
+        while True:
+            with trio.move_on_after(ROUND_INTERVAL):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if self._draining or self.fenced():
+                continue
+            try:
+                await self._round()
+            except StoreError as exc:
+                if not failing:
+                    log.warning("node %s: VIP election: %s; retrying", self.node_id, exc)
+                    failing = True
+                await trio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            if failing:
+                log.info("node %s: VIP election: etcd answers again", self.node_id)
+            delay, failing = BACKOFF_FIRST, False
+
+    async def _round(self) -> None:
+        lease = self.agent.lease_id
+        kvs, _ = await trio.to_thread.run_sync(self.conn.get_prefix, self._read_prefix, abandon_on_cancel=True)
+        self._set_holders([kv for kv in kvs if kv.key.startswith(self.prefix)])
+        self._set_claimers([kv for kv in kvs if kv.key.startswith(self.claimer_prefix)])
+        if self._draining or self.fenced() or lease is None or lease != self.agent.lease_id:
+            return
+        await self._announce(lease)
+        now = trio.current_time()
+        # what the addresses must match: our keys under our current lease
+        for vip in list(self.held):
+            h = self.holders.get(vip)
+            if h is None or h.node != self.node_id or h.lease != lease:
+                await self._drop(vip, "its key is gone or held by another node")
+        for vip, h in self.holders.items():
+            if h.node == self.node_id and h.lease == lease and vip not in self.held and vip in self._values:
+                await self._add(vip, h.since)  # still ours after a short fence: etcd never lost it
+        for vip in self.vips:
+            if vip in self.holders:
+                self._free_since.pop(vip, None)
+            else:
+                self._free_since.setdefault(vip, now)
+        if not self.accepting:
+            return
+        urgent = {v for v, t in self._free_since.items() if now - t >= FREE_GRACE}
+        decision = plan(
+            self.node_id,
+            sorted(self.vips),
+            {v: h.node for v, h in self.holders.items() if v in self.vips},
+            self._candidates(),
+            urgent,
+        )
+        for vip in decision.release:
+            await self._release(vip)
+        for vip in decision.campaign:
+            await self._campaign(vip, lease)
+
+    def _candidates(self) -> set[str]:
+        """Nodes whose claimer key says they take VIPs (the key goes with their lease)."""
+        return {node for node, accepting in self.claimers.items() if accepting} | {self.node_id}
+
+    def _set_claimers(self, kvs: list[KeyValue]) -> None:
+        claimers = {}
+        for kv in kvs:
+            node = kv.key[len(self.claimer_prefix):]
+            if not NAME_RE.fullmatch(node) or not kv.lease:
+                continue
+            try:
+                claimers[node] = bool(json.loads(kv.value).get("accepting", False))
+            except (ValueError, AttributeError):
+                continue
+        self.claimers = claimers
+
+    async def _announce(self, lease: int) -> None:
+        """Our claimer key, bound to our lease: {"accepting": bool}; written when it changed."""
+        accepting = self.accepting
+        if self._announced == (lease, accepting) and self.claimers.get(self.node_id) == accepting:
+            return
+        value = json.dumps({"accepting": accepting}).encode()
+        await trio.to_thread.run_sync(self.conn.put, self.claimer_prefix + self.node_id, value, lease,
+                                      abandon_on_cancel=True)
+        self._announced = (lease, accepting)
+        self.claimers[self.node_id] = accepting
+
+    def _set_holders(self, kvs: list[KeyValue]) -> None:
+        holders: dict[str, Holder] = {}
+        for kv in kvs:
+            vip = kv.key[len(self.prefix):]
+            try:
+                data = json.loads(kv.value)
+                holder = Holder(str(data["node"]), float(data.get("since", 0.0)), kv.lease)
+            except (ValueError, TypeError, KeyError):
+                log.warning('%s: not a VIP holder {"node": ..., "since": ...}; skipped (etcdctl del %s)', kv.key, kv.key)
+                continue
+            if not NAME_RE.fullmatch(holder.node):
+                continue
+            holders[vip] = holder
+        old = self.holders
+        self.holders = holders
+        for vip in sorted(set(old) | set(holders)):
+            self._moved(vip, old[vip].node if vip in old else None, holders[vip].node if vip in holders else None)
+
+    def _set_holder(self, vip: str, holder: Holder) -> None:
+        """Our own successful campaign, before the next read shows it."""
+        old = self.holders.get(vip)
+        self.holders[vip] = holder
+        self._moved(vip, old.node if old else None, holder.node)
+
+    def _moved(self, vip: str, before: str | None, after: str | None) -> None:
+        if before != after:
+            log.info("VIP %s: %s -> %s", vip, before or "(free)", after or "(free)")
+            for callback in self._on_moved:
+                callback(vip, before, after)
+
+    # ------------------------------------------------------------------ etcd
+    async def _campaign(self, vip: str, lease: int | None) -> None:
+        if lease is None:
+            return
+        key = self.key(vip)
+        since = self._wall()
+        value = json.dumps({"node": self.node_id, "since": round(since, 3)}, sort_keys=True).encode()
+
+        def txn(c: Any) -> tuple[bool, list[Any]]:
+            return c.transaction(  # type: ignore[no-any-return]
+                compare=[c.transactions.create(key) == 0],
+                success=[c.transactions.put(key, value, lease=lease)],
+                failure=[c.transactions.get(key)],
+            )
+
+        (ok, responses), maybe_applied = await trio.to_thread.run_sync(
+            self.conn.call_retried, f"campaign for VIP {vip}", txn, abandon_on_cancel=True
+        )
+        if not ok and not (maybe_applied and responses and responses[-1] and bytes(responses[-1][0][0]) == value):
+            return  # another node was faster
+        self._values[vip] = value
+        self._set_holder(vip, Holder(self.node_id, since, lease))
+        if self._draining or self.fenced() or lease != self.agent.lease_id:
+            return  # the next round (or the lease) settles it; no address while fenced
+        if not await self._add(vip, since):
+            # a key without the address on the wire would be a black hole: give it back, and
+            # stop taking VIPs for a while (our claimer key says so at the next round)
+            self._broken_until = trio.current_time() + BROKEN_PAUSE
+            await self._delete_if_ours(vip, value)
+
+    async def _release(self, vip: str) -> None:
+        value = self._values.get(vip)
+        await self._drop(vip, "handed off to balance the VIPs")
+        if value is not None:
+            await self._delete_if_ours(vip, value)
+
+    async def _delete_if_ours(self, vip: str, value: bytes) -> None:
+        key = self.key(vip)
+
+        def txn(c: Any) -> tuple[bool, list[Any]]:
+            return c.transaction(  # type: ignore[no-any-return]
+                compare=[c.transactions.value(key) == value], success=[c.transactions.delete(key)], failure=[]
+            )
+
+        await trio.to_thread.run_sync(self.conn.call, f"release VIP {vip}", txn, abandon_on_cancel=True)
+        self._values.pop(vip, None)
+
+    # ------------------------------------------------------------------ addresses
+    async def _netlink(self, fn: Callable[[VipSpec], None], vip: VipSpec) -> bool:
+        try:
+            await trio.to_thread.run_sync(fn, vip)
+            return True
+        except OSError as exc:
+            log.error("node %s: VIP %s on %s: %s", self.node_id, vip, vip.interface, exc)
+            return False
+
+    async def _add(self, vip: str, since: float) -> bool:
+        """Put the VIP on the wire; False when the address could not be added."""
+        assert self._addresses is not None
+        spec = self.vips[vip]
+        async with self._lock:
+            if self._draining or self.fenced() or vip in self.held:
+                return True
+            if not await self._netlink(self._addresses.add, spec):
+                return False
+            self.held[vip] = since
+            self._held_lease = self.agent.lease_id
+            log.info("node %s now holds VIP %s on %s", self.node_id, spec, spec.interface)
+        for i in range(GARP_COUNT):
+            if i:
+                await trio.sleep(GARP_SPACING)
+            if vip not in self.held:
+                break
+            await self._netlink(self._addresses.announce, spec)
+        return True
+
+    async def _drop(self, vip: str, why: str) -> None:
+        assert self._addresses is not None
+        async with self._lock:
+            if vip not in self.held:
+                return
+            await self._netlink(self._addresses.remove, self.vips[vip])
+            del self.held[vip]
+            log.info("node %s dropped VIP %s: %s", self.node_id, vip, why)
+
+    async def _drop_all(self, why: str) -> None:
+        if self._addresses is None:
+            return
+        for vip in list(self.held):
+            await self._drop(vip, why)
+
+
+# ---------------------------------------------------------------------- a claimer alone
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from lbnode.cluster.membership import ClusterAgent
+
+    vips = []
+    for raw in args.vip:
+        iface = ipaddress.ip_interface(raw)
+        vips.append(VipSpec(str(iface.ip), iface.network.prefixlen, args.interface))
+    settings = ClusterSettings(etcd=tuple(args.etcd), lease_ttl=args.lease_ttl, prefix=args.prefix)
+    conn = EtcdConnection(settings.etcd)
+    agent = ClusterAgent(settings, args.node, {}, connection=conn)
+    claimer = VipClaimer(settings, args.node, conn, agent, vips=vips)
+
+    async def identify(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(2):
+            try:
+                await stream.send_all(f"{args.node}\n".encode())
+            except trio.BrokenResourceError:
+                pass
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        await nursery.start(claimer.run)
+        if args.serve_port:
+            nursery.start_soon(trio.serve_tcp, identify, args.serve_port)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                break
+        with trio.move_on_after(5):
+            await claimer.release_all()
+        nursery.cancel_scope.cancel()
+    conn.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """A VIP claimer without a proxy: for the network-namespace tests and for trying VIPs out."""
+    parser = argparse.ArgumentParser(prog="python -m lbnode.cluster.vips", description=main.__doc__)
+    parser.add_argument("--etcd", action="append", required=True, help="endpoint, e.g. http://10.0.0.2:2379")
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--interface", required=True)
+    parser.add_argument("--vip", action="append", required=True, help="address/prefixlen")
+    parser.add_argument("--lease-ttl", type=float, default=2.0)
+    parser.add_argument("--prefix", default="/fulcrum/v1")
+    parser.add_argument("--serve-port", type=int, default=0, help="answer every TCP connection with the node id")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    trio.run(_main, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The VIP claimer against a real etcd on loopback, with the addresses recorded instead of configured.
+
+No namespaces needed: what reaches the wire is covered by test_vip_failover.py; here the
+election, the planned hand-off and fencing are pinned with their timings.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from lbnode.cluster.etcd import EtcdConnection
+from lbnode.cluster.membership import ClusterAgent
+from lbnode.cluster.vips import FREE_GRACE, VipClaimer, VipSpec
+from tests.integration.etcd_helpers import EtcdCluster, etcd_cluster, require_etcd
+
+VIPS = [VipSpec("10.77.0.100", 24, "eth0"), VipSpec("10.77.0.101", 24, "eth0")]
+
+
+class RecordedAddresses:
+    """What the claimer would have done to the interface: current addresses and a timed log."""
+
+    def __init__(self) -> None:
+        self.present: set[str] = set()
+        self.log: list[tuple[float, str, str]] = []  # (monotonic time, "add" | "remove" | "announce", vip)
+
+    def _note(self, what: str, vip: VipSpec) -> None:
+        self.log.append((time.monotonic(), what, vip.address))
+
+    def add(self, vip: VipSpec) -> None:
+        self.present.add(vip.address)
+        self._note("add", vip)
+
+    def remove(self, vip: VipSpec) -> None:
+        self.present.discard(vip.address)
+        self._note("remove", vip)
+
+    def announce(self, vip: VipSpec) -> None:
+        self._note("announce", vip)
+
+
+@pytest.fixture
+def etcd(tmp_path: Path):
+    require_etcd()
+    with etcd_cluster(tmp_path, size=1) as cluster:
+        yield cluster
+
+
+@asynccontextmanager
+async def node(etcd: EtcdCluster, node_id: str, ttl: float) -> AsyncIterator[tuple[VipClaimer, RecordedAddresses]]:
+    settings = etcd.settings(lease_ttl=ttl, prefix="/claimer")
+    conn = EtcdConnection(etcd.endpoints)
+    agent = ClusterAgent(settings, node_id, {}, connection=conn)
+    addresses = RecordedAddresses()
+    claimer = VipClaimer(settings, node_id, conn, agent, vips=VIPS, addresses=addresses)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await nursery.start(claimer.run)
+            yield claimer, addresses
+            nursery.cancel_scope.cancel()
+    finally:
+        conn.close()
+
+
+async def wait_until(condition, timeout: float, message: str) -> float:  # type: ignore[no-untyped-def]
+    started = trio.current_time()
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(0.02)
+        return trio.current_time() - started
+    raise AssertionError(message)
+
+
+async def test_two_nodes_hold_one_vip_each_and_a_planned_stop_hands_off_at_once(etcd: EtcdCluster) -> None:
+    moves: list[tuple[str, str | None, str | None]] = []
+    async with node(etcd, "a", 2.0) as (a, a_addr), node(etcd, "b", 2.0) as (b, b_addr):
+        b.on_moved(lambda vip, old, new: moves.append((vip, old, new)))
+        await wait_until(lambda: len(a.held) == 1 and len(b.held) == 1, 10, f"not one each: {a.held} {b.held}")
+        assert a_addr.present | b_addr.present == {"10.77.0.100", "10.77.0.101"}
+        assert a_addr.present.isdisjoint(b_addr.present)
+        assert [w for _, w, _ in a_addr.log].count("announce") >= 1  # GARP after each add
+        await a.release_all()
+        assert a_addr.present == set()
+        took = await wait_until(lambda: len(b.held) == 2, 2, "b did not take a's VIP after a's planned stop")
+        assert took < FREE_GRACE / 2  # a watch round trip: b was told a stopped accepting VIPs
+        assert any(new == "b" and old in (None, "a") for _, old, new in moves)
+
+
+async def test_fencing_drops_vips_at_half_the_ttl_and_takes_them_back_when_etcd_answers(etcd: EtcdCluster) -> None:
+    """etcd stops answering for 1.8 s (TTL 3 s): the VIPs go by TTL/2, and come back without moving."""
+    ttl = 3.0
+    async with node(etcd, "a", ttl) as (a, a_addr), node(etcd, "b", ttl) as (b, b_addr):
+        await wait_until(lambda: len(a.held) == 1 and len(b.held) == 1, 10, "not one each")
+        before = {**{v: "a" for v in a.held}, **{v: "b" for v in b.held}}
+        member = etcd.members[0]
+        assert member.popen is not None
+        member.popen.send_signal(signal.SIGSTOP)
+        stopped_at = trio.current_time()
+        try:
+            await wait_until(lambda: not a_addr.present and not b_addr.present, ttl / 2 + 0.5,
+                             "VIPs still held after half the TTL without etcd")
+            dropped = trio.current_time() - stopped_at
+            await trio.sleep(max(0.0, 1.8 - (trio.current_time() - stopped_at)))
+            assert not a_addr.present and not b_addr.present, "a VIP was added while etcd was silent"
+        finally:
+            member.popen.send_signal(signal.SIGCONT)
+        back = await wait_until(lambda: len(a.held) == 1 and len(b.held) == 1, 5, "VIPs not taken back")
+        after = {**{v: "a" for v in a.held}, **{v: "b" for v in b.held}}
+        assert after == before  # their keys survived (the lease did not expire): nobody moved
+        assert dropped <= ttl / 2 + 0.3
+        print(f"fenced after {dropped:.2f}s of etcd silence; VIPs back {back:.2f}s after etcd resumed")

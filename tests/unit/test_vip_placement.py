@@ -1,0 +1,203 @@
+"""VIP placement: fair share, hand-off with hysteresis, no flapping (pure: no etcd, no clock)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lbnode.cluster.vips import VipSpec, fair_share, garp_frame, parse_vips, plan
+from lbnode.model import ConfigError, Table
+
+VIPS3 = ["10.77.0.100", "10.77.0.101", "10.77.0.102"]
+
+
+class Cluster:
+    """Nodes applying ``plan`` one after another on one consistent view (as etcd serialises them)."""
+
+    def __init__(self, vips: list[str], nodes: list[str]) -> None:
+        self.vips = vips
+        self.live = set(nodes)
+        self.holders: dict[str, str] = {}
+        self.moves: Counter[str] = Counter()  # VIP -> times it changed from one node to another
+        self._last: dict[str, str] = {}
+
+    def round(self) -> bool:
+        """Every live node plans once; returns whether anything changed."""
+        changed = False
+        for node in sorted(self.live):
+            decision = plan(node, self.vips, self.holders, self.live)
+            for vip in decision.release:
+                assert self.holders[vip] == node
+                del self.holders[vip]
+                changed = True
+            for vip in decision.campaign:
+                if vip not in self.holders:  # create_revision == 0: the first one wins
+                    self.holders[vip] = node
+                    if self._last.get(vip, node) != node:
+                        self.moves[vip] += 1
+                    self._last[vip] = node
+                    changed = True
+        return changed
+
+    def settle(self, max_rounds: int = 50) -> int:
+        for i in range(max_rounds):
+            if not self.round():
+                return i
+        raise AssertionError(f"still changing after {max_rounds} rounds: {self.holders}")
+
+    def down(self, node: str) -> None:
+        self.live.discard(node)
+        for vip, holder in list(self.holders.items()):
+            if holder == node:
+                del self.holders[vip]  # its lease expired
+
+    def up(self, node: str) -> None:
+        self.live.add(node)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(self.holders.values())
+        return {n: c[n] for n in self.live}
+
+
+def assert_fair(cluster: Cluster) -> None:
+    floor, ceil = fair_share(len(cluster.vips), len(cluster.live))
+    assert set(cluster.holders) == set(cluster.vips), "every VIP is held"
+    assert all(floor <= c <= ceil for c in cluster.counts().values()), cluster.counts()
+
+
+def test_fair_share_is_floor_and_ceiling() -> None:
+    assert fair_share(3, 3) == (1, 1)
+    assert fair_share(4, 3) == (1, 2)
+    assert fair_share(2, 3) == (0, 1)
+    assert fair_share(3, 0) == (0, 3)
+
+
+def test_three_nodes_three_vips_hold_one_each() -> None:
+    cluster = Cluster(VIPS3, ["n1", "n2", "n3"])
+    cluster.settle()
+    assert sorted(cluster.counts().values()) == [1, 1, 1]
+
+
+def test_every_node_deals_free_vips_the_same_way() -> None:
+    """With one view, exactly one node campaigns for each free VIP: no races in the common case."""
+    nodes = {"n1", "n2", "n3"}
+    campaigns = Counter(v for n in nodes for v in plan(n, VIPS3, {}, nodes).campaign)
+    assert campaigns == Counter(VIPS3)
+
+
+def test_lost_node_vips_are_spread_over_the_others() -> None:
+    vips = [f"10.77.0.{100 + i}" for i in range(6)]
+    cluster = Cluster(vips, ["n1", "n2", "n3"])
+    cluster.settle()
+    before = dict(cluster.holders)
+    cluster.down("n2")
+    cluster.settle()
+    assert_fair(cluster)
+    assert sorted(cluster.counts().values()) == [3, 3]
+    # the survivors kept what they had: only n2's VIPs moved
+    assert all(cluster.holders[v] == h for v, h in before.items() if h != "n2")
+
+
+def test_returning_node_gets_its_share_with_one_move_per_vip() -> None:
+    cluster = Cluster(VIPS3, ["n1", "n2", "n3"])
+    cluster.settle()
+    cluster.down("n3")
+    cluster.settle()
+    assert sorted(cluster.counts().values()) == [1, 2]
+    cluster.moves.clear()
+    cluster.up("n3")
+    cluster.settle()
+    assert cluster.counts() == {"n1": 1, "n2": 1, "n3": 1}
+    assert sum(cluster.moves.values()) == 1
+    assert max(cluster.moves.values()) == 1
+
+
+def test_uneven_by_one_is_left_alone() -> None:
+    """4 VIPs on 3 nodes: (2, 1, 1) is fair; nobody hands anything off."""
+    vips = [f"10.77.0.{100 + i}" for i in range(4)]
+    holders = {vips[0]: "n1", vips[1]: "n1", vips[2]: "n2", vips[3]: "n3"}
+    for node in ("n1", "n2", "n3"):
+        assert plan(node, vips, holders, {"n1", "n2", "n3"}).release == ()
+
+
+def test_no_hand_off_while_a_vip_is_free() -> None:
+    """A free VIP goes to the needy node first; moving a held one as well would be a second move."""
+    holders = {VIPS3[0]: "n1", VIPS3[1]: "n1"}
+    decision = plan("n1", VIPS3, holders, {"n1", "n2", "n3"})
+    assert decision.release == ()
+
+
+def test_urgent_free_vip_is_claimed_by_anyone() -> None:
+    """A VIP free for too long (its dealt node does not act) is campaigned for by every node."""
+    nodes = {"n1", "n2", "n3"}
+    dealt = [n for n in nodes if VIPS3[0] in plan(n, VIPS3[:1], {}, nodes).campaign]
+    others = nodes - set(dealt)
+    assert all(VIPS3[0] in plan(n, VIPS3[:1], {}, nodes, urgent={VIPS3[0]}).campaign for n in others)
+
+
+def test_node_not_running_a_claimer_is_not_dealt_vips() -> None:
+    """Only candidates count: a node left out of ``candidates`` never starves the others."""
+    decision = plan("n1", VIPS3, {}, {"n1"})
+    assert set(decision.campaign) == set(VIPS3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_vips=st.integers(1, 8),
+    events=st.lists(st.tuples(st.sampled_from(["down", "up"]), st.sampled_from(["n1", "n2", "n3", "n4"])), max_size=12),
+)
+def test_placement_settles_fairly_and_never_flaps(n_vips: int, events: list[tuple[str, str]]) -> None:
+    vips = [f"10.77.0.{100 + i}" for i in range(n_vips)]
+    cluster = Cluster(vips, ["n1", "n2", "n3", "n4"])
+    cluster.settle()
+    assert_fair(cluster)
+    for action, node in events:
+        if action == "down" and len(cluster.live) > 1:
+            cluster.down(node)
+        elif action == "up":
+            cluster.up(node)
+        cluster.moves.clear()
+        cluster.settle()
+        assert_fair(cluster)
+        # each VIP changes hands at most once per membership change
+        assert all(m <= 1 for m in cluster.moves.values()), cluster.moves
+        # and once settled, many more rounds change nothing
+        snapshot = dict(cluster.holders)
+        for _ in range(20):
+            assert not cluster.round()
+        assert cluster.holders == snapshot
+
+
+def test_garp_frame_is_a_broadcast_arp_announcement() -> None:
+    mac = bytes.fromhex("02fc00000001")
+    frame = garp_frame(mac, "10.77.0.100")
+    assert len(frame) == 42
+    assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac and frame[12:14] == b"\x08\x06"
+    assert frame[20:22] == b"\x00\x01"  # request
+    assert frame[22:28] == mac
+    assert frame[28:32] == bytes([10, 77, 0, 100]) == frame[38:42]  # sender = target = VIP
+
+
+def test_vips_config_is_parsed_with_per_vip_interface() -> None:
+    t = Table({"vip_interface": "bond0", "vips": [{"address": "10.77.0.100/24"},
+                                                   {"address": "10.77.0.101/24", "interface": "eth1"}]}, "cluster")
+    assert parse_vips(t) == (VipSpec("10.77.0.100", 24, "bond0"), VipSpec("10.77.0.101", 24, "eth1"))
+
+
+@pytest.mark.parametrize(
+    ("vips", "key", "message"),
+    [
+        ([{"address": "10.77.0.100"}], "cluster.vips[0].address", "prefix length"),
+        ([{"address": "nope/24"}], "cluster.vips[0].address", "not an address"),
+        ([{"address": "fd00::1/64"}], "cluster.vips[0].address", "only IPv4"),
+        ([{"address": "10.77.0.100/24"}, {"address": "10.77.0.100/24"}], "cluster.vips[1].address", "already used"),
+        ([{"address": "10.77.0.100/24", "iface": "eth0"}], "cluster.vips[0].iface", "unknown key"),
+    ],
+)
+def test_vips_config_errors_name_the_key(vips: list[dict[str, str]], key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_vips(Table({"vips": vips}, "cluster"))
+    assert key in str(info.value) and message in str(info.value)
