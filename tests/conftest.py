@@ -166,3 +166,22 @@ def spawn(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
         if proc.popen.poll() is None:
             proc.popen.kill()
             proc.popen.wait(10)
+
+
+@pytest.fixture
+def etcd(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real one-member etcd on free loopback ports, killed afterwards."""
+    # Imported here: etcd_helpers imports this module.
+    from tests.integration.etcd_helpers import etcd_cluster, require_etcd
+
+    require_etcd()
+    with etcd_cluster(tmp_path, size=1) as cluster:
+        yield cluster
+
+
+def spawn_backend(spawn, name: str) -> int:  # type: ignore[no-untyped-def]
+    """A demo backend as its own process (so a test can kill -9 it); returns its port."""
+    port = free_port()
+    spawn("-m", "lbnode.demo_backend", "--name", name, "--port", str(port), name=f"backend-{name}")
+    wait_port(port)
+    return port

@@ -10,15 +10,13 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-import pytest
 import trio
 
 from lbnode.cluster.etcd import EtcdConnection
 from lbnode.cluster.membership import ClusterAgent
 from lbnode.cluster.vips import FREE_GRACE, VipClaimer, VipSpec
-from tests.integration.etcd_helpers import EtcdCluster, etcd_cluster, require_etcd
+from tests.integration.etcd_helpers import EtcdCluster
 
 VIPS = [VipSpec("10.77.0.100", 24, "eth0"), VipSpec("10.77.0.101", 24, "eth0")]
 
@@ -43,13 +41,6 @@ class RecordedAddresses:
 
     def announce(self, vip: VipSpec) -> None:
         self._note("announce", vip)
-
-
-@pytest.fixture
-def etcd(tmp_path: Path):
-    require_etcd()
-    with etcd_cluster(tmp_path, size=1) as cluster:
-        yield cluster
 
 
 @asynccontextmanager

@@ -11,29 +11,13 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from lbnode.affinity import COOKIE_KEY_FILE
 from lbnode.cluster.affinity import decode_entry, escape_key
 from lbnode.cluster.etcd import EtcdConnection
-from tests.conftest import free_port, wait_port
-from tests.integration.etcd_helpers import etcd_cluster, require_etcd
+from tests.conftest import free_port, spawn_backend, wait_port
 
 PROPAGATION = 2.0  # an entry or the cookie key must reach the other node within this
-
-
-@pytest.fixture
-def etcd(tmp_path: Path):
-    require_etcd()
-    with etcd_cluster(tmp_path, size=1) as cluster:
-        yield cluster
-
-
-def _backend(spawn, name: str) -> int:
-    port = free_port()
-    spawn("-m", "lbnode.demo_backend", "--name", name, "--port", str(port), name=f"backend-{name}")
-    wait_port(port)
-    return port
 
 
 def _node(spawn, tmp_path: Path, etcd, node_id: str, ports: list[int]) -> dict:
@@ -90,7 +74,7 @@ def _get(port: int, source: str = "127.0.0.1", cookies: dict[str, str] | None = 
 
 
 def test_a_source_ip_session_made_through_node_1_is_honoured_by_node_2(spawn, tmp_path, etcd):
-    ports = {name: _backend(spawn, name) for name in ("a", "b")}
+    ports = {name: spawn_backend(spawn, name) for name in ("a", "b")}
     n1 = _node(spawn, tmp_path, etcd, "n1", list(ports.values()))
     n2 = _node(spawn, tmp_path, etcd, "n2", list(ports.values()))
     conn = EtcdConnection(etcd.endpoints)
@@ -128,7 +112,7 @@ def test_a_source_ip_session_made_through_node_1_is_honoured_by_node_2(spawn, tm
 
 
 def test_a_cookie_set_by_node_1_is_honoured_by_node_2_with_the_cluster_key(spawn, tmp_path, etcd):
-    ports = {name: _backend(spawn, name) for name in ("a", "b", "c")}
+    ports = {name: spawn_backend(spawn, name) for name in ("a", "b", "c")}
     n1 = _node(spawn, tmp_path, etcd, "n1", list(ports.values()))
     n2 = _node(spawn, tmp_path, etcd, "n2", list(ports.values()))
     conn = EtcdConnection(etcd.endpoints)

@@ -10,28 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
-import pytest
 
 from lbnode.cluster.etcd import EtcdConnection, EtcdStore
 from lbnode.model import Backend, parse_address
-from tests.conftest import free_port, wait_port
-from tests.integration.etcd_helpers import etcd_cluster, require_etcd
+from tests.conftest import free_port, spawn_backend, wait_port
 
 TTL = 2.0
-
-
-@pytest.fixture
-def etcd(tmp_path: Path):
-    require_etcd()
-    with etcd_cluster(tmp_path, size=1) as cluster:
-        yield cluster
-
-
-def _backend(spawn, name: str) -> int:
-    port = free_port()
-    spawn("-m", "lbnode.demo_backend", "--name", name, "--port", str(port), name=f"backend-{name}")
-    wait_port(port)
-    return port
 
 
 def _node(spawn, tmp_path: Path, etcd, node_id: str, backend_ports: list[int], *, health: bool = True) -> dict:
@@ -87,7 +71,7 @@ def _store(etcd) -> EtcdStore:
 
 
 def test_pool_changes_reach_every_node_and_are_served(spawn, tmp_path, etcd):
-    ports = [_backend(spawn, n) for n in ("a", "b", "c")]
+    ports = [spawn_backend(spawn, n) for n in ("a", "b", "c")]
     nodes = [_node(spawn, tmp_path, etcd, f"n{i}", ports[:1], health=False) for i in range(1, 4)]
     store = _store(etcd)
     # A new pool written once is served by all three nodes.
@@ -126,7 +110,7 @@ def test_pool_changes_reach_every_node_and_are_served(spawn, tmp_path, etcd):
 
 
 def test_etcd_down_under_load_causes_no_client_errors_and_changes_flow_again(spawn, tmp_path, etcd):
-    ports = [_backend(spawn, n) for n in ("a", "b")]
+    ports = [spawn_backend(spawn, n) for n in ("a", "b")]
     node = _node(spawn, tmp_path, etcd, "n1", ports)
     url = f"http://127.0.0.1:{node['http']}/"
     errors: list[str] = []
@@ -180,7 +164,7 @@ def test_etcd_down_under_load_causes_no_client_errors_and_changes_flow_again(spa
 
 
 def test_a_killed_node_leaves_the_cluster_within_the_ttl_and_its_backends_get_new_checkers(spawn, tmp_path, etcd):
-    ports = [_backend(spawn, n) for n in ("a", "b", "c", "d")]
+    ports = [spawn_backend(spawn, n) for n in ("a", "b", "c", "d")]
     nodes = [_node(spawn, tmp_path, etcd, f"n{i}", ports) for i in range(1, 4)]
     conn = EtcdConnection(etcd.endpoints)
 

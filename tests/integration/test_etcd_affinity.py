@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
 import trio
 
 from lbnode.affinity import CookieSealer, load_or_create_key
@@ -22,16 +21,9 @@ from lbnode.cluster.affinity import ClusterAffinity, EtcdAffinityTable, escape_k
 from lbnode.cluster.etcd import EtcdConnection
 from lbnode.cluster.store import Unavailable
 from lbnode.model import Affinity
-from tests.integration.etcd_helpers import EtcdCluster, etcd_cluster, require_etcd
+from tests.integration.etcd_helpers import EtcdCluster
 
 PREFIX = "/fulcrum/v1"
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    require_etcd()
-    with etcd_cluster(tmp_path, size=1) as cluster:
-        yield cluster
 
 
 @asynccontextmanager
