@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     command(sub, "status", "the answering node: configuration revision and backend health", cmd_status)
-    command(sub, "nodes", "the nodes of the cluster, their listeners and health", cmd_nodes)
+    p = command(sub, "nodes", "the nodes of the cluster, their listeners and health (or: nodes drain NODE)", cmd_nodes)
+    node_actions = p.add_subparsers(dest="nodes_command", metavar="ACTION")
+    command(node_actions, "list", "the nodes of the cluster, their listeners and health", cmd_nodes)
+    p = command(node_actions, "drain", "a node releases its VIPs, stops accepting, lets connections in flight "
+                "finish, then exits 0 (what SIGTERM does)", cmd_nodes_drain)
+    p.add_argument("node", help="the node id (lbctl nodes)")
+    command(sub, "vips", "every VIP, the node holding it and since when", cmd_vips)
 
     pools = sub.add_parser("pools", help="list, show, create, delete pools").add_subparsers(
         dest="pools_command", metavar="ACTION", required=True
@@ -103,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backend", help="its name, or its address")
     p.add_argument("weight", type=int)
 
-    command(sub, "watch", "stream pool and backend health events until Ctrl-C", cmd_watch)
+    command(sub, "watch", "stream pool, backend health, node and VIP events until Ctrl-C", cmd_watch)
 
     certs = sub.add_parser("certs", help="certificates for the control API").add_subparsers(
         dest="certs_command", metavar="ACTION", required=True
@@ -223,6 +229,56 @@ def cmd_nodes(args: argparse.Namespace, client: Any) -> int:
         rows.append([n.id, "draining" if n.draining else "serving", n.control_address, n.config_revision,
                      f"{h.pools} pools, {h.backends} backends: {health}", listeners, n.version])
     table(["NODE", "STATE", "CONTROL", "REVISION", "HEALTH", "LISTENERS", "VERSION"], rows)
+    return 0
+
+
+def cmd_nodes_drain(args: argparse.Namespace, client: Any) -> int:
+    import dataclasses
+
+    from lbctl.client import ControlClient
+    from lbctl.output import emit_json, message_dict
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    nodes = _call(client, "Cluster", "ListNodes", pb.ListNodesRequest())
+    found = next((n for n in nodes.nodes if n.id == args.node), None)
+    if found is None:
+        known = ", ".join(n.id for n in nodes.nodes) or "none"
+        raise Failure(f"no live node {args.node} (live nodes: {known})")
+    if not found.control_address:
+        raise Failure(f"node {args.node} has no control API address in its registration: drain it with SIGTERM")
+    endpoint = _reachable(found.control_address, client.settings.endpoints)
+    with ControlClient(dataclasses.replace(client.settings, endpoints=(endpoint,))) as direct:
+        done = _call(direct, "Cluster", "DrainNode", pb.DrainNodeRequest(node_id=args.node))
+    if _json(args):
+        emit_json(message_dict(done))
+    else:
+        vips = f"; releasing VIPs {', '.join(done.vips)}" if done.vips else ""
+        print(f"node {done.node_id} ({endpoint}): draining, exits once connections in flight finish{vips}")
+    return 0
+
+
+def _reachable(control_address: str, endpoints: tuple[str, ...]) -> str:
+    """A node's control address as lbctl can call it: a wildcard bind takes the host lbctl was given."""
+    host, _, port = control_address.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", "") and endpoints:
+        given, _, _ = endpoints[0].rpartition(":")
+        return f"{given}:{port}"
+    return control_address
+
+
+def cmd_vips(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json, message_dict, table
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    vips = _call(client, "Cluster", "ListVips", pb.ListVipsRequest())
+    if _json(args):
+        emit_json([message_dict(v) for v in vips.vips])
+        return 0
+    rows = []
+    for v in vips.vips:
+        since = v.since.ToDatetime(tzinfo=datetime.UTC).isoformat(timespec="seconds") if v.HasField("since") else ""
+        rows.append([f"{v.address}/{v.prefixlen}", v.interface, v.holder or "(free)", since])
+    table(["VIP", "INTERFACE", "HOLDER", "SINCE"], rows)
     return 0
 
 
@@ -455,6 +511,9 @@ def describe_event(event: Any) -> str:
     if kind == "node":
         change = event.node.DESCRIPTOR.fields_by_name["change"].enum_type.values_by_number[event.node.change].name
         return f"{when} {event.node_id} node {event.node.node_id} {change.lower()}"
+    if kind == "vip_moved":
+        m = event.vip_moved
+        return f"{when} {event.node_id} vip {m.vip} moved {m.old_holder or '(free)'} -> {m.new_holder or '(free)'}"
     return f"{when} {event.node_id} unknown event"
 
 

@@ -111,6 +111,13 @@ class LbNode:
         """Begin a graceful stop (what SIGTERM does)."""
         self._stop.set()
 
+    def drain(self) -> list[str]:
+        """``lbctl nodes drain``: the graceful stop (VIPs released first, then in-flight work
+        finishes and the process exits 0); returns the VIPs held when it was asked."""
+        held = sorted(self.vips.held) if self.vips is not None else []
+        self.stop()
+        return held
+
     # --------------------------------------------------------------- lifecycle
     async def run(self, *, handle_signals: bool = True, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -137,6 +144,7 @@ class LbNode:
                 await outer.start(self.agent.run)
                 if config.cluster is not None and config.cluster.vips:
                     self.vips = VipClaimer(config.cluster, config.node.id, self.agent.conn, self.agent)
+                    self.vips.on_moved(self.events.vip_moved)
                     await outer.start(self.vips.run)
             if self.affinity is not None:
                 await outer.start(self.affinity.run)

@@ -1,4 +1,4 @@
-"""Fan-out of what a node sees happen (pool changes, backend health) to WatchEvents streams.
+"""Fan-out of what a node sees happen (pool changes, backend health, nodes, VIP moves) to WatchEvents streams.
 
 Owns one bounded queue per subscriber. ``publish`` is called on the Trio thread
 and never blocks or waits on a reader: a stream that falls too far behind is
@@ -48,7 +48,14 @@ class NodeChange:
     change: str  # "joined" | "left"
 
 
-ControlEvent = PoolChange | BackendHealthChange | NodeChange
+@dataclass(frozen=True, slots=True)
+class VipMove:
+    vip: str
+    old_holder: str | None  # None: it was free
+    new_holder: str | None  # None: it is free now
+
+
+ControlEvent = PoolChange | BackendHealthChange | NodeChange | VipMove
 
 
 class ClusterMembers(Protocol):
@@ -170,6 +177,10 @@ class EventHub:
         """Publish node joins and leaves seen by the cluster agent (``ClusterAgent``)."""
         agent.on_join(lambda node_id: self.publish(NodeChange(node_id, "joined")))
         agent.on_leave(lambda node_id: self.publish(NodeChange(node_id, "left")))
+
+    def vip_moved(self, vip: str, old_holder: str | None, new_holder: str | None) -> None:
+        """A VIP changed hands in etcd (``VipClaimer.on_moved`` callback)."""
+        self.publish(VipMove(vip, old_holder, new_holder))
 
     def backend_health(self, pool: str, backend_id: str, transition: Transition) -> None:
         """An active health check moved a backend up or down (``HealthChecker`` on_transition)."""

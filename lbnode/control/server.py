@@ -44,6 +44,7 @@ from lbnode.control.events import (
     Published,
     StreamEnded,
     Subscription,
+    VipMove,
 )
 from lbnode.listen import BindError
 from lbnode.model import ConfigError, ControlSettings, pool_from_dict
@@ -95,6 +96,8 @@ class NodeView(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+    def drain(self) -> list[str]: ...
 
 
 R = TypeVar("R")
@@ -241,6 +244,27 @@ class ClusterServicer(rpc.ClusterServicer):
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
         return self._on_trio(self._status_message)
 
+    @_translating
+    def ListVips(self, request: pb.ListVipsRequest, context: grpc.ServicerContext) -> pb.ListVipsResponse:
+        return self._on_trio(self._vips_message)
+
+    @_translating
+    def DrainNode(self, request: pb.DrainNodeRequest, context: grpc.ServicerContext) -> pb.DrainNodeResponse:
+        wanted = _required(request.node_id, "node_id")
+        me = self._on_trio(lambda: self.node.config.node.id)
+        if wanted != me:
+            peers = self._on_trio(lambda: getattr(getattr(self.node, "agent", None), "nodes", None) or {})
+            info = peers.get(wanted)
+            where = str(info.get("control", "")) if isinstance(info, dict) else ""
+            hint = f"call {where}" if where else "it is not a live node of this cluster (lbctl nodes)"
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this is node {me}, not {wanted}: a node drains only itself; {hint}",
+            )
+        log.info("drain requested over the control API by %s", _who(context))
+        held = self._on_trio(self.node.drain)
+        return pb.DrainNodeResponse(node_id=me, vips=held)
+
     def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
         if not self._streams.acquire(blocking=False):
             context.abort(
@@ -329,6 +353,23 @@ class ClusterServicer(rpc.ClusterServicer):
             version=__version__,
         )
 
+    def _vips_message(self) -> pb.ListVipsResponse:
+        node = self.node
+        msg = pb.ListVipsResponse(node_id=node.config.node.id)
+        claimer = getattr(node, "vips", None)
+        if claimer is None:
+            return msg
+        for address in sorted(claimer.vips, key=_address_key):
+            spec = claimer.vips[address]
+            vip = pb.Vip(address=address, prefixlen=spec.prefixlen, interface=spec.interface)
+            holder = claimer.holders.get(address)
+            if holder is not None:
+                vip.holder = holder.node
+                if holder.since > 0:
+                    vip.since.FromNanoseconds(int(holder.since * 1e9))
+            msg.vips.append(vip)
+        return msg
+
     def _status_message(self) -> pb.StatusResponse:
         node = self.node
         snap = node.snapshot
@@ -388,7 +429,18 @@ def _event_message(item: Published, node_id: str) -> pb.Event:
     elif isinstance(event, NodeChange):
         joined_or_left = pb.NodeChanged.JOINED if event.change == "joined" else pb.NodeChanged.LEFT
         msg.node.CopyFrom(pb.NodeChanged(node_id=event.node_id, change=joined_or_left))
+    elif isinstance(event, VipMove):
+        msg.vip_moved.CopyFrom(
+            pb.VipMoved(vip=event.vip, old_holder=event.old_holder or "", new_holder=event.new_holder or "")
+        )
     return msg
+
+
+def _address_key(address: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in address.split("."))
+    except ValueError:
+        return (1 << 32,)
 
 
 # --------------------------------------------------------------------------- server

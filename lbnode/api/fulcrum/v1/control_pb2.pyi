@@ -220,6 +220,46 @@ class StatusResponse(_message.Message):
     draining: bool
     def __init__(self, node_id: _Optional[str] = ..., config_revision: _Optional[int] = ..., snapshot_version: _Optional[int] = ..., pools_count: _Optional[int] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
+class ListVipsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Vip(_message.Message):
+    __slots__ = ("address", "prefixlen", "interface", "holder", "since")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFIXLEN_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    prefixlen: int
+    interface: str
+    holder: str
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, address: _Optional[str] = ..., prefixlen: _Optional[int] = ..., interface: _Optional[str] = ..., holder: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListVipsResponse(_message.Message):
+    __slots__ = ("vips", "node_id")
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    vips: _containers.RepeatedCompositeFieldContainer[Vip]
+    node_id: str
+    def __init__(self, vips: _Optional[_Iterable[_Union[Vip, _Mapping]]] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class DrainNodeRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class DrainNodeResponse(_message.Message):
+    __slots__ = ("node_id", "vips")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    vips: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., vips: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class WatchEventsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -276,18 +316,30 @@ class NodeChanged(_message.Message):
     change: NodeChanged.Change
     def __init__(self, node_id: _Optional[str] = ..., change: _Optional[_Union[NodeChanged.Change, str]] = ...) -> None: ...
 
+class VipMoved(_message.Message):
+    __slots__ = ("vip", "old_holder", "new_holder")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    OLD_HOLDER_FIELD_NUMBER: _ClassVar[int]
+    NEW_HOLDER_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    old_holder: str
+    new_holder: str
+    def __init__(self, vip: _Optional[str] = ..., old_holder: _Optional[str] = ..., new_holder: _Optional[str] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node")
+    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node", "vip_moved")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_HEALTH_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    VIP_MOVED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     node_id: str
     time: _timestamp_pb2.Timestamp
     pool: PoolChanged
     backend_health: BackendHealthChanged
     node: NodeChanged
-    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ...) -> None: ...
+    vip_moved: VipMoved
+    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ..., vip_moved: _Optional[_Union[VipMoved, _Mapping]] = ...) -> None: ...

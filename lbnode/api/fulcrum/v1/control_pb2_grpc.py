@@ -614,6 +614,16 @@ class ClusterStub:
                 request_serializer=fulcrum_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=fulcrum_dot_v1_dot_control__pb2.Event.FromString,
                 _registered_method=True)
+        self.ListVips = channel.unary_unary(
+                '/fulcrum.v1.Cluster/ListVips',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.ListVipsRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.ListVipsResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/fulcrum.v1.Cluster/DrainNode',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -635,8 +645,27 @@ class ClusterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Pool changes, backend health changes and node joins/leaves, as this node
+        """Pool changes, backend health changes, node joins/leaves and VIP moves, as this node
         sees them, from the moment of the call until the client cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVips(self, request, context):
+        """Every configured VIP as this node's VIP claimer sees it in etcd: its holder
+        and since when. A node without [[cluster.vips]] returns an empty list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Drain the node that answers (what SIGTERM does): it releases its VIPs at
+        once, stops accepting connections, lets the ones in flight finish (up to
+        node.drain_timeout), then the process exits 0. Returns at once, before
+        the drain is over. FAILED_PRECONDITION when node_id is not the answering
+        node: the message names the control address to call instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -659,6 +688,16 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=fulcrum_dot_v1_dot_control__pb2.WatchEventsRequest.FromString,
                     response_serializer=fulcrum_dot_v1_dot_control__pb2.Event.SerializeToString,
+            ),
+            'ListVips': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVips,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.ListVipsRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.ListVipsResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.DrainNodeRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.DrainNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -743,6 +782,60 @@ class Cluster:
             '/fulcrum.v1.Cluster/WatchEvents',
             fulcrum_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
             fulcrum_dot_v1_dot_control__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVips(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Cluster/ListVips',
+            fulcrum_dot_v1_dot_control__pb2.ListVipsRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.ListVipsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Cluster/DrainNode',
+            fulcrum_dot_v1_dot_control__pb2.DrainNodeRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
