@@ -186,6 +186,11 @@ class CookieSealer:
 
     def open(self, value: str, now: float) -> str | None:
         """The backend id, or None for a tampered, malformed, expired or foreign value."""
+        opened = self.unseal(value)
+        return opened[0] if opened is not None and now < opened[1] else None
+
+    def unseal(self, value: str) -> tuple[str, float] | None:
+        """(backend id, expiry time) of an authentic value, expired or not; None otherwise."""
         try:
             raw = _b64decode(value)
             if len(raw) < _MIN_SEALED or raw[:1] != _VERSION:
@@ -193,9 +198,7 @@ class CookieSealer:
             nonce = raw[1 : 1 + NONCE_BYTES]
             plain = self._aead.decrypt(nonce, raw[1 + NONCE_BYTES :], _AAD)
             (expires_ms,) = _EXPIRY.unpack_from(plain)
-            if now * 1000 >= expires_ms:
-                return None
-            return plain[_EXPIRY.size :].decode("utf-8")
+            return plain[_EXPIRY.size :].decode("utf-8"), expires_ms / 1000
         except (InvalidTag, ValueError, binascii.Error, TypeError, AttributeError, struct.error):
             # ValueError covers UnicodeEncodeError / UnicodeDecodeError.
             return None
@@ -228,13 +231,17 @@ class CookieKeyring:
         return self._current.seal(backend_id, expires)
 
     def open(self, value: str, now: float) -> str | None:
-        backend_id = self._current.open(value, now)
-        if backend_id is None:
+        opened = self.unseal(value)
+        return opened[0] if opened is not None and now < opened[1] else None
+
+    def unseal(self, value: str) -> tuple[str, float] | None:
+        opened = self._current.unseal(value)
+        if opened is None:
             for sealer in self._older:
-                backend_id = sealer.open(value, now)
-                if backend_id is not None:
+                opened = sealer.unseal(value)
+                if opened is not None:
                     break
-        return backend_id
+        return opened
 
 
 def set_cookie_header(name: str, value: str, ttl: float, tls: bool) -> str:
@@ -246,6 +253,8 @@ def set_cookie_header(name: str, value: str, ttl: float, tls: bool) -> str:
 
 
 COOKIE_KEY_FILE = "cookie.key"
+# Sealed cookie values already opened, kept per pool: enough for the clients of a busy node.
+OPENED_CACHE_SIZE = 10_000
 
 
 def load_or_create_key(state_dir: Path) -> bytes:
@@ -335,6 +344,7 @@ class Stickiness:
             self.sealer = CookieSealer(cookie_key) if cookie_key is not None else None
             self.cookie_key = cookie_key
         self.table = table
+        self._opened: dict[str, tuple[str, float]] = {}  # sealed value -> (backend id, expiry)
 
     @classmethod
     def build(
@@ -381,7 +391,18 @@ class Stickiness:
         if self.sealer is not None:
             cookies = header("cookie")
             value = None if cookies is None else cookie_value(cookies, self.spec.cookie_name)
-            return (None if value is None else self.sealer.open(value, wall)), None
+            if value is None:
+                return None, None
+            # A returning client sends the same sealed value every time: decrypt it once.
+            opened = self._opened.get(value)
+            if opened is None:
+                opened = self.sealer.unseal(value)
+                if opened is None:
+                    return None, None
+                if len(self._opened) >= OPENED_CACHE_SIZE:
+                    self._opened.pop(next(iter(self._opened)))  # oldest first: a bounded FIFO
+                self._opened[value] = opened
+            return (opened[0] if wall < opened[1] else None), None
         key = self.session_key(client_ip, header)
         if key is None or self.table is None:
             return None, key

@@ -165,3 +165,23 @@ def test_sealer_nonces_never_repeat_and_the_prefix_changes_when_the_counter_wrap
     assert nonce_of(last)[:8] != nonce_of(wrapped)[:8]  # new random prefix after the wrap
     assert nonce_of(wrapped)[8:] == (1).to_bytes(4, "big")
     assert sealer.open(last, 1e9) == "b1" and sealer.open(wrapped, 1e9) == "b1"
+
+
+def test_a_returning_cookie_is_decrypted_once_and_still_expires() -> None:
+    from lbnode.affinity import CookieSealer, Stickiness
+    from lbnode.model import Affinity
+
+    key = bytes(range(32))
+    stickiness = Stickiness(Affinity(mode="cookie", ttl=10.0), key, None)
+    value = CookieSealer(key).seal("b1", 100.0)
+    calls = []
+    real_unseal = stickiness.sealer.unseal  # type: ignore[union-attr]
+    stickiness.sealer.unseal = lambda v: calls.append(v) or real_unseal(v)  # type: ignore[union-attr,method-assign]
+    headers = {"cookie": f"FULCRUM={value}"}.get
+    assert [stickiness.remembered("ip", headers, 0.0, 50.0)[0] for _ in range(3)] == ["b1"] * 3
+    assert len(calls) == 1  # opened once, then served from the cache
+    assert stickiness.remembered("ip", headers, 0.0, 100.0)[0] is None  # expired: the cache checks it
+    tampered = {"cookie": f"FULCRUM={value[:-2]}xx"}.get
+    assert stickiness.remembered("ip", tampered, 0.0, 50.0)[0] is None
+    assert stickiness.remembered("ip", tampered, 0.0, 50.0)[0] is None
+    assert len(calls) == 3  # a forged value is never cached
