@@ -61,6 +61,14 @@ class AffinityTable(Protocol):
     def __len__(self) -> int: ...
 
 
+def check_table_limits(idle_timeout: float, max_entries: int) -> None:
+    """The limits every affinity table needs (ValueError otherwise)."""
+    if idle_timeout <= 0:
+        raise ValueError(f"idle_timeout must be > 0, got {idle_timeout}")
+    if max_entries < 1:
+        raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+
+
 class MemoryAffinityTable:
     """In-process table: an ``OrderedDict`` in least-recently-used order.
 
@@ -71,10 +79,7 @@ class MemoryAffinityTable:
     """
 
     def __init__(self, idle_timeout: float, max_entries: int) -> None:
-        if idle_timeout <= 0:
-            raise ValueError(f"idle_timeout must be > 0, got {idle_timeout}")
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        check_table_limits(idle_timeout, max_entries)
         self.idle_timeout = idle_timeout
         self.max_entries = max_entries
         self.evictions = 0

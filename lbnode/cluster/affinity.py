@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote
 import etcd3
 import trio
 
-from lbnode.affinity import AffinityTable, CookieKeyring, load_or_create_key
+from lbnode.affinity import AffinityTable, CookieKeyring, check_table_limits, load_or_create_key
 from lbnode.cluster.etcd import Compacted, EtcdConnection, KeyEvent, KeyValue, LeaseNotFound
 from lbnode.cluster.store import StoreError
 from lbnode.cluster.watch import follow_watch
@@ -144,10 +144,7 @@ class EtcdAffinityTable:
 
     def configure(self, idle_timeout: float, max_entries: int) -> None:
         """New limits from a pool change; the entries stay."""
-        if idle_timeout <= 0:
-            raise ValueError(f"idle_timeout must be > 0, got {idle_timeout}")
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        check_table_limits(idle_timeout, max_entries)
         self.idle_timeout = idle_timeout
         self.max_entries = max_entries
         self.bucket = max(idle_timeout / BUCKETS_PER_IDLE, MIN_BUCKET)
