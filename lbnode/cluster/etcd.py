@@ -134,7 +134,9 @@ class EtcdConnection:
                 etcd3.Endpoint(host, port, secure=False, time_retry=FAILED_ENDPOINT_SKIP, opts=CHANNEL_OPTIONS)
             )
         self.client = etcd3.MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
+        self._preferred = eps[0].netloc
         self._closed = False
+        self._prefer_first()
 
     def __repr__(self) -> str:
         return f"EtcdConnection({', '.join(self.endpoints)})"
@@ -208,7 +210,17 @@ class EtcdConnection:
             return Unavailable(f"etcd refused {what}: {details} (etcd authentication is not supported yet)")
         return Unavailable(f"etcd refused {what}: {code.name}: {details}")
 
+    def _prefer_first(self) -> None:
+        """Use the first endpoint whenever it has not failed lately (the library starts on a
+        random one and stays wherever a failure sent it). List a node's own member first: it
+        lives and dies with the node, so a node never waits on a dead host's member while its
+        own answers."""
+        client = self.client
+        if client._current_endpoint_label != self._preferred and not client.endpoints[self._preferred].is_failed():
+            client._current_endpoint_label = self._preferred  # the library's own setter: drops old stubs
+
     def _revive_if_all_failed(self) -> None:
+        self._prefer_first()
         endpoints = list(self.client.endpoints.values())
         if all(ep.is_failed() for ep in endpoints):
             min(endpoints, key=lambda ep: ep.last_failed).last_failed = 0
