@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import logging
 import socket as stdsocket
-from collections.abc import Awaitable, Callable
+import struct
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -109,6 +110,83 @@ async def accept_loop(
         await trio.lowlevel.checkpoint()
         client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
         handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
+
+
+async def accept_pending(
+    sock: stdsocket.socket,
+    handler: Handler,
+    handlers: trio.Nursery,
+    gate: ConnectionGate,
+) -> int:
+    """Accept the connections already in the kernel's queue (a drain, before closing); how many."""
+    n = 0
+    while True:
+        token = object()
+        await gate.acquire(token)
+        try:
+            conn, peer = sock.accept()
+        except OSError:  # BlockingIOError: the queue is empty; anything else: nothing more to take
+            gate.release(token)
+            return n
+        conn.setblocking(False)
+        client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
+        n += 1
+
+
+# Classic BPF, for a filter on a listening socket (SO_ATTACH_FILTER; the kernel copies it).
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
+_SKF_NET_OFF = -0x100000 & 0xFFFFFFFF  # loads relative to the IP header (data starts at TCP's)
+_LDB, _LDW, _RSH, _AND, _JEQ, _RET = 0x30, 0x20, 0x74, 0x54, 0x15, 0x06
+_TCP_SYN, _TCP_ACK = 0x02, 0x10
+
+
+def syn_filter(addresses: Sequence[str]) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program (code, jt, jf, k) that drops IPv4 SYNs to ``addresses``, passes the rest.
+
+    Only a listener sees SYNs and the last ACK of each handshake; the ACKs pass, so the
+    handshakes already under way complete, and no connection is left half open.
+    """
+    n = len(addresses)
+    accept, drop = 7 + n, 8 + n
+    prog = [
+        (_LDB, 0, 0, _SKF_NET_OFF),  # 0: IP version
+        (_RSH, 0, 0, 4),
+        (_JEQ, 0, accept - 3, 4),  # 2: not IPv4 -> pass
+        (_LDB, 0, 0, 13),  # 3: TCP flags
+        (_AND, 0, 0, _TCP_SYN | _TCP_ACK),
+        (_JEQ, 0, accept - 6, _TCP_SYN),  # 5: not a bare SYN -> pass
+        (_LDW, 0, 0, (_SKF_NET_OFF + 16) & 0xFFFFFFFF),  # 6: destination address
+    ]
+    for i, address in enumerate(addresses):
+        prog.append((_JEQ, drop - (8 + i), 0, int.from_bytes(stdsocket.inet_aton(address), "big")))
+    prog += [(_RET, 0, 0, 0xFFFFFFFF), (_RET, 0, 0, 0)]  # accept, drop
+    return prog
+
+
+def refuse_new_connections(sock: stdsocket.socket, addresses: Sequence[str]) -> None:
+    """The kernel drops new connections' SYNs to ``addresses`` on this listener, silently.
+
+    For a VIP about to move: clients send their SYN again a second later and reach the new
+    holder. A handshake completed here just before the move would be cut instead (the
+    client's next packet reaches the new holder, which does not know the connection).
+    Connections already accepted, and other addresses, are not affected. Each call replaces
+    the last; with no addresses, the listener takes every connection again.
+    """
+    import ctypes
+
+    if sock.family != stdsocket.AF_INET:
+        return
+    if not addresses:
+        try:
+            sock.setsockopt(stdsocket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # no filter attached
+                raise
+        return
+    prog = syn_filter(addresses)
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in prog))
+    sock.setsockopt(stdsocket.SOL_SOCKET, _SO_ATTACH_FILTER, struct.pack("HL", len(prog), ctypes.addressof(buf)))
 
 
 async def _run_handler(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket as stdsocket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,15 @@ from lbnode.health.checker import HealthChecker
 from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
 from lbnode.http.upstream import UpstreamPool
-from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
-from lbnode.model import Config
+from lbnode.listen import (
+    ConnectionGate,
+    Handler,
+    accept_loop,
+    accept_pending,
+    bind_tcp,
+    refuse_new_connections,
+)
+from lbnode.model import Config, Listener
 from lbnode.runtime import Snapshot
 
 log = logging.getLogger("lbnode")
@@ -145,6 +153,7 @@ class LbNode:
                 if config.cluster is not None and config.cluster.vips:
                     self.vips = VipClaimer(config.cluster, config.node.id, self.agent.conn, self.agent)
                     self.vips.on_moved(self.events.vip_moved)
+                    self.vips.on_handing_off(lambda vips: self._refuse_new_connections(vips, sockets))
                     await outer.start(self.vips.run)
             if self.affinity is not None:
                 await outer.start(self.affinity.run)
@@ -161,7 +170,8 @@ class LbNode:
             self._health_nursery = outer
             self._sync_health()
             async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as accepting:
+                accepting: list[tuple[stdsocket.socket, Handler, ConnectionGate]] = []
+                async with trio.open_nursery() as accept_loops:
                     for li, sock in sockets:
                         gate = ConnectionGate(li.max_connections)
                         if li.protocol == "http":
@@ -174,16 +184,25 @@ class LbNode:
                             tcp = TcpProxy(li, self)
                             self.tcp_proxies[li.name] = tcp
                             handler = tcp.handle
-                        accepting.start_soon(accept_loop, sock, handler, connections, gate, li.name)
+                        accepting.append((sock, handler, gate))
+                        accept_loops.start_soon(accept_loop, sock, handler, connections, gate, li.name)
                     for li in config.listeners:
                         log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
                     task_status.started(self.bound)
                     await self._stop.wait()
-                    if self.vips is not None:
-                        # Planned stop: hand the VIPs over first, so clients move before we drain.
+                    if self.vips is not None and self.vips.held:
+                        # Planned stop: hand the VIPs over first (make-before-break), so clients
+                        # move before we drain. Meanwhile new connections to them are refused
+                        # silently (their SYNs go again a second later, to the new holder); the
+                        # accept loops go on for the handshakes already under way.
+                        self._draining = True
+                        for proxy in self.http_proxies.values():
+                            proxy.drain()  # idle keep-alive connections close now, not across the move
                         with trio.move_on_after(2 * self.vips.conn.timeout):
                             await self.vips.release_all()
-                    accepting.cancel_scope.cancel()
+                    accept_loops.cancel_scope.cancel()
+                for sock, handler, gate in accepting:
+                    await accept_pending(sock, handler, connections, gate)
                 for _, sock in sockets:
                     sock.close()
                 self._draining = True
@@ -197,6 +216,15 @@ class LbNode:
             self.upstreams.close()
             log.info("stopped")
             outer.cancel_scope.cancel()
+
+    @staticmethod
+    def _refuse_new_connections(vips: frozenset[str], sockets: list[tuple[Listener, stdsocket.socket]]) -> None:
+        """While VIPs are handed off, their new connections are refused (silently) on every listener."""
+        for li, sock in sockets:
+            try:
+                refuse_new_connections(sock, sorted(vips))
+            except OSError as exc:
+                log.warning("listener %s: cannot filter new connections to VIPs %s: %s", li.name, sorted(vips), exc)
 
     # --------------------------------------------------------------- health
     def _sync_health(self) -> None:

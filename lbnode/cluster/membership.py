@@ -45,8 +45,10 @@ log = logging.getLogger("lbnode.cluster")
 # Retry delays after etcd failed: short first, never hammering a sick etcd.
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
+# The lease is kept alive this fraction of its TTL after the last answered keepalive.
+KEEPALIVE_FRACTION = 1 / 3
 # While keepalives fail, they are retried this often (not every TTL/3) until the lease expires.
-KEEPALIVE_RETRY = 0.5
+KEEPALIVE_RETRY = 0.2
 # An unchanged observation is written again this often, so its "at" shows it is fresh;
 # a change of ok/not-ok is written at once. Checks themselves run far more often.
 HEALTH_REFRESH = 5.0
@@ -267,7 +269,7 @@ class ClusterAgent:
         assert lease_id is not None and self.lease_expires_at is not None
         failing = False
         while True:
-            interval = self.lease_ttl / 3
+            interval = self.lease_ttl * KEEPALIVE_FRACTION
             await trio.sleep(min(interval, KEEPALIVE_RETRY) if failing else interval)
             sent = trio.current_time()
             remaining = None

@@ -3,21 +3,18 @@
 Owns the pure placement rule (``plan``: fair share with hysteresis over rendezvous hashing),
 the ``{prefix}/vips/<address>`` keys (created with ``create_revision == 0``, bound to the
 node lease), fencing (a node whose lease renewal has failed for TTL/2 drops every VIP at
-once), and adding/removing the addresses with netlink plus a gratuitous ARP. Never blocks
+once, before the lease can expire), and adding/removing the addresses with netlink plus a gratuitous ARP. Never blocks
 the data plane: etcd, netlink and raw-socket calls run in threads.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import ipaddress
 import json
 import logging
 import math
 import signal
-import socket
-import struct
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,10 +23,13 @@ from typing import Any, Protocol
 
 import trio
 
+from lbnode.cluster import vipguard
 from lbnode.cluster.assign import checkers_for
 from lbnode.cluster.etcd import EtcdConnection, KeyEvent, KeyValue
+from lbnode.cluster.membership import KEEPALIVE_FRACTION
 from lbnode.cluster.store import StoreError
 from lbnode.cluster.watch import follow_watch
+from lbnode.cluster.wire import NetlinkAddresses, VipSpec
 from lbnode.model import NAME_RE, ClusterSettings, ConfigError, Table
 
 log = logging.getLogger("lbnode.cluster.vips")
@@ -40,12 +40,25 @@ ROUND_INTERVAL = 0.5
 # A VIP nobody holds is first left to the node the placement picks; past this, every live
 # node campaigns for it (that node may not run a claimer, or may be stuck): availability first.
 FREE_GRACE = 1.0
-# Fencing: past this fraction of the TTL since the last keepalive that etcd answered, the
-# lease may be lost soon; the VIPs go before another node can be handed them.
+# Fencing: once the lease renewal has failed for this fraction of the TTL (counted from when
+# it was due, KEEPALIVE_FRACTION of the TTL after the last answered keepalive), the VIPs go.
+# The lease expires in etcd a TTL after that keepalive at the earliest: TTL/6 later (and etcd
+# extends every lease on a leader change), so they are gone before another node can win them.
+# Counting from the due time lets the survivors ride out an etcd leader election (0.5-1 s)
+# without dropping their own VIPs.
 FENCE_FRACTION = 0.5
-# Gratuitous ARPs sent after adding an address, this far apart: one may be lost on a busy LAN.
-GARP_COUNT = 2
-GARP_SPACING = 0.2
+# Gratuitous ARPs after adding an address, at these delays (s): one may be lost on a busy LAN,
+# and the later ones correct a neighbour that a planned hand-off's old holder answered while
+# both hosts had the address (see HANDOFF_LINGER).
+GARP_DELAYS = (0.0, 0.2, 0.5, 1.0)
+# Planned hand-off (drain, stop, rebalancing) is make-before-break: the old holder deletes its
+# key but keeps the address, serving, until etcd shows the new holder's key; then this long
+# more (the new holder adds the address and sends its first GARP a few ms after its key), so
+# a connection attempt never finds the VIP on nobody. An unplanned loss never overlaps.
+HANDOFF_LINGER = 0.25
+# A released VIP nobody takes within this long loses its address anyway (no other node takes
+# VIPs: a one-node cluster, or every other node draining).
+HANDOFF_TIMEOUT = 2.0
 # Retry delays after etcd failed.
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 2.0
@@ -57,18 +70,6 @@ MovedCallback = Callable[[str, "str | None", "str | None"], object]  # (vip, old
 
 
 # ---------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True, slots=True)
-class VipSpec:
-    """One configured VIP: ``address/prefixlen`` added on ``interface`` by whichever node holds it."""
-
-    address: str  # "10.77.0.100": also the name of its etcd key
-    prefixlen: int
-    interface: str
-
-    def __str__(self) -> str:
-        return f"{self.address}/{self.prefixlen}"
 
 
 def parse_vips(t: Table) -> tuple[VipSpec, ...]:
@@ -192,63 +193,6 @@ class Addresses(Protocol):
     def announce(self, vip: VipSpec) -> None: ...
 
 
-class NetlinkAddresses:
-    """VIPs through pyroute2's IPRoute in this process's network namespace, GARP on a raw socket."""
-
-    def __init__(self) -> None:
-        from pyroute2 import IPRoute  # type: ignore[import-untyped]  # here: nodes without VIPs never need it
-
-        self._ipr = IPRoute()
-
-    def _index(self, interface: str) -> int:
-        found = self._ipr.link_lookup(ifname=interface)
-        if not found:
-            raise OSError(errno.ENODEV, f'network interface "{interface}" does not exist')
-        return int(found[0])
-
-    def add(self, vip: VipSpec) -> None:
-        from pyroute2 import NetlinkError
-
-        try:
-            self._ipr.addr("add", index=self._index(vip.interface), address=vip.address, prefixlen=vip.prefixlen)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise OSError(exc.code, f"adding {vip} on {vip.interface}: {exc}") from None
-
-    def remove(self, vip: VipSpec) -> None:
-        from pyroute2 import NetlinkError
-
-        try:
-            self._ipr.addr("del", index=self._index(vip.interface), address=vip.address, prefixlen=vip.prefixlen)
-        except NetlinkError as exc:
-            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
-                raise OSError(exc.code, f"removing {vip} from {vip.interface}: {exc}") from None
-        except OSError as exc:
-            if exc.errno != errno.ENODEV:
-                raise
-
-    def announce(self, vip: VipSpec) -> None:
-        send_garp(vip.interface, vip.address)
-
-    def close(self) -> None:
-        self._ipr.close()
-
-
-def garp_frame(mac: bytes, address: str) -> bytes:
-    """A broadcast ARP request for ``address`` from ``address`` (RFC 5227's ARP announcement)."""
-    ip = socket.inet_aton(address)
-    ethernet = b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
-    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\x00" * 6 + ip
-    return ethernet + arp
-
-
-def send_garp(interface: str, address: str) -> None:
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)) as s:
-        s.bind((interface, 0x0806))
-        mac = s.getsockname()[4]
-        s.send(garp_frame(mac, address))
-
-
 # ---------------------------------------------------------------------- the claimer
 
 
@@ -264,9 +208,9 @@ class VipClaimer:
 
     Wiring (from the Trio thread): ``await nursery.start(claimer.run)`` after the agent's
     ``run``; VIPs are dealt only among nodes whose ``{prefix}/vip-claimers/<node>`` key (bound
-    to their lease, written here) says they accept VIPs. On a planned
-    stop or drain: ``await claimer.release_all()`` (addresses first, then the keys, so the
-    next node takes over within a watch round trip). ``held`` maps each VIP address this
+    to their lease, written here) says they accept VIPs. On a planned stop or drain:
+    ``await claimer.release_all()`` (the keys first; each address stays until the next node
+    holds the VIP, so no connection attempt is lost). ``held`` maps each VIP address this
     node holds to the wall-clock time it took it; ``holders`` is the cluster's view.
     """
 
@@ -308,10 +252,29 @@ class VipClaimer:
         self._held_lease: int | None = None  # the lease our held VIPs' keys are bound to
         self._draining = False
         self._fenced_logged = False
+        self._handing_off: set[str] = set()  # released VIPs whose address stays until a new holder
+        self._on_handing_off: list[Callable[[frozenset[str]], object]] = []
+        self._nursery: trio.Nursery | None = None
 
     def on_moved(self, callback: MovedCallback) -> None:
         """``callback(vip, old_holder, new_holder)`` when etcd shows a VIP changing hands (None: free)."""
         self._on_moved.append(callback)
+
+    def on_handing_off(self, callback: Callable[[frozenset[str]], object]) -> None:
+        """``callback(vips)`` whenever the set of VIPs being handed off changes.
+
+        From just before each key is deleted until the address is gone: the node refuses
+        new connections to those VIPs meanwhile (``lbnode.listen.refuse_new_connections``).
+        """
+        self._on_handing_off.append(callback)
+
+    def _handing_off_changed(self, add: Collection[str] = (), remove: Collection[str] = ()) -> None:
+        before = set(self._handing_off)
+        self._handing_off.update(add)
+        self._handing_off.difference_update(remove)
+        if self._handing_off != before:
+            for callback in self._on_handing_off:
+                callback(frozenset(self._handing_off))
 
     def key(self, vip: str) -> str:
         return self.prefix + vip
@@ -325,7 +288,7 @@ class VipClaimer:
         agent = self.agent
         if agent.lease_id is None or agent.lease_expires_at is None or not agent.lease_ttl:
             return -math.inf
-        return float(agent.lease_expires_at - agent.lease_ttl * (1 - FENCE_FRACTION))
+        return float(agent.lease_expires_at - agent.lease_ttl * (1 - KEEPALIVE_FRACTION - FENCE_FRACTION))
 
     def fenced(self) -> bool:
         return trio.current_time() >= self.fence_deadline()
@@ -342,7 +305,7 @@ class VipClaimer:
                 await trio.sleep_until(min(deadline, trio.current_time() + ROUND_INTERVAL))
                 continue
             if self.held:
-                log.warning("node %s: lease not renewed for %.1fs (half its TTL): dropping VIPs %s at once",
+                log.warning("node %s: lease renewal failing for %.1fs (half its TTL): dropping VIPs %s at once",
                             self.node_id, self.agent.lease_ttl * FENCE_FRACTION, ", ".join(sorted(self.held)))
                 await self._drop_all("fenced")
             elif not self._fenced_logged:
@@ -352,8 +315,11 @@ class VipClaimer:
 
     # ------------------------------------------------------------------ run
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        guard = None
         if self._addresses is None:
             self._addresses = await trio.to_thread.run_sync(NetlinkAddresses)
+            # real addresses: a guard process takes them off the wire if this process dies
+            guard = await trio.to_thread.run_sync(vipguard.start, tuple(self.vips.values()))
         # a VIP left on our interface by a crashed run is not ours until etcd says so
         for vip in self.vips.values():
             await self._netlink(self._addresses.remove, vip)
@@ -362,6 +328,7 @@ class VipClaimer:
                 nursery.start_soon(self._fence_loop)
                 nursery.start_soon(self._watch_loop)
                 nursery.start_soon(self._round_loop)
+                self._nursery = nursery
                 if hasattr(self.agent, "on_assignment_change"):
                     self.agent.on_assignment_change(self.wake)
                 task_status.started()
@@ -371,6 +338,9 @@ class VipClaimer:
             close = getattr(self._addresses, "close", None)
             if close is not None:
                 close()
+            if guard is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(vipguard.stop, guard)
 
     @property
     def accepting(self) -> bool:
@@ -378,26 +348,70 @@ class VipClaimer:
         return not self._draining and trio.current_time() >= self._broken_until
 
     async def release_all(self) -> None:
-        """Planned stop or drain: say so, drop every address, then delete our keys; campaign no more.
+        """Planned stop or drain: say so, delete our keys, hand every address over; campaign no more.
 
         The other claimers see this node stop accepting first, so they deal its VIPs among
-        themselves at once instead of waiting ``FREE_GRACE`` for it.
+        themselves at once instead of waiting ``FREE_GRACE`` for it. Each address stays (and
+        this node keeps serving it) until the new holder's key shows up, plus
+        ``HANDOFF_LINGER``; at most ``HANDOFF_TIMEOUT``. Whatever happens, including
+        cancellation, no address is left on the interface when this returns.
         """
         self._draining = True
-        lease = self.agent.lease_id
-        if lease is not None:
-            try:
-                await self._announce(lease)
-            except StoreError as exc:
-                log.warning("node %s: could not announce its drain (%s)", self.node_id, exc)
-        await self._drop_all("released (stop or drain)")
-        mine = {vip: value for vip, value in self._values.items()}
-        for vip, value in mine.items():
-            try:
-                await self._delete_if_ours(vip, value)
-            except StoreError as exc:
-                log.warning("node %s: could not release VIP %s in etcd (%s); it goes when the lease expires",
-                            self.node_id, vip, exc)
+        try:
+            lease = self.agent.lease_id
+            if lease is not None:
+                try:
+                    await self._announce(lease)
+                except StoreError as exc:
+                    log.warning("node %s: could not announce its drain (%s)", self.node_id, exc)
+            mine = {vip: value for vip, value in self._values.items() if vip in self.held}
+            self._handing_off_changed(add=mine)
+            released = []
+            for vip, value in list(self._values.items()):
+                try:
+                    await self._delete_if_ours(vip, value)
+                    released.append(vip)
+                except StoreError as exc:
+                    log.warning("node %s: could not release VIP %s in etcd (%s); it goes when the lease expires",
+                                self.node_id, vip, exc)
+            async with trio.open_nursery() as handoffs:
+                for vip in released:
+                    if vip in self.held:
+                        handoffs.start_soon(self._hand_off, vip)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._drop_all("released (stop or drain)")
+            self._handing_off_changed(remove=set(self._handing_off))
+
+    async def _hand_off(self, vip: str) -> None:
+        """Keep ``vip``'s address (its key is already deleted) until another node holds it."""
+        self._handing_off_changed(add=[vip])
+        try:
+            with trio.move_on_after(HANDOFF_TIMEOUT) as waiting:
+                while vip in self.held:
+                    h = self.holders.get(vip)
+                    if h is not None and h.node != self.node_id:
+                        break
+                    if self._draining:  # the rounds do not read while we drain: read here
+                        await trio.sleep(0.03)
+                        await self._read_holders()
+                    else:  # the rounds read on every watch event
+                        await trio.sleep(0.02)
+            if waiting.cancelled_caught:
+                log.warning("node %s: nobody took VIP %s within %gs; dropping it anyway",
+                            self.node_id, vip, HANDOFF_TIMEOUT)
+            else:
+                await trio.sleep(HANDOFF_LINGER)
+            await self._drop(vip, f"handed off to {self.holders[vip].node}" if vip in self.holders else "released")
+        finally:
+            self._handing_off_changed(remove=[vip])
+
+    async def _read_holders(self) -> None:
+        try:
+            kvs, _ = await trio.to_thread.run_sync(self.conn.get_prefix, self.prefix, abandon_on_cancel=True)
+        except StoreError:
+            return
+        self._set_holders(kvs)
 
     async def _watch_loop(self) -> None:
         """The watch only wakes the rounds up; each round reads every key afresh."""
@@ -447,8 +461,11 @@ class VipClaimer:
             return
         await self._announce(lease)
         now = trio.current_time()
-        # what the addresses must match: our keys under our current lease
+        # what the addresses must match: our keys under our current lease (a VIP being handed
+        # off keeps its address until its new holder has it)
         for vip in list(self.held):
+            if vip in self._handing_off:
+                continue
             h = self.holders.get(vip)
             if h is None or h.node != self.node_id or h.lease != lease:
                 await self._drop(vip, "its key is gone or held by another node")
@@ -473,7 +490,8 @@ class VipClaimer:
         for vip in decision.release:
             await self._release(vip)
         for vip in decision.campaign:
-            await self._campaign(vip, lease)
+            if vip not in self._handing_off:
+                await self._campaign(vip, lease)
 
     def _candidates(self) -> set[str]:
         """Nodes whose claimer key says they take VIPs (the key goes with their lease)."""
@@ -563,10 +581,19 @@ class VipClaimer:
             await self._delete_if_ours(vip, value)
 
     async def _release(self, vip: str) -> None:
+        """Hand ``vip`` to another node to balance the VIPs: make-before-break, as on a drain."""
         value = self._values.get(vip)
-        await self._drop(vip, "handed off to balance the VIPs")
         if value is not None:
-            await self._delete_if_ours(vip, value)
+            self._handing_off_changed(add=[vip])  # new connections refused before anyone can take it
+            try:
+                await self._delete_if_ours(vip, value)
+            except BaseException:
+                self._handing_off_changed(remove=[vip])
+                raise
+        if self._nursery is not None and vip in self.held:
+            self._nursery.start_soon(self._hand_off, vip)
+        else:
+            await self._drop(vip, "handed off to balance the VIPs")
 
     async def _delete_if_ours(self, vip: str, value: bytes) -> None:
         key = self.key(vip)
@@ -600,13 +627,19 @@ class VipClaimer:
             self.held[vip] = since
             self._held_lease = self.agent.lease_id
             log.info("node %s now holds VIP %s on %s", self.node_id, spec, spec.interface)
-        for i in range(GARP_COUNT):
-            if i:
-                await trio.sleep(GARP_SPACING)
-            if vip not in self.held:
-                break
-            await self._netlink(self._addresses.announce, spec)
+        await self._netlink(self._addresses.announce, spec)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._announce_again, vip, spec, trio.current_time())
         return True
+
+    async def _announce_again(self, vip: str, spec: VipSpec, added: float) -> None:
+        """The later gratuitous ARPs of ``GARP_DELAYS``, while we still hold ``vip``."""
+        assert self._addresses is not None
+        for delay in GARP_DELAYS[1:]:
+            await trio.sleep_until(added + delay)
+            if vip not in self.held:
+                return
+            await self._netlink(self._addresses.announce, spec)
 
     async def _drop(self, vip: str, why: str) -> None:
         assert self._addresses is not None

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbnode.cluster.vips import VipSpec, fair_share, garp_frame, parse_vips, plan
+from lbnode.cluster.vips import VipSpec, fair_share, parse_vips, plan
+from lbnode.cluster.wire import garp_frame
 from lbnode.model import ConfigError, Table
 
 VIPS3 = ["10.77.0.100", "10.77.0.101", "10.77.0.102"]

@@ -1,0 +1,96 @@
+"""VIP addresses on this host's interfaces: netlink (pyroute2) and gratuitous ARP.
+
+Owns adding and removing ``address/prefixlen`` on an interface and the RFC 5227 ARP
+announcement. Light on imports (pyroute2 only when used): the VIP guard process
+(``lbnode.cluster.vipguard``) loads it too.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class VipSpec:
+    """One configured VIP: ``address/prefixlen`` added on ``interface`` by whichever node holds it."""
+
+    address: str  # "10.77.0.100": also the name of its etcd key
+    prefixlen: int
+    interface: str
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.prefixlen}"
+
+    @property
+    def arg(self) -> str:
+        """``address/prefixlen@interface``, as ``from_arg`` reads it (the VIP guard's command line)."""
+        return f"{self}@{self.interface}"
+
+    @classmethod
+    def from_arg(cls, arg: str) -> VipSpec:
+        cidr, sep, interface = arg.partition("@")
+        address, slash, prefixlen = cidr.partition("/")
+        if not (sep and slash and interface and prefixlen.isdigit()):
+            raise ValueError(f'"{arg}" is not like "10.0.0.100/24@eth0"')
+        socket.inet_aton(address)
+        return cls(address, int(prefixlen), interface)
+
+
+class NetlinkAddresses:
+    """VIPs through pyroute2's IPRoute in this process's network namespace, GARP on a raw socket."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]  # here: nodes without VIPs never need it
+
+        self._ipr = IPRoute()
+
+    def _index(self, interface: str) -> int:
+        found = self._ipr.link_lookup(ifname=interface)
+        if not found:
+            raise OSError(errno.ENODEV, f'network interface "{interface}" does not exist')
+        return int(found[0])
+
+    def add(self, vip: VipSpec) -> None:
+        from pyroute2 import NetlinkError
+
+        try:
+            self._ipr.addr("add", index=self._index(vip.interface), address=vip.address, prefixlen=vip.prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise OSError(exc.code, f"adding {vip} on {vip.interface}: {exc}") from None
+
+    def remove(self, vip: VipSpec) -> None:
+        from pyroute2 import NetlinkError
+
+        try:
+            self._ipr.addr("del", index=self._index(vip.interface), address=vip.address, prefixlen=vip.prefixlen)
+        except NetlinkError as exc:
+            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+                raise OSError(exc.code, f"removing {vip} from {vip.interface}: {exc}") from None
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise
+
+    def announce(self, vip: VipSpec) -> None:
+        send_garp(vip.interface, vip.address)
+
+    def close(self) -> None:
+        self._ipr.close()
+
+
+def garp_frame(mac: bytes, address: str) -> bytes:
+    """A broadcast ARP request for ``address`` from ``address`` (RFC 5227's ARP announcement)."""
+    ip = socket.inet_aton(address)
+    ethernet = b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\x00" * 6 + ip
+    return ethernet + arp
+
+
+def send_garp(interface: str, address: str) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)) as s:
+        s.bind((interface, 0x0806))
+        mac = s.getsockname()[4]
+        s.send(garp_frame(mac, address))
