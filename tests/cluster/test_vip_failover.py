@@ -1,8 +1,9 @@
-"""VIP failover between hosts: claimers in network namespaces on one bridge, etcd and a client beside them.
+"""VIP failover between hosts: claimers and lbnodes in network namespaces on one bridge.
 
-Each node namespace runs ``python -m lbnode.cluster.vips`` (the claimer alone, answering TCP
-connections with its node id); the client namespace connects to the VIP every 50 ms. Lease
-TTL 2 s. Skipped unless root with working ``ip netns``.
+Three node hosts, each running an etcd member (one cluster) and a claimer or an lbnode, a
+client host and a backend host. The claimer alone (``python -m lbnode.cluster.vips``) answers
+TCP connections with its node id; ``lbnode run`` proxies HTTP to the backends. Lease TTL 2 s.
+Skipped unless root with working ``ip netns``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ TTL = 2.0
 PORT = 8080
 VIP = "10.77.0.100"
 NODES = ("n1", "n2", "n3")
-TRIALS = int(os.environ.get("FULCRUM_VIP_TRIALS", "10"))
+TRIALS = int(os.environ.get("FULCRUM_VIP_TRIALS", "5"))
+
+
+def endpoints(node: str) -> list[str]:
+    """The etcd members, this host's own first."""
+    return topology.etcd_endpoints(len(NODES), local=NODES.index(node) + 1)
+
 
 @pytest.fixture(scope="module")
 def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
@@ -40,13 +47,16 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
     require_etcd()
     base = tmp_path_factory.mktemp("vips")
     with topology.lan(len(NODES)) as built:
-        built.spawn("etcd", topology.etcd_args(base / "etcd"), log_path=base / "etcd.log")
-        deadline = time.monotonic() + 15
-        while b"true" not in built.run("cli", ["curl", "-s", "-m", "0.5",
-                                               f"http://{topology.ETCD_IP}:2379/health"]).stdout.encode():
-            assert time.monotonic() < deadline, f"etcd never healthy:\n{(base / 'etcd.log').read_text()[-2000:]}"
-            time.sleep(0.1)
+        topology.start_etcd(built, len(NODES), base)
         yield built
+
+
+def etcd_healthy(lan: Lan) -> None:
+    """Every member answers /health (after a host came back, before another may go)."""
+    for i in range(1, len(NODES) + 1):
+        wait_for(lambda i=i: '"true"' in lan.run("cli", ["curl", "-s", "-m", "0.5",
+                                                         f"{topology.etcd_url(i)}/health"]).stdout,
+                 15, f"etcd member e{i} not healthy again")
 
 
 @dataclass
@@ -63,7 +73,7 @@ class Claimers:
     def start(self, node: str) -> Path:
         self.starts += 1
         log = self.logs / f"{node}-{self.starts}.log"
-        args = [PYTHON, "-m", "lbnode.cluster.vips", "--etcd", f"http://{topology.ETCD_IP}:2379",
+        args = [PYTHON, "-m", "lbnode.cluster.vips", *(f"--etcd={url}" for url in endpoints(node)),
                 "--node", node, "--interface", "eth0", "--lease-ttl", f"{TTL:g}", "--prefix", self.prefix,
                 "--serve-port", str(PORT)]
         for vip in self.vips:
@@ -113,23 +123,29 @@ def claimers(lan: Lan, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
 
 
 class Probe:
-    """The client's connections to the VIP, read in a thread: (monotonic time, ok, node or reason)."""
+    """The client host's tries at the VIP (tests/cluster/probe.py), read in a thread.
 
-    def __init__(self, lan: Lan, *, http: bool = False) -> None:
-        args = [PYTHON, str(REPO / "tests/cluster/probe.py"), VIP, str(PORT), "0.05"] + (["http"] if http else [])
+    ``results`` holds (monotonic start time, ok, node/backend or reason), in order of start.
+    """
+
+    def __init__(self, lan: Lan, *, mode: str = "tcp", interval: float = 0.05, connect_timeout: float = 0.2) -> None:
+        args = [PYTHON, str(REPO / "tests/cluster/probe.py"), VIP, str(PORT), f"{interval:g}", mode,
+                f"{connect_timeout:g}"]
         self.proc = lan.spawn("cli", args, stdout=subprocess.PIPE)
-        self.results: list[tuple[float, bool, str]] = []
+        self._results: list[tuple[float, bool, str]] = []
+        self.took: dict[float, float] = {}  # start time -> seconds the try took
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
-            t, status, what = raw.decode().split(maxsplit=2)
-            self.results.append((float(t), status == "ok", what.strip()))
+            t, took, status, what = raw.decode().split(maxsplit=3)
+            self._results.append((float(t), status == "ok", what.strip()))
+            self.took[float(t)] = float(took)
 
-    def since(self, t: float) -> list[tuple[float, bool, str]]:
-        return [r for r in list(self.results) if r[0] >= t]
+    def since(self, t: float, until: float = float("inf")) -> list[tuple[float, bool, str]]:
+        return sorted(r for r in list(self._results) if t <= r[0] < until)
 
     def close(self) -> None:
         self.proc.kill()
@@ -137,7 +153,7 @@ class Probe:
 
 
 def test_vip_moves_off_a_dead_host_within_ttl(lan: Lan, claimers: Claimers) -> None:
-    """(a) kill -9 the holder and take its host off the LAN; the client finds the VIP elsewhere."""
+    """(a) the holder's host dies (claimer and etcd member with it); the client finds the VIP elsewhere."""
     for node in NODES:
         claimers.start(node)
     wait_for(lambda: len(claimers.holders(VIP)) == 1, 10, "nobody took the VIP")
@@ -159,15 +175,21 @@ def test_vip_moves_off_a_dead_host_within_ttl(lan: Lan, claimers: Claimers) -> N
             first = next(t for t, ok, node in results if ok and node != holder)
             failovers.append(first - killed_at)
             failed.append(sum(1 for t, ok, _ in results if t < first and not ok))
-            # the host comes back (a reboot: no VIP on it) and its lbnode starts again
+            # the host comes back (a reboot: no VIP on it), its etcd member catches up, its claimer starts
             lan.host_up(holder, forget=[VIP])
+            etcd_healthy(lan)
             claimers.start(holder)
             assert len(claimers.holders(VIP)) == 1
-        summary = (f"VIP failover over {TRIALS} trials: p50 {statistics.median(failovers):.2f}s "
-                   f"max {max(failovers):.2f}s; failed connects per trial {failed}")
+        summary = (f"VIP failover after host loss over {TRIALS} trials: p50 {statistics.median(failovers):.2f}s "
+                   f"max {max(failovers):.2f}s; failed connects per trial (one every 50 ms) {failed}")
         print(summary)
         (Path(claimers.logs) / "summary.txt").write_text(summary + "\n")
-        assert max(failovers) <= TTL + 1.0, summary
+        # The holder's host usually has the etcd leader too (the leader's own claimer sees a
+        # free VIP first, so it wins the campaign). Losing it costs an election (one to two
+        # election timeouts), etcd extends every lease by an election timeout when the new
+        # leader takes over, and it looks for expired leases every 0.5 s: up to TTL + 3
+        # election timeouts + 0.5 s, plus room. (A killed lbnode on a live host: below.)
+        assert max(failovers) <= TTL + 3 * topology.ETCD_ELECTION_MS / 1000 + 1.0, summary
     finally:
         probe.close()
 
@@ -191,7 +213,8 @@ def test_cut_off_holder_drops_its_vip_before_anyone_else_takes_it(lan: Lan, clai
     taken = next((t for t, h in samples if h and holder not in h), None)
     assert taken is not None, f"nobody took the VIP after {holder} was cut off: {samples[-5:]}"
     print(f"cut off {holder}: dropped after {dropped:.2f}s, taken by {samples[-1][1]} after {taken:.2f}s")
-    assert dropped <= TTL / 2 + 0.5  # fencing: half the TTL after its last keepalive, plus sampling
+    # fencing: renewal due TTL/3 after the last keepalive, failing for TTL/2; plus sampling
+    assert dropped <= TTL * (1 / 3 + 1 / 2) + 0.3
     # back on the LAN, it re-registers and takes nothing: one VIP, already held fairly
     new_holder = samples[-1][1]
     lan.plug(holder)
@@ -232,45 +255,53 @@ def test_vips_spread_evenly_and_a_returning_node_takes_its_share_without_flappin
     while time.monotonic() - started < 6:
         history.append(placement())
         time.sleep(0.1)
-    assert all(len(h) <= 1 for p in history for h in p.values()), "a VIP on two nodes at once"
+    # a hand-off is make-before-break: both hosts have the VIP for a moment (HANDOFF_LINGER
+    # after the new holder's key), never longer than a few samples
+    overlapping = [p for p in history if any(len(h) > 1 for h in p.values())]
+    assert len(overlapping) <= 5, f"a VIP on two nodes for {len(overlapping)} samples"
+    settled = [p for p in history if p not in overlapping]
     assert one_each(), f"n3 did not get its share back: {history[-1]}"
-    changes = {vip: sum(1 for a, b in zip(history, history[1:], strict=False) if a[vip] != b[vip] and b[vip])
+    changes = {vip: sum(1 for a, b in zip(settled, settled[1:], strict=False) if a[vip] != b[vip] and b[vip])
                for vip in vips}
     assert sum(changes.values()) == 1, f"VIP moves after n3 came back: {changes}"
     assert history[-1] == history[len(history) // 2], "placement still changing (flapping)"
     print(f"planned hand-off in {handoff:.2f}s; initial {before}; after return {history[-1]}")
 
 
+
+
 # ---------------------------------------------------------------------- full lbnode processes
 
-LBNODE_TRIALS = int(os.environ.get("FULCRUM_VIP_LBNODE_TRIALS", "3"))
+LBNODE_TRIALS = int(os.environ.get("FULCRUM_VIP_LBNODE_TRIALS", "10"))
+RATE = 200  # requests per second from the client host, open loop
+BACKENDS = {"be1": 9000, "be2": 9001}
 
 
-def _lbnode_not_wired() -> str | None:
-    """The lead wires VipClaimer into model.parse_config and LbNode; until then, say so."""
-    from lbnode.model import ConfigError, parse_config
+@dataclass
+class LbNodes:
+    """``lbnode run`` on each node host: one pool of two backends with cookie affinity, one VIP."""
 
-    try:
-        parse_config({"node": {"id": "n1"}, "cluster": {"etcd": [f"http://{topology.ETCD_IP}:2379"],
-                                                         "vips": [{"address": f"{VIP}/24"}]}})
-    except ConfigError as exc:
-        return f"[[cluster.vips]] is not parsed by lbnode.model yet ({exc})"
-    source = (REPO / "lbnode/node.py").read_text()
-    if "VipClaimer" not in source:
-        return "LbNode does not start a VipClaimer yet"
-    return None
+    lan: Lan
+    tmp: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    starts: int = 0
 
-
-def _lbnode_config(tmp_path: Path, node: str) -> Path:
-    path = tmp_path / f"{node}.toml"
-    path.write_text(f"""
+    def config(self, node: str) -> Path:
+        path = self.tmp / f"{node}.toml"
+        backends = "".join(f"""
+  [[pools.backends]]
+  address = "{topology.BACKEND_IP}:{port}"
+  name = "{name}"
+""" for name, port in BACKENDS.items())
+        etcd = ", ".join(f'"{url}"' for url in endpoints(node))
+        path.write_text(f"""
 [node]
 id = "{node}"
-state_dir = "{tmp_path / node}"
-drain_timeout = "1s"
+state_dir = "{self.tmp / node}"
+drain_timeout = "2s"
 
 [cluster]
-etcd = ["http://{topology.ETCD_IP}:2379"]
+etcd = [{etcd}]
 lease_ttl = "{TTL:g}s"
 prefix = "/lbnode"
 vip_interface = "eth0"
@@ -286,82 +317,157 @@ pool = "web"
 
 [[pools]]
 name = "web"
-  [[pools.backends]]
-  address = "{topology.BACKEND_IP}:9000"
-""")
-    return path
+  [pools.affinity]
+  mode = "cookie"
+{backends}""")
+        return path
 
+    def start(self, node: str) -> None:
+        self.starts += 1
+        log = self.tmp / f"{node}-{self.starts}.log"
+        self.procs[node] = self.lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--config", str(self.config(node))],
+                                          log_path=log, cwd=REPO)
+        wait_for(lambda: "registered in etcd" in log.read_text(errors="replace"), 20, f"{node} never registered ({log})")
 
-def test_lbnode_serves_the_vip_and_fails_over(lan: Lan, tmp_path: Path) -> None:
-    """Real lbnode processes: HTTP through the VIP survives a dead host and a planned stop."""
-    reason = _lbnode_not_wired()
-    if reason is not None:
-        pytest.skip(reason)
-    lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", "be1", "--host", "0.0.0.0", "--port", "9000"],
-              log_path=tmp_path / "be.log", cwd=REPO)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    starts = 0
+    def holders(self) -> set[str]:
+        return self.lan.holders(VIP, NODES)
 
-    def start(node: str) -> None:
-        nonlocal starts
-        starts += 1
-        log = tmp_path / f"{node}-{starts}.log"
-        procs[node] = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--config", str(_lbnode_config(tmp_path, node))],
-                                log_path=log, cwd=REPO)
-        wait_for(lambda: "registered in etcd" in log.read_text(errors="replace"), 15, f"{node} never registered ({log})")
+    def holder(self) -> str:
+        wait_for(lambda: len(self.holders()) == 1, 10, f"not one holder of the VIP: {self.holders()}")
+        (holder,) = self.holders()
+        return holder
 
-    def holders() -> set[str]:
-        return lan.holders(VIP, NODES)
-
-    probe: Probe | None = None
-    try:
-        for node in NODES:
-            start(node)
-        wait_for(lambda: len(holders()) == 1, 10, "no lbnode took the VIP")
-        probe = Probe(lan, http=True)
-        wait_for(lambda: any(ok for _, ok, _ in probe.since(0)), 10, "the client never got an answer through the VIP")
-        assert {what for _, ok, what in probe.since(0) if ok} == {"be1"}
-        failovers, failed = [], []
-        for _ in range(LBNODE_TRIALS):
-            (holder,) = holders()
-            killed_at = time.monotonic()
-            procs[holder].send_signal(signal.SIGKILL)
-            procs[holder].wait(5)
-            lan.host_down(holder)
-
-            def recovered(killed_at: float = killed_at) -> bool:
-                results = probe.since(killed_at)
-                first_fail = next((i for i, r in enumerate(results) if not r[1]), None)
-                return first_fail is not None and any(ok for _, ok, _ in results[first_fail:])
-
-            wait_for(recovered, TTL + 4, f"no HTTP answer through the VIP after {holder} died")
-            results = probe.since(killed_at)
-            first_fail = next(i for i, r in enumerate(results) if not r[1])
-            first_ok = next(t for t, ok, _ in results[first_fail:] if ok)
-            failovers.append(first_ok - killed_at)
-            failed.append(sum(1 for t, ok, _ in results if t < first_ok and not ok))
-            lan.host_up(holder, forget=[VIP])
-            start(holder)
-        # planned stop of the holder: the VIP is handed off before it drains
-        (holder,) = holders()
-        stopped_at = time.monotonic()
-        procs[holder].send_signal(signal.SIGTERM)
-        wait_for(lambda: len(holders()) == 1 and holder not in holders(), 3, "VIP not handed off on a planned stop")
-        time.sleep(0.5)
-        planned_failed = sum(1 for _, ok, _ in probe.since(stopped_at) if not ok)
-        procs[holder].wait(10)
-        summary = (f"lbnode VIP failover over {LBNODE_TRIALS} trials: p50 {statistics.median(failovers):.2f}s "
-                   f"max {max(failovers):.2f}s; failed requests per trial {failed}; "
-                   f"planned stop: {planned_failed} failed requests")
-        print(summary)
-        assert max(failovers) <= TTL + 1.0, summary
-    finally:
-        if probe is not None:
-            probe.close()
-        for proc in procs.values():
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
         for node in NODES:
-            topology.ip("-n", lan.ns(node), "link", "set", "eth0", "up", check=False)
-            topology.ip("-n", lan.ns(node), "addr", "del", f"{VIP}/24", "dev", "eth0", check=False)
+            topology.ip("-n", self.lan.ns(node), "addr", "del", f"{VIP}/24", "dev", "eth0", check=False)
+
+
+@pytest.fixture
+def lbnodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:
+    for name, port in BACKENDS.items():
+        lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", name, "--host", "0.0.0.0", "--port", str(port)],
+                  log_path=tmp_path / f"{name}.log", cwd=REPO)
+    made = LbNodes(lan, tmp_path)
+    try:
+        for node in NODES:
+            made.start(node)
+        yield made
+    finally:
+        made.stop_all()
+        for name in BACKENDS:  # the backends of this test only (the next starts its own)
+            lan.run("be", ["pkill", "-f", f"lbnode.demo_backend --name {name} "])
+
+
+def rate(results: list[tuple[float, bool, str]], start: float, end: float) -> str:
+    """What the client achieved: requests started per second, and the longest gap between two."""
+    times = [start] + [t for t, _, _ in results] + [end]
+    gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+    return f"{len(results) / (end - start):.0f} req/s achieved, longest gap {gap * 1000:.0f} ms"
+
+
+def session_start(probe: Probe) -> str:
+    """The backend the client's session was given (the answer that set its cookie)."""
+    wait_for(lambda: any(ok for _, ok, _ in probe.since(0)), 15, "no answer through the VIP")
+    return next(what for _, ok, what in probe.since(0) if ok)
+
+
+def test_lbnode_kill_9_fails_over_within_the_ttl_and_sessions_keep_their_backend(
+    lan: Lan, lbnodes: LbNodes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scenario 1: kill -9 the holder's lbnode while a client sends 200 requests/s to the VIP.
+
+    The VIP answers from another node within TTL + 1 s, every request after that succeeds,
+    and the client's sticky session (a sealed cookie, its key shared through etcd) keeps its
+    backend on every node. The dead node's VIP guard takes the address off its host at once.
+    """
+    probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=0.5)
+    try:
+        backend = session_start(probe)
+        failovers: list[float] = []
+        kills: list[float] = []
+        recoveries: list[float] = []
+        for trial in range(LBNODE_TRIALS):
+            holder = lbnodes.holder()
+            killed_at = time.monotonic()
+            lbnodes.procs[holder].send_signal(signal.SIGKILL)
+            lbnodes.procs[holder].wait(5)
+            kills.append(killed_at)
+            wait_for(lambda h=holder: VIP not in lan.addresses(h), 1.0, f"the dead {holder} still has the VIP")
+
+            def recovered(killed_at: float = killed_at) -> bool:
+                results = probe.since(killed_at)
+                first_fail = next((i for i, r in enumerate(results) if not r[1]), None)
+                return first_fail is not None and sum(ok for _, ok, _ in results[first_fail:]) >= 20
+
+            wait_for(recovered, TTL + 5, f"trial {trial}: no answers through the VIP after {holder} died")
+            results = probe.since(killed_at)
+            first_fail = next(i for i, r in enumerate(results) if not r[1])
+            recoveries.append(next(t for t, ok, _ in results[first_fail:] if ok))
+            failovers.append(recoveries[-1] - killed_at)
+            lbnodes.start(holder)
+        time.sleep(ANSWER_WINDOW)
+        ends = [k - IN_FLIGHT for k in kills[1:]] + [time.monotonic() - ANSWER_WINDOW]
+        failed = [sum(1 for _, ok, _ in probe.since(k - IN_FLIGHT, end) if not ok) for k, end in zip(kills, ends, strict=True)]
+        for trial, (back, end) in enumerate(zip(recoveries, ends, strict=True)):
+            after = probe.since(back, end)
+            assert all(ok for _, ok, _ in after), (
+                f"trial {trial}: requests failed after the VIP came back: {[r for r in after if not r[1]][:5]}")
+        everything = probe.since(0)
+        assert {what for _, ok, what in everything if ok} == {backend}, "a session changed its backend"
+        summary = (f"lbnode failover (kill -9) over {LBNODE_TRIALS} trials at {RATE} req/s "
+                   f"(connect timeout 0.5 s): "
+                   f"p50 {statistics.median(failovers):.2f}s max {max(failovers):.2f}s "
+                   f"(all: {', '.join(f'{f:.2f}' for f in failovers)}); failed requests per trial {failed}; "
+                   f"{sum(ok for _, ok, _ in everything)} requests answered, all by {backend}")
+        with capsys.disabled():
+            print("\n" + summary)
+        (lbnodes.tmp / "summary.txt").write_text(summary + "\n")
+        assert max(failovers) <= TTL + 1.0, summary
+    finally:
+        probe.close()
+
+
+# Requests that started less than this long ago may still be in flight: not judged yet.
+ANSWER_WINDOW = 3.5
+# Requests started this close before a kill -9 may have been in flight on the killed node.
+IN_FLIGHT = 0.1
+
+
+def test_lbnode_planned_drain_loses_no_request(
+    lan: Lan, lbnodes: LbNodes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scenario 3: a planned stop (SIGTERM, what `lbctl nodes drain` does) of the holder, three
+    times, at 200 requests/s: the VIP is handed over make-before-break; zero failed requests."""
+    # a client's patience: the SYNs the draining node drops are sent again 1 s later
+    probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=3.0)
+    try:
+        backend = session_start(probe)
+        started = time.monotonic()
+        handoffs = []
+        for _ in range(3):
+            holder = lbnodes.holder()
+            stopped_at = time.monotonic()
+            lbnodes.procs[holder].send_signal(signal.SIGTERM)
+            wait_for(lambda h=holder: len(lbnodes.holders()) == 1 and h not in lbnodes.holders(), 5,
+                     f"the VIP was not handed off by {holder}")
+            handoffs.append(time.monotonic() - stopped_at)
+            assert lbnodes.procs[holder].wait(10) == 0
+            lbnodes.start(holder)
+        time.sleep(ANSWER_WINDOW)
+        until = time.monotonic() - ANSWER_WINDOW
+        results = probe.since(started, until)
+        failures = [r for r in results if not r[1]]
+        summary = (f"planned drain x3 at {RATE} req/s ({rate(results, started, until)}): "
+                   f"{len(results)} requests, {len(failures)} failed, "
+                   f"{sum(1 for t, _, _ in results if probe.took[t] > 0.5)} took over 0.5 s "
+                   f"(longest {max(probe.took[t] for t, _, _ in results):.2f}s); hand-off {', '.join(f'{h:.2f}s' for h in handoffs)}")
+        with capsys.disabled():
+            print("\n" + summary)
+        assert not failures, f"{summary}: {failures[:5]}"
+        assert {what for _, ok, what in probe.since(0) if ok} == {backend}, "a session changed its backend"
+    finally:
+        probe.close()

@@ -1,8 +1,9 @@
-"""A small LAN in network namespaces for the multi-host tests: one bridge, N nodes, etcd, a client, a backend.
+"""A small LAN in network namespaces for the multi-host tests: one bridge, N node hosts, a client, a backend.
 
 Owns creating and always deleting the namespaces (``{prefix}-lan`` holds the bridge ``br0``;
-every other namespace has one ``eth0`` in 10.77.0.0/24 plugged into it) and the processes
-started inside them. Never touches the root namespace's links or addresses.
+every other namespace has one ``eth0`` in 10.77.0.0/24 plugged into it), the etcd cluster
+(one member on each node host, as in production: losing a host loses its member too) and
+the processes started inside them. Never touches the root namespace's links or addresses.
 
     python -m tests.cluster.topology up --nodes 3     # prints the prefix; stays up
     python -m tests.cluster.topology down PREFIX      # deletes what `up` made
@@ -15,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUBNET = "10.77.0"
-ETCD_IP = f"{SUBNET}.2"
 CLIENT_IP = f"{SUBNET}.50"
 BACKEND_IP = f"{SUBNET}.60"
 # Quick elections (as tests/integration/etcd_helpers.py): a 2 s lease TTL is then allowed.
@@ -59,7 +60,7 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 @dataclass
 class Lan:
     prefix: str
-    members: dict[str, str]  # short name ("n1", "etcd", "cli") -> its address
+    members: dict[str, str]  # short name ("n1", "cli", "be") -> its address
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def ns(self, member: str) -> str:
@@ -134,7 +135,7 @@ def _delete_ns(name: str) -> None:
 
 
 def build(prefix: str, n_nodes: int) -> Lan:
-    members = {"etcd": ETCD_IP, "cli": CLIENT_IP, "be": BACKEND_IP,
+    members = {"cli": CLIENT_IP, "be": BACKEND_IP,
                **{f"n{i}": node_ip(i) for i in range(1, n_nodes + 1)}}
     lan = Lan(prefix, members)
     try:
@@ -165,21 +166,49 @@ def lan(n_nodes: int = 3) -> Iterator[Lan]:
         built.teardown()
 
 
-def etcd_args(data_dir: Path) -> list[str]:
-    url = f"http://{ETCD_IP}:2379"
+def etcd_url(i: int) -> str:
+    """The client URL of the etcd member on node host ``i``."""
+    return f"http://{node_ip(i)}:2379"
+
+
+def etcd_endpoints(n_nodes: int, local: int | None = None) -> list[str]:
+    """Every member's client URL; host ``local``'s own member first (a node talks to it first)."""
+    order = sorted(range(1, n_nodes + 1), key=lambda i: (i != local, i))
+    return [etcd_url(i) for i in order]
+
+
+def etcd_member_args(i: int, n_nodes: int, data_dir: Path) -> list[str]:
+    """etcd member ``e{i}`` of a cluster with one member per node host, on that host's address."""
+    peers = ",".join(f"e{j}=http://{node_ip(j)}:2380" for j in range(1, n_nodes + 1))
     return [
         shutil.which("etcd") or "/usr/bin/etcd",
-        "--name", "e0",
+        "--name", f"e{i}",
         "--data-dir", str(data_dir),
-        "--listen-client-urls", url,
-        "--advertise-client-urls", url,
-        "--listen-peer-urls", "http://127.0.0.1:2380",
-        "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-        "--initial-cluster", "e0=http://127.0.0.1:2380",
+        "--listen-client-urls", etcd_url(i),
+        "--advertise-client-urls", etcd_url(i),
+        "--listen-peer-urls", f"http://{node_ip(i)}:2380",
+        "--initial-advertise-peer-urls", f"http://{node_ip(i)}:2380",
+        "--initial-cluster", peers,
+        "--initial-cluster-state", "new",
+        "--pre-vote",  # a member back from a partition does not depose the leader (etcd 3.5 default)
         "--heartbeat-interval", str(ETCD_HEARTBEAT_MS),
         "--election-timeout", str(ETCD_ELECTION_MS),
         "--log-level", "warn",
     ]
+
+
+def start_etcd(lan: Lan, n_nodes: int, base: Path, timeout: float = 20) -> None:
+    """One etcd member per node host; returns once the client host finds every member healthy."""
+    for i in range(1, n_nodes + 1):
+        lan.spawn(f"n{i}", etcd_member_args(i, n_nodes, base / f"etcd-e{i}"), log_path=base / f"etcd-e{i}.log")
+    deadline = time.monotonic() + timeout
+    for i in range(1, n_nodes + 1):
+        while '"true"' not in lan.run("cli", ["curl", "-s", "-m", "0.5", f"{etcd_url(i)}/health"]).stdout:
+            if time.monotonic() > deadline:
+                logs = "\n".join((base / f"etcd-e{j}.log").read_text(errors="replace")[-1500:]
+                                 for j in range(1, n_nodes + 1))
+                raise RuntimeError(f"etcd member e{i} never healthy:\n{logs}")
+            time.sleep(0.1)
 
 
 def main() -> None:
