@@ -1,11 +1,19 @@
-"""deploy/ansible for real: ``ansible-playbook site.yml`` against three hosts on this machine.
+"""deploy/ansible for real: ``ansible-playbook site.yml`` over SSH against three hosts in network namespaces.
 
-Each host (n1-n3) is ``ansible_connection=local`` with its own root dir under tmp_path (config,
-data, pid and log dirs) and its own loopback ports, and uses the roles' ``pidfile`` service
-manager (start-stop-daemon), so no systemd is needed. The role installs Fulcrum from this
-checkout into n1's own venv; n2 and n3 share this test's venv (``lbnode_venv_install: false``):
-three installs would take three times as long.
-Every process the playbook started is found through its pid file and stopped at the end.
+The hosts n1-n3 are the node namespaces of ``topology.lan(3)`` (10.77.0.11-13 on one bridge),
+each running its own sshd (``tests/cluster/sshhosts.py``). The controller (ansible-playbook,
+and lbctl) runs in the ``cli`` namespace and logs in as root with the test's key; the backends
+run in ``be``. Only the network is per host: the filesystem is shared, so each host keeps its
+own root dir under tmp (config, data, pid and log dirs), and the roles use their ``pidfile``
+service manager (start-stop-daemon): a daemon started over SSH stays in the namespace of that
+host's sshd, which puts each etcd member and lbnode in its host's network. The role installs
+Fulcrum from this checkout into n1's own venv; n2 and n3 share this test's venv
+(``lbnode_venv_install: false``): three installs would take three times as long. The
+namespaces reach no package index, so the test first downloads the dependencies (and the build
+backend) into a wheelhouse from the root namespace, and n1's pip installs from it alone.
+The nodes share one VIP; at the end every process the playbook started is stopped through its
+pid file, then the LAN's teardown ends sshd, the backends and anything else in the namespaces.
+Skipped unless root with working ``ip netns``, sshd, etcd and ansible-playbook.
 """
 
 from __future__ import annotations
@@ -17,17 +25,20 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import REPO, free_port, wait_port
+from tests.cluster import sshhosts, topology
+from tests.cluster.topology import Lan
 from tests.integration.etcd_helpers import ETCD, require_etcd
 
+REPO = Path(__file__).resolve().parents[2]
 PLAYBOOK_DIR = REPO / "deploy" / "ansible"
 HOSTS = ("n1", "n2", "n3")
 VENV_BIN = Path(sys.executable).parent
@@ -38,34 +49,39 @@ ANSIBLE_LINT = shutil.which(
     "ansible-lint", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 )
 PLAYBOOK_TIMEOUT = 180  # one run takes ~15-30 s; a hung task must not hang the suite
+VIP = "10.77.0.100"
+HTTP_PORT = 8080
+BACKENDS = {"a": f"{topology.BACKEND_IP}:9000", "b": f"{topology.BACKEND_IP}:9001"}
 
 
 @dataclass
 class Host:
     name: str
     root: Path
-    etcd_client: int
-    etcd_peer: int
-    http: int
-    admin: int
-    control: int
-    install: bool = False  # the role installs Fulcrum into this host's own venv
+    http: int = HTTP_PORT
+    wheelhouse: Path | None = None  # the role installs Fulcrum into this host's own venv from it
+
+    @property
+    def address(self) -> str:
+        return topology.node_ip(int(self.name[1:]))
 
     @property
     def control_endpoint(self) -> str:
-        return f"127.0.0.1:{self.control}"
+        return f"{self.address}:7443"
 
     @property
     def certs(self) -> Path:
         """Where the playbook put this node's certificates."""
         return self.root / "etc" / "fulcrum" / "certs"
 
+    @property
+    def own_venv(self) -> Path:
+        return self.root / "opt" / "fulcrum" / "venv"
+
     def host_vars(self) -> dict[str, object]:
         r = self.root
         return {
-            "ansible_host": "127.0.0.1",
-            "etcd_client_port": self.etcd_client,
-            "etcd_peer_port": self.etcd_peer,
+            "ansible_host": self.address,
             "etcd_config_dir": str(r / "etc" / "etcd"),
             "etcd_data_dir": str(r / "var" / "lib" / "etcd"),
             "etcd_run_dir": str(r / "run"),
@@ -74,13 +90,12 @@ class Host:
             "lbnode_state_dir": str(r / "var" / "lib" / "fulcrum"),
             "lbnode_run_dir": str(r / "run"),
             "lbnode_log_dir": str(r / "log"),
-            "lbnode_admin": f"127.0.0.1:{self.admin}",
-            "lbnode_control_bind": f"127.0.0.1:{self.control}",
+            "lbnode_control_bind": self.control_endpoint,
             "lbnode_listeners": [
                 {
                     "name": "web",
                     "protocol": "http",
-                    "bind": f"127.0.0.1:{self.http}",
+                    "bind": f"0.0.0.0:{self.http}",
                     "pool": "web",
                     "timeouts": {"idle": "30s"},
                 }
@@ -90,29 +105,32 @@ class Host:
                 "lbnode_venv_install": True,
                 "lbnode_venv": str(self.own_venv),
                 "lbnode_source": str(REPO),
+                "lbnode_pip_extra_args": f"--no-index --find-links {self.wheelhouse}",
             }
-            if self.install
+            if self.wheelhouse is not None
             else {}
         )
-
-    @property
-    def own_venv(self) -> Path:
-        return self.root / "opt" / "fulcrum" / "venv"
 
 
 @dataclass
 class Deployment:
     tmp: Path
+    lan: Lan
+    keys: sshhosts.SshKeys
+    control_dir: Path  # ssh ControlPath sockets: short, a unix socket path has ~100 bytes
     hosts: list[Host]
-    backends: dict[str, str]  # name -> address
-    certs_dir: Path  # on the "controller"
+    certs_dir: Path  # on the controller
     first_run: subprocess.CompletedProcess[str] | None = None
 
     def inventory(self) -> Path:
         common = {
-            "ansible_connection": "local",
+            "ansible_user": "root",
+            "ansible_ssh_private_key_file": str(self.keys.client_key),
+            "ansible_ssh_common_args": " ".join(sshhosts.client_options(self.keys)),
+            # the filesystem is shared: this venv's python is every host's python
             "ansible_python_interpreter": sys.executable,
-            # the service manager without systemd; processes run as this test's user
+            "ansible_remote_tmp": str(self.tmp / "ansible-remote-tmp"),
+            # the service manager without systemd; processes run as root (the VIP needs it)
             "etcd_service_manager": "pidfile",
             "lbnode_service_manager": "pidfile",
             "etcd_install_package": False,
@@ -120,15 +138,18 @@ class Deployment:
             "etcd_user": "root",
             "etcd_group": "root",
             # quick elections: the cluster forms in about a second
-            "etcd_heartbeat_interval": 50,
-            "etcd_election_timeout": 500,
+            "etcd_heartbeat_interval": topology.ETCD_HEARTBEAT_MS,
+            "etcd_election_timeout": topology.ETCD_ELECTION_MS,
             "lbnode_venv_install": False,
             "lbnode_venv": str(VENV_BIN.parent),
             "lbnode_create_user": False,
             "lbnode_user": "root",
             "lbnode_group": "root",
+            "lbnode_admin": "127.0.0.1:7070",
             "lbnode_drain_timeout": 1,
             "lbnode_lease_ttl": "2s",
+            "lbnode_vips": [{"address": f"{VIP}/24"}],
+            "lbnode_vip_interface": "eth0",
             "lbnode_certs_dir": str(self.certs_dir),
             "lbnode_certs_lbctl": str(VENV_BIN / "lbctl"),
             "lbnode_pools": [
@@ -137,7 +158,7 @@ class Deployment:
                     "retries": 2,
                     "timeouts": {"connect": "1s"},
                     "health": {"type": "http", "path": "/", "interval": "1s"},
-                    "backends": [{"address": a, "name": n} for n, a in self.backends.items()],
+                    "backends": [{"address": a, "name": n} for n, a in BACKENDS.items()],
                 }
             ],
         }
@@ -155,23 +176,30 @@ class Deployment:
         path.write_text(json.dumps(inventory, indent=1))  # JSON is YAML
         return path
 
+    def in_cli(self, args: list[str], timeout: float, **kw: object) -> subprocess.CompletedProcess[str]:
+        """Run ``args`` in the controller's namespace (cli)."""
+        return subprocess.run(["ip", "netns", "exec", self.lan.ns("cli"), *args],  # type: ignore[call-overload]
+                              capture_output=True, text=True, timeout=timeout, **kw)
+
     def playbook(self, name: str = "site.yml") -> subprocess.CompletedProcess[str]:
         env = dict(
             os.environ,
             ANSIBLE_HOME=str(self.tmp / "ansible-home"),
             ANSIBLE_LOCAL_TEMP=str(self.tmp / "ansible-tmp"),
+            ANSIBLE_SSH_CONTROL_PATH_DIR=str(self.control_dir),
+            ANSIBLE_HOST_KEY_CHECKING="False",
+            # modules go through ssh's stdin: fewer round trips per task
+            ANSIBLE_PIPELINING="True",
             ANSIBLE_NOCOLOR="1",
             ANSIBLE_RETRY_FILES_ENABLED="0",
             PYTHONUNBUFFERED="1",
         )
         env.pop("ANSIBLE_CONFIG", None)
-        done = subprocess.run(
-            [ANSIBLE_PLAYBOOK, "-i", str(self.inventory()), str(PLAYBOOK_DIR / name)],
-            capture_output=True,
-            text=True,
+        done = self.in_cli(
+            [ANSIBLE_PLAYBOOK, "-i", str(self.inventory()), str(PLAYBOOK_DIR / name)],  # type: ignore[list-item]
+            timeout=PLAYBOOK_TIMEOUT,
             cwd=self.tmp,
             env=env,
-            timeout=PLAYBOOK_TIMEOUT,
         )
         with (self.tmp / "playbook.log").open("a") as log:
             log.write(done.stdout + done.stderr)
@@ -191,23 +219,23 @@ class Deployment:
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("LBCTL_")}
         env["XDG_CONFIG_HOME"] = str(self.tmp / "no-config")
-        done = subprocess.run(
-            [
-                str(VENV_BIN / "lbctl"),
-                "--endpoint",
-                via.control_endpoint,
-                *flags,
-                "-o",
-                "json",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
+        done = self.in_cli(
+            [str(VENV_BIN / "lbctl"), "--endpoint", via.control_endpoint, *flags, "-o", "json", *args],
             timeout=60,
             env=env,
         )
         assert done.returncode == 0, f"lbctl {' '.join(args)} via {via.name}: {done.stderr}"
         return json.loads(done.stdout)
+
+    def served(self, address: str, requests: int = 8) -> set[str]:
+        """GET http://address/ from the cli namespace, ``requests`` times, one connection each:
+        the backend names (the demo backend's body), or 'status N' for an answer that is not 200."""
+        done = self.in_cli([sys.executable, "-c", CLIENT, f"http://{address}/", str(requests)], timeout=60)
+        assert done.returncode == 0, f"GET http://{address}/ from cli: {done.stderr[-2000:]}"
+        return set(done.stdout.split())
+
+    def holders(self) -> set[str]:
+        return self.lan.holders(VIP, HOSTS)
 
     def pids(self) -> dict[str, int]:
         """The processes the playbook started, by pid file (relative to tmp)."""
@@ -223,6 +251,18 @@ class Deployment:
         )
 
 
+# Run by the cli namespace's python: one request per connection, the body (or status) per line.
+CLIENT = """
+import sys, urllib.error, urllib.request
+for _ in range(int(sys.argv[2])):
+    try:
+        with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+            print(r.read().decode().strip())
+    except urllib.error.HTTPError as e:
+        print(f"status_{e.code}")
+"""
+
+
 def recap(output: str) -> dict[str, dict[str, int]]:
     """PLAY RECAP counters per host: {'n1': {'ok': 12, 'changed': 0, ...}}."""
     out = {}
@@ -230,16 +270,6 @@ def recap(output: str) -> dict[str, dict[str, int]]:
         m = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
         if m:
             out[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
-    return out
-
-
-def served(port: int, requests: int = 8) -> set[str]:
-    """The backend names (the demo backend's body), or 'status N' for an answer that is not 200."""
-    out = set()
-    with httpx.Client(timeout=5) as client:
-        for _ in range(requests):
-            r = client.get(f"http://127.0.0.1:{port}/")
-            out.add(r.text.strip() if r.status_code == 200 else f"status {r.status_code}")
     return out
 
 
@@ -252,9 +282,9 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 15.0) -> N
 
 def _stop_by_pid_files(tmp: Path) -> None:
     """Stop every process whose pid file the playbook wrote under tmp: the nodes, then etcd
-    (a node stopping while etcd is up leaves the cluster cleanly, and quickly). etcd gets
-    SIGKILL: its data is thrown away, and members stopped gracefully all at once spend ~6 s
-    trying to hand leadership to each other."""
+    (a node stopping while etcd is up leaves the cluster and releases its VIP cleanly, and
+    quickly). etcd gets SIGKILL: its data is thrown away, and members stopped gracefully all
+    at once spend ~6 s trying to hand leadership to each other."""
     _stop(tmp, "n*/run/lbnode.pid", signal.SIGTERM)
     _stop(tmp, "n*/run/*.pid", signal.SIGKILL)
 
@@ -295,59 +325,60 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _wait_http(lan: Lan, address: str, log: Path) -> None:
+    deadline = time.monotonic() + 15
+    while lan.run("cli", ["curl", "-s", "-m", "0.5", "-o", "/dev/null", f"http://{address}/"]).returncode != 0:
+        assert time.monotonic() < deadline, f"backend {address} never answered:\n{log.read_text()[-2000:]}"
+        time.sleep(0.1)
+
+
+def _wheelhouse(dest: Path) -> Path:
+    """Fulcrum's dependencies and its build backend as wheels, fetched from the root namespace
+    (which reaches the package index; the hosts do not)."""
+    build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--dest", str(dest),
+         str(REPO), *build],
+        capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
+    )
+    assert done.returncode == 0, f"pip download (the wheelhouse n1 installs from):\n{done.stderr[-3000:]}"
+    return dest
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    for reason in (topology.netns_unavailable(), sshhosts.sshd_unavailable()):
+        if reason is not None:
+            pytest.skip(reason)
     if ANSIBLE_PLAYBOOK is None:
         pytest.skip("ansible-playbook is not installed (pip install ansible-core)")
     require_etcd()
     tmp = tmp_path_factory.mktemp("ansible")
-    backends: list[subprocess.Popen[bytes]] = []
+    wheelhouse = _wheelhouse(tmp / "wheels")
+    control_dir = Path(tempfile.mkdtemp(prefix="fxa-", dir="/tmp"))
     try:
-        addresses = {}
-        for name in ("a", "b"):
-            port = free_port()
-            with open(tmp / f"backend-{name}.log", "wb") as log:
-                backends.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "lbnode.demo_backend",
-                            "--name",
-                            name,
-                            "--port",
-                            str(port),
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        cwd=tmp,
-                    )
-                )
-            addresses[name] = f"127.0.0.1:{port}"
-        for address in addresses.values():
-            wait_port(int(address.rsplit(":", 1)[1]))
-        hosts = [
-            Host(
-                name,
-                tmp / name,
-                free_port(),
-                free_port(),
-                free_port(),
-                free_port(),
-                free_port(),
-                install=name == "n1",
-            )
-            for name in HOSTS
-        ]
-        d = Deployment(tmp, hosts, addresses, tmp / "controller-certs")
-        d.first_run = d.playbook()
-        yield d
+        with topology.lan(len(HOSTS)) as lan:
+            try:
+                keys = sshhosts.make_keys(tmp / "ssh")
+                for name in HOSTS:
+                    sshhosts.start_sshd(lan, name, keys, tmp)
+                for name, address in BACKENDS.items():
+                    log = tmp / f"backend-{name}.log"
+                    port = address.rsplit(":", 1)[1]
+                    lan.spawn("be", [sys.executable, "-m", "lbnode.demo_backend", "--name", name,
+                                     "--host", "0.0.0.0", "--port", port], log_path=log, cwd=tmp)
+                for name, address in BACKENDS.items():
+                    _wait_http(lan, address, tmp / f"backend-{name}.log")
+                for name in HOSTS:
+                    sshhosts.wait_ready(lan, "cli", name, keys, tmp)
+                hosts = [Host(name, tmp / name, wheelhouse=wheelhouse if name == "n1" else None) for name in HOSTS]
+                d = Deployment(tmp, lan, keys, control_dir, hosts, tmp / "controller-certs")
+                d.first_run = d.playbook()
+                yield d
+            finally:
+                _stop_by_pid_files(tmp)
     finally:
-        _stop_by_pid_files(tmp)
-        for popen in backends:
-            popen.kill()
-            popen.wait(10)
+        shutil.rmtree(control_dir, ignore_errors=True)
 
 
 def test_the_playbook_runs_three_etcd_members_and_three_nodes(deployment: Deployment) -> None:
@@ -359,15 +390,30 @@ def test_the_playbook_runs_three_etcd_members_and_three_nodes(deployment: Deploy
         f"{h}/run/{svc}.pid" for h in HOSTS for svc in ("etcd-fulcrum", "lbnode")
     ), pids
     assert all(Path(f"/proc/{pid}").exists() for pid in pids.values()), pids
-    for host in HOSTS:  # started once: the handlers run before the start tasks, not after
-        assert "SIGTERM" not in (deployment.tmp / host / "log" / "lbnode.log").read_text()
+    for host in deployment.hosts:
+        # started once: the handlers run before the start tasks, not after
+        assert "SIGTERM" not in (host.root / "log" / "lbnode.log").read_text()
+        # each daemon runs in its host's network: that of the sshd it was started through
+        for svc in ("etcd-fulcrum", "lbnode"):
+            assert os.readlink(f"/proc/{pids[f'{host.name}/run/{svc}.pid']}/ns/net") == _netns_link(
+                deployment.lan, host.name
+            ), f"{host.name}'s {svc} is not in {deployment.lan.ns(host.name)}"
+        # a node talks to its own etcd member first
+        toml = (host.root / "etc" / "fulcrum" / "node.toml").read_text()
+        assert f'etcd = ["http://{host.address}:2379", ' in toml, toml
+
+
+def _netns_link(lan: Lan, member: str) -> str:
+    """What /proc/PID/ns/net reads for a process in ``member``'s namespace."""
+    done = lan.run(member, ["readlink", "/proc/self/ns/net"])
+    return done.stdout.strip()
 
 
 def test_the_role_installs_fulcrum_into_a_venv_and_the_node_runs_from_it(
     deployment: Deployment,
 ) -> None:
-    n1, n2 = deployment.hosts[:2]
-    assert n1.install and (n1.own_venv / "bin" / "lbnode").exists()
+    n1 = deployment.hosts[0]
+    assert n1.wheelhouse is not None and (n1.own_venv / "bin" / "lbnode").exists()
     assert f"{n1.own_venv}/bin/lbnode" in _cmdline(deployment.pids()["n1/run/lbnode.pid"])
     shared = f"{VENV_BIN}/lbnode"  # lbnode_venv_install: false
     assert shared in _cmdline(deployment.pids()["n2/run/lbnode.pid"])
@@ -406,9 +452,22 @@ def test_lbctl_sees_three_healthy_nodes_through_every_node(deployment: Deploymen
         )
 
 
+def test_one_node_holds_the_vip_and_it_serves_the_pool(deployment: Deployment) -> None:
+    eventually(lambda: len(deployment.holders()) == 1, f"exactly one of n1-n3 holds {VIP}")
+    (holder,) = deployment.holders()
+
+    def lbctl_names_holder() -> bool:
+        vips: list[dict] = deployment.lbctl("vips", via=deployment.hosts[0])  # type: ignore[assignment]
+        return [(v["address"], v.get("holder", "")) for v in vips] == [(VIP, holder)]
+
+    eventually(lbctl_names_holder, f"lbctl vips names {holder} as the holder of {VIP}")
+    assert deployment.served(f"{VIP}:{HTTP_PORT}") == {"a", "b"}
+    assert deployment.holders() == {holder}
+
+
 def test_every_node_listener_serves_the_pool(deployment: Deployment) -> None:
     for host in deployment.hosts:
-        assert served(host.http) == {"a", "b"}, f"{host.name}'s listener"
+        assert deployment.served(f"{host.address}:{host.http}") == {"a", "b"}, f"{host.name}'s listener"
 
 
 def test_a_second_run_changes_nothing_and_restarts_nothing(deployment: Deployment) -> None:
@@ -428,7 +487,7 @@ def test_a_changed_listener_restarts_only_that_node_through_the_handler(
     # last in the file: it moves n2's listener to another port
     n2 = deployment.hosts[1]
     before = deployment.pids()
-    n2.http = free_port()
+    n2.http = HTTP_PORT + 1
     run = deployment.playbook()
     counters = recap(run.stdout)
     assert (
@@ -438,7 +497,9 @@ def test_a_changed_listener_restarts_only_that_node_through_the_handler(
     after = deployment.pids()
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {"n2/run/lbnode.pid"}, (before, after)
-    assert served(n2.http) == {"a", "b"}
+    assert deployment.served(f"{n2.address}:{n2.http}") == {"a", "b"}
+    # the VIP (perhaps handed off by n2 as it stopped) is held by one node again
+    eventually(lambda: len(deployment.holders()) == 1, f"exactly one of n1-n3 holds {VIP} again")
 
 
 def test_ansible_lint_passes_on_the_roles_and_playbook(tmp_path: Path) -> None:
