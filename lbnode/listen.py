@@ -106,6 +106,7 @@ async def accept_loop(
             gate.release(token)
             raise
         capacity_logged = False
+        _unfilter(sock, conn)
         # accept() that never waits would starve every other task under a connection flood.
         await trio.lowlevel.checkpoint()
         client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
@@ -129,6 +130,7 @@ async def accept_pending(
             gate.release(token)
             return n
         conn.setblocking(False)
+        _unfilter(sock, conn)
         client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
         handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
         n += 1
@@ -137,56 +139,119 @@ async def accept_pending(
 # Classic BPF, for a filter on a listening socket (SO_ATTACH_FILTER; the kernel copies it).
 _SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
 _SKF_NET_OFF = -0x100000 & 0xFFFFFFFF  # loads relative to the IP header (data starts at TCP's)
-_LDB, _LDW, _RSH, _AND, _JEQ, _RET = 0x30, 0x20, 0x74, 0x54, 0x15, 0x06
-_TCP_SYN, _TCP_ACK = 0x02, 0x10
+_LDB, _LDW, _LDLEN, _TAX = 0x30, 0x20, 0x80, 0x07
+_RSH, _LSH, _AND = 0x74, 0x64, 0x54
+_JA, _JEQ, _JGTX, _RET = 0x05, 0x15, 0x2D, 0x06
+_TCP_SYN, _TCP_RST, _TCP_ACK = 0x02, 0x04, 0x10
+
+Insn = tuple[int, int, int, int]  # (code, jt, jf, k)
+# Listeners that have had a filter: an accepted socket inherits its listener's filter (the
+# kernel clones it), so the accept loops take it off theirs (see ``_accepted``).
+_FILTERED: set[int] = set()
 
 
-def syn_filter(addresses: Sequence[str]) -> list[tuple[int, int, int, int]]:
-    """A classic BPF program (code, jt, jf, k) that drops IPv4 SYNs to ``addresses``, passes the rest.
+def vip_filter(handing_off: Sequence[str], taking_over: Sequence[str]) -> list[Insn]:
+    """A classic BPF program for a listener while VIPs move; it passes everything else.
 
-    Only a listener sees SYNs and the last ACK of each handshake; the ACKs pass, so the
-    handshakes already under way complete, and no connection is left half open.
+    - To a VIP in ``handing_off``: bare SYNs are dropped (no new connection here).
+    - To a VIP in ``taking_over``: segments with neither payload nor SYN nor RST are dropped
+      (ACKs and FINs of connections this host does not have).
+
+    A listener sees SYNs, the packets that complete handshakes, and packets of connections
+    no socket has (which it would answer with a reset). The handshakes under way still
+    complete: their last ACK is not a SYN, and when it is dropped by the second rule, the
+    first data segment completes it instead.
     """
-    n = len(addresses)
-    accept, drop = 7 + n, 8 + n
-    prog = [
-        (_LDB, 0, 0, _SKF_NET_OFF),  # 0: IP version
+    code: list[tuple[int, int | str, int | str, int]] = [
+        (_LDB, 0, 0, _SKF_NET_OFF),  # IP version
         (_RSH, 0, 0, 4),
-        (_JEQ, 0, accept - 3, 4),  # 2: not IPv4 -> pass
-        (_LDB, 0, 0, 13),  # 3: TCP flags
-        (_AND, 0, 0, _TCP_SYN | _TCP_ACK),
-        (_JEQ, 0, accept - 6, _TCP_SYN),  # 5: not a bare SYN -> pass
-        (_LDW, 0, 0, (_SKF_NET_OFF + 16) & 0xFFFFFFFF),  # 6: destination address
+        (_JEQ, 0, "accept", 4),  # not IPv4: pass
+        (_LDW, 0, 0, (_SKF_NET_OFF + 16) & 0xFFFFFFFF),  # destination address
     ]
-    for i, address in enumerate(addresses):
-        prog.append((_JEQ, drop - (8 + i), 0, int.from_bytes(stdsocket.inet_aton(address), "big")))
-    prog += [(_RET, 0, 0, 0xFFFFFFFF), (_RET, 0, 0, 0)]  # accept, drop
+    for address in handing_off:
+        code.append((_JEQ, "refuse", 0, _ipv4(address)))
+    for address in taking_over:
+        code.append((_JEQ, "quiet", 0, _ipv4(address)))
+    code.append((_JA, 0, 0, "accept"))  # type: ignore[arg-type]
+    labels = {"refuse": len(code)}
+    code += [
+        (_LDB, 0, 0, 13),  # TCP flags
+        (_AND, 0, 0, _TCP_SYN | _TCP_ACK),
+        (_JEQ, "drop", "accept", _TCP_SYN),
+    ]
+    labels["quiet"] = len(code)
+    code += [
+        (_LDB, 0, 0, 13),
+        (_AND, 0, 0, _TCP_SYN | _TCP_RST),
+        (_JEQ, 0, "accept", 0),  # a SYN or a reset: pass
+        (_LDB, 0, 0, 12),  # TCP header length: (data offset >> 4) * 4
+        (_RSH, 0, 0, 4),
+        (_LSH, 0, 0, 2),
+        (_TAX, 0, 0, 0),
+        (_LDLEN, 0, 0, 0),  # TCP header + payload
+        (_JGTX, "accept", "drop", 0),
+    ]
+    labels["accept"] = len(code)
+    code.append((_RET, 0, 0, 0xFFFFFFFF))
+    labels["drop"] = len(code)
+    code.append((_RET, 0, 0, 0))
+
+    def jump(i: int, target: int | str) -> int:
+        return labels[target] - (i + 1) if isinstance(target, str) else target
+
+    prog = []
+    for i, (op, jt, jf, k) in enumerate(code):
+        if op == _JA and isinstance(k, str):
+            prog.append((op, 0, 0, jump(i, k)))
+        else:
+            prog.append((op, jump(i, jt), jump(i, jf), k))
     return prog
 
 
-def refuse_new_connections(sock: stdsocket.socket, addresses: Sequence[str]) -> None:
-    """The kernel drops new connections' SYNs to ``addresses`` on this listener, silently.
+def _ipv4(address: str) -> int:
+    return int.from_bytes(stdsocket.inet_aton(address), "big")
 
-    For a VIP about to move: clients send their SYN again a second later and reach the new
-    holder. A handshake completed here just before the move would be cut instead (the
-    client's next packet reaches the new holder, which does not know the connection).
+
+def set_vip_filter(sock: stdsocket.socket, handing_off: Sequence[str], taking_over: Sequence[str] = ()) -> None:
+    """While VIPs move, the kernel drops some of their packets at this listener, silently.
+
+    ``handing_off``: new connections' SYNs. Clients send theirs again a second later and
+    reach the new holder; a handshake completed here just before the move would be cut
+    (the client's next packet reaches the new holder, which does not know the connection).
+
+    ``taking_over`` (a VIP this node has just taken): the ACKs and FINs of connections it
+    does not have, instead of answering them with a reset. They belong to requests still in
+    flight on the old holder, whose client moved to us mid-answer; unanswered, the answer
+    completes (the old holder's data still reaches the client).
+
     Connections already accepted, and other addresses, are not affected. Each call replaces
-    the last; with no addresses, the listener takes every connection again.
+    the last; with nothing to filter the listener takes every packet again.
     """
     import ctypes
 
     if sock.family != stdsocket.AF_INET:
         return
-    if not addresses:
+    _FILTERED.add(sock.fileno())
+    if not handing_off and not taking_over:
         try:
             sock.setsockopt(stdsocket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # no filter attached
                 raise
         return
-    prog = syn_filter(addresses)
+    prog = vip_filter(handing_off, taking_over)
     buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in prog))
     sock.setsockopt(stdsocket.SOL_SOCKET, _SO_ATTACH_FILTER, struct.pack("HL", len(prog), ctypes.addressof(buf)))
+
+
+def _unfilter(listener: stdsocket.socket, conn: stdsocket.socket) -> None:
+    """A connection accepted from a listener that has had a VIP filter drops the copy it got."""
+    if _FILTERED and listener.fileno() in _FILTERED:
+        try:
+            conn.setsockopt(stdsocket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # none: accepted before the filter came
+                raise
 
 
 async def _run_handler(

@@ -35,7 +35,7 @@ from lbnode.listen import (
     accept_loop,
     accept_pending,
     bind_tcp,
-    refuse_new_connections,
+    set_vip_filter,
 )
 from lbnode.model import Config, Listener
 from lbnode.runtime import Snapshot
@@ -153,7 +153,7 @@ class LbNode:
                 if config.cluster is not None and config.cluster.vips:
                     self.vips = VipClaimer(config.cluster, config.node.id, self.agent.conn, self.agent)
                     self.vips.on_moved(self.events.vip_moved)
-                    self.vips.on_handing_off(lambda vips: self._refuse_new_connections(vips, sockets))
+                    self.vips.on_moving(lambda out, in_: self._filter_moving_vips(out, in_, sockets))
                     await outer.start(self.vips.run)
             if self.affinity is not None:
                 await outer.start(self.affinity.run)
@@ -218,13 +218,18 @@ class LbNode:
             outer.cancel_scope.cancel()
 
     @staticmethod
-    def _refuse_new_connections(vips: frozenset[str], sockets: list[tuple[Listener, stdsocket.socket]]) -> None:
-        """While VIPs are handed off, their new connections are refused (silently) on every listener."""
+    def _filter_moving_vips(
+        handing_off: frozenset[str], taking_over: frozenset[str], sockets: list[tuple[Listener, stdsocket.socket]]
+    ) -> None:
+        """While VIPs move, every listener drops what would break a connection (``set_vip_filter``)."""
         for li, sock in sockets:
+            if sock.fileno() < 0:
+                continue  # closed: the node has stopped
             try:
-                refuse_new_connections(sock, sorted(vips))
+                set_vip_filter(sock, sorted(handing_off), sorted(taking_over))
             except OSError as exc:
-                log.warning("listener %s: cannot filter new connections to VIPs %s: %s", li.name, sorted(vips), exc)
+                log.warning("listener %s: cannot filter the packets of moving VIPs (%s, %s): %s",
+                            li.name, sorted(handing_off), sorted(taking_over), exc)
 
     # --------------------------------------------------------------- health
     def _sync_health(self) -> None:

@@ -29,7 +29,7 @@ from lbnode.cluster.etcd import EtcdConnection, KeyEvent, KeyValue
 from lbnode.cluster.membership import KEEPALIVE_FRACTION
 from lbnode.cluster.store import StoreError
 from lbnode.cluster.watch import follow_watch
-from lbnode.cluster.wire import NetlinkAddresses, VipSpec
+from lbnode.cluster.wire import NetlinkAddresses, VipSpec, announce_from_primary
 from lbnode.model import NAME_RE, ClusterSettings, ConfigError, Table
 
 log = logging.getLogger("lbnode.cluster.vips")
@@ -56,6 +56,11 @@ GARP_DELAYS = (0.0, 0.2, 0.5, 1.0)
 # more (the new holder adds the address and sends its first GARP a few ms after its key), so
 # a connection attempt never finds the VIP on nobody. An unplanned loss never overlaps.
 HANDOFF_LINGER = 0.25
+# After adding a VIP, this long the node does not answer packets of connections it does not
+# have with a reset: they are the old holder's, in flight when clients moved to us (planned
+# hand-off), and their answers still reach the client from there. Short: a server-speaks-first
+# client connecting meanwhile waits for the next SYN-ACK retransmission (1 s).
+TAKEOVER_QUIET = 1.0
 # A released VIP nobody takes within this long loses its address anyway (no other node takes
 # VIPs: a one-node cluster, or every other node draining).
 HANDOFF_TIMEOUT = 2.0
@@ -253,28 +258,35 @@ class VipClaimer:
         self._draining = False
         self._fenced_logged = False
         self._handing_off: set[str] = set()  # released VIPs whose address stays until a new holder
-        self._on_handing_off: list[Callable[[frozenset[str]], object]] = []
+        self._taking_over: set[str] = set()  # VIPs added less than TAKEOVER_QUIET ago
+        self._on_moving: list[Callable[[frozenset[str], frozenset[str]], object]] = []
         self._nursery: trio.Nursery | None = None
 
     def on_moved(self, callback: MovedCallback) -> None:
         """``callback(vip, old_holder, new_holder)`` when etcd shows a VIP changing hands (None: free)."""
         self._on_moved.append(callback)
 
-    def on_handing_off(self, callback: Callable[[frozenset[str]], object]) -> None:
-        """``callback(vips)`` whenever the set of VIPs being handed off changes.
+    def on_moving(self, callback: Callable[[frozenset[str], frozenset[str]], object]) -> None:
+        """``callback(handing_off, taking_over)`` whenever either set of moving VIPs changes.
 
-        From just before each key is deleted until the address is gone: the node refuses
-        new connections to those VIPs meanwhile (``lbnode.listen.refuse_new_connections``).
+        ``handing_off``: from just before each key is deleted until the address is gone; the
+        node refuses new connections to those VIPs meanwhile. ``taking_over``: for
+        ``TAKEOVER_QUIET`` after adding an address; the node does not reset the connections
+        it does not have (the old holder's, still in flight). See
+        ``lbnode.listen.set_vip_filter``.
         """
-        self._on_handing_off.append(callback)
+        self._on_moving.append(callback)
+
+    def _moving_changed(self, handing_off: set[str], add: Collection[str] = (), remove: Collection[str] = ()) -> None:
+        before = set(handing_off)
+        handing_off.update(add)
+        handing_off.difference_update(remove)
+        if handing_off != before:
+            for callback in self._on_moving:
+                callback(frozenset(self._handing_off), frozenset(self._taking_over))
 
     def _handing_off_changed(self, add: Collection[str] = (), remove: Collection[str] = ()) -> None:
-        before = set(self._handing_off)
-        self._handing_off.update(add)
-        self._handing_off.difference_update(remove)
-        if self._handing_off != before:
-            for callback in self._on_handing_off:
-                callback(frozenset(self._handing_off))
+        self._moving_changed(self._handing_off, add, remove)
 
     def key(self, vip: str) -> str:
         return self.prefix + vip
@@ -320,6 +332,10 @@ class VipClaimer:
             self._addresses = await trio.to_thread.run_sync(NetlinkAddresses)
             # real addresses: a guard process takes them off the wire if this process dies
             guard = await trio.to_thread.run_sync(vipguard.start, tuple(self.vips.values()))
+            for interface in sorted({v.interface for v in self.vips.values()}):
+                done = announce_from_primary(interface)
+                if done is not None:
+                    (log.info if done.startswith("set ") else log.warning)("node %s: %s", self.node_id, done)
         # a VIP left on our interface by a crashed run is not ours until etcd says so
         for vip in self.vips.values():
             await self._netlink(self._addresses.remove, vip)
@@ -622,7 +638,9 @@ class VipClaimer:
         async with self._lock:
             if self._draining or self.fenced() or vip in self.held:
                 return True
+            self._moving_changed(self._taking_over, add=[vip])
             if not await self._netlink(self._addresses.add, spec):
+                self._moving_changed(self._taking_over, remove=[vip])
                 return False
             self.held[vip] = since
             self._held_lease = self.agent.lease_id
@@ -630,16 +648,25 @@ class VipClaimer:
         await self._netlink(self._addresses.announce, spec)
         if self._nursery is not None:
             self._nursery.start_soon(self._announce_again, vip, spec, trio.current_time())
+        else:
+            self._moving_changed(self._taking_over, remove=[vip])
         return True
 
     async def _announce_again(self, vip: str, spec: VipSpec, added: float) -> None:
-        """The later gratuitous ARPs of ``GARP_DELAYS``, while we still hold ``vip``."""
+        """The later gratuitous ARPs of ``GARP_DELAYS``, while we still hold ``vip``; the end of
+        its ``TAKEOVER_QUIET``."""
         assert self._addresses is not None
-        for delay in GARP_DELAYS[1:]:
-            await trio.sleep_until(added + delay)
-            if vip not in self.held:
-                return
-            await self._netlink(self._addresses.announce, spec)
+        try:
+            for delay in sorted({*GARP_DELAYS[1:], TAKEOVER_QUIET}):
+                await trio.sleep_until(added + delay)
+                if delay >= TAKEOVER_QUIET:
+                    self._moving_changed(self._taking_over, remove=[vip])
+                if vip not in self.held or vip in self._handing_off:
+                    return  # a late GARP from the old holder would take clients back from the new one
+                if delay in GARP_DELAYS:
+                    await self._netlink(self._addresses.announce, spec)
+        finally:
+            self._moving_changed(self._taking_over, remove=[vip])
 
     async def _drop(self, vip: str, why: str) -> None:
         assert self._addresses is not None

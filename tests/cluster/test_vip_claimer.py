@@ -86,6 +86,8 @@ async def test_two_nodes_hold_one_vip_each_and_a_planned_stop_hands_off_at_once(
         b_added = next(t for t, what, vip in b_addr.log if what == "add" and vip == a_vip and t >= released_at)
         a_removed = next(t for t, what, vip in a_addr.log if what == "remove" and vip == a_vip and t >= released_at)
         assert b_added < a_removed <= b_added + HANDOFF_LINGER + 0.2
+        # and a sent no gratuitous ARP once it began handing off (it would take clients back)
+        assert not [t for t, what, vip in a_addr.log if what == "announce" and t >= released_at]
         assert b_added - released_at < FREE_GRACE / 2  # a watch round trip: b was told a stopped accepting VIPs
         assert any(new == "b" and old in (None, "a") for _, old, new in moves)
 

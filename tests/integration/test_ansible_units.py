@@ -1,0 +1,61 @@
+"""The systemd units of the roles, rendered by ansible-playbook's template module (this machine
+has no systemd: tests/cluster/test_ansible.py runs the `pidfile` manager)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+ROLES = REPO / "deploy" / "ansible" / "roles"
+VENV_BIN = Path(sys.executable).parent
+ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+COMMON = {
+    "lbnode_id": "n1", "lbnode_user": "fulcrum", "lbnode_group": "fulcrum", "lbnode_venv": "/opt/fulcrum/venv",
+    "lbnode_config_dir": "/etc/fulcrum", "lbnode_drain_timeout": 30, "lbnode_vip_interface": "eth0",
+}
+
+
+def render(tmp_path: Path, template: Path, variables: dict[str, object]) -> str:
+    if ANSIBLE_PLAYBOOK is None:
+        pytest.skip("ansible-playbook is not installed (pip install ansible-core)")
+    out = tmp_path / "rendered"
+    play = [{"hosts": "localhost", "gather_facts": False, "vars": variables,
+             "tasks": [{"ansible.builtin.template": {"src": str(template), "dest": str(out)}}]}]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    env = dict(os.environ, ANSIBLE_HOME=str(tmp_path / "ah"), ANSIBLE_LOCALHOST_WARNING="False", ANSIBLE_NOCOLOR="1")
+    done = subprocess.run(
+        [ANSIBLE_PLAYBOOK, "-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}",
+         str(tmp_path / "play.yml")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out.read_text()
+
+
+def test_lbnode_unit_with_vips_grants_the_capabilities_sets_arp_announce_and_signals_the_node_only(
+    tmp_path: Path,
+) -> None:
+    unit = render(tmp_path, ROLES / "lbnode/templates/lbnode.service.j2", COMMON | {
+        "lbnode_vips": [{"address": "10.0.0.100/24"}, {"address": "10.0.0.101/24", "interface": "bond0"},
+                        {"address": "10.0.0.102/24"}]})
+    lines = unit.splitlines()
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_NET_ADMIN CAP_NET_RAW" in lines
+    assert [line for line in lines if line.startswith("ExecStartPre=")] == [
+        "ExecStartPre=+/bin/sh -c 'echo 2 > /proc/sys/net/ipv4/conf/eth0/arp_announce'",
+        "ExecStartPre=+/bin/sh -c 'echo 2 > /proc/sys/net/ipv4/conf/bond0/arp_announce'",
+    ]
+    assert "KillMode=mixed" in lines and "KillSignal=SIGTERM" in lines
+    assert "ExecStart=/opt/fulcrum/venv/bin/lbnode run --config /etc/fulcrum/node.toml" in lines
+
+
+def test_lbnode_unit_without_vips_asks_for_nothing_more(tmp_path: Path) -> None:
+    unit = render(tmp_path, ROLES / "lbnode/templates/lbnode.service.j2", COMMON | {"lbnode_vips": []})
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in unit.splitlines()
+    assert "ExecStartPre" not in unit and "CAP_NET_ADMIN" not in unit

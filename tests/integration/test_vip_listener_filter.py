@@ -1,0 +1,144 @@
+"""The listener filter while VIPs move (SO_ATTACH_FILTER): refuse new connections to a VIP being
+handed off; leave unanswered the stray packets to a VIP just taken over.
+
+Loopback only: 127.0.0.1 plays the VIP being handed off, 127.0.0.3 the one taken over,
+127.0.0.2 any other address. The stray-packet test sends a raw TCP segment (root only).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lbnode.cluster.wire import VipSpec
+from lbnode.listen import set_vip_filter, vip_filter
+
+HANDED_OFF, TAKEN_OVER, OTHER = "127.0.0.1", "127.0.0.3", "127.0.0.2"
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 0))
+    s.listen(16)
+    yield s
+    s.close()
+
+
+def test_new_connections_to_a_vip_handed_off_get_no_answer_and_the_rest_are_served(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    before = socket.create_connection((HANDED_OFF, port), timeout=1)
+    accepted, _ = listener.accept()
+    set_vip_filter(listener, [HANDED_OFF], [TAKEN_OVER])
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):  # no reset: the SYN is dropped, a client would send it again
+        socket.create_connection((HANDED_OFF, port), timeout=0.3)
+    assert time.monotonic() - started >= 0.29
+    other = socket.create_connection((OTHER, port), timeout=1)  # another address: served
+    other_accepted, _ = listener.accept()
+    # a VIP taken over: a client that speaks first connects (its data completes the handshake)
+    taken = socket.create_connection((TAKEN_OVER, port), timeout=1)
+    taken.sendall(b"GET")
+    taken_accepted, _ = listener.accept()
+    taken_accepted.settimeout(1)
+    assert taken_accepted.recv(3) == b"GET"
+    before.sendall(b"x")  # a connection accepted before: untouched
+    assert accepted.recv(1) == b"x"
+    set_vip_filter(listener, [])  # the moves are over: everyone again
+    again = socket.create_connection((HANDED_OFF, port), timeout=1)
+    for s in (before, accepted, other, other_accepted, taken, taken_accepted, again):
+        s.close()
+
+
+def _tcp_segment(src: str, sport: int, dst: str, dport: int, flags: int) -> bytes:
+    header = struct.pack("!HHIIBBHHH", sport, dport, random.getrandbits(32), random.getrandbits(32),
+                         5 << 4, flags, 65535, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header))
+    data = pseudo + header
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return header[:16] + struct.pack("!H", ~total & 0xFFFF) + header[18:]
+
+
+def _reset_for_stray_ack(port: int, dst: str) -> bool:
+    """Send an ACK of no connection to dst:port; does a reset come back within 0.3 s?"""
+    sport = random.randint(40000, 60000)
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
+        raw.settimeout(0.05)
+        raw.sendto(_tcp_segment("127.0.0.1", sport, dst, port, 0x10), (dst, 0))
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            try:
+                packet = raw.recv(4096)
+            except TimeoutError:
+                continue
+            ihl = (packet[0] & 0x0F) * 4
+            src_port, dst_port = struct.unpack("!HH", packet[ihl:ihl + 4])
+            if src_port == port and dst_port == sport and packet[ihl + 13] & 0x04:
+                return True
+    return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raw sockets need root")
+def test_stray_packets_to_a_vip_taken_over_get_no_reset(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    assert _reset_for_stray_ack(port, TAKEN_OVER)  # without the filter the kernel resets
+    set_vip_filter(listener, [HANDED_OFF], [TAKEN_OVER])
+    assert not _reset_for_stray_ack(port, TAKEN_OVER)  # the old holder's connection lives on
+    assert _reset_for_stray_ack(port, OTHER)  # other addresses as before
+
+
+def test_the_filter_program_jumps_stay_inside_it() -> None:
+    for handing_off, taking_over in [([], ["10.0.0.1"]), (["10.0.0.100", "10.0.0.101"], []), (["10.0.0.9"], ["10.0.0.8"])]:
+        prog = vip_filter(handing_off, taking_over)
+        assert prog[-2] == (0x06, 0, 0, 0xFFFFFFFF) and prog[-1] == (0x06, 0, 0, 0)  # accept, drop
+        for i, (code, jt, jf, k) in enumerate(prog):
+            if code == 0x05:
+                assert i + 1 + k < len(prog)
+            elif code & 0x07 == 0x05:  # conditional jumps
+                assert i + 1 + max(jt, jf) < len(prog)
+
+
+def test_vip_spec_round_trips_through_the_guard_command_line() -> None:
+    vip = VipSpec("10.0.0.100", 24, "eth0")
+    assert VipSpec.from_arg(vip.arg) == vip
+    for bad in ("10.0.0.100/24", "10.0.0.100@eth0", "nonsense/24@eth0", "10.0.0.100/x@eth0"):
+        with pytest.raises((ValueError, OSError)):
+            VipSpec.from_arg(bad)
+
+
+async def test_connections_accepted_while_filtered_do_not_keep_the_filter(listener: socket.socket) -> None:
+    """The kernel copies a listener's filter to each connection it accepts; the accept path
+    takes it off, or a VIP's quiet rule would eat that connection's ACKs and FINs for ever."""
+    import trio
+
+    from lbnode.listen import ConnectionGate, accept_pending
+
+    port = listener.getsockname()[1]
+    listener.setblocking(False)
+    set_vip_filter(listener, [], [TAKEN_OVER])
+    client = socket.create_connection((TAKEN_OVER, port), timeout=1)
+    client.sendall(b"GET")  # completes the handshake (its bare ACK was dropped)
+    got: list[bytes] = []
+
+    async def handler(conn: socket.socket, client_ip: str) -> None:
+        conn.setblocking(True)
+        conn.settimeout(1)
+        got.append(await trio.to_thread.run_sync(conn.recv, 3))
+        got.append(await trio.to_thread.run_sync(conn.recv, 3))  # the FIN: b"" unless it was dropped
+
+    async with trio.open_nursery() as nursery:
+        await trio.sleep(0.05)
+        assert await accept_pending(listener, handler, nursery, ConnectionGate(None)) == 1
+        await trio.sleep(0.05)
+        client.shutdown(socket.SHUT_WR)  # a bare FIN
+    client.close()
+    assert got == [b"GET", b""]
