@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
@@ -48,12 +49,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigFileError as exc:
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
+    lock = None
+    if config.cluster is not None or config.control is not None:
+        # state_dir holds this node's pools (control API) or its identity in the cluster
+        from lbnode.statedir import StateDirInUse, lock_state_dir
+
+        try:
+            lock = lock_state_dir(Path(config.node.state_dir))
+        except (StateDirInUse, OSError) as exc:
+            print(f"lbnode: {args.config}: {exc}", file=sys.stderr)
+            return 1
     try:
         node = node_from_config(config)
     except ConfigFileError as exc:  # a corrupt state_dir/pools.json
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
-    return _run_reporting_bind_errors(lambda: trio.run(node.run), f"lbnode: {args.config}")
+    try:
+        return _run_reporting_bind_errors(lambda: trio.run(node.run), f"lbnode: {args.config}")
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _run_reporting_bind_errors(run: Callable[[], None], prefix: str) -> int:

@@ -339,7 +339,12 @@ def node_from_config(config: Config) -> LbNode:
         except StoreError as exc:
             log.warning("cannot seed pool %s into etcd (%s); serving it from the config file", pool.name, exc)
             break
-    info: dict[str, object] = {"addresses": [str(li.bind) for li in config.listeners]}
+    info: dict[str, object] = {
+        "addresses": [str(li.bind) for li in config.listeners],
+        # who we are beyond the id: a restart of this node is told from another node with our id
+        "host": stdsocket.gethostname(),
+        "state_dir": str(Path(config.node.state_dir).resolve()),
+    }
     if config.control is not None:
         info["control"] = str(config.control.bind)
     agent = ClusterAgent(config.cluster, config.node.id, info, connection=connection)

@@ -77,6 +77,10 @@ class _Written:
     at: float  # Trio clock
 
 
+class DuplicateNodeId(StoreError):
+    """Another live node has registered with this node's id."""
+
+
 class ClusterAgent:
     """This node's membership in the cluster (see the module docstring for the wiring).
 
@@ -239,8 +243,9 @@ class ClusterAgent:
                 await self._register()
             except StoreError as exc:
                 if not failing:
-                    log.warning("node %s cannot register in etcd (%s); serving on, checking every backend, "
-                                "retrying", self.node_id, exc)
+                    (log.error if isinstance(exc, DuplicateNodeId) else log.warning)(
+                        "node %s cannot register in etcd (%s); serving on, checking every backend, retrying",
+                        self.node_id, exc)
                     failing = True
                 await trio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
@@ -254,7 +259,15 @@ class ClusterAgent:
         ttl = max(1, math.ceil(self.settings.lease_ttl))
         sent = trio.current_time()
         lease_id, granted = await trio.to_thread.run_sync(self.conn.grant, ttl, abandon_on_cancel=True)
-        await trio.to_thread.run_sync(self.conn.put, self.node_key, self._node_value(), lease_id, abandon_on_cancel=True)
+        try:
+            await trio.to_thread.run_sync(self._claim_node_key, lease_id, abandon_on_cancel=True)
+        except DuplicateNodeId:
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(self.conn.revoke, lease_id)
+                except StoreError:
+                    pass  # it expires on its own
+            raise
         self.lease_id, self.lease_ttl = lease_id, granted
         self.lease_expires_at = sent + granted
         self.lease_ok_since = trio.current_time()
@@ -307,6 +320,55 @@ class ClusterAgent:
         self.lease_ok_since = None
         self.lease_lost_at = trio.current_time()
         self._assignments_changed()
+
+    def _claim_node_key(self, lease_id: int) -> None:
+        """Create our node key under ``lease_id`` (blocking: run in a thread).
+
+        The key exists already while a node with our id is alive, or until the lease of our
+        own previous run expires (a crash). Our previous run (same host and state_dir, which
+        ``lbnode run`` holds a lock on) has its lease revoked at once: its keys go, including
+        any VIPs it held. Anyone else is another node configured with our id:
+        ``DuplicateNodeId``, and we keep trying until it is gone.
+        """
+        key, value = self.node_key, self._node_value()
+
+        def create(c: Any) -> tuple[bool, list[Any]]:
+            return c.transaction(  # type: ignore[no-any-return]
+                compare=[c.transactions.create(key) == 0],
+                success=[c.transactions.put(key, value, lease=lease_id)],
+                failure=[c.transactions.get(key)],
+            )
+
+        (created, responses), maybe_applied = self.conn.call_retried(f"register node {self.node_id}", create)
+        if created:
+            return
+        found = responses[0][0] if responses and responses[0] else None
+        if found is None:  # gone in between: try again on the next round
+            raise StoreError(f"node key {key} vanished while registering")
+        existing_value, meta = bytes(found[0]), found[1]
+        existing_lease = int(getattr(meta, "lease_id", 0) or 0)
+        if existing_lease == lease_id or (maybe_applied and existing_value == value):
+            return  # our own write, retried after a lost answer
+        try:
+            theirs = json.loads(existing_value)
+        except ValueError:
+            theirs = {}
+        ours = self.node_info
+        if not isinstance(theirs, dict) or (theirs.get("host"), theirs.get("state_dir")) != (
+            ours.get("host"), ours.get("state_dir")
+        ):
+            where = theirs.get("addresses") if isinstance(theirs, dict) else None
+            raise DuplicateNodeId(
+                f"node id {self.node_id!r} is registered in etcd by another live node "
+                f"(host {theirs.get('host', '?') if isinstance(theirs, dict) else '?'}, listeners {where}, "
+                f"lease {existing_lease:x}): every node needs its own [node] id; "
+                "this node serves on without joining the cluster until that key is gone"
+            )
+        log.info("node %s: revoking lease %x of this node's previous run (its keys, VIPs included, go now)",
+                 self.node_id, existing_lease)
+        if existing_lease:
+            self.conn.revoke(existing_lease)
+        self.conn.put(key, value, lease_id)
 
     def _node_value(self) -> bytes:
         info = {**self.node_info, "id": self.node_id, "started": self._started, "version": __version__}

@@ -258,3 +258,49 @@ async def test_unreachable_etcd_never_blocks_and_is_logged_once(caplog: pytest.L
         started = trio.current_time()
         nursery.cancel_scope.cancel()
     assert trio.current_time() - started < 1.0
+
+
+async def test_a_second_node_with_the_same_id_is_refused_until_the_first_is_gone(
+    settings: ClusterSettings, etcd_conn: EtcdConnection, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = ClusterAgent(settings, "twin", {"addresses": ["10.0.0.1:80"], "host": "h1", "state_dir": "/s"})
+    second = ClusterAgent(settings, "twin", {"addresses": ["10.0.0.2:80"], "host": "h2", "state_dir": "/s"})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        await eventually(lambda: first.lease_id is not None, what="first registered")
+        with caplog.at_level(logging.ERROR, logger="lbnode.cluster"):
+            await nursery.start(second.run)
+            await trio.sleep(TTL + 0.5)  # past the first's keepalives: still its key
+        assert second.lease_id is None
+        info, _ = await read(etcd_conn, first.node_key)
+        assert info is not None and info["host"] == "h1"
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any("node id 'twin' is registered in etcd by another live node (host h1" in m
+                   and "every node needs its own [node] id" in m for m in errors), errors
+        first.stop()  # the first leaves: the second gets the id (after its retry backoff)
+        await eventually(lambda: second.lease_id is not None, timeout=8, what="second registered")
+        info, _ = await read(etcd_conn, second.node_key)
+        assert info is not None and info["host"] == "h2"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_node_takes_its_key_back_at_once_from_its_dead_run(
+    settings: ClusterSettings, etcd_conn: EtcdConnection
+) -> None:
+    identity = {"addresses": ["10.0.0.1:80"], "host": "h1", "state_dir": "/s"}
+    old = ClusterAgent(settings, "phoenix", identity)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(old.run)
+        await eventually(lambda: old.lease_id is not None, what="registered")
+        old_lease = old.lease_id
+        old.stop(revoke=False)  # a crash: its key lives on with its lease for up to the TTL
+        await trio.sleep(0.1)
+        new = ClusterAgent(settings, "phoenix", identity)
+        await nursery.start(new.run)
+        took = await eventually(lambda: new.lease_id is not None, timeout=TTL / 2, what="restart registered")
+        assert new.lease_id != old_lease
+        kvs, _ = await trio.to_thread.run_sync(etcd_conn.get_prefix, new.node_key)
+        assert [kv.lease for kv in kvs] == [new.lease_id]
+        print(f"\nFIGURE membership: a restarted node registered {took * 1000:.0f} ms after starting "
+              f"(its dead run's lease revoked)")
+        nursery.cancel_scope.cancel()
