@@ -131,6 +131,9 @@ class RetryBudget:
         self.requests = 0  # totals over the window
         self.retries = 0
         self.refused = 0  # lifetime count of retries refused, for metrics
+        # Time span of the newest bucket: a ``now`` inside it needs no bucket arithmetic.
+        self._newest_from = math.inf
+        self._newest_until = -math.inf
 
     def record_request(self, now: float) -> None:
         self._current(now)[1] += 1
@@ -149,6 +152,8 @@ class RetryBudget:
         return allowed
 
     def _current(self, now: float) -> list[int]:
+        if self._newest_from <= now < self._newest_until:
+            return self._buckets[-1]  # the common case: a request in the same second as the last
         number = math.floor(now / self.BUCKET_SECONDS)
         buckets = self._buckets
         while buckets and buckets[0][0] <= number - self._buckets_in_window:
@@ -159,4 +164,6 @@ class RetryBudget:
             return buckets[-1]  # same bucket, or a clock that stepped back: count it here
         bucket = [number, 0, 0]
         buckets.append(bucket)
+        self._newest_from = number * self.BUCKET_SECONDS
+        self._newest_until = (number + 1) * self.BUCKET_SECONDS
         return bucket

@@ -51,10 +51,12 @@ class BackendState:
         "requests",
         "failures",
         "up_since",
+        "upstream_key",
     )
 
     def __init__(self, spec: Backend, index: int, health: str = "up", reason: str = "") -> None:
         self.spec = spec
+        self.upstream_key = str(spec.address)  # its idle connections' key in the UpstreamPool
         self.index = index
         self.health = health  # "up" | "down" | "unknown" (serving until the first check); set by checks
         self.health_reason = reason
@@ -119,12 +121,14 @@ class PoolRuntime:
                     state = BackendState(b, i, "unknown" if spec.health else "up")
             else:
                 state.spec, state.index = b, i
+                state.upstream_key = str(b.address)
             self.backends.append(state)
         # Requests already in flight count for the least-* policies of the new snapshot too.
         self.policy: Policy = make_policy(
             spec, rng or random.Random(), active=[b.inflight + b.connections for b in self.backends]
         )
         self._by_id = {b.id: b for b in self.backends}
+        self.retry_on = frozenset(spec.retry_on)  # statuses retried elsewhere (when the method allows)
         self.stickiness: Stickiness | None = None
         if spec.affinity is not None:
             self.stickiness = Stickiness.build(
@@ -221,16 +225,16 @@ class PoolRuntime:
     # ------------------------------------------------------------------ health
     def report(self, backend: BackendState, failure: str | None, now: float) -> None:
         """Outcome of one attempt for passive checks: None = success, else a failure kind."""
-        if failure is not None:
-            backend.failures += 1
+        if failure is None:  # the common case, first
+            if self.outlier is not None and self._current(backend):
+                self.outlier.record_success(backend.id, now)
+            return
+        backend.failures += 1
         if not self._current(backend):
             return
         if self.outlier is None:
             if failure in ("connect_error", "timeout"):
                 self._eject_unreachable(backend, now)
-            return
-        if failure is None:
-            self.outlier.record_success(backend.id, now)
             return
         until = self.outlier.record_failure(backend.id, failure, now)
         if until is not None:

@@ -6,16 +6,26 @@ first and only parks in ``trio.lowlevel.wait_readable/wait_writable`` when
 the kernel says EAGAIN; a timeout scope is created only on that slow path.
 This is what keeps Python's cost per request low (see bench/). Never decides
 anything about HTTP or balancing.
+
+Also owns ``Deadlines``: timeouts for the waits that happen on nearly every
+request (a keep-alive client's next request, a backend's response) without a
+Trio cancel scope each. Entering and leaving a cancel scope costs several
+microseconds; arming a deadline here is one heap push. See ``Deadlines``.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import logging
+import math
 import socket
 
 import trio
 
 from lbnode.model import Address
+
+log = logging.getLogger("lbnode.sockio")
 
 
 class SendTimeout(Exception):
@@ -40,24 +50,41 @@ async def recv_some(sock: socket.socket, size: int) -> bytes:
             await trio.lowlevel.wait_readable(sock)
 
 
-async def recv_within(sock: socket.socket, size: int, timeout: float, *, expect_wait: bool = False) -> bytes | None:
+async def recv_within(
+    sock: socket.socket, size: int, timeout: float, *, expect_wait: bool = False, deadlines: Deadlines | None = None
+) -> bytes | None:
     """Like ``recv_some``; None if nothing arrived within ``timeout`` seconds.
 
     ``expect_wait``: the peer cannot have answered yet (a request just sent),
-    so skip the first, certainly failing, system call."""
+    so skip the first, certainly failing, system call.
+
+    The timeout is a ``Deadlines`` one: while this waits, a write wait on the
+    same socket in another task ends with ``trio.ClosedResourceError`` if the
+    timeout strikes (``send_all`` turns that into an ``OSError``). ``deadlines``: the
+    run's ``current_deadlines()``, if the caller has it at hand."""
     if not expect_wait:
         try:
             return sock.recv(size)
         except BlockingIOError:
             pass
-    with trio.move_on_after(timeout):
+    if deadlines is None:
+        deadlines = current_deadlines()
+    entry = deadlines.arm(sock, trio.current_time() + timeout)
+    try:
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            # The wait of the Deadlines docstring (a scope-free timeout: once per request).
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                if not entry[3]:
+                    raise
+                return None
             try:
                 return sock.recv(size)
             except BlockingIOError:
                 continue
-    return None
+    finally:
+        deadlines.disarm(entry)
 
 
 async def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float | None = None) -> None:
@@ -69,9 +96,14 @@ async def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float
     if sent == len(data):
         return
     view = memoryview(data)[sent:]
-    with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+    with trio.move_on_after(timeout if timeout is not None else math.inf) as scope:
         while view:
-            await trio.lowlevel.wait_writable(sock)
+            try:
+                await trio.lowlevel.wait_writable(sock)
+            except trio.ClosedResourceError:
+                # A read timeout on this socket struck in another task (Deadlines.fire):
+                # the connection is being given up, as if the peer had reset it.
+                raise ConnectionAbortedError(errno.ECONNABORTED, "connection given up after a timeout") from None
             try:
                 sent = sock.send(view)
             except BlockingIOError:
@@ -141,3 +173,114 @@ def _describe(err: int) -> str:
     if err in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return "host unreachable"
     return errno.errorcode.get(err, str(err)).lower().replace("_", " ")
+
+
+class Deadlines:
+    """Timeouts for readiness waits, one heap entry per wait instead of a cancel scope.
+
+    ``arm`` pushes ``[deadline, seq, sock, fired]`` on a heap; ``disarm`` only
+    blanks the socket (lazy deletion, as in Trio's own deadline heap, pruned
+    when blanks dominate). One timer task per Trio run sleeps until the
+    earliest live deadline and fires what is due: firing calls
+    ``trio.lowlevel.notify_closing(sock)``, which ends every wait on that
+    socket with ``trio.ClosedResourceError``. So a fired deadline is only for
+    a socket that is about to be given up or answered with a timeout; the
+    waiter tells a fired wait from a real close by the ``fired`` flag. The
+    timer's own scope is moved only when a deadline earlier than the one it
+    sleeps to is armed, which with a fixed timeout per listener or pool is rare.
+
+    A wait goes: ``entry = arm(sock, deadline)``, ``await
+    trio.lowlevel.wait_readable(sock)`` (a ``ClosedResourceError`` with
+    ``entry[3]`` set means the deadline struck), ``disarm(entry)`` in a
+    ``finally`` (see ``recv_within``). If the deadline strikes just after the
+    socket became readable, the wait simply ends normally: the data wins.
+    """
+
+    # Disarmed entries tolerated in the heap before it is rebuilt without them.
+    PRUNE_AFTER = 1000
+
+    def __init__(self) -> None:
+        self._heap: list[list] = []
+        self._seq = 0
+        self._blank = 0  # disarmed entries still in the heap
+        self._timer: trio.CancelScope | None = None  # the timer task's sleep, while it sleeps
+        self._timer_at = math.inf  # its deadline (kept here: the scope's property is slower)
+        self._running = False
+
+    def arm(self, sock: socket.socket, deadline: float) -> list:
+        """Start the clock on a wait on ``sock``; pass the result to ``disarm`` when it ends."""
+        self._seq += 1
+        entry = [deadline, self._seq, sock, False]
+        heapq.heappush(self._heap, entry)
+        timer = self._timer
+        if timer is not None:
+            if deadline < self._timer_at:
+                timer.deadline = self._timer_at = deadline
+        elif not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._run, name="lbnode.sockio.Deadlines")
+        # else: the timer is awake and looks at the heap before it sleeps again.
+        return entry
+
+    def disarm(self, entry: list) -> bool:
+        """The wait is over; True if its deadline had fired (or ``fire`` was called)."""
+        if entry[2] is not None:
+            entry[2] = None
+            self._blank += 1
+            if self._blank > self.PRUNE_AFTER and 2 * self._blank > len(self._heap):
+                self._heap[:] = [e for e in self._heap if e[2] is not None]
+                heapq.heapify(self._heap)
+                self._blank = 0
+        return entry[3]
+
+    def fire(self, entry: list) -> None:
+        """End the wait now, as if its deadline had passed (e.g. to close idle connections)."""
+        sock = entry[2]
+        if sock is not None:
+            entry[2] = None
+            self._blank += 1  # still in the heap
+            self._strike(entry, sock)
+
+    @staticmethod
+    def _strike(entry: list, sock: socket.socket) -> None:
+        entry[3] = True
+        try:
+            trio.lowlevel.notify_closing(sock)
+        except (OSError, ValueError) as exc:  # a socket closed behind our back: nothing waits on it
+            log.debug("deadline on a closed socket: %s", exc)
+
+    async def _run(self) -> None:
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap:
+                entry = heap[0]
+                if entry[2] is None:
+                    heapq.heappop(heap)
+                    self._blank -= 1
+                elif entry[0] <= now:
+                    heapq.heappop(heap)
+                    sock = entry[2]
+                    entry[2] = None
+                    self._strike(entry, sock)
+                else:
+                    break
+            self._timer_at = heap[0][0] if heap else math.inf
+            with trio.CancelScope(deadline=self._timer_at) as scope:
+                self._timer = scope
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._timer = None
+
+
+_DEADLINES: trio.lowlevel.RunVar[Deadlines] = trio.lowlevel.RunVar("lbnode.sockio.deadlines")
+
+
+def current_deadlines() -> Deadlines:
+    """The ``Deadlines`` of the running Trio run (created on first use)."""
+    deadlines = _DEADLINES.get(None)
+    if deadlines is None:
+        deadlines = Deadlines()
+        _DEADLINES.set(deadlines)
+    return deadlines

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import httptools
 
-from lbnode.http.headers import Headers, RequestHead, ResponseHead
+from lbnode.http.headers import (
+    REQUEST_NOTED,
+    RESPONSE_NOT_FORWARDED,
+    Headers,
+    RequestHead,
+    ResponseHead,
+)
 
 
 @dataclass(slots=True)
@@ -21,6 +27,10 @@ class End:
     """The message is complete; ``trailers`` are the chunked trailer fields, if any."""
 
     trailers: Headers
+
+
+# The End of a message without trailers, shared (nothing mutates an End's trailers).
+END = End([])
 
 
 @dataclass(slots=True)
@@ -48,9 +58,12 @@ class RequestReader:
         self._max_header_bytes = max_header_bytes
         self._in_head = True  # between messages or inside a head
         self._head_bytes = 0
-        self._url: list[bytes] = []
+        self._head_size = 0  # request line + "name: value\r\n" per field, as parsed
+        self._url = b""
         self._headers: Headers = []
-        self._trailers: Headers = []
+        self._noted: Headers = []
+        self._forward: list[bytes] = []
+        self._trailers: Headers | None = None  # made when a trailer field arrives
         self.broken = False  # after a parse error or upgrade nothing more is parsed
 
     def feed(self, data: bytes) -> None:
@@ -76,6 +89,10 @@ class RequestReader:
             self.broken = True
             self.events.append(ParseError("request header section too large", 431))
 
+    def close(self) -> None:
+        """Break the reader/parser reference cycle once the connection is done."""
+        self._parser = None  # type: ignore[assignment]
+
     def feed_eof(self) -> None:
         """The client closed its side; a message cut short is an error."""
         if not self.broken and not self._in_head:
@@ -88,31 +105,57 @@ class RequestReader:
 
     # httptools callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._url = []
+        self._url = b""
         self._headers = []
-        self._trailers = []
+        self._noted = []
+        self._forward = []
+        self._trailers = None
+        self._head_size = 16  # method, spaces, version and CRLF, about
 
     def on_url(self, url: bytes) -> None:
-        self._url.append(url)
+        self._url += url  # usually one piece: b"" + url is url itself, no copy
+        self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        (self._headers if self._in_head else self._trailers).append((name, value))
+        if not self._in_head:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+            return
+        self._headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        # Sorted once, here, for check_request and upstream_request_head (see RequestHead).
+        lname = name.lower()
+        forwarded = REQUEST_NOTED.get(lname)
+        if forwarded is not None:
+            self._noted.append((lname, value))
+            if not forwarded:
+                return
+        self._forward += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         p = self._parser
-        # The head arrived whole in one read: measure what was parsed
-        # (request line + "name: value\r\n" per field).
-        size = sum(len(u) for u in self._url) + 16 + sum(len(n) + len(v) + 4 for n, v in self._headers)
-        if size > self._max_header_bytes:
+        # The head arrived whole in one read: check what was parsed.
+        if self._head_size > self._max_header_bytes:
             raise _HeadTooLarge()
+        # Positional arguments, in field order: half the cost of keywords for a slots dataclass.
         self.events.append(
             RequestHead(
-                method=p.get_method(),
-                target=b"".join(self._url),
-                version=p.get_http_version(),
-                headers=self._headers,
-                keep_alive=p.should_keep_alive(),
-                upgrade=p.should_upgrade(),
+                p.get_method(),  # method
+                self._url,  # target
+                p.get_http_version(),  # version
+                self._headers,  # headers
+                p.should_keep_alive(),  # keep_alive
+                p.should_upgrade(),  # upgrade
+                None,  # host (check_request fills in this and the next six)
+                "/",  # path
+                "",  # query
+                None,  # content_length
+                False,  # chunked
+                False,  # expect_continue
+                _NO_TOKENS,  # connection_tokens
+                self._noted,  # noted
+                self._forward,  # forward
             )
         )
         self._in_head = False
@@ -122,29 +165,44 @@ class RequestReader:
         self.events.append(body)
 
     def on_message_complete(self) -> None:
-        self.events.append(End(self._trailers))
+        self.events.append(END if self._trailers is None else End(self._trailers))
         self._in_head = True
 
 
 class ResponseReader:
-    """Parses one backend response (and the 1xx interim responses before it)."""
+    """Parses the responses of one backend connection (1xx interim responses included).
 
-    def __init__(self, request_method: bytes) -> None:
+    One reader serves every exchange on a keep-alive connection: ``start`` before
+    each request. Reusing the parser saves building one (and its bound callbacks)
+    per request, and the reader/parser reference cycle that only the cyclic
+    garbage collector could free; ``close`` breaks that cycle.
+    """
+
+    def __init__(self, request_method: bytes = b"GET") -> None:
         self.events: deque[Event] = deque()
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = None
+        self.start(request_method)
+
+    def start(self, request_method: bytes) -> None:
+        """Get ready for the response to a request made with ``request_method``."""
+        self.events.clear()
+        # A response we cut short ourselves (HEAD) leaves llhttp mid-message: a new parser then.
+        if self._parser is None or self._cut_short or self.broken:
+            self._parser = httptools.HttpResponseParser(self)
         self._head_request = request_method == b"HEAD"
-        self._reason = b""
-        self._headers: Headers = []
-        self._trailers: Headers = []
-        self._in_head = True
+        self._cut_short = False
         self.done = False  # final response complete
         self.broken = False
+        # The per-message state is (re)set by on_message_begin.
+
+    def close(self) -> None:
+        self._parser = None
 
     def feed(self, data: bytes) -> None:
         if self.broken or self.done:
             return
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as exc:
             self.broken = True
             self.events.append(Upgrade(data[exc.args[0] :]))
@@ -154,51 +212,83 @@ class ResponseReader:
 
     # httptools callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.done:
+            # Bytes after the final response, in the same read: the backend is out of step
+            # with us, so its connection must not serve another request.
+            self.broken = True
         self._headers = []
-        self._trailers = []
+        self._forward = []
+        self._vias: list[bytes] | None = None  # made when a Via field arrives
+        self._upgrade = b""
+        self._trailers: Headers | None = None  # made when a trailer field arrives
         self._reason = b""
         self._in_head = True
         self._content_length: int | None = None
         self._chunked = False
-        self._tokens: list[bytes] = []
+        self._tokens: list[bytes] | None = None  # made when a Connection field arrives
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
+            if self._trailers is None:
+                self._trailers = []
             self._trailers.append((name, value))
             return
         self._headers.append((name, value))
-        # The few fields framing depends on, noted once as they arrive.
-        if len(name) in _FRAMING_NAME_LENGTHS:
+        # The few fields framing depends on, and the ones not forwarded, noted once as they
+        # arrive; the rest is serialised for client_response_head (see ResponseHead).
+        if len(name) in _NOTED_NAME_LENGTHS:
             lname = name.lower()
+            if lname in RESPONSE_NOT_FORWARDED:
+                if lname == b"transfer-encoding":
+                    self._chunked = value.strip().lower().endswith(b"chunked")
+                elif lname == b"connection":
+                    if self._tokens is None:
+                        self._tokens = []
+                    if b"," in value:
+                        self._tokens.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+                    else:
+                        token = value.strip().lower()
+                        if token:
+                            self._tokens.append(token)
+                elif lname == b"via":
+                    if self._vias is None:
+                        self._vias = []
+                    self._vias.append(value)
+                elif lname == b"upgrade":
+                    self._upgrade = value
+                return
             if lname == b"content-length":
                 self._content_length = int(value)
-            elif lname == b"transfer-encoding":
-                self._chunked = value.strip().lower().endswith(b"chunked")
-            elif lname == b"connection":
-                self._tokens.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+        self._forward += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         p = self._parser
         status = p.get_status_code()
+        # Positional arguments, in field order: half the cost of keywords for a slots dataclass.
         head = ResponseHead(
-            status=status,
-            reason=self._reason,
-            version=p.get_http_version(),
-            headers=self._headers,
-            keep_alive=p.should_keep_alive(),
-            content_length=self._content_length,
-            chunked=self._chunked,
-            connection_tokens=frozenset(self._tokens),
+            status,  # status
+            self._reason,  # reason
+            p.get_http_version(),  # version
+            self._headers,  # headers
+            p.should_keep_alive(),  # keep_alive
+            self._content_length,  # content_length
+            self._chunked,  # chunked
+            frozenset(self._tokens) if self._tokens else _NO_TOKENS,  # connection_tokens
+            self._forward,  # forward
+            self._vias or [],  # vias
+            self._upgrade,  # upgrade_value
         )
         self._in_head = False
+        self._final = status >= 200
         self.events.append(head)
         if self._head_request and status >= 200:
             # llhttp cannot be told that a HEAD response has no body: end it here.
-            self.events.append(End([]))
+            self.events.append(END)
             self.done = True
+            self._cut_short = True
 
     def on_body(self, body: bytes) -> None:
         if not self.done:
@@ -207,13 +297,14 @@ class ResponseReader:
     def on_message_complete(self) -> None:
         if self.done:
             return
-        self.events.append(End(self._trailers))
-        if self._parser.get_status_code() >= 200:
+        self.events.append(END if self._trailers is None else End(self._trailers))
+        if self._final:
             self.done = True
 
 
-# len("content-length"), len("transfer-encoding"), len("connection"): a cheap first filter.
-_FRAMING_NAME_LENGTHS = frozenset({14, 17, 10})
+# Lengths of content-length and of the names in RESPONSE_NOT_FORWARDED: a cheap first filter.
+_NOTED_NAME_LENGTHS = frozenset({len(n) for n in RESPONSE_NOT_FORWARDED} | {len(b"content-length")})
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class _HeadTooLarge(Exception):

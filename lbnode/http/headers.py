@@ -71,6 +71,12 @@ class RequestHead:
     chunked: bool = False
     expect_continue: bool = False
     connection_tokens: frozenset[bytes] = field(default_factory=frozenset)
+    # Filled by the parser as the fields arrive (None when the head was built otherwise):
+    # ``noted``: (lower-case name, value) of the fields in REQUEST_NOTED, in order;
+    # ``forward``: the other fields, plus the forwarded noted ones, already serialised
+    # ("name", ": ", "value", CRLF pieces) for the head sent to the backend.
+    noted: Headers | None = None
+    forward: list[bytes] | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header, by lower-case name."""
@@ -94,14 +100,48 @@ class ResponseHead:
     content_length: int | None = None
     chunked: bool = False
     connection_tokens: frozenset[bytes] = field(default_factory=frozenset)
+    # Filled by the parser (None when the head was built otherwise): the fields that are
+    # not in RESPONSE_NOT_FORWARDED, serialised as in ``RequestHead.forward``, and the
+    # values of the Via and Upgrade fields it left out.
+    forward: list[bytes] | None = None
+    vias: list[bytes] = field(default_factory=list)
+    upgrade_value: bytes = b""
+
+    def add_headers(self, extra: Headers) -> None:
+        """Fields the node adds to what the backend sent (e.g. an affinity cookie)."""
+        self.headers.extend(extra)
+        if self.forward is not None:
+            for n, v in extra:
+                self.forward += (n, b": ", v, b"\r\n")
 
 
-def connection_tokens(headers: Headers) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for n, v in headers:
-        if n.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in v.split(b",") if t.strip())
-    return frozenset(tokens)
+# Request fields the parser notes (lower-case name -> also forwarded as they are?): the
+# ones ``check_request`` validates, and the ones ``upstream_request_head`` drops or merges.
+REQUEST_NOTED = {
+    b"host": True,
+    b"content-length": True,
+    b"expect": True,
+    b"transfer-encoding": False,
+    b"connection": False,
+    b"keep-alive": False,
+    b"proxy-connection": False,
+    b"te": False,
+    b"upgrade": False,
+    b"x-forwarded-for": False,
+    b"x-forwarded-proto": False,
+    b"x-forwarded-host": False,
+    b"via": False,
+}
+# Response fields never forwarded as they are: hop-by-hop ones, and Via (we append to it).
+RESPONSE_NOT_FORWARDED = HOP_BY_HOP | {b"via"}
+
+
+def _tokens_of(value: bytes) -> list[bytes]:
+    """The options of one Connection field value, lower-case."""
+    if b"," not in value:
+        token = value.strip().lower()
+        return [token] if token else []
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
 def check_request(head: RequestHead) -> None:
@@ -115,8 +155,11 @@ def check_request(head: RequestHead) -> None:
     """
     hosts: list[bytes] = []
     te_seen = False
-    for n, v in head.headers:
-        name = n.lower()
+    tokens: list[bytes] = []
+    fields = head.noted
+    if fields is None:
+        fields = [(n.lower(), v) for n, v in head.headers]
+    for name, v in fields:
         if name == b"host":
             hosts.append(v)
         elif name == b"transfer-encoding":
@@ -131,6 +174,8 @@ def check_request(head: RequestHead) -> None:
                 head.expect_continue = True
             else:
                 raise BadRequest(f"unsupported Expect {v.decode('latin-1')!r}", status=417)
+        elif name == b"connection":
+            tokens += _tokens_of(v)
     head.chunked = te_seen
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
@@ -149,46 +194,85 @@ def check_request(head: RequestHead) -> None:
     elif not (target.startswith(b"/") or (target == b"*" and head.method == b"OPTIONS")):
         raise BadRequest(f"unsupported request target {target[:64].decode('latin-1')!r}")
     if hosts:
-        host = hosts[0].strip().decode("latin-1").lower()
-        if host.startswith("["):
-            end = host.find("]")
-            host = host[: end + 1] if end > 0 else host
-        elif ":" in host:
-            host = host.rsplit(":", 1)[0]
-        head.host = host
+        head.host = _host_name(hosts[0])
     raw_path, _, raw_query = target.partition(b"?")
     head.path = raw_path.decode("latin-1")
     head.query = raw_query.decode("latin-1")
-    head.connection_tokens = connection_tokens(head.headers)
+    head.connection_tokens = frozenset(tokens) if tokens else _NO_TOKENS
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+# Host field value -> host name for routing. Clients send the same few values again and
+# again; the table is emptied when full, so it stays small whatever they send.
+_host_names: dict[bytes, str] = {}
+_HOST_NAMES_MAX = 1024
+
+
+def _host_name(raw: bytes) -> str:
+    """The host of a Host field (or absolute-form authority): lower-case, port removed."""
+    host = _host_names.get(raw)
+    if host is not None:
+        return host
+    host = raw.strip().decode("latin-1").lower()
+    if host.startswith("["):
+        end = host.find("]")
+        host = host[: end + 1] if end > 0 else host
+    elif ":" in host:
+        host = host.rsplit(":", 1)[0]
+    if len(_host_names) >= _HOST_NAMES_MAX:
+        _host_names.clear()
+    _host_names[raw] = host
+    return host
 
 
 def _dropped(tokens: frozenset[bytes]) -> frozenset[bytes]:
     return HOP_BY_HOP | (tokens - NEVER_DROPPED)
 
 
-_RESPONSE_DROP = HOP_BY_HOP | {b"via"}
+_FORWARDED_FIELDS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"})
+_via_values: dict[tuple[str, str], bytes] = {}
+
+
+def _via_value(version: str, via: str) -> bytes:
+    """``1.1 fulcrum``: what we add to Via, made once per (version, name)."""
+    value = _via_values.get((version, via))
+    if value is None:
+        value = _via_values[(version, via)] = f"{version} {via}".encode()
+    return value
 
 
 def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: str) -> bytes:
     """The request head sent to a backend: hop-by-hop removed, forwarded headers added."""
-    drop = _dropped(head.connection_tokens) | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"}
     out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
     xff: list[bytes] = []
     vias: list[bytes] = []
     original_host = b""
-    for n, v in head.headers:
-        name = n.lower()
-        if name in drop:
+    if head.forward is not None and head.connection_tokens <= HOP_BY_HOP:
+        # The parser already set aside what is dropped here; Connection names nothing else.
+        for name, v in head.noted:  # type: ignore[union-attr]
             if name == b"x-forwarded-for":
                 xff.append(v)
             elif name == b"via":
                 vias.append(v)
-            continue
-        if name == b"host":
-            original_host = v
-        out += (n, b": ", v, b"\r\n")
+            elif name == b"host":
+                original_host = v
+        out += head.forward
+    else:
+        drop = _dropped(head.connection_tokens) | _FORWARDED_FIELDS
+        for n, v in head.headers:
+            name = n.lower()
+            if name in drop:
+                if name == b"x-forwarded-for":
+                    xff.append(v)
+                elif name == b"via":
+                    vias.append(v)
+                continue
+            if name == b"host":
+                original_host = v
+            out += (n, b": ", v, b"\r\n")
     xff.append(client_ip.encode())
-    vias.append(f"{head.version} {via}".encode())
+    vias.append(_via_values.get((head.version, via)) or _via_value(head.version, via))
     out += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n")
     out += (b"X-Forwarded-Proto: ", proto.encode(), b"\r\n")
     if original_host or head.host:
@@ -207,21 +291,27 @@ def client_response_head(
     head: ResponseHead, via: str, *, keep_alive: bool, chunked: bool, client_version: str
 ) -> bytes:
     """The response head sent to the client: hop-by-hop removed, Via added, our framing."""
-    drop = _RESPONSE_DROP if not head.connection_tokens else _dropped(head.connection_tokens) | {b"via"}
     is_upgrade = head.status == 101
-    out = [b"HTTP/1.1 ", str(head.status).encode(), b" ", head.reason or REASONS.get(head.status, "").encode(), b"\r\n"]
-    vias: list[bytes] = []
-    upgrade_value = b""
-    for n, v in head.headers:
-        name = n.lower()
-        if name in drop:
-            if name == b"via":
-                vias.append(v)
-            elif name == b"upgrade":
-                upgrade_value = v
-            continue
-        out += (n, b": ", v, b"\r\n")
-    vias.append(f"{head.version} {via}".encode())
+    out = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason or REASONS.get(head.status, "").encode())]
+    if head.forward is not None and head.connection_tokens <= HOP_BY_HOP:
+        # The parser already set aside what is dropped here; Connection names nothing else.
+        out += head.forward
+        vias = list(head.vias)
+        upgrade_value = head.upgrade_value
+    else:
+        drop = _dropped(head.connection_tokens) | {b"via"}
+        vias = []
+        upgrade_value = b""
+        for n, v in head.headers:
+            name = n.lower()
+            if name in drop:
+                if name == b"via":
+                    vias.append(v)
+                elif name == b"upgrade":
+                    upgrade_value = v
+                continue
+            out += (n, b": ", v, b"\r\n")
+    vias.append(_via_values.get((head.version, via)) or _via_value(head.version, via))
     out += (b"Via: ", b", ".join(vias), b"\r\n")
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")

@@ -35,14 +35,25 @@ from lbnode.http.headers import (
 )
 from lbnode.http.upstream import UpstreamConn, UpstreamPool
 from lbnode.limits import RateLimiter, retry_after_seconds
-from lbnode.model import Listener, Pool
+from lbnode.model import Listener
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
-from lbnode.sockio import ConnectFailed, SendTimeout, recv_some, recv_within, send_all
+from lbnode.sockio import (
+    ConnectFailed,
+    Deadlines,
+    SendTimeout,
+    current_deadlines,
+    recv_some,
+    recv_within,
+    send_all,
+)
 
 log = logging.getLogger("lbnode.http")
 
-# Bytes asked of the kernel per read: one large read per event loop turn.
-RECV_SIZE = 256 * 1024
+# Bytes asked of the kernel per read: one large read per event loop turn. Python
+# allocates a buffer of this size for each recv() and shrinks it afterwards, so it
+# stays under glibc's default mmap threshold (128 KiB): above it, every read could
+# cost an mmap, a page fault and a munmap (~13 us here, more than the read itself).
+RECV_SIZE = 64 * 1024
 # Name we add to Via: a pseudonym, so the node's host name does not leak.
 VIA_NAME = "fulcrum"
 
@@ -84,15 +95,17 @@ def chunk(data: bytes) -> bytes:
 class ClientConn:
     """One accepted client connection and the request stream parsed from it."""
 
-    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_scope")
+    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines")
 
     def __init__(self, sock: stdsocket.socket, ip: str, max_header_bytes: int) -> None:
         self.sock = sock
         self.ip = ip
+        self.pick_context = PickContext(client_ip=ip)
+        self.deadlines = current_deadlines()  # the timeouts of this Trio run's waits
         self.reader = RequestReader(max_header_bytes)
         self.eof = False
         self.served = 0
-        self.idle_scope: trio.CancelScope | None = None
+        self.idle_wait: list | None = None  # the armed Deadlines entry while waiting between requests
 
     async def fill(self) -> None:
         """Read once from the client into the parser."""
@@ -101,6 +114,36 @@ class ClientConn:
         except OSError as exc:
             raise ClientGone(f"client read failed: {exc}") from None
         self._take(data)
+
+    def try_fill(self) -> bool:
+        """Read once from the client if that needs no wait; False if there was nothing to read."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise ClientGone(f"client read failed: {exc}") from None
+        self._take(data)
+        return True
+
+    async def fill_before(self, deadline: float) -> bool:
+        """Wait for data and read it; False if ``deadline`` passed (or the wait was ``fire``d).
+
+        No cancel scope: this runs for nearly every request of a keep-alive
+        connection, and nothing else waits on the client socket meanwhile."""
+        deadlines = self.deadlines
+        armed = self.idle_wait = deadlines.arm(self.sock, deadline)
+        try:
+            await trio.lowlevel.wait_readable(self.sock)
+        except trio.ClosedResourceError:
+            if not armed[3]:
+                raise ClientGone("client socket closed") from None
+            return False
+        finally:
+            self.idle_wait = None
+            deadlines.disarm(armed)
+        self.try_fill()  # readable: a rare spurious wake-up just means another turn
+        return True
 
     def _take(self, data: bytes) -> None:
         if data:
@@ -128,7 +171,7 @@ class ClientConn:
             if scope.cancelled_caught:
                 raise BadRequest(f"no request body data for {timeout:g}s", status=408)
         ev = events.popleft()
-        if isinstance(ev, bytes | End):
+        if isinstance(ev, (bytes, End)):  # noqa: UP038 (a tuple: `bytes | End` would be built per call)
             return ev
         if isinstance(ev, ParseError):
             raise BadRequest(ev.reason, ev.status)
@@ -158,8 +201,8 @@ class HttpProxy:
     def drain(self) -> None:
         """Stop keep-alive: close idle connections now, the others after their response."""
         for conn in list(self._idle):
-            if conn.idle_scope is not None:
-                conn.idle_scope.cancel()
+            if conn.idle_wait is not None:
+                conn.deadlines.fire(conn.idle_wait)
 
     # ------------------------------------------------------------------ connection
     async def handle(self, sock: stdsocket.socket, client_ip: str) -> None:
@@ -179,6 +222,8 @@ class HttpProxy:
             log.debug("listener %s: %s: %s", self.listener.name, client_ip, exc)
         except BadRequest as exc:
             await self._refuse(conn, None, exc.status, exc.reason)
+        finally:
+            conn.reader.close()
 
     async def _read_head(self, conn: ClientConn) -> RequestHead | None:
         """The next request head, or None when the client is done (EOF, idle, drain)."""
@@ -187,28 +232,29 @@ class HttpProxy:
         head_deadline: float | None = None
         if conn.served == 0:
             head_deadline = self.clock() + timeouts.header
+            if not events and not conn.eof:
+                # A new connection's first request is usually there already: read it
+                # without a wait. After a response, no: nothing ran since we sent it, so
+                # the client cannot have answered (a pipelined request is in ``events``).
+                conn.try_fill()
         while not events:
             if conn.eof:
                 return None
             if conn.reader.mid_message:
                 if head_deadline is None:
                     head_deadline = self.clock() + timeouts.header
-                with trio.move_on_at(head_deadline) as scope:
-                    await conn.fill()
-                if scope.cancelled_caught:
+                if not await conn.fill_before(head_deadline):
                     raise BadRequest(f"request head not received within {timeouts.header:g}s", status=408)
                 continue
             if self.node.draining and conn.served:
                 return None
             deadline = head_deadline if head_deadline is not None else self.clock() + timeouts.idle
-            conn.idle_scope = trio.CancelScope(deadline=deadline)
             self._idle.add(conn)
             try:
-                with conn.idle_scope:
-                    await conn.fill()
+                received = await conn.fill_before(deadline)
             finally:
                 self._idle.discard(conn)
-            if conn.idle_scope.cancelled_caught:
+            if not received:
                 if conn.served == 0 and not self.node.draining:
                     raise BadRequest(f"request head not received within {timeouts.header:g}s", status=408)
                 return None  # keep-alive idle timeout or drain: close quietly
@@ -256,22 +302,27 @@ class HttpProxy:
         if head.has_body:
             body = await self._buffer_body(conn, head, pool)
         else:
-            await self._expect_end(conn)
+            events = conn.reader.events
+            if events and type(events[0]) is End:
+                events.popleft()  # the usual case: the End came with the head, no need to wait
+            else:
+                await self._expect_end(conn)
             body = []
         spec = pool.spec
-
-        def header(name: str) -> str | None:
-            value = head.header(name.encode("latin-1"))
-            return None if value is None else value.decode("latin-1")
-
-        hash_key = None
-        if spec.algorithm == "consistent_hash":
-            hash_key = extract_hash_key(spec.hash_key, conn.ip, head.path, head.query, header)
-        ctx = PickContext(client_ip=conn.ip, hash_key=hash_key)
+        ctx = conn.pick_context  # the client's address only: one per connection
         session = None
-        if pool.stickiness is not None:
-            bound_to, key = pool.stickiness.remembered(conn.ip, header, self.clock(), self.wall_clock())
-            session = Session(key, bound_to)
+        if spec.algorithm == "consistent_hash" or pool.stickiness is not None:
+
+            def header(name: str) -> str | None:
+                value = head.header(name.encode("latin-1"))
+                return None if value is None else value.decode("latin-1")
+
+            if spec.algorithm == "consistent_hash":
+                hash_key = extract_hash_key(spec.hash_key, conn.ip, head.path, head.query, header)
+                ctx = PickContext(client_ip=conn.ip, hash_key=hash_key)
+            if pool.stickiness is not None:
+                bound_to, key = pool.stickiness.remembered(conn.ip, header, self.clock(), self.wall_clock())
+                session = Session(key, bound_to)
         return await self._forward(conn, head, pool, ctx, body, session)
 
     async def _refuse_unread(
@@ -340,21 +391,21 @@ class HttpProxy:
         fresh_retry_used = False
         last: UpstreamError | None = None
         budget = pool.retry_budget
-        budget.record_request(self.clock())
+        now = self.clock()  # read again only after something that waits
+        budget.record_request(now)
         request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME)
         if body:
             request_bytes += self._encode_body(head, body)  # type: ignore[arg-type]
         # Only a request we can send again, and whose method allows it, may be retried on a status.
-        status_retry = frozenset(spec.retry_on) if body is not None and head.method in IDEMPOTENT_METHODS else frozenset()
+        status_retry = pool.retry_on if body is not None and head.method in IDEMPOTENT_METHODS else _NO_STATUSES
 
         def may_retry() -> bool:
             return retries_left > 0 and budget.try_acquire(self.clock())
 
         # A session bound to a backend that can still serve it goes there first.
-        preferred = pool.sticky(session.bound_to, self.clock()) if session is not None else None
+        preferred = pool.sticky(session.bound_to, now) if session is not None else None
         while True:
-            now = self.clock()
-            exclude = frozenset(tried)
+            exclude = frozenset(tried) if tried else _NO_INDEXES
             if preferred is not None:
                 backend, preferred = preferred, None
             else:
@@ -383,7 +434,8 @@ class HttpProxy:
                                             status_retry, may_retry, session)
             except ConnectFailed as exc:
                 log.warning("pool %s: backend %s: %s", spec.name, backend.id, exc.reason)
-                pool.report(backend, "timeout" if exc.timed_out else "connect_error", self.clock())
+                now = self.clock()
+                pool.report(backend, "timeout" if exc.timed_out else "connect_error", now)
                 last = UpstreamError(f"backend {backend.id}: {exc.reason}", 504 if exc.timed_out else 502)
                 # Nothing reached any backend: moving the request elsewhere adds no load,
                 # so it is limited by `retries` only, not by the retry budget (HAProxy's redispatch).
@@ -391,21 +443,24 @@ class HttpProxy:
                     break
             except _RetryFresh:
                 # A pooled connection the backend had closed: one free retry on a new one.
+                now = self.clock()
                 if not fresh_retry_used:
                     fresh_retry_used = True
                     continue
                 last = UpstreamError(f"backend {backend.id} closed the connection", 502)
-                pool.report(backend, "reset", self.clock())
+                pool.report(backend, "reset", now)
                 if not may_retry():
                     break
             except _RetryStatus as exc:
                 # may_retry() already allowed (and counted) this retry.
                 log.info("pool %s: backend %s answered %d; retrying elsewhere", spec.name, backend.id, exc.status)
-                pool.report(backend, "http_5xx", self.clock())
+                now = self.clock()
+                pool.report(backend, "http_5xx", now)
                 last = UpstreamError(f"backend {backend.id} answered {exc.status}", exc.status)
             except UpstreamError as exc:
                 log.warning("pool %s: backend %s: %s", spec.name, backend.id, exc.reason)
-                pool.report(backend, "timeout" if exc.status == 504 else "reset", self.clock())
+                now = self.clock()
+                pool.report(backend, "timeout" if exc.status == 504 else "reset", now)
                 if exc.responded:
                     return False  # the client has part of a response: all we can do is close
                 if body is None or exc.status == 504:
@@ -469,17 +524,26 @@ class HttpProxy:
         # or they would all pass max_inflight while the connects are under way.
         backend.inflight += 1
         pool.started(backend)
-        started = self.clock()
+        started = now  # (read by the caller just before; the latency includes any connect)
         reusable = False
         status = 0
         up: UpstreamConn | None = None
         try:
-            up = upstreams.take(str(backend.spec.address), now)
+            up = upstreams.take(backend.upstream_key, now)
             if up is None:
                 up = await upstreams.connect(backend.spec.address, spec.timeouts.connect)
-            result, reusable, status = await self._exchange_on(
-                conn, head, spec, up, request_bytes, body, status_retry, may_retry, on_head
-            )
+            timeouts = spec.timeouts
+            if body is not None:
+                # Whole request in hand: send it, then read the response (one coroutine
+                # less on the way to every response wait than the streaming case).
+                await self._send_request(up, request_bytes, timeouts.response)
+                result, reusable, status = await self._relay_response(
+                    conn, head, up, timeouts.response, _done, status_retry, may_retry, on_head
+                )
+            else:
+                result, reusable, status = await self._exchange_streaming(
+                    conn, head, up, request_bytes, timeouts.response, may_retry, on_head
+                )
             return result
         finally:
             backend.inflight -= 1
@@ -493,36 +557,31 @@ class HttpProxy:
                 else:
                     up.close()
 
-    async def _exchange_on(
-        self,
-        conn: ClientConn,
-        head: RequestHead,
-        spec: Pool,
-        up: UpstreamConn,
-        request_bytes: bytes,
-        body: list[bytes | End] | None,
-        status_retry: frozenset[int],
-        may_retry: Callable[[], bool],
-        on_head: OnHead | None,
-    ) -> tuple[bool, bool, int]:
-        """Send the request on ``up`` and relay the response.
-
-        Returns (keep client, reuse upstream, response status)."""
-        timeouts = spec.timeouts
+    @staticmethod
+    async def _send_request(up: UpstreamConn, request_bytes: bytes, timeout: float) -> None:
+        """Send the request head (and the body we have) to the backend."""
         try:
-            await send_all(up.sock, request_bytes, timeouts.response)
+            await send_all(up.sock, request_bytes, timeout)
         except OSError as exc:
             if up.reused:
                 raise _RetryFresh() from None
             raise UpstreamError(f"send failed: {exc}") from None
         except SendTimeout:
-            raise UpstreamError(f"backend did not read the request for {timeouts.response:g}s", 504) from None
-        if body is not None:
-            # Whole request sent: read the response.
-            return await self._relay_response(
-                conn, head, up, timeouts.response, lambda: True, status_retry, may_retry, on_head
-            )
-        # Stream the body while reading the response (100-continue, early answers).
+            raise UpstreamError(f"backend did not read the request for {timeout:g}s", 504) from None
+
+    async def _exchange_streaming(
+        self,
+        conn: ClientConn,
+        head: RequestHead,
+        up: UpstreamConn,
+        request_head: bytes,
+        response_timeout: float,
+        may_retry: Callable[[], bool],
+        on_head: OnHead | None,
+    ) -> tuple[bool, bool, int]:
+        """Send the head, then stream the body while relaying the response (100-continue,
+        early answers). Returns (keep client, reuse upstream, response status)."""
+        await self._send_request(up, request_head, response_timeout)
         # Errors are carried out of the nursery by hand so that callers see plain
         # exceptions, not ExceptionGroups.
         state = _BodyState()
@@ -532,7 +591,7 @@ class HttpProxy:
             nursery.start_soon(self._stream_body, conn, head, up, state, nursery.cancel_scope)
             try:
                 result = await self._relay_response(
-                    conn, head, up, timeouts.response, lambda: state.done, frozenset(), may_retry, on_head
+                    conn, head, up, response_timeout, lambda: state.done, _NO_STATUSES, may_retry, on_head
                 )
             except _RetryFresh:
                 relay_error = UpstreamError("backend closed the connection before responding")
@@ -583,29 +642,17 @@ class HttpProxy:
         may_retry: Callable[[], bool],
         on_head: OnHead | None = None,
     ) -> tuple[bool, bool, int]:
-        reader = ResponseReader(head.method)
+        reader = up.response_reader(head.method)
         events = reader.events
         responded = False
         write_timeout = self.listener.timeouts.idle
-
-        async def fill(timeout: float) -> bool:
-            try:
-                data = await recv_within(up.sock, RECV_SIZE, timeout, expect_wait=not responded)
-            except OSError as exc:
-                if not responded and up.reused:
-                    raise _RetryFresh() from None
-                raise UpstreamError(f"read failed: {exc}", responded=responded) from None
-            if data is None:
-                raise UpstreamError(f"no response within {timeout:g}s", 504, responded=responded)
-            if not data:
-                return False
-            reader.feed(data)
-            return True
+        fill = self._fill_response
+        deadlines = conn.deadlines
 
         # Head (after any 1xx interim responses, which a 1.1 client gets too).
         while True:
             while not events:
-                if not await fill(response_timeout):
+                if not await fill(up, reader, response_timeout, responded, deadlines):
                     if not responded and up.reused:
                         raise _RetryFresh()
                     raise UpstreamError("backend closed the connection before responding", responded=responded)
@@ -620,7 +667,7 @@ class HttpProxy:
                 break
             # interim response: its End follows immediately
             while not events:
-                if not await fill(response_timeout):
+                if not await fill(up, reader, response_timeout, True, deadlines):
                     raise UpstreamError("backend closed after an interim response", responded=True)
             events.popleft()
             if head.version == "1.1":
@@ -629,7 +676,7 @@ class HttpProxy:
         if resp.status in status_retry and may_retry():
             raise _RetryStatus(resp.status)
         if on_head is not None:
-            resp.headers.extend(on_head(resp))
+            resp.add_headers(on_head(resp))
 
         if resp.status == 101:
             if not head.upgrade:
@@ -646,13 +693,10 @@ class HttpProxy:
             and not head.upgrade
             and not self.node.draining
         )
-        out: list[bytes] = [
-            client_response_head(
-                resp, VIA_NAME, keep_alive=keep_client, chunked=resp.chunked and not no_body,
-                client_version=head.version,
-            )
-        ]
         chunked = resp.chunked and not no_body
+        out: list[bytes] = [
+            client_response_head(resp, VIA_NAME, keep_alive=keep_client, chunked=chunked, client_version=head.version)
+        ]
         finished = False
         while True:
             while events:
@@ -674,12 +718,30 @@ class HttpProxy:
                 out.clear()
             if finished:
                 break
-            if not await fill(response_timeout):
+            if not await fill(up, reader, response_timeout, True, deadlines):
                 if close_delimited:
                     break
                 raise ClientGone("backend closed the connection mid-response")
         reuse = finished and resp.keep_alive and not close_delimited and not reader.broken
         return keep_client, reuse, resp.status
+
+    @staticmethod
+    async def _fill_response(
+        up: UpstreamConn, reader: ResponseReader, timeout: float, responded: bool, deadlines: Deadlines
+    ) -> bool:
+        """Read once from the backend into ``reader``; False at EOF."""
+        try:
+            data = await recv_within(up.sock, RECV_SIZE, timeout, expect_wait=not responded, deadlines=deadlines)
+        except OSError as exc:
+            if not responded and up.reused:
+                raise _RetryFresh() from None
+            raise UpstreamError(f"read failed: {exc}", responded=responded) from None
+        if data is None:
+            raise UpstreamError(f"no response within {timeout:g}s", 504, responded=responded)
+        if not data:
+            return False
+        reader.feed(data)
+        return True
 
     async def _tunnel(
         self, conn: ClientConn, head: RequestHead, up: UpstreamConn, resp: ResponseHead, reader: ResponseReader
@@ -716,6 +778,13 @@ class Session:
 
 
 OnHead = Callable[[ResponseHead], list[tuple[bytes, bytes]]]
+_NO_STATUSES: frozenset[int] = frozenset()
+_NO_INDEXES: frozenset[int] = frozenset()
+
+
+def _done() -> bool:
+    """``request_done`` when the whole request was sent before the response was read."""
+    return True
 
 
 class _RetryFresh(Exception):

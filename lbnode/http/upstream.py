@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket as stdsocket
 
+from lbnode.http.framing import ResponseReader
 from lbnode.model import Address
 from lbnode.sockio import ConnectFailed, connect
 
@@ -21,16 +22,28 @@ PEEK_AFTER_IDLE = 1.0
 
 
 class UpstreamConn:
-    __slots__ = ("sock", "key", "idle_since", "reused")
+    __slots__ = ("sock", "key", "idle_since", "reused", "reader")
 
     def __init__(self, sock: stdsocket.socket, key: str) -> None:
         self.sock = sock  # non-blocking stdlib socket (see lbnode.sockio)
         self.key = key
         self.idle_since = 0.0
         self.reused = False
+        self.reader: ResponseReader | None = None  # the response parser, kept across exchanges
+
+    def response_reader(self, request_method: bytes) -> ResponseReader:
+        """The parser for the response to the request about to be sent."""
+        reader = self.reader
+        if reader is None:
+            reader = self.reader = ResponseReader(request_method)
+        else:
+            reader.start(request_method)
+        return reader
 
     def close(self) -> None:
         self.sock.close()
+        if self.reader is not None:
+            self.reader.close()
 
 
 class UpstreamPool:

@@ -1,0 +1,129 @@
+"""Parsed heads and the heads the proxy forwards: the fields the parser sets aside as they
+arrive give exactly what a full pass over the headers gives; one parser per backend
+connection serves response after response."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from lbnode.http.framing import END, End, RequestReader, ResponseReader
+from lbnode.http.headers import (
+    RequestHead,
+    ResponseHead,
+    check_request,
+    client_response_head,
+    upstream_request_head,
+)
+
+REQUESTS = [
+    b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n",
+    b"GET /a?b=c HTTP/1.1\r\nHost: Example.COM\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n"
+    b"Via: 1.1 edge\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: other\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nX-Kept: 2\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\r\n",
+    b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+    b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET /chat HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET http://Other.example:81/x?y HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: Host, Content-Length\r\n\r\n",
+]
+
+RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\nConnection: keep-alive\r\nETag: \"x\"\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nVia: 1.0 a\r\nvia: 1.1 b\r\nKeep-Alive: timeout=5\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close, X-Internal\r\nX-Internal: 1\r\nX-Public: 2\r\n\r\n",
+    b"HTTP/1.1 404 \r\nContent-Length: 0\r\nProxy-Connection: x\r\nTE: y\r\n\r\n",
+    b"HTTP/1.0 204 No Content\r\nConnection: keep-alive\r\n\r\n",
+]
+
+
+def _request(raw: bytes) -> RequestHead:
+    reader = RequestReader(64 * 1024)
+    reader.feed(raw)
+    head = reader.events.popleft()
+    assert isinstance(head, RequestHead)
+    return head
+
+
+def _response(raw: bytes, method: bytes = b"GET") -> ResponseHead:
+    reader = ResponseReader(method)
+    reader.feed(raw)
+    head = reader.events.popleft()
+    assert isinstance(head, ResponseHead)
+    return head
+
+
+@pytest.mark.parametrize("raw", REQUESTS)
+def test_the_forwarded_request_head_is_the_same_with_and_without_the_parser_notes(raw: bytes) -> None:
+    noted = _request(raw)
+    plain = replace(_request(raw), noted=None, forward=None)  # as if built without the parser
+    check_request(noted)
+    check_request(plain)
+    for name in ("host", "path", "query", "content_length", "chunked", "expect_continue", "connection_tokens"):
+        assert getattr(noted, name) == getattr(plain, name), name
+    assert upstream_request_head(noted, "192.0.2.7", "http", "fulcrum") == upstream_request_head(
+        plain, "192.0.2.7", "http", "fulcrum"
+    )
+
+
+def test_the_forwarded_request_head_drops_and_merges_what_it_must() -> None:
+    head = _request(REQUESTS[2])
+    check_request(head)
+    out = upstream_request_head(head, "192.0.2.7", "http", "fulcrum")
+    assert out == (
+        b"GET / HTTP/1.1\r\nHost: h\r\n"
+        b"X-Forwarded-For: 10.0.0.1, 10.0.0.2, 192.0.2.7\r\n"
+        b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: h\r\nVia: 1.1 edge, 1.1 fulcrum\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize("raw", RESPONSES)
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_the_client_response_head_is_the_same_with_and_without_the_parser_notes(raw: bytes, keep_alive: bool) -> None:
+    noted = _response(raw)
+    plain = replace(_response(raw), forward=None, vias=[], upgrade_value=b"")
+    extra = [(b"Set-Cookie", b"FULCRUM=abc")]
+    noted.add_headers(extra)
+    plain.add_headers(extra)
+    for version in ("1.0", "1.1"):
+        kwargs = {"keep_alive": keep_alive, "chunked": noted.chunked, "client_version": version}
+        assert client_response_head(noted, "fulcrum", **kwargs) == client_response_head(plain, "fulcrum", **kwargs)
+
+
+def test_one_response_reader_serves_a_keep_alive_connection() -> None:
+    reader = ResponseReader(b"GET")
+    for method, raw, body in [
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", [b"ok"]),
+        # HEAD: we end the response after its head, llhttp would wait for 5 body bytes...
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", []),
+        # ... so the next response gets a fresh parser.
+        (b"GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx", [b"x"]),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\nT: 1\r\n\r\n", [b"ab"]),
+    ]:
+        reader.start(method)
+        reader.feed(raw)
+        events = list(reader.events)
+        heads = [e for e in events if isinstance(e, ResponseHead)]
+        assert heads[-1].status >= 200
+        assert [e for e in events if isinstance(e, bytes)] == body
+        assert isinstance(events[-1], End)
+        assert reader.done and not reader.broken
+    assert events[-1].trailers == [(b"T", b"1")]
+    assert END.trailers == []
+
+
+def test_bytes_after_the_final_response_make_the_connection_unusable() -> None:
+    reader = ResponseReader(b"GET")
+    reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert reader.done and reader.broken
+
+
+def test_the_request_head_size_limit_counts_what_was_parsed() -> None:
+    reader = RequestReader(1024)
+    reader.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 1000 + b"\r\n\r\n")
+    error = reader.events.popleft()
+    assert getattr(error, "status", None) == 431
