@@ -7,6 +7,7 @@ never prints a traceback for a bad file or a busy port.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Callable
@@ -64,6 +65,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigFileError as exc:  # a corrupt state_dir/pools.json
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
+    # Everything loaded so far lives as long as the process: out of the collector's sight. And a
+    # request allocates a few hundred objects, so the default gen-0 threshold (700) collects
+    # every couple of requests: 10,000 (measured: about 2.5% less CPU per request).
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
     try:
         return _run_reporting_bind_errors(lambda: trio.run(node.run), f"lbnode: {args.config}")
     finally:
