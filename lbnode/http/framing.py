@@ -118,9 +118,7 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
-            if self._trailers is None:
-                self._trailers = []
-            self._trailers.append((name, value))
+            self._trailers = _add_trailer(self._trailers, name, value)
             return
         self._headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
@@ -232,9 +230,7 @@ class ResponseReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
-            if self._trailers is None:
-                self._trailers = []
-            self._trailers.append((name, value))
+            self._trailers = _add_trailer(self._trailers, name, value)
             return
         self._headers.append((name, value))
         # The few fields framing depends on, and the ones not forwarded, noted once as they
@@ -305,6 +301,14 @@ class ResponseReader:
 # Lengths of content-length and of the names in RESPONSE_NOT_FORWARDED: a cheap first filter.
 _NOTED_NAME_LENGTHS = frozenset({len(n) for n in RESPONSE_NOT_FORWARDED} | {len(b"content-length")})
 _NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def _add_trailer(trailers: Headers | None, name: bytes, value: bytes) -> Headers:
+    """A trailer field (after a chunked body) added to the list, made at the first one."""
+    if trailers is None:
+        trailers = []
+    trailers.append((name, value))
+    return trailers
 
 
 class _HeadTooLarge(Exception):
