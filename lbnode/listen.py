@@ -106,11 +106,9 @@ async def accept_loop(
             gate.release(token)
             raise
         capacity_logged = False
-        _unfilter(sock, conn)
         # accept() that never waits would starve every other task under a connection flood.
         await trio.lowlevel.checkpoint()
-        client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
-        handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
+        _start_handler(sock, conn, peer, handler, handlers, gate, token)
 
 
 async def accept_pending(
@@ -130,10 +128,23 @@ async def accept_pending(
             gate.release(token)
             return n
         conn.setblocking(False)
-        _unfilter(sock, conn)
-        client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
-        handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
+        _start_handler(sock, conn, peer, handler, handlers, gate, token)
         n += 1
+
+
+def _start_handler(
+    listener: stdsocket.socket,
+    conn: stdsocket.socket,
+    peer: object,
+    handler: Handler,
+    handlers: trio.Nursery,
+    gate: ConnectionGate,
+    token: object,
+) -> None:
+    """An accepted connection, rid of its listener's filter, handed to ``handler`` in ``handlers``."""
+    _unfilter(listener, conn)
+    client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+    handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
 
 
 # Classic BPF, for a filter on a listening socket (SO_ATTACH_FILTER; the kernel copies it).
@@ -146,7 +157,7 @@ _TCP_SYN, _TCP_RST, _TCP_ACK = 0x02, 0x04, 0x10
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k)
 # Listeners that have had a filter: an accepted socket inherits its listener's filter (the
-# kernel clones it), so the accept loops take it off theirs (see ``_accepted``).
+# kernel clones it), so the accept paths take it off theirs (see ``_unfilter``).
 _FILTERED: set[int] = set()
 
 

@@ -190,14 +190,14 @@ class LbNode:
                         log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
                     task_status.started(self.bound)
                     await self._stop.wait()
+                    self._draining = True
+                    for proxy in self.http_proxies.values():
+                        proxy.drain()  # idle keep-alive connections close now (before a VIP moves)
                     if self.vips is not None and self.vips.held:
                         # Planned stop: hand the VIPs over first (make-before-break), so clients
                         # move before we drain. Meanwhile new connections to them are refused
                         # silently (their SYNs go again a second later, to the new holder); the
                         # accept loops go on for the handshakes already under way.
-                        self._draining = True
-                        for proxy in self.http_proxies.values():
-                            proxy.drain()  # idle keep-alive connections close now, not across the move
                         with trio.move_on_after(2 * self.vips.conn.timeout):
                             await self.vips.release_all()
                     accept_loops.cancel_scope.cancel()
@@ -205,9 +205,6 @@ class LbNode:
                     await accept_pending(sock, handler, connections, gate)
                 for _, sock in sockets:
                     sock.close()
-                self._draining = True
-                for proxy in self.http_proxies.values():
-                    proxy.drain()
                 drain = config.node.drain_timeout
                 log.info("draining: no new connections; waiting up to %gs for requests in flight", drain)
                 connections.cancel_scope.deadline = trio.current_time() + drain

@@ -163,7 +163,7 @@ class EtcdConnection:
         maybe_applied = False
         reason = "no endpoint answered"
         while True:
-            self._revive_if_all_failed()
+            self._pick_endpoint()
             try:
                 return fn(self.client), maybe_applied
             except etcd_errors.NoServerAvailableError:
@@ -219,7 +219,9 @@ class EtcdConnection:
         if client._current_endpoint_label != self._preferred and not client.endpoints[self._preferred].is_failed():
             client._current_endpoint_label = self._preferred  # the library's own setter: drops old stubs
 
-    def _revive_if_all_failed(self) -> None:
+    def _pick_endpoint(self) -> None:
+        """Before each call or watch: the first endpoint if it is usable; when every endpoint
+        has failed, the oldest failure is tried again at once."""
         self._prefer_first()
         endpoints = list(self.client.endpoints.values())
         if all(ep.is_failed() for ep in endpoints):
@@ -294,7 +296,7 @@ class EtcdConnection:
         stream is opened here on the gRPC stub (not etcd3's Watcher, which never reports a
         broken stream to its callbacks), so a failure always reaches the caller.
         """
-        self._revive_if_all_failed()
+        self._pick_endpoint()
         try:
             channel = self.client.channel
         except etcd_errors.NoServerAvailableError:

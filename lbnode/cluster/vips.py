@@ -277,11 +277,12 @@ class VipClaimer:
         """
         self._on_moving.append(callback)
 
-    def _moving_changed(self, handing_off: set[str], add: Collection[str] = (), remove: Collection[str] = ()) -> None:
-        before = set(handing_off)
-        handing_off.update(add)
-        handing_off.difference_update(remove)
-        if handing_off != before:
+    def _moving_changed(self, moving: set[str], add: Collection[str] = (), remove: Collection[str] = ()) -> None:
+        """Update ``moving`` (``_handing_off`` or ``_taking_over``); tell the callbacks if it changed."""
+        before = set(moving)
+        moving.update(add)
+        moving.difference_update(remove)
+        if moving != before:
             for callback in self._on_moving:
                 callback(frozenset(self._handing_off), frozenset(self._taking_over))
 
@@ -333,9 +334,15 @@ class VipClaimer:
             # real addresses: a guard process takes them off the wire if this process dies
             guard = await trio.to_thread.run_sync(vipguard.start, tuple(self.vips.values()))
             for interface in sorted({v.interface for v in self.vips.values()}):
-                done = announce_from_primary(interface)
-                if done is not None:
-                    (log.info if done.startswith("set ") else log.warning)("node %s: %s", self.node_id, done)
+                setting = f"net.ipv4.conf.{interface}.arp_announce=2"
+                try:
+                    if announce_from_primary(interface):
+                        log.info("node %s: set %s (ARP requests from the primary address, never a VIP)",
+                                 self.node_id, setting)
+                except (OSError, ValueError) as exc:
+                    log.warning("node %s: cannot set %s (%s); set it (sysctl) so that this host's ARP requests "
+                                "never name a VIP, or a planned hand-off may send clients back here",
+                                self.node_id, setting, exc)
         # a VIP left on our interface by a crashed run is not ours until etcd says so
         for vip in self.vips.values():
             await self._netlink(self._addresses.remove, vip)
@@ -380,8 +387,7 @@ class VipClaimer:
                     await self._announce(lease)
                 except StoreError as exc:
                     log.warning("node %s: could not announce its drain (%s)", self.node_id, exc)
-            mine = {vip: value for vip, value in self._values.items() if vip in self.held}
-            self._handing_off_changed(add=mine)
+            self._handing_off_changed(add=[vip for vip in self._values if vip in self.held])
             released = []
             for vip, value in list(self._values.items()):
                 try:

@@ -84,25 +84,22 @@ class NetlinkAddresses:
 ARP_ANNOUNCE = "/proc/sys/net/ipv4/conf/{}/arp_announce"
 
 
-def announce_from_primary(interface: str) -> str | None:
+def announce_from_primary(interface: str) -> bool:
     """Make ``interface``'s ARP requests come from its primary address, never from a VIP.
 
     With Linux's default (``arp_announce`` 0) a host asking for a client's MAC puts the
     packet's source address in the request: a VIP. Every neighbour that hears it points the
     VIP at this host again, so an old holder still answering during a hand-off, or asking
-    just after it, takes clients back from the new one. Returns what was done, or why not.
+    just after it, takes clients back from the new one. True when it was changed; OSError
+    when it cannot be (no permission, no such interface).
     """
     path = ARP_ANNOUNCE.format(interface)
-    try:
-        with open(path) as f:
-            if int(f.read().strip() or 0) >= 2:
-                return None
-        with open(path, "w") as f:
-            f.write("2\n")
-    except (OSError, ValueError) as exc:
-        return (f"cannot set net.ipv4.conf.{interface}.arp_announce=2 ({exc}); set it (sysctl) so that this "
-                f"host's ARP requests never name a VIP, or a planned hand-off may send clients back here")
-    return f"set net.ipv4.conf.{interface}.arp_announce=2 (ARP requests from the primary address, never a VIP)"
+    with open(path) as f:
+        if int(f.read().strip() or 0) >= 2:
+            return False
+    with open(path, "w") as f:
+        f.write("2\n")
+    return True
 
 
 def garp_frame(mac: bytes, address: str) -> bytes:
