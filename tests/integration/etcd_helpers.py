@@ -137,29 +137,49 @@ class EtcdCluster:
             m.kill()
 
 
+# free_port() hands back a port nothing holds at that moment; another process (any outgoing
+# connection's ephemeral port) may take it before etcd binds it. Then we try new ports.
+PORT_RACE_ATTEMPTS = 3
+
+
 @contextmanager
 def etcd_cluster(base_dir: Path, size: int = 1) -> Iterator[EtcdCluster]:
     """``size`` etcd members on free loopback ports, healthy on entry, all killed on exit."""
     require_etcd()
-    members = []
-    for i in range(size):
-        name = f"m{i}"
-        members.append(
-            EtcdMember(
-                name=name,
-                client_port=free_port(),
-                peer_port=free_port(),
-                data_dir=base_dir / f"etcd-{name}",
-                log_path=base_dir / f"etcd-{name}.log",
+    for attempt in range(1, PORT_RACE_ATTEMPTS + 1):
+        members = []
+        for i in range(size):
+            name = f"m{i}"
+            data_dir = base_dir / f"etcd-{name}"
+            shutil.rmtree(data_dir, ignore_errors=True)  # a member of a failed attempt may have made it
+            members.append(
+                EtcdMember(
+                    name=name,
+                    client_port=free_port(),
+                    peer_port=free_port(),
+                    data_dir=data_dir,
+                    log_path=base_dir / f"etcd-{name}.log",
+                )
             )
-        )
-    initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
-    cluster = EtcdCluster(members)
-    try:
-        for m in members:
-            m.initial_cluster = initial
-            m.start()
-        cluster.wait_healthy()
-        yield cluster
-    finally:
-        cluster.kill_all()
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
+        cluster = EtcdCluster(members)
+        try:
+            for m in members:
+                m.initial_cluster = initial
+                m.start()
+            cluster.wait_healthy()
+        except RuntimeError:
+            cluster.kill_all()
+            if attempt < PORT_RACE_ATTEMPTS and any(
+                not m.alive and "address already in use" in m.log() for m in members
+            ):
+                continue  # a port was taken between free_port() and etcd's bind
+            raise
+        except BaseException:
+            cluster.kill_all()
+            raise
+        try:
+            yield cluster
+        finally:
+            cluster.kill_all()
+        return
