@@ -30,6 +30,17 @@ UNOBSERVED_BUSY_COST = 1e9
 # Floor of an observed latency, so a backend answering "instantly" still pays
 # for its in-flight requests instead of costing 0 however busy it gets.
 MIN_LATENCY = 1e-6
+# least_latency: a candidate whose latency estimate is this many times the other's is
+# "slow" and loses the pair whatever the in-flight counts say. Without it, a closed-loop
+# load at saturation (16 connections, 3 backends, one 20 ms late) sent 1.5% of requests
+# to the slow backend: (in flight + 1) multiplies the fast backends' cost up to the slow
+# one's, and that 1.5% sets everyone's p99. 2: equal backends rarely look twice as slow
+# as each other for long (and then the lower one is a fine choice anyway).
+SLOW_FACTOR = 2.0
+# ...but one in this many pairs a slow candidate lost, it wins: a probe, so that a
+# recovered backend is seen and wins its share back. Bounds the slow backend's share by
+# 1/PROBE_EVERY (0.4%) at any load, since it counts picks, not time.
+PROBE_EVERY = 256
 
 
 class _PowerOfTwo:
@@ -48,6 +59,11 @@ class _PowerOfTwo:
 
     def _cost(self, i: int) -> float:
         raise NotImplementedError
+
+    def _prefer(self, j: int, i: int) -> bool:
+        """Whether candidate ``j`` beats ``i``. On a tie the first draw wins, so an idle pool
+        is shared by weight."""
+        return self._cost(j) < self._cost(i)
 
     def set_weight(self, index: int, weight: float) -> None:
         self._sampler.set_weight(index, weight)
@@ -73,8 +89,7 @@ class _PowerOfTwo:
                 if usable(i):
                     return i
                 break  # i is the only candidate there is
-            # On a tie the first draw wins, so an idle pool is shared by weight.
-            if self._cost(j) < self._cost(i):
+            if self._prefer(j, i):
                 i, j = j, i
             if usable(i):
                 return i
@@ -114,6 +129,12 @@ class LeastLatency(_PowerOfTwo):
     so a backend avoided for being slow is tried again after a while. A
     backend never observed costs 0 while idle (it is tried) and
     ``UNOBSERVED_BUSY_COST`` while it has a request in flight.
+
+    A candidate whose (undecayed) estimate is ``SLOW_FACTOR`` times the other's loses
+    the pair outright, except once every ``PROBE_EVERY`` such decisions (a probe): the
+    slow backend's share stays under 1/PROBE_EVERY at any load, and a probe answered
+    ``SLOW_FACTOR`` times faster than its estimate replaces it, so that a recovered
+    backend competes again at once.
     """
 
     def __init__(
@@ -130,6 +151,8 @@ class LeastLatency(_PowerOfTwo):
         self._ewma: list[float | None] = [None] * n  # seconds; None = never observed
         self._stamp = [0.0] * n  # time of the estimate
         self._clock = -math.inf  # latest ``now`` seen, the policy's only notion of time
+        self._avoided = 0  # pairs a slow candidate lost since the last probe
+        self._slow = [False] * n  # lost a pair for being slow since its last fast answer
 
     def latency(self, index: int) -> float | None:
         """Current estimate (decayed to the latest ``now`` seen), or None if never observed."""
@@ -144,12 +167,35 @@ class LeastLatency(_PowerOfTwo):
         e = self._ewma[index]
         if e is None or latency > e:
             self._ewma[index] = latency
+        elif self._slow[index] and latency * SLOW_FACTOR <= e:
+            # a probe answered fast: it competes again at once (blending it in would take
+            # about ``decay`` at high load, where probes come milliseconds apart)
+            self._ewma[index] = latency
+            self._slow[index] = False
         else:
             w = math.exp(-max(0.0, now - self._stamp[index]) / self._decay)
             self._ewma[index] = e * w + latency * (1.0 - w)
         self._stamp[index] = now
         if now > self._clock:
             self._clock = now
+
+    def _prefer(self, j: int, i: int) -> bool:
+        ei, ej = self._ewma[i], self._ewma[j]
+        if ei is not None and ej is not None:
+            if ej * SLOW_FACTOR <= ei:  # i is the slow one
+                self._slow[i] = True
+                return not self._probe()
+            if ei * SLOW_FACTOR <= ej:  # j is
+                self._slow[j] = True
+                return self._probe()
+        return self._cost(j) < self._cost(i)
+
+    def _probe(self) -> bool:
+        self._avoided += 1
+        if self._avoided >= PROBE_EVERY:
+            self._avoided = 0
+            return True
+        return False
 
     def _cost(self, i: int) -> float:
         e = self._ewma[i]
