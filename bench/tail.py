@@ -1,0 +1,178 @@
+"""Tail latency under one slow backend: Fulcrum's ``least_latency`` beside HAProxy's ``leastconn``.
+
+Three backends, one answering 20 ms late (``bench.slow_backend``), 16 closed-loop wrk
+connections at full speed. Runs alternate Fulcrum, HAProxy, Fulcrum, ... (three each),
+so that a drift of the machine hits both alike; the table gives every run and the
+medians. Target (issue 10): Fulcrum's median p99 <= 0.5x HAProxy's best p99 of the same
+run, with under 1% of requests reaching the slow backend. Talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import statistics
+import sys
+from collections.abc import Sequence
+
+from bench.harness import (
+    HOST,
+    Context,
+    L7Row,
+    StartError,
+    fmt_num,
+    pick_port,
+    render_table,
+    run_wrk,
+    tree_cpu_seconds,
+)
+
+CONNECTIONS = 16  # the issue's scenario: 16 closed-loop connections
+DELAY_MS = 20.0  # the slow backend's extra latency
+ROUNDS = 3  # runs per balancer, interleaved
+TAIL_TARGET = 0.5  # Fulcrum p99 <= 0.5x HAProxy's best p99
+SLOW_SHARE_TARGET = 0.01  # under 1% of requests to the slow backend
+
+
+def fulcrum_tail_config(port: int, admin: int, backends: Sequence[int], state_dir: str) -> str:
+    servers = "".join(f'  [[pools.backends]]\n  address = "{HOST}:{p}"\n' for p in backends)
+    return f"""\
+[node]
+id = "bench-tail"
+admin = "{HOST}:{admin}"
+state_dir = "{state_dir}"
+
+[[listeners]]
+name = "web"
+protocol = "http"
+bind = "{HOST}:{port}"
+pool = "web"
+
+[[pools]]
+name = "web"
+algorithm = "least_latency"
+{servers}"""
+
+
+def haproxy_tail_config(port: int, backends: Sequence[int]) -> str:
+    servers = "".join(f"    server b{i} {HOST}:{p}\n" for i, p in enumerate(backends, 1))
+    return f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend web
+    option http-keep-alive
+    bind {HOST}:{port}
+    default_backend web
+
+backend web
+    option http-keep-alive
+    http-reuse always
+    balance leastconn
+{servers}"""
+
+
+def _served(port: int) -> int:
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        conn.request("GET", "/__count")
+        return int(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def run(ctx: Context) -> str:
+    taken = set(ctx.ports.backends) | {ctx.ports.fulcrum_web, ctx.ports.fulcrum_admin, ctx.ports.haproxy_web}
+    slow_port = pick_port(27500, taken)
+    fulcrum_port, fulcrum_admin = pick_port(27510, taken), pick_port(27511, taken)
+    haproxy_port = pick_port(27520, taken)
+    fast = ctx.backends()  # nginx: answers at once on every backend port
+    backends = [ctx.ports.backends[0], ctx.ports.backends[1], slow_port]
+    slow = ctx.spawn("slow-backend", [sys.executable, str(ctx.repo / "bench" / "slow_backend.py"), "--port", str(slow_port),
+                                      "--delay-ms", str(DELAY_MS)])
+    slow.wait_ready([slow_port], ctx.opts.start_timeout)
+    fulcrum = ctx.fulcrum(
+        fulcrum_tail_config(fulcrum_port, fulcrum_admin, backends, str(ctx.tmp / "tail-state")),
+        key="fulcrum-tail", ready_ports=[fulcrum_port], admin_port=fulcrum_admin,
+    )
+    conf = ctx.tmp / "haproxy-tail.cfg"
+    conf.write_text(haproxy_tail_config(haproxy_port, backends))
+    haproxy = ctx.spawn("haproxy-tail", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
+    haproxy.wait_ready([haproxy_port], ctx.opts.start_timeout)
+    opts = dataclasses.replace(ctx.opts, connections=CONNECTIONS)
+    run_ctx = _WithOptions(ctx, opts)
+    rows: list[tuple[str, L7Row, float | None]] = []
+    for round_ in range(1, ROUNDS + 1):
+        for name, port, proc in (("Fulcrum least_latency", fulcrum_port, fulcrum),
+                                 ("HAProxy leastconn", haproxy_port, haproxy)):
+            row, share = _measure(run_ctx, f"{name} ({round_})", port, proc.pid, slow_port)
+            rows.append((name, row, share))
+            p99 = fmt_num(row.p99_ms, 2) if not row.failed else row.failed
+            print(f"  {row.name}: p99 {p99} ms, slow share {fmt_num((share or 0) * 100, 2)}%",
+                  file=sys.stderr, flush=True)
+    del fast
+    ctx.stop("fulcrum-tail")
+    ctx.stop("haproxy-tail")
+    ctx.stop("slow-backend")
+    return render(rows)
+
+
+class _WithOptions:
+    """``ctx`` with other options (the connection count), for ``run_wrk``."""
+
+    def __init__(self, ctx: Context, opts: object) -> None:
+        self._ctx = ctx
+        self.opts = opts
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._ctx, name)
+
+
+def _measure(ctx: object, name: str, port: int, pid: int, slow_port: int) -> tuple[L7Row, float | None]:
+    c: Context = ctx  # type: ignore[assignment]
+    try:
+        run_wrk(c, port, c.opts.warmup)
+        served0, cpu0 = _served(slow_port), tree_cpu_seconds([pid])
+        res = run_wrk(c, port, c.opts.duration)
+        served1, cpu1 = _served(slow_port), tree_cpu_seconds([pid])
+    except (StartError, OSError, ValueError, http.client.HTTPException) as exc:
+        return L7Row(name, failed=str(exc)), None
+    if res.requests == 0:
+        return L7Row(name, failed="no requests completed"), None
+    row = L7Row(name, rps=res.rps, p50_ms=res.latency_ms[50], p99_ms=res.latency_ms[99],
+                cpu_us_per_req=(cpu1 - cpu0) * 1e6 / res.requests, requests=res.requests, errors=res.errors)
+    return row, (served1 - served0) / res.requests
+
+
+def render(rows: Sequence[tuple[str, L7Row, float | None]]) -> str:
+    table = render_table(
+        ["Run", "req/s", "p50 ms", "p99 ms", "to the slow backend", "CPU µs/req", "errors"],
+        [[r.name, fmt_num(r.rps, 0, thousands=True), fmt_num(r.p50_ms, 2), fmt_num(r.p99_ms, 2),
+          "—" if share is None else f"{share * 100:.2f}%", fmt_num(r.cpu_us_per_req), r.errors if not r.failed else r.failed]
+         for _, r, share in rows],
+        "lrrrrrr",
+    )
+    ours = [r.p99_ms for n, r, _ in rows if n.startswith("Fulcrum") and r.p99_ms is not None and not r.errors]
+    theirs = [r.p99_ms for n, r, _ in rows if n.startswith("HAProxy") and r.p99_ms is not None]
+    shares = [s for n, r, s in rows if n.startswith("Fulcrum") and s is not None]
+    lines = [table, ""]
+    if ours and theirs:
+        ratio = statistics.median(ours) / min(theirs)
+        ok = ratio <= TAIL_TARGET and shares and max(shares) < SLOW_SHARE_TARGET
+        lines.append(
+            f"Fulcrum p99 median {statistics.median(ours):.2f} ms (runs {min(ours):.2f}-{max(ours):.2f}), "
+            f"HAProxy best {min(theirs):.2f} ms (runs {min(theirs):.2f}-{max(theirs):.2f}): "
+            f"**{ratio:.2f}x** (target <= {TAIL_TARGET}x); Fulcrum's share to the slow backend "
+            f"{min(shares) * 100:.2f}-{max(shares) * 100:.2f}% (target < 1%): "
+            + ("**met**" if ok else "**not met**")
+        )
+    else:
+        lines.append("Target not evaluated: a balancer has no successful run.")
+    return "\n".join(lines)
