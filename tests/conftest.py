@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -21,6 +22,18 @@ from lbnode.demo_backend import BackendStats, serve_demo_backend
 from lbnode.node import Bound, LbNode
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_garbage_per_module() -> Iterator[None]:
+    """A socket or pipe a test module forgets to close is reported at the end of that module.
+
+    An unclosed file warns when the garbage collector finalises it (the suite turns that
+    warning into an error), which otherwise happens in whichever later test the collector
+    runs: a clean-clone run once failed test_probes_never_leak_sockets on 6 sockets and
+    3 pipes that earlier modules had left behind."""
+    yield
+    gc.collect()
 
 
 @dataclass

@@ -150,6 +150,9 @@ class Probe:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait(5)
+        self._thread.join(5)  # it reads until the pipe ends, which the kill just did
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 def test_vip_moves_off_a_dead_host_within_ttl(lan: Lan, claimers: Claimers) -> None:
