@@ -159,7 +159,10 @@ class PoolRuntime:
                     self._ramping[state.index] = state.up_since
 
     # ------------------------------------------------------------------ picking
-    def choose(self, ctx: PickContext, now: float, exclude: frozenset[int] = frozenset()) -> BackendState | None:
+    def choose(
+        self, ctx: PickContext, now: float, exclude: frozenset[int] = frozenset(), *, retry: bool = False
+    ) -> BackendState | None:
+        """The backend for a request; ``retry`` when it already tried one (see ``Policy.pick``)."""
         backends = self.backends
         if self._ramping and now >= self._next_ramp:
             self._ramp(now)
@@ -168,7 +171,7 @@ class PoolRuntime:
             b = backends[i]
             return i not in exclude and b.takes_new(now) and b.has_room()
 
-        i = self.policy.pick(ctx, usable)
+        i = self.policy.pick(ctx, usable, retry=retry)
         return None if i is None else backends[i]
 
     def sticky(self, backend_id: str | None, now: float) -> BackendState | None:

@@ -434,3 +434,33 @@ async def test_config_change_keeps_requests_in_flight(nursery):
     await trio.sleep(0.6)
     assert result["slow"].status_code == 200 and result["slow"].text.strip() == "a"
     assert after.text.strip() == "b"
+
+
+async def test_retries_do_not_give_a_refusing_backend_more_first_tries_than_its_share(nursery):
+    """A refusing backend that is never ejected (outlier threshold out of reach): each request
+    that tries it first is retried on another backend. It must get a third of the first tries,
+    as A B C rotation gives it; when a retry took the next turn it got half (A C A C...)."""
+    backends = await start_backends(nursery, "b", "c")
+    dead = trio.socket.socket()
+    await dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # connections to it are refused
+    outlier = "[pools.outlier]\nconsecutive_failures = 100000\n"
+    node, port = await _node_with(
+        nursery, [f"127.0.0.1:{dead_port}"] + [b.address for b in backends],
+        pool_settings={"retries": 1, "_extra": outlier},
+    )
+    requests = 90
+
+    def run() -> list[int]:
+        import httpx
+
+        with httpx.Client() as client:
+            return [client.get(f"http://127.0.0.1:{port}/").status_code for _ in range(requests)]
+
+    codes = await trio.to_thread.run_sync(run)
+    assert codes == [200] * requests
+    refused = node.snapshot.pools["web"].backends[0]
+    assert refused.ejected_until == 0.0  # never ejected: every one of its first tries was a connect
+    assert refused.failures == requests // 3
+    assert sum(b.stats.requests for b in backends) == requests
