@@ -27,9 +27,6 @@ from lbnode.model import Backend, Config, Listener, Pool
 
 log = logging.getLogger("lbnode.pool")
 
-# A backend this node failed to connect to sits out this long (without [pools.outlier]):
-# long enough to spare the clients a retry each, short enough to notice its return soon.
-CONNECT_EJECTION = 2.0
 # Slow-start weights are recomputed this often, not on every request.
 RAMP_STEP = 0.1
 
@@ -249,16 +246,18 @@ class PoolRuntime:
 
     def _eject_unreachable(self, backend: BackendState, now: float) -> None:
         """Without [pools.outlier], a backend this node cannot connect to is ejected here at once,
-        whatever the active checks (or the cluster's verdict) say: for CONNECT_EJECTION seconds,
-        and never the last backend still taking requests (then retries and 502s tell the truth)."""
-        if now < backend.ejected_until:
+        whatever the active checks (or the cluster's verdict) say: for the pool's ``connect_ejection``
+        (0: never), and never the last backend still taking requests (then retries and 502s tell
+        the truth)."""
+        seconds = self.spec.connect_ejection
+        if seconds <= 0 or now < backend.ejected_until:
             return
         others = any(b is not backend and b.takes_new(now) for b in self.backends)
         if not others:
             return
-        backend.ejected_until = now + CONNECT_EJECTION
+        backend.ejected_until = now + seconds
         log.warning("pool %s backend %s ejected on this node for %gs: cannot connect",
-                    self.spec.name, backend.id, CONNECT_EJECTION)
+                    self.spec.name, backend.id, seconds)
 
     def health_changed(self, backend_id: str, new: str, reason: str, now: float) -> None:
         """An active check moved a backend up or down."""

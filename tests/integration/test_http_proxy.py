@@ -299,13 +299,41 @@ async def test_a_backend_this_node_cannot_connect_to_is_ejected_here_at_once(nur
     await dead.bind(("127.0.0.1", 0))
     dead_port = dead.getsockname()[1]
     dead.close()
-    node, port = await _node_with(nursery, [f"127.0.0.1:{dead_port}", backends[0].address])
+    # 60 s: 20 requests on a busy host can outlast the default 2 s (a new client each), and
+    # this test is about "at once", not the duration.
+    node, port = await _node_with(nursery, [f"127.0.0.1:{dead_port}", backends[0].address],
+                                  pool_settings={"connect_ejection": "60s"})
     codes = [(await http_get(f"http://127.0.0.1:{port}/")).status_code for _ in range(20)]
     assert codes == [200] * 20
     dead_state = node.snapshot.pools["web"].backends[0]
     assert dead_state.failures == 1  # one refused connect, then no more attempts while ejected
-    assert dead_state.ejected_until > trio.current_time()
+    assert 55 < dead_state.ejected_until - trio.current_time() <= 60
     assert backends[0].stats.requests == 20
+
+
+async def test_connect_ejection_sets_how_long_an_unreachable_backend_sits_out_and_0_never_ejects(nursery):
+    backends = await start_backends(nursery, "a")
+    dead = trio.socket.socket()
+    await dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    short, short_port = await _node_with(nursery, [f"127.0.0.1:{dead_port}", backends[0].address],
+                                         pool_settings={"connect_ejection": "300ms"})
+    never, never_port = await _node_with(nursery, [f"127.0.0.1:{dead_port}", backends[0].address],
+                                         pool_settings={"connect_ejection": 0, "retries": 1})
+    for port in (short_port, never_port):
+        codes = [(await http_get(f"http://127.0.0.1:{port}/")).status_code for _ in range(4)]
+        assert codes == [200] * 4
+    refused = short.snapshot.pools["web"].backends[0]
+    assert refused.failures >= 1 and refused.ejected_until > 0
+    await trio.sleep_until(refused.ejected_until + 0.05)  # back in the rotation after 300 ms
+    failures = refused.failures
+    for _ in range(4):
+        assert (await http_get(f"http://127.0.0.1:{short_port}/")).status_code == 200
+    assert refused.failures == failures + 1  # tried once more, ejected again
+    # 0: never ejected, so it keeps its turns (each costs a retry): 2 of 4 first tries
+    never_refused = never.snapshot.pools["web"].backends[0]
+    assert never_refused.ejected_until == 0.0 and never_refused.failures == 2
 
 
 async def test_no_usable_backend_gives_503(nursery):

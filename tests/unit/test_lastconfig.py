@@ -25,7 +25,7 @@ def records(*pools: Pool, revision: int = 7) -> dict[str, PoolRecord]:
 
 
 def test_round_trip_keeps_every_pool_setting_the_revision_and_the_save_time() -> None:
-    full = pool("web", 8001, 8002, algorithm="least_connections", retries=2,
+    full = pool("web", 8001, 8002, algorithm="least_connections", retries=2, connect_ejection=0.5,
                 affinity=Affinity(mode="cookie", key=bytes(range(32))), health=HealthCheck(type="http", path="/h"))
     data = encode(records(full, pool("api", 9001)), 42, 1764842400.5)
     document = json.loads(data)
