@@ -330,7 +330,9 @@ class LbNode:
             if checker is not None:
                 checker.update(mine, pool.health)
                 continue
-            on_observation = (lambda o, n=name: agent.publish(o, n)) if agent is not None else _ignore
+            on_observation = (
+                (lambda o, n=name: agent.publish(o, n, period=self._check_period(n))) if agent is not None else _ignore
+            )
             checker = HealthChecker(
                 name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation
             )
@@ -338,6 +340,12 @@ class LbNode:
             self.health_checkers[name] = checker
             self._checker_scopes[name] = scope
             self._health_nursery.start_soon(self._run_checker, checker, scope)
+
+    def _check_period(self, pool_name: str) -> float:
+        """The longest a live checker of this pool goes without a result: interval (with jitter) + timeout."""
+        pool = self._snapshot.pools.get(pool_name)
+        health = pool.spec.health if pool is not None else None
+        return health.interval * (1 + health.jitter) + health.timeout if health is not None else 0.0
 
     def _transition_for(self, pool_name: str) -> Callable[[str, Transition], None]:
         def on_transition(backend_id: str, t: Transition) -> None:
