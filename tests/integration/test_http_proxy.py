@@ -492,3 +492,47 @@ async def test_retries_do_not_give_a_refusing_backend_more_first_tries_than_its_
     assert refused.ejected_until == 0.0  # never ejected: every one of its first tries was a connect
     assert refused.failures == requests // 3
     assert sum(b.stats.requests for b in backends) == requests
+
+
+async def test_one_backend_of_three_answering_503_costs_clients_nothing_at_a_moderate_rate(nursery):
+    """retry_on = [503] and the default retry budget: at about 40 requests/s, a third of the
+    first tries land on the failing backend and every one is retried elsewhere. With the
+    old default (20 %, or 3 in the current second) about 13 % of the requests got its 503."""
+    backends = await start_backends(nursery, "a", "b")
+
+    async def always_503(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+                while b"\r\n\r\n" in data:
+                    _, data = data.split(b"\r\n\r\n", 1)
+                    await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\nbusy\n")
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    failing_port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, always_503, listeners)
+    node, port = await _node_with(
+        nursery, [f"127.0.0.1:{failing_port}"] + [b.address for b in backends], pool_settings={"retry_on": [503]}
+    )
+    requests = 200
+
+    def run() -> list[int]:
+        import time
+
+        import httpx
+
+        codes = []
+        with httpx.Client() as client:
+            for _ in range(requests):
+                codes.append(client.get(f"http://127.0.0.1:{port}/").status_code)
+                time.sleep(0.025)  # at most 40 requests/s
+        return codes
+
+    codes = await trio.to_thread.run_sync(run)
+    failing = node.snapshot.pools["web"].backends[0]
+    assert failing.requests >= requests // 3 - 1  # it did get its share of first tries
+    assert codes == [200] * requests, f"{codes.count(503)} of {requests} answered 503"
