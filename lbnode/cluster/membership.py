@@ -142,6 +142,8 @@ class ClusterAgent:
         self.live_nodes: frozenset[str] = frozenset()
         self._health: dict[BackendRef, dict[str, SharedObservation]] = {}
         self._told: dict[BackendRef, bool] = {}  # last verdict handed to the callbacks
+        # Backends whose every checker fell silent: this node checks them itself meanwhile.
+        self._covering: set[BackendRef] = set()
         # what this node publishes
         self._latest: dict[BackendRef, Observation] = {}
         self._written: dict[BackendRef, _Written] = {}
@@ -185,8 +187,12 @@ class ClusterAgent:
         return checkers_for(backend_key(pool, backend_id), live, self.k)
 
     def assigned(self, pool: str, backend_id: str) -> bool:
-        """Must this node actively check this backend?"""
-        return self.isolated or self.node_id in self.checkers(pool, backend_id)
+        """Must this node actively check this backend? (Also while all its checkers are silent.)"""
+        return (
+            self.isolated
+            or self.node_id in self.checkers(pool, backend_id)
+            or (pool, backend_id) in self._covering
+        )
 
     def publish(self, observation: Observation, pool: str, *, period: float = 0.0) -> None:
         """Share a check result; written at once when ok/not-ok changed, else every ``refresh_interval``.
@@ -467,8 +473,41 @@ class ClusterAgent:
         checker's word is dropped at most that long after it got too old."""
         while True:
             await trio.sleep(self.refresh_interval)
+            self._update_covering(list(self._health))
             for ref in list(self._health):
                 self._reconsider(ref)
+
+    def _all_silent(self, ref: BackendRef, now: float) -> bool:
+        """Every checker of this backend (this node not among them) spoke once and fell silent."""
+        checkers = self.checkers(*ref)
+        observations = self._health.get(ref, {})
+        return (
+            bool(checkers)
+            and self.node_id not in checkers
+            and all(c in observations and now >= observations[c].stale_at for c in checkers)
+        )
+
+    def _update_covering(self, refs: Iterable[BackendRef]) -> None:
+        """Start or stop checking ``refs`` here as their checkers fall silent or speak again.
+
+        With no checker's word there is no verdict: rather than keep the backend's state
+        forever, this node checks it itself, as a node without a lease does."""
+        now = trio.current_time()
+        changed = False
+        for ref in refs:
+            silent = self._all_silent(ref, now)
+            if silent and ref not in self._covering:
+                self._covering.add(ref)
+                log.warning("pool %s backend %s: every checker (%s) fell silent; node %s checks it itself",
+                            ref[0], ref[1], ", ".join(self.checkers(*ref)), self.node_id)
+                changed = True
+            elif not silent and ref in self._covering:
+                self._covering.discard(ref)
+                log.info("pool %s backend %s: its checkers speak again; node %s stops checking it",
+                         ref[0], ref[1], self.node_id)
+                changed = True
+        if changed:
+            self._assignments_changed()
 
     def _health_key(self, ref: BackendRef) -> str:
         return f"{self.health_prefix}{ref[0]}/{ref[1]}/{self.node_id}"
@@ -615,6 +654,7 @@ class ClusterAgent:
                 health.setdefault(ref, {})[obs.node] = obs
         old = self._health
         self._health = health
+        self._update_covering(set(old) | set(health) | self._covering)
         for ref in set(old) | set(health):
             self._reconsider(ref)
 
@@ -634,6 +674,8 @@ class ClusterAgent:
                 return
             ref, obs = parsed
             self._health.setdefault(ref, {})[obs.node] = obs
+        if ref in self._covering:
+            self._update_covering([ref])  # a checker spoke again (or went): maybe stop covering
         self._reconsider(ref)
 
     def _reconsider(self, ref: BackendRef) -> None:

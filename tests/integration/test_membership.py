@@ -222,7 +222,17 @@ async def test_a_checker_that_falls_silent_while_its_node_lives_is_ignored_after
         # a speaks again: counted again at once (split vote: up)
         a.publish(observation(backend, True), "web")
         await eventually(lambda: verdicts[-1][2] is True, what="up again when a speaks")
+        assert not c.assigned("web", backend)
+        # Both fall silent: no verdict is left, so c checks the backend itself (as a node
+        # without a lease does) and tells its checkers to re-filter; once one speaks, it stops.
+        reassigned: list[bool] = []
+        c.on_assignment_change(lambda: reassigned.append(c.assigned("web", backend)))
         stop_b.set()
+        await eventually(lambda: c.assigned("web", backend), timeout=10, what="c covers for its silent checkers")
+        assert reassigned and reassigned[-1] is True
+        b.publish(observation(backend, False), "web")
+        await eventually(lambda: not c.assigned("web", backend), what="c stops covering when b speaks")
+        assert reassigned[-1] is False
         nursery.cancel_scope.cancel()
 
 
