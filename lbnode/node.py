@@ -420,5 +420,5 @@ def node_from_config(config: Config) -> LbNode:
     affinity = ClusterAffinity(config.cluster, config.node.id, Path(config.node.state_dir), connection=connection)
     return LbNode(
         config, store=store, agent=agent, affinity=affinity,
-        seed=config.pools, last_config=LastConfig(Path(config.node.state_dir)),
+        seed=config.pools, last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
     )

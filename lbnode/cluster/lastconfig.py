@@ -43,6 +43,7 @@ class CachedConfig:
     pools: tuple[PoolRecord, ...]
     revision: int  # the store revision the pools were applied at
     saved_at: float  # wall-clock seconds
+    prefix: str = ""  # the [cluster] prefix the pools were read under
 
     @property
     def saved_at_iso(self) -> str:
@@ -53,10 +54,11 @@ def iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def encode(pools: Mapping[str, PoolRecord], revision: int, saved_at: float) -> bytes:
+def encode(pools: Mapping[str, PoolRecord], revision: int, saved_at: float, prefix: str = "") -> bytes:
     document = {
         "format": FORMAT,
         "source": "etcd",
+        "prefix": prefix,
         "revision": revision,
         "saved_at": saved_at,
         "pools": [{"revision": pools[n].revision, "spec": pool_to_dict(pools[n].pool)} for n in sorted(pools)],
@@ -75,6 +77,9 @@ def decode(data: bytes, where: str) -> CachedConfig:
     if document.get("format") != FORMAT:
         raise CacheError(f"{where}: format {document.get('format')!r} is not {FORMAT} (written by another version?)")
     revision, saved_at, entries = document.get("revision"), document.get("saved_at"), document.get("pools")
+    prefix = document.get("prefix", "")
+    if not isinstance(prefix, str):
+        raise CacheError(f"{where}: prefix: expected a string")
     if not isinstance(revision, int) or isinstance(revision, bool):
         raise CacheError(f"{where}: revision: expected an integer")
     if not isinstance(saved_at, int | float) or isinstance(saved_at, bool):
@@ -92,14 +97,16 @@ def decode(data: bytes, where: str) -> CachedConfig:
         if pool.name in pools:
             raise CacheError(f'{where}: pools[{i}]: pool "{pool.name}" appears twice')
         pools[pool.name] = PoolRecord(pool, entry["revision"])
-    return CachedConfig(tuple(pools[n] for n in sorted(pools)), revision, float(saved_at))
+    return CachedConfig(tuple(pools[n] for n in sorted(pools)), revision, float(saved_at), prefix)
 
 
 class LastConfig:
     """``note()`` each applied configuration; ``run()`` writes the newest one, coalesced."""
 
-    def __init__(self, state_dir: Path | str, *, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, state_dir: Path | str, *, prefix: str = "", wall: Callable[[], float] = time.time) -> None:
         self.path = Path(state_dir) / FILE_NAME
+        # The [cluster] prefix: a cache read under another one (another cluster) is not ours.
+        self.prefix = prefix
         self._wall = wall
         self._pending: tuple[dict[str, PoolRecord], int] | None = None
         self._dirty = trio.Event()
@@ -116,10 +123,15 @@ class LastConfig:
             log.error("%s: cannot read the cached configuration (%s); ignored", self.path, exc.strerror or exc)
             return None
         try:
-            return decode(data, str(self.path))
+            cached = decode(data, str(self.path))
         except CacheError as exc:
             log.error("%s; the cached configuration is ignored (it is rewritten once etcd answers)", exc)
             return None
+        if cached.prefix != self.prefix:
+            log.error("%s: written for [cluster] prefix %r, this node uses %r: the cached configuration is "
+                      "ignored (it is rewritten once etcd answers)", self.path, cached.prefix, self.prefix)
+            return None
+        return cached
 
     def note(self, pools: Mapping[str, PoolRecord], revision: int) -> None:
         """The node applied this from the store (called on the Trio thread; never blocks)."""
@@ -142,7 +154,7 @@ class LastConfig:
 
     def _write(self, pools: dict[str, PoolRecord], revision: int) -> None:
         try:
-            write_atomic(self.path, encode(pools, revision, self._wall()))
+            write_atomic(self.path, encode(pools, revision, self._wall(), self.prefix))
         except OSError as exc:
             if not self._failing:
                 log.warning("cannot write the configuration cache %s (%s); a restart while etcd is "

@@ -126,7 +126,7 @@ def test_a_corrupt_cache_is_one_error_naming_the_file_and_the_node_serves_its_co
     config = _config(tmp_path, list(etcd.endpoints), http, admin)
     (tmp_path / "state").mkdir(mode=0o700)
     cache = tmp_path / "state" / FILE_NAME
-    cache.write_text('{"format": 1, "revision": 9, "saved_at": 1.0, "pools": [{"revision": 3, "spec": {"name": "p0", "backends": [{"address": "nowhere"}]}}]}')
+    cache.write_text('{"format": 1, "prefix": "/fulcrum/v1", "revision": 9, "saved_at": 1.0, "pools": [{"revision": 3, "spec": {"name": "p0", "backends": [{"address": "nowhere"}]}}]}')
     etcd.members[0].kill()
     node = spawn("-m", "lbnode.cli", "run", "--config", str(config), name="n1")
     wait_port(admin)
@@ -158,7 +158,7 @@ async def test_start_up_does_not_wait_on_an_etcd_without_quorum(tmp_path: Path) 
             state = tmp_path / "state"
             state.mkdir()
             p0 = Pool(name="p0", backends=(Backend(Address("127.0.0.1", backend.port)),))
-            (state / FILE_NAME).write_bytes(encode({"p0": PoolRecord(p0, 5)}, 5, time.time()))
+            (state / FILE_NAME).write_bytes(encode({"p0": PoolRecord(p0, 5)}, 5, time.time(), "/fulcrum/v1"))
             config = load_config_text(f"""
 [node]
 id = "n1"
@@ -181,7 +181,7 @@ pool = "p0"
                 pass
             read_took = trio.current_time() - t0
             assert read_took > FIRST_READ_WAIT + 1.0, f"a leaderless read failed after {read_took:.2f}s"
-            node = LbNode(config, store=store, last_config=LastConfig(state))
+            node = LbNode(config, store=store, last_config=LastConfig(state, prefix=config.cluster.prefix))
             started = trio.current_time()
             bound = await nursery.start(lambda task_status: node.run(handle_signals=False, task_status=task_status))
             took = trio.current_time() - started

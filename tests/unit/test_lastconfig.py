@@ -65,6 +65,15 @@ def test_a_bad_cache_is_refused_naming_the_file_and_the_key(mutate, message: str
         decode(bad.encode() if isinstance(bad, str) else json.dumps(bad).encode(), "c.json")
 
 
+def test_a_cache_written_under_another_cluster_prefix_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / FILE_NAME).write_bytes(encode(records(pool("web", 8001)), 3, 1.0, "/other/v1"))
+    assert LastConfig(tmp_path, prefix="/other/v1").load() is not None
+    with caplog.at_level(logging.ERROR, "lbnode.cluster"):
+        assert LastConfig(tmp_path, prefix="/fulcrum/v1").load() is None
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert str(tmp_path / FILE_NAME) in error and "'/other/v1'" in error and "'/fulcrum/v1'" in error
+
+
 def test_load_of_a_corrupt_file_is_one_logged_error_and_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = LastConfig(tmp_path)
     assert cache.load() is None  # no file: nothing to say
