@@ -47,6 +47,7 @@ class StoreFollower:
         self.revision = 0
         self.synced = trio.Event()  # set after the first full read
         self.settled = trio.Event()  # set after the first read succeeded or failed
+        self.failing = False  # the store could not be read or watched, and has not answered since
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
         self._on_applied: list[Callable[[Mapping[str, PoolRecord], int], None]] = []
 
@@ -69,6 +70,7 @@ class StoreFollower:
                 if failing:
                     log.info("pool store reachable again; following changes from revision %d", revision)
                 failing, delay = False, BACKOFF_FIRST
+                self.failing = False
                 if not started:
                     started = True
                     self.settled.set()
@@ -81,6 +83,7 @@ class StoreFollower:
                     else:
                         log.warning("pool store unavailable at start (%s); following it once it answers", exc)
                     failing = True
+                self.failing = True
                 if not started:
                     started = True
                     self.settled.set()

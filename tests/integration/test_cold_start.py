@@ -118,6 +118,13 @@ def test_a_node_restarted_while_etcd_is_down_serves_its_cached_pools_marked_stal
     assert "replaces the cached one" in node.log()
     # ...and the change is cached in turn.
     _eventually(lambda: len(json.loads(cache.read_text())["pools"][0]["spec"]["backends"]) == 1, "the change is cached")
+    # etcd lost while the node runs: it serves on, and /status says the configuration may be stale.
+    etcd.members[0].kill()
+    _eventually(lambda: _status(admin)["config"]["stale"] is True, "stale while etcd is down")
+    assert _status(admin)["config"]["source"] == "store" and _served(http) == Counter({"200 a": 12})
+    etcd.members[0].start()
+    etcd.members[0].wait_healthy()
+    _eventually(lambda: _status(admin)["config"]["stale"] is False, "fresh again once etcd answers")
     assert node.terminate() == 0
 
 
