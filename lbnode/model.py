@@ -327,6 +327,13 @@ class Pool:
     retry_buffer_bytes: int = 64 * 1024  # request bodies up to this are buffered for retry
     queue_timeout: float = 5.0
     max_queue: int = 10_000
+    # Without [pools.outlier]: how long a backend this node cannot connect to sits out here.
+    connect_ejection: float = 2.0
+
+
+# connect_ejection's upper bound: a backend back after a restart must not sit out longer
+# than an operator would wait for it; [pools.outlier] and health checks cover longer outages.
+CONNECT_EJECTION_MAX = 300.0
 
 
 def parse_pool(t: Table) -> Pool:
@@ -387,7 +394,14 @@ def parse_pool(t: Table) -> Pool:
         retry_buffer_bytes=t.int("retry_buffer_bytes", 64 * 1024, lo=0, hi=64 * 1024 * 1024),
         queue_timeout=t.duration("queue_timeout", 5.0, positive=False),
         max_queue=t.int("max_queue", 10_000, lo=0),
+        connect_ejection=t.duration("connect_ejection", 2.0, positive=False),
     )
+    if pool.connect_ejection > CONNECT_EJECTION_MAX:
+        raise ConfigError(
+            t.key("connect_ejection"),
+            f"must be at most {CONNECT_EJECTION_MAX:g}s, got {t.raw('connect_ejection')!r} "
+            "(for longer outages use [pools.health] or [pools.outlier])",
+        )
     t.done()
     return pool
 
@@ -743,7 +757,7 @@ def pool_to_dict(pool: Pool) -> dict[str, Any]:
     out: dict[str, Any] = {"name": pool.name}
     for key in ("algorithm", "hash_key", "maglev_table_size", "latency_decay", "max_idle_per_backend",
                 "slow_start", "retries", "retry_budget_percent", "retry_buffer_bytes", "queue_timeout",
-                "max_queue"):
+                "max_queue", "connect_ejection"):
         value = getattr(pool, key)
         if value != getattr(defaults, key):
             out[key] = value

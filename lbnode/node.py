@@ -12,7 +12,7 @@ import logging
 import signal
 import socket as stdsocket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
@@ -20,6 +20,7 @@ import trio
 from lbnode.admin.server import serve_admin
 from lbnode.affinity import AffinityTable
 from lbnode.cluster.affinity import ClusterAffinity
+from lbnode.cluster.lastconfig import LastConfig, iso
 from lbnode.cluster.membership import ClusterAgent
 from lbnode.cluster.store import PoolStore
 from lbnode.cluster.sync import StoreFollower
@@ -37,10 +38,36 @@ from lbnode.listen import (
     bind_tcp,
     set_vip_filter,
 )
-from lbnode.model import Config, Listener
+from lbnode.model import Config, Listener, Pool
 from lbnode.runtime import Snapshot
 
 log = logging.getLogger("lbnode")
+
+# How long start-up waits for the pool store's first read before serving without it. A
+# healthy etcd answers in milliseconds (well under this on a loaded host), so a node
+# restarted beside a working etcd serves its current pools from the first request; an
+# etcd without quorum (after a power cut it may boot after the balancers) would hold a
+# read up to 2 call deadlines (4 s) per attempt, and the node must not wait on that:
+# past this bound it serves its cached configuration and follows the store once it answers.
+FIRST_READ_WAIT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Where the pools being served came from, for ``/status`` and the log."""
+
+    source: str  # "file" (node.toml), "store" (etcd or the standalone store), "cache" (state_dir)
+    stale: bool  # the store could not be read: this may not be the cluster's configuration
+    revision: int | None = None  # store revision (of the cache's save, for "cache")
+    saved_at: float | None = None  # wall time the cache was written ("cache" only)
+    path: str | None = None  # the cache file ("cache" only)
+
+    def document(self) -> dict[str, object]:
+        out: dict[str, object] = {"source": self.source, "stale": self.stale, "revision": self.revision}
+        if self.saved_at is not None:
+            out["saved_at"] = iso(self.saved_at)
+            out["file"] = self.path
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +88,16 @@ class LbNode:
         store: PoolStore | None = None,
         agent: ClusterAgent | None = None,
         affinity: ClusterAffinity | None = None,
+        *,
+        seed: tuple[Pool, ...] = (),
+        last_config: LastConfig | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        self._seed = seed  # pools created in the store if absent (a cluster node's node.toml pools)
+        # The last configuration applied from the store, served at start while the store is down.
+        self.last_config = last_config
+        self.config_source = ConfigSource("file", stale=False) if store is None else ConfigSource("file", stale=True)
         # Cluster membership: which backends this node checks, and the others' verdicts.
         self.agent = agent
         # Affinity tables and cookie key shared through etcd (None: this node's own, in memory).
@@ -104,6 +138,37 @@ class LbNode:
         self._retain_affinity_tables()
         self._sync_health()
         log.info("configuration version %d applied", self._snapshot.version)
+
+    def _apply_from_store(self, config: Config) -> None:
+        """The store answered: its pools replace whatever was served (node.toml's, or the cache)."""
+        assert self.follower is not None
+        if self.config_source.source == "cache":
+            log.info("pool store answered: its configuration (revision %d) replaces the cached one",
+                     self.follower.revision)
+        self.config_source = ConfigSource("store", stale=False, revision=self.follower.revision)
+        self.apply(config)
+
+    def _serve_cached(self) -> None:
+        """Start-up without the store: serve the last configuration applied from it, if any.
+
+        node.toml's pools that are not in the cache are kept (they would have been seeded:
+        a pool already in the store is left as it is)."""
+        cached = self.last_config.load() if self.last_config is not None else None
+        if cached is None:
+            log.warning("pool store not readable at start and no cached configuration: serving the "
+                        "config file's %d pools until it answers", len(self.config.pools))
+            return
+        pools = {r.pool.name: r.pool for r in cached.pools}
+        for pool in self.config.pools:
+            pools.setdefault(pool.name, pool)
+        assert self.last_config is not None
+        self.config_source = ConfigSource(
+            "cache", stale=True, revision=cached.revision, saved_at=cached.saved_at, path=str(self.last_config.path)
+        )
+        log.warning("pool store not readable at start: serving the cached configuration %s (revision %d, "
+                    "saved %s, %d pools); it may be stale until the store answers",
+                    self.last_config.path, cached.revision, cached.saved_at_iso, len(cached.pools))
+        self.apply(replace(self.config, pools=tuple(pools[n] for n in sorted(pools))))
 
     def _retain_affinity_tables(self) -> None:
         """Shared tables of pools removed (or no longer in a table mode) stop following etcd."""
@@ -158,9 +223,16 @@ class LbNode:
             if self.affinity is not None:
                 await outer.start(self.affinity.run)
             if self.store is not None:
-                self.follower = StoreFollower(self.store, lambda: self.config, self.apply)
+                self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed)
                 self.events.follow(self.follower)
-                await outer.start(self.follower.run)
+                if self.last_config is not None:
+                    self.follower.on_applied(self.last_config.note)
+                    outer.start_soon(self.last_config.run)
+                outer.start_soon(self.follower.run)
+                with trio.move_on_after(FIRST_READ_WAIT):
+                    await self.follower.settled.wait()
+                if not self.follower.synced.is_set():
+                    self._serve_cached()
             if config.control is not None and self.store is not None:
                 from lbnode.control.server import serve_control
 
@@ -258,7 +330,9 @@ class LbNode:
             if checker is not None:
                 checker.update(mine, pool.health)
                 continue
-            on_observation = (lambda o, n=name: agent.publish(o, n)) if agent is not None else _ignore
+            on_observation = (
+                (lambda o, n=name: agent.publish(o, n, period=self._check_period(n))) if agent is not None else _ignore
+            )
             checker = HealthChecker(
                 name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation
             )
@@ -266,6 +340,12 @@ class LbNode:
             self.health_checkers[name] = checker
             self._checker_scopes[name] = scope
             self._health_nursery.start_soon(self._run_checker, checker, scope)
+
+    def _check_period(self, pool_name: str) -> float:
+        """The longest a live checker of this pool goes without a result: interval (with jitter) + timeout."""
+        pool = self._snapshot.pools.get(pool_name)
+        health = pool.spec.health if pool is not None else None
+        return health.interval * (1 + health.jitter) + health.timeout if health is not None else 0.0
 
     def _transition_for(self, pool_name: str) -> Callable[[str, Transition], None]:
         def on_transition(backend_id: str, t: Transition) -> None:
@@ -312,8 +392,9 @@ def node_from_config(config: Config) -> LbNode:
     """The node ``lbnode run`` serves: standalone, or a cluster member when [cluster] is set.
 
     In a cluster the pools live in etcd; the pools of node.toml seed it (a pool
-    already in etcd is left as it is). With etcd unreachable at start the node
-    serves the file's pools and follows etcd once it answers (static stability).
+    already in etcd is left as it is). Each configuration applied from etcd is
+    cached in state_dir; with etcd unreachable at start the node serves that cache
+    (or, without one, the file's pools) and follows etcd once it answers.
     Affinity tables and the generated cookie key are shared through etcd too.
     """
     if config.cluster is None:
@@ -324,18 +405,9 @@ def node_from_config(config: Config) -> LbNode:
 
         return LbNode(config, store=FileStore(Path(config.node.state_dir), config.pools))
     from lbnode.cluster.etcd import EtcdConnection, EtcdStore
-    from lbnode.cluster.store import AlreadyExists, StoreError
 
     connection = EtcdConnection(config.cluster.etcd)
     store = EtcdStore(config.cluster, connection=connection)
-    for pool in config.pools:
-        try:
-            store.create_pool(pool)
-        except AlreadyExists:
-            pass
-        except StoreError as exc:
-            log.warning("cannot seed pool %s into etcd (%s); serving it from the config file", pool.name, exc)
-            break
     info: dict[str, object] = {
         "addresses": [str(li.bind) for li in config.listeners],
         # who we are beyond the id: a restart of this node is told from another node with our id
@@ -346,4 +418,7 @@ def node_from_config(config: Config) -> LbNode:
         info["control"] = str(config.control.bind)
     agent = ClusterAgent(config.cluster, config.node.id, info, connection=connection)
     affinity = ClusterAffinity(config.cluster, config.node.id, Path(config.node.state_dir), connection=connection)
-    return LbNode(config, store=store, agent=agent, affinity=affinity)
+    return LbNode(
+        config, store=store, agent=agent, affinity=affinity,
+        seed=config.pools, last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
+    )

@@ -27,9 +27,6 @@ from lbnode.model import Backend, Config, Listener, Pool
 
 log = logging.getLogger("lbnode.pool")
 
-# A backend this node failed to connect to sits out this long (without [pools.outlier]):
-# long enough to spare the clients a retry each, short enough to notice its return soon.
-CONNECT_EJECTION = 2.0
 # Slow-start weights are recomputed this often, not on every request.
 RAMP_STEP = 0.1
 
@@ -159,7 +156,10 @@ class PoolRuntime:
                     self._ramping[state.index] = state.up_since
 
     # ------------------------------------------------------------------ picking
-    def choose(self, ctx: PickContext, now: float, exclude: frozenset[int] = frozenset()) -> BackendState | None:
+    def choose(
+        self, ctx: PickContext, now: float, exclude: frozenset[int] = frozenset(), *, retry: bool = False
+    ) -> BackendState | None:
+        """The backend for a request; ``retry`` when it already tried one (see ``Policy.pick``)."""
         backends = self.backends
         if self._ramping and now >= self._next_ramp:
             self._ramp(now)
@@ -168,7 +168,7 @@ class PoolRuntime:
             b = backends[i]
             return i not in exclude and b.takes_new(now) and b.has_room()
 
-        i = self.policy.pick(ctx, usable)
+        i = self.policy.pick(ctx, usable, retry=retry)
         return None if i is None else backends[i]
 
     def sticky(self, backend_id: str | None, now: float) -> BackendState | None:
@@ -246,16 +246,18 @@ class PoolRuntime:
 
     def _eject_unreachable(self, backend: BackendState, now: float) -> None:
         """Without [pools.outlier], a backend this node cannot connect to is ejected here at once,
-        whatever the active checks (or the cluster's verdict) say: for CONNECT_EJECTION seconds,
-        and never the last backend still taking requests (then retries and 502s tell the truth)."""
-        if now < backend.ejected_until:
+        whatever the active checks (or the cluster's verdict) say: for the pool's ``connect_ejection``
+        (0: never), and never the last backend still taking requests (then retries and 502s tell
+        the truth)."""
+        seconds = self.spec.connect_ejection
+        if seconds <= 0 or now < backend.ejected_until:
             return
         others = any(b is not backend and b.takes_new(now) for b in self.backends)
         if not others:
             return
-        backend.ejected_until = now + CONNECT_EJECTION
+        backend.ejected_until = now + seconds
         log.warning("pool %s backend %s ejected on this node for %gs: cannot connect",
-                    self.spec.name, backend.id, CONNECT_EJECTION)
+                    self.spec.name, backend.id, seconds)
 
     def health_changed(self, backend_id: str, new: str, reason: str, now: float) -> None:
         """An active check moved a backend up or down."""

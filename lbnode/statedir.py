@@ -1,4 +1,5 @@
-"""One node per ``[node] state_dir``: an exclusive lock held for the life of ``lbnode run``.
+"""One node per ``[node] state_dir``: an exclusive lock held for the life of ``lbnode run``,
+and the one way files in it are written (``write_atomic``: never a half-written file).
 
 Two nodes sharing a state_dir would overwrite each other's pools (the control API's file
 store) and present the same identity to the cluster. The lock is ``flock`` on
@@ -45,3 +46,29 @@ def lock_state_dir(state_dir: Path) -> IO[str]:
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` all or nothing, even across a power cut.
+
+    Temp file in the same directory, fsync, rename over ``path``, fsync of the directory
+    (the rename itself must reach the disk). ``mode`` 0600 by default: state_dir files
+    carry cookie keys and, later, private keys. Raises ``OSError``; ``path`` is then as it was.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # O_CREAT's mode is masked by the umask, and a leftover temp file keeps its own
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -80,10 +80,18 @@ def status_document(node: AdminView) -> dict[str, Any]:
                 "queue": len(pool.waiters),
             }
         )
+    source = getattr(node, "config_source", None)
+    config = source.document() if source is not None else {"source": "file", "stale": False, "revision": None}
+    follower = getattr(node, "follower", None)
+    if follower is not None and follower.failing:
+        config["stale"] = True  # the store stopped answering: changes made meanwhile are not here
     return {
         "node": snap.config.node.id,
         "draining": node.draining,
         "config_version": snap.version,
+        # where the pools come from; "stale": true while a cluster node serves its cache
+        # (or node.toml's pools) because the store could not be read
+        "config": config,
         "pools": pools,
     }
 

@@ -55,8 +55,13 @@ class Policy(Protocol):
     returns None only when no backend with weight > 0 is usable.
     """
 
-    def pick(self, ctx: PickContext, usable: Usable) -> int | None:
-        """Index of the backend to use, or None when no backend is usable."""
+    def pick(self, ctx: PickContext, usable: Usable, *, retry: bool = False) -> int | None:
+        """Index of the backend to use, or None when no backend is usable.
+
+        ``retry``: the request already tried another backend. A policy with a rotation
+        leaves it where it is, so a failing backend gets no more first tries than its
+        share (a retry that took the next turn would hand the turn after it back to the
+        failing backend's neighbour, and its own turn would come round sooner)."""
         ...
 
     def set_weight(self, index: int, weight: float) -> None:

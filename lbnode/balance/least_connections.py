@@ -104,7 +104,7 @@ class LeastConnections:
     def active(self, index: int) -> int:
         return self._active[index]
 
-    def pick(self, ctx: PickContext, usable: Usable) -> int | None:
+    def pick(self, ctx: PickContext, usable: Usable, *, retry: bool = False) -> int | None:
         heap, version = self._heap, self._version
         passed: list[_Entry] = []  # valid entries of unusable backends, put back after
         chosen: int | None = None

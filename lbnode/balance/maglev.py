@@ -143,10 +143,10 @@ class ConsistentHash:
     def on_finish(self, index: int, latency: float, now: float) -> None:
         pass
 
-    def pick(self, ctx: PickContext, usable: Usable) -> int | None:
+    def pick(self, ctx: PickContext, usable: Usable, *, retry: bool = False) -> int | None:
         key = self._key(ctx)
         if key is None:
-            return self._fallback.pick(ctx, usable)
+            return self._fallback.pick(ctx, usable, retry=retry)
         if self._dirty:
             self._rebuild()
         slots = self._slots

@@ -78,7 +78,7 @@ class _PowerOfTwo:
     def active(self, index: int) -> int:
         return self._active[index]
 
-    def pick(self, ctx: PickContext, usable: Usable) -> int | None:
+    def pick(self, ctx: PickContext, usable: Usable, *, retry: bool = False) -> int | None:
         sampler, rng = self._sampler, self._rng
         for _ in range(PAIR_ATTEMPTS):
             i = sampler.draw(rng)

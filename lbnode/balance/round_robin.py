@@ -167,7 +167,9 @@ class WeightedRoundRobin:
             i = next(self._entries)
         return i
 
-    def pick(self, ctx: PickContext, usable: Usable) -> int | None:
+    def pick(self, ctx: PickContext, usable: Usable, *, retry: bool = False) -> int | None:
+        if retry:
+            return self._retry(usable)
         if self._dirty:
             self._rebuild()
         i = next(self._entries, -1)  # _advance's common case, inlined for speed
@@ -180,6 +182,15 @@ class WeightedRoundRobin:
         if usable(i):
             return i
         return self._walk(usable, self._advance(), {i: False})
+
+    def _retry(self, usable: Usable) -> int | None:
+        """A retry: a weighted draw among the usable backends, the rotation left untouched.
+
+        Taking the next turn instead would move every later first try one step on: with
+        A refusing in A B C, first tries would go A C A C... (A half of them, B none)."""
+        weights = self._tw.weights
+        eligible = [j for j, w in enumerate(weights) if w > 0 and usable(j)]
+        return weighted_choice(eligible, weights, self._rng) if eligible else None
 
     def _walk(self, usable: Usable, i: int, known: dict[int, bool]) -> int | None:
         """From entry ``i`` on: the first backend that is due and usable."""

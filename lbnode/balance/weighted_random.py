@@ -125,7 +125,7 @@ class WeightedRandom:
         self._rng = rng
         self._sampler = WeightedSampler([b.weight for b in backends])
 
-    def pick(self, ctx: PickContext, usable: Usable) -> int | None:
+    def pick(self, ctx: PickContext, usable: Usable, *, retry: bool = False) -> int | None:
         sampler, rng = self._sampler, self._rng
         for _ in range(DRAW_ATTEMPTS):
             i = sampler.draw(rng)

@@ -35,6 +35,27 @@ def checkers_for(backend_key: str, live_nodes: Iterable[str], k: int) -> list[st
     return ranked[:k]
 
 
+def fresh_verdict(
+    observations: Mapping[str, tuple[bool, float]], checkers: Sequence[str], now: float
+) -> bool | None:
+    """``cluster_verdict`` ignoring the observations that are too old at ``now``.
+
+    ``observations``: node id -> (passed, the time from which it is too old, on the
+    caller's clock). A checker whose observation is that old has fallen silent while its node lives (its
+    lease keeps the key): its last word is ignored and it is left out of the count, as if
+    it were not a checker, so the others decide. A checker that has not spoken yet still
+    counts (a new assignment must not let one checker eject a backend for everyone).
+    """
+    fresh: dict[str, bool] = {}
+    silent: set[str] = set()
+    for node, (ok, stale_at) in observations.items():
+        if now >= stale_at:
+            silent.add(node)
+        else:
+            fresh[node] = ok
+    return cluster_verdict(fresh, [c for c in checkers if c not in silent])
+
+
 def cluster_verdict(observations: Mapping[str, bool], checkers: Sequence[str]) -> bool | None:
     """Is the backend up, judging by its checkers' latest results (node id -> passed)?
 

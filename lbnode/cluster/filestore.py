@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from lbnode.cluster.store import (
 )
 from lbnode.config import ConfigFileError
 from lbnode.model import ConfigError, Pool, pool_from_dict, pool_to_dict
+from lbnode.statedir import write_atomic
 
 log = logging.getLogger("lbnode.cluster")
 
@@ -162,25 +162,8 @@ class FileStore:
                 {"revision": pools[n].revision, "spec": pool_to_dict(pools[n].pool)} for n in sorted(pools)
             ],
         }
-        data = (json.dumps(document, indent=2) + "\n").encode()
-        tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
-        # 0600: specs may carry affinity cookie keys.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # The rename itself must reach the disk too.
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # 0600 (write_atomic's default): specs may carry affinity cookie keys.
+        write_atomic(self.path, (json.dumps(document, indent=2) + "\n").encode())
 
     def _load(self) -> tuple[dict[str, PoolRecord], int]:
         where = str(self.path)

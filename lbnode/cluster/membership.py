@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from lbnode import __version__
-from lbnode.cluster.assign import backend_key, checkers_for, cluster_verdict
+from lbnode.cluster.assign import backend_key, checkers_for, fresh_verdict
 from lbnode.cluster.etcd import Compacted, EtcdConnection, KeyEvent, KeyValue, LeaseNotFound
 from lbnode.cluster.store import StoreError
 from lbnode.cluster.watch import follow_watch
@@ -52,6 +52,15 @@ KEEPALIVE_RETRY = 0.2
 # An unchanged observation is written again this often, so its "at" shows it is fresh;
 # a change of ok/not-ok is written at once. Checks themselves run far more often.
 HEALTH_REFRESH = 5.0
+# An observation not written again for this many of its writer's write intervals is ignored:
+# its checker fell silent while its node lives (the lease keeps its key). A checker writes
+# at least every max(refresh_interval, check interval + timeout) while it checks (its value
+# says so: "every"); three of them (15 s with the defaults: refresh 5 s, checks every 2 s)
+# let two writes in a row be late or lost (a slow etcd write, a busy node) before a live
+# checker's word is dropped, and bound how long a silent one's last word stands. Ages run
+# on this node's clock from when it saw the write (the wall-clock "at" is used only for
+# what a full read finds), so skew between the nodes' clocks does not matter.
+OBSERVATION_MAX_AGE_WRITES = 3
 # Puts per transaction (etcd's default limit is 128 operations).
 TXN_MAX_OPS = 100
 
@@ -68,6 +77,13 @@ class SharedObservation:
     ok: bool
     reason: str
     at: float  # wall-clock seconds when the observing node wrote it
+    seen: float = 0.0  # Trio clock of this node when it saw that write (its age starts there)
+    every: float = HEALTH_REFRESH  # the writer rewrites it at least this often while it checks
+
+    @property
+    def stale_at(self) -> float:
+        """From then on (Trio clock) its checker is taken as silent and it is ignored."""
+        return self.seen + OBSERVATION_MAX_AGE_WRITES * self.every
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +91,7 @@ class _Written:
     ok: bool
     lease: int
     at: float  # Trio clock
+    checked_at: float  # the written observation's check time: a refresh needs a newer check
 
 
 class DuplicateNodeId(StoreError):
@@ -108,6 +125,7 @@ class ClusterAgent:
         self._owns_connection = connection is None
         self.k = settings.health_checkers
         self.refresh_interval = refresh_interval
+        self._period: dict[str, float] = {}  # pool -> its check interval + timeout (what publish was told)
         self._wall = wall_clock
         self.node_key = f"{settings.prefix}/nodes/{node_id}"
         self.node_prefix = f"{settings.prefix}/nodes/"
@@ -124,6 +142,8 @@ class ClusterAgent:
         self.live_nodes: frozenset[str] = frozenset()
         self._health: dict[BackendRef, dict[str, SharedObservation]] = {}
         self._told: dict[BackendRef, bool] = {}  # last verdict handed to the callbacks
+        # Backends whose every checker fell silent: this node checks them itself meanwhile.
+        self._covering: set[BackendRef] = set()
         # what this node publishes
         self._latest: dict[BackendRef, Observation] = {}
         self._written: dict[BackendRef, _Written] = {}
@@ -167,18 +187,32 @@ class ClusterAgent:
         return checkers_for(backend_key(pool, backend_id), live, self.k)
 
     def assigned(self, pool: str, backend_id: str) -> bool:
-        """Must this node actively check this backend?"""
-        return self.isolated or self.node_id in self.checkers(pool, backend_id)
+        """Must this node actively check this backend? (Also while all its checkers are silent.)"""
+        return (
+            self.isolated
+            or self.node_id in self.checkers(pool, backend_id)
+            or (pool, backend_id) in self._covering
+        )
 
-    def publish(self, observation: Observation, pool: str) -> None:
-        """Share a check result; written at once when ok/not-ok changed, else every ``refresh_interval``."""
+    def publish(self, observation: Observation, pool: str, *, period: float = 0.0) -> None:
+        """Share a check result; written at once when ok/not-ok changed, else every ``refresh_interval``.
+
+        ``period``: the pool's check interval + timeout, the longest a live checker goes
+        without a result; with the refresh interval it says how soon readers may take this
+        node as silent. Only a new result is ever written: a checker that stops checking
+        stops refreshing, and its word ages out everywhere."""
         ref = (pool, observation.backend_id)
         if not self.isolated and not self.assigned(*ref):
             return  # a checker not yet re-filtered; its results are not ours to share
+        previous = self._latest.get(ref)
         self._latest[ref] = observation
+        self._period[pool] = period
         self._retracted.discard(ref)
         written = self._written.get(ref)
-        if written is None or written.ok != observation.ok or written.lease != self.lease_id:
+        if (written is None or written.ok != observation.ok or written.lease != self.lease_id
+                or trio.current_time() - written.at >= self.refresh_interval
+                # the first new result since the last write: the loop's next refresh time moves
+                or previous is None or previous.at <= written.checked_at):
             self._wake.set()
 
     def retract(self, pool: str, backend_ids: Iterable[str] | None = None) -> None:
@@ -197,7 +231,10 @@ class ClusterAgent:
 
     def verdict(self, pool: str, backend_id: str) -> bool | None:
         obs = self._health.get((pool, backend_id), {})
-        return cluster_verdict({n: o.ok for n, o in obs.items()}, self.checkers(pool, backend_id))
+        return self._verdict(obs, self.checkers(pool, backend_id))
+
+    def _verdict(self, observations: dict[str, SharedObservation], checkers: list[str]) -> bool | None:
+        return fresh_verdict({n: (o.ok, o.stale_at) for n, o in observations.items()}, checkers, trio.current_time())
 
     def stop(self, *, revoke: bool = True) -> None:
         """End ``run``. ``revoke=False`` leaves the lease to expire, as if the node had died."""
@@ -217,6 +254,7 @@ class ClusterAgent:
                         self._follow, self.health_prefix, self._reset_health, self._health_changed, "shared health"
                     )
                     nursery.start_soon(self._publish_loop)
+                    nursery.start_soon(self._age_loop)
                     task_status.started()
             finally:
                 await self._leave()
@@ -388,16 +426,17 @@ class ClusterAgent:
             puts = [
                 (ref, obs) for ref, obs in self._latest.items()
                 if (w := self._written.get(ref)) is None
-                or w.ok != obs.ok or w.lease != lease or now - w.at >= self.refresh_interval
+                or w.ok != obs.ok or w.lease != lease
+                or (now - w.at >= self.refresh_interval and obs.at > w.checked_at)  # a new result only
             ]
             deletes = [ref for ref in self._retracted if ref in self._written]
             try:
                 for i in range(0, len(puts), TXN_MAX_OPS):
                     chunk = puts[i:i + TXN_MAX_OPS]
-                    items = [(self._health_key(ref), self._health_value(obs)) for ref, obs in chunk]
+                    items = [(self._health_key(ref), self._health_value(ref, obs)) for ref, obs in chunk]
                     await trio.to_thread.run_sync(self.conn.put_many, items, lease, abandon_on_cancel=True)
                     for ref, obs in chunk:
-                        self._written[ref] = _Written(obs.ok, lease, now)
+                        self._written[ref] = _Written(obs.ok, lease, now, obs.at)
                 for i in range(0, len(deletes), TXN_MAX_OPS):
                     gone = deletes[i:i + TXN_MAX_OPS]
                     keys = [self._health_key(ref) for ref in gone]
@@ -422,14 +461,60 @@ class ClusterAgent:
     def _next_refresh(self) -> float:
         if self.lease_id is None:
             return math.inf
-        oldest = min((w.at for ref, w in self._written.items() if ref in self._latest), default=math.inf)
+        latest = self._latest
+        oldest = min(
+            (w.at for ref, w in self._written.items() if ref in latest and latest[ref].at > w.checked_at),
+            default=math.inf,
+        )  # nothing new to refresh with: publish() wakes the loop when a result comes
         return oldest + self.refresh_interval
+
+    async def _age_loop(self) -> None:
+        """Observations age with no event: look again every refresh interval, so a silent
+        checker's word is dropped at most that long after it got too old."""
+        while True:
+            await trio.sleep(self.refresh_interval)
+            self._update_covering(list(self._health))
+            for ref in list(self._health):
+                self._reconsider(ref)
+
+    def _all_silent(self, ref: BackendRef, now: float) -> bool:
+        """Every checker of this backend (this node not among them) spoke once and fell silent."""
+        checkers = self.checkers(*ref)
+        observations = self._health.get(ref, {})
+        return (
+            bool(checkers)
+            and self.node_id not in checkers
+            and all(c in observations and now >= observations[c].stale_at for c in checkers)
+        )
+
+    def _update_covering(self, refs: Iterable[BackendRef]) -> None:
+        """Start or stop checking ``refs`` here as their checkers fall silent or speak again.
+
+        With no checker's word there is no verdict: rather than keep the backend's state
+        forever, this node checks it itself, as a node without a lease does."""
+        now = trio.current_time()
+        changed = False
+        for ref in refs:
+            silent = self._all_silent(ref, now)
+            if silent and ref not in self._covering:
+                self._covering.add(ref)
+                log.warning("pool %s backend %s: every checker (%s) fell silent; node %s checks it itself",
+                            ref[0], ref[1], ", ".join(self.checkers(*ref)), self.node_id)
+                changed = True
+            elif not silent and ref in self._covering:
+                self._covering.discard(ref)
+                log.info("pool %s backend %s: its checkers speak again; node %s stops checking it",
+                         ref[0], ref[1], self.node_id)
+                changed = True
+        if changed:
+            self._assignments_changed()
 
     def _health_key(self, ref: BackendRef) -> str:
         return f"{self.health_prefix}{ref[0]}/{ref[1]}/{self.node_id}"
 
-    def _health_value(self, obs: Observation) -> bytes:
-        return json.dumps({"ok": obs.ok, "reason": obs.reason, "at": round(self._wall(), 3)}).encode()
+    def _health_value(self, ref: BackendRef, obs: Observation) -> bytes:
+        every = max(self.refresh_interval, self._period.get(ref[0], 0.0))
+        return json.dumps({"ok": obs.ok, "reason": obs.reason, "at": round(self._wall(), 3), "every": every}).encode()
 
     # ------------------------------------------------------------------ following etcd
     async def _follow(
@@ -537,7 +622,7 @@ class ClusterAgent:
 
     # ------------------------------------------------------------------ shared health
     def _parse_health(
-        self, key: str, value: bytes, revision: int
+        self, key: str, value: bytes, revision: int, *, full_read: bool = False
     ) -> tuple[BackendRef, SharedObservation] | None:
         parts = key[len(self.health_prefix):].split("/")
         if len(parts) != 3 or not all(parts):
@@ -546,7 +631,13 @@ class ClusterAgent:
         pool, backend, node = parts
         try:
             data = json.loads(value)
-            obs = SharedObservation(node, data["ok"], str(data.get("reason", "")), float(data.get("at", 0.0)))
+            at = float(data.get("at", 0.0))
+            every = float(data.get("every", self.refresh_interval))
+            if not (math.isfinite(every) and every > 0):
+                raise ValueError(f'"every" must be a positive number of seconds, got {data.get("every")!r}')
+            # Seen now; a full read ages it by its wall-clock "at" (never younger than now).
+            seen = trio.current_time() - (max(0.0, self._wall() - at) if full_read else 0.0)
+            obs = SharedObservation(node, data["ok"], str(data.get("reason", "")), at, seen, every)
             if not isinstance(obs.ok, bool):
                 raise TypeError('"ok" is not true or false')
         except (ValueError, TypeError, KeyError) as exc:
@@ -557,12 +648,13 @@ class ClusterAgent:
     def _reset_health(self, kvs: list[KeyValue]) -> None:
         health: dict[BackendRef, dict[str, SharedObservation]] = {}
         for kv in kvs:
-            parsed = self._parse_health(kv.key, kv.value, kv.mod_revision)
+            parsed = self._parse_health(kv.key, kv.value, kv.mod_revision, full_read=True)
             if parsed is not None:
                 ref, obs = parsed
                 health.setdefault(ref, {})[obs.node] = obs
         old = self._health
         self._health = health
+        self._update_covering(set(old) | set(health) | self._covering)
         for ref in set(old) | set(health):
             self._reconsider(ref)
 
@@ -582,6 +674,8 @@ class ClusterAgent:
                 return
             ref, obs = parsed
             self._health.setdefault(ref, {})[obs.node] = obs
+        if ref in self._covering:
+            self._update_covering([ref])  # a checker spoke again (or went): maybe stop covering
         self._reconsider(ref)
 
     def _reconsider(self, ref: BackendRef) -> None:
@@ -595,18 +689,21 @@ class ClusterAgent:
             self._told.pop(ref, None)  # nobody speaks about it any more (pool or backend gone)
             return
         checkers = self.checkers(pool, backend)
-        up = cluster_verdict({n: o.ok for n, o in observations.items()}, checkers)
+        up = self._verdict(observations, checkers)
         if up is None or self._told.get(ref) == up:
             return
         self._told[ref] = up
-        reason = _describe(up, checkers, observations)
+        reason = _describe(up, checkers, observations, trio.current_time())
         log.info("pool %s backend %s is %s for the cluster: %s", pool, backend, "up" if up else "down", reason)
         for callback in self._on_verdict:
             callback(pool, backend, up, reason)
 
 
-def _describe(up: bool, checkers: list[str], observations: dict[str, SharedObservation]) -> str:
-    spoken = [observations[n] for n in checkers if n in observations]
+def _describe(up: bool, checkers: list[str], observations: dict[str, SharedObservation], now: float) -> str:
+    spoken = [observations[n] for n in checkers if n in observations and now < observations[n].stale_at]
+    silent = [n for n in checkers if n in observations and now >= observations[n].stale_at]
     agreeing = [o for o in spoken if o.ok == up]
     detail = "; ".join(f"{o.node}: {o.reason}" for o in spoken)
-    return f"{'up' if up else 'down'} on {len(agreeing)} of {len(checkers)} checkers ({detail})"
+    if silent:
+        detail += f"; silent, ignored: {', '.join(silent)}"
+    return f"{'up' if up else 'down'} on {len(agreeing)} of {len(checkers) - len(silent)} checkers ({detail})"

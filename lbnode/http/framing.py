@@ -29,6 +29,10 @@ class End:
     trailers: Headers
 
 
+# llhttp's error for a well-formed ``HTTP/d.d`` it does not know (1.2, 3.0): 505 like the
+# versions it parses but we do not speak (2.0, 0.9, refused by check_request), not a 400.
+LLHTTP_UNKNOWN_VERSION = "Invalid HTTP version"
+
 # The End of a message without trailers, shared (nothing mutates an End's trailers).
 END = End([])
 
@@ -81,6 +85,8 @@ class RequestReader:
             self.broken = True
             if isinstance(exc.__context__, _HeadTooLarge):
                 self.events.append(ParseError("request header section too large", 431))
+            elif str(exc) == LLHTTP_UNKNOWN_VERSION:
+                self.events.append(ParseError("HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)", 505))
             else:
                 self.events.append(ParseError(_reason(exc)))
             return

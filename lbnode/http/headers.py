@@ -43,6 +43,7 @@ REASONS = {
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -77,6 +78,9 @@ class RequestHead:
     # ("name", ": ", "value", CRLF pieces) for the head sent to the backend.
     noted: Headers | None = None
     forward: list[bytes] | None = None
+    # The authority of an absolute-form target (``GET http://a.example/x``): it replaces
+    # the Host header on the way to the backend (RFC 9112 3.2.2). None for origin-form.
+    authority: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header, by lower-case name."""
@@ -151,8 +155,12 @@ def check_request(head: RequestHead) -> None:
     bare CR/LF, NUL, obs-fold and whitespace before the colon. We add: the only
     accepted Transfer-Encoding is a lone ``chunked`` (we re-frame the body, so
     ``gzip, chunked`` could not be forwarded faithfully), exactly one Host on
-    HTTP/1.1, and a target we can route.
+    HTTP/1.1, a version we speak (llhttp parses ``HTTP/2.0`` and such as well), and a
+    target we can route.
     """
+    if head.version not in SUPPORTED_VERSIONS:
+        # Never forwarded: the backend would answer a version the client did not speak.
+        raise BadRequest(f"HTTP/{head.version} is not supported (HTTP/1.0 and HTTP/1.1 are)", status=505)
     hosts: list[bytes] = []
     te_seen = False
     tokens: list[bytes] = []
@@ -184,12 +192,22 @@ def check_request(head: RequestHead) -> None:
     target = head.target
     if head.method == b"CONNECT":
         raise BadRequest("CONNECT is not supported", status=405)
-    if target.startswith((b"http://", b"https://")):
-        # absolute-form: its authority wins over the Host header (RFC 9112 3.2.2).
+    if target[:8].lower().startswith((b"http://", b"https://")):
+        # absolute-form: its authority replaces the Host header (RFC 9112 3.2.2), for
+        # routing and for the backend, which gets the origin-form of the target.
         rest = target.split(b"://", 1)[1]
-        slash = rest.find(b"/")
-        authority, target = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+        end = len(rest)
+        for sep in (b"/", b"?"):
+            i = rest.find(sep)
+            if 0 <= i < end:
+                end = i
+        authority, target = rest[:end], rest[end:]
+        if not authority or b"@" in authority:
+            raise BadRequest(f"request target {head.target[:64].decode('latin-1')!r} has no host, or user info")
+        if not target.startswith(b"/"):
+            target = b"/" + target  # "http://a.example" or "http://a.example?q": path "/"
         hosts = [authority]
+        head.authority = authority
         head.target = target
     elif not (target.startswith(b"/") or (target == b"*" and head.method == b"OPTIONS")):
         raise BadRequest(f"unsupported request target {target[:64].decode('latin-1')!r}")
@@ -202,6 +220,8 @@ def check_request(head: RequestHead) -> None:
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
+# HTTP versions the node speaks; any other (HTTP/2.0 on an HTTP/1 connection, HTTP/1.2) gets 505.
+SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
 
 # Host field value -> host name for routing. Clients send the same few values again and
 # again; the table is emptied when full, so it stays small whatever they send.
@@ -248,7 +268,8 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
     xff: list[bytes] = []
     vias: list[bytes] = []
     original_host = b""
-    if head.forward is not None and head.connection_tokens <= HOP_BY_HOP:
+    authority = head.authority
+    if head.forward is not None and head.connection_tokens <= HOP_BY_HOP and authority is None:
         # The parser already set aside what is dropped here; Connection names nothing else.
         for name, v in head.noted:  # type: ignore[union-attr]
             if name == b"x-forwarded-for":
@@ -270,7 +291,12 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
                 continue
             if name == b"host":
                 original_host = v
+                if authority is not None:
+                    continue  # replaced by the target's authority, below
             out += (n, b": ", v, b"\r\n")
+        if authority is not None:
+            original_host = authority
+            out += (b"Host: ", authority, b"\r\n")
     xff.append(client_ip.encode())
     vias.append(_via_values.get((head.version, via)) or _via_value(head.version, via))
     out += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n")

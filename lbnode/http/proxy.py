@@ -409,14 +409,14 @@ class HttpProxy:
             if preferred is not None:
                 backend, preferred = preferred, None
             else:
-                backend = pool.choose(ctx, now, exclude)
+                backend = pool.choose(ctx, now, exclude, retry=bool(tried) or fresh_retry_used)
             if backend is None and pool.saturated(now, exclude):
                 # Every usable backend is at max_inflight: wait our turn (FIFO).
                 while backend is None and pool.saturated(now, exclude):
                     if not await pool.wait_for_room(now + spec.queue_timeout if not tried else now):
                         break
                     now = self.clock()
-                    backend = pool.choose(ctx, now, exclude)
+                    backend = pool.choose(ctx, now, exclude, retry=bool(tried) or fresh_retry_used)
                 if backend is None and last is None:
                     await self._refuse(conn, head, 503, f"all backends of pool {spec.name} are busy",
                                        close=not self._can_continue(conn, head, body),

@@ -133,7 +133,7 @@ class TcpProxy:
             else:
                 now = trio.current_time()
                 exclude = frozenset(tried)
-                backend = pool.choose(ctx, now, exclude)
+                backend = pool.choose(ctx, now, exclude, retry=bool(tried))
                 # Every usable backend at max_connections: wait in the pool's FIFO queue.
                 deadline = now + spec.queue_timeout
                 while backend is None and not tried and pool.saturated(now, exclude):

@@ -347,11 +347,14 @@ def _wheelhouse(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    for reason in (topology.netns_unavailable(), sshhosts.sshd_unavailable()):
-        if reason is not None:
-            pytest.skip(reason)
+    reason = topology.netns_unavailable()  # root and network namespaces: not something `make test` gives
+    if reason is not None:
+        pytest.skip(reason)
+    reason = sshhosts.sshd_unavailable()  # openssh-server: `make test` installs it (sysdeps-test)
+    if reason is not None:
+        pytest.fail(reason)
     if ANSIBLE_PLAYBOOK is None:
-        pytest.skip("ansible-playbook is not installed (pip install ansible-core)")
+        pytest.fail("ansible-playbook is not installed: it is a test dependency (`make venv` installs ansible-core)")
     require_etcd()
     tmp = tmp_path_factory.mktemp("ansible")
     wheelhouse = _wheelhouse(tmp / "wheels")
@@ -504,7 +507,7 @@ def test_a_changed_listener_restarts_only_that_node_through_the_handler(
 
 def test_ansible_lint_passes_on_the_roles_and_playbook(tmp_path: Path) -> None:
     if ANSIBLE_LINT is None:
-        pytest.skip("ansible-lint is not installed (pip install ansible-lint)")
+        pytest.fail("ansible-lint is not installed: it is a test dependency (`make venv` installs it)")
     # A copy outside the repository, and a home of its own: ansible-lint writes a cache
     # (.ansible/) into the project it lints and into the home directory.
     shutil.copytree(PLAYBOOK_DIR, tmp_path / "ansible")

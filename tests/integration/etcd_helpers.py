@@ -31,8 +31,9 @@ ELECTION_MS = 500
 
 
 def require_etcd() -> None:
+    """`make test` installs etcd (sysdeps-test): its absence fails the test, it is never a skip."""
     if not Path(ETCD).exists():
-        pytest.skip("etcd is not installed (Debian package etcd-server; `make sysdeps-test` installs it)")
+        pytest.fail("etcd is not installed (Debian package etcd-server): run `make test`, or `make sysdeps-test` first")
 
 
 @dataclass

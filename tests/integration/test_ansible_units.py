@@ -26,7 +26,7 @@ COMMON = {
 
 def render(tmp_path: Path, template: Path, variables: dict[str, object]) -> str:
     if ANSIBLE_PLAYBOOK is None:
-        pytest.skip("ansible-playbook is not installed (pip install ansible-core)")
+        pytest.fail("ansible-playbook is not installed: it is a test dependency (`make venv` installs ansible-core)")
     out = tmp_path / "rendered"
     play = [{"hosts": "localhost", "gather_facts": False, "vars": variables,
              "tasks": [{"ansible.builtin.template": {"src": str(template), "dest": str(out)}}]}]

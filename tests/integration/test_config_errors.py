@@ -89,6 +89,18 @@ W1 = '  address = "127.0.0.1:9002"\n  weight = 2\n'  # pools[0].backends[1]
 ALGOS = "random, round_robin, weighted_round_robin, least_connections, least_loaded, least_latency, source_hash, consistent_hash"
 
 CASES = [
+    Case(
+        "connect-ejection-negative",
+        (('algorithm = "round_robin"\n', 'algorithm = "round_robin"\nconnect_ejection = -1\n'),),
+        "pools[0].connect_ejection",
+        "duration must be a finite number >= 0, got -1",
+    ),
+    Case(
+        "connect-ejection-too-long",
+        (('algorithm = "round_robin"\n', 'algorithm = "round_robin"\nconnect_ejection = "10m"\n'),),
+        "pools[0].connect_ejection",
+        "must be at most 300s, got '10m' (for longer outages use [pools.health] or [pools.outlier])",
+    ),
     Case("unknown-top-key", (("[node]\n", 'colour = "blue"\n[node]\n'),), "colour", "unknown key"),
     Case(
         "unknown-node-key",

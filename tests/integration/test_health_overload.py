@@ -647,8 +647,8 @@ async def test_retry_on_503_hides_a_backend_answering_503(nursery):
 
 
 async def test_retry_on_503_with_the_default_retry_budget(nursery):
-    """The same with the default budget (20% of requests, floor of 3 retries a second), at a rate
-    the floor covers even if every request needed a retry."""
+    """The same with the default budget (20% of the requests of the last 10 s plus a reserve of
+    10 retries a second), at a rate the reserve covers even if every request needed a retry."""
     (good,) = await start_backends(nursery, "good")
     bad = await start_raw_backend(nursery, 503, "Service Unavailable")
     node, bound = await start_node(nursery, node_toml(

@@ -13,7 +13,7 @@ import trio
 
 from lbnode.cluster.assign import backend_key, checkers_for
 from lbnode.cluster.etcd import EtcdConnection
-from lbnode.cluster.membership import ClusterAgent
+from lbnode.cluster.membership import OBSERVATION_MAX_AGE_WRITES, ClusterAgent
 from lbnode.health.state import Observation
 from lbnode.model import ClusterSettings
 from tests.conftest import free_port
@@ -175,6 +175,64 @@ async def test_non_checkers_follow_the_majority_of_checkers(
         assert verdicts[-1][2] is True
         # checkers get no verdicts for what they check themselves
         assert not [v for v in verdicts if v[1] != backend]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_checker_that_falls_silent_while_its_node_lives_is_ignored_after_its_age_limit(
+    settings: ClusterSettings, etcd_conn: EtcdConnection
+) -> None:
+    refresh = 0.3  # writes every 0.3 s while checking: readers drop a silent one after 0.9 s
+    async with trio.open_nursery() as nursery:
+        agents = [ClusterAgent(settings, n, {"addresses": []}, refresh_interval=refresh) for n in ("a", "b", "c")]
+        for agent in agents:
+            await nursery.start(agent.run)
+        a, b, c = agents
+        await eventually(lambda: all(x.live_nodes == {"a", "b", "c"} for x in agents), what="all see all")
+        backend = backend_checked_by({"a", "b"}, ["a", "b", "c"])
+        verdicts: list[tuple[str, str, bool, str]] = []
+        c.on_verdict(lambda *v: verdicts.append(v))
+        a.publish(observation(backend, True), "web")  # a's checker says up once, then never again
+        stop_b = trio.Event()
+
+        async def b_checks() -> None:  # b's checker goes on: down, every 0.1 s
+            while not stop_b.is_set():
+                b.publish(observation(backend, False), "web")
+                await trio.sleep(0.1)
+
+        nursery.start_soon(b_checks)
+        await eventually(lambda: "a" in c.observations("web", backend) and "b" in c.observations("web", backend),
+                         what="c sees both")
+        a_key = f"{settings.prefix}/health/web/{backend}/a"
+        _, a_revision = await read(etcd_conn, a_key)
+        assert verdicts and verdicts[-1][2] is True  # split vote while a speaks: up
+        silent_since = c.observations("web", backend)["a"].seen
+        took = await eventually(lambda: verdicts[-1][2] is False, timeout=10, what="down once a is silent")
+        dropped_after = trio.current_time() - silent_since
+        print(f"\nsilent checker ignored {dropped_after:.2f}s after its last write "
+              f"(limit {OBSERVATION_MAX_AGE_WRITES} x {refresh}s, looked at every {refresh}s)")
+        # Its bound: 3 writes' time, plus one sweep (refresh), plus 0.5 s for 2 busy cores.
+        assert OBSERVATION_MAX_AGE_WRITES * refresh <= dropped_after < (OBSERVATION_MAX_AGE_WRITES + 1) * refresh + 0.5
+        assert took > 0
+        reason = verdicts[-1][3]
+        assert reason.startswith("down on 1 of 1 checkers") and "silent, ignored: a" in reason
+        assert c.verdict("web", backend) is False
+        # a's node lives: its key is still there, and was never refreshed without a new result
+        value, revision = await read(etcd_conn, a_key)
+        assert value is not None and revision == a_revision
+        # a speaks again: counted again at once (split vote: up)
+        a.publish(observation(backend, True), "web")
+        await eventually(lambda: verdicts[-1][2] is True, what="up again when a speaks")
+        assert not c.assigned("web", backend)
+        # Both fall silent: no verdict is left, so c checks the backend itself (as a node
+        # without a lease does) and tells its checkers to re-filter; once one speaks, it stops.
+        reassigned: list[bool] = []
+        c.on_assignment_change(lambda: reassigned.append(c.assigned("web", backend)))
+        stop_b.set()
+        await eventually(lambda: c.assigned("web", backend), timeout=10, what="c covers for its silent checkers")
+        assert reassigned and reassigned[-1] is True
+        b.publish(observation(backend, False), "web")
+        await eventually(lambda: not c.assigned("web", backend), what="c stops covering when b speaks")
+        assert reassigned[-1] is False
         nursery.cancel_scope.cancel()
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from lbnode.cluster.assign import backend_key, checkers_for, cluster_verdict
+from lbnode.cluster.assign import backend_key, checkers_for, cluster_verdict, fresh_verdict
 
 BACKENDS = [backend_key(f"pool{i % 7}", f"10.0.{i // 250}.{i % 250}:8080") for i in range(1000)]
 NODES = [f"node-{c}" for c in "abcde"]
@@ -93,3 +93,20 @@ def test_down_only_when_a_majority_of_checkers_say_so(
     observations: dict[str, bool], checkers: list[str], up: bool
 ) -> None:
     assert cluster_verdict(observations, checkers) is up
+
+
+def test_a_silent_checkers_last_word_is_ignored_and_the_others_decide() -> None:
+    now = 100.0
+    fresh, old = now + 1.0, now  # stale_at: in the future, or reached
+    # a said up and fell silent; b says down: down (b alone is counted), not a split vote
+    assert fresh_verdict({"a": (True, old), "b": (False, fresh)}, ["a", "b"], now) is False
+    # both speak: the split vote is up, as before
+    assert fresh_verdict({"a": (True, fresh), "b": (False, fresh)}, ["a", "b"], now) is True
+    # a silent "down" does not keep a backend down that b sees up
+    assert fresh_verdict({"a": (False, old), "b": (True, fresh)}, ["a", "b"], now) is True
+    # everyone silent: no verdict (the node keeps what it has)
+    assert fresh_verdict({"a": (False, old), "b": (False, old)}, ["a", "b"], now) is None
+    # a checker that has not spoken yet still counts: one "down" of 2 is no majority
+    assert fresh_verdict({"a": (False, fresh)}, ["a", "b"], now) is True
+    # 3 checkers, one silent: 2 fresh downs of 2 counted
+    assert fresh_verdict({"a": (True, old), "b": (False, fresh), "c": (False, fresh)}, ["a", "b", "c"], now) is False

@@ -520,3 +520,38 @@ def test_missing_parts_give_no_key() -> None:
 
 def test_malformed_query_does_not_raise() -> None:
     assert key("query:u", "u=%zz%&&=&u") == b"%zz%"
+
+
+@pytest.mark.parametrize("algorithm", ["round_robin", "weighted_round_robin"])
+@pytest.mark.parametrize("weights", [(1, 1, 1), (2, 1, 1)])
+def test_a_retry_does_not_move_the_rotation_so_a_failing_backend_gets_only_its_share_of_first_tries(
+    algorithm: str, weights: tuple[int, ...]
+) -> None:
+    """Backend 0 fails every request, which is then retried once elsewhere (as the proxy does)."""
+    p = policy(algorithm, list(weights))
+    total = sum(weights)
+    first: Counter[int] = Counter()
+    retried: Counter[int] = Counter()
+    requests = total * 300
+    for _ in range(requests):
+        i = p.pick(CTX, always)
+        assert i is not None
+        first[i] += 1
+        if i == 0:
+            j = p.pick(CTX, lambda k: k != 0, retry=True)
+            assert j is not None and j != 0
+            retried[j] += 1
+    # Exactly its weight's share of first tries, as if it never failed.
+    assert first == Counter({i: 300 * w for i, w in enumerate(weights)})
+    # Retries are spread over the others by weight (a draw: within 25% of the expected count).
+    for j in range(1, len(weights)):
+        expected = first[0] * weights[j] / (total - weights[0])
+        assert abs(retried[j] - expected) < 0.25 * expected, (retried, expected)
+
+
+@pytest.mark.parametrize("algorithm", ["round_robin", "weighted_round_robin"])
+def test_a_retry_draws_only_among_usable_backends_with_weight(algorithm: str) -> None:
+    p = policy(algorithm, [1, 0, 1, 1])
+    picks = {p.pick(CTX, lambda k: k != 2, retry=True) for _ in range(200)}
+    assert picks == {0, 3}
+    assert p.pick(CTX, lambda k: False, retry=True) is None

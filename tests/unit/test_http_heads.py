@@ -8,8 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from lbnode.http.framing import END, End, RequestReader, ResponseReader
+from lbnode.http.framing import END, End, ParseError, RequestReader, ResponseReader
 from lbnode.http.headers import (
+    BadRequest,
     RequestHead,
     ResponseHead,
     check_request,
@@ -127,3 +128,62 @@ def test_the_request_head_size_limit_counts_what_was_parsed() -> None:
     reader.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 1000 + b"\r\n\r\n")
     error = reader.events.popleft()
     assert getattr(error, "status", None) == 431
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"0.9", b"1.2", b"3.0", b"9.9"])
+def test_a_version_other_than_1_0_and_1_1_is_refused_with_505(version: bytes) -> None:
+    reader = RequestReader(64 * 1024)
+    reader.feed(b"GET / HTTP/" + version + b"\r\nHost: h\r\n\r\n")
+    event = reader.events.popleft()
+    if isinstance(event, RequestHead):  # llhttp parses 2.0 and 0.9: the check is ours
+        with pytest.raises(BadRequest) as refused:
+            check_request(event)
+        assert refused.value.status == 505 and f"HTTP/{version.decode()} is not supported" in refused.value.reason
+    else:  # llhttp refuses the others itself
+        assert isinstance(event, ParseError) and event.status == 505, event
+
+
+@pytest.mark.parametrize("version", [b"1.x", b"12.0", b"1.1x"])
+def test_a_malformed_version_is_400(version: bytes) -> None:
+    reader = RequestReader(64 * 1024)
+    reader.feed(b"GET / HTTP/" + version + b"\r\nHost: h\r\n\r\n")
+    event = reader.events.popleft()
+    assert isinstance(event, ParseError) and event.status == 400
+
+
+@pytest.mark.parametrize(
+    ("target", "authority", "origin", "host"),
+    [
+        (b"http://a.example/x?y=1", b"a.example", b"/x?y=1", "a.example"),
+        (b"HTTP://A.example:8080", b"A.example:8080", b"/", "a.example"),
+        (b"https://a.example?q", b"a.example", b"/?q", "a.example"),
+        (b"http://[::1]:81/p", b"[::1]:81", b"/p", "[::1]"),
+    ],
+)
+def test_an_absolute_form_target_goes_out_in_origin_form_with_its_authority_as_the_only_host(
+    target: bytes, authority: bytes, origin: bytes, host: str
+) -> None:
+    raw = b"GET " + target + b" HTTP/1.1\r\nHost: b.example\r\nAccept: */*\r\n\r\n"
+    for head in (_request(raw), replace(_request(raw), noted=None, forward=None)):
+        check_request(head)
+        assert head.host == host  # what routing sees
+        out = upstream_request_head(head, "192.0.2.7", "http", "fulcrum")
+        assert out.startswith(b"GET " + origin + b" HTTP/1.1\r\n")
+        assert out.count(b"\r\nHost: ") == 1 and b"\r\nHost: " + authority + b"\r\n" in out
+        assert b"b.example" not in out
+        assert b"X-Forwarded-Host: " + authority + b"\r\n" in out
+
+
+def test_an_absolute_form_target_on_http_1_0_without_host_gets_one() -> None:
+    head = _request(b"GET http://a.example/x HTTP/1.0\r\n\r\n")
+    check_request(head)
+    out = upstream_request_head(head, "192.0.2.7", "http", "fulcrum")
+    assert out.startswith(b"GET /x HTTP/1.1\r\nHost: a.example\r\n")
+
+
+@pytest.mark.parametrize("target", [b"http:///x", b"http://user@a.example/x", b"http://?q"])
+def test_an_absolute_form_target_without_a_host_or_with_user_info_is_400(target: bytes) -> None:
+    head = _request(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    with pytest.raises(BadRequest) as refused:
+        check_request(head)
+    assert refused.value.status == 400 and "no host, or user info" in refused.value.reason

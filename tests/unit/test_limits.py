@@ -159,12 +159,64 @@ def test_retries_are_limited_to_a_percentage_of_recent_requests() -> None:
     assert budget.refused == 80
 
 
-def test_the_floor_lets_a_quiet_pool_retry() -> None:
-    budget = RetryBudget(percent=20.0, min_per_second=3.0)
-    budget.record_request(0.0)
+def test_the_reserve_lets_a_quiet_pool_retry_and_comes_back_as_the_window_slides() -> None:
+    budget = RetryBudget(percent=20.0, min_per_second=0.5, window=6.0)  # a reserve of 3 per 6 s
     assert [budget.try_acquire(0.5) for _ in range(4)] == [True, True, True, False]
-    # the floor is per second
-    assert budget.try_acquire(1.5) is True
+    assert budget.try_acquire(3.5) is False  # the reserve is per window, not per second
+    assert budget.try_acquire(6.5) is True  # the retries of second 0 left the window
+
+
+def test_the_reserve_adds_to_the_share() -> None:
+    budget = RetryBudget(percent=20.0, min_per_second=1.0, window=10.0)  # 20 % + 10
+    for _ in range(100):
+        budget.record_request(0.0)
+    assert sum(budget.try_acquire(0.0) for _ in range(100)) == 20 + 10
+
+
+@pytest.mark.parametrize(
+    ("rate", "failing", "lost_before", "lost_now"),
+    [
+        # requests/s, share of first tries that fail; % of all requests answered with the failure
+        (20, 1 / 3, 13.3, 0.0),
+        (50, 1 / 3, 13.3, 0.0),
+        (100, 1 / 3, 13.3, 3.3),
+        (1000, 1 / 3, 13.3, 12.3),
+        (50, 1 / 2, 30.0, 10.0),
+        (1000, 1 / 5, 0.0, 0.0),
+    ],
+)
+def test_the_default_budget_in_numbers(rate: int, failing: float, lost_before: float, lost_now: float) -> None:
+    """Steady state (the last 30 of 60 s) of one retry wanted by each failing first try: the
+    figures in docs/configuration.md. ``lost_before``: the old default (the share, or 3 in
+    the current second); ``lost_now``: the share plus a reserve of 10/s."""
+
+    def lost(budget: RetryBudget) -> float:
+        every = round(1 / failing)
+        refused = counted = 0
+        for i in range(rate * 60):
+            now = i / rate
+            budget.record_request(now)
+            wanted = i % every == 0
+            granted = budget.try_acquire(now) if wanted else True
+            if now >= 30:
+                counted += 1
+                refused += not granted
+        return 100 * refused / counted
+
+    assert lost(RetryBudget(20.0)) == pytest.approx(lost_now, abs=0.1)
+    assert lost(OldBudget(20.0, 3.0)) == pytest.approx(lost_before, abs=0.1)
+
+
+class OldBudget(RetryBudget):
+    """The budget before the reserve: the share, or 3 retries in the current second."""
+
+    def try_acquire(self, now: float) -> bool:
+        bucket = self._current(now)
+        if self.retries < self.requests * self.percent / 100.0 or bucket[2] < self.min_per_second:
+            bucket[2] += 1
+            self.retries += 1
+            return True
+        return False
 
 
 def test_old_requests_leave_the_window() -> None:
