@@ -1,7 +1,8 @@
-"""``lbctl certs init``: a cluster CA, one certificate per node and a client certificate for lbctl.
+"""``lbctl certs init``: a cluster CA, one certificate per node and lbctl's admin and read-only client certificates.
 
 Owns what the control API's mutual TLS needs: every node certificate names
-the node, localhost/127.0.0.1 and the node's given addresses; private keys are
+the node, localhost/127.0.0.1 and the node's given addresses; a client
+certificate's OU is its role (lbnode/control/roles.py); private keys are
 written mode 0600. Never sends anything anywhere.
 """
 
@@ -23,6 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 LEAF_DAYS = 825
 CA_DAYS = 3650
 ORGANIZATION = "Fulcrum"
+# The two client certificates: file stem, common name, role (the subject OU the node reads).
+CLIENTS = (("client", "lbctl", "admin"), ("reader", "lbctl-reader", "read"))
 
 
 class CertsError(Exception):
@@ -50,7 +53,7 @@ def parse_hosts(values: list[str], nodes: list[str]) -> dict[str, list[str]]:
 
 
 def init_certs(directory: Path, nodes: list[str], hosts: dict[str, list[str]]) -> list[Written]:
-    """Creates (or reuses) ca.pem/ca.key and writes NODE.pem/NODE.key per node and client.pem/client.key."""
+    """Creates (or reuses) ca.pem/ca.key; writes NODE.pem/.key per node, client.pem/.key (admin), reader.pem/.key (read)."""
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Written] = []
     ca_cert_path, ca_key_path = directory / "ca.pem", directory / "ca.key"
@@ -80,11 +83,15 @@ def init_certs(directory: Path, nodes: list[str], hosts: dict[str, list[str]]) -
             Written(directory / f"{node}.pem", f"node {node}: {', '.join(dict.fromkeys(names))}"),
             Written(directory / f"{node}.key", f"node {node} key"),
         ]
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _leaf("lbctl", key, ca_cert, ca_key, [], server=False)
-    _write_key(directory / "client.key", key)
-    (directory / "client.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    written += [Written(directory / "client.pem", "client (lbctl)"), Written(directory / "client.key", "client key")]
+    for stem, common_name, role in CLIENTS:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _leaf(common_name, key, ca_cert, ca_key, [], server=False, unit=role)
+        _write_key(directory / f"{stem}.key", key)
+        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        written += [
+            Written(directory / f"{stem}.pem", f"client {common_name}: role {role} (OU={role})"),
+            Written(directory / f"{stem}.key", f"client {common_name} key"),
+        ]
     return written
 
 
@@ -128,17 +135,18 @@ def _leaf(
     names: list[str],
     *,
     server: bool,
+    unit: str | None = None,
 ) -> x509.Certificate:
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if server:
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)  # nodes also call each other as clients
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]
+    if unit is not None:
+        subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    subject.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
     builder = (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-            )
-        )
+        .subject_name(x509.Name(subject))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

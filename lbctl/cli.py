@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs = sub.add_parser("certs", help="certificates for the control API").add_subparsers(
         dest="certs_command", metavar="ACTION", required=True
     )
-    p = command(certs, "init", "a cluster CA, one certificate per node, and a client certificate",
+    p = command(certs, "init", "a cluster CA, one certificate per node, admin and read-only client certificates",
                 cmd_certs_init, offline=True)
     p.add_argument("--dir", required=True, type=Path)
     p.add_argument("--nodes", required=True, help="node names, comma-separated: n1,n2,n3")

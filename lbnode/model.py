@@ -607,6 +607,9 @@ class ControlSettings:
     cert: str | None = None  # this node's certificate (PEM)
     key: str | None = None  # and its private key
     insecure: bool = False  # plain text, no client certificates: for tests and labs only
+    # Certificate common names given a role whatever their OU says (lbnode/control/roles.py).
+    admins: frozenset[str] = frozenset()
+    readers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -687,8 +690,18 @@ def _parse_control(t: Table | None) -> ControlSettings | None:
         cert=t.str("cert", None),
         key=t.str("key", None),
         insecure=t.bool("insecure", False),
+        admins=_names(t, "admins"),
+        readers=_names(t, "readers"),
     )
     t.done()
+    both = sorted(control.admins & control.readers)
+    if both:
+        raise ConfigError(t.key("readers"), f'"{both[0]}" is also in {t.key("admins")}: give each name one role')
+    if control.insecure and (control.admins or control.readers):
+        raise ConfigError(
+            t.key("admins" if control.admins else "readers"),
+            "roles come from client certificates, and insecure = true has none: remove the list or the insecure flag",
+        )
     if not control.insecure:
         for name in ("ca", "cert", "key"):
             if getattr(control, name) is None:
@@ -696,6 +709,17 @@ def _parse_control(t: Table | None) -> ControlSettings | None:
                     t.key(name), 'is required for mutual TLS (or set insecure = true for plain text)'
                 )
     return control
+
+
+def _names(t: Table, key: str) -> frozenset[str]:
+    """A list of certificate common names (``[control] admins = ["alice"]``)."""
+    value = t.raw(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(t.key(key), f'expected a list of certificate common names like ["alice"], got {_type_name(value)}')
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{t.key(key)}[{i}]", "expected a certificate common name (a non-empty string)")
+    return frozenset(value)
 
 
 def _parse_cluster(t: Table | None) -> ClusterSettings | None:
