@@ -56,23 +56,7 @@ def init_certs(directory: Path, nodes: list[str], hosts: dict[str, list[str]]) -
     """Creates (or reuses) ca.pem/ca.key; writes NODE.pem/.key per node, client.pem/.key (admin), reader.pem/.key (read)."""
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Written] = []
-    ca_cert_path, ca_key_path = directory / "ca.pem", directory / "ca.key"
-    if ca_cert_path.exists() and ca_key_path.exists():
-        try:
-            ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
-            loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-        except (ValueError, TypeError) as exc:
-            raise CertsError(f"{directory}: existing ca.pem/ca.key cannot be used: {exc}") from None
-        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-            raise CertsError(f"{ca_key_path}: expected an EC private key")
-        ca_key = loaded
-        written.append(Written(ca_cert_path, "CA (kept)"))
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = _ca_certificate(ca_key)
-        _write_key(ca_key_path, ca_key)
-        ca_cert_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-        written += [Written(ca_cert_path, "CA certificate"), Written(ca_key_path, "CA key")]
+    ca_cert, ca_key = _ca(directory, "Fulcrum cluster CA", written)
     for node in nodes:
         key = ec.generate_private_key(ec.SECP256R1())
         names = [node, "localhost", "127.0.0.1", *hosts.get(node, [])]
@@ -95,14 +79,82 @@ def init_certs(directory: Path, nodes: list[str], hosts: dict[str, list[str]]) -
     return written
 
 
+def init_etcd_certs(directory: Path, members: dict[str, list[str]]) -> list[Written]:
+    """etcd's own CA in ``directory`` (ca.pem/ca.key, reused when there), MEMBER.pem/.key per member, client.pem/.key.
+
+    A CA apart from the control API's: etcd with --client-cert-auth lets any certificate its CA
+    signed do anything, so a control-API client (a read-only one included) must not get in.
+    Member certificates serve clients and peers (server and client usage, the member's
+    addresses as SANs); client.pem is what every lbnode presents to etcd.
+    """
+    for name in members:
+        if name in ("ca", "client"):
+            raise CertsError(f'--etcd-members: "{name}" is reserved (its files would overwrite {name}.pem)')
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Written] = []
+    ca_cert, ca_key = _ca(directory, "Fulcrum etcd CA", written)
+    for member, addresses in members.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        names = [member, "localhost", "127.0.0.1", *addresses]
+        cert = _leaf(member, key, ca_cert, ca_key, names, server=True, unit="etcd-member")
+        _write_key(directory / f"{member}.key", key)
+        (directory / f"{member}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        written += [
+            Written(directory / f"{member}.pem", f"etcd member {member}: {', '.join(dict.fromkeys(names))}"),
+            Written(directory / f"{member}.key", f"etcd member {member} key"),
+        ]
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _leaf("lbnode", key, ca_cert, ca_key, [], server=False, unit="etcd-client")
+    _write_key(directory / "client.key", key)
+    (directory / "client.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    written += [
+        Written(directory / "client.pem", "etcd client (every lbnode)"),
+        Written(directory / "client.key", "etcd client key"),
+    ]
+    return written
+
+
+def parse_members(values: list[str]) -> dict[str, list[str]]:
+    """``m1=10.0.0.1,m2=10.0.0.2`` (repeatable; a member may be named twice) -> addresses per member."""
+    members: dict[str, list[str]] = {}
+    for value in values:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            member, sep, address = item.partition("=")
+            if not sep or not member or not address:
+                raise CertsError(f'--etcd-members: "{item}" is not MEMBER=ADDRESS')
+            members.setdefault(member, []).append(address)
+    return members
+
+
+def _ca(directory: Path, common_name: str, written: list[Written]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """ca.pem/ca.key of ``directory``: loaded when both exist (adding a node keeps the CA), else created."""
+    ca_cert_path, ca_key_path = directory / "ca.pem", directory / "ca.key"
+    if ca_cert_path.exists() and ca_key_path.exists():
+        try:
+            ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+            loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise CertsError(f"{directory}: existing ca.pem/ca.key cannot be used: {exc}") from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise CertsError(f"{ca_key_path}: expected an EC private key")
+        written.append(Written(ca_cert_path, "CA (kept)"))
+        return ca_cert, loaded
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _ca_certificate(ca_key, common_name)
+    _write_key(ca_key_path, ca_key)
+    ca_cert_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    written += [Written(ca_cert_path, f"{common_name} certificate"), Written(ca_key_path, f"{common_name} key")]
+    return ca_cert, ca_key
+
+
 def _now() -> datetime.datetime:
     # Backdated a little: a node whose clock is slightly behind must still accept it.
     return datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
 
 
-def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+def _ca_certificate(key: ec.EllipticCurvePrivateKey, common_name: str) -> x509.Certificate:
     name = x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION), x509.NameAttribute(NameOID.COMMON_NAME, "Fulcrum cluster CA")]
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     return (

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", required=True, help="node names, comma-separated: n1,n2,n3")
     p.add_argument("--hosts", action="append", default=[], metavar="NODE=ADDR,...",
                    help="extra addresses or DNS names per node, e.g. n1=10.0.0.11,n2=10.0.0.12")
+    p.add_argument("--etcd-members", action="append", default=[], metavar="MEMBER=ADDR,...",
+                   help="also etcd's own CA, member and client certificates in DIR/etcd/, "
+                        "e.g. m1=10.0.0.1,m2=10.0.0.2,m3=10.0.0.3")
     return parser
 
 
@@ -518,14 +521,18 @@ def describe_event(event: Any) -> str:
 
 
 def cmd_certs_init(args: argparse.Namespace, client: Any) -> int:
-    from lbctl.certs import CertsError, init_certs, parse_hosts
+    from lbctl.certs import CertsError, init_certs, init_etcd_certs, parse_hosts, parse_members
     from lbctl.output import emit_json, table
 
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     if not nodes:
         raise Failure("--nodes: give at least one node name, e.g. --nodes n1,n2,n3")
     try:
-        written = init_certs(args.dir, nodes, parse_hosts(args.hosts, nodes))
+        hosts = parse_hosts(args.hosts, nodes)
+        members = parse_members(args.etcd_members)
+        written = init_certs(args.dir, nodes, hosts)
+        if members:
+            written += init_etcd_certs(args.dir / "etcd", members)
     except CertsError as exc:
         raise Failure(str(exc)) from None
     except OSError as exc:
