@@ -85,7 +85,7 @@ def init_etcd_certs(directory: Path, members: dict[str, list[str]]) -> list[Writ
     A CA apart from the control API's: etcd with --client-cert-auth lets any certificate its CA
     signed do anything, so a control-API client (a read-only one included) must not get in.
     Member certificates serve clients and peers (server and client usage, the member's
-    addresses as SANs); client.pem is what every lbnode presents to etcd.
+    addresses as SANs); client.pem is what every lbnode presents to etcd (issued once, then kept).
     """
     for name in members:
         if name in ("ca", "client"):
@@ -103,6 +103,10 @@ def init_etcd_certs(directory: Path, members: dict[str, list[str]]) -> list[Writ
             Written(directory / f"{member}.pem", f"etcd member {member}: {', '.join(dict.fromkeys(names))}"),
             Written(directory / f"{member}.key", f"etcd member {member} key"),
         ]
+    if (directory / "client.pem").exists() and (directory / "client.key").exists():
+        # Kept: every node holds a copy, and adding a member must not change what they present.
+        written.append(Written(directory / "client.pem", "etcd client (kept)"))
+        return written
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _leaf("lbnode", key, ca_cert, ca_key, [], server=False, unit="etcd-client")
     _write_key(directory / "client.key", key)

@@ -152,6 +152,8 @@ class Deployment:
             "lbnode_vip_interface": "eth0",
             "lbnode_certs_dir": str(self.certs_dir),
             "lbnode_certs_lbctl": str(VENV_BIN / "lbctl"),
+            "etcd_certs_dir": str(self.certs_dir / "etcd"),
+            "etcd_certs_lbctl": str(VENV_BIN / "lbctl"),
             "lbnode_pools": [
                 {
                     "name": "web",
@@ -400,7 +402,11 @@ def test_the_playbook_runs_three_etcd_members_and_three_nodes(deployment: Deploy
             ), f"{host.name}'s {svc} is not in {deployment.lan.ns(host.name)}"
         # a node talks to its own etcd member first
         toml = (host.root / "etc" / "fulcrum" / "node.toml").read_text()
-        assert f'etcd = ["http://{host.address}:2379", ' in toml, toml
+        assert f'etcd = ["https://{host.address}:2379", ' in toml, toml
+        # etcd serves clients and peers only over TLS, with client certificates
+        conf = (host.root / "etc" / "etcd" / "etcd.conf.yml").read_text()
+        assert f'listen-peer-urls: "https://{host.address}:2380"' in conf
+        assert conf.count("client-cert-auth: true") == 2, conf
 
 
 def _netns_link(lan: Lan, member: str) -> str:
@@ -421,11 +427,35 @@ def test_the_role_installs_fulcrum_into_a_venv_and_the_node_runs_from_it(
 
 def test_the_certificates_are_distributed_without_the_ca_key(deployment: Deployment) -> None:
     ca = (deployment.certs_dir / "ca.pem").read_bytes()
+    etcd_ca = (deployment.certs_dir / "etcd" / "ca.pem").read_bytes()
+    assert etcd_ca != ca  # etcd's own CA: no control-API certificate gets into etcd
     for host in deployment.hosts:
         names = sorted(p.name for p in host.certs.iterdir())
-        assert names == sorted(["ca.pem", f"{host.name}.pem", f"{host.name}.key"])
+        assert names == sorted(["ca.pem", f"{host.name}.pem", f"{host.name}.key",
+                                "etcd-ca.pem", "etcd-client.pem", "etcd-client.key"])
         assert (host.certs / "ca.pem").read_bytes() == ca
-        assert (host.certs / f"{host.name}.key").stat().st_mode & 0o777 == 0o600
+        assert (host.certs / "etcd-ca.pem").read_bytes() == etcd_ca
+        for key in (f"{host.name}.key", "etcd-client.key"):
+            assert (host.certs / key).stat().st_mode & 0o777 == 0o600
+        pki = host.root / "etc" / "etcd" / "pki"  # the etcd member's
+        assert sorted(p.name for p in pki.iterdir()) == sorted(["ca.pem", f"{host.name}.pem", f"{host.name}.key"])
+        assert (pki / f"{host.name}.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_etcd_refuses_a_client_without_its_certificate(deployment: Deployment) -> None:
+    n1 = deployment.hosts[0]
+    url = f"https://{n1.address}:2379/health"
+    pki = deployment.certs_dir / "etcd"
+    with_cert = deployment.in_cli(["curl", "-sS", "-m", "5", "--cacert", str(pki / "ca.pem"), "--cert",
+                                   str(pki / "client.pem"), "--key", str(pki / "client.key"), url], timeout=30)
+    assert with_cert.returncode == 0 and '"health":"true"' in with_cert.stdout, with_cert.stderr
+    without = deployment.in_cli(["curl", "-sS", "-m", "5", "--cacert", str(pki / "ca.pem"), url], timeout=30)
+    assert without.returncode != 0 and '"health"' not in without.stdout
+    # a control-API client certificate (another CA) is refused too
+    control = deployment.in_cli(["curl", "-sS", "-m", "5", "--cacert", str(pki / "ca.pem"), "--cert",
+                                 str(deployment.certs_dir / "client.pem"), "--key",
+                                 str(deployment.certs_dir / "client.key"), url], timeout=30)
+    assert control.returncode != 0 and '"health"' not in control.stdout
 
 
 def test_lbctl_sees_three_healthy_nodes_through_every_node(deployment: Deployment) -> None:

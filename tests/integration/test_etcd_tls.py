@@ -224,6 +224,16 @@ def test_certs_init_issues_etcd_member_and_client_certificates_under_their_own_c
     for mode in ("ca.key", "m1.key", "client.key"):
         assert (etcd_dir / mode).stat().st_mode & 0o777 == 0o600
 
+    # A member added later (etcd certificates only): same CA, and the nodes' client certificate is kept.
+    before = {name: (etcd_dir / name).read_bytes() for name in ("ca.pem", "client.pem", "client.key", "m1.pem")}
+    done = subprocess.run(
+        [sys.executable, "-m", "lbctl.cli", "certs", "init", "--dir", str(tmp_path), "--etcd-members", "m3=10.0.0.3"],
+        capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert {name: (etcd_dir / name).read_bytes() for name in before} == before
+    m3 = x509.load_pem_x509_certificate((etcd_dir / "m3.pem").read_bytes())
+    assert m3.issuer == client.issuer
+
     done = subprocess.run(
         [sys.executable, "-m", "lbctl.cli", "certs", "init", "--dir", str(tmp_path), "--nodes", "n1",
          "--etcd-members", "m1"], capture_output=True, text=True, cwd=REPO, timeout=60)
