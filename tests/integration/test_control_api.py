@@ -763,3 +763,27 @@ async def test_certificates_without_a_role_get_nothing_and_node_toml_lists_overr
 
     await trio.to_thread.run_sync(calls)
     assert cn.store.get_pool("web").pool.backends[0].admin == "draining"
+
+
+async def test_the_client_certificate_of_an_older_certs_init_keeps_admin_over_grpc(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs
+) -> None:
+    from tests.unit.test_control_roles import legacy_client
+
+    # client.pem as `lbctl certs init` wrote it before roles: CN lbctl, no OU (key written beside it).
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("ca.pem", "ca.key"):
+        (legacy / name).write_bytes((certs.dir / name).read_bytes())
+    pem, key = legacy_client(legacy)
+    (legacy / "client.pem").write_bytes(pem)
+    (legacy / "client.key").write_bytes(key)
+    cn = await start_control_node(nursery, tmp_path / "state", pool_toml("web", ["127.0.0.1:1"]),
+                                  settings=certs.settings(), flags=certs.flags())
+
+    def drain() -> int:
+        with tls_channel(Certs(legacy), "client", cn.endpoint) as channel:
+            return rpc.BackendsStub(channel).Drain(pb.BackendRequest(pool="web", backend="127.0.0.1:1")).revision
+
+    assert await trio.to_thread.run_sync(drain) == 2
+    assert cn.store.get_pool("web").pool.backends[0].admin == "draining"

@@ -64,22 +64,24 @@ def test_a_certificate_without_a_recognised_role_gets_nothing(issued: Path) -> N
                                'or its CN in control.admins / control.readers)')
 
 
-def legacy_client(directory: Path, common_name: str = "lbctl", unit: str | None = None) -> bytes:
-    """A client certificate as `lbctl certs init` issued it before roles (CN lbctl, no OU)."""
+def legacy_client(directory: Path, common_name: str = "lbctl", unit: str | None = None) -> tuple[bytes, bytes]:
+    """A client certificate and its key as `lbctl certs init` issued them before roles (CN lbctl, no OU)."""
     ca_cert = certs.x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = certs._leaf(common_name, key, ca_cert, ca_key, [], server=False, unit=unit)
-    return cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def test_the_client_certificate_of_an_older_certs_init_keeps_admin_by_its_cn(issued: Path) -> None:
-    old = role_of(legacy_client(issued), NONE, NONE)
+    old = role_of(legacy_client(issued)[0], NONE, NONE)
     assert old.role == ADMIN and "without an OU" in old.why
     # Only that exact name, and only without an OU.
-    assert role_of(legacy_client(issued, "someone"), NONE, NONE).role is None
-    assert role_of(legacy_client(issued, "lbctl", "ops"), NONE, NONE).role is None
+    assert role_of(legacy_client(issued, "someone")[0], NONE, NONE).role is None
+    assert role_of(legacy_client(issued, "lbctl", "ops")[0], NONE, NONE).role is None
 
 
 def test_name_lists_override_the_ou(issued: Path) -> None:
