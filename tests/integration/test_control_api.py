@@ -750,6 +750,14 @@ async def test_certificates_without_a_role_get_nothing_and_node_toml_lists_overr
                 '/fulcrum.v1.Cluster/Status needs the read role; "n1" has no role (certificate no OU: '
                 "expected OU=admin or OU=read, or its CN in control.admins / control.readers)",
             )
+            # streams too (the check runs before the handler's generator starts)
+            code, details = refusal(lambda: next(rpc.ClusterStub(channel).WatchEvents(pb.WatchEventsRequest())))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            assert details.startswith('/fulcrum.v1.Cluster/WatchEvents needs the read role; "n1" has no role')
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            code, _ = refusal(lambda: next(reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
         # control.readers demotes the admin certificate; control.admins promotes the reader.
         with tls_channel(certs, "client", cn.endpoint) as channel:
             assert rpc.ClusterStub(channel).Status(pb.StatusRequest()).node_id == "n1"
