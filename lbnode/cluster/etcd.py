@@ -404,8 +404,9 @@ class EtcdConnection:
                 return
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 endpoint.fail()  # the next call or watch tries another member first
+            details = exc.details() or ""
             raise Unavailable(
-                f"etcd watch on {prefix} at {endpoint.netloc} broke: {exc.details()}"
+                f"etcd watch on {prefix} at {endpoint.netloc} broke: {details}{_tls_hint(details) if self.tls else ''}"
             ) from None
         finally:
             ended.set()

@@ -101,6 +101,12 @@ def test_etcd_refuses_clients_without_its_certificate_and_a_wrong_ca_is_named(et
         "TLS: etcd refused this node's client certificate (cluster.etcd_cert, etcd_key): "
         "missing, or not signed by the CA etcd trusts (--trusted-ca-file)")
 
+    import threading
+
+    with pytest.raises(Unavailable) as caught:  # a watch says the same
+        next(iter(no_cert.watch_prefix("/", 1, threading.Event())))
+    assert str(caught.value).endswith("missing, or not signed by the CA etcd trusts (--trusted-ca-file)")
+
     init_etcd_certs(tmp_path / "other", {"x": []})  # another CA, and a client certificate it signed
     foreign = (tmp_path / "other" / "client.pem").read_bytes(), (tmp_path / "other" / "client.key").read_bytes()
     with pytest.raises(Unavailable, match="etcd refused this node's client certificate"):
