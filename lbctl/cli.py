@@ -114,12 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     certs = sub.add_parser("certs", help="certificates for the control API").add_subparsers(
         dest="certs_command", metavar="ACTION", required=True
     )
-    p = command(certs, "init", "a cluster CA, one certificate per node, and a client certificate",
+    p = command(certs, "init", "a cluster CA, one certificate per node, admin and read-only client certificates",
                 cmd_certs_init, offline=True)
     p.add_argument("--dir", required=True, type=Path)
-    p.add_argument("--nodes", required=True, help="node names, comma-separated: n1,n2,n3")
+    p.add_argument("--nodes", default="", help="node names, comma-separated: n1,n2,n3 "
+                   "(may be left out with --etcd-members: etcd certificates only)")
     p.add_argument("--hosts", action="append", default=[], metavar="NODE=ADDR,...",
                    help="extra addresses or DNS names per node, e.g. n1=10.0.0.11,n2=10.0.0.12")
+    p.add_argument("--etcd-members", action="append", default=[], metavar="MEMBER=ADDR,...",
+                   help="also etcd's own CA, member and client certificates in DIR/etcd/, "
+                        "e.g. m1=10.0.0.1,m2=10.0.0.2,m3=10.0.0.3")
     return parser
 
 
@@ -518,14 +522,18 @@ def describe_event(event: Any) -> str:
 
 
 def cmd_certs_init(args: argparse.Namespace, client: Any) -> int:
-    from lbctl.certs import CertsError, init_certs, parse_hosts
+    from lbctl.certs import CertsError, init_certs, init_etcd_certs, parse_hosts, parse_members
     from lbctl.output import emit_json, table
 
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
-    if not nodes:
-        raise Failure("--nodes: give at least one node name, e.g. --nodes n1,n2,n3")
+    if not nodes and not args.etcd_members:
+        raise Failure("--nodes: give at least one node name, e.g. --nodes n1,n2,n3 (or --etcd-members)")
     try:
-        written = init_certs(args.dir, nodes, parse_hosts(args.hosts, nodes))
+        hosts = parse_hosts(args.hosts, nodes)
+        members = parse_members(args.etcd_members)
+        written = init_certs(args.dir, nodes, hosts) if nodes else []
+        if members:
+            written += init_etcd_certs(args.dir / "etcd", members)
     except CertsError as exc:
         raise Failure(str(exc)) from None
     except OSError as exc:

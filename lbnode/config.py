@@ -24,7 +24,16 @@ def load_config(path: str | Path) -> Config:
         raise ConfigFileError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"{path}: cannot read: {exc}") from None
-    return load_config_text(text, str(path))
+    config = load_config_text(text, str(path))
+    if config.cluster is not None and config.cluster.etcd_tls:
+        # The files named by the config are part of it: `lbnode check` fails on an unreadable one.
+        from lbnode.cluster.etcd import load_tls
+
+        try:
+            load_tls(config.cluster)
+        except ConfigError as exc:
+            raise ConfigFileError(f"{path}: {exc}") from None
+    return config
 
 
 def load_config_text(text: str, origin: str = "<config>") -> Config:

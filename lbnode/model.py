@@ -621,6 +621,9 @@ class ControlSettings:
     cert: str | None = None  # this node's certificate (PEM)
     key: str | None = None  # and its private key
     insecure: bool = False  # plain text, no client certificates: for tests and labs only
+    # Certificate common names given a role whatever their OU says (lbnode/control/roles.py).
+    admins: frozenset[str] = frozenset()
+    readers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -632,6 +635,15 @@ class ClusterSettings:
     health_checkers: int = 2  # nodes actively checking each backend (rendezvous hashing)
     prefix: str = "/fulcrum/v1"
     vips: tuple[VipSpec, ...] = ()  # [[cluster.vips]]: addresses held by one node at a time
+    # https:// endpoints: the CA that signed etcd's certificates, and this node's client
+    # certificate and key (file paths; read and checked by lbnode.cluster.etcd.load_tls).
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+
+    @property
+    def etcd_tls(self) -> bool:
+        return self.etcd[0].startswith("https://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,8 +713,18 @@ def _parse_control(t: Table | None) -> ControlSettings | None:
         cert=t.str("cert", None),
         key=t.str("key", None),
         insecure=t.bool("insecure", False),
+        admins=_names(t, "admins"),
+        readers=_names(t, "readers"),
     )
     t.done()
+    both = sorted(control.admins & control.readers)
+    if both:
+        raise ConfigError(t.key("readers"), f'"{both[0]}" is also in {t.key("admins")}: give each name one role')
+    if control.insecure and (control.admins or control.readers):
+        raise ConfigError(
+            t.key("admins" if control.admins else "readers"),
+            "roles come from client certificates, and insecure = true has none: remove the list or the insecure flag",
+        )
     if not control.insecure:
         for name in ("ca", "cert", "key"):
             if getattr(control, name) is None:
@@ -710,6 +732,34 @@ def _parse_control(t: Table | None) -> ControlSettings | None:
                     t.key(name), 'is required for mutual TLS (or set insecure = true for plain text)'
                 )
     return control
+
+
+def _check_etcd_tls(t: Table, cluster: ClusterSettings) -> None:
+    """One scheme for every endpoint; https:// needs etcd_ca, and a client certificate comes with its key."""
+    schemes = {ep.split("://", 1)[0] for ep in cluster.etcd}
+    if len(schemes) > 1:
+        raise ConfigError(t.key("etcd"), "mixes http:// and https:// endpoints: give every endpoint the same scheme")
+    if cluster.etcd_tls:
+        if cluster.etcd_ca is None:
+            raise ConfigError(t.key("etcd_ca"), "is required with https:// endpoints (the CA that signed etcd's certificates)")
+        if (cluster.etcd_cert is None) != (cluster.etcd_key is None):
+            missing = "etcd_key" if cluster.etcd_key is None else "etcd_cert"
+            raise ConfigError(t.key(missing), "is required: etcd_cert and etcd_key go together (the client certificate and its key)")
+        return
+    for key in ("etcd_ca", "etcd_cert", "etcd_key"):
+        if getattr(cluster, key) is not None:
+            raise ConfigError(t.key(key), "is set but the etcd endpoints are http://: use https:// endpoints")
+
+
+def _names(t: Table, key: str) -> frozenset[str]:
+    """A list of certificate common names (``[control] admins = ["alice"]``)."""
+    value = t.raw(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(t.key(key), f'expected a list of certificate common names like ["alice"], got {_type_name(value)}')
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{t.key(key)}[{i}]", "expected a certificate common name (a non-empty string)")
+    return frozenset(value)
 
 
 def _parse_cluster(t: Table | None) -> ClusterSettings | None:
@@ -732,7 +782,11 @@ def _parse_cluster(t: Table | None) -> ClusterSettings | None:
         health_checkers=t.int("health_checkers", 2, lo=1, hi=100),
         prefix=prefix,
         vips=parse_vips(t),
+        etcd_ca=t.str("etcd_ca", None),
+        etcd_cert=t.str("etcd_cert", None),
+        etcd_key=t.str("etcd_key", None),
     )
+    _check_etcd_tls(t, cluster)
     if cluster.lease_ttl < 1:
         raise ConfigError(t.key("lease_ttl"), f"must be at least 1s (etcd leases count whole seconds), got {cluster.lease_ttl:g}s")
     t.done()

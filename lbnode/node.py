@@ -404,9 +404,14 @@ def node_from_config(config: Config) -> LbNode:
         from lbnode.cluster.filestore import FileStore
 
         return LbNode(config, store=FileStore(Path(config.node.state_dir), config.pools))
-    from lbnode.cluster.etcd import EtcdConnection, EtcdStore
+    from lbnode.cluster.etcd import EtcdStore, connect
+    from lbnode.config import ConfigFileError
+    from lbnode.model import ConfigError
 
-    connection = EtcdConnection(config.cluster.etcd)
+    try:
+        connection = connect(config.cluster)
+    except ConfigError as exc:  # a certificate file changed since the config was loaded
+        raise ConfigFileError(str(exc)) from None
     store = EtcdStore(config.cluster, connection=connection)
     info: dict[str, object] = {
         "addresses": [str(li.bind) for li in config.listeners],

@@ -192,6 +192,16 @@ def etcd(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield cluster
 
 
+@pytest.fixture
+def etcd_tls(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real one-member etcd on loopback serving TLS only, client certificates required."""
+    from tests.integration.etcd_helpers import etcd_cluster, require_etcd
+
+    require_etcd()
+    with etcd_cluster(tmp_path, size=1, tls=True) as cluster:
+        yield cluster
+
+
 def spawn_backend(spawn, name: str) -> int:  # type: ignore[no-untyped-def]
     """A demo backend as its own process (so a test can kill -9 it); returns its port."""
     port = free_port()

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -105,14 +106,70 @@ class KeyEvent:
     lease: int = 0  # the lease the key is bound to after a put (0: none, or a delete)
 
 
-def parse_endpoint(url: str) -> tuple[str, int]:
-    """``http://host:port`` into (host, port); TLS to etcd is not supported yet."""
+def parse_endpoint(url: str) -> tuple[str, int, bool]:
+    """``http(s)://host:port`` into (host, port, TLS)."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http":
-        raise ValueError(f'etcd endpoint "{url}": only http:// is supported (TLS to etcd is not implemented yet)')
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f'etcd endpoint "{url}": the scheme must be http:// or https://')
     if parts.hostname is None or parts.port is None:
-        raise ValueError(f'etcd endpoint "{url}" is not like "http://127.0.0.1:2379"')
-    return parts.hostname, parts.port
+        raise ValueError(f'etcd endpoint "{url}" is not like "https://127.0.0.1:2379"')
+    return parts.hostname, parts.port, parts.scheme == "https"
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """PEM bytes for https:// endpoints: the CA that signed etcd's certificates, our client certificate."""
+
+    ca: bytes
+    cert: bytes | None = None  # None: no client certificate (etcd with --client-cert-auth refuses us)
+    key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
+
+
+def load_tls(settings: ClusterSettings) -> EtcdTls | None:
+    """Reads and checks ``cluster.etcd_ca/etcd_cert/etcd_key``; None for http:// endpoints.
+
+    Raises ConfigError naming the key (``cluster.etcd_key: cannot read /etc/...: Permission denied``).
+    """
+    if not settings.etcd_tls:
+        return None
+    assert settings.etcd_ca is not None  # parse_config requires it with https://
+    ca = _read_pem(settings.etcd_ca, "etcd_ca", "certificate")
+    cert = None if settings.etcd_cert is None else _read_pem(settings.etcd_cert, "etcd_cert", "certificate")
+    key = None if settings.etcd_key is None else _read_pem(settings.etcd_key, "etcd_key", "key")
+    return EtcdTls(ca, cert, key)
+
+
+def _read_pem(path: str, key: str, kind: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cluster.{key}", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if kind == "key":
+            load_pem_private_key(data, password=None)
+        else:
+            x509.load_pem_x509_certificates(data)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cluster.{key}", f"{path} is not a PEM {kind} without a passphrase ({exc})") from None
+    return data
+
+
+def connect(settings: ClusterSettings) -> EtcdConnection:
+    """The node's connection to etcd, from ``[cluster]``; warns once when it is plain http."""
+    tls = load_tls(settings)
+    if tls is None:
+        log.warning(
+            "etcd over plain http (%s): anyone on the network path can read and rewrite pools, "
+            "affinity and keys; use https:// endpoints with cluster.etcd_ca, etcd_cert and etcd_key",
+            ", ".join(settings.etcd),
+        )
+    return EtcdConnection(settings.etcd, tls=tls)
 
 
 class EtcdConnection:
@@ -122,16 +179,22 @@ class EtcdConnection:
     between "in use" and "failed". ``call_retried`` says which failures are retried where.
     """
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = CALL_TIMEOUT) -> None:
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = CALL_TIMEOUT, tls: EtcdTls | None = None) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
         self.endpoints = tuple(endpoints)
         self.timeout = timeout
+        self.tls = tls is not None
         eps = []
         for url in self.endpoints:
-            host, port = parse_endpoint(url)
+            host, port, secure = parse_endpoint(url)
+            if secure and tls is None:
+                raise ValueError(f'etcd endpoint "{url}": https:// needs the CA (cluster.etcd_ca)')
             eps.append(
-                etcd3.Endpoint(host, port, secure=False, time_retry=FAILED_ENDPOINT_SKIP, opts=CHANNEL_OPTIONS)
+                etcd3.Endpoint(
+                    host, port, secure=secure, creds=tls.credentials() if secure and tls else None,
+                    time_retry=FAILED_ENDPOINT_SKIP, opts=CHANNEL_OPTIONS,
+                )
             )
         self.client = etcd3.MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
         self._preferred = eps[0].netloc
@@ -189,7 +252,7 @@ class EtcdConnection:
                     time.sleep(LEADERLESS_RETRY_PAUSE)
                 else:
                     refused += 1
-                    reason = f"unreachable{details}"
+                    reason = f"unreachable{details}{_tls_hint(details) if self.tls else ''}"
                     if refused >= len(self.endpoints):
                         break
             if time.monotonic() - started >= budget:
@@ -341,8 +404,9 @@ class EtcdConnection:
                 return
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 endpoint.fail()  # the next call or watch tries another member first
+            details = exc.details() or ""
             raise Unavailable(
-                f"etcd watch on {prefix} at {endpoint.netloc} broke: {exc.details()}"
+                f"etcd watch on {prefix} at {endpoint.netloc} broke: {details}{_tls_hint(details) if self.tls else ''}"
             ) from None
         finally:
             ended.set()
@@ -353,6 +417,17 @@ def _details(exc: BaseException) -> str:
     cause = exc if isinstance(exc, grpc.RpcError) else exc.__context__
     details = cause.details() if isinstance(cause, grpc.RpcError) else ""
     return f" ({details})" if details else ""
+
+
+def _tls_hint(details: str) -> str:
+    """What a TLS failure to etcd means for the operator (gRPC says it in OpenSSL's words)."""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return (": TLS: etcd's certificate is not trusted: is it signed by the CA in cluster.etcd_ca, "
+                "and valid for the endpoint's address?")
+    if any(sign in details for sign in ("BAD_CERTIFICATE", "TSI_DATA_CORRUPTED", "CERTIFICATE_REQUIRED")):
+        return (": TLS: etcd refused this node's client certificate (cluster.etcd_cert, etcd_key): "
+                "missing, or not signed by the CA etcd trusts (--trusted-ca-file)")
+    return ""
 
 
 def _server_deadline(exc: grpc.RpcError) -> bool:

@@ -36,6 +36,7 @@ from lbnode.cluster.store import (
     Unavailable,
 )
 from lbnode.control import backends as edits
+from lbnode.control import roles
 from lbnode.control.events import (
     BackendHealthChange,
     EventHub,
@@ -124,6 +125,65 @@ def _who(context: grpc.ServicerContext) -> str:
     names = context.auth_context().get("x509_common_name") or []
     peer = context.peer()
     return f"{names[0].decode(errors='replace')} ({peer})" if names else peer
+
+
+class RoleGate(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Checks every call against ``roles.RPC_ROLES`` before its handler runs.
+
+    Refusals are PERMISSION_DENIED naming the role the call needs and who the caller
+    is; a method missing from the table is refused to everyone (fail closed).
+    """
+
+    def __init__(self, settings: ControlSettings) -> None:
+        self.insecure = settings.insecure
+        self.admins = settings.admins
+        self.readers = settings.readers
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or self.insecure:  # plain text: no certificates, no roles (logged at start)
+            return handler
+        method = details.method
+        needed = roles.RPC_ROLES.get(method)
+
+        def check(context: grpc.ServicerContext) -> None:
+            caller = self.caller(context)
+            if needed is None:
+                message = f"{method} is not in the control API's role table: refused to everyone"
+            elif caller.may(needed):
+                return
+            else:
+                message = f"{method} needs the {needed} role; {caller.describe()}"
+            log.warning("refused %s to %s (%s)", method, caller.name or "?", context.peer())
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+
+        def guarded(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                check(context)
+                return behavior(request, context)
+
+            return run
+
+        for kind, make in (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        ):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return make(
+                    guarded(behavior),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
+
+    def caller(self, context: grpc.ServicerContext) -> roles.Caller:
+        pems = context.auth_context().get("x509_pem_cert") or []
+        if not pems:  # cannot happen with require_client_auth; refuse rather than guess
+            return roles.Caller("", None, "no client certificate")
+        return roles.role_of(pems[0], self.admins, self.readers)
 
 
 def _required(value: str, field: str) -> str:
@@ -491,7 +551,7 @@ async def serve_control(
     credentials = None if settings.insecure else server_credentials(settings)
     executor = ThreadPoolExecutor(MAX_WATCH_STREAMS + UNARY_WORKERS, thread_name_prefix="control")
     # gRPC sets SO_REUSEPORT by default: two nodes could then share a port without an error.
-    server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(executor, interceptors=[RoleGate(settings)], options=[("grpc.so_reuseport", 0)])
     rpc.add_PoolsServicer_to_server(PoolsServicer(store), server)  # type: ignore[no-untyped-call]
     rpc.add_BackendsServicer_to_server(BackendsServicer(store), server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
@@ -525,7 +585,7 @@ async def serve_control(
             control_address,
         )
     else:
-        log.info("control API on %s (mutual TLS)", control_address)
+        log.info("control API on %s (mutual TLS, roles read/admin)", control_address)
     try:
         task_status.started(port)
         await trio.sleep_forever()

@@ -7,10 +7,11 @@ run in ``be``. Only the network is per host: the filesystem is shared, so each h
 own root dir under tmp (config, data, pid and log dirs), and the roles use their ``pidfile``
 service manager (start-stop-daemon): a daemon started over SSH stays in the namespace of that
 host's sshd, which puts each etcd member and lbnode in its host's network. The role installs
-Fulcrum from this checkout into n1's own venv; n2 and n3 share this test's venv
-(``lbnode_venv_install: false``): three installs would take three times as long. The
-namespaces reach no package index, so the test first downloads the dependencies (and the build
-backend) into a wheelhouse from the root namespace, and n1's pip installs from it alone.
+the wheel of ``make wheel`` (built here into tmp) with constraints.txt's pins into n1's own
+venv; n2 and n3 share this test's venv (``lbnode_venv_install: false``): three installs would
+take three times as long. The namespaces reach no package index, so the test first downloads
+the wheel's pinned dependencies into a wheelhouse from the root namespace, and n1's pip
+installs from it alone.
 The nodes share one VIP; at the end every process the playbook started is stopped through its
 pid file, then the LAN's teardown ends sshd, the backends and anything else in the namespaces.
 Skipped unless root with working ``ip netns``, sshd, etcd and ansible-playbook.
@@ -27,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,7 @@ class Host:
     root: Path
     http: int = HTTP_PORT
     wheelhouse: Path | None = None  # the role installs Fulcrum into this host's own venv from it
+    wheel_dir: Path | None = None  # where `make wheel` put the wheel the role installs
 
     @property
     def address(self) -> str:
@@ -104,7 +105,7 @@ class Host:
             {
                 "lbnode_venv_install": True,
                 "lbnode_venv": str(self.own_venv),
-                "lbnode_source": str(REPO),
+                "lbnode_wheel_dir": str(self.wheel_dir),
                 "lbnode_pip_extra_args": f"--no-index --find-links {self.wheelhouse}",
             }
             if self.wheelhouse is not None
@@ -152,6 +153,8 @@ class Deployment:
             "lbnode_vip_interface": "eth0",
             "lbnode_certs_dir": str(self.certs_dir),
             "lbnode_certs_lbctl": str(VENV_BIN / "lbctl"),
+            "etcd_certs_dir": str(self.certs_dir / "etcd"),
+            "etcd_certs_lbctl": str(VENV_BIN / "lbctl"),
             "lbnode_pools": [
                 {
                     "name": "web",
@@ -332,13 +335,21 @@ def _wait_http(lan: Lan, address: str, log: Path) -> None:
         time.sleep(0.1)
 
 
-def _wheelhouse(dest: Path) -> Path:
-    """Fulcrum's dependencies and its build backend as wheels, fetched from the root namespace
+def _wheel(dist: Path) -> Path:
+    """``make wheel`` of this checkout into ``dist`` (the role's lbnode_wheel_dir for n1)."""
+    done = subprocess.run(["make", "-C", str(REPO), "wheel", f"DIST={dist}", f"VENV={VENV_BIN.parent}"],
+                          capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT)
+    assert done.returncode == 0, f"make wheel:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    (wheel,) = dist.glob("fulcrum_lb-*.whl")
+    return wheel
+
+
+def _wheelhouse(dest: Path, wheel: Path) -> Path:
+    """The wheel's dependencies at constraints.txt's versions, fetched from the root namespace
     (which reaches the package index; the hosts do not)."""
-    build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
     done = subprocess.run(
         [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--dest", str(dest),
-         str(REPO), *build],
+         "-c", str(REPO / "constraints.txt"), str(wheel)],
         capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT,
     )
     assert done.returncode == 0, f"pip download (the wheelhouse n1 installs from):\n{done.stderr[-3000:]}"
@@ -357,7 +368,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         pytest.fail("ansible-playbook is not installed: it is a test dependency (`make venv` installs ansible-core)")
     require_etcd()
     tmp = tmp_path_factory.mktemp("ansible")
-    wheelhouse = _wheelhouse(tmp / "wheels")
+    wheel = _wheel(tmp / "dist")
+    wheelhouse = _wheelhouse(tmp / "wheels", wheel)
     control_dir = Path(tempfile.mkdtemp(prefix="fxa-", dir="/tmp"))
     try:
         with topology.lan(len(HOSTS)) as lan:
@@ -374,7 +386,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                     _wait_http(lan, address, tmp / f"backend-{name}.log")
                 for name in HOSTS:
                     sshhosts.wait_ready(lan, "cli", name, keys, tmp)
-                hosts = [Host(name, tmp / name, wheelhouse=wheelhouse if name == "n1" else None) for name in HOSTS]
+                hosts = [Host(name, tmp / name, wheelhouse=wheelhouse if name == "n1" else None,
+                              wheel_dir=wheel.parent if name == "n1" else None) for name in HOSTS]
                 d = Deployment(tmp, lan, keys, control_dir, hosts, tmp / "controller-certs")
                 d.first_run = d.playbook()
                 yield d
@@ -403,7 +416,11 @@ def test_the_playbook_runs_three_etcd_members_and_three_nodes(deployment: Deploy
             ), f"{host.name}'s {svc} is not in {deployment.lan.ns(host.name)}"
         # a node talks to its own etcd member first
         toml = (host.root / "etc" / "fulcrum" / "node.toml").read_text()
-        assert f'etcd = ["http://{host.address}:2379", ' in toml, toml
+        assert f'etcd = ["https://{host.address}:2379", ' in toml, toml
+        # etcd serves clients and peers only over TLS, with client certificates
+        conf = (host.root / "etc" / "etcd" / "etcd.conf.yml").read_text()
+        assert f'listen-peer-urls: "https://{host.address}:2380"' in conf
+        assert conf.count("client-cert-auth: true") == 2, conf
 
 
 def _netns_link(lan: Lan, member: str) -> str:
@@ -412,11 +429,25 @@ def _netns_link(lan: Lan, member: str) -> str:
     return done.stdout.strip()
 
 
-def test_the_role_installs_fulcrum_into_a_venv_and_the_node_runs_from_it(
+def test_the_role_installs_the_wheel_at_the_pinned_versions_and_the_node_runs_from_it(
     deployment: Deployment,
 ) -> None:
     n1 = deployment.hosts[0]
     assert n1.wheelhouse is not None and (n1.own_venv / "bin" / "lbnode").exists()
+    # the wheel of `make wheel`, copied to the host with constraints.txt, installed from there
+    packages = n1.root / "opt" / "fulcrum" / "packages"
+    assert n1.wheel_dir is not None
+    (wheel,) = (p.name for p in n1.wheel_dir.glob("fulcrum_lb-*.whl"))
+    assert sorted(p.name for p in packages.iterdir()) == sorted([wheel, "constraints.txt"])
+    listed = subprocess.run([str(n1.own_venv / "bin" / "python"), "-m", "pip", "list", "--format", "json"],
+                            capture_output=True, text=True, timeout=60)
+    installed = {p["name"].lower(): p for p in json.loads(listed.stdout)}
+    assert "fulcrum" not in installed and installed["fulcrum-lb"].get("editable_project_location") is None
+    direct = next((n1.own_venv / "lib").glob("python3*/site-packages/fulcrum_lb-*.dist-info/direct_url.json"))
+    assert json.loads(direct.read_text())["url"] == f"file://{packages / wheel}"
+    pinned = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s;]+)\s*$", (REPO / "constraints.txt").read_text(), re.M))
+    for name in ("grpcio", "protobuf", "trio", "python3-etcd3", "cryptography", "httptools"):
+        assert installed[name]["version"] == pinned[name], (name, installed[name], pinned[name])
     assert f"{n1.own_venv}/bin/lbnode" in _cmdline(deployment.pids()["n1/run/lbnode.pid"])
     shared = f"{VENV_BIN}/lbnode"  # lbnode_venv_install: false
     assert shared in _cmdline(deployment.pids()["n2/run/lbnode.pid"])
@@ -424,11 +455,35 @@ def test_the_role_installs_fulcrum_into_a_venv_and_the_node_runs_from_it(
 
 def test_the_certificates_are_distributed_without_the_ca_key(deployment: Deployment) -> None:
     ca = (deployment.certs_dir / "ca.pem").read_bytes()
+    etcd_ca = (deployment.certs_dir / "etcd" / "ca.pem").read_bytes()
+    assert etcd_ca != ca  # etcd's own CA: no control-API certificate gets into etcd
     for host in deployment.hosts:
         names = sorted(p.name for p in host.certs.iterdir())
-        assert names == sorted(["ca.pem", f"{host.name}.pem", f"{host.name}.key"])
+        assert names == sorted(["ca.pem", f"{host.name}.pem", f"{host.name}.key",
+                                "etcd-ca.pem", "etcd-client.pem", "etcd-client.key"])
         assert (host.certs / "ca.pem").read_bytes() == ca
-        assert (host.certs / f"{host.name}.key").stat().st_mode & 0o777 == 0o600
+        assert (host.certs / "etcd-ca.pem").read_bytes() == etcd_ca
+        for key in (f"{host.name}.key", "etcd-client.key"):
+            assert (host.certs / key).stat().st_mode & 0o777 == 0o600
+        pki = host.root / "etc" / "etcd" / "pki"  # the etcd member's
+        assert sorted(p.name for p in pki.iterdir()) == sorted(["ca.pem", f"{host.name}.pem", f"{host.name}.key"])
+        assert (pki / f"{host.name}.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_etcd_refuses_a_client_without_its_certificate(deployment: Deployment) -> None:
+    n1 = deployment.hosts[0]
+    url = f"https://{n1.address}:2379/health"
+    pki = deployment.certs_dir / "etcd"
+    with_cert = deployment.in_cli(["curl", "-sS", "-m", "5", "--cacert", str(pki / "ca.pem"), "--cert",
+                                   str(pki / "client.pem"), "--key", str(pki / "client.key"), url], timeout=30)
+    assert with_cert.returncode == 0 and '"health":"true"' in with_cert.stdout, with_cert.stderr
+    without = deployment.in_cli(["curl", "-sS", "-m", "5", "--cacert", str(pki / "ca.pem"), url], timeout=30)
+    assert without.returncode != 0 and '"health"' not in without.stdout
+    # a control-API client certificate (another CA) is refused too
+    control = deployment.in_cli(["curl", "-sS", "-m", "5", "--cacert", str(pki / "ca.pem"), "--cert",
+                                 str(deployment.certs_dir / "client.pem"), "--key",
+                                 str(deployment.certs_dir / "client.key"), url], timeout=30)
+    assert control.returncode != 0 and '"health"' not in control.stdout
 
 
 def test_lbctl_sees_three_healthy_nodes_through_every_node(deployment: Deployment) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -44,15 +45,22 @@ class EtcdMember:
     data_dir: Path
     log_path: Path
     initial_cluster: str = ""
+    # TLS for clients and peers, client certificates required: the directory of
+    # `lbctl certs init --etcd-members` (ca.pem, NAME.pem/.key, client.pem/.key).
+    tls: Path | None = None
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
+    def scheme(self) -> str:
+        return "http" if self.tls is None else "https"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"{self.scheme}://127.0.0.1:{self.peer_port}"
 
     @property
     def alive(self) -> bool:
@@ -78,6 +86,13 @@ class EtcdMember:
             "--log-outputs", "stderr",
             "--log-level", "warn",
         ]
+        if self.tls is not None:
+            cert, key, ca = (str(self.tls / f) for f in (f"{self.name}.pem", f"{self.name}.key", "ca.pem"))
+            args += [
+                "--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth",
+                "--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca,
+                "--peer-client-cert-auth",
+            ]
         log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -90,8 +105,12 @@ class EtcdMember:
 
     def healthy(self) -> bool:
         """etcd's /health: true once the member has a leader and no alarm."""
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls / "ca.pem"))
+            context.load_cert_chain(str(self.tls / "client.pem"), str(self.tls / "client.key"))
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as response:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5, context=context) as response:
                 return bool(json.loads(response.read()).get("health") == "true")
         except (OSError, ValueError):
             return False
@@ -113,13 +132,19 @@ class EtcdMember:
 @dataclass
 class EtcdCluster:
     members: list[EtcdMember]
+    tls: Path | None = None  # see EtcdMember.tls
 
     @property
     def endpoints(self) -> tuple[str, ...]:
         return tuple(m.url for m in self.members)
 
     def settings(self, prefix: str = "/fulcrum/v1", lease_ttl: float = 2.0, health_checkers: int = 2) -> ClusterSettings:
-        return ClusterSettings(etcd=self.endpoints, lease_ttl=lease_ttl, health_checkers=health_checkers, prefix=prefix)
+        files: dict[str, str] = {}
+        if self.tls is not None:
+            files = {k: str(self.tls / f) for k, f in
+                     (("etcd_ca", "ca.pem"), ("etcd_cert", "client.pem"), ("etcd_key", "client.key"))}
+        return ClusterSettings(etcd=self.endpoints, lease_ttl=lease_ttl, health_checkers=health_checkers,
+                               prefix=prefix, **files)
 
     def member_at(self, netloc: str) -> EtcdMember:
         """The member serving ``host:port`` (as etcd3's ``Endpoint.netloc`` names it)."""
@@ -144,9 +169,19 @@ PORT_RACE_ATTEMPTS = 3
 
 
 @contextmanager
-def etcd_cluster(base_dir: Path, size: int = 1) -> Iterator[EtcdCluster]:
-    """``size`` etcd members on free loopback ports, healthy on entry, all killed on exit."""
+def etcd_cluster(base_dir: Path, size: int = 1, *, tls: bool = False) -> Iterator[EtcdCluster]:
+    """``size`` etcd members on free loopback ports, healthy on entry, all killed on exit.
+
+    ``tls``: clients and peers on TLS with client certificates required, certificates from
+    ``lbctl certs init --etcd-members`` in ``base_dir/etcd-tls`` (EtcdCluster.tls).
+    """
     require_etcd()
+    tls_dir = None
+    if tls:
+        from lbctl.certs import init_etcd_certs
+
+        tls_dir = base_dir / "etcd-tls"
+        init_etcd_certs(tls_dir, {f"m{i}": [] for i in range(size)})
     for attempt in range(1, PORT_RACE_ATTEMPTS + 1):
         members = []
         for i in range(size):
@@ -160,10 +195,11 @@ def etcd_cluster(base_dir: Path, size: int = 1) -> Iterator[EtcdCluster]:
                     peer_port=free_port(),
                     data_dir=data_dir,
                     log_path=base_dir / f"etcd-{name}.log",
+                    tls=tls_dir,
                 )
             )
         initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
-        cluster = EtcdCluster(members)
+        cluster = EtcdCluster(members, tls_dir)
         try:
             for m in members:
                 m.initial_cluster = initial

@@ -59,3 +59,30 @@ def test_lbnode_unit_without_vips_asks_for_nothing_more(tmp_path: Path) -> None:
     unit = render(tmp_path, ROLES / "lbnode/templates/lbnode.service.j2", COMMON | {"lbnode_vips": []})
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in unit.splitlines()
     assert "ExecStartPre" not in unit and "CAP_NET_ADMIN" not in unit
+
+
+def run_install_tasks(tmp_path: Path, variables: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    """The lbnode role's install.yml on localhost with the role's defaults and ``variables``."""
+    assert ANSIBLE_PLAYBOOK is not None, "ansible-playbook is not installed: make venv installs ansible-core"
+    play = [{"hosts": "localhost", "gather_facts": False,
+             "vars_files": [str(ROLES / "lbnode/defaults/main.yml")],
+             "tasks": [{"ansible.builtin.include_tasks": str(ROLES / "lbnode/tasks/install.yml")}]}]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    env = dict(os.environ, ANSIBLE_HOME=str(tmp_path / "ah"), ANSIBLE_LOCALHOST_WARNING="False", ANSIBLE_NOCOLOR="1")
+    return subprocess.run(
+        [ANSIBLE_PLAYBOOK, "-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}",
+         "-e", json.dumps(variables),  # extra vars: above the defaults file loaded as vars_files
+         str(tmp_path / "play.yml")], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_the_role_refuses_a_package_index_name_and_a_missing_wheel(tmp_path: Path) -> None:
+    venv = {"lbnode_venv": str(tmp_path / "venv")}
+    done = run_install_tasks(tmp_path, venv | {"lbnode_source": "fulcrum"})
+    assert done.returncode != 0
+    assert 'lbnode_source: "fulcrum" is not an absolute path on the host' in done.stdout, done.stdout
+    empty = tmp_path / "dist"
+    empty.mkdir()
+    done = run_install_tasks(tmp_path, venv | {"lbnode_wheel_dir": str(empty)})
+    assert done.returncode != 0
+    assert f"lbnode_wheel_dir: {empty} holds 0 fulcrum_lb-*.whl files" in done.stdout, done.stdout
+    assert not (tmp_path / "venv").exists()  # refused before anything was installed

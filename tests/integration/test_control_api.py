@@ -656,3 +656,142 @@ def test_lbnode_run_keeps_api_changes_across_a_real_restart(spawn: Callable[...,
     assert shown["backends"] == [{"address": a, "admin": "draining"}, {"address": b, "name": "b"}]
     eventually_serving({"b"})
     assert again.terminate() == 0
+
+
+# --------------------------------------------------------------------------- roles
+
+
+def tls_channel(certs: Certs, client: str, endpoint: str) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(certs.dir / "ca.pem").read_bytes(),
+        private_key=(certs.dir / f"{client}.key").read_bytes(),
+        certificate_chain=(certs.dir / f"{client}.pem").read_bytes(),
+    )
+    return grpc.secure_channel(endpoint, credentials)
+
+
+def refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+async def test_a_reader_certificate_reads_and_watches_and_every_write_is_refused_naming_the_role(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lbnode.control")
+    cn = await start_control_node(nursery, tmp_path / "state", pool_toml("web", ["127.0.0.1:1"]),
+                                  settings=certs.settings(), flags=certs.flags())
+
+    def as_reader() -> None:
+        with tls_channel(certs, "reader", cn.endpoint) as channel:
+            pools, backends = rpc.PoolsStub(channel), rpc.BackendsStub(channel)
+            cluster = rpc.ClusterStub(channel)
+            assert [p.name for p in pools.ListPools(pb.ListPoolsRequest()).pools] == ["web"]
+            assert pools.GetPool(pb.GetPoolRequest(name="web")).name == "web"
+            assert cluster.Status(pb.StatusRequest()).node_id == "n1"
+            assert [n.id for n in cluster.ListNodes(pb.ListNodesRequest()).nodes] == ["n1"]
+            stream = cluster.WatchEvents(pb.WatchEventsRequest())
+            stream.initial_metadata()  # subscribed: the headers came
+            stream.cancel()
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            who = '"lbctl-reader" has the read role (certificate OU=read)'
+            assert refusal(lambda: backends.Drain(pb.BackendRequest(pool="web", backend="127.0.0.1:1"))) == (
+                grpc.StatusCode.PERMISSION_DENIED, f"/fulcrum.v1.Backends/Drain needs the admin role; {who}")
+            for name, call in {
+                "Pools/CreatePool": lambda: pools.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name="x"))),
+                "Pools/DeletePool": lambda: pools.DeletePool(pb.DeletePoolRequest(name="web")),
+                "Backends/SetWeight": lambda: backends.SetWeight(
+                    pb.SetWeightRequest(pool="web", backend="127.0.0.1:1", weight=5)),
+                "Cluster/DrainNode": lambda: cluster.DrainNode(pb.DrainNodeRequest(node_id="n1")),
+            }.items():
+                assert refusal(call) == (grpc.StatusCode.PERMISSION_DENIED,
+                                         f"/fulcrum.v1.{name} needs the admin role; {who}")
+
+    await trio.to_thread.run_sync(as_reader)
+    stored = cn.store.get_pool("web")
+    assert stored.revision == 1 and stored.pool.backends[0].admin == "enabled", "nothing was written"
+    assert not cn.node.draining
+    assert any(r.getMessage().startswith("refused /fulcrum.v1.Cluster/DrainNode to lbctl-reader (ipv4:127.0.0.1:")
+               for r in caplog.records)
+
+    # lbctl with the reader certificate: reads work, a write is one line naming the role.
+    reader = ["--ca", str(certs.dir / "ca.pem"), "--cert", str(certs.dir / "reader.pem"),
+              "--key", str(certs.dir / "reader.key"), "-e", cn.endpoint]
+    code, out, _ = await lbctl(*reader, "pools", "list")
+    assert code == 0 and out.splitlines()[1].split()[0] == "web"
+    code, _, err = await lbctl(*reader, "backends", "weight", "web", "127.0.0.1:1", "3")
+    assert code == 1 and err == ("lbctl: PERMISSION_DENIED: /fulcrum.v1.Backends/SetWeight needs the admin role; "
+                                 '"lbctl-reader" has the read role (certificate OU=read)\n')
+
+    # The admin certificate (lbctl's default client.pem) writes, and the write names it.
+    caplog.clear()
+    assert (await cn.ok("backends", "weight", "web", "127.0.0.1:1", "3")).strip() == \
+        "pool web: backend 127.0.0.1:1 weight 3 (revision 2)"
+    assert any(r.getMessage().startswith("pool web: backend 127.0.0.1:1 weight 3 by lbctl (ipv4:127.0.0.1:")
+               for r in caplog.records)
+
+
+async def test_certificates_without_a_role_get_nothing_and_node_toml_lists_override_the_ou(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs
+) -> None:
+    from dataclasses import replace
+
+    settings = replace(certs.settings(), readers=frozenset({"lbctl"}), admins=frozenset({"lbctl-reader"}))
+    cn = await start_control_node(nursery, tmp_path / "state", pool_toml("web", ["127.0.0.1:1"]),
+                                  settings=settings, flags=certs.flags())
+
+    def calls() -> None:
+        # A node's certificate is signed by the same CA but carries no role.
+        with tls_channel(certs, "n1", cn.endpoint) as channel:
+            assert refusal(lambda: rpc.ClusterStub(channel).Status(pb.StatusRequest())) == (
+                grpc.StatusCode.PERMISSION_DENIED,
+                '/fulcrum.v1.Cluster/Status needs the read role; "n1" has no role (certificate no OU: '
+                "expected OU=admin or OU=read, or its CN in control.admins / control.readers)",
+            )
+            # streams too (the check runs before the handler's generator starts)
+            code, details = refusal(lambda: next(rpc.ClusterStub(channel).WatchEvents(pb.WatchEventsRequest())))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            assert details.startswith('/fulcrum.v1.Cluster/WatchEvents needs the read role; "n1" has no role')
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            code, _ = refusal(lambda: next(reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+        # control.readers demotes the admin certificate; control.admins promotes the reader.
+        with tls_channel(certs, "client", cn.endpoint) as channel:
+            assert rpc.ClusterStub(channel).Status(pb.StatusRequest()).node_id == "n1"
+            assert refusal(lambda: rpc.PoolsStub(channel).DeletePool(pb.DeletePoolRequest(name="web"))) == (
+                grpc.StatusCode.PERMISSION_DENIED,
+                '/fulcrum.v1.Pools/DeletePool needs the admin role; "lbctl" has the read role (listed in control.readers)',
+            )
+        with tls_channel(certs, "reader", cn.endpoint) as channel:
+            backends = rpc.BackendsStub(channel)
+            assert backends.Drain(pb.BackendRequest(pool="web", backend="127.0.0.1:1")).revision == 2
+
+    await trio.to_thread.run_sync(calls)
+    assert cn.store.get_pool("web").pool.backends[0].admin == "draining"
+
+
+async def test_the_client_certificate_of_an_older_certs_init_keeps_admin_over_grpc(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs
+) -> None:
+    from tests.unit.test_control_roles import legacy_client
+
+    # client.pem as `lbctl certs init` wrote it before roles: CN lbctl, no OU (key written beside it).
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("ca.pem", "ca.key"):
+        (legacy / name).write_bytes((certs.dir / name).read_bytes())
+    pem, key = legacy_client(legacy)
+    (legacy / "client.pem").write_bytes(pem)
+    (legacy / "client.key").write_bytes(key)
+    cn = await start_control_node(nursery, tmp_path / "state", pool_toml("web", ["127.0.0.1:1"]),
+                                  settings=certs.settings(), flags=certs.flags())
+
+    def drain() -> int:
+        with tls_channel(Certs(legacy), "client", cn.endpoint) as channel:
+            return rpc.BackendsStub(channel).Drain(pb.BackendRequest(pool="web", backend="127.0.0.1:1")).revision
+
+    assert await trio.to_thread.run_sync(drain) == 2
+    assert cn.store.get_pool("web").pool.backends[0].admin == "draining"
