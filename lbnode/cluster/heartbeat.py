@@ -21,16 +21,17 @@ from lbnode.model import NAME_RE
 HEARTBEAT_INTERVAL = 0.1
 # A holder keeps its VIPs only while enough peers echoed one of its own heartbeats sent less
 # than this long ago (its own clock: no clock sync). An echo normally arrives 0-0.1 s after
-# the heartbeat it answers (the peer's next heartbeat), so two lost datagrams in a row still
-# do not fence.
-FENCE_AFTER = 0.3
+# the heartbeat it answers (the peer's next heartbeat): a peer may lose two datagrams in a
+# row, or stall about 0.25 s (a busy core), before the holder drops its VIPs for nothing.
+FENCE_AFTER = 0.35
 # A peer counts a holder as missing after hearing nothing from it this long. SAFETY MARGIN:
 # a holder's last echo from that peer is of a heartbeat the peer received at least
 # DETECT_AFTER before it revokes, so the holder stops counting it at least
-# DETECT_AFTER - FENCE_AFTER = 0.3 s before the revocation: that is the time the holder has
+# DETECT_AFTER - FENCE_AFTER = 0.4 s before the revocation: that is the time the holder has
 # to notice and take its addresses off (a sleep_until that overruns and a netlink call;
-# tens of milliseconds measured on 2 busy cores, 10x room).
-DETECT_AFTER = 0.6
+# tens of milliseconds usually, a few hundred when a Trio loop serving traffic shares 2
+# busy cores). Larger than the stall FENCE_AFTER tolerates: safety before availability.
+DETECT_AFTER = 0.75
 # Another peer's "I have not heard H for X" counts towards revoking H only while the
 # heartbeat that said it was sent less than this long ago (estimated on our clock, see
 # ``Peer.offset``): a report may be overtaken by the peer hearing H again.
@@ -44,6 +45,13 @@ STABLE_AFTER = 0.3
 MAX_AGE = REPORT_FRESH
 # Below this many claimers no majority can form without the holder: lease-only failover.
 MIN_CLAIMERS = 3
+# When a claimer key vanishes, the holder goes on counting the claimers it saw for this long.
+# The peers see the same etcd change a little later (a watch, a round: ROUND_INTERVAL at most)
+# and may go on counting the reports of a peer whose lease just changed for REPORT_FRESH;
+# until then they may revoke under the larger count, so the holder must still need the
+# confirmations that count asks for. A peer that lost its own lease stops revoking within a
+# keepalive (TTL/3). Costs nothing while a majority of the old count still answers.
+HOLD_DOWN = 3.0
 
 MAGIC = b"FHB1"
 MAC_SIZE = 32  # HMAC-SHA256
@@ -111,7 +119,7 @@ class Peer:
     """What this node knows of one peer, for the peer's current lease."""
 
     __slots__ = ("lease", "known_since", "last_sent", "heard", "offset", "echo", "confirmed_since",
-                 "reports", "report_sent")
+                 "reports", "report_sent", "claimers")
 
     def __init__(self, lease: int, now: float) -> None:
         self.lease = lease
@@ -125,6 +133,7 @@ class Peer:
         self.confirmed_since = math.inf  # our clock: start of the unbroken run of fresh echoes
         self.reports: Mapping[str, Report] = {}
         self.report_sent = -math.inf  # our clock, estimated: when it sent ``reports``
+        self.claimers: frozenset[str] = frozenset()  # the claimers it knew when it last spoke (itself too)
 
 
 class Heartbeats:
@@ -137,7 +146,10 @@ class Heartbeats:
     - ``may_hold(now)`` / ``fence_deadline(now)``: with n claimers (n >= 3), a holder needs
       n//2 confirmations; ``fence_deadline`` is when that runs out without new echoes.
     - ``missing(node, now)``: at least n//2 + 1 claimers other than ``node`` (us included,
-      others by their fresh reports) have not heard it for ``DETECT_AFTER``.
+      others by their fresh reports) have not heard it for ``DETECT_AFTER``, and ``node`` last
+      said it knew the same claimers as we do (it counted the same n).
+
+    A holder counts n as the most claimers it knew in the last ``HOLD_DOWN``.
     """
 
     def __init__(self, node_id: str, lease: int, now: float) -> None:
@@ -145,6 +157,7 @@ class Heartbeats:
         self.lease = lease
         self.started = now  # echoes older than this are not of our heartbeats
         self.peers: dict[str, Peer] = {}
+        self._counts: list[tuple[float, int]] = []  # (until when, claimer count) after a shrink
 
     def set_lease(self, lease: int, now: float) -> None:
         """Our lease changed: what peers echoed was for the old one."""
@@ -157,19 +170,28 @@ class Heartbeats:
     def set_peers(self, peers: Mapping[str, int], now: float) -> None:
         """The other claimers with a heartbeat address, with their lease (from their claimer key).
         A new lease is a new peer: nothing carries over."""
+        before = self.claimers
         for node in list(self.peers):
             if node not in peers or peers[node] != self.peers[node].lease:
                 del self.peers[node]
         for node, lease in peers.items():
             if node != self.node_id and node not in self.peers:
                 self.peers[node] = Peer(lease, now)
+        if self.claimers < before:
+            self._counts.append((now + HOLD_DOWN, before))
+
+    def counted(self, now: float) -> int:
+        """n for the holder rule: the most claimers known within the last ``HOLD_DOWN``."""
+        self._counts = [(until, n) for until, n in self._counts if until > now]
+        return max([self.claimers, *(n for _, n in self._counts)])
 
     @property
     def claimers(self) -> int:
         return len(self.peers) + 1
 
-    def applies(self) -> bool:
-        return self.claimers >= MIN_CLAIMERS
+    def applies(self, now: float | None = None) -> bool:
+        """Is the heartbeat rule on? ``now`` for the holder (counting recent claimers too)."""
+        return (self.claimers if now is None else self.counted(now)) >= MIN_CLAIMERS
 
     # ------------------------------------------------------------------ traffic
     def message(self, now: float) -> Heartbeat:
@@ -186,8 +208,9 @@ class Heartbeats:
         offset = min(peer.offset, now - beat.sent)
         if now - (beat.sent + offset) > MAX_AGE:
             return False  # delayed on the way: its reports are stale
-        peer.offset, peer.last_sent, peer.heard = offset, beat.sent, now
+        peer.offset, peer.last_sent, peer.heard = offset, beat.sent, max(peer.heard, now)
         peer.reports, peer.report_sent = beat.reports, beat.sent + offset
+        peer.claimers = frozenset(beat.reports) | {beat.node}
         mine = beat.reports.get(self.node_id)
         if mine is not None and mine.echo is not None and self.started <= mine.echo <= now:
             if peer.echo + FENCE_AFTER < now:
@@ -207,9 +230,9 @@ class Heartbeats:
 
     def fence_deadline(self, now: float) -> float:
         """When we must hold no VIP, unless new echoes come (-inf: now; inf: the rule is off)."""
-        if not self.applies():
+        if not self.applies(now):
             return math.inf
-        needed = majority(self.claimers) - 1
+        needed = majority(self.counted(now)) - 1
         expiries = sorted((self.peers[n].echo + FENCE_AFTER for n in self.confirmed(now)), reverse=True)
         if len(expiries) < needed:
             return -math.inf
@@ -222,15 +245,24 @@ class Heartbeats:
 
     def missing(self, node: str, now: float) -> bool:
         """May ``node``'s lease be revoked? (Only ask for holders: see docs/vips.md.)"""
+        return self.why_not_missing(node, now) is None
+
+    def why_not_missing(self, node: str, now: float) -> str | None:
+        """None when ``node`` is missing for a majority; otherwise why not, for the log."""
         if not self.applies() or node not in self.peers:
-            return False
-        votes = 1 if self.silence(node, now) >= DETECT_AFTER else 0
-        if not votes:
-            return False
+            return f"{self.claimers} claimers: the heartbeat rule is off"
+        ours = frozenset(self.peers) | {self.node_id}
+        if self.peers[node].claimers != ours:
+            # it may count n differently (a claimer joining): its rule may not match ours
+            return f"it last knew claimers {sorted(self.peers[node].claimers)}, we know {sorted(ours)}"
+        if self.silence(node, now) < DETECT_AFTER:
+            return "we heard it lately"
+        votes = 1
         for other, p in self.peers.items():
             if other == node or now - p.report_sent > REPORT_FRESH:
                 continue
             report = p.reports.get(node)
             if report is not None and report.silence >= DETECT_AFTER:
                 votes += 1
-        return votes >= majority(self.claimers)
+        needed = majority(self.claimers)
+        return None if votes >= needed else f"{votes} of the {needed} claimers needed miss it"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -229,3 +230,70 @@ def test_never_holder_and_revoked_at_once(n: int, seed: int, loss: float, max_de
                     assert t - last_allowed[holder] >= DETECT_AFTER - FENCE_AFTER - step, (
                         f"{voter} may revoke {holder} at {t:.2f}, which held until {last_allowed[holder]:.2f}")
         t += step
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+def _cluster_config(heartbeat: object) -> object:
+    from lbnode.model import parse_config
+
+    return parse_config({"node": {"id": "n1"}, "cluster": {"etcd": ["http://127.0.0.1:2379"], "heartbeat": heartbeat}})
+
+
+def test_heartbeat_config_is_an_address_of_this_host() -> None:
+    from lbnode.model import Address
+
+    config = _cluster_config("10.0.0.11:7946")
+    assert config.cluster.heartbeat == Address("10.0.0.11", 7946)  # type: ignore[attr-defined]
+    from lbnode.model import parse_config
+
+    assert parse_config({"node": {"id": "n1"}, "cluster": {"etcd": ["http://127.0.0.1:2379"]}}).cluster.heartbeat is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("10.0.0.11", "is not host:port"),
+        ("0.0.0.0:7946", "not a wildcard"),
+        ("[::]:7946", "not a wildcard"),
+        ("lb1.example:7946", "not a name"),
+        ("10.0.0.11:0", "out of range"),
+        (7946, "expected a string host:port"),
+    ],
+)
+def test_heartbeat_config_errors_name_the_key(value: object, message: str) -> None:
+    from lbnode.model import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _cluster_config(value)
+    assert "cluster.heartbeat" in str(info.value) and message in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------------- claimers coming and going
+
+
+def test_a_holder_that_does_not_know_a_new_claimer_yet_is_not_revoked() -> None:
+    """a's view lags: it knows b only (n = 2, rule off, lease-only), b and c know all three."""
+    states = cluster(["a", "b", "c"])
+    states["a"] = Heartbeats("a", LEASES["a"], 100.0)
+    states["a"].set_peers({"b": LEASES["b"]}, 100.0)
+    t = run(states, 100.0, 1.0)
+    assert states["a"].may_hold(t)  # two claimers in its view: lease-only
+    t = run(states, t, 1.0, cut={("a", "b"), ("a", "c")})
+    assert states["a"].may_hold(t)
+    assert not states["b"].missing("a", t) and not states["c"].missing("a", t)
+
+
+def test_after_a_claimer_key_vanishes_the_holder_counts_it_for_the_hold_down() -> None:
+    from lbnode.cluster.heartbeat import HOLD_DOWN
+
+    states = cluster(["a", "b", "c"])
+    t = run(states, 100.0, 1.0)
+    # c's key vanished in a's view; b's view lags. a still needs one confirmation
+    states["a"].set_peers({"b": LEASES["b"]}, t)
+    assert states["a"].applies(t) and states["a"].may_hold(t)
+    t = run(states, t, 1.0, cut={("a", "b"), ("a", "c")})
+    assert not states["a"].may_hold(t), "a fenced: b, with c's fresh reports, may still revoke it"
+    t = run(states, t, HOLD_DOWN, cut={("a", "b"), ("a", "c")})
+    assert states["a"].may_hold(t), "two claimers left, after the hold-down: lease-only"
