@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from lbnode.model import NAME_RE
 
 # Each claimer sends every peer one datagram this often (a lost one costs nothing: the next
-# one says the same, fresher). VRRPv3's fast setting, for a like-for-like failover time.
-HEARTBEAT_INTERVAL = 0.1
+# one says the same, fresher). Twice VRRPv3's fast rate: an echo then comes back within 50 ms
+# plus the transit, which leaves most of FENCE_AFTER to ride out a peer that the CPU left
+# waiting. About 200 bytes and one HMAC per datagram: 20 per second per peer is nothing.
+HEARTBEAT_INTERVAL = 0.05
 # A holder keeps its VIPs only while enough peers echoed one of its own heartbeats sent less
-# than this long ago (its own clock: no clock sync). An echo normally arrives 0-0.1 s after
-# the heartbeat it answers (the peer's next heartbeat): a peer may lose two datagrams in a
-# row, or stall about 0.25 s (a busy core), before the holder drops its VIPs for nothing.
-FENCE_AFTER = 0.35
+# than this long ago (its own clock: no clock sync). An echo normally arrives 0-0.05 s after
+# the heartbeat it answers (the peer's next heartbeat): a peer may lose several datagrams in
+# a row, or wait about 0.4 s for a CPU (2 cores at a load of 10, as when the test suites of
+# several branches run at once), before the holder drops its VIPs for nothing.
+FENCE_AFTER = 0.45
 # A peer counts a holder as missing after hearing nothing from it this long. SAFETY MARGIN:
 # a holder's last echo from that peer is of a heartbeat the peer received at least
 # DETECT_AFTER before it revokes, so the holder stops counting it at least
@@ -31,7 +34,7 @@ FENCE_AFTER = 0.35
 # to notice and take its addresses off (a sleep_until that overruns and a netlink call;
 # tens of milliseconds usually, a few hundred when a Trio loop serving traffic shares 2
 # busy cores). Larger than the stall FENCE_AFTER tolerates: safety before availability.
-DETECT_AFTER = 0.75
+DETECT_AFTER = 0.85
 # Another peer's "I have not heard H for X" counts towards revoking H only while the
 # heartbeat that said it was sent less than this long ago (estimated on our clock, see
 # ``Peer.offset``): a report may be overtaken by the peer hearing H again.

@@ -7,7 +7,7 @@ connection resets) that etcd is about to give to another node. ``SIGTERM`` (a se
 manager stopping what is left of the service) does the same. Removing an address that is
 not there is a no-op, so after a graceful stop, which released every VIP already, it does
 nothing. It removes them with one rtnetlink request each (no pyroute2: its import alone
-takes about half a second, and with heartbeats another node takes the VIP about 0.8 s
+takes about half a second, and with heartbeats another node takes the VIP about 0.9 s
 after this one died); until then the guard is a sleeping interpreter of a few MB.
 
     python -m lbnode.cluster.vipguard 10.0.0.100/24@eth0 [...]   # stdin: the node's pipe

@@ -82,6 +82,11 @@ BROKEN_PAUSE = 30.0
 # next heartbeat, and reaches the new leader one election (0.5-1 s) after the loss. A
 # healthy etcd answers in milliseconds.
 REVOKE_TIMEOUT = 0.5
+# A claimer fenced by heartbeats (not by its lease) this long deletes its VIP keys, so that the
+# others can take them: when they hear it but it does not hear them, nobody revokes it. Longer
+# than the others take to revoke a holder they miss (DETECT_AFTER, a report, an etcd call), and
+# than a short stall: then the same VIPs come back to it instead of moving.
+FENCED_RELEASE = 1.5
 # Linux SO_TIMESTAMPNS (asm-generic/socket.h; Python's socket module does not name it): the
 # kernel stamps each heartbeat datagram with its arrival time (CLOCK_REALTIME, a timespec).
 SO_TIMESTAMPNS = 35
@@ -286,6 +291,7 @@ class VipClaimer:
         self._heartbeat_key: bytes | None = None
         self._heartbeat_socket: trio.socket.SocketType | None = None
         self._heartbeat_std: socket.socket | None = None
+        self._heartbeat_fenced_since: float | None = None  # fenced by heartbeats (lease fine) since
         self.peer_heartbeats: dict[str, tuple[str, int, int]] = {}  # node -> (ip, port, lease)
         self._revoked: set[int] = set()  # leases this node revoked (once each)
         self.revocations = 0
@@ -358,6 +364,7 @@ class VipClaimer:
                 await self._drop_all("the lease they were bound to is gone")
                 continue
             if trio.current_time() < deadline:
+                self._heartbeat_fenced_since = None
                 if self._fenced_logged:
                     log.info("node %s: fence lifted; taking part in the VIP election again", self.node_id)
                     self.wake()  # put back what etcd still says is ours, or campaign
@@ -382,7 +389,22 @@ class VipClaimer:
                 else:
                     log.info("node %s: not heard by a majority of the claimers (heartbeats); not campaigning "
                              "for VIPs until they confirm this node again", self.node_id)
+            if not self._fenced_logged:
+                self.wake()  # the round says so in our claimer key ("accepting": false)
             self._fenced_logged = True
+            if not by_lease and self._values:
+                now = trio.current_time()
+                if self._heartbeat_fenced_since is None:
+                    self._heartbeat_fenced_since = now
+                elif now - self._heartbeat_fenced_since >= FENCED_RELEASE:
+                    log.warning("node %s: still not confirmed by a majority after %gs: releasing VIPs %s in etcd "
+                                "so that the others take them", self.node_id, FENCED_RELEASE,
+                                ", ".join(sorted(self._values)))
+                    for vip, value in list(self._values.items()):
+                        try:
+                            await self._delete_if_ours(vip, value)
+                        except StoreError as exc:
+                            log.warning("node %s: could not release VIP %s (%s)", self.node_id, vip, exc)
             await trio.sleep(FENCED_POLL)  # fenced: look again soon for a renewed lease or confirmations
 
     # ------------------------------------------------------------------ run
@@ -436,8 +458,11 @@ class VipClaimer:
 
     @property
     def accepting(self) -> bool:
-        """Does this node take VIPs? Not while draining, nor for a while after an address failed."""
-        return not self._draining and trio.current_time() >= self._broken_until
+        """Does this node take VIPs? Not while draining, nor for a while after an address failed,
+        nor while a majority of the claimers does not confirm hearing it (the others then deal
+        the VIPs among themselves at once instead of waiting FREE_GRACE for it)."""
+        now = trio.current_time()
+        return not self._draining and now >= self._broken_until and now < self.heartbeat_fence_deadline()
 
     async def release_all(self) -> None:
         """Planned stop or drain: say so, delete our keys, hand every address over; campaign no more.

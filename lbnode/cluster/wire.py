@@ -52,7 +52,7 @@ def delete_address(vip: VipSpec) -> None:
     """Remove ``vip`` from its interface with one rtnetlink request, without pyroute2.
 
     For the VIP guard: importing pyroute2 takes about 0.5 s of CPU (more on a busy host),
-    and with heartbeats another node takes the VIP about 0.8 s after this node died.
+    and with heartbeats another node takes the VIP about 0.9 s after this node died.
     Absent address or interface: nothing to do. Other failures raise OSError.
     """
     try:
