@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from lbnode.cluster.heartbeat import DETECT_AFTER, FENCE_AFTER, HEARTBEAT_INTERVAL
-from lbnode.cluster.vips import FENCED_RELEASE
+from lbnode.cluster.vips import FENCED_RELEASE, REVOKE_TIMEOUT
 from tests.cluster import topology
 from tests.cluster.topology import Lan
 from tests.integration.etcd_helpers import require_etcd
@@ -40,8 +40,9 @@ ELECTION = topology.ETCD_ELECTION_MS / 1000
 # The VIP is free once the survivors revoke the dead holder's lease: each has missed it for
 # DETECT_AFTER, plus up to one heartbeat interval for the other's report to arrive and one for
 # the next check. When the etcd leader died with the host, the revocation waits for the new
-# leader meanwhile (an election: one to two election timeouts, in parallel with the above).
-REVOKED_BY = max(DETECT_AFTER + 2 * HEARTBEAT_INTERVAL, 2 * ELECTION)
+# leader meanwhile (an election: one to two election timeouts, in parallel with the above),
+# and an attempt sent to a member still forwarding to the dead leader hangs REVOKE_TIMEOUT.
+REVOKED_BY = max(DETECT_AFTER + 2 * HEARTBEAT_INTERVAL, 2 * ELECTION) + REVOKE_TIMEOUT
 # From the revocation to the client's first answer from the new holder: a watch event, a round
 # (one read), the campaign (one write), the address and its gratuitous ARP, and the client's next
 # try (one every 50 ms): tens of milliseconds when idle. The margin is for 2 busy cores (other
