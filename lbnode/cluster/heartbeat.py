@@ -52,8 +52,9 @@ MIN_CLAIMERS = 3
 # The peers see the same etcd change a little later (a watch, a round: ROUND_INTERVAL at most)
 # and may go on counting the reports of a peer whose lease just changed for REPORT_FRESH;
 # until then they may revoke under the larger count, so the holder must still need the
-# confirmations that count asks for. A peer that lost its own lease stops revoking within a
-# keepalive (TTL/3). Costs nothing while a majority of the old count still answers.
+# confirmations that count asks for. A peer whose own lease ended stops revoking when it sees
+# its claimer key gone (a watch event), or within a keepalive (TTL/3). Costs nothing while a
+# majority of the old count still answers.
 HOLD_DOWN = 3.0
 
 MAGIC = b"FHB1"

@@ -785,8 +785,10 @@ class VipClaimer:
     def _revoke_missing(self, now: float) -> None:
         """Revoke the lease of every VIP holder a majority of the claimers misses (once per lease)."""
         state = self.heartbeats
-        if state is None or self._nursery is None or self.lease_fenced():
-            return  # without a valid lease of our own, our view of the claimers may be stale
+        if state is None or self._nursery is None or self.lease_fenced() or self.node_id not in self.claimers:
+            # without a valid lease of our own (our claimer key goes with it), our view of the
+            # claimers may be stale
+            return
         live = {h.lease for h in self.holders.values()}
         self._revoked &= live
         self._waiting_logged = {lease: why for lease, why in self._waiting_logged.items() if lease in live}
