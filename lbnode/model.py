@@ -635,6 +635,7 @@ class ClusterSettings:
     health_checkers: int = 2  # nodes actively checking each backend (rendezvous hashing)
     prefix: str = "/fulcrum/v1"
     vips: tuple[VipSpec, ...] = ()  # [[cluster.vips]]: addresses held by one node at a time
+    heartbeat: Address | None = None  # UDP address of this node's VIP claimer heartbeats (None: lease-only failover)
     # https:// endpoints: the CA that signed etcd's certificates, and this node's client
     # certificate and key (file paths; read and checked by lbnode.cluster.etcd.load_tls).
     etcd_ca: str | None = None
@@ -782,6 +783,7 @@ def _parse_cluster(t: Table | None) -> ClusterSettings | None:
         health_checkers=t.int("health_checkers", 2, lo=1, hi=100),
         prefix=prefix,
         vips=parse_vips(t),
+        heartbeat=_parse_heartbeat(t),
         etcd_ca=t.str("etcd_ca", None),
         etcd_cert=t.str("etcd_cert", None),
         etcd_key=t.str("etcd_key", None),
@@ -791,6 +793,23 @@ def _parse_cluster(t: Table | None) -> ClusterSettings | None:
         raise ConfigError(t.key("lease_ttl"), f"must be at least 1s (etcd leases count whole seconds), got {cluster.lease_ttl:g}s")
     t.done()
     return cluster
+
+
+def _parse_heartbeat(t: Table) -> Address | None:
+    """``[cluster] heartbeat``: the IP:port this node's VIP claimer binds and publishes to its peers."""
+    raw = t.raw("heartbeat", None)
+    if raw is None:
+        return None
+    address = parse_address(raw, t.key("heartbeat"))
+    try:
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        raise ConfigError(t.key("heartbeat"), f'"{raw}": use an IP address of this host (the other nodes send to it), '
+                          "not a name") from None
+    if ip.is_unspecified:
+        raise ConfigError(t.key("heartbeat"), f'"{raw}": the other nodes send to this address: use this host\'s '
+                          'own IP address on the LAN, like "10.0.0.11:7946", not a wildcard')
+    return address
 
 
 def _unique(items: list[T], section: str, name_of: Callable[[T], str]) -> None:

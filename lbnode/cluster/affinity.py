@@ -642,30 +642,10 @@ class ClusterAffinity:
 
     def _create_or_read_key(self, proposal: bytes) -> tuple[bytes, bool]:
         """(the cluster key, whether ours became it); first writer wins. Blocking."""
-        path, value = self.cookie_key_path, proposal.hex().encode()
-
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
-            t = c.transactions
-            return c.transaction(  # type: ignore[no-any-return]
-                compare=[t.create(path) == 0], success=[t.put(path, value)], failure=[t.get(path)]
-            )
-
-        ok, responses = self.conn.call(f"create the cookie key {path}", txn)
-        if ok:
-            return proposal, True
-        if not responses[0]:
-            raise StoreError(f"{path} was deleted while being read")  # retried
-        stored = bytes(responses[0][0][0])
-        try:
-            key = bytes.fromhex(stored.decode("ascii").strip())
-        except ValueError:
-            key = b""
-        if len(key) != len(proposal):
-            raise ValueError(
-                f"{path} does not hold {2 * len(proposal)} hex digits; delete it (`etcdctl del {path}`) "
-                "and the next node to start writes its own (cookies sealed under the old key stop matching)"
-            )
-        return key, key == proposal
+        return self.conn.agree_on_secret(
+            self.cookie_key_path, proposal,
+            "the next node to start writes its own (cookies sealed under the old key stop matching)",
+        )
 
     # ------------------------------------------------------------------ following etcd
     async def _follow(self) -> None:

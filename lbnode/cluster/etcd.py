@@ -342,6 +342,38 @@ class EtcdConnection:
         except LeaseNotFound:
             pass
 
+    def agree_on_secret(self, path: str, proposal: bytes, after_delete: str) -> tuple[bytes, bool]:
+        """The cluster-wide secret at ``path`` (hex) and whether ``proposal`` became it: the first
+        writer wins (a create with ``create_revision == 0``), everyone else reads the winner's.
+
+        ``StoreError`` when etcd fails (retry); ``ValueError`` when the stored value is not a
+        key of ``proposal``'s size (``after_delete`` says what happens once an operator deletes it).
+        """
+        value = proposal.hex().encode()
+
+        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
+            t = c.transactions
+            return c.transaction(  # type: ignore[no-any-return]
+                compare=[t.create(path) == 0], success=[t.put(path, value)], failure=[t.get(path)]
+            )
+
+        ok, responses = self.call(f"create the secret {path}", txn)
+        if ok:
+            return proposal, True
+        if not responses[0]:
+            raise StoreError(f"{path} was deleted while being read")  # retried
+        stored = bytes(responses[0][0][0])
+        try:
+            key = bytes.fromhex(stored.decode("ascii").strip())
+        except ValueError:
+            key = b""
+        if len(key) != len(proposal):
+            raise ValueError(
+                f"{path} does not hold {2 * len(proposal)} hex digits; delete it (`etcdctl del {path}`) "
+                f"and {after_delete}"
+            )
+        return key, key == proposal
+
     def compact(self, revision: int) -> None:
         self.call(f"compact to revision {revision}", lambda c: c.compact(revision, physical=True))
 

@@ -3,8 +3,10 @@
 Owns the pure placement rule (``plan``: fair share with hysteresis over rendezvous hashing),
 the ``{prefix}/vips/<address>`` keys (created with ``create_revision == 0``, bound to the
 node lease), fencing (a node whose lease renewal has failed for TTL/2 drops every VIP at
-once, before the lease can expire), and adding/removing the addresses with netlink plus a gratuitous ARP. Never blocks
-the data plane: etcd, netlink and raw-socket calls run in threads.
+once, before the lease can expire), the claimer heartbeats over UDP (``[cluster] heartbeat``: a
+majority that misses a holder revokes its lease; a holder short of confirmations fences, see
+``lbnode.cluster.heartbeat``), and adding/removing the addresses with netlink plus a gratuitous ARP.
+Never blocks the data plane: etcd, netlink and raw-socket calls run in threads.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,14 +28,14 @@ from typing import Any, Protocol
 
 import trio
 
-from lbnode.cluster import vipguard
+from lbnode.cluster import heartbeat, vipguard
 from lbnode.cluster.assign import checkers_for
 from lbnode.cluster.etcd import EtcdConnection, KeyEvent, KeyValue
 from lbnode.cluster.membership import KEEPALIVE_FRACTION
 from lbnode.cluster.store import StoreError
 from lbnode.cluster.watch import follow_watch
 from lbnode.cluster.wire import NetlinkAddresses, VipSpec, announce_from_primary
-from lbnode.model import NAME_RE, ClusterSettings, ConfigError, Table
+from lbnode.model import NAME_RE, Address, ClusterSettings, ConfigError, Table, parse_address
 
 log = logging.getLogger("lbnode.cluster.vips")
 
@@ -70,6 +75,24 @@ BACKOFF_MAX = 2.0
 # A node whose address change failed (interface missing, no permission) stops taking VIPs
 # this long, so that the VIPs are not dealt to a node that cannot put them on the wire.
 BROKEN_PAUSE = 30.0
+
+# Deadline of one attempt to revoke a missing holder's lease. When the holder's host had the
+# etcd leader, a call sent meanwhile to a member that still forwards to the dead leader hangs
+# until its deadline (2 s for ordinary calls); a short one fails and is tried again at the
+# next heartbeat, and reaches the new leader one election (0.5-1 s) after the loss. A
+# healthy etcd answers in milliseconds.
+REVOKE_TIMEOUT = 0.5
+# A claimer fenced by heartbeats (not by its lease) this long deletes its VIP keys, so that the
+# others can take them: when they hear it but it does not hear them, nobody revokes it. Longer
+# than the others take to revoke a holder they miss (DETECT_AFTER, a report, an etcd call), and
+# than a short stall: then the same VIPs come back to it instead of moving.
+FENCED_RELEASE = 1.5
+# Linux SO_TIMESTAMPNS (asm-generic/socket.h; Python's socket module does not name it): the
+# kernel stamps each heartbeat datagram with its arrival time (CLOCK_REALTIME, a timespec).
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("=qq")
+# Longest pause between two checks of a fenced claimer for the end of its fence.
+FENCED_POLL = 0.05
 
 MovedCallback = Callable[[str, "str | None", "str | None"], object]  # (vip, old holder, new holder)
 
@@ -261,6 +284,20 @@ class VipClaimer:
         self._taking_over: set[str] = set()  # VIPs added less than TAKEOVER_QUIET ago
         self._on_moving: list[Callable[[frozenset[str], frozenset[str]], object]] = []
         self._nursery: trio.Nursery | None = None
+        # heartbeats (``[cluster] heartbeat``): off without an address (lease-only failover)
+        self.heartbeat_address: Address | None = getattr(settings, "heartbeat", None)
+        self.heartbeats: heartbeat.Heartbeats | None = None  # made by ``run`` once the socket is bound
+        self.heartbeat_key_path = f"{settings.prefix}/secrets/heartbeat-key"
+        self._heartbeat_key: bytes | None = None
+        self._heartbeat_socket: trio.socket.SocketType | None = None
+        self._heartbeat_std: socket.socket | None = None
+        self._heartbeat_fenced_since: float | None = None  # fenced by heartbeats (lease fine) since
+        self.peer_heartbeats: dict[str, tuple[str, int, int]] = {}  # node -> (ip, port, lease)
+        self._revoked: set[int] = set()  # leases this node revoked (once each)
+        self.revocations = 0
+        self._revoke_conn: EtcdConnection | None = None  # short deadlines: see REVOKE_TIMEOUT
+        self._confirmed_logged: list[str] = []
+        self._waiting_logged: dict[int, str] = {}  # holder lease -> why it is not revoked yet (logged)
 
     def on_moved(self, callback: MovedCallback) -> None:
         """``callback(vip, old_holder, new_holder)`` when etcd shows a VIP changing hands (None: free)."""
@@ -296,15 +333,28 @@ class VipClaimer:
         self._wake.set()
 
     # ------------------------------------------------------------------ fencing
-    def fence_deadline(self) -> float:
-        """Trio time after which this node must not hold any VIP (-inf: already)."""
+    def lease_fence_deadline(self) -> float:
+        """Trio time after which the lease rule forbids holding any VIP (-inf: already)."""
         agent = self.agent
         if agent.lease_id is None or agent.lease_expires_at is None or not agent.lease_ttl:
             return -math.inf
         return float(agent.lease_expires_at - agent.lease_ttl * (1 - KEEPALIVE_FRACTION - FENCE_FRACTION))
 
+    def heartbeat_fence_deadline(self) -> float:
+        """Trio time after which the heartbeat rule forbids holding any VIP (inf: off)."""
+        if self.heartbeats is None:
+            return math.inf
+        return self.heartbeats.fence_deadline(trio.current_time())
+
+    def fence_deadline(self) -> float:
+        """Trio time after which this node must not hold any VIP (-inf: already). Both rules apply."""
+        return min(self.lease_fence_deadline(), self.heartbeat_fence_deadline())
+
     def fenced(self) -> bool:
         return trio.current_time() >= self.fence_deadline()
+
+    def lease_fenced(self) -> bool:
+        return trio.current_time() >= self.lease_fence_deadline()
 
     async def _fence_loop(self) -> None:
         while True:
@@ -314,17 +364,48 @@ class VipClaimer:
                 await self._drop_all("the lease they were bound to is gone")
                 continue
             if trio.current_time() < deadline:
+                self._heartbeat_fenced_since = None
+                if self._fenced_logged:
+                    log.info("node %s: fence lifted; taking part in the VIP election again", self.node_id)
+                    self.wake()  # put back what etcd still says is ours, or campaign
                 self._fenced_logged = False
                 await trio.sleep_until(min(deadline, trio.current_time() + ROUND_INTERVAL))
                 continue
+            by_lease = self.lease_fenced()
+            if self.held and not by_lease and self._take_pending_heartbeats():
+                continue  # heartbeats waiting in the socket while we were late: they may confirm us
             if self.held:
-                log.warning("node %s: lease renewal failing for %.1fs (half its TTL): dropping VIPs %s at once",
-                            self.node_id, self.agent.lease_ttl * FENCE_FRACTION, ", ".join(sorted(self.held)))
+                if by_lease:
+                    log.warning("node %s: lease renewal failing for %.1fs (half its TTL): dropping VIPs %s at once",
+                                self.node_id, self.agent.lease_ttl * FENCE_FRACTION, ", ".join(sorted(self.held)))
+                else:
+                    log.warning("node %s: fewer than a majority of the claimers confirmed hearing this node "
+                                "within %gs (heartbeats): dropping VIPs %s at once", self.node_id,
+                                heartbeat.FENCE_AFTER, ", ".join(sorted(self.held)))
                 await self._drop_all("fenced")
             elif not self._fenced_logged:
-                log.info("node %s: no valid lease; not campaigning for VIPs until etcd answers", self.node_id)
+                if by_lease:
+                    log.info("node %s: no valid lease; not campaigning for VIPs until etcd answers", self.node_id)
+                else:
+                    log.info("node %s: not heard by a majority of the claimers (heartbeats); not campaigning "
+                             "for VIPs until they confirm this node again", self.node_id)
+            if not self._fenced_logged:
+                self.wake()  # the round says so in our claimer key ("accepting": false)
             self._fenced_logged = True
-            await trio.sleep(0.05)  # fenced: look again soon for a renewed lease
+            if not by_lease and self._values:
+                now = trio.current_time()
+                if self._heartbeat_fenced_since is None:
+                    self._heartbeat_fenced_since = now
+                elif now - self._heartbeat_fenced_since >= FENCED_RELEASE:
+                    log.warning("node %s: still not confirmed by a majority after %gs: releasing VIPs %s in etcd "
+                                "so that the others take them", self.node_id, FENCED_RELEASE,
+                                ", ".join(sorted(self._values)))
+                    for vip, value in list(self._values.items()):
+                        try:
+                            await self._delete_if_ours(vip, value)
+                        except StoreError as exc:
+                            log.warning("node %s: could not release VIP %s (%s)", self.node_id, vip, exc)
+            await trio.sleep(FENCED_POLL)  # fenced: look again soon for a renewed lease or confirmations
 
     # ------------------------------------------------------------------ run
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -346,9 +427,15 @@ class VipClaimer:
         # a VIP left on our interface by a crashed run is not ours until etcd says so
         for vip in self.vips.values():
             await self._netlink(self._addresses.remove, vip)
+        if self.heartbeat_address is not None:
+            self._heartbeat_socket = await self._bind_heartbeat(self.heartbeat_address)
+            self._revoke_conn = EtcdConnection(self.conn.endpoints, timeout=REVOKE_TIMEOUT)
+            self.heartbeats = heartbeat.Heartbeats(self.node_id, self.agent.lease_id or 0, trio.current_time())
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._fence_loop)
+                if self._heartbeat_socket is not None:
+                    nursery.start_soon(self._heartbeat_loop, self._heartbeat_socket)
                 nursery.start_soon(self._watch_loop)
                 nursery.start_soon(self._round_loop)
                 self._nursery = nursery
@@ -361,14 +448,21 @@ class VipClaimer:
             close = getattr(self._addresses, "close", None)
             if close is not None:
                 close()
+            if self._heartbeat_socket is not None:
+                self._heartbeat_socket.close()
+            if self._revoke_conn is not None:
+                self._revoke_conn.close()
             if guard is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(vipguard.stop, guard)
 
     @property
     def accepting(self) -> bool:
-        """Does this node take VIPs? Not while draining, nor for a while after an address failed."""
-        return not self._draining and trio.current_time() >= self._broken_until
+        """Does this node take VIPs? Not while draining, nor for a while after an address failed,
+        nor while a majority of the claimers does not confirm hearing it (the others then deal
+        the VIPs among themselves at once instead of waiting FREE_GRACE for it)."""
+        now = trio.current_time()
+        return not self._draining and now >= self._broken_until and now < self.heartbeat_fence_deadline()
 
     async def release_all(self) -> None:
         """Planned stop or drain: say so, delete our keys, hand every address over; campaign no more.
@@ -459,8 +553,8 @@ class VipClaimer:
             with trio.move_on_after(ROUND_INTERVAL):
                 await self._wake.wait()
             self._wake = trio.Event()
-            if self._draining or self.fenced():
-                continue
+            if self._draining or self.lease_fenced():
+                continue  # (fenced by heartbeats only: the round still reads and announces)
             try:
                 await self._round()
             except StoreError as exc:
@@ -479,9 +573,12 @@ class VipClaimer:
         kvs, _ = await trio.to_thread.run_sync(self.conn.get_prefix, self._read_prefix, abandon_on_cancel=True)
         self._set_holders([kv for kv in kvs if kv.key.startswith(self.prefix)])
         self._set_claimers([kv for kv in kvs if kv.key.startswith(self.claimer_prefix)])
-        if self._draining or self.fenced() or lease is None or lease != self.agent.lease_id:
+        if self._draining or self.lease_fenced() or lease is None or lease != self.agent.lease_id:
             return
+        # announced even while fenced by heartbeats: the peers must know our lease to hear us again
         await self._announce(lease)
+        if self.fenced():
+            return
         now = trio.current_time()
         # what the addresses must match: our keys under our current lease (a VIP being handed
         # off keeps its address until its new holder has it)
@@ -521,22 +618,37 @@ class VipClaimer:
 
     def _set_claimers(self, kvs: list[KeyValue]) -> None:
         claimers = {}
+        peers: dict[str, tuple[str, int, int]] = {}
         for kv in kvs:
             node = kv.key[len(self.claimer_prefix):]
             if not NAME_RE.fullmatch(node) or not kv.lease:
                 continue
             try:
-                claimers[node] = bool(json.loads(kv.value).get("accepting", False))
+                data = json.loads(kv.value)
+                claimers[node] = bool(data.get("accepting", False))
             except (ValueError, AttributeError):
                 continue
+            raw = data.get("heartbeat")
+            if isinstance(raw, str) and node != self.node_id:
+                try:
+                    address = parse_address(raw, f"{kv.key}: heartbeat")
+                except ConfigError:
+                    continue  # a claimer that cannot be heard is no heartbeat peer (not counted)
+                peers[node] = (address.host, address.port, kv.lease)
         self.claimers = claimers
+        self.peer_heartbeats = peers
+        if self.heartbeats is not None:
+            self.heartbeats.set_peers({node: lease for node, (_, _, lease) in peers.items()}, trio.current_time())
 
     async def _announce(self, lease: int) -> None:
         """Our claimer key, bound to our lease: {"accepting": bool}; written when it changed."""
         accepting = self.accepting
         if self._announced == (lease, accepting) and self.claimers.get(self.node_id) == accepting:
             return
-        value = json.dumps({"accepting": accepting}).encode()
+        data: dict[str, object] = {"accepting": accepting}
+        if self.heartbeat_address is not None:
+            data["heartbeat"] = str(self.heartbeat_address)
+        value = json.dumps(data).encode()
         await trio.to_thread.run_sync(self.conn.put, self.claimer_prefix + self.node_id, value, lease,
                                       abandon_on_cancel=True)
         self._announced = (lease, accepting)
@@ -571,6 +683,144 @@ class VipClaimer:
             log.info("VIP %s: %s -> %s", vip, before or "(free)", after or "(free)")
             for callback in self._on_moved:
                 callback(vip, before, after)
+
+    # ------------------------------------------------------------------ heartbeats
+    async def _bind_heartbeat(self, address: Address) -> trio.socket.SocketType:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        std = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            std.bind((address.host, address.port))
+        except OSError as exc:
+            std.close()
+            raise ConfigError("cluster.heartbeat", f'cannot bind "{address}" ({exc.strerror}): use an address of '
+                              "this host and a free UDP port") from None
+        std.setblocking(False)
+        try:
+            std.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:
+            pass  # arrival taken when read instead: a late process drops more heartbeats as old
+        self._heartbeat_std = std  # the same socket, for ``_take_pending_heartbeats``
+        log.info("node %s: claimer heartbeats on udp %s", self.node_id, address)
+        return trio.socket.from_stdlib_socket(std)
+
+    def _take_pending_heartbeats(self) -> bool:
+        """Take the heartbeats already waiting in the socket, at once; True if that lifted the
+        fence. A holder whose own process was late (a busy core) would otherwise fence on
+        echoes it has received but not read yet."""
+        state, key, std = self.heartbeats, self._heartbeat_key, self._heartbeat_std
+        if state is None or key is None or std is None:
+            return False
+        taken = 0
+        while taken < 1000:
+            try:
+                datagram, ancillary, _, _ = std.recvmsg(heartbeat.MAX_DATAGRAM, socket.CMSG_SPACE(16))
+            except OSError:  # BlockingIOError: nothing more waiting
+                break
+            taken += 1
+            beat = heartbeat.unseal(key, datagram)
+            if beat is not None:
+                state.received(beat, _arrival(ancillary))
+        return taken > 0 and not self.fenced()
+
+    async def _heartbeat_loop(self, sock: trio.socket.SocketType) -> None:
+        """Agree on the cluster key, then send every HEARTBEAT_INTERVAL and take what arrives."""
+        delay, failing = BACKOFF_FIRST, False
+        while self._heartbeat_key is None:
+            try:
+                self._heartbeat_key, _ = await trio.to_thread.run_sync(
+                    self.conn.agree_on_secret, self.heartbeat_key_path, os.urandom(heartbeat.KEY_SIZE),
+                    "the nodes agree on a new one as they restart", abandon_on_cancel=True)
+            except StoreError as exc:
+                if not failing:
+                    log.warning("node %s: heartbeat key: %s; retrying (fenced meanwhile when 3+ claimers)",
+                                self.node_id, exc)
+                    failing = True
+            except ValueError as exc:
+                log.error("node %s: heartbeat key: %s", self.node_id, exc)
+                delay = BACKOFF_MAX
+            if self._heartbeat_key is None:
+                await trio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_heartbeats, sock, self._heartbeat_key)
+            await self._send_heartbeats(sock, self._heartbeat_key)
+
+    async def _send_heartbeats(self, sock: trio.socket.SocketType, key: bytes) -> None:
+        state = self.heartbeats
+        assert state is not None
+        tick = trio.current_time()
+        while True:
+            now = trio.current_time()
+            if self.agent.lease_id is not None:
+                state.set_lease(self.agent.lease_id, now)
+                datagram = heartbeat.seal(key, state.message(now))
+                for node, (host, port, _) in list(self.peer_heartbeats.items()):
+                    try:
+                        await sock.sendto(datagram, (host, port))
+                    except OSError as exc:  # no route (our link is down): the peers will miss us
+                        log.debug("node %s: heartbeat to %s: %s", self.node_id, node, exc)
+            confirmed = sorted(state.confirmed(now))
+            if confirmed != self._confirmed_logged:
+                log.info("node %s: heartbeats confirmed by %s (%d claimers)", self.node_id,
+                         ", ".join(confirmed) or "nobody", state.claimers)
+                self._confirmed_logged = confirmed
+            self._revoke_missing(now)
+            # a fixed rhythm; after a stall, start again from now rather than send a burst
+            tick = max(tick + heartbeat.HEARTBEAT_INTERVAL, now)
+            await trio.sleep_until(tick)
+
+    async def _receive_heartbeats(self, sock: trio.socket.SocketType, key: bytes) -> None:
+        state = self.heartbeats
+        assert state is not None
+        while True:
+            try:
+                datagram, ancillary, _, _ = await sock.recvmsg(heartbeat.MAX_DATAGRAM, socket.CMSG_SPACE(16))
+            except OSError:
+                await trio.sleep(heartbeat.HEARTBEAT_INTERVAL)  # e.g. ICMP port unreachable from a peer
+                continue
+            beat = heartbeat.unseal(key, datagram)
+            if beat is not None:
+                state.received(beat, _arrival(ancillary))
+
+    def _revoke_missing(self, now: float) -> None:
+        """Revoke the lease of every VIP holder a majority of the claimers misses (once per lease)."""
+        state = self.heartbeats
+        if state is None or self._nursery is None or self.lease_fenced() or self.node_id not in self.claimers:
+            # without a valid lease of our own (our claimer key goes with it), our view of the
+            # claimers may be stale
+            return
+        live = {h.lease for h in self.holders.values()}
+        self._revoked &= live
+        self._waiting_logged = {lease: why for lease, why in self._waiting_logged.items() if lease in live}
+        for h in self.holders.values():
+            peer = self.peer_heartbeats.get(h.node)
+            if h.node == self.node_id or peer is None or peer[2] != h.lease or h.lease in self._revoked:
+                continue
+            why_not = state.why_not_missing(h.node, now)
+            if why_not is not None:
+                if h.node in state.peers and state.silence(h.node, now) >= heartbeat.DETECT_AFTER:
+                    if self._waiting_logged.get(h.lease) != why_not:
+                        log.info("node %s: VIP holder %s not heard for %.2fs, not revoked yet: %s",
+                                 self.node_id, h.node, state.silence(h.node, now), why_not)
+                        self._waiting_logged[h.lease] = why_not
+                continue
+            self._revoked.add(h.lease)
+            log.warning("node %s: VIP holder %s not heard for %.2fs, nor by a majority of the claimers: "
+                        "revoking its lease %x (its VIPs free at once)", self.node_id, h.node,
+                        state.silence(h.node, now), h.lease)
+            self._nursery.start_soon(self._revoke, h.node, h.lease)
+
+    async def _revoke(self, node: str, lease: int) -> None:
+        conn = self._revoke_conn or self.conn
+        try:
+            await trio.to_thread.run_sync(conn.revoke, lease, abandon_on_cancel=True)
+        except StoreError as exc:
+            log.info("node %s: could not revoke the lease of %s yet (%s); trying again", self.node_id, node, exc)
+            self._revoked.discard(lease)  # the next heartbeat tick tries again, if it is still missing
+            return
+        log.info("node %s: revoked lease %x of %s", self.node_id, lease, node)
+        self.revocations += 1
+        self.wake()
 
     # ------------------------------------------------------------------ etcd
     async def _campaign(self, vip: str, lease: int | None) -> None:
@@ -690,6 +940,19 @@ class VipClaimer:
             await self._drop(vip, why)
 
 
+def _arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """When a datagram arrived, on the Trio clock: the kernel's stamp (SO_TIMESTAMPNS), so that
+    a process that reads its socket late (a busy core) does not take fresh heartbeats for old
+    ones. Without a stamp: now."""
+    now = trio.current_time()
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            waited = time.time() - (sec + nsec / 1e9)
+            return now - min(max(waited, 0.0), 10.0)
+    return now
+
+
 # ---------------------------------------------------------------------- a claimer alone
 
 
@@ -700,7 +963,8 @@ async def _main(args: argparse.Namespace) -> None:
     for raw in args.vip:
         iface = ipaddress.ip_interface(raw)
         vips.append(VipSpec(str(iface.ip), iface.network.prefixlen, args.interface))
-    settings = ClusterSettings(etcd=tuple(args.etcd), lease_ttl=args.lease_ttl, prefix=args.prefix)
+    settings = ClusterSettings(etcd=tuple(args.etcd), lease_ttl=args.lease_ttl, prefix=args.prefix,
+                               heartbeat=parse_address(args.heartbeat, "--heartbeat") if args.heartbeat else None)
     conn = EtcdConnection(settings.etcd)
     agent = ClusterAgent(settings, args.node, {}, connection=conn)
     claimer = VipClaimer(settings, args.node, conn, agent, vips=vips)
@@ -736,6 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vip", action="append", required=True, help="address/prefixlen")
     parser.add_argument("--lease-ttl", type=float, default=2.0)
     parser.add_argument("--prefix", default="/fulcrum/v1")
+    parser.add_argument("--heartbeat", help="ip:port of this claimer's UDP heartbeats ([cluster] heartbeat)")
     parser.add_argument("--serve-port", type=int, default=0, help="answer every TCP connection with the node id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -2,12 +2,14 @@
 
 Owns adding and removing ``address/prefixlen`` on an interface and the RFC 5227 ARP
 announcement. Light on imports (pyroute2 only when used): the VIP guard process
-(``lbnode.cluster.vipguard``) loads it too.
+(``lbnode.cluster.vipguard``) loads it too, and removes addresses with ``delete_address``
+(one raw rtnetlink request, no pyroute2).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -37,6 +39,43 @@ class VipSpec:
             raise ValueError(f'"{arg}" is not like "10.0.0.100/24@eth0"')
         socket.inet_aton(address)
         return cls(address, int(prefixlen), interface)
+
+
+# rtnetlink constants (linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h) for ``delete_address``
+_RTM_DELADDR = 21
+_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
+_NLMSG_ERROR = 2
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+
+
+def delete_address(vip: VipSpec) -> None:
+    """Remove ``vip`` from its interface with one rtnetlink request, without pyroute2.
+
+    For the VIP guard: importing pyroute2 takes about 0.5 s of CPU (more on a busy host),
+    and with heartbeats another node takes the VIP about 0.9 s after this node died.
+    Absent address or interface: nothing to do. Other failures raise OSError.
+    """
+    try:
+        index = socket.if_nametoindex(vip.interface)
+    except OSError:
+        return  # no such interface: no address on it
+    address = socket.inet_aton(vip.address)
+
+    def attribute(kind: int, data: bytes) -> bytes:
+        return struct.pack("=HH", 4 + len(data), kind) + data  # 4 bytes of IPv4: already aligned
+
+    body = struct.pack("=BBBBI", socket.AF_INET, vip.prefixlen, 0, 0, index)
+    body += attribute(_IFA_LOCAL, address) + attribute(_IFA_ADDRESS, address)
+    header = struct.pack("=IHHII", 16 + len(body), _RTM_DELADDR, _NLM_F_REQUEST | _NLM_F_ACK, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(2.0)
+        nl.send(header + body)
+        reply = nl.recv(65536)
+    kind = struct.unpack_from("=H", reply, 4)[0]
+    if kind == _NLMSG_ERROR:
+        code = -struct.unpack_from("=i", reply, 16)[0]
+        if code and code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH, errno.ENODEV):
+            raise OSError(code, f"removing {vip} from {vip.interface}: {os.strerror(code)}")
 
 
 class NetlinkAddresses:

@@ -82,9 +82,10 @@ class Lan:
         self.procs.append(proc)
         return proc
 
-    def run(self, member: str, args: Sequence[str], timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    def run(self, member: str, args: Sequence[str], timeout: float = 10,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", self.ns(member), *args], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, input=input)
 
     def addresses(self, member: str) -> set[str]:
         """IPv4 addresses on ``member``'s eth0."""

@@ -61,6 +61,35 @@ def test_lbnode_unit_without_vips_asks_for_nothing_more(tmp_path: Path) -> None:
     assert "ExecStartPre" not in unit and "CAP_NET_ADMIN" not in unit
 
 
+def _node_toml(tmp_path: Path, vips: list[dict[str, str]]) -> dict[str, object]:
+    """node.toml as the lbnode role renders it, with the role's own heartbeat defaults."""
+    import tomllib
+
+    import yaml
+
+    defaults = yaml.safe_load((ROLES / "lbnode/defaults/main.yml").read_text())
+    text = render(tmp_path, ROLES / "lbnode/templates/node.toml.j2", COMMON | {
+        "ansible_host": "10.0.0.11", "lbnode_admin": "", "lbnode_state_dir": "/var/lib/fulcrum",
+        "lbnode_etcd_endpoints": ["http://10.0.0.11:2379"], "lbnode_lease_ttl": "5s", "lbnode_health_checkers": 2,
+        "lbnode_vips": vips, "lbnode_control_bind": "0.0.0.0:7443", "lbnode_listeners": [], "lbnode_pools": [],
+        "lbnode_heartbeat": defaults["lbnode_heartbeat"], "lbnode_heartbeat_port": defaults["lbnode_heartbeat_port"],
+    })
+    return tomllib.loads(text)
+
+
+def test_lbnode_role_turns_heartbeats_on_with_vips_at_the_hosts_address(tmp_path: Path) -> None:
+    from lbnode.model import Address, parse_config
+
+    data = _node_toml(tmp_path, [{"address": "10.0.0.100/24"}])
+    assert data["cluster"]["heartbeat"] == "10.0.0.11:7946"  # type: ignore[index]
+    cluster = parse_config(data).cluster
+    assert cluster is not None and cluster.heartbeat == Address("10.0.0.11", 7946)
+
+
+def test_lbnode_role_without_vips_leaves_heartbeats_off(tmp_path: Path) -> None:
+    assert "heartbeat" not in _node_toml(tmp_path, [])["cluster"]  # type: ignore[operator]
+
+
 def run_install_tasks(tmp_path: Path, variables: dict[str, object]) -> subprocess.CompletedProcess[str]:
     """The lbnode role's install.yml on localhost with the role's defaults and ``variables``."""
     assert ANSIBLE_PLAYBOOK is not None, "ansible-playbook is not installed: make venv installs ansible-core"
