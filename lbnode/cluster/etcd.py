@@ -185,6 +185,7 @@ class EtcdConnection:
         self.endpoints = tuple(endpoints)
         self.timeout = timeout
         self.tls = tls is not None
+        self._tls = tls
         eps = []
         for url in self.endpoints:
             host, port, secure = parse_endpoint(url)
@@ -203,6 +204,12 @@ class EtcdConnection:
 
     def __repr__(self) -> str:
         return f"EtcdConnection({', '.join(self.endpoints)})"
+
+    def with_timeout(self, timeout: float) -> EtcdConnection:
+        """Another connection to the same members with the same TLS credentials and another
+        per-call deadline (keepalives and revocations must not wait out a call stuck on a
+        member that lost its leader)."""
+        return EtcdConnection(self.endpoints, timeout=timeout, tls=self._tls)
 
     # ------------------------------------------------------------------ calls
     def call(self, what: str, fn: Callable[[etcd3.MultiEndpointEtcd3Client], T]) -> T:

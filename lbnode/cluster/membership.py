@@ -337,7 +337,7 @@ class ClusterAgent:
             error: StoreError | None = None
             # past lease_expires_at etcd may have dropped our keys: stop waiting for this call
             if self._keepalive_conn is None:
-                self._keepalive_conn = EtcdConnection(self.conn.endpoints, timeout=KEEPALIVE_TIMEOUT)
+                self._keepalive_conn = self.conn.with_timeout(KEEPALIVE_TIMEOUT)
             with trio.move_on_at(self.lease_expires_at):
                 try:
                     remaining = await trio.to_thread.run_sync(self._keepalive_conn.keepalive, lease_id,

@@ -429,7 +429,7 @@ class VipClaimer:
             await self._netlink(self._addresses.remove, vip)
         if self.heartbeat_address is not None:
             self._heartbeat_socket = await self._bind_heartbeat(self.heartbeat_address)
-            self._revoke_conn = EtcdConnection(self.conn.endpoints, timeout=REVOKE_TIMEOUT)
+            self._revoke_conn = self.conn.with_timeout(REVOKE_TIMEOUT)
             self.heartbeats = heartbeat.Heartbeats(self.node_id, self.agent.lease_id or 0, trio.current_time())
         try:
             async with trio.open_nursery() as nursery:

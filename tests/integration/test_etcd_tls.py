@@ -86,6 +86,13 @@ def test_a_node_joins_a_tls_etcd_and_serves(spawn, tmp_path: Path, etcd_tls) -> 
         assert time.monotonic() < deadline, "the pool change over TLS etcd never reached the node"
         time.sleep(0.1)
     assert "plain http" not in node.log()
+    # Its lease is kept alive over TLS too (keepalives run on a second connection with a short
+    # deadline, which must carry the same credentials): two TTLs later the node is still
+    # registered under the same lease.
+    lease = store.conn.get_prefix("/fulcrum/v1/nodes/")[0][0].lease
+    time.sleep(2 * 2.0)
+    kvs = store.conn.get_prefix("/fulcrum/v1/nodes/")[0]
+    assert [(kv.key, kv.lease) for kv in kvs] == [("/fulcrum/v1/nodes/n1", lease)], node.log()
 
 
 def test_etcd_refuses_clients_without_its_certificate_and_a_wrong_ca_is_named(etcd_tls, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
