@@ -86,37 +86,34 @@ class TlsTerminator:
         sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
         tls: ssl.SSLSocket | None = None
         try:
-            with trio.move_on_after(self.settings.handshake_timeout) as scope:
-                async with self._slots:
-                    # wrap_socket takes the descriptor over (``sock`` is left detached).
-                    tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                    self.in_progress += 1
-                    try:
-                        await _handshake(tls)
-                    finally:
-                        self.in_progress -= 1
+            try:
+                with trio.move_on_after(self.settings.handshake_timeout) as scope:
+                    async with self._slots:
+                        # wrap_socket takes the descriptor over (``sock`` is left detached).
+                        tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                        self.in_progress += 1
+                        try:
+                            await _handshake(tls)
+                        finally:
+                            self.in_progress -= 1
+            except ssl.SSLError as exc:
+                kind = getattr(tls, "fulcrum_failure", None) or _kind(exc)
+                self._failed(kind, client_ip, str(exc))
+                return
+            except OSError as exc:
+                self._failed("reset" if isinstance(exc, ConnectionResetError) else "eof", client_ip, str(exc))
+                return
             if scope.cancelled_caught:
                 self._failed("timeout", client_ip, f"not done within {self.settings.handshake_timeout:g}s")
                 return
-        except ssl.SSLError as exc:
-            kind = getattr(tls, "fulcrum_failure", None) or _kind(exc)
-            self._failed(kind, client_ip, str(exc))
-            return
-        except OSError as exc:
-            self._failed("reset" if isinstance(exc, ConnectionResetError) else "eof", client_ip, str(exc))
-            return
-        except BaseException:
-            if tls is not None:
-                _close(tls)
-            raise
-        assert tls is not None
-        try:
+            assert tls is not None
             self.handshakes += 1
             if tls.session_reused:
                 self.resumed += 1
             await self.inner(tls, client_ip, self._client_headers(tls))
         finally:
-            _close(tls)
+            if tls is not None:
+                _close(tls)
 
     def _client_headers(self, tls: ssl.SSLSocket) -> bytes:
         if self.settings.client_auth == "none":

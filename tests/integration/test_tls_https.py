@@ -106,9 +106,10 @@ async def test_https_sni_forwarded_headers_routes_keepalive(pki: Pki) -> None:
 
         sizes = await trio.to_thread.run_sync(keepalive)
         assert len(sizes) == 5 and sizes[2] > 2_000_000
-        # 4 single requests, then 2: the streamed 2 MB echo answers before the upload ends, so
-        # its response says Connection: close (as on a plain listener) and the client reconnects.
-        assert node.tls_terminators["secure"].handshakes == 6
+        # 4 single requests, then 1 or 2: when the streamed 2 MB echo answers before the upload
+        # has ended, its response says Connection: close (as on a plain listener) and the
+        # client reconnects; under load the upload may end first and the connection goes on.
+        assert node.tls_terminators["secure"].handshakes in (5, 6)
 
         # The plain listener says http and its own port.
         plain = bound.listeners["plain"][1]
