@@ -6,7 +6,6 @@ import hashlib
 import os
 import socket
 import ssl
-import threading
 from pathlib import Path
 
 import pytest
@@ -59,23 +58,25 @@ async def test_tls_listener_echoes_8_mib_both_ways_then_closes(pki) -> None:
         port = bound.listeners["db"][1]
         payload = os.urandom(8 * 1024 * 1024)
 
-        def client() -> str:
-            sock = tls_connect(port, pki[0])
-            received = bytearray()
+        # trio's SSLStream: sending and receiving at once on one TLS connection (a blocking
+        # ssl.SSLSocket must not be read and written from two threads).
+        tcp_stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = trio.SSLStream(tcp_stream, client_context(pki[0]), server_hostname="db.example.com")
+        received = bytearray()
 
-            def reader() -> None:
-                while len(received) < len(payload) and (chunk := sock.recv(65536)):
-                    received.extend(chunk)
+        async def reader() -> None:
+            while len(received) < len(payload):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                received.extend(chunk)
 
-            t = threading.Thread(target=reader)
-            t.start()
-            sock.sendall(payload)
-            t.join(60)
-            assert not t.is_alive()
-            sock.close()
-            return hashlib.sha256(received).hexdigest()
-
-        digest = await trio.to_thread.run_sync(client)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as both:
+                both.start_soon(reader)
+                await stream.send_all(payload)
+        await stream.aclose()
+        digest = hashlib.sha256(received).hexdigest()
         assert digest == hashlib.sha256(payload).hexdigest()
         tcp = node.tcp_proxies["db"]
         with trio.fail_after(5):  # the client's close ends the session (both ways) at once
