@@ -40,6 +40,14 @@ _REASON_KINDS = {
 
 Inner = Callable[[ssl.SSLSocket, str, bytes], Awaitable[None]]
 
+# OpenSSL makes the session ticket keys once per context and never changes them; a key that
+# lives as long as the process would let whoever steals it later decrypt every resumed
+# session recorded since (no forward secrecy for resumptions). So the listener's context
+# (and with it the ticket keys and the session cache) is replaced this often: tickets older
+# than this cost a full handshake. 12 h, as Go's crypto/tls rotates its keys daily-ish and
+# Mozilla's guideline asks for rotation at least daily.
+TICKET_KEY_LIFETIME = 12 * 3600.0
+
 
 class SnapshotSource:
     @property
@@ -50,21 +58,39 @@ class TlsTerminator:
     """Wraps a listener's handler: ``handle(sock, ip)`` completes a handshake, then calls
     ``inner(tls_sock, ip, client_cert_headers)`` (raw header lines for the backend, b"" if none)."""
 
-    def __init__(self, listener: Listener, node: SnapshotSource, inner: Inner) -> None:
+    def __init__(
+        self,
+        listener: Listener,
+        node: SnapshotSource,
+        inner: Inner,
+        ticket_key_lifetime: float = TICKET_KEY_LIFETIME,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
         assert listener.tls is not None
         self.listener = listener
         self.settings = listener.tls
         self.inner = inner
-        alpn = ALPN[listener.protocol]
-        self.context = listener_context(self.settings, alpn)
-        self.context.sni_callback = make_sni_callback(  # type: ignore[assignment]
-            listener.name, self.settings, alpn, lambda: node.snapshot, self._callback_failed
-        )
+        self._node = node
+        self._alpn = ALPN[listener.protocol]
+        self.clock = clock
+        self.ticket_key_lifetime = ticket_key_lifetime
+        self._context_until = 0.0
+        self.context = self.new_ticket_keys()  # (sets it too; here for the type checker)
         self._slots = trio.Semaphore(self.settings.max_handshakes)
         self.in_progress = 0
         self.handshakes = 0  # completed
         self.resumed = 0  # of which resumed a session (ticket or id)
         self.failures: dict[str, int] = {}  # kind -> count
+
+    def new_ticket_keys(self) -> ssl.SSLContext:
+        """A new listener context (new ticket keys, an empty session cache), used from now on."""
+        ctx = listener_context(self.settings, self._alpn)
+        ctx.sni_callback = make_sni_callback(  # type: ignore[assignment]
+            self.listener.name, self.settings, self._alpn, lambda: self._node.snapshot, self._callback_failed
+        )
+        self._context_until = self.clock() + self.ticket_key_lifetime
+        self.context = ctx
+        return ctx
 
     def status(self) -> dict[str, object]:
         return {
@@ -84,6 +110,8 @@ class TlsTerminator:
 
     async def handle(self, sock: stdsocket.socket, client_ip: str) -> None:
         sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        if self.clock() >= self._context_until:
+            self.new_ticket_keys()
         tls: ssl.SSLSocket | None = None
         try:
             try:

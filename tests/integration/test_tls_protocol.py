@@ -218,3 +218,30 @@ async def test_handshake_timeout_and_cap(pki) -> None:
         assert tls.failures == {"timeout": 2}
         assert tls.handshakes == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_ticket_keys_are_replaced_after_their_lifetime(pki) -> None:
+    async with trio.open_nursery() as nursery:
+        backends = await start_backends(nursery, "a")
+        node, bound = await start_node(nursery, config(pki, backends[0].address))
+        port = bound.listeners["secure"][1]
+        now = [0.0]
+        tls = node.tls_terminators["secure"]
+        # A clock the test moves; keys live 100 (fake) seconds from now.
+        tls.clock, tls.ticket_key_lifetime = (lambda: now[0]), 100.0
+        tls.new_ticket_keys()
+        ctx = ctx_with(pki, maxv=ssl.TLSVersion.TLSv1_3)
+
+        def connect_with(session):
+            s = handshake(port, ctx, session=session)
+            assert request(s).startswith(b"HTTP/1.1 200")
+            return s.session, s.session_reused
+
+        session, _ = await trio.to_thread.run_sync(connect_with, None)
+        now[0] = 99.0
+        session, reused = await trio.to_thread.run_sync(connect_with, session)
+        assert reused  # within the keys' lifetime: resumed
+        now[0] = 101.0
+        _, reused = await trio.to_thread.run_sync(connect_with, session)
+        assert not reused  # new keys: the old ticket is refused, a full handshake instead
+        nursery.cancel_scope.cancel()
