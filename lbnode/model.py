@@ -531,7 +531,7 @@ class RateLimit:
 @dataclass(frozen=True, slots=True)
 class Listener:
     name: str
-    protocol: str  # "http" | "tcp"
+    protocol: str  # "http" | "tcp" | "https" | "tls"
     bind: Address
     pool: str
     routes: tuple[Route, ...] = ()

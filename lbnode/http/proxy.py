@@ -389,7 +389,11 @@ class HttpProxy:
         if not host:
             return await self._refuse_unread(conn, head, 400, "a Host header is required to redirect to https")
         authority = host if port == 443 else f"{host}:{port}"
-        location = b"https://" + authority.encode("latin-1") + head.target
+        target = head.target
+        if not target.startswith(b"/"):  # absolute-form (http://host/path): keep the path only
+            slash = target.find(b"/", target.find(b"//") + 2)
+            target = target[slash:] if slash >= 0 else b"/"
+        location = b"https://" + authority.encode("latin-1") + target
         keep = not head.has_body and head.keep_alive and not head.upgrade
         if keep:
             await self._expect_end(conn)

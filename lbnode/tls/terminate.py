@@ -12,6 +12,7 @@ import logging
 import socket as stdsocket
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 from cryptography import x509
@@ -49,7 +50,9 @@ Inner = Callable[[ssl.SSLSocket, str, bytes], Awaitable[None]]
 TICKET_KEY_LIFETIME = 12 * 3600.0
 
 
-class SnapshotSource:
+class SnapshotSource(Protocol):
+    """Where the SNI callback reads the current snapshot (``LbNode`` is one)."""
+
     @property
     def snapshot(self) -> Snapshot: ...
 

@@ -55,7 +55,10 @@ async def test_redirect_https_keeps_method_path_and_query(nursery) -> None:
     # Keep-alive goes on after a redirect: two requests on one connection, two answers.
     data = await raw_exchange(p443, b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
     assert data.count(b"HTTP/1.1 308") == 2 and b"Location: https://h/2" in data
-    assert node.http_proxies["to443"].redirects == 4
+    # An absolute-form target (as sent to a proxy): the path and query only.
+    data = await raw_exchange(p443, b"GET http://h/abs?q=1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert b"Location: https://h/abs?q=1\r\n" in data
+    assert node.http_proxies["to443"].redirects == 5
 
 
 async def test_hsts_on_proxied_and_local_responses(nursery, pki) -> None:
