@@ -10,6 +10,8 @@ client (``-t1 -c50``, TLS 1.3 as wrk negotiates it). A section of ``python -m be
   HTTP/1.0 request; CPU of the balancer's process tree per connection. (wrk with
   ``Connection: close`` resumes most sessions, so it cannot measure full handshakes.)
 - keep-alive: wrk, the same request on 50 persistent TLS connections.
+- bulk: ``protocol = "tls"`` (L4, TLS terminated, plain TCP to nginx) beside HAProxy's
+  ``mode tcp`` + ``ssl crt``: curl downloads of the 64 MiB file, one after another, GB/s.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bench.harness import (
+    BULK_PATH,
+    BULK_SIZE,
     HOST,
     SMALL_PATH,
     Context,
@@ -39,6 +43,7 @@ from bench.harness import (
 # Targets of issue 11: Fulcrum / HAProxy CPU ratios.
 HANDSHAKE_TARGET = 1.5
 KEEPALIVE_TARGET = 4.0
+BULK_TARGET = 0.8  # tls listener bulk GB/s >= 0.8x HAProxy's
 
 
 def _certificate(directory: Path) -> tuple[Path, Path, Path]:
@@ -70,7 +75,8 @@ def _certificate(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def fulcrum_tls_config(backends: list[int], port: int, admin: int, cert: Path, key: Path) -> str:
+def fulcrum_tls_config(backends: list[int], port: int, admin: int, cert: Path, key: Path,
+                       bulk_port: int | None = None) -> str:
     servers = "".join(f'  [[pools.backends]]\n  address = "{HOST}:{p}"\n' for p in backends)
     return f"""[node]
 id = "bench-tls"
@@ -92,10 +98,23 @@ pool = "web"
 max_connections = 10000
   [listeners.tls]
   certificates = ["bench"]
-"""
+""" + (f"""
+[[pools]]
+name = "bulk"
+  [[pools.backends]]
+  address = "{HOST}:{backends[0]}"
+
+[[listeners]]
+name = "bulk"
+protocol = "tls"
+bind = "{HOST}:{bulk_port}"
+pool = "bulk"
+  [listeners.tls]
+  certificates = ["bench"]
+""" if bulk_port is not None else "")
 
 
-def haproxy_tls_config(backends: list[int], port: int, pem: Path) -> str:
+def haproxy_tls_config(backends: list[int], port: int, pem: Path, bulk_port: int | None = None) -> str:
     servers = "".join(f"    server b{i} {HOST}:{p}\n" for i, p in enumerate(backends, 1))
     return f"""global
     nbthread 1
@@ -118,7 +137,32 @@ backend web
     option http-keep-alive
     http-reuse always
     balance roundrobin
-{servers}"""
+{servers}""" + (f"""
+frontend bulk
+    mode tcp
+    bind {HOST}:{bulk_port} ssl crt {pem}
+    default_backend bulk
+
+backend bulk
+    mode tcp
+    server b1 {HOST}:{backends[0]}
+""" if bulk_port is not None else "")
+
+
+def _bulk(ctx: Context, port: int, seconds: float) -> tuple[float, int]:
+    """curl downloads of the 64 MiB file over TLS for ``seconds`` (at least 3): (GB/s, downloads)."""
+    total, n, busy = 0, 0, 0.0
+    deadline = time.monotonic() + seconds
+    while n < 3 or time.monotonic() < deadline:
+        cp = subprocess.run(
+            ctx._pinned(["curl", "-sk", "-o", "/dev/null", "-w", "%{size_download} %{time_total}",
+                         f"https://{HOST}:{port}{BULK_PATH}"], ctx.client_cpu),
+            capture_output=True, text=True, timeout=120)
+        size, took = cp.stdout.split()
+        if int(size) != BULK_SIZE:
+            raise StartError(f"curl got {size} bytes of {BULK_SIZE}")
+        total, n, busy = total + int(size), n + 1, busy + float(took)
+    return total / busy / 1e9, n
 
 
 def _wrk(ctx: Context, port: int, seconds: float, close: bool) -> object:
@@ -170,15 +214,16 @@ def run(ctx: Context) -> str:
     cert, key, pem = _certificate(directory)
     taken = set(ports_of(ctx.ports))
     f_port, f_admin, h_port = pick_port(27443, taken), pick_port(27444, taken), pick_port(27543, taken)
+    f_bulk, h_bulk = pick_port(27445, taken), pick_port(27545, taken)
     try:
         ctx.backends()
         backends = list(ctx.ports.backends)
-        fulcrum = ctx.fulcrum(fulcrum_tls_config(backends, f_port, f_admin, cert, key), key="fulcrum-tls",
-                              ready_ports=[f_port], admin_port=f_admin)
+        fulcrum = ctx.fulcrum(fulcrum_tls_config(backends, f_port, f_admin, cert, key, f_bulk),
+                              key="fulcrum-tls", ready_ports=[f_port, f_bulk], admin_port=f_admin)
         conf = directory / "haproxy-tls.cfg"
-        conf.write_text(haproxy_tls_config(backends, h_port, pem))
+        conf.write_text(haproxy_tls_config(backends, h_port, pem, h_bulk))
         haproxy = ctx.spawn("haproxy-tls", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
-        haproxy.wait_ready([h_port], ctx.opts.start_timeout)
+        haproxy.wait_ready([h_port, h_bulk], ctx.opts.start_timeout)
     except StartError as exc:
         return f"not run: {exc}\n"
     rows, figures = [], {}
@@ -192,9 +237,16 @@ def run(ctx: Context) -> str:
             figures[(name, close)] = cpu
             rows.append([name, kind, fmt_num(rps, 0, thousands=True), fmt_num(cpu, 1), requests,
                          f"{errors} errors" if errors else ""])
+    bulk_rows, gbps = [], {}
+    for name, port in (("Fulcrum", f_bulk), ("HAProxy", h_bulk)):
+        try:
+            gbps[name], n = _bulk(ctx, port, ctx.opts.bulk_duration)
+            bulk_rows.append([name, f"{gbps[name]:.2f}", n])
+        except (StartError, subprocess.TimeoutExpired, ValueError) as exc:
+            bulk_rows.append([name, "-", f"failed: {exc}"])
     status = json.loads(urllib.request.urlopen(f"http://{HOST}:{f_admin}/status", timeout=5).read())
     tls = status["listeners"]["tls"]["tls"]
-    ctx.stop("fulcrum-tls")
+    ctx.stop("fulcrum-tls")  # frees its ports for the next run
     ctx.stop("haproxy-tls")
     table = render_table(["balancer", "what", "req/s", "CPU us/req", "requests", "note"], rows, "llrrrl")
     targets = []
@@ -204,8 +256,14 @@ def run(ctx: Context) -> str:
         ratio = f / h if f and h else None
         verdict = "-" if ratio is None else ("met" if ratio <= limit else "not met")
         targets.append([label, fmt_num(f, 1), fmt_num(h, 1), fmt_ratio(f, h), f"<= {limit}x", verdict])
+    f, h = gbps.get("Fulcrum"), gbps.get("HAProxy")
+    ratio = f / h if f and h else None
+    targets.append(["tls listener bulk GB/s", f"{f:.2f}" if f else "-", f"{h:.2f}" if h else "-",
+                    fmt_ratio(f, h), f">= {BULK_TARGET}x",
+                    "-" if ratio is None else ("met" if ratio >= BULK_TARGET else "not met")])
     return (
         table + "\n\n"
+        + render_table(["balancer", "tls bulk GB/s (curl, 64 MiB)", "downloads"], bulk_rows, "lrr") + "\n\n"
         + render_table(["target", "Fulcrum us", "HAProxy us", "ratio", "goal", "status"], targets, "lrrrll")
         + f"\n\nFulcrum's listener counted {tls['handshakes']} handshakes, {tls['resumed']} resumed, "
         f"failures {tls['failures'] or 'none'}.\n"
