@@ -85,6 +85,13 @@ def status_document(node: AdminView) -> dict[str, Any]:
     follower = getattr(node, "follower", None)
     if follower is not None and follower.failing:
         config["stale"] = True  # the store stopped answering: changes made meanwhile are not here
+    listeners = {}
+    for name, li in snap.listeners.items():
+        entry: dict[str, Any] = {"protocol": li.protocol}
+        terminator = getattr(node, "tls_terminators", {}).get(name)
+        if terminator is not None:
+            entry["tls"] = terminator.status()
+        listeners[name] = entry
     return {
         "node": snap.config.node.id,
         "draining": node.draining,
@@ -93,6 +100,7 @@ def status_document(node: AdminView) -> dict[str, Any]:
         # (or node.toml's pools) because the store could not be read
         "config": config,
         "pools": pools,
+        "listeners": listeners,
     }
 
 
