@@ -515,6 +515,32 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class SniRoute:
+    """TLS passthrough: connections whose ClientHello names ``server_name`` go to ``pool``."""
+
+    server_name: str  # exact, or "*.example.com" (any name under example.com)
+    pool: str
+
+    def matches(self, name: str) -> bool:
+        if self.server_name.startswith("*."):
+            return name.endswith(self.server_name[1:])
+        return name == self.server_name
+
+
+def choose_sni_pool(routes: tuple[SniRoute, ...], server_name: str | None) -> str | None:
+    """The pool for a server name: an exact route, else the longest matching wildcard, else None."""
+    if server_name is None:
+        return None
+    best: SniRoute | None = None
+    for route in routes:
+        if route.server_name == server_name:
+            return route.pool
+        if route.matches(server_name) and (best is None or len(route.server_name) > len(best.server_name)):
+            best = route
+    return best.pool if best is not None else None
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerTimeouts:
     header: float = 10.0  # client must send a whole request head within this (slowloris)
     idle: float = 60.0  # keep-alive: time allowed between requests
@@ -539,6 +565,13 @@ class Listener:
     max_connections: int | None = None
     rate_limit: RateLimit | None = None
     backlog: int = 1024
+    sni_routes: tuple[SniRoute, ...] = ()  # tcp: pick the pool by the ClientHello's server name
+    non_tls: str = "default"  # tcp with sni_routes: first byte not TLS -> "default" pool | "close"
+
+    @property
+    def reads_client_hello(self) -> bool:
+        """A tcp listener that peeks at the ClientHello before choosing a pool."""
+        return bool(self.sni_routes) or self.non_tls == "close"
 
 
 def parse_listener(t: Table) -> Listener:
@@ -557,6 +590,22 @@ def parse_listener(t: Table) -> Listener:
             raise ConfigError(rt.key("path_prefix"), f'"{path_prefix}" must start with "/"')
         routes.append(Route(pool=rt.name("pool"), host=host, path_prefix=path_prefix))
         rt.done()
+    sni_routes: list[SniRoute] = []
+    seen_names: dict[str, str] = {}
+    for st in t.tables("sni_routes"):
+        if protocol != "tcp":
+            raise ConfigError(st.path, 'sni_routes need protocol = "tcp" (TLS passthrough)')
+        server_name = st.str("server_name").lower().rstrip(".")
+        if not re.fullmatch(r"(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", server_name) or ".." in server_name:
+            raise ConfigError(st.key("server_name"), f'"{server_name}" is not a host name or "*.domain"')
+        if server_name in seen_names:
+            raise ConfigError(st.key("server_name"), f'"{server_name}" is already routed by {seen_names[server_name]}')
+        seen_names[server_name] = st.path
+        sni_routes.append(SniRoute(server_name=server_name, pool=st.name("pool")))
+        st.done()
+    non_tls = t.str("non_tls", "default", choices=("default", "close"))
+    if non_tls != "default" and protocol != "tcp":
+        raise ConfigError(t.key("non_tls"), 'needs protocol = "tcp" (TLS passthrough)')
     tt = t.table("timeouts")
     timeouts = ListenerTimeouts()
     if tt is not None:
@@ -582,6 +631,8 @@ def parse_listener(t: Table) -> Listener:
         max_connections=t.int("max_connections", None, lo=1),
         rate_limit=rate_limit,
         backlog=t.int("backlog", 1024, lo=1, hi=65535),
+        sni_routes=tuple(sni_routes),
+        non_tls=non_tls,
     )
     t.done()
     return listener
@@ -665,6 +716,9 @@ def parse_config(data: object) -> Config:
         for j, route in enumerate(li.routes):
             if route.pool not in pool_names and not pools_from_store:
                 raise ConfigError(f"listeners[{i}].routes[{j}].pool", f'pool "{route.pool}" is not defined')
+        for j, sni in enumerate(li.sni_routes):
+            if sni.pool not in pool_names and not pools_from_store:
+                raise ConfigError(f"listeners[{i}].sni_routes[{j}].pool", f'pool "{sni.pool}" is not defined')
         bind_key = (li.bind.host, li.bind.port)
         if li.bind.port and bind_key in binds:
             raise ConfigError(

@@ -21,9 +21,10 @@ import trio
 
 from lbnode.balance import PickContext
 from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
-from lbnode.model import Listener
+from lbnode.model import Listener, choose_sni_pool
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
-from lbnode.sockio import ConnectFailed, connect
+from lbnode.sockio import ConnectFailed, SendTimeout, connect, recv_some, send_all
+from lbnode.tls.clienthello import ClientHello, ClientHelloReader, Malformed, NotTls
 
 log = logging.getLogger("lbnode.tcp")
 
@@ -43,6 +44,8 @@ YIELD_EVERY_BYTES = 16 * 1024 * 1024
 # The idle watchdog looks at the activity counter this many times per idle period,
 # so an idle session is closed between tcp_idle and 1.25 * tcp_idle.
 IDLE_CHECKS_PER_PERIOD = 4
+# One read of the ClientHello: a whole hello of a usual client (0.5-2 KiB) in one call.
+HELLO_READ = 16 * 1024
 # SO_LINGER {on, 0}: close() sends RST, so the peer of a broken session sees an
 # abort instead of a clean end that would pass a truncated stream off as whole.
 _LINGER_ABORT = struct.pack("ii", 1, 0)
@@ -80,14 +83,24 @@ class TcpProxy:
         self.active = 0  # sessions with a backend right now
         self.total = 0  # sessions that reached a backend since start
         self.failed = 0  # clients closed because no backend could be reached
+        # TLS passthrough: clients closed before a pool was chosen, by reason
+        # ("hello_timeout", "malformed", "non_tls"), for tests and metrics.
+        self.refused: dict[str, int] = {}
 
     async def handle(self, client: socket.socket, client_ip: str) -> None:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener = self.listener
-        pool = self.node.snapshot.pools.get(listener.pool)
+        pool_name = listener.pool
+        first_bytes = b""
+        if listener.reads_client_hello:
+            routed = await self._route_by_hello(client, client_ip)
+            if routed is None:
+                return
+            pool_name, first_bytes = routed
+        pool = self.node.snapshot.pools.get(pool_name)
         if pool is None:
             log.warning("listener %s: pool %s is not configured; closing client %s",
-                        listener.name, listener.pool, client_ip)
+                        listener.name, pool_name, client_ip)
             self.failed += 1
             return
         connected = await self._connect_backend(pool, client_ip)
@@ -99,6 +112,13 @@ class TcpProxy:
         self.total += 1
         pool.started(backend)
         try:
+            if first_bytes:
+                try:
+                    await send_all(upstream, first_bytes, pool.spec.timeouts.tcp_idle)
+                except (OSError, SendTimeout) as exc:
+                    log.warning("listener %s: backend %s of pool %s broke before the ClientHello was sent: %s",
+                                listener.name, backend.id, pool.spec.name, exc)
+                    return
             await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, self.use_splice)
         finally:
             self.active -= 1
@@ -107,6 +127,50 @@ class TcpProxy:
             # nothing about the backend's speed.
             pool.finished(backend, connect_time, trio.current_time())
             _close(upstream)
+
+    async def _route_by_hello(self, client: socket.socket, client_ip: str) -> tuple[str, bytes] | None:
+        """Read the ClientHello (without decrypting it) and choose the pool by its server name.
+
+        Returns the pool and every byte read so far (to forward as is), or None if
+        the client was refused: no hello within ``timeouts.header``, a malformed one,
+        a non-TLS first byte with ``non_tls = "close"``. The first byte decides "not TLS".
+        """
+        listener = self.listener
+        reader = ClientHelloReader()
+        timeout = listener.timeouts.header
+        result = reader.result
+        with trio.move_on_after(timeout):
+            while not _final(result):
+                try:
+                    data = await recv_some(client, HELLO_READ)
+                except OSError as exc:
+                    log.debug("listener %s: %s: read failed before the ClientHello: %s",
+                              listener.name, client_ip, _describe(exc))
+                    self._refuse("malformed")
+                    return None
+                result = reader.feed(data) if data else reader.feed_eof()
+        if not _final(result):
+            log.warning("listener %s: %s: no ClientHello within %gs (%d bytes received); closing",
+                        listener.name, client_ip, timeout, len(reader.buffered))
+            self._refuse("hello_timeout")
+            return None
+        if isinstance(result, Malformed):
+            log.warning("listener %s: %s: malformed ClientHello: %s; closing", listener.name, client_ip, result.reason)
+            self._refuse("malformed")
+            return None
+        if isinstance(result, NotTls):
+            if listener.non_tls == "close":
+                log.info("listener %s: %s: first byte 0x%02x is not TLS; closing (non_tls = \"close\")",
+                         listener.name, client_ip, reader.buffered[0])
+                self._refuse("non_tls")
+                return None
+            return listener.pool, bytes(reader.buffered)
+        assert isinstance(result, ClientHello)
+        pool = choose_sni_pool(listener.sni_routes, result.server_name)
+        return (listener.pool if pool is None else pool), bytes(reader.buffered)
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     async def _connect_backend(
         self, pool: PoolRuntime, client_ip: str
@@ -220,6 +284,10 @@ async def serve_tcp_listener(
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+def _final(result: object) -> bool:
+    return isinstance(result, (ClientHello, Malformed, NotTls))  # noqa: UP038 (tuple: built once here)
 
 
 def _no_headers(name: str) -> None:
