@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 from lbnode.model import Config, ConfigError, parse_config
+from lbnode.tls.upstream import TlsSetupError, backend_tls
 
 
 class ConfigFileError(Exception):
@@ -33,6 +34,15 @@ def load_config_text(text: str, origin: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"{origin}: invalid TOML: {exc}") from None
     try:
-        return parse_config(data)
+        config = parse_config(data)
     except ConfigError as exc:
         raise ConfigFileError(f"{origin}: {exc}") from None
+    # Files named by [pools.tls] are read now, so a bad one stops the start with one line
+    # (pools that arrive later through the control API fail their connects, logged, instead).
+    for i, pool in enumerate(config.pools):
+        if pool.tls is not None:
+            try:
+                backend_tls(pool.tls)
+            except TlsSetupError as exc:
+                raise ConfigFileError(f"{origin}: pools[{i}].tls.{exc.key}: {exc.reason}") from None
+    return config

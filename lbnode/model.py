@@ -308,6 +308,17 @@ class Outlier:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolTls:
+    """TLS to the backends of a pool (re-encryption): L7 upstreams, L4 sessions, health checks."""
+
+    ca: str | None = None  # PEM bundle to verify backends against; None: the system store
+    verify: bool = True  # verify the backend's certificate and name; false = encrypt only
+    server_name: str | None = None  # SNI sent and name verified; None: the backend's host
+    cert: str | None = None  # client certificate (PEM) for backends that require mTLS
+    key: str | None = None  # its private key
+
+
+@dataclass(frozen=True, slots=True)
 class Pool:
     name: str
     backends: tuple[Backend, ...] = ()
@@ -327,6 +338,7 @@ class Pool:
     retry_buffer_bytes: int = 64 * 1024  # request bodies up to this are buffered for retry
     queue_timeout: float = 5.0
     max_queue: int = 10_000
+    tls: PoolTls | None = None  # [pools.tls] with enabled = true
 
 
 def parse_pool(t: Table) -> Pool:
@@ -387,9 +399,43 @@ def parse_pool(t: Table) -> Pool:
         retry_buffer_bytes=t.int("retry_buffer_bytes", 64 * 1024, lo=0, hi=64 * 1024 * 1024),
         queue_timeout=t.duration("queue_timeout", 5.0, positive=False),
         max_queue=t.int("max_queue", 10_000, lo=0),
+        tls=_parse_pool_tls(t.table("tls")),
     )
     t.done()
     return pool
+
+
+def _parse_pool_tls(t: Table | None) -> PoolTls | None:
+    if t is None:
+        return None
+    enabled = t.bool("enabled", True)
+    server_name = t.str("server_name", None)
+    if server_name is not None:
+        server_name = server_name.lower().rstrip(".")
+        if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", server_name) or ".." in server_name:
+            raise ConfigError(t.key("server_name"), f'"{server_name}" is not a host name')
+    tls = PoolTls(
+        ca=_path(t, "ca"),
+        verify=t.bool("verify", True),
+        server_name=server_name,
+        cert=_path(t, "cert"),
+        key=_path(t, "key"),
+    )
+    t.done()
+    if (tls.cert is None) != (tls.key is None):
+        missing = "key" if tls.key is None else "cert"
+        raise ConfigError(t.key(missing), "is required with " + ("cert" if missing == "key" else "key")
+                          + " (a client certificate needs both)")
+    if tls.ca is not None and not tls.verify:
+        raise ConfigError(t.key("ca"), "has no use with verify = false (remove one of them)")
+    return tls if enabled else None
+
+
+def _path(t: Table, name: str) -> str | None:
+    value = t.str(name, None)
+    if value is not None and not value.strip():
+        raise ConfigError(t.key(name), "must be a file path (PEM), got an empty string")
+    return value
 
 
 def _parse_retry_on(t: Table) -> tuple[int, ...]:
@@ -820,6 +866,8 @@ def pool_to_dict(pool: Pool) -> dict[str, Any]:
         out["health"] = health
     if pool.outlier is not None:
         out["outlier"] = _changed(pool.outlier, Outlier())
+    if pool.tls is not None:
+        out["tls"] = {"enabled": True} | _changed(pool.tls, PoolTls())
     backends = []
     for b in pool.backends:
         entry: dict[str, Any] = {"address": str(b.address)}

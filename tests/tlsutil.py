@@ -102,6 +102,7 @@ class TlsBackendStats:
     server_names: list[str | None] = field(default_factory=list)  # SNI of each handshake
     client_subjects: list[str | None] = field(default_factory=list)  # CN of the client certificate, if any
     handshakes: int = 0
+    resumed: int = 0  # handshakes that resumed an earlier session (ticket)
     requests: int = 0
     failed_handshakes: int = 0
 
@@ -138,6 +139,7 @@ async def _serve_one(name: str, stats: TlsBackendStats, stream: trio.SSLStream[t
         stats.failed_handshakes += 1
         return
     stats.handshakes += 1
+    stats.resumed += bool(stream.session_reused)
     peer = stream.getpeercert()
     subject = None
     if peer:

@@ -23,8 +23,9 @@ from lbnode.balance import PickContext
 from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
 from lbnode.model import Listener, choose_sni_pool
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
-from lbnode.sockio import ConnectFailed, SendTimeout, connect, recv_some, send_all
+from lbnode.sockio import ConnectFailed, SendTimeout, recv_some, send_all
 from lbnode.tls.clienthello import ClientHello, ClientHelloReader, Malformed, NotTls
+from lbnode.tls.upstream import TlsSocket, open_backend
 
 log = logging.getLogger("lbnode.tcp")
 
@@ -119,7 +120,9 @@ class TcpProxy:
                     log.warning("listener %s: backend %s of pool %s broke before the ClientHello was sent: %s",
                                 listener.name, backend.id, pool.spec.name, exc)
                     return
-            await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, self.use_splice)
+            # TLS to the backend ([pools.tls]) is re-encrypted in Python: no splice for it.
+            splice = self.use_splice and not isinstance(upstream, TlsSocket)
+            await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, splice)
         finally:
             self.active -= 1
             backend.connections -= 1
@@ -174,7 +177,7 @@ class TcpProxy:
 
     async def _connect_backend(
         self, pool: PoolRuntime, client_ip: str
-    ) -> tuple[socket.socket, BackendState, float] | None:
+    ) -> tuple[socket.socket | TlsSocket, BackendState, float] | None:
         """Connect to the pool's choice, then to the next ones when it refuses or times out.
 
         On success the backend's ``connections`` counter has been incremented
@@ -214,7 +217,7 @@ class TcpProxy:
             backend.connections += 1
             start = trio.current_time()
             try:
-                upstream = await connect(backend.spec.address, timeout)
+                upstream = await open_backend(backend.spec.address, timeout, spec.tls)
             except (ConnectFailed, OSError) as exc:
                 backend.connections -= 1
                 timed_out = isinstance(exc, ConnectFailed) and exc.timed_out
@@ -298,7 +301,7 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-async def _pump_session(client: socket.socket, upstream: socket.socket, idle: float, splice: bool) -> None:
+async def _pump_session(client: socket.socket, upstream: socket.socket | TlsSocket, idle: float, splice: bool) -> None:
     """Move bytes both ways until both directions ended, one broke, or the pair idled."""
     activity = _Activity()
     pump = _splice_one_way if splice else _copy_one_way
@@ -306,7 +309,7 @@ async def _pump_session(client: socket.socket, upstream: socket.socket, idle: fl
         scope = nursery.cancel_scope
         directions_open = 2
 
-        async def one_way(src: socket.socket, dst: socket.socket) -> None:
+        async def one_way(src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket) -> None:
             nonlocal directions_open
             try:
                 await pump(src, dst, activity)
@@ -395,7 +398,7 @@ async def _splice_one_way(src: socket.socket, dst: socket.socket, activity: _Act
         os.close(pipe_w)
 
 
-async def _copy_one_way(src: socket.socket, dst: socket.socket, activity: _Activity) -> None:
+async def _copy_one_way(src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, activity: _Activity) -> None:
     """recv_into one buffer, send it on; the portable path."""
     wait_readable = trio.lowlevel.wait_readable
     wait_writable = trio.lowlevel.wait_writable
@@ -426,7 +429,7 @@ async def _copy_one_way(src: socket.socket, dst: socket.socket, activity: _Activ
     dst.shutdown(socket.SHUT_WR)
 
 
-def _close(sock: socket.socket) -> None:
+def _close(sock: socket.socket | TlsSocket) -> None:
     if sock.fileno() != -1:
         trio.lowlevel.notify_closing(sock)
         sock.close()
