@@ -214,3 +214,26 @@ async def test_tls_socket_send_all_survives_a_backend_that_reads_late(nursery: t
     finally:
         conn.close()
     assert answer == hashlib.sha256(payload).digest()
+
+
+async def test_pool_from_the_store_with_an_unreadable_ca_fails_its_connects(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pools from the control API skip the load-time file check: the request says why it failed."""
+    from lbnode.model import parse_config
+
+    ca = make_ca(tmp_path, "backends")
+    backend = await start_tls_backend(nursery, "a", ca.issue(tmp_path, "a", ["127.0.0.1"]))
+    missing = tmp_path / "gone.pem"
+    config = parse_config({
+        "node": {"id": "n1"},
+        "pools": [{"name": "p", "backends": [{"address": backend.address}], "tls": {"ca": str(missing)}}],
+        "listeners": [{"name": "web", "protocol": "http", "bind": "127.0.0.1:0", "pool": "p"}],
+    })
+    node = LbNode(config)
+    bound = await nursery.start(lambda task_status: node.run(handle_signals=False, task_status=task_status))
+    with caplog.at_level(logging.WARNING):
+        response = await http_get(f"http://127.0.0.1:{bound.listeners['web'][1]}/")
+    assert response.status_code == 502
+    assert f"pools.tls.ca: cannot load {missing}: no such file or directory" in response.text
+    assert backend.stats.handshakes == 0

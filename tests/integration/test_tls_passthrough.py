@@ -14,7 +14,7 @@ import trio
 
 from tests.conftest import listener_toml, node_toml, pool_toml, start_backends, start_node
 from tests.tlsutil import Ca, TlsBackend, make_ca, start_tls_backend
-from tests.unit.test_clienthello import reframe
+from tests.unit.test_clienthello import HELLO, reframe
 
 NAMES = {"a": ["a.example.com"], "b": ["b.example.com"], "wild": ["*.wild.example.com"], "dflt": ["other.test"]}
 
@@ -204,3 +204,33 @@ async def test_stalled_hello_is_closed_after_the_header_timeout(nursery: trio.Nu
     # Closed at the timeout; the margin (1.5 s) covers a loaded 2-core machine.
     assert timeout <= took < timeout + 1.5, took
     assert node.tcp_proxies["edge"].refused == {"hello_timeout": 1}
+
+
+@pytest.mark.parametrize("how", ["eof", "reset"])
+async def test_client_gone_mid_hello_is_counted_and_others_unaffected(
+    nursery: trio.Nursery, tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import struct
+
+    ca, backends, port, node = await tls_setup(nursery, tmp_path)
+    half = HELLO[:120]  # a record header and the first part of a real ClientHello
+    sock = socket.socket()
+    sock.setblocking(False)
+    await trio.socket.from_stdlib_socket(sock).connect(("127.0.0.1", port))
+    sock.send(half)
+    await trio.sleep(0.1)  # the node has read the first part
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    else:
+        sock.shutdown(socket.SHUT_WR)
+    sock.close()
+    proxy = node.tcp_proxies["edge"]
+    with trio.fail_after(5):  # ends at once, long before the 10 s header timeout
+        while not proxy.refused:
+            await trio.sleep(0.02)
+    assert proxy.refused == {"malformed": 1}
+    if how == "eof":
+        assert any("connection closed after 120 bytes of an incomplete ClientHello" in r.getMessage()
+                   for r in caplog.records)
+    assert sum(b.stats.handshakes + b.stats.failed_handshakes for b in backends.values()) == 0
+    assert await curl(port, "a.example.com", ca.path) == "a"
