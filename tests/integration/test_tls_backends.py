@@ -237,3 +237,17 @@ async def test_pool_from_the_store_with_an_unreadable_ca_fails_its_connects(
     assert response.status_code == 502
     assert f"pools.tls.ca: cannot load {missing}: no such file or directory" in response.text
     assert backend.stats.handshakes == 0
+
+
+async def test_idle_pooled_tls_connection_is_checked_and_reused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """After PEEK_AFTER_IDLE a pooled connection is checked before reuse; for TLS the check
+    goes through TlsSocket.still_open (TLS records without data, e.g. tickets, do not count)."""
+    from lbnode.http.upstream import PEEK_AFTER_IDLE
+
+    ca = make_ca(tmp_path, "backends")
+    backend = await start_tls_backend(nursery, "a", ca.issue(tmp_path, "a", ["127.0.0.1"]))
+    node, url = await l7_node(nursery, [backend.address], tls_table(ca=ca.path))
+    assert (await http_get(url + "/")).text == "a"
+    await trio.sleep(PEEK_AFTER_IDLE + 0.2)  # idle long enough to be checked before reuse
+    assert (await http_get(url + "/")).text == "a"
+    assert backend.stats.handshakes == 1 and node.upstreams.opened == 1 and backend.stats.requests == 2
