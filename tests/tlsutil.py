@@ -2,7 +2,8 @@
 
 Certificates are made with ``cryptography`` in the test's tmp_path (ECDSA P-256,
 fast to generate); backends are Trio ``serve_ssl_over_tcp`` servers on loopback
-that answer HTTP/1.1 with their own name, or echo bytes after an ``ECHO\\n`` line.
+that answer HTTP/1.1 with their own name, or echo bytes after an ``ECHO\\n`` line
+or a WebSocket upgrade.
 """
 
 from __future__ import annotations
@@ -166,6 +167,13 @@ async def _serve_one(name: str, stats: TlsBackendStats, stream: trio.SSLStream[t
                     return
                 buf += data
             head, _, buf = buf.partition(b"\r\n\r\n")
+            if b"\r\nupgrade: websocket" in head.lower():
+                # A tunnel after 101: echo every byte until the client ends it.
+                await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                      b"Connection: Upgrade\r\n\r\n" + buf)
+                while data := await stream.receive_some(65536):
+                    await stream.send_all(data)
+                return
             length = 0
             for line in head.split(b"\r\n")[1:]:
                 k, _, v = line.partition(b":")

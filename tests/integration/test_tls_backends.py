@@ -251,3 +251,33 @@ async def test_idle_pooled_tls_connection_is_checked_and_reused(nursery: trio.Nu
     await trio.sleep(PEEK_AFTER_IDLE + 0.2)  # idle long enough to be checked before reuse
     assert (await http_get(url + "/")).text == "a"
     assert backend.stats.handshakes == 1 and node.upstreams.opened == 1 and backend.stats.requests == 2
+
+
+async def test_websocket_upgrade_tunnels_over_the_tls_upstream(nursery: trio.Nursery, tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, "backends")
+    backend = await start_tls_backend(nursery, "a", ca.issue(tmp_path, "a", ["127.0.0.1"]))
+    _, url = await l7_node(nursery, [backend.address], tls_table(ca=ca.path))
+    port = int(url.rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    payload = os.urandom(512 * 1024)
+    with trio.fail_after(20):
+        await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += await stream.receive_some(65536)
+        head, _, echoed = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        echoed_parts = bytearray(echoed)
+
+        async def read_back() -> None:
+            while len(echoed_parts) < len(payload):
+                data = await stream.receive_some(1 << 20)
+                assert data, "tunnel closed early"
+                echoed_parts.extend(data)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(read_back)
+            await stream.send_all(payload)
+    await stream.aclose()
+    assert hashlib.sha256(bytes(echoed_parts)).digest() == hashlib.sha256(payload).digest()
