@@ -765,6 +765,15 @@ def parse_config(data: object) -> Config:
         for j, sni in enumerate(li.sni_routes):
             if sni.pool not in pool_names and not pools_from_store:
                 raise ConfigError(f"listeners[{i}].sni_routes[{j}].pool", f'pool "{sni.pool}" is not defined')
+        if li.reads_client_hello:
+            # The client's TLS goes to the backend as is: a second TLS layer around it cannot work.
+            tls_pools = {p.name for p in pools if p.tls is not None}
+            targets = [(f"listeners[{i}].pool", li.pool)] + [
+                (f"listeners[{i}].sni_routes[{j}].pool", r.pool) for j, r in enumerate(li.sni_routes)]
+            for key, name in targets:
+                if name in tls_pools:
+                    raise ConfigError(key, f'pool "{name}" has [pools.tls], but this listener passes the '
+                                      "client's TLS through as is (remove [pools.tls] or use another pool)")
         bind_key = (li.bind.host, li.bind.port)
         if li.bind.port and bind_key in binds:
             raise ConfigError(

@@ -24,7 +24,7 @@ from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
 from lbnode.model import Listener, choose_sni_pool
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
 from lbnode.sockio import ConnectFailed, SendTimeout, recv_some, send_all
-from lbnode.tls.clienthello import ClientHello, ClientHelloReader, Malformed, NotTls
+from lbnode.tls.clienthello import NEED_MORE, ClientHello, ClientHelloReader, Malformed, NotTls
 from lbnode.tls.upstream import TlsSocket, open_backend
 
 log = logging.getLogger("lbnode.tcp")
@@ -85,7 +85,7 @@ class TcpProxy:
         self.total = 0  # sessions that reached a backend since start
         self.failed = 0  # clients closed because no backend could be reached
         # TLS passthrough: clients closed before a pool was chosen, by reason
-        # ("hello_timeout", "malformed", "non_tls"), for tests and metrics.
+        # ("hello_timeout", "malformed", "non_tls", "reset"), for tests and metrics.
         self.refused: dict[str, int] = {}
 
     async def handle(self, client: socket.socket, client_ip: str) -> None:
@@ -143,16 +143,16 @@ class TcpProxy:
         timeout = listener.timeouts.header
         result = reader.result
         with trio.move_on_after(timeout):
-            while not _final(result):
+            while result is NEED_MORE:
                 try:
                     data = await recv_some(client, HELLO_READ)
                 except OSError as exc:
-                    log.debug("listener %s: %s: read failed before the ClientHello: %s",
-                              listener.name, client_ip, _describe(exc))
-                    self._refuse("malformed")
+                    log.info("listener %s: %s: connection broken before the ClientHello was complete: %s",
+                             listener.name, client_ip, _describe(exc))
+                    self._refuse("reset")
                     return None
                 result = reader.feed(data) if data else reader.feed_eof()
-        if not _final(result):
+        if result is NEED_MORE:
             log.warning("listener %s: %s: no ClientHello within %gs (%d bytes received); closing",
                         listener.name, client_ip, timeout, len(reader.buffered))
             self._refuse("hello_timeout")
@@ -287,10 +287,6 @@ async def serve_tcp_listener(
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-def _final(result: object) -> bool:
-    return isinstance(result, (ClientHello, Malformed, NotTls))  # noqa: UP038 (tuple: built once here)
 
 
 def _no_headers(name: str) -> None:

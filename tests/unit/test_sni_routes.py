@@ -23,6 +23,18 @@ def test_routes_parsed_lower_case_without_trailing_dot() -> None:
     assert li.non_tls == "close" and li.reads_client_hello
 
 
+def test_passthrough_to_a_pool_with_tls_is_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({
+            "node": {"id": "n1"},
+            "pools": [{"name": "dflt"}, {"name": "a", "tls": {"enabled": True}}],
+            "listeners": [{"name": "edge", "protocol": "tcp", "bind": "127.0.0.1:8443", "pool": "dflt",
+                           "sni_routes": [{"server_name": "a.com", "pool": "a"}]}],
+        })
+    assert err.value.key == "listeners[0].sni_routes[0].pool"
+    assert "has [pools.tls], but this listener passes the client's TLS through as is" in err.value.reason
+
+
 def test_plain_tcp_listener_does_not_read_the_hello() -> None:
     assert not config({}).listeners[0].reads_client_hello
 
