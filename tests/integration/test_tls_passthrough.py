@@ -235,3 +235,22 @@ async def test_client_gone_mid_hello_is_counted_and_others_unaffected(
                    for r in caplog.records)
     assert sum(b.stats.handshakes + b.stats.failed_handshakes for b in backends.values()) == 0
     assert await curl(port, "a.example.com", ca.path) == "a"
+
+
+async def test_routed_pool_fails_over_to_its_next_backend(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The ClientHello is held until a backend accepted the connection, so a refused
+    connect moves the whole session (hello included) to the next backend."""
+    ca = make_ca(tmp_path, "backends")
+    live = await start_tls_backend(nursery, "live", ca.issue(tmp_path, "live", ["a.example.com"]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    toml = node_toml(
+        listener_toml("edge", "tcp", "a", extra='[[listeners.sni_routes]]\nserver_name = "a.example.com"\npool = "a"\n'),
+        pool_toml("a", [dead, live.address]),
+    )
+    node, bound = await start_node(nursery, toml)
+    port = bound.listeners["edge"][1]
+    assert [await curl(port, "a.example.com", ca.path) for _ in range(3)] == ["live"] * 3
+    assert live.stats.handshakes == 3
+    assert node.snapshot.pools["a"].backends[0].failures >= 1
