@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lbnode.model import CertificateFile, Config, ConfigError, ListenerTls, parse_config
 from lbnode.tls.certs import Certificate, CertificateError, load_certificate
+from lbnode.tls.upstream import TlsSetupError, backend_tls
 
 
 class ConfigFileError(Exception):
@@ -53,9 +54,17 @@ def load_config_text(text: str, origin: str = "<config>") -> Config:
         for i, li in enumerate(config.listeners):
             if li.tls is not None:
                 check_listener_tls(li.tls, f"listeners[{i}].tls")
-        return config
     except ConfigError as exc:
         raise ConfigFileError(f"{origin}: {exc}") from None
+    # Files named by [pools.tls] are read now, so a bad one stops the start with one line
+    # (pools that arrive later through the control API fail their connects, logged, instead).
+    for i, pool in enumerate(config.pools):
+        if pool.tls is not None:
+            try:
+                backend_tls(pool.tls)
+            except TlsSetupError as exc:
+                raise ConfigFileError(f"{origin}: pools[{i}].tls.{exc.key}: {exc.reason}") from None
+    return config
 
 
 def check_listener_tls(settings: ListenerTls, key: str) -> None:

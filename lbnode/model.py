@@ -309,6 +309,17 @@ class Outlier:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolTls:
+    """TLS to the backends of a pool (re-encryption): L7 upstreams, L4 sessions, health checks."""
+
+    ca: str | None = None  # PEM bundle to verify backends against; None: the system store
+    verify: bool = True  # verify the backend's certificate and name; false = encrypt only
+    server_name: str | None = None  # SNI sent and name verified; None: the backend's host
+    cert: str | None = None  # client certificate (PEM) for backends that require mTLS
+    key: str | None = None  # its private key
+
+
+@dataclass(frozen=True, slots=True)
 class Pool:
     name: str
     backends: tuple[Backend, ...] = ()
@@ -330,6 +341,7 @@ class Pool:
     max_queue: int = 10_000
     # Without [pools.outlier]: how long a backend this node cannot connect to sits out here.
     connect_ejection: float = 2.0
+    tls: PoolTls | None = None  # [pools.tls] with enabled = true
 
 
 # connect_ejection's upper bound: a backend back after a restart must not sit out longer
@@ -396,6 +408,7 @@ def parse_pool(t: Table) -> Pool:
         queue_timeout=t.duration("queue_timeout", 5.0, positive=False),
         max_queue=t.int("max_queue", 10_000, lo=0),
         connect_ejection=t.duration("connect_ejection", 2.0, positive=False),
+        tls=_parse_pool_tls(t.table("tls")),
     )
     if pool.connect_ejection > CONNECT_EJECTION_MAX:
         raise ConfigError(
@@ -405,6 +418,39 @@ def parse_pool(t: Table) -> Pool:
         )
     t.done()
     return pool
+
+
+def _parse_pool_tls(t: Table | None) -> PoolTls | None:
+    if t is None:
+        return None
+    enabled = t.bool("enabled", True)
+    server_name = t.str("server_name", None)
+    if server_name is not None:
+        server_name = server_name.lower().rstrip(".")
+        if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", server_name) or ".." in server_name:
+            raise ConfigError(t.key("server_name"), f'"{server_name}" is not a host name')
+    tls = PoolTls(
+        ca=_path(t, "ca"),
+        verify=t.bool("verify", True),
+        server_name=server_name,
+        cert=_path(t, "cert"),
+        key=_path(t, "key"),
+    )
+    t.done()
+    if (tls.cert is None) != (tls.key is None):
+        missing = "key" if tls.key is None else "cert"
+        raise ConfigError(t.key(missing), "is required with " + ("cert" if missing == "key" else "key")
+                          + " (a client certificate needs both)")
+    if tls.ca is not None and not tls.verify:
+        raise ConfigError(t.key("ca"), "has no use with verify = false (remove one of them)")
+    return tls if enabled else None
+
+
+def _path(t: Table, name: str) -> str | None:
+    value = t.str(name, None)
+    if value is not None and not value.strip():
+        raise ConfigError(t.key(name), "must be a file path (PEM), got an empty string")
+    return value
 
 
 def _parse_retry_on(t: Table) -> tuple[int, ...]:
@@ -530,6 +576,32 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class SniRoute:
+    """TLS passthrough: connections whose ClientHello names ``server_name`` go to ``pool``."""
+
+    server_name: str  # exact, or "*.example.com" (any name under example.com)
+    pool: str
+
+    def matches(self, name: str) -> bool:
+        if self.server_name.startswith("*."):
+            return name.endswith(self.server_name[1:])
+        return name == self.server_name
+
+
+def choose_sni_pool(routes: tuple[SniRoute, ...], server_name: str | None) -> str | None:
+    """The pool for a server name: an exact route, else the longest matching wildcard, else None."""
+    if server_name is None:
+        return None
+    best: SniRoute | None = None
+    for route in routes:
+        if route.server_name == server_name:
+            return route.pool
+        if route.matches(server_name) and (best is None or len(route.server_name) > len(best.server_name)):
+            best = route
+    return best.pool if best is not None else None
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerTimeouts:
     header: float = 10.0  # client must send a whole request head within this (slowloris)
     idle: float = 60.0  # keep-alive: time allowed between requests
@@ -556,6 +628,13 @@ class Listener:
     backlog: int = 1024
     tls: ListenerTls | None = None  # protocol "https" and "tls" (issue 11)
     redirect_https: int | None = None  # http: answer every request with 308 to https on this port
+    sni_routes: tuple[SniRoute, ...] = ()  # tcp: pick the pool by the ClientHello's server name
+    non_tls: str = "default"  # tcp with sni_routes: first byte not TLS -> "default" pool | "close"
+
+    @property
+    def reads_client_hello(self) -> bool:
+        """A tcp listener that peeks at the ClientHello before choosing a pool."""
+        return bool(self.sni_routes) or self.non_tls == "close"
 
 
 PROTOCOLS = ("http", "tcp", "https", "tls")
@@ -578,6 +657,22 @@ def parse_listener(t: Table) -> Listener:
             raise ConfigError(rt.key("path_prefix"), f'"{path_prefix}" must start with "/"')
         routes.append(Route(pool=rt.name("pool"), host=host, path_prefix=path_prefix))
         rt.done()
+    sni_routes: list[SniRoute] = []
+    seen_names: dict[str, str] = {}
+    for st in t.tables("sni_routes"):
+        if protocol != "tcp":
+            raise ConfigError(st.path, 'sni_routes need protocol = "tcp" (TLS passthrough)')
+        server_name = st.str("server_name").lower().rstrip(".")
+        if not re.fullmatch(r"(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", server_name) or ".." in server_name:
+            raise ConfigError(st.key("server_name"), f'"{server_name}" is not a host name or "*.domain"')
+        if server_name in seen_names:
+            raise ConfigError(st.key("server_name"), f'"{server_name}" is already routed by {seen_names[server_name]}')
+        seen_names[server_name] = st.path
+        sni_routes.append(SniRoute(server_name=server_name, pool=st.name("pool")))
+        st.done()
+    non_tls = t.str("non_tls", "default", choices=("default", "close"))
+    if non_tls != "default" and protocol != "tcp":
+        raise ConfigError(t.key("non_tls"), 'needs protocol = "tcp" (TLS passthrough)')
     tt = t.table("timeouts")
     timeouts = ListenerTimeouts()
     if tt is not None:
@@ -605,6 +700,8 @@ def parse_listener(t: Table) -> Listener:
         backlog=t.int("backlog", 1024, lo=1, hi=65535),
         tls=_parse_listener_tls(t, protocol),
         redirect_https=_parse_redirect_https(t, protocol),
+        sni_routes=tuple(sni_routes),
+        non_tls=non_tls,
     )
     t.done()
     return listener
@@ -802,6 +899,18 @@ def parse_config(data: object) -> Config:
         for j, route in enumerate(li.routes):
             if route.pool not in pool_names and not pools_from_store:
                 raise ConfigError(f"listeners[{i}].routes[{j}].pool", f'pool "{route.pool}" is not defined')
+        for j, sni in enumerate(li.sni_routes):
+            if sni.pool not in pool_names and not pools_from_store:
+                raise ConfigError(f"listeners[{i}].sni_routes[{j}].pool", f'pool "{sni.pool}" is not defined')
+        if li.reads_client_hello:
+            # The client's TLS goes to the backend as is: a second TLS layer around it cannot work.
+            tls_pools = {p.name for p in pools if p.tls is not None}
+            targets = [(f"listeners[{i}].pool", li.pool)] + [
+                (f"listeners[{i}].sni_routes[{j}].pool", r.pool) for j, r in enumerate(li.sni_routes)]
+            for key, name in targets:
+                if name in tls_pools:
+                    raise ConfigError(key, f'pool "{name}" has [pools.tls], but this listener passes the '
+                                      "client's TLS through as is (remove [pools.tls] or use another pool)")
         bind_key = (li.bind.host, li.bind.port)
         if li.bind.port and bind_key in binds:
             raise ConfigError(
@@ -972,6 +1081,8 @@ def pool_to_dict(pool: Pool) -> dict[str, Any]:
         out["health"] = health
     if pool.outlier is not None:
         out["outlier"] = _changed(pool.outlier, Outlier())
+    if pool.tls is not None:
+        out["tls"] = {"enabled": True} | _changed(pool.tls, PoolTls())
     backends = []
     for b in pool.backends:
         entry: dict[str, Any] = {"address": str(b.address)}

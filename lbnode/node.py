@@ -336,13 +336,15 @@ class LbNode:
                 self._checked[name] = ids
             checker = self.health_checkers.get(name)
             if checker is not None:
+                checker.tls = pool.tls
                 checker.update(mine, pool.health)
                 continue
             on_observation = (
                 (lambda o, n=name: agent.publish(o, n, period=self._check_period(n))) if agent is not None else _ignore
             )
             checker = HealthChecker(
-                name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation
+                name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation,
+                tls=pool.tls,
             )
             scope = trio.CancelScope()
             self.health_checkers[name] = checker

@@ -121,6 +121,11 @@ class PoolRuntime:
                 state.spec, state.index = b, i
                 state.upstream_key = str(b.address)
             self.backends.append(state)
+        if spec.tls is not None:
+            # TLS connections idle apart from plain ones to the same address (and from
+            # another pool's TLS with other settings).
+            for state in self.backends:
+                state.upstream_key = f"{state.spec.address} tls {hash(spec.tls):x}"
         # Requests already in flight count for the least-* policies of the new snapshot too.
         self.policy: Policy = make_policy(
             spec, rng or random.Random(), active=[b.inflight + b.connections for b in self.backends]

@@ -11,13 +11,15 @@ import errno
 import logging
 import random
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 
 import httptools
 import trio
 
 from lbnode.health.state import DOWN, HealthState, Observation, Transition
-from lbnode.model import Address, Backend, HealthCheck
+from lbnode.model import Address, Backend, HealthCheck, PoolTls
+from lbnode.tls.upstream import TlsSetupError, backend_tls
 
 log = logging.getLogger("lbnode.health")
 
@@ -37,19 +39,32 @@ _ERRNO_REASONS = {
     errno.ETIMEDOUT: "connect timed out",
 }
 
-Probe = Callable[[Address, HealthCheck], Awaitable[tuple[bool, str]]]
+Probe = Callable[..., Awaitable[tuple[bool, str]]]  # (address, check[, tls]) -> (passed, reason)
 
 
-async def check_backend(address: Address, check: HealthCheck) -> tuple[bool, str]:
+async def check_backend(address: Address, check: HealthCheck, tls: PoolTls | None = None) -> tuple[bool, str]:
     """Probe one backend once; ``(passed, reason)`` with a reason an operator can act on.
 
-    The whole probe (resolve, connect, request, answer) shares ``check.timeout``.
+    The whole probe (resolve, connect, TLS handshake, request, answer) shares
+    ``check.timeout``. With ``tls`` (the pool's ``[pools.tls]``) a tcp check passes
+    once the handshake completes (the certificate verified), an http check is sent over TLS.
     """
     phase = "while connecting"
-    stream: trio.SocketStream | None = None
+    stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(check.timeout):
             stream = await trio.open_tcp_stream(address.host, address.port)
+            if tls is not None:
+                try:
+                    settings = backend_tls(tls)
+                except TlsSetupError as exc:
+                    return False, f"pools.tls.{exc.key}: {exc.reason}"
+                stream = trio.SSLStream(stream, settings.context, server_hostname=settings.server_name(address),
+                                        https_compatible=True)
+                phase = "during the TLS handshake"
+                await stream.do_handshake()
+                if check.type == "tcp":
+                    return True, "TLS handshake completed"
             if check.type == "tcp":
                 return True, "connected"
             phase = "waiting for the response"
@@ -58,6 +73,10 @@ async def check_backend(address: Address, check: HealthCheck) -> tuple[bool, str
         return False, f"timeout after {format_seconds(check.timeout)} {phase}"
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return False, f"TLS: certificate verify failed: {cause.verify_message}"
+        if isinstance(cause, ssl.SSLError):
+            return False, f"TLS handshake failed: {(cause.reason or str(cause)).lower().replace('_', ' ')}"
         return False, describe_os_error(cause) if isinstance(cause, OSError) else "connection reset"
     except OSError as exc:
         return False, describe_os_error(exc)
@@ -95,7 +114,7 @@ class _Answer:
 
 
 async def _http_check(
-    stream: trio.SocketStream, address: Address, check: HealthCheck
+    stream: trio.abc.Stream, address: Address, check: HealthCheck
 ) -> tuple[bool, str]:
     host = check.host or str(address)
     request = (
@@ -190,9 +209,11 @@ class HealthChecker:
         on_observation: Callable[[Observation], object] = _ignore,
         rng: random.Random | None = None,
         probe: Probe = check_backend,
+        tls: PoolTls | None = None,
     ) -> None:
         self.pool = pool
         self.check = check
+        self.tls = tls  # the pool's [pools.tls]: probes speak TLS too (set again on a pool change)
         self.on_transition = on_transition
         self.on_observation = on_observation
         self._rng = rng or random.Random()
@@ -263,7 +284,11 @@ class HealthChecker:
             while True:
                 check = self.check
                 started = trio.current_time()
-                ok, reason = await self._probe(backend.address, check)
+                tls = self.tls
+                if tls is None:
+                    ok, reason = await self._probe(backend.address, check)
+                else:
+                    ok, reason = await self._probe(backend.address, check, tls)
                 if scope.cancel_called:  # removed while the answer was already on its way
                     return
                 self._record(backend, state, ok, reason, trio.current_time())

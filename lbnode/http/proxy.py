@@ -598,7 +598,8 @@ class HttpProxy:
         try:
             up = upstreams.take(backend.upstream_key, now)
             if up is None:
-                up = await upstreams.connect(backend.spec.address, spec.timeouts.connect)
+                up = await upstreams.connect(backend.spec.address, spec.timeouts.connect, spec.tls,
+                                             backend.upstream_key)
             timeouts = spec.timeouts
             if body is not None:
                 # Whole request in hand: send it, then read the response (one coroutine

@@ -11,8 +11,9 @@ from __future__ import annotations
 import socket as stdsocket
 
 from lbnode.http.framing import ResponseReader
-from lbnode.model import Address
-from lbnode.sockio import ConnectFailed, connect
+from lbnode.model import Address, PoolTls
+from lbnode.sockio import ConnectFailed
+from lbnode.tls.upstream import TlsSocket, open_backend
 
 __all__ = ["ConnectFailed", "UpstreamConn", "UpstreamPool"]
 
@@ -24,8 +25,8 @@ PEEK_AFTER_IDLE = 1.0
 class UpstreamConn:
     __slots__ = ("sock", "key", "idle_since", "reused", "reader")
 
-    def __init__(self, sock: stdsocket.socket, key: str) -> None:
-        self.sock = sock  # non-blocking stdlib socket (see lbnode.sockio)
+    def __init__(self, sock: stdsocket.socket | TlsSocket, key: str) -> None:
+        self.sock = sock  # non-blocking stdlib socket (see lbnode.sockio), or TLS over one
         self.key = key
         self.idle_since = 0.0
         self.reused = False
@@ -71,10 +72,13 @@ class UpstreamPool:
             return conn
         return None
 
-    async def connect(self, address: Address, timeout: float) -> UpstreamConn:
-        sock = await connect(address, timeout)
+    async def connect(
+        self, address: Address, timeout: float, tls: PoolTls | None = None, key: str | None = None
+    ) -> UpstreamConn:
+        """A new connection (TLS with ``tls``); ``key`` is where it idles (default: the address)."""
+        sock = await open_backend(address, timeout, tls)
         self.opened += 1
-        return UpstreamConn(sock, str(address))
+        return UpstreamConn(sock, key or str(address))
 
     def give_back(self, conn: UpstreamConn, now: float, max_idle: int | None = None) -> None:
         limit = self.max_idle if max_idle is None else max_idle
@@ -97,8 +101,10 @@ class UpstreamPool:
         self._idle.clear()
 
 
-def _still_open(raw: stdsocket.socket) -> bool:
+def _still_open(raw: stdsocket.socket | TlsSocket) -> bool:
     """A pooled connection the backend closed (or wrote to) must not be reused."""
+    if isinstance(raw, TlsSocket):
+        return raw.still_open()  # the socket may hold TLS records that carry no data (tickets)
     try:
         raw.recv(1, stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)
     except BlockingIOError:

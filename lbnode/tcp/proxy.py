@@ -22,9 +22,11 @@ import trio
 
 from lbnode.balance import PickContext
 from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
-from lbnode.model import Listener
+from lbnode.model import Listener, choose_sni_pool
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
-from lbnode.sockio import ConnectFailed, connect, half_close
+from lbnode.sockio import ConnectFailed, SendTimeout, half_close, recv_some, send_all
+from lbnode.tls.clienthello import NEED_MORE, ClientHello, ClientHelloReader, Malformed, NotTls
+from lbnode.tls.upstream import TlsSocket, open_backend
 
 log = logging.getLogger("lbnode.tcp")
 
@@ -44,6 +46,8 @@ YIELD_EVERY_BYTES = 16 * 1024 * 1024
 # The idle watchdog looks at the activity counter this many times per idle period,
 # so an idle session is closed between tcp_idle and 1.25 * tcp_idle.
 IDLE_CHECKS_PER_PERIOD = 4
+# One read of the ClientHello: a whole hello of a usual client (0.5-2 KiB) in one call.
+HELLO_READ = 16 * 1024
 # SO_LINGER {on, 0}: close() sends RST, so the peer of a broken session sees an
 # abort instead of a clean end that would pass a truncated stream off as whole.
 _LINGER_ABORT = struct.pack("ii", 1, 0)
@@ -81,16 +85,26 @@ class TcpProxy:
         self.active = 0  # sessions with a backend right now
         self.total = 0  # sessions that reached a backend since start
         self.failed = 0  # clients closed because no backend could be reached
+        # TLS passthrough: clients closed before a pool was chosen, by reason
+        # ("hello_timeout", "malformed", "non_tls", "reset"), for tests and metrics.
+        self.refused: dict[str, int] = {}
 
     async def handle(self, client: socket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
         """``client`` may be an ``ssl.SSLSocket`` whose handshake is done (``protocol = "tls"``):
         then the bytes are copied through userspace (no splice: they must be decrypted)."""
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener = self.listener
-        pool = self.node.snapshot.pools.get(listener.pool)
+        pool_name = listener.pool
+        first_bytes = b""
+        if listener.reads_client_hello:
+            routed = await self._route_by_hello(client, client_ip)
+            if routed is None:
+                return
+            pool_name, first_bytes = routed
+        pool = self.node.snapshot.pools.get(pool_name)
         if pool is None:
             log.warning("listener %s: pool %s is not configured; closing client %s",
-                        listener.name, listener.pool, client_ip)
+                        listener.name, pool_name, client_ip)
             self.failed += 1
             return
         connected = await self._connect_backend(pool, client_ip)
@@ -102,7 +116,15 @@ class TcpProxy:
         self.total += 1
         pool.started(backend)
         try:
-            splice = self.use_splice and not isinstance(client, ssl.SSLSocket)
+            if first_bytes:
+                try:
+                    await send_all(upstream, first_bytes, pool.spec.timeouts.tcp_idle)
+                except (OSError, SendTimeout) as exc:
+                    log.warning("listener %s: backend %s of pool %s broke before the ClientHello was sent: %s",
+                                listener.name, backend.id, pool.spec.name, exc)
+                    return
+            # TLS on either side (a tls listener, [pools.tls]) is en/decrypted in Python: no splice.
+            splice = self.use_splice and not isinstance(client, ssl.SSLSocket) and not isinstance(upstream, TlsSocket)
             await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, splice)
         finally:
             self.active -= 1
@@ -112,9 +134,53 @@ class TcpProxy:
             pool.finished(backend, connect_time, trio.current_time())
             _close(upstream)
 
+    async def _route_by_hello(self, client: socket.socket, client_ip: str) -> tuple[str, bytes] | None:
+        """Read the ClientHello (without decrypting it) and choose the pool by its server name.
+
+        Returns the pool and every byte read so far (to forward as is), or None if
+        the client was refused: no hello within ``timeouts.header``, a malformed one,
+        a non-TLS first byte with ``non_tls = "close"``. The first byte decides "not TLS".
+        """
+        listener = self.listener
+        reader = ClientHelloReader()
+        timeout = listener.timeouts.header
+        result = reader.result
+        with trio.move_on_after(timeout):
+            while result is NEED_MORE:
+                try:
+                    data = await recv_some(client, HELLO_READ)
+                except OSError as exc:
+                    log.info("listener %s: %s: connection broken before the ClientHello was complete: %s",
+                             listener.name, client_ip, _describe(exc))
+                    self._refuse("reset")
+                    return None
+                result = reader.feed(data) if data else reader.feed_eof()
+        if result is NEED_MORE:
+            log.warning("listener %s: %s: no ClientHello within %gs (%d bytes received); closing",
+                        listener.name, client_ip, timeout, len(reader.buffered))
+            self._refuse("hello_timeout")
+            return None
+        if isinstance(result, Malformed):
+            log.warning("listener %s: %s: malformed ClientHello: %s; closing", listener.name, client_ip, result.reason)
+            self._refuse("malformed")
+            return None
+        if isinstance(result, NotTls):
+            if listener.non_tls == "close":
+                log.info("listener %s: %s: first byte 0x%02x is not TLS; closing (non_tls = \"close\")",
+                         listener.name, client_ip, reader.buffered[0])
+                self._refuse("non_tls")
+                return None
+            return listener.pool, bytes(reader.buffered)
+        assert isinstance(result, ClientHello)
+        pool = choose_sni_pool(listener.sni_routes, result.server_name)
+        return (listener.pool if pool is None else pool), bytes(reader.buffered)
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
     async def _connect_backend(
         self, pool: PoolRuntime, client_ip: str
-    ) -> tuple[socket.socket, BackendState, float] | None:
+    ) -> tuple[socket.socket | TlsSocket, BackendState, float] | None:
         """Connect to the pool's choice, then to the next ones when it refuses or times out.
 
         On success the backend's ``connections`` counter has been incremented
@@ -154,7 +220,7 @@ class TcpProxy:
             backend.connections += 1
             start = trio.current_time()
             try:
-                upstream = await connect(backend.spec.address, timeout)
+                upstream = await open_backend(backend.spec.address, timeout, spec.tls)
             except (ConnectFailed, OSError) as exc:
                 backend.connections -= 1
                 timed_out = isinstance(exc, ConnectFailed) and exc.timed_out
@@ -234,7 +300,7 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-async def _pump_session(client: socket.socket, upstream: socket.socket, idle: float, splice: bool) -> None:
+async def _pump_session(client: socket.socket, upstream: socket.socket | TlsSocket, idle: float, splice: bool) -> None:
     """Move bytes both ways until both directions ended, one broke, or the pair idled."""
     activity = _Activity()
     pump = _splice_one_way if splice else _copy_one_way
@@ -242,7 +308,7 @@ async def _pump_session(client: socket.socket, upstream: socket.socket, idle: fl
         scope = nursery.cancel_scope
         directions_open = 2
 
-        async def one_way(src: socket.socket, dst: socket.socket) -> None:
+        async def one_way(src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket) -> None:
             nonlocal directions_open
             try:
                 await pump(src, dst, activity)
@@ -331,10 +397,11 @@ async def _splice_one_way(src: socket.socket, dst: socket.socket, activity: _Act
         os.close(pipe_w)
 
 
-async def _copy_one_way(src: socket.socket, dst: socket.socket, activity: _Activity) -> None:
+async def _copy_one_way(src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, activity: _Activity) -> None:
     """recv_into one buffer, send it on; the portable path, and the TLS one (either socket
     may be an ``ssl.SSLSocket``: OpenSSL's want-read/want-write are EAGAIN here; a send
-    that has to wait is retried with the same bytes, as OpenSSL requires)."""
+    that has to wait is retried with the same bytes, as OpenSSL requires; or a backend's
+    ``TlsSocket``, which raises BlockingIOError like a plain socket)."""
     wait_readable = trio.lowlevel.wait_readable
     wait_writable = trio.lowlevel.wait_writable
     buf = bytearray(COPY_BUFFER)
@@ -369,7 +436,7 @@ async def _copy_one_way(src: socket.socket, dst: socket.socket, activity: _Activ
     half_close(dst)
 
 
-def _close(sock: socket.socket) -> None:
+def _close(sock: socket.socket | TlsSocket) -> None:
     if sock.fileno() != -1:
         trio.lowlevel.notify_closing(sock)
         sock.close()
