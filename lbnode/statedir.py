@@ -1,4 +1,5 @@
-"""One node per ``[node] state_dir``: an exclusive lock held for the life of ``lbnode run``.
+"""One node per ``[node] state_dir``: an exclusive lock held for the life of ``lbnode run``;
+and how the stores write their files there (atomic, private).
 
 Two nodes sharing a state_dir would overwrite each other's pools (the control API's file
 store) and present the same identity to the cluster. The lock is ``flock`` on
@@ -45,3 +46,25 @@ def lock_state_dir(state_dir: Path) -> IO[str]:
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (temporary file, fsync, rename, fsync of the
+    directory), mode 0600: the stores' files hold secrets (cookie keys, private keys)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename itself must reach the disk too.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,4 +1,4 @@
-"""The standalone pool store: ``state_dir/pools.json``, for a node that runs without etcd.
+"""The standalone pool store: ``state_dir/pools.json`` (and certificates.json), for a node without etcd.
 
 Owns the pools a standalone node serves once the control API may change them:
 revisions, conflict checks, atomic writes (temp file, fsync, rename) and a
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lbnode.cluster.certstore import FileCertificates
 from lbnode.cluster.store import (
     AlreadyExists,
     Conflict,
@@ -28,6 +28,7 @@ from lbnode.cluster.store import (
 )
 from lbnode.config import ConfigFileError
 from lbnode.model import ConfigError, Pool, pool_from_dict, pool_to_dict
+from lbnode.statedir import write_private
 
 log = logging.getLogger("lbnode.cluster")
 
@@ -44,6 +45,8 @@ class FileStore:
 
     def __init__(self, state_dir: Path | str, seed: Sequence[Pool]) -> None:
         self.path = Path(state_dir) / FILE_NAME
+        # Certificates keep their own file (and revision counter) beside pools.json.
+        self.certificates = FileCertificates(state_dir)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._history: deque[PoolEvent] = deque(maxlen=HISTORY)
@@ -162,25 +165,8 @@ class FileStore:
                 {"revision": pools[n].revision, "spec": pool_to_dict(pools[n].pool)} for n in sorted(pools)
             ],
         }
-        data = (json.dumps(document, indent=2) + "\n").encode()
-        tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
         # 0600: specs may carry affinity cookie keys.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # The rename itself must reach the disk too.
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private(self.path, (json.dumps(document, indent=2) + "\n").encode())
 
     def _load(self) -> tuple[dict[str, PoolRecord], int]:
         where = str(self.path)
