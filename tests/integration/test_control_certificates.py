@@ -1,0 +1,192 @@
+"""Certificates through the control API of a standalone node: validation before storing, no key out, expiry.
+
+A real LbNode following a real FileStore, the real gRPC server on 127.0.0.1, and
+real gRPC clients (called from worker threads: the node keeps running meanwhile).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+
+from lbnode.api.fulcrum.v1 import control_pb2 as pb
+from lbnode.api.fulcrum.v1 import control_pb2_grpc as rpc
+from tests.conftest import pool_toml
+from tests.integration.test_control_api import ControlNode, start_control_node
+from tests.tlsgen import Issued, make_ca, make_leaf, new_key
+
+CA = make_ca("Cert Test CA")
+INTERMEDIATE = make_ca("Cert Test Intermediate", issuer=CA)
+
+
+def leaf(*names: str, **kw: Any) -> Issued:
+    return make_leaf(INTERMEDIATE, list(names) or ["www.example.com"], **kw)
+
+
+def nameless() -> Issued:
+    """A certificate with neither a DNS SAN nor a common name (only an organization)."""
+    key = new_key()
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "No Name Inc")]))
+        .issuer_name(INTERMEDIATE.cert.subject)
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(INTERMEDIATE.key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return Issued(cert, key)
+
+
+def chain(issued: Issued) -> bytes:
+    return issued.cert_pem + INTERMEDIATE.cert_pem
+
+
+async def call(cn: ControlNode, method: str, request: Any) -> Any:
+    """One Certificates call from a worker thread; returns the response or the RpcError."""
+
+    def run() -> Any:
+        with cn.channel() as channel:
+            try:
+                return getattr(rpc.CertificatesStub(channel), method)(request, timeout=10)
+            except grpc.RpcError as exc:
+                return exc
+
+    return await trio.to_thread.run_sync(run)
+
+
+async def node(nursery: trio.Nursery, tmp_path: Path) -> ControlNode:
+    return await start_control_node(nursery, tmp_path / "state", pool_toml("web", ["127.0.0.1:9"]))
+
+
+def refused(result: Any) -> tuple[grpc.StatusCode, str]:
+    assert isinstance(result, grpc.RpcError), result
+    return result.code(), result.details()
+
+
+async def test_put_get_list_delete_and_the_key_never_comes_back(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    cn = await node(nursery, tmp_path)
+    issued = leaf("www.example.com", "*.api.example.com", kind="rsa")
+    put = await call(cn, "PutCertificate", pb.PutCertificateRequest(name="www", chain_pem=chain(issued),
+                                                                    key_pem=issued.key_pem))
+    assert isinstance(put, pb.Certificate), put
+    assert (put.name, list(put.names), put.key_type, put.chain_length) == (
+        "www", ["www.example.com", "*.api.example.com"], "RSA 2048", 2)
+    assert put.issuer == "CN=Cert Test Intermediate" and put.expiry == "ok" and put.source == "store"
+    assert put.revision == 1 and put.chain_pem.encode() == chain(issued)
+    assert put.not_after.ToDatetime(tzinfo=UTC) == issued.cert.not_valid_after_utc
+
+    got = await call(cn, "GetCertificate", pb.GetCertificateRequest(name="www"))
+    listed = await call(cn, "ListCertificates", pb.ListCertificatesRequest())
+    assert got == put
+    assert [c.name for c in listed.certificates] == ["www"] and listed.revision == 1
+    assert listed.certificates[0].chain_pem == ""  # List stays small: metadata only
+    key_body = issued.key_pem.splitlines()[1]  # a line of the key's base64
+    for message in (put, got, listed):
+        wire = message.SerializeToString()
+        assert b"PRIVATE KEY" not in wire and key_body not in wire
+    stored = json.loads((tmp_path / "state" / "certificates.json").read_text())
+    assert stored["certificates"][0]["certificate"]["key"].encode() == issued.key_pem  # the node needs it
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "certificate www put by" in text and put.fingerprint in text
+    assert "PRIVATE KEY" not in text and key_body.decode() not in text
+
+    assert isinstance(await call(cn, "DeleteCertificate", pb.DeleteCertificateRequest(name="www")),
+                      pb.DeleteCertificateResponse)
+    assert refused(await call(cn, "GetCertificate", pb.GetCertificateRequest(name="www"))) == (
+        grpc.StatusCode.NOT_FOUND, 'certificate "www" does not exist')
+    assert refused(await call(cn, "DeleteCertificate", pb.DeleteCertificateRequest(name="www")))[0] == (
+        grpc.StatusCode.NOT_FOUND)
+
+
+async def test_a_bad_certificate_is_invalid_argument_in_one_line_and_nothing_is_stored(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    cn = await node(nursery, tmp_path)
+    good, other = leaf(), leaf()
+    anonymous = nameless()
+    cases: dict[str, tuple[pb.PutCertificateRequest, str]] = {
+        "mismatched key": (pb.PutCertificateRequest(name="web", chain_pem=chain(good), key_pem=other.key_pem),
+                           "key: does not match the certificate's public key"),
+        "not PEM": (pb.PutCertificateRequest(name="web", chain_pem=b"\x30\x82garbage", key_pem=good.key_pem),
+                    "cert: no PEM certificate found"),
+        "chain out of order": (pb.PutCertificateRequest(name="web", chain_pem=INTERMEDIATE.cert_pem + good.cert_pem,
+                                                        key_pem=good.key_pem), "cert: certificate 1 of the chain"),
+        "no name": (pb.PutCertificateRequest(name="web", chain_pem=anonymous.cert_pem, key_pem=anonymous.key_pem),
+                    "has no DNS name"),
+        "key is a certificate": (pb.PutCertificateRequest(name="web", chain_pem=chain(good), key_pem=good.cert_pem),
+                                 "key: no PEM private key found"),
+        "no key": (pb.PutCertificateRequest(name="web", chain_pem=chain(good)), "key_pem: is required (PEM)"),
+        "bad name": (pb.PutCertificateRequest(name="web/../x", chain_pem=chain(good), key_pem=good.key_pem),
+                     'name: "web/../x" is not a name'),
+        "no name given": (pb.PutCertificateRequest(chain_pem=chain(good), key_pem=good.key_pem), "name: is required"),
+        "huge": (pb.PutCertificateRequest(name="web", chain_pem=chain(good) * 200, key_pem=good.key_pem),
+                 "chain_pem: is "),
+    }
+    for what, (request, expected) in cases.items():
+        code, details = refused(await call(cn, "PutCertificate", request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, what
+        assert expected in details and "\n" not in details, f"{what}: {details}"
+        for secret in (good.key_pem, other.key_pem, anonymous.key_pem):
+            assert secret.splitlines()[1].decode() not in details, what  # no line of any key echoed
+    listed = await call(cn, "ListCertificates", pb.ListCertificatesRequest())
+    assert list(listed.certificates) == [] and listed.revision == 0
+    assert not (tmp_path / "state" / "certificates.json").exists()
+
+
+async def test_revisions_guard_creates_and_rotations(nursery: trio.Nursery, tmp_path: Path) -> None:
+    cn = await node(nursery, tmp_path)
+
+    def put(issued: Issued, **kw: int) -> pb.PutCertificateRequest:
+        return pb.PutCertificateRequest(name="web", chain_pem=chain(issued), key_pem=issued.key_pem, **kw)
+
+    first = await call(cn, "PutCertificate", put(leaf(), expected_revision=0))
+    assert first.revision == 1
+    code, details = refused(await call(cn, "PutCertificate", put(leaf(), expected_revision=0)))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and details == 'certificate "web" already exists (revision 1)'
+    rotated = await call(cn, "PutCertificate", put(leaf(), expected_revision=1))
+    assert rotated.revision == 2 and rotated.fingerprint != first.fingerprint
+    code, details = refused(await call(cn, "PutCertificate", put(leaf(), expected_revision=1)))
+    assert code == grpc.StatusCode.ABORTED and details.startswith('certificate "web" changed since revision 1')
+    code, _ = refused(await call(cn, "DeleteCertificate", pb.DeleteCertificateRequest(name="web", expected_revision=1)))
+    assert code == grpc.StatusCode.ABORTED
+    latest = await call(cn, "GetCertificate", pb.GetCertificateRequest(name="web"))
+    assert latest.fingerprint == rotated.fingerprint
+
+
+async def test_expiring_and_expired_certificates_are_flagged_and_warned_but_stored(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "lbnode.control")
+    cn = await node(nursery, tmp_path)
+    now = datetime.now(UTC)
+    soon = leaf("soon.example.com", not_after=now + timedelta(days=5))
+    gone = leaf("gone.example.com", not_before=now - timedelta(days=90), not_after=now - timedelta(days=1))
+    later = leaf("later.example.com", not_after=now + timedelta(days=20))
+    for name, issued in (("soon", soon), ("gone", gone), ("later", later)):
+        done = await call(cn, "PutCertificate", pb.PutCertificateRequest(name=name, chain_pem=chain(issued),
+                                                                         key_pem=issued.key_pem))
+        assert isinstance(done, pb.Certificate), done
+    listed = await call(cn, "ListCertificates", pb.ListCertificatesRequest())
+    assert {c.name: c.expiry for c in listed.certificates} == {"gone": "expired", "later": "ok", "soon": "expiring"}
+    warnings: Callable[[str], list[str]] = lambda name: [  # noqa: E731
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and f"certificate {name} " in r.getMessage()]
+    assert len(warnings("soon")) == 1 and "is expiring" in warnings("soon")[0]
+    assert len(warnings("gone")) == 1 and "is expired" in warnings("gone")[0] and "served anyway" in warnings("gone")[0]
+    assert warnings("later") == []
