@@ -6,10 +6,12 @@ file, the key path and the reason. The rules themselves live in ``model``.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
-from lbnode.model import Config, ConfigError, parse_config
+from lbnode.model import CertificateFile, Config, ConfigError, parse_config
+from lbnode.tls.certs import Certificate, CertificateError, load_certificate
 
 
 class ConfigFileError(Exception):
@@ -33,6 +35,31 @@ def load_config_text(text: str, origin: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"{origin}: invalid TOML: {exc}") from None
     try:
-        return parse_config(data)
+        config = parse_config(data)
+        if config.certificate_files:
+            config = dataclasses.replace(
+                config, certificates=tuple(read_certificate(c, i) for i, c in enumerate(config.certificate_files))
+            )
+        return config
     except ConfigError as exc:
         raise ConfigFileError(f"{origin}: {exc}") from None
+
+
+def read_certificate(spec: CertificateFile, index: int) -> Certificate:
+    """Read and validate one ``[[certificates]]`` entry; a ConfigError names the key at fault."""
+    key = f"certificates[{index}]"
+    pems: dict[str, bytes] = {}
+    for part in ("cert", "key"):
+        path = Path(getattr(spec, part))
+        try:
+            pems[part] = path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"{key}.{part}", f"{path}: no such file") from None
+        except OSError as exc:
+            raise ConfigError(f"{key}.{part}", f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return load_certificate(spec.name, pems["cert"], pems["key"])
+    except CertificateError as exc:
+        part, _, reason = str(exc).partition(": ")  # "cert: ..." / "key: ..."
+        path = getattr(spec, part, spec.cert)
+        raise ConfigError(f"{key}.{part}", f"{path}: {reason}") from None

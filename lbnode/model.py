@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from lbnode.cluster.vips import VipSpec
+    from lbnode.tls.certs import Certificate
 
 T = TypeVar("T")
 
@@ -539,14 +540,20 @@ class Listener:
     max_connections: int | None = None
     rate_limit: RateLimit | None = None
     backlog: int = 1024
+    tls: ListenerTls | None = None  # protocol "https" and "tls" (issue 11)
+    redirect_https: int | None = None  # http: answer every request with 308 to https on this port
+
+
+PROTOCOLS = ("http", "tcp", "https", "tls")
+L7_PROTOCOLS = ("http", "https")
 
 
 def parse_listener(t: Table) -> Listener:
-    protocol = t.str("protocol", choices=("http", "tcp"))
+    protocol = t.str("protocol", choices=PROTOCOLS)
     routes: list[Route] = []
     for rt in t.tables("routes"):
-        if protocol != "http":
-            raise ConfigError(rt.path, 'routes need protocol = "http"')
+        if protocol not in L7_PROTOCOLS:
+            raise ConfigError(rt.path, 'routes need protocol = "http" or "https"')
         host = rt.str("host", None)
         if host is not None:
             host = host.lower()
@@ -582,9 +589,108 @@ def parse_listener(t: Table) -> Listener:
         max_connections=t.int("max_connections", None, lo=1),
         rate_limit=rate_limit,
         backlog=t.int("backlog", 1024, lo=1, hi=65535),
+        tls=_parse_listener_tls(t, protocol),
+        redirect_https=_parse_redirect_https(t, protocol),
     )
     t.done()
     return listener
+
+
+# --------------------------------------------------------------------------- TLS (issue 11)
+
+TLS_VERSIONS = ("1.2", "1.3")
+CLIENT_AUTH = ("none", "optional", "required")
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateFile:
+    """One ``[[certificates]]`` entry: where node.toml says a certificate and its key are."""
+
+    name: str
+    cert: str  # PEM chain, leaf first
+    key: str  # PEM private key
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """``[listeners.tls]``: what a TLS-terminating listener serves and accepts."""
+
+    certificates: tuple[str, ...]  # names; the first is the default (no or unknown SNI)
+    min_version: str = "1.2"  # "1.2" | "1.3"; the maximum is always 1.3
+    ciphers: str | None = None  # OpenSSL cipher string for TLS 1.2, to tighten the default
+    client_ca: str | None = None  # PEM bundle of CAs a client certificate must chain to
+    client_auth: str = "none"  # "none" | "optional" | "required"
+    handshake_timeout: float = 5.0  # a ClientHello and the whole handshake within this
+    max_handshakes: int = 256  # handshakes in progress at once; more wait in accept order
+    hsts: str | None = None  # Strict-Transport-Security value (https only)
+
+
+def _parse_listener_tls(t: Table, protocol: str) -> ListenerTls | None:
+    tt = t.table("tls")
+    if protocol not in ("https", "tls"):
+        if tt is not None:
+            raise ConfigError(tt.path, f'needs protocol = "https" or "tls" (this listener is "{protocol}")')
+        return None
+    if tt is None:
+        raise ConfigError(t.key("tls"), f'is required for protocol = "{protocol}" (at least certificates = ["NAME"])')
+    names = tt.raw("certificates")
+    if not isinstance(names, list) or not names:
+        raise ConfigError(tt.key("certificates"), 'expected a non-empty list of certificate names, e.g. ["www"]')
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not NAME_RE.fullmatch(n):
+            raise ConfigError(f"{tt.key('certificates')}[{i}]", f"{n!r} is not a certificate name")
+    if len(set(names)) != len(names):
+        raise ConfigError(tt.key("certificates"), "a certificate is named twice")
+    ciphers = tt.str("ciphers", None)
+    if ciphers is not None and (not ciphers.strip() or any(c in ciphers for c in " \t\r\n\0")):
+        raise ConfigError(tt.key("ciphers"), f'"{ciphers}" is not an OpenSSL cipher string like "ECDHE+AESGCM"')
+    client_auth = tt.str("client_auth", "none", choices=CLIENT_AUTH)
+    client_ca = tt.str("client_ca", None)
+    if client_auth != "none" and client_ca is None:
+        raise ConfigError(tt.key("client_ca"), f'is required with client_auth = "{client_auth}"')
+    if client_ca is not None and client_auth == "none":
+        raise ConfigError(tt.key("client_auth"), 'set "optional" or "required" to use client_ca')
+    hsts = tt.str("hsts", None)
+    if hsts is not None:
+        if protocol != "https":
+            raise ConfigError(tt.key("hsts"), 'is an HTTP header: only for protocol = "https"')
+        if not re.fullmatch(r"max-age=\d+(\s*;\s*(includeSubDomains|preload))*", hsts):
+            raise ConfigError(tt.key("hsts"), f'"{hsts}" is not like "max-age=31536000; includeSubDomains"')
+    settings = ListenerTls(
+        certificates=tuple(names),
+        min_version=tt.str("min_version", "1.2", choices=TLS_VERSIONS),
+        ciphers=ciphers,
+        client_ca=client_ca,
+        client_auth=client_auth,
+        handshake_timeout=tt.duration("handshake_timeout", 5.0),
+        max_handshakes=tt.int("max_handshakes", 256, lo=1, hi=100_000),
+        hsts=hsts,
+    )
+    tt.done()
+    return settings
+
+
+def _parse_redirect_https(t: Table, protocol: str) -> int | None:
+    value = t.raw("redirect_https", None)
+    if value is None or value is False:
+        return None
+    if protocol != "http":
+        raise ConfigError(t.key("redirect_https"), 'is for protocol = "http" listeners')
+    if value is True:
+        return 443
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(t.key("redirect_https"), f"expected true or a port 1-65535, got {value!r}")
+    return value
+
+
+def parse_certificate_files(root: Table) -> tuple[CertificateFile, ...]:
+    """``[[certificates]]``: names and file paths only (reading them is ``lbnode.config``'s)."""
+    out = []
+    for ct in root.tables("certificates"):
+        out.append(CertificateFile(name=ct.name("name"), cert=ct.str("cert"), key=ct.str("key")))
+        ct.done()
+    _unique(out, "certificates", lambda c: c.name)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- node
@@ -627,6 +733,9 @@ class Config:
     pools: tuple[Pool, ...]
     control: ControlSettings | None = None
     cluster: ClusterSettings | None = None
+    certificate_files: tuple[CertificateFile, ...] = ()  # [[certificates]] as written
+    # Loaded from those files by lbnode.config (a store adds its own: the store wins a name)
+    certificates: tuple[Certificate, ...] = ()
 
     def pool(self, name: str) -> Pool:
         for p in self.pools:
@@ -651,6 +760,7 @@ def parse_config(data: object) -> Config:
     listeners = [parse_listener(lt) for lt in root.tables("listeners")]
     control = _parse_control(root.table("control"))
     cluster = _parse_cluster(root.table("cluster"))
+    certificate_files = parse_certificate_files(root)
     root.done()
     _unique(pools, "pools", lambda p: p.name)
     _unique(listeners, "listeners", lambda li: li.name)
@@ -671,11 +781,20 @@ def parse_config(data: object) -> Config:
                 f"listeners[{i}].bind", f"{li.bind} is already used by listeners[{binds[bind_key]}]"
             )
         binds[bind_key] = i
+        if li.tls is not None and not pools_from_store:
+            # With a store, certificates may come through the control API later; until then
+            # handshakes for them fail (counted and logged). Without one, a missing name is a typo.
+            cert_names = {c.name for c in certificate_files}
+            for j, cname in enumerate(li.tls.certificates):
+                if cname not in cert_names:
+                    raise ConfigError(f"listeners[{i}].tls.certificates[{j}]",
+                                      f'certificate "{cname}" is not defined in [[certificates]]')
     if node.admin is not None and node.admin.port and (node.admin.host, node.admin.port) in binds:
         raise ConfigError("node.admin", f"{node.admin} is already used by a listener")
     if control is not None and control.bind.port and (control.bind.host, control.bind.port) in binds:
         raise ConfigError("control.bind", f"{control.bind} is already used by a listener")
-    return Config(node=node, listeners=tuple(listeners), pools=tuple(pools), control=control, cluster=cluster)
+    return Config(node=node, listeners=tuple(listeners), pools=tuple(pools), control=control, cluster=cluster,
+                  certificate_files=certificate_files)
 
 
 def _parse_control(t: Table | None) -> ControlSettings | None:

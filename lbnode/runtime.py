@@ -14,7 +14,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -24,6 +24,7 @@ from lbnode.balance import PickContext, Policy, make_policy
 from lbnode.health.state import OutlierDetector, slow_start_factor
 from lbnode.limits import RetryBudget
 from lbnode.model import Backend, Config, Listener, Pool
+from lbnode.tls.certs import Certificate, SniTable
 
 log = logging.getLogger("lbnode.pool")
 
@@ -291,6 +292,10 @@ class Snapshot:
     pools: Mapping[str, PoolRuntime]
     listeners: Mapping[str, Listener]
     version: int = 0
+    certificates: Mapping[str, Certificate] = field(default_factory=dict)
+    # TLS listeners' SNI choice over the certificates they name that this snapshot has
+    # (None: it has none of them; the listener's handshakes fail, counted).
+    sni: Mapping[str, SniTable | None] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -307,9 +312,17 @@ class Snapshot:
             p.name: PoolRuntime(p, old_pools.get(p.name), rng, state_dir, shared_affinity)
             for p in config.pools
         }
+        certificates = {c.name: c for c in config.certificates}
+        sni: dict[str, SniTable | None] = {}
+        for li in config.listeners:
+            if li.tls is not None:
+                named = [certificates[n] for n in li.tls.certificates if n in certificates]
+                sni[li.name] = SniTable(named) if named else None
         return cls(
             config=config,
             pools=pools,
             listeners={li.name: li for li in config.listeners},
             version=(previous.version + 1) if previous is not None else 1,
+            certificates=certificates,
+            sni=sni,
         )

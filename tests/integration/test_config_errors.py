@@ -207,7 +207,7 @@ CASES = [
         "bad-protocol",
         (('protocol = "http"', 'protocol = "udp"'),),
         "listeners[0].protocol",
-        '"udp" is not one of: http, tcp',
+        '"udp" is not one of: http, tcp, https, tls',
     ),
     Case(
         "weight-negative",
@@ -267,7 +267,7 @@ CASES = [
         "routes-on-tcp",
         (('protocol = "http"', 'protocol = "tcp"'),),
         "listeners[0].routes[0]",
-        'routes need protocol = "http"',
+        'routes need protocol = "http" or "https"',
     ),
 ]
 
