@@ -1,22 +1,35 @@
-"""Following a pool store: every change becomes a new snapshot on this node.
+"""Following a pool store: every change of a pool or a certificate becomes a new snapshot on this node.
 
-Owns the one-way flow store -> node: a first full read, then a watch run in
-one thread that hands events to Trio through a memory channel. The data plane
-never waits on it: while the store is unreachable the node serves on its last
-snapshot, logs once, and retries with backoff (static stability).
+Owns the one-way flow store -> node: for pools and for certificates each, a
+first full read, then a watch run in one thread that hands events to Trio
+through a memory channel. The data plane never waits on it: while the store is
+unreachable the node serves on its last snapshot, logs once, and retries with
+backoff (static stability). Never logs a private key.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import Any
 
 import trio
 
-from lbnode.cluster.store import PoolEvent, PoolRecord, PoolStore, Resync, StoreError
+from lbnode.cluster.store import (
+    CertificateEvent,
+    CertificateRecord,
+    CertificateResync,
+    PoolEvent,
+    PoolRecord,
+    PoolStore,
+    Resync,
+    StoreError,
+)
 from lbnode.cluster.watch import follow_watch
 from lbnode.model import Config, Pool
+from lbnode.tls.certs import Certificate
 
 log = logging.getLogger("lbnode.cluster")
 
@@ -26,7 +39,13 @@ BACKOFF_MAX = 5.0
 
 
 class StoreFollower:
-    """Keeps ``apply(config)`` fed with the store's pools; ``revision`` is the last one applied."""
+    """Keeps ``apply(config)`` fed with the store's pools and certificates.
+
+    ``revision`` is the last pool revision applied (what ``lbctl status`` shows);
+    ``certificate_revision`` the last certificate one. A certificate in the store
+    wins over node.toml's ``[[certificates]]`` entry of the same name; node.toml's
+    stay for the names the store does not have.
+    """
 
     def __init__(self, store: PoolStore, base: Callable[[], Config], apply: Callable[[Config], None]) -> None:
         self.store = store
@@ -34,31 +53,60 @@ class StoreFollower:
         self._apply = apply
         self.pools: dict[str, PoolRecord] = {}
         self.revision = 0
-        self.synced = trio.Event()  # set after the first full read
+        self.certificates: dict[str, CertificateRecord] = {}
+        self.certificate_revision = 0
+        # node.toml's certificates, taken now: base() later returns the applied config,
+        # which holds the store's certificates too.
+        self.file_certificates: tuple[Certificate, ...] = base().certificates
+        self.synced = trio.Event()  # set after the first full read of pools
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
 
     def subscribe(self, callback: Callable[[str, PoolRecord | None], None]) -> None:
-        """``callback(name, record)`` after each applied change (None: deleted)."""
+        """``callback(name, record)`` after each applied pool change (None: deleted)."""
         self._on_change.append(callback)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow pools and certificates; ``started`` once both were read (or failed) once."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                self._follow, "pool", self.store.list_pools,
+                lambda stop: self.store.watch_pools(self.revision, stop), self._replace_pools, self._on_pool_event,
+            )
+            certs = self.store.certificates
+            await nursery.start(
+                self._follow, "certificate", certs.list_certificates,
+                lambda stop: certs.watch_certificates(self.certificate_revision, stop),
+                self._replace_certificates, self._on_certificate_event,
+            )
+            task_status.started()
+
+    async def _follow(
+        self,
+        what: str,
+        read: Callable[[], tuple[list[Any], int]],
+        watch: Callable[[threading.Event], Iterable[Any]],
+        replace_all: Callable[[list[Any], int], None],
+        on_event: Callable[[Any], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         started = False
         delay = BACKOFF_FIRST
         failing = False
         while True:
             try:
-                records, revision = await trio.to_thread.run_sync(self.store.list_pools, abandon_on_cancel=True)
-                self._replace_all(records, revision)
+                records, revision = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+                replace_all(records, revision)
                 if failing:
-                    log.info("pool store reachable again; following changes from revision %d", revision)
+                    log.info("%s store reachable again; following changes from revision %d", what, revision)
                 failing, delay = False, BACKOFF_FIRST
                 if not started:
                     started = True
                     task_status.started()
-                await self._watch()
+                await follow_watch(watch, on_event)
             except StoreError as exc:
                 if not failing:
-                    log.warning("pool store unavailable (%s); serving the last configuration", exc)
+                    log.warning("%s store unavailable (%s); serving the last configuration", what, exc)
                     failing = True
                 if not started:
                     started = True
@@ -66,16 +114,14 @@ class StoreFollower:
             await trio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
-    async def _watch(self) -> None:
-        await follow_watch(lambda stop: self.store.watch_pools(self.revision, stop), self._on_event)
-
-    def _on_event(self, event: PoolEvent | Resync) -> None:
+    # ------------------------------------------------------------------ pools
+    def _on_pool_event(self, event: PoolEvent | Resync) -> None:
         if isinstance(event, Resync):
-            self._replace_all(list(event.records), event.revision)
+            self._replace_pools(list(event.records), event.revision)
         else:
-            self._change(event)
+            self._pool_change(event)
 
-    def _replace_all(self, records: list[PoolRecord], revision: int) -> None:
+    def _replace_pools(self, records: list[PoolRecord], revision: int) -> None:
         old = self.pools
         self.pools = {r.pool.name: r for r in records}
         self.revision = revision
@@ -85,7 +131,7 @@ class StoreFollower:
             if old.get(name) != self.pools.get(name):
                 self._notify(name, self.pools.get(name))
 
-    def _change(self, event: PoolEvent) -> None:
+    def _pool_change(self, event: PoolEvent) -> None:
         if event.record is None:
             self.pools.pop(event.name, None)
         else:
@@ -94,10 +140,59 @@ class StoreFollower:
         self._push()
         self._notify(event.name, event.record)
 
+    # ------------------------------------------------------------------ certificates
+    def _on_certificate_event(self, event: CertificateEvent | CertificateResync) -> None:
+        if isinstance(event, CertificateResync):
+            self._replace_certificates(list(event.records), event.revision)
+            return
+        old = self.certificates.get(event.name)
+        if event.record is None:
+            self.certificates.pop(event.name, None)
+        else:
+            self.certificates[event.name] = event.record
+        self.certificate_revision = max(self.certificate_revision, event.revision)
+        self._push()
+        _log_certificate_change(event.name, old, event.record, self._file_certificate(event.name))
+
+    def _replace_certificates(self, records: list[CertificateRecord], revision: int) -> None:
+        old = self.certificates
+        self.certificates = {r.certificate.name: r for r in records}
+        self.certificate_revision = revision
+        self._push()
+        for name in sorted(set(old) | set(self.certificates)):
+            before, after = old.get(name), self.certificates.get(name)
+            if (before and before.certificate) != (after and after.certificate):
+                _log_certificate_change(name, before, after, self._file_certificate(name))
+
+    def _file_certificate(self, name: str) -> Certificate | None:
+        return next((c for c in self.file_certificates if c.name == name), None)
+
+    def merged_certificates(self) -> tuple[Certificate, ...]:
+        """The store's certificates, then node.toml's for the names the store does not have."""
+        from_store = [r.certificate for _, r in sorted(self.certificates.items())]
+        return (*from_store, *(c for c in self.file_certificates if c.name not in self.certificates))
+
+    # ------------------------------------------------------------------ both
     def _push(self) -> None:
         pools: tuple[Pool, ...] = tuple(r.pool for _, r in sorted(self.pools.items()))
-        self._apply(replace(self._base(), pools=pools))
+        self._apply(replace(self._base(), pools=pools, certificates=self.merged_certificates()))
 
     def _notify(self, name: str, record: PoolRecord | None) -> None:
         for callback in self._on_change:
             callback(name, record)
+
+
+def _log_certificate_change(
+    name: str, old: CertificateRecord | None, new: CertificateRecord | None, from_file: Certificate | None
+) -> None:
+    """One line per certificate this node starts serving, rotates or drops (never the key)."""
+    if new is None:
+        fallback = "node.toml's [[certificates]] entry again" if from_file is not None else "nothing: handshakes that need it fail"
+        log.info("certificate %s deleted from the store; serving %s", name, fallback)
+        return
+    cert = new.certificate
+    verb = "rotated" if old is not None else "added"
+    log.info(
+        "certificate %s %s (store revision %d): %s, %s, not after %s, sha256 %s",
+        name, verb, new.revision, ", ".join(cert.names), cert.key_type, cert.not_after.isoformat(), cert.fingerprint,
+    )

@@ -50,7 +50,7 @@ from lbnode.control.events import (
 )
 from lbnode.listen import BindError
 from lbnode.model import NAME_RE, ConfigError, ControlSettings, pool_from_dict
-from lbnode.tls.certs import CertificateError, expiry, load_certificate
+from lbnode.tls.certs import Certificate, CertificateError, expiry, load_certificate
 
 if TYPE_CHECKING:  # the node imports this module: no import cycle at run time
     from lbnode.cluster.sync import StoreFollower
@@ -236,11 +236,17 @@ def _utcnow() -> datetime:
 class CertificatesServicer(rpc.CertificatesServicer):
     """Certificates in the store. Validates before it writes; never returns nor logs a key.
 
-    ``now`` is the wall clock (injected) that decides ok / expiring / expired.
+    Also shows the answering node's view: which of its listeners name each certificate,
+    and its node.toml certificates the store does not override (source "config"). Node
+    state is read on the Trio thread (``token``); ``now`` is the wall clock for expiry.
     """
 
-    def __init__(self, store: PoolStore, now: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self, store: PoolStore, node: NodeView, token: trio.lowlevel.TrioToken, now: Callable[[], datetime] = _utcnow
+    ) -> None:
         self.store = store
+        self.node = node
+        self.token = token
         self.now = now
 
     @_translating
@@ -260,39 +266,77 @@ class CertificatesServicer(rpc.CertificatesServicer):
             name, _who(context), record.revision, ", ".join(cert.names), cert.key_type,
             cert.not_after.isoformat(), cert.fingerprint,
         )
-        if state != "ok":
-            log.warning("certificate %s is %s (not after %s); it is served anyway", name, state,
-                        cert.not_after.isoformat())
-        return certificate_message(cert, expiry=state, revision=record.revision, with_chain=True)
+        # An expiring or expired one is stored all the same (operators decide); every node that
+        # serves it logs the WARNING (lbnode.tls.expiry_warnings), this one included.
+        users, _ = self._node_view()
+        return certificate_message(cert, expiry=state, revision=record.revision, listeners=users.get(name, ()),
+                                   with_chain=True)
 
     @_translating
     def GetCertificate(self, request: pb.GetCertificateRequest, context: grpc.ServicerContext) -> pb.Certificate:
-        record = self.store.certificates.get_certificate(_required(request.name, "name"))
+        name = _required(request.name, "name")
+        users, from_file = self._node_view()
+        try:
+            record = self.store.certificates.get_certificate(name)
+        except NotFound:
+            cert = from_file.get(name)
+            if cert is None:
+                raise
+            return certificate_message(cert, expiry=expiry(cert, self.now()), source="config",
+                                       listeners=users.get(name, ()), with_chain=True)
         cert = record.certificate
-        return certificate_message(cert, expiry=expiry(cert, self.now()), revision=record.revision, with_chain=True)
+        return certificate_message(cert, expiry=expiry(cert, self.now()), revision=record.revision,
+                                   listeners=users.get(name, ()), with_chain=True)
 
     @_translating
     def ListCertificates(
         self, request: pb.ListCertificatesRequest, context: grpc.ServicerContext
     ) -> pb.ListCertificatesResponse:
         records, revision = self.store.certificates.list_certificates()
+        users, from_file = self._node_view()
         now = self.now()
-        return pb.ListCertificatesResponse(
-            certificates=[
-                certificate_message(r.certificate, expiry=expiry(r.certificate, now), revision=r.revision)
-                for r in sorted(records, key=lambda r: r.certificate.name)
-            ],
-            revision=revision,
-        )
+        messages = {
+            r.certificate.name: certificate_message(r.certificate, expiry=expiry(r.certificate, now),
+                                                    revision=r.revision, listeners=users.get(r.certificate.name, ()))
+            for r in records
+        }
+        for name, cert in from_file.items():
+            if name not in messages:
+                messages[name] = certificate_message(cert, expiry=expiry(cert, now), source="config",
+                                                     listeners=users.get(name, ()))
+        return pb.ListCertificatesResponse(certificates=[messages[n] for n in sorted(messages)], revision=revision)
 
     @_translating
     def DeleteCertificate(
         self, request: pb.DeleteCertificateRequest, context: grpc.ServicerContext
     ) -> pb.DeleteCertificateResponse:
+        name = _required(request.name, "name")
         expected = request.expected_revision if request.HasField("expected_revision") else None
-        self.store.certificates.delete_certificate(_required(request.name, "name"), expected)
-        log.info("certificate %s deleted by %s", request.name, _who(context))
+        try:
+            self.store.certificates.delete_certificate(name, expected)
+        except NotFound:
+            if name in self._node_view()[1]:
+                raise NotFound(
+                    f'certificate "{name}" is not in the store: it comes from [[certificates]] in this node\'s '
+                    "node.toml; remove it there"
+                ) from None
+            raise
+        log.info("certificate %s deleted by %s", name, _who(context))
         return pb.DeleteCertificateResponse()
+
+    def _node_view(self) -> tuple[dict[str, list[str]], dict[str, Certificate]]:
+        """The listeners of this node naming each certificate, and its node.toml certificates."""
+
+        def read() -> tuple[dict[str, list[str]], dict[str, Certificate]]:
+            node = self.node
+            users: dict[str, list[str]] = {}
+            for li in node.config.listeners:
+                for name in li.tls.certificates if li.tls is not None else ():
+                    users.setdefault(name, []).append(li.name)
+            files = node.follower.file_certificates if node.follower is not None else node.config.certificates
+            return users, {c.name: c for c in files}
+
+        return trio.from_thread.run_sync(read, trio_token=self.token)
 
 
 def _certificate_name(value: str) -> str:
@@ -577,7 +621,7 @@ async def serve_control(
     server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
     rpc.add_PoolsServicer_to_server(PoolsServicer(store), server)  # type: ignore[no-untyped-call]
     rpc.add_BackendsServicer_to_server(BackendsServicer(store), server)  # type: ignore[no-untyped-call]
-    rpc.add_CertificatesServicer_to_server(CertificatesServicer(store), server)  # type: ignore[no-untyped-call]
+    rpc.add_CertificatesServicer_to_server(CertificatesServicer(store, node, token), server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,12 @@ from cryptography.x509.oid import NameOID
 
 from lbnode.api.fulcrum.v1 import control_pb2 as pb
 from lbnode.api.fulcrum.v1 import control_pb2_grpc as rpc
-from tests.conftest import pool_toml
-from tests.integration.test_control_api import ControlNode, start_control_node
+from lbnode.cluster.filestore import FileStore
+from lbnode.config import load_config_text
+from lbnode.node import LbNode
+from lbnode.tls.certs import load_certificate
+from tests.conftest import listener_toml, node_toml, pool_toml
+from tests.integration.test_control_api import ControlNode, eventually, start_control_node
 from tests.tlsgen import Issued, make_ca, make_leaf, new_key
 
 CA = make_ca("Cert Test CA")
@@ -173,7 +176,7 @@ async def test_revisions_guard_creates_and_rotations(nursery: trio.Nursery, tmp_
 async def test_expiring_and_expired_certificates_are_flagged_and_warned_but_stored(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "lbnode.control")
+    caplog.set_level(logging.INFO)
     cn = await node(nursery, tmp_path)
     now = datetime.now(UTC)
     soon = leaf("soon.example.com", not_after=now + timedelta(days=5))
@@ -185,8 +188,99 @@ async def test_expiring_and_expired_certificates_are_flagged_and_warned_but_stor
         assert isinstance(done, pb.Certificate), done
     listed = await call(cn, "ListCertificates", pb.ListCertificatesRequest())
     assert {c.name: c.expiry for c in listed.certificates} == {"gone": "expired", "later": "ok", "soon": "expiring"}
-    warnings: Callable[[str], list[str]] = lambda name: [  # noqa: E731
-        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and f"certificate {name} " in r.getMessage()]
-    assert len(warnings("soon")) == 1 and "is expiring" in warnings("soon")[0]
-    assert len(warnings("gone")) == 1 and "is expired" in warnings("gone")[0] and "served anyway" in warnings("gone")[0]
+
+    def warnings(name: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.getMessage().startswith(f"certificate {name} ")]
+
+    async def warned() -> bool:
+        return bool(warnings("soon") and warnings("gone"))
+
+    await eventually(warned, "the node warns about the expiring and the expired certificate")
+    assert set(cn.node.snapshot.certificates) == {"soon", "gone", "later"}  # all served
+    assert len(warnings("soon")) == 1 and "expires in 5.0 days" in warnings("soon")[0]
+    assert len(warnings("gone")) == 1 and "EXPIRED on" in warnings("gone")[0] and "still served" in warnings("gone")[0]
     assert warnings("later") == []
+
+
+# --------------------------------------------------------------------------- store + node.toml, followed
+
+
+async def start_with_file_certificates(nursery: trio.Nursery, tmp_path: Path) -> tuple[ControlNode, dict[str, Issued]]:
+    """A standalone node whose node.toml has [[certificates]] www and other, and a TLS listener naming www and new."""
+    files = {"www": leaf("www.example.com"), "other": leaf("other.example.com")}
+    entries = ""
+    for name, issued in files.items():
+        crt, key = issued.write(tmp_path, name, chain=(INTERMEDIATE,))
+        entries += f'[[certificates]]\nname = "{name}"\ncert = "{crt}"\nkey = "{key}"\n\n'
+    state = tmp_path / "state"
+    config = load_config_text(
+        node_toml(pool_toml("web", ["127.0.0.1:9"]), listener_toml("front", "http", "web"),
+                  listener_toml("secure", "tls", "web", extra='  [listeners.tls]\n  certificates = ["www", "new"]\n'),
+                  entries, '[control]\nbind = "127.0.0.1:0"\ninsecure = true\n',
+                  node_id="n1", node_extra=f'state_dir = "{state}"\n'),
+        "test.toml",
+    )
+    store = FileStore(state, config.pools)
+    lbnode = LbNode(config, store)
+    bound = await nursery.start(lambda task_status: lbnode.run(handle_signals=False, task_status=task_status))
+    assert lbnode.control_port is not None  # [control]: the node serves its API itself
+    return ControlNode(lbnode, bound, lbnode.control_port, store, ["--insecure"]), files
+
+
+def fingerprints(cn: ControlNode) -> dict[str, str]:
+    return {name: c.fingerprint for name, c in cn.node.snapshot.certificates.items()}
+
+
+async def test_the_store_wins_a_name_and_node_toml_certificates_stay_for_the_others(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    cn, files = await start_with_file_certificates(nursery, tmp_path)
+    original = {name: load_certificate(name, chain(i), i.key_pem).fingerprint for name, i in files.items()}
+    assert fingerprints(cn) == original
+
+    listed = await call(cn, "ListCertificates", pb.ListCertificatesRequest())
+    assert [(c.name, c.source, c.revision, list(c.listeners)) for c in listed.certificates] == [
+        ("other", "config", 0, []), ("www", "config", 0, ["secure"])]
+    shown = await call(cn, "GetCertificate", pb.GetCertificateRequest(name="other"))
+    assert shown.source == "config" and shown.chain_pem.encode() == chain(files["other"])
+    code, details = refused(await call(cn, "DeleteCertificate", pb.DeleteCertificateRequest(name="other")))
+    assert code == grpc.StatusCode.NOT_FOUND and "comes from [[certificates]] in this node's node.toml" in details
+
+    rotated, new = leaf("www.example.com"), leaf("new.example.com")
+    for name, issued in (("www", rotated), ("new", new)):
+        put = await call(cn, "PutCertificate", pb.PutCertificateRequest(name=name, chain_pem=chain(issued),
+                                                                        key_pem=issued.key_pem))
+        assert list(put.listeners) == ["secure"]
+    wanted = {**original, "www": put_fp(rotated, "www"), "new": put_fp(new, "new")}
+
+    async def follows(expected: dict[str, str]) -> bool:
+        return fingerprints(cn) == expected
+
+    await eventually(lambda: follows(wanted), "the node serves the store's www (rotated) and new, node.toml's other")
+    listed = await call(cn, "ListCertificates", pb.ListCertificatesRequest())
+    assert [(c.name, c.source) for c in listed.certificates] == [("new", "store"), ("other", "config"), ("www", "store")]
+
+    await call(cn, "DeleteCertificate", pb.DeleteCertificateRequest(name="www"))
+    await call(cn, "DeleteCertificate", pb.DeleteCertificateRequest(name="new"))
+    await eventually(lambda: follows(original), "node.toml's www is served again once the store's is deleted")
+    lines = [r.getMessage() for r in caplog.records if r.name == "lbnode.cluster"]
+    assert any(line.startswith("certificate www added (store revision 1): www.example.com") for line in lines), lines
+    assert "certificate www deleted from the store; serving node.toml's [[certificates]] entry again" in lines
+    assert "certificate new deleted from the store; serving nothing: handshakes that need it fail" in lines
+
+
+def put_fp(issued: Issued, name: str) -> str:
+    return load_certificate(name, chain(issued), issued.key_pem).fingerprint
+
+
+async def test_a_restarted_standalone_node_serves_the_stored_certificates(nursery: trio.Nursery, tmp_path: Path) -> None:
+    issued = leaf("kept.example.com")
+    async with trio.open_nursery() as first:
+        cn, _ = await start_with_file_certificates(first, tmp_path)
+        await call(cn, "PutCertificate", pb.PutCertificateRequest(name="www", chain_pem=chain(issued),
+                                                                  key_pem=issued.key_pem))
+        first.cancel_scope.cancel()
+    again, _ = await start_with_file_certificates(nursery, tmp_path)
+    assert again.node.snapshot.certificates["www"].fingerprint == put_fp(issued, "www")

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import trio
 
 from lbnode.cluster.certstore import EtcdCertificates
 from lbnode.cluster.etcd import EtcdStore
@@ -21,6 +22,8 @@ from lbnode.cluster.store import (
     NotFound,
     StoreError,
 )
+from lbnode.cluster.sync import StoreFollower
+from lbnode.model import Config, NodeSettings
 from lbnode.tls.certs import Certificate, load_certificate
 from tests.integration.etcd_helpers import EtcdCluster, etcd_cluster
 from tests.tlsgen import Issued, make_ca, make_leaf
@@ -177,3 +180,37 @@ def test_garbage_is_logged_once_without_the_key_and_skipped(
     with pytest.raises(StoreError, match=f"{store.key('mismatch')}: the stored certificate is not valid"):
         store.get_certificate("mismatch")
     store.delete_certificate("mismatch")  # an operator removes garbage through the store
+
+
+# --------------------------------------------------------------------------- followed by a node
+
+
+async def test_a_follower_merges_etcd_certificates_over_node_toml_ones(pool_store: EtcdStore) -> None:
+    file_www, _ = cert("www")
+    file_only, _ = cert("fileonly")
+    base = Config(node=NodeSettings(id="n1"), listeners=(), pools=(), certificates=(file_www, file_only))
+    applied: list[Config] = [base]
+    store = pool_store.certificates
+
+    def served() -> dict[str, str]:
+        return {c.name: c.fingerprint for c in applied[-1].certificates}
+
+    async def until(expected: dict[str, str]) -> None:
+        with trio.fail_after(5):  # a change takes milliseconds store -> watch -> apply
+            while served() != expected:
+                await trio.sleep(0.01)
+
+    before = store.put_certificate(cert("api")[0])
+    async with trio.open_nursery() as nursery:
+        follower = StoreFollower(pool_store, lambda: applied[-1], applied.append)
+        await nursery.start(follower.run)
+        await until({"api": before.certificate.fingerprint, "www": file_www.fingerprint,
+                     "fileonly": file_only.fingerprint})
+        www = await trio.to_thread.run_sync(store.put_certificate, cert("www")[0])
+        await until({"api": before.certificate.fingerprint, "www": www.certificate.fingerprint,
+                     "fileonly": file_only.fingerprint})
+        await trio.to_thread.run_sync(store.delete_certificate, "www")
+        await trio.to_thread.run_sync(store.delete_certificate, "api")
+        await until({"www": file_www.fingerprint, "fileonly": file_only.fingerprint})
+        assert follower.certificate_revision > www.revision
+        nursery.cancel_scope.cancel()
