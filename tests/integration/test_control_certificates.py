@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -284,3 +285,78 @@ async def test_a_restarted_standalone_node_serves_the_stored_certificates(nurser
         first.cancel_scope.cancel()
     again, _ = await start_with_file_certificates(nursery, tmp_path)
     assert again.node.snapshot.certificates["www"].fingerprint == put_fp(issued, "www")
+
+
+# --------------------------------------------------------------------------- lbctl certs
+
+
+@pytest.fixture(autouse=True)
+def _no_lbctl_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("LBCTL_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
+
+
+async def test_lbctl_certs_put_list_show_delete_in_tables_and_json(nursery: trio.Nursery, tmp_path: Path) -> None:
+    cn, files = await start_with_file_certificates(nursery, tmp_path)
+    issued = leaf("www.example.com", "example.com", "a.example.com", "b.example.com")
+    crt, key = issued.write(tmp_path, "rotated", chain=(INTERMEDIATE,))
+    out = await cn.ok("certs", "put", "www", "--cert", str(crt), "--key", str(key))
+    assert out.startswith("certificate www stored (revision 1): www.example.com, example.com, a.example.com (+1); "
+                          "ECDSA P-256; not after ")
+    assert out.rstrip().endswith(": ok")
+
+    table = (await cn.ok("certs", "list")).splitlines()
+    assert table[0].split() == ["NAME", "NAMES", "ISSUER", "NOT", "AFTER", "EXPIRY", "LISTENERS", "SOURCE", "REVISION"]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert set(rows) == {"other", "www"}
+    assert "CN=Cert Test Intermediate" in rows["www"] and rows["www"].split()[-5:] == ["UTC", "ok", "secure", "store", "1"]
+    assert rows["other"].split()[-3:] == ["-", "config", "-"]
+
+    listed = json.loads(await cn.ok("-o", "json", "certs", "list"))
+    assert listed["revision"] == 1
+    www = next(c for c in listed["certificates"] if c["name"] == "www")
+    assert www["names"] == ["www.example.com", "example.com", "a.example.com", "b.example.com"]
+    assert www["expiry"] == "ok" and www["listeners"] == ["secure"] and www["chain_pem"] == ""
+    assert "key" not in json.dumps(listed).lower().replace("key_type", "")
+
+    shown = await cn.ok("certs", "show", "www")
+    assert shown.splitlines()[0] == "certificate www (store, revision 1)"
+    assert "  chain        2 certificates (leaf first)" in shown and "  listeners    secure" in shown
+    assert "PRIVATE KEY" not in shown
+    as_json = json.loads(await cn.ok("certs", "show", "www", "-o", "json"))
+    assert as_json["chain_pem"].encode() == chain(issued) and "PRIVATE KEY" not in json.dumps(as_json)
+    assert (await cn.ok("certs", "show", "other")).splitlines()[0] == "certificate other (node.toml of this node)"
+
+    code, _, err = await cn.lbctl("certs", "delete", "www", "--revision", "9")
+    assert code == 1 and err.startswith('lbctl: ABORTED: certificate "www" changed since revision 9')
+    assert (await cn.ok("certs", "delete", "www")).strip() == "certificate www deleted"
+    code, _, err = await cn.lbctl("certs", "show", "gone")
+    assert (code, err) == (1, 'lbctl: NOT_FOUND: certificate "gone" does not exist\n')
+
+
+async def test_lbctl_certs_put_refusals_are_one_line(nursery: trio.Nursery, tmp_path: Path) -> None:
+    cn, _ = await start_with_file_certificates(nursery, tmp_path)
+    good, other = leaf(), leaf()
+    crt, _ = good.write(tmp_path, "good")
+    _, wrong_key = other.write(tmp_path, "other")
+    code, out, err = await cn.lbctl("certs", "put", "www", "--cert", str(crt), "--key", str(wrong_key))
+    assert code == 1 and out == ""
+    assert err.startswith("lbctl: INVALID_ARGUMENT: key: does not match the certificate's public key")
+    assert err.count("\n") == 1
+    code, _, err = await cn.lbctl("certs", "put", "www", "--cert", str(tmp_path / "missing.pem"), "--key", str(wrong_key))
+    assert (code, err) == (1, f"lbctl: --cert: cannot read {tmp_path / 'missing.pem'}: No such file or directory\n")
+    code, _, err = await cn.lbctl("certs", "put", "www", "--cert", str(crt))
+    assert code == 2 and "the following arguments are required: --key" in err
+    listed = json.loads(await cn.ok("-o", "json", "certs", "list"))
+    assert listed["revision"] == 0  # nothing was stored
+
+
+def test_lbctl_certs_put_takes_its_own_cert_and_key_after_the_command_and_the_clients_before() -> None:
+    from lbctl.cli import build_parser
+
+    args = build_parser().parse_args(["--cert", "client.pem", "--key", "client.key", "certs", "put", "www",
+                                      "--cert", "www.pem", "--key", "www.key", "-e", "127.0.0.1:7443"])
+    assert (args.cert, args.key) == ("client.pem", "client.key")
+    assert (args.cert_file, args.key_file, args.endpoint) == ("www.pem", "www.key", ["127.0.0.1:7443"])
