@@ -7,10 +7,11 @@ file, the key path and the reason. The rules themselves live in ``model``.
 from __future__ import annotations
 
 import dataclasses
+import ssl
 import tomllib
 from pathlib import Path
 
-from lbnode.model import CertificateFile, Config, ConfigError, parse_config
+from lbnode.model import CertificateFile, Config, ConfigError, ListenerTls, parse_config
 from lbnode.tls.certs import Certificate, CertificateError, load_certificate
 
 
@@ -40,9 +41,29 @@ def load_config_text(text: str, origin: str = "<config>") -> Config:
             config = dataclasses.replace(
                 config, certificates=tuple(read_certificate(c, i) for i, c in enumerate(config.certificate_files))
             )
+        for i, li in enumerate(config.listeners):
+            if li.tls is not None:
+                check_listener_tls(li.tls, f"listeners[{i}].tls")
         return config
     except ConfigError as exc:
         raise ConfigFileError(f"{origin}: {exc}") from None
+
+
+def check_listener_tls(settings: ListenerTls, key: str) -> None:
+    """What only OpenSSL can judge: the cipher string, the client CA file."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if settings.ciphers is not None:
+        try:
+            ctx.set_ciphers(settings.ciphers)
+        except ssl.SSLError:
+            raise ConfigError(f"{key}.ciphers", f'"{settings.ciphers}" selects no cipher OpenSSL knows') from None
+    if settings.client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=settings.client_ca)
+        except FileNotFoundError:
+            raise ConfigError(f"{key}.client_ca", f"{settings.client_ca}: no such file") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{key}.client_ca", f"{settings.client_ca}: not a PEM CA bundle ({exc})") from None
 
 
 def read_certificate(spec: CertificateFile, index: int) -> Certificate:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -91,6 +92,7 @@ class LbNode:
         )
         self.http_proxies: dict[str, HttpProxy] = {}
         self.tcp_proxies: dict[str, object] = {}
+        self.tls_terminators: dict[str, Any] = {}  # listener -> TlsTerminator (https, tls)
         self.bound: Bound | None = None
         self.health_checkers: dict[str, HealthChecker] = {}
         self._checker_scopes: dict[str, trio.CancelScope] = {}
@@ -193,8 +195,8 @@ class LbNode:
                 async with trio.open_nursery() as accept_loops:
                     for li, sock in sockets:
                         gate = ConnectionGate(li.max_connections)
-                        if li.protocol == "http":
-                            proxy = HttpProxy(li, self)
+                        if li.protocol in ("http", "https"):
+                            proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1])
                             self.http_proxies[li.name] = proxy
                             handler = proxy.handle
                         else:
@@ -203,6 +205,12 @@ class LbNode:
                             tcp = TcpProxy(li, self)
                             self.tcp_proxies[li.name] = tcp
                             handler = tcp.handle
+                        if li.tls is not None:
+                            from lbnode.tls.terminate import TlsTerminator
+
+                            terminator = TlsTerminator(li, self, handler)  # type: ignore[arg-type]
+                            self.tls_terminators[li.name] = terminator
+                            handler = terminator.handle
                         accepting.append((sock, handler, gate))
                         accept_loops.start_soon(accept_loop, sock, handler, connections, gate, li.name)
                     for li in config.listeners:

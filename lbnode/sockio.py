@@ -7,6 +7,10 @@ the kernel says EAGAIN; a timeout scope is created only on that slow path.
 This is what keeps Python's cost per request low (see bench/). Never decides
 anything about HTTP or balancing.
 
+``recv_some`` and ``send_all`` also take a non-blocking ``ssl.SSLSocket`` (TLS listeners):
+OpenSSL's want-read/want-write become the same readiness waits; the plain path pays
+nothing for it (an ``except`` clause costs only when it catches).
+
 Also owns ``Deadlines``: timeouts for the waits that happen on nearly every
 request (a keep-alive client's next request, a backend's response) without a
 Trio cancel scope each. Entering and leaving a cancel scope costs several
@@ -20,6 +24,7 @@ import heapq
 import logging
 import math
 import socket
+import ssl
 
 import trio
 
@@ -46,8 +51,10 @@ async def recv_some(sock: socket.socket, size: int) -> bytes:
     while True:
         try:
             return sock.recv(size)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError):
             await trio.lowlevel.wait_readable(sock)
+        except ssl.SSLWantWriteError:  # TLS: a record to send first (the peer is not reading)
+            await trio.lowlevel.wait_writable(sock)
 
 
 async def recv_within(
@@ -88,29 +95,54 @@ async def recv_within(
 
 
 async def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float | None = None) -> None:
-    """Send everything; raises SendTimeout if the peer stops reading for ``timeout``."""
+    """Send everything; raises SendTimeout if the peer stops reading for ``timeout``.
+
+    On an ``SSLSocket`` a send that has to wait is retried with the same buffer, as OpenSSL
+    requires (it then reports the whole buffer sent)."""
+    wait = trio.lowlevel.wait_writable
     try:
         sent = sock.send(data)
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantWriteError):
         sent = 0
+    except ssl.SSLWantReadError:
+        sent, wait = 0, trio.lowlevel.wait_readable
     if sent == len(data):
         return
     view = memoryview(data)[sent:]
     with trio.move_on_after(timeout if timeout is not None else math.inf) as scope:
         while view:
             try:
-                await trio.lowlevel.wait_writable(sock)
+                await wait(sock)
             except trio.ClosedResourceError:
                 # A read timeout on this socket struck in another task (Deadlines.fire):
                 # the connection is being given up, as if the peer had reset it.
                 raise ConnectionAbortedError(errno.ECONNABORTED, "connection given up after a timeout") from None
+            wait = trio.lowlevel.wait_writable
             try:
                 sent = sock.send(view)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                continue
+            except ssl.SSLWantReadError:
+                wait = trio.lowlevel.wait_readable
                 continue
             view = view[sent:]
     if scope.cancelled_caught:
         raise SendTimeout(f"peer did not read for {timeout:g}s")
+
+
+def half_close(sock: socket.socket) -> None:
+    """No more bytes this way: a FIN on a plain socket. On TLS, a close_notify, the socket
+    left open for what the peer still sends (TLS 1.3 allows it; a 1.2 peer closes); if
+    OpenSSL reports the TLS shutdown complete at once, the whole connection ends."""
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.unwrap()  # sends close_notify; non-blocking, it then wants the peer's
+        except (ssl.SSLError, OSError, ValueError):
+            return
+        # Unwrapped: the socket would now read raw TLS bytes. Nothing more comes this way.
+        sock.shutdown(socket.SHUT_RDWR)
+        return
+    sock.shutdown(socket.SHUT_WR)
 
 
 async def accept(listener: socket.socket) -> tuple[socket.socket, object]:

@@ -80,11 +80,19 @@ def status_document(node: AdminView) -> dict[str, Any]:
                 "queue": len(pool.waiters),
             }
         )
+    listeners = {}
+    for name, li in snap.listeners.items():
+        entry: dict[str, Any] = {"protocol": li.protocol}
+        terminator = getattr(node, "tls_terminators", {}).get(name)
+        if terminator is not None:
+            entry["tls"] = terminator.status()
+        listeners[name] = entry
     return {
         "node": snap.config.node.id,
         "draining": node.draining,
         "config_version": snap.version,
         "pools": pools,
+        "listeners": listeners,
     }
 
 

@@ -130,6 +130,10 @@ REQUEST_NOTED = {
     b"x-forwarded-for": False,
     b"x-forwarded-proto": False,
     b"x-forwarded-host": False,
+    b"x-forwarded-port": False,
+    # the verified client certificate (lbnode.tls.terminate): never taken from a client
+    b"x-client-cert-subject": False,
+    b"x-client-cert-sans": False,
     b"via": False,
 }
 # Response fields never forwarded as they are: hop-by-hop ones, and Via (we append to it).
@@ -230,7 +234,10 @@ def _dropped(tokens: frozenset[bytes]) -> frozenset[bytes]:
     return HOP_BY_HOP | (tokens - NEVER_DROPPED)
 
 
-_FORWARDED_FIELDS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"})
+_FORWARDED_FIELDS = frozenset({
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+    b"x-client-cert-subject", b"x-client-cert-sans", b"via",
+})
 _via_values: dict[tuple[str, str], bytes] = {}
 
 
@@ -242,8 +249,10 @@ def _via_value(version: str, via: str) -> bytes:
     return value
 
 
-def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: str) -> bytes:
-    """The request head sent to a backend: hop-by-hop removed, forwarded headers added."""
+def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: str, extra: bytes = b"") -> bytes:
+    """The request head sent to a backend: hop-by-hop removed, forwarded headers added.
+
+    ``extra``: whole header lines the listener adds (X-Forwarded-Port, a client certificate)."""
     out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
     xff: list[bytes] = []
     vias: list[bytes] = []
@@ -278,6 +287,8 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
     if original_host or head.host:
         out += (b"X-Forwarded-Host: ", original_host or head.host.encode(), b"\r\n")  # type: ignore[union-attr]
     out += (b"Via: ", b", ".join(vias), b"\r\n")
+    if extra:
+        out.append(extra)
     if head.chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if head.upgrade:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket as stdsocket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from lbnode.sockio import (
     Deadlines,
     SendTimeout,
     current_deadlines,
+    half_close,
     recv_some,
     recv_within,
     send_all,
@@ -95,11 +97,12 @@ def chunk(data: bytes) -> bytes:
 class ClientConn:
     """One accepted client connection and the request stream parsed from it."""
 
-    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines")
+    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded")
 
-    def __init__(self, sock: stdsocket.socket, ip: str, max_header_bytes: int) -> None:
+    def __init__(self, sock: stdsocket.socket, ip: str, max_header_bytes: int, forwarded: bytes = b"") -> None:
         self.sock = sock
         self.ip = ip
+        self.forwarded = forwarded  # header lines the listener adds to every request of this connection
         self.pick_context = PickContext(client_ip=ip)
         self.deadlines = current_deadlines()  # the timeouts of this Trio run's waits
         self.reader = RequestReader(max_header_bytes)
@@ -178,8 +181,34 @@ class ClientConn:
         raise BadRequest("unexpected data in request body")
 
 
+class TlsClientConn(ClientConn):
+    """A client connection over a non-blocking ``ssl.SSLSocket`` (https listeners).
+
+    OpenSSL may hold a decrypted record that the kernel no longer shows as readable, so a
+    wait first looks at ``pending()``; want-read/want-write are the plain socket's EAGAIN."""
+
+    __slots__ = ()
+
+    def try_fill(self) -> bool:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except OSError as exc:
+            raise ClientGone(f"client read failed: {exc}") from None
+        self._take(data)
+        return True
+
+    async def fill_before(self, deadline: float) -> bool:
+        if self.sock.pending():  # type: ignore[attr-defined]
+            self.try_fill()
+            return True
+        return await super().fill_before(deadline)
+
+
 class HttpProxy:
-    """Serves one ``[[listeners]]`` entry with ``protocol = "http"``."""
+    """Serves one ``[[listeners]]`` entry with ``protocol = "http"`` or ``"https"`` (whose
+    connections arrive here after ``lbnode.tls.terminate`` completed their handshake)."""
 
     def __init__(
         self,
@@ -187,12 +216,20 @@ class HttpProxy:
         node: Node,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
+        port: int | None = None,
     ) -> None:
         self.listener = listener
         self.node = node
         self.clock = clock
         self.wall_clock = wall_clock  # affinity cookies expire in wall-clock time, valid on every node
-        self.proto = "http"
+        self.proto = "https" if listener.protocol == "https" else "http"
+        # X-Forwarded-Port: the port the client connected to (the bound one when bind said 0).
+        self.forwarded_port = b"X-Forwarded-Port: %d\r\n" % (port if port is not None else listener.bind.port)
+        tls = listener.tls
+        self.hsts: list[tuple[bytes, bytes]] = (
+            [(b"Strict-Transport-Security", tls.hsts.encode())] if tls is not None and tls.hsts else []
+        )
+        self.redirects = 0  # requests answered with the redirect to https
         self._idle: set[ClientConn] = set()
         self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
         rl = listener.rate_limit
@@ -205,9 +242,14 @@ class HttpProxy:
                 conn.deadlines.fire(conn.idle_wait)
 
     # ------------------------------------------------------------------ connection
-    async def handle(self, sock: stdsocket.socket, client_ip: str) -> None:
+    async def handle(self, sock: stdsocket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
+        """A plain connection; or (``tls_headers`` not None) one whose TLS handshake is done,
+        with the client certificate's header lines (b"" when none)."""
         sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
-        conn = ClientConn(sock, client_ip, self.listener.max_header_bytes)
+        if tls_headers is None:
+            conn = ClientConn(sock, client_ip, self.listener.max_header_bytes, self.forwarded_port)
+        else:
+            conn = TlsClientConn(sock, client_ip, self.listener.max_header_bytes, self.forwarded_port + tls_headers)
         try:
             while True:
                 head = await self._read_head(conn)
@@ -271,6 +313,8 @@ class HttpProxy:
         self.local_responses[status] = self.local_responses.get(status, 0) + 1
         what = f"{head.method.decode()} {head.target[:200].decode('latin-1')}" if head else "-"
         log.warning("listener %s: %s %s -> %d %s", self.listener.name, conn.ip, what, status, reason)
+        if self.hsts:
+            extra = (extra or []) + self.hsts
         data = local_response(status, reason, close=close, extra=extra,
                               head_only=head is not None and head.method == b"HEAD")
         try:
@@ -286,6 +330,8 @@ class HttpProxy:
         except BadRequest as exc:
             await self._refuse(conn, head, exc.status, exc.reason)
             return False
+        if self.listener.redirect_https is not None:
+            return await self._redirect_https(conn, head)
         if self.rate_limiter is not None:
             wait = self.rate_limiter.take(conn.ip, self.clock())
             if wait > 0:
@@ -334,6 +380,23 @@ class HttpProxy:
         if keep:
             await self._expect_end(conn)
         await self._refuse(conn, head, status, reason, close=not keep, extra=extra)
+        return keep
+
+    async def _redirect_https(self, conn: ClientConn, head: RequestHead) -> bool:
+        """308 to the same URL over https: 308, not 301, so that a POST stays a POST."""
+        port = self.listener.redirect_https
+        host = (head.host or "").rsplit(":", 1)[0] if not (head.host or "").endswith("]") else head.host
+        if not host:
+            return await self._refuse_unread(conn, head, 400, "a Host header is required to redirect to https")
+        authority = host if port == 443 else f"{host}:{port}"
+        location = b"https://" + authority.encode("latin-1") + head.target
+        keep = not head.has_body and head.keep_alive and not head.upgrade
+        if keep:
+            await self._expect_end(conn)
+        self.redirects += 1
+        data = local_response(308, "use https", close=not keep, extra=[(b"Location", location)],
+                              head_only=head.method == b"HEAD")
+        await conn.send(data, self.listener.timeouts.idle)
         return keep
 
     def _route(self, head: RequestHead) -> str:
@@ -393,7 +456,7 @@ class HttpProxy:
         budget = pool.retry_budget
         now = self.clock()  # read again only after something that waits
         budget.record_request(now)
-        request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME)
+        request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, conn.forwarded)
         if body:
             request_bytes += self._encode_body(head, body)  # type: ignore[arg-type]
         # Only a request we can send again, and whose method allows it, may be retried on a status.
@@ -677,6 +740,8 @@ class HttpProxy:
             raise _RetryStatus(resp.status)
         if on_head is not None:
             resp.add_headers(on_head(resp))
+        if self.hsts:
+            resp.add_headers(self.hsts)
 
         if resp.status == 101:
             if not head.upgrade:
@@ -820,7 +885,7 @@ async def pump_both_ways(a: stdsocket.socket, b: stdsocket.socket, idle_timeout:
                     break
                 activity.deadline = trio.current_time() + idle_timeout
                 await send_all(dst, data)
-            dst.shutdown(stdsocket.SHUT_WR)
+            half_close(dst)
         except OSError:
             activity.cancel()
 
@@ -828,3 +893,4 @@ async def pump_both_ways(a: stdsocket.socket, b: stdsocket.socket, idle_timeout:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(one_way, a, b)
             nursery.start_soon(one_way, b, a)
+

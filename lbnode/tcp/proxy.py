@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import struct
 import sys
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from lbnode.balance import PickContext
 from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
 from lbnode.model import Listener
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
-from lbnode.sockio import ConnectFailed, connect
+from lbnode.sockio import ConnectFailed, connect, half_close
 
 log = logging.getLogger("lbnode.tcp")
 
@@ -81,7 +82,9 @@ class TcpProxy:
         self.total = 0  # sessions that reached a backend since start
         self.failed = 0  # clients closed because no backend could be reached
 
-    async def handle(self, client: socket.socket, client_ip: str) -> None:
+    async def handle(self, client: socket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
+        """``client`` may be an ``ssl.SSLSocket`` whose handshake is done (``protocol = "tls"``):
+        then the bytes are copied through userspace (no splice: they must be decrypted)."""
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener = self.listener
         pool = self.node.snapshot.pools.get(listener.pool)
@@ -99,7 +102,8 @@ class TcpProxy:
         self.total += 1
         pool.started(backend)
         try:
-            await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, self.use_splice)
+            splice = self.use_splice and not isinstance(client, ssl.SSLSocket)
+            await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, splice)
         finally:
             self.active -= 1
             backend.connections -= 1
@@ -328,7 +332,9 @@ async def _splice_one_way(src: socket.socket, dst: socket.socket, activity: _Act
 
 
 async def _copy_one_way(src: socket.socket, dst: socket.socket, activity: _Activity) -> None:
-    """recv_into one buffer, send it on; the portable path."""
+    """recv_into one buffer, send it on; the portable path, and the TLS one (either socket
+    may be an ``ssl.SSLSocket``: OpenSSL's want-read/want-write are EAGAIN here; a send
+    that has to wait is retried with the same bytes, as OpenSSL requires)."""
     wait_readable = trio.lowlevel.wait_readable
     wait_writable = trio.lowlevel.wait_writable
     buf = bytearray(COPY_BUFFER)
@@ -337,9 +343,12 @@ async def _copy_one_way(src: socket.socket, dst: socket.socket, activity: _Activ
     while True:
         try:
             n = src.recv_into(buf)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError):
             await wait_readable(src)
             since_yield = 0
+            continue
+        except ssl.SSLWantWriteError:
+            await wait_writable(src)
             continue
         if n == 0:
             break
@@ -349,13 +358,15 @@ async def _copy_one_way(src: socket.socket, dst: socket.socket, activity: _Activ
         while sent < n:
             try:
                 sent += dst.send(view[sent:n])
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError):
                 await wait_writable(dst)
                 since_yield = 0
+            except ssl.SSLWantReadError:
+                await wait_readable(dst)
         if since_yield >= YIELD_EVERY_BYTES:
             since_yield = 0
             await trio.lowlevel.checkpoint()
-    dst.shutdown(socket.SHUT_WR)
+    half_close(dst)
 
 
 def _close(sock: socket.socket) -> None:

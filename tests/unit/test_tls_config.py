@@ -91,6 +91,9 @@ def test_certificates_reach_the_snapshot(files) -> None:
         ({"+": '  hsts = "forever"\n'}, r'listeners\[0\]\.tls\.hsts: "forever" is not like'),
         ({"+": '  handshake_timeout = "soon"\n'}, r"listeners\[0\]\.tls\.handshake_timeout: \"soon\" is not a duration"),
         ({"+": "  bogus = 1\n"}, r"listeners\[0\]\.tls\.bogus: unknown key"),
+        ({"+": '  ciphers = "NOTHING-AT-ALL"\n'}, r'listeners\[0\]\.tls\.ciphers: "NOTHING-AT-ALL" selects no cipher'),
+        ({"+": '  client_auth = "optional"\n  client_ca = "{dir}/nope.pem"\n'}, r"listeners\[0\]\.tls\.client_ca: .*/nope\.pem: no such file"),
+        ({"+": '  client_auth = "optional"\n  client_ca = "{dir}/garbage.pem"\n'}, r"listeners\[0\]\.tls\.client_ca: .*/garbage\.pem: not a PEM CA bundle"),
         ({'name = "wild"': 'name = "www"'}, r'certificates\[1\]\.name: "www" is already used by certificates\[0\]'),
     ],
 )

@@ -1,0 +1,127 @@
+"""``ssl.SSLContext`` objects for TLS-terminating listeners: the protocol profile and SNI.
+
+Owns the settings every handshake gets (TLS 1.2-1.3, Mozilla "intermediate" ciphers, ALPN,
+no renegotiation, tickets) and the per-certificate contexts the SNI callback switches to,
+cached by (certificate fingerprint, listener settings). Never reads a key from disk at
+handshake time, and never writes one to disk: keys go to OpenSSL through an anonymous
+memory file (memfd), closed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from lbnode.model import ListenerTls
+from lbnode.runtime import Snapshot
+from lbnode.tls.certs import Certificate
+
+log = logging.getLogger("lbnode.tls")
+
+# Mozilla "intermediate" (guideline 5.7) TLS 1.2 suites, ECDHE only: its two DHE-RSA suites
+# are left out (finite-field DHE costs several times ECDHE per handshake, and every client
+# that offers them offers ECDHE too). TLS 1.3 suites are OpenSSL's defaults, which are
+# exactly the profile's three (Python < 3.14 cannot set them, nor the group list: see tls.md).
+INTERMEDIATE_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+))
+# ALPN offered per listener protocol, most preferred first: "h2" goes in front of
+# "http/1.1" once the HTTP/2 issue lands. An L4 listener does not know its protocol.
+ALPN = {"https": ("http/1.1",), "tls": ()}
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+# TLS 1.3 tickets issued after each full handshake (OpenSSL's default, 2: one per parallel
+# connection a browser opens right after the first).
+TLS13_TICKETS = 2
+# Per-certificate contexts kept: far above the certificates a node serves, so only
+# rotated-away certificates fall out.
+CONTEXT_CACHE_SIZE = 1024
+
+_cache: OrderedDict[tuple[str, ListenerTls, tuple[str, ...]], ssl.SSLContext] = OrderedDict()
+
+
+def listener_context(settings: ListenerTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """A context with the listener's protocol settings and no certificate.
+
+    The handshake starts on it (its settings: versions, ciphers, verification, tickets are
+    the connection's, fixed by OpenSSL when the connection is created); the SNI callback
+    then switches the connection to a per-certificate context built the same way."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _VERSIONS[settings.min_version]
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(settings.ciphers or INTERMEDIATE_CIPHERS)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.num_tickets = TLS13_TICKETS
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    if settings.client_auth != "none":
+        assert settings.client_ca is not None  # model validation
+        ctx.verify_mode = ssl.CERT_REQUIRED if settings.client_auth == "required" else ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cafile=settings.client_ca)
+    return ctx
+
+
+def certificate_context(cert: Certificate, settings: ListenerTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """The listener's context with ``cert`` loaded; cached by (fingerprint, settings)."""
+    key = (cert.fingerprint, settings, alpn)
+    ctx = _cache.get(key)
+    if ctx is not None:
+        _cache.move_to_end(key)
+        return ctx
+    ctx = listener_context(settings, alpn)
+    with _memory_file(cert.chain_pem) as chain_path, _memory_file(cert.key_pem) as key_path:
+        ctx.load_cert_chain(chain_path, key_path)
+    _cache[key] = ctx
+    if len(_cache) > CONTEXT_CACHE_SIZE:
+        _cache.popitem(last=False)
+    return ctx
+
+
+@contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can open that reads ``data`` from memory only (Linux memfd)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("fulcrum-pem", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    # Elsewhere: a 0600 temporary file removed at once (the key touches the disk briefly).
+    with tempfile.NamedTemporaryFile(prefix="fulcrum-", suffix=".pem") as f:
+        f.write(data)
+        f.flush()
+        yield f.name
+
+
+def make_sni_callback(
+    listener: str,
+    settings: ListenerTls,
+    alpn: tuple[str, ...],
+    snapshot: Callable[[], Snapshot],
+    on_failure: Callable[[ssl.SSLSocket, str], None],
+) -> Callable[[ssl.SSLSocket, str | None, ssl.SSLContext], int | None]:
+    """The SNI callback: the CURRENT snapshot's table picks the certificate at each handshake,
+    so a certificate changed in the store reaches new handshakes with no reload."""
+
+    def on_server_name(sock: ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+        try:
+            table = snapshot().sni.get(listener)
+            if table is None:
+                on_failure(sock, "no_certificate")
+                return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+            sock.context = certificate_context(table.choose(server_name), settings, alpn)
+            return None
+        except Exception as exc:  # an exception here would be an unraisable error in OpenSSL's callback
+            log.error("listener %s: cannot select a certificate for %r: %s", listener, server_name, exc)
+            on_failure(sock, "no_certificate")
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+
+    return on_server_name

@@ -1,0 +1,180 @@
+"""The TLS handshake of an accepted connection, before the listener's own handler runs.
+
+Owns the handshake on a non-blocking ``ssl.SSLSocket`` driven by Trio's readiness waits
+(the same waits as ``lbnode.sockio``), its timeout, the cap on handshakes in progress, the
+counters of failed handshakes by reason (``/status``) and the verified client certificate.
+A failed handshake ends that connection only; it never raises into the accept loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as stdsocket
+import ssl
+from collections.abc import Awaitable, Callable
+
+import trio
+from cryptography import x509
+
+from lbnode.model import Listener
+from lbnode.runtime import Snapshot
+from lbnode.tls.context import ALPN, listener_context, make_sni_callback
+
+log = logging.getLogger("lbnode.tls")
+
+# Headers carrying the verified client certificate to the backend. Any copy a client sends
+# is always removed (lbnode.http.headers.REQUEST_NOTED), whatever client_auth says.
+CLIENT_SUBJECT_HEADER = b"X-Client-Cert-Subject"
+CLIENT_SANS_HEADER = b"X-Client-Cert-SANs"
+
+# OpenSSL reasons, grouped into the few kinds an operator can act on (the /status counters).
+_REASON_KINDS = {
+    "WRONG_VERSION_NUMBER": "not_tls", "HTTP_REQUEST": "not_tls", "HTTPS_PROXY_REQUEST": "not_tls",
+    "PACKET_LENGTH_TOO_LONG": "not_tls", "RECORD_LENGTH_MISMATCH": "not_tls", "LENGTH_MISMATCH": "not_tls",
+    "UNSUPPORTED_PROTOCOL": "version", "TLSV1_ALERT_PROTOCOL_VERSION": "version", "VERSION_TOO_LOW": "version",
+    "NO_SHARED_CIPHER": "no_shared_cipher", "NO_SUITABLE_KEY_SHARE": "no_shared_cipher",
+    "NO_SHARED_GROUPS": "no_shared_cipher", "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_shared_cipher",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "client_certificate", "CERTIFICATE_VERIFY_FAILED": "client_certificate",
+    "UNEXPECTED_EOF_WHILE_READING": "eof",
+}
+
+Inner = Callable[[ssl.SSLSocket, str, bytes], Awaitable[None]]
+
+
+class SnapshotSource:
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+
+class TlsTerminator:
+    """Wraps a listener's handler: ``handle(sock, ip)`` completes a handshake, then calls
+    ``inner(tls_sock, ip, client_cert_headers)`` (raw header lines for the backend, b"" if none)."""
+
+    def __init__(self, listener: Listener, node: SnapshotSource, inner: Inner) -> None:
+        assert listener.tls is not None
+        self.listener = listener
+        self.settings = listener.tls
+        self.inner = inner
+        alpn = ALPN[listener.protocol]
+        self.context = listener_context(self.settings, alpn)
+        self.context.sni_callback = make_sni_callback(  # type: ignore[assignment]
+            listener.name, self.settings, alpn, lambda: node.snapshot, self._callback_failed
+        )
+        self._slots = trio.Semaphore(self.settings.max_handshakes)
+        self.in_progress = 0
+        self.handshakes = 0  # completed
+        self.resumed = 0  # of which resumed a session (ticket or id)
+        self.failures: dict[str, int] = {}  # kind -> count
+
+    def status(self) -> dict[str, object]:
+        return {
+            "handshakes": self.handshakes,
+            "resumed": self.resumed,
+            "in_progress": self.in_progress,
+            "failures": dict(sorted(self.failures.items())),
+        }
+
+    def _failed(self, kind: str, client_ip: str, detail: str) -> None:
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        level = logging.WARNING if kind == "no_certificate" else logging.DEBUG
+        log.log(level, "listener %s: %s: TLS handshake failed (%s): %s", self.listener.name, client_ip, kind, detail)
+
+    def _callback_failed(self, sock: ssl.SSLSocket, kind: str) -> None:
+        sock.fulcrum_failure = kind  # type: ignore[attr-defined]  # read by handle() when the handshake fails
+
+    async def handle(self, sock: stdsocket.socket, client_ip: str) -> None:
+        sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        tls: ssl.SSLSocket | None = None
+        try:
+            with trio.move_on_after(self.settings.handshake_timeout) as scope:
+                async with self._slots:
+                    # wrap_socket takes the descriptor over (``sock`` is left detached).
+                    tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                    self.in_progress += 1
+                    try:
+                        await _handshake(tls)
+                    finally:
+                        self.in_progress -= 1
+            if scope.cancelled_caught:
+                self._failed("timeout", client_ip, f"not done within {self.settings.handshake_timeout:g}s")
+                return
+        except ssl.SSLError as exc:
+            kind = getattr(tls, "fulcrum_failure", None) or _kind(exc)
+            self._failed(kind, client_ip, str(exc))
+            return
+        except OSError as exc:
+            self._failed("reset" if isinstance(exc, ConnectionResetError) else "eof", client_ip, str(exc))
+            return
+        except BaseException:
+            if tls is not None:
+                _close(tls)
+            raise
+        assert tls is not None
+        try:
+            self.handshakes += 1
+            if tls.session_reused:
+                self.resumed += 1
+            await self.inner(tls, client_ip, self._client_headers(tls))
+        finally:
+            _close(tls)
+
+    def _client_headers(self, tls: ssl.SSLSocket) -> bytes:
+        if self.settings.client_auth == "none":
+            return b""
+        der = tls.getpeercert(binary_form=True)
+        if not der:
+            return b""  # optional, and none given
+        return client_certificate_headers(der)
+
+
+def client_certificate_headers(der: bytes) -> bytes:
+    """Header lines naming a verified client certificate: its subject (RFC 4514) and its SANs
+    (``DNS:a, email:b, URI:c, IP:d``), with any byte that could end a header escaped."""
+    cert = x509.load_der_x509_certificate(der)
+    subject = cert.subject.rfc4514_string()
+    sans: list[str] = []
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans += [f"DNS:{v}" for v in ext.get_values_for_type(x509.DNSName)]
+        sans += [f"email:{v}" for v in ext.get_values_for_type(x509.RFC822Name)]
+        sans += [f"URI:{v}" for v in ext.get_values_for_type(x509.UniformResourceIdentifier)]
+        sans += [f"IP:{v}" for v in ext.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        pass
+    out = CLIENT_SUBJECT_HEADER + b": " + _header_safe(subject) + b"\r\n"
+    if sans:
+        out += CLIENT_SANS_HEADER + b": " + _header_safe(", ".join(sans)) + b"\r\n"
+    return out
+
+
+def _header_safe(text: str) -> bytes:
+    return "".join(c if " " <= c != "\x7f" else f"\\x{ord(c):02x}" for c in text).encode("utf-8")
+
+
+async def _handshake(tls: ssl.SSLSocket) -> None:
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await trio.lowlevel.wait_readable(tls)
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(tls)
+
+
+def _kind(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLEOFError):
+        return "eof"
+    reason = getattr(exc, "reason", None) or ""
+    kind = _REASON_KINDS.get(reason)
+    if kind is not None:
+        return kind
+    if reason.startswith(("TLSV1_ALERT", "SSLV3_ALERT", "TLSV13_ALERT")):
+        return "client_alert"  # the client gave up (e.g. it does not trust the certificate)
+    return "protocol"
+
+
+def _close(tls: ssl.SSLSocket) -> None:
+    if tls.fileno() != -1:
+        trio.lowlevel.notify_closing(tls)
+        tls.close()
