@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -214,3 +215,41 @@ async def test_a_follower_merges_etcd_certificates_over_node_toml_ones(pool_stor
         await until({"www": file_www.fingerprint, "fileonly": file_only.fingerprint})
         assert follower.certificate_revision > www.revision
         nursery.cancel_scope.cancel()
+
+
+async def test_with_etcd_down_the_follower_keeps_serving_its_certificates_and_catches_up_after(
+    tmp_path: Path,
+) -> None:
+    with etcd_cluster(tmp_path) as etcd:
+        pool_store = EtcdStore(etcd.settings())
+        store = pool_store.certificates
+        try:
+            first = store.put_certificate(cert("www")[0])
+            base = Config(node=NodeSettings(id="n1"), listeners=(), pools=())
+            applied: list[Config] = [base]
+
+            def served() -> dict[str, str]:
+                return {c.name: c.fingerprint for c in applied[-1].certificates}
+
+            async def until(expected: dict[str, str], limit: float) -> None:
+                with trio.fail_after(limit):
+                    while served() != expected:
+                        await trio.sleep(0.01)
+
+            async with trio.open_nursery() as nursery:
+                follower = StoreFollower(pool_store, lambda: applied[-1], applied.append)
+                await nursery.start(follower.run)
+                await until({"www": first.certificate.fingerprint}, 5)
+                etcd.members[0].kill()
+                configs_before = len(applied)
+                await trio.sleep(1.0)  # the watches break and retry with backoff meanwhile
+                assert served() == {"www": first.certificate.fingerprint}  # static stability
+                assert len(applied) == configs_before  # nothing was applied while etcd was away
+                etcd.members[0].start()
+                await trio.to_thread.run_sync(etcd.members[0].wait_healthy)
+                rotated = await trio.to_thread.run_sync(store.put_certificate, cert("www")[0])
+                # The follower retries every BACKOFF_MAX (5 s) at most, then reads everything again.
+                await until({"www": rotated.certificate.fingerprint}, 5 + 5)
+                nursery.cancel_scope.cancel()
+        finally:
+            pool_store.close()
