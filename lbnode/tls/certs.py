@@ -99,9 +99,11 @@ class SniTable:
     """Which certificate answers which server name: exact name, then wildcard
     (``*.example.com`` matches one label), then the default (the first certificate given).
 
-    Built once per snapshot; for an equal name in two certificates, the earlier one wins."""
+    Built once per snapshot; for an equal name in two certificates, the earlier one wins.
+    ``key_pairs`` gives the certificates to serve together: an RSA and an ECDSA certificate
+    for the same names go in one OpenSSL context, which picks by what the client supports."""
 
-    __slots__ = ("default", "_exact", "_wildcard")
+    __slots__ = ("default", "_exact", "_wildcard", "_pairs")
 
     def __init__(self, certificates: Iterable[Certificate]) -> None:
         certs = list(certificates)
@@ -110,6 +112,14 @@ class SniTable:
         self.default = certs[0]
         self._exact: dict[str, Certificate] = {}
         self._wildcard: dict[str, Certificate] = {}  # "example.com" for "*.example.com"
+        by_names: dict[frozenset[str], dict[str, Certificate]] = {}  # names -> key family -> first
+        for cert in certs:
+            by_names.setdefault(frozenset(cert.names), {}).setdefault(_key_family(cert), cert)
+        self._pairs: dict[str, tuple[Certificate, ...]] = {}
+        for cert in certs:
+            family = _key_family(cert)
+            others = tuple(c for f, c in by_names[frozenset(cert.names)].items() if f != family)
+            self._pairs[cert.fingerprint] = (cert, *others)
         for cert in certs:
             for n in cert.names:
                 if n.startswith("*."):
@@ -130,6 +140,15 @@ class SniTable:
             if found is not None:
                 return found
         return self.default
+
+    def key_pairs(self, cert: Certificate) -> tuple[Certificate, ...]:
+        """``cert`` first, then the table's certificates for exactly the same names with
+        another key type (the first of each type)."""
+        return self._pairs.get(cert.fingerprint, (cert,))
+
+
+def _key_family(cert: Certificate) -> str:
+    return cert.key_type.split()[0]  # "ECDSA", "RSA", "Ed25519"
 
 
 # --------------------------------------------------------------------------- parsing

@@ -43,7 +43,7 @@ TLS13_TICKETS = 2
 # rotated-away certificates fall out.
 CONTEXT_CACHE_SIZE = 1024
 
-_cache: OrderedDict[tuple[str, ListenerTls, tuple[str, ...]], ssl.SSLContext] = OrderedDict()
+_cache: OrderedDict[tuple[tuple[str, ...], ListenerTls, tuple[str, ...]], ssl.SSLContext] = OrderedDict()
 
 
 def listener_context(settings: ListenerTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
@@ -67,16 +67,18 @@ def listener_context(settings: ListenerTls, alpn: tuple[str, ...]) -> ssl.SSLCon
     return ctx
 
 
-def certificate_context(cert: Certificate, settings: ListenerTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
-    """The listener's context with ``cert`` loaded; cached by (fingerprint, settings)."""
-    key = (cert.fingerprint, settings, alpn)
+def certificate_context(certs: tuple[Certificate, ...], settings: ListenerTls, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """The listener's context with ``certs`` loaded (one per key type: OpenSSL serves the
+    one the client supports); cached by (fingerprints, settings)."""
+    key = (tuple(c.fingerprint for c in certs), settings, alpn)
     ctx = _cache.get(key)
     if ctx is not None:
         _cache.move_to_end(key)
         return ctx
     ctx = listener_context(settings, alpn)
-    with _memory_file(cert.chain_pem) as chain_path, _memory_file(cert.key_pem) as key_path:
-        ctx.load_cert_chain(chain_path, key_path)
+    for cert in certs:
+        with _memory_file(cert.chain_pem) as chain_path, _memory_file(cert.key_pem) as key_path:
+            ctx.load_cert_chain(chain_path, key_path)
     _cache[key] = ctx
     if len(_cache) > CONTEXT_CACHE_SIZE:
         _cache.popitem(last=False)
@@ -117,7 +119,7 @@ def make_sni_callback(
             if table is None:
                 on_failure(sock, "no_certificate")
                 return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
-            sock.context = certificate_context(table.choose(server_name), settings, alpn)
+            sock.context = certificate_context(table.key_pairs(table.choose(server_name)), settings, alpn)
             return None
         except Exception as exc:  # an exception here would be an unraisable error in OpenSSL's callback
             log.error("listener %s: cannot select a certificate for %r: %s", listener, server_name, exc)

@@ -141,3 +141,15 @@ def test_server_name_matches() -> None:
 
 def _pems(issued):
     return issued.cert_pem, issued.key_pem
+
+
+def test_key_pairs_for_the_same_names(ca) -> None:
+    ec1 = load_certificate("ec", *_pems(make_leaf(ca, ["a.example.com", "b.example.com"])))
+    rsa1 = load_certificate("rsa", *_pems(make_leaf(ca, ["b.example.com", "a.example.com"], kind="rsa")))
+    ec2 = load_certificate("ec2", *_pems(make_leaf(ca, ["a.example.com", "b.example.com"])))
+    other = load_certificate("other", *_pems(make_leaf(ca, ["a.example.com"], kind="rsa")))
+    table = SniTable([ec1, rsa1, ec2, other])
+    assert table.choose("a.example.com") is ec1
+    assert table.key_pairs(ec1) == (ec1, rsa1)
+    assert table.key_pairs(rsa1) == (rsa1, ec1)
+    assert table.key_pairs(other) == (other,)  # different names: served alone
