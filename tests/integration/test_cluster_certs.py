@@ -9,6 +9,7 @@ Tests share one cluster (module fixture) and run in file order.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import ssl
 import statistics
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -238,6 +240,11 @@ def test_a_certificate_put_through_node_1_is_served_by_every_node(cluster: Clust
                 assert https_get(tls, close=True).startswith(b"HTTP/1.1 200")
     listed = cluster.lbctl("certs", "list")
     assert listed.returncode == 0 and " front " in listed.stdout.splitlines()[1]
+    for node in cluster.nodes:  # each node's /status says what it serves (and never the key)
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin}/status", timeout=5) as response:
+            status = response.read()
+        assert json.loads(status)["certificates"]["www"]["fingerprint"] == fingerprint(first)
+        assert b"PRIVATE KEY" not in status
 
 
 def test_propagation_of_rotations_to_three_nodes(cluster: Cluster) -> None:
