@@ -370,8 +370,8 @@ def _key_event(ev: Any) -> KeyEvent:
     return KeyEvent(ev.kv.key.decode(errors="replace"), bytes(ev.kv.value), int(ev.kv.mod_revision), int(ev.kv.lease))
 
 
-E = TypeVar("E")
-R_ = TypeVar("R_")
+EventT = TypeVar("EventT")
+ResyncT = TypeVar("ResyncT")
 
 
 def watch_with_resync(
@@ -380,9 +380,9 @@ def watch_with_resync(
     after_revision: int,
     stop: threading.Event,
     what: str,
-    to_event: Callable[[KeyEvent], E | None],
-    resync: Callable[[], tuple[R_, int]],
-) -> Iterator[E | R_]:
+    to_event: Callable[[KeyEvent], EventT | None],
+    resync: Callable[[], tuple[ResyncT, int]],
+) -> Iterator[EventT | ResyncT]:
     """The watch every store kind follows: changes under ``prefix`` after ``after_revision``
     (``to_event`` drops what it returns None for); after a compaction or a broken stream, a
     full read (``resync()``: the item to yield and its revision) and the watch goes on from
