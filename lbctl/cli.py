@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backend", help="its name, or its address")
     p.add_argument("weight", type=int)
 
-    command(sub, "watch", "stream pool, backend health, node and VIP events until Ctrl-C", cmd_watch)
+    command(sub, "watch", "stream pool, backend health, node, VIP and certificate events until Ctrl-C", cmd_watch)
 
     certs = sub.add_parser("certs", help="TLS certificates of the listeners (put, list, show, delete), "
                            "and certificates for the control API (init)").add_subparsers(
@@ -536,6 +536,13 @@ def describe_event(event: Any) -> str:
     if kind == "vip_moved":
         m = event.vip_moved
         return f"{when} {event.node_id} vip {m.vip} moved {m.old_holder or '(free)'} -> {m.new_holder or '(free)'}"
+    if kind == "certificate":
+        c = event.certificate
+        change = c.DESCRIPTOR.fields_by_name["change"].enum_type.values_by_number[c.change].name.lower()
+        detail = "" if not c.fingerprint else (
+            f", sha256 {c.fingerprint[:16]}..., not after "
+            f"{c.not_after.ToDatetime(tzinfo=datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+        return f"{when} {event.node_id} certificate {c.name} {change} (revision {c.revision}{detail})"
     return f"{when} {event.node_id} unknown event"
 
 

@@ -33,6 +33,8 @@ from lbnode.tls.certs import Certificate
 
 log = logging.getLogger("lbnode.cluster")
 
+CertificateCallback = Callable[[str, CertificateRecord | None, CertificateRecord | None], None]
+
 # Retry delays after the store failed: short first, never hammering a sick etcd.
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
@@ -60,10 +62,15 @@ class StoreFollower:
         self.file_certificates: tuple[Certificate, ...] = base().certificates
         self.synced = trio.Event()  # set after the first full read of pools
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
+        self._on_certificate: list[CertificateCallback] = []
 
     def subscribe(self, callback: Callable[[str, PoolRecord | None], None]) -> None:
         """``callback(name, record)`` after each applied pool change (None: deleted)."""
         self._on_change.append(callback)
+
+    def subscribe_certificates(self, callback: CertificateCallback) -> None:
+        """``callback(name, old, new)`` after each applied change of a store certificate (new None: deleted)."""
+        self._on_certificate.append(callback)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Follow pools and certificates; ``started`` once both were read (or failed) once."""
@@ -152,7 +159,7 @@ class StoreFollower:
             self.certificates[event.name] = event.record
         self.certificate_revision = max(self.certificate_revision, event.revision)
         self._push()
-        _log_certificate_change(event.name, old, event.record, self._file_certificate(event.name))
+        self._certificate_changed(event.name, old, event.record)
 
     def _replace_certificates(self, records: list[CertificateRecord], revision: int) -> None:
         old = self.certificates
@@ -162,7 +169,12 @@ class StoreFollower:
         for name in sorted(set(old) | set(self.certificates)):
             before, after = old.get(name), self.certificates.get(name)
             if (before and before.certificate) != (after and after.certificate):
-                _log_certificate_change(name, before, after, self._file_certificate(name))
+                self._certificate_changed(name, before, after)
+
+    def _certificate_changed(self, name: str, old: CertificateRecord | None, new: CertificateRecord | None) -> None:
+        _log_certificate_change(name, old, new, self._file_certificate(name))
+        for callback in self._on_certificate:
+            callback(name, old, new)
 
     def _file_certificate(self, name: str) -> Certificate | None:
         return next((c for c in self.file_certificates if c.name == name), None)

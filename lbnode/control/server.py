@@ -40,6 +40,7 @@ from lbnode.cluster.store import (
 from lbnode.control import backends as edits
 from lbnode.control.events import (
     BackendHealthChange,
+    CertificateChange,
     EventHub,
     NodeChange,
     PoolChange,
@@ -556,6 +557,16 @@ def _event_message(item: Published, node_id: str) -> pb.Event:
     elif isinstance(event, NodeChange):
         joined_or_left = pb.NodeChanged.JOINED if event.change == "joined" else pb.NodeChanged.LEFT
         msg.node.CopyFrom(pb.NodeChanged(node_id=event.node_id, change=joined_or_left))
+    elif isinstance(event, CertificateChange):
+        change = {"added": pb.CertificateChanged.ADDED, "rotated": pb.CertificateChanged.ROTATED}.get(
+            event.change, pb.CertificateChanged.DELETED
+        )
+        msg.certificate.CopyFrom(
+            pb.CertificateChanged(name=event.name, change=change, fingerprint=event.fingerprint,
+                                  revision=event.revision)
+        )
+        if event.not_after is not None:
+            msg.certificate.not_after.FromDatetime(event.not_after)
     elif isinstance(event, VipMove):
         msg.vip_moved.CopyFrom(
             pb.VipMoved(vip=event.vip, old_holder=event.old_holder or "", new_holder=event.new_holder or "")

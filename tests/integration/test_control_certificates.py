@@ -360,3 +360,43 @@ def test_lbctl_certs_put_takes_its_own_cert_and_key_after_the_command_and_the_cl
                                       "--cert", "www.pem", "--key", "www.key", "-e", "127.0.0.1:7443"])
     assert (args.cert, args.key) == ("client.pem", "client.key")
     assert (args.cert_file, args.key_file, args.endpoint) == ("www.pem", "www.key", ["127.0.0.1:7443"])
+
+
+async def test_watch_events_report_certificate_changes_the_node_applied(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from lbctl.cli import describe_event
+
+    cn, _ = await start_with_file_certificates(nursery, tmp_path)
+    channel = cn.channel()
+    stream = rpc.ClusterStub(channel).WatchEvents(pb.WatchEventsRequest())
+    await trio.to_thread.run_sync(stream.initial_metadata)  # subscribed from here on
+    first, second = leaf("www.example.com"), leaf("www.example.com")
+    for issued in (first, second):
+        await call(cn, "PutCertificate", pb.PutCertificateRequest(name="www", chain_pem=chain(issued),
+                                                                  key_pem=issued.key_pem))
+    await call(cn, "DeleteCertificate", pb.DeleteCertificateRequest(name="www"))
+
+    def three() -> list[pb.Event]:
+        events = []
+        for event in stream:
+            if event.WhichOneof("event") == "certificate":
+                events.append(event)
+                if len(events) == 3:
+                    return events
+        return events
+
+    with trio.fail_after(5):  # store -> watch -> snapshot takes milliseconds
+        events = await trio.to_thread.run_sync(three)
+    stream.cancel()
+    channel.close()
+    changes = [(e.certificate.name, e.certificate.change, e.certificate.fingerprint, e.certificate.revision)
+               for e in events]
+    assert changes == [
+        ("www", pb.CertificateChanged.ADDED, put_fp(first, "www"), 1),
+        ("www", pb.CertificateChanged.ROTATED, put_fp(second, "www"), 2),
+        ("www", pb.CertificateChanged.DELETED, "", 3),
+    ]
+    assert events[1].certificate.not_after.ToDatetime(tzinfo=UTC) == second.cert.not_valid_after_utc
+    line = describe_event(events[1])
+    assert line.endswith(f"n1 certificate www rotated (revision 2, sha256 {put_fp(second, 'www')[:16]}..., "
+                         f"not after {second.cert.not_valid_after_utc.strftime('%Y-%m-%d %H:%M UTC')})")
+    assert describe_event(events[2]).endswith("n1 certificate www deleted (revision 3)")

@@ -400,8 +400,32 @@ class VipMoved(_message.Message):
     new_holder: str
     def __init__(self, vip: _Optional[str] = ..., old_holder: _Optional[str] = ..., new_holder: _Optional[str] = ...) -> None: ...
 
+class CertificateChanged(_message.Message):
+    __slots__ = ("name", "change", "fingerprint", "not_after", "revision")
+    class Change(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CHANGE_UNSPECIFIED: _ClassVar[CertificateChanged.Change]
+        ADDED: _ClassVar[CertificateChanged.Change]
+        ROTATED: _ClassVar[CertificateChanged.Change]
+        DELETED: _ClassVar[CertificateChanged.Change]
+    CHANGE_UNSPECIFIED: CertificateChanged.Change
+    ADDED: CertificateChanged.Change
+    ROTATED: CertificateChanged.Change
+    DELETED: CertificateChanged.Change
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    change: CertificateChanged.Change
+    fingerprint: str
+    not_after: _timestamp_pb2.Timestamp
+    revision: int
+    def __init__(self, name: _Optional[str] = ..., change: _Optional[_Union[CertificateChanged.Change, str]] = ..., fingerprint: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node", "vip_moved")
+    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node", "vip_moved", "certificate")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +433,7 @@ class Event(_message.Message):
     BACKEND_HEALTH_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     VIP_MOVED_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     node_id: str
     time: _timestamp_pb2.Timestamp
@@ -416,4 +441,5 @@ class Event(_message.Message):
     backend_health: BackendHealthChanged
     node: NodeChanged
     vip_moved: VipMoved
-    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ..., vip_moved: _Optional[_Union[VipMoved, _Mapping]] = ...) -> None: ...
+    certificate: CertificateChanged
+    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ..., vip_moved: _Optional[_Union[VipMoved, _Mapping]] = ..., certificate: _Optional[_Union[CertificateChanged, _Mapping]] = ...) -> None: ...
