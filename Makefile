@@ -7,8 +7,9 @@ STAMP   := $(VENV)/.installed
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 
 # Debian packages the tests use: curl as a real client; etcd (3.4) for the cluster tests;
-# openssh-server for the Ansible test's hosts (network namespaces reached over SSH).
-TEST_DEBS  := curl etcd-server openssh-server
+# openssh-server for the Ansible test's hosts (network namespaces reached over SSH);
+# sslscan, the independent scanner of tests/integration/test_tls_scan.py.
+TEST_DEBS  := curl etcd-server openssh-server sslscan
 # Debian packages the benchmark runs beside Fulcrum (etcd for the cluster section).
 BENCH_DEBS := haproxy nginx wrk etcd-server
 

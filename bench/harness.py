@@ -72,6 +72,7 @@ AFFINITY_KEY = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f
 # Optional sections provided by other modules: (section name, module, title).
 OPTIONAL_MODULES: list[tuple[str, str, str]] = [
     ("pick", "bench.pick", "Policy pick cost"),
+    ("tls", "bench.tls", "TLS termination: CPU per handshake and per keep-alive request (with HAProxy)"),
 ]
 
 

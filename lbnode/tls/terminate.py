@@ -165,6 +165,10 @@ async def _handshake(tls: ssl.SSLSocket) -> None:
 def _kind(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLEOFError):
         return "eof"
+    if "Closed before TLS handshake" in str(exc):
+        # Python's own check in wrap_socket (CVE-2023-40217): the client sent bytes and went
+        # away (a reset) before the handshake began.
+        return "reset"
     reason = getattr(exc, "reason", None) or ""
     kind = _REASON_KINDS.get(reason)
     if kind is not None:

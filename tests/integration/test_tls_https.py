@@ -173,3 +173,47 @@ async def test_new_certificate_reaches_new_handshakes_without_reload(pki: Pki) -
 
         assert await trio.to_thread.run_sync(again) == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_certificate_expected_from_a_store_fails_handshakes_until_it_arrives(pki: Pki, caplog) -> None:
+    async with trio.open_nursery() as nursery:
+        backends = await start_backends(nursery, "alpha", "beta")
+        # [control] means a store may bring certificates: a missing name is not a config error.
+        control = '[control]\nbind = "127.0.0.1:0"\ninsecure = true\n'
+        tls = '  [listeners.tls]\n  certificates = ["later"]\n'
+        text = node_toml(pool_toml("web", [backends[0].address]), control, listener_toml("secure", "https", "web", extra=tls))
+        node, bound = await start_node(nursery, text)
+        port = bound.listeners["secure"][1]
+        ctx = client_context(pki.ca)
+        with pytest.raises(OSError):
+            await trio.to_thread.run_sync(get, "www.example.com", port, ctx, "/")
+        await trio.sleep(0.2)
+        assert node.tls_terminators["secure"].failures == {"no_certificate": 1}
+        assert "TLS handshake failed (no_certificate)" in caplog.text
+        # The certificate arrives (what the store follower does): the next handshake works.
+        added = f'[[certificates]]\nname = "later"\ncert = "{pki.www[0]}"\nkey = "{pki.www[1]}"\n'
+        node.apply(load_config_text(text + added))
+        status, _, _, names = await trio.to_thread.run_sync(get, "www.example.com", port, ctx, "/")
+        assert status == 200 and names == ["www.example.com"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_drain_closes_idle_tls_keepalive_connections(pki: Pki) -> None:
+    async with trio.open_nursery() as nursery:
+        backends = await start_backends(nursery, "alpha", "beta")
+        node, bound = await start_node(nursery, config_text(pki, backends))
+        port = bound.listeners["secure"][1]
+        conn = SniConnection("www.example.com", port, client_context(pki.ca))
+
+        def first() -> int:
+            conn.request("GET", "/")
+            return conn.getresponse().status
+
+        assert await trio.to_thread.run_sync(first) == 200
+        start = trio.current_time()
+        node.stop()
+        # The idle keep-alive connection is closed at once: the client reads EOF.
+        assert await trio.to_thread.run_sync(lambda: conn.sock.recv(10)) == b""  # type: ignore[union-attr]
+        assert trio.current_time() - start < 2.0  # well under drain_timeout (30 s): margin for load
+        conn.close()
+        nursery.cancel_scope.cancel()

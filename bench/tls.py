@@ -1,0 +1,225 @@
+"""TLS termination beside HAProxy: CPU per full handshake and per keep-alive request.
+
+Both balancers get the same ECDSA P-256 certificate (made here with ``cryptography``), one
+thread (lbnode is one; HAProxy ``nbthread 1``), the same nginx backends and the same wrk
+client (``-t1 -c50``, TLS 1.3 as wrk negotiates it). A section of ``python -m bench`` (see
+``harness.OPTIONAL_MODULES``); everything on 127.0.0.1.
+
+- full handshake: ``openssl s_time -new``: one connection after another, each a new TCP
+  connection, a full TLS 1.3 handshake (no resumption: lbnode's /status counts them) and one
+  HTTP/1.0 request; CPU of the balancer's process tree per connection. (wrk with
+  ``Connection: close`` resumes most sessions, so it cannot measure full handshakes.)
+- keep-alive: wrk, the same request on 50 persistent TLS connections.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from bench.harness import (
+    HOST,
+    SMALL_PATH,
+    Context,
+    StartError,
+    fmt_num,
+    fmt_ratio,
+    parse_wrk,
+    pick_port,
+    ports_of,
+    render_table,
+    tree_cpu_seconds,
+)
+
+# Targets of issue 11: Fulcrum / HAProxy CPU ratios.
+HANDSHAKE_TARGET = 1.5
+KEEPALIVE_TARGET = 4.0
+
+
+def _certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """An ECDSA P-256 self-signed certificate for "bench.test": (cert, key, cert+key for HAProxy)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench.test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("bench.test")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    paths = directory / "bench.crt", directory / "bench.key", directory / "bench.pem"
+    paths[0].write_bytes(cert_pem)
+    paths[1].write_bytes(key_pem)
+    paths[2].write_bytes(cert_pem + key_pem)
+    for p in paths:
+        p.chmod(0o600)
+    return paths
+
+
+def fulcrum_tls_config(backends: list[int], port: int, admin: int, cert: Path, key: Path) -> str:
+    servers = "".join(f'  [[pools.backends]]\n  address = "{HOST}:{p}"\n' for p in backends)
+    return f"""[node]
+id = "bench-tls"
+admin = "{HOST}:{admin}"
+
+[[certificates]]
+name = "bench"
+cert = "{cert}"
+key = "{key}"
+
+[[pools]]
+name = "web"
+{servers}
+[[listeners]]
+name = "tls"
+protocol = "https"
+bind = "{HOST}:{port}"
+pool = "web"
+max_connections = 10000
+  [listeners.tls]
+  certificates = ["bench"]
+"""
+
+
+def haproxy_tls_config(backends: list[int], port: int, pem: Path) -> str:
+    servers = "".join(f"    server b{i} {HOST}:{p}\n" for i, p in enumerate(backends, 1))
+    return f"""global
+    nbthread 1
+    maxconn 4096
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+
+defaults
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend tls
+    mode http
+    option http-keep-alive
+    bind {HOST}:{port} ssl crt {pem} alpn http/1.1
+    default_backend web
+
+backend web
+    mode http
+    option http-keep-alive
+    http-reuse always
+    balance roundrobin
+{servers}"""
+
+
+def _wrk(ctx: Context, port: int, seconds: float, close: bool) -> object:
+    argv = ["wrk", f"-t{ctx.opts.threads}", f"-c{ctx.opts.connections}", f"-d{max(1, round(seconds))}s",
+            "--timeout", "5s", "--latency", "-H", "Host: bench.test"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"https://{HOST}:{port}{SMALL_PATH}")
+    cp = subprocess.run(ctx._pinned(argv, ctx.client_cpu), capture_output=True, text=True, timeout=seconds + 30)
+    return parse_wrk(cp.stdout)
+
+
+def _s_time(ctx: Context, port: int, seconds: float) -> tuple[int, float]:
+    """(connections, wall seconds): full handshakes one after another, each with one request."""
+    argv = ["openssl", "s_time", "-connect", f"{HOST}:{port}", "-new", "-www", SMALL_PATH,
+            "-time", str(max(1, round(seconds)))]
+    start = time.monotonic()
+    cp = subprocess.run(ctx._pinned(argv, ctx.client_cpu), capture_output=True, text=True, timeout=seconds + 30)
+    wall = time.monotonic() - start
+    # "N connections in Ts" counts s_time's own user CPU seconds, not wall time: take N only.
+    m = re.search(r"(\d+) connections in ([0-9.]+)s", cp.stdout)
+    if m is None:
+        raise StartError(f"openssl s_time: {(cp.stdout + cp.stderr).strip().splitlines()[-1:]}")
+    return int(m.group(1)), wall
+
+
+def _measure(ctx: Context, port: int, pids: list[int], close: bool) -> tuple[float, float, int, int]:
+    """(req/s, balancer CPU us per request, requests, errors)."""
+    if close:
+        _s_time(ctx, port, ctx.opts.warmup)
+        cpu0 = tree_cpu_seconds(pids)
+        n, secs = _s_time(ctx, port, ctx.opts.duration)
+        cpu1 = tree_cpu_seconds(pids)
+        if not n:
+            raise StartError("openssl s_time made no connection")
+        return n / secs, (cpu1 - cpu0) * 1e6 / n, n, 0
+    _wrk(ctx, port, ctx.opts.warmup, close)
+    cpu0 = tree_cpu_seconds(pids)
+    res = _wrk(ctx, port, ctx.opts.duration, close)
+    cpu1 = tree_cpu_seconds(pids)
+    if not res.requests:  # type: ignore[attr-defined]
+        raise StartError("wrk completed no request")
+    return res.rps, (cpu1 - cpu0) * 1e6 / res.requests, res.requests, res.errors  # type: ignore[attr-defined]
+
+
+def run(ctx: Context) -> str:
+    directory = ctx.tmp / "tls"
+    directory.mkdir(exist_ok=True)
+    cert, key, pem = _certificate(directory)
+    taken = set(ports_of(ctx.ports))
+    f_port, f_admin, h_port = pick_port(27443, taken), pick_port(27444, taken), pick_port(27543, taken)
+    try:
+        ctx.backends()
+        backends = list(ctx.ports.backends)
+        fulcrum = ctx.fulcrum(fulcrum_tls_config(backends, f_port, f_admin, cert, key), key="fulcrum-tls",
+                              ready_ports=[f_port], admin_port=f_admin)
+        conf = directory / "haproxy-tls.cfg"
+        conf.write_text(haproxy_tls_config(backends, h_port, pem))
+        haproxy = ctx.spawn("haproxy-tls", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
+        haproxy.wait_ready([h_port], ctx.opts.start_timeout)
+    except StartError as exc:
+        return f"not run: {exc}\n"
+    rows, figures = [], {}
+    for name, port, pid in (("Fulcrum", f_port, fulcrum.pid), ("HAProxy", h_port, haproxy.pid)):
+        for kind, close in (("full handshake + 1 request", True), ("keep-alive request", False)):
+            try:
+                rps, cpu, requests, errors = _measure(ctx, port, [pid], close)
+            except (StartError, subprocess.TimeoutExpired, ValueError) as exc:
+                rows.append([name, kind, "-", "-", "-", f"failed: {exc}"])
+                continue
+            figures[(name, close)] = cpu
+            rows.append([name, kind, fmt_num(rps, 0, thousands=True), fmt_num(cpu, 1), requests,
+                         f"{errors} errors" if errors else ""])
+    status = json.loads(urllib.request.urlopen(f"http://{HOST}:{f_admin}/status", timeout=5).read())
+    tls = status["listeners"]["tls"]["tls"]
+    ctx.stop("fulcrum-tls")
+    ctx.stop("haproxy-tls")
+    table = render_table(["balancer", "what", "req/s", "CPU us/req", "requests", "note"], rows, "llrrrl")
+    targets = []
+    for label, close, limit in (("CPU per full handshake", True, HANDSHAKE_TARGET),
+                                ("CPU per keep-alive request", False, KEEPALIVE_TARGET)):
+        f, h = figures.get(("Fulcrum", close)), figures.get(("HAProxy", close))
+        ratio = f / h if f and h else None
+        verdict = "-" if ratio is None else ("met" if ratio <= limit else "not met")
+        targets.append([label, fmt_num(f, 1), fmt_num(h, 1), fmt_ratio(f, h), f"<= {limit}x", verdict])
+    return (
+        table + "\n\n"
+        + render_table(["target", "Fulcrum us", "HAProxy us", "ratio", "goal", "status"], targets, "lrrrll")
+        + f"\n\nFulcrum's listener counted {tls['handshakes']} handshakes, {tls['resumed']} resumed, "
+        f"failures {tls['failures'] or 'none'}.\n"
+    )
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from bench.harness import Options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        context = Context(Options(duration=5.0, warmup=1.0), Path(__file__).resolve().parent.parent, Path(tmp))
+        try:
+            print(run(context))
+        finally:
+            context.close()
