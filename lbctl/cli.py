@@ -27,14 +27,18 @@ class Failure(Exception):
 # --------------------------------------------------------------------------- parser
 
 
-def _connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
-    """The options of every command; ``default`` SUPPRESS on subcommands so they may follow it too."""
+def _connection_options(parser: argparse.ArgumentParser, default: Any, *, client_files: bool = True) -> None:
+    """The options of every command; ``default`` SUPPRESS on subcommands so they may follow it too.
+
+    ``client_files=False`` leaves out --cert/--key (``certs put`` uses them for the certificate
+    it sends; lbctl's own then go before the command, or in LBCTL_CERT/LBCTL_KEY or lbctl.toml)."""
     parser.add_argument("--endpoint", "-e", action="append", metavar="HOST:PORT", default=default,
                         help="a node's control API (repeat or comma-separate; the next is tried when one is down)")
     parser.add_argument("--output", "-o", choices=("table", "json"), default=default, help="table (default) or json")
     parser.add_argument("--ca", metavar="FILE", default=default, help="the cluster CA certificate (PEM)")
-    parser.add_argument("--cert", metavar="FILE", default=default, help="this client's certificate (PEM)")
-    parser.add_argument("--key", metavar="FILE", default=default, help="this client's private key (PEM)")
+    if client_files:
+        parser.add_argument("--cert", metavar="FILE", default=default, help="this client's certificate (PEM)")
+        parser.add_argument("--key", metavar="FILE", default=default, help="this client's private key (PEM)")
     parser.add_argument("--insecure", action="store_true", default=default if default is not None else False,
                         help="plain text, no certificates (labs and tests only)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS", default=default, help="per call (default 10)")
@@ -54,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _connection_options(common, argparse.SUPPRESS)
 
-    def command(group: Any, name: str, help_text: str, func: Callable[..., int], **defaults: Any) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text, parents=[common])
+    without_client_files = argparse.ArgumentParser(add_help=False)
+    _connection_options(without_client_files, argparse.SUPPRESS, client_files=False)
+
+    def command(group: Any, name: str, help_text: str, func: Callable[..., int],
+                parent: argparse.ArgumentParser = common, **defaults: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text, parents=[parent])
         p.set_defaults(func=func, **defaults)
         return p
 
@@ -109,11 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backend", help="its name, or its address")
     p.add_argument("weight", type=int)
 
-    command(sub, "watch", "stream pool, backend health, node and VIP events until Ctrl-C", cmd_watch)
+    command(sub, "watch", "stream pool, backend health, node, VIP and certificate events until Ctrl-C", cmd_watch)
 
-    certs = sub.add_parser("certs", help="certificates for the control API").add_subparsers(
+    certs = sub.add_parser("certs", help="TLS certificates of the listeners (put, list, show, delete), "
+                           "and certificates for the control API (init)").add_subparsers(
         dest="certs_command", metavar="ACTION", required=True
     )
+    p = command(certs, "put", "store a certificate for the listeners (create, or replace: a rotation); every "
+                "node serves it to new handshakes without a reload. lbctl's own --cert/--key go before `certs`",
+                cmd_certs_put, parent=without_client_files)
+    p.add_argument("name", help="the certificate's name, as [listeners.tls] certificates names it")
+    p.add_argument("--cert", dest="cert_file", required=True, metavar="FILE",
+                   help="PEM chain: the certificate first, then its intermediates")
+    p.add_argument("--key", dest="key_file", required=True, metavar="FILE", help="its PEM private key (no passphrase)")
+    p.add_argument("--revision", type=int, help="replace only if it is still at this revision (0: only create)")
+    command(certs, "list", "every certificate: names, issuer, expiry, the listeners using it", cmd_certs_list)
+    command(certs, "show", "one certificate's details (never its key)", cmd_certs_show).add_argument("name")
+    p = command(certs, "delete", "remove a certificate from the store", cmd_certs_delete)
+    p.add_argument("name")
+    p.add_argument("--revision", type=int, help="only if it is still at this revision")
     p = command(certs, "init", "a cluster CA, one certificate per node, admin and read-only client certificates",
                 cmd_certs_init, offline=True)
     p.add_argument("--dir", required=True, type=Path)
@@ -518,7 +540,117 @@ def describe_event(event: Any) -> str:
     if kind == "vip_moved":
         m = event.vip_moved
         return f"{when} {event.node_id} vip {m.vip} moved {m.old_holder or '(free)'} -> {m.new_holder or '(free)'}"
+    if kind == "certificate":
+        c = event.certificate
+        change = c.DESCRIPTOR.fields_by_name["change"].enum_type.values_by_number[c.change].name.lower()
+        detail = "" if not c.fingerprint else (
+            f", sha256 {c.fingerprint[:16]}..., not after "
+            f"{c.not_after.ToDatetime(tzinfo=datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+        return f"{when} {event.node_id} certificate {c.name} {change} (revision {c.revision}{detail})"
     return f"{when} {event.node_id} unknown event"
+
+
+def _read_pem(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise Failure(f"{option}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _utc(ts: Any) -> str:
+    return ts.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _expiry_text(msg: Any, now: datetime.datetime) -> str:
+    """``ok``, ``expiring (4.9 days left)`` or ``expired (2.0 days ago)``."""
+    if msg.expiry == "ok":
+        return "ok"
+    days = (msg.not_after.ToDatetime(tzinfo=datetime.UTC) - now).total_seconds() / 86400
+    return f"{msg.expiry} ({days:.1f} days left)" if days > 0 else f"{msg.expiry} ({-days:.1f} days ago)"
+
+
+def _names_text(names: Any, most: int = 3) -> str:
+    names = list(names)
+    more = f" (+{len(names) - most})" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def cmd_certs_put(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json, message_dict
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    request = pb.PutCertificateRequest(
+        name=args.name, chain_pem=_read_pem(args.cert_file, "--cert"), key_pem=_read_pem(args.key_file, "--key")
+    )
+    if args.revision is not None:
+        request.expected_revision = args.revision
+    msg = _call(client, "Certificates", "PutCertificate", request)
+    if _json(args):
+        emit_json(message_dict(msg))
+        return 0
+    now = datetime.datetime.now(datetime.UTC)
+    print(f"certificate {msg.name} stored (revision {msg.revision}): {_names_text(msg.names)}; {msg.key_type}; "
+          f"not after {_utc(msg.not_after)}: {_expiry_text(msg, now)}")
+    return 0
+
+
+def cmd_certs_list(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json, message_dict, table
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    response = _call(client, "Certificates", "ListCertificates", pb.ListCertificatesRequest())
+    if _json(args):
+        emit_json({"revision": response.revision, "certificates": [message_dict(c) for c in response.certificates]})
+        return 0
+    now = datetime.datetime.now(datetime.UTC)
+    rows = [
+        [c.name, _names_text(c.names), c.issuer, _utc(c.not_after), _expiry_text(c, now),
+         ", ".join(c.listeners) or "-", c.source, c.revision or "-"]
+        for c in response.certificates
+    ]
+    table(["NAME", "NAMES", "ISSUER", "NOT AFTER", "EXPIRY", "LISTENERS", "SOURCE", "REVISION"], rows)
+    return 0
+
+
+def cmd_certs_show(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json, message_dict
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    c = _call(client, "Certificates", "GetCertificate", pb.GetCertificateRequest(name=args.name))
+    if _json(args):
+        emit_json(message_dict(c))
+        return 0
+    origin = f"store, revision {c.revision}" if c.source == "store" else "node.toml of this node"
+    fields = [
+        ("names", ", ".join(c.names)),
+        ("subject", c.subject),
+        ("issuer", c.issuer),
+        ("not before", _utc(c.not_before)),
+        ("not after", f"{_utc(c.not_after)}: {_expiry_text(c, datetime.datetime.now(datetime.UTC))}"),
+        ("key type", c.key_type),
+        ("fingerprint", f"sha256 {c.fingerprint}"),
+        ("chain", f"{c.chain_length} certificate{'s' if c.chain_length != 1 else ''} (leaf first)"),
+        ("listeners", ", ".join(c.listeners) or "none on this node"),
+    ]
+    print(f"certificate {c.name} ({origin})")
+    for label, value in fields:
+        print(f"  {label:<12} {value}")
+    return 0
+
+
+def cmd_certs_delete(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.output import emit_json
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    request = pb.DeleteCertificateRequest(name=args.name)
+    if args.revision is not None:
+        request.expected_revision = args.revision
+    _call(client, "Certificates", "DeleteCertificate", request)
+    if _json(args):
+        emit_json({"deleted": args.name})
+    else:
+        print(f"certificate {args.name} deleted")
+    return 0
 
 
 def cmd_certs_init(args: argparse.Namespace, client: Any) -> int:

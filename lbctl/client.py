@@ -19,6 +19,7 @@ STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
     "Pools": rpc.PoolsStub,
     "Backends": rpc.BackendsStub,
     "Cluster": rpc.ClusterStub,
+    "Certificates": rpc.CertificatesStub,
 }
 
 

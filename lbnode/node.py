@@ -13,6 +13,7 @@ import signal
 import socket as stdsocket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,14 @@ from lbnode.listen import (
 )
 from lbnode.model import Config, Listener, Pool
 from lbnode.runtime import Snapshot
+from lbnode.tls.expiry_warnings import ExpiryWarnings
 
 log = logging.getLogger("lbnode")
+
+# Served certificates are checked for expiry on every change and this often besides, so one
+# that crosses into its last 14 days (or expires) while nothing changes is still reported.
+EXPIRY_CHECK_INTERVAL = 3600.0
+
 
 # How long start-up waits for the pool store's first read before serving without it. A
 # healthy etcd answers in milliseconds (well under this on a loaded host), so a node
@@ -110,6 +117,8 @@ class LbNode:
         self.follower: StoreFollower | None = None
         self._snapshot = Snapshot.build(config, shared_affinity=affinity)
         self._retain_affinity_tables()
+        self.wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # certificate expiry
+        self._expiry = ExpiryWarnings()
         self._draining = False
         self._stop = trio.Event()
         self.upstreams = UpstreamPool(
@@ -140,6 +149,16 @@ class LbNode:
         self._retain_affinity_tables()
         self._sync_health()
         log.info("configuration version %d applied", self._snapshot.version)
+        self._warn_expiring_certificates()
+
+    def _warn_expiring_certificates(self) -> None:
+        for line in self._expiry.check(self._snapshot.certificates.values(), self.wall_clock()):
+            log.warning("%s", line)
+
+    async def _check_certificate_expiry(self) -> None:
+        while True:
+            self._warn_expiring_certificates()
+            await trio.sleep(EXPIRY_CHECK_INTERVAL)
 
     def _apply_from_store(self, config: Config) -> None:
         """The store answered: its pools replace whatever was served (node.toml's, or the cache)."""
@@ -241,6 +260,7 @@ class LbNode:
                 self.control_port = await outer.start(serve_control, config.control, self.store, self)
             if admin_sock is not None:
                 outer.start_soon(serve_admin, admin_sock, self)
+            outer.start_soon(self._check_certificate_expiry)
             self._health_nursery = outer
             self._sync_health()
             async with trio.open_nursery() as connections:

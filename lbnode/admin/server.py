@@ -101,6 +101,16 @@ def status_document(node: AdminView) -> dict[str, Any]:
         "config": config,
         "pools": pools,
         "listeners": listeners,
+        # What this node serves right now (never the key): after a rotation, every node's
+        # fingerprint says whether it has the new certificate.
+        "certificates": {
+            name: {
+                "names": list(cert.names),
+                "not_after": cert.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "fingerprint": cert.fingerprint,
+            }
+            for name, cert in sorted(snap.certificates.items())
+        },
     }
 
 

@@ -484,6 +484,47 @@ def _key_event(ev: Any) -> KeyEvent:
     return KeyEvent(ev.kv.key.decode(errors="replace"), bytes(ev.kv.value), int(ev.kv.mod_revision), int(ev.kv.lease))
 
 
+EventT = TypeVar("EventT")
+ResyncT = TypeVar("ResyncT")
+
+
+def watch_with_resync(
+    conn: EtcdConnection,
+    prefix: str,
+    after_revision: int,
+    stop: threading.Event,
+    what: str,
+    to_event: Callable[[KeyEvent], EventT | None],
+    resync: Callable[[], tuple[ResyncT, int]],
+) -> Iterator[EventT | ResyncT]:
+    """The watch every store kind follows: changes under ``prefix`` after ``after_revision``
+    (``to_event`` drops what it returns None for); after a compaction or a broken stream, a
+    full read (``resync()``: the item to yield and its revision) and the watch goes on from
+    there. ``Unavailable`` escapes only when that full read fails: the follower then retries
+    with backoff and serves its last snapshot meanwhile."""
+    start = after_revision + 1
+    while not stop.is_set():
+        try:
+            for batch in conn.watch_prefix(prefix, start, stop):
+                for change in batch:
+                    start = change.revision + 1
+                    event = to_event(change)
+                    if event is not None:
+                        yield event
+        except Compacted as exc:
+            log.info("%s watch: %s; reading every %s again", what, exc, what)
+        except Unavailable as exc:
+            if stop.is_set():
+                return
+            log.info("%s watch: %s; reading every %s again", what, exc, what)
+            stop.wait(WATCH_RETRY_PAUSE)
+        if stop.is_set():
+            return
+        item, revision = resync()
+        yield item
+        start = revision + 1
+
+
 # ---------------------------------------------------------------------- the pool store
 
 
@@ -501,6 +542,10 @@ class EtcdStore:
         self.conn = connection if connection is not None else EtcdConnection(settings.etcd)
         self._owns_connection = connection is None
         self.prefix = f"{settings.prefix}/pools/"
+        from lbnode.cluster.certstore import EtcdCertificates  # it builds on this module
+
+        # Certificates share this store's connection: {prefix}/certs/<name>.
+        self.certificates = EtcdCertificates(self.conn, settings.prefix)
         self._logged_bad: set[tuple[str, int]] = set()  # (key, mod_revision) of invalid values logged
         self._bad_lock = threading.Lock()
 
@@ -601,27 +646,11 @@ class EtcdStore:
         ``Unavailable`` escapes only when etcd cannot even be read for the resync: the
         follower then retries with backoff and serves its last snapshot meanwhile.
         """
-        start = after_revision + 1
-        while not stop.is_set():
-            try:
-                for batch in self.conn.watch_prefix(self.prefix, start, stop):
-                    for change in batch:
-                        start = change.revision + 1
-                        event = self._event(change)
-                        if event is not None:
-                            yield event
-            except Compacted as exc:
-                log.info("pool watch: %s; reading every pool again", exc)
-            except Unavailable as exc:
-                if stop.is_set():
-                    return
-                log.info("pool watch: %s; reading every pool again", exc)
-                stop.wait(WATCH_RETRY_PAUSE)
-            if stop.is_set():
-                return
+        def resync() -> tuple[Resync, int]:
             records, revision = self.list_pools()
-            yield Resync(tuple(records), revision)
-            start = revision + 1
+            return Resync(tuple(records), revision), revision
+
+        yield from watch_with_resync(self.conn, self.prefix, after_revision, stop, "pool", self._event, resync)
 
     def _event(self, change: KeyEvent) -> PoolEvent | None:
         name = change.key[len(self.prefix):]

@@ -1,4 +1,4 @@
-"""The standalone pool store: ``state_dir/pools.json``, for a node that runs without etcd.
+"""The standalone pool store: ``state_dir/pools.json`` (and certificates.json), for a node without etcd.
 
 Owns the pools a standalone node serves once the control API may change them:
 revisions, conflict checks, atomic writes (temp file, fsync, rename) and a
@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lbnode.cluster.certstore import FileCertificates
 from lbnode.cluster.store import (
     AlreadyExists,
     Conflict,
@@ -44,6 +45,8 @@ class FileStore:
 
     def __init__(self, state_dir: Path | str, seed: Sequence[Pool]) -> None:
         self.path = Path(state_dir) / FILE_NAME
+        # Certificates keep their own file (and revision counter) beside pools.json.
+        self.certificates = FileCertificates(state_dir)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._history: deque[PoolEvent] = deque(maxlen=HISTORY)

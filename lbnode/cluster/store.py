@@ -1,4 +1,4 @@
-"""The pool store contract: where pools live (etcd in a cluster, a file when standalone).
+"""The pool store contract: where pools and certificates live (etcd in a cluster, files when standalone).
 
 Owns the interface every store implements and the errors the control API
 maps to gRPC codes. Stores are blocking and thread-safe: gRPC handler
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lbnode.model import Pool
+from lbnode.tls.certs import Certificate
 
 
 class StoreError(Exception):
@@ -61,7 +62,56 @@ class Resync:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    certificate: Certificate  # validated by load_certificate on every read: the PEM is the truth
+    revision: int  # changes on every write of this certificate (etcd: the key's mod_revision)
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateEvent:
+    """A change seen by a certificate watch: ``record`` is None when the certificate was deleted."""
+
+    name: str
+    record: CertificateRecord | None
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateResync:
+    """The certificate watch lost its place: every certificate, as of ``revision``."""
+
+    records: tuple[CertificateRecord, ...]
+    revision: int
+
+
+class CertificateStore(Protocol):
+    """Named certificates (chain + key) beside the pools, with the same compare-revision writes.
+
+    Keys are secrets: a store never logs one; only the node that serves them reads them back.
+    """
+
+    def list_certificates(self) -> tuple[list[CertificateRecord], int]:
+        """Every certificate, and the store revision they were read at."""
+
+    def get_certificate(self, name: str) -> CertificateRecord: ...
+
+    def put_certificate(self, certificate: Certificate, expected_revision: int | None = None) -> CertificateRecord:
+        """Create or replace. ``expected_revision``: None = unconditional, 0 = only if absent
+        (AlreadyExists otherwise), N = only if still at N (Conflict, or NotFound)."""
+
+    def delete_certificate(self, name: str, expected_revision: int | None = None) -> None: ...
+
+    def watch_certificates(
+        self, after_revision: int, stop: threading.Event
+    ) -> Iterator[CertificateEvent | CertificateResync]:
+        """Like ``PoolStore.watch_pools``, for certificates."""
+
+
 class PoolStore(Protocol):
+    # Certificates share the store's connection and life (etcd keys, or a file in state_dir).
+    certificates: CertificateStore
+
     def list_pools(self) -> tuple[list[PoolRecord], int]:
         """Every pool, and the store revision they were read at."""
 

@@ -1,25 +1,41 @@
-"""Following a pool store: every change becomes a new snapshot on this node.
+"""Following a pool store: every change of a pool or a certificate becomes a new snapshot on this node.
 
-Owns the one-way flow store -> node: a first full read, then a watch run in
-one thread that hands events to Trio through a memory channel. The data plane
-never waits on it: while the store is unreachable the node serves on its last
-snapshot, logs once, and retries with backoff (static stability). A cluster
-node's node.toml pools seed the store here, in the same thread as the first read.
+Owns the one-way flow store -> node: for pools and for certificates each, a
+first full read, then a watch run in one thread that hands events to Trio
+through a memory channel. The data plane never waits on it: while the store is
+unreachable the node serves on its last snapshot, logs once, and retries with
+backoff (static stability). Never logs a private key. A cluster node's
+node.toml pools seed the store here, in the same thread as the first read.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import trio
 
-from lbnode.cluster.store import AlreadyExists, PoolEvent, PoolRecord, PoolStore, Resync, StoreError
+from lbnode.cluster.store import (
+    AlreadyExists,
+    CertificateEvent,
+    CertificateRecord,
+    CertificateResync,
+    PoolEvent,
+    PoolRecord,
+    PoolStore,
+    Resync,
+    StoreError,
+)
 from lbnode.cluster.watch import follow_watch
 from lbnode.model import Config, Pool
+from lbnode.tls.certs import Certificate
 
 log = logging.getLogger("lbnode.cluster")
+
+CertificateCallback = Callable[[str, CertificateRecord | None, CertificateRecord | None], None]
 
 # Retry delays after the store failed: short first, never hammering a sick etcd.
 BACKOFF_FIRST = 0.2
@@ -27,7 +43,13 @@ BACKOFF_MAX = 5.0
 
 
 class StoreFollower:
-    """Keeps ``apply(config)`` fed with the store's pools; ``revision`` is the last one applied."""
+    """Keeps ``apply(config)`` fed with the store's pools and certificates.
+
+    ``revision`` is the last pool revision applied (what ``lbctl status`` shows);
+    ``certificate_revision`` the last certificate one. A certificate in the store
+    wins over node.toml's ``[[certificates]]`` entry of the same name; node.toml's
+    stay for the names the store does not have.
+    """
 
     def __init__(
         self,
@@ -45,52 +67,96 @@ class StoreFollower:
         self._seed: Sequence[Pool] | None = seed or None
         self.pools: dict[str, PoolRecord] = {}
         self.revision = 0
-        self.synced = trio.Event()  # set after the first full read
-        self.settled = trio.Event()  # set after the first read succeeded or failed
-        self.failing = False  # the store could not be read or watched, and has not answered since
+        self.certificates: dict[str, CertificateRecord] = {}
+        self.certificate_revision = 0
+        # node.toml's certificates, taken now: base() later returns the applied config,
+        # which holds the store's certificates too.
+        self.file_certificates: tuple[Certificate, ...] = base().certificates
+        # Set after the first full read of pools: nothing is applied before it (a certificate
+        # read that wins the race must not replace the cached or file pools with none).
+        self.synced = trio.Event()
+        self.settled = trio.Event()  # set after the first pool read succeeded or failed
+        self._failing: set[str] = set()  # "pool", "certificate": what the store did not answer lately
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
+        self._on_certificate: list[CertificateCallback] = []
         self._on_applied: list[Callable[[Mapping[str, PoolRecord], int], None]] = []
 
+    @property
+    def failing(self) -> bool:
+        """The store could not be read or watched, and has not answered since."""
+        return bool(self._failing)
+
     def subscribe(self, callback: Callable[[str, PoolRecord | None], None]) -> None:
-        """``callback(name, record)`` after each applied change (None: deleted)."""
+        """``callback(name, record)`` after each applied pool change (None: deleted)."""
         self._on_change.append(callback)
 
     def on_applied(self, callback: Callable[[Mapping[str, PoolRecord], int], None]) -> None:
         """``callback(pools, revision)`` after each configuration applied from the store."""
         self._on_applied.append(callback)
 
+    def subscribe_certificates(self, callback: CertificateCallback) -> None:
+        """``callback(name, old, new)`` after each applied change of a store certificate (new None: deleted)."""
+        self._on_certificate.append(callback)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow pools and certificates; ``started`` once both were read (or failed) once."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                self._follow, "pool", self._seed_and_list,
+                lambda stop: self.store.watch_pools(self.revision, stop), self._replace_pools, self._on_pool_event,
+            )
+            certs = self.store.certificates
+            await nursery.start(
+                self._follow, "certificate", certs.list_certificates,
+                lambda stop: certs.watch_certificates(self.certificate_revision, stop),
+                self._replace_certificates, self._on_certificate_event,
+            )
+            task_status.started()
+
+    async def _follow(
+        self,
+        what: str,
+        read: Callable[[], tuple[list[Any], int]],
+        watch: Callable[[threading.Event], Iterable[Any]],
+        replace_all: Callable[[list[Any], int], None],
+        on_event: Callable[[Any], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         started = False
         delay = BACKOFF_FIRST
         failing = False
         while True:
             try:
-                records, revision = await trio.to_thread.run_sync(self._seed_and_list, abandon_on_cancel=True)
-                self._replace_all(records, revision)
+                records, revision = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+                replace_all(records, revision)
                 if failing:
-                    log.info("pool store reachable again; following changes from revision %d", revision)
+                    log.info("%s store reachable again; following changes from revision %d", what, revision)
                 failing, delay = False, BACKOFF_FIRST
-                self.failing = False
+                self._failing.discard(what)
                 if not started:
                     started = True
-                    self.settled.set()
+                    if what == "pool":
+                        self.settled.set()
                     task_status.started()
-                await self._watch()
+                await follow_watch(watch, on_event)
             except StoreError as exc:
                 if not failing:
                     if self.synced.is_set():
-                        log.warning("pool store unavailable (%s); serving the last configuration", exc)
+                        log.warning("%s store unavailable (%s); serving the last configuration", what, exc)
                     else:
-                        log.warning("pool store unavailable at start (%s); following it once it answers", exc)
+                        log.warning("%s store unavailable at start (%s); following it once it answers", what, exc)
                     failing = True
-                self.failing = True
+                self._failing.add(what)
                 if not started:
                     started = True
-                    self.settled.set()
+                    if what == "pool":
+                        self.settled.set()
                     task_status.started()
             await trio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
+    # ------------------------------------------------------------------ pools
     def _seed_and_list(self) -> tuple[list[PoolRecord], int]:
         """In a worker thread: seed (once it works), then read every pool."""
         if self._seed is not None:
@@ -102,26 +168,23 @@ class StoreFollower:
             self._seed = None
         return self.store.list_pools()
 
-    async def _watch(self) -> None:
-        await follow_watch(lambda stop: self.store.watch_pools(self.revision, stop), self._on_event)
-
-    def _on_event(self, event: PoolEvent | Resync) -> None:
+    def _on_pool_event(self, event: PoolEvent | Resync) -> None:
         if isinstance(event, Resync):
-            self._replace_all(list(event.records), event.revision)
+            self._replace_pools(list(event.records), event.revision)
         else:
-            self._change(event)
+            self._pool_change(event)
 
-    def _replace_all(self, records: list[PoolRecord], revision: int) -> None:
+    def _replace_pools(self, records: list[PoolRecord], revision: int) -> None:
         old = self.pools
         self.pools = {r.pool.name: r for r in records}
         self.revision = revision
-        self._push()
         self.synced.set()
+        self._push()
         for name in set(old) | set(self.pools):
             if old.get(name) != self.pools.get(name):
                 self._notify(name, self.pools.get(name))
 
-    def _change(self, event: PoolEvent) -> None:
+    def _pool_change(self, event: PoolEvent) -> None:
         if event.record is None:
             self.pools.pop(event.name, None)
         else:
@@ -130,12 +193,68 @@ class StoreFollower:
         self._push()
         self._notify(event.name, event.record)
 
+    # ------------------------------------------------------------------ certificates
+    def _on_certificate_event(self, event: CertificateEvent | CertificateResync) -> None:
+        if isinstance(event, CertificateResync):
+            self._replace_certificates(list(event.records), event.revision)
+            return
+        old = self.certificates.get(event.name)
+        if event.record is None:
+            self.certificates.pop(event.name, None)
+        else:
+            self.certificates[event.name] = event.record
+        self.certificate_revision = max(self.certificate_revision, event.revision)
+        self._push()
+        self._certificate_changed(event.name, old, event.record)
+
+    def _replace_certificates(self, records: list[CertificateRecord], revision: int) -> None:
+        old = self.certificates
+        self.certificates = {r.certificate.name: r for r in records}
+        self.certificate_revision = revision
+        self._push()
+        for name in sorted(set(old) | set(self.certificates)):
+            before, after = old.get(name), self.certificates.get(name)
+            if (before and before.certificate) != (after and after.certificate):
+                self._certificate_changed(name, before, after)
+
+    def _certificate_changed(self, name: str, old: CertificateRecord | None, new: CertificateRecord | None) -> None:
+        _log_certificate_change(name, old, new, self._file_certificate(name))
+        for callback in self._on_certificate:
+            callback(name, old, new)
+
+    def _file_certificate(self, name: str) -> Certificate | None:
+        return next((c for c in self.file_certificates if c.name == name), None)
+
+    def merged_certificates(self) -> tuple[Certificate, ...]:
+        """The store's certificates, then node.toml's for the names the store does not have."""
+        from_store = [r.certificate for _, r in sorted(self.certificates.items())]
+        return (*from_store, *(c for c in self.file_certificates if c.name not in self.certificates))
+
+    # ------------------------------------------------------------------ both
     def _push(self) -> None:
+        if not self.synced.is_set():
+            return  # certificates read before the pools wait for them (see synced)
         pools: tuple[Pool, ...] = tuple(r.pool for _, r in sorted(self.pools.items()))
-        self._apply(replace(self._base(), pools=pools))
+        self._apply(replace(self._base(), pools=pools, certificates=self.merged_certificates()))
         for callback in self._on_applied:
             callback(self.pools, self.revision)
 
     def _notify(self, name: str, record: PoolRecord | None) -> None:
         for callback in self._on_change:
             callback(name, record)
+
+
+def _log_certificate_change(
+    name: str, old: CertificateRecord | None, new: CertificateRecord | None, from_file: Certificate | None
+) -> None:
+    """One line per certificate this node starts serving, rotates or drops (never the key)."""
+    if new is None:
+        fallback = "node.toml's [[certificates]] entry again" if from_file is not None else "nothing: handshakes that need it fail"
+        log.info("certificate %s deleted from the store; serving %s", name, fallback)
+        return
+    cert = new.certificate
+    verb = "rotated" if old is not None else "added"
+    log.info(
+        "certificate %s %s (store revision %d): %s, %s, not after %s, sha256 %s",
+        name, verb, new.revision, ", ".join(cert.names), cert.key_type, cert.not_after.isoformat(), cert.fingerprint,
+    )

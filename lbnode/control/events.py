@@ -1,4 +1,4 @@
-"""Fan-out of what a node sees happen (pool changes, backend health, nodes, VIP moves) to WatchEvents streams.
+"""Fan-out of what a node sees happen (pools, backend health, nodes, VIP moves, certificates) to WatchEvents streams.
 
 Owns one bounded queue per subscriber. ``publish`` is called on the Trio thread
 and never blocks or waits on a reader: a stream that falls too far behind is
@@ -13,9 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
-from lbnode.cluster.store import PoolRecord
+from lbnode.cluster.store import CertificateRecord, PoolRecord
 
 if TYPE_CHECKING:
     from lbnode.cluster.sync import StoreFollower
@@ -55,7 +56,16 @@ class VipMove:
     new_holder: str | None  # None: it is free now
 
 
-ControlEvent = PoolChange | BackendHealthChange | NodeChange | VipMove
+@dataclass(frozen=True, slots=True)
+class CertificateChange:
+    name: str
+    change: str  # "added" | "rotated" | "deleted"
+    fingerprint: str  # of the new certificate ("" when deleted)
+    not_after: datetime | None  # of the new certificate (None when deleted)
+    revision: int  # store revision of the change
+
+
+ControlEvent = PoolChange | BackendHealthChange | NodeChange | VipMove | CertificateChange
 
 
 class ClusterMembers(Protocol):
@@ -157,6 +167,20 @@ class EventHub:
             for name, record in follower.pools.items():  # already applied: later changes are updates
                 self._pool_revisions.setdefault(name, record.revision)
         follower.subscribe(lambda name, record: self.pool_changed(name, record, follower.revision))
+        follower.subscribe_certificates(
+            lambda name, old, new: self.certificate_changed(name, old, new, follower.certificate_revision)
+        )
+
+    def certificate_changed(
+        self, name: str, old: CertificateRecord | None, new: CertificateRecord | None, revision: int
+    ) -> None:
+        """A store certificate change the node applied (``StoreFollower.subscribe_certificates``)."""
+        if new is None:
+            self.publish(CertificateChange(name, "deleted", "", None, revision))
+            return
+        cert = new.certificate
+        change = "rotated" if old is not None else "added"
+        self.publish(CertificateChange(name, change, cert.fingerprint, cert.not_after, new.revision))
 
     def pool_changed(self, name: str, record: PoolRecord | None, revision: int) -> None:
         """A pool change the node applied (``StoreFollower.subscribe`` callback; None: deleted)."""

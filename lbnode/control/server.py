@@ -1,4 +1,4 @@
-"""The gRPC control API server: Pools, Backends and Cluster servicers, health and reflection.
+"""The gRPC control API server: Pools, Backends, Certificates and Cluster servicers, health and reflection.
 
 Owns translating messages into store writes and node reads, and domain errors
 into status codes. Never pokes the data plane: writes go to the store and
@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -24,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lbnode import __version__
+from lbnode.api.certificates import certificate_message
 from lbnode.api.fulcrum.v1 import control_pb2 as pb
 from lbnode.api.fulcrum.v1 import control_pb2_grpc as rpc
 from lbnode.api.pools import backend_dict, pool_dict, pool_message
@@ -39,6 +41,7 @@ from lbnode.control import backends as edits
 from lbnode.control import roles
 from lbnode.control.events import (
     BackendHealthChange,
+    CertificateChange,
     EventHub,
     NodeChange,
     PoolChange,
@@ -48,7 +51,8 @@ from lbnode.control.events import (
     VipMove,
 )
 from lbnode.listen import BindError
-from lbnode.model import ConfigError, ControlSettings, pool_from_dict
+from lbnode.model import NAME_RE, ConfigError, ControlSettings, pool_from_dict
+from lbnode.tls.certs import Certificate, CertificateError, expiry, load_certificate
 
 if TYPE_CHECKING:  # the node imports this module: no import cycle at run time
     from lbnode.cluster.sync import StoreFollower
@@ -66,11 +70,16 @@ UNARY_WORKERS = 8
 STOP_GRACE = 2.0
 # How often a stream with nothing to send checks that its client is still there.
 STREAM_POLL = 0.5
+# Largest chain or key PutCertificate takes. A chain of ten RSA-4096 certificates is about
+# 20 KiB; the cap keeps a CA bundle or a binary pasted by mistake out of etcd, whose values
+# go to every node.
+MAX_PEM_BYTES = 128 * 1024
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CertificateError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Conflict, grpc.StatusCode.ABORTED),
@@ -276,6 +285,125 @@ class BackendsServicer(rpc.BackendsServicer):
     def _done(record: PoolRecord, context: grpc.ServicerContext, what: str) -> pb.Pool:
         log.info("pool %s: %s by %s (revision %d)", record.pool.name, what, _who(context), record.revision)
         return pool_message(record.pool, record.revision)
+
+
+# --------------------------------------------------------------------------- Certificates
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class CertificatesServicer(rpc.CertificatesServicer):
+    """Certificates in the store. Validates before it writes; never returns nor logs a key.
+
+    Also shows the answering node's view: which of its listeners name each certificate,
+    and its node.toml certificates the store does not override (source "config"). Node
+    state is read on the Trio thread (``token``); ``now`` is the wall clock for expiry.
+    """
+
+    def __init__(
+        self, store: PoolStore, node: NodeView, token: trio.lowlevel.TrioToken, now: Callable[[], datetime] = _utcnow
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.token = token
+        self.now = now
+
+    @_translating
+    def PutCertificate(self, request: pb.PutCertificateRequest, context: grpc.ServicerContext) -> pb.Certificate:
+        name = _certificate_name(request.name)
+        for field, value in (("chain_pem", request.chain_pem), ("key_pem", request.key_pem)):
+            if not value:
+                raise ConfigError(field, "is required (PEM)")
+            if len(value) > MAX_PEM_BYTES:
+                raise ConfigError(field, f"is {len(value)} bytes; at most {MAX_PEM_BYTES} are accepted")
+        cert = load_certificate(name, request.chain_pem, request.key_pem)
+        expected = request.expected_revision if request.HasField("expected_revision") else None
+        record = self.store.certificates.put_certificate(cert, expected)
+        state = expiry(cert, self.now())
+        log.info(
+            "certificate %s put by %s (revision %d): %s, %s, not after %s, sha256 %s",
+            name, _who(context), record.revision, ", ".join(cert.names), cert.key_type,
+            cert.not_after.isoformat(), cert.fingerprint,
+        )
+        # An expiring or expired one is stored all the same (operators decide); every node that
+        # serves it logs the WARNING (lbnode.tls.expiry_warnings), this one included.
+        users, _ = self._node_view()
+        return certificate_message(cert, expiry=state, revision=record.revision, listeners=users.get(name, ()),
+                                   with_chain=True)
+
+    @_translating
+    def GetCertificate(self, request: pb.GetCertificateRequest, context: grpc.ServicerContext) -> pb.Certificate:
+        name = _required(request.name, "name")
+        users, from_file = self._node_view()
+        try:
+            record = self.store.certificates.get_certificate(name)
+        except NotFound:
+            cert = from_file.get(name)
+            if cert is None:
+                raise
+            return certificate_message(cert, expiry=expiry(cert, self.now()), source="config",
+                                       listeners=users.get(name, ()), with_chain=True)
+        cert = record.certificate
+        return certificate_message(cert, expiry=expiry(cert, self.now()), revision=record.revision,
+                                   listeners=users.get(name, ()), with_chain=True)
+
+    @_translating
+    def ListCertificates(
+        self, request: pb.ListCertificatesRequest, context: grpc.ServicerContext
+    ) -> pb.ListCertificatesResponse:
+        records, revision = self.store.certificates.list_certificates()
+        users, from_file = self._node_view()
+        now = self.now()
+        messages = {
+            r.certificate.name: certificate_message(r.certificate, expiry=expiry(r.certificate, now),
+                                                    revision=r.revision, listeners=users.get(r.certificate.name, ()))
+            for r in records
+        }
+        for name, cert in from_file.items():
+            if name not in messages:
+                messages[name] = certificate_message(cert, expiry=expiry(cert, now), source="config",
+                                                     listeners=users.get(name, ()))
+        return pb.ListCertificatesResponse(certificates=[messages[n] for n in sorted(messages)], revision=revision)
+
+    @_translating
+    def DeleteCertificate(
+        self, request: pb.DeleteCertificateRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteCertificateResponse:
+        name = _required(request.name, "name")
+        expected = request.expected_revision if request.HasField("expected_revision") else None
+        try:
+            self.store.certificates.delete_certificate(name, expected)
+        except NotFound:
+            if name in self._node_view()[1]:
+                raise NotFound(
+                    f'certificate "{name}" is not in the store: it comes from [[certificates]] in this node\'s '
+                    "node.toml; remove it there"
+                ) from None
+            raise
+        log.info("certificate %s deleted by %s", name, _who(context))
+        return pb.DeleteCertificateResponse()
+
+    def _node_view(self) -> tuple[dict[str, list[str]], dict[str, Certificate]]:
+        """The listeners of this node naming each certificate, and its node.toml certificates."""
+
+        def read() -> tuple[dict[str, list[str]], dict[str, Certificate]]:
+            node = self.node
+            users: dict[str, list[str]] = {}
+            for li in node.config.listeners:
+                for name in li.tls.certificates if li.tls is not None else ():
+                    users.setdefault(name, []).append(li.name)
+            files = node.follower.file_certificates if node.follower is not None else node.config.certificates
+            return users, {c.name: c for c in files}
+
+        return trio.from_thread.run_sync(read, trio_token=self.token)
+
+
+def _certificate_name(value: str) -> str:
+    if not NAME_RE.fullmatch(_required(value, "name")):
+        raise ConfigError("name", f'"{value}" is not a name (letters, digits, "_", ".", "-"; at most 63)')
+    return value
 
 
 # --------------------------------------------------------------------------- Cluster
@@ -489,6 +617,16 @@ def _event_message(item: Published, node_id: str) -> pb.Event:
     elif isinstance(event, NodeChange):
         joined_or_left = pb.NodeChanged.JOINED if event.change == "joined" else pb.NodeChanged.LEFT
         msg.node.CopyFrom(pb.NodeChanged(node_id=event.node_id, change=joined_or_left))
+    elif isinstance(event, CertificateChange):
+        change = {"added": pb.CertificateChanged.ADDED, "rotated": pb.CertificateChanged.ROTATED}.get(
+            event.change, pb.CertificateChanged.DELETED
+        )
+        msg.certificate.CopyFrom(
+            pb.CertificateChanged(name=event.name, change=change, fingerprint=event.fingerprint,
+                                  revision=event.revision)
+        )
+        if event.not_after is not None:
+            msg.certificate.not_after.FromDatetime(event.not_after)
     elif isinstance(event, VipMove):
         msg.vip_moved.CopyFrom(
             pb.VipMoved(vip=event.vip, old_holder=event.old_holder or "", new_holder=event.new_holder or "")
@@ -554,6 +692,7 @@ async def serve_control(
     server = grpc.server(executor, interceptors=[RoleGate(settings)], options=[("grpc.so_reuseport", 0)])
     rpc.add_PoolsServicer_to_server(PoolsServicer(store), server)  # type: ignore[no-untyped-call]
     rpc.add_BackendsServicer_to_server(BackendsServicer(store), server)  # type: ignore[no-untyped-call]
+    rpc.add_CertificatesServicer_to_server(CertificatesServicer(store, node, token), server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

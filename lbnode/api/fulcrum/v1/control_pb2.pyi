@@ -110,6 +110,80 @@ class SetWeightRequest(_message.Message):
     weight: int
     def __init__(self, pool: _Optional[str] = ..., backend: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
+class Certificate(_message.Message):
+    __slots__ = ("name", "names", "issuer", "subject", "not_before", "not_after", "key_type", "fingerprint", "expiry", "listeners", "revision", "source", "chain_length", "chain_pem")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRY_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    issuer: str
+    subject: str
+    not_before: _timestamp_pb2.Timestamp
+    not_after: _timestamp_pb2.Timestamp
+    key_type: str
+    fingerprint: str
+    expiry: str
+    listeners: _containers.RepeatedScalarFieldContainer[str]
+    revision: int
+    source: str
+    chain_length: int
+    chain_pem: str
+    def __init__(self, name: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., issuer: _Optional[str] = ..., subject: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_type: _Optional[str] = ..., fingerprint: _Optional[str] = ..., expiry: _Optional[str] = ..., listeners: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ..., source: _Optional[str] = ..., chain_length: _Optional[int] = ..., chain_pem: _Optional[str] = ...) -> None: ...
+
+class PutCertificateRequest(_message.Message):
+    __slots__ = ("name", "chain_pem", "key_pem", "expected_revision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    chain_pem: bytes
+    key_pem: bytes
+    expected_revision: int
+    def __init__(self, name: _Optional[str] = ..., chain_pem: _Optional[bytes] = ..., key_pem: _Optional[bytes] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class GetCertificateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListCertificatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCertificatesResponse(_message.Message):
+    __slots__ = ("certificates", "revision")
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    certificates: _containers.RepeatedCompositeFieldContainer[Certificate]
+    revision: int
+    def __init__(self, certificates: _Optional[_Iterable[_Union[Certificate, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class DeleteCertificateRequest(_message.Message):
+    __slots__ = ("name", "expected_revision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expected_revision: int
+    def __init__(self, name: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeleteCertificateResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListNodesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -326,8 +400,32 @@ class VipMoved(_message.Message):
     new_holder: str
     def __init__(self, vip: _Optional[str] = ..., old_holder: _Optional[str] = ..., new_holder: _Optional[str] = ...) -> None: ...
 
+class CertificateChanged(_message.Message):
+    __slots__ = ("name", "change", "fingerprint", "not_after", "revision")
+    class Change(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CHANGE_UNSPECIFIED: _ClassVar[CertificateChanged.Change]
+        ADDED: _ClassVar[CertificateChanged.Change]
+        ROTATED: _ClassVar[CertificateChanged.Change]
+        DELETED: _ClassVar[CertificateChanged.Change]
+    CHANGE_UNSPECIFIED: CertificateChanged.Change
+    ADDED: CertificateChanged.Change
+    ROTATED: CertificateChanged.Change
+    DELETED: CertificateChanged.Change
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    change: CertificateChanged.Change
+    fingerprint: str
+    not_after: _timestamp_pb2.Timestamp
+    revision: int
+    def __init__(self, name: _Optional[str] = ..., change: _Optional[_Union[CertificateChanged.Change, str]] = ..., fingerprint: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node", "vip_moved")
+    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node", "vip_moved", "certificate")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +433,7 @@ class Event(_message.Message):
     BACKEND_HEALTH_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     VIP_MOVED_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     node_id: str
     time: _timestamp_pb2.Timestamp
@@ -342,4 +441,5 @@ class Event(_message.Message):
     backend_health: BackendHealthChanged
     node: NodeChanged
     vip_moved: VipMoved
-    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ..., vip_moved: _Optional[_Union[VipMoved, _Mapping]] = ...) -> None: ...
+    certificate: CertificateChanged
+    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ..., vip_moved: _Optional[_Union[VipMoved, _Mapping]] = ..., certificate: _Optional[_Union[CertificateChanged, _Mapping]] = ...) -> None: ...

@@ -589,6 +589,223 @@ class Backends:
             _registered_method=True)
 
 
+class CertificatesStub:
+    """Named TLS certificates in the store: every node serves a change to its next
+    handshakes, without a reload; connections already open keep theirs.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.PutCertificate = channel.unary_unary(
+                '/fulcrum.v1.Certificates/PutCertificate',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.PutCertificateRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.Certificate.FromString,
+                _registered_method=True)
+        self.GetCertificate = channel.unary_unary(
+                '/fulcrum.v1.Certificates/GetCertificate',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.GetCertificateRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.Certificate.FromString,
+                _registered_method=True)
+        self.ListCertificates = channel.unary_unary(
+                '/fulcrum.v1.Certificates/ListCertificates',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.ListCertificatesRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.ListCertificatesResponse.FromString,
+                _registered_method=True)
+        self.DeleteCertificate = channel.unary_unary(
+                '/fulcrum.v1.Certificates/DeleteCertificate',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.DeleteCertificateRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.DeleteCertificateResponse.FromString,
+                _registered_method=True)
+
+
+class CertificatesServicer:
+    """Named TLS certificates in the store: every node serves a change to its next
+    handshakes, without a reload; connections already open keep theirs.
+    """
+
+    def PutCertificate(self, request, context):
+        """Creates or replaces (a rotation). Validated before anything is stored: the
+        chain parses (leaf first, each certificate issued by the next), the key
+        matches the leaf, the leaf has a DNS name; else INVALID_ARGUMENT with one
+        line naming the part ("key: does not match...") and nothing stored.
+        expected_revision: absent = unconditional; 0 = only if absent
+        (ALREADY_EXISTS); N = only if still at revision N (ABORTED, or NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCertificate(self, request, context):
+        """The metadata and the public chain; never the private key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCertificates(self, request, context):
+        """Every certificate the answering node knows (the store's, then node.toml's
+        for names the store does not have), without chains and keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCertificate(self, request, context):
+        """NOT_FOUND if the store has no such certificate (node.toml's are changed in node.toml).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CertificatesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'PutCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutCertificate,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.PutCertificateRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.Certificate.SerializeToString,
+            ),
+            'GetCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCertificate,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.GetCertificateRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.Certificate.SerializeToString,
+            ),
+            'ListCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCertificates,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.ListCertificatesRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.ListCertificatesResponse.SerializeToString,
+            ),
+            'DeleteCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCertificate,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.DeleteCertificateRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.DeleteCertificateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fulcrum.v1.Certificates', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fulcrum.v1.Certificates', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Certificates:
+    """Named TLS certificates in the store: every node serves a change to its next
+    handshakes, without a reload; connections already open keep theirs.
+    """
+
+    @staticmethod
+    def PutCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Certificates/PutCertificate',
+            fulcrum_dot_v1_dot_control__pb2.PutCertificateRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.Certificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Certificates/GetCertificate',
+            fulcrum_dot_v1_dot_control__pb2.GetCertificateRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.Certificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Certificates/ListCertificates',
+            fulcrum_dot_v1_dot_control__pb2.ListCertificatesRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.ListCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Certificates/DeleteCertificate',
+            fulcrum_dot_v1_dot_control__pb2.DeleteCertificateRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.DeleteCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ClusterStub:
     """The nodes of the cluster and what they see (standalone: the one node).
     """
@@ -645,8 +862,8 @@ class ClusterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Pool changes, backend health changes, node joins/leaves and VIP moves, as this node
-        sees them, from the moment of the call until the client cancels.
+        """Pool changes, backend health changes, node joins/leaves, VIP moves and certificate
+        changes, as this node sees them, from the moment of the call until the client cancels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
