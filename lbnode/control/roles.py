@@ -35,6 +35,11 @@ RPC_ROLES: dict[str, str] = {
     "/fulcrum.v1.Cluster/WatchEvents": READ,
     "/fulcrum.v1.Cluster/ListVips": READ,
     "/fulcrum.v1.Cluster/DrainNode": ADMIN,
+    "/fulcrum.v1.Certificates/PutCertificate": ADMIN,
+    "/fulcrum.v1.Certificates/DeleteCertificate": ADMIN,
+    # metadata only: the API never returns a private key
+    "/fulcrum.v1.Certificates/GetCertificate": READ,
+    "/fulcrum.v1.Certificates/ListCertificates": READ,
     "/grpc.health.v1.Health/Check": READ,
     "/grpc.health.v1.Health/Watch": READ,
     "/grpc.health.v1.Health/List": READ,
