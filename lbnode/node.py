@@ -189,7 +189,12 @@ class LbNode:
         log.warning("pool store not readable at start: serving the cached configuration %s (revision %d, "
                     "saved %s, %d pools); it may be stale until the store answers",
                     self.last_config.path, cached.revision, cached.saved_at_iso, len(cached.pools))
-        self.apply(replace(self.config, pools=tuple(pools[n] for n in sorted(pools))))
+        # The store's certificates as cached, then node.toml's for the names it did not have
+        # (as the follower merges them).
+        certificates = [r.certificate for r in cached.certificates]
+        cached_names = {c.name for c in certificates}
+        certificates += [c for c in self.config.certificates if c.name not in cached_names]
+        self.apply(replace(self.config, pools=tuple(pools[n] for n in sorted(pools)), certificates=tuple(certificates)))
 
     def _retain_affinity_tables(self) -> None:
         """Shared tables of pools removed (or no longer in a table mode) stop following etcd."""

@@ -18,9 +18,11 @@ from typing import Any
 
 import trio
 
-from lbnode.cluster.store import PoolRecord
+from lbnode.cluster.certstore import certificate_document, certificate_from_document
+from lbnode.cluster.store import CertificateRecord, PoolRecord
 from lbnode.model import ConfigError, pool_from_dict, pool_to_dict
 from lbnode.statedir import write_atomic
+from lbnode.tls.certs import CertificateError
 
 log = logging.getLogger("lbnode.cluster")
 
@@ -44,6 +46,8 @@ class CachedConfig:
     revision: int  # the store revision the pools were applied at
     saved_at: float  # wall-clock seconds
     prefix: str = ""  # the [cluster] prefix the pools were read under
+    # the store's certificates (private keys included: the file is 0600, as the store's own)
+    certificates: tuple[CertificateRecord, ...] = ()
 
     @property
     def saved_at_iso(self) -> str:
@@ -54,7 +58,14 @@ def iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def encode(pools: Mapping[str, PoolRecord], revision: int, saved_at: float, prefix: str = "") -> bytes:
+def encode(
+    pools: Mapping[str, PoolRecord],
+    revision: int,
+    saved_at: float,
+    prefix: str = "",
+    certificates: Mapping[str, CertificateRecord] | None = None,
+) -> bytes:
+    certificates = certificates or {}
     document = {
         "format": FORMAT,
         "source": "etcd",
@@ -62,6 +73,10 @@ def encode(pools: Mapping[str, PoolRecord], revision: int, saved_at: float, pref
         "revision": revision,
         "saved_at": saved_at,
         "pools": [{"revision": pools[n].revision, "spec": pool_to_dict(pools[n].pool)} for n in sorted(pools)],
+        "certificates": [
+            {"revision": certificates[n].revision, "certificate": certificate_document(certificates[n].certificate)}
+            for n in sorted(certificates)
+        ],
     }
     return (json.dumps(document, indent=2) + "\n").encode()
 
@@ -97,7 +112,26 @@ def decode(data: bytes, where: str) -> CachedConfig:
         if pool.name in pools:
             raise CacheError(f'{where}: pools[{i}]: pool "{pool.name}" appears twice')
         pools[pool.name] = PoolRecord(pool, entry["revision"])
-    return CachedConfig(tuple(pools[n] for n in sorted(pools)), revision, float(saved_at), prefix)
+    certificates: dict[str, CertificateRecord] = {}
+    cert_entries = document.get("certificates", [])  # absent in caches written before certificates
+    if not isinstance(cert_entries, list):
+        raise CacheError(f"{where}: certificates: expected a list")
+    for i, entry in enumerate(cert_entries):
+        document_ = entry.get("certificate") if isinstance(entry, dict) else None
+        name = document_.get("name") if isinstance(document_, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("revision"), int) or not isinstance(name, str):
+            raise CacheError(f"{where}: certificates[{i}]: expected {{revision, certificate: {{name, chain, key}}}}")
+        try:
+            cert = certificate_from_document(document_, name)
+        except CertificateError as exc:  # one line, never the key
+            raise CacheError(f'{where}: certificates[{i}] ("{name}"): {exc}') from None
+        if name in certificates:
+            raise CacheError(f'{where}: certificates[{i}]: certificate "{name}" appears twice')
+        certificates[name] = CertificateRecord(cert, entry["revision"])
+    return CachedConfig(
+        tuple(pools[n] for n in sorted(pools)), revision, float(saved_at), prefix,
+        tuple(certificates[n] for n in sorted(certificates)),
+    )
 
 
 class LastConfig:
@@ -108,7 +142,7 @@ class LastConfig:
         # The [cluster] prefix: a cache read under another one (another cluster) is not ours.
         self.prefix = prefix
         self._wall = wall
-        self._pending: tuple[dict[str, PoolRecord], int] | None = None
+        self._pending: tuple[dict[str, PoolRecord], int, dict[str, CertificateRecord]] | None = None
         self._dirty = trio.Event()
         self._failing = False
         self.writes = 0  # files written (tests count coalescing with it)
@@ -133,9 +167,11 @@ class LastConfig:
             return None
         return cached
 
-    def note(self, pools: Mapping[str, PoolRecord], revision: int) -> None:
+    def note(
+        self, pools: Mapping[str, PoolRecord], revision: int, certificates: Mapping[str, CertificateRecord] | None = None
+    ) -> None:
         """The node applied this from the store (called on the Trio thread; never blocks)."""
-        self._pending = (dict(pools), revision)
+        self._pending = (dict(pools), revision, dict(certificates or {}))
         self._dirty.set()
 
     async def run(self) -> None:
@@ -152,9 +188,9 @@ class LastConfig:
             if self._pending is not None:  # stopping inside the coalescing window: keep the newest
                 self._write(*self._pending)
 
-    def _write(self, pools: dict[str, PoolRecord], revision: int) -> None:
+    def _write(self, pools: dict[str, PoolRecord], revision: int, certificates: dict[str, CertificateRecord]) -> None:
         try:
-            write_atomic(self.path, encode(pools, revision, self._wall(), self.prefix))
+            write_atomic(self.path, encode(pools, revision, self._wall(), self.prefix, certificates))
         except OSError as exc:
             if not self._failing:
                 log.warning("cannot write the configuration cache %s (%s); a restart while etcd is "

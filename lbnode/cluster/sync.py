@@ -35,6 +35,7 @@ from lbnode.tls.certs import Certificate
 
 log = logging.getLogger("lbnode.cluster")
 
+AppliedCallback = Callable[[Mapping[str, PoolRecord], int, Mapping[str, CertificateRecord]], None]
 CertificateCallback = Callable[[str, CertificateRecord | None, CertificateRecord | None], None]
 
 # Retry delays after the store failed: short first, never hammering a sick etcd.
@@ -79,7 +80,7 @@ class StoreFollower:
         self._failing: set[str] = set()  # "pool", "certificate": what the store did not answer lately
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
         self._on_certificate: list[CertificateCallback] = []
-        self._on_applied: list[Callable[[Mapping[str, PoolRecord], int], None]] = []
+        self._on_applied: list[AppliedCallback] = []
 
     @property
     def failing(self) -> bool:
@@ -90,8 +91,8 @@ class StoreFollower:
         """``callback(name, record)`` after each applied pool change (None: deleted)."""
         self._on_change.append(callback)
 
-    def on_applied(self, callback: Callable[[Mapping[str, PoolRecord], int], None]) -> None:
-        """``callback(pools, revision)`` after each configuration applied from the store."""
+    def on_applied(self, callback: AppliedCallback) -> None:
+        """``callback(pools, revision, certificates)`` after each configuration applied from the store."""
         self._on_applied.append(callback)
 
     def subscribe_certificates(self, callback: CertificateCallback) -> None:
@@ -237,7 +238,7 @@ class StoreFollower:
         pools: tuple[Pool, ...] = tuple(r.pool for _, r in sorted(self.pools.items()))
         self._apply(replace(self._base(), pools=pools, certificates=self.merged_certificates()))
         for callback in self._on_applied:
-            callback(self.pools, self.revision)
+            callback(self.pools, self.revision, self.certificates)
 
     def _notify(self, name: str, record: PoolRecord | None) -> None:
         for callback in self._on_change:

@@ -73,6 +73,7 @@ def _node_toml(tmp_path: Path, vips: list[dict[str, str]]) -> dict[str, object]:
         "lbnode_etcd_endpoints": ["http://10.0.0.11:2379"], "lbnode_lease_ttl": "5s", "lbnode_health_checkers": 2,
         "lbnode_vips": vips, "lbnode_control_bind": "0.0.0.0:7443", "lbnode_listeners": [], "lbnode_pools": [],
         "lbnode_heartbeat": defaults["lbnode_heartbeat"], "lbnode_heartbeat_port": defaults["lbnode_heartbeat_port"],
+        "lbnode_etcd_tls": False,  # plain endpoints here: etcd over TLS is rendered and checked by test_ansible.py
     })
     return tomllib.loads(text)
 

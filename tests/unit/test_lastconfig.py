@@ -12,8 +12,9 @@ import pytest
 import trio
 
 from lbnode.cluster.lastconfig import COALESCE, FILE_NAME, CacheError, LastConfig, decode, encode
-from lbnode.cluster.store import PoolRecord
+from lbnode.cluster.store import CertificateRecord, PoolRecord
 from lbnode.model import Address, Affinity, Backend, HealthCheck, Pool
+from lbnode.tls.certs import load_certificate
 
 
 def pool(name: str, *ports: int, **settings: object) -> Pool:
@@ -38,8 +39,7 @@ def test_round_trip_keeps_every_pool_setting_the_revision_and_the_save_time() ->
 
 def test_sections_a_later_version_adds_are_ignored_a_newer_format_is_refused() -> None:
     document = json.loads(encode(records(pool("web", 8001)), 3, 1.0))
-    document["routes"] = [{"host": "a.example"}]
-    document["certificates"] = [{"name": "c"}]
+    document["routes"] = [{"host": "a.example"}]  # ("certificates" is known now: tested below)
     assert [r.pool.name for r in decode(json.dumps(document).encode(), "f").pools] == ["web"]
     document["format"] = 2
     with pytest.raises(CacheError, match=r"f: format 2 is not 1"):
@@ -128,3 +128,32 @@ async def test_a_write_that_fails_is_logged_once_and_the_next_change_writes_agai
             nursery.cancel_scope.cancel()
     loaded = cache.load()
     assert loaded is not None and loaded.revision == 3
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def store_certificate(name: str, revision: int = 5) -> CertificateRecord:
+    from tests.tlsgen import make_ca, make_leaf
+
+    leaf = make_leaf(make_ca(), [f"{name}.example.com"])
+    return CertificateRecord(load_certificate(name, leaf.cert_pem, leaf.key_pem), revision)
+
+
+def test_the_store_certificates_are_cached_with_their_keys_and_validated_on_read() -> None:
+    www = store_certificate("www")
+    data = encode(records(pool("web", 8001)), 9, 1.0, certificates={"www": www})
+    cached = decode(data, "x.json")
+    assert cached.certificates == (www,)  # chain, key and revision: a cold start can serve it
+    document = json.loads(data)
+    document["certificates"][0]["certificate"]["key"] = store_certificate("other").certificate.key_pem.decode()
+    with pytest.raises(CacheError) as refused:
+        decode(json.dumps(document).encode(), "x.json")
+    assert 'certificates[0] ("www")' in str(refused.value)
+    assert "PRIVATE KEY" not in str(refused.value)  # a bad entry is named, its key never shown
+
+
+def test_a_cache_written_before_certificates_were_cached_still_reads() -> None:
+    document = json.loads(encode(records(pool("web", 8001)), 3, 1.0))
+    del document["certificates"]
+    assert decode(json.dumps(document).encode(), "x.json").certificates == ()
