@@ -236,9 +236,14 @@ class HttpProxy:
         self.rate_limiter = RateLimiter(rl.rate, rl.burst) if rl is not None else None
 
     def drain(self) -> None:
-        """Stop keep-alive: close idle connections now, the others after their response."""
+        """Stop keep-alive: close idle connections now, the others after their response.
+
+        Idle means between two requests. A connection still waiting for its first request
+        was just accepted and its request is on its way: closing it would lose that request
+        (a planned VIP hand-off lost one that way), so it keeps its header timeout, is
+        answered, and then closed like the others."""
         for conn in list(self._idle):
-            if conn.idle_wait is not None:
+            if conn.idle_wait is not None and conn.served:
                 conn.deadlines.fire(conn.idle_wait)
 
     # ------------------------------------------------------------------ connection

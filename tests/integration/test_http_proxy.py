@@ -386,6 +386,28 @@ async def test_idle_keep_alive_connection_is_closed_after_idle_timeout(nursery):
             assert await stream.receive_some(4096) == b""
 
 
+async def test_a_drain_answers_a_new_connection_whose_first_request_is_on_its_way(nursery):
+    backends = await start_backends(nursery, "a")
+    node, port = await _node_with(nursery, [backends[0].address])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        with trio.fail_after(5):  # accepted and waiting for its first request
+            while not node.http_proxies["web"]._idle:
+                await trio.sleep(0.01)
+        node.stop()
+        # The drain closes idle keep-alive connections at once (a loop turn); this one has
+        # served nothing yet, so it must still be open when its request arrives.
+        await trio.sleep(0.1)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    status, headers, _ = _split_response(data)
+    assert status == b"HTTP/1.1 200 OK", data
+    assert headers.get(b"connection") == b"close"  # answered during the drain, then closed
+
+
 async def test_backend_closing_a_pooled_connection_is_invisible_to_clients(nursery):
     backends = await start_backends(nursery, "a")
     _, port = await _node_with(nursery, [backends[0].address])
