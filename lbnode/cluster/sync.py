@@ -76,7 +76,10 @@ class StoreFollower:
         # Set after the first full read of pools: nothing is applied before it (a certificate
         # read that wins the race must not replace the cached or file pools with none).
         self.synced = trio.Event()
-        self.settled = trio.Event()  # set after the first pool read succeeded or failed
+        # Set once the first read of pools and the first of certificates each succeeded or
+        # failed: a node starting beside its store serves both from its first connection.
+        self.settled = trio.Event()
+        self._settled: set[str] = set()
         self._failing: set[str] = set()  # "pool", "certificate": what the store did not answer lately
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
         self._on_certificate: list[CertificateCallback] = []
@@ -137,8 +140,7 @@ class StoreFollower:
                 self._failing.discard(what)
                 if not started:
                     started = True
-                    if what == "pool":
-                        self.settled.set()
+                    self._settle(what)
                     task_status.started()
                 await follow_watch(watch, on_event)
             except StoreError as exc:
@@ -151,11 +153,15 @@ class StoreFollower:
                 self._failing.add(what)
                 if not started:
                     started = True
-                    if what == "pool":
-                        self.settled.set()
+                    self._settle(what)
                     task_status.started()
             await trio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
+
+    def _settle(self, what: str) -> None:
+        self._settled.add(what)
+        if self._settled >= {"pool", "certificate"}:
+            self.settled.set()
 
     # ------------------------------------------------------------------ pools
     def _seed_and_list(self) -> tuple[list[PoolRecord], int]:
