@@ -206,7 +206,10 @@ class ResponseReader:
             self.events.append(Upgrade(data[exc.args[0] :]))
         except httptools.HttpParserError as exc:
             self.broken = True
-            self.events.append(ParseError(_reason(exc), 502))
+            if isinstance(exc.__context__, _InterimWithContent):
+                self.events.append(ParseError(str(exc.__context__), 502))
+            else:
+                self.events.append(ParseError(_reason(exc), 502))
 
     # httptools callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -263,6 +266,8 @@ class ResponseReader:
     def on_headers_complete(self) -> None:
         p = self._parser
         status = p.get_status_code()
+        if status in _LLHTTP_INTERIM_WITH_BODY and (self._chunked or self._content_length is not None):
+            raise _InterimWithContent(status)
         # Positional arguments, in field order: half the cost of keywords for a slots dataclass.
         head = ResponseHead(
             status,  # status
@@ -309,6 +314,19 @@ def _add_trailer(trailers: Headers | None, name: bytes, value: bytes) -> Headers
         trailers = []
     trailers.append((name, value))
     return trailers
+
+
+# 1xx statuses whose Content-Length or chunked Transfer-Encoding llhttp honours, reading
+# a body that RFC 9110 15.2 says a 1xx never has (it knows 100, 101, 102 and 103 have
+# none). Reading one would swallow bytes the backend meant as its next response.
+_LLHTTP_INTERIM_WITH_BODY = frozenset(range(104, 200))
+
+
+class _InterimWithContent(Exception):
+    """Raised inside the httptools callback for a 1xx that announces content."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"malformed HTTP: a {status} interim response announces content (RFC 9110 15.2)")
 
 
 class _HeadTooLarge(Exception):

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from lbnode.http.framing import END, End, RequestReader, ResponseReader
+from lbnode.http.framing import END, End, ParseError, RequestReader, ResponseReader
 from lbnode.http.headers import (
     RequestHead,
     ResponseHead,
@@ -127,3 +127,24 @@ def test_the_request_head_size_limit_counts_what_was_parsed() -> None:
     reader.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 1000 + b"\r\n\r\n")
     error = reader.events.popleft()
     assert getattr(error, "status", None) == 431
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 0", b"Transfer-Encoding: chunked"])
+def test_an_interim_response_announcing_content_is_refused(framing: bytes) -> None:
+    # Found by tests/fuzz: llhttp reads a body after a 1xx other than 100-103 when it
+    # announces one, h11 and RFC 9110 15.2 read none; "0\r\n\r\n" here was swallowed
+    # as that body and the 200 after it relayed, where the bytes are not a response.
+    reader = ResponseReader(b"GET")
+    reader.feed(b"HTTP/1.1 199 Odd\r\n" + framing + b"\r\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    events = list(reader.events)
+    assert reader.broken
+    assert len(events) == 1 and isinstance(events[0], ParseError)
+    assert events[0].status == 502 and "199 interim response announces content" in events[0].reason
+
+
+def test_interim_responses_llhttp_knows_are_bodiless_are_still_relayed() -> None:
+    reader = ResponseReader(b"GET")
+    reader.feed(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\nContent-Length: 0\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert [e.status for e in reader.events if isinstance(e, ResponseHead)] == [103, 200]
+    assert reader.done and not reader.broken
