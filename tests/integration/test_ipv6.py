@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from lbnode.demo_backend import BackendStats, serve_demo_backend
-from tests.conftest import listener_toml, node_toml, pool_toml, start_node
+from tests.conftest import free_port, listener_toml, node_toml, pool_toml, start_node
 
 
 def _ipv6_loopback() -> bool:
@@ -276,3 +276,25 @@ def test_source_affinity_tells_ipv6_client_addresses_apart(v6_namespace, tmp_pat
     echoed = _curl_in(ns, "fd00::7", NS_L7, "/echo", times=1)[0]
     assert "X-Forwarded-For: fd00::7\n" in echoed, echoed
 
+
+async def test_an_ipv6_wildcard_listener_serves_ipv6_only_beside_an_ipv4_one_on_its_port(nursery):
+    # A [::] socket is dual-stack by default on Linux (net.ipv6.bindv6only=0): it would
+    # take IPv4 clients too, as ::ffff:127.0.0.1 in X-Forwarded-For and affinity keys, and
+    # the 0.0.0.0 listener on the same port could not bind. Fulcrum sets IPV6_V6ONLY.
+    backends = await _v6_backends(nursery, "six")
+    v4_backend = BackendStats()
+    v4_port = await nursery.start(lambda task_status: serve_demo_backend("four", "127.0.0.1", 0, stats=v4_backend,
+                                                                         task_status=task_status))
+    port = free_port()
+    toml = node_toml(
+        listener_toml("v6", "http", "six", bind=f"[::]:{port}"),
+        listener_toml("v4", "http", "four", bind=f"127.0.0.1:{port}"),
+        pool_toml("six", [f"[::1]:{backends['six'][0]}"]),
+        pool_toml("four", [f"127.0.0.1:{v4_port}"]),
+        admin=None,
+    )
+    await start_node(nursery, toml)
+    r4 = await trio.to_thread.run_sync(_get, f"http://127.0.0.1:{port}/echo")
+    r6 = await trio.to_thread.run_sync(_get, f"http://[::1]:{port}/echo")
+    assert "X-Forwarded-For: 127.0.0.1\n" in r4.text and v4_backend.requests == 1
+    assert "X-Forwarded-For: ::1\n" in r6.text and backends["six"][1].requests == 1
