@@ -206,7 +206,7 @@ class ResponseReader:
             self.events.append(Upgrade(data[exc.args[0] :]))
         except httptools.HttpParserError as exc:
             self.broken = True
-            if isinstance(exc.__context__, _InterimWithContent):
+            if isinstance(exc.__context__, _BadResponseHead):
                 self.events.append(ParseError(str(exc.__context__), 502))
             else:
                 self.events.append(ParseError(_reason(exc), 502))
@@ -226,6 +226,7 @@ class ResponseReader:
         self._in_head = True
         self._content_length: int | None = None
         self._chunked = False
+        self._codings: bytes | None = None  # the Transfer-Encoding field(s), if any
         self._tokens: list[bytes] | None = None  # made when a Connection field arrives
 
     def on_status(self, reason: bytes) -> None:
@@ -242,6 +243,10 @@ class ResponseReader:
             lname = name.lower()
             if lname in RESPONSE_NOT_FORWARDED:
                 if lname == b"transfer-encoding":
+                    if self._codings is not None:
+                        self._codings += b", " + value  # refused at the end of the head
+                    else:
+                        self._codings = value
                     self._chunked = value.strip().lower().endswith(b"chunked")
                 elif lname == b"connection":
                     if self._tokens is None:
@@ -266,8 +271,12 @@ class ResponseReader:
     def on_headers_complete(self) -> None:
         p = self._parser
         status = p.get_status_code()
-        if status in _LLHTTP_INTERIM_WITH_BODY and (self._chunked or self._content_length is not None):
-            raise _InterimWithContent(status)
+        if status in _LLHTTP_INTERIM_WITH_BODY and (self._codings is not None or self._content_length is not None):
+            raise _BadResponseHead(f"a {status} interim response announces content (RFC 9110 15.2)")
+        if self._codings is not None and self._codings.strip().lower() != b"chunked":
+            # We re-frame the body and send our own Transfer-Encoding: a coding like gzip
+            # would reach the client undeclared (the request side refuses them too).
+            raise _BadResponseHead(f"unsupported Transfer-Encoding {self._codings.decode('latin-1')!r}")
         # Positional arguments, in field order: half the cost of keywords for a slots dataclass.
         head = ResponseHead(
             status,  # status
@@ -322,11 +331,11 @@ def _add_trailer(trailers: Headers | None, name: bytes, value: bytes) -> Headers
 _LLHTTP_INTERIM_WITH_BODY = frozenset(range(104, 200))
 
 
-class _InterimWithContent(Exception):
-    """Raised inside the httptools callback for a 1xx that announces content."""
+class _BadResponseHead(Exception):
+    """Raised inside the httptools callback for a response head we refuse (502)."""
 
-    def __init__(self, status: int) -> None:
-        super().__init__(f"malformed HTTP: a {status} interim response announces content (RFC 9110 15.2)")
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"malformed HTTP: {reason}")
 
 
 class _HeadTooLarge(Exception):

@@ -434,3 +434,37 @@ async def test_config_change_keeps_requests_in_flight(nursery):
     await trio.sleep(0.6)
     assert result["slow"].status_code == 200 and result["slow"].text.strip() == "a"
     assert after.text.strip() == "b"
+
+
+async def _scripted_backend(nursery, response: bytes) -> int:
+    """A backend that answers every request with ``response``, bytes as given."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def serve(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = await stream.receive_some(65536)
+                if not piece:
+                    return
+                data += piece
+            await stream.send_all(response)
+
+    nursery.start_soon(trio.serve_listeners, serve, listeners)
+    return listeners[0].socket.getsockname()[1]
+
+
+async def test_backend_framing_we_cannot_relay_faithfully_gets_502(nursery):
+    # Both found by tests/fuzz. A transfer coding other than chunked would reach the
+    # client undeclared (we re-frame the body and drop the backend's Transfer-Encoding);
+    # a 1xx announcing content made llhttp swallow the next bytes as its body.
+    for response in [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\n\x1f\x8b\x08\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n\x1f\x8b\x08",
+        b"HTTP/1.1 199 Odd\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ]:
+        port = await _scripted_backend(nursery, response)
+        _, node_port = await _node_with(nursery, [f"127.0.0.1:{port}"])
+        data = await raw_exchange(node_port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _statuses(data) == [b"HTTP/1.1 502 Bad Gateway"], (response, data)
+        assert b"\x1f\x8b" not in data

@@ -148,3 +148,15 @@ def test_interim_responses_llhttp_knows_are_bodiless_are_still_relayed() -> None
                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert [e.status for e in reader.events if isinstance(e, ResponseHead)] == [103, 200]
     assert reader.done and not reader.broken
+
+
+@pytest.mark.parametrize("codings", [[b"gzip, chunked"], [b"gzip"], [b"chunked", b"chunked"], [b"identity"]])
+def test_a_response_transfer_coding_other_than_chunked_is_refused(codings: list[bytes]) -> None:
+    # Found by tests/fuzz: the proxy re-frames and drops Transfer-Encoding, so the gzip
+    # coding of "gzip, chunked" reached the client undeclared.
+    reader = ResponseReader(b"GET")
+    fields = b"".join(b"Transfer-Encoding: " + c + b"\r\n" for c in codings)
+    reader.feed(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n0\r\n\r\n")
+    events = list(reader.events)
+    assert reader.broken and len(events) == 1 and isinstance(events[0], ParseError)
+    assert events[0].status == 502 and "unsupported Transfer-Encoding" in events[0].reason
