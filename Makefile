@@ -12,7 +12,7 @@ TEST_DEBS  := curl etcd-server openssh-server
 # Debian packages the benchmark runs beside Fulcrum (etcd for the cluster section).
 BENCH_DEBS := haproxy nginx wrk etcd-server
 
-.PHONY: demo test test-fast bench lint venv sysdeps-test sysdeps-bench clean
+.PHONY: demo test test-fast bench fuzz lint venv sysdeps-test sysdeps-bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP) sysdeps-bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Property-based fuzzing against h11 and through a real node (docs/fuzzing.md); not in CI.
+# FUZZ_SECONDS is shared by the three targets (tests/fuzz/budget.py); the suite runs a
+# short derandomized version of the same tests.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/fuzz
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
