@@ -24,7 +24,11 @@ SPECIAL_VALUES = [
     b"Content-Length", b"Host", b"100-continue", b"websocket", b"", b"x\x00y", b"a\tb", b"\xff",
     b"example.com", b"[::1]:80", b"203.0.113.9", b"1.0 edge", b"trailers",
 ]
-ws = st.sampled_from([b"", b" ", b"\t", b"  "])
+def one_in(n: int) -> st.SearchStrategy[bool]:
+    """True about once in ``n`` draws (st.integers would favour 0, its boundary)."""
+    return st.sampled_from([True] + [False] * (n - 1))
+
+
 token = st.text(TOKEN_CHARS, min_size=1, max_size=12).map(str.encode)
 field_value = st.one_of(
     st.sampled_from(SPECIAL_VALUES),
@@ -43,7 +47,7 @@ def header_lines(draw: st.DrawFn) -> list[bytes]:
         sep = draw(st.sampled_from([b":", b": ", b":  ", b" :", b":\t"] + [b": "] * 6))
         value = draw(field_value)
         line = name + sep + value + draw(st.sampled_from([b""] * 8 + [b" ", b"\t"]))
-        if draw(st.integers(0, 20)) == 0:
+        if draw(one_in(21)):
             line += b"\r\n " + draw(field_value)  # obs-fold
         lines.append(line)
     return lines
@@ -83,7 +87,7 @@ def chunked_body(draw: st.DrawFn, body: bytes) -> bytes:
 def request_bytes(draw: st.DrawFn, host_header: bool = True) -> bytes:
     """One request: mostly well-formed, with a few of the mutations smugglers use."""
     # llhttp knows a fixed list of methods and refuses the rest: mostly known ones, then.
-    method = draw(st.sampled_from(METHODS)) if draw(st.integers(0, 9)) else draw(token)
+    method = draw(token) if draw(one_in(10)) else draw(st.sampled_from(METHODS))
     target = draw(st.one_of(
         st.text("abcz/019-._~%?=&", max_size=20).map(lambda t: b"/" + t.encode()),
         st.sampled_from([b"*", b"http://example.com/p?q", b"http://other:8080", b"https://x/y",
@@ -145,12 +149,12 @@ def request_stream(draw: st.DrawFn) -> bytes:
     """One to three pipelined requests, maybe mutated, now and then a huge field."""
     parts = [draw(request_bytes()) for _ in range(draw(st.integers(1, 3)))]
     data = b"".join(parts)
-    if draw(st.integers(0, 15)) == 0:
+    if draw(one_in(16)):
         size = draw(st.sampled_from([8 * 1024, 64 * 1024 - 64, 64 * 1024 + 1, 200 * 1024]))
         where = data.find(b"\r\n")
         if where > 0:
             data = data[:where] + b"\r\nX-Huge: " + b"a" * size + data[where:]
-    if draw(st.integers(0, 2)) == 0:
+    if draw(one_in(3)):
         data = draw(mutated(data))
     return data
 
@@ -197,7 +201,7 @@ def response_bytes(draw: st.DrawFn) -> bytes:
     line_end = draw(eol)
     out += line_end.join(lines) + line_end + draw(eol)
     out += draw(chunked_body(body)) if framing in ("chunked", "cl+te") else body
-    if draw(st.integers(0, 3)) == 0:
+    if draw(one_in(4)):
         out += b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"  # bytes after the response
     if draw(st.booleans()):
         out = draw(mutated(out))

@@ -245,10 +245,9 @@ def check_exchange(rig: Rig, data: bytes, tally: Counter[str]) -> None:
     responses = split_responses(raw)
     from_backend = [r for r in responses if b"x-seq" in r[1]]
     if reset:
-        # The node closed with unread client bytes (after a refusal): the kernel's reset can
-        # eat responses already sent, so only the backend side is checked.
-        tally["reset after refusal"] += 1
-        return
+        # The node closed with client bytes unread (after a refusal), so the kernel reset
+        # the connection; Linux still delivers what was sent before, checked below.
+        tally["note: reset after the node's last response"] += 1
     assert len(from_backend) == len(got), f"{len(got)} forwarded, {len(from_backend)} backend responses relayed"
     for status, fields, _ in responses[len(from_backend):]:
         assert 400 <= status < 600 and b"x-seq" not in fields, f"the node answered {status} by itself"
@@ -272,7 +271,7 @@ def test_the_backend_gets_what_the_client_meant_or_nothing() -> None:
 
             return check
 
-        budget.run("proxy", build, 150, tally)
+        budget.run("proxy", build, 100, tally)
     finally:
         rig.stop()
         logging.getLogger("lbnode").setLevel(logging.NOTSET)
