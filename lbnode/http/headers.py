@@ -248,6 +248,7 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
     xff: list[bytes] = []
     vias: list[bytes] = []
     original_host = b""
+    host_sent = False
     if head.forward is not None and head.connection_tokens <= HOP_BY_HOP:
         # The parser already set aside what is dropped here; Connection names nothing else.
         for name, v in head.noted:  # type: ignore[union-attr]
@@ -257,6 +258,7 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
                 vias.append(v)
             elif name == b"host":
                 original_host = v
+                host_sent = True
         out += head.forward
     else:
         drop = _dropped(head.connection_tokens) | _FORWARDED_FIELDS
@@ -270,7 +272,12 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
                 continue
             if name == b"host":
                 original_host = v
+                host_sent = True
             out += (n, b": ", v, b"\r\n")
+    if not host_sent:
+        # An HTTP/1.0 request may come without Host; the HTTP/1.1 one we send may not
+        # (RFC 9112 3.2): an empty value, as the RFC says when the authority is unknown.
+        out.append(b"Host: \r\n")
     xff.append(client_ip.encode())
     vias.append(_via_values.get((head.version, via)) or _via_value(head.version, via))
     out += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n")

@@ -468,3 +468,13 @@ async def test_backend_framing_we_cannot_relay_faithfully_gets_502(nursery):
         data = await raw_exchange(node_port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert _statuses(data) == [b"HTTP/1.1 502 Bad Gateway"], (response, data)
         assert b"\x1f\x8b" not in data
+
+
+async def test_an_http_1_0_request_without_host_reaches_the_backend_with_one(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    data = await raw_exchange(port, b"GET /echo HTTP/1.0\r\n\r\n")
+    status, _, body = _split_response(data)
+    assert status == b"HTTP/1.1 200 OK"
+    assert re.search(rb"(?m)^Host: ?$", body), body
+    assert b"X-Forwarded-Host" not in body

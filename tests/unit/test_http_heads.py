@@ -160,3 +160,20 @@ def test_a_response_transfer_coding_other_than_chunked_is_refused(codings: list[
     events = list(reader.events)
     assert reader.broken and len(events) == 1 and isinstance(events[0], ParseError)
     assert events[0].status == 502 and "unsupported Transfer-Encoding" in events[0].reason
+
+
+def test_an_http_1_0_request_without_host_is_forwarded_with_an_empty_host() -> None:
+    # Found by tests/fuzz: we send HTTP/1.1 upstream, which must carry Host (RFC 9112 3.2);
+    # a strict backend (h11, Go's net/http) answered 400 to the 1.0 request we forwarded.
+    for raw, host_lines in [
+        (b"GET / HTTP/1.0\r\n\r\n", [b"Host: "]),
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive, X-A\r\nX-A: 1\r\n\r\n", [b"Host: "]),
+        (b"GET / HTTP/1.0\r\nHost: a:81\r\n\r\n", [b"Host: a:81"]),
+        (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", [b"Host: "]),
+    ]:
+        reader = RequestReader(65536)
+        reader.feed(raw)
+        head = reader.events[0]
+        check_request(head)
+        lines = upstream_request_head(head, "192.0.2.1", "http", "fulcrum").split(b"\r\n")
+        assert [line for line in lines if line.lower().startswith(b"host:")] == host_lines, lines
