@@ -8,6 +8,7 @@ callbacks into a queue of events (a head, body ``bytes``, ``End``, ``Upgrade``,
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -277,10 +278,15 @@ class ResponseReader:
             # We re-frame the body and send our own Transfer-Encoding: a coding like gzip
             # would reach the client undeclared (the request side refuses them too).
             raise _BadResponseHead(f"unsupported Transfer-Encoding {self._codings.decode('latin-1')!r}")
+        reason = self._reason
+        if _CONTROL_BYTE.search(reason):
+            # llhttp lets NUL and other control bytes through (RFC 9112 4: HTAB, SP, VCHAR
+            # and obs-text only). The phrase means nothing to a client: send the standard one.
+            reason = b""
         # Positional arguments, in field order: half the cost of keywords for a slots dataclass.
         head = ResponseHead(
             status,  # status
-            self._reason,  # reason
+            reason,  # reason
             p.get_http_version(),  # version
             self._headers,  # headers
             p.should_keep_alive(),  # keep_alive
@@ -325,6 +331,8 @@ def _add_trailer(trailers: Headers | None, name: bytes, value: bytes) -> Headers
     return trailers
 
 
+# Bytes a reason phrase may not hold (RFC 9112 4): the controls but HTAB, and DEL.
+_CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # 1xx statuses whose Content-Length or chunked Transfer-Encoding llhttp honours, reading
 # a body that RFC 9110 15.2 says a 1xx never has (it knows 100, 101, 102 and 103 have
 # none). Reading one would swallow bytes the backend meant as its next response.

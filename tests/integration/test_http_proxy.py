@@ -478,3 +478,11 @@ async def test_an_http_1_0_request_without_host_reaches_the_backend_with_one(nur
     assert status == b"HTTP/1.1 200 OK"
     assert re.search(rb"(?m)^Host: ?$", body), body
     assert b"X-Forwarded-Host" not in body
+
+
+async def test_control_bytes_in_a_backend_reason_phrase_never_reach_the_client(nursery):
+    port = await _scripted_backend(nursery, b"HTTP/1.1 404 \x00Gone\x07\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno")
+    _, node_port = await _node_with(nursery, [f"127.0.0.1:{port}"])
+    data = await raw_exchange(node_port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 404 Not Found\r\n"), data
+    assert data.endswith(b"\r\n\r\nno")

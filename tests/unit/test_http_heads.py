@@ -177,3 +177,21 @@ def test_an_http_1_0_request_without_host_is_forwarded_with_an_empty_host() -> N
         check_request(head)
         lines = upstream_request_head(head, "192.0.2.1", "http", "fulcrum").split(b"\r\n")
         assert [line for line in lines if line.lower().startswith(b"host:")] == host_lines, lines
+
+
+@pytest.mark.parametrize("reason", [b"\x00OK", b"O\x01K", b"Bad\x7f", b"a\x1bb"])
+def test_a_reason_phrase_with_control_bytes_is_replaced_by_the_standard_one(reason: bytes) -> None:
+    # Found by tests/fuzz: llhttp passes NUL and other controls in the reason phrase, and
+    # the node copied them into the status line it sent the client.
+    reader = ResponseReader(b"GET")
+    reader.feed(b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 0\r\n\r\n")
+    head = reader.events[0]
+    assert head.reason == b""
+    sent = client_response_head(head, "fulcrum", keep_alive=True, chunked=False, client_version="1.1")
+    assert sent.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_reason_phrase_with_tabs_and_obs_text_is_kept() -> None:
+    reader = ResponseReader(b"GET")
+    reader.feed(b"HTTP/1.1 200 Tout\tva bien \xe9\r\nContent-Length: 0\r\n\r\n")
+    assert reader.events[0].reason == b"Tout\tva bien \xe9"
