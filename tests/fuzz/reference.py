@@ -215,7 +215,28 @@ def ours_response(pieces: list[bytes], request_method: bytes) -> Reading:
 
 
 def reference_response(data: bytes, request_method: bytes) -> Reading:
-    """h11's reading, as the client that sent ``request_method /``."""
+    """h11's reading, as the client that sent ``request_method /``.
+
+    A status line h11 refuses only for a control byte in its reason phrase is read with
+    those bytes removed: we replace such a phrase (it means nothing to a client)."""
+    for _ in range(4):  # an interim response or two, then the final one
+        out = _reference_response(data, request_method)
+        if out.end != "refused" or not out.reason.startswith("illegal status line"):
+            return out
+        for m in _STATUS_LINE.finditer(data):
+            if _CONTROL_BYTE.search(m.group(2)):
+                data = data[: m.start(2)] + _CONTROL_BYTE.sub(b"", m.group(2)) + data[m.end(2) :]
+                break
+        else:
+            return out
+    return out
+
+
+_STATUS_LINE = re.compile(rb"(?m)^(HTTP/\d\.\d \d{3} )([^\r\n]*)")
+_CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _reference_response(data: bytes, request_method: bytes) -> Reading:
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method=request_method, target=b"/", headers=[(b"host", b"backend")]))
     conn.send(h11.EndOfMessage())

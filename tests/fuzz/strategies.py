@@ -100,6 +100,11 @@ def request_bytes(draw: st.DrawFn, host_header: bool = True) -> bytes:
     if host_header and draw(st.integers(0, 9)):
         lines.append(b"Host: " + draw(st.sampled_from([b"example.com", b"backend", b"[::1]:8080", b"x:1"])))
     body = draw(st.binary(max_size=64))
+    if draw(one_in(12)):
+        # Above the pool's retry_buffer_bytes (64 KiB): the node streams it to the backend.
+        body += b"s" * (70 * 1024)
+    if draw(one_in(8)):
+        lines.append(b"Expect: 100-continue")  # streamed too, after the head
     framing = draw(st.sampled_from(["cl", "cl", "chunked", "chunked", "none", "cl+te", "cl2", "badcl"]))
     if framing in ("cl", "cl+te"):
         lines.append(b"Content-Length: %d" % len(body))
