@@ -107,6 +107,34 @@ async def test_health_checks_reach_ipv6_backends_and_take_a_stopped_one_out(nurs
     assert stats_b.requests == served_by_b
 
 
+async def test_an_http_health_check_names_an_ipv6_backend_in_brackets(nursery):
+    heads: list[bytes] = []
+    listeners = await trio.open_tcp_listeners(0, host="::1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = await stream.receive_some(65536)
+                if not piece:
+                    return
+                data += piece
+            heads.append(data)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    nursery.start_soon(trio.serve_listeners, answer, listeners)
+    health = '[pools.health]\ntype = "http"\npath = "/healthz"\ninterval = "200ms"\n'
+    toml = node_toml(listener_toml("web", "http", "web", bind="[::1]:0"),
+                     pool_toml("web", [f"[::1]:{port}"], _extra=health), admin=None)
+    await start_node(nursery, toml)
+    with trio.fail_after(5):  # the first check runs within one interval (0.2 s)
+        while not heads:
+            await trio.sleep(0.05)
+    assert heads[0].startswith(b"GET /healthz HTTP/1.1\r\n")
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in heads[0], heads[0]
+
+
 async def _l4_name(port: int) -> str:
     """Through an L4 listener on [::1]: the name of the backend that answered."""
     with trio.fail_after(10):
