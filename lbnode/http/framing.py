@@ -272,6 +272,10 @@ class ResponseReader:
     def on_headers_complete(self) -> None:
         p = self._parser
         status = p.get_status_code()
+        if not 100 <= status <= 599:
+            # llhttp takes any three digits: a 0xx would pass for an interim response and be
+            # relayed as one. RFC 9110 15: outside 100-599 is invalid, to be handled as a 5xx.
+            raise _BadResponseHead(f"invalid status code {status:03d}")
         if status in _LLHTTP_INTERIM_WITH_BODY and (self._codings is not None or self._content_length is not None):
             raise _BadResponseHead(f"a {status} interim response announces content (RFC 9110 15.2)")
         if self._codings is not None and self._codings.strip().lower() != b"chunked":

@@ -455,13 +455,15 @@ async def _scripted_backend(nursery, response: bytes) -> int:
 
 
 async def test_backend_framing_we_cannot_relay_faithfully_gets_502(nursery):
-    # Both found by tests/fuzz. A transfer coding other than chunked would reach the
+    # All found by tests/fuzz. A transfer coding other than chunked would reach the
     # client undeclared (we re-frame the body and drop the backend's Transfer-Encoding);
-    # a 1xx announcing content made llhttp swallow the next bytes as its body.
+    # a 1xx announcing content made llhttp swallow the next bytes as its body; a status
+    # of 000 was relayed as an interim "HTTP/1.1 0 OK".
     for response in [
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\n\x1f\x8b\x08\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n\x1f\x8b\x08",
         b"HTTP/1.1 199 Odd\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 000 OK\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     ]:
         port = await _scripted_backend(nursery, response)
         _, node_port = await _node_with(nursery, [f"127.0.0.1:{port}"])

@@ -195,3 +195,14 @@ def test_a_reason_phrase_with_tabs_and_obs_text_is_kept() -> None:
     reader = ResponseReader(b"GET")
     reader.feed(b"HTTP/1.1 200 Tout\tva bien \xe9\r\nContent-Length: 0\r\n\r\n")
     assert reader.events[0].reason == b"Tout\tva bien \xe9"
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+def test_a_status_code_outside_100_to_599_is_refused(status: bytes) -> None:
+    # Found by tests/fuzz: "000" passed for an interim response and was relayed as
+    # "HTTP/1.1 0 OK" before the real response.
+    reader = ResponseReader(b"GET")
+    reader.feed(b"HTTP/1.1 " + status + b" OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    events = list(reader.events)
+    assert reader.broken and len(events) == 1 and isinstance(events[0], ParseError)
+    assert events[0].status == 502 and f"invalid status code {status.decode()}" in events[0].reason
