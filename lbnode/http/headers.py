@@ -177,6 +177,10 @@ def check_request(head: RequestHead) -> None:
         elif name == b"connection":
             tokens += _tokens_of(v)
     head.chunked = te_seen
+    if head.upgrade and (te_seen or head.content_length):
+        # httptools ends an upgrade request at its head: a body would go upstream as a head
+        # announcing content that never follows, or as the first bytes of the new protocol.
+        raise BadRequest("an upgrade request with a body is not supported")
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
     if not hosts and head.version == "1.1":

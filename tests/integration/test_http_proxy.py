@@ -488,3 +488,13 @@ async def test_control_bytes_in_a_backend_reason_phrase_never_reach_the_client(n
     data = await raw_exchange(node_port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 404 Not Found\r\n"), data
     assert data.endswith(b"\r\n\r\nno")
+
+
+async def test_an_upgrade_request_with_a_body_gets_400_and_reaches_no_backend(nursery):
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address])
+    data = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                                    b"Content-Length: 5\r\n\r\nhello")
+    assert _statuses(data) == [b"HTTP/1.1 400 Bad Request"], data
+    assert b"upgrade request with a body" in data
+    assert backends[0].stats.requests == 0
