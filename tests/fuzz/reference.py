@@ -237,6 +237,7 @@ _CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _reference_response(data: bytes, request_method: bytes) -> Reading:
+    data = data.lstrip(b"\r\n")  # llhttp skips empty lines before a status line too
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method=request_method, target=b"/", headers=[(b"host", b"backend")]))
     conn.send(h11.EndOfMessage())
