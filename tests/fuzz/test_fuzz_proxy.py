@@ -185,7 +185,7 @@ def expected_upstream(msg: Message) -> tuple[Message, dict[bytes, bytes], str | 
         b"x-forwarded-proto": b"http",
         b"via": b", ".join([*msg.header_values(b"via"), version + b" fulcrum"]),
     }
-    if hosts:
+    if hosts and hosts[0]:  # an empty Host says nothing worth forwarding
         forwarded[b"x-forwarded-host"] = hosts[0]
     if msg.header_values(b"transfer-encoding"):
         forwarded[b"transfer-encoding"] = b"chunked"
