@@ -20,7 +20,7 @@ LOCK    := constraints.txt
 # Where `make wheel` puts the wheel the Ansible role installs (git-ignored).
 DIST    ?= dist
 
-.PHONY: demo test test-fast bench lint venv lock wheel sysdeps-test sysdeps-bench clean
+.PHONY: demo test test-fast bench fuzz lint venv lock wheel sysdeps-test sysdeps-bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -68,6 +68,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP) sysdeps-bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Property-based fuzzing against h11 and through a real node (docs/fuzzing.md); not in CI.
+# FUZZ_SECONDS is shared by the three targets (tests/fuzz/budget.py); the suite runs a
+# short derandomized version of the same tests.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/fuzz
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

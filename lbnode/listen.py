@@ -44,6 +44,11 @@ def bind_tcp(address: Address, backlog: int, what: str) -> stdsocket.socket:
     raw = stdsocket.socket(family, stdsocket.SOCK_STREAM)
     try:
         raw.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+        if family == stdsocket.AF_INET6:
+            # IPv6 only, whatever net.ipv6.bindv6only says (as nginx): a dual-stack [::] would
+            # take IPv4 clients as ::ffff:a.b.c.d (in X-Forwarded-For and affinity keys) and
+            # keep a 0.0.0.0 listener from binding the same port.
+            raw.setsockopt(stdsocket.IPPROTO_IPV6, stdsocket.IPV6_V6ONLY, 1)
         raw.bind((address.host, address.port))
         raw.listen(backlog)
     except OSError as exc:

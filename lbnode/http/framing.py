@@ -8,6 +8,7 @@ callbacks into a queue of events (a head, body ``bytes``, ``End``, ``Upgrade``,
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -212,7 +213,10 @@ class ResponseReader:
             self.events.append(Upgrade(data[exc.args[0] :]))
         except httptools.HttpParserError as exc:
             self.broken = True
-            self.events.append(ParseError(_reason(exc), 502))
+            if isinstance(exc.__context__, _BadResponseHead):
+                self.events.append(ParseError(str(exc.__context__), 502))
+            else:
+                self.events.append(ParseError(_reason(exc), 502))
 
     # httptools callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -229,6 +233,7 @@ class ResponseReader:
         self._in_head = True
         self._content_length: int | None = None
         self._chunked = False
+        self._codings: bytes | None = None  # the Transfer-Encoding field(s), if any
         self._tokens: list[bytes] | None = None  # made when a Connection field arrives
 
     def on_status(self, reason: bytes) -> None:
@@ -245,6 +250,10 @@ class ResponseReader:
             lname = name.lower()
             if lname in RESPONSE_NOT_FORWARDED:
                 if lname == b"transfer-encoding":
+                    if self._codings is not None:
+                        self._codings += b", " + value  # refused at the end of the head
+                    else:
+                        self._codings = value
                     self._chunked = value.strip().lower().endswith(b"chunked")
                 elif lname == b"connection":
                     if self._tokens is None:
@@ -269,10 +278,25 @@ class ResponseReader:
     def on_headers_complete(self) -> None:
         p = self._parser
         status = p.get_status_code()
+        if not 100 <= status <= 599:
+            # llhttp takes any three digits: a 0xx would pass for an interim response and be
+            # relayed as one. RFC 9110 15: outside 100-599 is invalid, to be handled as a 5xx.
+            raise _BadResponseHead(f"invalid status code {status:03d}")
+        if status in _LLHTTP_INTERIM_WITH_BODY and (self._codings is not None or self._content_length is not None):
+            raise _BadResponseHead(f"a {status} interim response announces content (RFC 9110 15.2)")
+        if self._codings is not None and self._codings.strip().lower() != b"chunked":
+            # We re-frame the body and send our own Transfer-Encoding: a coding like gzip
+            # would reach the client undeclared (the request side refuses them too).
+            raise _BadResponseHead(f"unsupported Transfer-Encoding {self._codings.decode('latin-1')!r}")
+        reason = self._reason
+        if _CONTROL_BYTE.search(reason):
+            # llhttp lets NUL and other control bytes through (RFC 9112 4: HTAB, SP, VCHAR
+            # and obs-text only). The phrase means nothing to a client: send the standard one.
+            reason = b""
         # Positional arguments, in field order: half the cost of keywords for a slots dataclass.
         head = ResponseHead(
             status,  # status
-            self._reason,  # reason
+            reason,  # reason
             p.get_http_version(),  # version
             self._headers,  # headers
             p.should_keep_alive(),  # keep_alive
@@ -315,6 +339,21 @@ def _add_trailer(trailers: Headers | None, name: bytes, value: bytes) -> Headers
         trailers = []
     trailers.append((name, value))
     return trailers
+
+
+# Bytes a reason phrase may not hold (RFC 9112 4): the controls but HTAB, and DEL.
+_CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# 1xx statuses whose Content-Length or chunked Transfer-Encoding llhttp honours, reading
+# a body that RFC 9110 15.2 says a 1xx never has (it knows 100, 101, 102 and 103 have
+# none). Reading one would swallow bytes the backend meant as its next response.
+_LLHTTP_INTERIM_WITH_BODY = frozenset(range(104, 200))
+
+
+class _BadResponseHead(Exception):
+    """Raised inside the httptools callback for a response head we refuse (502)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"malformed HTTP: {reason}")
 
 
 class _HeadTooLarge(Exception):

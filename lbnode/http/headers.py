@@ -189,6 +189,10 @@ def check_request(head: RequestHead) -> None:
         elif name == b"connection":
             tokens += _tokens_of(v)
     head.chunked = te_seen
+    if head.upgrade and (te_seen or head.content_length):
+        # httptools ends an upgrade request at its head: a body would go upstream as a head
+        # announcing content that never follows, or as the first bytes of the new protocol.
+        raise BadRequest("an upgrade request with a body is not supported")
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
     if not hosts and head.version == "1.1":
@@ -278,6 +282,7 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
     vias: list[bytes] = []
     original_host = b""
     authority = head.authority
+    host_sent = False
     if head.forward is not None and head.connection_tokens <= HOP_BY_HOP and authority is None:
         # The parser already set aside what is dropped here; Connection names nothing else.
         for name, v in head.noted:  # type: ignore[union-attr]
@@ -287,6 +292,7 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
                 vias.append(v)
             elif name == b"host":
                 original_host = v
+                host_sent = True
         out += head.forward
     else:
         drop = _dropped(head.connection_tokens) | _FORWARDED_FIELDS
@@ -302,10 +308,16 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
                 original_host = v
                 if authority is not None:
                     continue  # replaced by the target's authority, below
+                host_sent = True
             out += (n, b": ", v, b"\r\n")
         if authority is not None:
             original_host = authority
+            host_sent = True
             out += (b"Host: ", authority, b"\r\n")
+    if not host_sent:
+        # An HTTP/1.0 request may come without Host; the HTTP/1.1 one we send may not
+        # (RFC 9112 3.2): an empty value, as the RFC says when the authority is unknown.
+        out.append(b"Host: \r\n")
     xff.append(client_ip.encode())
     vias.append(_via_values.get((head.version, via)) or _via_value(head.version, via))
     out += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n")
