@@ -27,6 +27,7 @@ from tests.fuzz.reference import (
     _fields,
     _tokens,
     is_real_upgrade,
+    ours_requests,
     reference_requests,
 )
 from tests.fuzz.strategies import request_stream
@@ -239,6 +240,13 @@ def check_exchange(rig: Rig, data: bytes, tally: Counter[str]) -> None:
     assert not rig.backend_errors, rig.backend_errors
     meant = reference_requests(data, MAX_HEADER_BYTES).messages
     got = list(rig.received)
+    if len(got) > len(meant):
+        # llhttp reads a request line without a version as HTTP/0.9 (and still reads the
+        # lines after it as fields) where h11 refuses it: the known 505 finding.
+        ours = ours_requests([data], MAX_HEADER_BYTES).messages
+        if any(m.start[2] not in (b"1.0", b"1.1") for m in ours[: len(got)]):
+            tally[f"known: {KNOWN_VERSION}"] += 1
+            return
     assert len(got) <= len(meant), (
         f"SMUGGLING: the backend got {len(got)} requests, the client meant {len(meant)}:\n"
         f" got {[m.start for m in got]}\n meant {[m.start for m in meant]}"
