@@ -252,3 +252,10 @@ def test_vips_config_errors_name_the_key(vips: list[dict[str, str]], key: str, m
     with pytest.raises(ConfigError) as info:
         parse_vips(Table({"vips": vips}, "cluster"))
     assert key in str(info.value) and message in str(info.value)
+
+
+def test_vips_are_listed_in_numeric_order_ipv4_first() -> None:
+    from lbnode.control.server import _address_key
+
+    listed = ["2001:db8::10", "10.0.0.10", "2001:db8::9", "10.0.0.9"]
+    assert sorted(listed, key=_address_key) == ["10.0.0.9", "10.0.0.10", "2001:db8::9", "2001:db8::10"]
