@@ -173,25 +173,43 @@ def vip_filter(handing_off: Sequence[str], taking_over: Sequence[str]) -> list[I
     - To a VIP in ``taking_over``: segments with neither payload nor SYN nor RST are dropped
       (ACKs and FINs of connections this host does not have).
 
-    A listener sees SYNs, the packets that complete handshakes, and packets of connections
-    no socket has (which it would answer with a reset). The handshakes under way still
-    complete: their last ACK is not a SYN, and when it is dropped by the second rule, the
-    first data segment completes it instead.
+    IPv4 and IPv6 VIPs alike: the IP version picks which destination address is compared (one
+    word, or four in turn). A listener sees SYNs, the packets that complete handshakes, and
+    packets of connections no socket has (which it would answer with a reset). The handshakes
+    under way still complete: their last ACK is not a SYN, and when it is dropped by the
+    second rule, the first data segment completes it instead.
     """
-    code: list[tuple[int, int | str, int | str, int]] = [
+    targets = [(a, "refuse") for a in handing_off] + [(a, "quiet") for a in taking_over]
+    v4 = [(a, label) for a, label in targets if ":" not in a]
+    v6 = [(a, label) for a, label in targets if ":" in a]
+    code: list[tuple[int, int | str, int | str, int | str]] = [
         (_LDB, 0, 0, _SKF_NET_OFF),  # IP version
         (_RSH, 0, 0, 4),
-        (_JEQ, 0, "accept", 4),  # not IPv4: pass
-        (_LDW, 0, 0, (_SKF_NET_OFF + 16) & 0xFFFFFFFF),  # destination address
+        (_JEQ, 0, "ipv4", 6),
+        (_JA, 0, 0, "ipv6"),
     ]
-    for address in handing_off:
-        code.append((_JEQ, "refuse", 0, _ipv4(address)))
-    for address in taking_over:
-        code.append((_JEQ, "quiet", 0, _ipv4(address)))
-    code.append((_JA, 0, 0, "accept"))  # type: ignore[arg-type]
-    labels = {"refuse": len(code)}
+    labels: dict[str, int] = {"ipv4": len(code)}
+    # Conditional jumps reach 255 instructions at most: every jump to a label is a JA (32 bits),
+    # skipped over when the condition fails, so any number of VIPs fits.
+    code.append((_JEQ, 1, 0, 4))
+    code.append((_JA, 0, 0, "accept"))  # neither IPv4 nor IPv6: pass
+    code.append((_LDW, 0, 0, (_SKF_NET_OFF + 16) & 0xFFFFFFFF))  # destination address
+    for address, label in v4:
+        code.append((_JEQ, 0, 1, _ipv4(address)))
+        code.append((_JA, 0, 0, label))
+    code.append((_JA, 0, 0, "accept"))
+    labels["ipv6"] = len(code)
+    for n, (address, label) in enumerate(v6):
+        words = struct.unpack("!4I", stdsocket.inet_pton(stdsocket.AF_INET6, address))
+        for w, word in enumerate(words):  # destination address: bytes 24-39 of the IPv6 header
+            code.append((_LDW, 0, 0, (_SKF_NET_OFF + 24 + 4 * w) & 0xFFFFFFFF))
+            code.append((_JEQ, 0, f"not{n}", word))
+        code.append((_JA, 0, 0, label))
+        labels[f"not{n}"] = len(code)
+    code.append((_JA, 0, 0, "accept"))
+    labels["refuse"] = len(code)
     code += [
-        (_LDB, 0, 0, 13),  # TCP flags
+        (_LDB, 0, 0, 13),  # TCP flags (loads without SKF_NET_OFF start at the TCP header)
         (_AND, 0, 0, _TCP_SYN | _TCP_ACK),
         (_JEQ, "drop", "accept", _TCP_SYN),
     ]
@@ -213,13 +231,19 @@ def vip_filter(handing_off: Sequence[str], taking_over: Sequence[str]) -> list[I
     code.append((_RET, 0, 0, 0))
 
     def jump(i: int, target: int | str) -> int:
-        return labels[target] - (i + 1) if isinstance(target, str) else target
+        if not isinstance(target, str):
+            return target
+        offset = labels[target] - (i + 1)
+        if not 0 <= offset <= 255:  # conditional jumps are 8 bits, forward only
+            raise ValueError(f"VIP filter: a jump of {offset} instructions ({len(targets)} VIPs moving)")
+        return offset
 
     prog = []
     for i, (op, jt, jf, k) in enumerate(code):
-        if op == _JA and isinstance(k, str):
-            prog.append((op, 0, 0, jump(i, k)))
+        if op == _JA:
+            prog.append((op, 0, 0, labels[k] - (i + 1) if isinstance(k, str) else k))
         else:
+            assert isinstance(k, int)
             prog.append((op, jump(i, jt), jump(i, jf), k))
     return prog
 
@@ -245,7 +269,7 @@ def set_vip_filter(sock: stdsocket.socket, handing_off: Sequence[str], taking_ov
     """
     import ctypes
 
-    if sock.family != stdsocket.AF_INET:
+    if sock.family not in (stdsocket.AF_INET, stdsocket.AF_INET6):
         return
     _FILTERED.add(sock.fileno())
     if not handing_off and not taking_over:

@@ -5,7 +5,8 @@ the ``{prefix}/vips/<address>`` keys (created with ``create_revision == 0``, bou
 node lease), fencing (a node whose lease renewal has failed for TTL/2 drops every VIP at
 once, before the lease can expire), the claimer heartbeats over UDP (``[cluster] heartbeat``: a
 majority that misses a holder revokes its lease; a holder short of confirmations fences, see
-``lbnode.cluster.heartbeat``), and adding/removing the addresses with netlink plus a gratuitous ARP.
+``lbnode.cluster.heartbeat``), and adding/removing the addresses with netlink plus a gratuitous ARP (IPv4) or an unsolicited
+neighbour advertisement (IPv6).
 Never blocks the data plane: etcd, netlink and raw-socket calls run in threads.
 """
 
@@ -52,9 +53,9 @@ FREE_GRACE = 1.0
 # Counting from the due time lets the survivors ride out an etcd leader election (0.5-1 s)
 # without dropping their own VIPs.
 FENCE_FRACTION = 0.5
-# Gratuitous ARPs after adding an address, at these delays (s): one may be lost on a busy LAN,
-# and the later ones correct a neighbour that a planned hand-off's old holder answered while
-# both hosts had the address (see HANDOFF_LINGER).
+# Gratuitous ARPs (IPv6: unsolicited neighbour advertisements) after adding an address, at
+# these delays (s): one may be lost on a busy LAN, and the later ones correct a neighbour that
+# a planned hand-off's old holder answered while both hosts had the address (see HANDOFF_LINGER).
 GARP_DELAYS = (0.0, 0.2, 0.5, 1.0)
 # Planned hand-off (drain, stop, rebalancing) is make-before-break: the old holder deletes its
 # key but keeps the address, serving, until etcd shows the new holder's key; then this long
@@ -110,11 +111,18 @@ def parse_vips(t: Table) -> tuple[VipSpec, ...]:
         try:
             iface = ipaddress.ip_interface(raw)
         except ValueError:
-            raise ConfigError(vt.key("address"), f'"{raw}" is not an address like "10.0.0.100/24"') from None
-        if iface.version != 4:
-            raise ConfigError(vt.key("address"), f'"{raw}": only IPv4 VIPs are supported (no IPv6 neighbour advertisement yet)')
+            raise ConfigError(
+                vt.key("address"), f'"{raw}" is not an address like "10.0.0.100/24" or "2001:db8::100/64"'
+            ) from None
         if "/" not in raw:
-            raise ConfigError(vt.key("address"), f'"{raw}" needs its prefix length, like "{raw}/24"')
+            example = f"{raw}/64" if iface.version == 6 else f"{raw}/24"
+            raise ConfigError(vt.key("address"), f'"{raw}" needs its prefix length, like "{example}"')
+        ip = iface.ip
+        if ip.version == 6 and (ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local):
+            # link-local: valid on one link only, and its scope id (an interface) would be part of it
+            raise ConfigError(vt.key("address"), f'"{raw}" cannot be a VIP: use a unicast address of the LAN')
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            raise ConfigError(vt.key("address"), f'"{raw}" is an IPv4-mapped address: write "{ip.ipv4_mapped}/24"')
         address = str(iface.ip)
         if address in seen:
             raise ConfigError(vt.key("address"), f"{address} is already used by {t.key('vips')}[{seen[address]}]")

@@ -1,7 +1,7 @@
-"""VIP addresses on this host's interfaces: netlink (pyroute2) and gratuitous ARP.
+"""VIP addresses on this host's interfaces: netlink (pyroute2), gratuitous ARP, unsolicited NA.
 
-Owns adding and removing ``address/prefixlen`` on an interface and the RFC 5227 ARP
-announcement. Light on imports (pyroute2 only when used): the VIP guard process
+Owns adding and removing ``address/prefixlen`` on an interface, the RFC 5227 ARP
+announcement (IPv4) and the RFC 4861 unsolicited neighbour advertisement (IPv6). Light on imports (pyroute2 only when used): the VIP guard process
 (``lbnode.cluster.vipguard``) loads it too, and removes addresses with ``delete_address``
 (one raw rtnetlink request, no pyroute2).
 """
@@ -19,9 +19,13 @@ from dataclasses import dataclass
 class VipSpec:
     """One configured VIP: ``address/prefixlen`` added on ``interface`` by whichever node holds it."""
 
-    address: str  # "10.77.0.100": also the name of its etcd key
+    address: str  # "10.77.0.100" or "2001:db8::100" (compressed form): also the name of its etcd key
     prefixlen: int
     interface: str
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.address else socket.AF_INET
 
     def __str__(self) -> str:
         return f"{self.address}/{self.prefixlen}"
@@ -36,8 +40,8 @@ class VipSpec:
         cidr, sep, interface = arg.partition("@")
         address, slash, prefixlen = cidr.partition("/")
         if not (sep and slash and interface and prefixlen.isdigit()):
-            raise ValueError(f'"{arg}" is not like "10.0.0.100/24@eth0"')
-        socket.inet_aton(address)
+            raise ValueError(f'"{arg}" is not like "10.0.0.100/24@eth0" or "2001:db8::100/64@eth0"')
+        socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
         return cls(address, int(prefixlen), interface)
 
 
@@ -59,12 +63,12 @@ def delete_address(vip: VipSpec) -> None:
         index = socket.if_nametoindex(vip.interface)
     except OSError:
         return  # no such interface: no address on it
-    address = socket.inet_aton(vip.address)
+    address = socket.inet_pton(vip.family, vip.address)
 
     def attribute(kind: int, data: bytes) -> bytes:
-        return struct.pack("=HH", 4 + len(data), kind) + data  # 4 bytes of IPv4: already aligned
+        return struct.pack("=HH", 4 + len(data), kind) + data  # 4 or 16 bytes: already aligned
 
-    body = struct.pack("=BBBBI", socket.AF_INET, vip.prefixlen, 0, 0, index)
+    body = struct.pack("=BBBBI", vip.family, vip.prefixlen, 0, 0, index)
     body += attribute(_IFA_LOCAL, address) + attribute(_IFA_ADDRESS, address)
     header = struct.pack("=IHHII", 16 + len(body), _RTM_DELADDR, _NLM_F_REQUEST | _NLM_F_ACK, 1, 0)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
@@ -78,8 +82,18 @@ def delete_address(vip: VipSpec) -> None:
             raise OSError(code, f"removing {vip} from {vip.interface}: {os.strerror(code)}")
 
 
+# linux/if_addr.h: add an IPv6 address without duplicate address detection. With DAD the
+# address stays "tentative" (neither bound nor answered, no NA of ours would help) for
+# dad_transmits x RetransTimer, 1 s by default, after every failover; and during a planned
+# hand-off, where the old holder keeps the address until the new one has it (make-before-
+# break), the old holder would answer our DAD probe and the kernel would mark the address
+# "dadfailed" for good: the VIP would never come up here. The etcd key already guarantees one
+# holder; DAD has nothing to add.
+IFA_F_NODAD = 0x02
+
+
 class NetlinkAddresses:
-    """VIPs through pyroute2's IPRoute in this process's network namespace, GARP on a raw socket."""
+    """VIPs through pyroute2's IPRoute in this process's network namespace; GARP or NA on a raw socket."""
 
     def __init__(self) -> None:
         from pyroute2 import IPRoute  # type: ignore[import-untyped]  # here: nodes without VIPs never need it
@@ -96,7 +110,9 @@ class NetlinkAddresses:
         from pyroute2 import NetlinkError
 
         try:
-            self._ipr.addr("add", index=self._index(vip.interface), address=vip.address, prefixlen=vip.prefixlen)
+            extra = {"flags": IFA_F_NODAD} if vip.family == socket.AF_INET6 else {}
+            self._ipr.addr("add", index=self._index(vip.interface), address=vip.address, prefixlen=vip.prefixlen,
+                           **extra)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise OSError(exc.code, f"adding {vip} on {vip.interface}: {exc}") from None
@@ -114,7 +130,10 @@ class NetlinkAddresses:
                 raise
 
     def announce(self, vip: VipSpec) -> None:
-        send_garp(vip.interface, vip.address)
+        if vip.family == socket.AF_INET6:
+            send_unsolicited_na(vip.interface, vip.address)
+        else:
+            send_garp(vip.interface, vip.address)
 
     def close(self) -> None:
         self._ipr.close()
@@ -154,3 +173,51 @@ def send_garp(interface: str, address: str) -> None:
         s.bind((interface, 0x0806))
         mac = s.getsockname()[4]
         s.send(garp_frame(mac, address))
+
+
+# RFC 4861 (neighbour discovery), RFC 2464 (IPv6 over Ethernet)
+ETH_P_IPV6 = 0x86DD
+ALL_NODES = "ff02::1"
+ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"  # 33:33 + the low 32 bits of ff02::1
+ICMPV6 = 58
+NA_TYPE = 136
+NA_OVERRIDE = 0x20000000  # the O flag: replace the cached link-layer address (R and S stay 0)
+OPTION_TARGET_LL = 2
+# A receiver discards neighbour discovery with a hop limit below 255 (RFC 4861 7.1.2): proof
+# that it was not forwarded from another link.
+ND_HOP_LIMIT = 255
+
+
+def icmpv6_checksum(src: bytes, dst: bytes, message: bytes) -> int:
+    """The ICMPv6 checksum (RFC 4443 2.3): the ones' complement sum over the IPv6 pseudo-header
+    (source, destination, upper-layer length, next header) and the message, checksum field 0."""
+    data = src + dst + struct.pack("!I3xB", len(message), ICMPV6) + message
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def na_frame(mac: bytes, address: str) -> bytes:
+    """An unsolicited neighbour advertisement for ``address`` at ``mac``, from ``address`` to all
+    nodes (ff02::1), with the override flag and the target link-layer address option: every
+    neighbour that has ``address`` in its cache points it at ``mac`` at once (RFC 4861 7.2.6)."""
+    src = socket.inet_pton(socket.AF_INET6, address)
+    dst = socket.inet_pton(socket.AF_INET6, ALL_NODES)
+    option = struct.pack("!BB", OPTION_TARGET_LL, 1) + mac  # length in units of 8 bytes
+    message = struct.pack("!BBHI", NA_TYPE, 0, 0, NA_OVERRIDE) + src + option
+    checksum = icmpv6_checksum(src, dst, message)
+    message = message[:2] + struct.pack("!H", checksum) + message[4:]
+    ipv6 = struct.pack("!IHBB", 6 << 28, len(message), ICMPV6, ND_HOP_LIMIT) + src + dst
+    return ALL_NODES_MAC + mac + struct.pack("!H", ETH_P_IPV6) + ipv6 + message
+
+
+def send_unsolicited_na(interface: str, address: str) -> None:
+    """The IPv6 counterpart of ``send_garp``: a whole Ethernet frame on a packet socket, so that
+    the hop limit, source address and checksum are exactly ours (no kernel source selection)."""
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IPV6)) as s:
+        s.bind((interface, ETH_P_IPV6))
+        mac = s.getsockname()[4]
+        s.send(na_frame(mac, address))

@@ -9,6 +9,7 @@ pool; it reads Trio state only through ``trio.from_thread`` with the run's token
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -634,11 +635,13 @@ def _event_message(item: Published, node_id: str) -> pb.Event:
     return msg
 
 
-def _address_key(address: str) -> tuple[int, ...]:
+def _address_key(address: str) -> tuple[int, int]:
+    """VIPs in numeric order, IPv4 before IPv6 (as text, 10.0.0.10 would come before 10.0.0.9)."""
     try:
-        return tuple(int(part) for part in address.split("."))
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        return (1 << 32,)
+        return (7, 0)
+    return (ip.version, int(ip))
 
 
 # --------------------------------------------------------------------------- server

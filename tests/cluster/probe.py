@@ -46,7 +46,8 @@ class Client:
                 words = answer.decode(errors="replace").split()
                 return bool(words), words[0] if words else "empty"
             cookie = f"Cookie: {self.cookie}\r\n" if self.cookie else ""
-            writer.write(f"GET / HTTP/1.0\r\nHost: {self.host}\r\n{cookie}\r\n".encode())
+            host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal is bracketed
+            writer.write(f"GET / HTTP/1.0\r\nHost: {host}\r\n{cookie}\r\n".encode())
             answer = await asyncio.wait_for(reader.read(), ANSWER_TIMEOUT)
         finally:
             writer.close()

@@ -87,6 +87,7 @@ class Claimers:
     logs: Path
     prefix: str
     vips: list[str]
+    prefixlen: int = 24
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     starts: int = 0
     last_start: dict[str, int] = field(default_factory=dict)
@@ -99,7 +100,7 @@ class Claimers:
                 "--node", node, "--interface", "eth0", "--lease-ttl", f"{TTL:g}", "--prefix", self.prefix,
                 "--serve-port", str(PORT), "--heartbeat", heartbeat_address(node)]
         for vip in self.vips:
-            args += ["--vip", f"{vip}/24"]
+            args += ["--vip", f"{vip}/{self.prefixlen}"]
         self.procs[node] = self.lan.spawn(node, args, log_path=log, cwd=REPO)
         wait_for(lambda: "registered in etcd" in log.read_text(errors="replace"), 10, f"{node} never registered ({log})")
         return log
@@ -169,8 +170,9 @@ class Probe:
     ``results`` holds (monotonic start time, ok, node/backend or reason), in order of start.
     """
 
-    def __init__(self, lan: Lan, *, mode: str = "tcp", interval: float = 0.05, connect_timeout: float = 0.2) -> None:
-        args = [PYTHON, str(REPO / "tests/cluster/probe.py"), VIP, str(PORT), f"{interval:g}", mode,
+    def __init__(self, lan: Lan, *, mode: str = "tcp", interval: float = 0.05, connect_timeout: float = 0.2,
+                 vip: str = VIP) -> None:
+        args = [PYTHON, str(REPO / "tests/cluster/probe.py"), vip, str(PORT), f"{interval:g}", mode,
                 f"{connect_timeout:g}"]
         self.proc = lan.spawn("cli", args, stdout=subprocess.PIPE)
         self._results: list[tuple[float, bool, str]] = []
@@ -235,6 +237,65 @@ def test_vip_moves_off_a_dead_host_within_ttl(lan: Lan, claimers: Claimers) -> N
         assert max(failovers) <= min(REVOKED_BY + TAKEN_WITHIN, TTL + 1.0), summary
     finally:
         probe.close()
+
+
+VIP6 = "fd00:77::100"  # in the namespaces' unique-local subnet (tests/cluster/topology.py)
+
+
+def client_neighbour(lan: Lan, address: str) -> tuple[str | None, str]:
+    """(MAC, state) of ``address`` in the client host's neighbour cache; MAC None when it has none."""
+    words = lan.run("cli", ["ip", "-6", "neigh", "show", address, "dev", "eth0"]).stdout.split()
+    mac = words[words.index("lladdr") + 1] if "lladdr" in words else None
+    return mac, (words[-1] if words else "absent")
+
+
+def test_ipv6_vip_moves_off_a_killed_holder_and_the_client_neighbour_cache_follows(
+    lan: Lan, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An IPv6 VIP (fd00:77::100/64): ``kill -9`` of its holder; the VIP guard removes the
+    address, the survivors revoke the lease, one adds the VIP (no DAD) and sends unsolicited
+    neighbour advertisements. The client, whose cache points the VIP at the dead holder's MAC
+    (reachable: it was just served from there), is served by the new holder, and its cache
+    shows the new holder's MAC. Without the advertisement it would go on sending to the old MAC
+    until the entry expires (a reachable time of 15-45 s, then 5 s of delay and probes)."""
+    claimers = Claimers(lan, tmp_path, f"/{request.node.name[:20]}", [VIP6], prefixlen=64)
+    probe: Probe | None = None
+    try:
+        for node in NODES:
+            claimers.start(node)
+        wait_for(lambda: len(claimers.holders(VIP6)) == 1, 10, "nobody took the IPv6 VIP")
+        claimers.settled()
+        (holder,) = claimers.holders(VIP6)
+        probe = Probe(lan, vip=VIP6)
+        wait_for(lambda: any(ok and node == holder for _, ok, node in probe.since(0)), 10,
+                 f"the client was never served by {holder} over IPv6")
+        mac, state = client_neighbour(lan, VIP6)
+        assert mac == lan.mac(holder), f"client's neighbour cache before: {mac} {state}"
+        killed_at = time.monotonic()
+        claimers.kill(holder)
+        wait_for(lambda: any(ok and node != holder for _, ok, node in probe.since(killed_at)), TTL + 4,
+                 f"no IPv6 failover off {holder}")
+        results = probe.since(killed_at)
+        first, _, new_holder = next(r for r in results if r[1] and r[2] != holder)
+        failover = first - killed_at
+        assert claimers.holders(VIP6) == {new_holder}  # the guard took it off the dead one's host
+        mac_after, state_after = client_neighbour(lan, VIP6)
+        summary = (f"IPv6 VIP failover after kill -9 of {holder}: {failover:.2f}s to the first answer from "
+                   f"{new_holder}; client's cache {mac} ({state}) -> {mac_after} ({state_after})")
+        with capsys.disabled():
+            print("\n" + summary)
+        assert mac_after == lan.mac(new_holder) != mac, summary
+        # the lease revoked by heartbeats, then taken and announced: as the IPv4 failover
+        assert failover <= REVOKED_BY + TAKEN_WITHIN, summary
+        time.sleep(1.0)  # and it stays there: every try from then on served by the new holder
+        later = probe.since(first + 0.2)
+        assert later and all(ok and node == new_holder for _, ok, node in later), later[-5:]
+    finally:
+        if probe is not None:
+            probe.close()
+        claimers.stop_all()
+        for node in NODES:
+            topology.ip("-n", lan.ns(node), "addr", "del", f"{VIP6}/64", "dev", "eth0", check=False)
 
 
 @pytest.mark.parametrize("direction", ["both", "outgoing", "incoming"])
@@ -391,6 +452,8 @@ class LbNodes:
 
     lan: Lan
     tmp: Path
+    vip: str = VIP
+    prefixlen: int = 24
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     starts: int = 0
     logs: dict[str, Path] = field(default_factory=dict)
@@ -420,12 +483,12 @@ vip_interface = "eth0"
 heartbeat = "{heartbeat_address(node)}"
 
 [[cluster.vips]]
-address = "{VIP}/24"
+address = "{self.vip}/{self.prefixlen}"
 
 [[listeners]]
 name = "web"
 protocol = "http"
-bind = "0.0.0.0:{PORT}"
+bind = "{'[::]' if ':' in self.vip else '0.0.0.0'}:{PORT}"
 pool = "web"
 
 [[pools]]
@@ -444,7 +507,7 @@ name = "web"
         wait_for(lambda: "registered in etcd" in log.read_text(errors="replace"), 20, f"{node} never registered ({log})")
 
     def holders(self) -> set[str]:
-        return self.lan.holders(VIP, NODES)
+        return self.lan.holders(self.vip, NODES)
 
     def holder(self) -> str:
         wait_for(lambda: len(self.holders()) == 1, 10, f"not one holder of the VIP: {self.holders()}")
@@ -457,15 +520,26 @@ name = "web"
                 proc.kill()
                 proc.wait(5)
         for node in NODES:
-            topology.ip("-n", self.lan.ns(node), "addr", "del", f"{VIP}/24", "dev", "eth0", check=False)
+            topology.ip("-n", self.lan.ns(node), "addr", "del", f"{self.vip}/{self.prefixlen}", "dev", "eth0",
+                        check=False)
 
 
 @pytest.fixture
 def lbnodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:
+    yield from _lbnodes(lan, tmp_path, VIP, 24)
+
+
+@pytest.fixture
+def lbnodes6(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:
+    """As ``lbnodes`` with an IPv6 VIP (fd00:77::100/64) and listeners on ``[::]``."""
+    yield from _lbnodes(lan, tmp_path, VIP6, 64)
+
+
+def _lbnodes(lan: Lan, tmp_path: Path, vip: str, prefixlen: int) -> Iterator[LbNodes]:
     for name, port in BACKENDS.items():
         lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", name, "--host", "0.0.0.0", "--port", str(port)],
                   log_path=tmp_path / f"{name}.log", cwd=REPO)
-    made = LbNodes(lan, tmp_path)
+    made = LbNodes(lan, tmp_path, vip, prefixlen)
     try:
         for node in NODES:
             made.start(node)
@@ -562,8 +636,21 @@ def test_lbnode_planned_drain_loses_no_request(
 ) -> None:
     """Scenario 3: a planned stop (SIGTERM, what `lbctl nodes drain` does) of the holder, three
     times, at 200 requests/s: the VIP is handed over make-before-break; zero failed requests."""
+    planned_drains(lan, lbnodes, capsys)
+
+
+def test_lbnode_planned_drain_of_an_ipv6_vip_loses_no_request(
+    lan: Lan, lbnodes6: LbNodes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scenario 3 with an IPv6 VIP: the listener filter drops SYNs to it on the draining node
+    (BPF on the IPv6 destination), the new holder adds it without DAD while the old one still
+    has it, and its neighbour advertisements move the client; zero failed requests."""
+    planned_drains(lan, lbnodes6, capsys)
+
+
+def planned_drains(lan: Lan, lbnodes: LbNodes, capsys: pytest.CaptureFixture[str]) -> None:
     # a client's patience: the SYNs the draining node drops are sent again 1 s later
-    probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=3.0)
+    probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=3.0, vip=lbnodes.vip)
     try:
         backend = session_start(probe)
         started = time.monotonic()
@@ -582,7 +669,7 @@ def test_lbnode_planned_drain_loses_no_request(
         until = time.monotonic() - ANSWER_WINDOW
         results = probe.since(started, until)
         failures = [r for r in results if not r[1]]
-        summary = (f"planned drain x3 at {RATE} req/s ({rate(results, started, until)}): "
+        summary = (f"planned drain x3 of {lbnodes.vip} at {RATE} req/s ({rate(results, started, until)}): "
                    f"{len(results)} requests, {len(failures)} failed, "
                    f"{sum(1 for t, _, _ in results if probe.took[t] > 0.5)} took over 0.5 s "
                    f"(longest {max(probe.took[t] for t, _, _ in results):.2f}s); hand-off {', '.join(f'{h:.2f}s' for h in handoffs)}")

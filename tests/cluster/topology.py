@@ -1,7 +1,8 @@
 """A small LAN in network namespaces for the multi-host tests: one bridge, N node hosts, a client, a backend.
 
 Owns creating and always deleting the namespaces (``{prefix}-lan`` holds the bridge ``br0``;
-every other namespace has one ``eth0`` in 10.77.0.0/24 plugged into it), the etcd cluster
+every other namespace has one ``eth0`` in 10.77.0.0/24 and in the unique-local fd00:77::/64,
+plugged into it), the etcd cluster
 (one member on each node host, as in production: losing a host loses its member too) and
 the processes started inside them. Never touches the root namespace's links or addresses.
 
@@ -26,6 +27,9 @@ from pathlib import Path
 SUBNET = "10.77.0"
 CLIENT_IP = f"{SUBNET}.50"
 BACKEND_IP = f"{SUBNET}.60"
+# IPv6 on the same LAN (unique-local: inside these namespaces only): each member's address
+# ends as its IPv4 address does (10.77.0.11 -> fd00:77::11).
+SUBNET6 = "fd00:77:"
 # Quick elections (as tests/integration/etcd_helpers.py): a 2 s lease TTL is then allowed.
 ETCD_HEARTBEAT_MS = 50
 ETCD_ELECTION_MS = 500
@@ -34,6 +38,11 @@ ETCD_ELECTION_MS = 500
 def node_ip(i: int) -> str:
     """Node ``i`` (1-based) is 10.77.0.1i."""
     return f"{SUBNET}.{10 + i}"
+
+
+def ipv6_of(address: str) -> str:
+    """The member's IPv6 address from its IPv4 one."""
+    return f"{SUBNET6}:{address.rsplit('.', 1)[1]}"
 
 
 def netns_unavailable() -> str | None:
@@ -88,9 +97,14 @@ class Lan:
                               timeout=timeout, input=input)
 
     def addresses(self, member: str) -> set[str]:
-        """IPv4 addresses on ``member``'s eth0."""
-        out = ip("-n", self.ns(member), "-4", "-o", "addr", "show", "dev", "eth0", check=False).stdout
-        return {line.split()[3].split("/")[0] for line in out.splitlines() if " inet " in line}
+        """IPv4 and global IPv6 addresses on ``member``'s eth0."""
+        out = ip("-n", self.ns(member), "-o", "addr", "show", "dev", "eth0", "scope", "global", check=False).stdout
+        return {line.split()[3].split("/")[0] for line in out.splitlines() if " inet" in line}
+
+    def mac(self, member: str) -> str:
+        """The MAC address of ``member``'s eth0, as ``ip`` prints it."""
+        out = ip("-n", self.ns(member), "-o", "link", "show", "dev", "eth0").stdout
+        return out.split("link/ether", 1)[1].split()[0]
 
     def holders(self, address: str, members: Sequence[str]) -> set[str]:
         return {m for m in members if address in self.addresses(m)}
@@ -108,7 +122,8 @@ class Lan:
     def host_up(self, member: str, forget: Sequence[str] = ()) -> None:
         """Back up as after a reboot: addresses in ``forget`` (VIPs) are gone first."""
         for address in forget:
-            ip("-n", self.ns(member), "addr", "del", f"{address}/24", "dev", "eth0", check=False)
+            ip("-n", self.ns(member), "addr", "del", f"{address}/{64 if ':' in address else 24}", "dev", "eth0",
+               check=False)
         ip("-n", self.ns(member), "link", "set", "eth0", "up")
 
     def teardown(self) -> None:
@@ -149,6 +164,8 @@ def build(prefix: str, n_nodes: int) -> Lan:
             ip("-n", lan.lan_ns, "link", "add", f"v-{member}", "type", "veth", "peer", "name", "eth0", "netns", ns)
             ip("-n", lan.lan_ns, "link", "set", f"v-{member}", "master", "br0", "up")
             ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            # nodad: usable at once (duplicate address detection would hold it a second)
+            ip("-n", ns, "addr", "add", f"{ipv6_of(address)}/64", "dev", "eth0", "nodad")
             ip("-n", ns, "link", "set", "eth0", "up")
             ip("-n", ns, "link", "set", "lo", "up")
     except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbnode.cluster.vips import VipSpec, fair_share, parse_vips, plan
-from lbnode.cluster.wire import garp_frame
+from lbnode.cluster.wire import garp_frame, na_frame
 from lbnode.model import ConfigError, Table
 
 VIPS3 = ["10.77.0.100", "10.77.0.101", "10.77.0.102"]
@@ -182,10 +183,54 @@ def test_garp_frame_is_a_broadcast_arp_announcement() -> None:
     assert frame[28:32] == bytes([10, 77, 0, 100]) == frame[38:42]  # sender = target = VIP
 
 
+def _ones_complement_sum(data: bytes) -> int:
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def test_na_frame_is_an_unsolicited_override_advertisement_with_a_valid_checksum() -> None:
+    mac = bytes.fromhex("02fc00000002")
+    frame = na_frame(mac, "2001:db8::100")
+    vip = socket.inet_pton(socket.AF_INET6, "2001:db8::100")
+    all_nodes = socket.inet_pton(socket.AF_INET6, "ff02::1")
+    assert len(frame) == 14 + 40 + 32
+    assert frame[:6] == bytes.fromhex("333300000001") and frame[6:12] == mac and frame[12:14] == b"\x86\xdd"
+    ip6, icmp = frame[14:54], frame[54:]
+    assert ip6[0] >> 4 == 6
+    assert int.from_bytes(ip6[4:6], "big") == len(icmp) == 32  # payload length
+    assert ip6[6] == 58 and ip6[7] == 255  # ICMPv6; hop limit 255, or receivers drop it
+    assert ip6[8:24] == vip and ip6[24:40] == all_nodes
+    assert icmp[0] == 136 and icmp[1] == 0  # neighbour advertisement, code 0
+    assert icmp[4] == 0x20 and icmp[5:8] == b"\0\0\0"  # override only: not router, not solicited
+    assert icmp[8:24] == vip  # target
+    assert icmp[24:26] == b"\x02\x01" and icmp[26:32] == mac  # target link-layer address option
+    # the receiver's check: the sum over pseudo-header and message, checksum included, is all ones
+    pseudo = vip + all_nodes + len(icmp).to_bytes(4, "big") + b"\0\0\0" + bytes([58])
+    assert _ones_complement_sum(pseudo + icmp) == 0xFFFF
+    # a known value: the same frame for another address and MAC must differ in its checksum
+    assert na_frame(bytes.fromhex("02fc00000003"), "2001:db8::100")[56:58] != icmp[2:4]
+
+
+def test_vip_spec_round_trips_ipv6_through_the_guard_argument() -> None:
+    spec = VipSpec("2001:db8::100", 64, "eth0")
+    assert spec.arg == "2001:db8::100/64@eth0"
+    assert VipSpec.from_arg(spec.arg) == spec
+    assert spec.family == socket.AF_INET6 and VipSpec("10.0.0.1", 24, "eth0").family == socket.AF_INET
+    with pytest.raises(OSError):
+        VipSpec.from_arg("2001:db8::zz/64@eth0")
+
+
 def test_vips_config_is_parsed_with_per_vip_interface() -> None:
     t = Table({"vip_interface": "bond0", "vips": [{"address": "10.77.0.100/24"},
                                                    {"address": "10.77.0.101/24", "interface": "eth1"}]}, "cluster")
     assert parse_vips(t) == (VipSpec("10.77.0.100", 24, "bond0"), VipSpec("10.77.0.101", 24, "eth1"))
+
+
+def test_ipv6_vips_are_parsed_in_compressed_form() -> None:
+    t = Table({"vips": [{"address": "2001:0db8:0000::0100/64"}, {"address": "10.77.0.100/24"}]}, "cluster")
+    assert parse_vips(t) == (VipSpec("2001:db8::100", 64, "eth0"), VipSpec("10.77.0.100", 24, "eth0"))
 
 
 @pytest.mark.parametrize(
@@ -193,7 +238,12 @@ def test_vips_config_is_parsed_with_per_vip_interface() -> None:
     [
         ([{"address": "10.77.0.100"}], "cluster.vips[0].address", "prefix length"),
         ([{"address": "nope/24"}], "cluster.vips[0].address", "not an address"),
-        ([{"address": "fd00::1/64"}], "cluster.vips[0].address", "only IPv4"),
+        ([{"address": "2001:db8::100"}], "cluster.vips[0].address", '"2001:db8::100/64"'),
+        ([{"address": "fe80::1/64"}], "cluster.vips[0].address", "cannot be a VIP"),
+        ([{"address": "ff02::1/64"}], "cluster.vips[0].address", "cannot be a VIP"),
+        ([{"address": "::ffff:10.0.0.1/120"}], "cluster.vips[0].address", "IPv4-mapped"),
+        ([{"address": "2001:db8::100/64"}, {"address": "2001:DB8:0::100/64"}], "cluster.vips[1].address",
+         "2001:db8::100 is already used"),
         ([{"address": "10.77.0.100/24"}, {"address": "10.77.0.100/24"}], "cluster.vips[1].address", "already used"),
         ([{"address": "10.77.0.100/24", "iface": "eth0"}], "cluster.vips[0].iface", "unknown key"),
     ],
@@ -202,3 +252,10 @@ def test_vips_config_errors_name_the_key(vips: list[dict[str, str]], key: str, m
     with pytest.raises(ConfigError) as info:
         parse_vips(Table({"vips": vips}, "cluster"))
     assert key in str(info.value) and message in str(info.value)
+
+
+def test_vips_are_listed_in_numeric_order_ipv4_first() -> None:
+    from lbnode.control.server import _address_key
+
+    listed = ["2001:db8::10", "10.0.0.10", "2001:db8::9", "10.0.0.9"]
+    assert sorted(listed, key=_address_key) == ["10.0.0.9", "10.0.0.10", "2001:db8::9", "2001:db8::10"]
