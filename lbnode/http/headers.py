@@ -307,13 +307,18 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
             if name == b"host":
                 original_host = v
                 if authority is not None:
-                    continue  # replaced by the target's authority, below
+                    # the target's authority replaces it, in its place (RFC 9112 3.2.2)
+                    if not host_sent:
+                        out += (b"Host: ", authority, b"\r\n")
+                    host_sent = True
+                    continue
                 host_sent = True
             out += (n, b": ", v, b"\r\n")
         if authority is not None:
             original_host = authority
-            host_sent = True
-            out += (b"Host: ", authority, b"\r\n")
+            if not host_sent:  # an HTTP/1.0 request without Host
+                host_sent = True
+                out += (b"Host: ", authority, b"\r\n")
     if not host_sent:
         # An HTTP/1.0 request may come without Host; the HTTP/1.1 one we send may not
         # (RFC 9112 3.2): an empty value, as the RFC says when the authority is unknown.
