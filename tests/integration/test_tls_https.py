@@ -142,6 +142,28 @@ async def test_curl_resolve_and_forged_forwarded_headers(pki: Pki) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_h2load_over_tls_all_requests_succeed(pki: Pki) -> None:
+    # h2load (nghttp2-client) as an independent TLS client: new connections negotiating
+    # http/1.1 by ALPN (h2 is not offered yet), several requests each.
+    async with trio.open_nursery() as nursery:
+        backends = await start_backends(nursery, "alpha", "beta")
+        _, bound = await start_node(nursery, config_text(pki, backends))
+        port = bound.listeners["secure"][1]
+
+        def h2load() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["h2load", "--h1", "-n", "400", "-c", "8", f"--connect-to=127.0.0.1:{port}",
+                 f"https://www.example.com:{port}/"],
+                capture_output=True, text=True, timeout=60)
+
+        proc = await trio.to_thread.run_sync(h2load)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "400 total, 400 started, 400 done, 400 succeeded, 0 failed, 0 errored" in proc.stdout, proc.stdout
+        assert "Application protocol: http/1.1" in proc.stdout, proc.stdout
+        assert "status codes: 400 2xx" in proc.stdout, proc.stdout
+        nursery.cancel_scope.cancel()
+
+
 async def test_new_certificate_reaches_new_handshakes_without_reload(pki: Pki) -> None:
     async with trio.open_nursery() as nursery:
         backends = await start_backends(nursery, "alpha", "beta")
