@@ -9,8 +9,9 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 # Debian packages the tests use: curl as a real client; etcd (3.4) for the cluster tests;
 # openssh-server for the Ansible test's hosts (network namespaces reached over SSH);
 # nftables to cut the heartbeat port in the VIP partition test; sslscan, the
-# independent scanner of tests/integration/test_tls_scan.py.
-TEST_DEBS  := curl etcd-server openssh-server nftables sslscan
+# independent scanner of tests/integration/test_tls_scan.py; prometheus for promtool,
+# which checks /metrics in tests/integration/test_metrics.py (installed in ~1 min here).
+TEST_DEBS  := curl etcd-server openssh-server nftables sslscan prometheus
 # Debian packages the benchmark runs beside Fulcrum (etcd for the cluster section).
 BENCH_DEBS := haproxy nginx wrk etcd-server
 

@@ -69,6 +69,7 @@ class HealthState:
         "last_reason",
         "last_at",
         "checks",
+        "passed",
     )
 
     def __init__(
@@ -89,6 +90,7 @@ class HealthState:
         self.last_reason = ""
         self.last_at: float | None = None
         self.checks = 0
+        self.passed = 0  # of ``checks``, for /metrics (failed = checks - passed)
 
     @classmethod
     def for_check(cls, check: HealthCheck, now: float = 0.0) -> HealthState:
@@ -106,6 +108,7 @@ class HealthState:
         self.checks += 1
         self.last_ok, self.last_reason, self.last_at = ok, reason, now
         if ok:
+            self.passed += 1
             self.successes += 1
             self.failures = 0
         else:
