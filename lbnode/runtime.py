@@ -100,12 +100,14 @@ class BackendState:
 class PoolStats:
     """A pool's lifetime counters for /metrics; carried over snapshot swaps like the queue."""
 
-    __slots__ = ("retries", "queue_timeouts", "queue_full")
+    __slots__ = ("retries", "queue_timeouts", "queue_full", "affinity_hits", "affinity_misses")
 
     def __init__(self) -> None:
         self.retries = 0  # requests sent again to another backend (or again on a fresh connection)
         self.queue_timeouts = 0  # waited queue_timeout for a backend with room, in vain
         self.queue_full = 0  # turned away at once: max_queue requests were waiting already
+        self.affinity_hits = 0  # requests (L4: connections) sent to the backend their session is bound to
+        self.affinity_misses = 0  # with affinity on, a new session or one whose backend can no longer serve it
 
 
 class PoolRuntime:

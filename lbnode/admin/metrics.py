@@ -210,6 +210,14 @@ def _pools(out: Exposition, node: Any) -> None:
             [(lb, p.stats.retries) for lb, p in per_pool])
     out.add("fulcrum_pool_retry_budget_exhausted_total", "counter", "Retries refused by the pool's retry budget.",
             [(lb, p.retry_budget.refused) for lb, p in per_pool])
+    sticky = [(lb, p) for lb, p in per_pool if p.stickiness is not None]
+    out.add("fulcrum_affinity_hits_total", "counter", "Requests sent to the backend their session is bound to.",
+            [(lb, p.stats.affinity_hits) for lb, p in sticky])
+    out.add("fulcrum_affinity_misses_total", "counter",
+            "Requests of a pool with affinity that had no usable binding (new session, backend gone).",
+            [(lb, p.stats.affinity_misses) for lb, p in sticky])
+    out.add("fulcrum_affinity_table_entries", "gauge", "Sessions in the pool's affinity table (table modes).",
+            [(lb, len(p.stickiness.table)) for lb, p in sticky if p.stickiness.table is not None])
 
 
 def _cluster(out: Exposition, node: Any) -> None:

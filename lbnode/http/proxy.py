@@ -493,7 +493,13 @@ class HttpProxy:
             return retries_left > 0 and budget.try_acquire(self.clock())
 
         # A session bound to a backend that can still serve it goes there first.
-        preferred = pool.sticky(session.bound_to, now) if session is not None else None
+        preferred = None
+        if session is not None:
+            preferred = pool.sticky(session.bound_to, now)
+            if preferred is not None:
+                pool.stats.affinity_hits += 1
+            else:
+                pool.stats.affinity_misses += 1
         while True:
             exclude = frozenset(tried) if tried else _NO_INDEXES
             if preferred is not None:

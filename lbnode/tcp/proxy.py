@@ -195,6 +195,11 @@ class TcpProxy:
         stickiness = pool.stickiness if pool.stickiness is not None and pool.stickiness.mode == "source_ip" else None
         bound_to = stickiness.remembered(client_ip, _no_headers, trio.current_time(), 0.0)[0] if stickiness else None
         preferred = pool.sticky(bound_to, trio.current_time())
+        if stickiness is not None:
+            if preferred is not None:
+                pool.stats.affinity_hits += 1
+            else:
+                pool.stats.affinity_misses += 1
         timeout = spec.timeouts.connect
         tried: set[int] = set()
         while len(tried) <= spec.retries:

@@ -158,3 +158,20 @@ async def test_scrape_answers_while_draining_and_unknown_paths_404(nursery):
 
         await wait_until(draining, "a scrape during the drain shows it")
         assert not slow_done.is_set()  # it was scraped while the request was still in flight
+
+
+async def test_affinity_hits_misses_and_table_size(nursery, tmp_path):
+    a, b = await start_backends(nursery, "a", "b")
+    node, bound = await start_node(nursery, node_toml(
+        listener_toml("front", "http", "web"),
+        pool_toml("web", [a.address, b.address], _extra='[pools.affinity]\nmode = "source_ip"\n'),
+        node_extra=f'state_dir = "{tmp_path / "state"}"\n',
+    ))
+    port, admin = bound.listeners["front"][1], bound.admin[1]
+    served = {(await http_get(f"http://127.0.0.1:{port}/")).text for _ in range(3)}
+    assert len(served) == 1  # one client address: one session, one backend
+    _, s = await scrape(admin)
+    # the first request starts the session (a miss), the next two follow it
+    assert value(s, "fulcrum_affinity_misses_total", pool="web") == 1
+    assert value(s, "fulcrum_affinity_hits_total", pool="web") == 2
+    assert value(s, "fulcrum_affinity_table_entries", pool="web") == 1
