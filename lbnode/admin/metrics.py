@@ -198,6 +198,14 @@ def _pools(out: Exposition, node: Any) -> None:
         if state is not None:
             checks += [((*lb, ("result", "passed")), state.passed), ((*lb, ("result", "failed")), state.checks - state.passed)]
     out.add("fulcrum_health_checks_total", "counter", "Active health checks this node ran, by result.", checks)
+    durations = []
+    for name, _, b, lb in backends:
+        checker = checkers.get(name)
+        state = checker.states.get(b.id) if checker is not None else None
+        if state is not None:
+            durations.append((lb, state.durations))
+    out.histogram("fulcrum_health_check_duration_seconds", "Time an active health check took (timeouts included).",
+                  durations)
 
     per_pool = [((("pool", name),), pool) for name, pool in pools]
     out.add("fulcrum_pool_queue_length", "gauge", "Requests waiting for a backend with room.",

@@ -11,6 +11,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
+from lbnode.histogram import Histogram
 from lbnode.model import HealthCheck, Outlier
 
 UNKNOWN, UP, DOWN = "unknown", "up", "down"
@@ -70,6 +71,7 @@ class HealthState:
         "last_at",
         "checks",
         "passed",
+        "durations",
     )
 
     def __init__(
@@ -91,6 +93,7 @@ class HealthState:
         self.last_at: float | None = None
         self.checks = 0
         self.passed = 0  # of ``checks``, for /metrics (failed = checks - passed)
+        self.durations = Histogram()  # how long each check took (filled by the checker), for /metrics
 
     @classmethod
     def for_check(cls, check: HealthCheck, now: float = 0.0) -> HealthState:

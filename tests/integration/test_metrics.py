@@ -175,3 +175,32 @@ async def test_affinity_hits_misses_and_table_size(nursery, tmp_path):
     assert value(s, "fulcrum_affinity_misses_total", pool="web") == 1
     assert value(s, "fulcrum_affinity_hits_total", pool="web") == 2
     assert value(s, "fulcrum_affinity_table_entries", pool="web") == 1
+
+
+async def test_health_checks_are_counted_by_result_with_their_durations(nursery):
+    (a,) = await start_backends(nursery, "a")
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there: every check fails
+    node, bound = await start_node(nursery, node_toml(
+        listener_toml("front", "http", "web"),
+        pool_toml("web", [a.address, dead],
+                  _extra='[pools.health]\ntype = "http"\npath = "/healthz"\ninterval = "100ms"\nfall = 1\n'),
+    ))
+    admin = bound.admin[1]
+
+    async def checked() -> bool:
+        s = (await scrape(admin))[1]
+        return (value(s, "fulcrum_health_checks_total", pool="web", backend=a.address, result="passed") >= 3
+                and value(s, "fulcrum_health_checks_total", pool="web", backend=dead, result="failed") >= 3)
+
+    await wait_until(checked, "three checks of each backend (100 ms apart)")
+    r, s = await scrape(admin)
+    await promtool_check(r.text)
+    assert value(s, "fulcrum_health_checks_total", pool="web", backend=a.address, result="failed") == 0
+    assert value(s, "fulcrum_health_checks_total", pool="web", backend=dead, result="passed") == 0
+    assert value(s, "fulcrum_backend_health", pool="web", backend=dead, state="down") == 1
+    assert value(s, "fulcrum_backend_health", pool="web", backend=a.address, state="up") == 1
+    for be in (a.address, dead):
+        checks = total(s, "fulcrum_health_checks_total", pool="web", backend=be)
+        assert value(s, "fulcrum_health_check_duration_seconds_count", pool="web", backend=be) == checks
+        # a loopback check (answer or refusal) is far below the 1 s timeout, even on busy cores
+        assert value(s, "fulcrum_health_check_duration_seconds_bucket", pool="web", backend=be, le="1.0") == checks
