@@ -147,6 +147,10 @@ def _listeners(out: Exposition, node: Any) -> None:
 
     out.add("fulcrum_tcp_sessions_total", "counter", "L4 sessions that reached a backend.", per(tcp, "total"))
     out.add("fulcrum_tcp_sessions_open", "gauge", "L4 sessions open with a backend.", per(tcp, "active"))
+    out.add("fulcrum_tcp_received_bytes_total", "counter", "Bytes received from L4 clients (after TLS).",
+            [((("listener", n),), p.io[0]) for n, p in sorted(tcp.items())])
+    out.add("fulcrum_tcp_sent_bytes_total", "counter", "Bytes sent to L4 clients (before TLS).",
+            [((("listener", n),), p.io[1]) for n, p in sorted(tcp.items())])
     out.add("fulcrum_tcp_connect_failures_total", "counter",
             "L4 clients closed because no backend of the pool could be reached.", per(tcp, "failed"))
     out.add("fulcrum_tcp_refused_total", "counter",

@@ -59,7 +59,11 @@ async def test_tls_handshakes_and_l4_sessions_are_counted(nursery, tmp_path: Pat
 
     assert "CERTIFICATE_VERIFY_FAILED" in await trio.to_thread.run_sync(distrust)
 
-    assert (await raw_exchange(l4, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    response = await raw_exchange(l4, request)
+    assert response.startswith(b"HTTP/1.1 200")
+    node.tcp_proxies["l4"].use_splice = False  # the next session takes the copy path (TLS's, non-Linux)
+    assert await raw_exchange(l4, request) == response
     stream = await trio.open_tcp_stream("127.0.0.1", l4gone)
     with trio.fail_after(10):  # connect refused at once on loopback; 10 s is for busy cores
         assert await stream.receive_some(100) == b""  # closed: no backend could be reached
@@ -78,11 +82,14 @@ async def test_tls_handshakes_and_l4_sessions_are_counted(nursery, tmp_path: Pat
     failures = {dict(ls)["reason"]: v for (n, ls), v in s.items() if n == "fulcrum_tls_handshake_failures_total"}
     assert failures == {"not_tls": 1, "client_alert": 1}, failures
     assert value(s, "fulcrum_listener_connections_accepted_total", listener="secure") == 4
+    assert value(s, "fulcrum_listener_connections_accepted_total", listener="l4") == 2
     assert value(s, "fulcrum_http_responses_total", listener="secure", source="backend", code="2xx") == 2
-    assert value(s, "fulcrum_tcp_sessions_total", listener="l4") == 1
+    assert value(s, "fulcrum_tcp_sessions_total", listener="l4") == 2
     assert value(s, "fulcrum_tcp_connect_failures_total", listener="l4") == 0
+    assert value(s, "fulcrum_tcp_received_bytes_total", listener="l4") == 2 * len(request)
+    assert value(s, "fulcrum_tcp_sent_bytes_total", listener="l4") == 2 * len(response)
     assert value(s, "fulcrum_tcp_sessions_total", listener="l4gone") == 0
     assert value(s, "fulcrum_tcp_connect_failures_total", listener="l4gone") == 1
     assert value(s, "fulcrum_backend_failures_total", pool="gone", backend=dead) == 1
-    # the L4 session counts as a request of the backend, beside the two https requests
-    assert value(s, "fulcrum_backend_requests_total", pool="web", backend=a.address) == 3
+    # the L4 sessions count as requests of the backend, beside the two https requests
+    assert value(s, "fulcrum_backend_requests_total", pool="web", backend=a.address) == 4
