@@ -29,6 +29,7 @@ Sample = tuple[Labels, float | int]
 # (index 0 collects anything outside 1xx..5xx, which httptools lets through).
 CODE_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 HEALTH_STATES = ("up", "down", "unknown")
+ADMIN_STATES = ("enabled", "draining", "disabled")
 _LE = tuple(repr(b) for b in BUCKETS) + ("+Inf",)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -191,6 +192,11 @@ def _pools(out: Exposition, node: Any) -> None:
             [(lb, b.connections) for _, _, b, lb in backends])
     out.add("fulcrum_backend_health", "gauge", "1 for the backend's current health state (up, down, unknown).",
             [((*lb, ("state", s)), int(b.health == s)) for _, _, b, lb in backends for s in HEALTH_STATES])
+    out.add("fulcrum_backend_admin_state", "gauge",
+            "1 for the admin state an operator set (enabled, draining, disabled), 0 for the others.",
+            [((*lb, ("state", s)), int(b.admin == s)) for _, _, b, lb in backends for s in ADMIN_STATES])
+    out.add("fulcrum_backend_weight", "gauge", "The backend's configured weight.",
+            [(lb, b.spec.weight) for _, _, b, lb in backends])
     out.add("fulcrum_backend_ejected", "gauge", "1 while the backend is ejected by passive checks on this node.",
             [(lb, int(now < b.ejected_until)) for _, _, b, lb in backends])
     out.add("fulcrum_backend_ejections_total", "counter", "Outlier ejections of the backend ([pools.outlier]).",

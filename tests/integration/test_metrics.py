@@ -8,6 +8,7 @@ import subprocess
 import httpx
 import trio
 
+from lbnode.config import load_config_text
 from tests.conftest import (
     free_port,
     http_get,
@@ -89,6 +90,9 @@ async def test_requests_move_the_counters_and_promtool_passes(nursery):
         assert value(after, "fulcrum_backend_requests_total", pool="web", backend=be.address) == 4
         assert value(after, "fulcrum_backend_health", pool="web", backend=be.address, state="up") == 1
         assert value(after, "fulcrum_backend_inflight_requests", pool="web", backend=be.address) == 0
+        assert value(after, "fulcrum_backend_admin_state", pool="web", backend=be.address, state="enabled") == 1
+        assert value(after, "fulcrum_backend_admin_state", pool="web", backend=be.address, state="draining") == 0
+        assert value(after, "fulcrum_backend_weight", pool="web", backend=be.address) == 1
     assert total(after, "fulcrum_backend_failures_total", pool="web") == 2  # the two 503s, passively seen
     # the 100 kB body went out; the 8 request heads came in
     assert value(after, "fulcrum_http_sent_bytes_total", **front) > 100_000
@@ -204,3 +208,24 @@ async def test_health_checks_are_counted_by_result_with_their_durations(nursery)
         assert value(s, "fulcrum_health_check_duration_seconds_count", pool="web", backend=be) == checks
         # a loopback check (answer or refusal) is far below the 1 s timeout, even on busy cores
         assert value(s, "fulcrum_health_check_duration_seconds_bucket", pool="web", backend=be, le="1.0") == checks
+
+
+async def test_counters_survive_a_config_change_that_drains_and_reweights_a_backend(nursery):
+    a, b = await start_backends(nursery, "a", "b")
+    listener = listener_toml("front", "http", "web")
+    node, bound = await start_node(nursery, node_toml(listener, pool_toml("web", [a.address, b.address])))
+    port, admin = bound.listeners["front"][1], bound.admin[1]
+    for _ in range(4):
+        assert (await http_get(f"http://127.0.0.1:{port}/")).status_code == 200
+    changed = node_toml(listener, pool_toml("web", [a.address]) + f'  admin = "draining"\n  weight = 3\n'
+                        f'  [[pools.backends]]\n  address = "{b.address}"\n')
+    node.apply(load_config_text(changed, "changed.toml"))
+    _, s = await scrape(admin)
+    assert value(s, "fulcrum_config_version") == 2
+    assert value(s, "fulcrum_backend_admin_state", pool="web", backend=a.address, state="draining") == 1
+    assert value(s, "fulcrum_backend_admin_state", pool="web", backend=a.address, state="enabled") == 0
+    assert value(s, "fulcrum_backend_weight", pool="web", backend=a.address) == 3
+    # the backends' and the listener's counters carried over the new snapshot
+    assert value(s, "fulcrum_backend_requests_total", pool="web", backend=a.address) == 2
+    assert value(s, "fulcrum_backend_response_seconds_count", pool="web", backend=b.address) == 2
+    assert value(s, "fulcrum_http_requests_total", listener="front") == 4
