@@ -43,8 +43,11 @@ def test_every_node_sees_the_cluster_and_the_vips_held_add_up(tmp_path: Path) ->
                 config.write_text(text)
                 procs.append(_spawn(tmp_path, node_id, ["-c", RUN_RECORDED, "run", "--config", str(config)]))
                 admins.append(admin)
-            for admin in admins:
-                wait_port(admin, timeout=20)
+            for admin, proc in zip(admins, procs[1:], strict=True):
+                try:
+                    wait_port(admin, timeout=SETTLE)
+                except TimeoutError:
+                    raise AssertionError(f"a node did not start:\n{proc.log()[-3000:]}") from None
             deadline = time.monotonic() + SETTLE
             while True:
                 views = [_metrics(a) for a in admins]
@@ -52,7 +55,9 @@ def test_every_node_sees_the_cluster_and_the_vips_held_add_up(tmp_path: Path) ->
                 held = [value(v, "fulcrum_cluster_vips_held") for v in views]
                 if nodes == [3, 3, 3] and sum(held) == len(VIPS):
                     break
-                assert time.monotonic() < deadline, f"nodes seen {nodes}, VIPs held {held} after {SETTLE}s"
+                if time.monotonic() >= deadline:
+                    logs = "\n".join(p.log()[-1500:] for p in procs[1:])
+                    raise AssertionError(f"nodes seen {nodes}, VIPs held {held} after {SETTLE}s\n{logs}")
                 time.sleep(0.2)
             for v in views:
                 assert value(v, "fulcrum_cluster_lease_held") == 1
