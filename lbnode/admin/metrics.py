@@ -138,6 +138,10 @@ def _listeners(out: Exposition, node: Any) -> None:
     out.add("fulcrum_http_responses_total", "counter",
             "HTTP responses sent to clients by status class; source=backend relayed, source=local the node's own.",
             responses)
+    out.add("fulcrum_http_rate_limited_total", "counter",
+            "Requests refused with 429 by the listener's [listeners.rate_limit] (also in the local 4xx).",
+            [((("listener", n),), p.local_responses.get(429, 0)) for n, p in sorted(http.items())
+             if p.rate_limiter is not None])
     out.histogram("fulcrum_http_request_duration_seconds",
                   "Time from a request head received to its response sent (or refused).",
                   [((("listener", name),), p.request_seconds) for name, p in sorted(http.items())])
