@@ -9,8 +9,9 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 # Debian packages the tests use: curl as a real client; etcd (3.4) for the cluster tests;
 # openssh-server for the Ansible test's hosts (network namespaces reached over SSH);
 # nftables to cut the heartbeat port in the VIP partition test; sslscan, the
-# independent scanner of tests/integration/test_tls_scan.py; nghttp2-client for h2load.
-TEST_DEBS  := curl etcd-server openssh-server nftables sslscan nghttp2-client
+# independent scanner of tests/integration/test_tls_scan.py; nghttp2-client for h2load;
+# prometheus for promtool, which checks /metrics in tests/integration/test_metrics.py.
+TEST_DEBS  := curl etcd-server openssh-server nftables sslscan nghttp2-client prometheus
 # Debian packages the benchmark runs beside Fulcrum (etcd for the cluster section).
 BENCH_DEBS := haproxy nginx wrk etcd-server
 

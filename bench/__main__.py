@@ -36,6 +36,7 @@ def sections() -> list[Section]:
         Section(
             "protections", "L7 with protections on vs off (Fulcrum)", harness.section_protections
         ),
+        Section("metrics", "L7 with /metrics scraped every second vs never (Fulcrum)", harness.section_metrics),
         Section("l4", "L4: bulk TCP, 64 MiB responses", harness.section_l4),
         Section(
             "cluster",

@@ -64,6 +64,9 @@ class ConnectionGate:
 
     def __init__(self, limit: int | None) -> None:
         self._limiter = trio.CapacityLimiter(limit) if limit else None
+        # For /metrics (plain integers, read at scrape time).
+        self.accepted = 0  # connections accepted since start
+        self.open = 0  # connections being served now
 
     async def acquire(self, token: object) -> None:
         if self._limiter is not None:
@@ -149,6 +152,8 @@ def _start_handler(
     """An accepted connection, rid of its listener's filter, handed to ``handler`` in ``handlers``."""
     _unfilter(listener, conn)
     client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+    gate.accepted += 1
+    gate.open += 1
     handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
 
 
@@ -301,4 +306,5 @@ async def _run_handler(
         await handler(conn, client_ip)
     finally:
         conn.close()
+        gate.open -= 1
         gate.release(token)

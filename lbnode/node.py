@@ -128,6 +128,7 @@ class LbNode:
         self.http_proxies: dict[str, HttpProxy] = {}
         self.tcp_proxies: dict[str, object] = {}
         self.tls_terminators: dict[str, Any] = {}  # listener -> TlsTerminator (https, tls)
+        self.connection_gates: dict[str, ConnectionGate] = {}  # listener -> its gate (connection counters)
         self.bound: Bound | None = None
         self.health_checkers: dict[str, HealthChecker] = {}
         self._checker_scopes: dict[str, trio.CancelScope] = {}
@@ -273,6 +274,7 @@ class LbNode:
                 async with trio.open_nursery() as accept_loops:
                     for li, sock in sockets:
                         gate = ConnectionGate(li.max_connections)
+                        self.connection_gates[li.name] = gate
                         if li.protocol in ("http", "https"):
                             proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1])
                             self.http_proxies[li.name] = proxy

@@ -22,6 +22,7 @@ import trio
 from lbnode.affinity import SharedAffinity, Stickiness
 from lbnode.balance import PickContext, Policy, make_policy
 from lbnode.health.state import OutlierDetector, slow_start_factor
+from lbnode.histogram import Histogram
 from lbnode.limits import RetryBudget
 from lbnode.model import Backend, Config, Listener, Pool
 from lbnode.tls.certs import Certificate, SniTable
@@ -50,6 +51,8 @@ class BackendState:
         "failures",
         "up_since",
         "upstream_key",
+        "responses",
+        "response_seconds",
     )
 
     def __init__(self, spec: Backend, index: int, health: str = "up", reason: str = "") -> None:
@@ -64,6 +67,10 @@ class BackendState:
         self.connections = 0  # L4 connections open
         self.requests = 0
         self.failures = 0
+        # For /metrics: responses relayed, by status // 100 (index 0: none of 1xx..5xx), and
+        # the time from picking this backend to the end of its response (connect included).
+        self.responses = [0] * 6
+        self.response_seconds = Histogram()
 
     @property
     def id(self) -> str:
@@ -88,6 +95,19 @@ class BackendState:
         if spec.max_inflight is not None and self.inflight >= spec.max_inflight:
             return False
         return spec.max_connections is None or self.connections < spec.max_connections
+
+
+class PoolStats:
+    """A pool's lifetime counters for /metrics; carried over snapshot swaps like the queue."""
+
+    __slots__ = ("retries", "queue_timeouts", "queue_full", "affinity_hits", "affinity_misses")
+
+    def __init__(self) -> None:
+        self.retries = 0  # requests sent again to another backend (or again on a fresh connection)
+        self.queue_timeouts = 0  # waited queue_timeout for a backend with room, in vain
+        self.queue_full = 0  # turned away at once: max_queue requests were waiting already
+        self.affinity_hits = 0  # requests (L4: connections) sent to the backend their session is bound to
+        self.affinity_misses = 0  # with affinity on, a new session or one whose backend can no longer serve it
 
 
 class PoolRuntime:
@@ -153,6 +173,7 @@ class PoolRuntime:
             self.retry_budget = RetryBudget(spec.retry_budget_percent)
         # Requests waiting for a backend below max_inflight/max_connections, oldest first.
         self.waiters: deque[trio.Event] = previous.waiters if previous is not None else deque()
+        self.stats = previous.stats if previous is not None else PoolStats()
         # Backends in their slow-start ramp: index -> time they came up.
         self._ramping: dict[int, float] = {}
         self._next_ramp = 0.0
@@ -197,6 +218,7 @@ class PoolRuntime:
     async def wait_for_room(self, deadline: float) -> bool:
         """Queue (FIFO) until a backend frees a slot; False at the deadline or when the queue is full."""
         if len(self.waiters) >= self.spec.max_queue:
+            self.stats.queue_full += 1
             return False
         event = trio.Event()
         self.waiters.append(event)
@@ -207,6 +229,7 @@ class PoolRuntime:
             self.waiters.remove(event)
         except ValueError:
             self._wake_one()  # it was woken just as it gave up: pass the slot on
+        self.stats.queue_timeouts += 1
         return False
 
     def _wake_one(self) -> None:

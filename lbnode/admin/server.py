@@ -1,4 +1,4 @@
-"""The admin HTTP endpoint: ``GET /healthz`` (and ``/status`` as JSON).
+"""The admin HTTP endpoint: ``GET /healthz``, ``/status`` (JSON) and ``/metrics`` (Prometheus).
 
 Owns answering operators and outer load balancers about this node. Reads
 the node's snapshot; never changes it (changes go through the control API).
@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import trio
 
+from lbnode.admin import metrics
 from lbnode.http.framing import RequestReader
 from lbnode.http.headers import RequestHead
 from lbnode.listen import ConnectionGate, accept_loop
@@ -132,7 +133,9 @@ def answer(node: AdminView, head: RequestHead) -> bytes:
         return _response(200, b"ok\n", "text/plain")
     if path == b"/status":
         return _response(200, json.dumps(status_document(node), indent=2).encode() + b"\n", "application/json")
-    return _response(404, b"not found: try /healthz or /status\n", "text/plain")
+    if path == b"/metrics":
+        return _response(200, metrics.render(node), metrics.CONTENT_TYPE)
+    return _response(404, b"not found: try /healthz, /status or /metrics\n", "text/plain")
 
 
 async def _handle(node: AdminView, sock: socket.socket, client_ip: str) -> None:

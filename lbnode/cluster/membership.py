@@ -143,6 +143,8 @@ class ClusterAgent:
         self.lease_ok_since: float | None = None
         self.lease_expires_at: float | None = None
         self.lease_lost_at: float | None = None
+        self.lease_renewals = 0  # keepalives etcd answered, for /metrics
+        self.lease_renewal_failures = 0  # keepalives that failed or got no answer in time
         self.registered = trio.Event()  # set when the node key was first written
         # what etcd says
         self.nodes: dict[str, dict[str, Any]] = {}
@@ -346,6 +348,10 @@ class ClusterAgent:
                     remaining = 0
                 except StoreError as exc:
                     error = exc
+            if remaining is not None and remaining > 0:
+                self.lease_renewals += 1
+            else:
+                self.lease_renewal_failures += 1
             if remaining is not None and remaining <= 0:
                 self._lose(lease_id, "etcd says it expired")
                 return

@@ -291,7 +291,9 @@ class HealthChecker:
                     ok, reason = await self._probe(backend.address, check, tls)
                 if scope.cancel_called:  # removed while the answer was already on its way
                     return
-                self._record(backend, state, ok, reason, trio.current_time())
+                now = trio.current_time()
+                state.durations.observe(now - started)
+                self._record(backend, state, ok, reason, now)
                 spacing = check.interval * (1.0 + check.jitter * self._rng.random())
                 await trio.sleep_until(started + spacing)
 

@@ -11,6 +11,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
+from lbnode.histogram import Histogram
 from lbnode.model import HealthCheck, Outlier
 
 UNKNOWN, UP, DOWN = "unknown", "up", "down"
@@ -69,6 +70,8 @@ class HealthState:
         "last_reason",
         "last_at",
         "checks",
+        "passed",
+        "durations",
     )
 
     def __init__(
@@ -89,6 +92,8 @@ class HealthState:
         self.last_reason = ""
         self.last_at: float | None = None
         self.checks = 0
+        self.passed = 0  # of ``checks``, for /metrics (failed = checks - passed)
+        self.durations = Histogram()  # how long each check took (filled by the checker), for /metrics
 
     @classmethod
     def for_check(cls, check: HealthCheck, now: float = 0.0) -> HealthState:
@@ -106,6 +111,7 @@ class HealthState:
         self.checks += 1
         self.last_ok, self.last_reason, self.last_at = ok, reason, now
         if ok:
+            self.passed += 1
             self.successes += 1
             self.failures = 0
         else:

@@ -21,6 +21,7 @@ import trio
 
 from lbnode.balance import PickContext
 from lbnode.balance.keys import extract_hash_key
+from lbnode.histogram import Histogram
 from lbnode.http.framing import End, ParseError, RequestReader, ResponseReader, Upgrade
 from lbnode.http.headers import (
     IDEMPOTENT_METHODS,
@@ -97,10 +98,14 @@ def chunk(data: bytes) -> bytes:
 class ClientConn:
     """One accepted client connection and the request stream parsed from it."""
 
-    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded")
+    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded", "io")
 
-    def __init__(self, sock: stdsocket.socket, ip: str, max_header_bytes: int, forwarded: bytes = b"") -> None:
+    def __init__(
+        self, sock: stdsocket.socket, ip: str, max_header_bytes: int, forwarded: bytes = b"",
+        io: list[int] | None = None,
+    ) -> None:
         self.sock = sock
+        self.io = io if io is not None else [0, 0]  # the listener's [bytes in, bytes out], for /metrics
         self.ip = ip
         self.forwarded = forwarded  # header lines the listener adds to every request of this connection
         self.pick_context = PickContext(client_ip=ip)
@@ -150,12 +155,14 @@ class ClientConn:
 
     def _take(self, data: bytes) -> None:
         if data:
+            self.io[0] += len(data)
             self.reader.feed(data)
         else:
             self.eof = True
             self.reader.feed_eof()
 
     async def send(self, data: bytes, timeout: float) -> None:
+        self.io[1] += len(data)  # counted as handed over: a client that stops reading still took some
         try:
             await send_all(self.sock, data, timeout)
         except OSError as exc:
@@ -232,6 +239,11 @@ class HttpProxy:
         self.redirects = 0  # requests answered with the redirect to https
         self._idle: set[ClientConn] = set()
         self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
+        # For /metrics, read at scrape time (plain integers: the data path never formats or locks).
+        self.requests = 0  # request heads received
+        self.backend_responses = [0] * 6  # backends' responses relayed, by status // 100
+        self.request_seconds = Histogram()  # head received to response sent, local answers included
+        self.io = [0, 0]  # bytes received from and sent to clients (TLS: decrypted)
         rl = listener.rate_limit
         self.rate_limiter = RateLimiter(rl.rate, rl.burst) if rl is not None else None
 
@@ -252,15 +264,21 @@ class HttpProxy:
         with the client certificate's header lines (b"" when none)."""
         sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
         if tls_headers is None:
-            conn = ClientConn(sock, client_ip, self.listener.max_header_bytes, self.forwarded_port)
+            conn = ClientConn(sock, client_ip, self.listener.max_header_bytes, self.forwarded_port, self.io)
         else:
-            conn = TlsClientConn(sock, client_ip, self.listener.max_header_bytes, self.forwarded_port + tls_headers)
+            conn = TlsClientConn(sock, client_ip, self.listener.max_header_bytes, self.forwarded_port + tls_headers,
+                                 self.io)
+        clock = self.clock
         try:
             while True:
                 head = await self._read_head(conn)
                 if head is None:
                     return
-                if not await self._serve_request(conn, head):
+                self.requests += 1
+                started = clock()
+                keep = await self._serve_request(conn, head)
+                self.request_seconds.observe(clock() - started)
+                if not keep:
                     return
                 conn.served += 1
                 if self.node.draining:
@@ -475,7 +493,13 @@ class HttpProxy:
             return retries_left > 0 and budget.try_acquire(self.clock())
 
         # A session bound to a backend that can still serve it goes there first.
-        preferred = pool.sticky(session.bound_to, now) if session is not None else None
+        preferred = None
+        if session is not None:
+            preferred = pool.sticky(session.bound_to, now)
+            if preferred is not None:
+                pool.stats.affinity_hits += 1
+            else:
+                pool.stats.affinity_misses += 1
         while True:
             exclude = frozenset(tried) if tried else _NO_INDEXES
             if preferred is not None:
@@ -518,6 +542,7 @@ class HttpProxy:
                 now = self.clock()
                 if not fresh_retry_used:
                     fresh_retry_used = True
+                    pool.stats.retries += 1
                     continue
                 last = UpstreamError(f"backend {backend.id} closed the connection", 502)
                 pool.report(backend, "reset", now)
@@ -544,6 +569,7 @@ class HttpProxy:
                     break
             tried.add(backend.index)
             retries_left -= 1
+            pool.stats.retries += 1
         assert last is not None
         await self._refuse(conn, head, last.status, last.reason)
         return False
@@ -624,6 +650,10 @@ class HttpProxy:
             pool.finished(backend, end - started, end)
             if status:
                 pool.report(backend, "http_5xx" if status >= 500 else None, end)
+                kind = status // 100 if status < 600 else 0
+                backend.responses[kind] += 1
+                self.backend_responses[kind] += 1
+                backend.response_seconds.observe(end - started)
             if up is not None:
                 if reusable:
                     upstreams.give_back(up, end, spec.max_idle_per_backend)

@@ -85,6 +85,7 @@ class TcpProxy:
         self.active = 0  # sessions with a backend right now
         self.total = 0  # sessions that reached a backend since start
         self.failed = 0  # clients closed because no backend could be reached
+        self.io = [0, 0]  # bytes received from and sent to clients (TLS: decrypted), for /metrics
         # TLS passthrough: clients closed before a pool was chosen, by reason
         # ("hello_timeout", "malformed", "non_tls", "reset"), for tests and metrics.
         self.refused: dict[str, int] = {}
@@ -117,6 +118,7 @@ class TcpProxy:
         pool.started(backend)
         try:
             if first_bytes:
+                self.io[0] += len(first_bytes)  # the ClientHello read to route by SNI
                 try:
                     await send_all(upstream, first_bytes, pool.spec.timeouts.tcp_idle)
                 except (OSError, SendTimeout) as exc:
@@ -125,7 +127,7 @@ class TcpProxy:
                     return
             # TLS on either side (a tls listener, [pools.tls]) is en/decrypted in Python: no splice.
             splice = self.use_splice and not isinstance(client, ssl.SSLSocket) and not isinstance(upstream, TlsSocket)
-            await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, splice)
+            await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, splice, self.io)
         finally:
             self.active -= 1
             backend.connections -= 1
@@ -195,6 +197,11 @@ class TcpProxy:
         stickiness = pool.stickiness if pool.stickiness is not None and pool.stickiness.mode == "source_ip" else None
         bound_to = stickiness.remembered(client_ip, _no_headers, trio.current_time(), 0.0)[0] if stickiness else None
         preferred = pool.sticky(bound_to, trio.current_time())
+        if stickiness is not None:
+            if preferred is not None:
+                pool.stats.affinity_hits += 1
+            else:
+                pool.stats.affinity_misses += 1
         timeout = spec.timeouts.connect
         tried: set[int] = set()
         while len(tried) <= spec.retries:
@@ -300,18 +307,21 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-async def _pump_session(client: socket.socket, upstream: socket.socket | TlsSocket, idle: float, splice: bool) -> None:
-    """Move bytes both ways until both directions ended, one broke, or the pair idled."""
+async def _pump_session(
+    client: socket.socket, upstream: socket.socket | TlsSocket, idle: float, splice: bool, tally: list[int]
+) -> None:
+    """Move bytes both ways until both directions ended, one broke, or the pair idled; the bytes
+    moved are added to ``tally`` ([from the client, to the client]) as they go."""
     activity = _Activity()
     pump = _splice_one_way if splice else _copy_one_way
     async with trio.open_nursery() as nursery:
         scope = nursery.cancel_scope
         directions_open = 2
 
-        async def one_way(src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket) -> None:
+        async def one_way(src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, slot: int) -> None:
             nonlocal directions_open
             try:
-                await pump(src, dst, activity)
+                await pump(src, dst, activity, tally, slot)
             except OSError as exc:
                 log.debug("tcp session broken: %s", _describe(exc))
                 activity.broken = True
@@ -321,8 +331,8 @@ async def _pump_session(client: socket.socket, upstream: socket.socket | TlsSock
             if directions_open == 0:
                 scope.cancel()
 
-        nursery.start_soon(one_way, client, upstream)
-        nursery.start_soon(one_way, upstream, client)
+        nursery.start_soon(one_way, client, upstream, 0)
+        nursery.start_soon(one_way, upstream, client, 1)
         nursery.start_soon(_idle_watchdog, activity, idle, scope)
     if activity.broken:
         for sock in (client, upstream):
@@ -360,7 +370,9 @@ def _make_pipe() -> tuple[int, int]:
     return r, w
 
 
-async def _splice_one_way(src: socket.socket, dst: socket.socket, activity: _Activity) -> None:
+async def _splice_one_way(
+    src: socket.socket, dst: socket.socket, activity: _Activity, tally: list[int], slot: int
+) -> None:
     """socket -> pipe -> socket with os.splice; the bytes never enter Python."""
     splice = os.splice
     wait_readable = trio.lowlevel.wait_readable
@@ -381,6 +393,7 @@ async def _splice_one_way(src: socket.socket, dst: socket.socket, activity: _Act
             if n == 0:
                 break
             activity.chunks += 1
+            tally[slot] += n  # per chunk (up to a pipe's 1 MiB): counted as taken from the source
             since_yield += n
             while n:
                 try:
@@ -397,7 +410,9 @@ async def _splice_one_way(src: socket.socket, dst: socket.socket, activity: _Act
         os.close(pipe_w)
 
 
-async def _copy_one_way(src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, activity: _Activity) -> None:
+async def _copy_one_way(
+    src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, activity: _Activity, tally: list[int], slot: int
+) -> None:
     """recv_into one buffer, send it on; the portable path, and the TLS one (either socket
     may be an ``ssl.SSLSocket``: OpenSSL's want-read/want-write are EAGAIN here; a send
     that has to wait is retried with the same bytes, as OpenSSL requires; or a backend's
@@ -420,6 +435,7 @@ async def _copy_one_way(src: socket.socket | TlsSocket, dst: socket.socket | Tls
         if n == 0:
             break
         activity.chunks += 1
+        tally[slot] += n
         since_yield += n
         sent = 0
         while sent < n:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -750,3 +751,35 @@ def test_cluster_section_is_skipped_without_etcd(monkeypatch, tmp_path):
     monkeypatch.setattr(harness, "ETCD", str(tmp_path / "no-etcd"))
     out = harness.section_cluster(None)  # type: ignore[arg-type]  # touches nothing else
     assert out.startswith("skipped: etcd is not installed (") and "etcd-server" in out
+
+
+def test_metrics_section_runs_abba_and_its_scraper_gets_metrics_from_a_real_server() -> None:
+    import http.server
+    import threading
+
+    from bench.harness import Scraper, metrics_runs
+
+    assert [scraped for _, scraped in metrics_runs()] == [False, True, True, False]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            body = b"# HELP x y\n# TYPE x gauge\nx 1\n"
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Scraper(server.server_address[1], interval=0.05) as scraper:
+            deadline = time.monotonic() + 10  # 3 scrapes take 0.15 s; the margin is for busy cores
+            while scraper.scrapes < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert scraper.scrapes >= 3 and scraper.failures == 0 and scraper.last_bytes == 30
+    finally:
+        server.shutdown()
+        server.server_close()
