@@ -30,7 +30,7 @@ TARGET_US = 5.0  # per-pick budget from the design brief
 def _pool(algorithm: str, n: int) -> Pool:
     backends = tuple(
         Backend(
-            address=Address(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 8080),
+            address=Address(f"127.{i // 65536}.{i // 256 % 256}.{i % 256}", 8080),
             weight=WEIGHTS[i % len(WEIGHTS)],
         )
         for i in range(n)

@@ -39,7 +39,7 @@ class Written:
 
 
 def parse_hosts(values: list[str], nodes: list[str]) -> dict[str, list[str]]:
-    """``n1=10.0.0.1,n2=lb2.example.com`` (repeatable) -> extra names per node."""
+    """``n1=192.0.2.1,n2=lb2.example.com`` (repeatable) -> extra names per node."""
     hosts: dict[str, list[str]] = {n: [] for n in nodes}
     for value in values:
         for item in filter(None, (part.strip() for part in value.split(","))):
@@ -119,7 +119,7 @@ def init_etcd_certs(directory: Path, members: dict[str, list[str]]) -> list[Writ
 
 
 def parse_members(values: list[str]) -> dict[str, list[str]]:
-    """``m1=10.0.0.1,m2=10.0.0.2`` (repeatable; a member may be named twice) -> addresses per member."""
+    """``m1=192.0.2.1,m2=192.0.2.2`` (repeatable; a member may be named twice) -> addresses per member."""
     members: dict[str, list[str]] = {}
     for value in values:
         for item in filter(None, (part.strip() for part in value.split(","))):

@@ -142,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", default="", help="node names, comma-separated: n1,n2,n3 "
                    "(may be left out with --etcd-members: etcd certificates only)")
     p.add_argument("--hosts", action="append", default=[], metavar="NODE=ADDR,...",
-                   help="extra addresses or DNS names per node, e.g. n1=10.0.0.11,n2=10.0.0.12")
+                   help="extra addresses or DNS names per node, e.g. n1=192.0.2.11,n2=192.0.2.12")
     p.add_argument("--etcd-members", action="append", default=[], metavar="MEMBER=ADDR,...",
                    help="also etcd's own CA, member and client certificates in DIR/etcd/, "
-                        "e.g. m1=10.0.0.1,m2=10.0.0.2,m3=10.0.0.3")
+                        "e.g. m1=192.0.2.1,m2=192.0.2.2,m3=192.0.2.3")
     return parser
 
 

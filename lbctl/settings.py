@@ -93,7 +93,7 @@ def resolve(
     elif file.get("endpoints") is not None:
         value = file["endpoints"]
         if not isinstance(value, list) or not all(isinstance(e, str) for e in value):
-            raise SettingsError(f'{file_path}: endpoints: expected a list like ["10.0.0.1:7443"]')
+            raise SettingsError(f'{file_path}: endpoints: expected a list like ["192.0.2.1:7443"]')
         eps = list(value)
     eps = [e.strip() for e in eps if e.strip()] or [DEFAULT_ENDPOINT]
     for e in eps:

@@ -1036,7 +1036,7 @@ def _parse_heartbeat(t: Table) -> Address | None:
                           "not a name") from None
     if ip.is_unspecified:
         raise ConfigError(t.key("heartbeat"), f'"{raw}": the other nodes send to this address: use this host\'s '
-                          'own IP address on the LAN, like "10.0.0.11:7946", not a wildcard')
+                          'own IP address on the LAN, like "192.0.2.11:7946", not a wildcard')
     return address
 
 

@@ -10,7 +10,7 @@ nothing. It removes them with one rtnetlink request each (no pyroute2: its impor
 takes about half a second, and with heartbeats another node takes the VIP about 0.9 s
 after this one died); until then the guard is a sleeping interpreter of a few MB.
 
-    python -m lbnode.cluster.vipguard 10.0.0.100/24@eth0 2001:db8::100/64@eth0 [...]   # stdin: the node's pipe
+    python -m lbnode.cluster.vipguard 192.0.2.100/24@eth0 2001:db8::100/64@eth0 [...]   # stdin: the node's pipe
 """
 
 from __future__ import annotations

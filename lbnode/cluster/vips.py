@@ -112,7 +112,7 @@ def parse_vips(t: Table) -> tuple[VipSpec, ...]:
             iface = ipaddress.ip_interface(raw)
         except ValueError:
             raise ConfigError(
-                vt.key("address"), f'"{raw}" is not an address like "10.0.0.100/24" or "2001:db8::100/64"'
+                vt.key("address"), f'"{raw}" is not an address like "192.0.2.100/24" or "2001:db8::100/64"'
             ) from None
         if "/" not in raw:
             example = f"{raw}/64" if iface.version == 6 else f"{raw}/24"
@@ -1002,7 +1002,7 @@ async def _main(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """A VIP claimer without a proxy: for the network-namespace tests and for trying VIPs out."""
     parser = argparse.ArgumentParser(prog="python -m lbnode.cluster.vips", description=main.__doc__)
-    parser.add_argument("--etcd", action="append", required=True, help="endpoint, e.g. http://10.0.0.2:2379")
+    parser.add_argument("--etcd", action="append", required=True, help="endpoint, e.g. http://192.0.2.2:2379")
     parser.add_argument("--node", required=True)
     parser.add_argument("--interface", required=True)
     parser.add_argument("--vip", action="append", required=True, help="address/prefixlen")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 class VipSpec:
     """One configured VIP: ``address/prefixlen`` added on ``interface`` by whichever node holds it."""
 
-    address: str  # "10.77.0.100" or "2001:db8::100" (compressed form): also the name of its etcd key
+    address: str  # "203.0.113.100" or "2001:db8::100" (compressed form): also the name of its etcd key
     prefixlen: int
     interface: str
 
@@ -40,7 +40,7 @@ class VipSpec:
         cidr, sep, interface = arg.partition("@")
         address, slash, prefixlen = cidr.partition("/")
         if not (sep and slash and interface and prefixlen.isdigit()):
-            raise ValueError(f'"{arg}" is not like "10.0.0.100/24@eth0" or "2001:db8::100/64@eth0"')
+            raise ValueError(f'"{arg}" is not like "192.0.2.100/24@eth0" or "2001:db8::100/64@eth0"')
         socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
         return cls(address, int(prefixlen), interface)
 

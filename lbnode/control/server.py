@@ -636,7 +636,7 @@ def _event_message(item: Published, node_id: str) -> pb.Event:
 
 
 def _address_key(address: str) -> tuple[int, int]:
-    """VIPs in numeric order, IPv4 before IPv6 (as text, 10.0.0.10 would come before 10.0.0.9)."""
+    """VIPs in numeric order, IPv4 before IPv6 (as text, 192.0.2.10 would come before 192.0.2.9)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

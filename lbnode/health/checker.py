@@ -158,7 +158,7 @@ async def _http_check(
 
 
 def describe_os_error(exc: OSError) -> str:
-    """``connection refused`` rather than ``all attempts to connect to 10.0.0.5:80 failed``."""
+    """``connection refused`` rather than ``all attempts to connect to 192.0.2.5:80 failed``."""
     cause = exc.__cause__
     if exc.errno is None and isinstance(cause, BaseExceptionGroup):
         inner = next((e for e in cause.exceptions if isinstance(e, OSError)), None)

@@ -321,8 +321,8 @@ async def test_unreachable_etcd_never_blocks_and_is_logged_once(caplog: pytest.L
 async def test_a_second_node_with_the_same_id_is_refused_until_the_first_is_gone(
     settings: ClusterSettings, etcd_conn: EtcdConnection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = ClusterAgent(settings, "twin", {"addresses": ["10.0.0.1:80"], "host": "h1", "state_dir": "/s"})
-    second = ClusterAgent(settings, "twin", {"addresses": ["10.0.0.2:80"], "host": "h2", "state_dir": "/s"})
+    first = ClusterAgent(settings, "twin", {"addresses": ["192.0.2.1:80"], "host": "h1", "state_dir": "/s"})
+    second = ClusterAgent(settings, "twin", {"addresses": ["192.0.2.2:80"], "host": "h2", "state_dir": "/s"})
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)
         await eventually(lambda: first.lease_id is not None, what="first registered")
@@ -345,7 +345,7 @@ async def test_a_second_node_with_the_same_id_is_refused_until_the_first_is_gone
 async def test_a_restarted_node_takes_its_key_back_at_once_from_its_dead_run(
     settings: ClusterSettings, etcd_conn: EtcdConnection
 ) -> None:
-    identity = {"addresses": ["10.0.0.1:80"], "host": "h1", "state_dir": "/s"}
+    identity = {"addresses": ["192.0.2.1:80"], "host": "h1", "state_dir": "/s"}
     old = ClusterAgent(settings, "phoenix", identity)
     async with trio.open_nursery() as nursery:
         await nursery.start(old.run)

@@ -85,10 +85,10 @@ def test_idle_entries_are_dropped_on_insert_before_evicting_live_ones() -> None:
 
 def test_cookie_round_trip_is_cookie_safe() -> None:
     sealer = CookieSealer(KEY)
-    value = sealer.seal("10.0.0.1:8080", expires=1000.0)
+    value = sealer.seal("192.0.2.1:8080", expires=1000.0)
     assert all(c.isalnum() or c in "-_" for c in value)
-    assert sealer.open(value, now=999.0) == "10.0.0.1:8080"
-    assert sealer.seal("10.0.0.1:8080", expires=1000.0) != value  # fresh nonce each time
+    assert sealer.open(value, now=999.0) == "192.0.2.1:8080"
+    assert sealer.seal("192.0.2.1:8080", expires=1000.0) != value  # fresh nonce each time
 
 
 def test_tampered_cookie_is_refused() -> None:

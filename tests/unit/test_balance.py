@@ -25,7 +25,7 @@ CTX = PickContext(client_ip="192.0.2.1")
 
 def backends(weights: tuple[int, ...] | list[int]) -> tuple[Backend, ...]:
     return tuple(
-        Backend(address=Address("10.0.0.1", 8000 + i), weight=w, name=f"b{i}")
+        Backend(address=Address("192.0.2.1", 8000 + i), weight=w, name=f"b{i}")
         for i, w in enumerate(weights)
     )
 

@@ -244,8 +244,8 @@ def _cluster_config(heartbeat: object) -> object:
 def test_heartbeat_config_is_an_address_of_this_host() -> None:
     from lbnode.model import Address
 
-    config = _cluster_config("10.0.0.11:7946")
-    assert config.cluster.heartbeat == Address("10.0.0.11", 7946)  # type: ignore[attr-defined]
+    config = _cluster_config("192.0.2.11:7946")
+    assert config.cluster.heartbeat == Address("192.0.2.11", 7946)  # type: ignore[attr-defined]
     from lbnode.model import parse_config
 
     assert parse_config({"node": {"id": "n1"}, "cluster": {"etcd": ["http://127.0.0.1:2379"]}}).cluster.heartbeat is None  # type: ignore[union-attr]
@@ -254,11 +254,11 @@ def test_heartbeat_config_is_an_address_of_this_host() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("10.0.0.11", "is not host:port"),
+        ("192.0.2.11", "is not host:port"),
         ("0.0.0.0:7946", "not a wildcard"),
         ("[::]:7946", "not a wildcard"),
         ("lb1.example:7946", "not a name"),
-        ("10.0.0.11:0", "out of range"),
+        ("192.0.2.11:0", "out of range"),
         (7946, "expected a string host:port"),
     ],
 )

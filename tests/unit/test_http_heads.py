@@ -21,7 +21,7 @@ from lbnode.http.headers import (
 REQUESTS = [
     b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n",
     b"GET /a?b=c HTTP/1.1\r\nHost: Example.COM\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n"
+    b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 192.0.2.1\r\nx-forwarded-for: 192.0.2.2\r\n"
     b"Via: 1.1 edge\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: other\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nX-Kept: 2\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: h\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\r\n",
@@ -77,7 +77,7 @@ def test_the_forwarded_request_head_drops_and_merges_what_it_must() -> None:
     out = upstream_request_head(head, "192.0.2.7", "http", "fulcrum")
     assert out == (
         b"GET / HTTP/1.1\r\nHost: h\r\n"
-        b"X-Forwarded-For: 10.0.0.1, 10.0.0.2, 192.0.2.7\r\n"
+        b"X-Forwarded-For: 192.0.2.1, 192.0.2.2, 192.0.2.7\r\n"
         b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: h\r\nVia: 1.1 edge, 1.1 fulcrum\r\n\r\n"
     )
 

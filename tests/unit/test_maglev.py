@@ -18,7 +18,7 @@ SIZE = 65537
 def backends(weights: tuple[int, ...], names: list[str] | None = None) -> tuple[Backend, ...]:
     names = names or [f"b{i}" for i in range(len(weights))]
     return tuple(
-        Backend(address=Address("10.0.0.1", 8000 + i), weight=w, name=name)
+        Backend(address=Address("192.0.2.1", 8000 + i), weight=w, name=name)
         for i, (w, name) in enumerate(zip(weights, names, strict=True))
     )
 

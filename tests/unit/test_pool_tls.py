@@ -13,7 +13,7 @@ def test_defaults_verify_against_the_system_store() -> None:
 
 
 def test_round_trip_through_the_store_and_the_api_message() -> None:
-    spec = {"name": "p", "backends": [{"address": "10.0.0.5:8443"}],
+    spec = {"name": "p", "backends": [{"address": "192.0.2.5:8443"}],
             "tls": {"enabled": True, "ca": "/etc/ca.pem", "server_name": "API.internal.",
                     "cert": "/etc/c.pem", "key": "/etc/c.key"}}
     pool = pool_from_dict(spec)

@@ -13,7 +13,7 @@ from lbnode.cluster.vips import VipSpec, fair_share, parse_vips, plan
 from lbnode.cluster.wire import garp_frame, na_frame
 from lbnode.model import ConfigError, Table
 
-VIPS3 = ["10.77.0.100", "10.77.0.101", "10.77.0.102"]
+VIPS3 = ["203.0.113.100", "203.0.113.101", "203.0.113.102"]
 
 
 class Cluster:
@@ -175,12 +175,12 @@ def test_placement_settles_fairly_and_never_flaps(n_vips: int, events: list[tupl
 
 def test_garp_frame_is_a_broadcast_arp_announcement() -> None:
     mac = bytes.fromhex("02fc00000001")
-    frame = garp_frame(mac, "10.77.0.100")
+    frame = garp_frame(mac, "203.0.113.100")
     assert len(frame) == 42
     assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac and frame[12:14] == b"\x08\x06"
     assert frame[20:22] == b"\x00\x01"  # request
     assert frame[22:28] == mac
-    assert frame[28:32] == bytes([10, 77, 0, 100]) == frame[38:42]  # sender = target = VIP
+    assert frame[28:32] == bytes([203, 0, 113, 100]) == frame[38:42]  # sender = target = VIP
 
 
 def _ones_complement_sum(data: bytes) -> int:
@@ -217,35 +217,35 @@ def test_vip_spec_round_trips_ipv6_through_the_guard_argument() -> None:
     spec = VipSpec("2001:db8::100", 64, "eth0")
     assert spec.arg == "2001:db8::100/64@eth0"
     assert VipSpec.from_arg(spec.arg) == spec
-    assert spec.family == socket.AF_INET6 and VipSpec("10.0.0.1", 24, "eth0").family == socket.AF_INET
+    assert spec.family == socket.AF_INET6 and VipSpec("192.0.2.1", 24, "eth0").family == socket.AF_INET
     with pytest.raises(OSError):
         VipSpec.from_arg("2001:db8::zz/64@eth0")
 
 
 def test_vips_config_is_parsed_with_per_vip_interface() -> None:
-    t = Table({"vip_interface": "bond0", "vips": [{"address": "10.77.0.100/24"},
-                                                   {"address": "10.77.0.101/24", "interface": "eth1"}]}, "cluster")
-    assert parse_vips(t) == (VipSpec("10.77.0.100", 24, "bond0"), VipSpec("10.77.0.101", 24, "eth1"))
+    t = Table({"vip_interface": "bond0", "vips": [{"address": "203.0.113.100/24"},
+                                                   {"address": "203.0.113.101/24", "interface": "eth1"}]}, "cluster")
+    assert parse_vips(t) == (VipSpec("203.0.113.100", 24, "bond0"), VipSpec("203.0.113.101", 24, "eth1"))
 
 
 def test_ipv6_vips_are_parsed_in_compressed_form() -> None:
-    t = Table({"vips": [{"address": "2001:0db8:0000::0100/64"}, {"address": "10.77.0.100/24"}]}, "cluster")
-    assert parse_vips(t) == (VipSpec("2001:db8::100", 64, "eth0"), VipSpec("10.77.0.100", 24, "eth0"))
+    t = Table({"vips": [{"address": "2001:0db8:0000::0100/64"}, {"address": "203.0.113.100/24"}]}, "cluster")
+    assert parse_vips(t) == (VipSpec("2001:db8::100", 64, "eth0"), VipSpec("203.0.113.100", 24, "eth0"))
 
 
 @pytest.mark.parametrize(
     ("vips", "key", "message"),
     [
-        ([{"address": "10.77.0.100"}], "cluster.vips[0].address", "prefix length"),
+        ([{"address": "203.0.113.100"}], "cluster.vips[0].address", "prefix length"),
         ([{"address": "nope/24"}], "cluster.vips[0].address", "not an address"),
         ([{"address": "2001:db8::100"}], "cluster.vips[0].address", '"2001:db8::100/64"'),
         ([{"address": "fe80::1/64"}], "cluster.vips[0].address", "cannot be a VIP"),
         ([{"address": "ff02::1/64"}], "cluster.vips[0].address", "cannot be a VIP"),
-        ([{"address": "::ffff:10.0.0.1/120"}], "cluster.vips[0].address", "IPv4-mapped"),
+        ([{"address": "::ffff:192.0.2.1/120"}], "cluster.vips[0].address", "IPv4-mapped"),
         ([{"address": "2001:db8::100/64"}, {"address": "2001:DB8:0::100/64"}], "cluster.vips[1].address",
          "2001:db8::100 is already used"),
-        ([{"address": "10.77.0.100/24"}, {"address": "10.77.0.100/24"}], "cluster.vips[1].address", "already used"),
-        ([{"address": "10.77.0.100/24", "iface": "eth0"}], "cluster.vips[0].iface", "unknown key"),
+        ([{"address": "203.0.113.100/24"}, {"address": "203.0.113.100/24"}], "cluster.vips[1].address", "already used"),
+        ([{"address": "203.0.113.100/24", "iface": "eth0"}], "cluster.vips[0].iface", "unknown key"),
     ],
 )
 def test_vips_config_errors_name_the_key(vips: list[dict[str, str]], key: str, message: str) -> None:
@@ -257,5 +257,5 @@ def test_vips_config_errors_name_the_key(vips: list[dict[str, str]], key: str, m
 def test_vips_are_listed_in_numeric_order_ipv4_first() -> None:
     from lbnode.control.server import _address_key
 
-    listed = ["2001:db8::10", "10.0.0.10", "2001:db8::9", "10.0.0.9"]
-    assert sorted(listed, key=_address_key) == ["10.0.0.9", "10.0.0.10", "2001:db8::9", "2001:db8::10"]
+    listed = ["2001:db8::10", "192.0.2.10", "2001:db8::9", "192.0.2.9"]
+    assert sorted(listed, key=_address_key) == ["192.0.2.9", "192.0.2.10", "2001:db8::9", "2001:db8::10"]
