@@ -3,7 +3,7 @@
 Owns the attackers only (slowloris: a request head sent one byte every few seconds,
 reconnecting when the node gives up on it); the measuring client lives in the test,
 so the attackers' work never runs on the loop that times the ordinary requests.
-Prints ``ready N`` once N connections are open, then runs until killed.
+Prints ``ready N`` once each attacker has connected once, then runs until killed.
 """
 
 from __future__ import annotations
