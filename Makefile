@@ -21,7 +21,7 @@ LOCK    := constraints.txt
 # Where `make wheel` puts the wheel the Ansible role installs (git-ignored).
 DIST    ?= dist
 
-.PHONY: demo test test-fast bench fuzz lint venv lock wheel sysdeps-test sysdeps-bench clean
+.PHONY: demo test test-fast bench fuzz flood lint venv lock wheel sysdeps-test sysdeps-bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -76,6 +76,12 @@ bench: $(STAMP) sysdeps-bench
 FUZZ_SECONDS ?= 600
 fuzz: $(STAMP)
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/fuzz
+
+# Slow clients at full scale (not in CI: ~2 minutes of both cores): 10,000 slowloris
+# connections against one node (the suite runs 2,000), plus the connection-flood test.
+FLOOD_SLOWLORIS ?= 10000
+flood: $(STAMP)
+	FLOOD_SLOWLORIS=$(FLOOD_SLOWLORIS) $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/integration/test_slow_clients.py tests/integration/test_flood.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,7 @@
 """Listening sockets and the accept loop shared by the L7 and L4 listeners.
 
-Owns binding (with errors that name the address), the per-listener connection
-cap, and surviving overload the way trio's serve_listeners does: on
+Owns binding (with errors that name the address), the connection caps (per
+listener and, through a parent gate, per node), and surviving overload the way trio's serve_listeners does: on
 EMFILE/ENFILE/ENOMEM/ENOBUFS log once, sleep, go on; never crash or spin.
 Connection handlers run in a nursery that outlives the accept loop, so a
 drain can stop accepting while in-flight connections finish.
@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from lbnode.model import Address
-from lbnode.sockio import accept
 
 log = logging.getLogger("lbnode.listen")
 
@@ -60,25 +59,56 @@ def bind_tcp(address: Address, backlog: int, what: str) -> stdsocket.socket:
 
 
 class ConnectionGate:
-    """Caps a listener's open connections; above the cap the kernel backlog holds clients."""
+    """Counts a listener's open connections and caps them; above the cap the kernel backlog
+    holds clients (the accept loop stops calling accept).
 
-    def __init__(self, limit: int | None) -> None:
-        self._limiter = trio.CapacityLimiter(limit) if limit else None
-        # For /metrics (plain integers, read at scrape time).
-        self.accepted = 0  # connections accepted since start
-        self.open = 0  # connections being served now
+    A listener's gate may have a ``parent``: the node's gate (``[node] max_connections``),
+    shared by every listener, so a connection needs room in both. The admin endpoint and
+    the control API take no part in it: a flood of clients must not lock out the operator
+    who comes to look at it. Only accepted connections count: an accept loop waiting for a
+    client holds no place (with several listeners it would hold one each, and a cap of 1
+    could starve a listener while nothing is open).
+    """
 
-    async def acquire(self, token: object) -> None:
-        if self._limiter is not None:
-            await self._limiter.acquire_on_behalf_of(token)
-
-    def release(self, token: object) -> None:
-        if self._limiter is not None:
-            self._limiter.release_on_behalf_of(token)
+    def __init__(self, limit: int | None, parent: ConnectionGate | None = None) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._parent = parent
+        self._room = trio.lowlevel.ParkingLot()  # accept loops waiting for a place here
+        self.accepted = 0  # connections accepted since start (for /metrics, read at scrape time)
 
     @property
-    def in_use(self) -> int:
-        return int(self._limiter.borrowed_tokens) if self._limiter is not None else 0
+    def open(self) -> int:
+        """Connections being served now (for /metrics)."""
+        return self.in_use
+
+    def has_room(self) -> bool:
+        if self.limit is not None and self.in_use >= self.limit:
+            return False
+        return self._parent is None or self._parent.has_room()
+
+    async def wait_room(self) -> None:
+        """Until this gate and its parent have room (another listener may take it first)."""
+        while True:
+            if self.limit is not None and self.in_use >= self.limit:
+                await self._room.park()
+            elif self._parent is not None and not self._parent.has_room():
+                await self._parent.wait_room()
+            else:
+                return
+
+    def take(self) -> None:
+        """One more open connection; only right after ``has_room`` said yes (no await between)."""
+        self.in_use += 1
+        if self._parent is not None:
+            self._parent.take()
+
+    def release(self) -> None:
+        self.in_use -= 1
+        # Every waiter looks again (a node gate's waiters are one accept loop per listener).
+        self._room.unpark_all()
+        if self._parent is not None:
+            self._parent.release()
 
 
 async def accept_loop(
@@ -91,16 +121,21 @@ async def accept_loop(
     """Accept until cancelled; each connection runs ``handler`` in ``handlers``.
 
     The caller cancels this loop to stop accepting; ``handlers`` belongs to the
-    caller, so the connections already accepted carry on.
+    caller, so the connections already accepted carry on. While ``gate`` is full
+    nothing is accepted: clients wait in the kernel's backlog (then get refused by
+    the kernel once it is full), never half-served.
     """
     capacity_logged = False
     while True:
-        token = object()
-        await gate.acquire(token)
+        await gate.wait_room()
+        await trio.lowlevel.wait_readable(sock)
+        if not gate.has_room():
+            continue  # another listener took the node's last place meanwhile
         try:
-            conn, peer = await accept(sock)
+            conn, peer = sock.accept()
+        except BlockingIOError:
+            continue  # the client went away before we took it
         except OSError as exc:
-            gate.release(token)
             if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                 if not capacity_logged:
                     log.error("listener %s: accept failed (%s); backing off", name, errno.errorcode[exc.errno])
@@ -110,13 +145,12 @@ async def accept_loop(
             if exc.errno in ACCEPT_PEER_ERRNOS:
                 continue  # that one client is gone; the listener is fine
             raise
-        except BaseException:
-            gate.release(token)
-            raise
+        gate.take()
         capacity_logged = False
+        conn.setblocking(False)
+        _start_handler(sock, conn, peer, handler, handlers, gate)
         # accept() that never waits would starve every other task under a connection flood.
         await trio.lowlevel.checkpoint()
-        _start_handler(sock, conn, peer, handler, handlers, gate, token)
 
 
 async def accept_pending(
@@ -125,19 +159,24 @@ async def accept_pending(
     handlers: trio.Nursery,
     gate: ConnectionGate,
 ) -> int:
-    """Accept the connections already in the kernel's queue (a drain, before closing); how many."""
+    """Accept the connections already in the kernel's queue (a drain, before closing); how many.
+
+    Only as many as the gates have room for now: waiting for a place would hold the drain
+    (and its deadline) up behind connections that may last; the rest are refused when the
+    listener closes, and their clients try again elsewhere.
+    """
     n = 0
-    while True:
-        token = object()
-        await gate.acquire(token)
+    await trio.lowlevel.checkpoint()
+    while gate.has_room():
         try:
             conn, peer = sock.accept()
         except OSError:  # BlockingIOError: the queue is empty; anything else: nothing more to take
-            gate.release(token)
             return n
+        gate.take()
         conn.setblocking(False)
-        _start_handler(sock, conn, peer, handler, handlers, gate, token)
+        _start_handler(sock, conn, peer, handler, handlers, gate)
         n += 1
+    return n
 
 
 def _start_handler(
@@ -147,14 +186,12 @@ def _start_handler(
     handler: Handler,
     handlers: trio.Nursery,
     gate: ConnectionGate,
-    token: object,
 ) -> None:
     """An accepted connection, rid of its listener's filter, handed to ``handler`` in ``handlers``."""
     _unfilter(listener, conn)
     client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
     gate.accepted += 1
-    gate.open += 1
-    handlers.start_soon(_run_handler, handler, conn, client_ip, gate, token)
+    handlers.start_soon(_run_handler, handler, conn, client_ip, gate)
 
 
 # Classic BPF, for a filter on a listening socket (SO_ATTACH_FILTER; the kernel copies it).
@@ -299,12 +336,9 @@ def _unfilter(listener: stdsocket.socket, conn: stdsocket.socket) -> None:
                 raise
 
 
-async def _run_handler(
-    handler: Handler, conn: stdsocket.socket, client_ip: str, gate: ConnectionGate, token: object
-) -> None:
+async def _run_handler(handler: Handler, conn: stdsocket.socket, client_ip: str, gate: ConnectionGate) -> None:
     try:
         await handler(conn, client_ip)
     finally:
         conn.close()
-        gate.open -= 1
-        gate.release(token)
+        gate.release()

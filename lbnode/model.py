@@ -813,6 +813,9 @@ class NodeSettings:
     admin: Address | None = None
     state_dir: str = "state"
     drain_timeout: float = 30.0
+    # Client connections open at once on all listeners together (None: no node-wide cap).
+    # Not counted: the admin endpoint and the control API, which must stay reachable in a flood.
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -878,6 +881,7 @@ def parse_config(data: object) -> Config:
         admin=None if admin_raw is None else parse_address(admin_raw, "node.admin", bind=True),
         state_dir=nt.str("state_dir", "state"),
         drain_timeout=nt.duration("drain_timeout", 30.0, positive=False),
+        max_connections=nt.int("max_connections", None, lo=1),
     )
     nt.done()
     pools = [parse_pool(pt) for pt in root.tables("pools")]

@@ -116,6 +116,8 @@ class LbNode:
         self.vips: VipClaimer | None = None  # virtual IPs this node may hold ([[cluster.vips]])
         self.follower: StoreFollower | None = None
         self._snapshot = Snapshot.build(config, shared_affinity=affinity)
+        # [node] max_connections: every listener's gate answers to this one (not admin, not control).
+        self.connection_gate = ConnectionGate(config.node.max_connections)
         self._retain_affinity_tables()
         self.wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # certificate expiry
         self._expiry = ExpiryWarnings()
@@ -273,7 +275,7 @@ class LbNode:
                 accepting: list[tuple[stdsocket.socket, Handler, ConnectionGate]] = []
                 async with trio.open_nursery() as accept_loops:
                     for li, sock in sockets:
-                        gate = ConnectionGate(li.max_connections)
+                        gate = ConnectionGate(li.max_connections, parent=self.connection_gate)
                         self.connection_gates[li.name] = gate
                         if li.protocol in ("http", "https"):
                             proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1])

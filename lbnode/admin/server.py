@@ -93,9 +93,15 @@ def status_document(node: AdminView) -> dict[str, Any]:
         if terminator is not None:
             entry["tls"] = terminator.status()
         listeners[name] = entry
+    gate = getattr(node, "connection_gate", None)
     return {
         "node": snap.config.node.id,
         "draining": node.draining,
+        # client connections open on all listeners, and [node] max_connections (null: none)
+        "connections": {
+            "open": gate.in_use if gate is not None else None,
+            "max": gate.limit if gate is not None else None,
+        },
         "config_version": snap.version,
         # where the pools come from; "stale": true while a cluster node serves its cache
         # (or node.toml's pools) because the store could not be read

@@ -258,6 +258,18 @@ CASES = [
         "duration must be a finite number >= 0, got -1",
     ),
     Case(
+        "node-max-connections-zero",
+        (('drain_timeout = "5s"', 'drain_timeout = "5s"\nmax_connections = 0'),),
+        "node.max_connections",
+        "must be >= 1, got 0",
+    ),
+    Case(
+        "node-max-connections-text",
+        (('drain_timeout = "5s"', 'drain_timeout = "5s"\nmax_connections = "many"'),),
+        "node.max_connections",
+        "expected an integer, got a string",
+    ),
+    Case(
         "affinity-key-short",
         ((W1, W1 + AFFINITY.format(key="abcd")),),
         "pools[0].affinity.key",
