@@ -43,8 +43,8 @@ def test_lbnode_unit_with_vips_grants_the_capabilities_sets_arp_announce_and_sig
     tmp_path: Path,
 ) -> None:
     unit = render(tmp_path, ROLES / "lbnode/templates/lbnode.service.j2", COMMON | {
-        "lbnode_vips": [{"address": "10.0.0.100/24"}, {"address": "10.0.0.101/24", "interface": "bond0"},
-                        {"address": "10.0.0.102/24"}]})
+        "lbnode_vips": [{"address": "203.0.113.100/24"}, {"address": "203.0.113.101/24", "interface": "bond0"},
+                        {"address": "203.0.113.102/24"}]})
     lines = unit.splitlines()
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_NET_ADMIN CAP_NET_RAW" in lines
     assert [line for line in lines if line.startswith("ExecStartPre=")] == [
@@ -69,8 +69,8 @@ def _node_toml(tmp_path: Path, vips: list[dict[str, str]]) -> dict[str, object]:
 
     defaults = yaml.safe_load((ROLES / "lbnode/defaults/main.yml").read_text())
     text = render(tmp_path, ROLES / "lbnode/templates/node.toml.j2", COMMON | {
-        "ansible_host": "10.0.0.11", "lbnode_admin": "", "lbnode_state_dir": "/var/lib/fulcrum",
-        "lbnode_etcd_endpoints": ["http://10.0.0.11:2379"], "lbnode_lease_ttl": "5s", "lbnode_health_checkers": 2,
+        "ansible_host": "192.0.2.11", "lbnode_admin": "", "lbnode_state_dir": "/var/lib/fulcrum",
+        "lbnode_etcd_endpoints": ["http://192.0.2.11:2379"], "lbnode_lease_ttl": "5s", "lbnode_health_checkers": 2,
         "lbnode_vips": vips, "lbnode_control_bind": "0.0.0.0:7443", "lbnode_listeners": [], "lbnode_pools": [],
         "lbnode_heartbeat": defaults["lbnode_heartbeat"], "lbnode_heartbeat_port": defaults["lbnode_heartbeat_port"],
         "lbnode_etcd_tls": False,  # plain endpoints here: etcd over TLS is rendered and checked by test_ansible.py
@@ -81,10 +81,10 @@ def _node_toml(tmp_path: Path, vips: list[dict[str, str]]) -> dict[str, object]:
 def test_lbnode_role_turns_heartbeats_on_with_vips_at_the_hosts_address(tmp_path: Path) -> None:
     from lbnode.model import Address, parse_config
 
-    data = _node_toml(tmp_path, [{"address": "10.0.0.100/24"}])
-    assert data["cluster"]["heartbeat"] == "10.0.0.11:7946"  # type: ignore[index]
+    data = _node_toml(tmp_path, [{"address": "203.0.113.100/24"}])
+    assert data["cluster"]["heartbeat"] == "192.0.2.11:7946"  # type: ignore[index]
     cluster = parse_config(data).cluster
-    assert cluster is not None and cluster.heartbeat == Address("10.0.0.11", 7946)
+    assert cluster is not None and cluster.heartbeat == Address("192.0.2.11", 7946)
 
 
 def test_lbnode_role_without_vips_leaves_heartbeats_off(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ async def test_an_entry_made_on_one_node_is_served_by_the_other(etcd, tmp_path) 
     async with _node(etcd, tmp_path, "n1") as (_, a), _node(etcd, tmp_path, "n2") as (_, b):
         delays = []
         for i in range(50):
-            key = f"10.1.0.{i}"
+            key = f"198.18.2.{i}"
             assert a.put_if_absent(key, f"backend-{i % 3}", _now()) == f"backend-{i % 3}"
             delays.append(await _until(lambda k=key, i=i: b.get(k, _now()) == f"backend-{i % 3}", 2.0, key))
         delays.sort()
@@ -86,21 +86,21 @@ async def test_an_entry_made_on_one_node_is_served_by_the_other(etcd, tmp_path) 
 
 async def test_a_moved_session_and_a_forgotten_one_reach_the_other_node(etcd, tmp_path) -> None:
     async with _node(etcd, tmp_path, "n1") as (_, a), _node(etcd, tmp_path, "n2") as (_, b):
-        a.put_if_absent("10.6.0.1", "down-now", _now())
-        await _until(lambda: b.get("10.6.0.1", _now()) == "down-now", 2.0, "first write")
-        b.replace("10.6.0.1", "elsewhere", _now())  # its backend failed on node 2: the session moves
-        await _until(lambda: a.get("10.6.0.1", _now()) == "elsewhere", 2.0, "replace")
-        a.delete("10.6.0.1")
-        await _until(lambda: b.get("10.6.0.1", _now()) is None, 2.0, "delete")
+        a.put_if_absent("198.18.12.1", "down-now", _now())
+        await _until(lambda: b.get("198.18.12.1", _now()) == "down-now", 2.0, "first write")
+        b.replace("198.18.12.1", "elsewhere", _now())  # its backend failed on node 2: the session moves
+        await _until(lambda: a.get("198.18.12.1", _now()) == "elsewhere", 2.0, "replace")
+        a.delete("198.18.12.1")
+        await _until(lambda: b.get("198.18.12.1", _now()) is None, 2.0, "delete")
 
 
 async def test_each_node_keeps_at_most_max_entries_of_the_shared_table(etcd, tmp_path) -> None:
     async with _node(etcd, tmp_path, "n1") as (_, a), _node(etcd, tmp_path, "n2", max_entries=10) as (_, b):
         for i in range(30):
-            a.put_if_absent(f"10.7.0.{i}", "x", _now())
-        await _until(lambda: b.get("10.7.0.29", _now()) == "x", 2.0, "last entry")
+            a.put_if_absent(f"198.18.14.{i}", "x", _now())
+        await _until(lambda: b.get("198.18.14.29", _now()) == "x", 2.0, "last entry")
         assert len(a) == 30 and len(b) == 10 and b.evictions == 20
-        assert b.get("10.7.0.0", _now()) is None  # the least recently used went first
+        assert b.get("198.18.14.0", _now()) is None  # the least recently used went first
 
 
 async def test_first_writer_wins_and_the_other_node_adopts_its_entry(etcd, tmp_path) -> None:
@@ -108,7 +108,7 @@ async def test_first_writer_wins_and_the_other_node_adopts_its_entry(etcd, tmp_p
     async with _node(etcd, tmp_path, "n1") as (_, a), _node(etcd, tmp_path, "n2") as (_, b):
         agreed = []
         for i in range(20):
-            key = f"10.2.0.{i}"
+            key = f"198.18.4.{i}"
             # Both nodes see the session at once: each local choice stands for its own request...
             assert a.put_if_absent(key, "a", _now()) == "a"
             assert b.put_if_absent(key, "b", _now()) == "b"
@@ -125,40 +125,40 @@ async def test_first_writer_wins_and_the_other_node_adopts_its_entry(etcd, tmp_p
         assert max(agreed) < 1.0
         assert a.adopted + b.adopted == 20  # the loser of every race gave its choice up
         # A node that writes later adopts the existing entry and never overwrites it.
-        a.put_if_absent("10.2.1.1", "a", _now())
-        await _until(lambda: _stored(conn, "10.2.1.1") is not None, 2.0, "write")
+        a.put_if_absent("198.18.5.1", "a", _now())
+        await _until(lambda: _stored(conn, "198.18.5.1") is not None, 2.0, "write")
         b._entries.clear()  # as if node 2 had evicted it: it does not know the entry
-        assert b.put_if_absent("10.2.1.1", "b", _now()) == "b"
-        await _until(lambda: b.get("10.2.1.1", _now()) == "a", 2.0, "adoption")
-        assert b"\"backend\":\"a\"" in (_stored(conn, "10.2.1.1") or b"")
+        assert b.put_if_absent("198.18.5.1", "b", _now()) == "b"
+        await _until(lambda: b.get("198.18.5.1", _now()) == "a", 2.0, "adoption")
+        assert b"\"backend\":\"a\"" in (_stored(conn, "198.18.5.1") or b"")
 
 
 async def test_idle_entries_vanish_with_their_lease_and_used_ones_stay(etcd, tmp_path) -> None:
     idle = 1.0  # buckets of 0.25 s, leases of ceil(1.25) = 2 s
     conn = EtcdConnection(etcd.endpoints)
     async with _node(etcd, tmp_path, "n1", idle=idle) as (_, a), _node(etcd, tmp_path, "n2", idle=idle) as (_, b):
-        a.put_if_absent("10.3.0.1", "idle", _now())
-        a.put_if_absent("10.3.0.2", "busy", _now())
-        await _until(lambda: _stored(conn, "10.3.0.1") and _stored(conn, "10.3.0.2"), 2.0, "writes")
+        a.put_if_absent("198.18.6.1", "idle", _now())
+        a.put_if_absent("198.18.6.2", "busy", _now())
+        await _until(lambda: _stored(conn, "198.18.6.1") and _stored(conn, "198.18.6.2"), 2.0, "writes")
         written = trio.current_time()
-        await _until(lambda: b.get("10.3.0.2", _now()) == "busy", 2.0, "propagation")
+        await _until(lambda: b.get("198.18.6.2", _now()) == "busy", 2.0, "propagation")
         # Node 2 keeps using the busy session; nobody uses the idle one.
         gone_after = None
         while trio.current_time() - written < 4 * idle + 1:
-            assert b.get("10.3.0.2", _now()) == "busy"
-            if gone_after is None and _stored(conn, "10.3.0.1") is None:
+            assert b.get("198.18.6.2", _now()) == "busy"
+            if gone_after is None and _stored(conn, "198.18.6.1") is None:
                 gone_after = trio.current_time() - written
             await trio.sleep(0.05)
         assert gone_after is not None, "the idle entry is still in etcd"
         print(f"\nidle_timeout {idle:g}s: unused entry deleted by etcd {gone_after:.2f}s after its write")
         # The lease TTL is idle + one bucket, rounded up to whole seconds; etcd checks every 0.5 s.
         assert idle <= gone_after <= a.lease_ttl + 1.5
-        assert a.get("10.3.0.1", _now()) is None and b.get("10.3.0.1", _now()) is None  # the watch told both
-        assert _stored(conn, "10.3.0.2") is not None  # used by node 2: alive after 5 idle timeouts
-        assert a.get("10.3.0.2", _now()) == "busy"
+        assert a.get("198.18.6.1", _now()) is None and b.get("198.18.6.1", _now()) is None  # the watch told both
+        assert _stored(conn, "198.18.6.2") is not None  # used by node 2: alive after 5 idle timeouts
+        assert a.get("198.18.6.2", _now()) == "busy"
         # Once nobody uses it, the busy one goes too.
         last_use = trio.current_time()
-        took = await _until(lambda: _stored(conn, "10.3.0.2") is None, idle + 2 * a.bucket + 2.0, "expiry")
+        took = await _until(lambda: _stored(conn, "198.18.6.2") is None, idle + 2 * a.bucket + 2.0, "expiry")
         print(f"idle_timeout {idle:g}s: entry deleted {took:.2f}s after its last use")
         await _until(lambda: len(a) == 0 and len(b) == 0, 1.0, "caches emptied by the watch")
         assert trio.current_time() - last_use >= idle
@@ -168,24 +168,24 @@ async def test_etcd_down_the_table_keeps_working_locally_and_catches_up(etcd, tm
     caplog.set_level(logging.INFO, logger="lbnode.cluster")
     member = etcd.members[0]
     async with _node(etcd, tmp_path, "n1") as (_, a):
-        a.put_if_absent("10.4.0.1", "before", _now())
+        a.put_if_absent("198.18.8.1", "before", _now())
         conn = EtcdConnection(etcd.endpoints)
-        await _until(lambda: _stored(conn, "10.4.0.1") is not None, 2.0, "write")
+        await _until(lambda: _stored(conn, "198.18.8.1") is not None, 2.0, "write")
         member.kill()
         start = time.monotonic()
-        assert a.get("10.4.0.1", _now()) == "before"
-        assert a.put_if_absent("10.4.0.2", "x", _now()) == "x"
-        assert a.put_if_absent("10.4.0.2", "y", _now()) == "x"
-        a.replace("10.4.0.1", "moved", _now())
-        assert a.get("10.4.0.1", _now()) == "moved"
+        assert a.get("198.18.8.1", _now()) == "before"
+        assert a.put_if_absent("198.18.8.2", "x", _now()) == "x"
+        assert a.put_if_absent("198.18.8.2", "y", _now()) == "x"
+        a.replace("198.18.8.1", "moved", _now())
+        assert a.get("198.18.8.1", _now()) == "moved"
         assert time.monotonic() - start < 0.01  # no call waited for etcd
         await trio.sleep(2.0)  # writes fail and are retried meanwhile
-        assert a.get("10.4.0.2", _now()) == "x" and a.writing_failed
+        assert a.get("198.18.8.2", _now()) == "x" and a.writing_failed
         member.start()
         member.wait_healthy()
         took = await _until(
-            lambda: b'"moved"' in (_stored(conn, "10.4.0.1") or b"")
-            and _stored(conn, "10.4.0.2") is not None
+            lambda: b'"moved"' in (_stored(conn, "198.18.8.1") or b"")
+            and _stored(conn, "198.18.8.2") is not None
             and not a.writing_failed,
             10.0,
             "catch-up",
@@ -199,19 +199,19 @@ async def test_etcd_down_the_table_keeps_working_locally_and_catches_up(etcd, tm
 async def test_a_node_started_with_etcd_down_serves_locally_then_follows(etcd, tmp_path) -> None:
     member = etcd.members[0]
     async with _node(etcd, tmp_path, "n1") as (_, a):
-        a.put_if_absent("10.5.0.1", "from-n1", _now())
+        a.put_if_absent("198.18.10.1", "from-n1", _now())
         conn = EtcdConnection(etcd.endpoints)
-        await _until(lambda: _stored(conn, "10.5.0.1") is not None, 2.0, "write")
+        await _until(lambda: _stored(conn, "198.18.10.1") is not None, 2.0, "write")
         member.kill()
         async with _node(etcd, tmp_path, "n2", wait=False) as (shared, b):
-            assert b.put_if_absent("10.5.0.2", "from-n2", _now()) == "from-n2"
-            assert b.get("10.5.0.1", _now()) is None  # never read: etcd is down
+            assert b.put_if_absent("198.18.10.2", "from-n2", _now()) == "from-n2"
+            assert b.get("198.18.10.1", _now()) is None  # never read: etcd is down
             member.start()
             member.wait_healthy()
             with trio.fail_after(10):
                 await shared.following.wait()
-            await _until(lambda: b.get("10.5.0.1", _now()) == "from-n1", 2.0, "full read")
-            await _until(lambda: a.get("10.5.0.2", _now()) == "from-n2", 10.0, "n2's queued write")
+            await _until(lambda: b.get("198.18.10.1", _now()) == "from-n1", 2.0, "full read")
+            await _until(lambda: a.get("198.18.10.2", _now()) == "from-n2", 10.0, "n2's queued write")
 
 
 async def test_the_first_node_creates_the_cookie_key_and_the_others_adopt_it(etcd, tmp_path) -> None:

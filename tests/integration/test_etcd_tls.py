@@ -216,7 +216,7 @@ def test_certs_init_issues_etcd_member_and_client_certificates_under_their_own_c
 
     done = subprocess.run(
         [sys.executable, "-m", "lbctl.cli", "certs", "init", "--dir", str(tmp_path), "--nodes", "n1",
-         "--etcd-members", "m1=10.0.0.1,m2=10.0.0.2", "--etcd-members", "m1=etcd1.example"],
+         "--etcd-members", "m1=192.0.2.1,m2=192.0.2.2", "--etcd-members", "m1=etcd1.example"],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
     assert done.returncode == 0, done.stderr
@@ -226,7 +226,7 @@ def test_certs_init_issues_etcd_member_and_client_certificates_under_their_own_c
     m1 = x509.load_pem_x509_certificate((etcd_dir / "m1.pem").read_bytes())
     sans = m1.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"),
-                                                        ipaddress.ip_address("10.0.0.1")]
+                                                        ipaddress.ip_address("192.0.2.1")]
     assert sans.get_values_for_type(x509.DNSName) == ["m1", "localhost", "etcd1.example"]
     usage = m1.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(usage) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}  # clients and peers
@@ -240,7 +240,7 @@ def test_certs_init_issues_etcd_member_and_client_certificates_under_their_own_c
     # A member added later (etcd certificates only): same CA, and the nodes' client certificate is kept.
     before = {name: (etcd_dir / name).read_bytes() for name in ("ca.pem", "client.pem", "client.key", "m1.pem")}
     done = subprocess.run(
-        [sys.executable, "-m", "lbctl.cli", "certs", "init", "--dir", str(tmp_path), "--etcd-members", "m3=10.0.0.3"],
+        [sys.executable, "-m", "lbctl.cli", "certs", "init", "--dir", str(tmp_path), "--etcd-members", "m3=192.0.2.3"],
         capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
     assert {name: (etcd_dir / name).read_bytes() for name in before} == before

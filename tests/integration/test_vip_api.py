@@ -30,7 +30,7 @@ from tests.integration.etcd_helpers import etcd_cluster, require_etcd
 from tests.integration.test_cluster_lbctl import Certs, certs_init, eventually, lbctl_env
 
 NODES = ("n1", "n2", "n3")
-VIPS = ("10.77.0.100", "10.77.0.101", "10.77.0.102")
+VIPS = ("203.0.113.100", "203.0.113.101", "203.0.113.102")
 SLOW_MS = 2000
 
 # `lbnode run`, with the VIP addresses recorded in memory instead of added to eth0.

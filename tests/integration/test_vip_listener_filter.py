@@ -97,7 +97,7 @@ def test_stray_packets_to_a_vip_taken_over_get_no_reset(listener: socket.socket)
 
 
 def test_the_filter_program_jumps_stay_inside_it() -> None:
-    for handing_off, taking_over in [([], ["10.0.0.1"]), (["10.0.0.100", "10.0.0.101"], []), (["10.0.0.9"], ["10.0.0.8"])]:
+    for handing_off, taking_over in [([], ["192.0.2.1"]), (["203.0.113.100", "203.0.113.101"], []), (["198.51.100.9"], ["198.51.100.8"])]:
         prog = vip_filter(handing_off, taking_over)
         assert prog[-2] == (0x06, 0, 0, 0xFFFFFFFF) and prog[-1] == (0x06, 0, 0, 0)  # accept, drop
         for i, (code, jt, jf, k) in enumerate(prog):
@@ -108,9 +108,9 @@ def test_the_filter_program_jumps_stay_inside_it() -> None:
 
 
 def test_vip_spec_round_trips_through_the_guard_command_line() -> None:
-    vip = VipSpec("10.0.0.100", 24, "eth0")
+    vip = VipSpec("203.0.113.100", 24, "eth0")
     assert VipSpec.from_arg(vip.arg) == vip
-    for bad in ("10.0.0.100/24", "10.0.0.100@eth0", "nonsense/24@eth0", "10.0.0.100/x@eth0"):
+    for bad in ("203.0.113.100/24", "203.0.113.100@eth0", "nonsense/24@eth0", "203.0.113.100/x@eth0"):
         with pytest.raises((ValueError, OSError)):
             VipSpec.from_arg(bad)
 
@@ -161,7 +161,7 @@ def listener6() -> Iterator[socket.socket]:
 
 def test_ipv6_new_connections_to_a_vip_handed_off_get_no_answer(listener6: socket.socket) -> None:
     port = listener6.getsockname()[1]
-    set_vip_filter(listener6, [V6_NEAR_FIRST, V6_NEAR_LAST, "10.0.0.1"], [])  # not ours: served
+    set_vip_filter(listener6, [V6_NEAR_FIRST, V6_NEAR_LAST, "192.0.2.1"], [])  # not ours: served
     near = socket.create_connection(("::1", port), timeout=1)
     listener6.accept()[0].close()
     set_vip_filter(listener6, ["::1"], [])
@@ -227,7 +227,7 @@ def test_ipv6_stray_packets_to_a_vip_taken_over_get_no_reset(listener6: socket.s
 
 def test_the_filter_program_with_many_ipv6_vips_stays_inside_it() -> None:
     many = [f"2001:db8::{n:x}" for n in range(1, 41)]  # 40 moving at once: 9 instructions each
-    for handing_off, taking_over in [(many, ["10.0.0.1"]), (["10.0.0.9"], many), (many[:1], many[1:2])]:
+    for handing_off, taking_over in [(many, ["192.0.2.1"]), (["198.51.100.9"], many), (many[:1], many[1:2])]:
         prog = vip_filter(handing_off, taking_over)
         assert prog[-2] == (0x06, 0, 0, 0xFFFFFFFF) and prog[-1] == (0x06, 0, 0, 0)
         for i, (code, jt, jf, k) in enumerate(prog):
