@@ -118,9 +118,9 @@ def parse_vips(t: Table) -> tuple[VipSpec, ...]:
             example = f"{raw}/64" if iface.version == 6 else f"{raw}/24"
             raise ConfigError(vt.key("address"), f'"{raw}" needs its prefix length, like "{example}"')
         ip = iface.ip
-        if ip.version == 6 and (ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local):
-            # link-local: valid on one link only, and its scope id (an interface) would be part of it
-            raise ConfigError(vt.key("address"), f'"{raw}" cannot be a VIP: use a unicast address of the LAN')
+        kind = _not_a_vip(iface)
+        if kind:
+            raise ConfigError(vt.key("address"), f'"{raw}" cannot be a VIP ({kind}): use a unicast address of the LAN')
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             raise ConfigError(vt.key("address"), f'"{raw}" is an IPv4-mapped address: write "{ip.ipv4_mapped}/24"')
         address = str(iface.ip)
@@ -130,6 +130,28 @@ def parse_vips(t: Table) -> tuple[VipSpec, ...]:
         vips.append(VipSpec(address, iface.network.prefixlen, _interface(vt, "interface", default_interface)))
         vt.done()
     return tuple(vips)
+
+
+def _not_a_vip(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> str:
+    """Why ``iface`` cannot be claimed on a LAN and answered for (ARP/NA), or "" when it can.
+
+    Loopback and link-local addresses never leave the host or the link (an IPv6 link-local one
+    would need its interface as part of it); multicast and unspecified ones are not a host's; an
+    IPv4 network or broadcast address of its own prefix (shorter than /31) is every host's.
+    """
+    ip = iface.ip
+    for kind, flag in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
+                       ("multicast", ip.is_multicast), ("unspecified", ip.is_unspecified)):
+        if flag:
+            return kind
+    if ip.version == 4 and iface.network.prefixlen < 31:
+        if ip == iface.network.broadcast_address:
+            return f"the broadcast address of {iface.network}"
+        if ip == iface.network.network_address:
+            return f"the network address of {iface.network}"
+    if ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "broadcast"
+    return ""
 
 
 def _interface(t: Table, name: str, default: str) -> str:

@@ -228,6 +228,11 @@ def test_vips_config_is_parsed_with_per_vip_interface() -> None:
     assert parse_vips(t) == (VipSpec("203.0.113.100", 24, "bond0"), VipSpec("203.0.113.101", 24, "eth1"))
 
 
+def test_point_to_point_and_host_prefixes_take_every_address() -> None:
+    t = Table({"vips": [{"address": "203.0.113.0/31"}, {"address": "203.0.113.255/32"}]}, "cluster")
+    assert parse_vips(t) == (VipSpec("203.0.113.0", 31, "eth0"), VipSpec("203.0.113.255", 32, "eth0"))
+
+
 def test_ipv6_vips_are_parsed_in_compressed_form() -> None:
     t = Table({"vips": [{"address": "2001:0db8:0000::0100/64"}, {"address": "203.0.113.100/24"}]}, "cluster")
     assert parse_vips(t) == (VipSpec("2001:db8::100", 64, "eth0"), VipSpec("203.0.113.100", 24, "eth0"))
@@ -240,7 +245,15 @@ def test_ipv6_vips_are_parsed_in_compressed_form() -> None:
         ([{"address": "nope/24"}], "cluster.vips[0].address", "not an address"),
         ([{"address": "2001:db8::100"}], "cluster.vips[0].address", '"2001:db8::100/64"'),
         ([{"address": "fe80::1/64"}], "cluster.vips[0].address", "cannot be a VIP"),
-        ([{"address": "ff02::1/64"}], "cluster.vips[0].address", "cannot be a VIP"),
+        ([{"address": "ff02::1/64"}], "cluster.vips[0].address", "cannot be a VIP (multicast)"),
+        ([{"address": "127.0.0.10/8"}], "cluster.vips[0].address", "cannot be a VIP (loopback)"),
+        ([{"address": "::1/128"}], "cluster.vips[0].address", "cannot be a VIP (loopback)"),
+        ([{"address": "169.254.1.1/16"}], "cluster.vips[0].address", "cannot be a VIP (link-local)"),
+        ([{"address": "224.0.0.18/24"}], "cluster.vips[0].address", "cannot be a VIP (multicast)"),
+        ([{"address": "0.0.0.0/24"}], "cluster.vips[0].address", "cannot be a VIP (unspecified)"),
+        ([{"address": "203.0.113.255/24"}], "cluster.vips[0].address", "broadcast address of 203.0.113.0/24"),
+        ([{"address": "203.0.113.0/24"}], "cluster.vips[0].address", "network address of 203.0.113.0/24"),
+        ([{"address": "255.255.255.255/32"}], "cluster.vips[0].address", "cannot be a VIP (broadcast)"),
         ([{"address": "::ffff:192.0.2.1/120"}], "cluster.vips[0].address", "IPv4-mapped"),
         ([{"address": "2001:db8::100/64"}, {"address": "2001:DB8:0::100/64"}], "cluster.vips[1].address",
          "2001:db8::100 is already used"),
