@@ -37,6 +37,7 @@ from lbnode.http.headers import (
 )
 from lbnode.http.upstream import UpstreamConn, UpstreamPool
 from lbnode.limits import RateLimiter, retry_after_seconds
+from lbnode.logthrottle import LogThrottle
 from lbnode.model import Listener
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
 from lbnode.sockio import (
@@ -239,6 +240,9 @@ class HttpProxy:
         self.redirects = 0  # requests answered with the redirect to https
         self._idle: set[ClientConn] = set()
         self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
+        # Local answers are counted in full above; the log takes a few per status per 10 s, so a
+        # flood of 429s, 408s or 400s does not turn into a flood of log lines (lbnode/logthrottle.py).
+        self._refusals_logged = LogThrottle(window=10.0, burst=5)
         # For /metrics, read at scrape time (plain integers: the data path never formats or locks).
         self.requests = 0  # request heads received
         self.backend_responses = [0] * 6  # backends' responses relayed, by status // 100
@@ -335,7 +339,10 @@ class HttpProxy:
         """Answer with a response of our own, logged; close unless told otherwise."""
         self.local_responses[status] = self.local_responses.get(status, 0) + 1
         what = f"{head.method.decode()} {head.target[:200].decode('latin-1')}" if head else "-"
-        log.warning("listener %s: %s %s -> %d %s", self.listener.name, conn.ip, what, status, reason)
+        left_out = self._refusals_logged.admit(status, self.clock())
+        if left_out is not None:
+            more = f" ({left_out} more {status}s not logged)" if left_out else ""
+            log.warning("listener %s: %s %s -> %d %s%s", self.listener.name, conn.ip, what, status, reason, more)
         if self.hsts:
             extra = (extra or []) + self.hsts
         data = local_response(status, reason, close=close, extra=extra,

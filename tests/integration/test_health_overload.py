@@ -9,6 +9,7 @@ worker threads. Every load loop is bounded in count and in time.
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import socket
 import threading
@@ -409,7 +410,8 @@ async def test_queue_timeout_answers_503_with_retry_after(nursery):
 # --------------------------------------------------------------------------- 4. rate limit
 
 
-async def test_rate_limit_per_client_ip(nursery):
+async def test_rate_limit_per_client_ip(nursery, caplog):
+    caplog.set_level(logging.WARNING, logger="lbnode")
     (a,) = await start_backends(nursery, "a")
     listener = listener_toml("web", "http", "web", extra="[listeners.rate_limit]\nrate = 5\nburst = 5\n")
     node, bound = await start_node(nursery, node_toml(listener, pool_toml("web", [a.address])))
@@ -443,6 +445,10 @@ async def test_rate_limit_per_client_ip(nursery):
     assert [c for c, _ in other] == [200, 200, 200]
     assert a.stats.requests == n_ok + 3  # refused requests never reach a backend
     assert node.http_proxies["web"].local_responses.get(429) == 20 - n_ok
+    # Every 429 is counted above, but the log takes 5 per 10 s window (LogThrottle(10.0, 5)):
+    # a client that hammers a rate limit cannot flood the log.
+    logged = [r for r in caplog.records if "-> 429" in r.getMessage()]
+    assert 1 <= len(logged) <= 5 * (1 + int(took // 10.0)), [r.getMessage() for r in logged]
 
 
 # --------------------------------------------------------------------------- 5. 10k idle connections
