@@ -250,6 +250,12 @@ def _cluster(out: Exposition, node: Any) -> None:
     if follower is not None:
         out.add("fulcrum_cluster_etcd_reachable", "gauge",
                 "1 while the configuration store (etcd) answers this node.", [((), int(not follower.failing))])
+        out.add("fulcrum_cluster_store_revision", "gauge",
+                "Newest pool revision read from the store (once a second); compare fulcrum_config_revision.",
+                [((), follower.lag.store_revision)])
+        out.add("fulcrum_cluster_watch_lag_seconds", "gauge",
+                "How long the node has been behind a pool change the store has (0: caught up; 1 s resolution).",
+                [((), round(follower.watch_lag(), 3))])
     out.add("fulcrum_cluster_lease_held", "gauge", "1 while the node holds its etcd lease (registered).",
             [((), int(agent.lease_id is not None))])
     out.add("fulcrum_cluster_lease_renewals_total", "counter", "Lease keepalives etcd answered.",

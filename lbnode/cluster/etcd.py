@@ -308,6 +308,14 @@ class EtcdConnection:
         response = self.call(f"read {prefix}", lambda c: c.get_prefix_response(prefix))
         return [_key_value(kv) for kv in response.kvs], int(response.header.revision)
 
+    def latest_mod_revision(self, prefix: str) -> int:
+        """The newest ``mod_revision`` among the keys under ``prefix`` (0: none): one key, no value."""
+        response = self.call(
+            f"read {prefix}",
+            lambda c: c.get_prefix_response(prefix, sort_order="descend", sort_target="mod", keys_only=True, limit=1),
+        )
+        return int(response.kvs[0].mod_revision) if response.kvs else 0
+
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write ``key``; returns the store revision of the write."""
         response = self.call(f"write {key}", lambda c: c.put(key, value, lease=lease or None))
@@ -548,6 +556,7 @@ class EtcdStore:
         self.certificates = EtcdCertificates(self.conn, settings.prefix)
         self._logged_bad: set[tuple[str, int]] = set()  # (key, mod_revision) of invalid values logged
         self._bad_lock = threading.Lock()
+        self._skipped_revision = 0  # the newest write the pool watch skipped as not a valid pool
 
     def close(self) -> None:
         if self._owns_connection:
@@ -565,6 +574,12 @@ class EtcdStore:
             if record is not None:
                 records.append(record)
         return records, revision
+
+    def latest_pool_revision(self) -> int:
+        latest = self.conn.latest_mod_revision(self.prefix)
+        # The newest write is one the watch saw and skipped (not a valid pool): nothing is
+        # waiting to be applied, however far the applied revision is behind it.
+        return 0 if latest == self._skipped_revision else latest
 
     def get_pool(self, name: str) -> PoolRecord:
         kv = self.conn.get(self.key(name))
@@ -658,7 +673,10 @@ class EtcdStore:
             # deletes of keys that could never hold a pool are not worth an event
             return PoolEvent(name, None, change.revision) if NAME_RE.fullmatch(name) else None
         record = self._decode(change.key, change.value, change.revision)
-        return None if record is None else PoolEvent(name, record, change.revision)
+        if record is None:
+            self._skipped_revision = max(self._skipped_revision, change.revision)
+            return None
+        return PoolEvent(name, record, change.revision)
 
     # ------------------------------------------------------------------ encoding
     def _parse(self, key: str, value: bytes) -> Pool:

@@ -79,6 +79,10 @@ class FileStore:
         with self._lock:
             return self._get(name)
 
+    def latest_pool_revision(self) -> int:
+        with self._lock:
+            return max((r.revision for r in self._pools.values()), default=0)
+
     # ------------------------------------------------------------------ writes
     def create_pool(self, pool: Pool) -> PoolRecord:
         with self._lock:

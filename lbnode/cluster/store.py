@@ -117,6 +117,13 @@ class PoolStore(Protocol):
 
     def get_pool(self, name: str) -> PoolRecord: ...
 
+    def latest_pool_revision(self) -> int:
+        """The revision of the newest pool write in the store (0: none); a cheap read.
+
+        A node whose applied revision is below it has not seen that write yet: its watch
+        lags. (A deletion leaves no key to read, so a missed deletion does not show here.)
+        """
+
     def create_pool(self, pool: Pool) -> PoolRecord:
         """AlreadyExists if a pool of that name exists."""
 

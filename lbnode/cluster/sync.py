@@ -41,6 +41,43 @@ CertificateCallback = Callable[[str, CertificateRecord | None, CertificateRecord
 # Retry delays after the store failed: short first, never hammering a sick etcd.
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
+# How often the follower reads the store's newest pool revision to see whether its watch
+# lags: one keys-only read of one key a second per node. It is also the lag's resolution.
+LAG_CHECK = 1.0
+
+
+class WatchLag:
+    """How long this node has been behind the newest pool write it knows the store has.
+
+    A watch normally delivers a write within milliseconds; one that is stuck (a wedged
+    stream, a thread starved of the GIL) leaves the node serving an old configuration
+    while every read of the store still works, so ``etcd reachable`` stays 1. A periodic
+    read of the store's newest revision finds it: from the first read that shows a
+    revision above the applied one until the node applies it, the node lags. Pure: ``now``
+    is passed in; the lag is measured from that first read, so it is short by at most
+    one check interval.
+    """
+
+    __slots__ = ("store_revision", "_behind_since")
+
+    def __init__(self) -> None:
+        self.store_revision = 0  # the newest pool revision read from the store
+        self._behind_since: float | None = None
+
+    def observed(self, store_revision: int, applied: int, now: float) -> None:
+        """A read of the store found ``store_revision``; the node has applied ``applied``."""
+        self.store_revision = max(self.store_revision, store_revision)
+        self.caught_up(applied)
+        if applied < self.store_revision and self._behind_since is None:
+            self._behind_since = now
+
+    def caught_up(self, applied: int) -> None:
+        """The node applied up to ``applied``."""
+        if applied >= self.store_revision:
+            self._behind_since = None
+
+    def seconds(self, now: float) -> float:
+        return 0.0 if self._behind_since is None else max(0.0, now - self._behind_since)
 
 
 class StoreFollower:
@@ -70,6 +107,8 @@ class StoreFollower:
         self.revision = 0
         self.certificates: dict[str, CertificateRecord] = {}
         self.certificate_revision = 0
+        self.lag = WatchLag()  # read by /metrics
+        self._clock = trio.current_time
         # node.toml's certificates, taken now: base() later returns the applied config,
         # which holds the store's certificates too.
         self.file_certificates: tuple[Certificate, ...] = base().certificates
@@ -84,6 +123,10 @@ class StoreFollower:
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
         self._on_certificate: list[CertificateCallback] = []
         self._on_applied: list[AppliedCallback] = []
+
+    def watch_lag(self) -> float:
+        """Seconds this node has been behind a pool write the store has (WatchLag), now."""
+        return self.lag.seconds(self._clock())
 
     @property
     def failing(self) -> bool:
@@ -115,7 +158,20 @@ class StoreFollower:
                 lambda stop: certs.watch_certificates(self.certificate_revision, stop),
                 self._replace_certificates, self._on_certificate_event,
             )
+            nursery.start_soon(self._check_lag)
             task_status.started()
+
+    async def _check_lag(self) -> None:
+        """Every LAG_CHECK, compare the store's newest pool revision with the applied one."""
+        while True:
+            await trio.sleep(LAG_CHECK)
+            if not self.synced.is_set():
+                continue  # nothing applied from the store yet: `failing` tells that story
+            try:
+                latest = await trio.to_thread.run_sync(self.store.latest_pool_revision, abandon_on_cancel=True)
+            except StoreError:
+                continue  # the watch's own retries log and mark the store failing
+            self.lag.observed(latest, self.revision, self._clock())
 
     async def _follow(
         self,
@@ -185,6 +241,7 @@ class StoreFollower:
         old = self.pools
         self.pools = {r.pool.name: r for r in records}
         self.revision = revision
+        self.lag.caught_up(revision)
         self.synced.set()
         self._push()
         for name in set(old) | set(self.pools):
@@ -197,6 +254,7 @@ class StoreFollower:
         else:
             self.pools[event.name] = event.record
         self.revision = max(self.revision, event.revision)
+        self.lag.caught_up(self.revision)
         self._push()
         self._notify(event.name, event.record)
 

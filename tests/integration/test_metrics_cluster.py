@@ -75,6 +75,9 @@ pool = "p0"
     assert value(up, "fulcrum_cluster_nodes") == 1
     assert value(up, "fulcrum_config_stale") == 0
     assert value(up, "fulcrum_config_revision") >= record.revision
+    _eventually(admin, lambda s: value(s, "fulcrum_cluster_store_revision") == record.revision,
+                "the store's newest pool revision read (once a second)")
+    assert value(up, "fulcrum_cluster_watch_lag_seconds") == 0
     assert value(up, "fulcrum_cluster_lease_renewal_failures_total") == 0
     assert value(up, "fulcrum_backend_health", pool="p0", backend=f"127.0.0.1:{a}", state="up") == 1
 
