@@ -5,7 +5,7 @@ limit, 408 to slowloris connections, 400 to garbage); one WARNING per answer wou
 turn every attack into a disk and CPU attack on the log. ``LogThrottle`` lets the
 first ``burst`` lines of a kind through in each ``window`` and counts the rest; the
 next line of that kind says how many were left out. The answers themselves are
-counted in full in ``/metrics`` (``fulcrum_responses_total{source="local"}``).
+counted in full in ``/metrics`` (``fulcrum_http_responses_total{source="local"}``).
 
 Pure: no I/O and no clock reads; every ``now`` is passed in. The kinds are a bounded
 set chosen by the caller (a status code per listener), never a client's address.
