@@ -366,14 +366,24 @@ async def test_least_latency_avoids_the_slow_backend_round_robin_does_not(nurser
         return share, p50, p99
 
     _, fast_p50, fast_p99 = await measure("allfast")
-    slow_ms.write_text(f"{max(20.0, 20 * fast_p50):.1f}")
+    # The node sees a fast backend's latency with the machine's load in it: on 2 busy cores the
+    # all-fast p99 was seen from 9 to 36 ms. The slow backend is made slower than 3x that p99,
+    # so that it stays more than SLOW_FACTOR (2) times slower than a fast one as the node sees
+    # them even when the load grows by half between this run and the next (at load 11, with a
+    # delay of only 20x the p50, the fast backends looked as slow as it and it got 2.6%).
+    slow_delay = max(20.0, 20 * fast_p50, 3 * fast_p99)
+    slow_ms.write_text(f"{slow_delay:.1f}")
     print(f"[least_latency] slow backend delay: {slow_ms.read_text()} ms (fast backends: 1 ms)")
     ll_share, _, ll_p99 = await measure("ll")
     rr_share, _, rr_p99 = await measure("rr")
     assert ll_share < 0.10
-    assert ll_p99 < 2 * fast_p99, (ll_p99, fast_p99)
+    # What the user sees: least_latency's tail is its fast backends' (the slow one is under
+    # 1% of its requests by design: probes 1/256 and the first picks before an answer), round
+    # robin's is the slow backend's (a third of its requests). Both compared with the slow
+    # delay of this run, not with another run's p99, which measures the machine's load.
+    assert ll_p99 < slow_delay, (ll_p99, slow_delay, ll_share)
     assert 0.28 <= rr_share <= 0.39
-    assert rr_p99 >= 15.0
+    assert rr_p99 >= slow_delay
 
 
 # =========================================================================== 2. cookie affinity
