@@ -357,6 +357,28 @@ def test_optional_sections(tmp_path, monkeypatch):
     assert secs["broken"].run("C").startswith("failed: import bench_opt_broken")
 
 
+# The shared runner, and what the sections are built from; a section module (or one
+# listed in report.OPTIONAL_MODULES) may import these, never the other way round.
+RUNNER_MODULES = ("tables", "procstat", "wrk", "configs", "harness", "measure", "variants", "report")
+SECTION_MODULES = ("throughput", "policies", "protections", "metrics", "cluster", "pick", "tail", "tls")
+
+
+def test_runner_modules_import_no_section_module():
+    import ast
+
+    for name in RUNNER_MODULES:
+        tree = ast.parse((ROOT / "bench" / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "bench":
+                imported |= {f"bench.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        assert not imported & {f"bench.{s}" for s in SECTION_MODULES}, name
+
+
 # --------------------------------------------------------------------------- policies / protections
 
 
