@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import harness
+from bench import cluster, metrics, policies, protections, report, throughput
 from bench.harness import Context, Options, Section
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,28 +23,34 @@ RESULTS = REPO / "bench" / "results" / "latest.md"
 
 
 def sections() -> list[Section]:
-    """The report, in order. Add a section here (or via ``harness.OPTIONAL_MODULES``).
+    """The report, in order. Add a section here (or via ``report.OPTIONAL_MODULES``).
 
     The targets section reads what the l7 and l4 sections stored in ``ctx.results``,
-    so it stays last. The policies, protections and cluster sections restart lbnode
-    with their own configs on Fulcrum's ports (the l4 section starts the main one
-    again), and carry their own targets; the cluster section also starts etcd.
+    so it stays last. The policies, protections, metrics and cluster sections restart
+    lbnode with their own configs on Fulcrum's ports (the l4 section starts the main
+    one again), and carry their own targets; the cluster section also starts etcd.
     """
     return [
-        Section("l7", "L7: HTTP/1.1 keep-alive, 100-byte responses", harness.section_l7),
-        Section("policies", "L7 per balancing policy (Fulcrum)", harness.section_policies),
+        Section("l7", "L7: HTTP/1.1 keep-alive, 100-byte responses", throughput.section_l7),
+        Section("policies", "L7 per balancing policy (Fulcrum)", policies.section_policies),
         Section(
-            "protections", "L7 with protections on vs off (Fulcrum)", harness.section_protections
+            "protections",
+            "L7 with protections on vs off (Fulcrum)",
+            protections.section_protections,
         ),
-        Section("metrics", "L7 with /metrics scraped every second vs never (Fulcrum)", harness.section_metrics),
-        Section("l4", "L4: bulk TCP, 64 MiB responses", harness.section_l4),
+        Section(
+            "metrics",
+            "L7 with /metrics scraped every second vs never (Fulcrum)",
+            metrics.section_metrics,
+        ),
+        Section("l4", "L4: bulk TCP, 64 MiB responses", throughput.section_l4),
         Section(
             "cluster",
             "Cluster member vs standalone, and control-plane propagation (Fulcrum)",
-            harness.section_cluster,
+            cluster.section_cluster,
         ),
-        *harness.optional_sections(),
-        Section("targets", "Targets", harness.section_targets),
+        *report.optional_sections(),
+        Section("targets", "Targets", throughput.section_targets),
     ]
 
 
@@ -115,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = None
     try:
         ctx = Context(opts, REPO, tmp)
-        report = harness.run_sections(ctx, chosen)
+        text = report.run_sections(ctx, chosen)
     finally:
         if ctx is not None:
             ctx.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(report)
-    harness.write_report(report, args.output)
+    print(text)
+    report.write_report(text, args.output)
     print(f"written to {args.output}", file=sys.stderr)
     return 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 # Started as a file from the benchmark's temp dir: make ``bench`` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.harness import HOST, SMALL_BODY  # noqa: E402
+from bench.configs import HOST, SMALL_BODY  # noqa: E402
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n" % len(SMALL_BODY) + SMALL_BODY
 MAX_HEAD = 64 * 1024  # wrk's heads are tiny; anything larger is not our client

@@ -15,17 +15,11 @@ import statistics
 import sys
 from collections.abc import Sequence
 
-from bench.harness import (
-    HOST,
-    Context,
-    L7Row,
-    StartError,
-    fmt_num,
-    pick_port,
-    render_table,
-    run_wrk,
-    tree_cpu_seconds,
-)
+from bench.configs import HOST
+from bench.harness import Context, StartError, pick_port
+from bench.measure import L7Row, run_wrk
+from bench.procstat import tree_cpu_seconds
+from bench.tables import fmt_num, render_table
 
 CONNECTIONS = 16  # the scenario: 16 closed-loop connections
 DELAY_MS = 20.0  # the slow backend's extra latency

@@ -3,7 +3,7 @@
 Both balancers get the same ECDSA P-256 certificate (made here with ``cryptography``), one
 thread (lbnode is one; HAProxy ``nbthread 1``), the same nginx backends and the same wrk
 client (``-t1 -c50``, TLS 1.3 as wrk negotiates it). A section of ``python -m bench`` (see
-``harness.OPTIONAL_MODULES``); everything on 127.0.0.1.
+``bench.report.OPTIONAL_MODULES``); everything on 127.0.0.1.
 
 - full handshake: ``openssl s_time -new``: one connection after another, each a new TCP
   connection, a full TLS 1.3 handshake (no resumption: lbnode's /status counts them) and one
@@ -24,21 +24,11 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bench.harness import (
-    BULK_PATH,
-    BULK_SIZE,
-    HOST,
-    SMALL_PATH,
-    Context,
-    StartError,
-    fmt_num,
-    fmt_ratio,
-    parse_wrk,
-    pick_port,
-    ports_of,
-    render_table,
-    tree_cpu_seconds,
-)
+from bench.configs import BULK_PATH, BULK_SIZE, HOST, SMALL_PATH
+from bench.harness import Context, StartError, pick_port, ports_of
+from bench.procstat import tree_cpu_seconds
+from bench.tables import fmt_num, fmt_ratio, render_table
+from bench.wrk import parse_wrk
 
 # Targets of issue 11: Fulcrum / HAProxy CPU ratios.
 HANDSHAKE_TARGET = 1.5

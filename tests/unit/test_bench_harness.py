@@ -1,7 +1,8 @@
-"""The pure parts of the benchmark harness: wrk parsing, /proc/PID/stat, tables, targets."""
+"""The pure parts of the benchmark (bench/): wrk parsing, /proc, tables, configs, sections' figures."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,21 +13,24 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import harness  # noqa: E402
-from bench.harness import (  # noqa: E402
-    L4Row,
-    L7Row,
-    Ports,
-    WrkParseError,
-    evaluate_targets,
-    failure_line,
-    parse_proc_stat,
-    parse_time_ms,
-    parse_wrk,
-    render_l4,
-    render_l7,
-    render_table,
+from bench import (  # noqa: E402
+    cluster,
+    configs,
+    harness,
+    measure,
+    policies,
+    procstat,
+    protections,
+    report,
+    variants,
 )
+from bench.configs import Ports  # noqa: E402
+from bench.harness import failure_line  # noqa: E402
+from bench.measure import L4Row, L7Row  # noqa: E402
+from bench.procstat import parse_proc_stat  # noqa: E402
+from bench.tables import render_table  # noqa: E402
+from bench.throughput import evaluate_targets, render_l4, render_l7  # noqa: E402
+from bench.wrk import WrkParseError, parse_time_ms, parse_wrk  # noqa: E402
 
 # Real wrk 4.1.0 output (Debian) against the backend nginx.
 WRK_OK = """\
@@ -126,10 +130,10 @@ def test_parse_proc_stat_with_spaces_and_parens_in_comm():
 
 
 def test_own_process_tree_cpu_is_readable():
-    tree = harness.process_tree(harness.os.getpid())
-    assert harness.os.getpid() in tree
-    assert harness.tree_cpu_seconds([harness.os.getpid()]) >= 0.0
-    assert harness.process_tree(2**22 + 12345) == {}
+    tree = procstat.process_tree(os.getpid())
+    assert os.getpid() in tree
+    assert procstat.tree_cpu_seconds([os.getpid()]) >= 0.0
+    assert procstat.process_tree(2**22 + 12345) == {}
 
 
 def test_render_table_aligns_and_escapes():
@@ -251,7 +255,7 @@ PORTS = Ports(
 def test_fulcrum_config_is_valid_for_lbnode():
     from lbnode.config import load_config_text
 
-    cfg = load_config_text(harness.fulcrum_config(PORTS, state_dir="/tmp/x"))
+    cfg = load_config_text(configs.fulcrum_config(PORTS, state_dir="/tmp/x"))
     assert cfg.node.id == "bench"
     assert [(li.name, li.protocol, li.bind.port) for li in cfg.listeners] == [
         ("web", "http", 18080),
@@ -265,10 +269,10 @@ def test_fulcrum_config_is_valid_for_lbnode():
 
 def test_proxy_configs_use_loopback_only(tmp_path):
     texts = [
-        harness.haproxy_config(PORTS),
-        harness.nginx_lb_config(tmp_path, PORTS, run_as_root=True),
-        harness.nginx_backend_config(tmp_path, tmp_path / "www", PORTS, run_as_root=False),
-        harness.fulcrum_config(PORTS),
+        configs.haproxy_config(PORTS),
+        configs.nginx_lb_config(tmp_path, PORTS, run_as_root=True),
+        configs.nginx_backend_config(tmp_path, tmp_path / "www", PORTS, run_as_root=False),
+        configs.fulcrum_config(PORTS),
     ]
     import re
 
@@ -318,7 +322,7 @@ PROC_NET_TCP = """\
 
 def test_parse_proc_net_tcp_listeners():
     # listening on 0.0.0.0:2024 and 127.0.0.1:20001; not the established one, not 127.0.0.2
-    assert harness.parse_proc_net_tcp_listeners(PROC_NET_TCP) == {2024: 1527, 20001: 21451}
+    assert procstat.parse_proc_net_tcp_listeners(PROC_NET_TCP) == {2024: 1527, 20001: 21451}
 
 
 def test_listening_ports_of_own_socket():
@@ -328,7 +332,7 @@ def test_listening_ports_of_own_socket():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert port in harness.listening_ports_of([harness.os.getpid()])
+        assert port in procstat.listening_ports_of([os.getpid()])
 
 
 def test_optional_sections(tmp_path, monkeypatch):
@@ -337,7 +341,7 @@ def test_optional_sections(tmp_path, monkeypatch):
     (tmp_path / "bench_opt_broken.py").write_text("import no_such_module_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(
-        harness,
+        report,
         "OPTIONAL_MODULES",
         [
             ("missing", "bench_opt_missing_xyz", "Missing"),
@@ -346,11 +350,33 @@ def test_optional_sections(tmp_path, monkeypatch):
             ("broken", "bench_opt_broken", "Broken"),
         ],
     )
-    secs = {s.name: s for s in harness.optional_sections()}
+    secs = {s.name: s for s in report.optional_sections()}
     assert set(secs) == {"ok", "ctx", "broken"}
     assert secs["ok"].run("C") == "ok block"
     assert secs["ctx"].run("C") == "ctx C"
     assert secs["broken"].run("C").startswith("failed: import bench_opt_broken")
+
+
+# The shared runner, and what the sections are built from; a section module (or one
+# listed in report.OPTIONAL_MODULES) may import these, never the other way round.
+RUNNER_MODULES = ("tables", "procstat", "wrk", "configs", "harness", "measure", "variants", "report")
+SECTION_MODULES = ("throughput", "policies", "protections", "metrics", "cluster", "pick", "tail", "tls")
+
+
+def test_runner_modules_import_no_section_module():
+    import ast
+
+    for name in RUNNER_MODULES:
+        tree = ast.parse((ROOT / "bench" / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "bench":
+                imported |= {f"bench.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        assert not imported & {f"bench.{s}" for s in SECTION_MODULES}, name
 
 
 # --------------------------------------------------------------------------- policies / protections
@@ -365,7 +391,7 @@ def _load(text):
 def test_every_policy_variant_config_is_valid_for_lbnode():
     from lbnode.model import ALGORITHMS
 
-    runs = harness.policy_runs()
+    runs = policies.policy_runs()
     seen = set()
     for _label, v in runs:
         cfg = _load(v.config(PORTS, state_dir="/tmp/x"))
@@ -386,7 +412,7 @@ def test_every_policy_variant_config_is_valid_for_lbnode():
 
 
 def test_policy_variant_details():
-    by_name = {v.name: v for v in harness.POLICY_VARIANTS}
+    by_name = {v.name: v for v in policies.POLICY_VARIANTS}
     wrr = _load(by_name["weighted_round_robin (weights 1,2,3)"].config(PORTS)).pool("web")
     assert [b.weight for b in wrr.backends] == [1, 2, 3]
     path = _load(by_name["consistent_hash, hash_key path"].config(PORTS)).pool("web")
@@ -402,15 +428,15 @@ def test_policy_variant_details():
         assert pool.algorithm == "round_robin" and by_name[name].client == client
         assert pool.affinity.mode == "cookie"
         assert (
-            pool.affinity.key == bytes.fromhex(harness.AFFINITY_KEY)
+            pool.affinity.key == bytes.fromhex(variants.AFFINITY_KEY)
             and len(pool.affinity.key) == 32
         )
     # without options: byte for byte the main section's config
-    assert harness.BASELINE.config(PORTS, "/s") == harness.fulcrum_config(PORTS, state_dir="/s")
+    assert variants.BASELINE.config(PORTS, "/s") == configs.fulcrum_config(PORTS, state_dir="/s")
 
 
 def test_protections_config():
-    cfg = _load(harness.PROTECTED.config(PORTS))
+    cfg = _load(protections.PROTECTED.config(PORTS))
     web, web_l = cfg.pool("web"), cfg.listeners[0]
     assert web.algorithm == "round_robin"
     assert (web.health.type, web.health.interval, web.health.path) == ("http", 1.0, "/")
@@ -422,38 +448,38 @@ def test_protections_config():
     bulk, bulk_l = cfg.pool("bulk"), cfg.listeners[1]
     assert bulk.health is None and bulk.backends[0].max_inflight is None
     assert bulk_l.rate_limit is None and bulk_l.max_connections is None
-    plain = _load(harness.PLAIN.config(PORTS))
+    plain = _load(protections.PLAIN.config(PORTS))
     assert plain.pool("web").health is None and plain.listeners[0].rate_limit is None
 
 
 def test_run_orders():
-    runs = harness.policy_runs()
-    assert runs[0] == ("round_robin (1st)", harness.BASELINE)
-    assert runs[-1] == ("round_robin (2nd)", harness.BASELINE)
-    assert [v for _, v in runs[1:-1]] == list(harness.POLICY_VARIANTS)
+    runs = policies.policy_runs()
+    assert runs[0] == ("round_robin (1st)", variants.BASELINE)
+    assert runs[-1] == ("round_robin (2nd)", variants.BASELINE)
+    assert [v for _, v in runs[1:-1]] == list(policies.POLICY_VARIANTS)
     assert len({label for label, _ in runs}) == len(runs)
-    prot = harness.protection_runs()
+    prot = protections.protection_runs()
     assert [v for _, v in prot] == [
-        harness.PLAIN,
-        harness.PROTECTED,
-        harness.PROTECTED,
-        harness.PLAIN,
+        protections.PLAIN,
+        protections.PROTECTED,
+        protections.PROTECTED,
+        protections.PLAIN,
     ]
     assert len({label for label, _ in prot}) == 4
 
 
 def test_core_percent():
-    assert harness.core_percent(L7Row("a", rps=8000.0, cpu_us_per_req=100.0)) == pytest.approx(80.0)
-    assert harness.core_percent(L7Row("direct", rps=8000.0)) is None
-    assert harness.core_percent(L7Row("x", failed="boom")) is None
+    assert variants.core_percent(L7Row("a", rps=8000.0, cpu_us_per_req=100.0)) == pytest.approx(80.0)
+    assert variants.core_percent(L7Row("direct", rps=8000.0)) is None
+    assert variants.core_percent(L7Row("x", failed="boom")) is None
 
 
 def test_mean_and_spread():
     rows = [L7Row("a", rps=100.0), L7Row("b", rps=120.0), L7Row("c", failed="x"), L7Row("d")]
-    assert harness.mean_figure(rows, "rps") == pytest.approx(110.0)
-    assert harness.mean_figure(rows, "cpu_us_per_req") is None
-    assert harness.spread(rows) == pytest.approx(20 / 110)
-    assert harness.spread(rows[:1]) is None
+    assert variants.mean_figure(rows, "rps") == pytest.approx(110.0)
+    assert variants.mean_figure(rows, "cpu_us_per_req") is None
+    assert variants.spread(rows) == pytest.approx(20 / 110)
+    assert variants.spread(rows[:1]) is None
 
 
 def _prow(name, rps, cpu=100.0, **kw):
@@ -471,7 +497,7 @@ def test_policy_statuses_against_mean_of_baselines():
         L7Row("dead", failed="lbnode exited"),
         _prow("rr (2nd)", 900.0),
     ]
-    assert harness.policy_statuses(rows, base) == [
+    assert policies.policy_statuses(rows, base) == [
         "baseline",
         "met",
         "not met",
@@ -482,9 +508,9 @@ def test_policy_statuses_against_mean_of_baselines():
     ]
     # one failed baseline run: the other one is the baseline
     rows2 = [L7Row("rr (1st)", failed="x"), _prow("p", 960.0), _prow("rr (2nd)", 1000.0)]
-    assert harness.policy_statuses(rows2, base) == ["baseline (failed)", "met", "baseline"]
+    assert policies.policy_statuses(rows2, base) == ["baseline (failed)", "met", "baseline"]
     rows3 = [L7Row("rr (1st)", failed="x"), _prow("p", 960.0)]
-    assert harness.policy_statuses(rows3, base)[1] == "not met (no round_robin figure)"
+    assert policies.policy_statuses(rows3, base)[1] == "not met (no round_robin figure)"
 
 
 def test_render_policies():
@@ -532,7 +558,7 @@ def test_render_policies():
 
 
 def render_policies_lines(rows, base):
-    return harness.render_policies(rows, base).splitlines()
+    return policies.render_policies(rows, base).splitlines()
 
 
 def cells(line):
@@ -542,7 +568,7 @@ def cells(line):
 def test_compare_protections():
     without = [_prow("w1", 1000.0, cpu=100.0), _prow("w2", 1200.0, cpu=110.0)]
     with_ = [_prow("p1", 1050.0, cpu=110.0), _prow("p2", 1040.0, cpu=111.0)]
-    c = harness.compare_protections(without, with_)
+    c = protections.compare_protections(without, with_)
     assert [(x.figure, x.ratio, x.goal, x.status) for x in c] == [
         ("req/s", "0.950x", ">= 0.95x", "met"),
         ("CPU µs/req", "1.052x", "<= 1.05x", "not met"),
@@ -551,21 +577,21 @@ def test_compare_protections():
     assert (c[0].without, c[0].with_) == ("1,100", "1,045")
     # errors in the runs with protections (a rate limit that triggered) fail the targets
     with_[1].errors = 21
-    c = harness.compare_protections(without, [_prow("p", 1100.0, cpu=100.0)] + with_[1:])
+    c = protections.compare_protections(without, [_prow("p", 1100.0, cpu=100.0)] + with_[1:])
     assert c[0].status == "not met (21 errors in 20000 requests)"
     # a side without figures
-    c = harness.compare_protections(without, [L7Row("p", failed="x")])
+    c = protections.compare_protections(without, [L7Row("p", failed="x")])
     assert c[0].status == "not met (no figure with protections)" and c[0].ratio == "—"
-    c = harness.compare_protections([], with_)
+    c = protections.compare_protections([], with_)
     assert c[1].status == "not met (no figure without protections)"
 
 
 def test_render_runs_and_comparison():
-    out = harness.render_runs([_prow("a", 1234.0), L7Row("b", failed="boom")]).splitlines()
+    out = variants.render_runs([_prow("a", 1234.0), L7Row("b", failed="boom")]).splitlines()
     assert cells(out[2]) == ["a", "1,234", "1.00", "2.00", "100.0", "12", "0"]
     assert cells(out[3]) == ["b", "failed: boom", "—", "—", "—", "—", "—"]
-    comp = harness.compare_protections([_prow("w", 1000.0)], [_prow("p", 990.0)])
-    out = harness.render_comparison(comp).splitlines()
+    comp = protections.compare_protections([_prow("w", 1000.0)], [_prow("p", 990.0)])
+    out = variants.render_comparison(comp).splitlines()
     assert cells(out[0]) == [
         "Figure",
         "without (mean)",
@@ -578,7 +604,7 @@ def test_render_runs_and_comparison():
 
 
 def test_cookie_from_set_cookie():
-    f = harness.cookie_from_set_cookie
+    f = variants.cookie_from_set_cookie
     assert f(["other=1; Path=/", "FULCRUM=abc.def-_; Path=/; HttpOnly"]) == "FULCRUM=abc.def-_"
     assert f(["FULCRUMX=1", "FULCRUM=; Path=/"]) is None
     assert f([]) is None
@@ -586,7 +612,7 @@ def test_cookie_from_set_cookie():
 
 def test_wrk_argv():
     o = harness.Options()
-    plain = harness.wrk_argv(o, 18080, 4.0)
+    plain = measure.wrk_argv(o, 18080, 4.0)
     assert plain == [
         "wrk",
         "-t1",
@@ -597,7 +623,7 @@ def test_wrk_argv():
         "--latency",
         "http://127.0.0.1:18080/small",
     ]
-    x = harness.wrk_argv(o, 18080, 1.4, script=Path("/t/x.lua"), headers=["Cookie: FULCRUM=a"])
+    x = measure.wrk_argv(o, 18080, 1.4, script=Path("/t/x.lua"), headers=["Cookie: FULCRUM=a"])
     assert x == plain[:3] + ["-d1s"] + plain[4:7] + [
         "-H",
         "Cookie: FULCRUM=a",
@@ -605,7 +631,7 @@ def test_wrk_argv():
         "/t/x.lua",
         "http://127.0.0.1:18080/small",
     ]
-    assert "request = function()" in harness.X_USER_LUA and '"X-User"' in harness.X_USER_LUA
+    assert "request = function()" in variants.X_USER_LUA and '"X-User"' in variants.X_USER_LUA
 
 
 def test_cli_sections_and_options():
@@ -625,9 +651,9 @@ def test_cli_sections_and_options():
 
 def test_cluster_config_is_the_standalone_one_plus_cluster_and_control():
     url = "http://127.0.0.1:27400"
-    plain = harness.fulcrum_config(PORTS, state_dir="/s")
-    assert harness.fulcrum_config(PORTS, state_dir="/s", etcd=()) == plain
-    text = harness.fulcrum_config(
+    plain = configs.fulcrum_config(PORTS, state_dir="/s")
+    assert configs.fulcrum_config(PORTS, state_dir="/s", etcd=()) == plain
+    text = configs.fulcrum_config(
         PORTS, node_id="n2", state_dir="/s", etcd=[url], etcd_prefix="/p/v1", control_port=27513
     )
     cfg = _load(text)
@@ -637,41 +663,41 @@ def test_cluster_config_is_the_standalone_one_plus_cluster_and_control():
     assert cfg.control.bind.host == "127.0.0.1"
     assert [p.name for p in cfg.pools] == ["web", "bulk"]  # the pools seeded into etcd
     # the clustered variant: the standalone config plus [cluster], nothing else
-    member = harness.CLUSTERED.config(PORTS, "/s", etcd=[url])
+    member = cluster.CLUSTERED.config(PORTS, "/s", etcd=[url])
     cfg = _load(member)
-    assert cfg.cluster.etcd == (url,) and cfg.cluster.prefix == harness.CLUSTER_L7_PREFIX
+    assert cfg.cluster.etcd == (url,) and cfg.cluster.prefix == variants.CLUSTER_L7_PREFIX
     assert cfg.control is None
-    extra = f'\n[cluster]\netcd = ["{url}"]\nprefix = "{harness.CLUSTER_L7_PREFIX}"\n'
+    extra = f'\n[cluster]\netcd = ["{url}"]\nprefix = "{variants.CLUSTER_L7_PREFIX}"\n'
     assert member.replace(extra, "") == plain
-    assert harness.STANDALONE.config(PORTS, "/s", etcd=[url]) == plain  # etcd ignored
+    assert cluster.STANDALONE.config(PORTS, "/s", etcd=[url]) == plain  # etcd ignored
     with pytest.raises(ValueError):
-        harness.CLUSTERED.config(PORTS, "/s")
+        cluster.CLUSTERED.config(PORTS, "/s")
 
 
 def test_cluster_runs_are_abba():
-    runs = harness.cluster_runs()
+    runs = cluster.cluster_runs()
     assert [v for _, v in runs] == [
-        harness.STANDALONE,
-        harness.CLUSTERED,
-        harness.CLUSTERED,
-        harness.STANDALONE,
+        cluster.STANDALONE,
+        cluster.CLUSTERED,
+        cluster.CLUSTERED,
+        cluster.STANDALONE,
     ]
     assert len({label for label, _ in runs}) == 4
-    assert not harness.STANDALONE.cluster and harness.CLUSTERED.cluster
+    assert not cluster.STANDALONE.cluster and cluster.CLUSTERED.cluster
 
 
 def test_compare_runs_names_its_sides():
     base = [_prow("s1", 1000.0, cpu=100.0), _prow("s2", 1000.0, cpu=100.0)]
     member = [_prow("c1", 960.0, cpu=104.0), _prow("c2", 940.0, cpu=106.0)]
-    c = harness.compare_runs(base, member, 0.05, "standalone", "cluster member")
+    c = variants.compare_runs(base, member, 0.05, "standalone", "cluster member")
     assert [(x.figure, x.ratio, x.goal, x.status) for x in c] == [
         ("req/s", "0.950x", ">= 0.95x", "met"),
         ("CPU µs/req", "1.050x", "<= 1.05x", "met"),
         ("p99 ms", "1.000x", "—", "information"),
     ]
-    c = harness.compare_runs(base, [L7Row("c", failed="x")], 0.05, "standalone", "cluster member")
+    c = variants.compare_runs(base, [L7Row("c", failed="x")], 0.05, "standalone", "cluster member")
     assert c[0].status == "not met (no figure cluster member)"
-    out = harness.render_comparison(c, "standalone", "cluster member").splitlines()
+    out = variants.render_comparison(c, "standalone", "cluster member").splitlines()
     assert cells(out[0])[1:4] == [
         "standalone (mean)",
         "cluster member (mean)",
@@ -699,12 +725,12 @@ def test_ports_of_lists_every_port():
 
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(50, 0, -1)]  # 50 samples, unsorted
-    assert harness.percentile(values, 99) == 50.0  # the slowest of 50
-    assert harness.percentile(values, 50) == 25.0
-    assert harness.percentile(values, 0) == 1.0
-    assert harness.percentile(range(1, 201), 99) == 198
-    assert harness.percentile([3.0], 99) == 3.0
-    assert harness.percentile([], 50) is None
+    assert cluster.percentile(values, 99) == 50.0  # the slowest of 50
+    assert cluster.percentile(values, 50) == 25.0
+    assert cluster.percentile(values, 0) == 1.0
+    assert cluster.percentile(range(1, 201), 99) == 198
+    assert cluster.percentile([3.0], 99) == 3.0
+    assert cluster.percentile([], 50) is None
 
 
 def test_status_weight():
@@ -718,38 +744,38 @@ def test_status_weight():
             },
         ],
     }
-    assert harness.status_weight(doc, "web", "127.0.0.1:1") == 3
-    assert harness.status_weight(doc, "bulk", "127.0.0.1:1") == 9
-    assert harness.status_weight(doc, "web", "b") is None
-    assert harness.status_weight(doc, "api", "a") is None
-    assert harness.status_weight(None, "web", "a") is None
+    assert cluster.status_weight(doc, "web", "127.0.0.1:1") == 3
+    assert cluster.status_weight(doc, "bulk", "127.0.0.1:1") == 9
+    assert cluster.status_weight(doc, "web", "b") is None
+    assert cluster.status_weight(doc, "api", "a") is None
+    assert cluster.status_weight(None, "web", "a") is None
     assert (
-        harness.status_weight({"pools": [{"name": "web", "backends": [{"id": "a"}]}]}, "web", "a")
+        cluster.status_weight({"pools": [{"name": "web", "backends": [{"id": "a"}]}]}, "web", "a")
         is None
     )
 
 
 def test_render_propagation_and_its_target():
-    p = harness.Propagation(3)
+    p = cluster.Propagation(3)
     p.write_s = [0.004] * 50
     p.propagation_s = [0.002] * 49 + [0.120]
     p.total_s = [0.006] * 49 + [0.6]
-    out = harness.render_propagation(p).splitlines()
+    out = cluster.render_propagation(p).splitlines()
     assert cells(out[0]) == ["Figure", "changes", "p50 ms", "p99 ms", "max ms", "goal", "status"]
     assert cells(out[2])[1:] == ["50/50", "4.0", "4.0", "4.0", "—", "information"]
     assert cells(out[3])[1:] == ["50/50", "2.0", "120.0", "120.0", "p99 < 500 ms", "met"]
     assert cells(out[4])[1:] == ["50/50", "6.0", "600.0", "600.0", "p99 < 500 ms", "not met"]
     assert "all 3 nodes" in out[3]
     p.failed = ["change 7: 1 nodes not showing it after 5 s"]
-    out = harness.render_propagation(p).splitlines()
+    out = cluster.render_propagation(p).splitlines()
     assert cells(out[3])[1] == "50/51" and cells(out[3])[-1] == "not met (1 of 51 changes failed)"
-    empty = harness.render_propagation(harness.Propagation(3)).splitlines()
+    empty = cluster.render_propagation(cluster.Propagation(3)).splitlines()
     assert cells(empty[3])[-1] == "not met (no change measured)"
 
 
 def test_cluster_section_is_skipped_without_etcd(monkeypatch, tmp_path):
-    monkeypatch.setattr(harness, "ETCD", str(tmp_path / "no-etcd"))
-    out = harness.section_cluster(None)  # type: ignore[arg-type]  # touches nothing else
+    monkeypatch.setattr(cluster, "ETCD", str(tmp_path / "no-etcd"))
+    out = cluster.section_cluster(None)  # type: ignore[arg-type]  # touches nothing else
     assert out.startswith("skipped: etcd is not installed (") and "etcd-server" in out
 
 
@@ -757,7 +783,7 @@ def test_metrics_section_runs_abba_and_its_scraper_gets_metrics_from_a_real_serv
     import http.server
     import threading
 
-    from bench.harness import Scraper, metrics_runs
+    from bench.metrics import Scraper, metrics_runs
 
     assert [scraped for _, scraped in metrics_runs()] == [False, True, True, False]
 
