@@ -8,8 +8,10 @@ a start fails. A plain process supervisor: no Trio, the nodes are ``lbnode run``
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import re
 import select
 import shlex
 import shutil
@@ -45,6 +47,8 @@ NODE_STOP = 6.0
 OTHER_STOP = 5.0
 POLL = 0.25  # seconds between two looks at the processes and the VIP
 READY = "Fulcrum cluster demo is ready"
+TMP_PREFIX = "fulcrum-demo-"  # then the demo's pid: a later demo tells a dead demo's directory
+PR_SET_PDEATHSIG = 1  # prctl(2): a signal for the child when its parent dies
 ETCD_PACKAGE = "etcd-server"
 
 
@@ -147,6 +151,8 @@ class ClusterDemo:
         self.nodes: dict[str, Child] = {}
         self.loopback_reason = ""
         self.vip_holders: list[str] | None = None
+        for name in delete_stale_directories():
+            self.out(f"deleted directory {name} of an earlier demo that did not clean up")
         lan = None
         if not loopback:
             reason = demo_lan.netns_unavailable()
@@ -192,7 +198,7 @@ class ClusterDemo:
         full = (lan.exec_prefix(host) if lan is not None and host is not None else []) + args
         with open(log, "ab") as sink:
             popen = subprocess.Popen(full, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=self.tmp, start_new_session=True,
+                                     cwd=self.tmp, start_new_session=True, preexec_fn=_die_with(os.getpid()),
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
         child = Child(name, popen, log, host, args)
         self.children.append(child)
@@ -434,6 +440,38 @@ def _stop(popens: list[subprocess.Popen[bytes]], grace: float) -> None:
             p.wait()
 
 
+def _die_with(demo: int) -> Callable[[], None]:
+    """In the child before exec: SIGKILL when the demo dies, so a demo killed with ``kill -9``
+    leaves no process (the kernel keeps this across exec; ``ip netns exec`` execs in place).
+    preexec_fn is safe here: the demo runs no thread."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+    def arm() -> None:
+        if libc is not None:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != demo:  # the demo died before the prctl
+            os._exit(1)
+
+    return arm
+
+
+def delete_stale_directories() -> list[str]:
+    """This user's temporary directories of demos that died without cleaning up: deleted."""
+    stale = []
+    for path in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        match = re.fullmatch(rf"{TMP_PREFIX}(\d+)-\S+", path.name)
+        try:
+            if match is None or path.lstat().st_uid != os.geteuid():
+                continue
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(str(path))
+        except OSError:
+            continue  # alive (another user's pid), or gone meanwhile
+    return stale
+
+
 def _stdin_is_ours() -> bool:
     """stdin is there, and not a terminal of which we are in the background (a read would stop us)."""
     try:
@@ -462,7 +500,7 @@ def run_cluster_demo(*, loopback: bool = False) -> int:
               "(`make demo-cluster` does)", file=sys.stderr)
         return 1
     signals = Signals()
-    tmp = Path(tempfile.mkdtemp(prefix="fulcrum-demo-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
     demo: ClusterDemo | None = None
     status = 0
     try:

@@ -128,7 +128,7 @@ def demo_runner(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
         return started[-1]
 
     yield run
-    for demo in started:  # still running only after a failed test: Ctrl-C, else kill it and clean up for it
+    for demo in started:  # still running only after a failed test: Ctrl-C, else kill it
         if demo.proc.poll() is None:
             demo.proc.send_signal(signal.SIGINT)
             try:
@@ -136,7 +136,7 @@ def demo_runner(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
             except subprocess.TimeoutExpired:
                 demo.proc.kill()
                 demo.proc.wait(10)
-                left_behind(demo)
+        left_behind(demo)  # nothing, unless a test failed (or killed the demo and failed after)
 
 
 def as_user(user: str) -> list[str]:
@@ -184,18 +184,7 @@ def nothing_left(demo: Demo, usage: Usage) -> None:
     """No process runs from the demo's directory (every child's cwd, and in its command line), the
     directory is gone, and so is every namespace and root link of this demo."""
     assert not usage.logs.exists()
-    left = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if cwd.startswith(str(usage.logs)) or str(usage.logs) in cmdline:
-            left.append(f"{entry.name}: {cmdline.replace(chr(0), ' ')}")
-    assert not left, left
+    assert not running_from(usage.logs)
     for pid in (pid for _, pid in usage.nodes.values()):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     mine = f"{NS_PREFIX}{demo.proc.pid}"
@@ -206,14 +195,14 @@ def nothing_left(demo: Demo, usage: Usage) -> None:
 
 
 def left_behind(demo: Demo) -> None:
-    """What a demo killed with SIGKILL leaves: its children (by pid: their cwd is its directory),
-    namespaces, directory."""
+    """Delete what a killed demo left: its children (by pid: their cwd is its directory), its
+    namespaces, its directory."""
     directory = re.search(r"^starting .*; logs in (\S+)$", demo.text, re.M)
     if directory is None:
         return
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and os.readlink(entry / "cwd").startswith(directory[1]):
+            if entry.name.isdigit() and inside(os.readlink(entry / "cwd"), Path(directory[1])):
                 os.kill(int(entry.name), signal.SIGKILL)
         except OSError:
             continue
@@ -321,6 +310,57 @@ def test_loopback_three_nodes_lbctl_and_ctrl_c_twice_still_cleans_up(demo_runner
     demo.interrupt_and_wait(twice=True)
     assert "still cleaning up" in demo.text
     nothing_left(demo, usage)
+
+
+@pytest.mark.parametrize("mode", ["--loopback", "namespaces"])
+def test_after_kill_9_no_process_is_left_and_the_next_demo_deletes_the_rest(demo_runner, mode):
+    if mode == "namespaces" and (reason := netns_unavailable()) is not None:
+        pytest.skip(reason)
+    args = ["--loopback"] if mode == "--loopback" else []
+    first = demo_runner(*args)
+    usage = first.usage()
+    first.proc.kill()
+    first.proc.wait(10)
+    # every child asked the kernel for SIGKILL when the demo dies (PR_SET_PDEATHSIG): at once;
+    # 5 s for the kernel and init to finish them on 2 busy cores
+    deadline = time.monotonic() + 5
+    while running_from(usage.logs):
+        assert time.monotonic() < deadline, f"still running after the demo was killed: {running_from(usage.logs)}"
+        time.sleep(0.1)
+    assert usage.logs.exists()
+    mine = f"{NS_PREFIX}{first.proc.pid}-"
+    if mode == "namespaces":
+        assert any(name.startswith(mine) for name in demo_namespaces())
+
+    second = demo_runner(*args)
+    second.usage()
+    assert f"deleted directory {usage.logs} of an earlier demo that did not clean up" in second.text
+    assert not usage.logs.exists()
+    if mode == "namespaces":
+        assert f"deleted namespace {mine}lan of an earlier demo" in second.text
+        assert not any(name.startswith(mine) for name in demo_namespaces())
+    second.interrupt_and_wait()
+
+
+def inside(cwd: str, directory: Path) -> bool:
+    cwd = cwd.removesuffix(" (deleted)")
+    return cwd == str(directory) or cwd.startswith(f"{directory}/")
+
+
+def running_from(directory: Path) -> list[str]:
+    """Processes whose working directory is ``directory`` (every child of a demo), or that name it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # gone, or a zombie
+        if inside(cwd, directory) or str(directory) in cmdline:
+            found.append(f"{entry.name}: {cmdline.replace(chr(0), ' ')}")
+    return found
 
 
 def test_a_node_that_cannot_start_ends_the_demo_with_its_log_and_nothing_left(demo_runner):
