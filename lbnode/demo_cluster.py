@@ -328,9 +328,9 @@ algorithm = "round_robin"
         lbctl = f"{lbctl_program()} --config {self.tmp / 'lbctl.toml'}"
         n1 = layout.nodes["n1"]
         port = "" if layout.http_port == 80 else f":{layout.http_port}"
-        where = (f"network namespaces {layout.lan.prefix}-*, LAN {layout.lan.subnet} (this shell is .1)"
-                 if layout.lan is not None else f"loopback addresses ({self.loopback_reason})")
-        lines = [f"{READY}: etcd, 3 nodes and 3 backends in {where}.",
+        where = (f"in network namespaces {layout.lan.prefix}-*, LAN {layout.lan.subnet} (this shell is .1)"
+                 if layout.lan is not None else f"on loopback addresses ({self.loopback_reason})")
+        lines = [f"{READY}: etcd, 3 nodes and 3 backends {where}.",
                  f"  etcd      http://{layout.etcd}   (one member)",
                  "  backends  " + ", ".join(f"{n} {a}" for n, a in layout.backends.items())]
         for node, address in layout.nodes.items():
