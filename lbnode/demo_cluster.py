@@ -73,7 +73,10 @@ class Signals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.cleaning:
-            print("still cleaning up: one moment", file=sys.stderr, flush=True)
+            try:
+                print("still cleaning up: one moment", file=sys.stderr, flush=True)
+            except (OSError, RuntimeError):  # no terminal any more; or it came in the middle of a print
+                pass
         self.requested = True
 
     def checkpoint(self) -> None:
