@@ -33,8 +33,8 @@ from tests.conftest import REPO
 from tests.integration.etcd_helpers import require_etcd
 
 BACKENDS = {"alpha", "beta", "gamma"}
-# The demo's own start bounds (it gives up after them), plus what the probe needs first: the
-# namespaces and the certificates take about a second.
+# The demo's own start bounds (etcd, then the backends, then the nodes: it gives up after each),
+# plus the namespaces and the certificates (about a second) with a margin.
 STARTED_WITHIN = SERVICE_START * 2 + NODE_START + 5
 # Ctrl-C: nodes get NODE_STOP, etcd and the backends OTHER_STOP, then the namespaces go (one
 # `ip netns del` each: tens of milliseconds); 5 s for Python on 2 busy cores.
@@ -68,10 +68,11 @@ class Demo:
     def wait_line(self, pattern: str, timeout: float, start: int = 0) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while True:
+            reading = self._reader.is_alive()  # before the look: a last line is seen after it ended
             for line in self.lines[start:]:
                 if (match := re.search(pattern, line)) is not None:
                     return match
-            assert self._reader.is_alive(), f"the demo exited ({self.proc.poll()}):\n{self.text}"
+            assert reading, f"the demo exited ({self.proc.poll()}):\n{self.text}"
             assert time.monotonic() < deadline, f"no line matching {pattern!r} after {timeout}s:\n{self.text}"
             time.sleep(0.05)
 
@@ -137,6 +138,10 @@ def demo_runner(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
                 demo.proc.kill()
                 demo.proc.wait(10)
         left_behind(demo)  # nothing, unless a test failed (or killed the demo and failed after)
+        demo._reader.join(5)
+        for pipe in (demo.proc.stdin, demo.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def as_user(user: str) -> list[str]:
