@@ -88,14 +88,20 @@ def free_subnet() -> ipaddress.IPv4Network:
     for line in ip("-4", "-o", "addr", "show", check=False).stdout.splitlines():
         fields = line.split()
         if len(fields) > 3:
-            used.append(ipaddress.ip_interface(fields[3]).network)  # type: ignore[arg-type]
+            used.append(ipaddress.IPv4Interface(fields[3]).network)
     for line in ip("-4", "route", "show", "table", "all", check=False).stdout.splitlines():
-        for token in line.split()[:2]:
+        for token in line.split()[:2]:  # "198.18.0.0/24 dev ...", "local 127.0.0.1 dev lo ..."
             try:
-                used.append(ipaddress.ip_network(token, strict=False))  # type: ignore[arg-type]
+                used.append(ipaddress.IPv4Network(token, strict=False))
                 break
             except ValueError:
                 continue
+    return first_free(used)
+
+
+def first_free(used: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """Pure: the first /24 of DEMO_RANGE overlapping none of ``used`` (a default route overlaps
+    everything and is not counted)."""
     for subnet in DEMO_RANGE.subnets(new_prefix=24):
         if not any(subnet.overlaps(u) for u in used if u.prefixlen > 0):
             return subnet  # type: ignore[return-value]
