@@ -21,7 +21,7 @@ LOCK    := constraints.txt
 # Where `make wheel` puts the wheel the Ansible role installs (git-ignored).
 DIST    ?= dist
 
-.PHONY: demo test test-fast bench fuzz flood lint venv lock wheel sysdeps-test sysdeps-bench clean
+.PHONY: demo demo-cluster test test-fast bench fuzz flood lint venv lock wheel sysdeps-test sysdeps-bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,12 @@ wheel: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lbnode demo
+
+# etcd, three nodes, a VIP and lbctl on this machine (docs in README.md). etcd comes from Debian's
+# etcd-server, installed when the etcd binary is missing (that needs root, as the namespaces do).
+demo-cluster: $(STAMP)
+	@command -v etcd >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq etcd-server; }
+	$(BIN)/lbnode demo --cluster
 
 sysdeps-test:
 	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

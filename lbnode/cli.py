@@ -100,6 +100,13 @@ def _first(group: BaseException) -> BaseException:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from lbnode.demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(loopback=args.loopback)
+    if args.loopback:
+        print("lbnode demo: --loopback goes with --cluster", file=sys.stderr)
+        return 2
     from lbnode.demo import run_demo
 
     setup_logging(args.log_level)
@@ -117,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="validate a config file and exit 0 (valid) or 1")
     p_check.add_argument("--config", "-c", required=True, help="path to node.toml")
     p_check.set_defaults(func=_cmd_check)
-    p_demo = sub.add_parser("demo", help="three demo backends and a node in front of them")
+    p_demo = sub.add_parser("demo", help="three demo backends and a node in front of them (--cluster: three nodes)")
     p_demo.add_argument("--log-level", default="INFO")
+    p_demo.add_argument("--cluster", action="store_true",
+                        help="etcd, three nodes, a VIP and lbctl set up: in network namespaces as root, "
+                        "on 127.0.0.11-13 otherwise (needs the etcd binary: Debian package etcd-server)")
+    p_demo.add_argument("--loopback", action="store_true",
+                        help="with --cluster: on 127.0.0.11-13 even as root (no namespaces, no VIP)")
     p_demo.set_defaults(func=_cmd_demo)
     args = parser.parse_args(argv)
     try:
