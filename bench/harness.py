@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -373,7 +373,7 @@ class TargetResult:
 def evaluate_targets(l7: Sequence[L7Row] | None, l4: Sequence[L4Row] | None) -> list[TargetResult]:
     """The two targets: met / not met / not measured, from the section results."""
 
-    def pick(rows, name):
+    def pick(rows: Sequence[L7Row] | Sequence[L4Row] | None, name: str) -> L7Row | L4Row | None:
         return next((r for r in rows if r.name == name), None) if rows is not None else None
 
     out = []
@@ -752,13 +752,13 @@ def cluster_runs() -> list[tuple[str, Variant]]:
 
 def mean_figure(rows: Iterable[L7Row], attr: str) -> float | None:
     """Mean of ``attr`` over the rows that did not fail and have it; None when none has."""
-    vals = [getattr(r, attr) for r in rows if not r.failed and getattr(r, attr) is not None]
+    vals: list[float] = [getattr(r, attr) for r in rows if not r.failed and getattr(r, attr) is not None]
     return sum(vals) / len(vals) if vals else None
 
 
 def spread(rows: Iterable[L7Row], attr: str = "rps") -> float | None:
     """(max - min) / mean of ``attr`` over the measured rows; None with fewer than two."""
-    vals = [getattr(r, attr) for r in rows if not r.failed and getattr(r, attr) is not None]
+    vals: list[float] = [getattr(r, attr) for r in rows if not r.failed and getattr(r, attr) is not None]
     if len(vals) < 2 or sum(vals) == 0:
         return None
     return (max(vals) - min(vals)) / (sum(vals) / len(vals))
@@ -1614,7 +1614,7 @@ def download(
 
 
 @contextlib.contextmanager
-def _affinity(cpu: int | None):
+def _affinity(cpu: int | None) -> Iterator[None]:
     if cpu is None:
         yield
         return

@@ -31,6 +31,7 @@ from bench.harness import (
     SMALL_PATH,
     Context,
     StartError,
+    WrkResult,
     fmt_num,
     fmt_ratio,
     parse_wrk,
@@ -165,7 +166,7 @@ def _bulk(ctx: Context, port: int, seconds: float) -> tuple[float, int]:
     return total / busy / 1e9, n
 
 
-def _wrk(ctx: Context, port: int, seconds: float, close: bool) -> object:
+def _wrk(ctx: Context, port: int, seconds: float, close: bool) -> WrkResult:
     argv = ["wrk", f"-t{ctx.opts.threads}", f"-c{ctx.opts.connections}", f"-d{max(1, round(seconds))}s",
             "--timeout", "5s", "--latency", "-H", "Host: bench.test"]
     if close:
@@ -203,9 +204,9 @@ def _measure(ctx: Context, port: int, pids: list[int], close: bool) -> tuple[flo
     cpu0 = tree_cpu_seconds(pids)
     res = _wrk(ctx, port, ctx.opts.duration, close)
     cpu1 = tree_cpu_seconds(pids)
-    if not res.requests:  # type: ignore[attr-defined]
+    if not res.requests:
         raise StartError("wrk completed no request")
-    return res.rps, (cpu1 - cpu0) * 1e6 / res.requests, res.requests, res.errors  # type: ignore[attr-defined]
+    return res.rps, (cpu1 - cpu0) * 1e6 / res.requests, res.requests, res.errors
 
 
 def run(ctx: Context) -> str:
@@ -226,7 +227,8 @@ def run(ctx: Context) -> str:
         haproxy.wait_ready([h_port, h_bulk], ctx.opts.start_timeout)
     except StartError as exc:
         return f"not run: {exc}\n"
-    rows, figures = [], {}
+    rows: list[list[object]] = []
+    figures = {}
     for name, port, pid in (("Fulcrum", f_port, fulcrum.pid), ("HAProxy", h_port, haproxy.pid)):
         for kind, close in (("full handshake + 1 request", True), ("keep-alive request", False)):
             try:

@@ -194,7 +194,7 @@ def icmpv6_checksum(src: bytes, dst: bytes, message: bytes) -> int:
     data = src + dst + struct.pack("!I3xB", len(message), ICMPV6) + message
     if len(data) % 2:
         data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
