@@ -619,11 +619,11 @@ def _event_message(item: Published, node_id: str) -> pb.Event:
         joined_or_left = pb.NodeChanged.JOINED if event.change == "joined" else pb.NodeChanged.LEFT
         msg.node.CopyFrom(pb.NodeChanged(node_id=event.node_id, change=joined_or_left))
     elif isinstance(event, CertificateChange):
-        change = {"added": pb.CertificateChanged.ADDED, "rotated": pb.CertificateChanged.ROTATED}.get(
+        cert_change = {"added": pb.CertificateChanged.ADDED, "rotated": pb.CertificateChanged.ROTATED}.get(
             event.change, pb.CertificateChanged.DELETED
         )
         msg.certificate.CopyFrom(
-            pb.CertificateChanged(name=event.name, change=change, fingerprint=event.fingerprint,
+            pb.CertificateChanged(name=event.name, change=cert_change, fingerprint=event.fingerprint,
                                   revision=event.revision)
         )
         if event.not_after is not None:
@@ -693,9 +693,9 @@ async def serve_control(
     executor = ThreadPoolExecutor(MAX_WATCH_STREAMS + UNARY_WORKERS, thread_name_prefix="control")
     # gRPC sets SO_REUSEPORT by default: two nodes could then share a port without an error.
     server = grpc.server(executor, interceptors=[RoleGate(settings)], options=[("grpc.so_reuseport", 0)])
-    rpc.add_PoolsServicer_to_server(PoolsServicer(store), server)  # type: ignore[no-untyped-call]
-    rpc.add_BackendsServicer_to_server(BackendsServicer(store), server)  # type: ignore[no-untyped-call]
-    rpc.add_CertificatesServicer_to_server(CertificatesServicer(store, node, token), server)  # type: ignore[no-untyped-call]
+    rpc.add_PoolsServicer_to_server(PoolsServicer(store), server)
+    rpc.add_BackendsServicer_to_server(BackendsServicer(store), server)
+    rpc.add_CertificatesServicer_to_server(CertificatesServicer(store, node, token), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -717,7 +717,7 @@ async def serve_control(
     host = settings.bind.host
     control_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     cluster = ClusterServicer(node, token, control_address)
-    rpc.add_ClusterServicer_to_server(cluster, server)  # type: ignore[no-untyped-call]
+    rpc.add_ClusterServicer_to_server(cluster, server)
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.start()
