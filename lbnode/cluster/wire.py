@@ -96,7 +96,7 @@ class NetlinkAddresses:
     """VIPs through pyroute2's IPRoute in this process's network namespace; GARP or NA on a raw socket."""
 
     def __init__(self) -> None:
-        from pyroute2 import IPRoute  # type: ignore[import-untyped]  # here: nodes without VIPs never need it
+        from pyroute2 import IPRoute  # here: nodes without VIPs never need it
 
         self._ipr = IPRoute()
 
