@@ -137,7 +137,7 @@ def _who(context: grpc.ServicerContext) -> str:
     return f"{names[0].decode(errors='replace')} ({peer})" if names else peer
 
 
-class RoleGate(grpc.ServerInterceptor):  # type: ignore[misc]
+class RoleGate(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc has no types: its base is Any
     """Checks every call against ``roles.RPC_ROLES`` before its handler runs.
 
     Refusals are PERMISSION_DENIED naming the role the call needs and who the caller
