@@ -130,14 +130,21 @@ def _translating(method: Callable[..., R]) -> Callable[..., R]:
     return handler
 
 
+def _auth_values(context: grpc.ServicerContext, key: str) -> list[bytes]:
+    """One property of the call's auth context (e.g. "x509_pem_cert"); none: []. grpc gives
+    a list of values per key, where types-grpcio says one ``bytes``: hence the Any."""
+    values: Any = context.auth_context().get(key)
+    return values or []
+
+
 def _who(context: grpc.ServicerContext) -> str:
     """The caller for the audit log: its certificate's common name, and where it called from."""
-    names = context.auth_context().get("x509_common_name") or []
+    names = _auth_values(context, "x509_common_name")
     peer = context.peer()
     return f"{names[0].decode(errors='replace')} ({peer})" if names else peer
 
 
-class RoleGate(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc has no types: its base is Any
+class RoleGate(grpc.ServerInterceptor):
     """Checks every call against ``roles.RPC_ROLES`` before its handler runs.
 
     Refusals are PERMISSION_DENIED naming the role the call needs and who the caller
@@ -190,7 +197,7 @@ class RoleGate(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc has no typ
         return handler
 
     def caller(self, context: grpc.ServicerContext) -> roles.Caller:
-        pems = context.auth_context().get("x509_pem_cert") or []
+        pems = _auth_values(context, "x509_pem_cert")
         if not pems:  # cannot happen with require_client_auth; refuse rather than guess
             return roles.Caller("", None, "no client certificate")
         return roles.role_of(pems[0], self.admins, self.readers)
