@@ -89,8 +89,11 @@ FLOOD_SLOWLORIS ?= 10000
 flood: $(STAMP)
 	FLOOD_SLOWLORIS=$(FLOOD_SLOWLORIS) $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/integration/test_slow_clients.py tests/integration/test_flood.py
 
+# ruff, then mypy over what [tool.mypy] in pyproject.toml names (strict; tests/unit/test_types.py
+# runs the same check in make test, so CI fails on a type error too).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build $(DIST) *.egg-info bench/results/*.tmp

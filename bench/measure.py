@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +200,7 @@ def download(
 
 
 @contextlib.contextmanager
-def _affinity(cpu: int | None):
+def _affinity(cpu: int | None) -> Iterator[None]:
     if cpu is None:
         yield
         return

@@ -88,7 +88,7 @@ class TargetResult:
 def evaluate_targets(l7: Sequence[L7Row] | None, l4: Sequence[L4Row] | None) -> list[TargetResult]:
     """The two targets: met / not met / not measured, from the section results."""
 
-    def pick(rows, name):
+    def pick(rows: Sequence[L7Row] | Sequence[L4Row] | None, name: str) -> L7Row | L4Row | None:
         return next((r for r in rows if r.name == name), None) if rows is not None else None
 
     out = []

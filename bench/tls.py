@@ -3,7 +3,7 @@
 Both balancers get the same ECDSA P-256 certificate (made here with ``cryptography``), one
 thread (lbnode is one; HAProxy ``nbthread 1``), the same nginx backends and the same wrk
 client (``-t1 -c50``, TLS 1.3 as wrk negotiates it). A section of ``python -m bench`` (see
-``bench.report.OPTIONAL_MODULES``); everything on 127.0.0.1.
+``harness.OPTIONAL_MODULES``); everything on 127.0.0.1.
 
 - full handshake: ``openssl s_time -new``: one connection after another, each a new TCP
   connection, a full TLS 1.3 handshake (no resumption: lbnode's /status counts them) and one
@@ -28,7 +28,7 @@ from bench.configs import BULK_PATH, BULK_SIZE, HOST, SMALL_PATH
 from bench.harness import Context, StartError, pick_port, ports_of
 from bench.procstat import tree_cpu_seconds
 from bench.tables import fmt_num, fmt_ratio, render_table
-from bench.wrk import parse_wrk
+from bench.wrk import WrkResult, parse_wrk
 
 # Targets of issue 11: Fulcrum / HAProxy CPU ratios.
 HANDSHAKE_TARGET = 1.5
@@ -155,7 +155,7 @@ def _bulk(ctx: Context, port: int, seconds: float) -> tuple[float, int]:
     return total / busy / 1e9, n
 
 
-def _wrk(ctx: Context, port: int, seconds: float, close: bool) -> object:
+def _wrk(ctx: Context, port: int, seconds: float, close: bool) -> WrkResult:
     argv = ["wrk", f"-t{ctx.opts.threads}", f"-c{ctx.opts.connections}", f"-d{max(1, round(seconds))}s",
             "--timeout", "5s", "--latency", "-H", "Host: bench.test"]
     if close:
@@ -193,9 +193,9 @@ def _measure(ctx: Context, port: int, pids: list[int], close: bool) -> tuple[flo
     cpu0 = tree_cpu_seconds(pids)
     res = _wrk(ctx, port, ctx.opts.duration, close)
     cpu1 = tree_cpu_seconds(pids)
-    if not res.requests:  # type: ignore[attr-defined]
+    if not res.requests:
         raise StartError("wrk completed no request")
-    return res.rps, (cpu1 - cpu0) * 1e6 / res.requests, res.requests, res.errors  # type: ignore[attr-defined]
+    return res.rps, (cpu1 - cpu0) * 1e6 / res.requests, res.requests, res.errors
 
 
 def run(ctx: Context) -> str:
@@ -216,7 +216,8 @@ def run(ctx: Context) -> str:
         haproxy.wait_ready([h_port, h_bulk], ctx.opts.start_timeout)
     except StartError as exc:
         return f"not run: {exc}\n"
-    rows, figures = [], {}
+    rows: list[list[object]] = []
+    figures = {}
     for name, port, pid in (("Fulcrum", f_port, fulcrum.pid), ("HAProxy", h_port, haproxy.pid)):
         for kind, close in (("full handshake + 1 request", True), ("keep-alive request", False)):
             try:

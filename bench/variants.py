@@ -79,7 +79,7 @@ def mean_figure(rows: Iterable[L7Row], attr: str) -> float | None:
 
 def spread(rows: Iterable[L7Row], attr: str = "rps") -> float | None:
     """(max - min) / mean of ``attr`` over the measured rows; None with fewer than two."""
-    vals = [getattr(r, attr) for r in rows if not r.failed and getattr(r, attr) is not None]
+    vals: list[float] = [getattr(r, attr) for r in rows if not r.failed and getattr(r, attr) is not None]
     if len(vals) < 2 or sum(vals) == 0:
         return None
     return (max(vals) - min(vals)) / (sum(vals) / len(vals))

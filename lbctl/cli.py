@@ -558,7 +558,8 @@ def _read_pem(path: str, option: str) -> bytes:
 
 
 def _utc(ts: Any) -> str:
-    return ts.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when: datetime.datetime = ts.ToDatetime(tzinfo=datetime.UTC)  # a protobuf Timestamp
+    return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _expiry_text(msg: Any, now: datetime.datetime) -> str:

@@ -100,5 +100,5 @@ def read_certificate(spec: CertificateFile, index: int) -> Certificate:
         return load_certificate(spec.name, pems["cert"], pems["key"])
     except CertificateError as exc:
         part, _, reason = str(exc).partition(": ")  # "cert: ..." / "key: ..."
-        path = getattr(spec, part, spec.cert)
+        path = Path(getattr(spec, part, spec.cert))
         raise ConfigError(f"{key}.{part}", f"{path}: {reason}") from None

@@ -8,6 +8,7 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import math
 import re
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from lbnode.cluster.vips import VipSpec
+    from lbnode.cluster.wire import VipSpec
     from lbnode.tls.certs import Certificate
 
 T = TypeVar("T")
@@ -183,7 +184,7 @@ class Table:
             raise ConfigError(self.key(name), f'"{value}" is not one of: {", ".join(choices)}')
         return value
 
-    def name(self, name: str, default: Any = _MISSING) -> Any:
+    def name(self, name: builtins.str, default: Any = _MISSING) -> Any:
         value = self.str(name, default)
         if value is default and default is not Table._MISSING:
             return value
@@ -194,13 +195,13 @@ class Table:
             )
         return value
 
-    def bool(self, name: str, default: Any = _MISSING) -> Any:
+    def bool(self, name: builtins.str, default: Any = _MISSING) -> Any:
         value = self.raw(name, default)
         if not isinstance(value, bool):
             raise ConfigError(self.key(name), f"expected true or false, got {_type_name(value)}")
         return value
 
-    def int(self, name: str, default: Any = _MISSING, lo: int | None = None, hi: int | None = None) -> Any:
+    def int(self, name: builtins.str, default: Any = _MISSING, lo: int | None = None, hi: int | None = None) -> Any:
         value = self.raw(name, default)
         if value is default and default is None:
             return None
@@ -212,7 +213,7 @@ class Table:
             raise ConfigError(self.key(name), f"must be <= {hi}, got {value}")
         return value
 
-    def number(self, name: str, default: Any = _MISSING, lo: float | None = None, hi: float | None = None) -> Any:
+    def number(self, name: builtins.str, default: Any = _MISSING, lo: float | None = None, hi: float | None = None) -> Any:
         value = self.raw(name, default)
         if value is default and default is None:
             return None
@@ -224,7 +225,7 @@ class Table:
             raise ConfigError(self.key(name), f"must be <= {hi}, got {value}")
         return float(value)
 
-    def duration(self, name: str, default: Any = _MISSING, positive: bool = True) -> Any:
+    def duration(self, name: builtins.str, default: Any = _MISSING, positive: builtins.bool = True) -> Any:
         value = self.raw(name, default)
         if value is default and default is None:
             return None
@@ -233,11 +234,11 @@ class Table:
             raise ConfigError(self.key(name), f"must be greater than 0, got {value!r}")
         return seconds
 
-    def table(self, name: str) -> Table | None:
+    def table(self, name: builtins.str) -> Table | None:
         value = self.raw(name, None)
         return None if value is None else Table(value, self.key(name))
 
-    def tables(self, name: str) -> list[Table]:
+    def tables(self, name: builtins.str) -> list[Table]:
         value = self.raw(name, [])
         if not isinstance(value, list):
             raise ConfigError(self.key(name), f"expected a list of tables ([[{name}]]), got {_type_name(value)}")
@@ -447,7 +448,7 @@ def _parse_pool_tls(t: Table | None) -> PoolTls | None:
 
 
 def _path(t: Table, name: str) -> str | None:
-    value = t.str(name, None)
+    value: str | None = t.str(name, None)
     if value is not None and not value.strip():
         raise ConfigError(t.key(name), "must be a file path (PEM), got an empty string")
     return value

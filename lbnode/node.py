@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -43,6 +43,9 @@ from lbnode.listen import (
 from lbnode.model import Config, Listener, Pool
 from lbnode.runtime import Snapshot
 from lbnode.tls.expiry_warnings import ExpiryWarnings
+
+if TYPE_CHECKING:
+    from lbnode.tls.terminate import Inner
 
 log = logging.getLogger("lbnode")
 
@@ -277,20 +280,22 @@ class LbNode:
                     for li, sock in sockets:
                         gate = ConnectionGate(li.max_connections, parent=self.connection_gate)
                         self.connection_gates[li.name] = gate
+                        handler: Handler
+                        inner: Inner  # what a TLS listener's terminator calls after the handshake
                         if li.protocol in ("http", "https"):
                             proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1])
                             self.http_proxies[li.name] = proxy
-                            handler = proxy.handle
+                            handler = inner = proxy.handle
                         else:
                             from lbnode.tcp.proxy import TcpProxy
 
                             tcp = TcpProxy(li, self)
                             self.tcp_proxies[li.name] = tcp
-                            handler = tcp.handle
+                            handler = inner = tcp.handle
                         if li.tls is not None:
                             from lbnode.tls.terminate import TlsTerminator
 
-                            terminator = TlsTerminator(li, self, handler)  # type: ignore[arg-type]
+                            terminator = TlsTerminator(li, self, inner)
                             self.tls_terminators[li.name] = terminator
                             handler = terminator.handle
                         accepting.append((sock, handler, gate))

@@ -168,12 +168,12 @@ class PoolRuntime:
         else:
             self.outlier = OutlierDetector(spec.outlier, ids) if spec.outlier is not None else None
         if previous is not None and previous.spec.retry_budget_percent == spec.retry_budget_percent:
-            self.retry_budget = previous.retry_budget
+            self.retry_budget: RetryBudget = previous.retry_budget
         else:
             self.retry_budget = RetryBudget(spec.retry_budget_percent)
         # Requests waiting for a backend below max_inflight/max_connections, oldest first.
         self.waiters: deque[trio.Event] = previous.waiters if previous is not None else deque()
-        self.stats = previous.stats if previous is not None else PoolStats()
+        self.stats: PoolStats = previous.stats if previous is not None else PoolStats()
         # Backends in their slow-start ramp: index -> time they came up.
         self._ramping: dict[int, float] = {}
         self._next_ramp = 0.0
@@ -270,7 +270,7 @@ class PoolRuntime:
             backend.ejected_until = until
             log.warning(
                 "pool %s backend %s ejected for %.1fs: %d consecutive failures (last: %s)",
-                self.spec.name, backend.id, until - now, self.spec.outlier.consecutive_failures, failure,  # type: ignore[union-attr]
+                self.spec.name, backend.id, until - now, self.outlier.outlier.consecutive_failures, failure,
             )
 
     def _eject_unreachable(self, backend: BackendState, now: float) -> None:

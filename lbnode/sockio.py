@@ -9,7 +9,9 @@ anything about HTTP or balancing.
 
 ``recv_some`` and ``send_all`` also take a non-blocking ``ssl.SSLSocket`` (TLS listeners):
 OpenSSL's want-read/want-write become the same readiness waits; the plain path pays
-nothing for it (an ``except`` clause costs only when it catches).
+nothing for it (an ``except`` clause costs only when it catches). They, ``recv_within``,
+``half_close`` and ``Deadlines`` take any ``StreamSocket``, which the backend TLS
+connection (``lbnode.tls.upstream.TlsSocket``) is too.
 
 Also owns ``Deadlines``: timeouts for the waits that happen on nearly every
 request (a keep-alive client's next request, a backend's response) without a
@@ -25,12 +27,27 @@ import logging
 import math
 import socket
 import ssl
+from typing import Any, Protocol
 
 import trio
 
 from lbnode.model import Address
 
 log = logging.getLogger("lbnode.sockio")
+
+
+class StreamSocket(Protocol):
+    """What these primitives use of a connected socket: ``socket.socket``, ``ssl.SSLSocket``
+    and ``lbnode.tls.upstream.TlsSocket`` all have it (a protocol, so that this module needs
+    no import of lbnode.tls). ``fileno`` is for Trio's readiness waits."""
+
+    def fileno(self) -> int: ...
+
+    def recv(self, size: int, /) -> bytes: ...
+
+    def send(self, data: bytes | memoryview, /) -> int: ...
+
+    def shutdown(self, how: int, /) -> None: ...
 
 
 class SendTimeout(Exception):
@@ -46,7 +63,7 @@ class ConnectFailed(Exception):
         self.timed_out = timed_out
 
 
-async def recv_some(sock: socket.socket, size: int) -> bytes:
+async def recv_some(sock: StreamSocket, size: int) -> bytes:
     """Up to ``size`` bytes; b"" at EOF. A cancellation point only when it has to wait."""
     while True:
         try:
@@ -58,7 +75,7 @@ async def recv_some(sock: socket.socket, size: int) -> bytes:
 
 
 async def recv_within(
-    sock: socket.socket, size: int, timeout: float, *, expect_wait: bool = False, deadlines: Deadlines | None = None
+    sock: StreamSocket, size: int, timeout: float, *, expect_wait: bool = False, deadlines: Deadlines | None = None
 ) -> bytes | None:
     """Like ``recv_some``; None if nothing arrived within ``timeout`` seconds.
 
@@ -94,7 +111,7 @@ async def recv_within(
         deadlines.disarm(entry)
 
 
-async def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float | None = None) -> None:
+async def send_all(sock: StreamSocket, data: bytes | memoryview, timeout: float | None = None) -> None:
     """Send everything; raises SendTimeout if the peer stops reading for ``timeout``.
 
     On an ``SSLSocket`` a send that has to wait is retried with the same buffer, as OpenSSL
@@ -130,7 +147,7 @@ async def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float
         raise SendTimeout(f"peer did not read for {timeout:g}s")
 
 
-def half_close(sock: socket.socket) -> None:
+def half_close(sock: StreamSocket) -> None:
     """No more bytes this way: a FIN on a plain socket. On TLS, a close_notify, the socket
     left open for what the peer still sends (TLS 1.3 allows it; a 1.2 peer closes); if
     OpenSSL reports the TLS shutdown complete at once, the whole connection ends."""
@@ -232,14 +249,14 @@ class Deadlines:
     PRUNE_AFTER = 1000
 
     def __init__(self) -> None:
-        self._heap: list[list] = []
+        self._heap: list[list[Any]] = []
         self._seq = 0
         self._blank = 0  # disarmed entries still in the heap
         self._timer: trio.CancelScope | None = None  # the timer task's sleep, while it sleeps
         self._timer_at = math.inf  # its deadline (kept here: the scope's property is slower)
         self._running = False
 
-    def arm(self, sock: socket.socket, deadline: float) -> list:
+    def arm(self, sock: StreamSocket, deadline: float) -> list[Any]:
         """Start the clock on a wait on ``sock``; pass the result to ``disarm`` when it ends."""
         self._seq += 1
         entry = [deadline, self._seq, sock, False]
@@ -254,7 +271,7 @@ class Deadlines:
         # else: the timer is awake and looks at the heap before it sleeps again.
         return entry
 
-    def disarm(self, entry: list) -> bool:
+    def disarm(self, entry: list[Any]) -> bool:
         """The wait is over; True if its deadline had fired (or ``fire`` was called)."""
         if entry[2] is not None:
             entry[2] = None
@@ -263,9 +280,10 @@ class Deadlines:
                 self._heap[:] = [e for e in self._heap if e[2] is not None]
                 heapq.heapify(self._heap)
                 self._blank = 0
-        return entry[3]
+        fired: bool = entry[3]
+        return fired
 
-    def fire(self, entry: list) -> None:
+    def fire(self, entry: list[Any]) -> None:
         """End the wait now, as if its deadline had passed (e.g. to close idle connections)."""
         sock = entry[2]
         if sock is not None:
@@ -274,7 +292,7 @@ class Deadlines:
             self._strike(entry, sock)
 
     @staticmethod
-    def _strike(entry: list, sock: socket.socket) -> None:
+    def _strike(entry: list[Any], sock: StreamSocket) -> None:
         entry[3] = True
         try:
             trio.lowlevel.notify_closing(sock)
@@ -306,7 +324,7 @@ class Deadlines:
                     self._timer = None
 
 
-_DEADLINES: trio.lowlevel.RunVar[Deadlines] = trio.lowlevel.RunVar("lbnode.sockio.deadlines")
+_DEADLINES: trio.lowlevel.RunVar[Deadlines | None] = trio.lowlevel.RunVar("lbnode.sockio.deadlines")
 
 
 def current_deadlines() -> Deadlines:

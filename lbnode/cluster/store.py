@@ -109,8 +109,10 @@ class CertificateStore(Protocol):
 
 
 class PoolStore(Protocol):
-    # Certificates share the store's connection and life (etcd keys, or a file in state_dir).
-    certificates: CertificateStore
+    @property
+    def certificates(self) -> CertificateStore:
+        """Certificates share the store's connection and life (etcd keys, or a file in
+        state_dir). Read-only here, so a store may hold its own ``CertificateStore`` class."""
 
     def list_pools(self) -> tuple[list[PoolRecord], int]:
         """Every pool, and the store revision they were read at."""

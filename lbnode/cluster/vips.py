@@ -978,7 +978,7 @@ def _arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
             sec, nsec = _TIMESPEC.unpack_from(data)
-            waited = time.time() - (sec + nsec / 1e9)
+            waited: float = time.time() - (sec + nsec / 1e9)
             return now - min(max(waited, 0.0), 10.0)
     return now
 

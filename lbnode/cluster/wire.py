@@ -96,7 +96,7 @@ class NetlinkAddresses:
     """VIPs through pyroute2's IPRoute in this process's network namespace; GARP or NA on a raw socket."""
 
     def __init__(self) -> None:
-        from pyroute2 import IPRoute  # type: ignore[import-untyped]  # here: nodes without VIPs never need it
+        from pyroute2 import IPRoute  # here: nodes without VIPs never need it
 
         self._ipr = IPRoute()
 
@@ -194,7 +194,7 @@ def icmpv6_checksum(src: bytes, dst: bytes, message: bytes) -> int:
     data = src + dst + struct.pack("!I3xB", len(message), ICMPV6) + message
     if len(data) % 2:
         data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

@@ -130,14 +130,21 @@ def _translating(method: Callable[..., R]) -> Callable[..., R]:
     return handler
 
 
+def _auth_values(context: grpc.ServicerContext, key: str) -> list[bytes]:
+    """One property of the call's auth context (e.g. "x509_pem_cert"); none: []. grpc gives
+    a list of values per key, where types-grpcio says one ``bytes``: hence the Any."""
+    values: Any = context.auth_context().get(key)
+    return values or []
+
+
 def _who(context: grpc.ServicerContext) -> str:
     """The caller for the audit log: its certificate's common name, and where it called from."""
-    names = context.auth_context().get("x509_common_name") or []
+    names = _auth_values(context, "x509_common_name")
     peer = context.peer()
     return f"{names[0].decode(errors='replace')} ({peer})" if names else peer
 
 
-class RoleGate(grpc.ServerInterceptor):  # type: ignore[misc]
+class RoleGate(grpc.ServerInterceptor):
     """Checks every call against ``roles.RPC_ROLES`` before its handler runs.
 
     Refusals are PERMISSION_DENIED naming the role the call needs and who the caller
@@ -190,7 +197,7 @@ class RoleGate(grpc.ServerInterceptor):  # type: ignore[misc]
         return handler
 
     def caller(self, context: grpc.ServicerContext) -> roles.Caller:
-        pems = context.auth_context().get("x509_pem_cert") or []
+        pems = _auth_values(context, "x509_pem_cert")
         if not pems:  # cannot happen with require_client_auth; refuse rather than guess
             return roles.Caller("", None, "no client certificate")
         return roles.role_of(pems[0], self.admins, self.readers)
@@ -619,11 +626,11 @@ def _event_message(item: Published, node_id: str) -> pb.Event:
         joined_or_left = pb.NodeChanged.JOINED if event.change == "joined" else pb.NodeChanged.LEFT
         msg.node.CopyFrom(pb.NodeChanged(node_id=event.node_id, change=joined_or_left))
     elif isinstance(event, CertificateChange):
-        change = {"added": pb.CertificateChanged.ADDED, "rotated": pb.CertificateChanged.ROTATED}.get(
+        cert_change = {"added": pb.CertificateChanged.ADDED, "rotated": pb.CertificateChanged.ROTATED}.get(
             event.change, pb.CertificateChanged.DELETED
         )
         msg.certificate.CopyFrom(
-            pb.CertificateChanged(name=event.name, change=change, fingerprint=event.fingerprint,
+            pb.CertificateChanged(name=event.name, change=cert_change, fingerprint=event.fingerprint,
                                   revision=event.revision)
         )
         if event.not_after is not None:
@@ -693,9 +700,9 @@ async def serve_control(
     executor = ThreadPoolExecutor(MAX_WATCH_STREAMS + UNARY_WORKERS, thread_name_prefix="control")
     # gRPC sets SO_REUSEPORT by default: two nodes could then share a port without an error.
     server = grpc.server(executor, interceptors=[RoleGate(settings)], options=[("grpc.so_reuseport", 0)])
-    rpc.add_PoolsServicer_to_server(PoolsServicer(store), server)  # type: ignore[no-untyped-call]
-    rpc.add_BackendsServicer_to_server(BackendsServicer(store), server)  # type: ignore[no-untyped-call]
-    rpc.add_CertificatesServicer_to_server(CertificatesServicer(store, node, token), server)  # type: ignore[no-untyped-call]
+    rpc.add_PoolsServicer_to_server(PoolsServicer(store), server)
+    rpc.add_BackendsServicer_to_server(BackendsServicer(store), server)
+    rpc.add_CertificatesServicer_to_server(CertificatesServicer(store, node, token), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -717,7 +724,7 @@ async def serve_control(
     host = settings.bind.host
     control_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     cluster = ClusterServicer(node, token, control_address)
-    rpc.add_ClusterServicer_to_server(cluster, server)  # type: ignore[no-untyped-call]
+    rpc.add_ClusterServicer_to_server(cluster, server)
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.start()

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Final, Generic, Literal, TypeVar
 
 from lbnode.histogram import Histogram
 from lbnode.model import HealthCheck, Outlier
 
-UNKNOWN, UP, DOWN = "unknown", "up", "down"
 HealthName = Literal["unknown", "up", "down"]
+# Final: each keeps its literal type, so a HealthName can be set from one.
+UNKNOWN: Final = "unknown"
+UP: Final = "up"
+DOWN: Final = "down"
 
 K = TypeVar("K", bound=Hashable)
 

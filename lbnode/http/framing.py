@@ -59,7 +59,7 @@ class RequestReader:
 
     def __init__(self, max_header_bytes: int) -> None:
         self.events: deque[Event] = deque()
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._max_header_bytes = max_header_bytes
         self._in_head = True  # between messages or inside a head
         self._head_bytes = 0
@@ -76,6 +76,7 @@ class RequestReader:
             return
         if self._in_head:
             self._head_bytes += len(data)
+        assert self._parser is not None, "feed after close"
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -98,7 +99,7 @@ class RequestReader:
 
     def close(self) -> None:
         """Break the reader/parser reference cycle once the connection is done."""
-        self._parser = None  # type: ignore[assignment]
+        self._parser = None
 
     def feed_eof(self) -> None:
         """The client closed its side; a message cut short is an error."""
@@ -140,6 +141,7 @@ class RequestReader:
 
     def on_headers_complete(self) -> None:
         p = self._parser
+        assert p is not None  # called back by the parser itself
         # The head arrived whole in one read: check what was parsed.
         if self._head_size > self._max_header_bytes:
             raise _HeadTooLarge()
@@ -183,6 +185,14 @@ class ResponseReader:
     garbage collector could free; ``close`` breaks that cycle.
     """
 
+    # Set by start, per exchange.
+    _cut_short: bool
+    done: bool
+    broken: bool
+    # Set by on_message_begin, per message.
+    _headers: Headers
+    _forward: list[bytes]
+
     def __init__(self, request_method: bytes = b"GET") -> None:
         self.events: deque[Event] = deque()
         self._parser: httptools.HttpResponseParser | None = None
@@ -206,8 +216,9 @@ class ResponseReader:
     def feed(self, data: bytes) -> None:
         if self.broken or self.done:
             return
+        assert self._parser is not None, "feed after close"
         try:
-            self._parser.feed_data(data)  # type: ignore[union-attr]
+            self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.broken = True
             self.events.append(Upgrade(data[exc.args[0] :]))
@@ -277,6 +288,7 @@ class ResponseReader:
 
     def on_headers_complete(self) -> None:
         p = self._parser
+        assert p is not None  # called back by the parser itself
         status = p.get_status_code()
         if not 100 <= status <= 599:
             # llhttp takes any three digits: a 0xx would pass for an interim response and be

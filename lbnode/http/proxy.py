@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import trio
 
@@ -44,6 +44,7 @@ from lbnode.sockio import (
     ConnectFailed,
     Deadlines,
     SendTimeout,
+    StreamSocket,
     current_deadlines,
     half_close,
     recv_some,
@@ -114,7 +115,7 @@ class ClientConn:
         self.reader = RequestReader(max_header_bytes)
         self.eof = False
         self.served = 0
-        self.idle_wait: list | None = None  # the armed Deadlines entry while waiting between requests
+        self.idle_wait: list[Any] | None = None  # the armed Deadlines entry while waiting between requests
 
     async def fill(self) -> None:
         """Read once from the client into the parser."""
@@ -456,8 +457,8 @@ class HttpProxy:
                 if size > limit:
                     break
             elif isinstance(ev, End):
-                taken = [events.popleft() for _ in range(i + 1)]
-                return taken  # type: ignore[return-value]
+                # Only bytes came before End: anything else ended this loop.
+                return cast("list[bytes | End]", [events.popleft() for _ in range(i + 1)])
             elif isinstance(ev, ParseError):
                 # Already known to be malformed: refuse before anything reaches a backend.
                 raise BadRequest(ev.reason, ev.status)
@@ -492,7 +493,7 @@ class HttpProxy:
         budget.record_request(now)
         request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, conn.forwarded)
         if body:
-            request_bytes += self._encode_body(head, body)  # type: ignore[arg-type]
+            request_bytes += self._encode_body(head, body)
         # Only a request we can send again, and whose method allows it, may be retried on a status.
         status_retry = pool.retry_on if body is not None and head.method in IDEMPOTENT_METHODS else _NO_STATUSES
 
@@ -507,6 +508,7 @@ class HttpProxy:
                 pool.stats.affinity_hits += 1
             else:
                 pool.stats.affinity_misses += 1
+        backend: BackendState | None
         while True:
             exclude = frozenset(tried) if tried else _NO_INDEXES
             if preferred is not None:
@@ -920,11 +922,11 @@ class _BodyState:
         self.upstream_closed = False
 
 
-async def pump_both_ways(a: stdsocket.socket, b: stdsocket.socket, idle_timeout: float) -> None:
+async def pump_both_ways(a: StreamSocket, b: StreamSocket, idle_timeout: float) -> None:
     """Copy bytes a->b and b->a with half-close, until both directions end or go idle."""
     activity = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
 
-    async def one_way(src: stdsocket.socket, dst: stdsocket.socket) -> None:
+    async def one_way(src: StreamSocket, dst: StreamSocket) -> None:
         try:
             while True:
                 data = await recv_some(src, RECV_SIZE)

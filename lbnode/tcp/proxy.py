@@ -204,6 +204,7 @@ class TcpProxy:
                 pool.stats.affinity_misses += 1
         timeout = spec.timeouts.connect
         tried: set[int] = set()
+        backend: BackendState | None
         while len(tried) <= spec.retries:
             if preferred is not None:
                 backend, preferred = preferred, None
@@ -313,7 +314,6 @@ async def _pump_session(
     """Move bytes both ways until both directions ended, one broke, or the pair idled; the bytes
     moved are added to ``tally`` ([from the client, to the client]) as they go."""
     activity = _Activity()
-    pump = _splice_one_way if splice else _copy_one_way
     async with trio.open_nursery() as nursery:
         scope = nursery.cancel_scope
         directions_open = 2
@@ -321,7 +321,12 @@ async def _pump_session(
         async def one_way(src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, slot: int) -> None:
             nonlocal directions_open
             try:
-                await pump(src, dst, activity, tally, slot)
+                if splice:
+                    # chosen by handle only when neither end is TLS
+                    assert isinstance(src, socket.socket) and isinstance(dst, socket.socket)
+                    await _splice_one_way(src, dst, activity, tally, slot)
+                else:
+                    await _copy_one_way(src, dst, activity, tally, slot)
             except OSError as exc:
                 log.debug("tcp session broken: %s", _describe(exc))
                 activity.broken = True

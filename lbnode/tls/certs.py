@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 # A certificate this close to its end is reported "expiring": two weeks leaves an operator
@@ -177,7 +178,7 @@ def _check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, i: int) -
         ) from None
 
 
-def _parse_key(key_pem: bytes) -> object:
+def _parse_key(key_pem: bytes) -> PrivateKeyTypes:
     if b"-----BEGIN" not in key_pem or b"PRIVATE KEY-----" not in key_pem:
         raise CertificateError("key: no PEM private key found (expected -----BEGIN ... PRIVATE KEY-----)")
     try:
@@ -191,13 +192,13 @@ def _parse_key(key_pem: bytes) -> object:
     return key
 
 
-def _public_der(public_key: object) -> bytes:
-    return public_key.public_bytes(  # type: ignore[attr-defined]
+def _public_der(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
-def _key_type(public_key: object) -> str:
+def _key_type(public_key: PublicKeyTypes) -> str:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return f"ECDSA {_CURVE_NAMES.get(public_key.curve.name, public_key.curve.name)}"
     if isinstance(public_key, rsa.RSAPublicKey):

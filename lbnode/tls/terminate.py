@@ -88,6 +88,7 @@ class TlsTerminator:
     def new_ticket_keys(self) -> ssl.SSLContext:
         """A new listener context (new ticket keys, an empty session cache), used from now on."""
         ctx = listener_context(self.settings, self._alpn)
+        # typeshed types the callback's first argument SSLObject; a wrapped socket gets an SSLSocket
         ctx.sni_callback = make_sni_callback(  # type: ignore[assignment]
             self.listener.name, self.settings, self._alpn, lambda: self._node.snapshot, self._callback_failed
         )

@@ -184,8 +184,8 @@ class TlsSocket:
     def fileno(self) -> int:
         return self.raw.fileno()
 
-    def setsockopt(self, *args: object) -> None:
-        self.raw.setsockopt(*args)  # type: ignore[call-overload]
+    def setsockopt(self, level: int, option: int, value: int | bytes, /) -> None:
+        self.raw.setsockopt(level, option, value)
 
     def recv(self, size: int) -> bytes:
         obj = self.obj
