@@ -121,18 +121,42 @@ def status_document(node: AdminView) -> dict[str, Any]:
     }
 
 
-def _response(status: int, body: bytes, content_type: str) -> bytes:
-    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 413: "Content Too Large", 503: "Service Unavailable",
+}
+
+
+def _response(status: int, body: bytes, content_type: str, extra: str = "") -> bytes:
+    """A whole response; ``extra``: more header lines, each ending in CRLF."""
     return (
-        f"HTTP/1.1 {status} {reason.get(status, '')}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n"
     ).encode() + body
+
+
+def has_body(head: RequestHead) -> bool:
+    """The request announces a body (a non-zero Content-Length, or any Transfer-Encoding).
+
+    Admin requests are all reads: a body is never read, so one sent anyway is refused
+    rather than left unread in the socket (where a proxy in front could take it for the
+    next request)."""
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            return True
+        if lname == b"content-length" and value.strip() not in (b"0", b""):
+            return True
+    return False
 
 
 def answer(node: AdminView, head: RequestHead) -> bytes:
     path = head.target.split(b"?", 1)[0]
     if head.method not in (b"GET", b"HEAD"):
-        return _response(405, b"only GET\n", "text/plain")
+        # RFC 9110 15.5.6: a 405 lists the methods the resource takes.
+        return _response(405, b"admin endpoints take GET or HEAD only\n", "text/plain", "Allow: GET, HEAD\r\n")
+    if has_body(head):
+        return _response(413, b"admin endpoints take no request body\n", "text/plain")
     if path == b"/healthz":
         if node.draining:
             return _response(503, b"draining\n", "text/plain")
