@@ -1,4 +1,5 @@
-"""The admin HTTP endpoint: ``GET /healthz``, ``/status`` (JSON) and ``/metrics`` (Prometheus).
+"""The admin HTTP endpoint: ``GET /healthz``, ``/status`` (JSON), ``/metrics`` (Prometheus) and
+the live status page (``/``, ``/status/page.json``, ``lbnode.admin.page``).
 
 Owns answering operators and outer load balancers about this node. Reads
 the node's snapshot; never changes it (changes go through the control API).
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 
 import trio
 
-from lbnode.admin import metrics
+from lbnode.admin import metrics, page
 from lbnode.http.framing import RequestReader
 from lbnode.http.headers import RequestHead
 from lbnode.listen import ConnectionGate, accept_loop
@@ -135,6 +136,10 @@ def _response(status: int, body: bytes, content_type: str, extra: str = "") -> b
     ).encode() + body
 
 
+# The page's files: its own policy (lbnode.admin.page), and no guessing of types.
+_PAGE_HEADERS = f"Content-Security-Policy: {page.CONTENT_SECURITY_POLICY}\r\nX-Content-Type-Options: nosniff\r\n"
+
+
 def has_body(head: RequestHead) -> bool:
     """The request announces a body (a non-zero Content-Length, or any Transfer-Encoding).
 
@@ -165,7 +170,13 @@ def answer(node: AdminView, head: RequestHead) -> bytes:
         return _response(200, json.dumps(status_document(node), indent=2).encode() + b"\n", "application/json")
     if path == b"/metrics":
         return _response(200, metrics.render(node), metrics.CONTENT_TYPE)
-    return _response(404, b"not found: try /healthz, /status or /metrics\n", "text/plain")
+    if path == b"/status/page.json":
+        return _response(200, json.dumps(page.page_document(node)).encode(), "application/json")
+    static = page.static_file(path)
+    if static is not None:
+        body, content_type = static
+        return _response(200, body, content_type, _PAGE_HEADERS)
+    return _response(404, b"not found: try /, /healthz, /status, /status/page.json or /metrics\n", "text/plain")
 
 
 async def _handle(node: AdminView, sock: socket.socket, client_ip: str) -> None:

@@ -1,0 +1,186 @@
+"""The status page in a real headless Chromium: what it shows, how fast it follows, how it escapes.
+
+A real node with real demo backends; Chromium loads ``GET /`` from the admin endpoint and the
+test reads the page's DOM over the DevTools protocol (tests/chromium.py). Screenshots go to
+tests/artifacts/ (git-ignored); docs/img/status-page.png is one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import trio
+
+from lbnode.demo_backend import BackendStats, serve_demo_backend
+from tests.chromium import Chromium
+from tests.conftest import (
+    REPO,
+    http_get,
+    listener_toml,
+    node_toml,
+    pool_toml,
+    start_backends,
+    start_node,
+)
+
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+# Health checks of the test pool: a refused connect fails at once, so a stopped backend is
+# down after `fall` checks, each at most interval * (1 + jitter) + timeout apart.
+INTERVAL, TIMEOUT, FALL, JITTER = 0.2, 0.2, 2, 0.1
+DETECT = FALL * (INTERVAL * (1 + JITTER) + TIMEOUT)  # 0.84 s
+REFRESH = 1.0  # the page's ?refresh=
+# 2 busy cores: a Trio turn, a health check task or a Chromium frame can each be hundreds of
+# ms late (other suites run beside this one); what the design bounds is DETECT + REFRESH.
+MARGIN = 2.0
+# Chromium's first load: process start is outside this (tests/chromium.py), page + first fetch ~0.2 s.
+FIRST_RENDER = 15.0
+
+HEALTH = (f'[pools.health]\ntype = "http"\npath = "/healthz"\ninterval = "{int(INTERVAL * 1000)}ms"\n'
+          f'timeout = "{int(TIMEOUT * 1000)}ms"\nfall = {FALL}\nrise = 1\njitter = {JITTER}\n')
+# Names are restricted to [A-Za-z0-9_.-] (lbnode.model.NAME_RE), so the most hostile text the
+# page shows is a health check's reason, which quotes the configured expect_body.
+HOSTILE = """<script>document.title="pwned"</script><img src=x onerror="document.title='pwned'">"""
+
+BACKEND_ROWS = """JSON.stringify(Array.from(document.querySelectorAll('table.backends tr[data-backend]')).map(r => ({
+  pool: r.closest('table').getAttribute('data-pool'), id: r.getAttribute('data-backend'),
+  health: r.getAttribute('data-health'), p50: r.querySelector('.p50').textContent,
+  rate: r.querySelector('.rate').textContent, reason: r.querySelector('.reason').textContent})))"""
+
+
+def rows(page: Chromium) -> dict[tuple[str, str], dict[str, str]]:
+    return {(r["pool"], r["id"]): r for r in json.loads(page.evaluate(BACKEND_ROWS))}
+
+
+def wait_for(page: Chromium, predicate, what: str, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    """Polls the DOM every 20 ms; the monotonic time the predicate first held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate(rows(page)):
+            return time.monotonic()
+        time.sleep(0.02)
+    raise AssertionError(f"page did not show {what} within {timeout:g}s: {rows(page)}")
+
+
+async def off(fn, *args):  # type: ignore[no-untyped-def]
+    """``fn(*args)`` in a worker thread: a blocking DevTools call must not stop the node's loop."""
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def milliseconds(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+) (ms|s)", text)
+    assert m, text
+    return float(m[1]) * (1000 if m[2] == "s" else 1)
+
+
+async def test_page_shows_a_backend_down_within_one_refresh_and_escapes_names(nursery, tmp_path: Path):
+    (a,) = await start_backends(nursery, "a")
+    b_scope = trio.CancelScope()
+
+    async def serve_b(task_status: trio.TaskStatus[int]) -> None:
+        with b_scope:
+            await serve_demo_backend("b", "127.0.0.1", 0, stats=BackendStats(), task_status=task_status)
+
+    b = f"127.0.0.1:{await nursery.start(serve_b)}"
+    hostile = (f'[[pools]]\nname = "hostile"\n[pools.health]\ntype = "http"\npath = "/healthz"\ninterval = "200ms"\n'
+               f'fall = 1\nexpect_body = {json.dumps(HOSTILE)}\n  [[pools.backends]]\n  address = "{a.address}"\n')
+    node, bound = await start_node(nursery, node_toml(
+        listener_toml("front", "http", "web"), pool_toml("web", [a.address, b], _extra=HEALTH), hostile,
+    ))
+    port, admin = bound.listeners["front"][1], bound.admin[1]
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    # Chromium is driven from worker threads: its calls block, and the node runs on this thread.
+    page = await trio.to_thread.run_sync(Chromium, tmp_path / "chromium")
+    try:
+        await off(page.navigate, f"http://127.0.0.1:{admin}/?refresh={REFRESH:g}")
+        await trio.to_thread.run_sync(lambda: wait_for(
+            page, lambda r: r.get(("web", a.address), {}).get("health") == "up" and r.get(("web", b), {}).get("health") == "up",
+            "both web backends up", FIRST_RENDER))
+
+        # Latency over one refresh window, computed by the page from two samples: only 300 ms
+        # requests ran, so p50 is in the 250-500 ms bucket (up to 1 s if the cores are that busy).
+        async with trio.open_nursery() as clients:
+            for _ in range(4):
+                clients.start_soon(http_get, f"http://127.0.0.1:{port}/slow?ms=300")
+        seen = await trio.to_thread.run_sync(lambda: wait_for(
+            page, lambda r: r[("web", a.address)]["p50"] != "–", "a p50 for backend a", 3 * REFRESH + MARGIN))
+        assert seen
+        shown = (await off(rows, page))[("web", a.address)]
+        assert 250 <= milliseconds(shown["p50"]) <= 1000, shown
+        assert float(shown["rate"]) > 0, shown
+
+        # The hostile reason is text: no element was made from it, and nothing ran.
+        await trio.to_thread.run_sync(lambda: wait_for(
+            page, lambda r: r.get(("hostile", a.address), {}).get("health") == "down", "the hostile pool down", 10.0))
+        # the checker's reason quotes it with repr(): the page shows that string, character for character
+        assert (await off(rows, page))[("hostile", a.address)]["reason"] == f"body does not contain {HOSTILE!r}"
+        assert await off(page.evaluate, "document.querySelectorAll('img').length") == 0
+        assert await off(page.evaluate, "document.querySelectorAll('script').length") == 1  # status.js alone
+        assert await off(page.evaluate, "document.title") == "Fulcrum t1"
+        events = await off(page.evaluate, "Array.from(document.querySelectorAll('#events li')).map(li => li.textContent)")
+        assert any(repr(HOSTILE) in e and "hostile/" in e for e in events), events
+
+        # Stop b: the node marks it down within DETECT, the page shows it within one refresh.
+        node_down: list[float] = []
+
+        async def watch_node() -> None:
+            web = node.snapshot.pools["web"]
+            while next(x for x in web.backends if x.id == b).health != "down":
+                await trio.sleep(0.01)
+            node_down.append(time.monotonic())
+
+        stopped = time.monotonic()
+        b_scope.cancel()
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(watch_node)
+            page_down = await trio.to_thread.run_sync(lambda: wait_for(
+                page, lambda r: r[("web", b)]["health"] == "down", "b down", DETECT + REFRESH + MARGIN))
+        assert (await off(rows, page))[("web", a.address)]["health"] == "up"
+        print(f"\nnode saw b down {node_down[0] - stopped:.2f}s after the stop, the page "
+              f"{page_down - stopped:.2f}s (bound {DETECT + REFRESH:.2f}s + {MARGIN:g}s margin)")
+        assert page_down - node_down[0] <= REFRESH + MARGIN
+
+        # A trickle of requests for the screenshots, so rates and latencies show figures.
+        async with trio.open_nursery() as trickle:
+            async def requests() -> None:
+                while True:
+                    await http_get(f"http://127.0.0.1:{port}/slow?ms=20")
+
+            trickle.start_soon(requests)
+            await trio.sleep(2 * REFRESH)  # two samples with requests in between
+            await off(page.screenshot, ARTIFACTS / "status-page.png")
+            await off(lambda: page.screenshot(ARTIFACTS / "status-page-phone.png", width=390, height=844, mobile=True))
+            trickle.cancel_scope.cancel()
+        print(f"screenshots: {ARTIFACTS}/status-page.png, status-page-phone.png")
+    finally:
+        await trio.to_thread.run_sync(page.close)
+    assert (ARTIFACTS / "status-page.png").stat().st_size > 10_000
+
+
+async def test_page_json_answers_while_draining(nursery):
+    (a,) = await start_backends(nursery, "a")
+    node, bound = await start_node(nursery, node_toml(
+        listener_toml("front", "http", "web"), pool_toml("web", [a.address]), node_extra="drain_timeout = 10\n"))
+    admin = bound.admin[1]
+    async with trio.open_nursery() as inner:
+        inner.start_soon(http_get, f"http://127.0.0.1:{bound.listeners['front'][1]}/slow?ms=3000")
+        while node.snapshot.pools["web"].backends[0].inflight == 0:
+            await trio.sleep(0.01)
+        node.stop()
+        r = await http_get(f"http://127.0.0.1:{admin}/status/page.json")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        doc = r.json()
+        assert doc["draining"] is True and doc["node"] == "t1"
+        (backend,) = doc["pools"][0]["backends"]
+        assert backend["inflight"] == 1 and backend["requests"] == 1 and backend["health"] == "up"
+        assert len(backend["latency_counts"]) == len(doc["latency_bounds"]) + 1
+        assert doc["cluster"] is None and doc["vips"] == [] and doc["listeners"][0]["name"] == "front"
+        html = await http_get(f"http://127.0.0.1:{admin}/?refresh=5")
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in html.headers["content-security-policy"]
+        js = await http_get(f"http://127.0.0.1:{admin}/static/status.js")
+        assert js.headers["content-type"].startswith("text/javascript") and "textContent" in js.text
