@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 from typing import Any, Protocol
 
 import trio
 
 from lbnode.admin import metrics, page
+from lbnode.admin.access import OPEN, AdminAccess, check
 from lbnode.http.framing import RequestReader
 from lbnode.http.headers import RequestHead
 from lbnode.listen import ConnectionGate, accept_loop
@@ -155,8 +157,12 @@ def has_body(head: RequestHead) -> bool:
     return False
 
 
-def answer(node: AdminView, head: RequestHead) -> bytes:
+def answer(node: AdminView, head: RequestHead, access: AdminAccess = OPEN, client_cert: bool = False) -> bytes:
+    """The whole response to one request; ``client_cert``: the TLS peer sent a verified certificate."""
     path = head.target.split(b"?", 1)[0]
+    refusal = check(access, path, head.header(b"authorization"), client_cert)
+    if refusal is not None:
+        return _response(refusal.status, refusal.body, "text/plain", refusal.headers)
     if head.method not in (b"GET", b"HEAD"):
         # RFC 9110 15.5.6: a 405 lists the methods the resource takes.
         return _response(405, b"admin endpoints take GET or HEAD only\n", "text/plain", "Allow: GET, HEAD\r\n")
@@ -179,10 +185,18 @@ def answer(node: AdminView, head: RequestHead) -> bytes:
     return _response(404, b"not found: try /, /healthz, /status, /status/page.json or /metrics\n", "text/plain")
 
 
-async def _handle(node: AdminView, sock: socket.socket, client_ip: str) -> None:
+async def _handle(node: AdminView, sock: socket.socket, client_ip: str, access: AdminAccess) -> None:
     reader = RequestReader(MAX_HEAD)
+    tls: ssl.SSLSocket | None = None
+    client_cert = False
     with trio.move_on_after(READ_TIMEOUT):
         try:
+            if access.tls is not None:
+                # wrap_socket takes the descriptor over: ``sock`` is left detached, ``tls`` is closed below.
+                tls = access.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                sock = tls
+                await _handshake(tls)
+                client_cert = bool(tls.getpeercert(binary_form=True))  # verified, or the handshake failed
             while not reader.events:
                 data = await recv_some(sock, 4096)
                 if not data:
@@ -190,19 +204,37 @@ async def _handle(node: AdminView, sock: socket.socket, client_ip: str) -> None:
                 reader.feed(data)
             ev = reader.events.popleft()
             if isinstance(ev, RequestHead):
-                out = answer(node, ev)
+                out = answer(node, ev, access, client_cert)
                 if ev.method == b"HEAD":
                     out = out.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
             else:
                 out = _response(400, b"bad request\n", "text/plain")
             await send_all(sock, out, READ_TIMEOUT)
-        except (OSError, SendTimeout) as exc:
+        except (OSError, SendTimeout) as exc:  # ssl.SSLError is an OSError: a failed handshake ends here
             log.debug("admin client %s: %s", client_ip, exc)
+        finally:
+            if tls is not None and tls.fileno() != -1:
+                trio.lowlevel.notify_closing(tls)
+                tls.close()
 
 
-async def serve_admin(sock: socket.socket, node: AdminView) -> None:
+async def _handshake(tls: ssl.SSLSocket) -> None:
+    """The server side of a TLS handshake on a non-blocking socket (the caller bounds its time)."""
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await trio.lowlevel.wait_readable(tls)
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(tls)
+
+
+async def serve_admin(sock: socket.socket, node: AdminView, access: AdminAccess = OPEN) -> None:
+    """Answer admin requests on ``sock`` until cancelled; ``access``: [admin]'s token and TLS."""
+
     async def handler(conn: socket.socket, client_ip: str) -> None:
-        await _handle(node, conn, client_ip)
+        await _handle(node, conn, client_ip, access)
 
     async with trio.open_nursery() as handlers:
         await accept_loop(sock, handler, handlers, ConnectionGate(64), "admin")
