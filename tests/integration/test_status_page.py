@@ -12,18 +12,24 @@ import re
 import time
 from pathlib import Path
 
+import httpx
 import trio
 
+from lbnode.cluster.etcd import EtcdStore
 from lbnode.demo_backend import BackendStats, serve_demo_backend
+from lbnode.model import Address, Backend, Pool
 from tests.chromium import Chromium
 from tests.conftest import (
     REPO,
+    free_port,
     http_get,
     listener_toml,
     node_toml,
     pool_toml,
+    spawn_backend,
     start_backends,
     start_node,
+    wait_port,
 )
 
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -184,3 +190,73 @@ async def test_page_json_answers_while_draining(nursery):
         assert "script-src 'self'" in html.headers["content-security-policy"]
         js = await http_get(f"http://127.0.0.1:{admin}/static/status.js")
         assert js.headers["content-type"].startswith("text/javascript") and "textContent" in js.text
+
+
+# A cluster node sees another join and etcd go away through its lease keepalive (a third of
+# lease_ttl = 2 s) and its store follower: seconds on an idle machine, 15 s for 2 busy cores.
+FOLLOW = 15.0
+
+
+def cluster_toml(node_id: str, admin: int, http: int, endpoints: str, state: Path) -> str:
+    return (f'[node]\nid = "{node_id}"\nadmin = "127.0.0.1:{admin}"\nstate_dir = "{state}"\ndrain_timeout = "1s"\n'
+            f'[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\n'
+            f'[[listeners]]\nname = "web"\nprotocol = "http"\nbind = "127.0.0.1:{http}"\npool = "p0"\n')
+
+
+def page_json(admin: int) -> dict:  # type: ignore[type-arg]
+    r = httpx.get(f"http://127.0.0.1:{admin}/status/page.json", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def eventually(admin: int, check, what: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    deadline = time.monotonic() + FOLLOW
+    while True:
+        doc = page_json(admin)
+        if check(doc):
+            return doc
+        assert time.monotonic() < deadline, f"{what} within {FOLLOW:g}s: {doc}"
+        time.sleep(0.1)
+
+
+def test_cluster_nodes_pool_events_and_etcd_down_on_the_page(spawn, tmp_path: Path, etcd) -> None:
+    a = spawn_backend(spawn, "a")
+    store = EtcdStore(etcd.settings())
+    store.create_pool(Pool(name="p0", backends=(Backend(Address("127.0.0.1", a)),)))
+    endpoints = ", ".join(f'"{e}"' for e in etcd.endpoints)
+    admins = {}
+    for node_id in ("n1", "n2"):
+        admins[node_id] = free_port()
+        config = tmp_path / f"{node_id}.toml"
+        config.write_text(cluster_toml(node_id, admins[node_id], free_port(), endpoints, tmp_path / f"state-{node_id}"))
+        spawn("-m", "lbnode.cli", "run", "--config", str(config), name=node_id)
+    admin = admins["n1"]
+    wait_port(admin)
+    doc = eventually(admin, lambda d: [n["id"] for n in d["cluster"]["nodes"] if n["live"]] == ["n1", "n2"],
+                     "both nodes live")
+    assert [n["self"] for n in doc["cluster"]["nodes"]] == [True, False]
+    assert doc["cluster"]["etcd_reachable"] is True and doc["config"]["source"] == "store"
+    store.create_pool(Pool(name="p1", backends=(Backend(Address("127.0.0.1", a)),)))
+    doc = eventually(admin, lambda d: any(e["kind"] == "pool" and e["subject"] == "p1" for e in d["events"]),
+                     "the new pool among the recent events")
+    assert [e["detail"] for e in doc["events"] if e["subject"] == "p1"][0].startswith("created (revision ")
+
+    with Chromium(tmp_path / "chromium") as page:
+        page.navigate(f"http://127.0.0.1:{admin}/")
+        nodes = "Array.from(document.querySelectorAll('#nodes tr[data-node]')).map(r => r.textContent)"
+        summary = "document.getElementById('cluster-summary').textContent"
+        deadline = time.monotonic() + FIRST_RENDER
+        while not (page.evaluate(nodes) or [""])[0].startswith("n1 (this node)live"):
+            assert time.monotonic() < deadline, page.evaluate(nodes)
+            time.sleep(0.05)
+        assert [t[:2] for t in page.evaluate(nodes)] == ["n1", "n2"]
+        assert "etcd reachable" in page.evaluate(summary)
+
+        etcd.members[0].kill()
+        doc = eventually(admin, lambda d: d["cluster"]["etcd_reachable"] is False, "etcd seen down")
+        assert doc["config"]["stale"] is True and doc["pools"][0]["name"] == "p0"  # still answering, from memory
+        deadline = time.monotonic() + 2 * REFRESH + MARGIN  # the page's next refresh shows it
+        while "etcd NOT reachable" not in page.evaluate(summary):
+            assert time.monotonic() < deadline, page.evaluate(summary)
+            time.sleep(0.05)
+        page.screenshot(ARTIFACTS / "status-page-cluster.png")

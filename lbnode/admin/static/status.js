@@ -166,6 +166,7 @@ function renderCluster(doc) {
     return row;
   });
   document.querySelector("#vips tbody").replaceChildren(...vips);
+  document.getElementById("vips").hidden = vips.length === 0; // no [[cluster.vips]]: no empty table
 }
 
 function renderEvents(doc) {
