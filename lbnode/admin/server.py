@@ -152,8 +152,10 @@ def has_body(head: RequestHead) -> bool:
         lname = name.lower()
         if lname == b"transfer-encoding":
             return True
-        if lname == b"content-length" and value.strip() not in (b"0", b""):
-            return True
+        if lname == b"content-length":
+            length = value.strip()
+            if not length.isdigit() or int(length) > 0:  # "00" is no body; anything unreadable is refused
+                return True
     return False
 
 
