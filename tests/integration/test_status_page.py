@@ -31,6 +31,7 @@ from tests.conftest import (
     start_node,
     wait_port,
 )
+from tests.integration.test_vip_api import RUN_RECORDED
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 
@@ -210,14 +211,20 @@ async def test_page_json_answers_while_draining(nursery):
         assert js.headers["content-type"].startswith("text/javascript") and "textContent" in js.text
 
 
-# A cluster node sees another join and etcd go away through its lease keepalive (a third of
-# lease_ttl = 2 s) and its store follower: seconds on an idle machine, 15 s for 2 busy cores.
+# A cluster node sees another join or die (lease_ttl = 2 s, then the VIP is placed again) and
+# etcd go away (its keepalive, a third of the TTL, and its store follower): seconds on an idle
+# machine, 15 s for 2 busy cores.
 FOLLOW = 15.0
 
 
+# Documentation addresses: the nodes record them (RUN_RECORDED), nothing is added to an interface.
+VIPS = ("192.0.2.100", "192.0.2.101")
+
+
 def cluster_toml(node_id: str, admin: int, http: int, endpoints: str, state: Path) -> str:
+    vips = "".join(f'[[cluster.vips]]\naddress = "{v}/24"\n' for v in VIPS)
     return (f'[node]\nid = "{node_id}"\nadmin = "127.0.0.1:{admin}"\nstate_dir = "{state}"\ndrain_timeout = "1s"\n'
-            f'[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\n'
+            f'[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\nvip_interface = "eth0"\n{vips}'
             f'[[listeners]]\nname = "web"\nprotocol = "http"\nbind = "127.0.0.1:{http}"\npool = "p0"\n')
 
 
@@ -237,22 +244,29 @@ def eventually(admin: int, check, what: str) -> dict:  # type: ignore[no-untyped
         time.sleep(0.1)
 
 
-def test_cluster_nodes_pool_events_and_etcd_down_on_the_page(spawn, tmp_path: Path, etcd) -> None:
+def test_cluster_nodes_vips_events_and_etcd_down_on_the_page(spawn, tmp_path: Path, etcd, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the nodes import RecordedAddresses from tests/
     a = spawn_backend(spawn, "a")
     store = EtcdStore(etcd.settings())
     store.create_pool(Pool(name="p0", backends=(Backend(Address("127.0.0.1", a)),)))
     endpoints = ", ".join(f'"{e}"' for e in etcd.endpoints)
-    admins = {}
+    admins, procs = {}, {}
     for node_id in ("n1", "n2"):
         admins[node_id] = free_port()
         config = tmp_path / f"{node_id}.toml"
         config.write_text(cluster_toml(node_id, admins[node_id], free_port(), endpoints, tmp_path / f"state-{node_id}"))
-        spawn("-m", "lbnode.cli", "run", "--config", str(config), name=node_id)
+        procs[node_id] = spawn("-c", RUN_RECORDED, "run", "--config", str(config), name=node_id)
     admin = admins["n1"]
     wait_port(admin)
-    doc = eventually(admin, lambda d: [n["id"] for n in d["cluster"]["nodes"] if n["live"]] == ["n1", "n2"],
-                     "both nodes live")
+    wait_port(admins["n2"])
+    # n1 sees its own claim in etcd a moment before it has added the address (held_here): both awaited
+    doc = eventually(admin, lambda d: [n["id"] for n in d["cluster"]["nodes"] if n["live"]] == ["n1", "n2"]
+                     and sorted(v["holder"] or "" for v in d["vips"]) == ["n1", "n2"]
+                     and all(v["held_here"] == (v["holder"] == "n1") for v in d["vips"]), "both nodes live, one VIP each")
     assert [n["self"] for n in doc["cluster"]["nodes"]] == [True, False]
+    assert [v["address"] for v in doc["vips"]] == list(VIPS)
+    assert all(v["since"] > 0 for v in doc["vips"]), doc["vips"]
+    n2_vip = next(v["address"] for v in doc["vips"] if v["holder"] == "n2")
     assert doc["cluster"]["etcd_reachable"] is True and doc["config"]["source"] == "store"
     store.create_pool(Pool(name="p1", backends=(Backend(Address("127.0.0.1", a)),)))
     doc = eventually(admin, lambda d: any(e["kind"] == "pool" and e["subject"] == "p1" for e in d["events"]),
@@ -269,6 +283,21 @@ def test_cluster_nodes_pool_events_and_etcd_down_on_the_page(spawn, tmp_path: Pa
             time.sleep(0.05)
         assert [t[:2] for t in page.evaluate(nodes)] == ["n1", "n2"]
         assert "etcd reachable" in page.evaluate(summary)
+        holders = "Object.fromEntries(Array.from(document.querySelectorAll('#vips tr[data-vip]'))" \
+                  ".map(r => [r.getAttribute('data-vip'), r.children[1].textContent]))"
+        assert page.evaluate(holders)[n2_vip] == "n2"
+
+        # n2 dies: its lease expires (2 s) and n1 takes its VIP; the page shows the move
+        procs["n2"].popen.kill()
+        doc = eventually(admin, lambda d: all(v["holder"] == "n1" for v in d["vips"]), "n1 holding both VIPs")
+        moves = [e["detail"] for e in doc["events"] if e["kind"] == "vip" and e["subject"] == n2_vip]
+        assert moves and moves[0].endswith("-> n1"), doc["events"]  # newest first
+        deadline = time.monotonic() + 2 * REFRESH + MARGIN  # the page's next refresh shows it
+        while page.evaluate(holders)[n2_vip] != "n1 (this node)":
+            assert time.monotonic() < deadline, page.evaluate(holders)
+            time.sleep(0.05)
+        vip_events = "Array.from(document.querySelectorAll('#events li[data-kind=vip]')).map(li => li.textContent)"
+        assert any(n2_vip in e and e.endswith("-> n1") for e in page.evaluate(vip_events)), page.evaluate(vip_events)
 
         etcd.members[0].kill()
         doc = eventually(admin, lambda d: d["cluster"]["etcd_reachable"] is False, "etcd seen down")
