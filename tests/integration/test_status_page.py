@@ -55,7 +55,7 @@ HOSTILE = """<script>document.title="pwned"</script><img src=x onerror="document
 BACKEND_ROWS = """JSON.stringify(Array.from(document.querySelectorAll('table.backends tr[data-backend]')).map(r => ({
   pool: r.closest('table').getAttribute('data-pool'), id: r.getAttribute('data-backend'),
   health: r.getAttribute('data-health'), p50: r.querySelector('.p50').textContent,
-  rate: r.querySelector('.rate').textContent, reason: r.querySelector('.reason').textContent})))"""
+  rate: r.querySelector('.rate').textContent, errors: r.querySelector('.errors').textContent, reason: r.querySelector('.reason').textContent})))"""
 
 
 def rows(page: Chromium) -> dict[tuple[str, str], dict[str, str]]:
@@ -128,6 +128,32 @@ async def test_page_shows_a_backend_down_within_one_refresh_and_escapes_names(nu
 
         rate, p50 = await off(rate_and_p50)
         assert rate > 0 and 250 <= milliseconds(p50) <= 1000, (rate, p50)
+
+        # Error ratio: the backend's 503s are failures. Two bursts 0.5 s apart, so that one of
+        # them falls inside a 1 s window whole (a request that straddles two samples is counted
+        # in one window and its failure in the next).
+        def highest_error_ratio() -> float:
+            deadline = time.monotonic() + 3 * REFRESH + MARGIN
+            highest = 0.0
+            while time.monotonic() < deadline and highest == 0:
+                shown = rows(page)[("web", a.address)]["errors"]
+                highest = max(highest, float(shown.removesuffix(" %")) if shown != "–" else 0.0)
+                time.sleep(0.02)
+            return highest
+
+        async with trio.open_nursery() as watch:
+            errors: list[float] = []
+
+            async def watch_errors() -> None:
+                errors.append(await off(highest_error_ratio))
+
+            watch.start_soon(watch_errors)
+            for _ in range(2):
+                async with trio.open_nursery() as clients:
+                    for _ in range(4):
+                        clients.start_soon(http_get, f"http://127.0.0.1:{port}/status/503")
+                await trio.sleep(0.5)
+        assert 0 < errors[0] <= 100, errors
 
         # The hostile reason is text: no element was made from it, and nothing ran.
         await trio.to_thread.run_sync(lambda: wait_for(
