@@ -11,6 +11,7 @@ import ssl
 import tomllib
 from pathlib import Path
 
+from lbnode.admin.access import load_access
 from lbnode.model import CertificateFile, Config, ConfigError, ListenerTls, parse_config
 from lbnode.tls.certs import Certificate, CertificateError, load_certificate
 from lbnode.tls.upstream import TlsSetupError, backend_tls
@@ -54,6 +55,8 @@ def load_config_text(text: str, origin: str = "<config>") -> Config:
         for i, li in enumerate(config.listeners):
             if li.tls is not None:
                 check_listener_tls(li.tls, f"listeners[{i}].tls")
+        # [admin]'s token and certificate files: read now so that a bad one is `lbnode check`'s error.
+        load_access(config.admin)
     except ConfigError as exc:
         raise ConfigFileError(f"{origin}: {exc}") from None
     # Files named by [pools.tls] are read now, so a bad one stops the start with one line

@@ -820,6 +820,23 @@ class NodeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """Who may use the admin endpoint (``[admin]``); ``/healthz`` stays open to every client.
+
+    File paths, read and checked by ``lbnode.admin.access.load_access`` (at ``lbnode check``
+    and at start), so a secret never sits in node.toml itself."""
+
+    token_file: str | None = None  # the bearer token every other request must carry
+    cert: str | None = None  # TLS on the admin endpoint: certificate chain (PEM)
+    key: str | None = None  # and its private key
+    client_ca: str | None = None  # other requests need a client certificate this CA signed
+
+    @property
+    def open(self) -> bool:
+        return self.token_file is None and self.cert is None
+
+
+@dataclass(frozen=True, slots=True)
 class ControlSettings:
     """The gRPC control API of this node (mutual TLS unless ``insecure``)."""
 
@@ -861,6 +878,7 @@ class Config:
     pools: tuple[Pool, ...]
     control: ControlSettings | None = None
     cluster: ClusterSettings | None = None
+    admin: AdminSettings = AdminSettings()  # [admin]: token and TLS of [node] admin
     certificate_files: tuple[CertificateFile, ...] = ()  # [[certificates]] as written
     # Loaded from those files by lbnode.config (a store adds its own: the store wins a name)
     certificates: tuple[Certificate, ...] = ()
@@ -889,6 +907,7 @@ def parse_config(data: object) -> Config:
     listeners = [parse_listener(lt) for lt in root.tables("listeners")]
     control = _parse_control(root.table("control"))
     cluster = _parse_cluster(root.table("cluster"))
+    admin = _parse_admin(root.table("admin"), node)
     certificate_files = parse_certificate_files(root)
     root.done()
     _unique(pools, "pools", lambda p: p.name)
@@ -935,7 +954,28 @@ def parse_config(data: object) -> Config:
     if control is not None and control.bind.port and (control.bind.host, control.bind.port) in binds:
         raise ConfigError("control.bind", f"{control.bind} is already used by a listener")
     return Config(node=node, listeners=tuple(listeners), pools=tuple(pools), control=control, cluster=cluster,
-                  certificate_files=certificate_files)
+                  admin=admin, certificate_files=certificate_files)
+
+
+def _parse_admin(t: Table | None, node: NodeSettings) -> AdminSettings:
+    if t is None:
+        return AdminSettings()
+    admin = AdminSettings(
+        token_file=t.str("token_file", None),
+        cert=t.str("cert", None),
+        key=t.str("key", None),
+        client_ca=t.str("client_ca", None),
+    )
+    t.done()
+    if node.admin is None:
+        raise ConfigError("admin", "node.admin is not set, so there is no admin endpoint to protect: "
+                          'set node.admin = "host:port" or remove [admin]')
+    if (admin.cert is None) != (admin.key is None):
+        missing = "key" if admin.key is None else "cert"
+        raise ConfigError(t.key(missing), "is required: cert and key go together (TLS on the admin endpoint)")
+    if admin.client_ca is not None and admin.cert is None:
+        raise ConfigError(t.key("client_ca"), "client certificates need TLS: set admin.cert and admin.key too")
+    return admin
 
 
 def _parse_control(t: Table | None) -> ControlSettings | None:

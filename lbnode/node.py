@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from lbnode.admin.access import AdminAccess, load_access
 from lbnode.admin.server import serve_admin
 from lbnode.affinity import AffinityTable
 from lbnode.cluster.affinity import ClusterAffinity
@@ -226,6 +227,7 @@ class LbNode:
     # --------------------------------------------------------------- lifecycle
     async def run(self, *, handle_signals: bool = True, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
+        access = self._admin_access()
         sockets = []
         try:
             for li in config.listeners:
@@ -270,7 +272,7 @@ class LbNode:
 
                 self.control_port = await outer.start(serve_control, config.control, self.store, self)
             if admin_sock is not None:
-                outer.start_soon(serve_admin, admin_sock, self)
+                outer.start_soon(serve_admin, admin_sock, self, access)
             outer.start_soon(self._check_certificate_expiry)
             self._health_nursery = outer
             self._sync_health()
@@ -327,6 +329,17 @@ class LbNode:
             self.upstreams.close()
             log.info("stopped")
             outer.cancel_scope.cancel()
+
+    def _admin_access(self) -> AdminAccess:
+        """[admin]'s token and TLS context, read before anything binds (a file changed since
+        the config was checked is one line, like every other config error)."""
+        from lbnode.config import ConfigFileError
+        from lbnode.model import ConfigError
+
+        try:
+            return load_access(self.config.admin)
+        except ConfigError as exc:
+            raise ConfigFileError(str(exc)) from None
 
     @staticmethod
     def _filter_moving_vips(

@@ -1,4 +1,5 @@
-"""The admin HTTP endpoint: ``GET /healthz``, ``/status`` (JSON) and ``/metrics`` (Prometheus).
+"""The admin HTTP endpoint: ``GET /healthz``, ``/status`` (JSON), ``/metrics`` (Prometheus) and
+the live status page (``/``, ``/status/page.json``, ``lbnode.admin.page``).
 
 Owns answering operators and outer load balancers about this node. Reads
 the node's snapshot; never changes it (changes go through the control API).
@@ -9,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 from typing import Any, Protocol
 
 import trio
 
-from lbnode.admin import metrics
+from lbnode.admin import metrics, page
+from lbnode.admin.access import OPEN, AdminAccess, check
 from lbnode.http.framing import RequestReader
 from lbnode.http.headers import RequestHead
 from lbnode.listen import ConnectionGate, accept_loop
@@ -121,18 +124,52 @@ def status_document(node: AdminView) -> dict[str, Any]:
     }
 
 
-def _response(status: int, body: bytes, content_type: str) -> bytes:
-    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 413: "Content Too Large", 503: "Service Unavailable",
+}
+
+
+def _response(status: int, body: bytes, content_type: str, extra: str = "") -> bytes:
+    """A whole response; ``extra``: more header lines, each ending in CRLF."""
     return (
-        f"HTTP/1.1 {status} {reason.get(status, '')}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n"
     ).encode() + body
 
 
-def answer(node: AdminView, head: RequestHead) -> bytes:
+# The page's files: its own policy (lbnode.admin.page), and no guessing of types.
+_PAGE_HEADERS = f"Content-Security-Policy: {page.CONTENT_SECURITY_POLICY}\r\nX-Content-Type-Options: nosniff\r\n"
+
+
+def has_body(head: RequestHead) -> bool:
+    """The request announces a body (a non-zero Content-Length, or any Transfer-Encoding).
+
+    Admin requests are all reads: a body is never read, so one sent anyway is refused
+    rather than left unread in the socket (where a proxy in front could take it for the
+    next request)."""
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            return True
+        if lname == b"content-length":
+            length = value.strip()
+            if not length.isdigit() or int(length) > 0:  # "00" is no body; anything unreadable is refused
+                return True
+    return False
+
+
+def answer(node: AdminView, head: RequestHead, access: AdminAccess = OPEN, client_cert: bool = False) -> bytes:
+    """The whole response to one request; ``client_cert``: the TLS peer sent a verified certificate."""
     path = head.target.split(b"?", 1)[0]
+    refusal = check(access, path, head.header(b"authorization"), client_cert)
+    if refusal is not None:
+        return _response(refusal.status, refusal.body, "text/plain", refusal.headers)
     if head.method not in (b"GET", b"HEAD"):
-        return _response(405, b"only GET\n", "text/plain")
+        # RFC 9110 15.5.6: a 405 lists the methods the resource takes.
+        return _response(405, b"admin endpoints take GET or HEAD only\n", "text/plain", "Allow: GET, HEAD\r\n")
+    if has_body(head):
+        return _response(413, b"admin endpoints take no request body\n", "text/plain")
     if path == b"/healthz":
         if node.draining:
             return _response(503, b"draining\n", "text/plain")
@@ -141,13 +178,27 @@ def answer(node: AdminView, head: RequestHead) -> bytes:
         return _response(200, json.dumps(status_document(node), indent=2).encode() + b"\n", "application/json")
     if path == b"/metrics":
         return _response(200, metrics.render(node), metrics.CONTENT_TYPE)
-    return _response(404, b"not found: try /healthz, /status or /metrics\n", "text/plain")
+    if path == b"/status/page.json":
+        return _response(200, json.dumps(page.page_document(node)).encode(), "application/json")
+    static = page.static_file(path)
+    if static is not None:
+        body, content_type = static
+        return _response(200, body, content_type, _PAGE_HEADERS)
+    return _response(404, b"not found: try /, /healthz, /status, /status/page.json or /metrics\n", "text/plain")
 
 
-async def _handle(node: AdminView, sock: socket.socket, client_ip: str) -> None:
+async def _handle(node: AdminView, sock: socket.socket, client_ip: str, access: AdminAccess) -> None:
     reader = RequestReader(MAX_HEAD)
+    tls: ssl.SSLSocket | None = None
+    client_cert = False
     with trio.move_on_after(READ_TIMEOUT):
         try:
+            if access.tls is not None:
+                # wrap_socket takes the descriptor over: ``sock`` is left detached, ``tls`` is closed below.
+                tls = access.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                sock = tls
+                await _handshake(tls)
+                client_cert = bool(tls.getpeercert(binary_form=True))  # verified, or the handshake failed
             while not reader.events:
                 data = await recv_some(sock, 4096)
                 if not data:
@@ -155,19 +206,37 @@ async def _handle(node: AdminView, sock: socket.socket, client_ip: str) -> None:
                 reader.feed(data)
             ev = reader.events.popleft()
             if isinstance(ev, RequestHead):
-                out = answer(node, ev)
+                out = answer(node, ev, access, client_cert)
                 if ev.method == b"HEAD":
                     out = out.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
             else:
                 out = _response(400, b"bad request\n", "text/plain")
             await send_all(sock, out, READ_TIMEOUT)
-        except (OSError, SendTimeout) as exc:
+        except (OSError, SendTimeout) as exc:  # ssl.SSLError is an OSError: a failed handshake ends here
             log.debug("admin client %s: %s", client_ip, exc)
+        finally:
+            if tls is not None and tls.fileno() != -1:
+                trio.lowlevel.notify_closing(tls)
+                tls.close()
 
 
-async def serve_admin(sock: socket.socket, node: AdminView) -> None:
+async def _handshake(tls: ssl.SSLSocket) -> None:
+    """The server side of a TLS handshake on a non-blocking socket (the caller bounds its time)."""
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await trio.lowlevel.wait_readable(tls)
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(tls)
+
+
+async def serve_admin(sock: socket.socket, node: AdminView, access: AdminAccess = OPEN) -> None:
+    """Answer admin requests on ``sock`` until cancelled; ``access``: [admin]'s token and TLS."""
+
     async def handler(conn: socket.socket, client_ip: str) -> None:
-        await _handle(node, conn, client_ip)
+        await _handle(node, conn, client_ip, access)
 
     async with trio.open_nursery() as handlers:
         await accept_loop(sock, handler, handlers, ConnectionGate(64), "admin")

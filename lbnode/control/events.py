@@ -1,6 +1,6 @@
 """Fan-out of what a node sees happen (pools, backend health, nodes, VIP moves, certificates) to WatchEvents streams.
 
-Owns one bounded queue per subscriber. ``publish`` is called on the Trio thread
+Owns one bounded queue per subscriber, and the last few events for the status page. ``publish`` is called on the Trio thread
 and never blocks or waits on a reader: a stream that falls too far behind is
 ended (its client re-lists and watches again) instead of slowing the node.
 """
@@ -11,6 +11,7 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 # Events a stream may lag behind before it is ended (a reader stalled for minutes).
 BACKLOG = 1024
+# Events kept for the status page's "recent events" (GET /status/page.json): a screenful.
+# A reader who wants every event follows WatchEvents; this is only what just happened.
+RECENT = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,18 +150,20 @@ class Subscription:
 class EventHub:
     """Events of one node, handed to every current subscriber. Thread-safe; ``publish`` never blocks."""
 
-    def __init__(self, backlog: int = BACKLOG) -> None:
+    def __init__(self, backlog: int = BACKLOG, recent: int = RECENT) -> None:
         # Reentrant: an overflowing subscriber removes itself from inside publish.
         self._lock = threading.RLock()
         self._subscribers: set[Subscription] = set()
         self._seq = itertools.count(1)
         self._backlog = backlog
         self._pool_revisions: dict[str, int] = {}  # pools this node serves, to tell created from updated
+        self._recent: deque[Published] = deque(maxlen=recent)
 
     # ------------------------------------------------------------------ producers
     def publish(self, event: ControlEvent) -> None:
         with self._lock:
             item = Published(next(self._seq), time.time(), event)
+            self._recent.append(item)
             for sub in list(self._subscribers):
                 sub._offer(item)
 
@@ -211,6 +217,11 @@ class EventHub:
         self.publish(BackendHealthChange(pool, backend_id, transition.old, transition.new, transition.reason))
 
     # ------------------------------------------------------------------ consumers
+    def recent(self) -> list[Published]:
+        """The last ``recent`` events published, oldest first (kept whether anyone subscribes or not)."""
+        with self._lock:
+            return list(self._recent)
+
     def subscribe(self) -> Subscription:
         sub = Subscription(self, self._backlog)
         with self._lock:
