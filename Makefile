@@ -10,8 +10,9 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 # openssh-server for the Ansible test's hosts (network namespaces reached over SSH);
 # nftables to cut the heartbeat port in the VIP partition test; sslscan, the
 # independent scanner of tests/integration/test_tls_scan.py; nghttp2-client for h2load;
-# prometheus for promtool, which checks /metrics in tests/integration/test_metrics.py.
-TEST_DEBS  := curl etcd-server openssh-server nftables sslscan nghttp2-client prometheus
+# prometheus for promtool, which checks /metrics in tests/integration/test_metrics.py;
+# haproxy, the independent peer of the PROXY protocol tests (tests/integration/test_proxy_protocol.py).
+TEST_DEBS  := curl etcd-server openssh-server nftables sslscan nghttp2-client prometheus haproxy
 # Debian packages the benchmark runs beside Fulcrum (etcd for the cluster section).
 BENCH_DEBS := haproxy nginx wrk etcd-server
 

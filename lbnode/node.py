@@ -130,6 +130,7 @@ class LbNode:
         self.http_proxies: dict[str, HttpProxy] = {}
         self.tcp_proxies: dict[str, object] = {}
         self.tls_terminators: dict[str, Any] = {}  # listener -> TlsTerminator (https, tls)
+        self.proxy_receivers: dict[str, Any] = {}  # listener -> ProxyHeaderReceiver ([listeners.proxy_protocol])
         self.connection_gates: dict[str, ConnectionGate] = {}  # listener -> its gate (connection counters)
         self.bound: Bound | None = None
         self.health_checkers: dict[str, HealthChecker] = {}
@@ -293,6 +294,13 @@ class LbNode:
                             terminator = TlsTerminator(li, self, handler)  # type: ignore[arg-type]
                             self.tls_terminators[li.name] = terminator
                             handler = terminator.handle
+                        if li.proxy_protocol is not None:
+                            from lbnode.proxyaccept import ProxyHeaderReceiver
+
+                            # Outermost: the header comes before the TLS handshake and the ClientHello.
+                            receiver = ProxyHeaderReceiver(li, handler)
+                            self.proxy_receivers[li.name] = receiver
+                            handler = receiver.handle
                         accepting.append((sock, handler, gate))
                         accept_loops.start_soon(accept_loop, sock, handler, connections, gate, li.name)
                     for li in config.listeners:

@@ -21,8 +21,9 @@ from typing import Protocol
 import trio
 
 from lbnode.balance import PickContext
-from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
+from lbnode.listen import ConnectionGate, Handler, accept_loop, bind_tcp
 from lbnode.model import Listener, choose_sni_pool
+from lbnode.proxyaccept import ProxyHeaderReceiver
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
 from lbnode.sockio import ConnectFailed, SendTimeout, half_close, recv_some, send_all
 from lbnode.tls.clienthello import NEED_MORE, ClientHello, ClientHelloReader, Malformed, NotTls
@@ -286,7 +287,10 @@ async def serve_tcp_listener(
                 if stop_accepting is not None:
                     acceptor.start_soon(_cancel_when_set, stop_accepting, acceptor.cancel_scope)
                 gate = ConnectionGate(listener.max_connections)
-                acceptor.start_soon(accept_loop, lsock, proxy.handle, sessions, gate, listener.name)
+                handler: Handler = proxy.handle
+                if listener.proxy_protocol is not None:
+                    handler = ProxyHeaderReceiver(listener, handler).handle
+                acceptor.start_soon(accept_loop, lsock, handler, sessions, gate, listener.name)
                 task_status.started(lsock.getsockname()[1])
             # Draining: refuse new connections at once instead of leaving them queued.
             lsock.close()

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lbnode.model import ConfigError, Listener, Table, parse_listener
 from lbnode.proxyproto import (
     NEED_MORE,
     V1_MAX,
@@ -208,3 +209,37 @@ def test_garbage_is_an_error_or_needs_more_never_an_exception(data):
         if isinstance(parse_proxy_header(data[:cut]), Error):
             assert isinstance(result, Error), (cut, result)
             break
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def listener_with(proxy_protocol: object) -> Listener:
+    raw = {"name": "front", "protocol": "http", "bind": "127.0.0.1:0", "pool": "web", "proxy_protocol": proxy_protocol}
+    return parse_listener(Table(raw, "listeners[0]"))
+
+
+def test_accept_takes_the_trusted_networks_and_trusts_only_them():
+    settings = listener_with({"accept": True, "trusted": ["192.0.2.0/24", "2001:db8::10"]}).proxy_protocol
+    assert settings is not None
+    assert settings.trusts("192.0.2.77") and settings.trusts("2001:db8::10")
+    assert not settings.trusts("198.51.100.1") and not settings.trusts("2001:db8::11")
+    assert listener_with({"accept": False}).proxy_protocol is None
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"trusted": ["192.0.2.1/32"]}, "listeners[0].proxy_protocol.accept: is required"),
+        ({"accept": True}, "listeners[0].proxy_protocol.trusted: is required with accept = true"),
+        ({"accept": True, "trusted": []}, "listeners[0].proxy_protocol.trusted: expected a non-empty list"),
+        ({"accept": True, "trusted": ["192.0.2.1/24"]}, 'trusted[0]: "192.0.2.1/24" is not a CIDR'),
+        ({"accept": True, "trusted": ["192.0.2.0/24", "eth0"]}, 'trusted[1]: "eth0" is not a CIDR'),
+        ({"accept": True, "trusted": [1]}, "trusted[0]: expected a CIDR"),
+        ({"accept": True, "trusted": ["192.0.2.0/24"], "v2": True}, "listeners[0].proxy_protocol.v2: unknown key"),
+    ],
+)
+def test_proxy_protocol_settings_errors_name_the_key(table, message):
+    with pytest.raises(ConfigError) as err:
+        listener_with(table)
+    assert message in str(err.value)
