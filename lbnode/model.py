@@ -342,8 +342,12 @@ class Pool:
     # Without [pools.outlier]: how long a backend this node cannot connect to sits out here.
     connect_ejection: float = 2.0
     tls: PoolTls | None = None  # [pools.tls] with enabled = true
+    # "v1" | "v2": a PROXY protocol header first on every backend connection (HAProxy's
+    # send-proxy / send-proxy-v2), health checks included; None: none.
+    send_proxy: str | None = None
 
 
+SEND_PROXY_VERSIONS = ("v1", "v2")
 # connect_ejection's upper bound: a backend back after a restart must not sit out longer
 # than an operator would wait for it; [pools.outlier] and health checks cover longer outages.
 CONNECT_EJECTION_MAX = 300.0
@@ -409,6 +413,7 @@ def parse_pool(t: Table) -> Pool:
         max_queue=t.int("max_queue", 10_000, lo=0),
         connect_ejection=t.duration("connect_ejection", 2.0, positive=False),
         tls=_parse_pool_tls(t.table("tls")),
+        send_proxy=t.str("send_proxy", None, choices=SEND_PROXY_VERSIONS),
     )
     if pool.connect_ejection > CONNECT_EJECTION_MAX:
         raise ConfigError(
@@ -1112,7 +1117,7 @@ def pool_to_dict(pool: Pool) -> dict[str, Any]:
     out: dict[str, Any] = {"name": pool.name}
     for key in ("algorithm", "hash_key", "maglev_table_size", "latency_decay", "max_idle_per_backend",
                 "slow_start", "retries", "retry_budget_percent", "retry_buffer_bytes", "queue_timeout",
-                "max_queue", "connect_ejection"):
+                "max_queue", "connect_ejection", "send_proxy"):
         value = getattr(pool, key)
         if value != getattr(defaults, key):
             out[key] = value

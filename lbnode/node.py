@@ -373,7 +373,7 @@ class LbNode:
                 self._checked[name] = ids
             checker = self.health_checkers.get(name)
             if checker is not None:
-                checker.tls = pool.tls
+                checker.tls, checker.send_proxy = pool.tls, pool.send_proxy
                 checker.update(mine, pool.health)
                 continue
             on_observation = (
@@ -381,7 +381,7 @@ class LbNode:
             )
             checker = HealthChecker(
                 name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation,
-                tls=pool.tls,
+                tls=pool.tls, send_proxy=pool.send_proxy,
             )
             scope = trio.CancelScope()
             self.health_checkers[name] = checker

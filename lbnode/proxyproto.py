@@ -240,6 +240,13 @@ def encode(version: str, source: Endpoint | None, dest: Endpoint | None) -> byte
     return encode_v1(source, dest) if version == "v1" else encode_v2(source, dest)
 
 
+def encode_own(version: str, own: Endpoint, peer: Endpoint) -> bytes:
+    """The header of a connection this node opens for itself (a health check): v2 LOCAL; v1
+    a TCP line with the connection's own endpoints, as the specification advises (2.1: some
+    servers refuse ``UNKNOWN``, and a check must be accepted like any connection)."""
+    return encode_v1(own, peer) if version == "v1" else encode_v2(None, None)
+
+
 def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """``::ffff:a.b.c.d`` (an IPv4 client of a dual-stack socket) as the IPv4 address it is."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

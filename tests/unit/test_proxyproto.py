@@ -8,7 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbnode.model import ConfigError, Listener, Table, parse_listener
+from lbnode.model import (
+    ConfigError,
+    Listener,
+    Table,
+    parse_listener,
+    parse_pool,
+    pool_from_dict,
+    pool_to_dict,
+)
 from lbnode.proxyproto import (
     NEED_MORE,
     V1_MAX,
@@ -17,6 +25,7 @@ from lbnode.proxyproto import (
     NeedMore,
     Parsed,
     encode,
+    encode_own,
     encode_v1,
     encode_v2,
     parse_proxy_header,
@@ -243,3 +252,18 @@ def test_proxy_protocol_settings_errors_name_the_key(table, message):
     with pytest.raises(ConfigError) as err:
         listener_with(table)
     assert message in str(err.value)
+
+
+def test_send_proxy_is_a_pool_setting_that_survives_the_store_and_names_its_key():
+    pool = parse_pool(Table({"name": "web", "send_proxy": "v2"}, "pools[0]"))
+    assert pool.send_proxy == "v2"
+    assert pool_from_dict(pool_to_dict(pool)) == pool  # etcd, the control API and lbctl carry it
+    assert parse_pool(Table({"name": "web"}, "pools[0]")).send_proxy is None
+    with pytest.raises(ConfigError) as err:
+        parse_pool(Table({"name": "web", "send_proxy": "2"}, "pools[0]"))
+    assert str(err.value) == 'pools[0].send_proxy: "2" is not one of: v1, v2'
+
+
+def test_a_health_check_header_names_no_client():
+    assert encode_own("v2", ("127.0.0.1", 5), ("127.0.0.2", 80)) == encode_v2(None, None)
+    assert encode_own("v1", ("127.0.0.1", 5), ("127.0.0.2", 80)) == b"PROXY TCP4 127.0.0.1 127.0.0.2 5 80\r\n"
