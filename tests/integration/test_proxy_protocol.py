@@ -150,8 +150,8 @@ async def test_a_peer_outside_trusted_and_broken_headers_are_closed_and_counted(
         sock = trio.socket.socket(socket.AF_INET)
         with sock:
             await sock.bind((source, 0))
+            started = trio.current_time()  # before connect: the node's clock starts after this
             await sock.connect(("127.0.0.1", port))
-            started = trio.current_time()
             if data:
                 await sock.send(data)
             if close_after:
