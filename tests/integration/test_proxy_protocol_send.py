@@ -16,6 +16,7 @@ from tests.haproxy import free_port, running_haproxy
 from tests.integration.test_metrics import scrape, wait_until
 from tests.integration.test_proxy_protocol import ACCEPT, echoed, in_front
 from tests.promtext import value
+from tests.tlsgen import make_ca, make_leaf
 
 
 def behind(port: int, port6: int, app: str) -> str:
@@ -131,3 +132,23 @@ async def test_health_checks_send_a_header_the_backend_accepts(nursery, tmp_path
         assert value(s, "fulcrum_backend_health", pool="web", backend=backend, state="up") == 1
     # Checks that started while HAProxy was up all passed (those after it stopped may fail).
     assert app.stats.paths.get("/healthz", 0) >= 3
+
+
+async def test_with_pools_tls_the_header_goes_before_the_handshake(nursery, tmp_path: Path):
+    ca = make_ca()
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    leaf = make_leaf(ca, ["backend.example.com"])
+    (tmp_path / "haproxy.pem").write_bytes(leaf.cert_pem + leaf.key_pem)  # HAProxy's crt: both in one
+    (app,) = await start_backends(nursery, "app")
+    hp = free_port()
+    tls = f'[pools.tls]\nca = "{tmp_path / "ca.pem"}"\nserver_name = "backend.example.com"\n'
+    node, bound = await start_node(nursery, node_toml(
+        listener_toml("front", "http", "web"), listener_toml("l4", "tcp", "web"),
+        pool_toml("web", [f"127.0.0.1:{hp}"], send_proxy="v2", _extra=tls)))
+    config = (f"frontend behind\n    mode http\n    bind 127.0.0.1:{hp} accept-proxy ssl crt {tmp_path / 'haproxy.pem'}\n"
+              "    http-request set-header X-Src %[src]\n    http-request set-header X-Tls %[ssl_fc]\n"
+              f"    default_backend app\nbackend app\n    mode http\n    server app {app.address}\n")
+    async with running_haproxy(tmp_path, config, [("127.0.0.1", hp)]):
+        for listener in ("front", "l4"):  # L7 re-encryption, and L4 with TLS to the backend
+            seen, _ = await raw_get("127.0.0.5", "127.0.0.1", bound.listeners[listener][1])
+            assert (seen["x-src"], seen["x-tls"]) == ("127.0.0.5", "1"), listener
