@@ -16,6 +16,7 @@ from tests.haproxy import free_port, running_haproxy
 from tests.integration.test_metrics import scrape, wait_until
 from tests.integration.test_proxy_protocol import ACCEPT, echoed, in_front
 from tests.promtext import value
+from tests.tlsclient import client_context, get
 from tests.tlsgen import make_ca, make_leaf
 
 
@@ -152,3 +153,26 @@ async def test_with_pools_tls_the_header_goes_before_the_handshake(nursery, tmp_
         for listener in ("front", "l4"):  # L7 re-encryption, and L4 with TLS to the backend
             seen, _ = await raw_get("127.0.0.5", "127.0.0.1", bound.listeners[listener][1])
             assert (seen["x-src"], seen["x-tls"]) == ("127.0.0.5", "1"), listener
+
+
+async def test_a_tls_listener_between_two_haproxies_passes_the_client_on(nursery, tmp_path: Path):
+    """Client -> HAProxy (send-proxy-v2) -> Fulcrum ``protocol = "tls"`` (header, then the
+    handshake) -> pool with send_proxy = "v1" -> HAProxy accept-proxy: the first client arrives."""
+    ca = make_ca()
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = make_leaf(ca, ["www.example.com"]).write(tmp_path, "www")
+    (app,) = await start_backends(nursery, "app")
+    hp, hp6, front = free_port(), free_port("::1"), free_port()
+    node, bound = await start_node(nursery, node_toml(
+        f'[[certificates]]\nname = "www"\ncert = "{cert}"\nkey = "{key}"\n',
+        listener_toml("edge", "tls", "web", extra='[listeners.tls]\ncertificates = ["www"]\n' + ACCEPT),
+        pool_toml("web", [f"127.0.0.1:{hp}"], send_proxy="v1")))
+    config = behind(hp, hp6, app.address) + in_front("lb", bound.listeners["edge"][1], "send-proxy-v2", front)
+    async with running_haproxy(tmp_path, config, [("127.0.0.1", hp), ("127.0.0.1", front)]):
+        status, _, body, _ = await trio.to_thread.run_sync(
+            get, "www.example.com", front, client_context(tmp_path / "ca.pem"), "/echo")
+    assert status == 200
+    # The client was 127.0.0.1 and HAProxy in front reached Fulcrum from 127.0.0.9: only the
+    # chain of headers can have told the HAProxy behind about the first.
+    assert echoed(body.decode())["x-src"] == "127.0.0.1"
+    assert node.proxy_receivers["edge"].headers == {1: 0, 2: 1}
