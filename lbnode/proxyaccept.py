@@ -131,7 +131,8 @@ async def read_proxy_header(sock: stdsocket.socket, max_v2_length: int = DEFAULT
     complete header: only its own bytes are consumed (the client's first bytes stay in the
     kernel for whoever reads next). Still incomplete: every byte seen is the header's
     (``parse_proxy_header`` promises it), so they are consumed before waiting again, and
-    the wait cannot wake up at once on bytes already seen."""
+    the wait cannot wake up at once on bytes already seen. The result's ``rest`` is what was
+    peeked behind the header: still in the kernel, for the next reader."""
     taken = bytearray()
     limit = V2_FIXED + max_v2_length  # no header is longer (a v1 line is at most 107 bytes)
     while True:
