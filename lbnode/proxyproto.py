@@ -10,6 +10,7 @@ with a reason for the log, never an exception.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -36,7 +37,11 @@ _PROTO_UNSPEC, _PROTO_STREAM, _PROTO_DGRAM = 0x0, 0x1, 0x2
 # Address block length each family announces (two addresses and, for IP, two ports).
 _ADDRESS_BYTES = {_AF_UNSPEC: 0, _AF_INET: 12, _AF_INET6: 36, _AF_UNIX: 216}
 _DIGITS = frozenset(b"0123456789")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+_HEX_COLON = frozenset(b"0123456789abcdefABCDEF:")
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+# Addresses come out as the C library writes them, as socket.getpeername() does: a client is
+# the same string whether it connected directly or through a balancer (affinity keys, logs).
+_ntop = socket.inet_ntop
 
 Endpoint = tuple[str, int]  # (IP address as Python writes it, port)
 
@@ -125,20 +130,22 @@ def _parse_v1(data: bytes) -> ParseResult:
 
 
 def _v1_ipv4(raw: bytes) -> str:
-    parts = raw.split(b".")
-    if len(parts) != 4 or any(not p or not _DIGITS.issuperset(p) or len(p) > 3 or (len(p) > 1 and p[0] == 0x30)
-                              or int(p) > 255 for p in parts):
-        raise ValueError(f"{raw[:40]!r} is not an IPv4 address (4 numbers 0-255, no leading zeros)")
+    # The C library's inet_pton is the strict form the specification asks for: 4 decimal
+    # numbers 0-255, no leading zeros (so no octal reading), nothing else.
+    try:
+        socket.inet_pton(socket.AF_INET, raw.decode("ascii"))
+    except (OSError, ValueError):  # ValueError: not ASCII, or a NUL byte
+        raise ValueError(f"{raw[:40]!r} is not an IPv4 address (4 numbers 0-255, no leading zeros)") from None
     return raw.decode("ascii")
 
 
 def _v1_ipv6(raw: bytes) -> str:
-    # Hex digits and colons only: ipaddress would also take a scope ("%eth0") or an embedded IPv4.
-    if not raw or not (_HEX | {0x3A}).issuperset(raw):
+    # Hex digits and colons only: inet_pton would also take an embedded IPv4 address.
+    if not raw or len(raw) > 39 or not _HEX_COLON.issuperset(raw):
         raise ValueError(f"{raw[:40]!r} is not an IPv6 address")
     try:
-        return str(ipaddress.IPv6Address(raw.decode("ascii")))
-    except ValueError:
+        return _ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, raw.decode("ascii")))
+    except (OSError, ValueError):  # ValueError: not ASCII
         raise ValueError(f"{raw[:40]!r} is not an IPv6 address") from None
 
 
@@ -186,11 +193,10 @@ def _parse_v2(data: bytes, max_length: int) -> ParseResult:
         return Error(problem)
     if proto != _PROTO_STREAM or family not in (_AF_INET, _AF_INET6):
         return Parsed(2, None, None, length, rest)
-    size = 4 if family == _AF_INET else 16
-    src = ipaddress.ip_address(body[:size])
-    dst = ipaddress.ip_address(body[size : 2 * size])
+    af, size = (socket.AF_INET, 4) if family == _AF_INET else (socket.AF_INET6, 16)
+    src, dst = _ntop(af, body[:size]), _ntop(af, body[size : 2 * size])
     src_port, dst_port = struct.unpack_from("!HH", body, 2 * size)
-    return Parsed(2, (str(src), src_port), (str(dst), dst_port), length, rest)
+    return Parsed(2, (src, src_port), (dst, dst_port), length, rest)
 
 
 def _check_tlvs(body: bytes, pos: int) -> str | None:
@@ -209,16 +215,20 @@ def _check_tlvs(body: bytes, pos: int) -> str | None:
 
 
 def encode_v1(source: Endpoint | None, dest: Endpoint | None) -> bytes:
-    """``PROXY TCP4|TCP6 src dst sport dport\\r\\n``; ``PROXY UNKNOWN\\r\\n`` without endpoints
+    """``PROXY TCP4|TCP6 src dst sport dport\r\n``; ``PROXY UNKNOWN\r\n`` without endpoints
     or when they are not of one family."""
     if source is None or dest is None:
         return b"PROXY UNKNOWN\r\n"
-    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(dest[0])
-    src, dst = _unmapped(src), _unmapped(dst)
-    if src.version != dst.version:
+    (src_af, src), (dst_af, dst) = _packed(source[0]), _packed(dest[0])
+    if src_af != dst_af:
         return b"PROXY UNKNOWN\r\n"
-    proto = "TCP4" if src.version == 4 else "TCP6"
-    return f"PROXY {proto} {src} {dst} {source[1]} {dest[1]}\r\n".encode("ascii")
+    if src_af == socket.AF_INET:
+        text = f"TCP4 {_ntop(src_af, src)} {_ntop(dst_af, dst)}"
+    else:
+        # Python's form, never the C library's "::1.2.3.4" for an IPv4-compatible address:
+        # a v1 line writes IPv6 in hex digits and colons only.
+        text = f"TCP6 {ipaddress.IPv6Address(src)} {ipaddress.IPv6Address(dst)}"
+    return f"PROXY {text} {source[1]} {dest[1]}\r\n".encode("ascii")
 
 
 def encode_v2(source: Endpoint | None, dest: Endpoint | None) -> bytes:
@@ -226,11 +236,11 @@ def encode_v2(source: Endpoint | None, dest: Endpoint | None) -> bytes:
     a connection of this node's own, such as a health check) without endpoints."""
     if source is None or dest is None:
         return V2_SIGNATURE + bytes((_V2_VERSION << 4 | _CMD_LOCAL, 0)) + b"\x00\x00"
-    src, dst = _unmapped(ipaddress.ip_address(source[0])), _unmapped(ipaddress.ip_address(dest[0]))
-    if src.version != dst.version:
+    (src_af, src), (dst_af, dst) = _packed(source[0]), _packed(dest[0])
+    if src_af != dst_af:
         return V2_SIGNATURE + bytes((_V2_VERSION << 4 | _CMD_PROXY, 0)) + b"\x00\x00"
-    family = _AF_INET if src.version == 4 else _AF_INET6
-    block = src.packed + dst.packed + struct.pack("!HH", source[1], dest[1])
+    family = _AF_INET if src_af == socket.AF_INET else _AF_INET6
+    block = src + dst + struct.pack("!HH", source[1], dest[1])
     return (V2_SIGNATURE + bytes((_V2_VERSION << 4 | _CMD_PROXY, family << 4 | _PROTO_STREAM))
             + struct.pack("!H", len(block)) + block)
 
@@ -247,8 +257,15 @@ def encode_own(version: str, own: Endpoint, peer: Endpoint) -> bytes:
     return encode_v1(own, peer) if version == "v1" else encode_v2(None, None)
 
 
-def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """``::ffff:a.b.c.d`` (an IPv4 client of a dual-stack socket) as the IPv4 address it is."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+def _packed(ip: str) -> tuple[int, bytes]:
+    """An address's family and bytes; ``::ffff:a.b.c.d`` (an IPv4 client of a dual-stack
+    socket) as the IPv4 address it is. Raises ValueError for anything else."""
+    try:
+        if ":" not in ip:
+            return socket.AF_INET, socket.inet_pton(socket.AF_INET, ip)
+        packed = socket.inet_pton(socket.AF_INET6, ip)
+    except OSError:
+        raise ValueError(f"{ip!r} is not an IP address") from None
+    if packed[:12] == _V4_MAPPED:
+        return socket.AF_INET, packed[12:]
+    return socket.AF_INET6, packed

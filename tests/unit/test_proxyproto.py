@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import struct
+from ipaddress import ip_address
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -185,7 +187,24 @@ def endpoints(draw: st.DrawFn) -> tuple[tuple[str, int], tuple[str, int]]:
 def test_what_we_encode_parses_back_to_the_same_endpoints(pair, version, after):
     source, dest = pair
     header = encode(version, source, dest)
-    assert parse_proxy_header(header + after) == Parsed(int(version[1]), source, dest, len(header), after)
+    parsed = parse_proxy_header(header + after)
+    assert isinstance(parsed, Parsed) and parsed.source is not None and parsed.dest is not None
+    assert (parsed.version, parsed.length, parsed.rest) == (int(version[1]), len(header), after)
+    # the same addresses (written as the C library writes them, like getpeername()), same ports
+    assert [(ip_address(ip), port) for ip, port in (parsed.source, parsed.dest)] == [
+        (ip_address(ip), port) for ip, port in (source, dest)]
+
+
+def test_addresses_are_written_as_getpeername_writes_them():
+    # A client is the same string through a balancer as directly (affinity keys, logs).
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        direct = s.getsockname()[0]
+    header = encode_v2(("0:0:0:0:0:0:0:1", 1), ("::1", 2))
+    assert parse_proxy_header(header).source == (direct, 1)  # type: ignore[union-attr]
+    assert parse_proxy_header(b"PROXY TCP6 0:0:0:0:0:0:0:1 ::1 1 2\r\n").source == (direct, 1)  # type: ignore[union-attr]
+    # and a v1 line never carries the "::1.2.3.4" form the C library uses for these
+    assert encode_v1(("::102:304", 1), ("::1", 2)) == b"PROXY TCP6 ::102:304 ::1 1 2\r\n"
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
