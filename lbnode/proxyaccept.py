@@ -85,7 +85,6 @@ class ProxyHeaderReceiver:
         # For /metrics, read at scrape time.
         self.errors = dict.fromkeys(ERROR_REASONS, 0)
         self.headers = {1: 0, 2: 0}  # headers accepted, by version
-        self.local = 0  # of which named no client (v2 LOCAL, v1 UNKNOWN): the peer is the client
         # An untrusted scanner or a broken balancer must not turn into a flood of log lines.
         self._logged = LogThrottle(window=10.0, burst=5)
 
@@ -105,8 +104,7 @@ class ProxyHeaderReceiver:
             self._refuse(reason, peer_ip, result.reason)
             return
         self.headers[result.version] += 1
-        if result.source is None or result.dest is None:
-            self.local += 1
+        if result.source is None or result.dest is None:  # LOCAL, UNKNOWN: the peer is the client
             await self.inner(sock, peer_ip)
             return
         token = _RECEIVED.set((result.source, result.dest))
