@@ -5,6 +5,7 @@ loopback addresses: an address a backend sees is the client's only if the header
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import trio
 
 from lbnode.proxyaccept import read_proxy_header
-from lbnode.proxyproto import Parsed, encode_v1, encode_v2
+from lbnode.proxyproto import Error, Parsed, encode_v1, encode_v2, parse_proxy_header
 from tests.conftest import listener_toml, node_toml, pool_toml, start_backends, start_node
 from tests.haproxy import free_port, running_haproxy
 from tests.integration.test_metrics import promtool_check, scrape, wait_until
@@ -235,3 +236,78 @@ async def test_the_reader_takes_the_header_and_not_one_byte_more_without_spinnin
         rest = b"GET / HTTP/1.1\r\n"
         assert result == [Parsed(1, ("2001:db8::7", 51000), ("2001:db8::1", 443), len(header), rest)]
         assert ours.recv(100) == rest
+
+
+async def test_mutated_headers_are_judged_by_the_node_as_by_the_parser(nursery):
+    """300 headers with random cuts, flipped and inserted bytes, each sent in random pieces
+    and then half-closed: the node counts each one as the pure parser judges it (accepted by
+    version, malformed, or closed while incomplete), and it still serves afterwards."""
+    (a,) = await start_backends(nursery, "a")
+    node, bound = await start_node(nursery, node_toml(
+        listener_toml("front", "http", "web", extra=ACCEPT), pool_toml("web", [a.address])))
+    port, admin = bound.listeners["front"][1], bound.admin[1]
+    rng = random.Random(15)  # fixed: a failure can be replayed
+    request = b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
+    bases = [encode_v1(("192.0.2.7", 40000), ("198.51.100.1", 80)), encode_v1(("2001:db8::7", 1), ("::1", 2)),
+             encode_v1(None, None), encode_v2(("192.0.2.7", 40000), ("198.51.100.1", 80)),
+             encode_v2(("2001:db8::7", 1), ("::1", 2)), encode_v2(None, None)]
+    expected = {"v1": 0, "v2": 0, "malformed": 0, "closed": 0}
+
+    def mutate(data: bytes) -> bytes:
+        out = bytearray(data)
+        for _ in range(rng.randint(0, 3)):
+            kind, at = rng.randrange(3), rng.randrange(len(out) + 1)
+            if kind == 0:
+                del out[at:]
+            elif kind == 1 and at < len(out):
+                out[at] = rng.randrange(256)
+            else:
+                out[at:at] = bytes([rng.randrange(256)])
+        return bytes(out)
+
+    for _ in range(300):
+        data = mutate(rng.choice(bases)) + request
+        verdict = parse_proxy_header(data)
+        if isinstance(verdict, Parsed):
+            expected[f"v{verdict.version}"] += 1
+        else:
+            expected["malformed" if isinstance(verdict, Error) else "closed"] += 1
+        sock = trio.socket.socket(socket.AF_INET)
+        with sock:
+            await sock.bind((HAPROXY_SOURCE, 0))
+            await sock.connect(("127.0.0.1", port))
+            sent = 0
+            try:
+                while sent < len(data):
+                    piece = rng.randint(1, len(data) - sent)
+                    await sock.send(data[sent:sent + piece])
+                    sent += piece
+                sock.shutdown(socket.SHUT_WR)
+                with trio.fail_after(10):  # answered or closed at once: every byte is in
+                    while await sock.recv(65536):
+                        pass
+            except OSError:
+                pass  # the node closed with bytes unread (a reset): no more to send or read
+
+    async def all_closed() -> bool:
+        _, s = await scrape(admin)
+        return value(s, "fulcrum_listener_connections_open", listener="front") == 0
+
+    await wait_until(all_closed, "every connection closed")
+    _, s = await scrape(admin)
+    seen = {v: value(s, "fulcrum_proxy_protocol_headers_total", listener="front", version=v) for v in ("v1", "v2")}
+    seen |= {why: value(s, "fulcrum_proxy_protocol_errors_total", listener="front", reason=why)
+             for why in ("malformed", "closed")}
+    assert seen == expected, (seen, expected)
+    assert min(expected.values()) > 0  # every outcome was exercised
+    accepted = sum(expected[v] for v in ("v1", "v2"))
+    assert a.stats.requests <= accepted  # only accepted headers can have reached the backend
+    sock = trio.socket.socket(socket.AF_INET)
+    with sock:  # and the node still serves
+        await sock.bind((HAPROXY_SOURCE, 0))
+        await sock.connect(("127.0.0.1", port))
+        await sock.send(bases[0] + request)
+        answer = b""
+        while chunk := await sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer
