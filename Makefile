@@ -11,8 +11,9 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 # nftables to cut the heartbeat port in the VIP partition test; sslscan, the
 # independent scanner of tests/integration/test_tls_scan.py; nghttp2-client for h2load;
 # prometheus for promtool, which checks /metrics in tests/integration/test_metrics.py;
-# chromium, the real browser that loads the status page in tests/integration/test_status_page.py.
-TEST_DEBS  := curl etcd-server openssh-server nftables sslscan nghttp2-client prometheus chromium
+# chromium, the real browser that loads the status page in tests/integration/test_status_page.py;
+# haproxy, the independent peer of the PROXY protocol tests (tests/integration/test_proxy_protocol.py).
+TEST_DEBS  := curl etcd-server openssh-server nftables sslscan nghttp2-client prometheus chromium haproxy
 # Debian packages the benchmark runs beside Fulcrum (etcd for the cluster section).
 BENCH_DEBS := haproxy nginx wrk etcd-server
 

@@ -343,8 +343,12 @@ class Pool:
     # Without [pools.outlier]: how long a backend this node cannot connect to sits out here.
     connect_ejection: float = 2.0
     tls: PoolTls | None = None  # [pools.tls] with enabled = true
+    # "v1" | "v2": a PROXY protocol header first on every backend connection (HAProxy's
+    # send-proxy / send-proxy-v2), health checks included; None: none.
+    send_proxy: str | None = None
 
 
+SEND_PROXY_VERSIONS = ("v1", "v2")
 # connect_ejection's upper bound: a backend back after a restart must not sit out longer
 # than an operator would wait for it; [pools.outlier] and health checks cover longer outages.
 CONNECT_EJECTION_MAX = 300.0
@@ -410,6 +414,7 @@ def parse_pool(t: Table) -> Pool:
         max_queue=t.int("max_queue", 10_000, lo=0),
         connect_ejection=t.duration("connect_ejection", 2.0, positive=False),
         tls=_parse_pool_tls(t.table("tls")),
+        send_proxy=t.str("send_proxy", None, choices=SEND_PROXY_VERSIONS),
     )
     if pool.connect_ejection > CONNECT_EJECTION_MAX:
         raise ConfigError(
@@ -616,6 +621,26 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class AcceptProxy:
+    """``[listeners.proxy_protocol]`` with ``accept = true``: every connection starts with a
+    PROXY protocol header (v1 or v2, told apart by its first bytes) from a balancer in front.
+
+    Only peers in ``trusted`` may send one: anyone who can write the header chooses the
+    client address the node believes (X-Forwarded-For, affinity, rate limits), so a
+    connection from anywhere else is closed unread (as HAProxy's ``accept-proxy`` with
+    ``tcp-request connection reject if !{ src -f trusted }``)."""
+
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def trusts(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in net for net in self.trusted)
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     protocol: str  # "http" | "tcp" | "https" | "tls"
@@ -631,6 +656,7 @@ class Listener:
     redirect_https: int | None = None  # http: answer every request with 308 to https on this port
     sni_routes: tuple[SniRoute, ...] = ()  # tcp: pick the pool by the ClientHello's server name
     non_tls: str = "default"  # tcp with sni_routes: first byte not TLS -> "default" pool | "close"
+    proxy_protocol: AcceptProxy | None = None  # [listeners.proxy_protocol] accept = true
 
     @property
     def reads_client_hello(self) -> bool:
@@ -703,9 +729,38 @@ def parse_listener(t: Table) -> Listener:
         redirect_https=_parse_redirect_https(t, protocol),
         sni_routes=tuple(sni_routes),
         non_tls=non_tls,
+        proxy_protocol=_parse_accept_proxy(t.table("proxy_protocol")),
     )
     t.done()
     return listener
+
+
+def _parse_accept_proxy(t: Table | None) -> AcceptProxy | None:
+    """``[listeners.proxy_protocol]``: ``accept`` (required) and the ``trusted`` CIDRs."""
+    if t is None:
+        return None
+    accept = t.bool("accept")
+    raw = t.raw("trusted", None)
+    t.done()
+    if raw is None:
+        if not accept:
+            return None
+        raise ConfigError(t.key("trusted"), 'is required with accept = true: the addresses of the balancers in '
+                          'front, like ["192.0.2.10/32", "2001:db8::10/128"] (connections from anywhere else '
+                          "are closed)")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(t.key("trusted"), f'expected a non-empty list of CIDRs like ["192.0.2.10/32"], '
+                          f"got {_type_name(raw)}")
+    networks = []
+    for i, item in enumerate(raw):
+        key = f"{t.key('trusted')}[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(key, f'expected a CIDR like "192.0.2.0/24", got {_type_name(item)}')
+        try:
+            networks.append(ipaddress.ip_network(item.strip()))
+        except ValueError as exc:
+            raise ConfigError(key, f'"{item}" is not a CIDR like "192.0.2.0/24" or "2001:db8::/32" ({exc})') from None
+    return AcceptProxy(tuple(networks)) if accept else None
 
 
 # --------------------------------------------------------------------------- TLS (issue 11)
@@ -1103,7 +1158,7 @@ def pool_to_dict(pool: Pool) -> dict[str, Any]:
     out: dict[str, Any] = {"name": pool.name}
     for key in ("algorithm", "hash_key", "maglev_table_size", "latency_decay", "max_idle_per_backend",
                 "slow_start", "retries", "retry_budget_percent", "retry_buffer_bytes", "queue_timeout",
-                "max_queue", "connect_ejection"):
+                "max_queue", "connect_ejection", "send_proxy"):
         value = getattr(pool, key)
         if value != getattr(defaults, key):
             out[key] = value

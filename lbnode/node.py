@@ -134,6 +134,7 @@ class LbNode:
         self.http_proxies: dict[str, HttpProxy] = {}
         self.tcp_proxies: dict[str, object] = {}
         self.tls_terminators: dict[str, Any] = {}  # listener -> TlsTerminator (https, tls)
+        self.proxy_receivers: dict[str, Any] = {}  # listener -> ProxyHeaderReceiver ([listeners.proxy_protocol])
         self.connection_gates: dict[str, ConnectionGate] = {}  # listener -> its gate (connection counters)
         self.bound: Bound | None = None
         self.health_checkers: dict[str, HealthChecker] = {}
@@ -300,6 +301,13 @@ class LbNode:
                             terminator = TlsTerminator(li, self, inner)
                             self.tls_terminators[li.name] = terminator
                             handler = terminator.handle
+                        if li.proxy_protocol is not None:
+                            from lbnode.proxyaccept import ProxyHeaderReceiver
+
+                            # Outermost: the header comes before the TLS handshake and the ClientHello.
+                            receiver = ProxyHeaderReceiver(li, handler)
+                            self.proxy_receivers[li.name] = receiver
+                            handler = receiver.handle
                         accepting.append((sock, handler, gate))
                         accept_loops.start_soon(accept_loop, sock, handler, connections, gate, li.name)
                     for li in config.listeners:
@@ -383,7 +391,7 @@ class LbNode:
                 self._checked[name] = ids
             checker = self.health_checkers.get(name)
             if checker is not None:
-                checker.tls = pool.tls
+                checker.tls, checker.send_proxy = pool.tls, pool.send_proxy
                 checker.update(mine, pool.health)
                 continue
             on_observation = (
@@ -391,7 +399,7 @@ class LbNode:
             )
             checker = HealthChecker(
                 name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation,
-                tls=pool.tls,
+                tls=pool.tls, send_proxy=pool.send_proxy,
             )
             scope = trio.CancelScope()
             self.health_checkers[name] = checker

@@ -162,6 +162,15 @@ def _listeners(out: Exposition, node: Any) -> None:
             "L4 clients closed before routing (ClientHello not readable), by reason.",
             [((("listener", n), ("reason", r)), c) for n, p in sorted(tcp.items()) for r, c in sorted(p.refused.items())])
 
+    pp = getattr(node, "proxy_receivers", {})
+    out.add("fulcrum_proxy_protocol_headers_total", "counter",
+            "PROXY protocol headers accepted from the balancer in front, by version.",
+            [((("listener", n), ("version", f"v{v}")), c) for n, r in sorted(pp.items()) for v, c in sorted(r.headers.items())])
+    out.add("fulcrum_proxy_protocol_errors_total", "counter",
+            "Connections closed before their PROXY protocol header was accepted, by reason "
+            "(untrusted peer, malformed header, timeout, closed by the peer).",
+            [((("listener", n), ("reason", why)), c) for n, r in sorted(pp.items()) for why, c in r.errors.items()])
+
     out.add("fulcrum_tls_handshakes_total", "counter", "TLS handshakes completed.", per(tls, "handshakes"))
     out.add("fulcrum_tls_resumed_handshakes_total", "counter", "Completed TLS handshakes that resumed a session.",
             per(tls, "resumed"))

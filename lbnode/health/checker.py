@@ -19,6 +19,7 @@ import trio
 
 from lbnode.health.state import DOWN, HealthState, Observation, Transition
 from lbnode.model import Address, Backend, HealthCheck, PoolTls
+from lbnode.proxyproto import encode_own
 from lbnode.tls.upstream import TlsSetupError, backend_tls
 
 log = logging.getLogger("lbnode.health")
@@ -39,21 +40,29 @@ _ERRNO_REASONS = {
     errno.ETIMEDOUT: "connect timed out",
 }
 
-Probe = Callable[..., Awaitable[tuple[bool, str]]]  # (address, check[, tls]) -> (passed, reason)
+Probe = Callable[..., Awaitable[tuple[bool, str]]]  # (address, check[, tls][, send_proxy=]) -> (passed, reason)
 
 
-async def check_backend(address: Address, check: HealthCheck, tls: PoolTls | None = None) -> tuple[bool, str]:
+async def check_backend(
+    address: Address, check: HealthCheck, tls: PoolTls | None = None, *, send_proxy: str | None = None
+) -> tuple[bool, str]:
     """Probe one backend once; ``(passed, reason)`` with a reason an operator can act on.
 
     The whole probe (resolve, connect, TLS handshake, request, answer) shares
     ``check.timeout``. With ``tls`` (the pool's ``[pools.tls]``) a tcp check passes
     once the handshake completes (the certificate verified), an http check is sent over TLS.
+    With ``send_proxy`` (the pool's) a PROXY header comes first, as HAProxy's
+    ``check-send-proxy``: a backend that expects one would refuse the check without it.
     """
     phase = "while connecting"
     stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(check.timeout):
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            tcp = await trio.open_tcp_stream(address.host, address.port)
+            stream = tcp
+            if send_proxy is not None:
+                own, peer = tcp.socket.getsockname(), tcp.socket.getpeername()
+                await tcp.send_all(encode_own(send_proxy, own[:2], peer[:2]))
             if tls is not None:
                 try:
                     settings = backend_tls(tls)
@@ -210,10 +219,12 @@ class HealthChecker:
         rng: random.Random | None = None,
         probe: Probe = check_backend,
         tls: PoolTls | None = None,
+        send_proxy: str | None = None,
     ) -> None:
         self.pool = pool
         self.check = check
         self.tls = tls  # the pool's [pools.tls]: probes speak TLS too (set again on a pool change)
+        self.send_proxy = send_proxy  # the pool's send_proxy: probes start with a header too (likewise)
         self.on_transition = on_transition
         self.on_observation = on_observation
         self._rng = rng or random.Random()
@@ -284,8 +295,10 @@ class HealthChecker:
             while True:
                 check = self.check
                 started = trio.current_time()
-                tls = self.tls
-                if tls is None:
+                tls, send_proxy = self.tls, self.send_proxy
+                if send_proxy is not None:
+                    ok, reason = await self._probe(backend.address, check, tls, send_proxy=send_proxy)
+                elif tls is None:
                     ok, reason = await self._probe(backend.address, check)
                 else:
                     ok, reason = await self._probe(backend.address, check, tls)

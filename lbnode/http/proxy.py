@@ -39,6 +39,7 @@ from lbnode.http.upstream import UpstreamConn, UpstreamPool
 from lbnode.limits import RateLimiter, retry_after_seconds
 from lbnode.logthrottle import LogThrottle
 from lbnode.model import Listener
+from lbnode.proxyaccept import header_for
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
 from lbnode.sockio import (
     ConnectFailed,
@@ -100,7 +101,8 @@ def chunk(data: bytes) -> bytes:
 class ClientConn:
     """One accepted client connection and the request stream parsed from it."""
 
-    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded", "io")
+    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded", "io",
+                 "private_upstreams")
 
     def __init__(
         self, sock: stdsocket.socket, ip: str, max_header_bytes: int, forwarded: bytes = b"",
@@ -116,6 +118,8 @@ class ClientConn:
         self.eof = False
         self.served = 0
         self.idle_wait: list[Any] | None = None  # the armed Deadlines entry while waiting between requests
+        # Upstream idle keys of this connection alone (send_proxy pools), emptied when it ends.
+        self.private_upstreams: list[str] | None = None
 
     async def fill(self) -> None:
         """Read once from the client into the parser."""
@@ -294,6 +298,8 @@ class HttpProxy:
             await self._refuse(conn, None, exc.status, exc.reason)
         finally:
             conn.reader.close()
+            if conn.private_upstreams:
+                self.node.upstreams.discard(conn.private_upstreams)
 
     async def _read_head(self, conn: ClientConn) -> RequestHead | None:
         """The next request head, or None when the client is done (EOF, idle, drain)."""
@@ -636,10 +642,12 @@ class HttpProxy:
         status = 0
         up: UpstreamConn | None = None
         try:
-            up = upstreams.take(backend.upstream_key, now)
+            key, preamble = backend.upstream_key, b""
+            if spec.send_proxy is not None:
+                key, preamble = _private_upstream(conn, key, spec.send_proxy)
+            up = upstreams.take(key, now)
             if up is None:
-                up = await upstreams.connect(backend.spec.address, spec.timeouts.connect, spec.tls,
-                                             backend.upstream_key)
+                up = await upstreams.connect(backend.spec.address, spec.timeouts.connect, spec.tls, key, preamble)
             timeouts = spec.timeouts
             if body is not None:
                 # Whole request in hand: send it, then read the response (one coroutine
@@ -881,6 +889,25 @@ class HttpProxy:
         pool = self.node.snapshot.pools.get(self._route(head))
         idle = pool.spec.timeouts.tcp_idle if pool is not None else 600.0
         await pump_both_ways(conn.sock, up.sock, idle)
+
+
+def _private_upstream(conn: ClientConn, key: str, send_proxy: str) -> tuple[str, bytes]:
+    """The idle key and PROXY header of a backend connection for this client connection.
+
+    Such a connection told the backend who its client is, so it must never carry another
+    client's request: it idles under a key of this client connection's own (HAProxy, too,
+    reuses a connection only for the same PROXY header) and is closed when the client
+    connection ends. Keep-alive to the backend still works within one client connection."""
+    try:
+        preamble = header_for(send_proxy, conn.sock)
+    except OSError as exc:  # getpeername: the client has gone
+        raise ClientGone(f"client gone before its request was sent: {exc}") from None
+    key = f"{key} proxy {preamble.hex()}"
+    if conn.private_upstreams is None:
+        conn.private_upstreams = [key]
+    elif key not in conn.private_upstreams:
+        conn.private_upstreams.append(key)
+    return key, preamble
 
 
 @dataclass(slots=True)

@@ -73,10 +73,12 @@ class UpstreamPool:
         return None
 
     async def connect(
-        self, address: Address, timeout: float, tls: PoolTls | None = None, key: str | None = None
+        self, address: Address, timeout: float, tls: PoolTls | None = None, key: str | None = None,
+        preamble: bytes = b"",
     ) -> UpstreamConn:
-        """A new connection (TLS with ``tls``); ``key`` is where it idles (default: the address)."""
-        sock = await open_backend(address, timeout, tls)
+        """A new connection (TLS with ``tls``, ``preamble`` written first); ``key`` is where it
+        idles (default: the address)."""
+        sock = await open_backend(address, timeout, tls, preamble)
         self.opened += 1
         return UpstreamConn(sock, key or str(address))
 
@@ -88,6 +90,13 @@ class UpstreamPool:
             return
         conn.idle_since = now
         stack.append(conn)
+
+    def discard(self, keys: list[str]) -> None:
+        """Close the idle connections kept under ``keys`` (private to a client connection that
+        has ended: nobody else may take them, so they would idle until the backend closes them)."""
+        for key in keys:
+            for conn in self._idle.pop(key, ()):
+                conn.close()
 
     def idle_count(self, key: str | None = None) -> int:
         if key is not None:

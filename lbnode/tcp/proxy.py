@@ -21,8 +21,9 @@ from typing import Protocol
 import trio
 
 from lbnode.balance import PickContext
-from lbnode.listen import ConnectionGate, accept_loop, bind_tcp
+from lbnode.listen import ConnectionGate, Handler, accept_loop, bind_tcp
 from lbnode.model import Listener, choose_sni_pool
+from lbnode.proxyaccept import ProxyHeaderReceiver, header_for
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
 from lbnode.sockio import ConnectFailed, SendTimeout, half_close, recv_some, send_all
 from lbnode.tls.clienthello import NEED_MORE, ClientHello, ClientHelloReader, Malformed, NotTls
@@ -108,7 +109,7 @@ class TcpProxy:
                         listener.name, pool_name, client_ip)
             self.failed += 1
             return
-        connected = await self._connect_backend(pool, client_ip)
+        connected = await self._connect_backend(pool, client_ip, client)
         if connected is None:
             self.failed += 1
             return
@@ -181,15 +182,23 @@ class TcpProxy:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
     async def _connect_backend(
-        self, pool: PoolRuntime, client_ip: str
+        self, pool: PoolRuntime, client_ip: str, client: socket.socket
     ) -> tuple[socket.socket | TlsSocket, BackendState, float] | None:
         """Connect to the pool's choice, then to the next ones when it refuses or times out.
 
         On success the backend's ``connections`` counter has been incremented
-        (``handle`` decrements it when the session ends).
+        (``handle`` decrements it when the session ends). With ``send_proxy`` the backend
+        gets the client's PROXY header before any byte of the client's.
         """
         name = self.listener.name
         spec = pool.spec
+        preamble = b""
+        if spec.send_proxy is not None:
+            try:
+                preamble = header_for(spec.send_proxy, client)
+            except OSError as exc:  # getpeername: the client has gone already
+                log.info("listener %s: %s: client gone before a backend was chosen: %s", name, client_ip, _describe(exc))
+                return None
         # At L4 only the client address is known: it is the key of consistent_hash
         # (whatever hash_key says) and of source_ip affinity; other affinity modes need L7.
         hash_key = client_ip.encode() if spec.algorithm == "consistent_hash" else None
@@ -228,7 +237,7 @@ class TcpProxy:
             backend.connections += 1
             start = trio.current_time()
             try:
-                upstream = await open_backend(backend.spec.address, timeout, spec.tls)
+                upstream = await open_backend(backend.spec.address, timeout, spec.tls, preamble)
             except (ConnectFailed, OSError) as exc:
                 backend.connections -= 1
                 timed_out = isinstance(exc, ConnectFailed) and exc.timed_out
@@ -287,7 +296,10 @@ async def serve_tcp_listener(
                 if stop_accepting is not None:
                     acceptor.start_soon(_cancel_when_set, stop_accepting, acceptor.cancel_scope)
                 gate = ConnectionGate(listener.max_connections)
-                acceptor.start_soon(accept_loop, lsock, proxy.handle, sessions, gate, listener.name)
+                handler: Handler = proxy.handle
+                if listener.proxy_protocol is not None:
+                    handler = ProxyHeaderReceiver(listener, handler).handle
+                acceptor.start_soon(accept_loop, lsock, handler, sessions, gate, listener.name)
                 task_status.started(lsock.getsockname()[1])
             # Draining: refuse new connections at once instead of leaving them queued.
             lsock.close()

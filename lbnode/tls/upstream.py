@@ -17,7 +17,7 @@ import ssl
 import trio
 
 from lbnode.model import Address, PoolTls
-from lbnode.sockio import ConnectFailed, connect
+from lbnode.sockio import ConnectFailed, SendTimeout, connect, send_all
 
 # One read of ciphertext from the backend: a few full TLS records (16 KiB each).
 RAW_RECV = 64 * 1024
@@ -92,12 +92,23 @@ def _why(exc: BaseException) -> str:
     return str(exc)
 
 
-async def open_backend(address: Address, timeout: float, tls: PoolTls | None) -> socket.socket | TlsSocket:
+async def open_backend(
+    address: Address, timeout: float, tls: PoolTls | None, preamble: bytes = b""
+) -> socket.socket | TlsSocket:
     """A connection to a backend: plain TCP, or TLS when the pool has ``[pools.tls]``.
 
-    ``timeout`` bounds the TCP connect and then, again, the TLS handshake. Any
-    failure, a certificate refused included, is a ``ConnectFailed``."""
+    ``preamble`` (a PROXY protocol header) is written first, before the TLS handshake, as
+    HAProxy sends ``send-proxy`` before ``ssl``. ``timeout`` bounds the TCP connect and
+    then, again, the TLS handshake. Any failure, a certificate refused included, is a
+    ``ConnectFailed``."""
     raw = await connect(address, timeout)
+    if preamble:
+        try:
+            # A fresh socket's buffer takes these few hundred bytes at once: no wait here.
+            await send_all(raw, preamble, timeout)
+        except (OSError, SendTimeout) as exc:
+            raw.close()
+            raise ConnectFailed(f"cannot send the PROXY protocol header: {exc}") from None
     if tls is None:
         return raw
     try:
