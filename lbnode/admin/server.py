@@ -22,6 +22,7 @@ from lbnode.http.headers import RequestHead
 from lbnode.listen import ConnectionGate, accept_loop
 from lbnode.runtime import Snapshot
 from lbnode.sockio import SendTimeout, recv_some, send_all
+from lbnode.tls.terminate import close_tls, handshake
 
 log = logging.getLogger("lbnode.admin")
 
@@ -197,7 +198,7 @@ async def _handle(node: AdminView, sock: socket.socket, client_ip: str, access: 
                 # wrap_socket takes the descriptor over: ``sock`` is left detached, ``tls`` is closed below.
                 tls = access.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 sock = tls
-                await _handshake(tls)
+                await handshake(tls)
                 client_cert = bool(tls.getpeercert(binary_form=True))  # verified, or the handshake failed
             while not reader.events:
                 data = await recv_some(sock, 4096)
@@ -215,21 +216,8 @@ async def _handle(node: AdminView, sock: socket.socket, client_ip: str, access: 
         except (OSError, SendTimeout) as exc:  # ssl.SSLError is an OSError: a failed handshake ends here
             log.debug("admin client %s: %s", client_ip, exc)
         finally:
-            if tls is not None and tls.fileno() != -1:
-                trio.lowlevel.notify_closing(tls)
-                tls.close()
-
-
-async def _handshake(tls: ssl.SSLSocket) -> None:
-    """The server side of a TLS handshake on a non-blocking socket (the caller bounds its time)."""
-    while True:
-        try:
-            tls.do_handshake()
-            return
-        except ssl.SSLWantReadError:
-            await trio.lowlevel.wait_readable(tls)
-        except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(tls)
+            if tls is not None:
+                close_tls(tls)
 
 
 async def serve_admin(sock: socket.socket, node: AdminView, access: AdminAccess = OPEN) -> None:

@@ -125,7 +125,7 @@ class TlsTerminator:
                         tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                         self.in_progress += 1
                         try:
-                            await _handshake(tls)
+                            await handshake(tls)
                         finally:
                             self.in_progress -= 1
             except ssl.SSLError as exc:
@@ -145,7 +145,7 @@ class TlsTerminator:
             await self.inner(tls, client_ip, self._client_headers(tls))
         finally:
             if tls is not None:
-                _close(tls)
+                close_tls(tls)
 
     def _client_headers(self, tls: ssl.SSLSocket) -> bytes:
         if self.settings.client_auth == "none":
@@ -180,7 +180,8 @@ def _header_safe(text: str) -> bytes:
     return "".join(c if " " <= c != "\x7f" else f"\\x{ord(c):02x}" for c in text).encode("utf-8")
 
 
-async def _handshake(tls: ssl.SSLSocket) -> None:
+async def handshake(tls: ssl.SSLSocket) -> None:
+    """The server side of a TLS handshake on a non-blocking socket (the caller bounds its time)."""
     while True:
         try:
             tls.do_handshake()
@@ -207,7 +208,8 @@ def _kind(exc: ssl.SSLError) -> str:
     return "protocol"
 
 
-def _close(tls: ssl.SSLSocket) -> None:
+def close_tls(tls: ssl.SSLSocket) -> None:
+    """Close a listener-side TLS socket, telling Trio first (a task may wait on it)."""
     if tls.fileno() != -1:
         trio.lowlevel.notify_closing(tls)
         tls.close()
