@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "finish, then exits 0 (what SIGTERM does)", cmd_nodes_drain)
     p.add_argument("node", help="the node id (lbctl nodes)")
     command(sub, "vips", "every VIP, the node holding it and since when", cmd_vips)
+    p = command(sub, "top", "live view of the pools and backends of every node (summed): requests/s, errors, "
+                "p50/p99 latency; redrawn each interval until Ctrl-C. -o json: one snapshot", cmd_top)
+    p.add_argument("--interval", "-n", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes, over which rates are computed (default 1)")
 
     pools = sub.add_parser("pools", help="list, show, create, delete pools").add_subparsers(
         dest="pools_command", metavar="ACTION", required=True
@@ -290,6 +294,51 @@ def _reachable(control_address: str, endpoints: tuple[str, ...]) -> str:
         given, _, _ = endpoints[0].rpartition(":")
         return f"{given}:{port}"
     return control_address
+
+
+# Below this, the Status calls of a refresh (one per node) take a visible share of the interval.
+MIN_TOP_INTERVAL = 0.2
+
+
+def cmd_top(args: argparse.Namespace, client: Any) -> int:
+    import time
+
+    from lbctl import top
+    from lbctl.client import ControlError
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+
+    if not args.interval >= MIN_TOP_INTERVAL:
+        raise Failure(f"--interval: at least {MIN_TOP_INTERVAL} seconds, got {args.interval}")
+    # a node that does not answer within two intervals is shown as such rather than stalling the view
+    timeout = min(client.settings.timeout, max(2.0, 2 * args.interval))
+    samples = 0
+
+    def sample() -> top.Sample:
+        nonlocal samples
+        samples += 1
+        try:
+            listed = client.call("Cluster", "ListNodes", pb.ListNodesRequest())
+        except ControlError as exc:
+            if samples == 1:
+                raise Failure(str(exc)) from None
+            return top.Sample(time.time(), {}, {"(no node answers)": str(exc)})
+        unreachable = {n.id: "no control API address in its registration" for n in listed.nodes
+                       if not n.control_address}
+        endpoints = {_reachable(n.control_address, client.settings.endpoints): n.id
+                     for n in listed.nodes if n.control_address}
+        started, started_wall = time.monotonic(), time.time()
+        answers = client.call_each(list(endpoints), "Cluster", "Status", pb.StatusRequest(), timeout)
+        # each node read its counters within the call: its middle is the sample's time
+        at, wall = (started + time.monotonic()) / 2, (started_wall + time.time()) / 2
+        nodes = {}
+        for endpoint, answer in answers.items():
+            if isinstance(answer, ControlError):
+                unreachable[endpoints[endpoint]] = f"{endpoint}: {answer}"
+            else:
+                nodes[answer.node_id] = top.node_sample(answer, at)
+        return top.Sample(wall, nodes, unreachable)
+
+    return top.run(sample, interval=args.interval, as_json=_json(args))
 
 
 def cmd_vips(args: argparse.Namespace, client: Any) -> int:

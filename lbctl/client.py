@@ -85,6 +85,20 @@ class ControlClient:
             return response
         raise ControlError("UNAVAILABLE", "; ".join(failures))
 
+    def call_each(self, endpoints: list[str], service: str, method: str, request: Any,
+                  timeout: float) -> dict[str, Any]:
+        """The same unary call to every endpoint at once (not a failover: each node answers for
+        itself); each endpoint maps to its response or to the ControlError it failed with."""
+        futures = {e: getattr(STUBS[service](self._channel(e)), method).future(request, timeout=timeout)
+                   for e in endpoints}
+        out: dict[str, Any] = {}
+        for endpoint, future in futures.items():
+            try:
+                out[endpoint] = future.result()
+            except grpc.RpcError as exc:
+                out[endpoint] = ControlError(exc.code().name, exc.details() or "")
+        return out
+
     def watch(self, on_start: Callable[[str], None] | None = None) -> Iterator[pb.Event]:
         """WatchEvents from the first endpoint that answers; ``on_start(endpoint)`` once it streams.
 

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lbnode import __version__
+from lbnode.admin.metrics import CODE_CLASSES
 from lbnode.api.certificates import certificate_message
 from lbnode.api.fulcrum.v1 import control_pb2 as pb
 from lbnode.api.fulcrum.v1 import control_pb2_grpc as rpc
@@ -51,6 +52,7 @@ from lbnode.control.events import (
     Subscription,
     VipMove,
 )
+from lbnode.histogram import BUCKETS, Histogram
 from lbnode.listen import BindError
 from lbnode.model import NAME_RE, ConfigError, ControlSettings, pool_from_dict
 from lbnode.tls.certs import Certificate, CertificateError, expiry, load_certificate
@@ -590,9 +592,13 @@ class ClusterServicer(rpc.ClusterServicer):
                             requests=b.requests,
                             failures=b.failures,
                             ejected_for=round(max(0.0, b.ejected_until - now), 3),
+                            responses=response_counts(b.responses),
+                            response_seconds=histogram_message(b.response_seconds),
                         )
                         for b in pool.backends
                     ],
+                    queue_length=len(pool.waiters),
+                    retries=pool.stats.retries,
                 )
             )
         return pb.StatusResponse(
@@ -747,3 +753,14 @@ async def serve_control(
             await trio.to_thread.run_sync(stopped.wait, STOP_GRACE + 1.0)
         executor.shutdown(wait=False)
         log.info("control API stopped")
+
+
+def response_counts(by_class: list[int]) -> list[pb.ResponseCount]:
+    """A backend's per-class response counters (index = status // 100) as /metrics shows them:
+    2xx and 5xx always (a client's error ratio needs both), the others when not zero."""
+    return [pb.ResponseCount(code=CODE_CLASSES[i], count=n) for i, n in enumerate(by_class) if n or i in (2, 5)]
+
+
+def histogram_message(h: Histogram) -> pb.Histogram:
+    """Cumulative counts per bound, like the exposition's ``_bucket`` series (then +Inf)."""
+    return pb.Histogram(bounds=BUCKETS, counts=h.cumulative(), sum=h.sum)

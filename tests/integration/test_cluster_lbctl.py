@@ -425,6 +425,28 @@ def test_clients_without_a_cluster_certificate_are_refused(cluster: Cluster, tmp
     assert not extra, f"lbctl printed more than its one line: {extra}"
 
 
+def test_top_sums_the_nodes_and_breaks_each_backend_down_per_node(cluster: Cluster) -> None:
+    """`lbctl top` asked of n1 reads every node's Status (through ListNodes' control addresses)."""
+
+    def requests_per_node() -> dict[str, int]:
+        snap = json.loads(cluster.ok("-o", "json", "top", "--interval", "0.2"))
+        assert snap["nodes"] == list(NODES) and snap["unreachable"] == {}
+        (web,) = [p for p in snap["pools"] if p["name"] == "web"]
+        per_node: Counter[str] = Counter()
+        for backend in web["backends"]:
+            assert backend["requests"] == sum(t["requests"] for t in backend["nodes"].values())
+            per_node.update({node: t["requests"] for node, t in backend["nodes"].items()})
+        assert web["requests"] == sum(per_node.values())  # the pool's line is the sum of its backends
+        return dict(per_node)
+
+    before = requests_per_node()
+    sent = {"n1": 2, "n2": 4, "n3": 6}
+    for node in cluster.nodes:
+        assert "status 503" not in served(node.http, sent[node.id])
+    after = requests_per_node()
+    assert {n: after[n] - before.get(n, 0) for n in after} == sent
+
+
 def test_lbctl_uses_the_second_endpoint_when_the_first_node_is_stopped(cluster: Cluster) -> None:
     """Stops n1: keep it the last test on the shared cluster."""
     n1, n2, n3 = cluster.nodes

@@ -422,6 +422,35 @@ async def test_status_and_nodes_show_this_node(nursery: trio.Nursery, tmp_path: 
     assert "n1" in (await cn.ok("nodes")).splitlines()[1]
 
 
+async def test_status_carries_the_counters_a_client_needs_for_rates_and_latency(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from lbnode.histogram import BUCKETS
+
+    a = (await start_backends(nursery, "a"))[0]
+    cn = await start_control_node(nursery, tmp_path / "state", pool_toml("web", [a.address]))
+
+    def traffic() -> list[int]:
+        import httpx
+
+        with httpx.Client(timeout=10) as client:
+            return [client.get(f"{cn.http}{path}").status_code for path in ("/", "/", "/status/503", "/slow?ms=300")]
+
+    assert await trio.to_thread.run_sync(traffic) == [200, 200, 503, 200]
+    with cn.channel() as channel:
+        status = await trio.to_thread.run_sync(lambda: rpc.ClusterStub(channel).Status(pb.StatusRequest(), timeout=10))
+    (pool,) = status.pools
+    assert pool.queue_length == 0 and pool.retries == 0
+    (b,) = pool.backends
+    assert b.requests == 4 and b.failures == 1
+    assert {r.code: r.count for r in b.responses} == {"2xx": 3, "5xx": 1}
+    h = b.response_seconds
+    assert tuple(h.bounds) == BUCKETS and len(h.counts) == len(BUCKETS) + 1
+    assert list(h.counts) == sorted(h.counts) and h.counts[-1] == 4  # cumulative, then the total
+    # the 300 ms response is above 250 ms (and within 10 s even on 2 busy cores); the sum holds it
+    assert h.counts[BUCKETS.index(0.25)] <= 3 and h.counts[BUCKETS.index(10.0)] == 4 and h.sum >= 0.3
+
+
 async def test_watch_events_delivers_pool_and_health_changes(nursery: trio.Nursery, tmp_path: Path) -> None:
     a = (await start_backends(nursery, "a"))[0]
     cn = await start_control_node(

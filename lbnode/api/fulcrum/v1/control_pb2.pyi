@@ -243,7 +243,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("id", "address", "weight", "admin", "health", "health_reason", "inflight", "connections", "requests", "failures", "ejected_for")
+    __slots__ = ("id", "address", "weight", "admin", "health", "health_reason", "inflight", "connections", "requests", "failures", "ejected_for", "responses", "response_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +255,8 @@ class BackendStatus(_message.Message):
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     EJECTED_FOR_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     weight: int
@@ -266,17 +268,41 @@ class BackendStatus(_message.Message):
     requests: int
     failures: int
     ejected_for: float
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[int] = ..., admin: _Optional[str] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., inflight: _Optional[int] = ..., connections: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., ejected_for: _Optional[float] = ...) -> None: ...
+    responses: _containers.RepeatedCompositeFieldContainer[ResponseCount]
+    response_seconds: Histogram
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[int] = ..., admin: _Optional[str] = ..., health: _Optional[str] = ..., health_reason: _Optional[str] = ..., inflight: _Optional[int] = ..., connections: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., ejected_for: _Optional[float] = ..., responses: _Optional[_Iterable[_Union[ResponseCount, _Mapping]]] = ..., response_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+
+class ResponseCount(_message.Message):
+    __slots__ = ("code", "count")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    count: int
+    def __init__(self, code: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("bounds", "counts", "sum")
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    bounds: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    sum: float
+    def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
-    __slots__ = ("name", "algorithm", "backends")
+    __slots__ = ("name", "algorithm", "backends", "queue_length", "retries")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     algorithm: str
     backends: _containers.RepeatedCompositeFieldContainer[BackendStatus]
-    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[BackendStatus, _Mapping]]] = ...) -> None: ...
+    queue_length: int
+    retries: int
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[BackendStatus, _Mapping]]] = ..., queue_length: _Optional[int] = ..., retries: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("node_id", "config_revision", "snapshot_version", "pools_count", "pools", "draining")

@@ -1,0 +1,105 @@
+"""deploy/prometheus and the `prometheus_targets` role: the role, run by ansible-playbook on
+localhost against an inventory of lbnode hosts, writes a file_sd file that promtool accepts
+together with the shipped scrape config, and refuses nodes Prometheus could not reach."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.integration.test_ansible_units import ANSIBLE_PLAYBOOK, ROLES
+
+PROMETHEUS_YML = REPO / "deploy" / "prometheus" / "prometheus.yml"
+PROMTOOL = shutil.which("promtool")  # Debian's prometheus package: `make sysdeps-test` installs it
+SHIPPED_TARGETS = "/etc/prometheus/file_sd/fulcrum.yml"
+
+
+def run_role(tmp_path: Path, inventory: str, variables: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    """The role on localhost (group `prometheus`), the lbnode hosts only in the inventory."""
+    assert ANSIBLE_PLAYBOOK is not None, "ansible-playbook is not installed: make venv installs ansible-core"
+    (tmp_path / "inventory.ini").write_text(inventory)
+    play = [{"hosts": "prometheus", "gather_facts": False, "roles": ["prometheus_targets"]}]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    env = dict(os.environ, ANSIBLE_HOME=str(tmp_path / "ah"), ANSIBLE_ROLES_PATH=str(ROLES),
+               ANSIBLE_LOCALHOST_WARNING="False", ANSIBLE_NOCOLOR="1")
+    return subprocess.run(
+        [ANSIBLE_PLAYBOOK, "-i", str(tmp_path / "inventory.ini"), "-e", json.dumps(variables),
+         str(tmp_path / "play.yml")], capture_output=True, text=True, env=env, timeout=120)
+
+
+def promtool_check_config(tmp_path: Path, targets: Path) -> subprocess.CompletedProcess[str]:
+    """promtool on the shipped config, its file_sd path pointed at ``targets`` (it checks that file too)."""
+    assert PROMTOOL is not None, "promtool missing: run `make sysdeps-test` (Debian package prometheus)"
+    text = PROMETHEUS_YML.read_text()
+    assert text.count(SHIPPED_TARGETS) == 1, "the shipped config reads the role's default file"
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace(SHIPPED_TARGETS, str(targets)))
+    return subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+
+
+INVENTORY = f"""
+[prometheus]
+monitor ansible_connection=local ansible_python_interpreter={sys.executable}
+
+[lbnode]
+lb1 ansible_host=192.0.2.11 lbnode_admin=0.0.0.0:7070
+lb2 ansible_host=192.0.2.12 lbnode_admin=198.51.100.12:9100 lbnode_id=edge-2
+lb3 ansible_host=2001:db8::13 lbnode_admin=[::]:7070
+lb4 ansible_host=192.0.2.14 lbnode_admin=127.0.0.1:7070 fulcrum_metrics_target=203.0.113.14:17070
+"""
+
+
+def test_role_writes_one_target_per_node_and_promtool_accepts_it(tmp_path: Path) -> None:
+    targets = tmp_path / "file_sd" / "fulcrum.yml"
+    done = run_role(tmp_path, INVENTORY, {"prometheus_targets_file": str(targets),
+                                          "prometheus_targets_owner": os.getuid(),
+                                          "prometheus_targets_group_owner": os.getgid(),
+                                          "prometheus_targets_labels": {"cluster": "lab"}})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert yaml.safe_load(targets.read_text()) == [
+        # a wildcard bind is scraped at the host's address, a specific bind at that address
+        {"targets": ["192.0.2.11:7070"], "labels": {"cluster": "lab", "node": "lb1"}},
+        {"targets": ["198.51.100.12:9100"], "labels": {"cluster": "lab", "node": "edge-2"}},
+        {"targets": ["[2001:db8::13]:7070"], "labels": {"cluster": "lab", "node": "lb3"}},
+        {"targets": ["203.0.113.14:17070"], "labels": {"cluster": "lab", "node": "lb4"}},
+    ]
+    checked = promtool_check_config(tmp_path, targets)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # a missing file_sd file is only a WARNING: its absence would pass unseen
+    assert "SUCCESS" in checked.stdout and "WARNING" not in checked.stdout + checked.stderr, checked.stdout
+
+    again = run_role(tmp_path, INVENTORY, {"prometheus_targets_file": str(targets),
+                                           "prometheus_targets_owner": os.getuid(),
+                                           "prometheus_targets_group_owner": os.getgid(),
+                                           "prometheus_targets_labels": {"cluster": "lab"}})
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout
+
+
+def test_promtool_rejects_a_broken_target_file(tmp_path: Path) -> None:
+    # the check above can fail: promtool reads the file_sd file the config names
+    broken = tmp_path / "fulcrum.yml"
+    broken.write_text('- targets: ["192.0.2.11:7070"]\n  labels: {node: [1]}\n')
+    assert promtool_check_config(tmp_path, broken).returncode != 0
+
+
+@pytest.mark.parametrize(("admin", "why"), [
+    ("", "no admin endpoint"),
+    ("127.0.0.1:7070", "loopback"),
+    (None, "loopback"),  # not set: the lbnode role's default, 127.0.0.1:7070
+])
+def test_role_refuses_a_node_whose_admin_prometheus_cannot_reach(tmp_path: Path, admin: str | None, why: str) -> None:
+    setting = "" if admin is None else f" lbnode_admin={admin!r}"
+    inventory = INVENTORY.split("[lbnode]")[0] + f"[lbnode]\nlb9 ansible_host=192.0.2.19{setting}\n"
+    targets = tmp_path / "fulcrum.yml"
+    done = run_role(tmp_path, inventory, {"prometheus_targets_file": str(targets)})
+    assert done.returncode != 0
+    assert "lb9: lbnode_admin is" in done.stdout and why in done.stdout, done.stdout
+    assert not targets.exists()
