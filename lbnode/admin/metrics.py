@@ -162,6 +162,12 @@ def _listeners(out: Exposition, node: Any) -> None:
             "L4 clients closed before routing (ClientHello not readable), by reason.",
             [((("listener", n), ("reason", r)), c) for n, p in sorted(tcp.items()) for r, c in sorted(p.refused.items())])
 
+    logs = getattr(node, "access_logs", {})
+    out.add("fulcrum_access_log_written_total", "counter", "Access log entries written.", per(logs, "written"))
+    out.add("fulcrum_access_log_dropped_total", "counter",
+            "Access log entries dropped: the buffer was full (the writer was behind) or the write failed.",
+            per(logs, "dropped"))
+
     out.add("fulcrum_tls_handshakes_total", "counter", "TLS handshakes completed.", per(tls, "handshakes"))
     out.add("fulcrum_tls_resumed_handshakes_total", "counter", "Completed TLS handshakes that resumed a session.",
             per(tls, "resumed"))
