@@ -37,6 +37,7 @@ def sections() -> list[Section]:
             "protections", "L7 with protections on vs off (Fulcrum)", harness.section_protections
         ),
         Section("metrics", "L7 with /metrics scraped every second vs never (Fulcrum)", harness.section_metrics),
+        Section("accesslog", "L7 with the access log on vs off (Fulcrum)", harness.section_access_log),
         Section("l4", "L4: bulk TCP, 64 MiB responses", harness.section_l4),
         Section(
             "cluster",

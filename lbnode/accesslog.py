@@ -88,38 +88,46 @@ class Entry:
 # --------------------------------------------------------------------------- formats (pure)
 
 
+# (whole second, its "YYYY-MM-DDTHH:MM:SS." text): lines come in bursts within one second. One
+# tuple, replaced whole: writer threads of two files may read it at once.
+_second_text: list[tuple[int, str]] = [(-1, "")]
+
+
 def _iso(wall: float) -> str:
     """2026-12-04T12:25:33.123Z (UTC, milliseconds)."""
-    t = time.gmtime(wall)
-    ms = int((wall - int(wall)) * 1000)
-    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{ms:03d}Z"
-
-
-def _s(value: str | None, limit: int = MAX_TARGET) -> str:
-    return "null" if value is None else _json_str(value[:limit])
-
-
-def _b(value: bytes | None, limit: int) -> str:
-    return "null" if value is None else _json_str(value[:limit].decode("latin-1"))
-
-
-def _ms(seconds: float | None) -> str:
-    return "null" if seconds is None else f"{seconds * 1000:.3f}"
+    second = int(wall)
+    cached = _second_text[0]
+    if cached[0] != second:
+        t = time.gmtime(second)
+        cached = (second, f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.")
+        _second_text[0] = cached
+    return f"{cached[1]}{int((wall - second) * 1000):03d}Z"
 
 
 def json_line(e: Entry, listener: str) -> str:
     """One JSON object (keys always present, null when unknown), newline-terminated."""
+    js = _json_str
+    method, target, host, version, status = e.method, e.target, e.host, e.version, e.status
+    backend_time, pool, backend, reason, rid = e.backend_time, e.pool, e.backend, e.reason, e.request_id
+    ua, referer, tls_version, sni = e.user_agent, e.referer, e.tls_version, e.sni
     return (
-        f'{{"time":"{_iso(e.time)}","listener":{_json_str(listener)},"protocol":"{e.protocol}",'
-        f'"client_ip":{_json_str(e.client_ip)},"client_port":{e.client_port},'
-        f'"method":{_b(e.method, 64)},"host":{_s(e.host, MAX_HOST)},"path":{_b(e.target, MAX_TARGET)},'
-        f'"version":{_s(e.version)},"status":{"null" if e.status is None else e.status},'
-        f'"bytes_in":{e.bytes_in},"bytes_out":{e.bytes_out},'
-        f'"duration_ms":{_ms(e.duration)},"backend_ms":{_ms(e.backend_time)},'
-        f'"pool":{_s(e.pool)},"backend":{_s(e.backend)},"retries":{max(e.attempts - 1, 0)},'
-        f'"reason":{_s(e.reason)},"request_id":{_b(e.request_id, 256)},'
-        f'"user_agent":{_b(e.user_agent, MAX_HEADER_VALUE)},"referer":{_b(e.referer, MAX_HEADER_VALUE)},'
-        f'"tls_version":{_s(e.tls_version)},"sni":{_s(e.sni, MAX_HOST)}}}\n'
+        f'{{"time":"{_iso(e.time)}","listener":{js(listener)},"protocol":"{e.protocol}",'
+        f'"client_ip":"{e.client_ip}","client_port":{e.client_port},'
+        f'"method":{"null" if method is None else js(method[:64].decode("latin-1"))},'
+        f'"host":{"null" if host is None else js(host[:MAX_HOST])},'
+        f'"path":{"null" if target is None else js(target[:MAX_TARGET].decode("latin-1"))},'
+        f'"version":{"null" if version is None else js(version)},'
+        f'"status":{"null" if status is None else status},'
+        f'"bytes_in":{e.bytes_in},"bytes_out":{e.bytes_out},"duration_ms":{e.duration * 1000:.3f},'
+        f'"backend_ms":{"null" if backend_time is None else f"{backend_time * 1000:.3f}"},'
+        f'"pool":{"null" if pool is None else js(pool)},"backend":{"null" if backend is None else js(backend)},'
+        f'"retries":{e.attempts - 1 if e.attempts > 1 else 0},'
+        f'"reason":{"null" if reason is None else js(reason)},'
+        f'"request_id":{"null" if rid is None else js(rid.decode("latin-1"))},'
+        f'"user_agent":{"null" if ua is None else js(ua[:MAX_HEADER_VALUE].decode("latin-1"))},'
+        f'"referer":{"null" if referer is None else js(referer[:MAX_HEADER_VALUE].decode("latin-1"))},'
+        f'"tls_version":{"null" if tls_version is None else js(tls_version)},'
+        f'"sni":{"null" if sni is None else js(sni[:MAX_HOST])}}}\n'
     )
 
 

@@ -344,16 +344,20 @@ class HttpProxy:
     # ------------------------------------------------------------------ access log
     def _entry(self, conn: ClientConn, head: RequestHead | None, started: float) -> Entry:
         """The access log entry of a request (head None: one the node could not parse)."""
-        entry = Entry(self.wall_clock() - (self.clock() - started), started, self.proto, conn.ip, conn.port)
+        wall = self.wall_clock() if head is not None else self.wall_clock() - (self.clock() - started)
+        entry = Entry(wall, started, self.proto, conn.ip, conn.port)
         entry.tls_version = conn.tls_version
         entry.sni = conn.sni
         if head is not None:
             entry.method = head.method
             entry.target = head.target
             entry.version = head.version
-            entry.user_agent = head.header(b"user-agent")
-            entry.referer = head.header(b"referer")
             entry.request_id = conn.request_id
+            for name, value in head.headers:  # one pass for both (the head was just received: started is now)
+                if len(name) == 10 and name.lower() == b"user-agent":
+                    entry.user_agent = value
+                elif len(name) == 7 and name.lower() == b"referer":
+                    entry.referer = value
         return entry
 
     def _log_entry(self, conn: ClientConn, now: float) -> None:
