@@ -421,19 +421,17 @@ async def test_sigusr1_reopens_the_file_and_loses_nothing(nursery, tmp_path: Pat
     async with trio.open_nursery() as clients:
         clients.start_soon(trio.to_thread.run_sync, load)
         await trio.to_thread.run_sync(rotate)
-    # a request made once the reopen was reported goes to the new file
+    # a request made once the reopen was reported goes to the new file; the node is stopped at
+    # once after it: what it still buffered is written before it exits
     marker = await trio.to_thread.run_sync(lambda: httpx.get(f"http://127.0.0.1:{port}/marker", timeout=30))
     assert marker.status_code == 200
     total = answered[0] + 1
+    assert await trio.to_thread.run_sync(node.terminate) == 0
 
-    with trio.move_on_after(LOG_WAIT):
-        while len(read_entries(rotated)) + len(read_entries(path)) < total:
-            await trio.sleep(0.05)
     old, new = read_entries(rotated), read_entries(path)
     assert len(old) + len(new) == total  # none lost, none twice
     assert len(old) >= 50 and len(new) >= 50
     assert [e["path"] for e in new][-1] == "/marker" and all(e["path"] == "/" for e in old)
-    assert await trio.to_thread.run_sync(node.terminate) == 0
 
 
 async def test_a_stdout_nobody_reads_never_stalls_serving(nursery, tmp_path: Path) -> None:
@@ -459,9 +457,10 @@ async def test_a_stdout_nobody_reads_never_stalls_serving(nursery, tmp_path: Pat
             return sorted(slowest)[-5:]
 
         slowest = await trio.to_thread.run_sync(load)
-        # A blocked write would hold every request from the first full pipe on; none waits even
-        # a second (the usual answer takes about a millisecond; 2 busy cores add tens).
-        assert slowest[-1] < 1.0, slowest
+        # A blocked write in the loop would hold every request from the first full pipe on, for
+        # good (httpx gives up after 30 s); none waits 5 s (an answer takes about a millisecond;
+        # 2 busy cores have shown stalls of a few hundred ms: the margin is for them).
+        assert slowest[-1] < 5.0, slowest
         r, metrics = await scrape(admin)
         await promtool_check(r.text)
         written = value(metrics, "fulcrum_access_log_written_total", listener="front")
