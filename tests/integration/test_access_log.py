@@ -22,6 +22,7 @@ import trio
 
 from tests.conftest import (
     free_port,
+    http_get,
     listener_toml,
     node_toml,
     pool_toml,
@@ -179,6 +180,9 @@ async def test_proxied_and_local_answers_have_every_field(nursery, tmp_path: Pat
 
     r, metrics = await scrape(bound.admin[1])
     await promtool_check(r.text)
+    status = (await http_get(f"http://127.0.0.1:{bound.admin[1]}/status")).json()
+    assert status["listeners"]["front"]["access_log"] == {
+        "path": str(path), "format": "json", "written": 4, "dropped": 0, "buffered": 0}
     assert value(metrics, "fulcrum_access_log_written_total", listener="front") == 4
     assert value(metrics, "fulcrum_access_log_written_total", listener="limited") == 2
     assert value(metrics, "fulcrum_access_log_dropped_total", listener="front") == 0
