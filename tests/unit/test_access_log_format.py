@@ -1,11 +1,20 @@
-"""The access log's line formats and the X-Request-Id rules, pure: entries in, text out."""
+"""The access log's line formats and the X-Request-Id rules (pure: entries in, text out), and its
+writer on real files (/dev/full for a failing disk)."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
-from lbnode.accesslog import MAX_TARGET, Entry, ListenerAccessLog, combined_line, json_line
+from lbnode.accesslog import (
+    MAX_TARGET,
+    AccessLogWriter,
+    Entry,
+    ListenerAccessLog,
+    combined_line,
+    json_line,
+)
 from lbnode.http.headers import RequestHead, check_request, client_request_id, upstream_request_head
 from lbnode.model import AccessLog
 
@@ -84,3 +93,48 @@ def test_upstream_head_drops_the_fields_it_is_told_to() -> None:
     assert b"Accept: */*\r\n" in out
     kept = upstream_request_head(h, "192.0.2.1", "http", "fulcrum")
     assert b"X-Request-Id: a b\r\n" in kept
+
+
+# --------------------------------------------------------------------------- the writer, on real files
+
+
+async def test_a_failed_write_counts_its_entries_as_dropped(caplog) -> None:  # type: ignore[no-untyped-def]
+    log = ListenerAccessLog("front", AccessLog(path="/dev/full"))
+    writer = AccessLogWriter("/dev/full", [log])  # every write: ENOSPC, as a full disk
+    writer.open()
+    try:
+        log.add(entry())
+        log.add(entry())
+        await writer.flush()
+        assert (log.written, log.dropped, log.entries) == (0, 2, [])
+        assert "access log /dev/full: write failed (No space left on device)" in caplog.text
+    finally:
+        writer.close()
+
+
+async def test_reopen_writes_to_the_new_file_and_a_failed_reopen_keeps_the_old(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = logs / "access.log"
+    log = ListenerAccessLog("front", AccessLog(path=str(path)))
+    writer = AccessLogWriter(str(path), [log])
+    writer.open()
+    try:
+        log.add(entry(status=1))
+        await writer.flush()
+        path.rename(logs / "access.log.1")
+        writer.reopen()
+        log.add(entry(status=2))
+        await writer.flush()
+        assert [json.loads(x)["status"] for x in (logs / "access.log.1").read_text().splitlines()] == [1]
+        assert [json.loads(x)["status"] for x in path.read_text().splitlines()] == [2]
+        # the directory is gone: the reopen fails, the lines go on to the file still open
+        logs.rename(tmp_path / "moved")
+        writer.reopen()
+        log.add(entry(status=3))
+        await writer.flush()
+        assert "cannot reopen (No such file or directory)" in caplog.text
+        assert [json.loads(x)["status"] for x in (tmp_path / "moved" / "access.log").read_text().splitlines()] == [2, 3]
+        assert (log.written, log.dropped, writer.reopens) == (3, 0, 2)
+    finally:
+        writer.close()
