@@ -1021,6 +1021,8 @@ def _peer_port(sock: stdsocket.socket) -> int:
     except OSError:
         return 0  # already reset
     return peer[1] if isinstance(peer, tuple) else 0
+
+
 _NO_STATUSES: frozenset[int] = frozenset()
 _NO_INDEXES: frozenset[int] = frozenset()
 
