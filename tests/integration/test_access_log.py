@@ -482,3 +482,46 @@ async def test_a_stdout_nobody_reads_never_stalls_serving(nursery, tmp_path: Pat
             proc.wait(10)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+async def test_keep_alive_requests_get_their_own_bytes_and_a_slow_head_its_408(nursery, tmp_path: Path) -> None:
+    (a,) = await start_backends(nursery, "a")
+    path = tmp_path / "access.log"
+    node, bound = await start_node(nursery, node_toml(
+        pool_toml("web", [a.address]),
+        listener_toml("front", "http", "web", extra=access_log_toml(path) + '  [listeners.timeouts]\n  header = "0.5s"\n'),
+    ))
+    port = bound.listeners["front"][1]
+    first = b"GET /echo HTTP/1.1\r\nHost: h\r\n\r\n"
+    second = b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 3000\r\n\r\n" + b"y" * 3000
+
+    def keep_alive() -> tuple[list[bytes], int]:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            responses = []
+            for request in (first, second):
+                sock.sendall(request)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(65536)
+                length = int(re.search(rb"Content-Length: (\d+)", data).group(1))  # type: ignore[union-attr]
+                while len(data) < data.index(b"\r\n\r\n") + 4 + length:
+                    data += sock.recv(65536)
+                responses.append(data)
+            # a third head that never ends: 408 once [listeners.timeouts] header has passed
+            sock.sendall(b"GET /never HTTP/1.1\r\nHost: h\r\n")
+            rest = b""
+            while chunk := sock.recv(65536):
+                rest += chunk
+            return [*responses, rest], sock.getsockname()[1]
+
+    (one, two, timed_out), client_port = await trio.to_thread.run_sync(keep_alive)
+    assert timed_out.startswith(b"HTTP/1.1 408")
+    entries = await wait_entries(path, 3)
+    assert [e["client_port"] for e in entries] == [client_port] * 3
+    assert [(e["method"], e["status"], e["bytes_in"], e["bytes_out"]) for e in entries] == [
+        ("GET", 200, len(first), len(one)),
+        ("POST", 200, len(second), len(two)),
+        # the partial head it did send, and the 408
+        (None, 408, len(b"GET /never HTTP/1.1\r\nHost: h\r\n"), len(timed_out)),
+    ]
+    assert entries[2]["reason"] == "request head not received within 0.5s"
