@@ -54,6 +54,7 @@ def fulcrum_config(
     etcd: Sequence[str] = (),
     etcd_prefix: str | None = None,
     control_port: int | None = None,
+    access_log: str | None = None,
 ) -> str:
     """node.toml for lbnode: an http listener over all backends, a tcp listener over the first.
 
@@ -67,7 +68,8 @@ def fulcrum_config(
     ``etcd`` (client URLs) makes the node a cluster member (``[cluster]``, pools in etcd
     under ``etcd_prefix``, seeded from these same pools); ``control_port`` adds a
     plain-text control API (``[control] insecure = true``: loopback only, bench only).
-    Without them the text is exactly the standalone config.
+    Without them the text is exactly the standalone config. ``access_log``: a file for the
+    http listener's ``[listeners.access_log]`` (JSON lines).
     """
     state = f'state_dir = "{state_dir}"\n' if state_dir else ""
     if etcd:
@@ -102,6 +104,8 @@ def fulcrum_config(
         )
     if affinity_key:
         pool_tables += f'  [pools.affinity]\n  mode = "cookie"\n  key = "{affinity_key}"\n'
+    if access_log:
+        listener_keys += f'  [listeners.access_log]\n  path = "{access_log}"\n'
     return f"""\
 [node]
 id = "{node_id}"

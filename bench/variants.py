@@ -39,6 +39,7 @@ class Variant:
     protections: bool = False  # see configs.PROTECTIONS
     client: str = ""
     cluster: bool = False  # a cluster member: [cluster] on the given etcd (CLUSTER_L7_PREFIX)
+    access_log: bool = False  # [listeners.access_log] to a file beside the state_dir
 
     def config(self, ports: Ports, state_dir: str | None = None, etcd: Sequence[str] = ()) -> str:
         if self.cluster and not etcd:
@@ -53,6 +54,7 @@ class Variant:
             protections=self.protections,
             etcd=etcd if self.cluster else (),
             etcd_prefix=CLUSTER_L7_PREFIX if self.cluster else None,
+            access_log=f"{state_dir or '.'}.access.log" if self.access_log else None,
         )
 
 

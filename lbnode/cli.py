@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from lbnode import __version__
+from lbnode.accesslog import AccessLogError
 from lbnode.config import ConfigFileError, load_config
 from lbnode.listen import BindError
 
@@ -78,10 +79,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_reporting_bind_errors(run: Callable[[], None], prefix: str) -> int:
-    """Run; a port in use (raised inside nurseries, so maybe grouped) is one line, exit 1."""
+    """Run; a port in use (raised inside nurseries, so maybe grouped) or an access log file that
+    cannot be opened is one line, exit 1."""
     try:
         run()
-    except BindError as exc:
+    except (BindError, AccessLogError) as exc:
         print(f"{prefix}: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:

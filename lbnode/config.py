@@ -59,6 +59,13 @@ def load_config_text(text: str, origin: str = "<config>") -> Config:
         load_access(config.admin)
     except ConfigError as exc:
         raise ConfigFileError(f"{origin}: {exc}") from None
+    for i, li in enumerate(config.listeners):
+        # The file is opened when the node starts; a directory that is not there is a typo
+        # `lbnode check` can name now (permissions are the start's to report: check may run as another user).
+        if li.access_log is not None and not li.access_log.to_stdout:
+            directory = Path(li.access_log.path).parent
+            if not directory.is_dir():
+                raise ConfigFileError(f"{origin}: listeners[{i}].access_log.path: directory {directory} does not exist")
     # Files named by [pools.tls] are read now, so a bad one stops the start with one line
     # (pools that arrive later through the control API fail their connects, logged, instead).
     for i, pool in enumerate(config.pools):

@@ -657,6 +657,8 @@ class Listener:
     sni_routes: tuple[SniRoute, ...] = ()  # tcp: pick the pool by the ClientHello's server name
     non_tls: str = "default"  # tcp with sni_routes: first byte not TLS -> "default" pool | "close"
     proxy_protocol: AcceptProxy | None = None  # [listeners.proxy_protocol] accept = true
+    access_log: AccessLog | None = None  # [listeners.access_log]; None: off (issue 12)
+    request_id: bool = False  # http/https: keep a valid X-Request-Id, else make one; to backend and client
 
     @property
     def reads_client_hello(self) -> bool:
@@ -730,6 +732,8 @@ def parse_listener(t: Table) -> Listener:
         sni_routes=tuple(sni_routes),
         non_tls=non_tls,
         proxy_protocol=_parse_accept_proxy(t.table("proxy_protocol")),
+        access_log=_parse_access_log(t, protocol),
+        request_id=_parse_request_id(t, protocol),
     )
     t.done()
     return listener
@@ -761,6 +765,50 @@ def _parse_accept_proxy(t: Table | None) -> AcceptProxy | None:
         except ValueError as exc:
             raise ConfigError(key, f'"{item}" is not a CIDR like "192.0.2.0/24" or "2001:db8::/32" ({exc})') from None
     return AcceptProxy(tuple(networks)) if accept else None
+
+
+# --------------------------------------------------------------------------- access log (issue 12)
+
+ACCESS_LOG_FORMATS = ("json", "combined")
+STDOUT_PATHS = ("-", "stdout")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    """``[listeners.access_log]``: where and how a listener logs each request (L4: connection)."""
+
+    path: str  # "-" for the process's stdout, else a file (opened in append mode)
+    format: str = "json"  # "json" (one object per line) | "combined" (Apache/nginx combined, http only)
+    buffer: int = 10_000  # entries waiting to be written; more are dropped and counted
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.path == "-"
+
+
+def _parse_access_log(t: Table, protocol: str) -> AccessLog | None:
+    at = t.table("access_log")
+    if at is None:
+        return None
+    path = at.str("path")
+    if path in STDOUT_PATHS:
+        path = "-"
+    elif not path.strip() or "\0" in path or path.endswith("/"):
+        raise ConfigError(at.key("path"), f'"{path}" is not a file path (or "-" for stdout)')
+    fmt = at.str("format", "json", choices=ACCESS_LOG_FORMATS)
+    if fmt == "combined" and protocol not in L7_PROTOCOLS:
+        raise ConfigError(at.key("format"), 'combined is for protocol = "http" or "https" listeners '
+                          '(an L4 connection has no request line): use "json"')
+    settings = AccessLog(path=path, format=fmt, buffer=at.int("buffer", 10_000, lo=1, hi=10_000_000))
+    at.done()
+    return settings
+
+
+def _parse_request_id(t: Table, protocol: str) -> bool:
+    value: bool = t.bool("request_id", False)
+    if value and protocol not in L7_PROTOCOLS:
+        raise ConfigError(t.key("request_id"), 'is an HTTP header: only for protocol = "http" or "https"')
+    return value
 
 
 # --------------------------------------------------------------------------- TLS (issue 11)

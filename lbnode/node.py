@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from lbnode import accesslog
 from lbnode.admin.access import AdminAccess, load_access
 from lbnode.admin.server import serve_admin
 from lbnode.affinity import AffinityTable
@@ -136,6 +137,8 @@ class LbNode:
         self.tls_terminators: dict[str, Any] = {}  # listener -> TlsTerminator (https, tls)
         self.proxy_receivers: dict[str, Any] = {}  # listener -> ProxyHeaderReceiver ([listeners.proxy_protocol])
         self.connection_gates: dict[str, ConnectionGate] = {}  # listener -> its gate (connection counters)
+        # [listeners.access_log]: each listener's buffer and counters, one writer per file (or stdout)
+        self.access_logs, self.access_log_writers = accesslog.build(config.listeners)
         self.bound: Bound | None = None
         self.health_checkers: dict[str, HealthChecker] = {}
         self._checker_scopes: dict[str, trio.CancelScope] = {}
@@ -230,13 +233,20 @@ class LbNode:
         config = self.config
         access = self._admin_access()
         sockets = []
+        admin_sock = None
         try:
             for li in config.listeners:
                 sockets.append((li, bind_tcp(li.bind, li.backlog, f"listener {li.name}")))
             admin_sock = bind_tcp(config.node.admin, 128, "node.admin") if config.node.admin else None
+            for writer in self.access_log_writers:
+                writer.open()
         except BaseException:
             for _, s in sockets:
                 s.close()
+            if admin_sock is not None:
+                admin_sock.close()
+            for writer in self.access_log_writers:
+                writer.close()
             raise
         self.bound = Bound(
             listeners={li.name: s.getsockname()[:2] for li, s in sockets},
@@ -275,6 +285,9 @@ class LbNode:
             if admin_sock is not None:
                 outer.start_soon(serve_admin, admin_sock, self, access)
             outer.start_soon(self._check_certificate_expiry)
+            access_log_scope = trio.CancelScope()
+            if self.access_log_writers:
+                outer.start_soon(self._run_access_logs, access_log_scope)
             self._health_nursery = outer
             self._sync_health()
             async with trio.open_nursery() as connections:
@@ -285,14 +298,15 @@ class LbNode:
                         self.connection_gates[li.name] = gate
                         handler: Handler
                         inner: Inner  # what a TLS listener's terminator calls after the handshake
+                        access_log = self.access_logs.get(li.name)
                         if li.protocol in ("http", "https"):
-                            proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1])
+                            proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
                             self.http_proxies[li.name] = proxy
                             handler = inner = proxy.handle
                         else:
                             from lbnode.tcp.proxy import TcpProxy
 
-                            tcp = TcpProxy(li, self)
+                            tcp = TcpProxy(li, self, access_log=access_log)
                             self.tcp_proxies[li.name] = tcp
                             handler = inner = tcp.handle
                         if li.tls is not None:
@@ -334,6 +348,8 @@ class LbNode:
                 connections.cancel_scope.deadline = trio.current_time() + drain
             if connections.cancel_scope.cancelled_caught:
                 log.warning("drain timeout: closed connections still in flight")
+            access_log_scope.cancel()
+            await self._flush_access_logs()
             self.upstreams.close()
             log.info("stopped")
             outer.cancel_scope.cancel()
@@ -437,9 +453,40 @@ class LbNode:
         with scope:
             await checker.run()
 
+    # --------------------------------------------------------------- access log
+    async def _run_access_logs(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as writers:
+                for writer in self.access_log_writers:
+                    writers.start_soon(writer.run)
+
+    async def _flush_access_logs(self) -> None:
+        """At the end: what the listeners still buffer is written (within a bound), files closed."""
+        with trio.move_on_after(accesslog.FINAL_FLUSH_TIMEOUT) as scope:
+            for writer in self.access_log_writers:
+                await writer.flush()
+        if scope.cancelled_caught:
+            log.warning("access log: the last entries were not written within %gs (a stdout nobody reads?)",
+                        accesslog.FINAL_FLUSH_TIMEOUT)
+        else:
+            for writer in self.access_log_writers:
+                writer.close()
+
+    def reopen_access_logs(self) -> int:
+        """SIGUSR1 (logrotate's postrotate): every access log file is opened again by its name."""
+        files = [w for w in self.access_log_writers if not w.to_stdout]
+        for writer in files:
+            writer.reopen()
+        return len(files)
+
     async def _watch_signals(self, everything: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    # Caught even without an access log file: its default action would kill the node.
+                    n = self.reopen_access_logs()
+                    log.info("SIGUSR1: reopening %d access log file(s)", n)
+                    continue
                 if not self._stop.is_set():
                     log.info("%s: stopping gracefully", signal.Signals(signum).name)
                     self.stop()

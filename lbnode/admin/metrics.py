@@ -171,6 +171,12 @@ def _listeners(out: Exposition, node: Any) -> None:
             "(untrusted peer, malformed header, timeout, closed by the peer).",
             [((("listener", n), ("reason", why)), c) for n, r in sorted(pp.items()) for why, c in r.errors.items()])
 
+    logs = getattr(node, "access_logs", {})
+    out.add("fulcrum_access_log_written_total", "counter", "Access log entries written.", per(logs, "written"))
+    out.add("fulcrum_access_log_dropped_total", "counter",
+            "Access log entries dropped: the buffer was full (the writer was behind) or the write failed.",
+            per(logs, "dropped"))
+
     out.add("fulcrum_tls_handshakes_total", "counter", "TLS handshakes completed.", per(tls, "handshakes"))
     out.add("fulcrum_tls_resumed_handshakes_total", "counter", "Completed TLS handshakes that resumed a session.",
             per(tls, "resumed"))

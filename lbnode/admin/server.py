@@ -96,6 +96,12 @@ def status_document(node: AdminView) -> dict[str, Any]:
         terminator = getattr(node, "tls_terminators", {}).get(name)
         if terminator is not None:
             entry["tls"] = terminator.status()
+        access = getattr(node, "access_logs", {}).get(name)
+        if access is not None and li.access_log is not None:
+            entry["access_log"] = {
+                "path": li.access_log.path, "format": access.format, "written": access.written,
+                "dropped": access.dropped, "buffered": len(access.entries),
+            }
         listeners[name] = entry
     gate = getattr(node, "connection_gate", None)
     return {

@@ -8,6 +8,7 @@ responses the node makes itself. Pure: no sockets, no clock.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 Headers = list[tuple[bytes, bytes]]
@@ -273,17 +274,20 @@ def _via_value(version: str, via: str) -> bytes:
     return value
 
 
-def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: str, extra: bytes = b"") -> bytes:
+def upstream_request_head(
+    head: RequestHead, client_ip: str, proto: str, via: str, extra: bytes = b"", drop: frozenset[bytes] = frozenset()
+) -> bytes:
     """The request head sent to a backend: hop-by-hop removed, forwarded headers added.
 
-    ``extra``: whole header lines the listener adds (X-Forwarded-Port, a client certificate)."""
+    ``extra``: whole header lines the listener adds (X-Forwarded-Port, a client certificate,
+    X-Request-Id); ``drop``: more fields (lower-case) not to forward (an invalid X-Request-Id)."""
     out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
     xff: list[bytes] = []
     vias: list[bytes] = []
     original_host = b""
     authority = head.authority
     host_sent = False
-    if head.forward is not None and head.connection_tokens <= HOP_BY_HOP and authority is None:
+    if head.forward is not None and head.connection_tokens <= HOP_BY_HOP and authority is None and not drop:
         # The parser already set aside what is dropped here; Connection names nothing else.
         for name, v in head.noted:  # type: ignore[union-attr]
             if name == b"x-forwarded-for":
@@ -295,7 +299,7 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
                 host_sent = True
         out += head.forward
     else:
-        drop = _dropped(head.connection_tokens) | _FORWARDED_FIELDS
+        drop = _dropped(head.connection_tokens) | _FORWARDED_FIELDS | drop
         for n, v in head.headers:
             name = n.lower()
             if name in drop:
@@ -339,6 +343,37 @@ def upstream_request_head(head: RequestHead, client_ip: str, proto: str, via: st
         out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     out.append(b"\r\n")
     return b"".join(out)
+
+
+# X-Request-Id (listeners with request_id = true). A client's value is kept when it is one
+# field of 1 to 200 visible ASCII characters other than '"' and '\\' (it goes into log lines
+# and other systems' headers as it is); anything else is replaced by one the node makes.
+REQUEST_ID = b"X-Request-Id"
+REQUEST_ID_MAX = 200
+_REQUEST_ID_RE = re.compile(rb'[!#-\[\]-~]{1,%d}' % REQUEST_ID_MAX)
+DROP_REQUEST_ID = frozenset({b"x-request-id"})
+
+
+def client_request_id(head: RequestHead) -> tuple[bytes | None, bool]:
+    """The client's X-Request-Id if it is valid (None if not); and whether it sent any field of that name."""
+    found: bytes | None = None
+    count = 0
+    for n, v in head.headers:
+        if len(n) == 12 and n.lower() == b"x-request-id":
+            count += 1
+            found = v.strip()
+    if count == 1 and found is not None and _REQUEST_ID_RE.fullmatch(found):
+        return found, True
+    return None, count > 0
+
+
+def replace_response_header(head: ResponseHead, name: bytes, value: bytes) -> None:
+    """Set a field of a backend's response to ``value``, removing any the backend sent."""
+    lname = name.lower()
+    if any(n.lower() == lname for n, _ in head.headers):
+        head.headers = [(n, v) for n, v in head.headers if n.lower() != lname]
+        head.forward = None  # client_response_head serialises ``headers`` instead
+    head.add_headers([(name, value)])
 
 
 def client_response_head(

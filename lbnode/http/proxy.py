@@ -13,25 +13,31 @@ import logging
 import socket as stdsocket
 import ssl
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import trio
 
+from lbnode.accesslog import Entry, ListenerAccessLog
 from lbnode.balance import PickContext
 from lbnode.balance.keys import extract_hash_key
 from lbnode.histogram import Histogram
 from lbnode.http.framing import End, ParseError, RequestReader, ResponseReader, Upgrade
 from lbnode.http.headers import (
+    DROP_REQUEST_ID,
     IDEMPOTENT_METHODS,
+    REQUEST_ID,
     BadRequest,
     RequestHead,
     ResponseHead,
     check_request,
+    client_request_id,
     client_response_head,
     encode_trailers,
     local_response,
+    replace_response_header,
     response_has_no_body,
     upstream_request_head,
 )
@@ -101,8 +107,12 @@ def chunk(data: bytes) -> bytes:
 class ClientConn:
     """One accepted client connection and the request stream parsed from it."""
 
-    __slots__ = ("sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded", "io",
-                 "private_upstreams")
+    __slots__ = (
+        "sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded", "io",
+        "private_upstreams",
+        "received", "sent", "port", "tls_version", "sni", "entry", "mark_time", "mark_in", "mark_out",
+        "request_id", "request_id_line", "request_id_drop",
+    )
 
     def __init__(
         self, sock: stdsocket.socket, ip: str, max_header_bytes: int, forwarded: bytes = b"",
@@ -120,6 +130,22 @@ class ClientConn:
         self.idle_wait: list[Any] | None = None  # the armed Deadlines entry while waiting between requests
         # Upstream idle keys of this connection alone (send_proxy pools), emptied when it ends.
         self.private_upstreams: list[str] | None = None
+        self.received = 0  # bytes of this connection (the access log's bytes_in and bytes_out)
+        self.sent = 0
+        # Access log ([listeners.access_log]): the entry of the request being served, and where the
+        # previous one ended (its bytes and time are this one's start).
+        self.port = 0
+        self.tls_version: str | None = None
+        self.sni: str | None = None
+        self.entry: Entry | None = None
+        self.mark_time = 0.0
+        self.mark_in = 0
+        self.mark_out = 0
+        # request_id = true: the current request's X-Request-Id; the line that adds it to the head
+        # sent to the backend (b"" when the client's own is forwarded); the client field to drop.
+        self.request_id: bytes | None = None
+        self.request_id_line = b""
+        self.request_id_drop: frozenset[bytes] = _NO_DROP
 
     async def fill(self) -> None:
         """Read once from the client into the parser."""
@@ -161,14 +187,18 @@ class ClientConn:
 
     def _take(self, data: bytes) -> None:
         if data:
-            self.io[0] += len(data)
+            n = len(data)
+            self.io[0] += n
+            self.received += n
             self.reader.feed(data)
         else:
             self.eof = True
             self.reader.feed_eof()
 
     async def send(self, data: bytes, timeout: float) -> None:
-        self.io[1] += len(data)  # counted as handed over: a client that stops reading still took some
+        n = len(data)
+        self.io[1] += n  # counted as handed over: a client that stops reading still took some
+        self.sent += n
         try:
             await send_all(self.sock, data, timeout)
         except OSError as exc:
@@ -230,8 +260,10 @@ class HttpProxy:
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
         port: int | None = None,
+        access_log: ListenerAccessLog | None = None,
     ) -> None:
         self.listener = listener
+        self.access_log = access_log
         self.node = node
         self.clock = clock
         self.wall_clock = wall_clock  # affinity cookies expire in wall-clock time, valid on every node
@@ -278,6 +310,14 @@ class HttpProxy:
             conn = TlsClientConn(sock, client_ip, self.listener.max_header_bytes, self.forwarded_port + tls_headers,
                                  self.io)
         clock = self.clock
+        access = self.access_log
+        request_id = self.listener.request_id
+        if access is not None:
+            conn.port = _peer_port(sock)
+            conn.mark_time = clock()
+            if tls_headers is not None:
+                conn.tls_version = sock.version()  # type: ignore[attr-defined]
+                conn.sni = getattr(sock, "fulcrum_sni", None)  # set by the SNI callback (lbnode.tls.context)
         try:
             while True:
                 head = await self._read_head(conn)
@@ -285,8 +325,15 @@ class HttpProxy:
                     return
                 self.requests += 1
                 started = clock()
+                if request_id:
+                    _assign_request_id(conn, head)
+                if access is not None:
+                    conn.entry = self._entry(conn, head, started)
                 keep = await self._serve_request(conn, head)
-                self.request_seconds.observe(clock() - started)
+                now = clock()
+                self.request_seconds.observe(now - started)
+                if conn.entry is not None:
+                    self._log_entry(conn, now)
                 if not keep:
                     return
                 conn.served += 1
@@ -294,12 +341,48 @@ class HttpProxy:
                     return
         except ClientGone as exc:
             log.debug("listener %s: %s: %s", self.listener.name, client_ip, exc)
+            if conn.entry is not None and conn.entry.reason is None:
+                conn.entry.reason = str(exc)
         except BadRequest as exc:
             await self._refuse(conn, None, exc.status, exc.reason)
         finally:
+            if conn.entry is not None:
+                self._log_entry(conn, clock())
             conn.reader.close()
             if conn.private_upstreams:
                 self.node.upstreams.discard(conn.private_upstreams)
+
+    # ------------------------------------------------------------------ access log
+    def _entry(self, conn: ClientConn, head: RequestHead | None, started: float) -> Entry:
+        """The access log entry of a request (head None: one the node could not parse)."""
+        wall = self.wall_clock() if head is not None else self.wall_clock() - (self.clock() - started)
+        entry = Entry(wall, started, self.proto, conn.ip, conn.port)
+        entry.tls_version = conn.tls_version
+        entry.sni = conn.sni
+        if head is not None:
+            entry.method = head.method
+            entry.target = head.target
+            entry.version = head.version
+            entry.request_id = conn.request_id
+            for name, value in head.headers:  # one pass for both (the head was just received: started is now)
+                if len(name) == 10 and name.lower() == b"user-agent":
+                    entry.user_agent = value
+                elif len(name) == 7 and name.lower() == b"referer":
+                    entry.referer = value
+        return entry
+
+    def _log_entry(self, conn: ClientConn, now: float) -> None:
+        """The request is done: its duration and bytes, and the entry to the listener's log."""
+        entry = conn.entry
+        assert entry is not None and self.access_log is not None
+        conn.entry = None
+        entry.duration = now - entry.started
+        if entry.status is None:
+            entry.status = 0  # nothing was sent: the client (or the exchange) went away first
+        entry.bytes_in = conn.received - conn.mark_in
+        entry.bytes_out = conn.sent - conn.mark_out
+        conn.mark_in, conn.mark_out, conn.mark_time = conn.received, conn.sent, now
+        self.access_log.add(entry)
 
     async def _read_head(self, conn: ClientConn) -> RequestHead | None:
         """The next request head, or None when the client is done (EOF, idle, drain)."""
@@ -350,8 +433,16 @@ class HttpProxy:
         if left_out is not None:
             more = f" ({left_out} more {status}s not logged)" if left_out else ""
             log.warning("listener %s: %s %s -> %d %s%s", self.listener.name, conn.ip, what, status, reason, more)
+        if self.access_log is not None:
+            entry = conn.entry
+            if entry is None:  # no request head (malformed, or not received in time)
+                entry = conn.entry = self._entry(conn, None, conn.mark_time)
+            entry.status = status
+            entry.reason = reason
         if self.hsts:
             extra = (extra or []) + self.hsts
+        if conn.request_id is not None and head is not None:
+            extra = (extra or []) + [(REQUEST_ID, conn.request_id)]
         data = local_response(status, reason, close=close, extra=extra,
                               head_only=head is not None and head.method == b"HEAD")
         try:
@@ -367,6 +458,9 @@ class HttpProxy:
         except BadRequest as exc:
             await self._refuse(conn, head, exc.status, exc.reason)
             return False
+        entry = conn.entry
+        if entry is not None:
+            entry.host = head.host
         if self.listener.redirect_https is not None:
             return await self._redirect_https(conn, head)
         if self.rate_limiter is not None:
@@ -377,6 +471,8 @@ class HttpProxy:
                                                  [(b"Retry-After", b"%d" % retry_after_seconds(wait))])
         snapshot = self.node.snapshot
         pool_name = self._route(head)
+        if entry is not None:
+            entry.pool = pool_name
         pool = snapshot.pools.get(pool_name)
         if pool is None:
             # Deleted through the control API while this listener still names it.
@@ -435,8 +531,13 @@ class HttpProxy:
         if keep:
             await self._expect_end(conn)
         self.redirects += 1
-        data = local_response(308, "use https", close=not keep, extra=[(b"Location", location)],
-                              head_only=head.method == b"HEAD")
+        extra = [(b"Location", location)]
+        if conn.request_id is not None:
+            extra.append((REQUEST_ID, conn.request_id))
+        if conn.entry is not None:
+            conn.entry.status = 308
+            conn.entry.reason = "redirect to https"
+        data = local_response(308, "use https", close=not keep, extra=extra, head_only=head.method == b"HEAD")
         await conn.send(data, self.listener.timeouts.idle)
         return keep
 
@@ -497,7 +598,8 @@ class HttpProxy:
         budget = pool.retry_budget
         now = self.clock()  # read again only after something that waits
         budget.record_request(now)
-        request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, conn.forwarded)
+        extra = conn.forwarded + conn.request_id_line if conn.request_id_line else conn.forwarded
+        request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, extra, conn.request_id_drop)
         if body:
             request_bytes += self._encode_body(head, body)
         # Only a request we can send again, and whose method allows it, may be retried on a status.
@@ -574,6 +676,8 @@ class HttpProxy:
                 now = self.clock()
                 pool.report(backend, "timeout" if exc.status == 504 else "reset", now)
                 if exc.responded:
+                    if conn.entry is not None:
+                        conn.entry.reason = exc.reason
                     return False  # the client has part of a response: all we can do is close
                 if body is None or exc.status == 504:
                     # A streamed body is gone, and a slow backend may still act on the request.
@@ -638,6 +742,12 @@ class HttpProxy:
         backend.inflight += 1
         pool.started(backend)
         started = now  # (read by the caller just before; the latency includes any connect)
+        entry = conn.entry
+        if entry is not None:
+            entry.backend = backend.id
+            entry.attempts += 1
+            entry.backend_start = now
+            entry.backend_time = None
         reusable = False
         status = 0
         up: UpstreamConn | None = None
@@ -793,12 +903,18 @@ class HttpProxy:
             if head.version == "1.1":
                 await conn.send(b"HTTP/1.1 %d %b\r\n\r\n" % (ev.status, ev.reason or b"Continue"), write_timeout)
 
+        entry = conn.entry
+        if entry is not None:
+            entry.status = resp.status
+            entry.backend_time = self.clock() - entry.backend_start
         if resp.status in status_retry and may_retry():
             raise _RetryStatus(resp.status)
         if on_head is not None:
             resp.add_headers(on_head(resp))
         if self.hsts:
             resp.add_headers(self.hsts)
+        if conn.request_id is not None:
+            replace_response_header(resp, REQUEST_ID, conn.request_id)
 
         if resp.status == 101:
             if not head.upgrade:
@@ -919,6 +1035,30 @@ class Session:
 
 
 OnHead = Callable[[ResponseHead], list[tuple[bytes, bytes]]]
+_NO_DROP: frozenset[bytes] = frozenset()
+
+
+def _assign_request_id(conn: ClientConn, head: RequestHead) -> None:
+    """request_id = true: the client's X-Request-Id if valid (forwarded as it is), else a new
+    one (a random UUID, as Envoy makes them) that replaces any invalid one on the way."""
+    rid, sent = client_request_id(head)
+    if rid is not None:
+        conn.request_id, conn.request_id_line, conn.request_id_drop = rid, b"", _NO_DROP
+        return
+    rid = str(uuid.uuid4()).encode()
+    conn.request_id = rid
+    conn.request_id_line = b"X-Request-Id: " + rid + b"\r\n"
+    conn.request_id_drop = DROP_REQUEST_ID if sent else _NO_DROP
+
+
+def _peer_port(sock: stdsocket.socket) -> int:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return 0  # already reset
+    return peer[1] if isinstance(peer, tuple) else 0
+
+
 _NO_STATUSES: frozenset[int] = frozenset()
 _NO_INDEXES: frozenset[int] = frozenset()
 

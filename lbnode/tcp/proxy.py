@@ -14,12 +14,14 @@ import socket
 import ssl
 import struct
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
+from lbnode.accesslog import Entry, ListenerAccessLog
 from lbnode.balance import PickContext
 from lbnode.listen import ConnectionGate, Handler, accept_loop, bind_tcp
 from lbnode.model import Listener, choose_sni_pool
@@ -67,6 +69,7 @@ class _Activity:
 
     chunks: int = 0  # bumped on every chunk moved either way
     broken: bool = False  # a pump hit an error (reset, broken pipe)
+    ended: str | None = None  # why the session was cut (None: both sides ended cleanly)
 
 
 class TcpProxy:
@@ -79,9 +82,14 @@ class TcpProxy:
     The caller owns and closes the client socket.
     """
 
-    def __init__(self, listener: Listener, node: SnapshotSource, *, use_splice: bool | None = None) -> None:
+    def __init__(
+        self, listener: Listener, node: SnapshotSource, *, use_splice: bool | None = None,
+        access_log: ListenerAccessLog | None = None, wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.listener = listener
         self.node = node
+        self.access_log = access_log
+        self.wall_clock = wall_clock
         self.use_splice = SPLICE_DEFAULT if use_splice is None else (use_splice and SPLICE_AVAILABLE)
         self.active = 0  # sessions with a backend right now
         self.total = 0  # sessions that reached a backend since start
@@ -95,21 +103,39 @@ class TcpProxy:
         """``client`` may be an ``ssl.SSLSocket`` whose handshake is done (``protocol = "tls"``):
         then the bytes are copied through userspace (no splice: they must be decrypted)."""
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.access_log is None:
+            await self._serve(client, client_ip, None)
+            return
+        entry = Entry(self.wall_clock(), trio.current_time(), self.listener.protocol, client_ip, _peer_port(client))
+        if isinstance(client, ssl.SSLSocket):
+            entry.tls_version = client.version()
+            entry.sni = getattr(client, "fulcrum_sni", None)  # set by the SNI callback (lbnode.tls.context)
+        try:
+            await self._serve(client, client_ip, entry)
+        finally:
+            entry.duration = trio.current_time() - entry.started
+            self.access_log.add(entry)
+
+    async def _serve(self, client: socket.socket, client_ip: str, entry: Entry | None) -> None:
         listener = self.listener
         pool_name = listener.pool
         first_bytes = b""
         if listener.reads_client_hello:
-            routed = await self._route_by_hello(client, client_ip)
+            routed = await self._route_by_hello(client, client_ip, entry)
             if routed is None:
                 return
             pool_name, first_bytes = routed
+        if entry is not None:
+            entry.pool = pool_name
         pool = self.node.snapshot.pools.get(pool_name)
         if pool is None:
             log.warning("listener %s: pool %s is not configured; closing client %s",
                         listener.name, pool_name, client_ip)
             self.failed += 1
+            if entry is not None:
+                entry.reason = f"pool {pool_name} is not configured"
             return
-        connected = await self._connect_backend(pool, client_ip, client)
+        connected = await self._connect_backend(pool, client_ip, client, entry)
         if connected is None:
             self.failed += 1
             return
@@ -117,18 +143,25 @@ class TcpProxy:
         self.active += 1
         self.total += 1
         pool.started(backend)
+        # this session's bytes ([from the client, to the client]) for its access log entry
+        moved = [0, 0]
         try:
             if first_bytes:
                 self.io[0] += len(first_bytes)  # the ClientHello read to route by SNI
+                moved[0] += len(first_bytes)
                 try:
                     await send_all(upstream, first_bytes, pool.spec.timeouts.tcp_idle)
                 except (OSError, SendTimeout) as exc:
                     log.warning("listener %s: backend %s of pool %s broke before the ClientHello was sent: %s",
                                 listener.name, backend.id, pool.spec.name, exc)
+                    if entry is not None:
+                        entry.reason = f"backend broke before the ClientHello was sent: {exc}"
                     return
             # TLS on either side (a tls listener, [pools.tls]) is en/decrypted in Python: no splice.
             splice = self.use_splice and not isinstance(client, ssl.SSLSocket) and not isinstance(upstream, TlsSocket)
-            await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, splice, self.io)
+            ended = await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, splice, self.io, moved)
+            if entry is not None:
+                entry.reason = ended
         finally:
             self.active -= 1
             backend.connections -= 1
@@ -136,8 +169,12 @@ class TcpProxy:
             # nothing about the backend's speed.
             pool.finished(backend, connect_time, trio.current_time())
             _close(upstream)
+            if entry is not None:
+                entry.bytes_in, entry.bytes_out = moved
 
-    async def _route_by_hello(self, client: socket.socket, client_ip: str) -> tuple[str, bytes] | None:
+    async def _route_by_hello(
+        self, client: socket.socket, client_ip: str, entry: Entry | None = None
+    ) -> tuple[str, bytes] | None:
         """Read the ClientHello (without decrypting it) and choose the pool by its server name.
 
         Returns the pool and every byte read so far (to forward as is), or None if
@@ -155,34 +192,40 @@ class TcpProxy:
                 except OSError as exc:
                     log.info("listener %s: %s: connection broken before the ClientHello was complete: %s",
                              listener.name, client_ip, _describe(exc))
-                    self._refuse("reset")
+                    self._refuse("reset", entry, f"connection broken before the ClientHello: {_describe(exc)}")
                     return None
                 result = reader.feed(data) if data else reader.feed_eof()
+        if entry is not None:
+            entry.bytes_in = len(reader.buffered)  # what a refused client sent (a routed one: recounted)
         if result is NEED_MORE:
             log.warning("listener %s: %s: no ClientHello within %gs (%d bytes received); closing",
                         listener.name, client_ip, timeout, len(reader.buffered))
-            self._refuse("hello_timeout")
+            self._refuse("hello_timeout", entry, f"no ClientHello within {timeout:g}s")
             return None
         if isinstance(result, Malformed):
             log.warning("listener %s: %s: malformed ClientHello: %s; closing", listener.name, client_ip, result.reason)
-            self._refuse("malformed")
+            self._refuse("malformed", entry, f"malformed ClientHello: {result.reason}")
             return None
         if isinstance(result, NotTls):
             if listener.non_tls == "close":
                 log.info("listener %s: %s: first byte 0x%02x is not TLS; closing (non_tls = \"close\")",
                          listener.name, client_ip, reader.buffered[0])
-                self._refuse("non_tls")
+                self._refuse("non_tls", entry, "not TLS (non_tls = \"close\")")
                 return None
             return listener.pool, bytes(reader.buffered)
         assert isinstance(result, ClientHello)
+        if entry is not None:
+            entry.sni = result.server_name  # passthrough: the name the client asked for (not decrypted)
         pool = choose_sni_pool(listener.sni_routes, result.server_name)
         return (listener.pool if pool is None else pool), bytes(reader.buffered)
 
-    def _refuse(self, reason: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
+    def _refuse(self, kind: str, entry: Entry | None = None, reason: str = "") -> None:
+        self.refused[kind] = self.refused.get(kind, 0) + 1
+        if entry is not None:
+            entry.reason = reason or kind
 
     async def _connect_backend(
-        self, pool: PoolRuntime, client_ip: str, client: socket.socket
+        self, pool: PoolRuntime, client_ip: str, client: socket.socket, entry: Entry | None = None
     ) -> tuple[socket.socket | TlsSocket, BackendState, float] | None:
         """Connect to the pool's choice, then to the next ones when it refuses or times out.
 
@@ -227,12 +270,17 @@ class TcpProxy:
                     if not await pool.wait_for_room(deadline):
                         log.warning("listener %s: all backends of pool %s at max_connections for %gs; closing client %s",
                                     name, spec.name, spec.queue_timeout, client_ip)
+                        if entry is not None:
+                            entry.reason = f"all backends of pool {spec.name} are busy"
                         return None
                     now = trio.current_time()
                     backend = pool.choose(ctx, now, exclude)
             if backend is None:
                 break
             tried.add(backend.index)
+            if entry is not None:
+                entry.backend = backend.id
+                entry.attempts += 1
             # Counted while connecting too, so Backend.max_connections holds under a burst.
             backend.connections += 1
             start = trio.current_time()
@@ -253,13 +301,19 @@ class TcpProxy:
             pool.report(backend, None, now)
             if stickiness is not None:
                 stickiness.bind(client_ip, backend.id, bound_to, now)
+            if entry is not None:
+                entry.backend_time = now - start
             return upstream, backend, now - start
         if tried:
             log.warning("listener %s: no backend of pool %s reachable (%d tried); closing client %s",
                         name, pool.spec.name, len(tried), client_ip)
+            if entry is not None:
+                entry.reason = f"no backend of pool {pool.spec.name} reachable ({len(tried)} tried)"
         else:
             log.warning("listener %s: pool %s has no usable backend; closing client %s",
                         name, pool.spec.name, client_ip)
+            if entry is not None:
+                entry.reason = f"no backend available in pool {pool.spec.name}"
         return None
 
 
@@ -316,16 +370,27 @@ def _no_headers(name: str) -> None:
     return None
 
 
+def _peer_port(sock: socket.socket) -> int:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return 0  # already reset
+    return peer[1] if isinstance(peer, tuple) else 0
+
+
 def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
 async def _pump_session(
-    client: socket.socket, upstream: socket.socket | TlsSocket, idle: float, splice: bool, tally: list[int]
-) -> None:
+    client: socket.socket, upstream: socket.socket | TlsSocket, idle: float, splice: bool, tally: list[int],
+    moved: list[int] | None = None,
+) -> str | None:
     """Move bytes both ways until both directions ended, one broke, or the pair idled; the bytes
-    moved are added to ``tally`` ([from the client, to the client]) as they go."""
+    moved are added to ``tally`` (the listener's) and ``moved`` (the session's), [from the client,
+    to the client], as they go. Returns None for a clean end, else why it ended."""
     activity = _Activity()
+    moved = moved if moved is not None else [0, 0]
     async with trio.open_nursery() as nursery:
         scope = nursery.cancel_scope
         directions_open = 2
@@ -336,12 +401,13 @@ async def _pump_session(
                 if splice:
                     # chosen by handle only when neither end is TLS
                     assert isinstance(src, socket.socket) and isinstance(dst, socket.socket)
-                    await _splice_one_way(src, dst, activity, tally, slot)
+                    await _splice_one_way(src, dst, activity, tally, moved, slot)
                 else:
-                    await _copy_one_way(src, dst, activity, tally, slot)
+                    await _copy_one_way(src, dst, activity, tally, moved, slot)
             except OSError as exc:
                 log.debug("tcp session broken: %s", _describe(exc))
                 activity.broken = True
+                activity.ended = f"{'client' if src is client else 'backend'}: {_describe(exc)}"
                 scope.cancel()
                 return
             directions_open -= 1
@@ -357,6 +423,7 @@ async def _pump_session(
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
             except OSError:
                 pass  # already reset by the peer; close() will do
+    return activity.ended
 
 
 async def _idle_watchdog(activity: _Activity, idle: float, scope: trio.CancelScope) -> None:
@@ -370,6 +437,7 @@ async def _idle_watchdog(activity: _Activity, idle: float, scope: trio.CancelSco
             last_seen, last_change = activity.chunks, now
         elif now >= last_change + idle:
             log.debug("tcp session idle for %.1f s; closing", idle)
+            activity.ended = f"idle for {idle:g}s"
             scope.cancel()
             return
 
@@ -388,7 +456,7 @@ def _make_pipe() -> tuple[int, int]:
 
 
 async def _splice_one_way(
-    src: socket.socket, dst: socket.socket, activity: _Activity, tally: list[int], slot: int
+    src: socket.socket, dst: socket.socket, activity: _Activity, tally: list[int], moved: list[int], slot: int
 ) -> None:
     """socket -> pipe -> socket with os.splice; the bytes never enter Python."""
     splice = os.splice
@@ -411,6 +479,7 @@ async def _splice_one_way(
                 break
             activity.chunks += 1
             tally[slot] += n  # per chunk (up to a pipe's 1 MiB): counted as taken from the source
+            moved[slot] += n
             since_yield += n
             while n:
                 try:
@@ -428,7 +497,8 @@ async def _splice_one_way(
 
 
 async def _copy_one_way(
-    src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, activity: _Activity, tally: list[int], slot: int
+    src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, activity: _Activity, tally: list[int],
+    moved: list[int], slot: int,
 ) -> None:
     """recv_into one buffer, send it on; the portable path, and the TLS one (either socket
     may be an ``ssl.SSLSocket``: OpenSSL's want-read/want-write are EAGAIN here; a send
@@ -453,6 +523,7 @@ async def _copy_one_way(
             break
         activity.chunks += 1
         tally[slot] += n
+        moved[slot] += n
         since_yield += n
         sent = 0
         while sent < n:

@@ -114,6 +114,7 @@ def make_sni_callback(
     so a certificate changed in the store reaches new handshakes with no reload."""
 
     def on_server_name(sock: ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+        sock.fulcrum_sni = server_name  # type: ignore[attr-defined]  # for the access log
         try:
             table = snapshot().sni.get(listener)
             if table is None:

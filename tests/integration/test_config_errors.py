@@ -288,6 +288,55 @@ CASES = [
         "must be a prime number, got 65536",
     ),
     Case(
+        "access-log-format",
+        (('pool = "web"\n  [[listeners.routes]]', 'pool = "web"\n  [listeners.access_log]\n  path = "-"\n  format = "clf"\n  [[listeners.routes]]'),),
+        "listeners[0].access_log.format",
+        '"clf" is not one of: json, combined',
+    ),
+    Case(
+        "access-log-path-missing",
+        (('pool = "web"\n  [[listeners.routes]]', 'pool = "web"\n  [listeners.access_log]\n  format = "json"\n  [[listeners.routes]]'),),
+        "listeners[0].access_log.path",
+        "is required",
+    ),
+    Case(
+        "access-log-unknown-key",
+        (('pool = "web"\n  [[listeners.routes]]', 'pool = "web"\n  [listeners.access_log]\n  path = "-"\n  fromat = "json"\n  [[listeners.routes]]'),),
+        "listeners[0].access_log.fromat",
+        "unknown key",
+    ),
+    Case(
+        "access-log-buffer-zero",
+        (('pool = "web"\n  [[listeners.routes]]', 'pool = "web"\n  [listeners.access_log]\n  path = "-"\n  buffer = 0\n  [[listeners.routes]]'),),
+        "listeners[0].access_log.buffer",
+        "must be >= 1, got 0",
+    ),
+    Case(
+        "access-log-combined-on-tcp",
+        (('  [[listeners.routes]]\n  path_prefix = "/api/"\n  pool = "api"\n', '  [listeners.access_log]\n  path = "-"\n  format = "combined"\n'),
+         ('protocol = "http"', 'protocol = "tcp"')),
+        "listeners[0].access_log.format",
+        'combined is for protocol = "http" or "https" listeners (an L4 connection has no request line): use "json"',
+    ),
+    Case(
+        "request-id-on-tcp",
+        (('  [[listeners.routes]]\n  path_prefix = "/api/"\n  pool = "api"\n', 'request_id = true\n'), ('protocol = "http"', 'protocol = "tcp"')),
+        "listeners[0].request_id",
+        'is an HTTP header: only for protocol = "http" or "https"',
+    ),
+    Case(
+        "access-log-directory-missing",
+        (('pool = "web"\n  [[listeners.routes]]', 'pool = "web"\n  [listeners.access_log]\n  path = "no/such/dir/access.log"\n  [[listeners.routes]]'),),
+        "listeners[0].access_log.path",
+        "directory no/such/dir does not exist",
+    ),
+    Case(
+        "request-id-not-bool",
+        (('pool = "web"\n  [[listeners.routes]]', 'pool = "web"\nrequest_id = "yes"\n  [[listeners.routes]]'),),
+        "listeners[0].request_id",
+        "expected true or false, got a string",
+    ),
+    Case(
         "routes-on-tcp",
         (('protocol = "http"', 'protocol = "tcp"'),),
         "listeners[0].routes[0]",
@@ -541,6 +590,20 @@ def test_run_second_listener_port_in_use(tmp_path: Path) -> None:
     )
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", first), timeout=1).close()
+
+
+def test_run_access_log_not_openable(tmp_path: Path) -> None:
+    """A path the node cannot open (here a directory) stops the start with one line naming the key."""
+    (tmp_path / "logs").mkdir()
+    text = VALID.replace('pool = "web"\n  [[listeners.routes]]',
+                         'pool = "web"\n  [listeners.access_log]\n  path = "logs"\n  [[listeners.routes]]')
+    path = write(tmp_path, text)
+    assert lbnode("check", "--config", str(path), cwd=tmp_path).returncode == 0  # check does not open it
+    result = lbnode("run", "--config", str(path), cwd=tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"lbnode: {path}: listeners[0].access_log.path: cannot open {tmp_path / 'logs'}: Is a directory")
 
 
 def test_run_bind_address_not_local(tmp_path: Path) -> None:

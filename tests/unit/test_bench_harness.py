@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
 from bench import (  # noqa: E402
+    accesslog,
     cluster,
     configs,
     harness,
@@ -466,6 +467,16 @@ def test_run_orders():
         protections.PLAIN,
     ]
     assert len({label for label, _ in prot}) == 4
+    logged = accesslog.access_log_runs()
+    assert [v for _, v in logged] == [accesslog.UNLOGGED, accesslog.LOGGED, accesslog.LOGGED, accesslog.UNLOGGED]
+    assert len({label for label, _ in logged}) == 4
+
+
+def test_access_log_variant_logs_the_http_listener_only():
+    on = _load(accesslog.LOGGED.config(PORTS, "/s"))
+    assert on.listeners[0].access_log is not None and on.listeners[0].access_log.path == "/s.access.log"
+    assert on.listeners[1].access_log is None
+    assert accesslog.UNLOGGED.config(PORTS, "/s") == configs.fulcrum_config(PORTS, state_dir="/s")
 
 
 def test_core_percent():
@@ -639,7 +650,7 @@ def test_cli_sections_and_options():
 
     names = [s.name for s in cli.sections()]
     assert names[:3] == ["l7", "policies", "protections"] and names[-1] == "targets"
-    for only in ("l7", "policies", "protections", "l4", "cluster"):
+    for only in ("l7", "policies", "protections", "accesslog", "l4", "cluster"):
         assert cli.parse_args(["--only", only], names).only == only
     with pytest.raises(SystemExit):
         cli.parse_args(["--only", "targets"], names)
