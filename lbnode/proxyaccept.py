@@ -60,6 +60,19 @@ def client_endpoints(sock: stdsocket.socket) -> tuple[Endpoint, Endpoint]:
     return (peer[0], peer[1]), (local[0], local[1])
 
 
+def client_port(sock: stdsocket.socket) -> int:
+    """The client's port for the access log: the PROXY header's when one was received,
+    else the socket peer's (0 when the client is gone already)."""
+    received = _RECEIVED.get()
+    if received is not None:
+        return received[0][1]
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return 0
+    return peer[1] if isinstance(peer, tuple) else 0
+
+
 def header_for(version: str, sock: stdsocket.socket) -> bytes:
     """The header a pool with ``send_proxy = version`` writes first on a backend connection
     opened for the client connection ``sock``."""

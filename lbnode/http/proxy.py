@@ -45,7 +45,7 @@ from lbnode.http.upstream import UpstreamConn, UpstreamPool
 from lbnode.limits import RateLimiter, retry_after_seconds
 from lbnode.logthrottle import LogThrottle
 from lbnode.model import Listener
-from lbnode.proxyaccept import header_for
+from lbnode.proxyaccept import client_port, header_for
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
 from lbnode.sockio import (
     ConnectFailed,
@@ -313,7 +313,7 @@ class HttpProxy:
         access = self.access_log
         request_id = self.listener.request_id
         if access is not None:
-            conn.port = _peer_port(sock)
+            conn.port = client_port(sock)
             conn.mark_time = clock()
             if tls_headers is not None:
                 conn.tls_version = sock.version()  # type: ignore[attr-defined]
@@ -1049,14 +1049,6 @@ def _assign_request_id(conn: ClientConn, head: RequestHead) -> None:
     conn.request_id = rid
     conn.request_id_line = b"X-Request-Id: " + rid + b"\r\n"
     conn.request_id_drop = DROP_REQUEST_ID if sent else _NO_DROP
-
-
-def _peer_port(sock: stdsocket.socket) -> int:
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return 0  # already reset
-    return peer[1] if isinstance(peer, tuple) else 0
 
 
 _NO_STATUSES: frozenset[int] = frozenset()

@@ -25,7 +25,7 @@ from lbnode.accesslog import Entry, ListenerAccessLog
 from lbnode.balance import PickContext
 from lbnode.listen import ConnectionGate, Handler, accept_loop, bind_tcp
 from lbnode.model import Listener, choose_sni_pool
-from lbnode.proxyaccept import ProxyHeaderReceiver, header_for
+from lbnode.proxyaccept import ProxyHeaderReceiver, client_port, header_for
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
 from lbnode.sockio import ConnectFailed, SendTimeout, half_close, recv_some, send_all
 from lbnode.tls.clienthello import NEED_MORE, ClientHello, ClientHelloReader, Malformed, NotTls
@@ -106,7 +106,7 @@ class TcpProxy:
         if self.access_log is None:
             await self._serve(client, client_ip, None)
             return
-        entry = Entry(self.wall_clock(), trio.current_time(), self.listener.protocol, client_ip, _peer_port(client))
+        entry = Entry(self.wall_clock(), trio.current_time(), self.listener.protocol, client_ip, client_port(client))
         if isinstance(client, ssl.SSLSocket):
             entry.tls_version = client.version()
             entry.sni = getattr(client, "fulcrum_sni", None)  # set by the SNI callback (lbnode.tls.context)
@@ -368,14 +368,6 @@ async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
 
 def _no_headers(name: str) -> None:
     return None
-
-
-def _peer_port(sock: socket.socket) -> int:
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return 0  # already reset
-    return peer[1] if isinstance(peer, tuple) else 0
 
 
 def _describe(exc: OSError) -> str:

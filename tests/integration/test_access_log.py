@@ -20,6 +20,7 @@ import httpx
 import pytest
 import trio
 
+from lbnode.proxyproto import encode_v1, encode_v2
 from tests.conftest import (
     free_port,
     http_get,
@@ -525,3 +526,26 @@ async def test_keep_alive_requests_get_their_own_bytes_and_a_slow_head_its_408(n
         (None, 408, len(b"GET /never HTTP/1.1\r\nHost: h\r\n"), len(timed_out)),
     ]
     assert entries[2]["reason"] == "request head not received within 0.5s"
+
+
+async def test_behind_a_proxy_header_the_log_names_the_client_it_carried(nursery, tmp_path: Path):
+    """With [listeners.proxy_protocol], the client is the one the header names, in the log too:
+    its address and its port (not the balancer's in front), on L7 and L4 listeners."""
+    (a,) = await start_backends(nursery, "a")
+    accept = '[listeners.proxy_protocol]\naccept = true\ntrusted = ["127.0.0.1/32"]\n'
+    web_log, tcp_log = tmp_path / "web.log", tmp_path / "tcp.log"
+    _, bound = await start_node(nursery, node_toml(
+        listener_toml("web", "http", "web", extra=access_log_toml(web_log) + accept),
+        listener_toml("l4", "tcp", "web", extra=access_log_toml(tcp_log) + accept),
+        pool_toml("web", [a.address])))
+    request = b"GET /x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
+    response, _ = await aexchange(bound.listeners["web"][1],
+                                  encode_v1(("192.0.2.7", 40007), ("198.51.100.1", 80)) + request)
+    assert response.startswith(b"HTTP/1.1 200")
+    response, _ = await aexchange(bound.listeners["l4"][1],
+                                  encode_v2(("2001:db8::9", 40009), ("2001:db8::1", 443)) + request)
+    assert response.startswith(b"HTTP/1.1 200")
+    (web,) = await wait_entries(web_log, 1)
+    (l4,) = await wait_entries(tcp_log, 1)
+    assert (web["client_ip"], web["client_port"], web["status"]) == ("192.0.2.7", 40007, 200)
+    assert (l4["client_ip"], l4["client_port"]) == ("2001:db8::9", 40009)
