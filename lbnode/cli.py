@@ -17,8 +17,9 @@ import trio
 
 from lbnode import __version__
 from lbnode.accesslog import AccessLogError
-from lbnode.config import ConfigFileError, load_config
+from lbnode.config import load_config
 from lbnode.listen import BindError
+from lbnode.model import ConfigFileError
 
 
 def setup_logging(level: str = "INFO") -> None:

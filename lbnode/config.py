@@ -12,13 +12,16 @@ import tomllib
 from pathlib import Path
 
 from lbnode.admin.access import load_access
-from lbnode.model import CertificateFile, Config, ConfigError, ListenerTls, parse_config
+from lbnode.model import (
+    CertificateFile,
+    Config,
+    ConfigError,
+    ConfigFileError,
+    ListenerTls,
+    parse_config,
+)
 from lbnode.tls.certs import Certificate, CertificateError, load_certificate
 from lbnode.tls.upstream import TlsSetupError, backend_tls
-
-
-class ConfigFileError(Exception):
-    """A config file that cannot be used; ``str()`` is the one line to print."""
 
 
 def load_config(path: str | Path) -> Config:

@@ -14,6 +14,7 @@ import logging
 import socket as stdsocket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -56,6 +57,15 @@ def bind_tcp(address: Address, backlog: int, what: str) -> stdsocket.socket:
         raise BindError(f"{what}: cannot listen on {address}: {reason}") from None
     raw.setblocking(False)
     return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """Where the node actually listens (ports may have been 0 in tests): the node
+reports it, the control API and admin endpoint read it.."""
+
+    listeners: dict[str, tuple[str, int]]
+    admin: tuple[str, int] | None
 
 
 class ConnectionGate:

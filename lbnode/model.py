@@ -12,15 +12,21 @@ import builtins
 import ipaddress
 import math
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from lbnode.cluster.wire import VipSpec
     from lbnode.tls.certs import Certificate
 
 T = TypeVar("T")
+
+
+class ConfigFileError(Exception):
+    """A file that cannot be used (node.toml, a store or cache in state_dir); ``str()`` is the
+    one line to print. Here, beside ConfigError, so that the stores below lbnode.config can
+    raise it."""
 
 
 class ConfigError(ValueError):
@@ -1142,8 +1148,6 @@ def _names(t: Table, key: str) -> frozenset[str]:
 def _parse_cluster(t: Table | None) -> ClusterSettings | None:
     if t is None:
         return None
-    from lbnode.cluster.vips import parse_vips  # here, not at the top: vips.py imports this module
-
     endpoints = t.raw("etcd")
     if not isinstance(endpoints, list) or not endpoints:
         raise ConfigError(t.key("etcd"), 'expected a list of endpoints like ["http://127.0.0.1:2379"]')
@@ -1260,3 +1264,96 @@ def _changed(value: Any, default: Any) -> dict[str, Any]:
         if v != getattr(default, f) and v is not None:
             out[f] = v
     return out
+
+
+# ---------------------------------------------------------------------- [[cluster.vips]]
+
+
+@dataclass(frozen=True, slots=True)
+class VipSpec:
+    """One configured VIP: ``address/prefixlen`` added on ``interface`` by whichever node holds it."""
+
+    address: str  # "203.0.113.100" or "2001:db8::100" (compressed form): also the name of its etcd key
+    prefixlen: int
+    interface: str
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.prefixlen}"
+
+    @property
+    def arg(self) -> str:
+        """``address/prefixlen@interface``, as ``from_arg`` reads it (the VIP guard's command line)."""
+        return f"{self}@{self.interface}"
+
+    @classmethod
+    def from_arg(cls, arg: str) -> VipSpec:
+        cidr, sep, interface = arg.partition("@")
+        address, slash, prefixlen = cidr.partition("/")
+        if not (sep and slash and interface and prefixlen.isdigit()):
+            raise ValueError(f'"{arg}" is not like "192.0.2.100/24@eth0" or "2001:db8::100/64@eth0"')
+        socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+        return cls(address, int(prefixlen), interface)
+
+
+def parse_vips(t: Table) -> tuple[VipSpec, ...]:
+    """``[cluster] vip_interface`` and ``[[cluster.vips]]`` (``address``, optional ``interface``)."""
+    default_interface = _interface(t, "vip_interface", "eth0")
+    vips: list[VipSpec] = []
+    seen: dict[str, int] = {}
+    for i, vt in enumerate(t.tables("vips")):
+        raw = vt.str("address")
+        try:
+            iface = ipaddress.ip_interface(raw)
+        except ValueError:
+            raise ConfigError(
+                vt.key("address"), f'"{raw}" is not an address like "192.0.2.100/24" or "2001:db8::100/64"'
+            ) from None
+        if "/" not in raw:
+            example = f"{raw}/64" if iface.version == 6 else f"{raw}/24"
+            raise ConfigError(vt.key("address"), f'"{raw}" needs its prefix length, like "{example}"')
+        ip = iface.ip
+        kind = _not_a_vip(iface)
+        if kind:
+            raise ConfigError(vt.key("address"), f'"{raw}" cannot be a VIP ({kind}): use a unicast address of the LAN')
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            raise ConfigError(vt.key("address"), f'"{raw}" is an IPv4-mapped address: write "{ip.ipv4_mapped}/24"')
+        address = str(iface.ip)
+        if address in seen:
+            raise ConfigError(vt.key("address"), f"{address} is already used by {t.key('vips')}[{seen[address]}]")
+        seen[address] = i
+        vips.append(VipSpec(address, iface.network.prefixlen, _interface(vt, "interface", default_interface)))
+        vt.done()
+    return tuple(vips)
+
+
+def _not_a_vip(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> str:
+    """Why ``iface`` cannot be claimed on a LAN and answered for (ARP/NA), or "" when it can.
+
+    Loopback and link-local addresses never leave the host or the link (an IPv6 link-local one
+    would need its interface as part of it); multicast and unspecified ones are not a host's; an
+    IPv4 network or broadcast address of its own prefix (shorter than /31) is every host's.
+    """
+    ip = iface.ip
+    for kind, flag in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
+                       ("multicast", ip.is_multicast), ("unspecified", ip.is_unspecified)):
+        if flag:
+            return kind
+    if ip.version == 4 and iface.network.prefixlen < 31:
+        if ip == iface.network.broadcast_address:
+            return f"the broadcast address of {iface.network}"
+        if ip == iface.network.network_address:
+            return f"the network address of {iface.network}"
+    if ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "broadcast"
+    return ""
+
+
+def _interface(t: Table, name: str, default: str) -> str:
+    value: str = t.str(name, default)
+    if not value or len(value) > 15 or "/" in value or any(c.isspace() for c in value):
+        raise ConfigError(t.key(name), f'"{value}" is not a network interface name (at most 15 characters)')
+    return value

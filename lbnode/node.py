@@ -35,6 +35,7 @@ from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
 from lbnode.http.upstream import UpstreamPool
 from lbnode.listen import (
+    Bound,
     ConnectionGate,
     Handler,
     accept_loop,
@@ -81,14 +82,6 @@ class ConfigSource:
             out["saved_at"] = iso(self.saved_at)
             out["file"] = self.path
         return out
-
-
-@dataclass(frozen=True, slots=True)
-class Bound:
-    """Where the node actually listens (ports may have been 0 in tests)."""
-
-    listeners: dict[str, tuple[str, int]]
-    admin: tuple[str, int] | None
 
 
 class LbNode:
@@ -357,8 +350,7 @@ class LbNode:
     def _admin_access(self) -> AdminAccess:
         """[admin]'s token and TLS context, read before anything binds (a file changed since
         the config was checked is one line, like every other config error)."""
-        from lbnode.config import ConfigFileError
-        from lbnode.model import ConfigError
+        from lbnode.model import ConfigError, ConfigFileError
 
         try:
             return load_access(self.config.admin)
@@ -517,8 +509,7 @@ def node_from_config(config: Config) -> LbNode:
 
         return LbNode(config, store=FileStore(Path(config.node.state_dir), config.pools))
     from lbnode.cluster.etcd import EtcdStore, connect
-    from lbnode.config import ConfigFileError
-    from lbnode.model import ConfigError
+    from lbnode.model import ConfigError, ConfigFileError
 
     try:
         connection = connect(config.cluster)

@@ -30,8 +30,7 @@ from lbnode.cluster.store import (
     StoreError,
     Unavailable,
 )
-from lbnode.config import ConfigFileError
-from lbnode.model import NAME_RE
+from lbnode.model import NAME_RE, ConfigFileError
 from lbnode.statedir import write_atomic
 from lbnode.tls.certs import Certificate, CertificateError, load_certificate
 

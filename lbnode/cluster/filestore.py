@@ -26,8 +26,7 @@ from lbnode.cluster.store import (
     Resync,
     Unavailable,
 )
-from lbnode.config import ConfigFileError
-from lbnode.model import ConfigError, Pool, pool_from_dict, pool_to_dict
+from lbnode.model import ConfigError, ConfigFileError, Pool, pool_from_dict, pool_to_dict
 from lbnode.statedir import write_atomic
 
 log = logging.getLogger("lbnode.cluster")

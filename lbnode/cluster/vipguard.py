@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import IO
 
-from lbnode.cluster.wire import VipSpec
+from lbnode.model import VipSpec
 
 
 def start(vips: Sequence[VipSpec]) -> subprocess.Popen[bytes]:

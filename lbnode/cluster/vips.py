@@ -35,8 +35,8 @@ from lbnode.cluster.etcd import EtcdConnection, KeyEvent, KeyValue
 from lbnode.cluster.membership import KEEPALIVE_FRACTION
 from lbnode.cluster.store import StoreError
 from lbnode.cluster.watch import follow_watch
-from lbnode.cluster.wire import NetlinkAddresses, VipSpec, announce_from_primary
-from lbnode.model import NAME_RE, Address, ClusterSettings, ConfigError, Table, parse_address
+from lbnode.cluster.wire import NetlinkAddresses, announce_from_primary
+from lbnode.model import NAME_RE, Address, ClusterSettings, ConfigError, VipSpec, parse_address
 
 log = logging.getLogger("lbnode.cluster.vips")
 
@@ -99,66 +99,6 @@ MovedCallback = Callable[[str, "str | None", "str | None"], object]  # (vip, old
 
 
 # ---------------------------------------------------------------------- configuration
-
-
-def parse_vips(t: Table) -> tuple[VipSpec, ...]:
-    """``[cluster] vip_interface`` and ``[[cluster.vips]]`` (``address``, optional ``interface``)."""
-    default_interface = _interface(t, "vip_interface", "eth0")
-    vips: list[VipSpec] = []
-    seen: dict[str, int] = {}
-    for i, vt in enumerate(t.tables("vips")):
-        raw = vt.str("address")
-        try:
-            iface = ipaddress.ip_interface(raw)
-        except ValueError:
-            raise ConfigError(
-                vt.key("address"), f'"{raw}" is not an address like "192.0.2.100/24" or "2001:db8::100/64"'
-            ) from None
-        if "/" not in raw:
-            example = f"{raw}/64" if iface.version == 6 else f"{raw}/24"
-            raise ConfigError(vt.key("address"), f'"{raw}" needs its prefix length, like "{example}"')
-        ip = iface.ip
-        kind = _not_a_vip(iface)
-        if kind:
-            raise ConfigError(vt.key("address"), f'"{raw}" cannot be a VIP ({kind}): use a unicast address of the LAN')
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            raise ConfigError(vt.key("address"), f'"{raw}" is an IPv4-mapped address: write "{ip.ipv4_mapped}/24"')
-        address = str(iface.ip)
-        if address in seen:
-            raise ConfigError(vt.key("address"), f"{address} is already used by {t.key('vips')}[{seen[address]}]")
-        seen[address] = i
-        vips.append(VipSpec(address, iface.network.prefixlen, _interface(vt, "interface", default_interface)))
-        vt.done()
-    return tuple(vips)
-
-
-def _not_a_vip(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> str:
-    """Why ``iface`` cannot be claimed on a LAN and answered for (ARP/NA), or "" when it can.
-
-    Loopback and link-local addresses never leave the host or the link (an IPv6 link-local one
-    would need its interface as part of it); multicast and unspecified ones are not a host's; an
-    IPv4 network or broadcast address of its own prefix (shorter than /31) is every host's.
-    """
-    ip = iface.ip
-    for kind, flag in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
-                       ("multicast", ip.is_multicast), ("unspecified", ip.is_unspecified)):
-        if flag:
-            return kind
-    if ip.version == 4 and iface.network.prefixlen < 31:
-        if ip == iface.network.broadcast_address:
-            return f"the broadcast address of {iface.network}"
-        if ip == iface.network.network_address:
-            return f"the network address of {iface.network}"
-    if ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255"):
-        return "broadcast"
-    return ""
-
-
-def _interface(t: Table, name: str, default: str) -> str:
-    value: str = t.str(name, default)
-    if not value or len(value) > 15 or "/" in value or any(c.isspace() for c in value):
-        raise ConfigError(t.key(name), f'"{value}" is not a network interface name (at most 15 characters)')
-    return value
 
 
 # ---------------------------------------------------------------------- placement (pure)

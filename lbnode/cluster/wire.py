@@ -12,38 +12,8 @@ import errno
 import os
 import socket
 import struct
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True, slots=True)
-class VipSpec:
-    """One configured VIP: ``address/prefixlen`` added on ``interface`` by whichever node holds it."""
-
-    address: str  # "203.0.113.100" or "2001:db8::100" (compressed form): also the name of its etcd key
-    prefixlen: int
-    interface: str
-
-    @property
-    def family(self) -> int:
-        return socket.AF_INET6 if ":" in self.address else socket.AF_INET
-
-    def __str__(self) -> str:
-        return f"{self.address}/{self.prefixlen}"
-
-    @property
-    def arg(self) -> str:
-        """``address/prefixlen@interface``, as ``from_arg`` reads it (the VIP guard's command line)."""
-        return f"{self}@{self.interface}"
-
-    @classmethod
-    def from_arg(cls, arg: str) -> VipSpec:
-        cidr, sep, interface = arg.partition("@")
-        address, slash, prefixlen = cidr.partition("/")
-        if not (sep and slash and interface and prefixlen.isdigit()):
-            raise ValueError(f'"{arg}" is not like "192.0.2.100/24@eth0" or "2001:db8::100/64@eth0"')
-        socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
-        return cls(address, int(prefixlen), interface)
-
+from lbnode.model import VipSpec
 
 # rtnetlink constants (linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h) for ``delete_address``
 _RTM_DELADDR = 21

@@ -53,14 +53,13 @@ from lbnode.control.events import (
     VipMove,
 )
 from lbnode.histogram import BUCKETS, Histogram
-from lbnode.listen import BindError
+from lbnode.listen import BindError, Bound
 from lbnode.model import NAME_RE, ConfigError, ControlSettings, pool_from_dict
 from lbnode.tls.certs import Certificate, CertificateError, expiry, load_certificate
 
 if TYPE_CHECKING:  # the node imports this module: no import cycle at run time
     from lbnode.cluster.sync import StoreFollower
     from lbnode.model import Config
-    from lbnode.node import Bound
     from lbnode.runtime import Snapshot
 
 log = logging.getLogger("lbnode.control")

@@ -15,7 +15,8 @@ import trio
 
 from lbnode.cluster.etcd import EtcdConnection
 from lbnode.cluster.membership import ClusterAgent
-from lbnode.cluster.vips import FREE_GRACE, HANDOFF_LINGER, VipClaimer, VipSpec
+from lbnode.cluster.vips import FREE_GRACE, HANDOFF_LINGER, VipClaimer
+from lbnode.model import VipSpec
 from tests.integration.etcd_helpers import EtcdCluster
 
 VIPS = [VipSpec("10.77.0.100", 24, "eth0"), VipSpec("10.77.0.101", 24, "eth0")]

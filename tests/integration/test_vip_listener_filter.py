@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from lbnode.cluster.wire import VipSpec
 from lbnode.listen import set_vip_filter, vip_filter
+from lbnode.model import VipSpec
 
 HANDED_OFF, TAKEN_OVER, OTHER = "127.0.0.1", "127.0.0.3", "127.0.0.2"
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbnode.cluster.vips import VipSpec, fair_share, parse_vips, plan
+from lbnode.cluster.vips import fair_share, plan
 from lbnode.cluster.wire import garp_frame, na_frame
-from lbnode.model import ConfigError, Table
+from lbnode.model import ConfigError, Table, VipSpec, parse_vips
 
 VIPS3 = ["203.0.113.100", "203.0.113.101", "203.0.113.102"]
 
