@@ -96,55 +96,59 @@ async def test_over_a_pipe_each_refresh_shows_the_rate_sent_and_ctrl_c_exits_0(
 
     proc = subprocess.Popen(_lbctl_args(certs, cn.endpoint, "top"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=REPO, text=True)
-    try:
-        nursery.start_soon(trio.to_thread.run_sync, client)
-        # tables: (wall time of the sample, interval, the pool's REQ/S and REQUESTS)
-        tables: list[tuple[float, float | None, float | None, int]] = []
-        raw: list[str] = []
+    # The client runs in a nursery of its own, which this test leaves only once the client has
+    # stopped: the node (in the fixture's nursery) serves to the end, so no request of the
+    # client is left waiting on a node being torn down (it once timed out that way, 10 s).
+    async with trio.open_nursery() as clients:
+        try:
+            clients.start_soon(trio.to_thread.run_sync, client)
+            # tables: (wall time of the sample, interval, the pool's REQ/S and REQUESTS)
+            tables: list[tuple[float, float | None, float | None, int]] = []
+            raw: list[str] = []
 
-        def read_tables() -> None:
-            header: tuple[float, float | None] | None = None
-            while len([t for t in tables if t[1] is not None]) < 2:
-                line = proc.stdout.readline()  # type: ignore[union-attr]
-                if not line:
-                    return
-                raw.append(line)
-                m = _HEADER.match(line)
-                if m:
-                    wall = datetime.datetime.fromisoformat(m.group(1)).replace(tzinfo=datetime.UTC).timestamp()
-                    header = (wall, float(m.group(2)) if m.group(2) else None)
-                elif header is not None and line.split()[:2] == ["web", "*"]:
-                    cells = line.split()
-                    rate = None if cells[3] == "-" else float(cells[3])
-                    tables.append((header[0], header[1], rate, int(cells[-1])))
-                    header = None
+            def read_tables() -> None:
+                header: tuple[float, float | None] | None = None
+                while len([t for t in tables if t[1] is not None]) < 2:
+                    line = proc.stdout.readline()  # type: ignore[union-attr]
+                    if not line:
+                        return
+                    raw.append(line)
+                    m = _HEADER.match(line)
+                    if m:
+                        wall = datetime.datetime.fromisoformat(m.group(1)).replace(tzinfo=datetime.UTC).timestamp()
+                        header = (wall, float(m.group(2)) if m.group(2) else None)
+                    elif header is not None and line.split()[:2] == ["web", "*"]:
+                        cells = line.split()
+                        rate = None if cells[3] == "-" else float(cells[3])
+                        tables.append((header[0], header[1], rate, int(cells[-1])))
+                        header = None
 
-        with trio.fail_after(DEADLINE):
-            await trio.to_thread.run_sync(read_tables)
-        assert "\x1b" not in "".join(raw), "no escape codes when stdout is not a terminal"
-        rated = [t for t in tables if t[1] is not None]
-        assert len(rated) >= 2, "".join(raw) + proc.stderr.read()  # type: ignore[union-attr]
-        for (wall0, _, _, requests0), (wall1, seconds, rate, requests1) in zip(tables, tables[1:], strict=False):
-            assert seconds is not None and rate is not None
-            # The design: a refresh per second, the rate over the time between the middles of the
-            # two samples' calls; after a slow refresh the next starts at least half an interval
-            # after it ended, so never less than 0.5 s. Above: the interval, plus up to 2 s for a
-            # Status call (its timeout at this interval), plus 1 s of margin for busy cores.
-            assert 0.5 <= seconds <= 4.0, seconds
-            assert abs(rate * seconds - (requests1 - requests0)) <= 0.1 * seconds + 0.05, (rate, seconds)
-            in_window = sum(1 for t in sent if wall0 < t <= wall1)
-            assert in_window > 0, "the client kept sending"
-            assert abs(rate * seconds - in_window) <= SLACK_SHARE * in_window + SLACK_REQUESTS, (
-                rate, seconds, in_window, "".join(raw))
-        proc.send_signal(signal.SIGINT)
-        code = await trio.to_thread.run_sync(lambda: proc.wait(DEADLINE))
-        err = proc.stderr.read()  # type: ignore[union-attr]
-        assert code == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    finally:
-        stop.set()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            with trio.fail_after(DEADLINE):
+                await trio.to_thread.run_sync(read_tables)
+            assert "\x1b" not in "".join(raw), "no escape codes when stdout is not a terminal"
+            rated = [t for t in tables if t[1] is not None]
+            assert len(rated) >= 2, "".join(raw) + proc.stderr.read()  # type: ignore[union-attr]
+            for (wall0, _, _, requests0), (wall1, seconds, rate, requests1) in zip(tables, tables[1:], strict=False):
+                assert seconds is not None and rate is not None
+                # The design: a refresh per second, the rate over the time between the middles of the
+                # two samples' calls; after a slow refresh the next starts at least half an interval
+                # after it ended, so never less than 0.5 s. Above: the interval, plus up to 2 s for a
+                # Status call (its timeout at this interval), plus 1 s of margin for busy cores.
+                assert 0.5 <= seconds <= 4.0, seconds
+                assert abs(rate * seconds - (requests1 - requests0)) <= 0.1 * seconds + 0.05, (rate, seconds)
+                in_window = sum(1 for t in sent if wall0 < t <= wall1)
+                assert in_window > 0, "the client kept sending"
+                assert abs(rate * seconds - in_window) <= SLACK_SHARE * in_window + SLACK_REQUESTS, (
+                    rate, seconds, in_window, "".join(raw))
+            proc.send_signal(signal.SIGINT)
+            code = await trio.to_thread.run_sync(lambda: proc.wait(DEADLINE))
+            err = proc.stderr.read()  # type: ignore[union-attr]
+            assert code == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        finally:
+            stop.set()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 async def test_on_a_terminal_it_redraws_in_place_and_ctrl_c_gives_the_screen_back(
