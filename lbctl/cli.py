@@ -244,15 +244,39 @@ def cmd_status(args: argparse.Namespace, client: Any) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace, client: Any) -> int:
+    from lbctl.client import ControlError
     from lbctl.output import emit_json, message_dict, table
     from lbnode.api.fulcrum.v1 import control_pb2 as pb
 
-    nodes = _call(client, "Cluster", "ListNodes", pb.ListNodesRequest())
+    listed = _call(client, "Cluster", "ListNodes", pb.ListNodesRequest())
+    # The node that answers knows itself in full, the others only as they registered in etcd
+    # (id, version, control address): each of them is asked for its own listeners, health and
+    # revision, at once, so that none is shown with zeros it does not have.
+    nodes = {n.id: n for n in listed.nodes}
+    unreachable: dict[str, str] = {}
+    asked = {_reachable(n.control_address, client.settings.endpoints): n.id
+             for n in listed.nodes if n.control_address and not n.listeners}
+    if asked:
+        timeout = min(client.settings.timeout, 2.0)
+        answers = client.call_each(list(asked), "Cluster", "ListNodes", pb.ListNodesRequest(), timeout)
+        for endpoint, answer in answers.items():
+            node_id = asked[endpoint]
+            own = None if isinstance(answer, ControlError) else next(
+                (n for n in answer.nodes if n.id == node_id), None)
+            if own is None:
+                unreachable[node_id] = f"{endpoint}: {answer}" if isinstance(answer, ControlError) else \
+                    f"{endpoint} answered as another node"
+            else:
+                nodes[node_id] = own
     if _json(args):
-        emit_json([message_dict(n) for n in nodes.nodes])
+        emit_json([dict(message_dict(n), **({"unreachable": unreachable[n.id]} if n.id in unreachable else {}))
+                   for n in sorted(nodes.values(), key=lambda n: n.id)])
         return 0
     rows = []
-    for n in nodes.nodes:
+    for n in sorted(nodes.values(), key=lambda n: n.id):
+        if n.id in unreachable:
+            rows.append([n.id, "unreachable", n.control_address, "-", unreachable[n.id], "-", n.version])
+            continue
         listeners = ", ".join(f"{li.name} {li.protocol} {li.address} -> {li.pool}" for li in n.listeners)
         h = n.health
         health = f"{h.up} up, {h.down} down" + (f", {h.unknown} unknown" if h.unknown else "")
