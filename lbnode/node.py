@@ -437,8 +437,10 @@ class LbNode:
         new = "up" if up else "down"
         for b in pool.backends:
             if b.id == backend_id and b.health != new:  # a repeated "up" would restart slow start
-                log.info("pool %s backend %s %s -> %s (cluster verdict: %s)", pool_name, backend_id, b.health, new, reason)
+                old = b.health
+                log.info("pool %s backend %s %s -> %s (cluster verdict: %s)", pool_name, backend_id, old, new, reason)
                 pool.health_changed(backend_id, new, reason, trio.current_time())
+                self.events.cluster_health(pool_name, backend_id, old, new, reason)
 
     @staticmethod
     async def _run_checker(checker: HealthChecker, scope: trio.CancelScope) -> None:

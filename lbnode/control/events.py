@@ -216,6 +216,10 @@ class EventHub:
         """An active health check moved a backend up or down (``HealthChecker`` on_transition)."""
         self.publish(BackendHealthChange(pool, backend_id, transition.old, transition.new, transition.reason))
 
+    def cluster_health(self, pool: str, backend_id: str, old: str, new: str, reason: str) -> None:
+        """The cluster's checkers moved a backend this node does not check itself up or down."""
+        self.publish(BackendHealthChange(pool, backend_id, old, new, f"cluster verdict: {reason}"))
+
     # ------------------------------------------------------------------ consumers
     def recent(self) -> list[Published]:
         """The last ``recent`` events published, oldest first (kept whether anyone subscribes or not)."""

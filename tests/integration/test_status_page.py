@@ -17,7 +17,7 @@ import trio
 
 from lbnode.cluster.etcd import EtcdStore
 from lbnode.demo_backend import BackendStats, serve_demo_backend
-from lbnode.model import Address, Backend, Pool
+from lbnode.model import Address, Backend, HealthCheck, Pool
 from tests.chromium import Chromium
 from tests.conftest import (
     REPO,
@@ -333,3 +333,43 @@ def test_cluster_nodes_vips_events_and_etcd_down_on_the_page(spawn, tmp_path: Pa
             assert time.monotonic() < deadline, page.evaluate(summary)
             time.sleep(0.05)
         page.screenshot(ARTIFACTS / "status-page-cluster.png")
+
+
+def test_a_node_that_does_not_check_a_backend_lists_the_clusters_verdict_among_its_events(
+    spawn, tmp_path: Path, etcd
+) -> None:
+    """With health_checkers = 1 one of two nodes checks the backend; the other follows its
+    verdict, and lists that health change among its recent events too (marked as the cluster's)."""
+    port = free_port()
+    backend = spawn("-m", "lbnode.demo_backend", "--name", "a", "--port", str(port), name="backend-a")
+    wait_port(port)
+    store = EtcdStore(etcd.settings())
+    store.create_pool(Pool(name="p0", backends=(Backend(Address("127.0.0.1", port)),),
+                           health=HealthCheck(type="tcp", interval=0.1, timeout=0.5, rise=1, fall=1)))
+    endpoints = ", ".join(f'"{e}"' for e in etcd.endpoints)
+    admins = {}
+    for node_id in ("n1", "n2"):
+        admins[node_id] = free_port()
+        config = tmp_path / f"{node_id}.toml"
+        config.write_text(  # no VIPs: this test must not touch an interface
+            f'[node]\nid = "{node_id}"\nadmin = "127.0.0.1:{admins[node_id]}"\n'
+            f'state_dir = "{tmp_path / f"state-{node_id}"}"\ndrain_timeout = "1s"\n'
+            f'[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\nhealth_checkers = 1\n'
+            f'[[listeners]]\nname = "web"\nprotocol = "http"\nbind = "127.0.0.1:{free_port()}"\npool = "p0"\n')
+        spawn("-m", "lbnode.cli", "run", "--config", str(config), name=node_id)
+    subject = f"p0/127.0.0.1:{port}"
+
+    def health_events(doc: dict) -> list[str]:  # type: ignore[type-arg]
+        return [e["detail"] for e in doc["events"] if e["kind"] == "health" and e["subject"] == subject]
+
+    for admin in admins.values():
+        wait_port(admin)
+        eventually(admin, lambda d: bool(d["cluster"]["nodes"]) and len(d["cluster"]["nodes"]) == 2
+                   and d["pools"][0]["backends"][0]["health"] == "up", "both nodes live, the backend up")
+    backend.popen.kill()  # one checker (rendezvous) sees it down; the other node follows its verdict
+    docs = {node_id: eventually(admin, lambda d: any("-> down" in e for e in health_events(d)), "the backend down")
+            for node_id, admin in admins.items()}
+    checked = {n: [e for e in health_events(d) if "-> down" in e] for n, d in docs.items()}
+    verdicts = [n for n, events in checked.items() if all(e.startswith("up -> down: cluster verdict: ") for e in events)]
+    own = [n for n, events in checked.items() if not any("cluster verdict" in e for e in events)]
+    assert len(verdicts) == 1 and len(own) == 1, checked  # one node checks it, the other lists the verdict
