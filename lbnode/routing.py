@@ -197,9 +197,13 @@ class RequestFacts:
     def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         if self._address is False:
             try:
-                self._address = ipaddress.ip_address(self.client_ip.split("%", 1)[0])
+                address = ipaddress.ip_address(self.client_ip.split("%", 1)[0])
             except ValueError:
-                self._address = None
+                address = None
+            # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: IPv4 CIDRs still apply.
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            self._address = address
         assert not isinstance(self._address, bool)
         return self._address
 

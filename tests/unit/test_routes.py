@@ -227,6 +227,7 @@ def test_client_cidrs() -> None:
     table = RouteTable(routes({"client_cidrs": ["198.51.100.0/24", "2001:db8::/32"], "pool": "a"}))
     assert pool_of(table, req(ip="198.51.100.9")) == "a"
     assert pool_of(table, req(ip="2001:db8::1")) == "a"
+    assert pool_of(table, req(ip="::ffff:198.51.100.9")) == "a"  # an IPv4 client of a dual-stack listener
     assert pool_of(table, req(ip="203.0.113.9")) == "dflt"
 
 
@@ -270,3 +271,16 @@ def test_sticky_split_keeps_a_valid_cookie_and_redraws_an_unknown_one() -> None:
     assert pool in ("v1", "v2") and cookie == pool  # "a" is not a side of this split
     pool, cookie = choose_pool(route, req(), rng)
     assert cookie == pool
+
+
+def test_a_request_tries_only_its_host_routes_and_the_host_less_ones() -> None:
+    specs: list[dict[str, Any]] = [
+        {"host": f"h{i}.example", "path_regex": f"/app{i}/[a-z]+", "pool": "a"} for i in range(1000)
+    ]
+    specs += [{"host": "*.example", "path": "/wild", "pool": "b"}, {"path": "/any", "pool": "c"}]
+    table = RouteTable(routes(*specs))
+    assert [r.host for r in table.candidates("h500.example")] == ["h500.example", "*.example", None]
+    assert [r.host for r in table.candidates("elsewhere.test")] == [None]
+    assert pool_of(table, req("/app500/x", host="h500.example")) == "a"
+    assert pool_of(table, req("/app501/x", host="h500.example")) == "dflt"
+    assert pool_of(table, req("/wild", host="h3.example")) == "b"
