@@ -782,7 +782,7 @@ def _regex(pattern: str, key: str) -> re.Pattern[str]:
     try:
         return check_regex(pattern)
     except ValueError as exc:
-        raise ConfigError(key, f"{pattern!r} {exc}") from None
+        raise ConfigError(key, f'"{pattern}" {exc}') from None
 
 
 def _parse_value_matches(rt: Table, name: str, lower: bool) -> list[ValueMatch]:
