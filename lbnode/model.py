@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lbnode.routing import Route, Split, SplitSide, ValueMatch, check_regex
+
 if TYPE_CHECKING:
     from lbnode.tls.certs import Certificate
 
@@ -569,25 +571,6 @@ def _is_prime(n: int) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
-    pool: str
-    host: str | None = None  # exact, or "*.example.com"
-    path_prefix: str | None = None
-
-    def matches(self, host: str | None, path: str) -> bool:
-        if self.host is not None:
-            if host is None:
-                return False
-            h = host.lower()
-            if self.host.startswith("*."):
-                if not (h.endswith(self.host[1:]) and len(h) > len(self.host) - 1):
-                    return False
-            elif h != self.host:
-                return False
-        return self.path_prefix is None or path.startswith(self.path_prefix)
-
-
-@dataclass(frozen=True, slots=True)
 class SniRoute:
     """TLS passthrough: connections whose ClientHello names ``server_name`` go to ``pool``."""
 
@@ -679,19 +662,10 @@ L7_PROTOCOLS = ("http", "https")
 def parse_listener(t: Table) -> Listener:
     protocol = t.str("protocol", choices=PROTOCOLS)
     routes: list[Route] = []
-    for rt in t.tables("routes"):
+    for j, rt in enumerate(t.tables("routes")):
         if protocol not in L7_PROTOCOLS:
             raise ConfigError(rt.path, 'routes need protocol = "http" or "https"')
-        host = rt.str("host", None)
-        if host is not None:
-            host = host.lower()
-            if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?", host):
-                raise ConfigError(rt.key("host"), f'"{host}" is not a host name or "*.domain"')
-        path_prefix = rt.str("path_prefix", None)
-        if path_prefix is not None and not path_prefix.startswith("/"):
-            raise ConfigError(rt.key("path_prefix"), f'"{path_prefix}" must start with "/"')
-        routes.append(Route(pool=rt.name("pool"), host=host, path_prefix=path_prefix))
-        rt.done()
+        routes.append(parse_route(rt, j))
     sni_routes: list[SniRoute] = []
     seen_names: dict[str, str] = {}
     for st in t.tables("sni_routes"):
@@ -743,6 +717,127 @@ def parse_listener(t: Table) -> Listener:
     )
     t.done()
     return listener
+
+
+# --------------------------------------------------------------------------- routes (issue 15)
+
+TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: methods, header and cookie names
+ROUTE_PRIORITY_LIMIT = 1_000_000
+SPLIT_COOKIE_PREFIX = "FULCRUM_SPLIT_"
+
+
+def parse_route(rt: Table, index: int) -> Route:
+    """One ``[[listeners.routes]]`` table; ``index`` (its place in the listener) names the
+    cookie of a sticky split."""
+    host = rt.str("host", None)
+    if host is not None:
+        host = host.lower()
+        if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?", host):
+            raise ConfigError(rt.key("host"), f'"{host}" is not a host name or "*.domain"')
+    path = rt.str("path", None)
+    if path is not None and not path.startswith("/"):
+        raise ConfigError(rt.key("path"), f'"{path}" must start with "/"')
+    path_prefix = rt.str("path_prefix", None)
+    if path_prefix is not None and not path_prefix.startswith("/"):
+        raise ConfigError(rt.key("path_prefix"), f'"{path_prefix}" must start with "/"')
+    path_regex = rt.str("path_regex", None)
+    methods = rt.raw("methods", None)
+    if methods is not None:
+        if not isinstance(methods, list) or not methods:
+            raise ConfigError(rt.key("methods"), f'expected a non-empty list like ["GET", "HEAD"], got {_type_name(methods)}')
+        for k, m in enumerate(methods):
+            if not isinstance(m, str) or not TOKEN_RE.fullmatch(m):
+                raise ConfigError(f"{rt.key('methods')}[{k}]", f"{m!r} is not an HTTP method like \"GET\"")
+    pool = rt.name("pool", None)
+    split_tables = rt.tables("split") if rt.has("split") else None
+    sticky = rt.bool("sticky", False)
+    split = None
+    if split_tables is not None:
+        if pool is not None:
+            raise ConfigError(rt.key("split"), "give either pool or split, not both")
+        split = _parse_split(rt, split_tables, sticky, index)
+    elif pool is None:
+        raise ConfigError(rt.key("pool"), "is required (or split, to share the requests between pools)")
+    elif sticky:
+        raise ConfigError(rt.key("sticky"), "needs split (a route with one pool has no side to keep)")
+    route = Route(
+        pool=pool,
+        host=host,
+        path=path,
+        path_prefix=path_prefix,
+        path_regex=None if path_regex is None else _regex(path_regex, rt.key("path_regex")),
+        methods=frozenset(methods or ()),
+        headers=tuple(_parse_value_matches(rt, "headers", lower=True)),
+        cookies=tuple(_parse_value_matches(rt, "cookies", lower=False)),
+        query=tuple(_parse_value_matches(rt, "query", lower=False)),
+        client_cidrs=_parse_cidrs(rt, "client_cidrs"),
+        priority=rt.int("priority", 0, lo=-ROUTE_PRIORITY_LIMIT, hi=ROUTE_PRIORITY_LIMIT),
+        split=split,
+    )
+    rt.done()
+    return route
+
+
+def _regex(pattern: str, key: str) -> re.Pattern[str]:
+    try:
+        return check_regex(pattern)
+    except ValueError as exc:
+        raise ConfigError(key, f'"{pattern}" {exc}') from None
+
+
+def _parse_value_matches(rt: Table, name: str, lower: bool) -> list[ValueMatch]:
+    """``headers``, ``cookies`` or ``query``: a list of {name, and one of exact, regex, present}."""
+    out = []
+    for vt in rt.tables(name):
+        what = vt.str("name")
+        if not what or (name != "query" and not TOKEN_RE.fullmatch(what)):
+            raise ConfigError(vt.key("name"), f"{what!r} is not a valid {name[:-1] if name != 'query' else 'parameter'} name")
+        given = [k for k in ("exact", "regex", "present") if vt.has(k)]
+        if len(given) != 1:
+            raise ConfigError(vt.path, "give exactly one of exact, regex or present"
+                              + (f" (got {', '.join(given)})" if given else ""))
+        exact = vt.str("exact", None)
+        regex = vt.str("regex", None)
+        present = vt.bool("present", True)
+        vt.done()
+        out.append(ValueMatch(
+            name=what.lower() if lower else what,
+            exact=exact,
+            regex=None if regex is None else _regex(regex, vt.key("regex")),
+            present=present,
+        ))
+    return out
+
+
+def _parse_cidrs(rt: Table, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    raw = rt.raw(name, None)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(rt.key(name), f'expected a non-empty list of CIDRs like ["192.0.2.0/24"], got {_type_name(raw)}')
+    networks = []
+    for i, item in enumerate(raw):
+        key = f"{rt.key(name)}[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(key, f'expected a CIDR like "192.0.2.0/24", got {_type_name(item)}')
+        try:
+            networks.append(ipaddress.ip_network(item.strip()))
+        except ValueError as exc:
+            raise ConfigError(key, f'"{item}" is not a CIDR like "192.0.2.0/24" or "2001:db8::/32" ({exc})') from None
+    return tuple(networks)
+
+
+def _parse_split(rt: Table, tables: list[Table], sticky: bool, index: int) -> Split:
+    if not tables:
+        raise ConfigError(rt.key("split"), 'expected at least one {pool = "...", weight = ...}')
+    sides: list[SplitSide] = []
+    for st in tables:
+        side = SplitSide(pool=st.name("pool"), weight=st.int("weight", lo=1, hi=1_000_000))
+        if any(s.pool == side.pool for s in sides):
+            raise ConfigError(st.key("pool"), f'pool "{side.pool}" is already in this split')
+        st.done()
+        sides.append(side)
+    return Split(tuple(sides), cookie=f"{SPLIT_COOKIE_PREFIX}{index}" if sticky else None)
 
 
 def _parse_accept_proxy(t: Table | None) -> AcceptProxy | None:
@@ -1030,8 +1125,16 @@ def parse_config(data: object) -> Config:
         if li.pool not in pool_names and not pools_from_store:
             raise ConfigError(f"listeners[{i}].pool", f'pool "{li.pool}" is not defined')
         for j, route in enumerate(li.routes):
-            if route.pool not in pool_names and not pools_from_store:
-                raise ConfigError(f"listeners[{i}].routes[{j}].pool", f'pool "{route.pool}" is not defined')
+            if pools_from_store:
+                continue
+            if route.split is None:
+                if route.pool not in pool_names:
+                    raise ConfigError(f"listeners[{i}].routes[{j}].pool", f'pool "{route.pool}" is not defined')
+                continue
+            for k, side in enumerate(route.split.sides):
+                if side.pool not in pool_names:
+                    raise ConfigError(f"listeners[{i}].routes[{j}].split[{k}].pool",
+                                      f'pool "{side.pool}" is not defined')
         for j, sni in enumerate(li.sni_routes):
             if sni.pool not in pool_names and not pools_from_store:
                 raise ConfigError(f"listeners[{i}].sni_routes[{j}].pool", f'pool "{sni.pool}" is not defined')

@@ -10,6 +10,7 @@ choice of backend in the pool's policy: this module only calls them.
 from __future__ import annotations
 
 import logging
+import random
 import socket as stdsocket
 import ssl
 import time
@@ -46,6 +47,7 @@ from lbnode.limits import RateLimiter, retry_after_seconds
 from lbnode.logthrottle import LogThrottle
 from lbnode.model import Listener
 from lbnode.proxyaccept import client_port, header_for
+from lbnode.routing import RequestFacts, RouteTable, choose_pool
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
 from lbnode.sockio import (
     ConnectFailed,
@@ -111,7 +113,7 @@ class ClientConn:
         "sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded", "io",
         "private_upstreams",
         "received", "sent", "port", "tls_version", "sni", "entry", "mark_time", "mark_in", "mark_out",
-        "request_id", "request_id_line", "request_id_drop",
+        "request_id", "request_id_line", "request_id_drop", "route_pool", "route_cookie",
     )
 
     def __init__(
@@ -146,6 +148,10 @@ class ClientConn:
         self.request_id: bytes | None = None
         self.request_id_line = b""
         self.request_id_drop: frozenset[bytes] = _NO_DROP
+        # The pool the current request was routed to, and the Set-Cookie of a sticky split
+        # that drew a side for it (added to the backend's response).
+        self.route_pool = ""
+        self.route_cookie: tuple[bytes, bytes] | None = None
 
     async def fill(self) -> None:
         """Read once from the client into the parser."""
@@ -261,8 +267,11 @@ class HttpProxy:
         wall_clock: Callable[[], float] = time.time,
         port: int | None = None,
         access_log: ListenerAccessLog | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.listener = listener
+        self.routes = RouteTable(listener.routes)
+        self.rng = rng or random.Random()  # weighted split: the side of a request (not sticky)
         self.access_log = access_log
         self.node = node
         self.clock = clock
@@ -470,7 +479,7 @@ class HttpProxy:
                 return await self._refuse_unread(conn, head, 429, f"rate limit of {rate:g}/s exceeded",
                                                  [(b"Retry-After", b"%d" % retry_after_seconds(wait))])
         snapshot = self.node.snapshot
-        pool_name = self._route(head)
+        pool_name = self._route(conn, head)
         if entry is not None:
             entry.pool = pool_name
         pool = snapshot.pools.get(pool_name)
@@ -541,11 +550,24 @@ class HttpProxy:
         await conn.send(data, self.listener.timeouts.idle)
         return keep
 
-    def _route(self, head: RequestHead) -> str:
-        for route in self.listener.routes:
-            if route.matches(head.host, head.path):
-                return route.pool
-        return self.listener.pool
+    def _route(self, conn: ClientConn, head: RequestHead) -> str:
+        """The pool of this request (kept on ``conn``, with any split cookie to set)."""
+        conn.route_cookie = None
+        pool = self.listener.pool
+        if self.routes:
+            facts = RequestFacts(head.method, head.host, head.path, head.query, head.headers, conn.ip)
+            route = self.routes.match(facts)
+            if route is not None:
+                pool, cookie_value = choose_pool(route, facts, self.rng)
+                if cookie_value is not None and route.split is not None and route.split.cookie is not None:
+                    conn.route_cookie = (b"Set-Cookie", self._split_cookie(route.split.cookie, cookie_value))
+        conn.route_pool = pool
+        return pool
+
+    def _split_cookie(self, name: str, pool: str) -> bytes:
+        # A session cookie: the side is kept while the browser runs, and a new one drawn after.
+        secure = "; Secure" if self.proto == "https" else ""
+        return f"{name}={pool}; Path=/; HttpOnly; SameSite=Lax{secure}".encode("latin-1")
 
     async def _expect_end(self, conn: ClientConn) -> None:
         ev = await conn.body_event(self.listener.timeouts.body)
@@ -911,6 +933,8 @@ class HttpProxy:
             raise _RetryStatus(resp.status)
         if on_head is not None:
             resp.add_headers(on_head(resp))
+        if conn.route_cookie is not None:
+            resp.add_headers([conn.route_cookie])
         if self.hsts:
             resp.add_headers(self.hsts)
         if conn.request_id is not None:
@@ -1002,7 +1026,7 @@ class HttpProxy:
         )
         if client_rest:
             await send_all(up.sock, client_rest)
-        pool = self.node.snapshot.pools.get(self._route(head))
+        pool = self.node.snapshot.pools.get(conn.route_pool)
         idle = pool.spec.timeouts.tcp_idle if pool is not None else 600.0
         await pump_both_ways(conn.sock, up.sock, idle)
 

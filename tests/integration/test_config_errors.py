@@ -181,6 +181,18 @@ CASES = [
         'pool "nope" is not defined',
     ),
     Case(
+        "route-regex-backtracks",
+        (('  path_prefix = "/api/"\n', '  path_regex = "/api/(\\\\w+/?)*"\n'),),
+        "listeners[0].routes[0].path_regex",
+        '"/api/(\\w+/?)*" repeats a repetition (like (a+)+), which can take exponential time',
+    ),
+    Case(
+        "route-split-missing-pool",
+        (('  pool = "api"', '  split = [{pool = "api", weight = 95}, {pool = "nope", weight = 5}]'),),
+        "listeners[0].routes[0].split[1].pool",
+        'pool "nope" is not defined',
+    ),
+    Case(
         "duplicate-pool-name",
         (('name = "api"', 'name = "web"'),),
         "pools[1].name",

@@ -1,0 +1,319 @@
+"""L7 routes: the conditions a request must meet to go to a pool, the table that finds the
+first matching route without trying every route, and the weighted split between pools.
+
+Pure: no I/O, no clock; randomness only from an injected ``random.Random``. Validation of
+node.toml lives in lbnode.model, which builds these objects; the regex safety check is here
+so that every producer of a Route refuses the same patterns.
+"""
+
+from __future__ import annotations
+
+import heapq
+import importlib
+import ipaddress
+import random
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+# re's own parser (re._parser since 3.11; sre_parse before, now deprecated): the parsed tree
+# is what the safety check walks. No stubs exist for it, hence Any.
+_parser: Any = importlib.import_module("re._parser")
+_c: Any = importlib.import_module("re._constants")
+
+# A pattern longer than this is refused: routes are written by people, and a longer one is
+# more likely generated from data (a list of names belongs in several routes, or a map).
+MAX_PATTERN_LENGTH = 1000
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def check_regex(pattern: str) -> re.Pattern[str]:
+    """The compiled pattern, or ValueError saying why it is refused.
+
+    Python's ``re`` backtracks: a pattern such as ``(a+)+$`` takes exponential time on a
+    non-matching input, and request paths, headers and cookies come from anyone. The check is
+    conservative (it refuses some harmless patterns too) and static, on re's parsed pattern:
+    no backreferences or conditionals, no lookarounds, no repetition inside a repetition, and
+    inside a repetition an alternation only if every alternative starts with its own literal
+    character (``(a|a)*``, ``(a|ab)*`` are refused; ``(get|post)*`` is not)."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ValueError(f"is longer than {MAX_PATTERN_LENGTH} characters")
+    try:
+        compiled = re.compile(pattern)
+        tree = _parser.parse(pattern)
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression: {exc}") from None
+    _check_items(list(tree), repeated=False)
+    return compiled
+
+
+def _check_items(items: list[Any], repeated: bool) -> None:
+    for op, arg in items:
+        if op in (_c.GROUPREF, _c.GROUPREF_EXISTS):
+            raise ValueError("uses a backreference, which can take exponential time")
+        if op in (_c.ASSERT, _c.ASSERT_NOT):
+            raise ValueError("uses a lookahead or lookbehind, which can take exponential time")
+        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+            lo, hi, body = arg
+            if repeated:
+                raise ValueError("repeats a repetition (like (a+)+), which can take exponential time")
+            _check_items(list(body), repeated=hi > 1)
+        elif op == _c.SUBPATTERN:
+            _check_items(list(arg[-1]), repeated)
+        elif op == _c.ATOMIC_GROUP:
+            _check_items(list(arg), repeated)
+        elif op == _c.BRANCH:
+            alternatives = arg[1]
+            if repeated:
+                firsts = [alt[0] if len(alt) else None for alt in alternatives]
+                literals = [f[1] for f in firsts if f is not None and f[0] == _c.LITERAL]
+                if len(literals) != len(alternatives) or len(set(literals)) != len(literals):
+                    raise ValueError(
+                        "repeats an alternation whose alternatives may match the same text "
+                        "(like (a|ab)*), which can take exponential time"
+                    )
+            for alt in alternatives:
+                _check_items(list(alt), repeated)
+
+
+@dataclass(frozen=True, slots=True)
+class ValueMatch:
+    """One condition on a header, cookie or query parameter: ``present`` (True: there,
+    False: absent), else ``exact`` or ``regex`` (a full match) on its value."""
+
+    name: str  # headers: lower-case; cookies and query parameters: as written (case matters)
+    exact: str | None = None
+    regex: re.Pattern[str] | None = None
+    present: bool = True
+
+    def holds(self, values: Sequence[str]) -> bool:
+        """``values``: every value the request has under this name (none when absent)."""
+        if not self.present:
+            return not values
+        if self.exact is not None:
+            return self.exact in values
+        if self.regex is not None:
+            return any(self.regex.fullmatch(v) is not None for v in values)
+        return bool(values)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitSide:
+    pool: str
+    weight: int  # > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """``split``: requests go to one of several pools in proportion to their weights. With
+    ``cookie`` (``sticky = true``) a client keeps the side it was first given."""
+
+    sides: tuple[SplitSide, ...]
+    cookie: str | None = None
+
+    def draw(self, rng: random.Random) -> str:
+        total = sum(s.weight for s in self.sides)
+        n = rng.randrange(total)
+        for side in self.sides:
+            n -= side.weight
+            if n < 0:
+                return side.pool
+        return self.sides[-1].pool  # not reached: n < total
+
+    def has(self, pool: str) -> bool:
+        return any(s.pool == pool for s in self.sides)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """``[[listeners.routes]]``: every condition given must hold; ``pool`` or ``split`` says
+    where the request goes. Among matching routes the highest ``priority`` wins, then the
+    first in the file."""
+
+    pool: str | None = None  # None when ``split`` is given
+    host: str | None = None  # exact, or "*.example.com" (any sub-domain); lower-case
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: re.Pattern[str] | None = None  # a full match on the path, query excluded
+    methods: frozenset[str] = frozenset()  # empty: any
+    headers: tuple[ValueMatch, ...] = ()
+    cookies: tuple[ValueMatch, ...] = ()
+    query: tuple[ValueMatch, ...] = ()
+    client_cidrs: tuple[Network, ...] = ()
+    priority: int = 0
+    split: Split | None = None
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        if self.split is not None:
+            return tuple(s.pool for s in self.split.sides)
+        return (self.pool,) if self.pool is not None else ()
+
+
+class RequestFacts:
+    """What routes look at in one request. Header names are lower-cased, and the cookies and
+    query parsed, only when a route asks, and then once."""
+
+    __slots__ = ("method", "host", "path", "query", "client_ip", "_raw_headers", "_headers", "_cookies",
+                 "_params", "_address")
+
+    def __init__(
+        self, method: bytes, host: str | None, path: str, query: str,
+        headers: Sequence[tuple[bytes, bytes]], client_ip: str,
+    ) -> None:
+        self.method = method.decode("latin-1")
+        self.host = host  # lower-case, without the port
+        self.path = path
+        self.query = query
+        self.client_ip = client_ip
+        self._raw_headers = headers
+        self._headers: dict[str, list[str]] | None = None
+        self._cookies: dict[str, list[str]] | None = None
+        self._params: dict[str, list[str]] | None = None
+        self._address: ipaddress.IPv4Address | ipaddress.IPv6Address | None | bool = False
+
+    def header(self, lname: str) -> list[str]:
+        if self._headers is None:
+            self._headers = {}
+            for n, v in self._raw_headers:
+                self._headers.setdefault(n.decode("latin-1").lower(), []).append(v.decode("latin-1").strip())
+        return self._headers.get(lname, [])
+
+    def cookie(self, name: str) -> list[str]:
+        if self._cookies is None:
+            self._cookies = parse_cookies(self.header("cookie"))
+        return self._cookies.get(name, [])
+
+    def param(self, name: str) -> list[str]:
+        if self._params is None:
+            self._params = {}
+            for k, v in parse_qsl(self.query, keep_blank_values=True):
+                self._params.setdefault(k, []).append(v)
+        return self._params.get(name, [])
+
+    def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        if self._address is False:
+            try:
+                address = ipaddress.ip_address(self.client_ip.split("%", 1)[0])
+            except ValueError:
+                address = None
+            # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: IPv4 CIDRs still apply.
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            self._address = address
+        assert not isinstance(self._address, bool)
+        return self._address
+
+
+def parse_cookies(fields: Iterable[str]) -> dict[str, list[str]]:
+    """Cookie header fields into name -> values, in the order sent (RFC 6265 5.4)."""
+    out: dict[str, list[str]] = {}
+    for field in fields:
+        for pair in field.split(";"):
+            name, eq, value = pair.strip().partition("=")
+            if eq and name:
+                out.setdefault(name, []).append(value.strip().strip('"'))
+    return out
+
+
+def route_matches(route: Route, req: RequestFacts) -> bool:
+    """Every condition of ``route`` but its host (the table chose the route by host)."""
+    if route.methods and req.method not in route.methods:
+        return False
+    if route.path is not None and req.path != route.path:
+        return False
+    if route.path_prefix is not None and not req.path.startswith(route.path_prefix):
+        return False
+    if route.client_cidrs:
+        address = req.address()
+        if address is None or not any(address in net for net in route.client_cidrs):
+            return False
+    if route.path_regex is not None and route.path_regex.fullmatch(req.path) is None:
+        return False
+    for cond in route.headers:
+        if not cond.holds(req.header(cond.name)):
+            return False
+    for cond in route.cookies:
+        if not cond.holds(req.cookie(cond.name)):
+            return False
+    for cond in route.query:
+        if not cond.holds(req.param(cond.name)):
+            return False
+    return True
+
+
+# (-priority, position in the file, route): sorts in the order routes are tried.
+_Entry = tuple[int, int, Route]
+
+
+class RouteTable:
+    """A listener's routes, compiled: routes naming an exact host are found by a dict lookup,
+    wildcards by the request host's parent domains, and host-less routes are always
+    candidates. The candidates are tried in (priority, file order), as if all routes were."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = tuple(routes)
+        self._exact: dict[str, list[_Entry]] = {}
+        self._wildcard: dict[str, list[_Entry]] = {}  # "example.com" for "*.example.com"
+        self._any: list[_Entry] = []
+        for i, route in enumerate(self.routes):
+            entry = (-route.priority, i, route)
+            if route.host is None:
+                self._any.append(entry)
+            elif route.host.startswith("*."):
+                self._wildcard.setdefault(route.host[2:], []).append(entry)
+            else:
+                self._exact.setdefault(route.host, []).append(entry)
+        for group in [*self._exact.values(), *self._wildcard.values(), self._any]:
+            group.sort(key=lambda e: (e[0], e[1]))
+
+    def __bool__(self) -> bool:
+        return bool(self.routes)
+
+    def candidates(self, host: str | None) -> Iterator[Route]:
+        """Routes whose host condition holds for ``host``, in the order they are tried."""
+        lists: list[list[_Entry]] = []
+        if host is not None:
+            exact = self._exact.get(host)
+            if exact:
+                lists.append(exact)
+            if self._wildcard:
+                dot = host.find(".")
+                while dot >= 0:
+                    wild = self._wildcard.get(host[dot + 1:])
+                    if wild:
+                        lists.append(wild)
+                    dot = host.find(".", dot + 1)
+        if self._any:
+            lists.append(self._any)
+        if len(lists) == 1:
+            return (e[2] for e in lists[0])
+        return (e[2] for e in heapq.merge(*lists, key=lambda e: (e[0], e[1])))
+
+    def match(self, req: RequestFacts) -> Route | None:
+        """The route that takes this request, or None (the listener's own pool)."""
+        for route in self.candidates(req.host):
+            if route_matches(route, req):
+                return route
+        return None
+
+
+def choose_pool(route: Route, req: RequestFacts, rng: random.Random) -> tuple[str, str | None]:
+    """The pool for a request the route took, and the split cookie value to set (or None).
+
+    A sticky split keeps the side named by the client's cookie if it is still one of the
+    split's pools; otherwise (and without sticky) the side is drawn by weight."""
+    split = route.split
+    if split is None:
+        assert route.pool is not None
+        return route.pool, None
+    if split.cookie is None:
+        return split.draw(rng), None
+    for value in req.cookie(split.cookie):
+        if split.has(value):
+            return value, None
+    pool = split.draw(rng)
+    return pool, pool
