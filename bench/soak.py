@@ -45,6 +45,7 @@ from bench.soak_report import (
     classify_fd,
     parse_tcp_sockets,
     render,
+    targets_met,
 )
 from tests.conftest import REPO, Proc, free_port, wait_port
 from tests.integration.etcd_helpers import ETCD, EtcdCluster, etcd_cluster
@@ -70,6 +71,14 @@ BACKEND_DOWN = 2.0  # how long a restarted backend stays down: many health inter
 # Design margin added after every event for 2 cores shared with other work: a health verdict,
 # a watch event or a drain may land this much later than on an idle machine.
 SLACK = 1.0
+# The errors each kind of event may cause by design. A backend dying mid-answer: 502 (a
+# request it had not started answering is retried elsewhere); a pool change: 502 for a request
+# in flight to a removed backend; a node restart: its clients' connections refused or closed,
+# and 503 from the draining node.
+BACKEND_ERRORS = frozenset({"status 502", "status 504"})
+POOL_ERRORS = frozenset({"status 502"})
+NODE_ERRORS = frozenset({"ConnectionRefusedError", "ConnectionResetError", "RemoteDisconnected",
+                         "BrokenPipeError", "status 503"})
 SAMPLE_EVERY = 10.0  # seconds between samples of /proc and etcd's status
 WARMUP_SHARE = 0.10  # the first 10 % of the soak warms up; no event in it, nor in the last 10 %
 RESTART_WARMUP = 60.0  # a restarted node's own warm-up (capped by the soak's)
@@ -462,7 +471,8 @@ class Events:
         c.start_backend(name)
         c.wait_all(lambda bs: name in bs and bs[name]["state"] == "up", f"backend {name} up again")
         return PlannedEvent("backend restart", f"backend {name}", start, self.now(),
-                            HEALTH_INTERVAL * HEALTH_FALL + SLACK, frozenset(c.nodes), frozenset({name}))
+                            HEALTH_INTERVAL * HEALTH_FALL + SLACK, frozenset(c.nodes), frozenset({name}),
+                            BACKEND_ERRORS)
 
     def change_pool(self) -> PlannedEvent:
         """lbctl, in turn: add the spare backend, remove it, weight 3 on a, weight 1 on a; over
@@ -485,7 +495,8 @@ class Events:
             what, touched = f"weight {weight} on backend {BACKENDS[0]}", BACKENDS[0]
             c.lbctl("backends", "weight", POOL, BACKENDS[0], str(weight))
             c.wait_all(lambda bs: bs[BACKENDS[0]]["weight"] == weight, what)
-        return PlannedEvent("pool change", what, start, self.now(), SLACK, frozenset(c.nodes), frozenset({touched}))
+        return PlannedEvent("pool change", what, start, self.now(), SLACK, frozenset(c.nodes), frozenset({touched}),
+                            POOL_ERRORS)
 
     def restart_node(self) -> PlannedEvent:
         """SIGTERM the node (it drains), start it again on the same ports; over once it serves
@@ -508,7 +519,7 @@ class Events:
         if unknown:
             what += f"; still unknown on {RESTARTED} {UNKNOWN_GRACE:g} s later: backend {', '.join(unknown)}"
         self.warmed_at[node.label] = end + self.restart_warmup
-        return PlannedEvent("node restart", what, start, end, SLACK, frozenset({RESTARTED}))
+        return PlannedEvent("node restart", what, start, end, SLACK, frozenset({RESTARTED}), errors=NODE_ERRORS)
 
 
 # --------------------------------------------------------------------------- the soak
@@ -632,9 +643,10 @@ def _etcd_version() -> str:
 def load_run(doc: dict) -> SoakRun:  # type: ignore[type-arg]
     """A SoakRun back from its soak-run.json (dataclasses.asdict of it)."""
     def event(e: dict) -> PlannedEvent:  # type: ignore[type-arg]
-        backends = e.pop("backends")
+        backends, errors = e.pop("backends"), e.pop("errors", None)
         return PlannedEvent(**{**e, "nodes": frozenset(e["nodes"])},
-                            backends=None if backends is None else frozenset(backends))
+                            backends=None if backends is None else frozenset(backends),
+                            errors=None if errors is None else frozenset(errors))
 
     return SoakRun(**{
         **doc,
@@ -658,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="length of the soak (default: $SOAK_MINUTES, else 30)")
     parser.add_argument("--rate", type=float, default=RATE, help=f"requests/s over all nodes (default {RATE:g})")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"the report (default {RESULTS})")
-    parser.add_argument("--keep", action="store_true", help="keep the directory of logs and data")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the directory of logs and data (kept anyway when a target is not met)")
     parser.add_argument("--from-json", type=Path, help="render the soak-run.json of an earlier soak, run nothing")
     args = parser.parse_args(argv)
     if not Path(ETCD).exists():
@@ -674,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         # The raw record first: a report that fails to render can be made again (--from-json).
         (directory / "soak-run.json").write_text(json.dumps(dataclasses.asdict(run), default=sorted))
         report = render(run)
-        ok = True
+        ok = targets_met(run)
     finally:
         if ok and not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
@@ -683,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
     print(report)
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

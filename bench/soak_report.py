@@ -35,9 +35,15 @@ class PlannedEvent:
     nodes: frozenset[str]  # nodes whose clients may see it
     # Backends it touches; None: any (a node restart hurts whatever that node was sending to).
     backends: frozenset[str] | None = None
+    # The errors it can cause by design, by kind ("status 502", "ConnectionRefusedError"; see
+    # error_kind); None: any. A pool change never empties a pool: its window does not excuse
+    # a 503 "no backend available" that happens to fall in it.
+    errors: frozenset[str] | None = None
 
     def explains(self, failure: FailedRequest) -> bool:
         if failure.node not in self.nodes:
+            return False
+        if self.errors is not None and error_kind(failure.error) not in self.errors:
             return False
         if self.backends is not None and failure.backend is not None and failure.backend not in self.backends:
             return False  # a backend answered, and not one this event touched
@@ -247,6 +253,13 @@ class SoakRun:
     unsettled: list[str] = field(default_factory=list)  # events whose change no node showed in time
 
 
+def targets_met(run: SoakRun) -> bool:
+    """Every failure explained, every event settled, every judged node under the growth target."""
+    judged = [g for g in growth(run.samples, run.warmed_at, run.window) if g.process in run.lbnode_processes]
+    return (all(a.explained for a in attribute(run.failures, run.events)) and not run.unsettled
+            and bool(judged) and all(g.meets() for g in judged))
+
+
 def _mib(v: float | None) -> str:
     return DASH if v is None else f"{v / 1048576:.1f}"
 
@@ -314,7 +327,7 @@ def _render_events(events: Sequence[PlannedEvent], attributions: Sequence[Attrib
     per_event: dict[int, Counter[str]] = {}
     for a in attributions:
         if a.event is not None:
-            per_event.setdefault(id(a.event), Counter())[_error_kind(a.failure.error)] += 1
+            per_event.setdefault(id(a.event), Counter())[error_kind(a.failure.error)] += 1
     rows = []
     for e in events:
         seen = per_event.get(id(e), Counter())
@@ -325,7 +338,7 @@ def _render_events(events: Sequence[PlannedEvent], attributions: Sequence[Attrib
                          "of which"], rows, "rrrlllrl")
 
 
-def _error_kind(error: str) -> str:
+def error_kind(error: str) -> str:
     """The class of an error, without the details that differ per request."""
     return error.split(":", 1)[0]
 

@@ -21,6 +21,7 @@ from bench.soak_report import (
     key_group,
     parse_tcp_sockets,
     render,
+    targets_met,
 )
 
 NODES = frozenset({"n1", "n2", "n3"})
@@ -63,6 +64,14 @@ def test_a_backend_restart_is_seen_from_every_node_but_not_in_another_backends_a
     )
     assert unknown.explained and same.explained
     assert not other.explained
+
+
+def test_an_event_explains_only_the_errors_it_can_cause() -> None:
+    pool_change = PlannedEvent("pool change", "remove backend d", start=300.0, end=300.5, margin=1.0, nodes=NODES,
+                               backends=frozenset({"d"}), errors=frozenset({"status 502"}))
+    cut = FailedRequest(300.2, 300.3, "n1", "status 502: b'Bad Gateway'")
+    empty = FailedRequest(300.2, 300.3, "n1", "status 503: b'503 Service Unavailable: no backend available'")
+    assert [a.explained for a in attribute([cut, empty], [pool_change])] == [True, False]
 
 
 def samples(process: str, values: list[tuple[float, int, int]]) -> list[Sample]:
@@ -136,9 +145,14 @@ def test_the_report_states_each_target_and_lists_unexplained_failures() -> None:
     assert "n1: RSS +0.0%, open fds +0.0% after warm-up (target under 10%): **met**" in clean
     assert "ConnectionRefusedError x1" in clean  # the node restart's row says what it caused
     assert "/fulcrum/v1/health" in clean and "290 revisions" in clean
+    assert "Planned events that did not settle: **0**" in clean
+    assert targets_met(run_with([failure(101.0, "n3")]))
+    assert not targets_met(run_with([failure(150.0, "n1")]))
     bad = render(run_with([failure(150.0, "n1")]))
     assert "**1** (target 0): **not met**" in bad
     assert "| 150.000 |" in bad  # listed with its time
+    stuck = dataclasses.replace(run_with([]), unsettled=["node restart at 120 s: n3 never came back"])
+    assert "did not settle: **1**; node restart at 120 s: n3 never came back" in render(stuck)
 
 
 def test_a_recorded_run_renders_the_same_after_a_round_trip_through_json() -> None:
