@@ -674,29 +674,38 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the directory of logs and data (kept anyway when a target is not met)")
     parser.add_argument("--from-json", type=Path, help="render the soak-run.json of an earlier soak, run nothing")
     args = parser.parse_args(argv)
-    if not Path(ETCD).exists():
-        print("etcd is not installed (Debian package etcd-server): run `make sysdeps-test`", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    directory = Path(tempfile.mkdtemp(prefix="fulcrum-soak-"))
-    log(f"{args.minutes:g} minutes at {args.rate:g} requests/s; logs in {directory}")
-    ok = False
-    try:
-        run = load_run(json.loads(args.from_json.read_text())) if args.from_json else \
-            run_soak(args.minutes, args.rate, directory)
-        # The raw record first: a report that fails to render can be made again (--from-json).
-        (directory / "soak-run.json").write_text(json.dumps(dataclasses.asdict(run), default=sorted))
-        report = render(run)
-        ok = targets_met(run)
-    finally:
-        if ok and not args.keep:
-            shutil.rmtree(directory, ignore_errors=True)
-        else:
-            log(f"logs kept in {directory}")
+    if args.from_json:
+        run = load_run(json.loads(args.from_json.read_text()))
+    else:
+        if not Path(ETCD).exists():
+            print("etcd is not installed (Debian package etcd-server): run `make sysdeps-test`", file=sys.stderr)
+            return 2
+        run = _soak_keeping_logs(args.minutes, args.rate, args.keep)
+    report = render(run)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
     print(report)
-    return 0 if ok else 1
+    return 0 if targets_met(run) else 1
+
+
+def _soak_keeping_logs(minutes: float, rate: float, keep: bool) -> SoakRun:
+    """The soak in a new directory, removed after it unless ``keep`` or a target is not met
+    (or it failed): the logs are then what explains the report."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    directory = Path(tempfile.mkdtemp(prefix="fulcrum-soak-"))
+    log(f"{minutes:g} minutes at {rate:g} requests/s; logs in {directory}")
+    ok = False
+    try:
+        run = run_soak(minutes, rate, directory)
+        # The raw record: the report can be rendered again from it (--from-json).
+        (directory / "soak-run.json").write_text(json.dumps(dataclasses.asdict(run), default=sorted))
+        ok = targets_met(run)
+    finally:
+        if ok and not keep:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            log(f"logs kept in {directory}")
+    return run
 
 
 if __name__ == "__main__":
