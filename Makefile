@@ -23,7 +23,7 @@ LOCK    := constraints.txt
 # Where `make wheel` puts the wheel the Ansible role installs (git-ignored).
 DIST    ?= dist
 
-.PHONY: demo demo-cluster test test-fast bench fuzz flood lint venv lock wheel sysdeps-test sysdeps-bench clean
+.PHONY: demo demo-cluster test test-fast bench fuzz flood soak lint venv lock wheel sysdeps-test sysdeps-bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -90,6 +90,14 @@ fuzz: $(STAMP)
 FLOOD_SLOWLORIS ?= 10000
 flood: $(STAMP)
 	FLOOD_SLOWLORIS=$(FLOOD_SLOWLORIS) $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/integration/test_slow_clients.py tests/integration/test_flood.py
+
+# A 3-node cluster on loopback (real etcd, lbnode processes, demo backends) under steady load
+# for SOAK_MINUTES, with backends restarted, the pool changed and a node restarted every few
+# minutes (docs/soak.md); not in CI. Writes bench/results/soak-latest.md. Needs etcd
+# (`make sysdeps-test`).
+SOAK_MINUTES ?= 30
+soak: $(STAMP)
+	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python -m bench.soak
 
 # ruff, then mypy over what [tool.mypy] in pyproject.toml names (strict; tests/unit/test_types.py
 # runs the same check in make test, so CI fails on a type error too).
