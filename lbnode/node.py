@@ -397,6 +397,14 @@ class LbNode:
                 if gone:
                     agent.retract(name, gone)
                 self._checked[name] = ids
+                # The agent tells a verdict once, when it changes: one told before this pool
+                # reached the node (it came from etcd a moment after the shared health) found
+                # no backend then. Take what the cluster says now for those we do not check.
+                for b in pool.backends:
+                    if b.id not in ids:
+                        up = agent.verdict(name, b.id)
+                        if up is not None:
+                            self._on_verdict(name, b.id, up, "the checkers' latest results, as the pool arrived")
             checker = self.health_checkers.get(name)
             if checker is not None:
                 checker.tls, checker.send_proxy = pool.tls, pool.send_proxy

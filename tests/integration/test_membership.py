@@ -71,7 +71,7 @@ def observation(backend_id: str, ok: bool, reason: str = "") -> Observation:
 def backend_checked_by(wanted: set[str], live: list[str], pool: str = "web") -> str:
     """A backend id whose k=2 checkers among ``live`` are exactly ``wanted``."""
     for i in range(1000):
-        backend_id = f"10.0.0.{i}:80"
+        backend_id = f"198.18.0.{i}:80"
         if set(checkers_for(backend_key(pool, backend_id), live, 2)) == wanted:
             return backend_id
     raise AssertionError(f"no backend checked by {wanted}")
