@@ -116,3 +116,60 @@ def test_the_role_refuses_a_package_index_name_and_a_missing_wheel(tmp_path: Pat
     assert done.returncode != 0
     assert f"lbnode_wheel_dir: {empty} holds 0 fulcrum_lb-*.whl files" in done.stdout, done.stdout
     assert not (tmp_path / "venv").exists()  # refused before anything was installed
+
+
+def test_the_etcd_role_compacts_history_and_etcd_takes_its_config(tmp_path: Path) -> None:
+    """The etcd role's config file turns periodic compaction on (without it Fulcrum's health
+    observations grow etcd's history until its quota refuses writes, make soak measured); a
+    real etcd started from the rendered file compacts within a few retention periods."""
+    import threading
+    import time
+
+    from lbnode.cluster.etcd import Compacted, EtcdConnection
+    from tests.conftest import free_port
+    from tests.integration.etcd_helpers import ETCD
+
+    client, peer = free_port(), free_port()
+    conf = render(tmp_path, ROLES / "etcd/templates/etcd.conf.yml.j2", {
+        "etcd_name": "m1", "etcd_data_dir": str(tmp_path / "data"), "etcd_address": "127.0.0.1",
+        "etcd_client_port": client, "etcd_peer_port": peer, "etcd_cluster_group": "all",
+        "etcd_initial_cluster_token": "t", "etcd_heartbeat_interval": 100, "etcd_election_timeout": 1000,
+        "etcd_log_level": "warn", "etcd_tls": False, "etcd_auto_compaction_retention": "1s",
+    })
+    assert "auto-compaction-mode: periodic" in conf and 'auto-compaction-retention: "1s"' in conf
+    # the one member of group "all" is localhost: its peer URL is the rendered one
+    (tmp_path / "etcd.yml").write_text(conf.replace("localhost=http://localhost:", "localhost=http://127.0.0.1:")
+                                       .replace('name: "m1"', 'name: "localhost"'))
+    proc = subprocess.Popen([ETCD, "--config-file", str(tmp_path / "etcd.yml")],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "etcd.log", "wb"))
+    conn = EtcdConnection([f"http://127.0.0.1:{client}"])
+    try:
+        deadline = time.monotonic() + 20  # etcd starts in well under a second; 20 s for busy cores
+        while True:
+            try:
+                conn.put("/t/k", b"1")
+                break
+            except Exception:
+                assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "etcd.log").read_text()
+                time.sleep(0.2)
+        for i in range(5):
+            conn.put("/t/k", str(i).encode())
+        # Periodic mode with a retention under an hour compacts every retention period (etcd
+        # 3.4: the revision of one period ago); 15 s for 2 busy cores.
+        deadline = time.monotonic() + 15
+        while True:
+            conn.put("/t/k", b"again")
+            history = conn.watch_prefix("/t/", 1, threading.Event())  # from the first revision
+            try:
+                next(history)  # the history is still there: its first events
+            except Compacted:
+                break
+            finally:
+                history.close()
+            assert time.monotonic() < deadline, "no compaction: " + (tmp_path / "etcd.log").read_text()
+            time.sleep(0.5)
+    finally:
+        conn.close()
+        proc.kill()
+        proc.wait()
+
