@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -125,10 +127,38 @@ async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0, unt
     return b"".join(chunks)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports for the tests' listeners come from below the kernel's ephemeral range. A port that
+# bind(0) handed out and the test closed again sits in that range, where the kernel may give it
+# to any outgoing connection (an etcd client, a health check) before the process the test
+# starts binds it: "address already in use" (two CI runs lost a cluster fixture that way).
+# Below the range only an explicit bind takes a port, and the ones here are handed out in turn,
+# each checked free, so the same port comes back only after the whole span was used.
+_PORT_HIGH = _ephemeral_low()
+_PORT_LOW = 20000 if _PORT_HIGH > 21000 else 1024
+_next_port = itertools.count(random.randrange(_PORT_HIGH - _PORT_LOW))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at ``host`` now (connecting to it is refused), outside the
+    ephemeral range, not handed out before by this process."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    span = _PORT_HIGH - _PORT_LOW
+    for _ in range(span):
+        port = _PORT_LOW + next(_next_port) % span
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): the next one
+            return port
+    raise RuntimeError(f"no free port on {host} in {_PORT_LOW}-{_PORT_HIGH - 1}")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

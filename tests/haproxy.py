@@ -12,6 +12,8 @@ from pathlib import Path
 
 import trio
 
+from tests.conftest import free_port as free_port  # the one port picker (see there)
+
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"  # `make sysdeps-test` installs it
 
 # Every config starts with this: in the foreground, one thread (the tests share 2 cores).
@@ -65,10 +67,3 @@ def _bound(host: str, port: int) -> bool:
         except OSError:
             return True  # EADDRINUSE: HAProxy listens there (it accepts once its loop runs)
         return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -21,6 +21,7 @@ from lbnode.listen import BindError
 from lbnode.model import Address, Listener, parse_config
 from lbnode.runtime import BackendState, Snapshot
 from lbnode.tcp.proxy import SPLICE_AVAILABLE, serve_tcp_listener
+from tests.conftest import free_port
 
 HOST = "127.0.0.1"
 PUMPS = [
@@ -87,13 +88,6 @@ async def echo(stream: trio.SocketStream) -> None:
         pass
     finally:
         await stream.aclose()
-
-
-def free_port() -> int:
-    """A port nothing listens on: connecting to it is refused."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
