@@ -447,6 +447,21 @@ def test_top_sums_the_nodes_and_breaks_each_backend_down_per_node(cluster: Clust
     assert {n: after[n] - before.get(n, 0) for n in after} == sent
 
 
+def test_nodes_shows_every_node_as_it_describes_itself(cluster: Cluster) -> None:
+    """`lbctl nodes` asked of one node shows the others' listeners, health and revision too (each
+    asked in turn), not the zeros of their etcd registration."""
+    listed = {n["id"]: n for n in json.loads(cluster.ok("-o", "json", "nodes", endpoints=cluster.nodes[1:2]))}
+    assert sorted(listed) == list(NODES)
+    for node in cluster.nodes:
+        got = listed[node.id]
+        assert "unreachable" not in got, got
+        assert [li["name"] for li in got["listeners"]] and got["health"]["pools"] >= 1, got
+        assert any(li["address"].endswith(f":{node.http}") for li in got["listeners"]), got
+        assert int(got.get("config_revision", 0)) > 0, got
+    text = cluster.ok("nodes", endpoints=cluster.nodes[2:3])
+    assert " 0 pools" not in text and "unreachable" not in text, text
+
+
 def test_lbctl_uses_the_second_endpoint_when_the_first_node_is_stopped(cluster: Cluster) -> None:
     """Stops n1: keep it the last test on the shared cluster."""
     n1, n2, n3 = cluster.nodes
@@ -529,18 +544,3 @@ def test_writes_through_lbctl_go_on_when_the_etcd_member_in_use_is_killed(tmp_pa
                   f"{time.monotonic() - killed:.2f} s after the kill")
         finally:
             procs.kill_all()
-
-
-def test_nodes_shows_every_node_as_it_describes_itself(cluster: Cluster) -> None:
-    """`lbctl nodes` asked of one node shows the others' listeners, health and revision too (each
-    asked in turn), not the zeros of their etcd registration."""
-    listed = {n["id"]: n for n in json.loads(cluster.ok("-o", "json", "nodes", endpoints=cluster.nodes[1:2]))}
-    assert sorted(listed) == list(NODES)
-    for node in cluster.nodes:
-        got = listed[node.id]
-        assert "unreachable" not in got, got
-        assert [li["name"] for li in got["listeners"]] and got["health"]["pools"] >= 1, got
-        assert any(li["address"].endswith(f":{node.http}") for li in got["listeners"]), got
-        assert int(got.get("config_revision", 0)) > 0, got
-    text = cluster.ok("nodes", endpoints=cluster.nodes[2:3])
-    assert " 0 pools" not in text and "unreachable" not in text, text
