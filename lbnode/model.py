@@ -853,19 +853,8 @@ def _parse_accept_proxy(t: Table | None) -> AcceptProxy | None:
         raise ConfigError(t.key("trusted"), 'is required with accept = true: the addresses of the balancers in '
                           'front, like ["192.0.2.10/32", "2001:db8::10/128"] (connections from anywhere else '
                           "are closed)")
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(t.key("trusted"), f'expected a non-empty list of CIDRs like ["192.0.2.10/32"], '
-                          f"got {_type_name(raw)}")
-    networks = []
-    for i, item in enumerate(raw):
-        key = f"{t.key('trusted')}[{i}]"
-        if not isinstance(item, str):
-            raise ConfigError(key, f'expected a CIDR like "192.0.2.0/24", got {_type_name(item)}')
-        try:
-            networks.append(ipaddress.ip_network(item.strip()))
-        except ValueError as exc:
-            raise ConfigError(key, f'"{item}" is not a CIDR like "192.0.2.0/24" or "2001:db8::/32" ({exc})') from None
-    return AcceptProxy(tuple(networks)) if accept else None
+    networks = _parse_cidrs(t, "trusted")  # checked even with accept = false: a mistake is one
+    return AcceptProxy(networks) if accept else None
 
 
 # --------------------------------------------------------------------------- access log (issue 12)
