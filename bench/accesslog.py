@@ -8,6 +8,7 @@ from bench.harness import Context
 from bench.variants import (
     CORE_NOTE,
     Variant,
+    abba,
     compare_runs,
     render_comparison,
     render_runs,
@@ -25,13 +26,8 @@ LOGGED = Variant("access log on", access_log=True)
 
 
 def access_log_runs() -> list[tuple[str, Variant]]:
-    """Off, on, on, off (ABBA), as the protections section."""
-    return [
-        (f"{UNLOGGED.name} (1st)", UNLOGGED),
-        (f"{LOGGED.name} (1st)", LOGGED),
-        (f"{LOGGED.name} (2nd)", LOGGED),
-        (f"{UNLOGGED.name} (2nd)", UNLOGGED),
-    ]
+    """Off, on, on, off. (ABBA)"""
+    return abba(UNLOGGED, LOGGED)
 
 
 def section_access_log(ctx: Context) -> str:

@@ -19,6 +19,7 @@ from bench.tables import DASH, fmt_num, render_table
 from bench.variants import (
     CORE_NOTE,
     Variant,
+    abba,
     compare_runs,
     render_comparison,
     render_runs,
@@ -40,13 +41,8 @@ CLUSTERED = Variant("cluster member", cluster=True)
 
 
 def cluster_runs() -> list[tuple[str, Variant]]:
-    """Standalone, cluster, cluster, standalone (ABBA), as the protections section."""
-    return [
-        (f"{STANDALONE.name} (1st)", STANDALONE),
-        (f"{CLUSTERED.name} (1st)", CLUSTERED),
-        (f"{CLUSTERED.name} (2nd)", CLUSTERED),
-        (f"{STANDALONE.name} (2nd)", STANDALONE),
-    ]
+    """Standalone, cluster, cluster, standalone. (ABBA)"""
+    return abba(STANDALONE, CLUSTERED)
 
 
 @dataclass

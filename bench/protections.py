@@ -13,6 +13,7 @@ from bench.variants import (
     CORE_NOTE,
     Comparison,
     Variant,
+    abba,
     compare_runs,
     render_comparison,
     render_runs,
@@ -29,13 +30,8 @@ PROTECTED = Variant("with protections", protections=True)
 
 
 def protection_runs() -> list[tuple[str, Variant]]:
-    """Without, with, with, without (ABBA): a steady drift affects both sides alike."""
-    return [
-        (f"{PLAIN.name} (1st)", PLAIN),
-        (f"{PROTECTED.name} (1st)", PROTECTED),
-        (f"{PROTECTED.name} (2nd)", PROTECTED),
-        (f"{PLAIN.name} (2nd)", PLAIN),
-    ]
+    """Without, with, with, without. (ABBA)"""
+    return abba(PLAIN, PROTECTED)
 
 
 def compare_protections(

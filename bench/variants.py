@@ -117,6 +117,12 @@ class Comparison:
     status: str
 
 
+def abba(a: Variant, b: Variant) -> list[tuple[str, Variant]]:
+    """``a``, ``b``, ``b``, ``a``, labelled (1st) and (2nd): a steady drift of the machine
+    weighs on both sides alike, and each side's two runs show this run's noise."""
+    return [(f"{a.name} (1st)", a), (f"{b.name} (1st)", b), (f"{b.name} (2nd)", b), (f"{a.name} (2nd)", a)]
+
+
 def compare_runs(
     without: Sequence[L7Row],
     with_: Sequence[L7Row],
