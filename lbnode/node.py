@@ -293,7 +293,12 @@ class LbNode:
                         inner: Inner  # what a TLS listener's terminator calls after the handshake
                         access_log = self.access_logs.get(li.name)
                         if li.protocol in ("http", "https"):
-                            proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
+                            proxy_class = HttpProxy
+                            if li.http2 is not None:
+                                from lbnode.http2.proxy import Http2Proxy
+
+                                proxy_class = Http2Proxy
+                            proxy = proxy_class(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
                             self.http_proxies[li.name] = proxy
                             handler = inner = proxy.handle
                         else:
