@@ -242,6 +242,7 @@ class H2Session:
         self.out_bytes = 0  # produced by h2, not yet written to the socket
         self.out_ready = trio.Event()
         self._scope: trio.CancelScope | None = None
+        self.limited = False  # a limit bit: the connection is being closed
         self.closing = False  # GOAWAY sent: no new streams, close when the last one ends
         self.resets = TokenBucket(settings.max_resets_per_second, settings.max_resets_per_second)
         self.control = TokenBucket(settings.max_control_frames_per_second, settings.max_control_frames_per_second)
@@ -352,7 +353,11 @@ class H2Session:
             self._scope.cancel()
 
     def _limit(self, kind: str) -> None:
-        """A limit bit: counted, and the connection closed with ENHANCE_YOUR_CALM."""
+        """A limit bit: counted, and the connection closed with ENHANCE_YOUR_CALM (at once:
+        its open streams end too, and nothing more it sent is read)."""
+        if self.limited:
+            return
+        self.limited = True
         self.proxy.h2_limits[kind] = self.proxy.h2_limits.get(kind, 0) + 1
         log.info("listener %s: %s: HTTP/2 %s limit, closing the connection", self.proxy.listener.name, self.ip, kind)
         self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
@@ -381,6 +386,11 @@ class H2Session:
                     return
                 for event in events:
                     self._event(event, nursery, clock())
+                    if self.limited:
+                        self._output()
+                        for _, scope in self.streams.values():
+                            scope.cancel()
+                        return
                 self._output()
                 if self.closing and not self.streams:
                     return
