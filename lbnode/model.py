@@ -354,9 +354,13 @@ class Pool:
     # "v1" | "v2": a PROXY protocol header first on every backend connection (HAProxy's
     # send-proxy / send-proxy-v2), health checks included; None: none.
     send_proxy: str | None = None
+    # "http1": HTTP/1.1 keep-alive connections, one request at a time each; "h2": HTTP/2
+    # (cleartext, prior knowledge), requests multiplexed over a few connections (gRPC).
+    protocol: str = "http1"
 
 
 SEND_PROXY_VERSIONS = ("v1", "v2")
+POOL_PROTOCOLS = ("http1", "h2")
 # connect_ejection's upper bound: a backend back after a restart must not sit out longer
 # than an operator would wait for it; [pools.outlier] and health checks cover longer outages.
 CONNECT_EJECTION_MAX = 300.0
@@ -423,7 +427,10 @@ def parse_pool(t: Table) -> Pool:
         connect_ejection=t.duration("connect_ejection", 2.0, positive=False),
         tls=_parse_pool_tls(t.table("tls")),
         send_proxy=t.str("send_proxy", None, choices=SEND_PROXY_VERSIONS),
+        protocol=t.str("protocol", "http1", choices=POOL_PROTOCOLS),
     )
+    if pool.protocol == "h2" and (pool.tls is not None or pool.send_proxy is not None):
+        raise ConfigError(t.key("protocol"), '"h2" is cleartext HTTP/2 only for now: no [pools.tls], no send_proxy')
     if pool.connect_ejection > CONNECT_EJECTION_MAX:
         raise ConfigError(
             t.key("connect_ejection"),

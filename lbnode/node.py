@@ -294,7 +294,7 @@ class LbNode:
                         access_log = self.access_logs.get(li.name)
                         if li.protocol in ("http", "https"):
                             proxy_class = HttpProxy
-                            if li.http2 is not None:
+                            if li.http2 is not None or any(p.protocol == "h2" for p in config.pools):
                                 from lbnode.http2.proxy import Http2Proxy
 
                                 proxy_class = Http2Proxy

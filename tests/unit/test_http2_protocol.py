@@ -113,3 +113,13 @@ def test_config_keys_defaults_and_errors_naming_the_key() -> None:
         load_config_text(LISTENER.format(protocol="http", extra="[listeners.http2]\nbogus = 1\n"))
     with pytest.raises(ConfigFileError, match='needs protocol = "http" or "https"'):
         load_config_text(LISTENER.format(protocol="tcp", extra="[listeners.http2]\nenabled = true\n"))
+
+
+def test_pool_protocol_h2_is_cleartext_only_for_now() -> None:
+    pool = '[node]\nid = "n"\n[[pools]]\nname = "p"\nprotocol = "{}"\n{}[[pools.backends]]\naddress = "127.0.0.1:1"\n'
+    assert load_config_text(pool.format("h2", "")).pools[0].protocol == "h2"
+    assert load_config_text(pool.format("http1", "")).pools[0].protocol == "http1"
+    with pytest.raises(ConfigFileError, match=r"pools\[0\]\.protocol"):
+        load_config_text(pool.format("h3", ""))
+    with pytest.raises(ConfigFileError, match=r"pools\[0\]\.protocol: \"h2\" is cleartext"):
+        load_config_text(pool.format("h2", 'send_proxy = "v2"\n'))
