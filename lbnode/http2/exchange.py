@@ -56,6 +56,25 @@ async def exchange_h2(
     may_retry: Callable[[], bool], on_head: Callable[[ResponseHead], list[tuple[bytes, bytes]]] | None,
 ) -> bool:
     """Returns whether the client connection may carry another request (HTTP/1.1)."""
+    sent = [False]  # the response head went to the client
+    deadline = grpc_deadline(head, now)
+    if deadline is None:
+        return await _exchange(proxy, conn, head, pool, backend, request_bytes, body, status_retry, may_retry,
+                               on_head, sent)
+    # The call's own deadline: past it the client has given up, so the backend's stream is reset
+    # and the client told DEADLINE_EXCEEDED (if it has not had the response head yet).
+    with trio.move_on_at(deadline):
+        return await _exchange(proxy, conn, head, pool, backend, request_bytes, body, status_retry, may_retry,
+                               on_head, sent)
+    raise UpstreamError(f"grpc-timeout of {deadline - now:g}s passed", 504, responded=sent[0])
+
+
+async def _exchange(
+    proxy: Any, conn: ClientConn, head: RequestHead, pool: PoolRuntime, backend: BackendState,
+    request_bytes: bytes, body: list[bytes | End] | None, status_retry: frozenset[int],
+    may_retry: Callable[[], bool], on_head: Callable[[ResponseHead], list[tuple[bytes, bytes]]] | None,
+    sent: list[bool],
+) -> bool:
     spec = pool.spec
     timeout = spec.timeouts.response
     up = await backend_for(proxy, backend, pool)
@@ -72,14 +91,15 @@ async def exchange_h2(
             if not empty:
                 data = b"".join(e for e in body if isinstance(e, bytes))
                 await _send(up, stream, data, True, timeout)
-            return await _response(proxy, conn, head, up, stream, timeout, status_retry, may_retry, on_head, _done)
+            return await _response(proxy, conn, head, up, stream, timeout, status_retry, may_retry, on_head, _done,
+                                   sent)
         done = [False]
         error: list[Exception] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stream_body, proxy, conn, up, stream, done, error, nursery.cancel_scope)
             try:
                 keep = await _response(proxy, conn, head, up, stream, timeout, _NONE, may_retry, on_head,
-                                       lambda: done[0])
+                                       lambda: done[0], sent)
             finally:
                 if not done[0]:
                     nursery.cancel_scope.cancel()
@@ -95,6 +115,17 @@ async def exchange_h2(
 
 
 _NONE: frozenset[int] = frozenset()
+# grpc-timeout units (PROTOCOL-HTTP2.md): hours, minutes, seconds, milli-, micro-, nanoseconds.
+_GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def grpc_deadline(head: RequestHead, now: float) -> float | None:
+    """When a gRPC call's ``grpc-timeout`` runs out (None: no valid one)."""
+    value = head.header(b"grpc-timeout")
+    if value is None or not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        return None
+    unit = _GRPC_UNITS.get(value[-1:])
+    return None if unit is None else now + int(value[:-1]) * unit
 
 
 def _done() -> bool:
@@ -143,7 +174,7 @@ async def _next(up: H2Backend, stream: Stream, timeout: float, responded: bool) 
 async def _response(
     proxy: Any, conn: ClientConn, head: RequestHead, up: H2Backend, stream: Stream, timeout: float,
     status_retry: frozenset[int], may_retry: Callable[[], bool],
-    on_head: Callable[[ResponseHead], list[tuple[bytes, bytes]]] | None, request_done: Any,
+    on_head: Callable[[ResponseHead], list[tuple[bytes, bytes]]] | None, request_done: Any, sent: list[bool],
 ) -> bool:
     while True:
         event = await _next(up, stream, timeout, False)
@@ -186,6 +217,7 @@ async def _response(
         replace_response_header(resp, REQUEST_ID, conn.request_id)
     write_timeout = proxy.listener.timeouts.idle
     keep = head.keep_alive and not proxy.node.draining
+    sent[0] = True
     await conn.send(client_response_head(resp, VIA_NAME, keep_alive=keep, chunked=chunked,
                                          client_version=head.version), write_timeout)
     ended = trailers_only

@@ -33,6 +33,7 @@ class Server:
             "Sum": grpc.stream_unary_rpc_method_handler(self.sum),
             "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+            "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         self.server.add_insecure_port(f"127.0.0.1:{self.port}")
@@ -60,6 +61,16 @@ class Server:
         self.calls += 1
         for r in requests:
             yield r.upper()
+
+    def slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.calls += 1
+        end = time.monotonic() + int(request) / 1000
+        while time.monotonic() < end:
+            if not context.is_active():
+                self.cancelled.set()
+                return b""
+            time.sleep(0.01)
+        return b"late"
 
     def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.calls += 1
@@ -164,4 +175,37 @@ async def test_an_http11_client_reaches_an_h2_backend(servers: list[Server]) -> 
         # The length-prefixed answer, then the trailers, which curl -D prints after the body.
         assert body[:5] == b"\x00\x00\x00\x00\x04" and body[5:9] in (b"a:hi", b"b:hi"), body
         assert body[9:].startswith(b"grpc-status: 0\r\n"), body
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancellation_and_grpc_timeout_reach_the_backend(servers: list[Server]) -> None:
+    import struct
+    import subprocess
+
+    async with trio.open_nursery() as nursery:
+        _, bound = await start_node(nursery, config(servers))
+        port = bound.listeners["plain"][1]
+
+        def cancel() -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                call = method(ch, "unary_stream", "Count")(b"1000,20", timeout=30)
+                next(call)
+                call.cancel()  # RST_STREAM(CANCEL) to the node, which resets the backend's stream
+                assert any(s.cancelled.wait(5) for s in servers)  # the server saw its call end early
+
+        await trio.to_thread.run_sync(cancel)
+        for s in servers:
+            s.cancelled.clear()
+        # grpc-timeout enforced by the node itself (curl keeps no deadline of its own): a call
+        # that takes 5 s gets DEADLINE_EXCEEDED after 300 ms, and the backend's call is cancelled.
+        frame = b"\x00" + struct.pack(">I", 4) + b"5000"
+        started = time.monotonic()
+        r = await trio.to_thread.run_sync(lambda: subprocess.run(
+            ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "10", "-D", "-", "-H", "content-type: application/grpc",
+             "-H", "grpc-timeout: 300m", "--data-binary", "@-", f"http://127.0.0.1:{port}/{SERVICE}/Slow"],
+            input=frame, capture_output=True, timeout=20))
+        took = time.monotonic() - started
+        assert b"grpc-status: 4" in r.stdout, r.stdout
+        assert took < 3.0  # 300 ms, with room for a busy host; the call itself takes 5 s
+        assert await trio.to_thread.run_sync(lambda: any(s.cancelled.wait(5) for s in servers))
         nursery.cancel_scope.cancel()
