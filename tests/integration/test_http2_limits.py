@@ -247,3 +247,73 @@ async def test_zero_window_client_costs_bounded_memory_and_others_are_served() -
         await other_client_served(port)
         done.set()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_stops_reading_the_socket_costs_bounded_memory() -> None:
+    async with trio.open_nursery() as nursery:
+        node, port, _ = await start(nursery)
+        stalled = trio.Event()
+        done = trio.Event()
+
+        def no_reader() -> None:
+            # Windows as large as HTTP/2 allows, so only the node's own bound holds the data back:
+            # 4 downloads of 200 MB, and the socket never read.
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.local_settings = h2.settings.Settings(client=True, initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+            conn.initiate_connection()
+            conn.increment_flow_control_window(2**31 - 1 - 65535)
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                for i in range(4):
+                    conn.send_headers(2 * i + 1, [*REQUEST[:3], (":path", "/bytes?n=200000000")], end_stream=True)
+                sock.sendall(conn.data_to_send())
+                trio.from_thread.run_sync(stalled.set)
+                trio.from_thread.run(done.wait)
+
+        before = rss_kib()
+        nursery.start_soon(trio.to_thread.run_sync, no_reader)
+        await stalled.wait()
+        await trio.sleep(2.0)
+        grown = rss_kib() - before
+        # Held: the kernel's socket buffers, 256 KiB of frames in the node, one 64 KiB read per
+        # stream; 30 MB is far under the 800 MB offered.
+        assert grown < 30 * 1024, grown
+        sent = node.http_proxies["plain"].io[1]
+        assert sent < 20_000_000, sent  # what the kernel took before the client's buffer filled
+        await other_client_served(port)
+        done.set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stalled_stream_does_not_starve_another_on_the_same_connection() -> None:
+    async with trio.open_nursery() as nursery:
+        _, port, _ = await start(nursery)
+
+        def two_streams() -> int:
+            conn = client()
+            # A connection window larger than the streams' (as nghttp2 and browsers size it), so
+            # the client leaves room for other streams while one is not read.
+            conn.increment_flow_control_window(16 * 1024 * 1024)
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                conn.send_headers(1, [*REQUEST[:3], (":path", "/bytes?n=50000000")], end_stream=True)  # never read
+                conn.send_headers(3, [*REQUEST[:3], (":path", "/bytes?n=5000000")], end_stream=True)
+                sock.sendall(conn.data_to_send())
+                sock.settimeout(20)
+                got = 0
+                while True:
+                    data = sock.recv(65536)
+                    assert data, "connection closed"
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived) and event.stream_id == 3:
+                            got += len(event.data)
+                            conn.acknowledge_received_data(event.flow_controlled_length, 3)
+                        elif isinstance(event, h2.events.StreamEnded) and event.stream_id == 3:
+                            return got
+                    out = conn.data_to_send()
+                    if out:
+                        sock.sendall(out)
+
+        # Stream 1 takes at most its own 64 KiB window; stream 3's data keeps flowing meanwhile.
+        assert await trio.to_thread.run_sync(two_streams) == 5_000_000
+        nursery.cancel_scope.cancel()
