@@ -270,3 +270,41 @@ async def test_grpc_health_checks_follow_the_servers_health_service() -> None:
     finally:
         server.server.stop(0)
         bare.server.stop(0)
+
+
+async def test_grpc_over_tls_through_an_https_listener(servers: list[Server], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.tlsgen import make_ca, make_leaf
+
+    ca = make_ca()
+    cert, key = make_leaf(ca, ["grpc.example.com"]).write(tmp_path, "grpc")
+    access_log = tmp_path / "access.log"
+    async with trio.open_nursery() as nursery:
+        _, bound = await start_node(nursery, node_toml(
+            pool_toml("grpc", [f"127.0.0.1:{s.port}" for s in servers], protocol="h2"),
+            f'[[certificates]]\nname = "c"\ncert = "{cert}"\nkey = "{key}"\n',
+            listener_toml("secure", "https", "grpc",
+                          extra=f'  [listeners.tls]\n  certificates = ["c"]\n'
+                                f'  [listeners.access_log]\n  path = "{access_log}"\n'),
+        ))
+        port = bound.listeners["secure"][1]
+
+        def calls() -> list[bytes]:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem)
+            options = [("grpc.ssl_target_name_override", "grpc.example.com")]
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=options) as ch:
+                return [method(ch, "unary_unary", "Say")(b"t", timeout=10) for _ in range(4)]
+
+        answers = await trio.to_thread.run_sync(calls)
+        assert sorted(a.split(b":")[0] for a in answers) == [b"a", b"a", b"b", b"b"]
+        for _ in range(50):  # the access log writer runs in its own thread
+            if access_log.exists() and len(access_log.read_text().splitlines()) >= 4:
+                break
+            await trio.sleep(0.1)
+        import json
+
+        entries = [json.loads(line) for line in access_log.read_text().splitlines()]
+        assert len(entries) == 4
+        assert {e["version"] for e in entries} == {"2"} and {e["status"] for e in entries} == {200}
+        assert {e["path"] for e in entries} == {f"/{SERVICE}/Say"}
+        assert {e["tls_version"] for e in entries} == {"TLSv1.3"} and {e["protocol"] for e in entries} == {"https"}
+        nursery.cancel_scope.cancel()
