@@ -182,3 +182,17 @@ def run(ctx: Context) -> str:
                          fmt_num(h, 0, thousands=True), fmt_ratio(f, h), f">= {H2_TARGET}x", verdict]], "lrrrll")
         + "\n\n" + run_grpc(ctx)
     )
+
+
+if __name__ == "__main__":
+    import tempfile
+    from pathlib import Path
+
+    from bench.harness import Options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        context = Context(Options(duration=5.0, warmup=1.0), Path(__file__).resolve().parent.parent, Path(tmp))
+        try:
+            print(run(context))
+        finally:
+            context.close()
