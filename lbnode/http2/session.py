@@ -19,6 +19,7 @@ import h2.events as ev
 import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 
 from lbnode.accesslog import ListenerAccessLog
 from lbnode.http.framing import End, ParseError, RequestReader, ResponseReader
@@ -323,12 +324,26 @@ class H2Session:
         self._output()
 
     def goaway(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
-        """No new streams; the connection closes when the open ones are done (drain)."""
+        """No new streams; the connection closes when the open ones are done (drain), or at
+        once with an error code (a limit: the caller cancels the streams)."""
         if self.closing:
             return
         self.closing = True
-        self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+        last = self.h2.highest_inbound_stream_id
+        if code != ErrorCodes.NO_ERROR:
+            self.h2.close_connection(code, last_stream_id=last)
+            self._output()
+            return
+        # Graceful: the GOAWAY frame is written by hand, as h2's close_connection would put its
+        # state machine in CLOSED and refuse the responses of the streams still in flight.
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last
+        frame.error_code = ErrorCodes.NO_ERROR
         self._output()
+        data = frame.serialize()
+        self.out.append(data)
+        self.out_bytes += len(data)
+        self.out_ready.set()
 
     # ------------------------------------------------------------ the connection
     async def run(self) -> None:

@@ -317,3 +317,30 @@ async def test_a_stalled_stream_does_not_starve_another_on_the_same_connection()
         # Stream 1 takes at most its own 64 KiB window; stream 3's data keeps flowing meanwhile.
         assert await trio.to_thread.run_sync(two_streams) == 5_000_000
         nursery.cancel_scope.cancel()
+
+
+async def test_drain_sends_goaway_and_lets_the_streams_in_flight_finish() -> None:
+    async with trio.open_nursery() as nursery:
+        node, port, backends = await start(nursery)
+        result: list[subprocess.CompletedProcess[bytes]] = []
+
+        async def run_call() -> None:
+            # nghttp -v prints the frames: the GOAWAY must come before the answer, not end it.
+            result.append(await trio.to_thread.run_sync(lambda: subprocess.run(
+                ["nghttp", "-v", f"http://127.0.0.1:{port}/slow?ms=1000"], capture_output=True, timeout=20)))
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(run_call)
+            with trio.fail_after(5):
+                while not backends[0].stats.inflight:  # the request reached the backend
+                    await trio.sleep(0.01)
+            node.stop()
+        out = result[0].stdout.decode()
+        assert result[0].returncode == 0, out
+        goaway = out.find("recv GOAWAY frame")
+        assert goaway >= 0 and "last_stream_id=1" in out[goaway:goaway + 200], out
+        assert "error_code=NO_ERROR" in out[goaway:goaway + 200]
+        status = out.find(":status: 200")
+        assert goaway < status, out  # announced at once, then the answer in full
+        assert out.rstrip().endswith("alpha") or "alpha" in out[status:]
+        nursery.cancel_scope.cancel()
