@@ -104,7 +104,7 @@ class StreamConn(ClientConn):
     ``Http2Proxy._refuse``)."""
 
     __slots__ = ("session", "stream_id", "method", "grpc", "local", "response", "arrived", "acked", "wake",
-                 "head_sent", "ended", "close_delimited")
+                 "head_sent", "ended", "close_delimited", "request_ended")
 
     def __init__(self, session: H2Session, stream_id: int, method: bytes, grpc: bool) -> None:
         super().__init__(session.sock, session.ip, 1024, session.forwarded, session.io)
@@ -123,12 +123,15 @@ class StreamConn(ClientConn):
         self.head_sent = False
         self.ended = False
         self.close_delimited = False
+        self.request_ended = False  # the client ended its side (END_STREAM seen)
 
     # ------------------------------------------------------------ request body (client -> backend)
     def arrive(self, data: bytes | End) -> None:
         """The session's reader hands over a piece of body, or its end."""
         self.reader.events.append(data)
-        if isinstance(data, bytes):
+        if type(data) is End:
+            self.request_ended = True
+        elif isinstance(data, bytes):
             self.arrived += len(data)
             self.received += len(data)
         if self.wake is not None:
@@ -207,7 +210,7 @@ class StreamConn(ClientConn):
                 pass
         if not self.ended:
             session.reset(self.stream_id, ErrorCodes.INTERNAL_ERROR)
-        elif not self.reader.events or not isinstance(self.reader.events[-1], End):
+        elif not self.request_ended:
             # Answered before the request body ended (an early 4xx, say): the client may stop
             # sending it (RFC 9113 8.1).
             session.reset(self.stream_id, ErrorCodes.NO_ERROR)
@@ -493,8 +496,7 @@ class H2Session:
             nursery.start_soon(self._answer, conn, scope, local_response(exc.status, exc.reason, close=False))
             return
         conn = StreamConn(self, stream_id, head.method, grpc)
-        if event.stream_ended is not None:
-            conn.reader.events.append(End([]))
+        # (An END_STREAM on the head comes as a StreamEnded event of the same batch, next.)
         scope = trio.CancelScope()
         self.streams[stream_id] = (conn, scope)
         self.proxy.h2_streams += 1

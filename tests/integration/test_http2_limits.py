@@ -344,3 +344,36 @@ async def test_drain_sends_goaway_and_lets_the_streams_in_flight_finish() -> Non
         assert goaway < status, out  # announced at once, then the answer in full
         assert out.rstrip().endswith("alpha") or "alpha" in out[status:]
         nursery.cancel_scope.cancel()
+
+
+async def test_the_last_stream_id_is_served_and_the_client_moves_on() -> None:
+    async with trio.open_nursery() as nursery:
+        _, port, _ = await start(nursery)
+
+        def last_id() -> tuple[int, bool]:
+            # Stream ids only grow: a client that jumps to the last one (2^31 - 1) can open no more
+            # on this connection (RFC 9113 5.1.1). The node serves it and stays sound.
+            conn = client()
+            last = 2**31 - 1
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                conn.send_headers(last, REQUEST, end_stream=True)
+                sock.sendall(conn.data_to_send())
+                sock.settimeout(10)
+                status = 0
+                while True:
+                    data = sock.recv(65536)
+                    assert data
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            status = int(dict(event.headers)[b":status"])
+                        elif isinstance(event, h2.events.StreamEnded):
+                            try:
+                                conn.get_next_available_stream_id()
+                                more = True
+                            except h2.exceptions.NoAvailableStreamIDError:
+                                more = False
+                            return status, more
+
+        assert await trio.to_thread.run_sync(last_id) == (200, False)
+        await other_client_served(port)
+        nursery.cancel_scope.cancel()
