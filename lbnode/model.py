@@ -295,7 +295,7 @@ class Affinity:
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
-    type: str = "tcp"  # "tcp" | "http" | "grpc" (grpc.health.v1 over cleartext HTTP/2)
+    type: str = "tcp"  # "tcp" | "http"
     interval: float = 2.0
     timeout: float = 1.0
     rise: int = 2
@@ -307,7 +307,6 @@ class HealthCheck:
     expect_body: str | None = None
     initial_state: str = "up"  # state before the first result: "up" | "down"
     jitter: float = 0.1  # fraction of the interval added at random
-    service: str = ""  # type "grpc": the service name asked about ("" = the whole server)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,8 +429,6 @@ def parse_pool(t: Table) -> Pool:
         send_proxy=t.str("send_proxy", None, choices=SEND_PROXY_VERSIONS),
         protocol=t.str("protocol", "http1", choices=POOL_PROTOCOLS),
     )
-    if pool.health is not None and pool.health.type == "grpc" and pool.tls is not None:
-        raise ConfigError(t.path + ".health.type", '"grpc" checks are cleartext HTTP/2 only for now: no [pools.tls]')
     if pool.protocol == "h2" and (pool.tls is not None or pool.send_proxy is not None):
         raise ConfigError(t.key("protocol"), '"h2" is cleartext HTTP/2 only for now: no [pools.tls], no send_proxy')
     if pool.connect_ejection > CONNECT_EJECTION_MAX:
@@ -524,7 +521,7 @@ def _parse_affinity(t: Table | None) -> Affinity | None:
 def _parse_health(t: Table | None) -> HealthCheck | None:
     if t is None:
         return None
-    kind = t.str("type", "tcp", choices=("tcp", "http", "grpc"))
+    kind = t.str("type", "tcp", choices=("tcp", "http"))
     interval = t.duration("interval", 2.0)
     timeout = t.duration("timeout", min(1.0, interval))
     path = t.str("path", "/")
@@ -546,10 +543,7 @@ def _parse_health(t: Table | None) -> HealthCheck | None:
         expect_body=t.str("expect_body", None),
         initial_state=t.str("initial_state", "up", choices=("up", "down")),
         jitter=t.number("jitter", 0.1, lo=0, hi=1),
-        service=t.str("service", ""),
     )
-    if check.service and kind != "grpc":
-        raise ConfigError(t.key("service"), 'is for type = "grpc"')
     t.done()
     return check
 

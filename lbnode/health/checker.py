@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Iterable
 import httptools
 import trio
 
-from lbnode.health.grpc import grpc_check
 from lbnode.health.state import DOWN, HealthState, Observation, Transition
 from lbnode.model import Address, Backend, HealthCheck, PoolTls
 from lbnode.proxyproto import encode_own
@@ -78,8 +77,6 @@ async def check_backend(
             if check.type == "tcp":
                 return True, "connected"
             phase = "waiting for the response"
-            if check.type == "grpc":
-                return await grpc_check(stream, check.host or str(address), check.service)
             return await _http_check(stream, address, check)
     except trio.TooSlowError:
         return False, f"timeout after {format_seconds(check.timeout)} {phase}"

@@ -211,67 +211,6 @@ async def test_cancellation_and_grpc_timeout_reach_the_backend(servers: list[Ser
         nursery.cancel_scope.cancel()
 
 
-async def test_grpc_health_checks_follow_the_servers_health_service() -> None:
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    from lbnode.health.checker import check_backend
-    from lbnode.model import Address, HealthCheck
-
-    server = Server("h")
-    status = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(status, server.server)
-    bare = Server("bare")  # no health service at all
-    try:
-        check = HealthCheck(type="grpc", service=SERVICE, timeout=2.0)
-        address = Address("127.0.0.1", server.port)
-        status.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        assert await check_backend(address, check) == (True, "SERVING")
-        status.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-        assert await check_backend(address, check) == (False, "NOT_SERVING")
-        assert await check_backend(address, HealthCheck(type="grpc", service="other.Svc", timeout=2.0)) == (
-            False, "service 'other.Svc' unknown to the backend (NOT_FOUND)")
-        status.set("", health_pb2.HealthCheckResponse.SERVING)  # the whole server
-        assert await check_backend(address, HealthCheck(type="grpc", timeout=2.0)) == (True, "SERVING")
-        assert await check_backend(Address("127.0.0.1", bare.port), check) == (
-            False, "the backend has no grpc.health.v1 service (UNIMPLEMENTED)")
-
-        # Through a node: the pool's backend goes down when its service says NOT_SERVING, and
-        # calls go to the other backend (interval 50 ms, fall 2, rise 2: ~100 ms each way).
-        async with trio.open_nursery() as nursery:
-            other = Server("o")
-            try:
-                status.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-                other_status = health.HealthServicer()
-                health_pb2_grpc.add_HealthServicer_to_server(other_status, other.server)
-                other_status.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-                text = node_toml(
-                    pool_toml("grpc", [f"127.0.0.1:{server.port}", f"127.0.0.1:{other.port}"], protocol="h2",
-                              _extra=f'  [pools.health]\n  type = "grpc"\n  service = "{SERVICE}"\n'
-                                     '  interval = "50ms"\n  rise = 2\n  fall = 2\n'),
-                    listener_toml("plain", "http", "grpc", extra=H2C),
-                )
-                _, bound = await start_node(nursery, text)
-                port = bound.listeners["plain"][1]
-                status.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-                await trio.sleep(0.6)  # 2 failed checks at 50 ms, 6x margin for a busy host
-
-                def names() -> set[bytes]:
-                    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                        say = method(ch, "unary_unary", "Say")
-                        return {say(b"x", timeout=10).split(b":")[0] for _ in range(10)}
-
-                assert await trio.to_thread.run_sync(names) == {b"o"}
-                status.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-                await trio.sleep(0.6)
-                assert await trio.to_thread.run_sync(names) == {b"h", b"o"}
-                nursery.cancel_scope.cancel()
-            finally:
-                other.server.stop(0)
-    finally:
-        server.server.stop(0)
-        bare.server.stop(0)
-
-
 async def test_grpc_over_tls_through_an_https_listener(servers: list[Server], tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.tlsgen import make_ca, make_leaf
 
