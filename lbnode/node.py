@@ -287,34 +287,7 @@ class LbNode:
                 accepting: list[tuple[stdsocket.socket, Handler, ConnectionGate]] = []
                 async with trio.open_nursery() as accept_loops:
                     for li, sock in sockets:
-                        gate = ConnectionGate(li.max_connections, parent=self.connection_gate)
-                        self.connection_gates[li.name] = gate
-                        handler: Handler
-                        inner: Inner  # what a TLS listener's terminator calls after the handshake
-                        access_log = self.access_logs.get(li.name)
-                        if li.protocol in ("http", "https"):
-                            proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
-                            self.http_proxies[li.name] = proxy
-                            handler = inner = proxy.handle
-                        else:
-                            from lbnode.tcp.proxy import TcpProxy
-
-                            tcp = TcpProxy(li, self, access_log=access_log)
-                            self.tcp_proxies[li.name] = tcp
-                            handler = inner = tcp.handle
-                        if li.tls is not None:
-                            from lbnode.tls.terminate import TlsTerminator
-
-                            terminator = TlsTerminator(li, self, inner)
-                            self.tls_terminators[li.name] = terminator
-                            handler = terminator.handle
-                        if li.proxy_protocol is not None:
-                            from lbnode.proxyaccept import ProxyHeaderReceiver
-
-                            # Outermost: the header comes before the TLS handshake and the ClientHello.
-                            receiver = ProxyHeaderReceiver(li, handler)
-                            self.proxy_receivers[li.name] = receiver
-                            handler = receiver.handle
+                        handler, gate = self._listener_handler(li)
                         accepting.append((sock, handler, gate))
                         accept_loops.start_soon(accept_loop, sock, handler, connections, gate, li.name)
                     for li in config.listeners:
@@ -346,6 +319,40 @@ class LbNode:
             self.upstreams.close()
             log.info("stopped")
             outer.cancel_scope.cancel()
+
+    def _listener_handler(self, li: Listener) -> tuple[Handler, ConnectionGate]:
+        """One listener's connection handler and gate, registered for the admin endpoint's
+        counters: the PROXY header receiver (outermost: the header comes before the TLS
+        handshake and the ClientHello), then the TLS terminator, then HTTP or TCP."""
+        assert self.bound is not None
+        gate = ConnectionGate(li.max_connections, parent=self.connection_gate)
+        self.connection_gates[li.name] = gate
+        handler: Handler
+        inner: Inner  # what a TLS listener's terminator calls after the handshake
+        access_log = self.access_logs.get(li.name)
+        if li.protocol in ("http", "https"):
+            proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
+            self.http_proxies[li.name] = proxy
+            handler = inner = proxy.handle
+        else:
+            from lbnode.tcp.proxy import TcpProxy
+
+            tcp = TcpProxy(li, self, access_log=access_log)
+            self.tcp_proxies[li.name] = tcp
+            handler = inner = tcp.handle
+        if li.tls is not None:
+            from lbnode.tls.terminate import TlsTerminator
+
+            terminator = TlsTerminator(li, self, inner)
+            self.tls_terminators[li.name] = terminator
+            handler = terminator.handle
+        if li.proxy_protocol is not None:
+            from lbnode.proxyaccept import ProxyHeaderReceiver
+
+            receiver = ProxyHeaderReceiver(li, handler)
+            self.proxy_receivers[li.name] = receiver
+            handler = receiver.handle
+        return handler, gate
 
     def _admin_access(self) -> AdminAccess:
         """[admin]'s token and TLS context, read before anything binds (a file changed since
