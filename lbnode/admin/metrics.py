@@ -225,7 +225,8 @@ def _pools(out: Exposition, node: Any) -> None:
         checker = checkers.get(name)
         state = checker.states.get(b.id) if checker is not None else None
         if state is not None:
-            checks += [((*lb, ("result", "passed")), state.passed), ((*lb, ("result", "failed")), state.checks - state.passed)]
+            checks += [((*lb, ("result", "passed")), state.passed), ((*lb, ("result", "failed")), state.checks - state.passed),
+                       ((*lb, ("result", "inconclusive")), state.inconclusive)]
     out.add("fulcrum_health_checks_total", "counter", "Active health checks this node ran, by result.", checks)
     durations = []
     for name, _, b, lb in backends:

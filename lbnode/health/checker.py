@@ -30,6 +30,10 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 # One receive; health answers are small, so one or two reads finish most checks.
 RECEIVE_BYTES = 16 * 1024
+# A failed probe that took longer than its timeout by more than this share of it was not the
+# backend's doing: the probe is bounded by the timeout, so the excess is time this process did
+# not run (a stall of the event loop or of the host). Its result is inconclusive.
+STALL_SHARE = 0.5
 
 _ERRNO_REASONS = {
     errno.ECONNREFUSED: "connection refused",
@@ -181,6 +185,14 @@ def describe_os_error(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+def stalled(duration: float, timeout: float) -> bool:
+    """Whether a probe bounded by ``timeout`` took so much longer that this process cannot have
+    been running: a loopback connect that "times out after 100ms" when the loop was frozen
+    for 300 ms says nothing about the backend (``make soak`` saw every backend of a pool
+    marked down at once that way on a busy host)."""
+    return duration > timeout * (1.0 + STALL_SHARE)
+
+
 def format_seconds(seconds: float) -> str:
     """``1.0s``, ``2.5s``, ``250ms``: the way an operator wrote it in the config."""
     if seconds >= 1:
@@ -306,6 +318,19 @@ class HealthChecker:
                     return
                 now = trio.current_time()
                 state.durations.observe(now - started)
+                late = not ok and stalled(now - started, check.timeout)
+                if late and state.stalled_in_a_row < check.fall:
+                    # Probe again at once: only a result the loop saw in time counts. A
+                    # backend that is really dead still goes down, at most ``fall``
+                    # stalled probes (each bounded by the timeout plus the stall) later.
+                    state.stalled_in_a_row += 1
+                    state.inconclusive += 1
+                    log.info("pool %s backend %s: check inconclusive (%s, but the probe took %s: this "
+                             "process was stalled); checking again", self.pool, backend.address, reason,
+                             format_seconds(now - started))
+                    continue
+                if not late:
+                    state.stalled_in_a_row = 0
                 self._record(backend, state, ok, reason, now)
                 spacing = check.interval * (1.0 + check.jitter * self._rng.random())
                 await trio.sleep_until(started + spacing)
