@@ -295,6 +295,9 @@ class LbNode:
                         if li.protocol in ("http", "https"):
                             proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
                             self.http_proxies[li.name] = proxy
+                            if any(r.mirror is not None for r in li.routes):
+                                # Copies outlive the connection they copy; cancelled when the node stops.
+                                await outer.start(proxy.mirrors.run)
                             handler = inner = proxy.handle
                         else:
                             from lbnode.tcp.proxy import TcpProxy

@@ -128,10 +128,64 @@ class Split:
 
 
 @dataclass(frozen=True, slots=True)
+class Redirect:
+    """``redirect``: the node answers with ``status`` and a Location made of the request's
+    URL with the parts given here replaced. ``port`` None: the request's port, unless the
+    scheme or host changes (then the new scheme's default port)."""
+
+    status: int = 302
+    scheme: str | None = None  # "http" | "https"
+    host: str | None = None  # lower-case, without a port
+    port: int | None = None
+    path: str | None = None
+    keep_query: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class FixedResponse:
+    """``fixed_response``: the node answers with this status and body itself."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """``request_headers`` / ``response_headers``: fields removed (every field of each name),
+    set (any field of that name replaced by this one) and added (kept beside any others)."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: frozenset[str] = frozenset()  # lower-case names
+
+    @property
+    def dropped(self) -> frozenset[str]:
+        """Lower-case names whose fields the client or backend sent are not passed on."""
+        return self.remove | frozenset(n.lower() for n, _ in self.set)
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """``mirror``: a sampled share of the requests is copied to ``pool``, the answer dropped."""
+
+    pool: str
+    percent: float = 100.0  # of the route's requests, 0 < percent <= 100
+    max_inflight: int = 16  # copies under way at once for this route; more are dropped (counted)
+    max_body_bytes: int = 64 * 1024  # a request with a larger (or streamed) body is not copied
+
+
+# The actions that decide what answers a request: exactly one per route.
+TERMINAL_ACTIONS = ("pool", "split", "redirect", "fixed_response")
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """``[[listeners.routes]]``: every condition given must hold; ``pool`` or ``split`` says
-    where the request goes. Among matching routes the highest ``priority`` wins, then the
-    first in the file."""
+    where the request goes, or ``redirect`` / ``fixed_response`` has the node answer itself.
+    Among matching routes the highest ``priority`` wins, then the first in the file.
+    ``allow_cidrs`` / ``deny_cidrs`` then refuse (403) the clients this route does not serve;
+    the other actions change the request sent and the response relayed."""
 
     pool: str | None = None  # None when ``split`` is given
     host: str | None = None  # exact, or "*.example.com" (any sub-domain); lower-case
@@ -145,12 +199,46 @@ class Route:
     client_cidrs: tuple[Network, ...] = ()
     priority: int = 0
     split: Split | None = None
+    redirect: Redirect | None = None
+    fixed_response: FixedResponse | None = None
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
+    rewrite_path_prefix: str | None = None  # replaces ``path_prefix`` in the path sent
+    rewrite_host: str | None = None  # the Host sent to the backend (X-Forwarded-Host keeps the client's)
+    mirror: Mirror | None = None
+    allow_cidrs: tuple[Network, ...] = ()  # given: clients outside them get 403
+    deny_cidrs: tuple[Network, ...] = ()  # clients inside them get 403 (before allow_cidrs)
 
     @property
     def pools(self) -> tuple[str, ...]:
         if self.split is not None:
             return tuple(s.pool for s in self.split.sides)
         return (self.pool,) if self.pool is not None else ()
+
+    def pool_refs(self) -> list[tuple[str, str]]:
+        """(key under the route, pool name) of every pool the route names, for the check that
+        they exist: ``pool``, ``split[k].pool``, ``mirror.pool``."""
+        refs: list[tuple[str, str]] = []
+        if self.pool is not None:
+            refs.append(("pool", self.pool))
+        if self.split is not None:
+            refs += [(f"split[{k}].pool", side.pool) for k, side in enumerate(self.split.sides)]
+        if self.mirror is not None:
+            refs.append(("mirror.pool", self.mirror.pool))
+        return refs
+
+    @property
+    def acts(self) -> bool:
+        """Anything for the proxy to do besides sending the request to the route's pool."""
+        return (self.redirect is not None or self.fixed_response is not None or self.request_headers is not None
+                or self.response_headers is not None or self.rewrite_path_prefix is not None
+                or self.rewrite_host is not None or self.mirror is not None or bool(self.allow_cidrs)
+                or bool(self.deny_cidrs))
+
+    @property
+    def answers_itself(self) -> bool:
+        """The node answers (redirect, fixed_response): nothing goes to a backend."""
+        return self.redirect is not None or self.fixed_response is not None
 
 
 class RequestFacts:
@@ -256,6 +344,7 @@ class RouteTable:
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
+        self._positions = {id(r): i for i, r in enumerate(self.routes)}
         self._exact: dict[str, list[_Entry]] = {}
         self._wildcard: dict[str, list[_Entry]] = {}  # "example.com" for "*.example.com"
         self._any: list[_Entry] = []
@@ -272,6 +361,10 @@ class RouteTable:
 
     def __bool__(self) -> bool:
         return bool(self.routes)
+
+    def position(self, route: Route) -> int:
+        """The route's place in the listener (``routes[n]`` in errors, logs and metrics)."""
+        return self._positions[id(route)]
 
     def candidates(self, host: str | None) -> Iterator[Route]:
         """Routes whose host condition holds for ``host``, in the order they are tried."""
@@ -299,6 +392,20 @@ class RouteTable:
             if route_matches(route, req):
                 return route
         return None
+
+
+def client_allowed(route: Route, req: RequestFacts) -> bool:
+    """``deny_cidrs`` and ``allow_cidrs`` of the route that took the request: False means 403.
+    A client in ``deny_cidrs`` is refused even if ``allow_cidrs`` holds it too; an address
+    that cannot be parsed is in no network."""
+    if not route.deny_cidrs and not route.allow_cidrs:
+        return True
+    address = req.address()
+    if route.deny_cidrs and address is not None and any(address in net for net in route.deny_cidrs):
+        return False
+    if route.allow_cidrs:
+        return address is not None and any(address in net for net in route.allow_cidrs)
+    return True
 
 
 def choose_pool(route: Route, req: RequestFacts, rng: random.Random) -> tuple[str, str | None]:
