@@ -337,27 +337,130 @@ def route_matches(route: Route, req: RequestFacts) -> bool:
 _Entry = tuple[int, int, Route]
 
 
+def host_matches(route: Route, host: str | None) -> bool:
+    """The route's host condition alone (the table applies it by lookup; tests compare)."""
+    if route.host is None:
+        return True
+    if host is None:
+        return False
+    if route.host.startswith("*."):
+        return host.endswith(route.host[1:])
+    return host == route.host
+
+
+def literal_prefix(pattern: re.Pattern[str]) -> str:
+    """The literal text every full match of ``pattern`` starts with ("" if none is known):
+    the pattern's leading literal characters, without IGNORECASE."""
+    if pattern.flags & re.IGNORECASE:
+        return ""
+    out = []
+    for op, arg in _parser.parse(pattern.pattern):
+        if op != _c.LITERAL:
+            break
+        out.append(chr(arg))
+    return "".join(out)
+
+
+class _Group:
+    """The routes of one host key (an exact host, a wildcard's domain, or none), indexed by
+    what else selects them: an exact ``path``; else a path prefix (``path_prefix``, or the
+    literal start of ``path_regex``, the longer); else the first ``exact`` header
+    condition; else nothing (tried for every request of this host key)."""
+
+    __slots__ = ("all", "exact_path", "prefixes", "lengths", "by_header", "others")
+
+    def __init__(self) -> None:
+        self.all: list[_Entry] = []
+        self.exact_path: dict[str, list[_Entry]] = {}
+        self.prefixes: dict[str, list[_Entry]] = {}
+        self.lengths: tuple[int, ...] = ()
+        self.by_header: dict[str, dict[str, list[_Entry]]] = {}
+        self.others: list[_Entry] = []
+
+    def add(self, entry: _Entry) -> None:
+        route = entry[2]
+        self.all.append(entry)
+        if route.path is not None:
+            self.exact_path.setdefault(route.path, []).append(entry)
+            return
+        prefix = route.path_prefix or ""
+        if route.path_regex is not None:
+            start = literal_prefix(route.path_regex)
+            if len(start) > len(prefix):
+                prefix = start
+        if prefix:
+            self.prefixes.setdefault(prefix, []).append(entry)
+            return
+        for cond in route.headers:
+            if cond.exact is not None and cond.present:
+                self.by_header.setdefault(cond.name, {}).setdefault(cond.exact, []).append(entry)
+                return
+        self.others.append(entry)
+
+    def seal(self) -> None:
+        lists = [self.all, self.others, *self.exact_path.values(), *self.prefixes.values()]
+        lists += [lst for values in self.by_header.values() for lst in values.values()]
+        for lst in lists:
+            lst.sort(key=_order)
+        self.lengths = tuple(sorted({len(p) for p in self.prefixes}))
+
+    def collect(self, req: RequestFacts, into: list[list[_Entry]]) -> None:
+        """Append the lists of routes whose indexed condition holds for ``req``."""
+        path = req.path
+        if self.exact_path:
+            found = self.exact_path.get(path)
+            if found:
+                into.append(found)
+        if self.lengths:
+            prefixes = self.prefixes
+            n = len(path)
+            for length in self.lengths:
+                if length > n:
+                    break
+                found = prefixes.get(path[:length])
+                if found:
+                    into.append(found)
+        if self.by_header:
+            for name, values in self.by_header.items():
+                for value in set(req.header(name)):
+                    found = values.get(value)
+                    if found:
+                        into.append(found)
+        if self.others:
+            into.append(self.others)
+
+
+def _order(e: _Entry) -> tuple[int, int]:
+    return e[0], e[1]
+
+
 class RouteTable:
     """A listener's routes, compiled: routes naming an exact host are found by a dict lookup,
-    wildcards by the request host's parent domains, and host-less routes are always
-    candidates. The candidates are tried in (priority, file order), as if all routes were."""
+    wildcards by the request host's parent domains, host-less routes under any host; within
+    each, by exact path (a dict), path prefix (a dict per distinct prefix length, so a lookup
+    per length, not per route; ``path_regex`` counts by its literal start) or an exact header
+    value. Only those candidates are tried, in (priority, file order): the answer is the one
+    a linear scan of every route would give (tests/unit/test_routes.py checks it)."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
         self._positions = {id(r): i for i, r in enumerate(self.routes)}
-        self._exact: dict[str, list[_Entry]] = {}
-        self._wildcard: dict[str, list[_Entry]] = {}  # "example.com" for "*.example.com"
-        self._any: list[_Entry] = []
+        self._exact: dict[str, _Group] = {}
+        self._wildcard: dict[str, _Group] = {}  # "example.com" for "*.example.com"
+        self._any: _Group | None = None
         for i, route in enumerate(self.routes):
             entry = (-route.priority, i, route)
             if route.host is None:
-                self._any.append(entry)
+                if self._any is None:
+                    self._any = _Group()
+                group = self._any
             elif route.host.startswith("*."):
-                self._wildcard.setdefault(route.host[2:], []).append(entry)
+                group = self._wildcard.setdefault(route.host[2:], _Group())
             else:
-                self._exact.setdefault(route.host, []).append(entry)
-        for group in [*self._exact.values(), *self._wildcard.values(), self._any]:
-            group.sort(key=lambda e: (e[0], e[1]))
+                group = self._exact.setdefault(route.host, _Group())
+            group.add(entry)
+        for g in [*self._exact.values(), *self._wildcard.values(), *([self._any] if self._any else [])]:
+            g.seal()
 
     def __bool__(self) -> bool:
         return bool(self.routes)
@@ -366,29 +469,41 @@ class RouteTable:
         """The route's place in the listener (``routes[n]`` in errors, logs and metrics)."""
         return self._positions[id(route)]
 
-    def candidates(self, host: str | None) -> Iterator[Route]:
-        """Routes whose host condition holds for ``host``, in the order they are tried."""
-        lists: list[list[_Entry]] = []
+    def _groups(self, host: str | None) -> list[_Group]:
+        groups: list[_Group] = []
         if host is not None:
             exact = self._exact.get(host)
-            if exact:
-                lists.append(exact)
+            if exact is not None:
+                groups.append(exact)
             if self._wildcard:
                 dot = host.find(".")
                 while dot >= 0:
                     wild = self._wildcard.get(host[dot + 1:])
-                    if wild:
-                        lists.append(wild)
+                    if wild is not None:
+                        groups.append(wild)
                     dot = host.find(".", dot + 1)
-        if self._any:
-            lists.append(self._any)
-        if len(lists) == 1:
-            return (e[2] for e in lists[0])
-        return (e[2] for e in heapq.merge(*lists, key=lambda e: (e[0], e[1])))
+        if self._any is not None:
+            groups.append(self._any)
+        return groups
+
+    def candidates(self, host: str | None) -> Iterator[Route]:
+        """Routes whose host condition holds for ``host``, in the order they are tried."""
+        lists = [g.all for g in self._groups(host)]
+        return (e[2] for e in heapq.merge(*lists, key=_order))
 
     def match(self, req: RequestFacts) -> Route | None:
         """The route that takes this request, or None (the listener's own pool)."""
-        for route in self.candidates(req.host):
+        lists: list[list[_Entry]] = []
+        for group in self._groups(req.host):
+            group.collect(req, lists)
+        if not lists:
+            return None
+        if len(lists) == 1:
+            for _, _, route in lists[0]:
+                if route_matches(route, req):
+                    return route
+            return None
+        for _, _, route in heapq.merge(*lists, key=_order):
             if route_matches(route, req):
                 return route
         return None

@@ -9,9 +9,20 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lbnode.model import ConfigError, Route, parse_config
-from lbnode.routing import MAX_PATTERN_LENGTH, RequestFacts, RouteTable, check_regex, choose_pool
+from lbnode.routing import (
+    MAX_PATTERN_LENGTH,
+    RequestFacts,
+    RouteTable,
+    check_regex,
+    choose_pool,
+    host_matches,
+    literal_prefix,
+    route_matches,
+)
 
 POOLS = ("dflt", "a", "b", "c", "v1", "v2")
 
@@ -329,3 +340,73 @@ def test_a_request_tries_only_its_host_routes_and_the_host_less_ones() -> None:
     assert pool_of(table, req("/app500/x", host="h500.example")) == "a"
     assert pool_of(table, req("/app501/x", host="h500.example")) == "dflt"
     assert pool_of(table, req("/wild", host="h3.example")) == "b"
+
+
+# ------------------------------------------------------------------ the compiled table = a linear scan
+
+HOSTS = ["a.example", "b.example", "x.a.example", "*.example", "*.a.example"]
+PATHS = ["/", "/a", "/ab", "/a/b", "/b", "/b/c/d", "/abc"]
+
+
+def _linear(table: RouteTable, facts: RequestFacts) -> Route | None:
+    """Every route, in (priority, file order), every condition checked: what the index must equal."""
+    for i in sorted(range(len(table.routes)), key=lambda i: (-table.routes[i].priority, i)):
+        route = table.routes[i]
+        if host_matches(route, facts.host) and route_matches(route, facts):
+            return route
+    return None
+
+
+route_specs = st.fixed_dictionaries(
+    {"pool": st.sampled_from(["a", "b", "c"])},
+    optional={
+        "host": st.sampled_from(HOSTS),
+        "path": st.sampled_from(PATHS),
+        "path_prefix": st.sampled_from(PATHS),
+        "path_regex": st.sampled_from(["/a.*", "/ab?", "/a/[a-z]+", "(?i)/A.*", "/(a|b)/.*", ".*c", "/b/c/d"]),
+        "priority": st.integers(-2, 2),
+        "methods": st.just(["POST"]),
+        "headers": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["X-T", "X-U"]),
+                                                   "exact": st.sampled_from(["1", "2"])}), max_size=2),
+    },
+)
+requests = st.tuples(
+    st.sampled_from(["a.example", "b.example", "x.a.example", "y.x.a.example", "other.test", None]),
+    st.sampled_from([*PATHS, "/a/bc", "/abcd", "/c", "/b/c/dd", "/A/x"]),
+    st.lists(st.tuples(st.sampled_from([b"x-t", b"X-U", b"x-v"]), st.sampled_from([b"1", b"2", b" 1 "])), max_size=3),
+    st.sampled_from([b"GET", b"POST"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(route_specs, min_size=1, max_size=30), st.lists(requests, min_size=1, max_size=20))
+def test_the_compiled_table_chooses_what_a_linear_scan_chooses(specs: list[dict[str, Any]], reqs: list[Any]) -> None:
+    table = RouteTable(routes(*specs))
+    for host, path, headers, method in reqs:
+        facts = req(path, host=host, headers=headers, method=method)
+        assert table.match(facts) is _linear(table, req(path, host=host, headers=headers, method=method))
+
+
+def test_literal_prefix_of_a_regex() -> None:
+    assert literal_prefix(check_regex("/api/v[0-9]+/.*")) == "/api/v"
+    assert literal_prefix(check_regex("/ab?")) == "/a"
+    assert literal_prefix(check_regex("(?i)/api")) == ""
+    assert literal_prefix(check_regex("/a|/b")) == "/"  # re's parser takes the common start out
+    assert literal_prefix(check_regex("a|/b")) == ""
+
+
+def test_a_request_tries_only_the_routes_its_path_or_header_selects() -> None:
+    specs: list[dict[str, Any]] = [{"path_prefix": f"/app{i}/", "pool": "a"} for i in range(300)]
+    specs += [{"path_regex": f"/svc{i}/[a-z]+", "pool": "b"} for i in range(300)]
+    specs += [{"headers": [{"name": "X-Tenant", "exact": f"t{i}"}], "pool": "c"} for i in range(300)]
+    table = RouteTable(routes(*specs))
+    tried: list[Route] = []
+    facts = req("/svc299/x", headers=[(b"X-Tenant", b"t5")])
+    lists: list[Any] = []
+    for group in table._groups(facts.host):
+        group.collect(facts, lists)
+    tried = [e[2] for lst in lists for e in lst]
+    assert len(tried) == 2  # the regex route of /svc299/ and the header route of t5
+    assert pool_of(table, facts) == "b"  # /svc299/'s route (599th) comes before t5's (605th)
+    assert pool_of(table, req("/svc300/x", headers=[(b"X-Tenant", b"t5")])) == "c"
+    assert pool_of(table, req("/app7/x")) == "a"
