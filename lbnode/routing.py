@@ -263,6 +263,10 @@ class RequestFacts:
         self._params: dict[str, list[str]] | None = None
         self._address: ipaddress.IPv4Address | ipaddress.IPv6Address | None | bool = False
 
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        return self._raw_headers
+
     def header(self, lname: str) -> list[str]:
         if self._headers is None:
             self._headers = {}
@@ -374,7 +378,7 @@ class _Group:
         self.exact_path: dict[str, list[_Entry]] = {}
         self.prefixes: dict[str, list[_Entry]] = {}
         self.lengths: tuple[int, ...] = ()
-        self.by_header: dict[str, dict[str, list[_Entry]]] = {}
+        self.by_header: dict[bytes, dict[str, list[_Entry]]] = {}  # lower-case name -> value -> routes
         self.others: list[_Entry] = []
 
     def add(self, entry: _Entry) -> None:
@@ -393,7 +397,7 @@ class _Group:
             return
         for cond in route.headers:
             if cond.exact is not None and cond.present:
-                self.by_header.setdefault(cond.name, {}).setdefault(cond.exact, []).append(entry)
+                self.by_header.setdefault(cond.name.encode("latin-1"), {}).setdefault(cond.exact, []).append(entry)
                 return
         self.others.append(entry)
 
@@ -421,10 +425,14 @@ class _Group:
                 if found:
                     into.append(found)
         if self.by_header:
-            for name, values in self.by_header.items():
-                for value in set(req.header(name)):
-                    found = values.get(value)
-                    if found:
+            # The raw fields, not req.header(): that lower-cases and decodes every field,
+            # which a request that meets no header route would pay for nothing.
+            by_header = self.by_header
+            for name, value in req.raw_headers:
+                values = by_header.get(name.lower())
+                if values is not None:
+                    found = values.get(value.decode("latin-1").strip())
+                    if found and found not in into:
                         into.append(found)
         if self.others:
             into.append(self.others)
