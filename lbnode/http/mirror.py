@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket as stdsocket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -23,7 +23,7 @@ from lbnode.http.headers import ResponseHead
 from lbnode.http.upstream import UpstreamConn, UpstreamPool
 from lbnode.logthrottle import LogThrottle
 from lbnode.proxyaccept import header_for
-from lbnode.routing import Mirror
+from lbnode.routing import Mirror, Route
 from lbnode.runtime import PoolRuntime, Snapshot
 from lbnode.sockio import recv_within, send_all
 
@@ -49,10 +49,12 @@ class Mirrors:
     """A listener's mirrored copies. ``run`` must be going for copies to leave (until then,
     and after the node stopped it, they are dropped as ``stopped``)."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot], upstreams: UpstreamPool) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], upstreams: UpstreamPool, routes: Sequence[Route] = ()) -> None:
         self._snapshot = snapshot
         self.upstreams = upstreams
-        self.stats: dict[int, MirrorStats] = {}  # by the route's place in the listener
+        # By the route's place in the listener; every mirroring route's counters from the start.
+        self.stats: dict[int, MirrorStats] = {
+            i: MirrorStats(r.mirror.pool) for i, r in enumerate(routes) if r.mirror is not None}
         self._nursery: trio.Nursery | None = None
         self._logged = LogThrottle(window=10.0, burst=5)
 

@@ -289,7 +289,7 @@ class HttpProxy:
         self.redirects = 0  # requests answered with the redirect to https
         # Requests a route's redirect or fixed_response answered, by status (local, for /metrics).
         self.route_answers: dict[int, int] = {}
-        self.mirrors = Mirrors(lambda: node.snapshot, node.upstreams)  # started by the node (run)
+        self.mirrors = Mirrors(lambda: node.snapshot, node.upstreams, listener.routes)  # run by the node
         self._idle: set[ClientConn] = set()
         self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
         # Local answers are counted in full above; the log takes a few per status per 10 s, so a

@@ -209,6 +209,11 @@ async def test_mirror_copies_requests_with_their_bodies_and_drops_the_answers(nu
         listener_toml("web", "http", "web", extra=_mirror_routes("shadow", max_body=1000)),
         pool_toml("web", [web.address]), pool_toml("shadow", [shadow.address])))
     base = f"http://127.0.0.1:{bound.listeners['web'][1]}"
+    _, s = await scrape(bound.admin[1])
+    labels = {"listener": "web", "route": "0", "pool": "shadow"}
+    series = {(n, tuple(sorted(ls))) for (n, ls) in s if n.startswith("fulcrum_mirror_")}
+    assert len(series) == 2 + 4 + 1  # every result and reason shown from the start, at 0
+    assert value(s, "fulcrum_mirror_inflight", **labels) == 0
 
     def run() -> list[httpx.Response]:
         with httpx.Client(timeout=30) as c:
@@ -225,7 +230,6 @@ async def test_mirror_copies_requests_with_their_bodies_and_drops_the_answers(nu
     assert shadow.stats.requests == 21
     assert shadow.stats.paths.get("/m/small") == 1 and "/m/large" not in shadow.stats.paths
     _, s = await scrape(bound.admin[1])
-    labels = {"listener": "web", "route": "0", "pool": "shadow"}
     assert value(s, "fulcrum_mirror_requests_total", result="answered", **labels) == 21
     assert value(s, "fulcrum_mirror_dropped_total", reason="body", **labels) == 1
 
