@@ -432,7 +432,9 @@ class _Group:
                 values = by_header.get(name.lower())
                 if values is not None:
                     found = values.get(value.decode("latin-1").strip())
-                    if found and found not in into:
+                    if found:
+                        # (The same field twice adds its list twice: its routes are then
+                        # merged in twice, and a route tried twice gives the same answer.)
                         into.append(found)
         if self.others:
             into.append(self.others)
