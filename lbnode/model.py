@@ -17,7 +17,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lbnode.routing import Route, Split, SplitSide, ValueMatch, check_regex
+from lbnode.routing import (
+    TERMINAL_ACTIONS,
+    FixedResponse,
+    HeaderEdits,
+    Mirror,
+    Redirect,
+    Route,
+    Split,
+    SplitSide,
+    ValueMatch,
+    check_regex,
+)
 
 if TYPE_CHECKING:
     from lbnode.tls.certs import Certificate
@@ -751,15 +762,35 @@ def parse_route(rt: Table, index: int) -> Route:
     pool = rt.name("pool", None)
     split_tables = rt.tables("split") if rt.has("split") else None
     sticky = rt.bool("sticky", False)
+    given = [a for a in TERMINAL_ACTIONS if rt.has(a)]
+    if not given:
+        raise ConfigError(rt.key("pool"), "is required (or split, to share the requests between pools; "
+                          "or redirect or fixed_response, for the node to answer itself)")
+    if len(given) > 1:
+        raise ConfigError(rt.key(given[1]), f"conflicts with {given[0]}: give one of {', '.join(TERMINAL_ACTIONS)}")
     split = None
     if split_tables is not None:
-        if pool is not None:
-            raise ConfigError(rt.key("split"), "give either pool or split, not both")
         split = _parse_split(rt, split_tables, sticky, index)
-    elif pool is None:
-        raise ConfigError(rt.key("pool"), "is required (or split, to share the requests between pools)")
     elif sticky:
         raise ConfigError(rt.key("sticky"), "needs split (a route with one pool has no side to keep)")
+    redirect = _parse_redirect(rt.table("redirect"))
+    fixed = _parse_fixed_response(rt.table("fixed_response"))
+    path_prefix_rewrite, host_rewrite = _parse_rewrite(rt.table("rewrite"), path_prefix)
+    request_headers = _parse_header_edits(rt.table("request_headers"), REQUEST_HEADERS_RESERVED,
+                                          "the node writes it, or it frames the request"
+                                          " (for Host use rewrite.host)")
+    response_headers = _parse_header_edits(rt.table("response_headers"), RESPONSE_HEADERS_RESERVED,
+                                           "the node writes it, or it frames the response")
+    if response_headers is not None and response_headers.add:
+        raise ConfigError(rt.key("response_headers.add"), "is not supported for responses: use set or remove")
+    mirror = _parse_mirror(rt.table("mirror"))
+    if redirect is not None or fixed is not None:
+        # These act on a request that goes to a backend: the node's own answer has none.
+        answer = "redirect" if redirect is not None else "fixed_response"
+        for name in ("request_headers", "response_headers", "rewrite", "mirror"):
+            if rt.has(name):
+                raise ConfigError(rt.key(name), f"conflicts with {answer}: the node answers itself, no backend "
+                                  "gets the request")
     route = Route(
         pool=pool,
         host=host,
@@ -773,9 +804,169 @@ def parse_route(rt: Table, index: int) -> Route:
         client_cidrs=_parse_cidrs(rt, "client_cidrs"),
         priority=rt.int("priority", 0, lo=-ROUTE_PRIORITY_LIMIT, hi=ROUTE_PRIORITY_LIMIT),
         split=split,
+        redirect=redirect,
+        fixed_response=fixed,
+        request_headers=request_headers,
+        response_headers=response_headers,
+        rewrite_path_prefix=path_prefix_rewrite,
+        rewrite_host=host_rewrite,
+        mirror=mirror,
+        allow_cidrs=_parse_cidrs(rt, "allow_cidrs"),
+        deny_cidrs=_parse_cidrs(rt, "deny_cidrs"),
     )
     rt.done()
     return route
+
+
+# Fields a route may not edit, with the reason in the error (lower-case names).
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
+                      "te", "trailer", "upgrade"})
+REQUEST_HEADERS_RESERVED = _FRAMING | frozenset({
+    "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "via"})
+RESPONSE_HEADERS_RESERVED = _FRAMING | frozenset({"via"})
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+FIXED_BODY_LIMIT = 64 * 1024
+_HOST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+# A field value as RFC 9110 5.5 allows it: visible characters, spaces and tabs inside.
+_FIELD_VALUE_RE = re.compile(r"[\x21-\x7e\x80-\xff]([\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?|")
+# A path to put into a request line or Location: visible ASCII, no space, no "?" or "#".
+_PATH_RE = re.compile(r"/[\x21-\x22\x24-\x3e\x40-\x7e]*")
+
+
+def _parse_redirect(t: Table | None) -> Redirect | None:
+    if t is None:
+        return None
+    status = t.int("status", 302)
+    if status not in REDIRECT_STATUSES:
+        raise ConfigError(t.key("status"), f"{status} is not a redirect status: one of "
+                          f"{', '.join(map(str, REDIRECT_STATUSES))}")
+    host = t.str("host", None)
+    if host is not None:
+        host = host.lower()
+        if not _HOST_NAME_RE.fullmatch(host):
+            raise ConfigError(t.key("host"), f'"{host}" is not a host name (give the port as port = ...)')
+    path = t.str("path", None)
+    if path is not None and not _PATH_RE.fullmatch(path):
+        raise ConfigError(t.key("path"), f'"{path}" is not a path: it starts with "/", has no spaces, '
+                          '"?" or "#" (keep_query keeps the request\'s query)')
+    redirect = Redirect(
+        status=status,
+        scheme=t.str("scheme", None, choices=("http", "https")),
+        host=host,
+        port=t.int("port", None, lo=1, hi=65535),
+        path=path,
+        keep_query=t.bool("keep_query", True),
+    )
+    t.done()
+    if (redirect.scheme, redirect.host, redirect.port, redirect.path) == (None, None, None, None):
+        raise ConfigError(t.path, "give at least one of scheme, host, port or path (a redirect to the same URL "
+                          "would loop)")
+    return redirect
+
+
+def _parse_fixed_response(t: Table | None) -> FixedResponse | None:
+    if t is None:
+        return None
+    status = t.int("status", lo=200, hi=599)
+    body = t.str("body", "")
+    encoded = body.encode()
+    if len(encoded) > FIXED_BODY_LIMIT:
+        raise ConfigError(t.key("body"), f"is {len(encoded)} bytes; at most {FIXED_BODY_LIMIT} (serve larger "
+                          "content from a pool)")
+    if encoded and status in (204, 304):
+        raise ConfigError(t.key("body"), f"must be empty: a {status} response has no body")
+    content_type = t.str("content_type", "text/plain; charset=utf-8")
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;[\x20-\x7e]*)?", content_type):
+        raise ConfigError(t.key("content_type"), f'"{content_type}" is not a media type like "text/html; charset=utf-8"')
+    t.done()
+    return FixedResponse(status=status, body=encoded, content_type=content_type)
+
+
+def _parse_rewrite(t: Table | None, path_prefix: str | None) -> tuple[str | None, str | None]:
+    if t is None:
+        return None, None
+    prefix = t.str("path_prefix", None)
+    if prefix is not None:
+        if path_prefix is None:
+            raise ConfigError(t.key("path_prefix"), "needs the route's path_prefix (the part of the path it replaces)")
+        if not _PATH_RE.fullmatch(prefix):
+            raise ConfigError(t.key("path_prefix"), f'"{prefix}" is not a path: it starts with "/", has no spaces, '
+                              '"?" or "#"')
+    host = t.str("host", None)
+    if host is not None:
+        name, _, port = host.lower().partition(":") if not host.startswith("[") else (host.lower(), "", "")
+        if not _HOST_NAME_RE.fullmatch(name) or (port and not (port.isdigit() and 1 <= int(port) <= 65535)):
+            raise ConfigError(t.key("host"), f'"{host}" is not a host or host:port')
+        host = host.lower()
+    t.done()
+    if prefix is None and host is None:
+        raise ConfigError(t.path, "give path_prefix, host or both")
+    return prefix, host
+
+
+def _parse_header_edits(t: Table | None, reserved: frozenset[str], why: str) -> HeaderEdits | None:
+    if t is None:
+        return None
+    seen: dict[str, str] = {}  # lower-case name -> where it was given
+
+    def name_ok(name: object, key: str, section: str) -> str:
+        if not isinstance(name, str) or not TOKEN_RE.fullmatch(name):
+            raise ConfigError(key, f"{name!r} is not a header name")
+        lname = name.lower()
+        if lname in reserved:
+            raise ConfigError(key, f"{name} cannot be changed here: {why}")
+        if lname in seen:
+            raise ConfigError(key, f"{name} is already in {seen[lname]}: give each name once")
+        seen[lname] = section
+        return name
+
+    def pairs(section: str) -> tuple[tuple[str, str], ...]:
+        raw = t.raw(section, None)
+        if raw is None:
+            return ()
+        if not isinstance(raw, Mapping) or not raw:
+            raise ConfigError(t.key(section), f'expected a table of name = "value", got {_type_name(raw)}')
+        out = []
+        for name, value in raw.items():
+            key = f"{t.key(section)}.{name}"
+            name_ok(name, key, section)
+            if not isinstance(value, str):
+                raise ConfigError(key, f"expected a string, got {_type_name(value)}")
+            if not _FIELD_VALUE_RE.fullmatch(value):
+                raise ConfigError(key, f"{value!r} is not a header value (no line breaks or control characters, "
+                                  "no spaces at either end)")
+            out.append((name, value))
+        return tuple(out)
+
+    set_ = pairs("set")
+    add = pairs("add")
+    raw_remove = t.raw("remove", None)
+    remove: set[str] = set()
+    if raw_remove is not None:
+        if not isinstance(raw_remove, list) or not raw_remove:
+            raise ConfigError(t.key("remove"), f'expected a non-empty list of names, got {_type_name(raw_remove)}')
+        for i, name in enumerate(raw_remove):
+            remove.add(name_ok(name, f"{t.key('remove')}[{i}]", "remove").lower())
+    t.done()
+    if not (set_ or add or remove):
+        raise ConfigError(t.path, "give set, add or remove")
+    return HeaderEdits(set=set_, add=add, remove=frozenset(remove))
+
+
+def _parse_mirror(t: Table | None) -> Mirror | None:
+    if t is None:
+        return None
+    percent = t.number("percent", 100.0, hi=100.0)
+    if percent <= 0:
+        raise ConfigError(t.key("percent"), f"must be greater than 0, got {percent:g} (remove mirror to stop it)")
+    mirror = Mirror(
+        pool=t.name("pool"),
+        percent=percent,
+        max_inflight=t.int("max_inflight", 16, lo=1, hi=100_000),
+        max_body_bytes=t.int("max_body_bytes", 64 * 1024, lo=0, hi=64 * 1024 * 1024),
+    )
+    t.done()
+    return mirror
 
 
 def _regex(pattern: str, key: str) -> re.Pattern[str]:
@@ -1116,14 +1307,9 @@ def parse_config(data: object) -> Config:
         for j, route in enumerate(li.routes):
             if pools_from_store:
                 continue
-            if route.split is None:
-                if route.pool not in pool_names:
-                    raise ConfigError(f"listeners[{i}].routes[{j}].pool", f'pool "{route.pool}" is not defined')
-                continue
-            for k, side in enumerate(route.split.sides):
-                if side.pool not in pool_names:
-                    raise ConfigError(f"listeners[{i}].routes[{j}].split[{k}].pool",
-                                      f'pool "{side.pool}" is not defined')
+            for key, name in route.pool_refs():
+                if name not in pool_names:
+                    raise ConfigError(f"listeners[{i}].routes[{j}].{key}", f'pool "{name}" is not defined')
         for j, sni in enumerate(li.sni_routes):
             if sni.pool not in pool_names and not pools_from_store:
                 raise ConfigError(f"listeners[{i}].sni_routes[{j}].pool", f'pool "{sni.pool}" is not defined')

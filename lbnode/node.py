@@ -288,6 +288,12 @@ class LbNode:
                 async with trio.open_nursery() as accept_loops:
                     for li, sock in sockets:
                         handler, gate = self._listener_handler(li)
+                        proxy = self.http_proxies.get(li.name)
+                        if proxy is not None:
+                            # Mirror copies outlive the connection they copy; cancelled when the node
+                            # stops. Every L7 listener runs one: a route with a mirror can come from
+                            # the store at any time.
+                            await outer.start(proxy.mirrors.run)
                         accepting.append((sock, handler, gate))
                         accept_loops.start_soon(accept_loop, sock, handler, connections, gate, li.name)
                     for li in config.listeners:
