@@ -13,8 +13,8 @@ import importlib
 import ipaddress
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -131,8 +131,14 @@ class Split:
 class Route:
     """``[[listeners.routes]]``: every condition given must hold; ``pool`` or ``split`` says
     where the request goes. Among matching routes the highest ``priority`` wins, then the
-    first in the file."""
+    route whose ``name`` comes first in natural order (``route_order``).
 
+    ``spec`` is the table the route was parsed from, with its name filled in: what a store
+    keeps and the control API shows, so a key the parser accepts travels without code of its
+    own. Left out of comparisons: the parsed fields say what the route does."""
+
+    name: str = ""  # unique in its listener; node.toml routes without one: their place, "0", "1"...
+    spec: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     pool: str | None = None  # None when ``split`` is given
     host: str | None = None  # exact, or "*.example.com" (any sub-domain); lower-case
     path: str | None = None
@@ -148,9 +154,29 @@ class Route:
 
     @property
     def pools(self) -> tuple[str, ...]:
+        return tuple(pool for _, pool in self.pool_refs())
+
+    def pool_refs(self) -> list[tuple[str, str]]:
+        """Every pool the route names, with the key that names it (``pool``, ``split[1].pool``):
+        what a missing pool's error and ``lbctl routes list`` point at."""
         if self.split is not None:
-            return tuple(s.pool for s in self.split.sides)
-        return (self.pool,) if self.pool is not None else ()
+            return [(f"split[{k}].pool", s.pool) for k, s in enumerate(self.split.sides)]
+        return [("pool", self.pool)] if self.pool is not None else []
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """``name`` split into text and numbers, so that "route-2" sorts before "route-10"."""
+    parts = _DIGITS.split(name)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def route_order(routes: Iterable[Route]) -> list[Route]:
+    """The order routes of one listener are tried in: highest ``priority`` first, then by name
+    in natural order (digits compared as numbers). Routes without a name keep the order given."""
+    return sorted(routes, key=lambda r: (-r.priority, natural_key(r.name)))
 
 
 class RequestFacts:
@@ -211,8 +237,8 @@ class RequestFacts:
 def parse_cookies(fields: Iterable[str]) -> dict[str, list[str]]:
     """Cookie header fields into name -> values, in the order sent (RFC 6265 5.4)."""
     out: dict[str, list[str]] = {}
-    for field in fields:
-        for pair in field.split(";"):
+    for line in fields:
+        for pair in line.split(";"):
             name, eq, value = pair.strip().partition("=")
             if eq and name:
                 out.setdefault(name, []).append(value.strip().strip('"'))
@@ -245,17 +271,18 @@ def route_matches(route: Route, req: RequestFacts) -> bool:
     return True
 
 
-# (-priority, position in the file, route): sorts in the order routes are tried.
+# (-priority, position in route_order, route): sorts in the order routes are tried.
 _Entry = tuple[int, int, Route]
 
 
 class RouteTable:
     """A listener's routes, compiled: routes naming an exact host are found by a dict lookup,
     wildcards by the request host's parent domains, and host-less routes are always
-    candidates. The candidates are tried in (priority, file order), as if all routes were."""
+    candidates. The candidates are tried in ``route_order``, as if all routes were.
+    Immutable once built: a change of routes builds a new table (the snapshot swaps it whole)."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
-        self.routes = tuple(routes)
+        self.routes = tuple(route_order(routes))
         self._exact: dict[str, list[_Entry]] = {}
         self._wildcard: dict[str, list[_Entry]] = {}  # "example.com" for "*.example.com"
         self._any: list[_Entry] = []
@@ -272,6 +299,10 @@ class RouteTable:
 
     def __bool__(self) -> bool:
         return bool(self.routes)
+
+    def same(self, routes: Sequence[Route]) -> bool:
+        """Would ``RouteTable(routes)`` be this table? (A snapshot keeps a table that is.)"""
+        return len(routes) == len(self.routes) and route_order(routes) == list(self.routes)
 
     def candidates(self, host: str | None) -> Iterator[Route]:
         """Routes whose host condition holds for ``host``, in the order they are tried."""

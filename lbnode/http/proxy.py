@@ -270,6 +270,8 @@ class HttpProxy:
         rng: random.Random | None = None,
     ) -> None:
         self.listener = listener
+        # Used only when the node's snapshot has no table for this listener (tests' plain nodes);
+        # otherwise routes come from the snapshot, which a route change swaps whole.
         self.routes = RouteTable(listener.routes)
         self.rng = rng or random.Random()  # weighted split: the side of a request (not sticky)
         self.access_log = access_log
@@ -479,7 +481,7 @@ class HttpProxy:
                 return await self._refuse_unread(conn, head, 429, f"rate limit of {rate:g}/s exceeded",
                                                  [(b"Retry-After", b"%d" % retry_after_seconds(wait))])
         snapshot = self.node.snapshot
-        pool_name = self._route(conn, head)
+        pool_name = self._route(conn, head, snapshot.routes.get(self.listener.name, self.routes))
         if entry is not None:
             entry.pool = pool_name
         pool = snapshot.pools.get(pool_name)
@@ -550,13 +552,14 @@ class HttpProxy:
         await conn.send(data, self.listener.timeouts.idle)
         return keep
 
-    def _route(self, conn: ClientConn, head: RequestHead) -> str:
-        """The pool of this request (kept on ``conn``, with any split cookie to set)."""
+    def _route(self, conn: ClientConn, head: RequestHead, routes: RouteTable) -> str:
+        """The pool of this request (kept on ``conn``, with any split cookie to set), by
+        ``routes``: the table of the snapshot the request is served with."""
         conn.route_cookie = None
         pool = self.listener.pool
-        if self.routes:
+        if routes:
             facts = RequestFacts(head.method, head.host, head.path, head.query, head.headers, conn.ip)
-            route = self.routes.match(facts)
+            route = routes.match(facts)
             if route is not None:
                 pool, cookie_value = choose_pool(route, facts, self.rng)
                 if cookie_value is not None and route.split is not None and route.split.cookie is not None:

@@ -184,6 +184,66 @@ class DeleteCertificateResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Route(_message.Message):
+    __slots__ = ("listener", "name", "spec_json", "revision", "pools", "missing_pools")
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_POOLS_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    name: str
+    spec_json: str
+    revision: int
+    pools: _containers.RepeatedScalarFieldContainer[str]
+    missing_pools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, listener: _Optional[str] = ..., name: _Optional[str] = ..., spec_json: _Optional[str] = ..., revision: _Optional[int] = ..., pools: _Optional[_Iterable[str]] = ..., missing_pools: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListRoutesRequest(_message.Message):
+    __slots__ = ("listener",)
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    def __init__(self, listener: _Optional[str] = ...) -> None: ...
+
+class ListRoutesResponse(_message.Message):
+    __slots__ = ("routes", "revision")
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    revision: int
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class GetRouteRequest(_message.Message):
+    __slots__ = ("listener", "name")
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    name: str
+    def __init__(self, listener: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class PutRouteRequest(_message.Message):
+    __slots__ = ("route", "expected_revision")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    route: Route
+    expected_revision: int
+    def __init__(self, route: _Optional[_Union[Route, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeleteRouteRequest(_message.Message):
+    __slots__ = ("listener", "name", "expected_revision")
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    name: str
+    expected_revision: int
+    def __init__(self, listener: _Optional[str] = ..., name: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeleteRouteResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListNodesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
