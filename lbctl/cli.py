@@ -783,6 +783,10 @@ def describe_event(event: Any) -> str:
             f", sha256 {c.fingerprint[:16]}..., not after "
             f"{c.not_after.ToDatetime(tzinfo=datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
         return f"{when} {event.node_id} certificate {c.name} {change} (revision {c.revision}{detail})"
+    if kind == "route":
+        r = event.route
+        change = r.DESCRIPTOR.fields_by_name["change"].enum_type.values_by_number[r.change].name.lower()
+        return f"{when} {event.node_id} route {r.listener}/{r.name} {change} (revision {r.revision})"
     return f"{when} {event.node_id} unknown event"
 
 

@@ -43,6 +43,7 @@ AppliedCallback = Callable[
     [Mapping[str, PoolRecord], int, Mapping[str, CertificateRecord], "Mapping[tuple[str, str], RouteRecord] | None"],
     None,
 ]
+RouteCallback = Callable[[str, str, RouteRecord | None, RouteRecord | None], None]
 CertificateCallback = Callable[[str, CertificateRecord | None, CertificateRecord | None], None]
 
 # Retry delays after the store failed: short first, never hammering a sick etcd.
@@ -137,7 +138,7 @@ class StoreFollower:
         self._failing: set[str] = set()  # "pool", "certificate": what the store did not answer lately
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
         self._on_certificate: list[CertificateCallback] = []
-        self._on_route: list[Callable[[str, str, RouteRecord | None], None]] = []
+        self._on_route: list[RouteCallback] = []
         self._on_applied: list[AppliedCallback] = []
 
     def watch_lag(self) -> float:
@@ -157,8 +158,8 @@ class StoreFollower:
         """``callback(pools, revision, certificates)`` after each configuration applied from the store."""
         self._on_applied.append(callback)
 
-    def subscribe_routes(self, callback: Callable[[str, str, RouteRecord | None], None]) -> None:
-        """``callback(listener, name, record)`` after each applied route change (None: deleted)."""
+    def subscribe_routes(self, callback: RouteCallback) -> None:
+        """``callback(listener, name, old, new)`` after each applied route change (new None: deleted)."""
         self._on_route.append(callback)
 
     def subscribe_certificates(self, callback: CertificateCallback) -> None:
@@ -338,6 +339,7 @@ class StoreFollower:
             self._replace_routes(list(event.records), event.revision)
             return
         routes = dict(self.routes or {})
+        old = routes.get((event.listener, event.name))
         if event.record is None:
             routes.pop((event.listener, event.name), None)
         else:
@@ -346,7 +348,7 @@ class StoreFollower:
         self.route_revision = max(self.route_revision, event.revision)
         self._push()
         for callback in self._on_route:
-            callback(event.listener, event.name, event.record)
+            callback(event.listener, event.name, old, event.record)
 
     def _replace_routes(self, records: list[RouteRecord], revision: int) -> None:
         old = self.routes or {}
@@ -357,7 +359,7 @@ class StoreFollower:
             before, after = old.get(key), self.routes.get(key)
             if (before and before.route.spec) != (after and after.route.spec):
                 for callback in self._on_route:
-                    callback(key[0], key[1], after)
+                    callback(key[0], key[1], before, after)
 
     def with_routes(self, listeners: Sequence[Listener]) -> tuple[Listener, ...]:
         """``listeners`` with the store's routes (as they are before the first read of routes).

@@ -48,6 +48,7 @@ from lbnode.control.events import (
     NodeChange,
     PoolChange,
     Published,
+    RouteChange,
     StreamEnded,
     Subscription,
     VipMove,
@@ -666,6 +667,12 @@ def _event_message(item: Published, node_id: str) -> pb.Event:
         )
         if event.not_after is not None:
             msg.certificate.not_after.FromDatetime(event.not_after)
+    elif isinstance(event, RouteChange):
+        route_change = {"created": pb.RouteChanged.CREATED, "updated": pb.RouteChanged.UPDATED}.get(
+            event.change, pb.RouteChanged.DELETED
+        )
+        msg.route.CopyFrom(pb.RouteChanged(listener=event.listener, name=event.name, change=route_change,
+                                           revision=event.revision))
     elif isinstance(event, VipMove):
         msg.vip_moved.CopyFrom(
             pb.VipMoved(vip=event.vip, old_holder=event.old_holder or "", new_holder=event.new_holder or "")

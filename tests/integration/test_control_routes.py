@@ -261,3 +261,36 @@ async def test_apply_takes_certificates_from_files_and_a_second_run_changes_noth
     assert cn.store.certificates.get_certificate("www").certificate.names == ("www.example.com",)
     again = await cn.ok("apply", "-f", str(desired))
     assert "= certificate www: unchanged" in again and again.splitlines()[-1] == "no changes"
+
+
+async def test_watch_events_tells_route_changes_as_this_node_applied_them(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from lbctl.cli import describe_event
+
+    cn = await start(nursery, tmp_path, "127.0.0.1:9", "127.0.0.1:9")
+    channel = cn.channel()
+    stream = rpc.ClusterStub(channel).WatchEvents(pb.WatchEventsRequest())
+    await trio.to_thread.run_sync(stream.initial_metadata)  # subscribed from here on
+    for pool in ("api", "web"):
+        assert isinstance(await put(cn, pb.Route(listener="front", name="r", spec_json=json.dumps({"pool": pool}))),
+                          pb.Route)
+    await cn.ok("routes", "delete", "front", "r")
+
+    def three() -> list[pb.Event]:
+        events = []
+        for event in stream:
+            if event.WhichOneof("event") == "route":
+                events.append(event)
+                if len(events) == 3:
+                    return events
+        return events
+
+    with trio.fail_after(5):  # store -> watch -> snapshot takes milliseconds
+        events = await trio.to_thread.run_sync(three)
+    stream.cancel()
+    channel.close()
+    assert [(e.route.listener, e.route.name, e.route.change, e.route.revision) for e in events] == [
+        ("front", "r", pb.RouteChanged.CREATED, 2),
+        ("front", "r", pb.RouteChanged.UPDATED, 3),
+        ("front", "r", pb.RouteChanged.DELETED, 3),
+    ]
+    assert describe_event(events[1]).endswith("n1 route front/r updated (revision 3)")

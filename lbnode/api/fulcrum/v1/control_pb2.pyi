@@ -510,8 +510,30 @@ class CertificateChanged(_message.Message):
     revision: int
     def __init__(self, name: _Optional[str] = ..., change: _Optional[_Union[CertificateChanged.Change, str]] = ..., fingerprint: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
 
+class RouteChanged(_message.Message):
+    __slots__ = ("listener", "name", "change", "revision")
+    class Change(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CHANGE_UNSPECIFIED: _ClassVar[RouteChanged.Change]
+        CREATED: _ClassVar[RouteChanged.Change]
+        UPDATED: _ClassVar[RouteChanged.Change]
+        DELETED: _ClassVar[RouteChanged.Change]
+    CHANGE_UNSPECIFIED: RouteChanged.Change
+    CREATED: RouteChanged.Change
+    UPDATED: RouteChanged.Change
+    DELETED: RouteChanged.Change
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    name: str
+    change: RouteChanged.Change
+    revision: int
+    def __init__(self, listener: _Optional[str] = ..., name: _Optional[str] = ..., change: _Optional[_Union[RouteChanged.Change, str]] = ..., revision: _Optional[int] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node", "vip_moved", "certificate")
+    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node", "vip_moved", "certificate", "route")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -520,6 +542,7 @@ class Event(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     VIP_MOVED_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     node_id: str
     time: _timestamp_pb2.Timestamp
@@ -528,4 +551,5 @@ class Event(_message.Message):
     node: NodeChanged
     vip_moved: VipMoved
     certificate: CertificateChanged
-    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ..., vip_moved: _Optional[_Union[VipMoved, _Mapping]] = ..., certificate: _Optional[_Union[CertificateChanged, _Mapping]] = ...) -> None: ...
+    route: RouteChanged
+    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ..., vip_moved: _Optional[_Union[VipMoved, _Mapping]] = ..., certificate: _Optional[_Union[CertificateChanged, _Mapping]] = ..., route: _Optional[_Union[RouteChanged, _Mapping]] = ...) -> None: ...

@@ -1092,8 +1092,8 @@ class ClusterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Pool changes, backend health changes, node joins/leaves, VIP moves and certificate
-        changes, as this node sees them, from the moment of the call until the client cancels.
+        """Pool changes, backend health changes, node joins/leaves, VIP moves, certificate and
+        route changes, as this node sees them, from the moment of the call until the client cancels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
