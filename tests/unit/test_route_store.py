@@ -158,3 +158,58 @@ def test_file_route_watch_yields_changes_after_a_revision_then_a_resync_for_a_st
     stop = threading.Event()
     first = next(iter(store.watch_routes(99, stop)))
     assert isinstance(first, RouteResync) and [r.route.name for r in first.records] == ["b"]
+
+
+async def test_the_follower_gives_each_http_listener_the_store_routes_and_logs_the_others_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import trio
+
+    from lbnode.cluster.filestore import FileStore
+    from lbnode.cluster.sync import StoreFollower
+
+    config = load_config_text("""
+[node]
+id = "n1"
+[control]
+bind = "127.0.0.1:0"
+insecure = true
+[[pools]]
+name = "web"
+[[listeners]]
+name = "front"
+protocol = "http"
+bind = "127.0.0.1:0"
+pool = "web"
+  [[listeners.routes]]
+  name = "from-file"
+  path = "/f"
+  pool = "web"
+[[listeners]]
+name = "raw"
+protocol = "tcp"
+bind = "127.0.0.1:0"
+pool = "web"
+""")
+    store = FileStore(tmp_path, config.pools)  # not seeded with node.toml's route: the store wins
+    for listener, name in (("front", "b"), ("front", "a"), ("nowhere", "x"), ("raw", "y")):
+        store.routes.put_route(listener, route(name=name))
+    applied = [config]
+    follower = StoreFollower(store, lambda: applied[-1], applied.append)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(follower.run)
+        await follower.settled.wait()
+        store.routes.delete_route("front", "b")
+        with trio.fail_after(5):
+            while [r.name for r in applied[-1].listeners[0].routes] != ["a"]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    front, raw = applied[-1].listeners
+    assert [r.name for r in front.routes] == ["a"] and raw.routes == ()
+    orphans = [r.getMessage() for r in caplog.records if "is in the store, but this node has no" in r.getMessage()]
+    assert sorted(orphans) == [
+        'route "x" of listener "nowhere" is in the store, but this node has no http or https listener of that name: '
+        "not served here",
+        'route "y" of listener "raw" is in the store, but this node has no http or https listener of that name: '
+        "not served here",
+    ]
