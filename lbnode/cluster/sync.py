@@ -135,7 +135,7 @@ class StoreFollower:
         # failed: a node starting beside its store serves both from its first connection.
         self.settled = trio.Event()
         self._settled: set[str] = set()
-        self._failing: set[str] = set()  # "pool", "certificate": what the store did not answer lately
+        self._failing: set[str] = set()  # "pool", "certificate", "route": what the store did not answer lately
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
         self._on_certificate: list[CertificateCallback] = []
         self._on_route: list[RouteCallback] = []
@@ -155,7 +155,8 @@ class StoreFollower:
         self._on_change.append(callback)
 
     def on_applied(self, callback: AppliedCallback) -> None:
-        """``callback(pools, revision, certificates)`` after each configuration applied from the store."""
+        """``callback(pools, revision, certificates, routes)`` after each configuration applied from the
+        store (``routes`` None until the store's routes were read once)."""
         self._on_applied.append(callback)
 
     def subscribe_routes(self, callback: RouteCallback) -> None:
