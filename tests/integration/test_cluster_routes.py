@@ -33,6 +33,7 @@ from tests.integration.test_cluster_lbctl import (
     certs_init,
     lbctl_env,
     percentile,
+    refusal,
 )
 
 TTL = 2.0  # node lease
@@ -212,6 +213,9 @@ def test_node_toml_routes_seed_once_and_a_route_applied_through_node_1_is_served
     print(f"\nroutes apply (lbctl): routed by 3 nodes {took * 1000:.0f} ms after lbctl returned")
     again = cluster.lbctl("routes", "apply", "-f", str(desired))
     assert again.returncode == 0 and again.stdout.splitlines()[-1] == "no changes", again.stdout
+    # python -m lbctl.cli: a refusal is one line, exit 1, no traceback
+    line, _ = refusal(cluster.lbctl("routes", "show", "front", "nope"))
+    assert line == 'lbctl: NOT_FOUND: route "nope" of listener "front" does not exist'
 
 
 def test_propagation_of_route_changes_to_three_nodes(cluster: Cluster) -> None:
