@@ -13,7 +13,7 @@ import ipaddress
 import math
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -673,10 +673,16 @@ L7_PROTOCOLS = ("http", "https")
 def parse_listener(t: Table) -> Listener:
     protocol = t.str("protocol", choices=PROTOCOLS)
     routes: list[Route] = []
+    route_names: dict[str, str] = {}
     for j, rt in enumerate(t.tables("routes")):
         if protocol not in L7_PROTOCOLS:
             raise ConfigError(rt.path, 'routes need protocol = "http" or "https"')
-        routes.append(parse_route(rt, j))
+        route = parse_route(rt, j)
+        if route.name in route_names:
+            raise ConfigError(rt.key("name"), f'"{route.name}" is already used by {route_names[route.name]} '
+                              "(a route without a name is named after its place, from 0)")
+        route_names[route.name] = rt.path
+        routes.append(route)
     sni_routes: list[SniRoute] = []
     seen_names: dict[str, str] = {}
     for st in t.tables("sni_routes"):
@@ -738,8 +744,10 @@ SPLIT_COOKIE_PREFIX = "FULCRUM_SPLIT_"
 
 
 def parse_route(rt: Table, index: int) -> Route:
-    """One ``[[listeners.routes]]`` table; ``index`` (its place in the listener) names the
-    cookie of a sticky split."""
+    """One ``[[listeners.routes]]`` table (or a route of the store: the same keys); ``index``
+    (its place in the listener) is its name when it has none, which also names the cookie of
+    a sticky split (``FULCRUM_SPLIT_<name>``)."""
+    name = rt.name("name", str(index))
     host = rt.str("host", None)
     if host is not None:
         host = host.lower()
@@ -770,7 +778,7 @@ def parse_route(rt: Table, index: int) -> Route:
         raise ConfigError(rt.key(given[1]), f"conflicts with {given[0]}: give one of {', '.join(TERMINAL_ACTIONS)}")
     split = None
     if split_tables is not None:
-        split = _parse_split(rt, split_tables, sticky, index)
+        split = _parse_split(rt, split_tables, sticky, name)
     elif sticky:
         raise ConfigError(rt.key("sticky"), "needs split (a route with one pool has no side to keep)")
     redirect = _parse_redirect(rt.table("redirect"))
@@ -792,6 +800,9 @@ def parse_route(rt: Table, index: int) -> Route:
                 raise ConfigError(rt.key(name), f"conflicts with {answer}: the node answers itself, no backend "
                                   "gets the request")
     route = Route(
+        name=name,
+        # The table as given (JSON-able: TOML and JSON values), its name filled in: the store's body.
+        spec={**rt.data, "name": name},
         pool=pool,
         host=host,
         path=path,
@@ -1018,7 +1029,7 @@ def _parse_cidrs(rt: Table, name: str) -> tuple[ipaddress.IPv4Network | ipaddres
     return tuple(networks)
 
 
-def _parse_split(rt: Table, tables: list[Table], sticky: bool, index: int) -> Split:
+def _parse_split(rt: Table, tables: list[Table], sticky: bool, name: str) -> Split:
     if not tables:
         raise ConfigError(rt.key("split"), 'expected at least one {pool = "...", weight = ...}')
     sides: list[SplitSide] = []
@@ -1028,7 +1039,34 @@ def _parse_split(rt: Table, tables: list[Table], sticky: bool, index: int) -> Sp
             raise ConfigError(st.key("pool"), f'pool "{side.pool}" is already in this split')
         st.done()
         sides.append(side)
-    return Split(tuple(sides), cookie=f"{SPLIT_COOKIE_PREFIX}{index}" if sticky else None)
+    return Split(tuple(sides), cookie=f"{SPLIT_COOKIE_PREFIX}{name}" if sticky else None)
+
+
+def route_from_dict(data: object, path: str = "route") -> Route:
+    """A stored route (its node.toml table as JSON, ``name`` included) with the file's validation."""
+    t = Table(data, path)
+    if not t.has("name"):
+        raise ConfigError(t.key("name"), "is required (a route of the store is known by its listener and name)")
+    return parse_route(t, 0)
+
+
+def check_route_pools(route: Route, pool_names: Collection[str], key: str) -> None:
+    """ConfigError naming the first key of ``route`` whose pool is not in ``pool_names``."""
+    for field_key, pool in route.pool_refs():
+        if pool not in pool_names:
+            raise ConfigError(f"{key}.{field_key}", f'pool "{pool}" is not defined')
+
+
+def listener_routes(listeners: Sequence[Listener]) -> list[tuple[str, Route]]:
+    """Every route of ``listeners`` with its listener's name: what node.toml seeds a store with."""
+    return [(li.name, route) for li in listeners for route in li.routes]
+
+
+def missing_pools(route: Route, pool_names: Collection[str]) -> list[str]:
+    """The pools ``route`` sends to that do not exist (its requests answer 503 "pool ... is not
+    configured"). A missing mirror pool is not one: the requests are served, and the copies
+    are counted as dropped (``fulcrum_mirror_dropped_total{reason="no_pool"}``)."""
+    return [pool for key, pool in route.pool_refs() if key != "mirror.pool" and pool not in pool_names]
 
 
 def _parse_accept_proxy(t: Table | None) -> AcceptProxy | None:
@@ -1305,11 +1343,8 @@ def parse_config(data: object) -> Config:
         if li.pool not in pool_names and not pools_from_store:
             raise ConfigError(f"listeners[{i}].pool", f'pool "{li.pool}" is not defined')
         for j, route in enumerate(li.routes):
-            if pools_from_store:
-                continue
-            for key, name in route.pool_refs():
-                if name not in pool_names:
-                    raise ConfigError(f"listeners[{i}].routes[{j}].{key}", f'pool "{name}" is not defined')
+            if not pools_from_store:
+                check_route_pools(route, pool_names, f"listeners[{i}].routes[{j}]")
         for j, sni in enumerate(li.sni_routes):
             if sni.pool not in pool_names and not pools_from_store:
                 raise ConfigError(f"listeners[{i}].sni_routes[{j}].pool", f'pool "{sni.pool}" is not defined')

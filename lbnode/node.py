@@ -43,7 +43,8 @@ from lbnode.listen import (
     bind_tcp,
     set_vip_filter,
 )
-from lbnode.model import Config, Listener, Pool
+from lbnode.model import Config, Listener, Pool, listener_routes
+from lbnode.routing import Route
 from lbnode.runtime import Snapshot
 from lbnode.tls.expiry_warnings import ExpiryWarnings
 
@@ -96,11 +97,13 @@ class LbNode:
         affinity: ClusterAffinity | None = None,
         *,
         seed: tuple[Pool, ...] = (),
+        seed_routes: tuple[tuple[str, Route], ...] = (),
         last_config: LastConfig | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self._seed = seed  # pools created in the store if absent (a cluster node's node.toml pools)
+        self._seed_routes = seed_routes  # and routes (listener, route): node.toml's [[listeners.routes]]
         # The last configuration applied from the store, served at start while the store is down.
         self.last_config = last_config
         self.config_source = ConfigSource("file", stale=False) if store is None else ConfigSource("file", stale=True)
@@ -198,7 +201,15 @@ class LbNode:
         certificates = [r.certificate for r in cached.certificates]
         cached_names = {c.name for c in certificates}
         certificates += [c for c in self.config.certificates if c.name not in cached_names]
-        self.apply(replace(self.config, pools=tuple(pools[n] for n in sorted(pools)), certificates=tuple(certificates)))
+        listeners = self.config.listeners
+        if cached.routes is not None:  # the store's routes as cached replace node.toml's (they seeded it)
+            by_listener: dict[str, list[Route]] = {}
+            for record in cached.routes:
+                by_listener.setdefault(record.listener, []).append(record.route)
+            listeners = tuple(replace(li, routes=tuple(by_listener.get(li.name, ())))
+                              if li.protocol in ("http", "https") else li for li in listeners)
+        self.apply(replace(self.config, pools=tuple(pools[n] for n in sorted(pools)), certificates=tuple(certificates),
+                           listeners=listeners))
 
     def _retain_affinity_tables(self) -> None:
         """Shared tables of pools removed (or no longer in a table mode) stop following etcd."""
@@ -261,7 +272,8 @@ class LbNode:
             if self.affinity is not None:
                 await outer.start(self.affinity.run)
             if self.store is not None:
-                self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed)
+                self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed,
+                                              seed_routes=self._seed_routes)
                 self.events.follow(self.follower)
                 if self.last_config is not None:
                     self.follower.on_applied(self.last_config.note)
@@ -530,7 +542,8 @@ def node_from_config(config: Config) -> LbNode:
         # Standalone with a control API: changes persist in state_dir; node.toml seeds it once.
         from lbnode.cluster.filestore import FileStore
 
-        return LbNode(config, store=FileStore(Path(config.node.state_dir), config.pools))
+        return LbNode(config, store=FileStore(Path(config.node.state_dir), config.pools,
+                                              listener_routes(config.listeners)))
     from lbnode.cluster.etcd import EtcdStore, connect
     from lbnode.model import ConfigError, ConfigFileError
 
@@ -551,5 +564,5 @@ def node_from_config(config: Config) -> LbNode:
     affinity = ClusterAffinity(config.cluster, config.node.id, Path(config.node.state_dir), connection=connection)
     return LbNode(
         config, store=store, agent=agent, affinity=affinity,
-        seed=config.pools, last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
+        seed=config.pools, seed_routes=tuple(listener_routes(config.listeners)), last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
     )

@@ -13,8 +13,8 @@ import importlib
 import ipaddress
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -183,10 +183,17 @@ TERMINAL_ACTIONS = ("pool", "split", "redirect", "fixed_response")
 class Route:
     """``[[listeners.routes]]``: every condition given must hold; ``pool`` or ``split`` says
     where the request goes, or ``redirect`` / ``fixed_response`` has the node answer itself.
-    Among matching routes the highest ``priority`` wins, then the first in the file.
-    ``allow_cidrs`` / ``deny_cidrs`` then refuse (403) the clients this route does not serve;
-    the other actions change the request sent and the response relayed."""
+    Among matching routes the highest ``priority`` wins, then the route whose ``name`` comes
+    first in natural order (``route_order``). ``allow_cidrs`` / ``deny_cidrs`` then refuse
+    (403) the clients this route does not serve; the other actions change the request sent
+    and the response relayed.
 
+    ``spec`` is the table the route was parsed from, with its name filled in: what a store
+    keeps and the control API shows, so a key the parser accepts travels without code of its
+    own. Left out of comparisons: the parsed fields say what the route does."""
+
+    name: str = ""  # unique in its listener; node.toml routes without one: their place, "0", "1"...
+    spec: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     pool: str | None = None  # None when ``split`` is given
     host: str | None = None  # exact, or "*.example.com" (any sub-domain); lower-case
     path: str | None = None
@@ -211,13 +218,12 @@ class Route:
 
     @property
     def pools(self) -> tuple[str, ...]:
-        if self.split is not None:
-            return tuple(s.pool for s in self.split.sides)
-        return (self.pool,) if self.pool is not None else ()
+        return tuple(pool for _, pool in self.pool_refs())
 
     def pool_refs(self) -> list[tuple[str, str]]:
-        """(key under the route, pool name) of every pool the route names, for the check that
-        they exist: ``pool``, ``split[k].pool``, ``mirror.pool``."""
+        """(key under the route, pool name) of every pool the route names: ``pool``,
+        ``split[k].pool``, ``mirror.pool``; what a missing pool's error and ``lbctl routes
+        list`` point at."""
         refs: list[tuple[str, str]] = []
         if self.pool is not None:
             refs.append(("pool", self.pool))
@@ -239,6 +245,21 @@ class Route:
     def answers_itself(self) -> bool:
         """The node answers (redirect, fixed_response): nothing goes to a backend."""
         return self.redirect is not None or self.fixed_response is not None
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """``name`` split into text and numbers, so that "route-2" sorts before "route-10"."""
+    parts = _DIGITS.split(name)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def route_order(routes: Iterable[Route]) -> list[Route]:
+    """The order routes of one listener are tried in: highest ``priority`` first, then by name
+    in natural order (digits compared as numbers). Routes without a name keep the order given."""
+    return sorted(routes, key=lambda r: (-r.priority, natural_key(r.name)))
 
 
 class RequestFacts:
@@ -303,8 +324,8 @@ class RequestFacts:
 def parse_cookies(fields: Iterable[str]) -> dict[str, list[str]]:
     """Cookie header fields into name -> values, in the order sent (RFC 6265 5.4)."""
     out: dict[str, list[str]] = {}
-    for field in fields:
-        for pair in field.split(";"):
+    for line in fields:
+        for pair in line.split(";"):
             name, eq, value = pair.strip().partition("=")
             if eq and name:
                 out.setdefault(name, []).append(value.strip().strip('"'))
@@ -337,7 +358,7 @@ def route_matches(route: Route, req: RequestFacts) -> bool:
     return True
 
 
-# (-priority, position in the file, route): sorts in the order routes are tried.
+# (-priority, position in route_order, route): sorts in the order routes are tried.
 _Entry = tuple[int, int, Route]
 
 
@@ -449,11 +470,12 @@ class RouteTable:
     wildcards by the request host's parent domains, host-less routes under any host; within
     each, by exact path (a dict), path prefix (a dict per distinct prefix length, so a lookup
     per length, not per route; ``path_regex`` counts by its literal start) or an exact header
-    value. Only those candidates are tried, in (priority, file order): the answer is the one
-    a linear scan of every route would give (tests/unit/test_routes.py checks it)."""
+    value. Only those candidates are tried, in ``route_order``: the answer is the one a
+    linear scan of every route would give (tests/unit/test_routes.py checks it). Immutable once
+    built: a change of routes builds a new table (the snapshot swaps it whole)."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
-        self.routes = tuple(routes)
+        self.routes = tuple(route_order(routes))
         self._positions = {id(r): i for i, r in enumerate(self.routes)}
         self._exact: dict[str, _Group] = {}
         self._wildcard: dict[str, _Group] = {}  # "example.com" for "*.example.com"
@@ -478,6 +500,10 @@ class RouteTable:
     def position(self, route: Route) -> int:
         """The route's place in the listener (``routes[n]`` in errors, logs and metrics)."""
         return self._positions[id(route)]
+
+    def same(self, routes: Sequence[Route]) -> bool:
+        """Would ``RouteTable(routes)`` be this table? (A snapshot keeps a table that is.)"""
+        return len(routes) == len(self.routes) and route_order(routes) == list(self.routes)
 
     def _groups(self, host: str | None) -> list[_Group]:
         groups: list[_Group] = []

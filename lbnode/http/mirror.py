@@ -52,9 +52,10 @@ class Mirrors:
     def __init__(self, snapshot: Callable[[], Snapshot], upstreams: UpstreamPool, routes: Sequence[Route] = ()) -> None:
         self._snapshot = snapshot
         self.upstreams = upstreams
-        # By the route's place in the listener; every mirroring route's counters from the start.
-        self.stats: dict[int, MirrorStats] = {
-            i: MirrorStats(r.mirror.pool) for i, r in enumerate(routes) if r.mirror is not None}
+        # By the route's name; node.toml's mirroring routes have counters from the start, a route
+        # added through the store from its first copy.
+        self.stats: dict[str, MirrorStats] = {
+            r.name: MirrorStats(r.mirror.pool) for r in routes if r.mirror is not None}
         self._nursery: trio.Nursery | None = None
         self._logged = LogThrottle(window=10.0, burst=5)
 
@@ -67,13 +68,13 @@ class Mirrors:
         finally:
             self._nursery = None
 
-    def submit(self, position: int, mirror: Mirror, data: bytes | None, method: bytes, client_ip: str,
+    def submit(self, route: str, mirror: Mirror, data: bytes | None, method: bytes, client_ip: str,
                client_sock: stdsocket.socket) -> None:
         """Copy a request (``data``: its head and whole body as sent to the real backend;
         None when its body is streamed, so not in hand) to ``mirror.pool``. Never waits."""
-        stats = self.stats.get(position)
+        stats = self.stats.get(route)
         if stats is None:
-            stats = self.stats[position] = MirrorStats(mirror.pool)
+            stats = self.stats[route] = MirrorStats(mirror.pool)
         if data is None:
             stats.dropped["body"] += 1
             return

@@ -273,6 +273,8 @@ class HttpProxy:
         rng: random.Random | None = None,
     ) -> None:
         self.listener = listener
+        # Used only when the node's snapshot has no table for this listener (tests' plain nodes);
+        # otherwise routes come from the snapshot, which a route change swaps whole.
         self.routes = RouteTable(listener.routes)
         self.rng = rng or random.Random()  # weighted split: the side of a request (not sticky)
         self.access_log = access_log
@@ -485,7 +487,7 @@ class HttpProxy:
                 return await self._refuse_unread(conn, head, 429, f"rate limit of {rate:g}/s exceeded",
                                                  [(b"Retry-After", b"%d" % retry_after_seconds(wait))])
         snapshot = self.node.snapshot
-        pool_name = self._route(conn, head)
+        pool_name = self._route(conn, head, snapshot.routes.get(self.listener.name, self.routes))
         if conn.route is not None:
             answered = await self._route_actions(conn, head, conn.route)
             if answered is not None:
@@ -560,14 +562,15 @@ class HttpProxy:
         await conn.send(data, self.listener.timeouts.idle)
         return keep
 
-    def _route(self, conn: ClientConn, head: RequestHead) -> str:
-        """The pool of this request (kept on ``conn``, with any split cookie to set)."""
+    def _route(self, conn: ClientConn, head: RequestHead, routes: RouteTable) -> str:
+        """The pool of this request (kept on ``conn``, with any split cookie to set), by
+        ``routes``: the table of the snapshot the request is served with."""
         conn.route_cookie = None
         conn.route = None
         pool = self.listener.pool
-        if self.routes:
+        if routes:
             facts = RequestFacts(head.method, head.host, head.path, head.query, head.headers, conn.ip)
-            route = self.routes.match(facts)
+            route = routes.match(facts)
             if route is not None and route.acts:
                 conn.route = route
             if route is not None and not route.answers_itself:
@@ -581,7 +584,7 @@ class HttpProxy:
         """The route's actions before the request goes on: True/False (keep the connection?)
         when the node answered itself (403, redirect, fixed_response), None to forward it,
         its head edited (request_headers, rewrite). Actions: lbnode.http.actions."""
-        where = f"routes[{self.routes.position(route)}]"
+        where = f"routes[{route.name}]"  # a node.toml route without a name: its place, "0", "1"...
         if route.allow_cidrs or route.deny_cidrs:
             facts = RequestFacts(head.method, head.host, head.path, head.query, head.headers, conn.ip)
             if not client_allowed(route, facts):
@@ -782,7 +785,7 @@ class HttpProxy:
         assert mirror is not None
         if body and sum(len(ev) for ev in body if isinstance(ev, bytes)) > mirror.max_body_bytes:
             request_bytes = None
-        self.mirrors.submit(self.routes.position(route), mirror, request_bytes, head.method, conn.ip, conn.sock)
+        self.mirrors.submit(route.name, mirror, request_bytes, head.method, conn.ip, conn.sock)
 
     def _can_continue(self, conn: ClientConn, head: RequestHead, body: object) -> bool:
         """After a local response, may the connection serve another request?"""
