@@ -795,9 +795,9 @@ def parse_route(rt: Table, index: int) -> Route:
     if redirect is not None or fixed is not None:
         # These act on a request that goes to a backend: the node's own answer has none.
         answer = "redirect" if redirect is not None else "fixed_response"
-        for name in ("request_headers", "response_headers", "rewrite", "mirror"):
-            if rt.has(name):
-                raise ConfigError(rt.key(name), f"conflicts with {answer}: the node answers itself, no backend "
+        for key in ("request_headers", "response_headers", "rewrite", "mirror"):
+            if rt.has(key):
+                raise ConfigError(rt.key(key), f"conflicts with {answer}: the node answers itself, no backend "
                                   "gets the request")
     route = Route(
         name=name,

@@ -150,7 +150,7 @@ async def test_routes_seeded_listed_applied_idempotently_and_deleted_through_lbc
                                                         '{"pool": "gone", "weight": 1}]}'),
          'route.split[1].pool: pool "gone" is not defined'),
         (pb.Route(listener="front", name="r", spec_json='{"pool": "api", "split": [{"pool": "web", "weight": 1}]}'),
-         "route.split: give either pool or split, not both"),
+         "route.split: conflicts with pool: give one of pool, split, redirect, fixed_response"),
         (pb.Route(listener="front", name="r", spec_json='{"split": [{"pool": "web", "weight": 0}]}'),
          "route.split[0].weight: must be >= 1, got 0"),
         (pb.Route(listener="front", name="r", spec_json='{"pool": "api", "path": "x"}'),
