@@ -285,6 +285,10 @@ class HttpProxy:
         )
         self.redirects = 0  # requests answered with the redirect to https
         self._idle: set[ClientConn] = set()
+        # A reload replaced or removed this listener: each connection closes after the response
+        # it is serving or the next one (Connection: close), so its client opens a new one, to
+        # the new settings. Idle ones are not closed under a client that may be sending.
+        self.retired = False
         self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
         # Local answers are counted in full above; the log takes a few per status per 10 s, so a
         # flood of 429s, 408s or 400s does not turn into a flood of log lines (lbnode/logthrottle.py).
@@ -296,6 +300,10 @@ class HttpProxy:
         self.io = [0, 0]  # bytes received from and sent to clients (TLS: decrypted)
         rl = listener.rate_limit
         self.rate_limiter = RateLimiter(rl.rate, rl.burst) if rl is not None else None
+
+    def retire(self) -> None:
+        """A reload replaced this listener's settings, or removed it (see ``retired``)."""
+        self.retired = True
 
     def drain(self) -> None:
         """Stop keep-alive: close idle connections now, the others after their response.
@@ -346,7 +354,7 @@ class HttpProxy:
                 if not keep:
                     return
                 conn.served += 1
-                if self.node.draining:
+                if self.node.draining or self.retired:
                     return
         except ClientGone as exc:
             log.debug("listener %s: %s: %s", self.listener.name, client_ip, exc)
@@ -954,6 +962,7 @@ class HttpProxy:
             and request_done()
             and not head.upgrade
             and not self.node.draining
+            and not self.retired
         )
         chunked = resp.chunked and not no_body
         out: list[bytes] = [
