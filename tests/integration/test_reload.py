@@ -271,3 +271,37 @@ def test_takeover_is_refused_for_a_node_with_a_control_api(tmp_path: Path, secti
     done = lbnode("run", "-c", str(config), "--takeover", cwd=tmp_path)
     assert done.returncode == 1
     assert "--takeover is not supported yet for a node with [control]" in done.stderr
+
+
+def test_reload_of_a_node_with_a_store_keeps_the_store_pools(spawn: Spawn, tmp_path: Path) -> None:
+    """With [control] the pools live in the store (state_dir/pools.json here): node.toml's seeded
+    it at the first start, and a reload applies its listeners but leaves the store's pools."""
+    site = Site(spawn, tmp_path)
+    control, extra = free_port(), free_port()
+    control_section = f'[control]\nbind = "127.0.0.1:{control}"\ninsecure = true\n'
+    site.write([("web", "http", site.web, "pa")])
+    site.config.write_text(site.config.read_text() + control_section)
+    site.start(spawn)
+    assert backend_of(site.web) == "a"
+    # The file's pool pa now names backend b, and a new listener uses it.
+    text = site.config.read_text().replace(f"127.0.0.1:{site.a}", f"127.0.0.1:{site.b}")
+    site.config.write_text(text + listener_toml("extra", "http", "pa", bind=f"127.0.0.1:{extra}"))
+    done = lbnode("reload", "-c", str(site.config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "added extra" in done.stdout and "pools stay the store's" in done.stdout
+    assert backend_of(site.web) == "a" and backend_of(extra) == "a"
+
+
+def test_reload_replaces_the_pools_of_a_node_without_a_store(spawn: Spawn, tmp_path: Path) -> None:
+    site = Site(spawn, tmp_path)
+    site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+    site.start(spawn)
+
+    def change() -> None:
+        site.config.write_text(site.config.read_text().replace(f"127.0.0.1:{site.a}", f"127.0.0.1:{site.b}"))
+        done = lbnode("reload", "-c", str(site.config), cwd=tmp_path)
+        assert done.returncode == 0 and done.stdout.startswith("reloaded: listeners unchanged; 2 pools"), done
+
+    load, t0, t1 = under_load(site, change)
+    assert_seamless(load, t0, t1, "reload changing a pool's backends")
+    assert backend_of(site.web) == "b" and backend_of(site.tcp) == "b"
