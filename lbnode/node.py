@@ -13,7 +13,7 @@ import os
 import signal
 import socket as stdsocket
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,11 +40,10 @@ from lbnode.listen import (
     Bound,
     ConnectionGate,
     Handler,
-    accept_loop,
-    accept_pending,
     bind_tcp,
     set_vip_filter,
 )
+from lbnode.listeners import ListenerSet, ListenerSlot
 from lbnode.model import Config, ConfigFileError, Listener, Pool
 from lbnode.reloadplan import ReloadPlan, ReloadRefused, plan_reload, socket_key
 from lbnode.runtime import Snapshot
@@ -86,24 +85,6 @@ class ConfigSource:
             out["saved_at"] = iso(self.saved_at)
             out["file"] = self.path
         return out
-
-
-@dataclass(eq=False, slots=True)
-class ListenerSlot:
-    """One listening socket and the settings accepting on it now.
-
-    A reload that changes a listener keeps the slot (and its socket and gate) and starts a
-    new handler on it: ``accepting`` is the scope of the handler accepting now; the ones
-    before it finish their connections and end. ``closing``: removed, or the node stops; the
-    handler that stops accepting then takes what is queued and closes the socket."""
-
-    listener: Listener
-    sock: stdsocket.socket
-    gate: ConnectionGate
-    handler: Handler | None = None
-    accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
-    closing: bool = False
-    retire: list[Callable[[], None]] = field(default_factory=list)  # the handler's parts to tell when it is replaced
 
 
 class LbNode:
@@ -155,9 +136,8 @@ class LbNode:
         # [listeners.access_log]: each listener's buffer and counters, one writer per file (or stdout)
         self.access_logs, self.access_log_writers = accesslog.build(config.listeners)
         self.bound: Bound | None = None
-        self.listener_slots: dict[str, ListenerSlot] = {}  # reloadplan.socket_key -> slot
-        self._listeners: trio.Nursery | None = None  # every listener's handlers, while the node serves
-        self._drain_cut = False  # a drain deadline closed connections still in flight
+        # Each listening socket and the handler accepting on it (changed by reloads).
+        self.listeners = ListenerSet(self._listener_parts, self.connection_gate, lambda: self.config.node.drain_timeout)
         self.config_path: Path | None = None  # node.toml, read again by SIGHUP
         self.command_socket: CommandSocket | None = None  # state_dir/lbnode.sock (lbnode run)
         self.takeover: Takeover | None = None  # the running node whose sockets this one takes
@@ -261,7 +241,7 @@ class LbNode:
         accepting, finish up to drain_timeout, close). Pools and certificates of a node
         without a store are replaced; with a store (cluster, [control]) they stay the
         store's. Raises ``ReloadRefused`` with one line: the node goes on as it was."""
-        if self._listeners is None or self._draining:
+        if self.listeners.nursery is None or self._draining:
             raise ReloadRefused("the node is not serving (starting or draining)")
         plan = plan_reload(self.config, new)
         bound: list[tuple[Listener, stdsocket.socket]] = []
@@ -292,22 +272,23 @@ class LbNode:
 
     def _apply_plan(self, plan: ReloadPlan, bound: list[tuple[Listener, stdsocket.socket]]) -> None:
         changed = {name: li for name, li in plan.changed}
-        for key, slot in list(self.listener_slots.items()):
-            if slot.listener.name in plan.removed:
+        for key, slot in list(self.listeners.slots.items()):
+            name = slot.listener.name
+            if name in plan.removed:
                 log.info("listener %s: removed; no new connections on %s, finishing those in flight",
-                         slot.listener.name, slot.listener.bind)
-                self._stop_listener(key)
-        for key, slot in list(self.listener_slots.items()):
+                         name, slot.listener.bind)
+                self.listeners.stop(key)
+                self._stop_registries(name)
+        for key, slot in list(self.listeners.slots.items()):
             li = changed.get(slot.listener.name)
             if li is not None:
-                del self.listener_slots[key]
                 if li.name != slot.listener.name:
                     self._stop_registries(slot.listener.name)
-                self._start_listener(li, slot.sock, slot)
+                self.listeners.swap(key, li)
                 log.info("listener %s: new settings on %s (connections in flight finish on the previous ones)",
                          li.name, li.bind)
         for li, sock in bound:
-            self._start_listener(li, sock)
+            self.listeners.serve(li, sock)
             log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
 
     def _stop_registries(self, name: str) -> None:
@@ -349,15 +330,15 @@ class LbNode:
         """A new process asks for our sockets; once it serves them it says "drain" and we stop.
 
         If it goes away before that (it could not start: a port, a bad file), we go on."""
-        if self._listeners is None or self._draining:
+        if self.listeners.nursery is None or self._draining:
             await conn.answer({"ok": False, "message": "takeover refused: the running node is not serving"})
             return
         if self.config.cluster is not None or self.config.control is not None:
             await conn.answer({"ok": False, "message": "takeover refused: the running node has [cluster] or "
                                "[control] (not handed over yet: restart it)"})
             return
-        keys = list(self.listener_slots)
-        fds = [self.listener_slots[k].sock.fileno() for k in keys]
+        keys = list(self.listeners.slots)
+        fds = [self.listeners.slots[k].sock.fileno() for k in keys]
         admin_bind = None
         if self.config.node.admin is not None and self.bound is not None and self.bound.admin is not None:
             if self._admin_sock is not None and self._admin_sock.fileno() >= 0:
@@ -455,9 +436,9 @@ class LbNode:
             self._health_nursery = outer
             self._sync_health()
             async with trio.open_nursery() as listeners:
-                self._listeners = listeners
+                self.listeners.nursery = listeners
                 for li, sock in sockets:
-                    self._start_listener(li, sock)
+                    self.listeners.serve(li, sock)
                 for li in config.listeners:
                     log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
                 if takeover is not None:
@@ -481,13 +462,11 @@ class LbNode:
                     # accept loops go on for the handshakes already under way.
                     with trio.move_on_after(2 * self.vips.conn.timeout):
                         await self.vips.release_all()
-                for slot in self.listener_slots.values():
-                    slot.closing = True
-                    slot.accepting.cancel()
+                self.listeners.stop_all()
                 drain = self.config.node.drain_timeout
                 log.info("draining: no new connections; waiting up to %gs for requests in flight", drain)
-            self._listeners = None
-            if self._drain_cut:
+            self.listeners.nursery = None
+            if self.listeners.drain_cut:
                 log.warning("drain timeout: closed connections still in flight")
             access_log_scope.cancel()
             await self._flush_access_logs()
@@ -502,65 +481,14 @@ class LbNode:
         with self._admin_scope:
             await serve_admin(sock, self, access)
 
-    # --------------------------------------------------------------- listeners at runtime
-    def _start_listener(self, li: Listener, sock: stdsocket.socket, slot: ListenerSlot | None = None) -> ListenerSlot:
-        """Serve ``li`` on ``sock``: a new slot, or (``slot``) new settings on a slot's socket,
-        whose previous handler stops accepting and finishes its connections."""
-        assert self._listeners is not None and self.bound is not None
-        if slot is None:
-            gate = ConnectionGate(li.max_connections, parent=self.connection_gate)
-            slot = ListenerSlot(li, sock, gate)
-        else:
-            slot.gate.set_limit(li.max_connections)
-        previous = slot.accepting if slot.handler is not None else None
-        retire_previous = slot.retire
-        self.bound.listeners[li.name] = sock.getsockname()[:2]
+    def _listener_parts(self, li: Listener, slot: ListenerSlot) -> tuple[Handler, list[Callable[[], None]]]:
+        """For ``ListenerSet``: the handler chain on the slot's gate, and what to tell it when a
+        reload replaces or removes it (an HTTP proxy stops keep-alive)."""
+        assert self.bound is not None
+        self.bound.listeners[li.name] = slot.sock.getsockname()[:2]
         handler, _ = self._listener_handler(li, slot.gate)
-        slot.listener, slot.handler = li, handler
-        slot.accepting = trio.CancelScope()
-        slot.retire = self._retirers(li.name)
-        self.listener_slots[socket_key(li.name, li.bind)] = slot
-        self._listeners.start_soon(self._serve_listener, slot, handler, slot.accepting, li.name)
-        if previous is not None:
-            # The new handler accepts from the same queue already (or will on its first turn:
-            # a connection meanwhile waits in the backlog, it is not refused).
-            previous.cancel()
-            for retire in retire_previous:
-                retire()
-        return slot
-
-    def _stop_listener(self, key: str) -> None:
-        """Stop accepting on a listener, finish its connections (up to drain_timeout), close."""
-        slot = self.listener_slots.pop(key)
-        slot.closing = True
-        slot.accepting.cancel()
-        for retire in slot.retire:
-            retire()
-        name = slot.listener.name
-        if not any(s.listener.name == name for s in self.listener_slots.values()):
-            self._stop_registries(name)
-
-    def _retirers(self, name: str) -> list[Callable[[], None]]:
-        """What the handler just built for ``name`` is told when it is replaced or removed."""
-        proxy = self.http_proxies.get(name)
-        return [proxy.retire] if proxy is not None else []
-
-    async def _serve_listener(self, slot: ListenerSlot, handler: Handler, accepting: trio.CancelScope, name: str) -> None:
-        """One handler on a slot's socket: accept until ``accepting`` is cancelled, then (the
-        slot closing and this the last handler) take the queue and close the socket; then let
-        the connections finish within drain_timeout."""
-        async with trio.open_nursery() as connections:
-            with accepting:
-                await accept_loop(slot.sock, handler, connections, slot.gate, name)
-            if slot.closing and slot.accepting is accepting:
-                await accept_pending(slot.sock, handler, connections, slot.gate)
-                slot.sock.close()
-            connections.cancel_scope.deadline = trio.current_time() + self.config.node.drain_timeout
-        if connections.cancel_scope.cancelled_caught:
-            self._drain_cut = True
-            if not self._draining:
-                log.warning("listener %s: the connections of its previous settings were closed at drain_timeout "
-                            "(%gs)", name, self.config.node.drain_timeout)
+        proxy = self.http_proxies.get(li.name)
+        return handler, [proxy.retire] if proxy is not None else []
 
     def _listener_handler(self, li: Listener, gate: ConnectionGate | None = None) -> tuple[Handler, ConnectionGate]:
         """One listener's connection handler and gate, registered for the admin endpoint's
@@ -611,7 +539,7 @@ class LbNode:
 
     def _filter_moving_vips(self, handing_off: frozenset[str], taking_over: frozenset[str]) -> None:
         """While VIPs move, every listener drops what would break a connection (``set_vip_filter``)."""
-        for slot in list(self.listener_slots.values()):
+        for slot in list(self.listeners.slots.values()):
             sock = slot.sock
             if sock.fileno() < 0:
                 continue  # closed: the node has stopped
