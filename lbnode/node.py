@@ -503,14 +503,27 @@ class LbNode:
         handler: Handler
         inner: Inner  # what a TLS listener's terminator calls after the handshake
         access_log = self.access_logs.get(li.name)
+        # A reload may change what the listener is made of: parts it no longer has leave /metrics.
+        for registry, kept in ((self.http_proxies, li.protocol in ("http", "https")),
+                               (self.tcp_proxies, li.protocol not in ("http", "https")),
+                               (self.tls_terminators, li.tls is not None),
+                               (self.proxy_receivers, li.proxy_protocol is not None)):
+            if not kept:
+                registry.pop(li.name, None)
         if li.protocol in ("http", "https"):
             proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
+            previous = self.http_proxies.get(li.name)
+            if previous is not None:  # a reload changed this listener: its counters go on
+                proxy.carry_counters(previous)
             self.http_proxies[li.name] = proxy
             handler = inner = proxy.handle
         else:
             from lbnode.tcp.proxy import TcpProxy
 
             tcp = TcpProxy(li, self, access_log=access_log)
+            previous_tcp = self.tcp_proxies.get(li.name)
+            if isinstance(previous_tcp, TcpProxy):
+                tcp.carry_counters(previous_tcp)
             self.tcp_proxies[li.name] = tcp
             handler = inner = tcp.handle
         if li.tls is not None:

@@ -301,6 +301,14 @@ class HttpProxy:
         rl = listener.rate_limit
         self.rate_limiter = RateLimiter(rl.rate, rl.burst) if rl is not None else None
 
+    def carry_counters(self, previous: HttpProxy) -> None:
+        """A reload replaced ``previous`` (same listener): /metrics goes on from its counts
+        instead of from zero. The tallies are shared from now on; the two plain counts are
+        copied, so requests ``previous`` finishes after the reload go uncounted there."""
+        self.requests, self.redirects = previous.requests, previous.redirects
+        self.backend_responses, self.local_responses = previous.backend_responses, previous.local_responses
+        self.request_seconds, self.io = previous.request_seconds, previous.io
+
     def retire(self) -> None:
         """A reload replaced this listener's settings, or removed it (see ``retired``)."""
         self.retired = True
