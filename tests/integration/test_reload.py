@@ -327,3 +327,45 @@ def test_reload_replaces_the_pools_of_a_node_without_a_store(spawn: Spawn, tmp_p
     load, t0, t1 = under_load(site, change)
     assert_seamless(load, t0, t1, "reload changing a pool's backends")
     assert backend_of(site.web) == "b" and backend_of(site.tcp) == "b"
+
+
+def test_reload_rotates_an_https_listeners_certificate(spawn: Spawn, tmp_path: Path) -> None:
+    """[[certificates]] pointing at new files: new handshakes get the new certificate, and a
+    keep-alive TLS connection open across the reload is still served."""
+    import ssl
+
+    from tests.tlsutil import make_ca
+
+    old_ca, new_ca = make_ca(tmp_path, "old"), make_ca(tmp_path, "new")
+    old_cert = old_ca.issue(tmp_path, "old-site", ["localhost"])
+    new_cert = new_ca.issue(tmp_path, "new-site", ["localhost"])
+    site = Site(spawn, tmp_path)
+
+    def write(cert: Path, key: Path) -> None:
+        site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+        site.config.write_text(
+            site.config.read_text()
+            + listener_toml("secure", "https", "pa", bind=f"127.0.0.1:{secure}",
+                            extra='  [listeners.tls]\n  certificates = ["site"]\n')
+            + f'[[certificates]]\nname = "site"\ncert = "{cert}"\nkey = "{key}"\n')
+
+    secure = free_port()
+    write(old_cert.cert, old_cert.key)
+    site.start(spawn)
+    wait_port(secure)
+
+    def client(ca: Path) -> httpx.Client:
+        return httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=5)
+
+    with client(old_ca.path) as kept:
+        assert kept.get(f"https://localhost:{secure}/").text == "a\n"
+        write(new_cert.cert, new_cert.key)
+        done = lbnode("reload", "-c", str(site.config), cwd=tmp_path)
+        assert done.returncode == 0 and "listeners unchanged" in done.stdout, done
+        # The connection opened before the reload goes on (the listener itself did not change).
+        again = kept.get(f"https://localhost:{secure}/")
+        assert again.status_code == 200 and again.text == "a\n"
+    with client(new_ca.path) as fresh:
+        assert fresh.get(f"https://localhost:{secure}/").text == "a\n"
+    with client(old_ca.path) as stale, pytest.raises(httpx.ConnectError):
+        stale.get(f"https://localhost:{secure}/")
