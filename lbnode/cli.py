@@ -56,20 +56,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.takeover:
         from lbnode.handover import CommandError, Takeover, socket_path
 
-        if config.cluster is not None or config.control is not None:
-            # A second etcd session under the same node id, and the control API's port (grpc
-            # binds it without SO_REUSEPORT), are not handed over yet.
-            print(f"lbnode: {args.config}: --takeover is not supported yet for a node with "
-                  f"{'[cluster]' if config.cluster is not None else '[control]'}: restart it "
-                  "(its listeners' clients reconnect to the other nodes, or retry)", file=sys.stderr)
+        if config.cluster is not None:
+            # A second etcd session under the same node id, its lease and VIPs, are not handed over yet.
+            print(f"lbnode: {args.config}: --takeover is not supported yet for a node with [cluster]: restart "
+                  "it (its VIPs move to another node first)", file=sys.stderr)
             return 1
         try:
             takeover = Takeover.start(socket_path(config.node.state_dir))
+            if config.control is not None:
+                # The store file gets one writer, and grpc binds the port anew: the old node's
+                # control API stops before this one reads the store (lbctl is refused meanwhile).
+                takeover.release_control()
         except CommandError as exc:
+            if takeover is not None:
+                takeover.abandon()
             print(f"lbnode: {args.config}: --takeover: {exc}", file=sys.stderr)
             return 1
     lock = None
-    if config.cluster is not None or config.control is not None:
+    if takeover is not None and takeover.lock is not None:
+        lock = takeover.hold_lock()
+    elif config.cluster is not None or config.control is not None:
         # state_dir holds this node's pools (control API) or its identity in the cluster
         from lbnode.statedir import StateDirInUse, lock_state_dir
 
@@ -87,6 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     from lbnode.handover import CommandSocket, socket_path
 
+    node.state_lock = lock
     node.config_path = Path(args.config).resolve()
     node.command_socket = CommandSocket(socket_path(config.node.state_dir))
     node.takeover = takeover

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import trio
 
@@ -119,6 +119,7 @@ class Takeover:
     admin: stdsocket.socket | None
     admin_bind: str | None
     pid: int
+    lock: IO[str] | None = None  # the running node's state_dir lock (same open file: the flock is ours too)
     used: set[str] = field(default_factory=set)
 
     @classmethod
@@ -139,17 +140,19 @@ class Takeover:
             conn.close()
             raise CommandError(str(answer.get("message", "takeover refused")))
         names: list[str] = list(answer["sockets"])
-        socks = [stdsocket.socket(fileno=fd) for fd in fds]
-        if len(socks) != len(names):
-            for s in socks:
-                s.close()
+        if len(fds) != len(names):
+            for fd in fds:
+                os.close(fd)
             conn.close()
-            raise CommandError(f"takeover: {len(socks)} descriptors received for {len(names)} sockets")
-        for s in socks:
+            raise CommandError(f"takeover: {len(fds)} descriptors received for {len(names)} sockets")
+        by_fd = dict(zip(names, fds, strict=True))
+        lock_fd = by_fd.pop("lock", None)
+        lock = os.fdopen(lock_fd, "r+") if lock_fd is not None else None
+        by_key = {name: stdsocket.socket(fileno=fd) for name, fd in by_fd.items()}
+        for s in by_key.values():
             s.setblocking(False)
-        by_key = dict(zip(names, socks, strict=True))
         admin = by_key.pop("admin", None)
-        return cls(conn, by_key, admin, answer.get("admin_bind"), int(answer.get("pid", 0)))
+        return cls(conn, by_key, admin, answer.get("admin_bind"), int(answer.get("pid", 0)), lock)
 
     def take(self, key: str) -> stdsocket.socket | None:
         """The running node's socket for this listener (``reloadplan.socket_key``), if it had one."""
@@ -165,6 +168,22 @@ class Takeover:
         for k in unused:
             self.listeners.pop(k).close()
         return unused
+
+    def release_control(self) -> None:
+        """The running node stops its control API (we bind its port and read the store next)."""
+        _send(self.conn, {"command": "release-control"})
+        answer = _read_line(self.conn)
+        if not answer.get("ok"):
+            raise CommandError(str(answer.get("message")))
+
+    def hold_lock(self) -> IO[str] | None:
+        """Keep the state_dir lock for this process: its pid in the lock file."""
+        if self.lock is not None:
+            self.lock.seek(0)
+            self.lock.truncate()
+            self.lock.write(f"{os.getpid()}\n")
+            self.lock.flush()
+        return self.lock
 
     def finish(self) -> None:
         """We serve: the old node stops accepting, finishes what it has, and exits."""
@@ -182,6 +201,8 @@ class Takeover:
             s.close()
         if self.admin is not None:
             self.admin.close()
+        if self.lock is not None:
+            self.lock.close()
         self.conn.close()
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
@@ -44,7 +44,7 @@ from lbnode.listen import (
     set_vip_filter,
 )
 from lbnode.listeners import ListenerSet, ListenerSlot
-from lbnode.model import Config, ConfigFileError, Listener, Pool
+from lbnode.model import Config, ConfigFileError, ControlSettings, Listener, Pool
 from lbnode.reloadplan import ReloadPlan, ReloadRefused, plan_reload, socket_key
 from lbnode.runtime import Snapshot
 from lbnode.tls.expiry_warnings import ExpiryWarnings
@@ -142,6 +142,10 @@ class LbNode:
         self.command_socket: CommandSocket | None = None  # state_dir/lbnode.sock (lbnode run)
         self.takeover: Takeover | None = None  # the running node whose sockets this one takes
         self._admin_scope = trio.CancelScope()
+        self._admin_done = trio.Event()
+        self._control_scope: trio.CancelScope | None = None
+        self._control_stopped = trio.Event()
+        self.state_lock: IO[str] | None = None  # state_dir/lock, held open (lbnode run): handed over by a takeover
         self._admin_sock: stdsocket.socket | None = None
         self._handed_over = False  # a new process serves our sockets: drain without closing idle ones
         self.health_checkers: dict[str, HealthChecker] = {}
@@ -329,13 +333,15 @@ class LbNode:
     async def _hand_over(self, conn: CommandConn) -> None:
         """A new process asks for our sockets; once it serves them it says "drain" and we stop.
 
-        If it goes away before that (it could not start: a port, a bad file), we go on."""
+        With [control] it first asks us to stop the control API ("release-control": the gRPC
+        port is bound anew, and the store file must have one writer). If it goes away before
+        "drain" (it could not start: a port, a bad file), we go on, with the control API again."""
         if self.listeners.nursery is None or self._draining:
             await conn.answer({"ok": False, "message": "takeover refused: the running node is not serving"})
             return
-        if self.config.cluster is not None or self.config.control is not None:
-            await conn.answer({"ok": False, "message": "takeover refused: the running node has [cluster] or "
-                               "[control] (not handed over yet: restart it)"})
+        if self.config.cluster is not None:
+            await conn.answer({"ok": False, "message": "takeover refused: the running node has [cluster] (its "
+                               "lease and VIPs are not handed over yet: restart it)"})
             return
         keys = list(self.listeners.slots)
         fds = [self.listeners.slots[k].sock.fileno() for k in keys]
@@ -345,17 +351,51 @@ class LbNode:
                 keys.append("admin")
                 fds.append(self._admin_sock.fileno())
                 admin_bind = str(self.config.node.admin)
+        if self.state_lock is not None:
+            keys.append("lock")  # the state_dir lock (flock goes with the open file)
+            fds.append(self.state_lock.fileno())
         await conn.answer({"ok": True, "sockets": keys, "admin_bind": admin_bind, "pid": os.getpid()}, fds)
         log.info("takeover: %d sockets handed to a new process; serving until it says it serves them", len(fds))
-        request = await conn.next_line()
-        if request is None or request.get("command") != "drain":
+        released = False
+        while True:
+            request = await conn.next_line()
+            command = request.get("command") if request is not None else None
+            if command == "release-control" and self._control_scope is not None:
+                log.info("takeover: stopping the control API for the new process")
+                self._control_scope.cancel()
+                await self._control_stopped.wait()
+                released = True
+                await conn.answer({"ok": True})
+                continue
+            break
+        if command != "drain":
             log.warning("takeover abandoned: the new process went away before serving; this node goes on")
+            if released and self.config.control is not None and self.store is not None and self._health_nursery:
+                await self._health_nursery.start(self._serve_control, self.config.control, self.store)
             return
         log.info("takeover: the new process serves our sockets; draining and exiting")
         self._handed_over = True
         self._admin_scope.cancel()  # its socket is the new process's now
+        if admin_bind is not None:
+            # A request already read finishes first (cancelling reaches a task only at its next
+            # checkpoint): it must answer "ok", not the "draining" the stop below would make it say.
+            await self._admin_done.wait()
         self.stop()
         await conn.answer({"ok": True, "message": "draining"})
+
+    async def _serve_control(
+        self, settings: ControlSettings, store: PoolStore, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The control API, until the node stops or a takeover asks for its port."""
+        from lbnode.control.server import serve_control
+
+        self._control_scope = scope = trio.CancelScope()
+        self._control_stopped = trio.Event()
+        try:
+            with scope:
+                await serve_control(settings, store, self, task_status=task_status)
+        finally:
+            self._control_stopped.set()
 
     # --------------------------------------------------------------- lifecycle
     async def run(self, *, handle_signals: bool = True, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
@@ -424,9 +464,7 @@ class LbNode:
                 if not self.follower.synced.is_set():
                     self._serve_cached()
             if config.control is not None and self.store is not None:
-                from lbnode.control.server import serve_control
-
-                self.control_port = await outer.start(serve_control, config.control, self.store, self)
+                self.control_port = await outer.start(self._serve_control, config.control, self.store)
             if admin_sock is not None:
                 outer.start_soon(self._serve_admin, admin_sock, access)
             outer.start_soon(self._check_certificate_expiry)
@@ -478,8 +516,11 @@ class LbNode:
 
     async def _serve_admin(self, sock: stdsocket.socket, access: AdminAccess) -> None:
         """The admin endpoint, until the node stops or a new process takes its socket over."""
-        with self._admin_scope:
-            await serve_admin(sock, self, access)
+        try:
+            with self._admin_scope:
+                await serve_admin(sock, self, access)
+        finally:
+            self._admin_done.set()
 
     def _listener_parts(self, li: Listener, slot: ListenerSlot) -> tuple[Handler, list[Callable[[], None]]]:
         """For ``ListenerSet``: the handler chain on the slot's gate, and what to tell it when a

@@ -286,13 +286,55 @@ def test_takeover_that_cannot_bind_leaves_the_old_node_serving(spawn: Spawn, tmp
     assert old.poll() is None and backend_of(site.web) == "a"
 
 
-@pytest.mark.parametrize("section", ["[control]\nbind = \"127.0.0.1:0\"\ninsecure = true\n"])
-def test_takeover_is_refused_for_a_node_with_a_control_api(tmp_path: Path, section: str) -> None:
+def test_takeover_is_refused_for_a_cluster_member(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
-    config.write_text(node_toml(pool_toml("p", ["127.0.0.1:1"]), listener_toml("web", "http", "p"), section))
+    config.write_text(node_toml(pool_toml("p", ["127.0.0.1:1"]), listener_toml("web", "http", "p"),
+                                '[cluster]\netcd = ["http://127.0.0.1:1"]\n'))
     done = lbnode("run", "-c", str(config), "--takeover", cwd=tmp_path)
     assert done.returncode == 1
-    assert "--takeover is not supported yet for a node with [control]" in done.stderr
+    assert done.stderr.strip() == (f"lbnode: {config}: --takeover is not supported yet for a node with [cluster]: "
+                                   "restart it (its VIPs move to another node first)")
+
+
+def test_takeover_of_a_node_with_a_control_api(spawn: Spawn, tmp_path: Path) -> None:
+    """[control] (the store is state_dir/pools.json): the old node stops its control API, the
+    new one reads the store (a pool created through the API is still there), binds the control
+    port and holds the state_dir lock; the listeners are handed over under load as without it."""
+    site = Site(spawn, tmp_path)
+    control = free_port()
+    site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+    site.config.write_text(site.config.read_text() + f'[control]\nbind = "127.0.0.1:{control}"\ninsecure = true\n')
+    old = site.start(spawn)
+    wait_port(control)
+
+    def lbctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lbctl.cli", "--insecure", "-e", f"127.0.0.1:{control}", *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=30)
+
+    # Through the API: pool pa now goes to backend b (the file still says a).
+    done = lbctl("backends", "add", "pa", f"127.0.0.1:{site.b}")
+    assert done.returncode == 0, done.stderr
+    done = lbctl("backends", "remove", "pa", f"127.0.0.1:{site.a}")
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: backend_of(site.web) == "b", 5, "the API's change served")
+    new: list[subprocess.Popen[bytes]] = []
+
+    def change() -> None:
+        new.append(spawn("-m", "lbnode.cli", "run", "--config", str(site.config), "--takeover", name="node").popen)
+        assert old.wait(30) == 0
+
+    load, t0, t1 = under_load(site, change)
+    assert_seamless(load, t0, t1, "binary upgrade of a node with [control]")
+    assert new[0].poll() is None
+    assert backend_of(site.web) == "b"  # the store's pool, not the file's
+    wait_port(control)
+    listed = lbctl("pools", "show", "pa")
+    assert listed.returncode == 0 and f"127.0.0.1:{site.b}" in listed.stdout, listed
+    lock = (tmp_path / "state" / "lock").read_text().strip()
+    assert lock == str(new[0].pid)
+    # A third process cannot take the state_dir: the new node holds the lock the old one had.
+    third = lbnode("run", "-c", str(site.config), cwd=tmp_path)
+    assert third.returncode == 1 and f"in use by another lbnode (pid {new[0].pid})" in third.stderr
 
 
 def test_reload_of_a_node_with_a_store_keeps_the_store_pools(spawn: Spawn, tmp_path: Path) -> None:
@@ -369,3 +411,27 @@ def test_reload_rotates_an_https_listeners_certificate(spawn: Spawn, tmp_path: P
         assert fresh.get(f"https://localhost:{secure}/").text == "a\n"
     with client(old_ca.path) as stale, pytest.raises(httpx.ConnectError):
         stale.get(f"https://localhost:{secure}/")
+
+
+def test_a_failed_takeover_gives_the_control_api_back(spawn: Spawn, tmp_path: Path) -> None:
+    """The new process stopped the old one's control API, then could not bind a listener: the
+    old node serves its control API again (and its listeners never stopped)."""
+    site = Site(spawn, tmp_path)
+    control, busy = free_port(), free_port()
+    control_section = f'[control]\nbind = "127.0.0.1:{control}"\ninsecure = true\n'
+    site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+    site.config.write_text(site.config.read_text() + control_section)
+    old = site.start(spawn)
+    wait_port(control)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", busy))
+        holder.listen()
+        site.config.write_text(site.config.read_text() + listener_toml("x", "http", "pa", bind=f"127.0.0.1:{busy}"))
+        done = lbnode("run", "-c", str(site.config), "--takeover", cwd=tmp_path)
+    assert done.returncode == 1 and "address already in use" in done.stderr
+    log = tmp_path / "node-2.log"
+    wait_until(lambda: log.read_text().count("control API on 127.0.0.1") == 2, 10, "the control API back")
+    listed = subprocess.run([sys.executable, "-m", "lbctl.cli", "--insecure", "-e", f"127.0.0.1:{control}",
+                             "pools", "list"], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert listed.returncode == 0 and "pa" in listed.stdout, listed
+    assert old.poll() is None and backend_of(site.web) == "a"
