@@ -266,7 +266,12 @@ class CommandSocket:
     def bind(self, *, replace_live: bool) -> bool:
         """Bind; False (and a warning) when another live node answers there and ``replace_live``
         is not set (two nodes started in one state_dir: the first keeps it)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            log.warning("command socket %s: cannot create its directory (%s): `lbnode reload` will not reach "
+                        "this node; SIGHUP still reloads it", self.path, exc.strerror or exc)
+            return False
         if self.path.exists() or self.path.is_symlink():
             if not replace_live and _answers(self.path):
                 log.warning("command socket %s belongs to another running lbnode: `lbnode reload` will not "

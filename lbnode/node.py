@@ -163,8 +163,8 @@ class LbNode:
 
     def apply(self, config: Config) -> None:
         """Swap in a new configuration; connections in flight keep their backends."""
-        self.config = config
-        self._snapshot = Snapshot.build(config, self._snapshot, shared_affinity=self.affinity)
+        snapshot = Snapshot.build(config, self._snapshot, shared_affinity=self.affinity)  # may raise: nothing changed
+        self.config, self._snapshot = config, snapshot
         self._retain_affinity_tables()
         self._sync_health()
         log.info("configuration version %d applied", self._snapshot.version)
@@ -265,10 +265,15 @@ class LbNode:
                 certificates = self.follower.merged_certificates() if self.follower.synced.is_set() else new.certificates
             new = replace(new, pools=self.config.pools, certificates=certificates)
             pools_note = "; pools stay the store's (node.toml's pools only seed it: lbctl changes them)"
+        try:
+            self.apply(new)
+        except Exception:
+            for _, sock in bound:
+                sock.close()
+            raise
         self.connection_gate.set_limit(new.node.max_connections)
         self.upstreams.max_idle = max((p.max_idle_per_backend for p in new.pools), default=128)
         self.upstreams.idle_timeout = min((p.timeouts.idle for p in new.pools), default=60.0)
-        self.apply(new)
         self._apply_plan(plan, bound)
         summary = f"reloaded: {plan.summary()}; {len(new.pools)} pools{pools_note}"
         log.info("%s", summary)

@@ -435,3 +435,19 @@ def test_a_failed_takeover_gives_the_control_api_back(spawn: Spawn, tmp_path: Pa
                              "pools", "list"], capture_output=True, text=True, cwd=tmp_path, timeout=30)
     assert listed.returncode == 0 and "pa" in listed.stdout, listed
     assert old.poll() is None and backend_of(site.web) == "a"
+
+
+def test_a_state_dir_that_cannot_be_created_leaves_sighup_only(spawn: Spawn, tmp_path: Path) -> None:
+    """The command socket is a convenience: a node whose state_dir cannot be made (here under
+    /proc) serves anyway, says why `lbnode reload` will not reach it, and reloads on SIGHUP."""
+    site = Site(spawn, tmp_path)
+    site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+    site.config.write_text(site.config.read_text().replace('drain_timeout = "5s"\n',
+                                                           'drain_timeout = "5s"\nstate_dir = "/proc/fulcrum-none"\n'))
+    node = site.start(spawn)
+    log = tmp_path / "node-2.log"
+    assert "command socket /proc/fulcrum-none/lbnode.sock: cannot create its directory" in log.read_text()
+    site.config.write_text(site.config.read_text().replace('pool = "pa"', 'pool = "pb"', 1))
+    node.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded: listeners changed web" in log.read_text(), 10, "the SIGHUP's reload")
+    assert backend_of(site.web) == "b"
