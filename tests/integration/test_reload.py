@@ -451,3 +451,32 @@ def test_a_state_dir_that_cannot_be_created_leaves_sighup_only(spawn: Spawn, tmp
     node.send_signal(signal.SIGHUP)
     wait_until(lambda: "reloaded: listeners changed web" in log.read_text(), 10, "the SIGHUP's reload")
     assert backend_of(site.web) == "b"
+
+
+def test_reload_of_a_cluster_member_keeps_the_etcd_pools(spawn: Spawn, tmp_path: Path, etcd) -> None:  # type: ignore[no-untyped-def]
+    """A cluster member's pools live in etcd: node.toml's pool seeded it at the first start. A
+    reload applies the listeners (a new one, under load) and leaves etcd's pools as they are."""
+    from lbnode.cluster.etcd import EtcdStore
+
+    site = Site(spawn, tmp_path)
+    endpoints = ", ".join(f'"{e}"' for e in etcd.endpoints)
+    cluster = f'[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\n'
+    extra = free_port()
+    site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+    site.config.write_text(site.config.read_text() + cluster)
+    site.start(spawn)
+    wait_until(lambda: backend_of(site.web) == "a", 10, "the seeded pool served")
+    store = EtcdStore(etcd.settings())
+    assert [str(b.address) for b in store.get_pool("pa").pool.backends] == [f"127.0.0.1:{site.a}"]
+
+    def change() -> None:
+        text = site.config.read_text().replace(f"127.0.0.1:{site.a}", f"127.0.0.1:{site.b}")
+        site.config.write_text(text + listener_toml("extra", "http", "pa", bind=f"127.0.0.1:{extra}"))
+        done = lbnode("reload", "-c", str(site.config), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "added extra" in done.stdout and "pools stay the store's" in done.stdout
+
+    load, t0, t1 = under_load(site, change)
+    assert_seamless(load, t0, t1, "reload of a cluster member")
+    assert backend_of(site.web) == "a" and backend_of(extra) == "a"  # etcd's pa, not the file's
+    assert [str(b.address) for b in store.get_pool("pa").pool.backends] == [f"127.0.0.1:{site.a}"]
