@@ -561,6 +561,7 @@ class LbNode:
             previous = self.http_proxies.get(li.name)
             if previous is not None:  # a reload changed this listener: its counters go on
                 proxy.carry_counters(previous)
+                previous.route_like(proxy)
             self.http_proxies[li.name] = proxy
             handler = inner = proxy.handle
         else:

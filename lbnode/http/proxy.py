@@ -271,6 +271,7 @@ class HttpProxy:
     ) -> None:
         self.listener = listener
         self.routes = RouteTable(listener.routes)
+        self.default_pool = listener.pool  # where requests no route matches go
         self.rng = rng or random.Random()  # weighted split: the side of a request (not sticky)
         self.access_log = access_log
         self.node = node
@@ -308,6 +309,12 @@ class HttpProxy:
         self.requests, self.redirects = previous.requests, previous.redirects
         self.backend_responses, self.local_responses = previous.backend_responses, previous.local_responses
         self.request_seconds, self.io = previous.request_seconds, previous.io
+
+    def route_like(self, successor: HttpProxy) -> None:
+        """A reload replaced this listener's settings: the requests still to come on our
+        connections (at most one each: they close after it) are routed by the new routes, to
+        pools the new configuration has; a pool the reload removed would answer 503."""
+        self.routes, self.default_pool = successor.routes, successor.default_pool
 
     def retire(self) -> None:
         """A reload replaced this listener's settings, or removed it (see ``retired``)."""
@@ -569,7 +576,7 @@ class HttpProxy:
     def _route(self, conn: ClientConn, head: RequestHead) -> str:
         """The pool of this request (kept on ``conn``, with any split cookie to set)."""
         conn.route_cookie = None
-        pool = self.listener.pool
+        pool = self.default_pool
         if self.routes:
             facts = RequestFacts(head.method, head.host, head.path, head.query, head.headers, conn.ip)
             route = self.routes.match(facts)

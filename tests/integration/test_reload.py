@@ -480,3 +480,31 @@ def test_reload_of_a_cluster_member_keeps_the_etcd_pools(spawn: Spawn, tmp_path:
     assert_seamless(load, t0, t1, "reload of a cluster member")
     assert backend_of(site.web) == "a" and backend_of(extra) == "a"  # etcd's pa, not the file's
     assert [str(b.address) for b in store.get_pool("pa").pool.backends] == [f"127.0.0.1:{site.a}"]
+
+
+def test_an_idle_keepalive_connection_is_routed_by_the_new_settings(spawn: Spawn, tmp_path: Path) -> None:
+    """A keep-alive connection idle at the reload sends its next request after it: that request
+    goes where the new settings say (here to pool pb: pool pa is gone), answered with
+    Connection: close, so the client's next connection gets the new settings in full."""
+    site = Site(spawn, tmp_path)
+    site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+    site.start(spawn)
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", site.web), timeout=5) as idle:
+        idle.sendall(request)
+        first = idle.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"\r\n\r\na\n")
+        # pool pa removed; web now goes to pb
+        site.config.write_text(node_toml(
+            pool_toml("pb", [f"127.0.0.1:{site.b}"]),
+            listener_toml("web", "http", "pb", bind=f"127.0.0.1:{site.web}"),
+            listener_toml("tcp", "tcp", "pb", bind=f"127.0.0.1:{site.tcp}"),
+            admin=f"127.0.0.1:{site.admin}", node_extra='drain_timeout = "5s"\n'))
+        done = lbnode("reload", "-c", str(site.config), cwd=tmp_path)
+        assert done.returncode == 0 and "changed web, tcp" in done.stdout, done
+        idle.sendall(request)
+        data = b""
+        while chunk := idle.recv(65536):  # read to the end: the node closes after this answer
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in head and body == b"b\n"
