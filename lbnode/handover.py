@@ -3,7 +3,9 @@ of listening sockets to a new process (``lbnode run --takeover``, as HAProxy's
 ``expose-fd listeners``).
 
 Owns the wire: one JSON line each way per command, and for a takeover the descriptors in
-the same message (SCM_RIGHTS, ``socket.send_fds``). What a command does is the node's.
+the same message (SCM_RIGHTS, ``socket.send_fds``). A takeover is one conversation:
+"takeover" (answer: socket names and descriptors, the state_dir lock's among them),
+"release-control" with [control], then "drain" once the new process serves. What a command does is the node's.
 The client half is blocking (the CLI, and a new process before its ``trio.run``); the server
 half runs in Trio on a non-blocking socket. Only the node's user can connect: the socket is
 created mode 0600 inside state_dir.
@@ -208,8 +210,8 @@ class Takeover:
 
 # --------------------------------------------------------------------------- server (Trio)
 
-# A command's handler: the request in, the answer out. A takeover handler answers with
-# (answer, descriptors) and gets the rest of the conversation through ``next_line``.
+# A command's handler: the request, and the connection to answer on (``answer``, with
+# descriptors for a takeover) and to read the rest of the conversation from (``next_line``).
 Command = Callable[[dict[str, Any], "CommandConn"], Awaitable[None]]
 
 
