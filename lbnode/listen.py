@@ -107,6 +107,11 @@ class ConnectionGate:
             else:
                 return
 
+    def set_limit(self, limit: int | None) -> None:
+        """A reload's new cap; connections above a lowered one stay (no new ones until below)."""
+        self.limit = limit
+        self._room.unpark_all()
+
     def take(self) -> None:
         """One more open connection; only right after ``has_room`` said yes (no await between)."""
         self.in_use += 1

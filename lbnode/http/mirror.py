@@ -59,14 +59,10 @@ class Mirrors:
         self._nursery: trio.Nursery | None = None
         self._logged = LogThrottle(window=10.0, burst=5)
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run the copies in ``nursery``: the node's, since copies outlive the connection they
+        copy and the listener settings a reload replaces; cancelled when the node stops."""
+        self._nursery = nursery
 
     def submit(self, route: str, mirror: Mirror, data: bytes | None, method: bytes, client_ip: str,
                client_sock: stdsocket.socket) -> None:
@@ -96,8 +92,12 @@ class Mirrors:
             except OSError:  # the client has gone: its request is still copied, without it
                 stats.dropped["stopped"] += 1
                 return
+        try:
+            nursery.start_soon(self._copy, stats, pool, data, method, client_ip, preamble)
+        except RuntimeError:  # the node's nursery has closed: it stopped
+            stats.dropped["stopped"] += 1
+            return
         stats.inflight += 1
-        nursery.start_soon(self._copy, stats, pool, data, method, client_ip, preamble)
 
     async def _copy(self, stats: MirrorStats, pool: PoolRuntime, data: bytes, method: bytes, client_ip: str,
                     preamble: bytes) -> None:

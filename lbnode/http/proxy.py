@@ -276,6 +276,7 @@ class HttpProxy:
         # Used only when the node's snapshot has no table for this listener (tests' plain nodes);
         # otherwise routes come from the snapshot, which a route change swaps whole.
         self.routes = RouteTable(listener.routes)
+        self.default_pool = listener.pool  # where requests no route matches go
         self.rng = rng or random.Random()  # weighted split: the side of a request (not sticky)
         self.access_log = access_log
         self.node = node
@@ -291,8 +292,14 @@ class HttpProxy:
         self.redirects = 0  # requests answered with the redirect to https
         # Requests a route's redirect or fixed_response answered, by status (local, for /metrics).
         self.route_answers: dict[int, int] = {}
-        self.mirrors = Mirrors(lambda: node.snapshot, node.upstreams, listener.routes)  # run by the node
+        # Copies run in the node's nursery (attached by the node); a reload's new settings take the
+        # previous ones' (carry_counters), so copies and their counters go on.
+        self.mirrors = Mirrors(lambda: node.snapshot, node.upstreams, listener.routes)
         self._idle: set[ClientConn] = set()
+        # A reload replaced or removed this listener: each connection closes after the response
+        # it is serving or the next one (Connection: close), so its client opens a new one, to
+        # the new settings. Idle ones are not closed under a client that may be sending.
+        self.retired = False
         self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
         # Local answers are counted in full above; the log takes a few per status per 10 s, so a
         # flood of 429s, 408s or 400s does not turn into a flood of log lines (lbnode/logthrottle.py).
@@ -304,6 +311,24 @@ class HttpProxy:
         self.io = [0, 0]  # bytes received from and sent to clients (TLS: decrypted)
         rl = listener.rate_limit
         self.rate_limiter = RateLimiter(rl.rate, rl.burst) if rl is not None else None
+
+    def carry_counters(self, previous: HttpProxy) -> None:
+        """A reload replaced ``previous`` (same listener): /metrics goes on from its counts
+        instead of from zero. The tallies are shared from now on; the two plain counts are
+        copied, so requests ``previous`` finishes after the reload go uncounted there."""
+        self.requests, self.redirects = previous.requests, previous.redirects
+        self.backend_responses, self.local_responses = previous.backend_responses, previous.local_responses
+        self.request_seconds, self.io = previous.request_seconds, previous.io
+
+    def route_like(self, successor: HttpProxy) -> None:
+        """A reload replaced this listener's settings: the requests still to come on our
+        connections (at most one each: they close after it) are routed by the new routes, to
+        pools the new configuration has; a pool the reload removed would answer 503."""
+        self.routes, self.default_pool = successor.routes, successor.default_pool
+
+    def retire(self) -> None:
+        """A reload replaced this listener's settings, or removed it (see ``retired``)."""
+        self.retired = True
 
     def drain(self) -> None:
         """Stop keep-alive: close idle connections now, the others after their response.
@@ -354,7 +379,7 @@ class HttpProxy:
                 if not keep:
                     return
                 conn.served += 1
-                if self.node.draining:
+                if self.node.draining or self.retired:
                     return
         except ClientGone as exc:
             log.debug("listener %s: %s: %s", self.listener.name, client_ip, exc)
@@ -567,7 +592,7 @@ class HttpProxy:
         ``routes``: the table of the snapshot the request is served with."""
         conn.route_cookie = None
         conn.route = None
-        pool = self.listener.pool
+        pool = self.default_pool
         if routes:
             facts = RequestFacts(head.method, head.host, head.path, head.query, head.headers, conn.ip)
             route = routes.match(facts)
@@ -1028,6 +1053,7 @@ class HttpProxy:
             and request_done()
             and not head.upgrade
             and not self.node.draining
+            and not self.retired
         )
         chunked = resp.chunked and not no_body
         out: list[bytes] = [

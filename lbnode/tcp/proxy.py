@@ -99,6 +99,13 @@ class TcpProxy:
         # ("hello_timeout", "malformed", "non_tls", "reset"), for tests and metrics.
         self.refused: dict[str, int] = {}
 
+    def carry_counters(self, previous: TcpProxy) -> None:
+        """A reload replaced ``previous`` (same listener): /metrics goes on from its counts.
+        Bytes and refusals are shared from now on; sessions ``previous`` still serves stay out
+        of ``active`` (they end there), and the ones it completes after the reload go uncounted."""
+        self.total, self.failed = previous.total, previous.failed
+        self.io, self.refused = previous.io, previous.refused
+
     async def handle(self, client: socket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
         """``client`` may be an ``ssl.SSLSocket`` whose handshake is done (``protocol = "tls"``):
         then the bytes are copied through userspace (no splice: they must be decrypted)."""

@@ -361,8 +361,8 @@ def test_optional_sections(tmp_path, monkeypatch):
 
 # The shared runner, and what the sections are built from; a section module (or one
 # listed in report.OPTIONAL_MODULES) may import these, never the other way round.
-RUNNER_MODULES = ("tables", "procstat", "wrk", "configs", "harness", "measure", "variants", "report")
-SECTION_MODULES = ("throughput", "policies", "protections", "metrics", "cluster", "pick", "tail", "tls")
+RUNNER_MODULES = ("tables", "procstat", "wrk", "configs", "harness", "measure", "variants", "report", "reloadload")
+SECTION_MODULES = ("throughput", "policies", "protections", "metrics", "cluster", "pick", "tail", "tls", "reload")
 
 
 def test_runner_modules_import_no_section_module():
