@@ -447,6 +447,34 @@ def _make_pipe() -> tuple[int, int]:
     return r, w
 
 
+class PipePool:
+    """Empty pipes kept for the next sessions' splices (HAProxy keeps a pool too, tune.maxpipes).
+
+    A new pipe costs four system calls (pipe2, F_SETPIPE_SZ, two closes), two per direction of
+    every session: with short sessions that is a good share of a connection's cost. Only a
+    pipe known to be empty comes back; one that may hold bytes of a broken session is closed.
+    The pipes are plain descriptors that nothing waits on, so the pool may outlive a Trio run."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep  # spare pipes kept at most; more are closed
+        self._spare: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        return self._spare.pop() if self._spare else _make_pipe()
+
+    def give_back(self, pipe: tuple[int, int], empty: bool) -> None:
+        if empty and len(self._spare) < self.keep:
+            self._spare.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+# Spare pipes of this process: enough for a burst of short sessions; each holds no data
+# (pages are only used while bytes are in a pipe), only its descriptors and ring.
+PIPES = PipePool(keep=64)
+
+
 async def _splice_one_way(
     src: socket.socket, dst: socket.socket, activity: _Activity, tally: list[int], moved: list[int], slot: int
 ) -> None:
@@ -455,7 +483,9 @@ async def _splice_one_way(
     wait_readable = trio.lowlevel.wait_readable
     wait_writable = trio.lowlevel.wait_writable
     src_fd, dst_fd = src.fileno(), dst.fileno()
-    pipe_r, pipe_w = _make_pipe()
+    pipe = PIPES.take()
+    pipe_r, pipe_w = pipe
+    n = 0  # bytes in the pipe: 0 whenever this returns normally or waits for the source
     try:
         since_yield = 0
         while True:
@@ -484,8 +514,7 @@ async def _splice_one_way(
                 await trio.lowlevel.checkpoint()
         dst.shutdown(socket.SHUT_WR)
     finally:
-        os.close(pipe_r)
-        os.close(pipe_w)
+        PIPES.give_back(pipe, empty=n == 0)
 
 
 async def _copy_one_way(
