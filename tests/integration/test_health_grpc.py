@@ -302,3 +302,33 @@ def test_closed_ports_stay_down_with_the_reason_in_status(spawn: Any, tmp_path: 
     entry = _wait_state(admin_port, dead, "down", 10)  # fall = 1 at 100 ms; 10 s for 2 busy cores
     assert entry["reason"] == "grpc error UNAVAILABLE: connection refused"
 
+
+
+def test_tls_checks_in_a_running_node_verify_with_the_pool_ca(
+    spawn: Any, tmp_path: Path, backends: list[GrpcBackend]
+) -> None:
+    ca, rogue = make_ca(tmp_path, "backends"), make_ca(tmp_path, "rogue")
+    good = start(backends, "good", tls=ca.issue(tmp_path, "good", ["api.internal"]))
+    forged = start(backends, "forged", tls=rogue.issue(tmp_path, "forged", ["api.internal"]))
+    for backend in (good, forged):
+        backend.set("", SERVING)
+    admin_port = free_port()
+    extra = (f'  [pools.tls]\n  ca = "{ca.path}"\n  server_name = "api.internal"\n'
+             '  [pools.health]\n  type = "grpc"\n  interval = "100ms"\n  timeout = "1s"\n  rise = 1\n  fall = 1\n'
+             '  initial_state = "down"\n')
+    config = tmp_path / "node.toml"
+    config.write_text(node_toml(pool_toml("p", [str(good.address), str(forged.address)], _extra=extra),
+                                listener_toml("grpc", "tcp", "p", bind=f"127.0.0.1:{free_port()}"),
+                                admin=f"127.0.0.1:{admin_port}"))
+    node = spawn("-m", "lbnode.cli", "run", "--config", str(config), name="node")
+    wait_port(admin_port)
+    _wait_state(admin_port, good.address, "up", 10)  # rise = 1 at 100 ms; 10 s for 2 busy cores
+    refused = "grpc error UNAVAILABLE: TLS: certificate verify failed: unable to get local issuer certificate"
+    deadline = time.monotonic() + 10  # its first probe within 100 ms of the good one's; 10 s for 2 busy cores
+    while (entry := _status(admin_port)[str(forged.address)])["reason"] != refused:
+        assert time.monotonic() < deadline, entry
+        time.sleep(0.05)
+    assert entry["state"] == "down"
+    time.sleep(0.5)  # ~5 more failed handshakes with the forged backend
+    assert "Handshake failed" not in node.log()  # grpc's C core keeps its INFO lines to itself
+    assert not forged.peers and good.peers
