@@ -48,8 +48,10 @@ class GrpcBackend:
         tls: CertFiles | None = None,
         client_ca: bytes | None = None,
         port: int = 0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.name = name
+        self.host = host
         self.stall = stall
         self.peers: list[str] = []
         self.released = threading.Event()
@@ -60,7 +62,7 @@ class GrpcBackend:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         who = grpc.unary_unary_rpc_method_handler(lambda _request, _context: name.encode())
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Who", {"Name": who}),))
-        bind = f"127.0.0.1:{port}"
+        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if tls is None:
             self.port = self.server.add_insecure_port(bind)
         else:
@@ -75,7 +77,7 @@ class GrpcBackend:
 
     @property
     def address(self) -> Address:
-        return Address("127.0.0.1", self.port)
+        return Address(self.host, self.port)
 
     def set(self, service: str, status: int) -> None:
         assert self.health is not None

@@ -23,6 +23,7 @@ from lbnode.model import Address, Backend, HealthCheck, PoolTls
 from tests.conftest import free_port, listener_toml, node_toml, pool_toml, wait_port
 from tests.grpcbackend import NOT_SERVING, SERVING, UNKNOWN, GrpcBackend, who
 from tests.integration.test_health_checker import closed_port, silent_server
+from tests.integration.test_ipv6 import _ipv6_loopback
 from tests.tlsutil import make_ca
 
 GRPC = HealthCheck(type="grpc", timeout=2.0)
@@ -86,6 +87,19 @@ async def test_a_server_without_the_health_service_is_unimplemented(backends: li
     assert await check_backend(b.address, GRPC) == (
         False, "grpc error UNIMPLEMENTED: the server has no grpc.health.v1.Health service")
     assert who(b.port) == "a"  # the server itself works
+
+
+async def test_ipv6_and_dns_name_backends(backends: list[GrpcBackend]) -> None:
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 on the loopback (::1)")
+    v6 = start(backends, "v6", host="::1")
+    v6.set("", SERVING)
+    assert str(v6.address) == f"[::1]:{v6.port}"
+    assert await check_backend(v6.address, GRPC) == (True, "grpc status SERVING")
+    v4 = start(backends, "v4")
+    v4.set("", SERVING)
+    # A host name is resolved by grpcio's resolver, not by the node's.
+    assert await check_backend(Address("localhost", v4.port), GRPC) == (True, "grpc status SERVING")
 
 
 async def test_a_closed_port_is_connection_refused() -> None:
