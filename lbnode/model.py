@@ -306,7 +306,7 @@ class Affinity:
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
-    type: str = "tcp"  # "tcp" | "http"
+    type: str = "tcp"  # "tcp" | "http" | "grpc"
     interval: float = 2.0
     timeout: float = 1.0
     rise: int = 2
@@ -318,6 +318,14 @@ class HealthCheck:
     expect_body: str | None = None
     initial_state: str = "up"  # state before the first result: "up" | "down"
     jitter: float = 0.1  # fraction of the interval added at random
+    service: str = ""  # grpc: the service asked about (grpc.health.v1); "": the whole server
+
+
+# Keys of [pools.health] that only an http check reads: with type = "grpc" one of them is a
+# mistake (the path of a gRPC check is fixed by grpc.health.v1), not a setting to ignore.
+HTTP_ONLY_HEALTH_KEYS = ("path", "method", "host", "expect_status", "expect_body")
+# A gRPC service name is a protocol buffers full name; this bound keeps the request small.
+MAX_GRPC_SERVICE = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,8 +449,28 @@ def parse_pool(t: Table) -> Pool:
             f"must be at most {CONNECT_EJECTION_MAX:g}s, got {t.raw('connect_ejection')!r} "
             "(for longer outages use [pools.health] or [pools.outlier])",
         )
+    if pool.health is not None and pool.health.type == "grpc":
+        _check_grpc_health(pool, t)
     t.done()
     return pool
+
+
+def _check_grpc_health(pool: Pool, t: Table) -> None:
+    """What a grpc check cannot do, refused here rather than failing every probe: grpcio makes
+    the check's connections itself, so nothing can be written before its HTTP/2 preface, and
+    it always verifies the backend's certificate (its Python API has no switch to skip that)."""
+    if pool.send_proxy is not None:
+        raise ConfigError(
+            t.key("send_proxy"),
+            'cannot be used with [pools.health] type = "grpc": grpcio opens the check\'s connections '
+            "itself and cannot send a PROXY header before HTTP/2 (use a tcp or http check here)",
+        )
+    if pool.tls is not None and not pool.tls.verify:
+        raise ConfigError(
+            f"{t.key('tls')}.verify",
+            'false cannot be used with [pools.health] type = "grpc": grpcio always verifies the '
+            "backend's certificate (give the backends' CA in ca instead, or use a tcp or http check)",
+        )
 
 
 def _parse_pool_tls(t: Table | None) -> PoolTls | None:
@@ -525,7 +553,18 @@ def _parse_affinity(t: Table | None) -> Affinity | None:
 def _parse_health(t: Table | None) -> HealthCheck | None:
     if t is None:
         return None
-    kind = t.str("type", "tcp", choices=("tcp", "http"))
+    kind = t.str("type", "tcp", choices=("tcp", "http", "grpc"))
+    if kind == "grpc":
+        for key in HTTP_ONLY_HEALTH_KEYS:
+            if t.has(key):
+                raise ConfigError(t.key(key), 'is for type = "http" checks; a grpc check asks grpc.health.v1 '
+                                  "(choose the service with service = ...)")
+    service = t.str("service", "")
+    if t.has("service") and kind != "grpc":
+        raise ConfigError(t.key("service"), f'is for type = "grpc" checks, not "{kind}"')
+    if len(service) > MAX_GRPC_SERVICE or any(ord(c) < 0x20 or c == "\x7f" for c in service):
+        raise ConfigError(t.key("service"), f"{service[:MAX_GRPC_SERVICE]!r} is not a gRPC service name "
+                          f"(at most {MAX_GRPC_SERVICE} characters, no control characters)")
     interval = t.duration("interval", 2.0)
     timeout = t.duration("timeout", min(1.0, interval))
     path = t.str("path", "/")
@@ -547,6 +586,7 @@ def _parse_health(t: Table | None) -> HealthCheck | None:
         expect_body=t.str("expect_body", None),
         initial_state=t.str("initial_state", "up", choices=("up", "down")),
         jitter=t.number("jitter", 0.1, lo=0, hi=1),
+        service=service,
     )
     t.done()
     return check
