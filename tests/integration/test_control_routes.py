@@ -301,3 +301,43 @@ async def test_watch_events_tells_route_changes_as_this_node_applied_them(nurser
         ("front", "r", pb.RouteChanged.DELETED, 3),
     ]
     assert describe_event(events[1]).endswith("n1 route front/r updated (revision 3)")
+
+
+async def test_stored_routes_carry_their_actions(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A route applied through lbctl keeps every action key (the store keeps the route's table,
+    parsed by the file's parser): a redirect, a fixed answer, header edits with a path
+    rewrite, a deny and a mirror all act on a node that learned them from the store only."""
+    a, b = await start_backends(nursery, "a", "b")
+    cn = await start(nursery, tmp_path, a.address, b.address)
+    desired = tmp_path / "actions.toml"
+    desired.write_text(
+        pool_toml("web", [a.address]) + pool_toml("api", [b.address])
+        + '[[routes]]\nlistener = "front"\nname = "old"\npath_prefix = "/old/"\n'
+          'redirect = {status = 308, path = "/new/"}\n'
+        + '[[routes]]\nlistener = "front"\nname = "teapot"\npath = "/tea"\n'
+          'fixed_response = {status = 418, body = "short and stout", content_type = "text/plain"}\n'
+        + '[[routes]]\nlistener = "front"\nname = "v2"\npath_prefix = "/v2/"\npool = "api"\n'
+          'request_headers = {set = {X-Api-Version = "2"}}\nrewrite = {path_prefix = "/"}\n'
+          'mirror = {pool = "web", percent = 100}\n'
+        + '[[routes]]\nlistener = "front"\nname = "closed"\npath_prefix = "/closed/"\npool = "api"\n'
+          'deny_cidrs = ["127.0.0.0/8"]\n'
+    )
+    out = await cn.ok("apply", "-f", str(desired))
+    assert out.splitlines()[-1].startswith("applied: created route front/closed"), out
+
+    async def redirected() -> bool:
+        r = await get(cn.http + "/old/page?q=1")
+        return r.status_code == 308
+    await eventually(redirected, "the stored redirect route answers")
+    r = await get(cn.http + "/old/page?q=1")
+    assert r.headers["location"].endswith("/new/?q=1")  # path replaced, query kept
+    tea = await get(cn.http + "/tea")
+    assert (tea.status_code, tea.text, tea.headers["content-type"]) == (418, "short and stout", "text/plain")
+    echoed = await get(cn.http + "/v2/echo")
+    assert echoed.status_code == 200 and echoed.headers["x-backend"] == "b"
+    assert echoed.text.startswith("GET /echo HTTP/1.1") and "X-Api-Version: 2" in echoed.text
+    assert (await get(cn.http + "/closed/x")).status_code == 403
+
+    async def mirrored() -> bool:  # backend a (pool web) got the copy of /v2/echo, rewritten as well
+        return a.stats.paths.get("/echo", 0) >= 1
+    await eventually(mirrored, "the mirror pool got a copy")
