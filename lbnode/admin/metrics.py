@@ -171,8 +171,8 @@ def _listeners(out: Exposition, node: Any) -> None:
             per(h2, "h2_connections"))
     out.add("fulcrum_http2_streams_total", "counter", "HTTP/2 requests (streams) received.", per(h2, "h2_streams"))
     out.add("fulcrum_http2_limit_closes_total", "counter",
-            "HTTP/2 connections closed by a limit or a protocol error, by kind (rapid_reset, control_frames, "
-            "header_list_size, continuation, concurrent_streams, protocol_error).",
+            "HTTP/2 limits that bit, by kind: connections closed (rapid_reset, control_frames, header_list_size, "
+            "continuation, concurrent_streams, protocol_error) and streams refused alone (refused_stream).",
             [((("listener", n), ("kind", k)), c) for n, p in sorted(h2.items()) for k, c in sorted(p.h2_limits.items())])
 
     out.add("fulcrum_tcp_sessions_total", "counter", "L4 sessions that reached a backend.", per(tcp, "total"))

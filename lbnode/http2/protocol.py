@@ -9,6 +9,7 @@ buckets that bound what a client may make the node do per second. Pure: no socke
 
 from __future__ import annotations
 
+from collections import deque
 from urllib.parse import quote
 
 from h2.config import H2Configuration
@@ -53,6 +54,11 @@ def new_connection(settings: Http2Settings) -> H2Connection:
     conn.max_inbound_frame_size = settings.max_frame_size
     conn.decoder.max_header_list_size = settings.max_header_list_size
     conn.initiate_connection()
+    # A stream beyond the announced limit: h2 would end the whole connection (PROTOCOL_ERROR),
+    # where RFC 9113 5.1.2 lets the server refuse that stream alone. So h2 is told a limit
+    # twice the announced one, and the session refuses (REFUSED_STREAM) what lies between;
+    # beyond twice, the client ignores SETTINGS outright and loses its connection.
+    conn.local_settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS] = deque([2 * settings.max_concurrent_streams])
     extra = settings.initial_window * CONNECTION_WINDOW_STREAMS - 65535
     if extra > 0:
         conn.increment_flow_control_window(min(extra, 2**31 - 1 - 65535))

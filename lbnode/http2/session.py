@@ -240,6 +240,7 @@ class H2Session:
                 self.tls_version = sock.version()  # type: ignore[attr-defined]
                 self.sni = getattr(sock, "fulcrum_sni", None)
         self.h2 = new_connection(settings)
+        self.max_streams = settings.max_concurrent_streams
         self.streams: dict[int, tuple[StreamConn, trio.CancelScope]] = {}
         self.changed = trio.lowlevel.ParkingLot()  # windows opened, buffer drained, streams reset
         self.out: list[bytes] = []
@@ -481,6 +482,10 @@ class H2Session:
         stream_id = event.stream_id
         fields = event.headers
         if self.closing:
+            self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        if len(self.streams) >= self.max_streams:  # (h2 allows twice as many: protocol.new_connection)
+            self.proxy.h2_limits["refused_stream"] = self.proxy.h2_limits.get("refused_stream", 0) + 1
             self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         grpc = is_grpc(fields)

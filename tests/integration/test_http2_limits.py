@@ -377,3 +377,40 @@ async def test_the_last_stream_id_is_served_and_the_client_moves_on() -> None:
         assert await trio.to_thread.run_sync(last_id) == (200, False)
         await other_client_served(port)
         nursery.cancel_scope.cancel()
+
+
+async def test_streams_beyond_the_limit_are_refused_alone() -> None:
+    async with trio.open_nursery() as nursery:
+        node, port, backends = await start(nursery)
+
+        def too_many() -> tuple[int, int, int | None]:
+            # 150 streams at once before reading the node's SETTINGS (max 100): the 50 beyond
+            # are refused (RST_STREAM REFUSED_STREAM, safe to retry), the connection goes on.
+            conn = client()
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                for i in range(150):
+                    conn.send_headers(2 * i + 1, [*REQUEST[:3], (":path", "/slow?ms=300")], end_stream=True)
+                sock.sendall(conn.data_to_send())
+                sock.settimeout(10)
+                ok = refused = 0
+                goaway = None
+                while ok + refused < 150 and goaway is None:
+                    data = sock.recv(65536)
+                    assert data, "connection closed"
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.StreamEnded):
+                            ok += 1
+                        elif isinstance(event, h2.events.StreamReset):
+                            assert event.error_code == ErrorCodes.REFUSED_STREAM
+                            refused += 1
+                        elif isinstance(event, h2.events.ConnectionTerminated):
+                            goaway = event.error_code
+                    out = conn.data_to_send()
+                    if out:
+                        sock.sendall(out)
+                return ok, refused, goaway
+
+        assert await trio.to_thread.run_sync(too_many) == (100, 50, None)
+        assert backends[0].stats.requests == 100
+        assert limit_metric(node, "refused_stream") == 50
+        nursery.cancel_scope.cancel()
