@@ -39,8 +39,12 @@ async def backend_for(proxy: Any, backend: BackendState, pool: PoolRuntime) -> H
     """A connection to ``backend`` with room for one more stream (opened if none has)."""
     conns: list[H2Backend] = proxy.h2_backends.setdefault(backend.upstream_key, [])
     for up in conns:
-        if up.usable:
+        if up.usable and up.still_open():
+            await up.flush(pool.spec.timeouts.response)  # any PING/SETTINGS acks still_open produced
             return up
+    for up in conns:
+        if up.broken is not None and not up.streams:
+            up.close()
     conns[:] = [c for c in conns if c.broken is None or c.streams]
     spec = pool.spec
     up_conn = await proxy.node.upstreams.connect(backend.spec.address, spec.timeouts.connect, None,

@@ -138,37 +138,59 @@ class H2Backend:
             except OSError as exc:
                 self._fail(f"read from the backend failed: {exc}")
                 return
-            if not data:
-                self._fail("the backend closed the connection")
-                return
-            try:
-                events = self.h2.receive_data(data)
-            except h2.exceptions.ProtocolError as exc:
-                self._fail(f"HTTP/2 protocol error from the backend: {exc}")
-                return
-            for event in events:
-                stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
-                if isinstance(event, ev.StreamReset):
-                    if stream is not None:
-                        stream.reset = f"the backend reset the stream ({event.error_code!r})"
-                elif isinstance(event, ev.ConnectionTerminated):
-                    # GOAWAY: streams above its last id were not processed, the others go on.
-                    self.broken = "the backend closed the connection (GOAWAY)"
-                    for sid, s in self.streams.items():
-                        if sid > (event.last_stream_id or 0) and s.reset is None:
-                            s.reset = self.broken
-                elif stream is not None and isinstance(
-                        event, (ev.ResponseReceived, ev.DataReceived, ev.TrailersReceived, ev.StreamEnded,
-                                ev.InformationalResponseReceived)):
-                    stream.events.append(event)
-                    if isinstance(event, ev.StreamEnded):
-                        stream.ended = True
-                elif isinstance(event, ev.DataReceived):  # a stream we gave up: its window back
-                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self._take(data)
         finally:
             self.reading = False
             self.changed.unpark_all()
         await self.flush(timeout)
+
+    def still_open(self) -> bool:
+        """Before a new stream: take what the backend sent meanwhile without waiting (its
+        close, a GOAWAY after a restart or an idle limit), so that a request is not sent on a
+        connection already gone (a backend restart would fail each client's next call)."""
+        if self.broken is not None:
+            return False
+        if self.reading:
+            return True  # a request is reading it right now: alive as far as anyone knows
+        try:
+            data = self.sock.recv(RECV_SIZE, stdsocket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            self._fail(f"read from the backend failed: {exc}")
+            return False
+        self._take(data)
+        return self.broken is None
+
+    def _take(self, data: bytes) -> None:
+        """Feed what the backend sent to h2 and hand the events to their streams."""
+        if not data:
+            self._fail("the backend closed the connection")
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._fail(f"HTTP/2 protocol error from the backend: {exc}")
+            return
+        for event in events:
+            stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
+            if isinstance(event, ev.StreamReset):
+                if stream is not None:
+                    stream.reset = f"the backend reset the stream ({event.error_code!r})"
+            elif isinstance(event, ev.ConnectionTerminated):
+                # GOAWAY: streams above its last id were not processed, the others go on.
+                self.broken = "the backend closed the connection (GOAWAY)"
+                for sid, s in self.streams.items():
+                    if sid > (event.last_stream_id or 0) and s.reset is None:
+                        s.reset = self.broken
+            elif stream is not None and isinstance(
+                    event, (ev.ResponseReceived, ev.DataReceived, ev.TrailersReceived, ev.StreamEnded,
+                            ev.InformationalResponseReceived)):
+                stream.events.append(event)
+                if isinstance(event, ev.StreamEnded):
+                    stream.ended = True
+            elif isinstance(event, ev.DataReceived):  # a stream we gave up: its window back
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
 
     async def send_body(self, stream: Stream, data: bytes, end: bool, timeout: float) -> None:
         """Send request body bytes as the backend's windows allow."""

@@ -247,3 +247,34 @@ async def test_grpc_over_tls_through_an_https_listener(servers: list[Server], tm
         assert {e["path"] for e in entries} == {f"/{SERVICE}/Say"}
         assert {e["tls_version"] for e in entries} == {"TLSv1.3"} and {e["protocol"] for e in entries} == {"https"}
         nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_backend_costs_no_failed_call() -> None:
+    # One backend, restarted on the same port between two calls: the node's HTTP/2 connection
+    # to the old process is dead; the next call must find out before sending, not fail.
+    server = Server("first")
+    port_b = server.port
+    async with trio.open_nursery() as nursery:
+        _, bound = await start_node(nursery, node_toml(
+            pool_toml("grpc", [f"127.0.0.1:{port_b}"], protocol="h2", retries=0),
+            listener_toml("plain", "http", "grpc", extra=H2C),
+        ))
+        port = bound.listeners["plain"][1]
+
+        def call() -> bytes:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                return method(ch, "unary_unary", "Say")(b"x", timeout=10)
+
+        assert await trio.to_thread.run_sync(call) == b"first:x"
+        server.server.stop(0)
+        await trio.sleep(0.2)  # the old process's close reaches the node's socket
+        again = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        again.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            SERVICE, {"Say": grpc.unary_unary_rpc_method_handler(lambda r, c: b"second:" + r)}),))
+        again.add_insecure_port(f"127.0.0.1:{port_b}")
+        again.start()
+        try:
+            assert await trio.to_thread.run_sync(call) == b"second:x"
+        finally:
+            again.stop(0)
+        nursery.cancel_scope.cancel()
