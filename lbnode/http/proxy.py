@@ -466,10 +466,15 @@ class HttpProxy:
                 continue
             if self.node.draining and conn.served:
                 return None
-            deadline = head_deadline if head_deadline is not None else self.clock() + timeouts.idle
             self._idle.add(conn)
             try:
-                received = await conn.fill_before(deadline)
+                if head_deadline is not None:
+                    # A new connection's first bytes, not there when it was accepted: a slowloris
+                    # attacker's come in bursts with its peers', so this wait is TrickleWaits' too
+                    # (drain ends only the waits of connections that were served: not this one).
+                    received = await conn.fill_head_before(head_deadline)
+                else:
+                    received = await conn.fill_before(self.clock() + timeouts.idle)
             finally:
                 self._idle.discard(conn)
             if not received:
