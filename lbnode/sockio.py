@@ -17,6 +17,10 @@ Also owns ``Deadlines``: timeouts for the waits that happen on nearly every
 request (a keep-alive client's next request, a backend's response) without a
 Trio cancel scope each. Entering and leaving a cancel scope costs several
 microseconds; arming a deadline here is one heap push. See ``Deadlines``.
+
+And ``TrickleWaits``: one task that waits for every socket whose data trickles in (a
+request head sent a few bytes at a time, slowloris), so that a burst of such bytes
+wakes their tasks a bounded batch at a time instead of all in one Trio batch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import errno
 import heapq
 import logging
 import math
+import select
 import socket
 import ssl
 from typing import Any, Protocol
@@ -334,3 +339,130 @@ def current_deadlines() -> Deadlines:
         deadlines = Deadlines()
         _DEADLINES.set(deadlines)
     return deadlines
+
+
+class TrickleWaits:
+    """Readiness waits with a deadline for sockets that send a few bytes at a time.
+
+    Trio runs every task that became runnable in one batch before it looks at the
+    sockets again, so when 10,000 slowloris connections each send a byte every few
+    seconds, hundreds of their tasks can wake together and an ordinary client's
+    ready request waits behind all of them (docs/performance.md, "Slow clients").
+    Here the sockets sit in one epoll set of our own, watched by one system task
+    that wakes at most ``BATCH`` waiting tasks, then lets the rest of the run go
+    (a checkpoint) before it takes the next ones. A wait costs one ``epoll_ctl``
+    (the socket is registered one-shot) and one heap push for its deadline, and
+    needs no cancel scope; the deadline is checked by the same task.
+
+    ``wait(sock, deadline)``: True when ``sock`` is readable (or at EOF or in
+    error: the read that follows finds out), False once ``deadline`` passed.
+    Linux only (epoll), as is the node.
+    """
+
+    # Tasks woken per turn of the watcher: at ~20 us each (a read, the parser, the next wait),
+    # about 0.5 ms of the loop before others get it again.
+    BATCH = 24
+    # Finished waits tolerated in the deadline heap before it is rebuilt without them.
+    PRUNE_AFTER = 1000
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._waiting: dict[int, list[Any]] = {}  # fd -> its wait: [deadline, seq, task, readable, fd]
+        self._heap: list[list[Any]] = []  # the same entries by deadline; finished ones have task None
+        self._done = 0  # finished entries still in the heap
+        self._seq = 0
+        self._timer: trio.CancelScope | None = None  # the watcher's wait, while it waits
+        self._running = False
+
+    async def wait(self, sock: StreamSocket, deadline: float) -> bool:
+        fd = sock.fileno()
+        try:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        except FileExistsError:  # waited here before: arm it again
+            self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        self._seq += 1
+        entry: list[Any] = [deadline, self._seq, trio.lowlevel.current_task(), False, fd]
+        self._waiting[fd] = entry
+        heapq.heappush(self._heap, entry)
+        timer = self._timer
+        if timer is not None:
+            if deadline < timer.deadline:
+                timer.deadline = deadline
+        elif not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._run, name="lbnode.sockio.TrickleWaits")
+
+        def abort(_: object) -> trio.lowlevel.Abort:  # cancelled (the node stopping): forget the wait
+            self._finish(entry)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        readable: bool = entry[3]
+        return readable
+
+    def _finish(self, entry: list[Any]) -> None:
+        """The wait is over, its entry left in the heap (lazy deletion, as in ``Deadlines``)."""
+        fd = entry[4]
+        if self._waiting.get(fd) is entry:
+            del self._waiting[fd]
+        entry[2] = None
+        self._done += 1
+        if self._done > self.PRUNE_AFTER and 2 * self._done > len(self._heap):
+            self._heap[:] = [e for e in self._heap if e[2] is not None]
+            heapq.heapify(self._heap)
+            self._done = 0
+
+    async def _run(self) -> None:
+        heap, waiting, epoll = self._heap, self._waiting, self._epoll
+        try:
+            while True:
+                # Deadlines first, a batch at a time too: connections accepted together expire together.
+                woken = 0
+                now = trio.current_time()
+                while heap and woken < self.BATCH:
+                    entry = heap[0]
+                    if entry[2] is None:
+                        heapq.heappop(heap)
+                        self._done -= 1
+                    elif entry[0] <= now:
+                        heapq.heappop(heap)
+                        task, entry[2] = entry[2], None
+                        if waiting.get(entry[4]) is entry:
+                            del waiting[entry[4]]
+                        trio.lowlevel.reschedule(task)  # readable stays False
+                        woken += 1
+                    else:
+                        break
+                if woken:
+                    await trio.lowlevel.checkpoint()  # the woken tasks, and everyone else, run now
+                    continue
+                with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as timer:
+                    self._timer = timer
+                    try:
+                        await trio.lowlevel.wait_readable(epoll.fileno())
+                    finally:
+                        self._timer = None
+                for fd, _ in epoll.poll(0, self.BATCH):
+                    ready = waiting.get(fd)
+                    if ready is not None:
+                        task = ready[2]
+                        ready[3] = True
+                        self._finish(ready)
+                        trio.lowlevel.reschedule(task)
+                        woken += 1
+                if woken:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            epoll.close()
+
+
+_TRICKLE_WAITS: trio.lowlevel.RunVar[TrickleWaits | None] = trio.lowlevel.RunVar("lbnode.sockio.trickle_waits")
+
+
+def current_trickle_waits() -> TrickleWaits:
+    """The ``TrickleWaits`` of the running Trio run (created on first use)."""
+    waits = _TRICKLE_WAITS.get(None)
+    if waits is None:
+        waits = TrickleWaits()
+        _TRICKLE_WAITS.set(waits)
+    return waits

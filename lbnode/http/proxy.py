@@ -57,6 +57,7 @@ from lbnode.sockio import (
     SendTimeout,
     StreamSocket,
     current_deadlines,
+    current_trickle_waits,
     half_close,
     recv_some,
     recv_within,
@@ -112,7 +113,7 @@ class ClientConn:
     """One accepted client connection and the request stream parsed from it."""
 
     __slots__ = (
-        "sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded", "io",
+        "sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "trickle_waits", "forwarded", "io",
         "private_upstreams",
         "received", "sent", "port", "tls_version", "sni", "entry", "mark_time", "mark_in", "mark_out",
         "request_id", "request_id_line", "request_id_drop", "route_pool", "route_cookie", "route",
@@ -128,6 +129,7 @@ class ClientConn:
         self.forwarded = forwarded  # header lines the listener adds to every request of this connection
         self.pick_context = PickContext(client_ip=ip)
         self.deadlines = current_deadlines()  # the timeouts of this Trio run's waits
+        self.trickle_waits = current_trickle_waits()  # the run's waits for heads that come in parts
         self.reader = RequestReader(max_header_bytes)
         self.eof = False
         self.served = 0
@@ -194,6 +196,15 @@ class ClientConn:
         self.try_fill()  # readable: a rare spurious wake-up just means another turn
         return True
 
+    async def fill_head_before(self, deadline: float) -> bool:
+        """Like ``fill_before``, for the rest of a head that came in part: such a client may be
+        one of thousands sending a byte every few seconds, so the wait is ``TrickleWaits``'
+        (which wakes them a batch at a time) rather than a readiness wait of this task."""
+        if not await self.trickle_waits.wait(self.sock, deadline):
+            return False
+        self.try_fill()
+        return True
+
     def _take(self, data: bytes) -> None:
         if data:
             n = len(data)
@@ -256,6 +267,12 @@ class TlsClientConn(ClientConn):
             self.try_fill()
             return True
         return await super().fill_before(deadline)
+
+    async def fill_head_before(self, deadline: float) -> bool:
+        if self.sock.pending():  # type: ignore[attr-defined]
+            self.try_fill()
+            return True
+        return await super().fill_head_before(deadline)
 
 
 class HttpProxy:
@@ -471,15 +488,20 @@ class HttpProxy:
             if conn.reader.mid_message:
                 if head_deadline is None:
                     head_deadline = self.clock() + timeouts.header
-                if not await conn.fill_before(head_deadline):
+                if not await conn.fill_head_before(head_deadline):
                     raise BadRequest(f"request head not received within {timeouts.header:g}s", status=408)
                 continue
             if self.node.draining and conn.served:
                 return None
-            deadline = head_deadline if head_deadline is not None else self.clock() + timeouts.idle
             self._idle.add(conn)
             try:
-                received = await conn.fill_before(deadline)
+                if head_deadline is not None:
+                    # A new connection's first bytes, not there when it was accepted: a slowloris
+                    # attacker's come in bursts with its peers', so this wait is TrickleWaits' too
+                    # (drain ends only the waits of connections that were served: not this one).
+                    received = await conn.fill_head_before(head_deadline)
+                else:
+                    received = await conn.fill_before(self.clock() + timeouts.idle)
             finally:
                 self._idle.discard(conn)
             if not received:
