@@ -283,42 +283,56 @@ class LbNode:
                 outer.start_soon(self._run_access_logs, access_log_scope)
             self._health_nursery = outer
             self._sync_health()
-            async with trio.open_nursery() as connections:
-                accepting: list[tuple[stdsocket.socket, Handler, ConnectionGate]] = []
-                async with trio.open_nursery() as accept_loops:
-                    for li, sock in sockets:
-                        handler, gate = self._listener_handler(li)
-                        accepting.append((sock, handler, gate))
-                        accept_loops.start_soon(accept_loop, sock, handler, connections, gate, li.name)
-                    for li in config.listeners:
-                        log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
-                    task_status.started(self.bound)
-                    await self._stop.wait()
-                    self._draining = True
-                    for proxy in self.http_proxies.values():
-                        proxy.drain()  # idle keep-alive connections close now (before a VIP moves)
-                    if self.vips is not None and self.vips.held:
-                        # Planned stop: hand the VIPs over first (make-before-break), so clients
-                        # move before we drain. Meanwhile new connections to them are refused
-                        # silently (their SYNs go again a second later, to the new holder); the
-                        # accept loops go on for the handshakes already under way.
-                        with trio.move_on_after(2 * self.vips.conn.timeout):
-                            await self.vips.release_all()
-                    accept_loops.cancel_scope.cancel()
-                for sock, handler, gate in accepting:
-                    await accept_pending(sock, handler, connections, gate)
-                for _, sock in sockets:
-                    sock.close()
-                drain = config.node.drain_timeout
-                log.info("draining: no new connections; waiting up to %gs for requests in flight", drain)
-                connections.cancel_scope.deadline = trio.current_time() + drain
-            if connections.cancel_scope.cancelled_caught:
-                log.warning("drain timeout: closed connections still in flight")
+            await self._serve_listeners(sockets, task_status)
             access_log_scope.cancel()
             await self._flush_access_logs()
             self.upstreams.close()
             log.info("stopped")
             outer.cancel_scope.cancel()
+
+    async def _serve_listeners(
+        self, sockets: list[tuple[Listener, stdsocket.socket]], task_status: trio.TaskStatus[Bound]
+    ) -> None:
+        """Accept on every listener until stopped, then drain: VIPs handed over first, the
+        connections already queued taken, the sockets closed, in-flight work given
+        ``drain_timeout``. A supervisor (``lbnode.supervisor``) hands the sockets to its
+        workers instead; a worker (``lbnode.workers``) runs this on the sockets it received."""
+        config = self.config
+        assert self.bound is not None
+        async with trio.open_nursery() as connections:
+            accepting: list[tuple[stdsocket.socket, Handler, ConnectionGate]] = []
+            async with trio.open_nursery() as accept_loops:
+                for li, sock in sockets:
+                    handler, gate = self._listener_handler(li)
+                    accepting.append((sock, handler, gate))
+                    accept_loops.start_soon(accept_loop, sock, handler, connections, gate, li.name)
+                for li, _ in sockets:
+                    log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
+                task_status.started(self.bound)
+                await self._stop.wait()
+                self._draining = True
+                for proxy in self.http_proxies.values():
+                    proxy.drain()  # idle keep-alive connections close now (before a VIP moves)
+                await self._hand_over_vips()
+                accept_loops.cancel_scope.cancel()
+            for sock, handler, gate in accepting:
+                await accept_pending(sock, handler, connections, gate)
+            for _, sock in sockets:
+                sock.close()
+            drain = config.node.drain_timeout
+            log.info("draining: no new connections; waiting up to %gs for requests in flight", drain)
+            connections.cancel_scope.deadline = trio.current_time() + drain
+        if connections.cancel_scope.cancelled_caught:
+            log.warning("drain timeout: closed connections still in flight")
+
+    async def _hand_over_vips(self) -> None:
+        """Planned stop: hand the VIPs over first (make-before-break), so clients move before
+        we drain. Meanwhile new connections to them are refused silently (their SYNs go
+        again a second later, to the new holder); the accept loops go on for the handshakes
+        already under way."""
+        if self.vips is not None and self.vips.held:
+            with trio.move_on_after(2 * self.vips.conn.timeout):
+                await self.vips.release_all()
 
     def _listener_handler(self, li: Listener) -> tuple[Handler, ConnectionGate]:
         """One listener's connection handler and gate, registered for the admin endpoint's
@@ -509,7 +523,7 @@ def _ignore(*args: object) -> None:
     pass
 
 
-def node_from_config(config: Config) -> LbNode:
+def node_from_config(config: Config, kind: type[LbNode] = LbNode) -> LbNode:
     """The node ``lbnode run`` serves: standalone, or a cluster member when [cluster] is set.
 
     In a cluster the pools live in etcd; the pools of node.toml seed it (a pool
@@ -517,14 +531,15 @@ def node_from_config(config: Config) -> LbNode:
     cached in state_dir; with etcd unreachable at start the node serves that cache
     (or, without one, the file's pools) and follows etcd once it answers.
     Affinity tables and the generated cookie key are shared through etcd too.
+    ``kind``: ``LbNode``, or ``lbnode.supervisor.Supervisor`` for ``[node] workers`` >= 2.
     """
     if config.cluster is None:
         if config.control is None:
-            return LbNode(config)
+            return kind(config)
         # Standalone with a control API: changes persist in state_dir; node.toml seeds it once.
         from lbnode.cluster.filestore import FileStore
 
-        return LbNode(config, store=FileStore(Path(config.node.state_dir), config.pools))
+        return kind(config, store=FileStore(Path(config.node.state_dir), config.pools))
     from lbnode.cluster.etcd import EtcdStore, connect
     from lbnode.model import ConfigError, ConfigFileError
 
@@ -543,7 +558,7 @@ def node_from_config(config: Config) -> LbNode:
         info["control"] = str(config.control.bind)
     agent = ClusterAgent(config.cluster, config.node.id, info, connection=connection)
     affinity = ClusterAffinity(config.cluster, config.node.id, Path(config.node.state_dir), connection=connection)
-    return LbNode(
+    return kind(
         config, store=store, agent=agent, affinity=affinity,
         seed=config.pools, last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
     )

@@ -439,6 +439,9 @@ class ClusterServicer(rpc.ClusterServicer):
 
     @_translating
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        refresh = getattr(self.node, "refresh_counters", None)  # a supervisor adds up its workers' first
+        if refresh is not None:
+            trio.from_thread.run(refresh, trio_token=self.token)
         return self._on_trio(self._status_message)
 
     @_translating
