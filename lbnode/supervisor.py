@@ -27,7 +27,7 @@ from lbnode.listen import Bound
 from lbnode.model import Config, Listener, pool_to_dict
 from lbnode.node import LbNode
 from lbnode.workers.channel import Channel, Kind, Message
-from lbnode.workers.counters import add_up, merge_metrics
+from lbnode.workers.counters import Retired, add_up, merge_metrics
 
 log = logging.getLogger("lbnode.supervisor")
 
@@ -81,10 +81,19 @@ class WorkerHandle:
             await event.wait()
         self._pending.pop(request_id, None)
         if not answer:
+            if not self.serving:
+                return None  # it died meanwhile
             log.warning("worker %d did not answer a counters request within %gs", self.index, COUNTERS_TIMEOUT)
             return None
         first: dict[str, Any] = answer[0]
         return first
+
+    def gone(self) -> None:
+        """The process closed its end: nobody waits for its answers (a reader of /status must
+        not wait COUNTERS_TIMEOUT on a worker that is dead)."""
+        self.serving = False
+        for event, _ in self._pending.values():
+            event.set()
 
     def answered(self, body: dict[str, Any]) -> None:
         pending = self._pending.get(int(body.get("id", -1)))
@@ -107,8 +116,11 @@ class Supervisor(LbNode):
         self._request_ids = count(1)
         self._worker_metrics: list[str] = []
         self._last_counters: list[dict[str, Any] | None] = []
+        self._retired = Retired()  # what dead workers had counted, as last read
         self.worker_queues: dict[str, int] = {}
         self._spare: tuple[trio.Process, Channel] | None = None
+        self.spare_ready = False  # the spare has imported everything and waits for a slot
+        self._spare_wait = trio.CancelScope()
         self._slots: trio.Nursery | None = None
 
     # ----------------------------------------------------------- state to the workers
@@ -167,13 +179,25 @@ class Supervisor(LbNode):
         async with trio.open_nursery() as nursery:
             for i, w in enumerate(self.workers):
                 nursery.start_soon(ask, i, w)
-        self._last_counters = answers
-        docs = [a for a in answers if a is not None]
+        if len(self._last_counters) != len(self.workers):
+            self._last_counters = [None] * len(self.workers)
+        for w, answer in zip(self.workers, answers, strict=True):
+            if answer is not None:
+                answer["pid"] = w.pid  # a worker that dies keeps this reading among the retired
+                self._last_counters[w.index] = answer
+        # A worker that did not answer (dying, or slow) counts with its last reading.
+        docs = [d for d in self._last_counters if d is not None] + [self._retired.document()]
         self.worker_queues = add_up(self.snapshot, docs)
         self._worker_metrics = [d["metrics"] for d in docs]
 
-    def workers_document(self) -> list[dict[str, Any]]:
-        """/status "workers": each slot's process and what it counted (as of the last read)."""
+    def workers_status(self) -> dict[str, Any]:
+        """/status "workers": each slot's process and what it counted (as of the last read);
+        "spare_worker": "ready" (a dead worker is replaced in milliseconds), "starting" (its
+        interpreter is still importing: a replacement now waits for it) or "none" (draining)."""
+        spare = "none" if self._spare is None else "ready" if self.spare_ready else "starting"
+        return {"workers": self._workers_list(), "spare_worker": spare}
+
+    def _workers_list(self) -> list[dict[str, Any]]:
         out = []
         for w in self.workers:
             doc = self._last_counters[w.index] if w.index < len(self._last_counters) else None
@@ -236,6 +260,10 @@ class Supervisor(LbNode):
                 raise WorkerStartError(f"worker {w.index} exited before it served: see the log above")
             self.restarts += 1
             w.restarts += 1
+            last = self._last_counters[w.index] if w.index < len(self._last_counters) else None
+            if last is not None and last.get("pid") == w.pid:
+                self._retired.add(last)
+                self._last_counters[w.index] = None
             quick = trio.current_time() - started < QUICK_DEATH
             log.warning("worker %d (pid %s) exited with status %s: starting it again%s", w.index, w.pid,
                         w.process.returncode if w.process is not None else None,
@@ -258,14 +286,20 @@ class Supervisor(LbNode):
         restart costs a HELLO and a snapshot build, not an interpreter start and its imports
         (over a second on a busy host; measured 1.1-1.7 s on the shared 2-core CI machine)."""
         if self._spare is None and not self._stopping:
-            self._spare = await self._spawn()
+            process, channel = await self._spawn()
+            self._spare = (process, channel)
+            self.spare_ready = False
+            with trio.CancelScope() as self._spare_wait:  # cancelled if a slot takes it before
+                idle = await channel.receive()  # READY {"idle": true}: its imports are done
+                self.spare_ready = idle is not None and idle.kind == Kind.READY
             if self._stopping:
                 self._drop_spare()
 
     def _drop_spare(self) -> None:
         if self._spare is not None:
             process, channel = self._spare
-            self._spare = None
+            self._spare, self.spare_ready = None, False
+            self._spare_wait.cancel()
             channel.close()  # the spare sees the pair closed before any HELLO and exits
             if process.returncode is None:
                 process.kill()
@@ -274,7 +308,8 @@ class Supervisor(LbNode):
         """One worker process, from spawn (or the spare) to exit; whether it served."""
         spare = self._spare
         if w.ready.is_set() and spare is not None and spare[0].returncode is None:
-            self._spare = None
+            self._spare, self.spare_ready = None, False
+            self._spare_wait.cancel()  # its READY {"idle"} now reaches _receive_from, which skips it
             process, channel = spare
             assert self._slots is not None
             self._slots.start_soon(self._make_spare)
@@ -321,7 +356,10 @@ class Supervisor(LbNode):
             while True:
                 message: Message | None = await channel.receive()
                 if message is None:
+                    w.gone()
                     return
+                if message.kind == Kind.READY and message.body.get("idle"):
+                    continue  # imports done; HELLO is on its way
                 if message.kind == Kind.READY:
                     w.serving = True
                     w.ready.set()
@@ -329,4 +367,4 @@ class Supervisor(LbNode):
                 elif message.kind == Kind.COUNTERS:
                     w.answered(message.body)
         except (OSError, trio.ClosedResourceError):
-            return
+            w.gone()

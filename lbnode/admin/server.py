@@ -108,9 +108,9 @@ def status_document(node: AdminView) -> dict[str, Any]:
             }
         listeners[name] = entry
     gate = getattr(node, "connection_gate", None)
-    workers = getattr(node, "workers_document", None)  # a supervisor's worker processes
+    workers = getattr(node, "workers_status", None)  # a supervisor's worker processes
     return {
-        **({"workers": workers()} if workers is not None else {}),
+        **(workers() if workers is not None else {}),
         "node": snap.config.node.id,
         "draining": node.draining,
         # client connections open on all listeners, and [node] max_connections (null: none)

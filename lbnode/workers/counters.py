@@ -138,3 +138,41 @@ def merge_metrics(own: str, workers: Iterable[str]) -> str:
 
 def _number(value: float) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+class Retired:
+    """The counters of workers that died, as last read, so the node's totals never go down
+    (Prometheus would take a drop for a reset). Gauges (in flight, open, queued) are not
+    kept: what a dead worker had open is gone. What it counted after the last read is lost."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, Any] = {}
+        self.families: dict[str, tuple[list[str], dict[str, float]]] = {}
+
+    def add(self, doc: dict[str, Any]) -> None:
+        for name, pool in doc.get("pools", {}).items():
+            into = self.pools.setdefault(name, {"queue": 0, "retries": 0, "backends": {}})
+            into["retries"] += pool["retries"]
+            for backend_id, c in pool["backends"].items():
+                b = into["backends"].setdefault(backend_id, {
+                    "inflight": 0, "connections": 0, "requests": 0, "failures": 0, "responses": [0] * 6,
+                    "histogram": [[0] * len(c["histogram"][0]), 0.0],
+                })
+                b["requests"] += c["requests"]
+                b["failures"] += c["failures"]
+                b["responses"] = [x + y for x, y in zip(b["responses"], c["responses"], strict=True)]
+                b["histogram"] = [[x + y for x, y in zip(b["histogram"][0], c["histogram"][0], strict=True)],
+                                  b["histogram"][1] + c["histogram"][1]]
+        for name, (head, samples) in parse_exposition(doc.get("metrics", "")).items():
+            if not summed(name) or any(line.endswith(" gauge") for line in head if line.startswith("# TYPE ")):
+                continue
+            into_family = self.families.setdefault(name, (head, {}))
+            for key, value in samples.items():
+                into_family[1][key] = into_family[1].get(key, 0.0) + value
+
+    def document(self) -> dict[str, Any]:
+        lines: list[str] = []
+        for head, samples in self.families.values():
+            lines += head
+            lines += [f"{key} {_number(v)}" for key, v in samples.items()]
+        return {"pools": self.pools, "metrics": "\n".join(lines) + "\n"}

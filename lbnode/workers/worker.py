@@ -71,6 +71,7 @@ class WorkerNode(LbNode):
 
 async def serve(fd: int) -> int:
     channel = Channel(stdsocket.socket(fileno=fd))
+    await channel.send(Kind.READY, {"idle": True})  # imports done: as a spare, it can take a slot at once
     hello = await channel.receive()
     if hello is None:
         return 0  # a spare the supervisor no longer needs

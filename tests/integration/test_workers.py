@@ -244,7 +244,12 @@ def test_a_killed_worker_is_replaced_and_the_other_workers_connections_lose_noth
     for c in conns:
         c.loop()
     wait_until(lambda: all(c.ok >= 5 for c in conns), 10, "every connection under load")
-    before = {id(c): c.ok for c in by_pid[survivor]}
+    # The supervisor keeps a spare worker started (its imports take over a second here):
+    # the 1 s bound below is for a death while the spare is ready.
+    wait_until(lambda: node.status()["spare_worker"] == "ready", 20, "the spare worker ready")
+    requests_line = 'fulcrum_http_requests_total{listener="web"}'
+    counted = sample(node.metrics(), requests_line)  # a scrape just before the kill
+    before = {id(c): c.ok for c in by_pid[survivor]}  # after it: nothing counted twice below
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
 
@@ -266,6 +271,9 @@ def test_a_killed_worker_is_replaced_and_the_other_workers_connections_lose_noth
     for c in by_pid[victim]:
         # its connections died with it: the request in flight on each is the only one lost
         assert c.failed == 1, (c.ok, c.failed, c.error)
+    # The dead worker's counters as last read stay in the node's totals: a counter never drops
+    # (Prometheus would read a reset).
+    assert sample(node.metrics(), requests_line) >= counted + sum(c.ok - before[id(c)] for c in by_pid[survivor])
     new_pid = node.status()["workers"][0]["pid"]
     assert new_pid not in pids
     fresh = spread(node, [new_pid, survivor], each=1)  # the new worker accepts and serves
