@@ -136,6 +136,8 @@ class Supervisor(LbNode):
             "pools": [pool_to_dict(p) for p in self.config.pools],
             "certificates": [certificate_document(c) for c in self.config.certificates],
             "health": self._health_entries(),
+            # a cluster's cookie key (a standalone node's is in state_dir, which workers read)
+            "cookie_key": self.affinity.cookie_keyring().key.hex() if self.affinity is not None else None,
         }
 
     def _health_entries(self, only: tuple[str, str] | None = None) -> list[list[Any]]:
@@ -165,6 +167,38 @@ class Supervisor(LbNode):
     def _on_verdict(self, pool_name: str, backend_id: str, up: bool, reason: str) -> None:
         super()._on_verdict(pool_name, backend_id, up, reason)
         self._tell_health(pool_name, backend_id)
+
+    def _observed(self, sender: WorkerHandle, body: dict[str, Any]) -> None:
+        """Affinity entries a worker learned: the first writer wins here (this node's table,
+        etcd's in a cluster) and what stands goes to every worker; keys in use on one worker
+        are kept alive here and on the others."""
+        now = trio.current_time()
+        stand: list[list[str]] = []
+        for pool_name, key, backend_id, op in body.get("affinity", []):
+            table = self._affinity_table(pool_name)
+            if table is None:
+                continue
+            if op == "replace":
+                table.replace(key, backend_id, now)
+                stand.append([pool_name, key, backend_id])
+            else:
+                stand.append([pool_name, key, table.put_if_absent(key, backend_id, now)])
+        touched = body.get("touched", [])
+        for pool_name, key in touched:
+            table = self._affinity_table(pool_name)
+            if table is not None:
+                table.get(key, now)
+        if stand:
+            for w in self.workers:
+                w.post(Kind.AFFINITY, {"set": stand})
+        if touched:
+            for w in self.workers:
+                if w is not sender:
+                    w.post(Kind.AFFINITY, {"touched": touched})
+
+    def _affinity_table(self, pool_name: str) -> Any:
+        pool = self.snapshot.pools.get(pool_name)
+        return pool.stickiness.table if pool is not None and pool.stickiness is not None else None
 
     # ----------------------------------------------------------- counters
     async def refresh_counters(self) -> None:
@@ -366,5 +400,7 @@ class Supervisor(LbNode):
                     log.info("worker %d serving (pid %s)", w.index, w.pid)
                 elif message.kind == Kind.COUNTERS:
                     w.answered(message.body)
+                elif message.kind == Kind.OBSERVATION:
+                    self._observed(w, message.body)
         except (OSError, trio.ClosedResourceError):
             w.gone()

@@ -40,7 +40,8 @@ class Kind(IntEnum):
     DRAIN = 4  # supervisor -> worker: stop accepting, finish what is in flight, exit
     COUNTERS = 5  # both ways: a request (supervisor) and its answer (worker), matched by "id"
     READY = 6  # worker -> supervisor: serving on every listener
-    OBSERVATION = 7  # worker -> supervisor: what only the data path sees (passive failures)
+    OBSERVATION = 7  # worker -> supervisor: what only the data path sees (learned affinity entries)
+    AFFINITY = 8  # supervisor -> worker: affinity entries that stand, and keys in use elsewhere
 
 
 class ChannelError(Exception):

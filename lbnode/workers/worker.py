@@ -28,6 +28,8 @@ from lbnode.config import load_config
 from lbnode.listen import _FILTERED, Bound
 from lbnode.model import Config, Listener, pool_from_dict
 from lbnode.node import LbNode
+from lbnode.runtime import Snapshot
+from lbnode.workers.affinity import TOUCH_INTERVAL, WorkerAffinity
 from lbnode.workers.channel import Channel, Kind, Message
 from lbnode.workers.counters import counters_document
 from lbnode.workers.shares import worker_config
@@ -47,12 +49,22 @@ class WorkerNode(LbNode):
         self.index = index
         self.workers = workers
         super().__init__(worker_config(config, workers))
+        # Affinity tables kept in step with the other workers' through the supervisor.
+        self.worker_affinity = WorkerAffinity(Path(config.node.state_dir))
+        self._snapshot = Snapshot.build(self.config, shared_affinity=self.worker_affinity)
+
+    def apply(self, config: Config) -> None:
+        """``LbNode.apply`` for a worker: its pools' affinity tables are broadcast ones."""
+        self.config = config
+        self._snapshot = Snapshot.build(config, self._snapshot, shared_affinity=self.worker_affinity)
+        log.info("configuration version %d applied", self._snapshot.version)
 
     def apply_message(self, body: dict[str, Any]) -> None:
         """CONFIG: the pools and certificates the supervisor serves, each worker's share of the limits."""
         pools = tuple(pool_from_dict(p, f"pools[{i}]") for i, p in enumerate(body["pools"]))
         certificates = tuple(certificate_from_document(c, c["name"]) for c in body["certificates"])
         config = replace(self.base, pools=pools, certificates=certificates)
+        self.worker_affinity.use_cookie_key(body.get("cookie_key"))
         self.apply(worker_config(config, self.workers))
         self.set_health(body.get("health", []))
 
@@ -98,6 +110,8 @@ async def serve(fd: int) -> int:
         if node.access_log_writers:
             outer.start_soon(node._run_access_logs, access_log_scope)
         outer.start_soon(_follow_supervisor, channel, node)
+        outer.start_soon(_send_learned, channel, node.worker_affinity)
+        outer.start_soon(_send_touched, channel, node.worker_affinity)
         async with trio.open_nursery() as serving:
             await serving.start(node._serve_listeners, sockets)
             await channel.send(Kind.READY, {"index": index, "pid": os.getpid()})
@@ -140,8 +154,27 @@ async def _follow_supervisor(channel: Channel, node: WorkerNode) -> None:
             node.set_health(message.body["health"])
         elif message.kind == Kind.DRAIN:
             node.stop()
+        elif message.kind == Kind.AFFINITY:
+            node.worker_affinity.adopt(message.body.get("set", []), message.body.get("touched", []),
+                                       trio.current_time())
         elif message.kind == Kind.COUNTERS:
             await channel.send(Kind.COUNTERS, {"id": message.body["id"], **counters_document(node)})
+
+
+async def _send_learned(channel: Channel, affinity: WorkerAffinity) -> None:
+    """Affinity entries this worker placed, to the supervisor: batched per loop turn."""
+    while True:
+        await affinity.wakeup.wait()
+        await trio.lowlevel.checkpoint()  # the other requests of this turn join the batch
+        await channel.send(Kind.OBSERVATION, {"affinity": affinity.take()})
+
+
+async def _send_touched(channel: Channel, affinity: WorkerAffinity) -> None:
+    """Keys served from this worker's tables, once per TOUCH_INTERVAL, so copies elsewhere live on."""
+    while True:
+        await trio.sleep(TOUCH_INTERVAL)
+        if affinity.touched:
+            await channel.send(Kind.OBSERVATION, {"touched": affinity.take_touched()})
 
 
 async def _watch_signals(node: WorkerNode) -> None:

@@ -58,13 +58,16 @@ class WorkersNode:
 
 def start_node(
     spawn: Spawn, tmp_path: Path, backend_port: int, *, workers: int = 2, drain_timeout: str = "5s",
-    control: bool = False, pool: str | None = None,
+    control: bool = False, pool: str | None = None, listener: str | None = None,
 ) -> WorkersNode:
-    port, admin_port = free_port(), free_port()
+    admin_port = free_port()
     control_port = free_port() if control else None
+    port = free_port()
+    if listener is not None:
+        port = int(listener.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0])
     text = node_toml(
         pool or pool_toml("p", [f"127.0.0.1:{backend_port}"]),
-        listener_toml("web", "http", "p", bind=f"127.0.0.1:{port}"),
+        listener or listener_toml("web", "http", "p", bind=f"127.0.0.1:{port}"),
         admin=f"127.0.0.1:{admin_port}",
         node_extra=f'drain_timeout = "{drain_timeout}"\nworkers = {workers}\nstate_dir = "{tmp_path / "state"}"\n',
     )
@@ -81,8 +84,8 @@ def start_node(
 class Conn:
     """One keep-alive client connection; GETs in a loop in its own thread until stopped."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
         self.local_port = self.sock.getsockname()[1]
         self.ok = 0
         self.failed = 0
@@ -91,7 +94,12 @@ class Conn:
         self.thread: threading.Thread | None = None
 
     def get(self, path: str = "/") -> int:
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        return self.exchange(path)[0]
+
+    def exchange(self, path: str = "/", headers: dict[bytes, bytes] | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
+        """One request; (status, response headers by lower-case name, body)."""
+        extra = b"".join(k + b": " + v + b"\r\n" for k, v in (headers or {}).items())
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n".encode() + extra + b"\r\n")
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = self.sock.recv(65536)
@@ -105,7 +113,8 @@ class Conn:
             if not chunk:
                 raise ConnectionError("closed in the response body")
             body += chunk
-        return int(head.split(b" ")[1])
+        fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+        return int(head.split(b" ")[1]), {k.lower(): v.strip() for k, v in fields.items()}, body[:length]
 
     def loop(self) -> None:
         def run() -> None:
