@@ -183,6 +183,9 @@ class Supervisor(LbNode):
                 stand.append([pool_name, key, backend_id])
             else:
                 stand.append([pool_name, key, table.put_if_absent(key, backend_id, now)])
+        ejected = body.get("ejected", [])
+        if ejected:
+            self._ejected(sender, ejected, now)
         touched = body.get("touched", [])
         for pool_name, key in touched:
             table = self._affinity_table(pool_name)
@@ -195,6 +198,20 @@ class Supervisor(LbNode):
             for w in self.workers:
                 if w is not sender:
                     w.post(Kind.AFFINITY, {"touched": touched})
+
+    def _ejected(self, sender: WorkerHandle, ejected: list[list[Any]], now: float) -> None:
+        """A worker's passive checks ejected backends: every other worker ejects them for the
+        same time, and this node's /status shows it."""
+        for pool_name, backend_id, seconds in ejected:
+            pool = self.snapshot.pools.get(pool_name)
+            for b in pool.backends if pool is not None else ():
+                if b.id == backend_id:
+                    b.ejected_until = max(b.ejected_until, now + float(seconds))
+                    log.info("pool %s backend %s ejected for %.1fs by worker %d's passive checks: on every worker",
+                             pool_name, backend_id, float(seconds), sender.index)
+        for w in self.workers:
+            if w is not sender:
+                w.post(Kind.HEALTH, {"ejected": ejected})
 
     def _affinity_table(self, pool_name: str) -> Any:
         pool = self.snapshot.pools.get(pool_name)

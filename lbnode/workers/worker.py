@@ -38,6 +38,9 @@ log = logging.getLogger("lbnode.worker")
 
 # Imported before the worker waits for HELLO, so that a spare serves at once: the handlers'
 # modules the node imports only when a listener needs them.
+# How often a worker looks for backends its passive checks ejected (and tells the supervisor).
+EJECTION_SCAN = 0.05
+
 WARM_MODULES = ("lbnode.proxyaccept", "lbnode.tcp.proxy", "lbnode.tls.terminate")
 
 
@@ -51,6 +54,7 @@ class WorkerNode(LbNode):
         super().__init__(worker_config(config, workers))
         # Affinity tables kept in step with the other workers' through the supervisor.
         self.worker_affinity = WorkerAffinity(Path(config.node.state_dir))
+        self.reported_ejections: dict[tuple[str, str], float] = {}  # (pool, backend) -> ejected_until told
         self._snapshot = Snapshot.build(self.config, shared_affinity=self.worker_affinity)
 
     def apply(self, config: Config) -> None:
@@ -79,6 +83,28 @@ class WorkerNode(LbNode):
                 if b.id == backend_id and (b.health, b.health_reason) != (health, reason):
                     # up_for: slow start resumes where the supervisor's ramp is, not from zero
                     pool.health_changed(backend_id, health, reason, now - float(up_for or 0.0))
+
+    def set_ejected(self, entries: list[list[Any]]) -> None:
+        """``[pool, backend, seconds]``: another worker ejected the backend (passive checks)."""
+        now = trio.current_time()
+        for pool_name, backend_id, seconds in entries:
+            pool = self.snapshot.pools.get(pool_name)
+            for b in pool.backends if pool is not None else ():
+                if b.id == backend_id and now + seconds > b.ejected_until:
+                    b.ejected_until = now + seconds
+                    self.reported_ejections[(pool_name, backend_id)] = b.ejected_until  # not sent back
+
+    def new_ejections(self) -> list[list[Any]]:
+        """Backends this worker's passive checks ejected since the last look: [pool, backend, seconds]."""
+        now = trio.current_time()
+        out: list[list[Any]] = []
+        for name, pool in self.snapshot.pools.items():
+            for b in pool.backends:
+                until = b.ejected_until
+                if until > now and self.reported_ejections.get((name, b.id)) != until:
+                    self.reported_ejections[(name, b.id)] = until
+                    out.append([name, b.id, until - now])
+        return out
 
 
 async def serve(fd: int) -> int:
@@ -112,6 +138,7 @@ async def serve(fd: int) -> int:
         outer.start_soon(_follow_supervisor, channel, node)
         outer.start_soon(_send_learned, channel, node.worker_affinity)
         outer.start_soon(_send_touched, channel, node.worker_affinity)
+        outer.start_soon(_send_ejections, channel, node)
         async with trio.open_nursery() as serving:
             await serving.start(node._serve_listeners, sockets)
             await channel.send(Kind.READY, {"index": index, "pid": os.getpid()})
@@ -151,7 +178,8 @@ async def _follow_supervisor(channel: Channel, node: WorkerNode) -> None:
         if message.kind == Kind.CONFIG:
             node.apply_message(message.body)
         elif message.kind == Kind.HEALTH:
-            node.set_health(message.body["health"])
+            node.set_health(message.body.get("health", []))
+            node.set_ejected(message.body.get("ejected", []))
         elif message.kind == Kind.DRAIN:
             node.stop()
         elif message.kind == Kind.AFFINITY:
@@ -175,6 +203,17 @@ async def _send_touched(channel: Channel, affinity: WorkerAffinity) -> None:
         await trio.sleep(TOUCH_INTERVAL)
         if affinity.touched:
             await channel.send(Kind.OBSERVATION, {"touched": affinity.take_touched()})
+
+
+async def _send_ejections(channel: Channel, node: WorkerNode) -> None:
+    """Backends this worker ejected (outlier detection, failed connects), to the supervisor,
+    which has every other worker eject them too. A look every EJECTION_SCAN: the data path
+    is not changed to report them, and a scan of a few hundred backends is microseconds."""
+    while True:
+        await trio.sleep(EJECTION_SCAN)
+        ejected = node.new_ejections()
+        if ejected:
+            await channel.send(Kind.OBSERVATION, {"ejected": ejected})
 
 
 async def _watch_signals(node: WorkerNode) -> None:
