@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import accesslog, cluster, metrics, policies, protections, report, throughput
+from bench import accesslog, cluster, metrics, policies, protections, report, throughput, workers
 from bench.harness import Context, Options, Section
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +44,7 @@ def sections() -> list[Section]:
             metrics.section_metrics,
         ),
         Section("accesslog", "L7 with the access log on vs off (Fulcrum)", accesslog.section_access_log),
+        Section("workers", "L7 with 1 vs 2 workers (Fulcrum) and HAProxy nbthread 1 vs 2", workers.section_workers),
         Section("l4", "L4: bulk TCP, 64 MiB responses", throughput.section_l4),
         Section(
             "cluster",

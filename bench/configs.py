@@ -55,6 +55,7 @@ def fulcrum_config(
     etcd_prefix: str | None = None,
     control_port: int | None = None,
     access_log: str | None = None,
+    workers: int = 1,
 ) -> str:
     """node.toml for lbnode: an http listener over all backends, a tcp listener over the first.
 
@@ -69,9 +70,12 @@ def fulcrum_config(
     under ``etcd_prefix``, seeded from these same pools); ``control_port`` adds a
     plain-text control API (``[control] insecure = true``: loopback only, bench only).
     Without them the text is exactly the standalone config. ``access_log``: a file for the
-    http listener's ``[listeners.access_log]`` (JSON lines).
+    http listener's ``[listeners.access_log]`` (JSON lines). ``workers``: ``[node] workers``
+    (a supervisor and that many worker processes when above 1).
     """
     state = f'state_dir = "{state_dir}"\n' if state_dir else ""
+    if workers > 1:
+        state = f"workers = {workers}\n" + state
     if etcd:
         urls = ", ".join(f'"{u}"' for u in etcd)
         prefix = f'prefix = "{etcd_prefix}"\n' if etcd_prefix else ""
@@ -134,11 +138,11 @@ name = "bulk"
 """
 
 
-def haproxy_config(ports: Ports) -> str:
+def haproxy_config(ports: Ports, nbthread: int = 1) -> str:
     servers = "".join(f"    server b{i} {HOST}:{p}\n" for i, p in enumerate(ports.backends, 1))
     return f"""\
 global
-    nbthread 1
+    nbthread {nbthread}
     maxconn 4096
 
 defaults

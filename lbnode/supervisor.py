@@ -243,9 +243,13 @@ class Supervisor(LbNode):
 
     def workers_status(self) -> dict[str, Any]:
         """/status "workers": each slot's process and what it counted (as of the last read);
-        "spare_worker": "ready" (a dead worker is replaced in milliseconds), "starting" (its
-        interpreter is still importing: a replacement now waits for it) or "none" (draining)."""
-        spare = "none" if self._spare is None else "ready" if self.spare_ready else "starting"
+        "spare_worker": "ready" (a dead worker is replaced in milliseconds), "starting" (the
+        node or the spare's interpreter is still starting: a replacement now waits for it) or
+        "none" (draining)."""
+        if self._stopping:
+            spare = "none"
+        else:  # "starting" too while the workers start (the spare comes once they serve)
+            spare = "ready" if self._spare is not None and self.spare_ready else "starting"
         return {"workers": self._workers_list(), "spare_worker": spare}
 
     def _workers_list(self) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ ports of the node that replaces it.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -126,6 +127,10 @@ async def serve(fd: int) -> int:
         log.error("worker %d: the supervisor sent no configuration", index)
         return 1
     node.apply_message(first.body)
+    # As lbnode run does: what is loaded lives as long as the process, and a request allocates
+    # a few hundred objects (the default gen-0 threshold would collect every couple of requests).
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
     sockets = _listening_sockets(node.config, hello)
     node.bound = Bound(listeners={li.name: s.getsockname()[:2] for li, s in sockets}, admin=None)
     for writer in node.access_log_writers:
