@@ -12,10 +12,12 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, listener_toml, pool_toml, spawn_backend
+from tests.conftest import Proc, free_port, listener_toml, pool_toml, spawn_backend, wait_port
+from tests.integration.test_node_process import wait_until
 from tests.integration.test_workers import Conn, Spawn, WorkersNode, owner, start_node
 
 
@@ -181,3 +183,47 @@ def test_a_backend_one_worker_ejects_is_ejected_on_every_worker(spawn: Spawn, tm
         assert second.get("/") == 200
     assert failures() == 1, "the other worker tried the backend its neighbour had ejected"
     assert "on every worker" in node.proc.log()
+
+
+def test_the_supervisors_health_verdicts_reach_every_worker(spawn: Spawn, tmp_path: Path) -> None:
+    """The checks run once, in the supervisor; a backend they mark down gets no request from
+    either worker, and one they mark up again gets requests from both."""
+    port_a = spawn_backend(spawn, "a")
+    port_b = free_port()
+
+    def start_b() -> Proc:
+        proc = spawn("-m", "lbnode.demo_backend", "--name", "b", "--port", str(port_b), name="backend-b")
+        wait_port(port_b)
+        return proc
+
+    b = start_b()
+    health = '  [pools.health]\n  interval = "100ms"\n  rise = 1\n  fall = 1\n'
+    # connect_ejection = 0: no passive ejection, so only the active checks keep b out.
+    pool = pool_toml("p", [f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"], connect_ejection="0s", _extra=health)
+    node = start_node(spawn, tmp_path, port_a, pool=pool)
+
+    def backend(name: str) -> dict[str, Any]:
+        port = port_a if name == "a" else port_b
+        return next(x for x in node.status()["pools"][0]["backends"] if x["address"].endswith(f":{port}"))
+
+    wait_until(lambda: backend("a")["state"] == backend("b")["state"] == "up", 5, "both backends up")
+    by_pid = connections(node, per_worker=1)
+    conns = [cs[0] for cs in by_pid.values()]
+    for conn in conns:
+        assert {conn.exchange("/")[2] for _ in range(4)} == {b"a\n", b"b\n"}  # round robin on each worker
+
+    b.popen.kill()
+    b.popen.wait(5)
+    # fall = 1 at a 100 ms interval: down within about 0.2 s; 5 s of margin on a busy host.
+    wait_until(lambda: backend("b")["state"] == "down", 5, "b marked down by the checks")
+    time.sleep(0.1)  # the verdict's HEALTH message to the workers: a socket hop each
+    failures = backend("b")["failures"]
+    for conn in conns:
+        assert {conn.exchange("/")[2] for _ in range(6)} == {b"a\n"}
+    assert backend("b")["failures"] == failures, "a worker still tried the backend the checks marked down"
+
+    start_b()
+    wait_until(lambda: backend("b")["state"] == "up", 5, "b up again")
+    time.sleep(0.1)
+    for conn in conns:
+        assert b"b\n" in {conn.exchange("/")[2] for _ in range(4)}
