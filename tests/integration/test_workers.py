@@ -328,3 +328,26 @@ def test_sigterm_drains_every_worker(spawn: Spawn, tmp_path: Path) -> None:
     assert log.count("stopped") >= 3  # each worker, then the supervisor
     for c in conns:
         c.sock.close()
+
+
+def test_a_pool_change_through_the_control_api_reaches_every_worker(spawn: Spawn, tmp_path: Path) -> None:
+    """lbctl writes the store; the supervisor applies it and sends the pools to both workers."""
+    port_a, port_b = spawn_backend(spawn, "a"), spawn_backend(spawn, "b")
+    pool = pool_toml("p", [f"127.0.0.1:{port_a}"])
+    node = start_node(spawn, tmp_path, port_a, control=True, pool=pool)
+    by_pid = spread(node, node.worker_pids(), each=1)
+    conns = [cs[0] for cs in by_pid.values()]
+    for conn in conns:
+        assert {conn.exchange("/")[2] for _ in range(3)} == {b"a\n"}
+    lbctl = [str(BIN / "lbctl"), "-e", f"127.0.0.1:{node.control_port}", "--insecure"]
+    subprocess.run([*lbctl, "backends", "add", "p", f"127.0.0.1:{port_b}"], check=True, timeout=30,
+                   capture_output=True)
+    subprocess.run([*lbctl, "backends", "disable", "p", f"127.0.0.1:{port_a}"], check=True, timeout=30,
+                   capture_output=True)
+    # The node applies a store change at once (the file store's watch) and each worker gets
+    # it over its socket pair: milliseconds; 5 s of margin on a busy host.
+    wait_until(lambda: all(c.exchange("/")[2] == b"b\n" for c in conns), 5.0,
+               "both workers serving the changed pool")
+    for conn in conns:
+        assert {conn.exchange("/")[2] for _ in range(4)} == {b"b\n"}
+        conn.sock.close()
