@@ -62,6 +62,7 @@ def status_document(node: AdminView) -> dict[str, Any]:
     snap = node.snapshot
     now = trio.current_time()
     checkers = getattr(node, "health_checkers", {})
+    queues = getattr(node, "worker_queues", {})  # a supervisor's: its workers' queues, summed
     pools = []
     for name, pool in snap.pools.items():
         pools.append(
@@ -86,7 +87,7 @@ def status_document(node: AdminView) -> dict[str, Any]:
                     }
                     for b in pool.backends
                 ],
-                "queue": len(pool.waiters),
+                "queue": queues.get(name, len(pool.waiters)),
             }
         )
     source = getattr(node, "config_source", None)

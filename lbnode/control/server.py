@@ -574,6 +574,7 @@ class ClusterServicer(rpc.ClusterServicer):
         node = self.node
         snap = node.snapshot
         now = trio.current_time()
+        queues: dict[str, int] = getattr(node, "worker_queues", {})  # a supervisor's workers', summed
         pools = []
         for name in sorted(snap.pools):
             pool = snap.pools[name]
@@ -599,7 +600,7 @@ class ClusterServicer(rpc.ClusterServicer):
                         )
                         for b in pool.backends
                     ],
-                    queue_length=len(pool.waiters),
+                    queue_length=queues.get(name, len(pool.waiters)),
                     retries=pool.stats.retries,
                 )
             )
