@@ -232,3 +232,35 @@ def test_the_supervisors_health_verdicts_reach_every_worker(spawn: Spawn, tmp_pa
     time.sleep(0.1)
     for conn in conns:
         assert b"b\n" in {conn.exchange("/")[2] for _ in range(4)}
+
+
+def test_slow_start_ramps_on_every_worker(spawn: Spawn, tmp_path: Path) -> None:
+    """A backend the checks bring up gets its weight ramped over slow_start on both workers,
+    from the moment the supervisor saw it come up."""
+    port_a = spawn_backend(spawn, "a")
+    port_b = free_port()  # b is down at start
+    # fall = 3: a check timing out on a busy host must not take a down and up again (it would
+    # ramp too, and the shares would be even).
+    health = '  [pools.health]\n  interval = "100ms"\n  rise = 1\n  fall = 3\n'
+    slow_start = 3.0
+    pool = pool_toml("p", [f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"], slow_start=f"{slow_start:g}s",
+                     connect_ejection="0s", _extra=health)
+    node = start_node(spawn, tmp_path, port_a, pool=pool)
+
+    def state(i: int) -> str:
+        return str(node.status()["pools"][0]["backends"][i]["state"])
+
+    wait_until(lambda: state(0) == "up" and state(1) == "down", 5, "a up, b down")
+    time.sleep(slow_start)  # a came up from "unknown" at start: its own ramp is over
+    conns = [cs[0] for cs in connections(node, per_worker=1).values()]
+    spawn("-m", "lbnode.demo_backend", "--name", "b", "--port", str(port_b), name="backend-b")
+    wait_until(lambda: state(1) == "up", 10, "b up")
+    seen_up = time.monotonic()
+    for conn in conns:
+        bodies = [conn.exchange("/")[2].decode().strip() for _ in range(20)]
+        # b's weight is max(0.1, elapsed / slow_start) against a's 1; elapsed at most what we
+        # measured plus 0.3 s (the checks' interval and our /status polls). 3 requests of
+        # slack for where the rotation starts. At full weight b would get 10; without the
+        # verdict, none.
+        factor = min(1.0, max(0.1, (time.monotonic() - seen_up + 0.3) / slow_start))
+        assert 0 < bodies.count("b") <= 20 * factor / (1 + factor) + 3, (bodies, factor)
