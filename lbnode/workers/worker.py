@@ -18,6 +18,7 @@ import os
 import signal
 import socket as stdsocket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -140,10 +141,8 @@ async def serve(fd: int) -> int:
         access_log_scope = trio.CancelScope()
         if node.access_log_writers:
             outer.start_soon(node._run_access_logs, access_log_scope)
-        outer.start_soon(_follow_supervisor, channel, node)
-        outer.start_soon(_send_learned, channel, node.worker_affinity)
-        outer.start_soon(_send_touched, channel, node.worker_affinity)
-        outer.start_soon(_send_ejections, channel, node)
+        for task in (_follow_supervisor, _send_learned, _send_touched, _send_ejections):
+            outer.start_soon(_until_the_pair_breaks, task, channel, node)
         async with trio.open_nursery() as serving:
             await serving.start(node._serve_listeners, sockets)
             await channel.send(Kind.READY, {"index": index, "pid": os.getpid()})
@@ -172,6 +171,18 @@ def _listening_sockets(config: Config, hello: Message) -> list[tuple[Listener, s
     return out
 
 
+async def _until_the_pair_breaks(
+    task: Callable[[Channel, WorkerNode], Awaitable[None]], channel: Channel, node: WorkerNode,
+) -> None:
+    """A task on the socket pair; the pair broken means the supervisor is gone: drain."""
+    try:
+        await task(channel, node)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        if not node.draining:
+            log.warning("worker %d: the supervisor's socket pair broke (%s): draining", node.index, exc)
+        node.stop()
+
+
 async def _follow_supervisor(channel: Channel, node: WorkerNode) -> None:
     while True:
         message = await channel.receive()
@@ -194,16 +205,18 @@ async def _follow_supervisor(channel: Channel, node: WorkerNode) -> None:
             await channel.send(Kind.COUNTERS, {"id": message.body["id"], **counters_document(node)})
 
 
-async def _send_learned(channel: Channel, affinity: WorkerAffinity) -> None:
+async def _send_learned(channel: Channel, node: WorkerNode) -> None:
     """Affinity entries this worker placed, to the supervisor: batched per loop turn."""
+    affinity = node.worker_affinity
     while True:
         await affinity.wakeup.wait()
         await trio.lowlevel.checkpoint()  # the other requests of this turn join the batch
         await channel.send(Kind.OBSERVATION, {"affinity": affinity.take()})
 
 
-async def _send_touched(channel: Channel, affinity: WorkerAffinity) -> None:
+async def _send_touched(channel: Channel, node: WorkerNode) -> None:
     """Keys served from this worker's tables, once per TOUCH_INTERVAL, so copies elsewhere live on."""
+    affinity = node.worker_affinity
     while True:
         await trio.sleep(TOUCH_INTERVAL)
         if affinity.touched:
