@@ -351,3 +351,27 @@ def test_a_pool_change_through_the_control_api_reaches_every_worker(spawn: Spawn
     for conn in conns:
         assert {conn.exchange("/")[2] for _ in range(4)} == {b"b\n"}
         conn.sock.close()
+
+
+def test_workers_left_without_their_supervisor_exit(spawn: Spawn, tmp_path: Path) -> None:
+    """kill -9 of the supervisor: each worker sees its socket pair close, drains and exits,
+    so the ports are free for the node that replaces it."""
+    backend = spawn_backend(spawn, "a")
+    node = start_node(spawn, tmp_path, backend)
+    pids = node.worker_pids()
+    node.proc.popen.kill()
+    node.proc.popen.wait(5)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # exited, not yet reaped (its parent is gone: init reaps it)
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+    # Nothing in flight: the drain ends at once. 5 s of margin on a busy host.
+    wait_until(lambda: all(gone(pid) for pid in pids), 5, "the workers gone")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", node.port))  # nobody holds the listener any more
