@@ -375,3 +375,27 @@ def test_workers_left_without_their_supervisor_exit(spawn: Spawn, tmp_path: Path
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", node.port))  # nobody holds the listener any more
+
+
+def test_an_l4_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
+    """A tcp listener goes through the workers like an http one; its sessions add up."""
+    backend = spawn_backend(spawn, "a")
+    tcp_port = free_port()
+    listener = listener_toml("bulk", "tcp", "p", bind=f"127.0.0.1:{tcp_port}")
+    node = start_node(spawn, tmp_path, backend, listener=listener)
+    pids = node.worker_pids()
+    sessions = 'fulcrum_tcp_sessions_total{listener="bulk"}'
+    before = sample(node.metrics(), sessions)  # start_node's readiness probe was one
+    holders = set()
+    for _ in range(12):
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+                port = s.getsockname()[1]
+                holders |= {pid for pid in pids if port in accepted_by(pid, tcp_port)}
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a\n")
+    assert holders <= set(pids) and holders, "the sessions were the workers'"
+    assert not accepted_by(node.proc.pid, tcp_port)
+    assert sample(node.metrics(), sessions) == before + 12
