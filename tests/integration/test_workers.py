@@ -399,3 +399,37 @@ def test_an_l4_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -
     assert holders <= set(pids) and holders, "the sessions were the workers'"
     assert not accepted_by(node.proc.pid, tcp_port)
     assert sample(node.metrics(), sessions) == before + 12
+
+
+def test_an_https_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
+    """The certificates reach the workers in the configuration (certificate documents): the
+    handshake and the request complete on both workers' connections."""
+    import ssl
+
+    from tests.tlsgen import make_ca, make_leaf
+
+    ca = make_ca()
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = make_leaf(ca, ["www.example.com"]).write(tmp_path, "www")
+    backend = spawn_backend(spawn, "a")
+    https_port = free_port()
+    listener = listener_toml("web", "https", "p", bind=f"127.0.0.1:{https_port}",
+                             extra='  [listeners.tls]\n  certificates = ["www"]\n')
+    listener += f'[[certificates]]\nname = "www"\ncert = "{cert}"\nkey = "{key}"\n'
+    node = start_node(spawn, tmp_path, backend, listener=listener)
+    pids = node.worker_pids()
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    served: set[int] = set()
+    for _ in range(40):
+        with socket.create_connection(("127.0.0.1", https_port), timeout=5) as raw:
+            port = raw.getsockname()[1]
+            with context.wrap_socket(raw, server_hostname="www.example.com") as tls:
+                served |= {pid for pid in pids if port in accepted_by(pid, https_port)}
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a\n")
+        if served == set(pids):
+            break
+    assert served == set(pids), "both workers completed handshakes"
