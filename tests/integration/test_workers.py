@@ -58,7 +58,7 @@ class WorkersNode:
 
 def start_node(
     spawn: Spawn, tmp_path: Path, backend_port: int, *, workers: int = 2, drain_timeout: str = "5s",
-    control: bool = False, pool: str | None = None, listener: str | None = None,
+    control: bool = False, pool: str | None = None, listener: str | None = None, extra: str = "",
 ) -> WorkersNode:
     admin_port = free_port()
     control_port = free_port() if control else None
@@ -73,6 +73,7 @@ def start_node(
     )
     if control_port is not None:
         text += f'\n[control]\nbind = "127.0.0.1:{control_port}"\ninsecure = true\n'
+    text += extra
     config = tmp_path / "node.toml"
     config.write_text(text)
     proc = spawn("-m", "lbnode.cli", "run", "--config", str(config), name="node")
@@ -330,11 +331,20 @@ def test_sigterm_drains_every_worker(spawn: Spawn, tmp_path: Path) -> None:
         c.sock.close()
 
 
-def test_a_pool_change_through_the_control_api_reaches_every_worker(spawn: Spawn, tmp_path: Path) -> None:
-    """lbctl writes the store; the supervisor applies it and sends the pools to both workers."""
+@pytest.mark.parametrize("store", ["file", "etcd"])
+def test_a_pool_change_through_the_control_api_reaches_every_worker(
+    spawn: Spawn, tmp_path: Path, store: str, request: pytest.FixtureRequest,
+) -> None:
+    """lbctl writes the store (the standalone file store, or etcd for a cluster member); the
+    supervisor applies it and sends the pools to both workers."""
+    extra = ""
+    if store == "etcd":
+        etcd = request.getfixturevalue("etcd")
+        endpoints = ", ".join(f'"{e}"' for e in etcd.endpoints)
+        extra = f'\n[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\n'
     port_a, port_b = spawn_backend(spawn, "a"), spawn_backend(spawn, "b")
     pool = pool_toml("p", [f"127.0.0.1:{port_a}"])
-    node = start_node(spawn, tmp_path, port_a, control=True, pool=pool)
+    node = start_node(spawn, tmp_path, port_a, control=True, pool=pool, extra=extra)
     by_pid = spread(node, node.worker_pids(), each=1)
     conns = [cs[0] for cs in by_pid.values()]
     for conn in conns:
