@@ -294,10 +294,11 @@ def test_a_killed_worker_is_replaced_and_the_other_workers_connections_lose_noth
     print(f"worker replaced {restart * 1000:.0f} ms after kill -9")
 
 
-def test_sigterm_drains_every_worker(spawn: Spawn, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["SIGTERM", "lbctl nodes drain"])
+def test_sigterm_and_drain_drain_every_worker(spawn: Spawn, tmp_path: Path, how: str) -> None:
     """In-flight requests on both workers finish; then the workers and the supervisor exit 0."""
     backend = spawn_backend(spawn, "a")
-    node = start_node(spawn, tmp_path, backend, drain_timeout="10s")
+    node = start_node(spawn, tmp_path, backend, drain_timeout="10s", control=how != "SIGTERM")
     pids = node.worker_pids()
     by_pid = spread(node, pids, each=2)
     conns = [c for cs in by_pid.values() for c in cs]
@@ -315,7 +316,11 @@ def test_sigterm_drains_every_worker(spawn: Spawn, tmp_path: Path) -> None:
     # /status adds up the workers' in-flight requests: all four are under way.
     wait_until(lambda: sum(b["inflight"] for b in node.status()["pools"][0]["backends"]) == len(conns), 5,
                "every slow request in flight")
-    node.proc.popen.send_signal(signal.SIGTERM)
+    if how == "SIGTERM":
+        node.proc.popen.send_signal(signal.SIGTERM)
+    else:
+        subprocess.run([str(BIN / "lbctl"), "-e", f"127.0.0.1:{node.control_port}", "--insecure", "nodes", "drain",
+                        "t1"], check=True, timeout=30, capture_output=True)
     for t in threads:
         t.join(10)
     assert results == [200] * len(conns)
