@@ -15,7 +15,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import accesslog, cluster, metrics, policies, protections, report, throughput, workers
+from bench import (
+    accesslog,
+    cluster,
+    connections,
+    metrics,
+    policies,
+    protections,
+    report,
+    routes,
+    throughput,
+    workers,
+)
 from bench.harness import Context, Options, Section
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,8 +55,14 @@ def sections() -> list[Section]:
             metrics.section_metrics,
         ),
         Section("accesslog", "L7 with the access log on vs off (Fulcrum)", accesslog.section_access_log),
+        Section("routes", "L7 with 1,000 routes vs 1 route (Fulcrum)", routes.section_routes),
         Section("workers", "L7 with 1 vs 2 workers (Fulcrum) and HAProxy nbthread 1 vs 2", workers.section_workers),
         Section("l4", "L4: bulk TCP, 64 MiB responses", throughput.section_l4),
+        Section(
+            "connections",
+            "New connections per second, L7 and L4 (Fulcrum vs HAProxy)",
+            connections.section_connections,
+        ),
         Section(
             "cluster",
             "Cluster member vs standalone, and control-plane propagation (Fulcrum)",

@@ -1,6 +1,7 @@
 """The ``cluster`` section: a cluster member against a standalone node under the main L7
-load, and how fast a pool change written through one node's control API reaches the
-``/status`` of three nodes (issue 5). Needs etcd; skipped with a note without it.
+load, how fast a pool change written through one node's control API reaches the
+``/status`` of three nodes (issue 5), and how fast a route change reaches the requests
+of three nodes (issue 15). Needs etcd; skipped with a note without it.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ from bench.variants import (
 )
 
 CLUSTER_TARGET = 0.05  # cluster member vs standalone: req/s at most 5 % below, CPU/req 5 % above
-PROPAGATION_TARGET = 0.5  # seconds: p99 of a pool change reaching every node's /status
+PROPAGATION_TARGET = 0.5  # seconds: p99 of a pool (route) change reaching every node's /status (requests)
 PROPAGATION_CHANGES = 50
 PROPAGATION_TIMEOUT = 5.0  # seconds: a change not seen by every node by then counts as failed
 # etcd key prefix of the propagation nodes' pools; the L7 runs use CLUSTER_L7_PREFIX
 # (bench.variants), so neither sees the other's pools.
 CLUSTER_PROPAGATION_PREFIX = "/fulcrum-bench-propagation/v1"
+# The route the route propagation flips: on the "web" listener, for SMALL_PATH, to pool web
+# either plainly or as a one-sided sticky split, which sets this cookie: every request shows
+# which version of the route a node used, and every answer is nginx's 200.
+PROBE_ROUTE = "probe"
+PROBE_COOKIE = f"FULCRUM_SPLIT_{PROBE_ROUTE}="
 
 
 STANDALONE = Variant("standalone")
@@ -50,6 +56,7 @@ class Propagation:
     """Pool changes written through one node's control API, and when every node showed them."""
 
     nodes: int
+    kind: str = "pool"  # "pool": SetWeight seen in /status; "route": PutRoute seen in requests
     # Seconds per change: the SetWeight call until it returned; from its return until every
     # node's /status shows the change; from the call until every node shows it.
     write_s: list[float] = field(default_factory=list)
@@ -91,10 +98,14 @@ def render_propagation(p: Propagation, limit: float = PROPAGATION_TARGET) -> str
     change seen by every node) on the two propagation rows."""
     goal = f"p99 < {limit * 1000:.0f} ms"
     out = []
+    if p.kind == "route":
+        call, seen = "PutRoute", f"all {p.nodes} nodes route requests by it"
+    else:
+        call, seen = "SetWeight", f"all {p.nodes} nodes' /status show it"
     for figure, values, has_goal in (
-        ("SetWeight through node 1's control API (until it returned)", p.write_s, False),
-        (f"write returned -> all {p.nodes} nodes' /status show it", p.propagation_s, True),
-        (f"write issued -> all {p.nodes} nodes' /status show it", p.total_s, True),
+        (f"{call} through node 1's control API (until it returned)", p.write_s, False),
+        (f"write returned -> {seen}", p.propagation_s, True),
+        (f"write issued -> {seen}", p.total_s, True),
     ):
         p50, p99 = percentile(values, 50), percentile(values, 99)
         top = max(values) if values else None
@@ -127,13 +138,38 @@ def _admin_status(port: int) -> object:
         return None
 
 
+def probe_sticky(port: int) -> bool | None:
+    """Did this node answer GET SMALL_PATH by the sticky version of the probe route (its split
+    cookie set)? None when the request failed."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=2.0)
+    try:
+        conn.request("GET", SMALL_PATH, headers={"Host": "bench"})
+        resp = conn.getresponse()
+        resp.read()
+        cookies = resp.headers.get_all("Set-Cookie") or []
+        return any(c.startswith(PROBE_COOKIE) for c in cookies)
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def probe_route_spec(sticky: bool) -> str:
+    """The probe route's table as JSON (name aside): plain, or a sticky split with one side."""
+    if sticky:
+        return json.dumps({"path_prefix": SMALL_PATH, "split": [{"pool": "web", "weight": 1}], "sticky": True})
+    return json.dumps({"path_prefix": SMALL_PATH, "pool": "web"})
+
+
 def measure_propagation(
     ctx: Context, nodes: int = 3, changes: int = PROPAGATION_CHANGES
-) -> Propagation:
+) -> tuple[Propagation, Propagation]:
     """``nodes`` cluster members on ``ctx.etcd()`` (own ports, their own etcd prefix, control
     API in plain text); ``changes`` weight changes of one backend written through node 1's
     control API (SetWeight, alternating 2 and 3), each timed until every node's admin
-    ``/status`` shows it. The nodes are stopped afterwards."""
+    ``/status`` shows it; then ``changes`` changes of a route written the same way
+    (PutRoute, alternating plain and sticky), each timed until a request to every node shows
+    it. The nodes are stopped afterwards."""
     try:
         import grpc
 
@@ -146,9 +182,11 @@ def measure_propagation(
     taken = set(ports_of(ctx.ports))
     keys: list[str] = []
     admins: list[int] = []
+    webs: list[int] = []
     control = 0
     backend = f"{HOST}:{ctx.ports.backends[0]}"
     result = Propagation(nodes)
+    routes = Propagation(nodes, kind="route")
     try:
         for i in range(1, nodes + 1):
             web, bulk, admin, ctl = (pick_port(27500 + 10 * i + k, taken) for k in range(4))
@@ -167,6 +205,7 @@ def measure_propagation(
             # /proc/net/tcp that wait_ready reads), so it is waited for below.
             ctx.fulcrum(config, key=key, ready_ports=[web, bulk], admin_port=admin)
             admins.append(admin)
+            webs.append(web)
             control = control or ctl
         deadline = time.monotonic() + ctx.opts.start_timeout
         while not port_accepts(control):
@@ -216,10 +255,52 @@ def measure_propagation(
                 result.write_s.append(t1 - t0)
                 result.propagation_s.append(t2 - t1)
                 result.total_s.append(t2 - t0)
+            _measure_routes(channel, webs, changes, routes)
     finally:
         for key in keys:
             ctx.stop(key)
-    return result
+    return result, routes
+
+
+def _measure_routes(channel: object, webs: list[int], changes: int, result: Propagation) -> None:
+    """The route half of ``measure_propagation``, on its nodes and channel."""
+    import grpc
+
+    from lbnode.api.fulcrum.v1 import control_pb2 as pb
+    from lbnode.api.fulcrum.v1 import control_pb2_grpc as rpc
+
+    stub = rpc.RoutesStub(channel)
+
+    def put(sticky: bool) -> None:
+        route = pb.Route(listener="web", name=PROBE_ROUTE, spec_json=probe_route_spec(sticky))
+        stub.PutRoute(pb.PutRouteRequest(route=route), timeout=10)
+
+    try:
+        put(False)  # unmeasured: creates the route, warms the path
+    except grpc.RpcError as exc:
+        result.failed.append(f"PutRoute: {exc.code().name}: {exc.details()}")
+        return
+    for i in range(changes):
+        sticky = i % 2 == 0  # alternating: every change is a write the requests show
+        t0 = time.perf_counter()
+        try:
+            put(sticky)
+        except grpc.RpcError as exc:
+            result.failed.append(f"change {i}: {exc.code().name}: {exc.details()}")
+            continue
+        t1 = time.perf_counter()
+        waiting = list(webs)
+        while waiting and time.perf_counter() - t1 < PROPAGATION_TIMEOUT:
+            waiting = [w for w in waiting if probe_sticky(w) is not sticky]
+            if waiting:
+                time.sleep(0.002)
+        if waiting:
+            result.failed.append(f"change {i}: {len(waiting)} nodes not routing by it after {PROPAGATION_TIMEOUT:g} s")
+            continue
+        t2 = time.perf_counter()
+        result.write_s.append(t1 - t0)
+        result.propagation_s.append(t2 - t1)
+        result.total_s.append(t2 - t0)
 
 
 def section_cluster(ctx: Context) -> str:
@@ -242,11 +323,15 @@ def section_cluster(ctx: Context) -> str:
         flush=True,
     )
     try:
-        prop = measure_propagation(ctx)
+        prop, route_prop = measure_propagation(ctx)
         ctx.results["propagation"] = prop
+        ctx.results["route_propagation"] = route_prop
         prop_text = render_propagation(prop)
         if prop.failed:
             prop_text += "\n\nFailed changes: " + "; ".join(prop.failed[:5])
+        prop_text += "\n\n" + render_propagation(route_prop)
+        if route_prop.failed:
+            prop_text += "\n\nFailed route changes: " + "; ".join(route_prop.failed[:5])
     except StartError as exc:
         prop_text = f"failed: {exc}"
     return (
@@ -280,5 +365,10 @@ def section_cluster(ctx: Context) -> str:
         "open); after each, the admin `/status` of every node is polled (every 2 ms) until "
         "all show the new weight. Percentiles are nearest-rank: the p99 of 50 changes is "
         f"the slowest. A change not seen by every node within {PROPAGATION_TIMEOUT:g} s "
-        "fails the target."
+        "fails the target. Then, on the same nodes and channel, "
+        f"{PROPAGATION_CHANGES} changes of a route (`Routes/PutRoute` on listener web, "
+        f"route `{PROBE_ROUTE}` for {SMALL_PATH} to pool web, alternating a plain route and a "
+        "one-sided sticky split, whose answers carry its cookie): after each, a new request "
+        "to every node is sent (every 2 ms) until all answer by the new version of the route. "
+        "Nothing else runs on the nodes meanwhile."
     )

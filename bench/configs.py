@@ -56,6 +56,7 @@ def fulcrum_config(
     control_port: int | None = None,
     access_log: str | None = None,
     workers: int = 1,
+    routes: int = 0,
 ) -> str:
     """node.toml for lbnode: an http listener over all backends, a tcp listener over the first.
 
@@ -70,7 +71,9 @@ def fulcrum_config(
     under ``etcd_prefix``, seeded from these same pools); ``control_port`` adds a
     plain-text control API (``[control] insecure = true``: loopback only, bench only).
     Without them the text is exactly the standalone config. ``access_log``: a file for the
-    http listener's ``[listeners.access_log]`` (JSON lines). ``workers``: ``[node] workers``
+    http listener's ``[listeners.access_log]`` (JSON lines). ``routes``: that many
+    ``[[listeners.routes]]`` (see ``route_tables``), the benchmark's request taking the
+    one before last. ``workers``: ``[node] workers``
     (a supervisor and that many worker processes when above 1).
     """
     state = f'state_dir = "{state_dir}"\n' if state_dir else ""
@@ -110,6 +113,8 @@ def fulcrum_config(
         pool_tables += f'  [pools.affinity]\n  mode = "cookie"\n  key = "{affinity_key}"\n'
     if access_log:
         listener_keys += f'  [listeners.access_log]\n  path = "{access_log}"\n'
+    if routes:
+        listener_keys += route_tables(routes)
     return f"""\
 [node]
 id = "{node_id}"
@@ -136,6 +141,31 @@ name = "bulk"
   [[pools.backends]]
   address = "{HOST}:{ports.backends[0]}"
 """
+
+
+def route_tables(n: int) -> str:
+    """``n`` routes of the "web" listener, all to pool "web": a quarter each on exact hosts,
+    path prefixes, path regexes and header values, none of which the benchmark's request
+    (``GET /small``, Host 127.0.0.1) meets, except the one before last, ``path_prefix =
+    "/small"``, which takes it; the last (a header route) comes after it. With ``n = 1``,
+    that route alone."""
+    if n == 1:
+        return f'  [[listeners.routes]]\n  path_prefix = "{SMALL_PATH}"\n  pool = "web"\n'
+    out = []
+    for i in range(n - 2):
+        kind = i % 4
+        if kind == 0:
+            cond = f'host = "h{i}.example"\n  path_prefix = "/"'
+        elif kind == 1:
+            cond = f'path_prefix = "/app{i}/"'
+        elif kind == 2:
+            cond = f'path_regex = "/svc{i}/[a-z]+/[0-9]{{1,12}}"'
+        else:
+            cond = f'headers = [{{name = "X-Tenant", exact = "t{i}"}}]'
+        out.append(f'  [[listeners.routes]]\n  {cond}\n  pool = "web"\n')
+    out.append(f'  [[listeners.routes]]\n  path_prefix = "{SMALL_PATH}"\n  pool = "web"\n')
+    out.append('  [[listeners.routes]]\n  headers = [{name = "X-Tenant", exact = "last"}]\n  pool = "web"\n')
+    return "".join(out)
 
 
 def haproxy_config(ports: Ports, nbthread: int = 1) -> str:

@@ -30,6 +30,7 @@ OPTIONAL_MODULES: list[tuple[str, str, str]] = [
         "bench.tls",
         "TLS termination: CPU per handshake and per keep-alive request (with HAProxy)",
     ),
+    ("reload", "bench.reload", "Reload and binary upgrade under load (Fulcrum)"),
 ]
 
 

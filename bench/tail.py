@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from bench.configs import HOST
 from bench.harness import Context, StartError, pick_port
 from bench.measure import L7Row, run_wrk
-from bench.procstat import tree_cpu_seconds
+from bench.procstat import process_tree, tree_cpu_seconds
 from bench.tables import fmt_num, render_table
 
 CONNECTIONS = 16  # the issue's scenario: 16 closed-loop connections
@@ -89,8 +91,8 @@ def run(ctx: Context) -> str:
     haproxy_port = pick_port(27520, taken)
     fast = ctx.backends()  # nginx: answers at once on every backend port
     backends = [ctx.ports.backends[0], ctx.ports.backends[1], slow_port]
-    slow = ctx.spawn("slow-backend", [sys.executable, str(ctx.repo / "bench" / "slow_backend.py"), "--port", str(slow_port),
-                                      "--delay-ms", str(DELAY_MS)])
+    slow = ctx.spawn("slow-backend", ctx._pinned([sys.executable, str(ctx.repo / "bench" / "slow_backend.py"),
+                                                  "--port", str(slow_port), "--delay-ms", str(DELAY_MS)], ctx.client_cpu))
     slow.wait_ready([slow_port], ctx.opts.start_timeout)
     fulcrum = ctx.fulcrum(
         fulcrum_tail_config(fulcrum_port, fulcrum_admin, backends, str(ctx.tmp / "tail-state")),
@@ -103,19 +105,52 @@ def run(ctx: Context) -> str:
     opts = dataclasses.replace(ctx.opts, connections=CONNECTIONS)
     run_ctx = _WithOptions(ctx, opts)
     rows: list[tuple[str, L7Row, float | None]] = []
-    for round_ in range(1, ROUNDS + 1):
-        for name, port, proc in (("Fulcrum least_latency", fulcrum_port, fulcrum),
-                                 ("HAProxy leastconn", haproxy_port, haproxy)):
-            row, share = _measure(run_ctx, f"{name} ({round_})", port, proc.pid, slow_port)
-            rows.append((name, row, share))
-            p99 = fmt_num(row.p99_ms, 2) if not row.failed else row.failed
-            print(f"  {row.name}: p99 {p99} ms, slow share {fmt_num((share or 0) * 100, 2)}%",
-                  file=sys.stderr, flush=True)
+    with _on_cpu([fast.pid], ctx.client_cpu):
+        _rounds(run_ctx, rows, fulcrum_port, fulcrum.pid, haproxy_port, haproxy.pid, slow_port)
     del fast
     ctx.stop("fulcrum-tail")
     ctx.stop("haproxy-tail")
     ctx.stop("slow-backend")
     return render(rows)
+
+
+@contextmanager
+def _on_cpu(roots: list[int], cpu: int | None) -> Iterator[None]:
+    """The backends (nginx's processes) on the client's CPU while the rounds run, as wrk and
+    the slow backend are: at saturation the balancer is CPU-bound on its own core, and a
+    backend scheduled there preempts it for a scheduler slice (milliseconds), which sets the
+    p99 of a single-threaded balancer. Both balancers get the same core to themselves."""
+    if cpu is None:
+        yield
+        return
+    pids = list(process_tree(roots[0])) if roots else []
+    old = {}
+    for pid in pids:
+        try:
+            old[pid] = os.sched_getaffinity(pid)
+            os.sched_setaffinity(pid, {cpu})
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        for pid, cpus in old.items():
+            try:
+                os.sched_setaffinity(pid, cpus)
+            except OSError:
+                pass
+
+
+def _rounds(run_ctx: object, rows: list[tuple[str, L7Row, float | None]], fulcrum_port: int, fulcrum_pid: int,
+            haproxy_port: int, haproxy_pid: int, slow_port: int) -> None:
+    for round_ in range(1, ROUNDS + 1):
+        for name, port, pid in (("Fulcrum least_latency", fulcrum_port, fulcrum_pid),
+                                ("HAProxy leastconn", haproxy_port, haproxy_pid)):
+            row, share = _measure(run_ctx, f"{name} ({round_})", port, pid, slow_port)
+            rows.append((name, row, share))
+            p99 = fmt_num(row.p99_ms, 2) if not row.failed else row.failed
+            print(f"  {row.name}: p99 {p99} ms, slow share {fmt_num((share or 0) * 100, 2)}%",
+                  file=sys.stderr, flush=True)
 
 
 class _WithOptions:

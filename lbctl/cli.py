@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from lbctl import __version__
+from lbctl.failure import Failure
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # argparse's own code for a bad command line
-
-
-class Failure(Exception):
-    """Ends the command with this one line (already says what failed)."""
 
 
 # --------------------------------------------------------------------------- parser
@@ -67,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func, **defaults)
         return p
 
+    from lbctl.declare import cmd_apply, cmd_routes_delete, cmd_routes_list, cmd_routes_show
+
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     command(sub, "status", "the answering node: configuration revision and backend health", cmd_status)
     p = command(sub, "nodes", "the nodes of the cluster, their listeners and health (or: nodes drain NODE)", cmd_nodes)
@@ -92,10 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--revision", type=int, help="only if the pool is still at this revision")
 
-    p = command(sub, "apply", "make the store's pools match a file: shows the diff, then applies it", cmd_apply)
-    p.add_argument("-f", "--file", required=True, help="[[pools]] tables in the node.toml schema")
-    p.add_argument("--prune", action="store_true", help="also delete pools that are not in the file")
+    p = command(sub, "apply", "make the store's pools, routes and certificates match a file: shows the diff, "
+                "then applies it (a second run changes nothing)", cmd_apply)
+    p.add_argument("-f", "--file", required=True, help="[[pools]] (node.toml schema), [[routes]] (listener, name and "
+                   "the keys of [[listeners.routes]]), [[certificates]] (name, cert, key: PEM files)")
+    p.add_argument("--prune", action="store_true", help="also delete the objects of each kind the file has a "
+                   "section for that are not in it (routes = [] prunes every route)")
     p.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+
+    routes = sub.add_parser("routes", help="list, show, apply, delete L7 routes").add_subparsers(
+        dest="routes_command", metavar="ACTION", required=True
+    )
+    p = command(routes, "list", "every route, in the order each listener tries them; a route naming a pool "
+                "that does not exist is flagged (its requests answer 503)", cmd_routes_list)
+    p.add_argument("--listener", "-l", default="", help="only this listener's routes")
+    p = command(routes, "show", "one route: its table as stored", cmd_routes_show)
+    p.add_argument("listener")
+    p.add_argument("name")
+    p = command(routes, "apply", "make the store's routes match the [[routes]] of a file (diff, then apply)",
+                cmd_apply, routes_only=True)
+    p.add_argument("-f", "--file", required=True, help="[[routes]] tables: listener, name and the keys of "
+                   "[[listeners.routes]]")
+    p.add_argument("--prune", action="store_true", help="also delete routes that are not in the file")
+    p.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+    p = command(routes, "delete", "delete a route", cmd_routes_delete)
+    p.add_argument("listener")
+    p.add_argument("name")
+    p.add_argument("--revision", type=int, help="only if the route is still at this revision")
 
     backends = sub.add_parser("backends", help="add, remove, weight, drain, enable, disable a backend").add_subparsers(
         dest="backends_command", metavar="ACTION", required=True
@@ -463,81 +485,6 @@ def cmd_pools_delete(args: argparse.Namespace, client: Any) -> int:
     return 0
 
 
-def cmd_apply(args: argparse.Namespace, client: Any) -> int:
-    from lbctl.apply import make_plan
-    from lbctl.output import emit_json
-    from lbnode.api.fulcrum.v1 import control_pb2 as pb
-    from lbnode.api.pools import pool_dict, pool_message
-    from lbnode.model import pool_from_dict
-
-    desired = _load(args.file)
-    listed = _call(client, "Pools", "ListPools", pb.ListPoolsRequest())
-    current = {m.name: (pool_from_dict(pool_dict(m)), m.revision) for m in listed.pools}
-    plan = make_plan(desired, current, listed.revision, prune=args.prune)
-    as_json = _json(args)
-    if not as_json:
-        _print_plan(plan, args.file)
-    done: list[str] = []
-    report: dict[str, Any] = {
-        "created": [p.name for p in plan.pools if p.action == "create"],
-        "updated": [{"name": p.name, "revision": p.revision, "changes": list(p.changes)}
-                    for p in plan.pools if p.action == "update"],
-        "deleted": [p.name for p in plan.pools if p.action == "delete"],
-        "unchanged": [p.name for p in plan.pools if p.action == "unchanged"],
-        "kept": [p.name for p in plan.pools if p.action == "keep"],
-        "applied": False,
-    }
-    if args.dry_run or not plan.writes:
-        if as_json:
-            emit_json(report)
-        elif args.dry_run and plan.writes:
-            print("dry run: nothing applied")
-        return 0
-    for step in plan.writes:
-        try:
-            if step.action == "create":
-                assert step.pool is not None
-                _call(client, "Pools", "CreatePool", pb.CreatePoolRequest(pool=pool_message(step.pool)))
-            elif step.action == "update":
-                assert step.pool is not None
-                _call(client, "Pools", "UpdatePool",
-                      pb.UpdatePoolRequest(pool=pool_message(step.pool), expected_revision=step.revision))
-            else:
-                _call(client, "Pools", "DeletePool",
-                      pb.DeletePoolRequest(name=step.name, expected_revision=step.revision))
-        except Failure as exc:
-            so_far = f" (applied before it: {', '.join(done)})" if done else " (nothing applied)"
-            raise Failure(f"{step.action} pool {step.name}: {exc}{so_far}") from None
-        done.append(f"{step.action}d {step.name}")  # created, updated, deleted
-    report["applied"] = True
-    if as_json:
-        emit_json(report)
-    else:
-        print(f"applied: {', '.join(done)}")
-    return 0
-
-
-def _print_plan(plan: Any, source: str) -> None:
-    marks = {"create": "+", "update": "~", "delete": "-", "unchanged": "=", "keep": "!"}
-    for p in plan.pools:
-        mark = marks[p.action]
-        if p.action == "create":
-            print(f"{mark} pool {p.name}: create")
-        elif p.action == "update":
-            print(f"{mark} pool {p.name}: update (revision {p.revision})")
-        elif p.action == "delete":
-            print(f"{mark} pool {p.name}: delete (revision {p.revision})")
-        elif p.action == "unchanged":
-            print(f"{mark} pool {p.name}: unchanged")
-        else:
-            print(f"{mark} pool {p.name}: not in {source}; kept (--prune deletes it)")
-        for line in p.changes:
-            print(f"    {line}")
-    counts = ", ".join(f"{plan.count(a)} {w}" for a, w in (
-        ("create", "to create"), ("update", "to update"), ("delete", "to delete"), ("unchanged", "unchanged")))
-    print("no changes" if not plan.writes else counts)
-
-
 def cmd_backends_add(args: argparse.Namespace, client: Any) -> int:
     from lbnode.api.fulcrum.v1 import control_pb2 as pb
 
@@ -620,6 +567,10 @@ def describe_event(event: Any) -> str:
             f", sha256 {c.fingerprint[:16]}..., not after "
             f"{c.not_after.ToDatetime(tzinfo=datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
         return f"{when} {event.node_id} certificate {c.name} {change} (revision {c.revision}{detail})"
+    if kind == "route":
+        r = event.route
+        change = r.DESCRIPTOR.fields_by_name["change"].enum_type.values_by_number[r.change].name.lower()
+        return f"{when} {event.node_id} route {r.listener}/{r.name} {change} (revision {r.revision})"
     return f"{when} {event.node_id} unknown event"
 
 

@@ -20,6 +20,7 @@ STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
     "Backends": rpc.BackendsStub,
     "Cluster": rpc.ClusterStub,
     "Certificates": rpc.CertificatesStub,
+    "Routes": rpc.RoutesStub,
 }
 
 

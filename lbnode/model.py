@@ -14,12 +14,23 @@ import math
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lbnode.routing import Route, Split, SplitSide, ValueMatch, check_regex
+from lbnode.routing import (
+    TERMINAL_ACTIONS,
+    FixedResponse,
+    HeaderEdits,
+    Mirror,
+    Redirect,
+    Route,
+    Split,
+    SplitSide,
+    ValueMatch,
+    check_regex,
+)
 
 if TYPE_CHECKING:
     from lbnode.tls.certs import Certificate
@@ -297,7 +308,7 @@ class Affinity:
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
-    type: str = "tcp"  # "tcp" | "http"
+    type: str = "tcp"  # "tcp" | "http" | "grpc"
     interval: float = 2.0
     timeout: float = 1.0
     rise: int = 2
@@ -309,6 +320,14 @@ class HealthCheck:
     expect_body: str | None = None
     initial_state: str = "up"  # state before the first result: "up" | "down"
     jitter: float = 0.1  # fraction of the interval added at random
+    service: str = ""  # grpc: the service asked about (grpc.health.v1); "": the whole server
+
+
+# Keys of [pools.health] that only an http check reads: with type = "grpc" one of them is a
+# mistake (the path of a gRPC check is fixed by grpc.health.v1), not a setting to ignore.
+HTTP_ONLY_HEALTH_KEYS = ("path", "method", "host", "expect_status", "expect_body")
+# A gRPC service name is a protocol buffers full name; this bound keeps the request small.
+MAX_GRPC_SERVICE = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,8 +451,28 @@ def parse_pool(t: Table) -> Pool:
             f"must be at most {CONNECT_EJECTION_MAX:g}s, got {t.raw('connect_ejection')!r} "
             "(for longer outages use [pools.health] or [pools.outlier])",
         )
+    if pool.health is not None and pool.health.type == "grpc":
+        _check_grpc_health(pool, t)
     t.done()
     return pool
+
+
+def _check_grpc_health(pool: Pool, t: Table) -> None:
+    """What a grpc check cannot do, refused here rather than failing every probe: grpcio makes
+    the check's connections itself, so nothing can be written before its HTTP/2 preface, and
+    it always verifies the backend's certificate (its Python API has no switch to skip that)."""
+    if pool.send_proxy is not None:
+        raise ConfigError(
+            t.key("send_proxy"),
+            'cannot be used with [pools.health] type = "grpc": grpcio opens the check\'s connections '
+            "itself and cannot send a PROXY header before HTTP/2 (use a tcp or http check here)",
+        )
+    if pool.tls is not None and not pool.tls.verify:
+        raise ConfigError(
+            f"{t.key('tls')}.verify",
+            'false cannot be used with [pools.health] type = "grpc": grpcio always verifies the '
+            "backend's certificate (give the backends' CA in ca instead, or use a tcp or http check)",
+        )
 
 
 def _parse_pool_tls(t: Table | None) -> PoolTls | None:
@@ -516,7 +555,18 @@ def _parse_affinity(t: Table | None) -> Affinity | None:
 def _parse_health(t: Table | None) -> HealthCheck | None:
     if t is None:
         return None
-    kind = t.str("type", "tcp", choices=("tcp", "http"))
+    kind = t.str("type", "tcp", choices=("tcp", "http", "grpc"))
+    if kind == "grpc":
+        for key in HTTP_ONLY_HEALTH_KEYS:
+            if t.has(key):
+                raise ConfigError(t.key(key), 'is for type = "http" checks; a grpc check asks grpc.health.v1 '
+                                  "(choose the service with service = ...)")
+    service = t.str("service", "")
+    if t.has("service") and kind != "grpc":
+        raise ConfigError(t.key("service"), f'is for type = "grpc" checks, not "{kind}"')
+    if len(service) > MAX_GRPC_SERVICE or any(ord(c) < 0x20 or c == "\x7f" for c in service):
+        raise ConfigError(t.key("service"), f"{service[:MAX_GRPC_SERVICE]!r} is not a gRPC service name "
+                          f"(at most {MAX_GRPC_SERVICE} characters, no control characters)")
     interval = t.duration("interval", 2.0)
     timeout = t.duration("timeout", min(1.0, interval))
     path = t.str("path", "/")
@@ -538,6 +588,7 @@ def _parse_health(t: Table | None) -> HealthCheck | None:
         expect_body=t.str("expect_body", None),
         initial_state=t.str("initial_state", "up", choices=("up", "down")),
         jitter=t.number("jitter", 0.1, lo=0, hi=1),
+        service=service,
     )
     t.done()
     return check
@@ -664,10 +715,16 @@ L7_PROTOCOLS = ("http", "https")
 def parse_listener(t: Table) -> Listener:
     protocol = t.str("protocol", choices=PROTOCOLS)
     routes: list[Route] = []
+    route_names: dict[str, str] = {}
     for j, rt in enumerate(t.tables("routes")):
         if protocol not in L7_PROTOCOLS:
             raise ConfigError(rt.path, 'routes need protocol = "http" or "https"')
-        routes.append(parse_route(rt, j))
+        route = parse_route(rt, j)
+        if route.name in route_names:
+            raise ConfigError(rt.key("name"), f'"{route.name}" is already used by {route_names[route.name]} '
+                              "(a route without a name is named after its place, from 0)")
+        route_names[route.name] = rt.path
+        routes.append(route)
     sni_routes: list[SniRoute] = []
     seen_names: dict[str, str] = {}
     for st in t.tables("sni_routes"):
@@ -729,8 +786,10 @@ SPLIT_COOKIE_PREFIX = "FULCRUM_SPLIT_"
 
 
 def parse_route(rt: Table, index: int) -> Route:
-    """One ``[[listeners.routes]]`` table; ``index`` (its place in the listener) names the
-    cookie of a sticky split."""
+    """One ``[[listeners.routes]]`` table (or a route of the store: the same keys); ``index``
+    (its place in the listener) is its name when it has none, which also names the cookie of
+    a sticky split (``FULCRUM_SPLIT_<name>``)."""
+    name = rt.name("name", str(index))
     host = rt.str("host", None)
     if host is not None:
         host = host.lower()
@@ -753,16 +812,39 @@ def parse_route(rt: Table, index: int) -> Route:
     pool = rt.name("pool", None)
     split_tables = rt.tables("split") if rt.has("split") else None
     sticky = rt.bool("sticky", False)
+    given = [a for a in TERMINAL_ACTIONS if rt.has(a)]
+    if not given:
+        raise ConfigError(rt.key("pool"), "is required (or split, to share the requests between pools; "
+                          "or redirect or fixed_response, for the node to answer itself)")
+    if len(given) > 1:
+        raise ConfigError(rt.key(given[1]), f"conflicts with {given[0]}: give one of {', '.join(TERMINAL_ACTIONS)}")
     split = None
     if split_tables is not None:
-        if pool is not None:
-            raise ConfigError(rt.key("split"), "give either pool or split, not both")
-        split = _parse_split(rt, split_tables, sticky, index)
-    elif pool is None:
-        raise ConfigError(rt.key("pool"), "is required (or split, to share the requests between pools)")
+        split = _parse_split(rt, split_tables, sticky, name)
     elif sticky:
         raise ConfigError(rt.key("sticky"), "needs split (a route with one pool has no side to keep)")
+    redirect = _parse_redirect(rt.table("redirect"))
+    fixed = _parse_fixed_response(rt.table("fixed_response"))
+    path_prefix_rewrite, host_rewrite = _parse_rewrite(rt.table("rewrite"), path_prefix)
+    request_headers = _parse_header_edits(rt.table("request_headers"), REQUEST_HEADERS_RESERVED,
+                                          "the node writes it, or it frames the request"
+                                          " (for Host use rewrite.host)")
+    response_headers = _parse_header_edits(rt.table("response_headers"), RESPONSE_HEADERS_RESERVED,
+                                           "the node writes it, or it frames the response")
+    if response_headers is not None and response_headers.add:
+        raise ConfigError(rt.key("response_headers.add"), "is not supported for responses: use set or remove")
+    mirror = _parse_mirror(rt.table("mirror"))
+    if redirect is not None or fixed is not None:
+        # These act on a request that goes to a backend: the node's own answer has none.
+        answer = "redirect" if redirect is not None else "fixed_response"
+        for key in ("request_headers", "response_headers", "rewrite", "mirror"):
+            if rt.has(key):
+                raise ConfigError(rt.key(key), f"conflicts with {answer}: the node answers itself, no backend "
+                                  "gets the request")
     route = Route(
+        name=name,
+        # The table as given (JSON-able: TOML and JSON values), its name filled in: the store's body.
+        spec={**rt.data, "name": name},
         pool=pool,
         host=host,
         path=path,
@@ -775,9 +857,169 @@ def parse_route(rt: Table, index: int) -> Route:
         client_cidrs=_parse_cidrs(rt, "client_cidrs"),
         priority=rt.int("priority", 0, lo=-ROUTE_PRIORITY_LIMIT, hi=ROUTE_PRIORITY_LIMIT),
         split=split,
+        redirect=redirect,
+        fixed_response=fixed,
+        request_headers=request_headers,
+        response_headers=response_headers,
+        rewrite_path_prefix=path_prefix_rewrite,
+        rewrite_host=host_rewrite,
+        mirror=mirror,
+        allow_cidrs=_parse_cidrs(rt, "allow_cidrs"),
+        deny_cidrs=_parse_cidrs(rt, "deny_cidrs"),
     )
     rt.done()
     return route
+
+
+# Fields a route may not edit, with the reason in the error (lower-case names).
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
+                      "te", "trailer", "upgrade"})
+REQUEST_HEADERS_RESERVED = _FRAMING | frozenset({
+    "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "via"})
+RESPONSE_HEADERS_RESERVED = _FRAMING | frozenset({"via"})
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+FIXED_BODY_LIMIT = 64 * 1024
+_HOST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+# A field value as RFC 9110 5.5 allows it: visible characters, spaces and tabs inside.
+_FIELD_VALUE_RE = re.compile(r"[\x21-\x7e\x80-\xff]([\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?|")
+# A path to put into a request line or Location: visible ASCII, no space, no "?" or "#".
+_PATH_RE = re.compile(r"/[\x21-\x22\x24-\x3e\x40-\x7e]*")
+
+
+def _parse_redirect(t: Table | None) -> Redirect | None:
+    if t is None:
+        return None
+    status = t.int("status", 302)
+    if status not in REDIRECT_STATUSES:
+        raise ConfigError(t.key("status"), f"{status} is not a redirect status: one of "
+                          f"{', '.join(map(str, REDIRECT_STATUSES))}")
+    host = t.str("host", None)
+    if host is not None:
+        host = host.lower()
+        if not _HOST_NAME_RE.fullmatch(host):
+            raise ConfigError(t.key("host"), f'"{host}" is not a host name (give the port as port = ...)')
+    path = t.str("path", None)
+    if path is not None and not _PATH_RE.fullmatch(path):
+        raise ConfigError(t.key("path"), f'"{path}" is not a path: it starts with "/", has no spaces, '
+                          '"?" or "#" (keep_query keeps the request\'s query)')
+    redirect = Redirect(
+        status=status,
+        scheme=t.str("scheme", None, choices=("http", "https")),
+        host=host,
+        port=t.int("port", None, lo=1, hi=65535),
+        path=path,
+        keep_query=t.bool("keep_query", True),
+    )
+    t.done()
+    if (redirect.scheme, redirect.host, redirect.port, redirect.path) == (None, None, None, None):
+        raise ConfigError(t.path, "give at least one of scheme, host, port or path (a redirect to the same URL "
+                          "would loop)")
+    return redirect
+
+
+def _parse_fixed_response(t: Table | None) -> FixedResponse | None:
+    if t is None:
+        return None
+    status = t.int("status", lo=200, hi=599)
+    body = t.str("body", "")
+    encoded = body.encode()
+    if len(encoded) > FIXED_BODY_LIMIT:
+        raise ConfigError(t.key("body"), f"is {len(encoded)} bytes; at most {FIXED_BODY_LIMIT} (serve larger "
+                          "content from a pool)")
+    if encoded and status in (204, 304):
+        raise ConfigError(t.key("body"), f"must be empty: a {status} response has no body")
+    content_type = t.str("content_type", "text/plain; charset=utf-8")
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;[\x20-\x7e]*)?", content_type):
+        raise ConfigError(t.key("content_type"), f'"{content_type}" is not a media type like "text/html; charset=utf-8"')
+    t.done()
+    return FixedResponse(status=status, body=encoded, content_type=content_type)
+
+
+def _parse_rewrite(t: Table | None, path_prefix: str | None) -> tuple[str | None, str | None]:
+    if t is None:
+        return None, None
+    prefix = t.str("path_prefix", None)
+    if prefix is not None:
+        if path_prefix is None:
+            raise ConfigError(t.key("path_prefix"), "needs the route's path_prefix (the part of the path it replaces)")
+        if not _PATH_RE.fullmatch(prefix):
+            raise ConfigError(t.key("path_prefix"), f'"{prefix}" is not a path: it starts with "/", has no spaces, '
+                              '"?" or "#"')
+    host = t.str("host", None)
+    if host is not None:
+        name, _, port = host.lower().partition(":") if not host.startswith("[") else (host.lower(), "", "")
+        if not _HOST_NAME_RE.fullmatch(name) or (port and not (port.isdigit() and 1 <= int(port) <= 65535)):
+            raise ConfigError(t.key("host"), f'"{host}" is not a host or host:port')
+        host = host.lower()
+    t.done()
+    if prefix is None and host is None:
+        raise ConfigError(t.path, "give path_prefix, host or both")
+    return prefix, host
+
+
+def _parse_header_edits(t: Table | None, reserved: frozenset[str], why: str) -> HeaderEdits | None:
+    if t is None:
+        return None
+    seen: dict[str, str] = {}  # lower-case name -> where it was given
+
+    def name_ok(name: object, key: str, section: str) -> str:
+        if not isinstance(name, str) or not TOKEN_RE.fullmatch(name):
+            raise ConfigError(key, f"{name!r} is not a header name")
+        lname = name.lower()
+        if lname in reserved:
+            raise ConfigError(key, f"{name} cannot be changed here: {why}")
+        if lname in seen:
+            raise ConfigError(key, f"{name} is already in {seen[lname]}: give each name once")
+        seen[lname] = section
+        return name
+
+    def pairs(section: str) -> tuple[tuple[str, str], ...]:
+        raw = t.raw(section, None)
+        if raw is None:
+            return ()
+        if not isinstance(raw, Mapping) or not raw:
+            raise ConfigError(t.key(section), f'expected a table of name = "value", got {_type_name(raw)}')
+        out = []
+        for name, value in raw.items():
+            key = f"{t.key(section)}.{name}"
+            name_ok(name, key, section)
+            if not isinstance(value, str):
+                raise ConfigError(key, f"expected a string, got {_type_name(value)}")
+            if not _FIELD_VALUE_RE.fullmatch(value):
+                raise ConfigError(key, f"{value!r} is not a header value (no line breaks or control characters, "
+                                  "no spaces at either end)")
+            out.append((name, value))
+        return tuple(out)
+
+    set_ = pairs("set")
+    add = pairs("add")
+    raw_remove = t.raw("remove", None)
+    remove: set[str] = set()
+    if raw_remove is not None:
+        if not isinstance(raw_remove, list) or not raw_remove:
+            raise ConfigError(t.key("remove"), f'expected a non-empty list of names, got {_type_name(raw_remove)}')
+        for i, name in enumerate(raw_remove):
+            remove.add(name_ok(name, f"{t.key('remove')}[{i}]", "remove").lower())
+    t.done()
+    if not (set_ or add or remove):
+        raise ConfigError(t.path, "give set, add or remove")
+    return HeaderEdits(set=set_, add=add, remove=frozenset(remove))
+
+
+def _parse_mirror(t: Table | None) -> Mirror | None:
+    if t is None:
+        return None
+    percent = t.number("percent", 100.0, hi=100.0)
+    if percent <= 0:
+        raise ConfigError(t.key("percent"), f"must be greater than 0, got {percent:g} (remove mirror to stop it)")
+    mirror = Mirror(
+        pool=t.name("pool"),
+        percent=percent,
+        max_inflight=t.int("max_inflight", 16, lo=1, hi=100_000),
+        max_body_bytes=t.int("max_body_bytes", 64 * 1024, lo=0, hi=64 * 1024 * 1024),
+    )
+    t.done()
+    return mirror
 
 
 def _regex(pattern: str, key: str) -> re.Pattern[str]:
@@ -829,7 +1071,7 @@ def _parse_cidrs(rt: Table, name: str) -> tuple[ipaddress.IPv4Network | ipaddres
     return tuple(networks)
 
 
-def _parse_split(rt: Table, tables: list[Table], sticky: bool, index: int) -> Split:
+def _parse_split(rt: Table, tables: list[Table], sticky: bool, name: str) -> Split:
     if not tables:
         raise ConfigError(rt.key("split"), 'expected at least one {pool = "...", weight = ...}')
     sides: list[SplitSide] = []
@@ -839,7 +1081,34 @@ def _parse_split(rt: Table, tables: list[Table], sticky: bool, index: int) -> Sp
             raise ConfigError(st.key("pool"), f'pool "{side.pool}" is already in this split')
         st.done()
         sides.append(side)
-    return Split(tuple(sides), cookie=f"{SPLIT_COOKIE_PREFIX}{index}" if sticky else None)
+    return Split(tuple(sides), cookie=f"{SPLIT_COOKIE_PREFIX}{name}" if sticky else None)
+
+
+def route_from_dict(data: object, path: str = "route") -> Route:
+    """A stored route (its node.toml table as JSON, ``name`` included) with the file's validation."""
+    t = Table(data, path)
+    if not t.has("name"):
+        raise ConfigError(t.key("name"), "is required (a route of the store is known by its listener and name)")
+    return parse_route(t, 0)
+
+
+def check_route_pools(route: Route, pool_names: Collection[str], key: str) -> None:
+    """ConfigError naming the first key of ``route`` whose pool is not in ``pool_names``."""
+    for field_key, pool in route.pool_refs():
+        if pool not in pool_names:
+            raise ConfigError(f"{key}.{field_key}", f'pool "{pool}" is not defined')
+
+
+def listener_routes(listeners: Sequence[Listener]) -> list[tuple[str, Route]]:
+    """Every route of ``listeners`` with its listener's name: what node.toml seeds a store with."""
+    return [(li.name, route) for li in listeners for route in li.routes]
+
+
+def missing_pools(route: Route, pool_names: Collection[str]) -> list[str]:
+    """The pools ``route`` sends to that do not exist (its requests answer 503 "pool ... is not
+    configured"). A missing mirror pool is not one: the requests are served, and the copies
+    are counted as dropped (``fulcrum_mirror_dropped_total{reason="no_pool"}``)."""
+    return [pool for key, pool in route.pool_refs() if key != "mirror.pool" and pool not in pool_names]
 
 
 def _parse_accept_proxy(t: Table | None) -> AcceptProxy | None:
@@ -1149,16 +1418,8 @@ def parse_config(data: object) -> Config:
         if li.pool not in pool_names and not pools_from_store:
             raise ConfigError(f"listeners[{i}].pool", f'pool "{li.pool}" is not defined')
         for j, route in enumerate(li.routes):
-            if pools_from_store:
-                continue
-            if route.split is None:
-                if route.pool not in pool_names:
-                    raise ConfigError(f"listeners[{i}].routes[{j}].pool", f'pool "{route.pool}" is not defined')
-                continue
-            for k, side in enumerate(route.split.sides):
-                if side.pool not in pool_names:
-                    raise ConfigError(f"listeners[{i}].routes[{j}].split[{k}].pool",
-                                      f'pool "{side.pool}" is not defined')
+            if not pools_from_store:
+                check_route_pools(route, pool_names, f"listeners[{i}].routes[{j}]")
         for j, sni in enumerate(li.sni_routes):
             if sni.pool not in pool_names and not pools_from_store:
                 raise ConfigError(f"listeners[{i}].sni_routes[{j}].pool", f'pool "{sni.pool}" is not defined')

@@ -9,13 +9,14 @@ current ``Snapshot`` and swaps it whole when the configuration changes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket as stdsocket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
@@ -35,19 +36,22 @@ from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
 from lbnode.http.upstream import UpstreamPool
 from lbnode.listen import (
+    BindError,
     Bound,
     ConnectionGate,
     Handler,
-    accept_loop,
-    accept_pending,
     bind_tcp,
     set_vip_filter,
 )
-from lbnode.model import Config, Listener, Pool
+from lbnode.listeners import ListenerSet, ListenerSlot
+from lbnode.model import Config, ConfigFileError, ControlSettings, Listener, Pool, listener_routes
+from lbnode.reloadplan import ReloadPlan, ReloadRefused, plan_reload, socket_key
+from lbnode.routing import Route
 from lbnode.runtime import Snapshot
 from lbnode.tls.expiry_warnings import ExpiryWarnings
 
 if TYPE_CHECKING:
+    from lbnode.handover import CommandConn, CommandSocket, Takeover
     from lbnode.tls.terminate import Inner
 
 log = logging.getLogger("lbnode")
@@ -96,11 +100,13 @@ class LbNode:
         affinity: ClusterAffinity | None = None,
         *,
         seed: tuple[Pool, ...] = (),
+        seed_routes: tuple[tuple[str, Route], ...] = (),
         last_config: LastConfig | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self._seed = seed  # pools created in the store if absent (a cluster node's node.toml pools)
+        self._seed_routes = seed_routes  # and routes (listener, route): node.toml's [[listeners.routes]]
         # The last configuration applied from the store, served at start while the store is down.
         self.last_config = last_config
         self.config_source = ConfigSource("file", stale=False) if store is None else ConfigSource("file", stale=True)
@@ -133,6 +139,18 @@ class LbNode:
         # [listeners.access_log]: each listener's buffer and counters, one writer per file (or stdout)
         self.access_logs, self.access_log_writers = accesslog.build(config.listeners)
         self.bound: Bound | None = None
+        # Each listening socket and the handler accepting on it (changed by reloads).
+        self.listeners = ListenerSet(self._listener_parts, self.connection_gate, lambda: self.config.node.drain_timeout)
+        self.config_path: Path | None = None  # node.toml, read again by SIGHUP
+        self.command_socket: CommandSocket | None = None  # state_dir/lbnode.sock (lbnode run)
+        self.takeover: Takeover | None = None  # the running node whose sockets this one takes
+        self._admin_scope = trio.CancelScope()
+        self._admin_done = trio.Event()
+        self._control_scope: trio.CancelScope | None = None
+        self._control_stopped = trio.Event()
+        self.state_lock: IO[str] | None = None  # state_dir/lock, held open (lbnode run): handed over by a takeover
+        self._admin_sock: stdsocket.socket | None = None
+        self._handed_over = False  # a new process serves our sockets: drain without closing idle ones
         self.health_checkers: dict[str, HealthChecker] = {}
         self._checker_scopes: dict[str, trio.CancelScope] = {}
         self._health_nursery: trio.Nursery | None = None
@@ -148,8 +166,8 @@ class LbNode:
 
     def apply(self, config: Config) -> None:
         """Swap in a new configuration; connections in flight keep their backends."""
-        self.config = config
-        self._snapshot = Snapshot.build(config, self._snapshot, shared_affinity=self.affinity)
+        snapshot = Snapshot.build(config, self._snapshot, shared_affinity=self.affinity)  # may raise: nothing changed
+        self.config, self._snapshot = config, snapshot
         self._retain_affinity_tables()
         self._sync_health()
         log.info("configuration version %d applied", self._snapshot.version)
@@ -198,7 +216,15 @@ class LbNode:
         certificates = [r.certificate for r in cached.certificates]
         cached_names = {c.name for c in certificates}
         certificates += [c for c in self.config.certificates if c.name not in cached_names]
-        self.apply(replace(self.config, pools=tuple(pools[n] for n in sorted(pools)), certificates=tuple(certificates)))
+        listeners = self.config.listeners
+        if cached.routes is not None:  # the store's routes as cached replace node.toml's (they seeded it)
+            by_listener: dict[str, list[Route]] = {}
+            for record in cached.routes:
+                by_listener.setdefault(record.listener, []).append(record.route)
+            listeners = tuple(replace(li, routes=tuple(by_listener.get(li.name, ())))
+                              if li.protocol in ("http", "https") else li for li in listeners)
+        self.apply(replace(self.config, pools=tuple(pools[n] for n in sorted(pools)), certificates=tuple(certificates),
+                           listeners=listeners))
 
     def _retain_affinity_tables(self) -> None:
         """Shared tables of pools removed (or no longer in a table mode) stop following etcd."""
@@ -221,16 +247,188 @@ class LbNode:
         self.stop()
         return held
 
+    # --------------------------------------------------------------- reload
+    def reload(self, new: Config) -> str:
+        """Apply a new node.toml to the running node, all or nothing; the one-line summary.
+
+        Listeners added (bound first: a port in use refuses the whole reload), changed (same
+        socket, new handler; connections in flight finish on the old one) and removed (stop
+        accepting, finish up to drain_timeout, close). Pools and certificates of a node
+        without a store are replaced; with a store (cluster, [control]) they stay the
+        store's. Raises ``ReloadRefused`` with one line: the node goes on as it was."""
+        if self.listeners.nursery is None or self._draining:
+            raise ReloadRefused("the node is not serving (starting or draining)")
+        plan = plan_reload(self.config, new)
+        bound: list[tuple[Listener, stdsocket.socket]] = []
+        try:
+            for li in plan.added:
+                bound.append((li, bind_tcp(li.bind, li.backlog, f"listener {li.name}")))
+        except BindError as exc:
+            for _, sock in bound:
+                sock.close()
+            raise ReloadRefused(str(exc)) from None
+        pools_note = ""
+        if self.store is not None:
+            # The store owns the pools: node.toml's only seeded it at the first start.
+            certificates = self.config.certificates
+            if self.follower is not None:
+                self.follower.file_certificates = new.certificates
+                certificates = self.follower.merged_certificates() if self.follower.synced.is_set() else new.certificates
+            new = replace(new, pools=self.config.pools, certificates=certificates)
+            pools_note = "; pools stay the store's (node.toml's pools only seed it: lbctl changes them)"
+        try:
+            self.apply(new)
+        except Exception:
+            for _, sock in bound:
+                sock.close()
+            raise
+        self.connection_gate.set_limit(new.node.max_connections)
+        self.upstreams.max_idle = max((p.max_idle_per_backend for p in new.pools), default=128)
+        self.upstreams.idle_timeout = min((p.timeouts.idle for p in new.pools), default=60.0)
+        self._apply_plan(plan, bound)
+        summary = f"reloaded: {plan.summary()}; {len(new.pools)} pools{pools_note}"
+        log.info("%s", summary)
+        return summary
+
+    def _apply_plan(self, plan: ReloadPlan, bound: list[tuple[Listener, stdsocket.socket]]) -> None:
+        changed = {name: li for name, li in plan.changed}
+        for key, slot in list(self.listeners.slots.items()):
+            name = slot.listener.name
+            if name in plan.removed:
+                log.info("listener %s: removed; no new connections on %s, finishing those in flight",
+                         name, slot.listener.bind)
+                self.listeners.stop(key)
+                self._stop_registries(name)
+        for key, slot in list(self.listeners.slots.items()):
+            li = changed.get(slot.listener.name)
+            if li is not None:
+                if li.name != slot.listener.name:
+                    self._stop_registries(slot.listener.name)
+                self.listeners.swap(key, li)
+                log.info("listener %s: new settings on %s (connections in flight finish on the previous ones)",
+                         li.name, li.bind)
+        for li, sock in bound:
+            self.listeners.serve(li, sock)
+            log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
+
+    def _stop_registries(self, name: str) -> None:
+        """A removed or renamed listener's counters leave the admin endpoint under its old name."""
+        if self.bound is not None:
+            self.bound.listeners.pop(name, None)
+        for registry in (self.http_proxies, self.tcp_proxies, self.tls_terminators, self.proxy_receivers,
+                         self.connection_gates):
+            registry.pop(name, None)
+
+    async def reload_file(self, path: Path) -> str:
+        """Read ``path`` and ``reload`` it; an unreadable or invalid file is a ``ReloadRefused``."""
+        from lbnode.config import load_config
+
+        try:
+            new = await trio.to_thread.run_sync(load_config, path)
+        except ConfigFileError as exc:
+            raise ReloadRefused(str(exc)) from None
+        return self.reload(new)
+
+    async def _command(self, request: dict[str, Any], conn: CommandConn) -> None:
+        """One command from the command socket (``lbnode reload``, ``lbnode run --takeover``)."""
+        command = request.get("command")
+        if command == "reload":
+            path = Path(str(request.get("config") or self.config_path or ""))
+            try:
+                message = await self.reload_file(path)
+            except ReloadRefused as exc:
+                log.error("reload refused, serving the previous configuration: %s", exc)
+                await conn.answer({"ok": False, "message": f"reload refused: {exc}"})
+                return
+            await conn.answer({"ok": True, "message": message})
+        elif command == "takeover":
+            await self._hand_over(conn)
+        else:
+            await conn.answer({"ok": False, "message": f"unknown command {command!r}"})
+
+    async def _hand_over(self, conn: CommandConn) -> None:
+        """A new process asks for our sockets; once it serves them it says "drain" and we stop.
+
+        With [control] it first asks us to stop the control API ("release-control": the gRPC
+        port is bound anew, and the store file must have one writer). If it goes away before
+        "drain" (it could not start: a port, a bad file), we go on, with the control API again."""
+        if self.listeners.nursery is None or self._draining:
+            await conn.answer({"ok": False, "message": "takeover refused: the running node is not serving"})
+            return
+        if self.config.cluster is not None:
+            await conn.answer({"ok": False, "message": "takeover refused: the running node has [cluster] (its "
+                               "lease and VIPs are not handed over yet: restart it)"})
+            return
+        keys = list(self.listeners.slots)
+        fds = [self.listeners.slots[k].sock.fileno() for k in keys]
+        admin_bind = None
+        if self.config.node.admin is not None and self.bound is not None and self.bound.admin is not None:
+            if self._admin_sock is not None and self._admin_sock.fileno() >= 0:
+                keys.append("admin")
+                fds.append(self._admin_sock.fileno())
+                admin_bind = str(self.config.node.admin)
+        if self.state_lock is not None:
+            keys.append("lock")  # the state_dir lock (flock goes with the open file)
+            fds.append(self.state_lock.fileno())
+        await conn.answer({"ok": True, "sockets": keys, "admin_bind": admin_bind, "pid": os.getpid()}, fds)
+        log.info("takeover: %d sockets handed to a new process; serving until it says it serves them", len(fds))
+        released = False
+        while True:
+            request = await conn.next_line()
+            command = request.get("command") if request is not None else None
+            if command == "release-control" and self._control_scope is not None:
+                log.info("takeover: stopping the control API for the new process")
+                self._control_scope.cancel()
+                await self._control_stopped.wait()
+                released = True
+                await conn.answer({"ok": True})
+                continue
+            break
+        if command != "drain":
+            log.warning("takeover abandoned: the new process went away before serving; this node goes on")
+            if released and self.config.control is not None and self.store is not None and self._health_nursery:
+                await self._health_nursery.start(self._serve_control, self.config.control, self.store)
+            return
+        log.info("takeover: the new process serves our sockets; draining and exiting")
+        self._handed_over = True
+        self._admin_scope.cancel()  # its socket is the new process's now
+        if admin_bind is not None:
+            # A request already read finishes first (cancelling reaches a task only at its next
+            # checkpoint): it must answer "ok", not the "draining" the stop below would make it say.
+            await self._admin_done.wait()
+        self.stop()
+        await conn.answer({"ok": True, "message": "draining"})
+
+    async def _serve_control(
+        self, settings: ControlSettings, store: PoolStore, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The control API, until the node stops or a takeover asks for its port."""
+        from lbnode.control.server import serve_control
+
+        self._control_scope = scope = trio.CancelScope()
+        self._control_stopped = trio.Event()
+        try:
+            with scope:
+                await serve_control(settings, store, self, task_status=task_status)
+        finally:
+            self._control_stopped.set()
+
     # --------------------------------------------------------------- lifecycle
     async def run(self, *, handle_signals: bool = True, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         access = self._admin_access()
-        sockets = []
+        sockets: list[tuple[Listener, stdsocket.socket]] = []
         admin_sock = None
+        takeover = self.takeover
         try:
             for li in config.listeners:
-                sockets.append((li, bind_tcp(li.bind, li.backlog, f"listener {li.name}")))
-            admin_sock = bind_tcp(config.node.admin, 128, "node.admin") if config.node.admin else None
+                sock = takeover.take(socket_key(li.name, li.bind)) if takeover is not None else None
+                sockets.append((li, sock or bind_tcp(li.bind, li.backlog, f"listener {li.name}")))
+            if config.node.admin is not None:
+                if takeover is not None and takeover.admin is not None and takeover.admin_bind == str(config.node.admin):
+                    admin_sock, takeover.admin = takeover.admin, None
+                else:
+                    admin_sock = bind_tcp(config.node.admin, 128, "node.admin")
             for writer in self.access_log_writers:
                 writer.open()
         except BaseException:
@@ -240,7 +438,17 @@ class LbNode:
                 admin_sock.close()
             for writer in self.access_log_writers:
                 writer.close()
+            if takeover is not None:
+                takeover.abandon()
             raise
+        if takeover is not None:
+            for key in takeover.close_unused():
+                log.info("takeover: the running node's socket %s is not in this configuration: it closes "
+                         "once that node has drained", key)
+            if takeover.admin is not None:
+                takeover.admin.close()
+                takeover.admin = None
+        self._admin_sock = admin_sock
         self.bound = Bound(
             listeners={li.name: s.getsockname()[:2] for li, s in sockets},
             admin=admin_sock.getsockname()[:2] if admin_sock is not None else None,
@@ -256,12 +464,13 @@ class LbNode:
                 if config.cluster is not None and config.cluster.vips:
                     self.vips = VipClaimer(config.cluster, config.node.id, self.agent.conn, self.agent)
                     self.vips.on_moved(self.events.vip_moved)
-                    self.vips.on_moving(lambda out, in_: self._filter_moving_vips(out, in_, sockets))
+                    self.vips.on_moving(self._filter_moving_vips)
                     await outer.start(self.vips.run)
             if self.affinity is not None:
                 await outer.start(self.affinity.run)
             if self.store is not None:
-                self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed)
+                self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed,
+                                              seed_routes=self._seed_routes)
                 self.events.follow(self.follower)
                 if self.last_config is not None:
                     self.follower.on_applied(self.last_config.note)
@@ -272,57 +481,60 @@ class LbNode:
                 if not self.follower.synced.is_set():
                     self._serve_cached()
             if config.control is not None and self.store is not None:
-                from lbnode.control.server import serve_control
-
-                self.control_port = await outer.start(serve_control, config.control, self.store, self)
+                self.control_port = await outer.start(self._serve_control, config.control, self.store)
             if admin_sock is not None:
-                outer.start_soon(serve_admin, admin_sock, self, access)
+                outer.start_soon(self._serve_admin, admin_sock, access)
             outer.start_soon(self._check_certificate_expiry)
             access_log_scope = trio.CancelScope()
             if self.access_log_writers:
                 outer.start_soon(self._run_access_logs, access_log_scope)
             self._health_nursery = outer
             self._sync_health()
-            await self._serve_listeners(sockets, task_status)
+            await self._serve_listeners(sockets, outer, takeover, task_status=task_status)
             access_log_scope.cancel()
             await self._flush_access_logs()
             self.upstreams.close()
+            if self.command_socket is not None:
+                self.command_socket.close()
             log.info("stopped")
             outer.cancel_scope.cancel()
 
     async def _serve_listeners(
-        self, sockets: list[tuple[Listener, stdsocket.socket]], task_status: trio.TaskStatus[Bound]
+        self, sockets: list[tuple[Listener, stdsocket.socket]], outer: trio.Nursery, takeover: Takeover | None,
+        *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept on every listener until stopped, then drain: VIPs handed over first, the
-        connections already queued taken, the sockets closed, in-flight work given
-        ``drain_timeout``. A supervisor (``lbnode.supervisor``) hands the sockets to its
-        workers instead; a worker (``lbnode.workers``) runs this on the sockets it received."""
+        listeners stopped, in-flight work given ``drain_timeout``. A supervisor
+        (``lbnode.supervisor``) hands the sockets to its workers instead; a worker
+        (``lbnode.workers``) runs this on the sockets it received."""
         config = self.config
         assert self.bound is not None
-        async with trio.open_nursery() as connections:
-            accepting: list[tuple[stdsocket.socket, Handler, ConnectionGate]] = []
-            async with trio.open_nursery() as accept_loops:
-                for li, sock in sockets:
-                    handler, gate = self._listener_handler(li)
-                    accepting.append((sock, handler, gate))
-                    accept_loops.start_soon(accept_loop, sock, handler, connections, gate, li.name)
-                for li, _ in sockets:
-                    log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
-                task_status.started(self.bound)
-                await self._stop.wait()
-                self._draining = True
+        async with trio.open_nursery() as listeners:
+            self.listeners.nursery = listeners
+            for li, sock in sockets:
+                self.listeners.serve(li, sock)
+            for li in config.listeners:
+                log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
+            if takeover is not None:
+                await trio.to_thread.run_sync(takeover.finish)
+                log.info("takeover: serving the sockets of lbnode pid %d, which drains and exits", takeover.pid)
+                self.takeover = None
+            if self.command_socket is not None:
+                command_socket = self.command_socket
+                if command_socket.bind(replace_live=takeover is not None):
+                    outer.start_soon(command_socket.serve, self._command)
+            task_status.started(self.bound)
+            await self._stop.wait()
+            self._draining = True
+            if not self._handed_over:
                 for proxy in self.http_proxies.values():
                     proxy.drain()  # idle keep-alive connections close now (before a VIP moves)
-                await self._hand_over_vips()
-                accept_loops.cancel_scope.cancel()
-            for sock, handler, gate in accepting:
-                await accept_pending(sock, handler, connections, gate)
-            for _, sock in sockets:
-                sock.close()
-            drain = config.node.drain_timeout
+            await self._hand_over_vips()
+            self.listeners.stop_all()
+            drain = self.config.node.drain_timeout
             log.info("draining: no new connections; waiting up to %gs for requests in flight", drain)
-            connections.cancel_scope.deadline = trio.current_time() + drain
-        if connections.cancel_scope.cancelled_caught:
+        self.listeners.nursery = None
+        if self.listeners.drain_cut:
             log.warning("drain timeout: closed connections still in flight")
 
     async def _hand_over_vips(self) -> None:
@@ -334,24 +546,61 @@ class LbNode:
             with trio.move_on_after(2 * self.vips.conn.timeout):
                 await self.vips.release_all()
 
-    def _listener_handler(self, li: Listener) -> tuple[Handler, ConnectionGate]:
+    async def _serve_admin(self, sock: stdsocket.socket, access: AdminAccess) -> None:
+        """The admin endpoint, until the node stops or a new process takes its socket over."""
+        try:
+            with self._admin_scope:
+                await serve_admin(sock, self, access)
+        finally:
+            self._admin_done.set()
+
+    def _listener_parts(self, li: Listener, slot: ListenerSlot) -> tuple[Handler, list[Callable[[], None]]]:
+        """For ``ListenerSet``: the handler chain on the slot's gate, and what to tell it when a
+        reload replaces or removes it (an HTTP proxy stops keep-alive)."""
+        assert self.bound is not None
+        self.bound.listeners[li.name] = slot.sock.getsockname()[:2]
+        handler, _ = self._listener_handler(li, slot.gate)
+        proxy = self.http_proxies.get(li.name)
+        return handler, [proxy.retire] if proxy is not None else []
+
+    def _listener_handler(self, li: Listener, gate: ConnectionGate | None = None) -> tuple[Handler, ConnectionGate]:
         """One listener's connection handler and gate, registered for the admin endpoint's
         counters: the PROXY header receiver (outermost: the header comes before the TLS
-        handshake and the ClientHello), then the TLS terminator, then HTTP or TCP."""
+        handshake and the ClientHello), then the TLS terminator, then HTTP or TCP. ``gate``:
+        the one its socket already has (a reload keeps it: its count includes the connections
+        the previous settings still serve)."""
         assert self.bound is not None
-        gate = ConnectionGate(li.max_connections, parent=self.connection_gate)
+        if gate is None:
+            gate = ConnectionGate(li.max_connections, parent=self.connection_gate)
         self.connection_gates[li.name] = gate
         handler: Handler
         inner: Inner  # what a TLS listener's terminator calls after the handshake
         access_log = self.access_logs.get(li.name)
+        # A reload may change what the listener is made of: parts it no longer has leave /metrics.
+        for registry, kept in ((self.http_proxies, li.protocol in ("http", "https")),
+                               (self.tcp_proxies, li.protocol not in ("http", "https")),
+                               (self.tls_terminators, li.tls is not None),
+                               (self.proxy_receivers, li.proxy_protocol is not None)):
+            if not kept:
+                registry.pop(li.name, None)
         if li.protocol in ("http", "https"):
             proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
+            previous = self.http_proxies.get(li.name)
+            if previous is not None:  # a reload changed this listener: its counters go on
+                proxy.carry_counters(previous)
+                previous.route_like(proxy)
+                proxy.mirrors = previous.mirrors  # and its route mirrors' copies and counters
+            elif self._health_nursery is not None:  # the node's own nursery, open while it runs
+                proxy.mirrors.attach(self._health_nursery)
             self.http_proxies[li.name] = proxy
             handler = inner = proxy.handle
         else:
             from lbnode.tcp.proxy import TcpProxy
 
             tcp = TcpProxy(li, self, access_log=access_log)
+            previous_tcp = self.tcp_proxies.get(li.name)
+            if isinstance(previous_tcp, TcpProxy):
+                tcp.carry_counters(previous_tcp)
             self.tcp_proxies[li.name] = tcp
             handler = inner = tcp.handle
         if li.tls is not None:
@@ -378,19 +627,17 @@ class LbNode:
         except ConfigError as exc:
             raise ConfigFileError(str(exc)) from None
 
-    @staticmethod
-    def _filter_moving_vips(
-        handing_off: frozenset[str], taking_over: frozenset[str], sockets: list[tuple[Listener, stdsocket.socket]]
-    ) -> None:
+    def _filter_moving_vips(self, handing_off: frozenset[str], taking_over: frozenset[str]) -> None:
         """While VIPs move, every listener drops what would break a connection (``set_vip_filter``)."""
-        for li, sock in sockets:
+        for slot in list(self.listeners.slots.values()):
+            sock = slot.sock
             if sock.fileno() < 0:
                 continue  # closed: the node has stopped
             try:
                 set_vip_filter(sock, sorted(handing_off), sorted(taking_over))
             except OSError as exc:
                 log.warning("listener %s: cannot filter the packets of moving VIPs (%s, %s): %s",
-                            li.name, sorted(handing_off), sorted(taking_over), exc)
+                            slot.listener.name, sorted(handing_off), sorted(taking_over), exc)
 
     # --------------------------------------------------------------- health
     def _sync_health(self) -> None:
@@ -502,9 +749,23 @@ class LbNode:
             writer.reopen()
         return len(files)
 
+    async def _reload_on_signal(self) -> None:
+        """SIGHUP: node.toml read again and applied; refused (one line in the log) if it cannot be."""
+        if self.config_path is None:
+            log.warning("SIGHUP: this node was not started from a file; nothing to reload")
+            return
+        log.info("SIGHUP: reloading %s", self.config_path)
+        try:
+            await self.reload_file(self.config_path)
+        except ReloadRefused as exc:
+            log.error("reload refused, serving the previous configuration: %s", exc)
+
     async def _watch_signals(self, everything: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self._reload_on_signal()
+                    continue
                 if signum == signal.SIGUSR1:
                     # Caught even without an access log file: its default action would kill the node.
                     n = self.reopen_access_logs()
@@ -539,7 +800,8 @@ def node_from_config(config: Config, kind: type[LbNode] = LbNode) -> LbNode:
         # Standalone with a control API: changes persist in state_dir; node.toml seeds it once.
         from lbnode.cluster.filestore import FileStore
 
-        return kind(config, store=FileStore(Path(config.node.state_dir), config.pools))
+        return kind(config, store=FileStore(Path(config.node.state_dir), config.pools,
+                                            listener_routes(config.listeners)))
     from lbnode.cluster.etcd import EtcdStore, connect
     from lbnode.model import ConfigError, ConfigFileError
 
@@ -560,5 +822,5 @@ def node_from_config(config: Config, kind: type[LbNode] = LbNode) -> LbNode:
     affinity = ClusterAffinity(config.cluster, config.node.id, Path(config.node.state_dir), connection=connection)
     return kind(
         config, store=store, agent=agent, affinity=affinity,
-        seed=config.pools, last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
+        seed=config.pools, seed_routes=tuple(listener_routes(config.listeners)), last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
     )

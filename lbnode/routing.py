@@ -13,8 +13,8 @@ import importlib
 import ipaddress
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -128,11 +128,72 @@ class Split:
 
 
 @dataclass(frozen=True, slots=True)
+class Redirect:
+    """``redirect``: the node answers with ``status`` and a Location made of the request's
+    URL with the parts given here replaced. ``port`` None: the request's port, unless the
+    scheme or host changes (then the new scheme's default port)."""
+
+    status: int = 302
+    scheme: str | None = None  # "http" | "https"
+    host: str | None = None  # lower-case, without a port
+    port: int | None = None
+    path: str | None = None
+    keep_query: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class FixedResponse:
+    """``fixed_response``: the node answers with this status and body itself."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """``request_headers`` / ``response_headers``: fields removed (every field of each name),
+    set (any field of that name replaced by this one) and added (kept beside any others)."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: frozenset[str] = frozenset()  # lower-case names
+
+    @property
+    def dropped(self) -> frozenset[str]:
+        """Lower-case names whose fields the client or backend sent are not passed on."""
+        return self.remove | frozenset(n.lower() for n, _ in self.set)
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """``mirror``: a sampled share of the requests is copied to ``pool``, the answer dropped."""
+
+    pool: str
+    percent: float = 100.0  # of the route's requests, 0 < percent <= 100
+    max_inflight: int = 16  # copies under way at once for this route; more are dropped (counted)
+    max_body_bytes: int = 64 * 1024  # a request with a larger (or streamed) body is not copied
+
+
+# The actions that decide what answers a request: exactly one per route.
+TERMINAL_ACTIONS = ("pool", "split", "redirect", "fixed_response")
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """``[[listeners.routes]]``: every condition given must hold; ``pool`` or ``split`` says
-    where the request goes. Among matching routes the highest ``priority`` wins, then the
-    first in the file."""
+    where the request goes, or ``redirect`` / ``fixed_response`` has the node answer itself.
+    Among matching routes the highest ``priority`` wins, then the route whose ``name`` comes
+    first in natural order (``route_order``). ``allow_cidrs`` / ``deny_cidrs`` then refuse
+    (403) the clients this route does not serve; the other actions change the request sent
+    and the response relayed.
 
+    ``spec`` is the table the route was parsed from, with its name filled in: what a store
+    keeps and the control API shows, so a key the parser accepts travels without code of its
+    own. Left out of comparisons: the parsed fields say what the route does."""
+
+    name: str = ""  # unique in its listener; node.toml routes without one: their place, "0", "1"...
+    spec: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     pool: str | None = None  # None when ``split`` is given
     host: str | None = None  # exact, or "*.example.com" (any sub-domain); lower-case
     path: str | None = None
@@ -145,12 +206,60 @@ class Route:
     client_cidrs: tuple[Network, ...] = ()
     priority: int = 0
     split: Split | None = None
+    redirect: Redirect | None = None
+    fixed_response: FixedResponse | None = None
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
+    rewrite_path_prefix: str | None = None  # replaces ``path_prefix`` in the path sent
+    rewrite_host: str | None = None  # the Host sent to the backend (X-Forwarded-Host keeps the client's)
+    mirror: Mirror | None = None
+    allow_cidrs: tuple[Network, ...] = ()  # given: clients outside them get 403
+    deny_cidrs: tuple[Network, ...] = ()  # clients inside them get 403 (before allow_cidrs)
 
     @property
     def pools(self) -> tuple[str, ...]:
+        return tuple(pool for _, pool in self.pool_refs())
+
+    def pool_refs(self) -> list[tuple[str, str]]:
+        """(key under the route, pool name) of every pool the route names: ``pool``,
+        ``split[k].pool``, ``mirror.pool``; what a missing pool's error and ``lbctl routes
+        list`` point at."""
+        refs: list[tuple[str, str]] = []
+        if self.pool is not None:
+            refs.append(("pool", self.pool))
         if self.split is not None:
-            return tuple(s.pool for s in self.split.sides)
-        return (self.pool,) if self.pool is not None else ()
+            refs += [(f"split[{k}].pool", side.pool) for k, side in enumerate(self.split.sides)]
+        if self.mirror is not None:
+            refs.append(("mirror.pool", self.mirror.pool))
+        return refs
+
+    @property
+    def acts(self) -> bool:
+        """Anything for the proxy to do besides sending the request to the route's pool."""
+        return (self.redirect is not None or self.fixed_response is not None or self.request_headers is not None
+                or self.response_headers is not None or self.rewrite_path_prefix is not None
+                or self.rewrite_host is not None or self.mirror is not None or bool(self.allow_cidrs)
+                or bool(self.deny_cidrs))
+
+    @property
+    def answers_itself(self) -> bool:
+        """The node answers (redirect, fixed_response): nothing goes to a backend."""
+        return self.redirect is not None or self.fixed_response is not None
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """``name`` split into text and numbers, so that "route-2" sorts before "route-10"."""
+    parts = _DIGITS.split(name)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def route_order(routes: Iterable[Route]) -> list[Route]:
+    """The order routes of one listener are tried in: highest ``priority`` first, then by name
+    in natural order (digits compared as numbers). Routes without a name keep the order given."""
+    return sorted(routes, key=lambda r: (-r.priority, natural_key(r.name)))
 
 
 class RequestFacts:
@@ -174,6 +283,10 @@ class RequestFacts:
         self._cookies: dict[str, list[str]] | None = None
         self._params: dict[str, list[str]] | None = None
         self._address: ipaddress.IPv4Address | ipaddress.IPv6Address | None | bool = False
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        return self._raw_headers
 
     def header(self, lname: str) -> list[str]:
         if self._headers is None:
@@ -211,8 +324,8 @@ class RequestFacts:
 def parse_cookies(fields: Iterable[str]) -> dict[str, list[str]]:
     """Cookie header fields into name -> values, in the order sent (RFC 6265 5.4)."""
     out: dict[str, list[str]] = {}
-    for field in fields:
-        for pair in field.split(";"):
+    for line in fields:
+        for pair in line.split(";"):
             name, eq, value = pair.strip().partition("=")
             if eq and name:
                 out.setdefault(name, []).append(value.strip().strip('"'))
@@ -245,60 +358,205 @@ def route_matches(route: Route, req: RequestFacts) -> bool:
     return True
 
 
-# (-priority, position in the file, route): sorts in the order routes are tried.
+# (-priority, position in route_order, route): sorts in the order routes are tried.
 _Entry = tuple[int, int, Route]
+
+
+def host_matches(route: Route, host: str | None) -> bool:
+    """The route's host condition alone (the table applies it by lookup; tests compare)."""
+    if route.host is None:
+        return True
+    if host is None:
+        return False
+    if route.host.startswith("*."):
+        return host.endswith(route.host[1:])
+    return host == route.host
+
+
+def literal_prefix(pattern: re.Pattern[str]) -> str:
+    """The literal text every full match of ``pattern`` starts with ("" if none is known):
+    the pattern's leading literal characters, without IGNORECASE."""
+    if pattern.flags & re.IGNORECASE:
+        return ""
+    out = []
+    for op, arg in _parser.parse(pattern.pattern):
+        if op != _c.LITERAL:
+            break
+        out.append(chr(arg))
+    return "".join(out)
+
+
+class _Group:
+    """The routes of one host key (an exact host, a wildcard's domain, or none), indexed by
+    what else selects them: an exact ``path``; else a path prefix (``path_prefix``, or the
+    literal start of ``path_regex``, the longer); else the first ``exact`` header
+    condition; else nothing (tried for every request of this host key)."""
+
+    __slots__ = ("all", "exact_path", "prefixes", "lengths", "by_header", "others")
+
+    def __init__(self) -> None:
+        self.all: list[_Entry] = []
+        self.exact_path: dict[str, list[_Entry]] = {}
+        self.prefixes: dict[str, list[_Entry]] = {}
+        self.lengths: tuple[int, ...] = ()
+        self.by_header: dict[bytes, dict[str, list[_Entry]]] = {}  # lower-case name -> value -> routes
+        self.others: list[_Entry] = []
+
+    def add(self, entry: _Entry) -> None:
+        route = entry[2]
+        self.all.append(entry)
+        if route.path is not None:
+            self.exact_path.setdefault(route.path, []).append(entry)
+            return
+        prefix = route.path_prefix or ""
+        if route.path_regex is not None:
+            start = literal_prefix(route.path_regex)
+            if len(start) > len(prefix):
+                prefix = start
+        if prefix:
+            self.prefixes.setdefault(prefix, []).append(entry)
+            return
+        for cond in route.headers:
+            if cond.exact is not None and cond.present:
+                self.by_header.setdefault(cond.name.encode("latin-1"), {}).setdefault(cond.exact, []).append(entry)
+                return
+        self.others.append(entry)
+
+    def seal(self) -> None:
+        lists = [self.all, self.others, *self.exact_path.values(), *self.prefixes.values()]
+        lists += [lst for values in self.by_header.values() for lst in values.values()]
+        for lst in lists:
+            lst.sort(key=_order)
+        self.lengths = tuple(sorted({len(p) for p in self.prefixes}))
+
+    def collect(self, req: RequestFacts, into: list[list[_Entry]]) -> None:
+        """Append the lists of routes whose indexed condition holds for ``req``."""
+        path = req.path
+        if self.exact_path:
+            found = self.exact_path.get(path)
+            if found:
+                into.append(found)
+        if self.lengths:
+            prefixes = self.prefixes
+            n = len(path)
+            for length in self.lengths:
+                if length > n:
+                    break
+                found = prefixes.get(path[:length])
+                if found:
+                    into.append(found)
+        if self.by_header:
+            # The raw fields, not req.header(): that lower-cases and decodes every field,
+            # which a request that meets no header route would pay for nothing.
+            by_header = self.by_header
+            for name, value in req.raw_headers:
+                values = by_header.get(name.lower())
+                if values is not None:
+                    found = values.get(value.decode("latin-1").strip())
+                    if found:
+                        # (The same field twice adds its list twice: its routes are then
+                        # merged in twice, and a route tried twice gives the same answer.)
+                        into.append(found)
+        if self.others:
+            into.append(self.others)
+
+
+def _order(e: _Entry) -> tuple[int, int]:
+    return e[0], e[1]
 
 
 class RouteTable:
     """A listener's routes, compiled: routes naming an exact host are found by a dict lookup,
-    wildcards by the request host's parent domains, and host-less routes are always
-    candidates. The candidates are tried in (priority, file order), as if all routes were."""
+    wildcards by the request host's parent domains, host-less routes under any host; within
+    each, by exact path (a dict), path prefix (a dict per distinct prefix length, so a lookup
+    per length, not per route; ``path_regex`` counts by its literal start) or an exact header
+    value. Only those candidates are tried, in ``route_order``: the answer is the one a
+    linear scan of every route would give (tests/unit/test_routes.py checks it). Immutable once
+    built: a change of routes builds a new table (the snapshot swaps it whole)."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
-        self.routes = tuple(routes)
-        self._exact: dict[str, list[_Entry]] = {}
-        self._wildcard: dict[str, list[_Entry]] = {}  # "example.com" for "*.example.com"
-        self._any: list[_Entry] = []
+        self.routes = tuple(route_order(routes))
+        self._positions = {id(r): i for i, r in enumerate(self.routes)}
+        self._exact: dict[str, _Group] = {}
+        self._wildcard: dict[str, _Group] = {}  # "example.com" for "*.example.com"
+        self._any: _Group | None = None
         for i, route in enumerate(self.routes):
             entry = (-route.priority, i, route)
             if route.host is None:
-                self._any.append(entry)
+                if self._any is None:
+                    self._any = _Group()
+                group = self._any
             elif route.host.startswith("*."):
-                self._wildcard.setdefault(route.host[2:], []).append(entry)
+                group = self._wildcard.setdefault(route.host[2:], _Group())
             else:
-                self._exact.setdefault(route.host, []).append(entry)
-        for group in [*self._exact.values(), *self._wildcard.values(), self._any]:
-            group.sort(key=lambda e: (e[0], e[1]))
+                group = self._exact.setdefault(route.host, _Group())
+            group.add(entry)
+        for g in [*self._exact.values(), *self._wildcard.values(), *([self._any] if self._any else [])]:
+            g.seal()
 
     def __bool__(self) -> bool:
         return bool(self.routes)
 
-    def candidates(self, host: str | None) -> Iterator[Route]:
-        """Routes whose host condition holds for ``host``, in the order they are tried."""
-        lists: list[list[_Entry]] = []
+    def position(self, route: Route) -> int:
+        """The route's place in the listener (``routes[n]`` in errors, logs and metrics)."""
+        return self._positions[id(route)]
+
+    def same(self, routes: Sequence[Route]) -> bool:
+        """Would ``RouteTable(routes)`` be this table? (A snapshot keeps a table that is.)"""
+        return len(routes) == len(self.routes) and route_order(routes) == list(self.routes)
+
+    def _groups(self, host: str | None) -> list[_Group]:
+        groups: list[_Group] = []
         if host is not None:
             exact = self._exact.get(host)
-            if exact:
-                lists.append(exact)
+            if exact is not None:
+                groups.append(exact)
             if self._wildcard:
                 dot = host.find(".")
                 while dot >= 0:
                     wild = self._wildcard.get(host[dot + 1:])
-                    if wild:
-                        lists.append(wild)
+                    if wild is not None:
+                        groups.append(wild)
                     dot = host.find(".", dot + 1)
-        if self._any:
-            lists.append(self._any)
-        if len(lists) == 1:
-            return (e[2] for e in lists[0])
-        return (e[2] for e in heapq.merge(*lists, key=lambda e: (e[0], e[1])))
+        if self._any is not None:
+            groups.append(self._any)
+        return groups
+
+    def candidates(self, host: str | None) -> Iterator[Route]:
+        """Routes whose host condition holds for ``host``, in the order they are tried."""
+        lists = [g.all for g in self._groups(host)]
+        return (e[2] for e in heapq.merge(*lists, key=_order))
 
     def match(self, req: RequestFacts) -> Route | None:
         """The route that takes this request, or None (the listener's own pool)."""
-        for route in self.candidates(req.host):
+        lists: list[list[_Entry]] = []
+        for group in self._groups(req.host):
+            group.collect(req, lists)
+        if not lists:
+            return None
+        if len(lists) == 1:
+            for _, _, route in lists[0]:
+                if route_matches(route, req):
+                    return route
+            return None
+        for _, _, route in heapq.merge(*lists, key=_order):
             if route_matches(route, req):
                 return route
         return None
+
+
+def client_allowed(route: Route, req: RequestFacts) -> bool:
+    """``deny_cidrs`` and ``allow_cidrs`` of the route that took the request: False means 403.
+    A client in ``deny_cidrs`` is refused even if ``allow_cidrs`` holds it too; an address
+    that cannot be parsed is in no network."""
+    if not route.deny_cidrs and not route.allow_cidrs:
+        return True
+    address = req.address()
+    if route.deny_cidrs and address is not None and any(address in net for net in route.deny_cidrs):
+        return False
+    if route.allow_cidrs:
+        return address is not None and any(address in net for net in route.allow_cidrs)
+    return True
 
 
 def choose_pool(route: Route, req: RequestFacts, rng: random.Random) -> tuple[str, str | None]:

@@ -25,6 +25,7 @@ from lbnode.health.state import OutlierDetector, slow_start_factor
 from lbnode.histogram import Histogram
 from lbnode.limits import RetryBudget
 from lbnode.model import Backend, Config, Listener, Pool
+from lbnode.routing import RouteTable
 from lbnode.tls.certs import Certificate, SniTable
 
 log = logging.getLogger("lbnode.pool")
@@ -326,6 +327,10 @@ class Snapshot:
     # TLS listeners' SNI choice over the certificates they name that this snapshot has
     # (None: it has none of them; the listener's handshakes fail, counted).
     sni: Mapping[str, SniTable | None] = field(default_factory=dict)
+    # Each L7 listener's routes, compiled. A listener whose routes did not change keeps its
+    # table; one whose routes changed gets a new one, swapped in with this snapshot (a request
+    # reads the snapshot once: it sees the old table or the new one, never half of either).
+    routes: Mapping[str, RouteTable] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -348,6 +353,12 @@ class Snapshot:
             if li.tls is not None:
                 named = [certificates[n] for n in li.tls.certificates if n in certificates]
                 sni[li.name] = SniTable(named) if named else None
+        old_routes = previous.routes if previous is not None else {}
+        routes: dict[str, RouteTable] = {}
+        for li in config.listeners:
+            if li.protocol in ("http", "https"):
+                table = old_routes.get(li.name)
+                routes[li.name] = table if table is not None and table.same(li.routes) else RouteTable(li.routes)
         return cls(
             config=config,
             pools=pools,
@@ -355,4 +366,5 @@ class Snapshot:
             version=(previous.version + 1) if previous is not None else 1,
             certificates=certificates,
             sni=sni,
+            routes=routes,
         )

@@ -16,8 +16,7 @@ import math
 import socket as stdsocket
 import sys
 from itertools import count
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -28,6 +27,9 @@ from lbnode.model import Config, Listener, pool_to_dict
 from lbnode.node import LbNode
 from lbnode.workers.channel import Channel, Kind, Message
 from lbnode.workers.counters import Retired, add_up, merge_metrics
+
+if TYPE_CHECKING:
+    from lbnode.handover import Takeover
 
 log = logging.getLogger("lbnode.supervisor")
 
@@ -107,7 +109,6 @@ class Supervisor(LbNode):
 
     def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        self.config_path: Path | None = None  # node.toml: each worker reads its listeners from it
         self.log_level = "INFO"
         self.worker_count = max(2, config.node.workers)
         self.workers = [WorkerHandle(i) for i in range(self.worker_count)]
@@ -270,11 +271,16 @@ class Supervisor(LbNode):
 
     # ----------------------------------------------------------- workers' lives
     async def _serve_listeners(
-        self, sockets: list[tuple[Listener, stdsocket.socket]], task_status: trio.TaskStatus[Bound]
+        self, sockets: list[tuple[Listener, stdsocket.socket]], outer: trio.Nursery, takeover: Takeover | None,
+        *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Start the workers on ``sockets``; the node serves once every worker does. On stop:
         VIPs handed over, every worker told to drain, and waited for (drain_timeout, then
-        killed after EXIT_GRACE more)."""
+        killed after EXIT_GRACE more). Reload and takeover (the command socket) do not drive
+        workers yet: a takeover's sockets are served, the old node is released."""
+        if takeover is not None:
+            await trio.to_thread.run_sync(takeover.finish)
+            self.takeover = None
         assert self.bound is not None
         if self.config_path is None:
             raise RuntimeError("a supervisor needs the path of node.toml (config_path) for its workers")

@@ -131,6 +131,8 @@ def _listeners(out: Exposition, node: Any) -> None:
         for status, n in proxy.local_responses.items():
             local[status // 100 if status < 600 else 0] += n
         local[3] += proxy.redirects
+        for status, n in getattr(proxy, "route_answers", {}).items():
+            local[status // 100 if status < 600 else 0] += n
         for source, counts in (("backend", proxy.backend_responses), ("local", local)):
             for i, n in enumerate(counts):
                 if n or i in (2, 5):  # 2xx and 5xx always shown: an error ratio needs both series
@@ -142,6 +144,20 @@ def _listeners(out: Exposition, node: Any) -> None:
             "Requests refused with 429 by the listener's [listeners.rate_limit] (also in the local 4xx).",
             [((("listener", n),), p.local_responses.get(429, 0)) for n, p in sorted(http.items())
              if p.rate_limiter is not None])
+    mirrors = [(name, pos, st) for name, p in sorted(http.items()) if hasattr(p, "mirrors")
+               for pos, st in sorted(p.mirrors.stats.items())]
+    out.add("fulcrum_mirror_requests_total", "counter",
+            "Request copies a route's mirror sent, by result: answered (the response was read and dropped) or "
+            "failed (no backend, connect error, timeout, broken response).",
+            [((("listener", n), ("route", str(pos)), ("pool", st.pool), ("result", r)), c)
+             for n, pos, st in mirrors for r, c in (("answered", st.answered), ("failed", st.failed))])
+    out.add("fulcrum_mirror_dropped_total", "counter",
+            "Request copies not sent, by reason: full (the route's max_inflight copies under way), body (larger "
+            "than max_body_bytes, or streamed), no_pool, stopped.",
+            [((("listener", n), ("route", str(pos)), ("pool", st.pool), ("reason", r)), c)
+             for n, pos, st in mirrors for r, c in st.dropped.items()])
+    out.add("fulcrum_mirror_inflight", "gauge", "Request copies under way to the route's mirror pool.",
+            [((("listener", n), ("route", str(pos)), ("pool", st.pool)), st.inflight) for n, pos, st in mirrors])
     out.histogram("fulcrum_http_request_duration_seconds",
                   "Time from a request head received to its response sent (or refused).",
                   [((("listener", name),), p.request_seconds) for name, p in sorted(http.items())])
@@ -225,7 +241,8 @@ def _pools(out: Exposition, node: Any) -> None:
         checker = checkers.get(name)
         state = checker.states.get(b.id) if checker is not None else None
         if state is not None:
-            checks += [((*lb, ("result", "passed")), state.passed), ((*lb, ("result", "failed")), state.checks - state.passed)]
+            checks += [((*lb, ("result", "passed")), state.passed), ((*lb, ("result", "failed")), state.checks - state.passed),
+                       ((*lb, ("result", "inconclusive")), state.inconclusive)]
     out.add("fulcrum_health_checks_total", "counter", "Active health checks this node ran, by result.", checks)
     durations = []
     for name, _, b, lb in backends:

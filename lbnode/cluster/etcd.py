@@ -550,10 +550,13 @@ class EtcdStore:
         self.conn = connection if connection is not None else EtcdConnection(settings.etcd)
         self._owns_connection = connection is None
         self.prefix = f"{settings.prefix}/pools/"
-        from lbnode.cluster.certstore import EtcdCertificates  # it builds on this module
+        from lbnode.cluster.certstore import EtcdCertificates  # they build on this module
+        from lbnode.cluster.routestore import EtcdRoutes
 
-        # Certificates share this store's connection: {prefix}/certs/<name>.
+        # Certificates and routes share this store's connection: {prefix}/certs/<name>,
+        # {prefix}/routes/<listener>/<name>.
         self.certificates = EtcdCertificates(self.conn, settings.prefix)
+        self.routes = EtcdRoutes(self.conn, settings.prefix)
         self._logged_bad: set[tuple[str, int]] = set()  # (key, mod_revision) of invalid values logged
         self._bad_lock = threading.Lock()
         self._skipped_revision = 0  # the newest write the pool watch skipped as not a valid pool

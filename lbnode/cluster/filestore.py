@@ -1,4 +1,4 @@
-"""The standalone pool store: ``state_dir/pools.json`` (and certificates.json), for a node without etcd.
+"""The standalone pool store: ``state_dir/pools.json`` (and certificates.json, routes.json), for a node without etcd.
 
 Owns the pools a standalone node serves once the control API may change them:
 revisions, conflict checks, atomic writes (temp file, fsync, rename) and a
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lbnode.cluster.certstore import FileCertificates
+from lbnode.cluster.routestore import FileRoutes
 from lbnode.cluster.store import (
     AlreadyExists,
     Conflict,
@@ -27,6 +28,7 @@ from lbnode.cluster.store import (
     Unavailable,
 )
 from lbnode.model import ConfigError, ConfigFileError, Pool, pool_from_dict, pool_to_dict
+from lbnode.routing import Route
 from lbnode.statedir import write_atomic
 
 log = logging.getLogger("lbnode.cluster")
@@ -42,10 +44,11 @@ STOP_POLL = 0.1
 class FileStore:
     """Pools in one JSON file; each write bumps a store-wide revision counter."""
 
-    def __init__(self, state_dir: Path | str, seed: Sequence[Pool]) -> None:
+    def __init__(self, state_dir: Path | str, seed: Sequence[Pool], seed_routes: Sequence[tuple[str, Route]] = ()) -> None:
         self.path = Path(state_dir) / FILE_NAME
-        # Certificates keep their own file (and revision counter) beside pools.json.
+        # Certificates and routes keep their own files (and revision counters) beside pools.json.
         self.certificates = FileCertificates(state_dir)
+        self.routes = FileRoutes(state_dir, seed_routes)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._history: deque[PoolEvent] = deque(maxlen=HISTORY)

@@ -19,7 +19,8 @@ from typing import Any
 import trio
 
 from lbnode.cluster.certstore import certificate_document, certificate_from_document
-from lbnode.cluster.store import CertificateRecord, PoolRecord
+from lbnode.cluster.routestore import decode_route_entries
+from lbnode.cluster.store import CertificateRecord, PoolRecord, RouteRecord
 from lbnode.model import ConfigError, pool_from_dict, pool_to_dict
 from lbnode.statedir import write_atomic
 from lbnode.tls.certs import CertificateError
@@ -48,6 +49,9 @@ class CachedConfig:
     prefix: str = ""  # the [cluster] prefix the pools were read under
     # the store's certificates (private keys included: the file is 0600, as the store's own)
     certificates: tuple[CertificateRecord, ...] = ()
+    # the store's routes; None: the cache was written before routes were stored (or before
+    # the node first read them): the listeners keep node.toml's
+    routes: tuple[RouteRecord, ...] | None = None
 
     @property
     def saved_at_iso(self) -> str:
@@ -64,9 +68,10 @@ def encode(
     saved_at: float,
     prefix: str = "",
     certificates: Mapping[str, CertificateRecord] | None = None,
+    routes: Mapping[tuple[str, str], RouteRecord] | None = None,
 ) -> bytes:
     certificates = certificates or {}
-    document = {
+    document: dict[str, Any] = {
         "format": FORMAT,
         "source": "etcd",
         "prefix": prefix,
@@ -78,6 +83,10 @@ def encode(
             for n in sorted(certificates)
         ],
     }
+    if routes is not None:
+        document["routes"] = [
+            {"listener": k[0], "revision": routes[k].revision, "spec": dict(routes[k].route.spec)} for k in sorted(routes)
+        ]
     return (json.dumps(document, indent=2) + "\n").encode()
 
 
@@ -128,9 +137,18 @@ def decode(data: bytes, where: str) -> CachedConfig:
         if name in certificates:
             raise CacheError(f'{where}: certificates[{i}]: certificate "{name}" appears twice')
         certificates[name] = CertificateRecord(cert, entry["revision"])
+    routes: tuple[RouteRecord, ...] | None = None
+    route_entries = document.get("routes")  # absent in caches written before routes were stored
+    if route_entries is not None:
+        if not isinstance(route_entries, list):
+            raise CacheError(f"{where}: routes: expected a list")
+        try:
+            routes = tuple(sorted(decode_route_entries(route_entries, "routes"), key=lambda r: r.key))
+        except ConfigError as exc:
+            raise CacheError(f"{where}: {exc}") from None
     return CachedConfig(
         tuple(pools[n] for n in sorted(pools)), revision, float(saved_at), prefix,
-        tuple(certificates[n] for n in sorted(certificates)),
+        tuple(certificates[n] for n in sorted(certificates)), routes,
     )
 
 
@@ -142,7 +160,9 @@ class LastConfig:
         # The [cluster] prefix: a cache read under another one (another cluster) is not ours.
         self.prefix = prefix
         self._wall = wall
-        self._pending: tuple[dict[str, PoolRecord], int, dict[str, CertificateRecord]] | None = None
+        self._pending: tuple[
+            dict[str, PoolRecord], int, dict[str, CertificateRecord], dict[tuple[str, str], RouteRecord] | None
+        ] | None = None
         self._dirty = trio.Event()
         self._failing = False
         self.writes = 0  # files written (tests count coalescing with it)
@@ -168,10 +188,11 @@ class LastConfig:
         return cached
 
     def note(
-        self, pools: Mapping[str, PoolRecord], revision: int, certificates: Mapping[str, CertificateRecord] | None = None
+        self, pools: Mapping[str, PoolRecord], revision: int, certificates: Mapping[str, CertificateRecord] | None = None,
+        routes: Mapping[tuple[str, str], RouteRecord] | None = None,
     ) -> None:
         """The node applied this from the store (called on the Trio thread; never blocks)."""
-        self._pending = (dict(pools), revision, dict(certificates or {}))
+        self._pending = (dict(pools), revision, dict(certificates or {}), None if routes is None else dict(routes))
         self._dirty.set()
 
     async def run(self) -> None:
@@ -188,9 +209,12 @@ class LastConfig:
             if self._pending is not None:  # stopping inside the coalescing window: keep the newest
                 self._write(*self._pending)
 
-    def _write(self, pools: dict[str, PoolRecord], revision: int, certificates: dict[str, CertificateRecord]) -> None:
+    def _write(
+        self, pools: dict[str, PoolRecord], revision: int, certificates: dict[str, CertificateRecord],
+        routes: dict[tuple[str, str], RouteRecord] | None,
+    ) -> None:
         try:
-            write_atomic(self.path, encode(pools, revision, self._wall(), self.prefix, certificates))
+            write_atomic(self.path, encode(pools, revision, self._wall(), self.prefix, certificates, routes))
         except OSError as exc:
             if not self._failing:
                 log.warning("cannot write the configuration cache %s (%s); a restart while etcd is "

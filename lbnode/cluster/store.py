@@ -1,4 +1,4 @@
-"""The pool store contract: where pools and certificates live (etcd in a cluster, files when standalone).
+"""The pool store contract: where pools, certificates and routes live (etcd in a cluster, files when standalone).
 
 Owns the interface every store implements and the errors the control API
 maps to gRPC codes. Stores are blocking and thread-safe: gRPC handler
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lbnode.model import Pool
+from lbnode.routing import Route
 from lbnode.tls.certs import Certificate
 
 
@@ -108,11 +109,64 @@ class CertificateStore(Protocol):
         """Like ``PoolStore.watch_pools``, for certificates."""
 
 
+@dataclass(frozen=True, slots=True)
+class RouteRecord:
+    """One route of the store: ``route.spec`` is its node.toml table (name included), as stored."""
+
+    listener: str
+    route: Route  # parsed by lbnode.model.parse_route on every read: the spec is the truth
+    revision: int  # changes on every write of this route (etcd: the key's mod_revision)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.listener, self.route.name
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEvent:
+    """A change seen by a route watch: ``record`` is None when the route was deleted."""
+
+    listener: str
+    name: str
+    record: RouteRecord | None
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResync:
+    """The route watch lost its place: every route, as of ``revision``."""
+
+    records: tuple[RouteRecord, ...]
+    revision: int
+
+
+class RouteStore(Protocol):
+    """L7 routes, keyed by listener name and route name, with the pools' compare-revision writes."""
+
+    def list_routes(self) -> tuple[list[RouteRecord], int]:
+        """Every route, and the store revision they were read at."""
+
+    def get_route(self, listener: str, name: str) -> RouteRecord: ...
+
+    def put_route(self, listener: str, route: Route, expected_revision: int | None = None) -> RouteRecord:
+        """Create or replace. ``expected_revision``: None = unconditional, 0 = only if absent
+        (AlreadyExists otherwise), N = only if still at N (Conflict, or NotFound)."""
+
+    def delete_route(self, listener: str, name: str, expected_revision: int | None = None) -> None: ...
+
+    def watch_routes(self, after_revision: int, stop: threading.Event) -> Iterator[RouteEvent | RouteResync]:
+        """Like ``PoolStore.watch_pools``, for routes."""
+
+
 class PoolStore(Protocol):
     @property
     def certificates(self) -> CertificateStore:
         """Certificates share the store's connection and life (etcd keys, or a file in
         state_dir). Read-only here, so a store may hold its own ``CertificateStore`` class."""
+
+    @property
+    def routes(self) -> RouteStore:
+        """Routes too (``{prefix}/routes/<listener>/<name>``, or ``state_dir/routes.json``)."""
 
     def list_pools(self) -> tuple[list[PoolRecord], int]:
         """Every pool, and the store revision they were read at."""

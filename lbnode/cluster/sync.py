@@ -1,11 +1,11 @@
-"""Following a pool store: every change of a pool or a certificate becomes a new snapshot on this node.
+"""Following a pool store: every change of a pool, a certificate or a route becomes a new snapshot on this node.
 
-Owns the one-way flow store -> node: for pools and for certificates each, a
+Owns the one-way flow store -> node: for pools, certificates and routes each, a
 first full read, then a watch run in one thread that hands events to Trio
 through a memory channel. The data plane never waits on it: while the store is
 unreachable the node serves on its last snapshot, logs once, and retries with
 backoff (static stability). Never logs a private key. A cluster node's
-node.toml pools seed the store here, in the same thread as the first read.
+node.toml pools and routes seed the store here, in the same thread as the first read.
 """
 
 from __future__ import annotations
@@ -27,15 +27,23 @@ from lbnode.cluster.store import (
     PoolRecord,
     PoolStore,
     Resync,
+    RouteEvent,
+    RouteRecord,
+    RouteResync,
     StoreError,
 )
 from lbnode.cluster.watch import follow_watch
-from lbnode.model import Config, Pool
+from lbnode.model import Config, Listener, Pool
+from lbnode.routing import Route
 from lbnode.tls.certs import Certificate
 
 log = logging.getLogger("lbnode.cluster")
 
-AppliedCallback = Callable[[Mapping[str, PoolRecord], int, Mapping[str, CertificateRecord]], None]
+AppliedCallback = Callable[
+    [Mapping[str, PoolRecord], int, Mapping[str, CertificateRecord], "Mapping[tuple[str, str], RouteRecord] | None"],
+    None,
+]
+RouteCallback = Callable[[str, str, RouteRecord | None, RouteRecord | None], None]
 CertificateCallback = Callable[[str, CertificateRecord | None, CertificateRecord | None], None]
 
 # Retry delays after the store failed: short first, never hammering a sick etcd.
@@ -86,7 +94,9 @@ class StoreFollower:
     ``revision`` is the last pool revision applied (what ``lbctl status`` shows);
     ``certificate_revision`` the last certificate one. A certificate in the store
     wins over node.toml's ``[[certificates]]`` entry of the same name; node.toml's
-    stay for the names the store does not have.
+    stay for the names the store does not have. Routes: once the store's routes were read,
+    they are every listener's routes (node.toml's only seed the store); before, the
+    listeners keep the routes they have (node.toml's, or the cache's).
     """
 
     def __init__(
@@ -96,6 +106,7 @@ class StoreFollower:
         apply: Callable[[Config], None],
         *,
         seed: Sequence[Pool] = (),
+        seed_routes: Sequence[tuple[str, Route]] = (),
     ) -> None:
         self.store = store
         self._base = base  # the node's config (listeners, node settings) to put the pools into
@@ -103,10 +114,15 @@ class StoreFollower:
         # Pools created in the store if absent, before the first read (a pool already there
         # is left as it is); retried with the read until the store answers.
         self._seed: Sequence[Pool] | None = seed or None
+        self._seed_routes: Sequence[tuple[str, Route]] | None = seed_routes or None
         self.pools: dict[str, PoolRecord] = {}
         self.revision = 0
         self.certificates: dict[str, CertificateRecord] = {}
         self.certificate_revision = 0
+        # None until the store's routes were read once (the listeners keep theirs until then).
+        self.routes: dict[tuple[str, str], RouteRecord] | None = None
+        self.route_revision = 0
+        self._logged_orphans: set[tuple[str, str]] = set()
         self.lag = WatchLag()  # read by /metrics
         self._clock = trio.current_time
         # node.toml's certificates, taken now: base() later returns the applied config,
@@ -119,9 +135,10 @@ class StoreFollower:
         # failed: a node starting beside its store serves both from its first connection.
         self.settled = trio.Event()
         self._settled: set[str] = set()
-        self._failing: set[str] = set()  # "pool", "certificate": what the store did not answer lately
+        self._failing: set[str] = set()  # "pool", "certificate", "route": what the store did not answer lately
         self._on_change: list[Callable[[str, PoolRecord | None], None]] = []
         self._on_certificate: list[CertificateCallback] = []
+        self._on_route: list[RouteCallback] = []
         self._on_applied: list[AppliedCallback] = []
 
     def watch_lag(self) -> float:
@@ -138,8 +155,13 @@ class StoreFollower:
         self._on_change.append(callback)
 
     def on_applied(self, callback: AppliedCallback) -> None:
-        """``callback(pools, revision, certificates)`` after each configuration applied from the store."""
+        """``callback(pools, revision, certificates, routes)`` after each configuration applied from the
+        store (``routes`` None until the store's routes were read once)."""
         self._on_applied.append(callback)
+
+    def subscribe_routes(self, callback: RouteCallback) -> None:
+        """``callback(listener, name, old, new)`` after each applied route change (new None: deleted)."""
+        self._on_route.append(callback)
 
     def subscribe_certificates(self, callback: CertificateCallback) -> None:
         """``callback(name, old, new)`` after each applied change of a store certificate (new None: deleted)."""
@@ -157,6 +179,12 @@ class StoreFollower:
                 self._follow, "certificate", certs.list_certificates,
                 lambda stop: certs.watch_certificates(self.certificate_revision, stop),
                 self._replace_certificates, self._on_certificate_event,
+            )
+            routes = self.store.routes
+            await nursery.start(
+                self._follow, "route", self._seed_and_list_routes,
+                lambda stop: routes.watch_routes(self.route_revision, stop),
+                self._replace_routes, self._on_route_event,
             )
             nursery.start_soon(self._check_lag)
             task_status.started()
@@ -216,7 +244,7 @@ class StoreFollower:
 
     def _settle(self, what: str) -> None:
         self._settled.add(what)
-        if self._settled >= {"pool", "certificate"}:
+        if self._settled >= {"pool", "certificate", "route"}:
             self.settled.set()
 
     # ------------------------------------------------------------------ pools
@@ -295,14 +323,76 @@ class StoreFollower:
         from_store = [r.certificate for _, r in sorted(self.certificates.items())]
         return (*from_store, *(c for c in self.file_certificates if c.name not in self.certificates))
 
-    # ------------------------------------------------------------------ both
+    # ------------------------------------------------------------------ routes
+    def _seed_and_list_routes(self) -> tuple[list[RouteRecord], int]:
+        """In a worker thread: node.toml's routes created if absent (once it works), then every route."""
+        if self._seed_routes is not None:
+            for listener, route in self._seed_routes:
+                try:
+                    self.store.routes.put_route(listener, route, 0)
+                except AlreadyExists:
+                    pass
+            self._seed_routes = None
+        return self.store.routes.list_routes()
+
+    def _on_route_event(self, event: RouteEvent | RouteResync) -> None:
+        if isinstance(event, RouteResync):
+            self._replace_routes(list(event.records), event.revision)
+            return
+        routes = dict(self.routes or {})
+        old = routes.get((event.listener, event.name))
+        if event.record is None:
+            routes.pop((event.listener, event.name), None)
+        else:
+            routes[(event.listener, event.name)] = event.record
+        self.routes = routes
+        self.route_revision = max(self.route_revision, event.revision)
+        self._push()
+        for callback in self._on_route:
+            callback(event.listener, event.name, old, event.record)
+
+    def _replace_routes(self, records: list[RouteRecord], revision: int) -> None:
+        old = self.routes or {}
+        self.routes = {r.key: r for r in records}
+        self.route_revision = revision
+        self._push()
+        for key in sorted(set(old) | set(self.routes)):
+            before, after = old.get(key), self.routes.get(key)
+            if (before and before.route.spec) != (after and after.route.spec):
+                for callback in self._on_route:
+                    callback(key[0], key[1], before, after)
+
+    def with_routes(self, listeners: Sequence[Listener]) -> tuple[Listener, ...]:
+        """``listeners`` with the store's routes (as they are before the first read of routes).
+
+        An L7 listener gets its routes whole, as a new tuple: the snapshot compiles a new
+        table for it and swaps it in with the rest. Routes of a listener this node does not
+        have (or that is not http/https) are logged once and left out."""
+        if self.routes is None:
+            return tuple(listeners)
+        by_listener: dict[str, list[Route]] = {}
+        for (listener, _), record in sorted(self.routes.items()):
+            by_listener.setdefault(listener, []).append(record.route)
+        l7 = {li.name for li in listeners if li.protocol in ("http", "https")}
+        for key in sorted(self.routes):
+            if key[0] not in l7 and key not in self._logged_orphans:
+                self._logged_orphans.add(key)
+                log.warning('route "%s" of listener "%s" is in the store, but this node has no http or https '
+                            "listener of that name: not served here", key[1], key[0])
+        return tuple(
+            replace(li, routes=tuple(by_listener.get(li.name, ()))) if li.name in l7 else li for li in listeners
+        )
+
+    # ------------------------------------------------------------------ all
     def _push(self) -> None:
         if not self.synced.is_set():
-            return  # certificates read before the pools wait for them (see synced)
+            return  # certificates and routes read before the pools wait for them (see synced)
         pools: tuple[Pool, ...] = tuple(r.pool for _, r in sorted(self.pools.items()))
-        self._apply(replace(self._base(), pools=pools, certificates=self.merged_certificates()))
+        base = self._base()
+        self._apply(replace(base, pools=pools, certificates=self.merged_certificates(),
+                            listeners=self.with_routes(base.listeners)))
         for callback in self._on_applied:
-            callback(self.pools, self.revision, self.certificates)
+            callback(self.pools, self.revision, self.certificates, self.routes)
 
     def _notify(self, name: str, record: PoolRecord | None) -> None:
         for callback in self._on_change:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
-from lbnode.cluster.store import CertificateRecord, PoolRecord
+from lbnode.cluster.store import CertificateRecord, PoolRecord, RouteRecord
 
 if TYPE_CHECKING:
     from lbnode.cluster.sync import StoreFollower
@@ -69,7 +69,15 @@ class CertificateChange:
     revision: int  # store revision of the change
 
 
-ControlEvent = PoolChange | BackendHealthChange | NodeChange | VipMove | CertificateChange
+@dataclass(frozen=True, slots=True)
+class RouteChange:
+    listener: str
+    name: str
+    change: str  # "created" | "updated" | "deleted"
+    revision: int  # store revision of the change
+
+
+ControlEvent = PoolChange | BackendHealthChange | NodeChange | VipMove | CertificateChange | RouteChange
 
 
 class ClusterMembers(Protocol):
@@ -176,6 +184,13 @@ class EventHub:
         follower.subscribe_certificates(
             lambda name, old, new: self.certificate_changed(name, old, new, follower.certificate_revision)
         )
+        follower.subscribe_routes(self.route_changed)
+
+    def route_changed(self, listener: str, name: str, old: RouteRecord | None, new: RouteRecord | None) -> None:
+        """A store route change the node applied (``StoreFollower.subscribe_routes``)."""
+        change = "deleted" if new is None else "updated" if old is not None else "created"
+        revision = new.revision if new is not None else old.revision if old is not None else 0
+        self.publish(RouteChange(listener, name, change, revision))
 
     def certificate_changed(
         self, name: str, old: CertificateRecord | None, new: CertificateRecord | None, revision: int

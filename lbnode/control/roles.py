@@ -40,6 +40,10 @@ RPC_ROLES: dict[str, str] = {
     # metadata only: the API never returns a private key
     "/fulcrum.v1.Certificates/GetCertificate": READ,
     "/fulcrum.v1.Certificates/ListCertificates": READ,
+    "/fulcrum.v1.Routes/ListRoutes": READ,
+    "/fulcrum.v1.Routes/GetRoute": READ,
+    "/fulcrum.v1.Routes/PutRoute": ADMIN,
+    "/fulcrum.v1.Routes/DeleteRoute": ADMIN,
     "/grpc.health.v1.Health/Check": READ,
     "/grpc.health.v1.Health/Watch": READ,
     "/grpc.health.v1.Health/List": READ,

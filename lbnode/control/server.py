@@ -1,4 +1,4 @@
-"""The gRPC control API server: Pools, Backends, Certificates and Cluster servicers, health and reflection.
+"""The gRPC control API server: Pools, Backends, Certificates, Routes and Cluster servicers, health and reflection.
 
 Owns translating messages into store writes and node reads, and domain errors
 into status codes. Never pokes the data plane: writes go to the store and
@@ -48,10 +48,12 @@ from lbnode.control.events import (
     NodeChange,
     PoolChange,
     Published,
+    RouteChange,
     StreamEnded,
     Subscription,
     VipMove,
 )
+from lbnode.control.routes import RouteControl
 from lbnode.histogram import BUCKETS, Histogram
 from lbnode.listen import BindError, Bound
 from lbnode.model import NAME_RE, ConfigError, ControlSettings, pool_from_dict
@@ -415,6 +417,31 @@ def _certificate_name(value: str) -> str:
     return value
 
 
+# --------------------------------------------------------------------------- Routes
+
+
+class RoutesServicer(rpc.RoutesServicer):
+    def __init__(self, store: PoolStore, node: NodeView, token: trio.lowlevel.TrioToken) -> None:
+        self.routes = RouteControl(store, node, token)
+
+    @_translating
+    def ListRoutes(self, request: pb.ListRoutesRequest, context: grpc.ServicerContext) -> pb.ListRoutesResponse:
+        return self.routes.list_routes(request)
+
+    @_translating
+    def GetRoute(self, request: pb.GetRouteRequest, context: grpc.ServicerContext) -> pb.Route:
+        return self.routes.get_route(request)
+
+    @_translating
+    def PutRoute(self, request: pb.PutRouteRequest, context: grpc.ServicerContext) -> pb.Route:
+        return self.routes.put_route(request, _who(context))
+
+    @_translating
+    def DeleteRoute(self, request: pb.DeleteRouteRequest, context: grpc.ServicerContext) -> pb.DeleteRouteResponse:
+        self.routes.delete_route(request, _who(context))
+        return pb.DeleteRouteResponse()
+
+
 # --------------------------------------------------------------------------- Cluster
 
 
@@ -644,6 +671,12 @@ def _event_message(item: Published, node_id: str) -> pb.Event:
         )
         if event.not_after is not None:
             msg.certificate.not_after.FromDatetime(event.not_after)
+    elif isinstance(event, RouteChange):
+        route_change = {"created": pb.RouteChanged.CREATED, "updated": pb.RouteChanged.UPDATED}.get(
+            event.change, pb.RouteChanged.DELETED
+        )
+        msg.route.CopyFrom(pb.RouteChanged(listener=event.listener, name=event.name, change=route_change,
+                                           revision=event.revision))
     elif isinstance(event, VipMove):
         msg.vip_moved.CopyFrom(
             pb.VipMoved(vip=event.vip, old_holder=event.old_holder or "", new_holder=event.new_holder or "")
@@ -712,6 +745,7 @@ async def serve_control(
     rpc.add_PoolsServicer_to_server(PoolsServicer(store), server)
     rpc.add_BackendsServicer_to_server(BackendsServicer(store), server)
     rpc.add_CertificatesServicer_to_server(CertificatesServicer(store, node, token), server)
+    rpc.add_RoutesServicer_to_server(RoutesServicer(store, node, token), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

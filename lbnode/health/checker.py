@@ -1,6 +1,7 @@
-"""Active health checks: one probe task per backend of a pool, over TCP or HTTP.
+"""Active health checks: one probe task per backend of a pool, over TCP, HTTP or gRPC.
 
-Owns the probe sockets (always closed, every timeout a Trio scope) and the
+Owns the probe sockets (always closed, every timeout a Trio scope), the gRPC
+checks' channels (grpccheck.py: one per backend, closed when it leaves) and the
 check schedule. Decides nothing about routing: results go to ``HealthState``
 (state.py) and transitions to the caller's callbacks.
 """
@@ -8,6 +9,7 @@ check schedule. Decides nothing about routing: results go to ``HealthState``
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import random
 import socket
@@ -17,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import httptools
 import trio
 
+from lbnode.health.grpccheck import GrpcChannels, grpc_check
 from lbnode.health.state import DOWN, HealthState, Observation, Transition
 from lbnode.model import Address, Backend, HealthCheck, PoolTls
 from lbnode.proxyproto import encode_own
@@ -30,6 +33,10 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 # One receive; health answers are small, so one or two reads finish most checks.
 RECEIVE_BYTES = 16 * 1024
+# A failed probe that took longer than its timeout by more than this share of it was not the
+# backend's doing: the probe is bounded by the timeout, so the excess is time this process did
+# not run (a stall of the event loop or of the host). Its result is inconclusive.
+STALL_SHARE = 0.5
 
 _ERRNO_REASONS = {
     errno.ECONNREFUSED: "connection refused",
@@ -44,7 +51,12 @@ Probe = Callable[..., Awaitable[tuple[bool, str]]]  # (address, check[, tls][, s
 
 
 async def check_backend(
-    address: Address, check: HealthCheck, tls: PoolTls | None = None, *, send_proxy: str | None = None
+    address: Address,
+    check: HealthCheck,
+    tls: PoolTls | None = None,
+    *,
+    send_proxy: str | None = None,
+    channels: GrpcChannels | None = None,
 ) -> tuple[bool, str]:
     """Probe one backend once; ``(passed, reason)`` with a reason an operator can act on.
 
@@ -53,7 +65,14 @@ async def check_backend(
     once the handshake completes (the certificate verified), an http check is sent over TLS.
     With ``send_proxy`` (the pool's) a PROXY header comes first, as HAProxy's
     ``check-send-proxy``: a backend that expects one would refuse the check without it.
+    A grpc check asks over ``channels`` (the checker's, kept between probes; without them a
+    channel for this probe only), over TLS with ``tls``; it cannot send a PROXY header
+    (the configuration refuses that pairing).
     """
+    if check.type == "grpc":
+        if send_proxy is not None:
+            return False, "send_proxy: a grpc check cannot send a PROXY header"
+        return await _grpc_probe(address, check, tls, channels)
     phase = "while connecting"
     stream: trio.abc.Stream | None = None
     try:
@@ -92,6 +111,20 @@ async def check_backend(
     finally:
         if stream is not None:
             await trio.aclose_forcefully(stream)
+
+
+async def _grpc_probe(
+    address: Address, check: HealthCheck, tls: PoolTls | None, channels: GrpcChannels | None
+) -> tuple[bool, str]:
+    kept = channels if channels is not None else GrpcChannels()
+    try:
+        with trio.fail_after(check.timeout):
+            return await grpc_check(address, check, tls, kept)
+    except trio.TooSlowError:
+        return False, f"timeout after {format_seconds(check.timeout)} waiting for the grpc answer (DEADLINE_EXCEEDED)"
+    finally:
+        if channels is None:
+            kept.close_all()
 
 
 class _Answer:
@@ -181,6 +214,14 @@ def describe_os_error(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+def stalled(duration: float, timeout: float) -> bool:
+    """Whether a probe bounded by ``timeout`` took so much longer that this process cannot have
+    been running: a loopback connect that "times out after 100ms" when the loop was frozen
+    for 300 ms says nothing about the backend (``make soak`` saw every backend of a pool
+    marked down at once that way on a busy host)."""
+    return duration > timeout * (1.0 + STALL_SHARE)
+
+
 def format_seconds(seconds: float) -> str:
     """``1.0s``, ``2.5s``, ``250ms``: the way an operator wrote it in the config."""
     if seconds >= 1:
@@ -217,7 +258,7 @@ class HealthChecker:
         on_transition: Callable[[str, Transition], object] = _ignore,
         on_observation: Callable[[Observation], object] = _ignore,
         rng: random.Random | None = None,
-        probe: Probe = check_backend,
+        probe: Probe | None = None,
         tls: PoolTls | None = None,
         send_proxy: str | None = None,
     ) -> None:
@@ -228,7 +269,10 @@ class HealthChecker:
         self.on_transition = on_transition
         self.on_observation = on_observation
         self._rng = rng or random.Random()
-        self._probe = probe
+        # grpc checks keep one channel per backend address between probes (check_backend by
+        # default; a test's probe brings its own connections).
+        self.grpc_channels = GrpcChannels()
+        self._probe = probe or functools.partial(check_backend, channels=self.grpc_channels)
         self._backends: dict[str, Backend] = {}
         self.states: dict[str, HealthState] = {}  # by backend id, for the status page
         self._scopes: dict[str, trio.CancelScope] = {}
@@ -246,6 +290,8 @@ class HealthChecker:
             self.check = check
             for state in self.states.values():
                 state.rise, state.fall = check.rise, check.fall
+            if check.type != "grpc":
+                self.grpc_channels.close_all()
         wanted = {b.id: b for b in backends}
         for backend_id, old in list(self._backends.items()):
             new = wanted.get(backend_id)
@@ -273,6 +319,7 @@ class HealthChecker:
         finally:
             self._nursery = None
             self._scopes.clear()
+            self.grpc_channels.close_all()
 
     def _start(self, backend_id: str) -> None:
         assert self._nursery is not None
@@ -285,8 +332,10 @@ class HealthChecker:
         scope = self._scopes.pop(backend_id, None)
         if scope is not None:
             scope.cancel()
-        del self._backends[backend_id]
+        address = self._backends.pop(backend_id).address
         del self.states[backend_id]
+        if all(b.address != address for b in self._backends.values()):
+            self.grpc_channels.close(address)
 
     async def _watch(self, backend: Backend, state: HealthState, scope: trio.CancelScope) -> None:
         with scope:
@@ -306,6 +355,19 @@ class HealthChecker:
                     return
                 now = trio.current_time()
                 state.durations.observe(now - started)
+                late = not ok and stalled(now - started, check.timeout)
+                if late and state.stalled_in_a_row < check.fall:
+                    # Probe again at once: only a result the loop saw in time counts. A
+                    # backend that is really dead still goes down, at most ``fall``
+                    # stalled probes (each bounded by the timeout plus the stall) later.
+                    state.stalled_in_a_row += 1
+                    state.inconclusive += 1
+                    log.info("pool %s backend %s: check inconclusive (%s, but the probe took %s: this "
+                             "process was stalled); checking again", self.pool, backend.address, reason,
+                             format_seconds(now - started))
+                    continue
+                if not late:
+                    state.stalled_in_a_row = 0
                 self._record(backend, state, ok, reason, now)
                 spacing = check.interval * (1.0 + check.jitter * self._rng.random())
                 await trio.sleep_until(started + spacing)

@@ -74,6 +74,8 @@ class HealthState:
         "last_at",
         "checks",
         "passed",
+        "inconclusive",
+        "stalled_in_a_row",
         "durations",
     )
 
@@ -96,6 +98,10 @@ class HealthState:
         self.last_at: float | None = None
         self.checks = 0
         self.passed = 0  # of ``checks``, for /metrics (failed = checks - passed)
+        # Failed probes not counted because this process was stalled past their timeout (the
+        # checker decides; not in ``checks``), and how many of those came in a row.
+        self.inconclusive = 0
+        self.stalled_in_a_row = 0
         self.durations = Histogram()  # how long each check took (filled by the checker), for /metrics
 
     @classmethod

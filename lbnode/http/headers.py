@@ -30,8 +30,14 @@ REASONS = {
     101: "Switching Protocols",
     200: "OK",
     204: "No Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
     304: "Not Modified",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -82,6 +88,9 @@ class RequestHead:
     # The authority of an absolute-form target (``GET http://a.example/x``): it replaces
     # the Host header on the way to the backend (RFC 9112 3.2.2). None for origin-form.
     authority: bytes | None = None
+    # A route's ``rewrite.host``: the Host sent to the backend (X-Forwarded-Host keeps the
+    # client's). None: the client's Host (or the authority) goes as it came.
+    forward_host: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header, by lower-case name."""
@@ -286,8 +295,10 @@ def upstream_request_head(
     vias: list[bytes] = []
     original_host = b""
     authority = head.authority
+    forward_host = head.forward_host
     host_sent = False
-    if head.forward is not None and head.connection_tokens <= HOP_BY_HOP and authority is None and not drop:
+    if (head.forward is not None and head.connection_tokens <= HOP_BY_HOP and authority is None and not drop
+            and forward_host is None):
         # The parser already set aside what is dropped here; Connection names nothing else.
         for name, v in head.noted:  # type: ignore[union-attr]
             if name == b"x-forwarded-for":
@@ -300,6 +311,7 @@ def upstream_request_head(
         out += head.forward
     else:
         drop = _dropped(head.connection_tokens) | _FORWARDED_FIELDS | drop
+        replace_host = forward_host if forward_host is not None else authority
         for n, v in head.headers:
             name = n.lower()
             if name in drop:
@@ -310,10 +322,10 @@ def upstream_request_head(
                 continue
             if name == b"host":
                 original_host = v
-                if authority is not None:
-                    # the target's authority replaces it, in its place (RFC 9112 3.2.2)
+                if replace_host is not None:
+                    # the target's authority (RFC 9112 3.2.2), or a route's rewrite, replaces it in its place
                     if not host_sent:
-                        out += (b"Host: ", authority, b"\r\n")
+                        out += (b"Host: ", replace_host, b"\r\n")
                     host_sent = True
                     continue
                 host_sent = True
@@ -322,11 +334,11 @@ def upstream_request_head(
             original_host = authority
             if not host_sent:  # an HTTP/1.0 request without Host
                 host_sent = True
-                out += (b"Host: ", authority, b"\r\n")
+                out += (b"Host: ", forward_host if forward_host is not None else authority, b"\r\n")
     if not host_sent:
         # An HTTP/1.0 request may come without Host; the HTTP/1.1 one we send may not
         # (RFC 9112 3.2): an empty value, as the RFC says when the authority is unknown.
-        out.append(b"Host: \r\n")
+        out += (b"Host: ", forward_host or b"", b"\r\n")
     xff.append(client_ip.encode())
     vias.append(_via_values.get((head.version, via)) or _via_value(head.version, via))
     out += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n")

@@ -25,6 +25,7 @@ from lbnode.accesslog import Entry, ListenerAccessLog
 from lbnode.balance import PickContext
 from lbnode.balance.keys import extract_hash_key
 from lbnode.histogram import Histogram
+from lbnode.http.actions import answer, edit_request, edit_response, fixed_answer, redirect_location
 from lbnode.http.framing import End, ParseError, RequestReader, ResponseReader, Upgrade
 from lbnode.http.headers import (
     DROP_REQUEST_ID,
@@ -42,12 +43,13 @@ from lbnode.http.headers import (
     response_has_no_body,
     upstream_request_head,
 )
+from lbnode.http.mirror import Mirrors
 from lbnode.http.upstream import UpstreamConn, UpstreamPool
 from lbnode.limits import RateLimiter, retry_after_seconds
 from lbnode.logthrottle import LogThrottle
 from lbnode.model import Listener
 from lbnode.proxyaccept import client_port, header_for
-from lbnode.routing import RequestFacts, RouteTable, choose_pool
+from lbnode.routing import RequestFacts, Route, RouteTable, choose_pool, client_allowed
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
 from lbnode.sockio import (
     ConnectFailed,
@@ -113,7 +115,7 @@ class ClientConn:
         "sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "forwarded", "io",
         "private_upstreams",
         "received", "sent", "port", "tls_version", "sni", "entry", "mark_time", "mark_in", "mark_out",
-        "request_id", "request_id_line", "request_id_drop", "route_pool", "route_cookie",
+        "request_id", "request_id_line", "request_id_drop", "route_pool", "route_cookie", "route",
     )
 
     def __init__(
@@ -152,6 +154,7 @@ class ClientConn:
         # that drew a side for it (added to the backend's response).
         self.route_pool = ""
         self.route_cookie: tuple[bytes, bytes] | None = None
+        self.route: Route | None = None  # the route that took the current request (its actions apply)
 
     async def fill(self) -> None:
         """Read once from the client into the parser."""
@@ -270,7 +273,10 @@ class HttpProxy:
         rng: random.Random | None = None,
     ) -> None:
         self.listener = listener
+        # Used only when the node's snapshot has no table for this listener (tests' plain nodes);
+        # otherwise routes come from the snapshot, which a route change swaps whole.
         self.routes = RouteTable(listener.routes)
+        self.default_pool = listener.pool  # where requests no route matches go
         self.rng = rng or random.Random()  # weighted split: the side of a request (not sticky)
         self.access_log = access_log
         self.node = node
@@ -284,7 +290,16 @@ class HttpProxy:
             [(b"Strict-Transport-Security", tls.hsts.encode())] if tls is not None and tls.hsts else []
         )
         self.redirects = 0  # requests answered with the redirect to https
+        # Requests a route's redirect or fixed_response answered, by status (local, for /metrics).
+        self.route_answers: dict[int, int] = {}
+        # Copies run in the node's nursery (attached by the node); a reload's new settings take the
+        # previous ones' (carry_counters), so copies and their counters go on.
+        self.mirrors = Mirrors(lambda: node.snapshot, node.upstreams, listener.routes)
         self._idle: set[ClientConn] = set()
+        # A reload replaced or removed this listener: each connection closes after the response
+        # it is serving or the next one (Connection: close), so its client opens a new one, to
+        # the new settings. Idle ones are not closed under a client that may be sending.
+        self.retired = False
         self.local_responses: dict[int, int] = {}  # status -> count, for tests and metrics
         # Local answers are counted in full above; the log takes a few per status per 10 s, so a
         # flood of 429s, 408s or 400s does not turn into a flood of log lines (lbnode/logthrottle.py).
@@ -296,6 +311,24 @@ class HttpProxy:
         self.io = [0, 0]  # bytes received from and sent to clients (TLS: decrypted)
         rl = listener.rate_limit
         self.rate_limiter = RateLimiter(rl.rate, rl.burst) if rl is not None else None
+
+    def carry_counters(self, previous: HttpProxy) -> None:
+        """A reload replaced ``previous`` (same listener): /metrics goes on from its counts
+        instead of from zero. The tallies are shared from now on; the two plain counts are
+        copied, so requests ``previous`` finishes after the reload go uncounted there."""
+        self.requests, self.redirects = previous.requests, previous.redirects
+        self.backend_responses, self.local_responses = previous.backend_responses, previous.local_responses
+        self.request_seconds, self.io = previous.request_seconds, previous.io
+
+    def route_like(self, successor: HttpProxy) -> None:
+        """A reload replaced this listener's settings: the requests still to come on our
+        connections (at most one each: they close after it) are routed by the new routes, to
+        pools the new configuration has; a pool the reload removed would answer 503."""
+        self.routes, self.default_pool = successor.routes, successor.default_pool
+
+    def retire(self) -> None:
+        """A reload replaced this listener's settings, or removed it (see ``retired``)."""
+        self.retired = True
 
     def drain(self) -> None:
         """Stop keep-alive: close idle connections now, the others after their response.
@@ -346,7 +379,7 @@ class HttpProxy:
                 if not keep:
                     return
                 conn.served += 1
-                if self.node.draining:
+                if self.node.draining or self.retired:
                     return
         except ClientGone as exc:
             log.debug("listener %s: %s: %s", self.listener.name, client_ip, exc)
@@ -479,7 +512,11 @@ class HttpProxy:
                 return await self._refuse_unread(conn, head, 429, f"rate limit of {rate:g}/s exceeded",
                                                  [(b"Retry-After", b"%d" % retry_after_seconds(wait))])
         snapshot = self.node.snapshot
-        pool_name = self._route(conn, head)
+        pool_name = self._route(conn, head, snapshot.routes.get(self.listener.name, self.routes))
+        if conn.route is not None:
+            answered = await self._route_actions(conn, head, conn.route)
+            if answered is not None:
+                return answered
         if entry is not None:
             entry.pool = pool_name
         pool = snapshot.pools.get(pool_name)
@@ -550,19 +587,66 @@ class HttpProxy:
         await conn.send(data, self.listener.timeouts.idle)
         return keep
 
-    def _route(self, conn: ClientConn, head: RequestHead) -> str:
-        """The pool of this request (kept on ``conn``, with any split cookie to set)."""
+    def _route(self, conn: ClientConn, head: RequestHead, routes: RouteTable) -> str:
+        """The pool of this request (kept on ``conn``, with any split cookie to set), by
+        ``routes``: the table of the snapshot the request is served with."""
         conn.route_cookie = None
-        pool = self.listener.pool
-        if self.routes:
+        conn.route = None
+        pool = self.default_pool
+        if routes:
             facts = RequestFacts(head.method, head.host, head.path, head.query, head.headers, conn.ip)
-            route = self.routes.match(facts)
-            if route is not None:
+            route = routes.match(facts)
+            if route is not None and route.acts:
+                conn.route = route
+            if route is not None and not route.answers_itself:
                 pool, cookie_value = choose_pool(route, facts, self.rng)
                 if cookie_value is not None and route.split is not None and route.split.cookie is not None:
                     conn.route_cookie = (b"Set-Cookie", self._split_cookie(route.split.cookie, cookie_value))
         conn.route_pool = pool
         return pool
+
+    async def _route_actions(self, conn: ClientConn, head: RequestHead, route: Route) -> bool | None:
+        """The route's actions before the request goes on: True/False (keep the connection?)
+        when the node answered itself (403, redirect, fixed_response), None to forward it,
+        its head edited (request_headers, rewrite). Actions: lbnode.http.actions."""
+        where = f"routes[{route.name}]"  # a node.toml route without a name: its place, "0", "1"...
+        if route.allow_cidrs or route.deny_cidrs:
+            facts = RequestFacts(head.method, head.host, head.path, head.query, head.headers, conn.ip)
+            if not client_allowed(route, facts):
+                return await self._refuse_unread(conn, head, 403, f"client {conn.ip} is not allowed by {where}")
+        if route.redirect is not None:
+            location = redirect_location(route.redirect, head, self.proto)
+            if location is None:
+                return await self._refuse_unread(conn, head, 400, "a Host header is required to redirect")
+            return await self._answer(conn, head, route.redirect.status, f"redirect by {where}",
+                                      [(b"Location", location)], route)
+        if route.fixed_response is not None:
+            return await self._answer(conn, head, route.fixed_response.status, f"fixed_response of {where}", [],
+                                      route)
+        edit_request(head, route)
+        return None
+
+    async def _answer(self, conn: ClientConn, head: RequestHead, status: int, reason: str,
+                      extra: list[tuple[bytes, bytes]], route: Route) -> bool:
+        """A route's own answer: logged with ``reason`` (the access log's mark of a local answer,
+        as for the node's errors) and counted as a local response; no Via."""
+        keep = not head.has_body and head.keep_alive and not head.upgrade
+        if keep:
+            await self._expect_end(conn)
+        self.route_answers[status] = self.route_answers.get(status, 0) + 1
+        if conn.entry is not None:
+            conn.entry.status = status
+            conn.entry.reason = reason
+        extra = extra + self.hsts
+        if conn.request_id is not None:
+            extra.append((REQUEST_ID, conn.request_id))
+        head_only = head.method == b"HEAD"
+        if route.fixed_response is not None:
+            data = fixed_answer(route.fixed_response, extra, close=not keep, head_only=head_only)
+        else:
+            data = answer(status, b"", None, extra, close=not keep, head_only=head_only)
+        await conn.send(data, self.listener.timeouts.idle)
+        return keep
 
     def _split_cookie(self, name: str, pool: str) -> bytes:
         # A session cookie: the side is kept while the browser runs, and a new one drawn after.
@@ -624,6 +708,9 @@ class HttpProxy:
         request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, extra, conn.request_id_drop)
         if body:
             request_bytes += self._encode_body(head, body)
+        route = conn.route
+        if route is not None and route.mirror is not None and self.rng.random() * 100 < route.mirror.percent:
+            self._mirror(conn, head, route, request_bytes if body is not None else None, body)
         # Only a request we can send again, and whose method allows it, may be retried on a status.
         status_retry = pool.retry_on if body is not None and head.method in IDEMPOTENT_METHODS else _NO_STATUSES
 
@@ -714,6 +801,16 @@ class HttpProxy:
         assert last is not None
         await self._refuse(conn, head, last.status, last.reason)
         return False
+
+    def _mirror(self, conn: ClientConn, head: RequestHead, route: Route, request_bytes: bytes | None,
+                body: list[bytes | End] | None) -> None:
+        """Hand a copy to the route's mirror (never waits); a body over its max_body_bytes, or
+        streamed (not in hand), is not copied (counted as dropped, reason "body")."""
+        mirror = route.mirror
+        assert mirror is not None
+        if body and sum(len(ev) for ev in body if isinstance(ev, bytes)) > mirror.max_body_bytes:
+            request_bytes = None
+        self.mirrors.submit(route.name, mirror, request_bytes, head.method, conn.ip, conn.sock)
 
     def _can_continue(self, conn: ClientConn, head: RequestHead, body: object) -> bool:
         """After a local response, may the connection serve another request?"""
@@ -931,6 +1028,8 @@ class HttpProxy:
             entry.backend_time = self.clock() - entry.backend_start
         if resp.status in status_retry and may_retry():
             raise _RetryStatus(resp.status)
+        if conn.route is not None and conn.route.response_headers is not None:
+            edit_response(resp, conn.route.response_headers)  # before the node's own fields: they win
         if on_head is not None:
             resp.add_headers(on_head(resp))
         if conn.route_cookie is not None:
@@ -954,6 +1053,7 @@ class HttpProxy:
             and request_done()
             and not head.upgrade
             and not self.node.draining
+            and not self.retired
         )
         chunked = resp.chunked and not no_body
         out: list[bytes] = [

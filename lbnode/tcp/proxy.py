@@ -8,7 +8,9 @@ thread: every socket is non-blocking and waited on through trio.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import os
 import socket
 import ssl
@@ -65,11 +67,18 @@ class SnapshotSource(Protocol):
 
 @dataclass(slots=True)
 class _Activity:
-    """Shared by a session's two pumps and its idle watchdog."""
+    """Shared by a session's two pumps and the run's ``IdleWatch``."""
 
     chunks: int = 0  # bumped on every chunk moved either way
     broken: bool = False  # a pump hit an error (reset, broken pipe)
     ended: str | None = None  # why the session was cut (None: both sides ended cleanly)
+    # Kept by IdleWatch: the session's scope and idle period, the count it last saw and when
+    # that count last moved, and whether the session is over (its heap entry is then dead).
+    scope: trio.CancelScope | None = None
+    idle: float = 0.0
+    last_seen: int = 0
+    last_change: float = 0.0
+    done: bool = False
 
 
 class TcpProxy:
@@ -98,6 +107,13 @@ class TcpProxy:
         # TLS passthrough: clients closed before a pool was chosen, by reason
         # ("hello_timeout", "malformed", "non_tls", "reset"), for tests and metrics.
         self.refused: dict[str, int] = {}
+
+    def carry_counters(self, previous: TcpProxy) -> None:
+        """A reload replaced ``previous`` (same listener): /metrics goes on from its counts.
+        Bytes and refusals are shared from now on; sessions ``previous`` still serves stay out
+        of ``active`` (they end there), and the ones it completes after the reload go uncounted."""
+        self.total, self.failed = previous.total, previous.failed
+        self.io, self.refused = previous.io, previous.refused
 
     async def handle(self, client: socket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
         """``client`` may be an ``ssl.SSLSocket`` whose handshake is done (``protocol = "tls"``):
@@ -383,32 +399,16 @@ async def _pump_session(
     to the client], as they go. Returns None for a clean end, else why it ended."""
     activity = _Activity()
     moved = moved if moved is not None else [0, 0]
-    async with trio.open_nursery() as nursery:
-        scope = nursery.cancel_scope
-        directions_open = 2
-
-        async def one_way(src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, slot: int) -> None:
-            nonlocal directions_open
-            try:
-                if splice:
-                    # chosen by handle only when neither end is TLS
-                    assert isinstance(src, socket.socket) and isinstance(dst, socket.socket)
-                    await _splice_one_way(src, dst, activity, tally, moved, slot)
-                else:
-                    await _copy_one_way(src, dst, activity, tally, moved, slot)
-            except OSError as exc:
-                log.debug("tcp session broken: %s", _describe(exc))
-                activity.broken = True
-                activity.ended = f"{'client' if src is client else 'backend'}: {_describe(exc)}"
-                scope.cancel()
-                return
-            directions_open -= 1
-            if directions_open == 0:
-                scope.cancel()
-
-        nursery.start_soon(one_way, client, upstream, 0)
-        nursery.start_soon(one_way, upstream, client, 1)
-        nursery.start_soon(_idle_watchdog, activity, idle, scope)
+    watch = current_idle_watch()
+    try:
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            watch.watch(activity, idle, scope, trio.current_time())
+            nursery.start_soon(_one_way, upstream, client, 1, splice, activity, tally, moved, scope, client)
+            # The client's direction runs in this task: one task less to start per session.
+            await _one_way(client, upstream, 0, splice, activity, tally, moved, scope, client)
+    finally:
+        watch.forget(activity)
     if activity.broken:
         for sock in (client, upstream):
             try:
@@ -418,20 +418,119 @@ async def _pump_session(
     return activity.ended
 
 
-async def _idle_watchdog(activity: _Activity, idle: float, scope: trio.CancelScope) -> None:
-    step = idle / IDLE_CHECKS_PER_PERIOD
-    last_seen = activity.chunks
-    last_change = trio.current_time()
-    while True:
-        await trio.sleep_until(min(last_change + idle, trio.current_time() + step))
-        now = trio.current_time()
-        if activity.chunks != last_seen:
-            last_seen, last_change = activity.chunks, now
-        elif now >= last_change + idle:
-            log.debug("tcp session idle for %.1f s; closing", idle)
-            activity.ended = f"idle for {idle:g}s"
-            scope.cancel()
-            return
+async def _one_way(
+    src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, slot: int, splice: bool, activity: _Activity,
+    tally: list[int], moved: list[int], scope: trio.CancelScope, client: socket.socket,
+) -> None:
+    """One direction of a session; a broken one cancels ``scope``, the whole session."""
+    try:
+        if splice:
+            # chosen by handle only when neither end is TLS
+            assert isinstance(src, socket.socket) and isinstance(dst, socket.socket)
+            await _splice_one_way(src, dst, activity, tally, moved, slot)
+        else:
+            await _copy_one_way(src, dst, activity, tally, moved, slot)
+    except OSError as exc:
+        log.debug("tcp session broken: %s", _describe(exc))
+        activity.broken = True
+        activity.ended = f"{'client' if src is client else 'backend'}: {_describe(exc)}"
+        scope.cancel()
+
+
+class IdleWatch:
+    """The idle timeout of every TCP session of a Trio run, kept by one task.
+
+    A task per session that slept and looked at the session's counter, then had to be
+    cancelled when the session ended, was a good share of a short session's cost. Here a
+    session is one heap entry: the watch looks at its chunk counter IDLE_CHECKS_PER_PERIOD
+    times per idle period and cancels the session's scope once the counter has not moved
+    for the whole period, so an idle session is closed between tcp_idle and 1.25 * tcp_idle
+    (as before). A session that ends only marks itself done (lazy deletion, as in
+    ``sockio.Deadlines``); its entry leaves when due, or when the heap is rebuilt because
+    ended entries dominate (sessions much shorter than tcp_idle would pile up otherwise)."""
+
+    # Ended entries tolerated in the heap before it is rebuilt without them.
+    PRUNE_AFTER = 1000
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Activity]] = []
+        self._seq = 0
+        self._dead = 0  # ended sessions whose entry is still in the heap
+        self._timer: trio.CancelScope | None = None  # the watch task's sleep, while it sleeps
+        self._timer_at = math.inf
+        self._running = False
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def watch(self, activity: _Activity, idle: float, scope: trio.CancelScope, now: float) -> None:
+        """Cut the session of ``scope`` when ``activity.chunks`` stays still for ``idle`` seconds."""
+        activity.scope, activity.idle = scope, idle
+        activity.last_seen, activity.last_change = activity.chunks, now
+        due = now + idle / IDLE_CHECKS_PER_PERIOD
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, activity))
+        timer = self._timer
+        if timer is not None:
+            if due < self._timer_at:
+                timer.deadline = self._timer_at = due
+        elif not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._run, name="lbnode.tcp.IdleWatch")
+        # else: the task is awake and looks at the heap before it sleeps again.
+
+    def forget(self, activity: _Activity) -> None:
+        """The session is over."""
+        if activity.done:
+            return  # cut for idleness: its entry has left the heap already
+        activity.done = True
+        activity.scope = None
+        self._dead += 1
+        heap = self._heap
+        if self._dead > self.PRUNE_AFTER and 2 * self._dead > len(heap):
+            heap[:] = [e for e in heap if not e[2].done]
+            heapq.heapify(heap)
+            self._dead = 0
+
+    async def _run(self) -> None:
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, seq, activity = heapq.heappop(heap)
+                if activity.done:
+                    self._dead -= 1
+                    continue
+                if activity.chunks != activity.last_seen:
+                    activity.last_seen, activity.last_change = activity.chunks, now
+                elif now >= activity.last_change + activity.idle:
+                    log.debug("tcp session idle for %.1f s; closing", activity.idle)
+                    activity.ended = f"idle for {activity.idle:g}s"
+                    activity.done = True  # out of the heap: forget() has nothing to count
+                    if activity.scope is not None:
+                        activity.scope.cancel()
+                    continue
+                due = min(activity.last_change + activity.idle, now + activity.idle / IDLE_CHECKS_PER_PERIOD)
+                heapq.heappush(heap, (due, seq, activity))
+            self._timer_at = heap[0][0] if heap else math.inf
+            with trio.CancelScope(deadline=self._timer_at) as scope:
+                self._timer = scope
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._timer = None
+
+
+_IDLE_WATCH: trio.lowlevel.RunVar[IdleWatch | None] = trio.lowlevel.RunVar("lbnode.tcp.idle_watch")
+
+
+def current_idle_watch() -> IdleWatch:
+    """The ``IdleWatch`` of the running Trio run (created on first use)."""
+    watch = _IDLE_WATCH.get(None)
+    if watch is None:
+        watch = IdleWatch()
+        _IDLE_WATCH.set(watch)
+    return watch
 
 
 def _make_pipe() -> tuple[int, int]:
@@ -447,6 +546,34 @@ def _make_pipe() -> tuple[int, int]:
     return r, w
 
 
+class PipePool:
+    """Empty pipes kept for the next sessions' splices (HAProxy keeps a pool too, tune.maxpipes).
+
+    A new pipe costs four system calls (pipe2, F_SETPIPE_SZ, two closes), two per direction of
+    every session: with short sessions that is a good share of a connection's cost. Only a
+    pipe known to be empty comes back; one that may hold bytes of a broken session is closed.
+    The pipes are plain descriptors that nothing waits on, so the pool may outlive a Trio run."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep  # spare pipes kept at most; more are closed
+        self._spare: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        return self._spare.pop() if self._spare else _make_pipe()
+
+    def give_back(self, pipe: tuple[int, int], empty: bool) -> None:
+        if empty and len(self._spare) < self.keep:
+            self._spare.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+# Spare pipes of this process: enough for a burst of short sessions; each holds no data
+# (pages are only used while bytes are in a pipe), only its descriptors and ring.
+PIPES = PipePool(keep=64)
+
+
 async def _splice_one_way(
     src: socket.socket, dst: socket.socket, activity: _Activity, tally: list[int], moved: list[int], slot: int
 ) -> None:
@@ -455,7 +582,9 @@ async def _splice_one_way(
     wait_readable = trio.lowlevel.wait_readable
     wait_writable = trio.lowlevel.wait_writable
     src_fd, dst_fd = src.fileno(), dst.fileno()
-    pipe_r, pipe_w = _make_pipe()
+    pipe = PIPES.take()
+    pipe_r, pipe_w = pipe
+    n = 0  # bytes in the pipe: 0 whenever this returns normally or waits for the source
     try:
         since_yield = 0
         while True:
@@ -484,8 +613,7 @@ async def _splice_one_way(
                 await trio.lowlevel.checkpoint()
         dst.shutdown(socket.SHUT_WR)
     finally:
-        os.close(pipe_r)
-        os.close(pipe_w)
+        PIPES.give_back(pipe, empty=n == 0)
 
 
 async def _copy_one_way(

@@ -144,7 +144,7 @@ async def serve(fd: int) -> int:
         for task in (_follow_supervisor, _send_learned, _send_touched, _send_ejections):
             outer.start_soon(_until_the_pair_breaks, task, channel, node)
         async with trio.open_nursery() as serving:
-            await serving.start(node._serve_listeners, sockets)
+            await serving.start(node._serve_listeners, sockets, outer, None)
             await channel.send(Kind.READY, {"index": index, "pid": os.getpid()})
         # drained: every connection has finished (or drain_timeout passed)
         access_log_scope.cancel()

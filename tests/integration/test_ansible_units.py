@@ -53,6 +53,7 @@ def test_lbnode_unit_with_vips_grants_the_capabilities_sets_arp_announce_and_sig
     ]
     assert "KillMode=mixed" in lines and "KillSignal=SIGTERM" in lines
     assert "ExecStart=/opt/fulcrum/venv/bin/lbnode run --config /etc/fulcrum/node.toml" in lines
+    assert "ExecReload=/opt/fulcrum/venv/bin/lbnode reload --config /etc/fulcrum/node.toml" in lines
 
 
 def test_lbnode_unit_without_vips_asks_for_nothing_more(tmp_path: Path) -> None:

@@ -145,6 +145,38 @@ def test_a_corrupt_cache_is_one_error_naming_the_file_and_the_node_serves_its_co
     assert node.popen.poll() is None  # never a crash
 
 
+def test_a_node_restarted_while_etcd_is_down_serves_its_cached_routes(spawn, tmp_path: Path, etcd) -> None:
+    from lbnode.model import route_from_dict
+
+    a, b = spawn_backend(spawn, "a"), spawn_backend(spawn, "b")
+    store = EtcdStore(etcd.settings())
+    store.create_pool(Pool(name="p0", backends=(Backend(Address("127.0.0.1", a)),)))
+    store.create_pool(Pool(name="p1", backends=(Backend(Address("127.0.0.1", b)),)))
+    store.routes.put_route("web", route_from_dict({"name": "r", "path_prefix": "/r/", "pool": "p1"}))
+    http, admin = free_port(), free_port()
+    config = _config(tmp_path, list(etcd.endpoints), http, admin)  # node.toml has no routes
+    node = spawn("-m", "lbnode.cli", "run", "--config", str(config), name="n1")
+    wait_port(admin)
+
+    def routed() -> str:
+        r = httpx.get(f"http://127.0.0.1:{http}/r/x", timeout=5)
+        return f"{r.status_code} {r.headers.get('x-backend', '')}"
+
+    _eventually(lambda: routed() == "200 b", "the store's route is served")
+    cache = tmp_path / "state" / FILE_NAME
+    _eventually(lambda: cache.exists() and json.loads(cache.read_text()).get("routes"), "the routes are cached")
+    assert json.loads(cache.read_text())["routes"][0]["spec"] == {"name": "r", "path_prefix": "/r/", "pool": "p1"}
+    assert node.terminate() == 0
+
+    etcd.members[0].kill()
+    node = spawn("-m", "lbnode.cli", "run", "--config", str(config), name="n1-cold")
+    wait_port(admin)
+    assert _status(admin)["config"]["source"] == "cache"
+    assert routed() == "200 b"  # the cached route, to the cached pool
+    assert _served(http, 4) == Counter({"200 a": 4})  # the rest: the listener's pool
+    assert node.terminate() == 0
+
+
 def _try(fn):  # type: ignore[no-untyped-def]
     try:
         return fn()

@@ -86,6 +86,7 @@ class Case:
 
 
 W1 = '  address = "127.0.0.1:9002"\n  weight = 2\n'  # pools[0].backends[1]
+GRPC_HEALTH = '  [pools.health]\n  type = "grpc"\n  service = "shop.Cart"\n'
 ALGOS = "random, round_robin, weighted_round_robin, least_connections, least_loaded, least_latency, source_hash, consistent_hash"
 
 CASES = [
@@ -353,6 +354,44 @@ CASES = [
         (('protocol = "http"', 'protocol = "tcp"'),),
         "listeners[0].routes[0]",
         'routes need protocol = "http" or "https"',
+    ),
+    Case(
+        "grpc-health-unknown-key",
+        ((W1, W1 + GRPC_HEALTH + '  servise = "shop.Cart"\n'),),
+        "pools[0].health.servise",
+        "unknown key",
+    ),
+    Case(
+        "health-service-without-grpc",
+        ((W1, W1 + '  [pools.health]\n  type = "http"\n  service = "shop.Cart"\n'),),
+        "pools[0].health.service",
+        'is for type = "grpc" checks, not "http"',
+    ),
+    Case(
+        "health-service-default-type",
+        ((W1, W1 + '  [pools.health]\n  service = "shop.Cart"\n'),),
+        "pools[0].health.service",
+        'is for type = "grpc" checks, not "tcp"',
+    ),
+    Case(
+        "grpc-health-with-path",
+        ((W1, W1 + GRPC_HEALTH + '  path = "/healthz"\n'),),
+        "pools[0].health.path",
+        'is for type = "http" checks; a grpc check asks grpc.health.v1 (choose the service with service = ...)',
+    ),
+    Case(
+        "grpc-health-with-send-proxy",
+        (('algorithm = "round_robin"\n', 'algorithm = "round_robin"\nsend_proxy = "v2"\n'), (W1, W1 + GRPC_HEALTH)),
+        "pools[0].send_proxy",
+        'cannot be used with [pools.health] type = "grpc": grpcio opens the check\'s connections itself and '
+        "cannot send a PROXY header before HTTP/2 (use a tcp or http check here)",
+    ),
+    Case(
+        "grpc-health-without-verify",
+        ((W1, W1 + GRPC_HEALTH + "  [pools.tls]\n  verify = false\n"),),
+        "pools[0].tls.verify",
+        'false cannot be used with [pools.health] type = "grpc": grpcio always verifies the backend\'s '
+        "certificate (give the backends' CA in ca instead, or use a tcp or http check)",
     ),
 ]
 

@@ -715,8 +715,9 @@ async def test_a_reader_certificate_reads_and_watches_and_every_write_is_refused
     def as_reader() -> None:
         with tls_channel(certs, "reader", cn.endpoint) as channel:
             pools, backends = rpc.PoolsStub(channel), rpc.BackendsStub(channel)
-            cluster = rpc.ClusterStub(channel)
+            cluster, routes = rpc.ClusterStub(channel), rpc.RoutesStub(channel)
             assert [p.name for p in pools.ListPools(pb.ListPoolsRequest()).pools] == ["web"]
+            assert list(routes.ListRoutes(pb.ListRoutesRequest()).routes) == []
             assert pools.GetPool(pb.GetPoolRequest(name="web")).name == "web"
             assert cluster.Status(pb.StatusRequest()).node_id == "n1"
             assert [n.id for n in cluster.ListNodes(pb.ListNodesRequest()).nodes] == ["n1"]
@@ -734,6 +735,9 @@ async def test_a_reader_certificate_reads_and_watches_and_every_write_is_refused
                 "Backends/SetWeight": lambda: backends.SetWeight(
                     pb.SetWeightRequest(pool="web", backend="127.0.0.1:1", weight=5)),
                 "Cluster/DrainNode": lambda: cluster.DrainNode(pb.DrainNodeRequest(node_id="n1")),
+                "Routes/PutRoute": lambda: routes.PutRoute(pb.PutRouteRequest(
+                    route=pb.Route(listener="front", name="r", spec_json='{"pool": "web"}'))),
+                "Routes/DeleteRoute": lambda: routes.DeleteRoute(pb.DeleteRouteRequest(listener="front", name="r")),
             }.items():
                 assert refusal(call) == (grpc.StatusCode.PERMISSION_DENIED,
                                          f"/fulcrum.v1.{name} needs the admin role; {who}")
@@ -741,6 +745,7 @@ async def test_a_reader_certificate_reads_and_watches_and_every_write_is_refused
     await trio.to_thread.run_sync(as_reader)
     stored = cn.store.get_pool("web")
     assert stored.revision == 1 and stored.pool.backends[0].admin == "enabled", "nothing was written"
+    assert cn.store.routes.list_routes() == ([], 0)
     assert not cn.node.draining
     assert any(r.getMessage().startswith("refused /fulcrum.v1.Cluster/DrainNode to lbctl-reader (ipv4:127.0.0.1:")
                for r in caplog.records)

@@ -22,6 +22,7 @@ from lbnode.cluster.store import (
     Conflict,
     NotFound,
     StoreError,
+    Unavailable,
 )
 from lbnode.cluster.sync import StoreFollower
 from lbnode.model import Config, NodeSettings
@@ -247,7 +248,16 @@ async def test_with_etcd_down_the_follower_keeps_serving_its_certificates_and_ca
                 assert len(applied) == configs_before  # nothing was applied while etcd was away
                 etcd.members[0].start()
                 await trio.to_thread.run_sync(etcd.members[0].wait_healthy)
-                rotated = await trio.to_thread.run_sync(store.put_certificate, cert("www")[0])
+                # This client's channel may still be in its reconnect backoff (at most 1 s,
+                # CHANNEL_OPTIONS) when etcd is healthy again: a write then fails fast with
+                # Unavailable, as a control-API write would (the operator retries). Retry it.
+                rotated = None
+                with trio.fail_after(3):  # the backoff, with margin for 2 busy cores
+                    while rotated is None:
+                        try:
+                            rotated = await trio.to_thread.run_sync(store.put_certificate, cert("www")[0])
+                        except Unavailable:
+                            await trio.sleep(0.1)
                 # The follower retries every BACKOFF_MAX (5 s) at most, then reads everything again.
                 await until({"www": rotated.certificate.fingerprint}, 5 + 5)
                 nursery.cancel_scope.cancel()

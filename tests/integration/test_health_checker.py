@@ -322,9 +322,13 @@ class FakeProbe:
         self.duration = duration
         self.calls: dict[int, list[float]] = {}
         self.failing: set[int] = set()
+        self.stall = 0.0  # a failing probe takes this much longer than its timeout (a frozen process)
 
     async def __call__(self, address: Address, check: HealthCheck) -> tuple[bool, str]:
         self.calls.setdefault(address.port, []).append(trio.current_time())
+        if self.stall and address.port in self.failing:
+            await trio.sleep(check.timeout + self.stall)
+            return False, f"timeout after {format_seconds(check.timeout)} while connecting"
         if self.duration:
             await trio.sleep(self.duration)
         if address.port in self.failing:
@@ -455,3 +459,83 @@ async def test_an_address_change_is_a_new_backend(autojump_clock: trio.testing.M
     assert checker.states["app"] is not old
     assert all(t <= moved_at for t in probe.calls[1])
     assert probe.calls[2]
+
+
+# --------------------------------------------------------------------------- a stalled process
+
+
+async def test_a_timeout_seen_late_by_a_frozen_process_does_not_take_a_backend_down(nursery: trio.Nursery) -> None:
+    """The backend answers in 20 ms, but its first two answers come after this process froze for
+    300 ms (a blocking sleep in the server's handler freezes the whole loop, as a stalled host
+    does): the checker's 100 ms deadline passes unseen, and without the stall rule fall = 1
+    would take the backend down. The rule discounts them and checks again at once."""
+    import time
+
+    stalls = [0.3, 0.3]
+
+    async def respond(stream: trio.SocketStream) -> None:
+        await server.read_head(stream)
+        if stalls:
+            time.sleep(stalls.pop())  # the loop, checker included, does not run
+        await trio.sleep(0.02)  # the answer comes 20 ms after the loop runs again
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    server = TinyServer(respond)
+    await server.start(nursery)
+    transitions: list[Transition] = []
+    observations: list[Observation] = []
+    check = HealthCheck(type="http", interval=0.05, timeout=0.1, rise=1, fall=2, jitter=0.0)
+    checker = HealthChecker("web", check, [Backend(server.address)], rng=random.Random(1),
+                            on_transition=lambda _, t: transitions.append(t), on_observation=observations.append)
+    async with trio.open_nursery() as inner:
+        await inner.start(checker.run)
+        with trio.fail_after(10):  # 2 stalled probes (0.32 s each) and a few good ones take ~1 s
+            while stalls or sum(o.ok for o in observations) < 3:
+                await trio.sleep(0.05)
+        inner.cancel_scope.cancel()
+    state = checker.states[str(server.address)]
+    assert [t.new for t in transitions] == ["up"]  # never down
+    assert state.inconclusive == 2 and state.checks == state.passed  # the stalled probes were not counted
+    assert all(o.ok for o in observations)  # nor published to the cluster
+
+
+async def test_a_dead_backend_still_goes_down_when_every_probe_is_stalled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At most ``fall`` stalled timeouts in a row are discounted: then each counts, so a backend
+    that only ever times out is down after 2 x fall probes instead of fall."""
+    probe = FakeProbe()
+    probe.stall = 1.0
+    transitions: list[tuple[Transition, int]] = []  # with the number of probes made by then
+    check = HealthCheck(interval=1.0, timeout=1.0, jitter=0.0, rise=2, fall=3)
+    checker = HealthChecker("web", check, backends(1), probe=probe,
+                            on_transition=lambda _, t: transitions.append((t, len(probe.calls[1]))))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(checker.run)
+        await trio.sleep(5.0)  # up after its first (good) probe
+        probe.failing.add(1)
+        start = len(probe.calls[1])
+        await trio.sleep(30.0)
+        nursery.cancel_scope.cancel()
+    assert [t.new for t, _ in transitions] == ["up", "down"]
+    assert transitions[1][1] - start == 6  # 3 discounted, then 3 counted
+    assert checker.states["127.0.0.1:1"].inconclusive == 3
+
+
+async def test_a_timeout_within_its_bound_counts_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    """A probe that fails within 1.5 x its timeout is the backend's doing: fall probes suffice."""
+    probe = FakeProbe()
+    probe.stall = 0.4  # 1.4 x timeout: a busy loop, not a frozen one
+    downs: list[int] = []  # probes made when it went down
+    check = HealthCheck(interval=1.0, timeout=1.0, jitter=0.0, rise=2, fall=3)
+    checker = HealthChecker("web", check, backends(1), probe=probe,
+                            on_transition=lambda _, t: downs.append(len(probe.calls[1])) if t.new == "down" else None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(checker.run)
+        await trio.sleep(5.0)
+        probe.failing.add(1)
+        start = len(probe.calls[1])
+        await trio.sleep(30.0)
+        nursery.cancel_scope.cancel()
+    assert [n - start for n in downs] == [3]
+    assert checker.states["127.0.0.1:1"].inconclusive == 0

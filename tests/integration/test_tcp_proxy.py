@@ -20,7 +20,7 @@ from lbnode.demo_backend import BackendStats, pattern_bytes, serve_demo_backend
 from lbnode.listen import BindError
 from lbnode.model import Address, Listener, parse_config
 from lbnode.runtime import BackendState, Snapshot
-from lbnode.tcp.proxy import SPLICE_AVAILABLE, serve_tcp_listener
+from lbnode.tcp.proxy import PIPES, SPLICE_AVAILABLE, PipePool, serve_tcp_listener
 from tests.conftest import free_port
 
 HOST = "127.0.0.1"
@@ -143,6 +143,40 @@ async def test_bytes_round_trip_intact(nursery: trio.Nursery, splice: bool) -> N
             echoed = await read_all(stream)
     await stream.aclose()
     assert hashlib.sha256(echoed).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+@pytest.mark.skipif(not SPLICE_AVAILABLE, reason="Linux only")
+async def test_sessions_one_after_another_reuse_pipes_bytes_intact(nursery: trio.Nursery) -> None:
+    """Each session's splice pipes go back to PIPES when empty; the next sessions take them, and
+    must get their own bytes only (a payload differing per session would show a stale byte)."""
+    listener, snapshot = build([await start_server(nursery, echo)])
+    port = await start_proxy(nursery, listener, snapshot, use_splice=True)
+    for i in range(6):
+        payload = os.urandom(200_000 + i)
+        stream = await trio.open_tcp_stream(HOST, port)
+        with trio.fail_after(10):
+            await stream.send_all(payload)
+            await stream.send_eof()
+            echoed = await read_all(stream)
+        await stream.aclose()
+        assert echoed == payload
+        with trio.fail_after(5):  # the proxy's side of the session ends just after ours
+            while not PIPES._spare:
+                await trio.sleep(0.01)
+
+
+def test_pipe_pool_keeps_empty_pipes_up_to_its_size_and_closes_the_rest() -> None:
+    pool = PipePool(keep=1)
+    first, second, third = pool.take(), pool.take(), pool.take()
+    pool.give_back(first, empty=True)
+    pool.give_back(second, empty=True)  # over keep: closed
+    pool.give_back(third, empty=False)  # may hold bytes: closed
+    assert pool.take() == first
+    for fd in (*second, *third):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    os.close(first[0])
+    os.close(first[1])
 
 
 @pytest.mark.parametrize("splice", PUMPS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -360,8 +361,8 @@ def test_optional_sections(tmp_path, monkeypatch):
 
 # The shared runner, and what the sections are built from; a section module (or one
 # listed in report.OPTIONAL_MODULES) may import these, never the other way round.
-RUNNER_MODULES = ("tables", "procstat", "wrk", "configs", "harness", "measure", "variants", "report")
-SECTION_MODULES = ("throughput", "policies", "protections", "metrics", "cluster", "pick", "tail", "tls")
+RUNNER_MODULES = ("tables", "procstat", "wrk", "configs", "harness", "measure", "variants", "report", "reloadload")
+SECTION_MODULES = ("throughput", "policies", "protections", "metrics", "cluster", "pick", "tail", "tls", "reload")
 
 
 def test_runner_modules_import_no_section_module():
@@ -820,3 +821,19 @@ def test_metrics_section_runs_abba_and_its_scraper_gets_metrics_from_a_real_serv
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_route_propagation_renders_its_own_figures_and_its_probe_routes_are_valid():
+    from lbnode.model import route_from_dict
+
+    p = cluster.Propagation(3, kind="route")
+    p.write_s, p.propagation_s, p.total_s = [0.004] * 50, [0.002] * 50, [0.006] * 50
+    out = cluster.render_propagation(p).splitlines()
+    assert cells(out[2])[0].startswith("PutRoute through node 1's control API")
+    assert cells(out[3])[0] == "write returned -> all 3 nodes route requests by it"
+    assert cells(out[3])[-1] == "met"
+    # both versions of the probe route pass the node's own validation; only the sticky one sets the cookie
+    sticky = route_from_dict({"name": cluster.PROBE_ROUTE, **json.loads(cluster.probe_route_spec(True))})
+    plain = route_from_dict({"name": cluster.PROBE_ROUTE, **json.loads(cluster.probe_route_spec(False))})
+    assert sticky.split is not None and f"{sticky.split.cookie}=" == cluster.PROBE_COOKIE
+    assert plain.split is None and plain.pool == "web"

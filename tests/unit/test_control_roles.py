@@ -38,7 +38,8 @@ def test_every_rpc_of_the_services_has_a_role_and_the_table_has_no_stale_entry()
 def test_writes_and_drain_need_admin_and_reads_need_read() -> None:
     admin = {m.rsplit("/", 1)[1] for m, r in RPC_ROLES.items() if r == ADMIN}
     assert admin == {"CreatePool", "UpdatePool", "DeletePool", "AddBackend", "RemoveBackend", "SetWeight",
-                     "Drain", "Enable", "Disable", "DrainNode", "PutCertificate", "DeleteCertificate"}
+                     "Drain", "Enable", "Disable", "DrainNode", "PutCertificate", "DeleteCertificate",
+                     "PutRoute", "DeleteRoute"}
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def test_the_file_is_0600_holds_chain_key_and_metadata_and_survives_reopening(tm
     assert body["names"] == ["www.example.com", "*.example.com"]
     assert body["fingerprint"] == web.fingerprint and body["issuer"] == "CN=Test CA"
     assert body["not_after"] == web.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["certificates.json", "pools.json"]  # no temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["certificates.json", "pools.json", "routes.json"]  # no temp file
 
     reopened = FileStore(tmp_path, []).certificates
     assert reopened.get_certificate("web").certificate == web

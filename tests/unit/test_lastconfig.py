@@ -39,7 +39,7 @@ def test_round_trip_keeps_every_pool_setting_the_revision_and_the_save_time() ->
 
 def test_sections_a_later_version_adds_are_ignored_a_newer_format_is_refused() -> None:
     document = json.loads(encode(records(pool("web", 8001)), 3, 1.0))
-    document["routes"] = [{"host": "a.example"}]  # ("certificates" is known now: tested below)
+    document["vips"] = [{"address": "a.example"}]  # ("certificates" and "routes" are known now: tested below)
     assert [r.pool.name for r in decode(json.dumps(document).encode(), "f").pools] == ["web"]
     document["format"] = 2
     with pytest.raises(CacheError, match=r"f: format 2 is not 1"):
@@ -157,3 +157,22 @@ def test_a_cache_written_before_certificates_were_cached_still_reads() -> None:
     document = json.loads(encode(records(pool("web", 8001)), 3, 1.0))
     del document["certificates"]
     assert decode(json.dumps(document).encode(), "x.json").certificates == ()
+
+
+def test_the_store_routes_are_cached_as_their_tables_and_parsed_again_on_read() -> None:
+    from lbnode.cluster.store import RouteRecord
+    from lbnode.model import route_from_dict
+
+    api = route_from_dict({"name": "api", "path_prefix": "/api/", "split": [{"pool": "v1", "weight": 95},
+                                                                          {"pool": "v2", "weight": 5}], "sticky": True})
+    routes = {("public", "api"): RouteRecord("public", api, 9)}
+    document = json.loads(encode(records(pool("v1", 8001)), 9, 1.0, routes=routes))
+    assert document["routes"] == [{"listener": "public", "revision": 9, "spec": dict(api.spec)}]
+    cached = decode(json.dumps(document).encode(), "c.json")
+    assert cached.routes == (RouteRecord("public", api, 9),)
+    assert cached.routes[0].route.split is not None and cached.routes[0].route.split.cookie == "FULCRUM_SPLIT_api"
+    document["routes"][0]["spec"]["path_regex"] = "(a+)+$"
+    with pytest.raises(CacheError, match=r"c\.json: routes\[0\]\.spec\.path_regex"):
+        decode(json.dumps(document).encode(), "c.json")
+    # A cache without the section (older, or written before routes were read) keeps node.toml's.
+    assert decode(encode(records(pool("v1", 8001)), 9, 1.0), "c.json").routes is None

@@ -9,9 +9,20 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lbnode.model import ConfigError, Route, parse_config
-from lbnode.routing import MAX_PATTERN_LENGTH, RequestFacts, RouteTable, check_regex, choose_pool
+from lbnode.routing import (
+    MAX_PATTERN_LENGTH,
+    RequestFacts,
+    RouteTable,
+    check_regex,
+    choose_pool,
+    host_matches,
+    literal_prefix,
+    route_matches,
+)
 
 POOLS = ("dflt", "a", "b", "c", "v1", "v2")
 
@@ -62,7 +73,7 @@ def pool_of(table: RouteTable, facts: RequestFacts) -> str:
     ({"client_cidrs": "192.0.2.0/24", "pool": "a"}, "routes[0].client_cidrs", "expected a non-empty list"),
     ({"priority": "high", "pool": "a"}, "routes[0].priority", "expected an integer"),
     ({"path": "/"}, "routes[0].pool", "is required (or split"),
-    ({"pool": "a", "split": [{"pool": "b", "weight": 1}]}, "routes[0].split", "either pool or split"),
+    ({"pool": "a", "split": [{"pool": "b", "weight": 1}]}, "routes[0].split", "conflicts with pool"),
     ({"split": []}, "routes[0].split", "expected at least one"),
     ({"split": [{"pool": "v1", "weight": 0}]}, "routes[0].split[0].weight", "must be >= 1"),
     ({"split": [{"pool": "v1", "weight": 1.5}]}, "routes[0].split[0].weight", "expected an integer"),
@@ -72,6 +83,51 @@ def pool_of(table: RouteTable, facts: RequestFacts) -> str:
     ({"pool": "a", "sticky": True}, "routes[0].sticky", "needs split"),
     ({"pool": "nope"}, "routes[0].pool", 'pool "nope" is not defined'),
     ({"pool": "a", "paths": "/x"}, "routes[0].paths", "unknown key"),
+    # actions
+    ({"pool": "a", "redirect": {"scheme": "https"}}, "routes[0].redirect", "conflicts with pool"),
+    ({"split": [{"pool": "a", "weight": 1}], "fixed_response": {"status": 200}}, "routes[0].fixed_response",
+     "conflicts with split"),
+    ({"redirect": {"scheme": "https"}, "fixed_response": {"status": 200}}, "routes[0].fixed_response",
+     "conflicts with redirect"),
+    ({"redirect": {}}, "routes[0].redirect", "give at least one of scheme, host, port or path"),
+    ({"redirect": {"status": 200, "scheme": "https"}}, "routes[0].redirect.status", "is not a redirect status"),
+    ({"redirect": {"scheme": "ftp"}}, "routes[0].redirect.scheme", "is not one of: http, https"),
+    ({"redirect": {"host": "a b"}}, "routes[0].redirect.host", "is not a host name"),
+    ({"redirect": {"port": 0}}, "routes[0].redirect.port", "must be >= 1"),
+    ({"redirect": {"path": "/a?b"}}, "routes[0].redirect.path", "is not a path"),
+    ({"redirect": {"path": "/x"}, "mirror": {"pool": "a"}}, "routes[0].mirror", "conflicts with redirect"),
+    ({"fixed_response": {"status": 200}, "request_headers": {"set": {"X": "1"}}}, "routes[0].request_headers",
+     "conflicts with fixed_response"),
+    ({"fixed_response": {"body": "x"}}, "routes[0].fixed_response.status", "is required"),
+    ({"fixed_response": {"status": 101}}, "routes[0].fixed_response.status", "must be >= 200"),
+    ({"fixed_response": {"status": 204, "body": "x"}}, "routes[0].fixed_response.body", "must be empty"),
+    ({"fixed_response": {"status": 200, "body": "x" * 70000}}, "routes[0].fixed_response.body", "at most 65536"),
+    ({"fixed_response": {"status": 200, "content_type": "text"}}, "routes[0].fixed_response.content_type",
+     "is not a media type"),
+    ({"pool": "a", "request_headers": {"set": {"Host": "x"}}}, "routes[0].request_headers.set.Host",
+     "use rewrite.host"),
+    ({"pool": "a", "request_headers": {"remove": ["X-Forwarded-For"]}}, "routes[0].request_headers.remove[0]",
+     "cannot be changed here"),
+    ({"pool": "a", "request_headers": {"set": {"X-A": "1"}, "remove": ["x-a"]}},
+     "routes[0].request_headers.remove[0]", "is already in set"),
+    ({"pool": "a", "request_headers": {"set": {"X-A": "1\r\nX-B: 2"}}}, "routes[0].request_headers.set.X-A",
+     "is not a header value"),
+    ({"pool": "a", "request_headers": {"add": {"X A": "1"}}}, "routes[0].request_headers.add.X A",
+     "is not a header name"),
+    ({"pool": "a", "request_headers": {}}, "routes[0].request_headers", "give set, add or remove"),
+    ({"pool": "a", "response_headers": {"set": {"Content-Length": "1"}}},
+     "routes[0].response_headers.set.Content-Length", "cannot be changed here"),
+    ({"pool": "a", "response_headers": {"add": {"X-A": "1"}}}, "routes[0].response_headers.add", "use set or remove"),
+    ({"pool": "a", "rewrite": {"path_prefix": "/v2/"}}, "routes[0].rewrite.path_prefix", "needs the route's path_prefix"),
+    ({"pool": "a", "rewrite": {"host": "a b"}}, "routes[0].rewrite.host", "is not a host or host:port"),
+    ({"pool": "a", "rewrite": {}}, "routes[0].rewrite", "give path_prefix, host or both"),
+    ({"pool": "a", "mirror": {"pool": "nope"}}, "routes[0].mirror.pool", 'pool "nope" is not defined'),
+    ({"pool": "a", "mirror": {}}, "routes[0].mirror.pool", "is required"),
+    ({"pool": "a", "mirror": {"pool": "b", "percent": 0}}, "routes[0].mirror.percent", "must be greater than 0"),
+    ({"pool": "a", "mirror": {"pool": "b", "percent": 101}}, "routes[0].mirror.percent", "must be <= 100"),
+    ({"pool": "a", "mirror": {"pool": "b", "max_inflight": 0}}, "routes[0].mirror.max_inflight", "must be >= 1"),
+    ({"pool": "a", "allow_cidrs": ["198.51.100.0/33"]}, "routes[0].allow_cidrs[0]", "is not a CIDR"),
+    ({"pool": "a", "deny_cidrs": []}, "routes[0].deny_cidrs", "expected a non-empty list"),
 ])
 def test_bad_route_names_the_key_and_the_reason(table: dict[str, Any], key: str, reason: str) -> None:
     err = refused(table)
@@ -284,3 +340,73 @@ def test_a_request_tries_only_its_host_routes_and_the_host_less_ones() -> None:
     assert pool_of(table, req("/app500/x", host="h500.example")) == "a"
     assert pool_of(table, req("/app501/x", host="h500.example")) == "dflt"
     assert pool_of(table, req("/wild", host="h3.example")) == "b"
+
+
+# ------------------------------------------------------------------ the compiled table = a linear scan
+
+HOSTS = ["a.example", "b.example", "x.a.example", "*.example", "*.a.example"]
+PATHS = ["/", "/a", "/ab", "/a/b", "/b", "/b/c/d", "/abc"]
+
+
+def _linear(table: RouteTable, facts: RequestFacts) -> Route | None:
+    """Every route, in (priority, file order), every condition checked: what the index must equal."""
+    for i in sorted(range(len(table.routes)), key=lambda i: (-table.routes[i].priority, i)):
+        route = table.routes[i]
+        if host_matches(route, facts.host) and route_matches(route, facts):
+            return route
+    return None
+
+
+route_specs = st.fixed_dictionaries(
+    {"pool": st.sampled_from(["a", "b", "c"])},
+    optional={
+        "host": st.sampled_from(HOSTS),
+        "path": st.sampled_from(PATHS),
+        "path_prefix": st.sampled_from(PATHS),
+        "path_regex": st.sampled_from(["/a.*", "/ab?", "/a/[a-z]+", "(?i)/A.*", "/(a|b)/.*", ".*c", "/b/c/d"]),
+        "priority": st.integers(-2, 2),
+        "methods": st.just(["POST"]),
+        "headers": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["X-T", "X-U"]),
+                                                   "exact": st.sampled_from(["1", "2"])}), max_size=2),
+    },
+)
+requests = st.tuples(
+    st.sampled_from(["a.example", "b.example", "x.a.example", "y.x.a.example", "other.test", None]),
+    st.sampled_from([*PATHS, "/a/bc", "/abcd", "/c", "/b/c/dd", "/A/x"]),
+    st.lists(st.tuples(st.sampled_from([b"x-t", b"X-U", b"x-v"]), st.sampled_from([b"1", b"2", b" 1 "])), max_size=3),
+    st.sampled_from([b"GET", b"POST"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(route_specs, min_size=1, max_size=30), st.lists(requests, min_size=1, max_size=20))
+def test_the_compiled_table_chooses_what_a_linear_scan_chooses(specs: list[dict[str, Any]], reqs: list[Any]) -> None:
+    table = RouteTable(routes(*specs))
+    for host, path, headers, method in reqs:
+        facts = req(path, host=host, headers=headers, method=method)
+        assert table.match(facts) is _linear(table, req(path, host=host, headers=headers, method=method))
+
+
+def test_literal_prefix_of_a_regex() -> None:
+    assert literal_prefix(check_regex("/api/v[0-9]+/.*")) == "/api/v"
+    assert literal_prefix(check_regex("/ab?")) == "/a"
+    assert literal_prefix(check_regex("(?i)/api")) == ""
+    assert literal_prefix(check_regex("/a|/b")) == "/"  # re's parser takes the common start out
+    assert literal_prefix(check_regex("a|/b")) == ""
+
+
+def test_a_request_tries_only_the_routes_its_path_or_header_selects() -> None:
+    specs: list[dict[str, Any]] = [{"path_prefix": f"/app{i}/", "pool": "a"} for i in range(300)]
+    specs += [{"path_regex": f"/svc{i}/[a-z]+", "pool": "b"} for i in range(300)]
+    specs += [{"headers": [{"name": "X-Tenant", "exact": f"t{i}"}], "pool": "c"} for i in range(300)]
+    table = RouteTable(routes(*specs))
+    tried: list[Route] = []
+    facts = req("/svc299/x", headers=[(b"X-Tenant", b"t5")])
+    lists: list[Any] = []
+    for group in table._groups(facts.host):
+        group.collect(facts, lists)
+    tried = [e[2] for lst in lists for e in lst]
+    assert len(tried) == 2  # the regex route of /svc299/ and the header route of t5
+    assert pool_of(table, facts) == "b"  # /svc299/'s route (599th) comes before t5's (605th)
+    assert pool_of(table, req("/svc300/x", headers=[(b"X-Tenant", b"t5")])) == "c"
+    assert pool_of(table, req("/app7/x")) == "a"

@@ -184,6 +184,66 @@ class DeleteCertificateResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Route(_message.Message):
+    __slots__ = ("listener", "name", "spec_json", "revision", "pools", "missing_pools")
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_POOLS_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    name: str
+    spec_json: str
+    revision: int
+    pools: _containers.RepeatedScalarFieldContainer[str]
+    missing_pools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, listener: _Optional[str] = ..., name: _Optional[str] = ..., spec_json: _Optional[str] = ..., revision: _Optional[int] = ..., pools: _Optional[_Iterable[str]] = ..., missing_pools: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListRoutesRequest(_message.Message):
+    __slots__ = ("listener",)
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    def __init__(self, listener: _Optional[str] = ...) -> None: ...
+
+class ListRoutesResponse(_message.Message):
+    __slots__ = ("routes", "revision")
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    revision: int
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class GetRouteRequest(_message.Message):
+    __slots__ = ("listener", "name")
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    name: str
+    def __init__(self, listener: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class PutRouteRequest(_message.Message):
+    __slots__ = ("route", "expected_revision")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    route: Route
+    expected_revision: int
+    def __init__(self, route: _Optional[_Union[Route, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeleteRouteRequest(_message.Message):
+    __slots__ = ("listener", "name", "expected_revision")
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    name: str
+    expected_revision: int
+    def __init__(self, listener: _Optional[str] = ..., name: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeleteRouteResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListNodesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -450,8 +510,30 @@ class CertificateChanged(_message.Message):
     revision: int
     def __init__(self, name: _Optional[str] = ..., change: _Optional[_Union[CertificateChanged.Change, str]] = ..., fingerprint: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
 
+class RouteChanged(_message.Message):
+    __slots__ = ("listener", "name", "change", "revision")
+    class Change(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CHANGE_UNSPECIFIED: _ClassVar[RouteChanged.Change]
+        CREATED: _ClassVar[RouteChanged.Change]
+        UPDATED: _ClassVar[RouteChanged.Change]
+        DELETED: _ClassVar[RouteChanged.Change]
+    CHANGE_UNSPECIFIED: RouteChanged.Change
+    CREATED: RouteChanged.Change
+    UPDATED: RouteChanged.Change
+    DELETED: RouteChanged.Change
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    name: str
+    change: RouteChanged.Change
+    revision: int
+    def __init__(self, listener: _Optional[str] = ..., name: _Optional[str] = ..., change: _Optional[_Union[RouteChanged.Change, str]] = ..., revision: _Optional[int] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node", "vip_moved", "certificate")
+    __slots__ = ("seq", "node_id", "time", "pool", "backend_health", "node", "vip_moved", "certificate", "route")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -460,6 +542,7 @@ class Event(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     VIP_MOVED_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     node_id: str
     time: _timestamp_pb2.Timestamp
@@ -468,4 +551,5 @@ class Event(_message.Message):
     node: NodeChanged
     vip_moved: VipMoved
     certificate: CertificateChanged
-    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ..., vip_moved: _Optional[_Union[VipMoved, _Mapping]] = ..., certificate: _Optional[_Union[CertificateChanged, _Mapping]] = ...) -> None: ...
+    route: RouteChanged
+    def __init__(self, seq: _Optional[int] = ..., node_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[_Union[PoolChanged, _Mapping]] = ..., backend_health: _Optional[_Union[BackendHealthChanged, _Mapping]] = ..., node: _Optional[_Union[NodeChanged, _Mapping]] = ..., vip_moved: _Optional[_Union[VipMoved, _Mapping]] = ..., certificate: _Optional[_Union[CertificateChanged, _Mapping]] = ..., route: _Optional[_Union[RouteChanged, _Mapping]] = ...) -> None: ...

@@ -806,6 +806,236 @@ class Certificates:
             _registered_method=True)
 
 
+class RoutesStub:
+    """L7 routes in the store, known by their listener's name and their own name. A route
+    is its [[listeners.routes]] table of node.toml (the same keys), validated by the same
+    code as the file: an invalid route (bad regex, a pool that does not exist, pool and
+    split both given, a split weight of 0...) is INVALID_ARGUMENT naming the field
+    ("route.path_regex: ..."), and nothing is stored. Every node applies a change by
+    swapping the listener's compiled route table whole: no request fails or waits for it.
+    Within a listener, routes are tried by priority (highest first), then by name in
+    natural order ("r2" before "r10").
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListRoutes = channel.unary_unary(
+                '/fulcrum.v1.Routes/ListRoutes',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.ListRoutesRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.ListRoutesResponse.FromString,
+                _registered_method=True)
+        self.GetRoute = channel.unary_unary(
+                '/fulcrum.v1.Routes/GetRoute',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.GetRouteRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.Route.FromString,
+                _registered_method=True)
+        self.PutRoute = channel.unary_unary(
+                '/fulcrum.v1.Routes/PutRoute',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.PutRouteRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.Route.FromString,
+                _registered_method=True)
+        self.DeleteRoute = channel.unary_unary(
+                '/fulcrum.v1.Routes/DeleteRoute',
+                request_serializer=fulcrum_dot_v1_dot_control__pb2.DeleteRouteRequest.SerializeToString,
+                response_deserializer=fulcrum_dot_v1_dot_control__pb2.DeleteRouteResponse.FromString,
+                _registered_method=True)
+
+
+class RoutesServicer:
+    """L7 routes in the store, known by their listener's name and their own name. A route
+    is its [[listeners.routes]] table of node.toml (the same keys), validated by the same
+    code as the file: an invalid route (bad regex, a pool that does not exist, pool and
+    split both given, a split weight of 0...) is INVALID_ARGUMENT naming the field
+    ("route.path_regex: ..."), and nothing is stored. Every node applies a change by
+    swapping the listener's compiled route table whole: no request fails or waits for it.
+    Within a listener, routes are tried by priority (highest first), then by name in
+    natural order ("r2" before "r10").
+    """
+
+    def ListRoutes(self, request, context):
+        """Every route (of one listener, when given), by listener and then in the order tried.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRoute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutRoute(self, request, context):
+        """Creates or replaces. The listener must be an http or https listener of the answering
+        node, and every pool the route names must exist in the store. expected_revision:
+        absent = unconditional; 0 = only if absent (ALREADY_EXISTS); N = only if still at
+        revision N (ABORTED, or NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRoute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RoutesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoutes,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.ListRoutesRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.ListRoutesResponse.SerializeToString,
+            ),
+            'GetRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoute,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.GetRouteRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.Route.SerializeToString,
+            ),
+            'PutRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutRoute,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.PutRouteRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.Route.SerializeToString,
+            ),
+            'DeleteRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRoute,
+                    request_deserializer=fulcrum_dot_v1_dot_control__pb2.DeleteRouteRequest.FromString,
+                    response_serializer=fulcrum_dot_v1_dot_control__pb2.DeleteRouteResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fulcrum.v1.Routes', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fulcrum.v1.Routes', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Routes:
+    """L7 routes in the store, known by their listener's name and their own name. A route
+    is its [[listeners.routes]] table of node.toml (the same keys), validated by the same
+    code as the file: an invalid route (bad regex, a pool that does not exist, pool and
+    split both given, a split weight of 0...) is INVALID_ARGUMENT naming the field
+    ("route.path_regex: ..."), and nothing is stored. Every node applies a change by
+    swapping the listener's compiled route table whole: no request fails or waits for it.
+    Within a listener, routes are tried by priority (highest first), then by name in
+    natural order ("r2" before "r10").
+    """
+
+    @staticmethod
+    def ListRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Routes/ListRoutes',
+            fulcrum_dot_v1_dot_control__pb2.ListRoutesRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.ListRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Routes/GetRoute',
+            fulcrum_dot_v1_dot_control__pb2.GetRouteRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.Route.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Routes/PutRoute',
+            fulcrum_dot_v1_dot_control__pb2.PutRouteRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.Route.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fulcrum.v1.Routes/DeleteRoute',
+            fulcrum_dot_v1_dot_control__pb2.DeleteRouteRequest.SerializeToString,
+            fulcrum_dot_v1_dot_control__pb2.DeleteRouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ClusterStub:
     """The nodes of the cluster and what they see (standalone: the one node).
     """
@@ -862,8 +1092,8 @@ class ClusterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Pool changes, backend health changes, node joins/leaves, VIP moves and certificate
-        changes, as this node sees them, from the moment of the call until the client cancels.
+        """Pool changes, backend health changes, node joins/leaves, VIP moves, certificate and
+        route changes, as this node sees them, from the moment of the call until the client cancels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

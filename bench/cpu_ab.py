@@ -1,0 +1,239 @@
+"""``python -m bench.cpu_ab``: CPU per request of lbnode from several source trees, beside
+HAProxy, in interleaved rounds; and the profiles behind docs/performance.md.
+
+Each tree (``--rev`` a git revision, ``--tree`` a directory holding ``lbnode/``; default: this
+checkout) runs as its own lbnode, all started once beside the bench's nginx backends and
+HAProxy, pinned like the main bench (balancers on one CPU, wrk on the other). A round drives
+every balancer in turn with the same wrk command, forward in even rounds and backward in odd
+ones (ABBA), and takes the balancer's CPU time from /proc (user + system) over the requests
+wrk completed: a figure less sensitive to a shared machine than throughput. The summary gives
+each one's median and range, its ratio to HAProxy, and the per-round ratio of the second tree
+to the first.
+
+Modes: ``keepalive`` (the main L7 figure), ``close`` (wrk's ``Connection: close``: a new client
+connection per request through the http listener), ``l4`` (the same through the tcp listener:
+one short TCP session per request).
+
+``--py-spy OUT`` records the first tree with py-spy (raw collapsed stacks) during one extra run;
+``--shares OUT`` then prints the share of samples by function (self and inclusive).
+py-spy is a profiling tool only: ``.venv/bin/pip install py-spy`` (not in the lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from bench.configs import HOST, SMALL_PATH, fulcrum_config
+from bench.harness import Context, Options, Proc, StartError, pick_port, ports_of
+from bench.procstat import tree_cpu_seconds
+from bench.wrk import WrkParseError, parse_wrk
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("keepalive", "close", "l4")
+HAPROXY = "haproxy"
+
+
+def round_order(names: Sequence[str], rnd: int) -> list[str]:
+    """The order of one round: forward in even rounds, backward in odd ones (ABBA)."""
+    return list(names) if rnd % 2 == 0 else list(reversed(names))
+
+
+def summarize(results: dict[str, list[float]], reference: str = HAPROXY) -> list[str]:
+    """One line per balancer: median µs/request, range, ratio to ``reference``'s median."""
+    ref = statistics.median(results[reference]) if results.get(reference) else None
+    lines = []
+    for name, figures in results.items():
+        if not figures:
+            lines.append(f"{name}: no figures")
+            continue
+        med = statistics.median(figures)
+        ratio = f", {med / ref:.2f} x {reference}" if ref else ""
+        lines.append(f"{name}: median {med:.1f} us/request (range {min(figures):.1f}-{max(figures):.1f}, "
+                     f"{len(figures)} runs){ratio}")
+    return lines
+
+
+def paired_ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """b / a round by round (the two ran back to back, so the machine's load was alike)."""
+    return [y / x for x, y in zip(a, b, strict=False) if x > 0]
+
+
+def shares(lines: Iterable[str]) -> tuple[int, collections.Counter[str], collections.Counter[str]]:
+    """py-spy's raw output (``frame;frame;... count``) -> (samples, self, inclusive) by function."""
+    self_c: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in lines:
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_short(f) for f in stack.split(";")]
+        self_c[frames[-1]] += n
+        for frame in set(frames):
+            incl[frame] += n
+    return total, self_c, incl
+
+
+def _short(frame: str) -> str:
+    """``func (/long/path/site-packages/trio/_core/_run.py:123)`` -> ``func (trio/_core/_run.py)``."""
+    def path(m: re.Match[str]) -> str:
+        p = m.group(1)
+        for marker in ("site-packages/", "/lib/python3."):
+            if marker in p:
+                p = p.split(marker, 1)[1]
+        i = p.find("lbnode/")
+        return f" ({p[i:] if i >= 0 else p})"
+
+    return re.sub(r" \((.*?):\d+\)", path, frame)
+
+
+def _export(rev: str, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "lbnode"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int]) -> tuple[Proc, int, int]:
+    ports = dataclasses.replace(
+        ctx.ports,
+        fulcrum_web=pick_port(28080 + 10 * i, taken),
+        fulcrum_bulk=pick_port(28081 + 10 * i, taken),
+        fulcrum_admin=pick_port(28082 + 10 * i, taken),
+    )
+    conf = ctx.tmp / f"ab{i}.toml"
+    conf.write_text(fulcrum_config(ports, node_id=f"ab{i}"))
+    # PYTHONPATH puts this tree's lbnode ahead of the venv's editable install.
+    argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c",
+            "import sys; from lbnode.cli import main; sys.exit(main())", "run", "--config", str(conf)]
+    proc = ctx.spawn(f"ab{i}", argv, pin_balancer=True)
+    proc.wait_ready([ports.fulcrum_web, ports.fulcrum_bulk], ctx.opts.start_timeout)
+    return proc, ports.fulcrum_web, ports.fulcrum_bulk
+
+
+def _wrk(ctx: Context, port: int, seconds: float, mode: str, connections: int) -> int:
+    """Requests completed by one wrk run (errors are reported, not hidden)."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "--latency"]
+    if mode != "keepalive":
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://{HOST}:{port}{SMALL_PATH}")
+    cp = subprocess.run(ctx._pinned(argv, ctx.client_cpu), capture_output=True, text=True, timeout=seconds + 30)
+    try:
+        res = parse_wrk(cp.stdout)
+    except WrkParseError as exc:
+        raise StartError(f"wrk: {exc}: {cp.stderr.strip()[-200:]}") from None
+    if res.errors:
+        print(f"  {res.errors} errors of {res.requests} requests on port {port}", file=sys.stderr)
+    return res.requests
+
+
+def run(args: argparse.Namespace) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="fulcrum-cpu-ab-"))
+    trees: list[tuple[str, Path]] = []
+    for i, rev in enumerate(args.rev or []):
+        trees.append((rev, _export(rev, tmp / f"rev{i}")))
+    for tree in args.tree or []:
+        trees.append((str(tree), Path(tree).resolve()))
+    if not trees:
+        trees.append(("worktree", REPO))
+    ctx = Context(Options(start_timeout=30.0), REPO, tmp)
+    try:
+        ctx.backends()
+        procs: dict[str, Proc] = {HAPROXY: ctx.haproxy()}
+        ports = {HAPROXY: ctx.ports.haproxy_bulk if args.mode == "l4" else ctx.ports.haproxy_web}
+        taken = set(ports_of(ctx.ports))
+        for i, (name, tree) in enumerate(trees):
+            proc, web, bulk = _start_lbnode(ctx, tree, i, taken)
+            procs[name] = proc
+            ports[name] = bulk if args.mode == "l4" else web
+        names = [name for name, _ in trees] + [HAPROXY]
+
+        def measure(name: str, seconds: float) -> float:
+            cpu0 = tree_cpu_seconds([procs[name].pid])
+            requests = _wrk(ctx, ports[name], seconds, args.mode, args.connections)
+            cpu1 = tree_cpu_seconds([procs[name].pid])
+            return (cpu1 - cpu0) * 1e6 / max(requests, 1)
+
+        for name in names:
+            measure(name, 2)  # warm-up: pools, caches, the first connections
+        if args.py_spy:
+            spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+            if spy is None:
+                raise StartError("py-spy not installed (.venv/bin/pip install py-spy)")
+            first = names[0]
+            rec = subprocess.Popen([spy, "record", "-p", str(procs[first].pid), "-r", "250", "-d",
+                                    str(round(args.seconds)), "-f", "raw", "-o", str(args.py_spy)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            print(f"{first} under py-spy: {measure(first, args.seconds):.1f} us/request", flush=True)
+            rec.wait()
+        results: dict[str, list[float]] = {name: [] for name in names}
+        for rnd in range(args.rounds):
+            for name in round_order(names, rnd):
+                us = measure(name, args.seconds)
+                results[name].append(us)
+                print(f"round {rnd} {name}: {us:.1f} us/request", flush=True)
+            print(f"  load average {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
+        print(f"## {args.mode}, wrk -t1 -c{args.connections}, {args.seconds:g} s runs")
+        for line in summarize(results):
+            print(line)
+        if len(trees) >= 2:
+            ratios = paired_ratios(results[names[0]], results[names[1]])
+            print(f"{names[1]} / {names[0]} by round: " + " ".join(f"{r:.2f}" for r in ratios)
+                  + f" (median {statistics.median(ratios):.2f})")
+    except StartError as exc:
+        print(f"cpu_ab: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def print_shares(path: Path, top: int) -> int:
+    with open(path) as f:
+        total, self_c, incl = shares(f)
+    if not total:
+        print(f"{path}: no samples", file=sys.stderr)
+        return 1
+    print(f"{total} samples; self (the function on top of the stack):")
+    for frame, n in self_c.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {frame}")
+    print("inclusive (on the stack):")
+    for frame, n in incl.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {frame}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_ab", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=MODES, default="keepalive")
+    p.add_argument("--rounds", type=int, default=4, help="measured rounds (default 4: ABBA twice)")
+    p.add_argument("--seconds", type=float, default=5.0, help="wrk seconds per run (default 5)")
+    p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    p.add_argument("--rev", action="append", help="a git revision to measure (repeatable)")
+    p.add_argument("--tree", action="append", type=Path, help="a directory holding lbnode/ (repeatable)")
+    p.add_argument("--py-spy", type=Path, help="record the first tree with py-spy into this file first")
+    p.add_argument("--shares", type=Path, help="print the shares of a py-spy raw file, and exit")
+    p.add_argument("--top", type=int, default=30, help="functions listed by --shares (default 30)")
+    args = p.parse_args(argv)
+    if args.shares:
+        return print_shares(args.shares, args.top)
+    os.environ.pop("PYTHONPATH", None)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
