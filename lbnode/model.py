@@ -15,7 +15,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -375,9 +375,13 @@ class Pool:
     # "v1" | "v2": a PROXY protocol header first on every backend connection (HAProxy's
     # send-proxy / send-proxy-v2), health checks included; None: none.
     send_proxy: str | None = None
+    # "http1": HTTP/1.1 keep-alive connections, one request at a time each; "h2": HTTP/2
+    # (cleartext, prior knowledge), requests multiplexed over a few connections (gRPC).
+    protocol: str = "http1"
 
 
 SEND_PROXY_VERSIONS = ("v1", "v2")
+POOL_PROTOCOLS = ("http1", "h2")
 # connect_ejection's upper bound: a backend back after a restart must not sit out longer
 # than an operator would wait for it; [pools.outlier] and health checks cover longer outages.
 CONNECT_EJECTION_MAX = 300.0
@@ -444,7 +448,10 @@ def parse_pool(t: Table) -> Pool:
         connect_ejection=t.duration("connect_ejection", 2.0, positive=False),
         tls=_parse_pool_tls(t.table("tls")),
         send_proxy=t.str("send_proxy", None, choices=SEND_PROXY_VERSIONS),
+        protocol=t.str("protocol", "http1", choices=POOL_PROTOCOLS),
     )
+    if pool.protocol == "h2" and (pool.tls is not None or pool.send_proxy is not None):
+        raise ConfigError(t.key("protocol"), '"h2" is cleartext HTTP/2 only for now: no [pools.tls], no send_proxy')
     if pool.connect_ejection > CONNECT_EJECTION_MAX:
         raise ConfigError(
             t.key("connect_ejection"),
@@ -657,6 +664,49 @@ class ListenerTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Http2Settings:
+    """``[listeners.http2]``: HTTP/2 towards clients (issue 14), with the limits that bound
+    what one connection may cost. The defaults are those of HAProxy, nginx and Envoy, within
+    a factor of two; each limit is named in its error and counted in /metrics when it bites."""
+
+    # https: offer h2 in ALPN (before http/1.1). http: accept h2c with prior knowledge
+    # (the connection preface), off unless asked: no browser does it, only gRPC and tools.
+    enabled: bool
+    max_concurrent_streams: int = 100  # RFC 9113 recommends >= 100; nginx, HAProxy: 128/100
+    initial_window: int = 65535  # per stream, bytes the client may send before we read them
+    max_frame_size: int = 16384  # the largest frame we accept (the RFC's minimum is the default)
+    max_header_list_size: int = 64 * 1024  # decoded request header list; also the HPACK table cap
+    # Resets of streams by the client allowed per second (a burst of this many, refilled at
+    # this rate): above it, the connection is closed (CVE-2023-44487, "rapid reset").
+    max_resets_per_second: int = 200
+    # PING and SETTINGS frames (and empty DATA) per second allowed from one client, as above.
+    max_control_frames_per_second: int = 200
+
+
+HTTP2_WINDOW_MAX = 2**31 - 1
+HTTP2_FRAME_MAX = 2**24 - 1
+
+
+def _parse_http2(t: Table, protocol: str, max_header_bytes: int) -> Http2Settings | None:
+    ht = t.table("http2")
+    if ht is None:
+        return Http2Settings(enabled=True, max_header_list_size=max_header_bytes) if protocol == "https" else None
+    if protocol not in L7_PROTOCOLS:
+        raise ConfigError(ht.path, 'needs protocol = "http" or "https"')
+    settings = Http2Settings(
+        enabled=ht.bool("enabled", True),
+        max_concurrent_streams=ht.int("max_concurrent_streams", 100, lo=1, hi=10_000),
+        initial_window=ht.int("initial_window", 65535, lo=65535, hi=HTTP2_WINDOW_MAX),
+        max_frame_size=ht.int("max_frame_size", 16384, lo=16384, hi=HTTP2_FRAME_MAX),
+        max_header_list_size=ht.int("max_header_list_size", max_header_bytes, lo=1024, hi=16 * 1024 * 1024),
+        max_resets_per_second=ht.int("max_resets_per_second", 200, lo=1),
+        max_control_frames_per_second=ht.int("max_control_frames_per_second", 200, lo=1),
+    )
+    ht.done()
+    return settings if settings.enabled else None
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimit:
     rate: float  # requests per second per client IP
     burst: int
@@ -701,6 +751,7 @@ class Listener:
     proxy_protocol: AcceptProxy | None = None  # [listeners.proxy_protocol] accept = true
     access_log: AccessLog | None = None  # [listeners.access_log]; None: off (issue 12)
     request_id: bool = False  # http/https: keep a valid X-Request-Id, else make one; to backend and client
+    http2: Http2Settings | None = None  # None: HTTP/1.1 only (https default: on; http: h2c when asked)
 
     @property
     def reads_client_hello(self) -> bool:
@@ -774,6 +825,8 @@ def parse_listener(t: Table) -> Listener:
         access_log=_parse_access_log(t, protocol),
         request_id=_parse_request_id(t, protocol),
     )
+    if protocol in L7_PROTOCOLS or t.table("http2") is not None:
+        listener = replace(listener, http2=_parse_http2(t, protocol, listener.max_header_bytes))
     t.done()
     return listener
 

@@ -584,7 +584,12 @@ class LbNode:
             if not kept:
                 registry.pop(li.name, None)
         if li.protocol in ("http", "https"):
-            proxy = HttpProxy(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
+            proxy_class = HttpProxy
+            if li.http2 is not None or any(p.protocol == "h2" for p in self.config.pools):
+                from lbnode.http2.proxy import Http2Proxy  # HTTP/2 clients, or h2 pools (issue 14)
+
+                proxy_class = Http2Proxy
+            proxy = proxy_class(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
             previous = self.http_proxies.get(li.name)
             if previous is not None:  # a reload changed this listener: its counters go on
                 proxy.carry_counters(previous)

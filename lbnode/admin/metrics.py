@@ -166,6 +166,15 @@ def _listeners(out: Exposition, node: Any) -> None:
     out.add("fulcrum_http_sent_bytes_total", "counter", "Bytes sent to HTTP clients (before TLS).",
             [((("listener", n),), p.io[1]) for n, p in sorted(http.items())])
 
+    h2 = {n: p for n, p in http.items() if hasattr(p, "h2_streams")}
+    out.add("fulcrum_http2_connections_total", "counter", "Client connections that spoke HTTP/2.",
+            per(h2, "h2_connections"))
+    out.add("fulcrum_http2_streams_total", "counter", "HTTP/2 requests (streams) received.", per(h2, "h2_streams"))
+    out.add("fulcrum_http2_limit_closes_total", "counter",
+            "HTTP/2 limits that bit, by kind: connections closed (rapid_reset, control_frames, header_list_size, "
+            "continuation, concurrent_streams, protocol_error) and streams refused alone (refused_stream).",
+            [((("listener", n), ("kind", k)), c) for n, p in sorted(h2.items()) for k, c in sorted(p.h2_limits.items())])
+
     out.add("fulcrum_tcp_sessions_total", "counter", "L4 sessions that reached a backend.", per(tcp, "total"))
     out.add("fulcrum_tcp_sessions_open", "gauge", "L4 sessions open with a backend.", per(tcp, "active"))
     out.add("fulcrum_tcp_received_bytes_total", "counter", "Bytes received from L4 clients (after TLS).",

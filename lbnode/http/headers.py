@@ -239,7 +239,8 @@ def check_request(head: RequestHead) -> None:
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
 # HTTP versions the node speaks; any other (HTTP/2.0 on an HTTP/1 connection, HTTP/1.2) gets 505.
-SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
+# "2" is an HTTP/2 stream's head (lbnode.http2): llhttp never makes it (it says "2.0").
+SUPPORTED_VERSIONS = frozenset({"1.0", "1.1", "2"})
 
 # Host field value -> host name for routing. Clients send the same few values again and
 # again; the table is emptied when full, so it stays small whatever they send.

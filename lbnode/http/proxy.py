@@ -394,6 +394,33 @@ class HttpProxy:
             if conn.private_upstreams:
                 self.node.upstreams.discard(conn.private_upstreams)
 
+    async def serve_one(self, conn: ClientConn, head: RequestHead) -> bool:
+        """One request as ``handle`` serves each of a connection's: counted, its request id,
+        its access log entry, forwarded. For a connection that carries requests otherwise
+        (one HTTP/2 stream each, ``lbnode.http2``); True if the connection may go on."""
+        clock = self.clock
+        self.requests += 1
+        started = clock()
+        if self.listener.request_id:
+            _assign_request_id(conn, head)
+        if self.access_log is not None:
+            conn.entry = self._entry(conn, head, started)
+        keep = await self._serve_request(conn, head)
+        now = clock()
+        self.request_seconds.observe(now - started)
+        if conn.entry is not None:
+            self._log_entry(conn, now)
+        return keep
+
+    def finish_entry(self, conn: ClientConn) -> None:
+        """Log the entry of a request that ended abruptly (the client went away)."""
+        if conn.entry is not None:
+            self._log_entry(conn, self.clock())
+
+    async def refuse(self, conn: ClientConn, status: int, reason: str) -> None:
+        """A local answer outside a request's own path (a protocol error found on its body)."""
+        await self._refuse(conn, None, status, reason)
+
     # ------------------------------------------------------------------ access log
     def _entry(self, conn: ClientConn, head: RequestHead | None, started: float) -> Entry:
         """The access log entry of a request (head None: one the node could not parse)."""

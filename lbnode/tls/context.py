@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from lbnode.model import ListenerTls
+from lbnode.model import Listener, ListenerTls
 from lbnode.runtime import Snapshot
 from lbnode.tls.certs import Certificate
 
@@ -32,9 +32,17 @@ INTERMEDIATE_CIPHERS = ":".join((
     "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
 ))
-# ALPN offered per listener protocol, most preferred first: "h2" goes in front of
-# "http/1.1" once the HTTP/2 issue lands. An L4 listener does not know its protocol.
+# ALPN offered per listener protocol, most preferred first (an https listener with HTTP/2
+# on offers "h2" before it: alpn_for). An L4 listener does not know its protocol.
 ALPN = {"https": ("http/1.1",), "tls": ()}
+ALPN_H2 = ("h2", "http/1.1")
+
+
+def alpn_for(listener: Listener) -> tuple[str, ...]:
+    """The protocols a TLS listener offers: h2 first when its [listeners.http2] is on."""
+    if listener.protocol == "https" and listener.http2 is not None:
+        return ALPN_H2
+    return ALPN[listener.protocol]
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 # TLS 1.3 tickets issued after each full handshake (OpenSSL's default, 2: one per parallel
 # connection a browser opens right after the first).

@@ -19,7 +19,7 @@ from cryptography import x509
 
 from lbnode.model import Listener
 from lbnode.runtime import Snapshot
-from lbnode.tls.context import ALPN, listener_context, make_sni_callback
+from lbnode.tls.context import alpn_for, listener_context, make_sni_callback
 
 log = logging.getLogger("lbnode.tls")
 
@@ -74,7 +74,7 @@ class TlsTerminator:
         self.settings = listener.tls
         self.inner = inner
         self._node = node
-        self._alpn = ALPN[listener.protocol]
+        self._alpn = alpn_for(listener)
         self.clock = clock
         self.ticket_key_lifetime = ticket_key_lifetime
         self._context_until = 0.0

@@ -68,9 +68,14 @@ async def test_versions_ciphers_alpn_and_key_types(pki) -> None:
         tls = node.tls_terminators["secure"]
 
         def check() -> None:
-            # TLS 1.3 and 1.2 by default; ALPN http/1.1 when offered, even beside h2.
+            # TLS 1.3 and 1.2 by default; ALPN h2 when offered (issue 14), http/1.1 when it alone is.
             ctx = ctx_with(pki)
             ctx.set_alpn_protocols(["h2", "http/1.1"])
+            s2 = handshake(port, ctx)
+            assert s2.version() == "TLSv1.3" and s2.selected_alpn_protocol() == "h2"
+            s2.close()
+            ctx = ctx_with(pki)
+            ctx.set_alpn_protocols(["http/1.1"])
             s13 = handshake(port, ctx)
             assert s13.version() == "TLSv1.3" and s13.selected_alpn_protocol() == "http/1.1"
             assert request(s13).startswith(b"HTTP/1.1 200")

@@ -1,0 +1,130 @@
+"""An L7 listener that speaks HTTP/2 as well as HTTP/1.1 to its clients.
+
+Owns the choice of protocol per connection: ALPN on https listeners (h2 first, http/1.1
+kept), the prior-knowledge preface on http listeners with ``[listeners.http2]`` (h2c).
+Every HTTP/2 stream is served by the same per-request code as an HTTP/1.1 request
+(``HttpProxy.serve_one``); this class adds only what differs: the node's own answers to a
+gRPC call become a gRPC status, and drain sends GOAWAY.
+"""
+
+from __future__ import annotations
+
+import socket as stdsocket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from lbnode.http.framing import End
+from lbnode.http.headers import RequestHead
+from lbnode.http.proxy import ClientConn, HttpProxy, Session
+from lbnode.http2.exchange import exchange_h2
+from lbnode.http2.protocol import PREFACE
+from lbnode.http2.session import H2Session, StreamConn
+from lbnode.http2.upstream import H2Backend
+from lbnode.runtime import BackendState, PoolRuntime
+
+# How long an h2c listener waits for the rest of a connection preface that came in pieces.
+PREFACE_PIECE_WAIT = 0.005
+
+
+class Http2Proxy(HttpProxy):
+    """``HttpProxy`` for a listener whose ``http2`` settings are on, or that may send
+    requests to a ``protocol = "h2"`` pool."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.h2_connections = 0  # connections that spoke HTTP/2
+        self.h2_streams = 0  # requests received on them
+        self.h2_limits: dict[str, int] = {}  # connections closed by a limit (or protocol error), by kind
+        self._sessions: set[H2Session] = set()
+        # protocol = "h2" pools: the HTTP/2 connections to each backend (by its upstream key).
+        self.h2_backends: dict[str, list[H2Backend]] = {}
+
+    async def handle(self, sock: stdsocket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
+        if tls_headers is not None:
+            if self.listener.http2 is not None and sock.selected_alpn_protocol() == "h2":  # type: ignore[attr-defined]
+                await self._serve_h2(sock, client_ip, self.forwarded_port + tls_headers, True)
+                return
+        elif self.listener.http2 is not None and await self._prior_knowledge(sock):
+            await self._serve_h2(sock, client_ip, self.forwarded_port, False)
+            return
+        await super().handle(sock, client_ip, tls_headers)
+
+    async def _prior_knowledge(self, sock: stdsocket.socket) -> bool:
+        """Whether a plain connection starts with the HTTP/2 preface (left unread either way).
+
+        Only the first bytes are looked at (MSG_PEEK): an HTTP/1.1 request goes on to the
+        HTTP/1.1 path whole. A preface cut in pieces is waited for up to the header timeout."""
+        deadline = trio.current_time() + self.listener.timeouts.header
+        with trio.move_on_at(deadline):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    data = sock.recv(len(PREFACE), stdsocket.MSG_PEEK)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return False
+                if not data or not PREFACE.startswith(data):
+                    return False
+                if len(data) == len(PREFACE):
+                    return True
+                await trio.sleep(PREFACE_PIECE_WAIT)
+        return False
+
+    async def _serve_h2(self, sock: stdsocket.socket, client_ip: str, forwarded: bytes, tls: bool) -> None:
+        sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        session = H2Session(self, sock, client_ip, forwarded, tls)
+        self._sessions.add(session)
+        if self.node.draining:
+            session.goaway()
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+
+    def drain(self) -> None:
+        super().drain()
+        for session in list(self._sessions):
+            session.goaway()
+
+    async def _refuse(self, conn: ClientConn, head: RequestHead | None, status: int, reason: str,
+                      close: bool = True, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        if isinstance(conn, StreamConn):
+            conn.local = (status, reason)  # a gRPC call gets it as its status
+        await super()._refuse(conn, head, status, reason, close, extra)
+
+    async def _exchange(
+        self, conn: ClientConn, head: RequestHead, pool: PoolRuntime, backend: BackendState, request_bytes: bytes,
+        body: list[bytes | End] | None, now: float, status_retry: frozenset[int] = frozenset(),
+        may_retry: Callable[[], bool] = lambda: False, session: Session | None = None,
+    ) -> bool:
+        """``protocol = "h2"`` pools: the exchange over HTTP/2 (``exchange``), with the
+        bookkeeping of ``HttpProxy._exchange`` around it; other pools: as HTTP/1.1."""
+        if pool.spec.protocol != "h2":
+            return await super()._exchange(conn, head, pool, backend, request_bytes, body, now, status_retry,
+                                           may_retry, session)
+        on_head = self._session_hook(pool, backend, session) if session is not None else None
+        backend.inflight += 1
+        pool.started(backend)
+        entry = conn.entry
+        if entry is not None:
+            entry.backend = backend.id
+            entry.attempts += 1
+            entry.backend_start = now
+            entry.backend_time = None
+        try:
+            return await exchange_h2(self, conn, head, pool, backend, request_bytes, body, now, status_retry,
+                                     may_retry, on_head)
+        finally:
+            backend.inflight -= 1
+            end = self.clock()
+            pool.finished(backend, end - now, end)
+            status = entry.status if entry is not None else None
+            if status:
+                pool.report(backend, "http_5xx" if status >= 500 else None, end)
+                kind = status // 100 if status < 600 else 0
+                backend.responses[kind] += 1
+                self.backend_responses[kind] += 1
+                backend.response_seconds.observe(end - now)
