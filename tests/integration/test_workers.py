@@ -448,3 +448,19 @@ def test_an_https_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path
         if served == set(pids):
             break
     assert served == set(pids), "both workers completed handshakes"
+
+
+def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
+    """HTTP/2 with prior knowledge through the workers: every stream answered, counted once."""
+    backend = spawn_backend(spawn, "a")
+    h2_port = free_port()
+    listener = listener_toml("web", "http", "p", bind=f"127.0.0.1:{h2_port}",
+                             extra="  [listeners.http2]\n  enabled = true\n")
+    node = start_node(spawn, tmp_path, backend, listener=listener)
+    before = sample(node.metrics(), 'fulcrum_http_requests_total{listener="web"}')  # start_node's probe sent none
+    for _ in range(6):  # a connection each
+        with httpx.Client(http1=False, http2=True, timeout=5) as client:
+            for _ in range(5):
+                r = client.get(f"http://127.0.0.1:{h2_port}/")
+                assert (r.http_version, r.status_code, r.text) == ("HTTP/2", 200, "a\n")
+    assert sample(node.metrics(), 'fulcrum_http_requests_total{listener="web"}') == before + 30
