@@ -25,6 +25,7 @@ from bench import (
     report,
     routes,
     throughput,
+    workers,
 )
 from bench.harness import Context, Options, Section
 
@@ -55,6 +56,7 @@ def sections() -> list[Section]:
         ),
         Section("accesslog", "L7 with the access log on vs off (Fulcrum)", accesslog.section_access_log),
         Section("routes", "L7 with 1,000 routes vs 1 route (Fulcrum)", routes.section_routes),
+        Section("workers", "L7 with 1 vs 2 workers (Fulcrum) and HAProxy nbthread 1 vs 2", workers.section_workers),
         Section("l4", "L4: bulk TCP, 64 MiB responses", throughput.section_l4),
         Section(
             "connections",

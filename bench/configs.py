@@ -55,6 +55,7 @@ def fulcrum_config(
     etcd_prefix: str | None = None,
     control_port: int | None = None,
     access_log: str | None = None,
+    workers: int = 1,
     routes: int = 0,
 ) -> str:
     """node.toml for lbnode: an http listener over all backends, a tcp listener over the first.
@@ -72,9 +73,12 @@ def fulcrum_config(
     Without them the text is exactly the standalone config. ``access_log``: a file for the
     http listener's ``[listeners.access_log]`` (JSON lines). ``routes``: that many
     ``[[listeners.routes]]`` (see ``route_tables``), the benchmark's request taking the
-    one before last.
+    one before last. ``workers``: ``[node] workers``
+    (a supervisor and that many worker processes when above 1).
     """
     state = f'state_dir = "{state_dir}"\n' if state_dir else ""
+    if workers > 1:
+        state = f"workers = {workers}\n" + state
     if etcd:
         urls = ", ".join(f'"{u}"' for u in etcd)
         prefix = f'prefix = "{etcd_prefix}"\n' if etcd_prefix else ""
@@ -164,11 +168,11 @@ def route_tables(n: int) -> str:
     return "".join(out)
 
 
-def haproxy_config(ports: Ports) -> str:
+def haproxy_config(ports: Ports, nbthread: int = 1) -> str:
     servers = "".join(f"    server b{i} {HOST}:{p}\n" for i, p in enumerate(ports.backends, 1))
     return f"""\
 global
-    nbthread 1
+    nbthread {nbthread}
     maxconn 4096
 
 defaults

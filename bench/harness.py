@@ -307,13 +307,17 @@ class Context:
 
         return self._once("backends", start)
 
-    def haproxy(self) -> Proc:
+    def haproxy(self, nbthread: int = 1) -> Proc:
+        """HAProxy on its usual ports; ``nbthread`` above 1 is another key (``stop`` the other
+        first: both bind the same ports)."""
+        key = "haproxy" if nbthread == 1 else f"haproxy-nbthread{nbthread}"
+
         def start() -> Proc:
             if not shutil.which("haproxy"):
                 raise StartError("haproxy not installed")
-            conf = self.tmp / "haproxy.cfg"
-            conf.write_text(haproxy_config(self.ports))
-            proc = self.spawn("haproxy", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
+            conf = self.tmp / f"{key}.cfg"
+            conf.write_text(haproxy_config(self.ports, nbthread))
+            proc = self.spawn(key, ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
             ports = [
                 self.ports.haproxy_web,
                 self.ports.haproxy_bulk,
@@ -322,7 +326,7 @@ class Context:
             proc.wait_ready(ports, self.opts.start_timeout)
             return proc
 
-        return self._once("haproxy", start)
+        return self._once(key, start)
 
     def nginx_lb(self) -> Proc:
         def start() -> Proc:
@@ -371,7 +375,7 @@ class Context:
                 # Only ask /healthz when the admin port is lbnode's own.
                 if admin not in listening_ports_of(process_tree(proc.pid)):
                     return True
-                return _healthz_ok(admin)
+                return _healthz_ok(admin) and _spare_worker_settled(admin)
 
             proc.wait_ready(ready_ports, self.opts.start_timeout, health=healthy)
             return proc
@@ -498,6 +502,18 @@ def _healthz_ok(admin_port: int) -> bool:
     except http.client.HTTPException:
         return True
     return status < 500
+
+
+def _spare_worker_settled(admin_port: int) -> bool:
+    """With ``[node] workers`` >= 2 the supervisor starts a spare worker once the others
+    serve; its interpreter start (over a second of CPU on the balancer's core) must not fall
+    into a measured run. True when /status has no "spare_worker" (one process) or it is ready."""
+    try:
+        status, body = http_get(admin_port, "/status", timeout=2.0)
+        doc = json.loads(body) if status == 200 else {}
+    except (OSError, http.client.HTTPException, ValueError):
+        return True
+    return doc.get("spare_worker", "ready") in ("ready", "none")
 
 
 @dataclass

@@ -40,6 +40,7 @@ class Variant:
     client: str = ""
     cluster: bool = False  # a cluster member: [cluster] on the given etcd (CLUSTER_L7_PREFIX)
     access_log: bool = False  # [listeners.access_log] to a file beside the state_dir
+    workers: int = 1  # [node] workers
     routes: int = 0  # [[listeners.routes]] of the http listener (configs.route_tables)
 
     def config(self, ports: Ports, state_dir: str | None = None, etcd: Sequence[str] = ()) -> str:
@@ -56,6 +57,7 @@ class Variant:
             etcd=etcd if self.cluster else (),
             etcd_prefix=CLUSTER_L7_PREFIX if self.cluster else None,
             access_log=f"{state_dir or '.'}.access.log" if self.access_log else None,
+            workers=self.workers,
             routes=self.routes,
         )
 

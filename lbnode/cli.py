@@ -44,7 +44,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lbnode.node import node_from_config
+    from lbnode.node import LbNode, node_from_config
 
     setup_logging(args.log_level)
     try:
@@ -84,8 +84,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except (StateDirInUse, OSError) as exc:
             print(f"lbnode: {args.config}: {exc}", file=sys.stderr)
             return 1
+    node: LbNode
     try:
-        node = node_from_config(config)
+        if config.node.workers > 1:
+            # A supervisor and N worker processes (docs/architecture.md); 1 stays one process.
+            from lbnode.supervisor import Supervisor
+
+            supervisor = node_from_config(config, Supervisor)
+            assert isinstance(supervisor, Supervisor)
+            supervisor.log_level = args.log_level
+            node = supervisor
+        else:
+            node = node_from_config(config)
     except ConfigFileError as exc:  # a corrupt state_dir/pools.json
         if takeover is not None:
             takeover.abandon()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import builtins
 import ipaddress
 import math
+import os
 import re
 import socket
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lbnode.routing import (
@@ -1332,6 +1334,9 @@ class NodeSettings:
     # Client connections open at once on all listeners together (None: no node-wide cap).
     # Not counted: the admin endpoint and the control API, which must stay reachable in a flood.
     max_connections: int | None = None
+    # Data-plane processes (issue 13): 1 = today's single process; N >= 2 = a supervisor
+    # and N worker processes on the same listening sockets. "auto" is resolved at parse time.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -1405,6 +1410,35 @@ class Config:
         raise KeyError(name)
 
 
+# A cgroup v2 quota (``cpu.max``: "<quota> <period>" or "max <period>") caps the CPU time the
+# node gets whatever the affinity mask says; a worker per core beyond it only adds switches.
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 quota (rounded up)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 (or no quota file): the affinity mask alone
+    return max(1, cores)
+
+
+def _parse_workers(nt: Table) -> int:
+    """``[node] workers``: an integer >= 1, or "auto" (one per available core)."""
+    value = nt.raw("workers", 1)
+    if value == "auto":
+        return available_cores()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(nt.key("workers"), f'expected an integer >= 1 or "auto", got {_type_name(value)}')
+    if value < 1:
+        raise ConfigError(nt.key("workers"), f'must be >= 1 or "auto", got {value}')
+    return value
+
+
 def parse_config(data: object) -> Config:
     """A whole node.toml document (already decoded) into a ``Config``."""
     root = Table(data, "")
@@ -1416,6 +1450,7 @@ def parse_config(data: object) -> Config:
         state_dir=nt.str("state_dir", "state"),
         drain_timeout=nt.duration("drain_timeout", 30.0, positive=False),
         max_connections=nt.int("max_connections", None, lo=1),
+        workers=_parse_workers(nt),
     )
     nt.done()
     pools = [parse_pool(pt) for pt in root.tables("pools")]

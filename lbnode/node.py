@@ -490,39 +490,7 @@ class LbNode:
                 outer.start_soon(self._run_access_logs, access_log_scope)
             self._health_nursery = outer
             self._sync_health()
-            async with trio.open_nursery() as listeners:
-                self.listeners.nursery = listeners
-                for li, sock in sockets:
-                    self.listeners.serve(li, sock)
-                for li in config.listeners:
-                    log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
-                if takeover is not None:
-                    await trio.to_thread.run_sync(takeover.finish)
-                    log.info("takeover: serving the sockets of lbnode pid %d, which drains and exits", takeover.pid)
-                    self.takeover = None
-                if self.command_socket is not None:
-                    command_socket = self.command_socket
-                    if command_socket.bind(replace_live=takeover is not None):
-                        outer.start_soon(command_socket.serve, self._command)
-                task_status.started(self.bound)
-                await self._stop.wait()
-                self._draining = True
-                if not self._handed_over:
-                    for proxy in self.http_proxies.values():
-                        proxy.drain()  # idle keep-alive connections close now (before a VIP moves)
-                if self.vips is not None and self.vips.held:
-                    # Planned stop: hand the VIPs over first (make-before-break), so clients
-                    # move before we drain. Meanwhile new connections to them are refused
-                    # silently (their SYNs go again a second later, to the new holder); the
-                    # accept loops go on for the handshakes already under way.
-                    with trio.move_on_after(2 * self.vips.conn.timeout):
-                        await self.vips.release_all()
-                self.listeners.stop_all()
-                drain = self.config.node.drain_timeout
-                log.info("draining: no new connections; waiting up to %gs for requests in flight", drain)
-            self.listeners.nursery = None
-            if self.listeners.drain_cut:
-                log.warning("drain timeout: closed connections still in flight")
+            await self._serve_listeners(sockets, outer, takeover, task_status=task_status)
             access_log_scope.cancel()
             await self._flush_access_logs()
             self.upstreams.close()
@@ -530,6 +498,53 @@ class LbNode:
                 self.command_socket.close()
             log.info("stopped")
             outer.cancel_scope.cancel()
+
+    async def _serve_listeners(
+        self, sockets: list[tuple[Listener, stdsocket.socket]], outer: trio.Nursery, takeover: Takeover | None,
+        *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on every listener until stopped, then drain: VIPs handed over first, the
+        listeners stopped, in-flight work given ``drain_timeout``. A supervisor
+        (``lbnode.supervisor``) hands the sockets to its workers instead; a worker
+        (``lbnode.workers``) runs this on the sockets it received."""
+        config = self.config
+        assert self.bound is not None
+        async with trio.open_nursery() as listeners:
+            self.listeners.nursery = listeners
+            for li, sock in sockets:
+                self.listeners.serve(li, sock)
+            for li in config.listeners:
+                log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
+            if takeover is not None:
+                await trio.to_thread.run_sync(takeover.finish)
+                log.info("takeover: serving the sockets of lbnode pid %d, which drains and exits", takeover.pid)
+                self.takeover = None
+            if self.command_socket is not None:
+                command_socket = self.command_socket
+                if command_socket.bind(replace_live=takeover is not None):
+                    outer.start_soon(command_socket.serve, self._command)
+            task_status.started(self.bound)
+            await self._stop.wait()
+            self._draining = True
+            if not self._handed_over:
+                for proxy in self.http_proxies.values():
+                    proxy.drain()  # idle keep-alive connections close now (before a VIP moves)
+            await self._hand_over_vips()
+            self.listeners.stop_all()
+            drain = self.config.node.drain_timeout
+            log.info("draining: no new connections; waiting up to %gs for requests in flight", drain)
+        self.listeners.nursery = None
+        if self.listeners.drain_cut:
+            log.warning("drain timeout: closed connections still in flight")
+
+    async def _hand_over_vips(self) -> None:
+        """Planned stop: hand the VIPs over first (make-before-break), so clients move before
+        we drain. Meanwhile new connections to them are refused silently (their SYNs go
+        again a second later, to the new holder); the accept loops go on for the handshakes
+        already under way."""
+        if self.vips is not None and self.vips.held:
+            with trio.move_on_after(2 * self.vips.conn.timeout):
+                await self.vips.release_all()
 
     async def _serve_admin(self, sock: stdsocket.socket, access: AdminAccess) -> None:
         """The admin endpoint, until the node stops or a new process takes its socket over."""
@@ -774,7 +789,7 @@ def _ignore(*args: object) -> None:
     pass
 
 
-def node_from_config(config: Config) -> LbNode:
+def node_from_config(config: Config, kind: type[LbNode] = LbNode) -> LbNode:
     """The node ``lbnode run`` serves: standalone, or a cluster member when [cluster] is set.
 
     In a cluster the pools live in etcd; the pools of node.toml seed it (a pool
@@ -782,15 +797,16 @@ def node_from_config(config: Config) -> LbNode:
     cached in state_dir; with etcd unreachable at start the node serves that cache
     (or, without one, the file's pools) and follows etcd once it answers.
     Affinity tables and the generated cookie key are shared through etcd too.
+    ``kind``: ``LbNode``, or ``lbnode.supervisor.Supervisor`` for ``[node] workers`` >= 2.
     """
     if config.cluster is None:
         if config.control is None:
-            return LbNode(config)
+            return kind(config)
         # Standalone with a control API: changes persist in state_dir; node.toml seeds it once.
         from lbnode.cluster.filestore import FileStore
 
-        return LbNode(config, store=FileStore(Path(config.node.state_dir), config.pools,
-                                              listener_routes(config.listeners)))
+        return kind(config, store=FileStore(Path(config.node.state_dir), config.pools,
+                                            listener_routes(config.listeners)))
     from lbnode.cluster.etcd import EtcdStore, connect
     from lbnode.model import ConfigError, ConfigFileError
 
@@ -809,7 +825,7 @@ def node_from_config(config: Config) -> LbNode:
         info["control"] = str(config.control.bind)
     agent = ClusterAgent(config.cluster, config.node.id, info, connection=connection)
     affinity = ClusterAffinity(config.cluster, config.node.id, Path(config.node.state_dir), connection=connection)
-    return LbNode(
+    return kind(
         config, store=store, agent=agent, affinity=affinity,
         seed=config.pools, seed_routes=tuple(listener_routes(config.listeners)), last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
     )

@@ -54,10 +54,15 @@ def _last_check(checker: Any, backend_id: str, now: float) -> dict[str, Any]:
     }
 
 
+# Answers that show the data path's counters: with workers, the supervisor sums theirs first.
+COUNTED_PATHS = (b"/status", b"/metrics", b"/status/page.json")
+
+
 def status_document(node: AdminView) -> dict[str, Any]:
     snap = node.snapshot
     now = trio.current_time()
     checkers = getattr(node, "health_checkers", {})
+    queues = getattr(node, "worker_queues", {})  # a supervisor's: its workers' queues, summed
     pools = []
     for name, pool in snap.pools.items():
         pools.append(
@@ -82,7 +87,7 @@ def status_document(node: AdminView) -> dict[str, Any]:
                     }
                     for b in pool.backends
                 ],
-                "queue": len(pool.waiters),
+                "queue": queues.get(name, len(pool.waiters)),
             }
         )
     source = getattr(node, "config_source", None)
@@ -104,7 +109,9 @@ def status_document(node: AdminView) -> dict[str, Any]:
             }
         listeners[name] = entry
     gate = getattr(node, "connection_gate", None)
+    workers = getattr(node, "workers_status", None)  # a supervisor's worker processes
     return {
+        **(workers() if workers is not None else {}),
         "node": snap.config.node.id,
         "draining": node.draining,
         # client connections open on all listeners, and [node] max_connections (null: none)
@@ -184,7 +191,10 @@ def answer(node: AdminView, head: RequestHead, access: AdminAccess = OPEN, clien
     if path == b"/status":
         return _response(200, json.dumps(status_document(node), indent=2).encode() + b"\n", "application/json")
     if path == b"/metrics":
-        return _response(200, metrics.render(node), metrics.CONTENT_TYPE)
+        # A supervisor renders its own and adds up its workers' (lbnode.supervisor).
+        render_metrics = getattr(node, "render_metrics", None)
+        body = render_metrics() if render_metrics is not None else metrics.render(node)
+        return _response(200, body, metrics.CONTENT_TYPE)
     if path == b"/status/page.json":
         return _response(200, json.dumps(page.page_document(node)).encode(), "application/json")
     static = page.static_file(path)
@@ -212,6 +222,9 @@ async def _handle(node: AdminView, sock: socket.socket, client_ip: str, access: 
                     return
                 reader.feed(data)
             ev = reader.events.popleft()
+            refresh = getattr(node, "refresh_counters", None)  # a supervisor asks its workers first
+            if isinstance(ev, RequestHead) and refresh is not None and ev.target.split(b"?", 1)[0] in COUNTED_PATHS:
+                await refresh()
             if isinstance(ev, RequestHead):
                 out = answer(node, ev, access, client_cert)
                 if ev.method == b"HEAD":

@@ -466,6 +466,9 @@ class ClusterServicer(rpc.ClusterServicer):
 
     @_translating
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        refresh = getattr(self.node, "refresh_counters", None)  # a supervisor adds up its workers' first
+        if refresh is not None:
+            trio.from_thread.run(refresh, trio_token=self.token)
         return self._on_trio(self._status_message)
 
     @_translating
@@ -598,6 +601,7 @@ class ClusterServicer(rpc.ClusterServicer):
         node = self.node
         snap = node.snapshot
         now = trio.current_time()
+        queues: dict[str, int] = getattr(node, "worker_queues", {})  # a supervisor's workers', summed
         pools = []
         for name in sorted(snap.pools):
             pool = snap.pools[name]
@@ -623,7 +627,7 @@ class ClusterServicer(rpc.ClusterServicer):
                         )
                         for b in pool.backends
                     ],
-                    queue_length=len(pool.waiters),
+                    queue_length=queues.get(name, len(pool.waiters)),
                     retries=pool.stats.retries,
                 )
             )

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2] / "lbnode"
 BELOW = ("model", "runtime", "listen", "sockio", "limits", "affinity", "histogram", "logthrottle",
          "proxyproto", "proxyaccept", "accesslog", "statedir", "reloadplan", "handover", "listeners", "routing", "balance", "health", "http", "http2", "tcp",
          "tls")
-ABOVE = ("node", "cli", "demo", "demo_cluster", "demo_lan", "control", "admin", "cluster")
+ABOVE = ("node", "cli", "demo", "demo_cluster", "demo_lan", "control", "admin", "cluster", "supervisor", "workers")
 
 # A cycle inside one package between sibling modules, imported lazily: EtcdStore builds its
 # EtcdCertificates and EtcdRoutes (which run on EtcdStore's connection) in its constructor.

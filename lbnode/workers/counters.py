@@ -1,0 +1,178 @@
+"""A worker's counters as one document, and the supervisor's sum of its workers' documents.
+
+What a user reads stays per node: ``/metrics``, ``/status`` and ``lbctl status`` show the
+sum over the workers. A worker answers with its whole exposition (``admin.metrics.render``)
+and its backends' and pools' counters; the supervisor adds them up at scrape time. Only the
+families the data path counts are summed (``DATA_PLANE``); health, admin state, weights,
+the configuration and the cluster are the supervisor's own. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from lbnode.admin.metrics import render
+from lbnode.histogram import Histogram
+from lbnode.runtime import Snapshot
+
+# Metric families whose samples are the sum of the workers' (the supervisor serves no
+# request, so its own are zero or absent): the listeners, TLS, PROXY protocol, access log,
+# and what the data path counts per backend and per pool.
+DATA_PLANE_PREFIXES = (
+    "fulcrum_listener_", "fulcrum_http_", "fulcrum_tcp_", "fulcrum_proxy_protocol_", "fulcrum_access_log_",
+    "fulcrum_tls_", "fulcrum_pool_", "fulcrum_affinity_hits_total", "fulcrum_affinity_misses_total",
+)
+DATA_PLANE_BACKEND = (
+    "fulcrum_backend_requests_total", "fulcrum_backend_responses_total", "fulcrum_backend_response_seconds",
+    "fulcrum_backend_failures_total", "fulcrum_backend_inflight_requests", "fulcrum_backend_open_connections",
+)
+
+
+def summed(family: str) -> bool:
+    return family.startswith(DATA_PLANE_PREFIXES) or family in DATA_PLANE_BACKEND
+
+
+def counters_document(node: Any) -> dict[str, Any]:
+    """What a worker answers to COUNTERS: its exposition text and its pools' counters."""
+    pools: dict[str, Any] = {}
+    snap: Snapshot = node.snapshot
+    for name, pool in snap.pools.items():
+        pools[name] = {
+            "queue": len(pool.waiters),
+            "retries": pool.stats.retries,
+            "backends": {
+                b.id: {
+                    "inflight": b.inflight, "connections": b.connections, "requests": b.requests,
+                    "failures": b.failures, "responses": list(b.responses),
+                    "histogram": [list(b.response_seconds.counts), b.response_seconds.sum],
+                }
+                for b in pool.backends
+            },
+        }
+    return {"metrics": render(node).decode(), "pools": pools}
+
+
+def add_up(snapshot: Snapshot, documents: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The workers' backend counters written into the supervisor's own ``BackendState``s
+    (which count nothing themselves), so every reader of the snapshot (``/status``, ``lbctl
+    status``, the status page) shows the node's sum; returns each pool's queue length."""
+    docs = list(documents)
+    queues: dict[str, int] = {}
+    for name, pool in snapshot.pools.items():
+        queues[name] = 0
+        for b in pool.backends:
+            b.inflight = b.connections = b.requests = b.failures = 0
+            b.responses = [0] * 6
+            b.response_seconds = Histogram()
+        pool.stats.retries = 0
+        by_id = {b.id: b for b in pool.backends}
+        for doc in docs:
+            theirs = doc.get("pools", {}).get(name)
+            if theirs is None:
+                continue
+            queues[name] += theirs["queue"]
+            pool.stats.retries += theirs["retries"]
+            for backend_id, c in theirs["backends"].items():
+                mine = by_id.get(backend_id)
+                if mine is None:
+                    continue  # a backend removed meanwhile
+                b = mine
+                b.inflight += c["inflight"]
+                b.connections += c["connections"]
+                b.requests += c["requests"]
+                b.failures += c["failures"]
+                b.responses = [x + y for x, y in zip(b.responses, c["responses"], strict=True)]
+                counts, total = c["histogram"]
+                h = b.response_seconds
+                h.counts = [x + y for x, y in zip(h.counts, counts, strict=True)]
+                h.sum += total
+    return queues
+
+
+def parse_exposition(text: str) -> dict[str, tuple[list[str], dict[str, float]]]:
+    """Families in order: name -> (HELP and TYPE lines, sample line key -> value)."""
+    families: dict[str, tuple[list[str], dict[str, float]]] = {}
+    current: tuple[list[str], dict[str, float]] | None = None
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            current = families.setdefault(name, ([], {}))
+            current[0].append(line)
+        elif line.startswith("# TYPE "):
+            if current is not None:
+                current[0].append(line)
+        elif current is not None:
+            key, _, value = line.rpartition(" ")
+            current[1][key] = float(value)
+    return families
+
+
+def merge_metrics(own: str, workers: Iterable[str]) -> str:
+    """The supervisor's exposition with every data-plane family replaced by the workers' sum."""
+    mine = parse_exposition(own)
+    total: dict[str, tuple[list[str], dict[str, float]]] = {}
+    for text in workers:
+        for name, (head, samples) in parse_exposition(text).items():
+            if not summed(name):
+                continue
+            into = total.setdefault(name, (head, {}))
+            for key, value in samples.items():
+                into[1][key] = into[1].get(key, 0.0) + value
+    lines: list[str] = []
+    for name, (head, samples) in mine.items():
+        if summed(name):
+            if name in total:
+                head, samples = total.pop(name)
+            else:
+                samples = {key: 0.0 for key in samples}  # no worker answered: nothing counted
+        lines += head
+        lines += [f"{key} {_number(v)}" for key, v in samples.items()]
+    for head, samples in total.values():  # families only the workers have (the listeners')
+        lines += head
+        lines += [f"{key} {_number(v)}" for key, v in samples.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+class Retired:
+    """The counters of workers that died, as last read, so the node's totals never go down
+    (Prometheus would take a drop for a reset). Gauges (in flight, open, queued) are not
+    kept: what a dead worker had open is gone. What it counted after the last read is lost."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, Any] = {}
+        self.families: dict[str, tuple[list[str], dict[str, float]]] = {}
+
+    def add(self, doc: dict[str, Any]) -> None:
+        for name, pool in doc.get("pools", {}).items():
+            into = self.pools.setdefault(name, {"queue": 0, "retries": 0, "backends": {}})
+            into["retries"] += pool["retries"]
+            for backend_id, c in pool["backends"].items():
+                b = into["backends"].setdefault(backend_id, {
+                    "inflight": 0, "connections": 0, "requests": 0, "failures": 0, "responses": [0] * 6,
+                    "histogram": [[0] * len(c["histogram"][0]), 0.0],
+                })
+                b["requests"] += c["requests"]
+                b["failures"] += c["failures"]
+                b["responses"] = [x + y for x, y in zip(b["responses"], c["responses"], strict=True)]
+                b["histogram"] = [[x + y for x, y in zip(b["histogram"][0], c["histogram"][0], strict=True)],
+                                  b["histogram"][1] + c["histogram"][1]]
+        for name, (head, samples) in parse_exposition(doc.get("metrics", "")).items():
+            if not summed(name) or any(line.endswith(" gauge") for line in head if line.startswith("# TYPE ")):
+                continue
+            into_family = self.families.setdefault(name, (head, {}))
+            for key, value in samples.items():
+                into_family[1][key] = into_family[1].get(key, 0.0) + value
+
+    def document(self) -> dict[str, Any]:
+        lines: list[str] = []
+        for head, samples in self.families.values():
+            lines += head
+            lines += [f"{key} {_number(v)}" for key, v in samples.items()]
+        return {"pools": self.pools, "metrics": "\n".join(lines) + "\n"}

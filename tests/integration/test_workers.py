@@ -1,0 +1,466 @@
+"""``[node] workers = 2``: a supervisor and two worker processes behind one node (issue 13).
+
+Real processes throughout: ``lbnode run`` (the supervisor, which spawns its workers), a demo
+backend process, clients on raw keep-alive sockets (so each connection's port is known and
+the worker that accepted it is read from /proc), ``lbctl``. The ``spawn`` fixture kills
+every process it started; a worker left behind would show in the drain test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    Proc,
+    free_port,
+    listener_toml,
+    node_toml,
+    pool_toml,
+    spawn_backend,
+    wait_port,
+)
+from tests.integration.test_node_process import wait_log, wait_until
+
+Spawn = Callable[..., Proc]
+BIN = Path(sys.executable).parent
+
+
+class WorkersNode:
+    def __init__(self, proc: Proc, port: int, admin_port: int, control_port: int | None) -> None:
+        self.proc, self.port, self.admin_port, self.control_port = proc, port, admin_port, control_port
+
+    def status(self) -> dict[str, Any]:
+        r = httpx.get(f"http://127.0.0.1:{self.admin_port}/status", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5).text
+
+    def worker_pids(self) -> list[int]:
+        workers = self.status()["workers"]
+        assert all(w["serving"] for w in workers), workers
+        return [w["pid"] for w in workers]
+
+
+def start_node(
+    spawn: Spawn, tmp_path: Path, backend_port: int, *, workers: int = 2, drain_timeout: str = "5s",
+    control: bool = False, pool: str | None = None, listener: str | None = None, extra: str = "",
+) -> WorkersNode:
+    admin_port = free_port()
+    control_port = free_port() if control else None
+    port = free_port()
+    if listener is not None:
+        port = int(listener.split('bind = "127.0.0.1:', 1)[1].split('"', 1)[0])
+    text = node_toml(
+        pool or pool_toml("p", [f"127.0.0.1:{backend_port}"]),
+        listener or listener_toml("web", "http", "p", bind=f"127.0.0.1:{port}"),
+        admin=f"127.0.0.1:{admin_port}",
+        node_extra=f'drain_timeout = "{drain_timeout}"\nworkers = {workers}\nstate_dir = "{tmp_path / "state"}"\n',
+    )
+    if control_port is not None:
+        text += f'\n[control]\nbind = "127.0.0.1:{control_port}"\ninsecure = true\n'
+    text += extra
+    config = tmp_path / "node.toml"
+    config.write_text(text)
+    proc = spawn("-m", "lbnode.cli", "run", "--config", str(config), name="node")
+    wait_log(proc, rf"{workers} workers serving", timeout=30)
+    wait_port(port)
+    return WorkersNode(proc, port, admin_port, control_port)
+
+
+class Conn:
+    """One keep-alive client connection; GETs in a loop in its own thread until stopped."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        self.local_port = self.sock.getsockname()[1]
+        self.ok = 0
+        self.failed = 0
+        self.error: str | None = None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def get(self, path: str = "/") -> int:
+        return self.exchange(path)[0]
+
+    def exchange(self, path: str = "/", headers: dict[bytes, bytes] | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
+        """One request; (status, response headers by lower-case name, body)."""
+        extra = b"".join(k + b": " + v + b"\r\n" for k, v in (headers or {}).items())
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n".encode() + extra + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before the response head")
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed in the response body")
+            body += chunk
+        fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+        return int(head.split(b" ")[1]), {k.lower(): v.strip() for k, v in fields.items()}, body[:length]
+
+    def loop(self) -> None:
+        def run() -> None:
+            while not self.stop.is_set():
+                try:
+                    status = self.get()
+                except OSError as exc:
+                    self.failed += 1
+                    self.error = repr(exc)
+                    return  # this connection is gone
+                if status == 200:
+                    self.ok += 1
+                else:
+                    self.failed += 1
+                    self.error = f"status {status}"
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(10)
+        self.sock.close()
+
+
+def accepted_by(pid: int, listen_port: int) -> set[int]:
+    """Client ports of the connections process ``pid`` has accepted on ``listen_port`` (/proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    with open(f"/proc/{pid}/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in inodes and fields[3] != "0A" and int(local.split(":")[1], 16) == listen_port:  # 0A: LISTEN
+                ports.add(int(remote.split(":")[1], 16))
+    return ports
+
+
+def owner(conn: Conn, pids: list[int], listen_port: int) -> int | None:
+    for pid in pids:
+        if conn.local_port in accepted_by(pid, listen_port):
+            return pid
+    return None
+
+
+def spread(node: WorkersNode, pids: list[int], each: int, limit: int = 80, sent: list[int] | None = None) -> dict[int, list[Conn]]:
+    """Open connections until every worker has accepted ``each`` of them (a request answered on
+    each, so it was accepted); the accept balance is the kernel's, so this may take a few.
+    ``sent`` counts the requests made."""
+    by_pid: dict[int, list[Conn]] = {pid: [] for pid in pids}
+    for _ in range(limit):
+        if sent is not None:
+            sent[0] += 1
+        conn = Conn(node.port)
+        assert conn.get() == 200
+        pid = owner(conn, pids, node.port)
+        assert pid is not None, "a connection no worker holds"
+        if len(by_pid[pid]) < each:
+            by_pid[pid].append(conn)
+        else:
+            conn.sock.close()
+        if all(len(c) >= each for c in by_pid.values()):
+            return by_pid
+    raise AssertionError(f"after {limit} connections: {[len(c) for c in by_pid.values()]} per worker")
+
+
+def sample(metrics: str, line_start: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_start} not in /metrics:\n{metrics}")
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_two_workers_serve_one_node(spawn: Spawn, tmp_path: Path) -> None:
+    backend = spawn_backend(spawn, "a")
+    node = start_node(spawn, tmp_path, backend)
+    pids = node.worker_pids()
+    assert len(set(pids)) == 2 and node.proc.pid not in pids
+    # The supervisor does not accept on the data socket: every connection is a worker's.
+    by_pid = spread(node, pids, each=1)
+    assert not accepted_by(node.proc.pid, node.port)
+    for conns in by_pid.values():
+        for c in conns:
+            c.sock.close()
+
+
+def test_counters_add_up_over_the_workers(spawn: Spawn, tmp_path: Path) -> None:
+    """/metrics, /status and lbctl status show what both workers counted, summed."""
+    backend = spawn_backend(spawn, "a")
+    node = start_node(spawn, tmp_path, backend, control=True)
+    pids = node.worker_pids()
+    sent = [0]
+    by_pid = spread(node, pids, each=3, sent=sent)  # one request on each connection it opened
+    conns = [c for cs in by_pid.values() for c in cs]
+    for c in conns:
+        for _ in range(9):
+            assert c.get() == 200
+        sent[0] += 9
+        c.sock.close()
+    total = sent[0]
+    metrics = node.metrics()
+    assert sample(metrics, 'fulcrum_http_requests_total{listener="web"}') == total
+    assert sample(metrics, f'fulcrum_backend_requests_total{{pool="p",backend="127.0.0.1:{backend}"}}') == total
+    status = node.status()
+    assert status["pools"][0]["backends"][0]["requests"] == total
+    per_worker = [w["backend_requests"] for w in status["workers"]]
+    assert sum(per_worker) == total and all(n >= 10 for n in per_worker), per_worker
+    out = subprocess.run(
+        [str(BIN / "lbctl"), "-e", f"127.0.0.1:{node.control_port}", "--insecure", "-o", "json", "status"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    backends = json.loads(out)["pools"][0]["backends"]
+    assert int(backends[0]["requests"]) == total
+
+
+def test_a_killed_worker_is_replaced_and_the_other_workers_connections_lose_nothing(
+    spawn: Spawn, tmp_path: Path,
+) -> None:
+    backend = spawn_backend(spawn, "a")
+    node = start_node(spawn, tmp_path, backend)
+    pids = node.worker_pids()
+    by_pid = spread(node, pids, each=3)
+    victim, survivor = pids
+    conns = [c for cs in by_pid.values() for c in cs]
+    for c in conns:
+        c.loop()
+    wait_until(lambda: all(c.ok >= 5 for c in conns), 10, "every connection under load")
+    # The supervisor keeps a spare worker started (its imports take over a second here):
+    # the 1 s bound below is for a death while the spare is ready.
+    wait_until(lambda: node.status()["spare_worker"] == "ready", 20, "the spare worker ready")
+    requests_line = 'fulcrum_http_requests_total{listener="web"}'
+    counted = sample(node.metrics(), requests_line)  # a scrape just before the kill
+    before = {id(c): c.ok for c in by_pid[survivor]}  # after it: nothing counted twice below
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def replaced() -> bool:
+        workers = node.status()["workers"]
+        return workers[0]["serving"] and workers[0]["pid"] not in (victim, None)
+
+    # The bound: the supervisor sees the exit at once (it waits on the process) and hands the
+    # slot to its spare worker, already started: a HELLO, the sockets and a snapshot build,
+    # milliseconds. 1 s is the issue's figure; the /status polls (20 ms apart) are inside it.
+    wait_until(replaced, 1.0, "the dead worker replaced within 1 s")
+    restart = time.monotonic() - killed_at
+    time.sleep(0.5)  # the survivors go on serving meanwhile
+    for c in conns:
+        c.close()
+    for c in by_pid[survivor]:
+        assert c.failed == 0, c.error
+        assert c.ok > before[id(c)] + 3, "the surviving worker's connections kept being served"
+    for c in by_pid[victim]:
+        # its connections died with it: the request in flight on each is the only one lost
+        assert c.failed == 1, (c.ok, c.failed, c.error)
+    # The dead worker's counters as last read stay in the node's totals: a counter never drops
+    # (Prometheus would read a reset).
+    assert sample(node.metrics(), requests_line) >= counted + sum(c.ok - before[id(c)] for c in by_pid[survivor])
+    new_pid = node.status()["workers"][0]["pid"]
+    assert new_pid not in pids
+    fresh = spread(node, [new_pid, survivor], each=1)  # the new worker accepts and serves
+    for cs in fresh.values():
+        for c in cs:
+            c.sock.close()
+    assert "exited with status -9: starting it again" in node.proc.log()
+    print(f"worker replaced {restart * 1000:.0f} ms after kill -9")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "lbctl nodes drain"])
+def test_sigterm_and_drain_drain_every_worker(spawn: Spawn, tmp_path: Path, how: str) -> None:
+    """In-flight requests on both workers finish; then the workers and the supervisor exit 0."""
+    backend = spawn_backend(spawn, "a")
+    node = start_node(spawn, tmp_path, backend, drain_timeout="10s", control=how != "SIGTERM")
+    pids = node.worker_pids()
+    by_pid = spread(node, pids, each=2)
+    conns = [c for cs in by_pid.values() for c in cs]
+    results: list[int | str] = []
+
+    def slow(c: Conn) -> None:
+        try:
+            results.append(c.get("/slow?ms=1500"))
+        except OSError as exc:
+            results.append(repr(exc))
+
+    threads = [threading.Thread(target=slow, args=(c,), daemon=True) for c in conns]
+    for t in threads:
+        t.start()
+    # /status adds up the workers' in-flight requests: all four are under way.
+    wait_until(lambda: sum(b["inflight"] for b in node.status()["pools"][0]["backends"]) == len(conns), 5,
+               "every slow request in flight")
+    if how == "SIGTERM":
+        node.proc.popen.send_signal(signal.SIGTERM)
+    else:
+        subprocess.run([str(BIN / "lbctl"), "-e", f"127.0.0.1:{node.control_port}", "--insecure", "nodes", "drain",
+                        "t1"], check=True, timeout=30, capture_output=True)
+    for t in threads:
+        t.join(10)
+    assert results == [200] * len(conns)
+    # the slow requests had at most 1.5 s left; the workers then exit and the supervisor with them
+    assert node.proc.popen.wait(10) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    log = node.proc.log()
+    assert "draining: telling 2 workers" in log
+    assert log.count("stopped") >= 3  # each worker, then the supervisor
+    for c in conns:
+        c.sock.close()
+
+
+@pytest.mark.parametrize("store", ["file", "etcd"])
+def test_a_pool_change_through_the_control_api_reaches_every_worker(
+    spawn: Spawn, tmp_path: Path, store: str, request: pytest.FixtureRequest,
+) -> None:
+    """lbctl writes the store (the standalone file store, or etcd for a cluster member); the
+    supervisor applies it and sends the pools to both workers."""
+    extra = ""
+    if store == "etcd":
+        etcd = request.getfixturevalue("etcd")
+        endpoints = ", ".join(f'"{e}"' for e in etcd.endpoints)
+        extra = f'\n[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\n'
+    port_a, port_b = spawn_backend(spawn, "a"), spawn_backend(spawn, "b")
+    pool = pool_toml("p", [f"127.0.0.1:{port_a}"])
+    node = start_node(spawn, tmp_path, port_a, control=True, pool=pool, extra=extra)
+    by_pid = spread(node, node.worker_pids(), each=1)
+    conns = [cs[0] for cs in by_pid.values()]
+    for conn in conns:
+        assert {conn.exchange("/")[2] for _ in range(3)} == {b"a\n"}
+    lbctl = [str(BIN / "lbctl"), "-e", f"127.0.0.1:{node.control_port}", "--insecure"]
+    subprocess.run([*lbctl, "backends", "add", "p", f"127.0.0.1:{port_b}"], check=True, timeout=30,
+                   capture_output=True)
+    subprocess.run([*lbctl, "backends", "disable", "p", f"127.0.0.1:{port_a}"], check=True, timeout=30,
+                   capture_output=True)
+    # The node applies a store change at once (the file store's watch) and each worker gets
+    # it over its socket pair: milliseconds; 5 s of margin on a busy host.
+    wait_until(lambda: all(c.exchange("/")[2] == b"b\n" for c in conns), 5.0,
+               "both workers serving the changed pool")
+    for conn in conns:
+        assert {conn.exchange("/")[2] for _ in range(4)} == {b"b\n"}
+        conn.sock.close()
+
+
+def test_workers_left_without_their_supervisor_exit(spawn: Spawn, tmp_path: Path) -> None:
+    """kill -9 of the supervisor: each worker sees its socket pair close, drains and exits,
+    so the ports are free for the node that replaces it."""
+    backend = spawn_backend(spawn, "a")
+    node = start_node(spawn, tmp_path, backend)
+    pids = node.worker_pids()
+    node.proc.popen.kill()
+    node.proc.popen.wait(5)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # exited, not yet reaped (its parent is gone: init reaps it)
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+    # Nothing in flight: the drain ends at once. 5 s of margin on a busy host.
+    wait_until(lambda: all(gone(pid) for pid in pids), 5, "the workers gone")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", node.port))  # nobody holds the listener any more
+
+
+def test_an_l4_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
+    """A tcp listener goes through the workers like an http one; its sessions add up."""
+    backend = spawn_backend(spawn, "a")
+    tcp_port = free_port()
+    listener = listener_toml("bulk", "tcp", "p", bind=f"127.0.0.1:{tcp_port}")
+    node = start_node(spawn, tmp_path, backend, listener=listener)
+    pids = node.worker_pids()
+    sessions = 'fulcrum_tcp_sessions_total{listener="bulk"}'
+    before = sample(node.metrics(), sessions)  # start_node's readiness probe was one
+    holders = set()
+    for _ in range(12):
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+                port = s.getsockname()[1]
+                holders |= {pid for pid in pids if port in accepted_by(pid, tcp_port)}
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a\n")
+    assert holders <= set(pids) and holders, "the sessions were the workers'"
+    assert not accepted_by(node.proc.pid, tcp_port)
+    assert sample(node.metrics(), sessions) == before + 12
+
+
+def test_an_https_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
+    """The certificates reach the workers in the configuration (certificate documents): the
+    handshake and the request complete on both workers' connections."""
+    import ssl
+
+    from tests.tlsgen import make_ca, make_leaf
+
+    ca = make_ca()
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = make_leaf(ca, ["www.example.com"]).write(tmp_path, "www")
+    backend = spawn_backend(spawn, "a")
+    https_port = free_port()
+    listener = listener_toml("web", "https", "p", bind=f"127.0.0.1:{https_port}",
+                             extra='  [listeners.tls]\n  certificates = ["www"]\n')
+    listener += f'[[certificates]]\nname = "www"\ncert = "{cert}"\nkey = "{key}"\n'
+    node = start_node(spawn, tmp_path, backend, listener=listener)
+    pids = node.worker_pids()
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    served: set[int] = set()
+    for _ in range(40):
+        with socket.create_connection(("127.0.0.1", https_port), timeout=5) as raw:
+            port = raw.getsockname()[1]
+            with context.wrap_socket(raw, server_hostname="www.example.com") as tls:
+                served |= {pid for pid in pids if port in accepted_by(pid, https_port)}
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a\n")
+        if served == set(pids):
+            break
+    assert served == set(pids), "both workers completed handshakes"
+
+
+def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
+    """HTTP/2 with prior knowledge through the workers: every stream answered, counted once."""
+    backend = spawn_backend(spawn, "a")
+    h2_port = free_port()
+    listener = listener_toml("web", "http", "p", bind=f"127.0.0.1:{h2_port}",
+                             extra="  [listeners.http2]\n  enabled = true\n")
+    node = start_node(spawn, tmp_path, backend, listener=listener)
+    before = sample(node.metrics(), 'fulcrum_http_requests_total{listener="web"}')  # start_node's probe sent none
+    for _ in range(6):  # a connection each
+        with httpx.Client(http1=False, http2=True, timeout=5) as client:
+            for _ in range(5):
+                r = client.get(f"http://127.0.0.1:{h2_port}/")
+                assert (r.http_version, r.status_code, r.text) == ("HTTP/2", 200, "a\n")
+    assert sample(node.metrics(), 'fulcrum_http_requests_total{listener="web"}') == before + 30
