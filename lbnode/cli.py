@@ -56,6 +56,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.takeover:
         from lbnode.handover import CommandError, Takeover, socket_path
 
+        if config.node.workers > 1:
+            print(f"lbnode: {args.config}: node.workers: --takeover is not supported yet with worker processes "
+                  "(workers >= 2): restart the node", file=sys.stderr)
+            return 1
         if config.cluster is not None:
             # A second etcd session under the same node id, its lease and VIPs, are not handed over yet.
             print(f"lbnode: {args.config}: --takeover is not supported yet for a node with [cluster]: restart "

@@ -256,6 +256,10 @@ class LbNode:
         accepting, finish up to drain_timeout, close). Pools and certificates of a node
         without a store are replaced; with a store (cluster, [control]) they stay the
         store's. Raises ``ReloadRefused`` with one line: the node goes on as it was."""
+        if self.config.node.workers > 1 or new.node.workers > 1:
+            # The supervisor does not tell its workers of new listeners yet (docs/reload.md).
+            raise ReloadRefused("node.workers: reload with worker processes (workers >= 2) is not built yet: "
+                                "restart the node to apply the file")
         if self.listeners.nursery is None or self._draining:
             raise ReloadRefused("the node is not serving (starting or draining)")
         plan = plan_reload(self.config, new)
@@ -352,6 +356,10 @@ class LbNode:
         With [control] it first asks us to stop the control API ("release-control": the gRPC
         port is bound anew, and the store file must have one writer). If it goes away before
         "drain" (it could not start: a port, a bad file), we go on, with the control API again."""
+        if self.config.node.workers > 1:
+            await conn.answer({"ok": False, "message": "takeover refused: the running node has worker processes "
+                               "(workers >= 2), whose sockets are not handed over yet: restart it"})
+            return
         if self.listeners.nursery is None or self._draining:
             await conn.answer({"ok": False, "message": "takeover refused: the running node is not serving"})
             return

@@ -277,7 +277,8 @@ class Supervisor(LbNode):
         """Start the workers on ``sockets``; the node serves once every worker does. On stop:
         VIPs handed over, every worker told to drain, and waited for (drain_timeout, then
         killed after EXIT_GRACE more). Reload and takeover (the command socket) do not drive
-        workers yet: a takeover's sockets are served, the old node is released."""
+        workers yet: both are refused with one line; a takeover of a single-process node by a
+        supervisor serves its sockets, and the old node is released."""
         if takeover is not None:
             await trio.to_thread.run_sync(takeover.finish)
             self.takeover = None
@@ -294,6 +295,9 @@ class Supervisor(LbNode):
             for li, _ in sockets:
                 log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
             log.info("%d workers serving", len(self.workers))
+            if self.command_socket is not None and self.command_socket.bind(replace_live=False):
+                # `lbnode reload` and --takeover get their one-line refusal (LbNode.reload, _hand_over).
+                outer.start_soon(self.command_socket.serve, self._command)
             task_status.started(self.bound)
             await self._stop.wait()
             self._draining = True
