@@ -29,6 +29,7 @@ from lbnode.cluster.store import (
     NotFound,
     StoreError,
     Unavailable,
+    follow_history,
 )
 from lbnode.model import NAME_RE, ConfigFileError
 from lbnode.statedir import write_atomic
@@ -251,23 +252,9 @@ class FileCertificates:
     def watch_certificates(
         self, after_revision: int, stop: threading.Event
     ) -> Iterator[CertificateEvent | CertificateResync]:
-        cursor = after_revision
-        while not stop.is_set():
-            with self._lock:
-                if cursor < self._oldest or cursor > self._revision:
-                    batch: list[CertificateEvent | CertificateResync] = [
-                        CertificateResync(tuple(self._certs[n] for n in sorted(self._certs)), self._revision)
-                    ]
-                else:
-                    batch = [e for e in self._history if e.revision > cursor]
-                    if not batch:
-                        self._changed.wait(STOP_POLL)
-                        continue
-            for event in batch:
-                if stop.is_set():
-                    return
-                yield event
-                cursor = event.revision
+        return follow_history(
+            self._changed, stop, after_revision, lambda: (self._oldest, self._revision, self._history),
+            lambda: CertificateResync(tuple(self._certs[n] for n in sorted(self._certs)), self._revision), STOP_POLL)
 
     # ------------------------------------------------------------------ internals
     def _get(self, name: str) -> CertificateRecord:

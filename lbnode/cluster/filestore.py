@@ -26,6 +26,7 @@ from lbnode.cluster.store import (
     PoolRecord,
     Resync,
     Unavailable,
+    follow_history,
 )
 from lbnode.model import ConfigError, ConfigFileError, Pool, pool_from_dict, pool_to_dict
 from lbnode.routing import Route
@@ -109,24 +110,9 @@ class FileStore:
 
     # ------------------------------------------------------------------ watch
     def watch_pools(self, after_revision: int, stop: threading.Event) -> Iterator[PoolEvent | Resync]:
-        cursor = after_revision
-        while not stop.is_set():
-            with self._lock:
-                if cursor < self._oldest or cursor > self._revision:
-                    # Too old for the history (or from another life of the file): start over.
-                    batch: list[PoolEvent | Resync] = [
-                        Resync(tuple(self._pools[n] for n in sorted(self._pools)), self._revision)
-                    ]
-                else:
-                    batch = [e for e in self._history if e.revision > cursor]
-                    if not batch:
-                        self._changed.wait(STOP_POLL)
-                        continue
-            for event in batch:
-                if stop.is_set():
-                    return
-                yield event
-                cursor = event.revision
+        return follow_history(
+            self._changed, stop, after_revision, lambda: (self._oldest, self._revision, self._history),
+            lambda: Resync(tuple(self._pools[n] for n in sorted(self._pools)), self._revision), STOP_POLL)
 
     # ------------------------------------------------------------------ internals
     def _get(self, name: str) -> PoolRecord:

@@ -27,6 +27,7 @@ from lbnode.cluster.store import (
     RouteResync,
     StoreError,
     Unavailable,
+    follow_history,
 )
 from lbnode.model import NAME_RE, ConfigError, ConfigFileError, route_from_dict
 from lbnode.routing import Route
@@ -235,23 +236,9 @@ class FileRoutes:
             self._save((listener, name), None)
 
     def watch_routes(self, after_revision: int, stop: threading.Event) -> Iterator[RouteEvent | RouteResync]:
-        cursor = after_revision
-        while not stop.is_set():
-            with self._lock:
-                if cursor < self._oldest or cursor > self._revision:
-                    batch: list[RouteEvent | RouteResync] = [
-                        RouteResync(tuple(self._routes[k] for k in sorted(self._routes)), self._revision)
-                    ]
-                else:
-                    batch = [e for e in self._history if e.revision > cursor]
-                    if not batch:
-                        self._changed.wait(STOP_POLL)
-                        continue
-            for event in batch:
-                if stop.is_set():
-                    return
-                yield event
-                cursor = event.revision
+        return follow_history(
+            self._changed, stop, after_revision, lambda: (self._oldest, self._revision, self._history),
+            lambda: RouteResync(tuple(self._routes[k] for k in sorted(self._routes)), self._revision), STOP_POLL)
 
     # ------------------------------------------------------------------ internals
     def _get(self, listener: str, name: str) -> RouteRecord:

@@ -11,9 +11,9 @@ the data plane: nodes learn every change, their own included, from the watch.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from lbnode.model import Pool
 from lbnode.routing import Route
@@ -194,3 +194,44 @@ class PoolStore(Protocol):
         After an error or a compaction the watch yields a ``Resync`` with the
         full state and carries on from there.
         """
+
+
+class _Revisioned(Protocol):
+    @property
+    def revision(self) -> int: ...
+
+
+E = TypeVar("E", bound=_Revisioned)
+R = TypeVar("R", bound=_Revisioned)
+
+
+def follow_history(
+    changed: threading.Condition,
+    stop: threading.Event,
+    after_revision: int,
+    window: Callable[[], tuple[int, int, Iterable[E]]],
+    resync: Callable[[], R],
+    poll: float,
+) -> Iterator[E | R]:
+    """The watch of a file-backed store (pools, certificates, routes): the events after
+    ``after_revision`` in order, waiting on ``changed`` (polled every ``poll`` seconds for
+    ``stop``), or ``resync()`` when the cursor is older than the kept history or ahead of it
+    (from another life of the file). ``window()`` gives (oldest revision kept, current
+    revision, history); it and ``resync()`` run under ``changed``'s lock."""
+    cursor = after_revision
+    while not stop.is_set():
+        with changed:
+            oldest, revision, history = window()
+            batch: list[E | R]
+            if cursor < oldest or cursor > revision:
+                batch = [resync()]
+            else:
+                batch = [e for e in history if e.revision > cursor]
+                if not batch:
+                    changed.wait(poll)
+                    continue
+        for event in batch:
+            if stop.is_set():
+                return
+            yield event
+            cursor = event.revision
