@@ -17,8 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import etcd3
-
 from lbnode.cluster.etcd import EtcdConnection, KeyEvent, watch_with_resync
 from lbnode.cluster.store import (
     AlreadyExists,
@@ -123,40 +121,17 @@ class EtcdCertificates:
 
     def put_certificate(self, certificate: Certificate, expected_revision: int | None = None) -> CertificateRecord:
         name = certificate.name
-        key, value = self.key(name), _encode(certificate)
-
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
-            compare = []
-            if expected_revision == 0:
-                compare.append(c.transactions.create(key) == 0)
-            elif expected_revision is not None:
-                compare += [c.transactions.create(key) > 0, c.transactions.mod(key) == expected_revision]
-            return c.transaction(  # type: ignore[no-any-return]
-                compare=compare,
-                success=[c.transactions.put(key, value), c.transactions.get(key)],
-                failure=[c.transactions.get(key)],
-            )
-
-        (ok, responses), maybe_applied = self.conn.call_retried(f'write certificate "{name}"', txn)
-        current = responses[-1]
-        if not ok and not (maybe_applied and current and bytes(current[0][0]) == value):
-            raise _refusal(name, expected_revision, current)
-        return CertificateRecord(certificate, int(current[0][1].mod_revision))
+        done, revision = self.conn.write_if(
+            f'write certificate "{name}"', self.key(name), _encode(certificate), expected_revision
+        )
+        if not done:
+            raise _refusal(name, expected_revision, revision)
+        return CertificateRecord(certificate, revision)
 
     def delete_certificate(self, name: str, expected_revision: int | None = None) -> None:
-        key = self.key(name)
-
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
-            compare = [c.transactions.create(key) > 0]
-            if expected_revision is not None:
-                compare.append(c.transactions.mod(key) == expected_revision)
-            return c.transaction(  # type: ignore[no-any-return]
-                compare=compare, success=[c.transactions.delete(key)], failure=[c.transactions.get(key)]
-            )
-
-        (ok, responses), maybe_applied = self.conn.call_retried(f'delete certificate "{name}"', txn)
-        if not ok and not (maybe_applied and not responses[-1]):  # else: our first attempt deleted it
-            raise _refusal(name, expected_revision, responses[-1])
+        done, revision = self.conn.write_if(f'delete certificate "{name}"', self.key(name), None, expected_revision)
+        if not done:
+            raise _refusal(name, expected_revision, revision)
 
     def watch_certificates(
         self, after_revision: int, stop: threading.Event
@@ -193,10 +168,9 @@ class EtcdCertificates:
             return None
 
 
-def _refusal(name: str, expected_revision: int | None, current: list[Any]) -> StoreError:
-    if not current:
+def _refusal(name: str, expected_revision: int | None, now: int) -> StoreError:
+    if not now:
         return NotFound(f'certificate "{name}" does not exist')
-    now = int(current[0][1].mod_revision)
     if expected_revision == 0:
         return AlreadyExists(f'certificate "{name}" already exists (revision {now})')
     return Conflict(

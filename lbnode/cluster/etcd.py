@@ -340,6 +340,38 @@ class EtcdConnection:
             lambda c: c.transaction(compare=[], success=[c.transactions.delete(k) for k in keys], failure=[]),
         )
 
+    def write_if(
+        self, what: str, key: str, value: bytes | None, expected_revision: int | None, *, must_exist: bool = False
+    ) -> tuple[bool, int]:
+        """Put ``value`` at ``key`` (``None``: delete the key) only if the key is at
+        ``expected_revision``: 0 means absent, ``None`` any revision (absent too, unless
+        ``must_exist``; a delete always needs the key). Returns (done, revision): after a put
+        the key's new mod revision, after a delete 0, after a refused compare the key's current
+        mod revision (0: absent). A call retried after a lost answer counts as done when its
+        first attempt had already been applied (the key holds ``value``, or is gone).
+        """
+
+        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
+            t = c.transactions
+            compare = []
+            if expected_revision == 0:
+                compare.append(t.create(key) == 0)
+            else:
+                if must_exist or value is None or expected_revision is not None:
+                    compare.append(t.create(key) > 0)
+                if expected_revision is not None:
+                    compare.append(t.mod(key) == expected_revision)
+            success = [t.delete(key)] if value is None else [t.put(key, value), t.get(key)]
+            return c.transaction(compare=compare, success=success, failure=[t.get(key)])  # type: ignore[no-any-return]
+
+        (ok, responses), maybe_applied = self.call_retried(what, txn)
+        current = responses[-1]
+        if value is None:
+            return (True, 0) if ok or (maybe_applied and not current) else (False, _mod_revision(current))
+        if ok or (maybe_applied and _holds(current, value)):
+            return True, _mod_revision(current)
+        return False, _mod_revision(current)
+
     def grant(self, ttl: int) -> tuple[int, int]:
         """A new lease: (id, granted TTL in seconds; etcd may raise it to its minimum)."""
         lease = self.call(f"grant a {ttl}s lease", lambda c: c.lease(ttl))
@@ -598,63 +630,28 @@ class EtcdStore:
 
     # ------------------------------------------------------------------ writes
     def create_pool(self, pool: Pool) -> PoolRecord:
-        key, value = self.key(pool.name), _encode(pool)
-        (ok, responses), maybe_applied = self.conn.call_retried(
-            f'create pool "{pool.name}"',
-            lambda c: c.transaction(
-                compare=[c.transactions.create(key) == 0],
-                success=[c.transactions.put(key, value), c.transactions.get(key)],
-                failure=[c.transactions.get(key)],
-            ),
-        )
-        if not ok:
-            if maybe_applied and _holds(responses[-1], value):
-                return PoolRecord(pool, _mod_revision(responses[-1]))  # our first attempt did it
+        done, revision = self.conn.write_if(f'create pool "{pool.name}"', self.key(pool.name), _encode(pool), 0)
+        if not done:
             raise AlreadyExists(f'pool "{pool.name}" already exists')
-        return PoolRecord(pool, _mod_revision(responses[-1]))
+        return PoolRecord(pool, revision)
 
     def update_pool(self, pool: Pool, expected_revision: int | None) -> PoolRecord:
-        key, value = self.key(pool.name), _encode(pool)
-
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
-            compare = [c.transactions.create(key) > 0]
-            if expected_revision is not None:
-                compare.append(c.transactions.mod(key) == expected_revision)
-            return c.transaction(  # type: ignore[no-any-return]
-                compare=compare,
-                success=[c.transactions.put(key, value), c.transactions.get(key)],
-                failure=[c.transactions.get(key)],
-            )
-
-        (ok, responses), maybe_applied = self.conn.call_retried(f'update pool "{pool.name}"', txn)
-        if not ok:
-            if maybe_applied and _holds(responses[-1], value):
-                return PoolRecord(pool, _mod_revision(responses[-1]))  # our first attempt did it
-            raise self._refusal(pool.name, expected_revision, responses[-1])
-        return PoolRecord(pool, _mod_revision(responses[-1]))
+        done, revision = self.conn.write_if(
+            f'update pool "{pool.name}"', self.key(pool.name), _encode(pool), expected_revision, must_exist=True
+        )
+        if not done:
+            raise self._refusal(pool.name, expected_revision, revision)
+        return PoolRecord(pool, revision)
 
     def delete_pool(self, name: str, expected_revision: int | None = None) -> None:
-        key = self.key(name)
-
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
-            compare = [c.transactions.create(key) > 0]
-            if expected_revision is not None:
-                compare.append(c.transactions.mod(key) == expected_revision)
-            return c.transaction(  # type: ignore[no-any-return]
-                compare=compare, success=[c.transactions.delete(key)], failure=[c.transactions.get(key)]
-            )
-
-        (ok, responses), maybe_applied = self.conn.call_retried(f'delete pool "{name}"', txn)
-        if not ok:
-            if maybe_applied and not responses[-1]:
-                return  # our first attempt deleted it
-            raise self._refusal(name, expected_revision, responses[-1])
+        done, revision = self.conn.write_if(f'delete pool "{name}"', self.key(name), None, expected_revision)
+        if not done:
+            raise self._refusal(name, expected_revision, revision)
 
     @staticmethod
-    def _refusal(name: str, expected_revision: int | None, current: list[Any]) -> StoreError:
-        if not current:
+    def _refusal(name: str, expected_revision: int | None, now: int) -> StoreError:
+        if not now:
             return NotFound(f'pool "{name}" does not exist')
-        now = current[0][1].mod_revision
         return Conflict(f'pool "{name}" changed since revision {expected_revision} (now at {now}): read it again and retry')
 
     # ------------------------------------------------------------------ watch
@@ -715,5 +712,5 @@ def _holds(range_result: list[Any], value: bytes) -> bool:
 
 
 def _mod_revision(range_result: list[Any]) -> int:
-    """The mod_revision from a transaction's get (a list of (value, metadata))."""
-    return int(range_result[0][1].mod_revision)
+    """The mod_revision from a transaction's get (a list of (value, metadata)); 0 if the key is absent."""
+    return int(range_result[0][1].mod_revision) if range_result else 0

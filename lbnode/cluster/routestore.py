@@ -15,8 +15,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import etcd3
-
 from lbnode.cluster.etcd import EtcdConnection, KeyEvent, watch_with_resync
 from lbnode.cluster.store import (
     AlreadyExists,
@@ -102,40 +100,20 @@ class EtcdRoutes:
                              f"apply, or delete it with `etcdctl del {kv.key}`") from None
 
     def put_route(self, listener: str, route: Route, expected_revision: int | None = None) -> RouteRecord:
-        key, value = self.key(listener, route.name), encode_route(route)
-
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
-            compare = []
-            if expected_revision == 0:
-                compare.append(c.transactions.create(key) == 0)
-            elif expected_revision is not None:
-                compare += [c.transactions.create(key) > 0, c.transactions.mod(key) == expected_revision]
-            return c.transaction(  # type: ignore[no-any-return]
-                compare=compare,
-                success=[c.transactions.put(key, value), c.transactions.get(key)],
-                failure=[c.transactions.get(key)],
-            )
-
-        (ok, responses), maybe_applied = self.conn.call_retried(f"write {_describe(listener, route.name)}", txn)
-        current = responses[-1]
-        if not ok and not (maybe_applied and current and bytes(current[0][0]) == value):
-            raise _refusal(listener, route.name, expected_revision, current)
-        return RouteRecord(listener, route, int(current[0][1].mod_revision))
+        done, revision = self.conn.write_if(
+            f"write {_describe(listener, route.name)}", self.key(listener, route.name), encode_route(route),
+            expected_revision,
+        )
+        if not done:
+            raise _refusal(listener, route.name, expected_revision, revision)
+        return RouteRecord(listener, route, revision)
 
     def delete_route(self, listener: str, name: str, expected_revision: int | None = None) -> None:
-        key = self.key(listener, name)
-
-        def txn(c: etcd3.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
-            compare = [c.transactions.create(key) > 0]
-            if expected_revision is not None:
-                compare.append(c.transactions.mod(key) == expected_revision)
-            return c.transaction(  # type: ignore[no-any-return]
-                compare=compare, success=[c.transactions.delete(key)], failure=[c.transactions.get(key)]
-            )
-
-        (ok, responses), maybe_applied = self.conn.call_retried(f"delete {_describe(listener, name)}", txn)
-        if not ok and not (maybe_applied and not responses[-1]):  # else: our first attempt deleted it
-            raise _refusal(listener, name, expected_revision, responses[-1])
+        done, revision = self.conn.write_if(
+            f"delete {_describe(listener, name)}", self.key(listener, name), None, expected_revision
+        )
+        if not done:
+            raise _refusal(listener, name, expected_revision, revision)
 
     def watch_routes(self, after_revision: int, stop: threading.Event) -> Iterator[RouteEvent | RouteResync]:
         def resync() -> tuple[RouteResync, int]:
@@ -169,10 +147,9 @@ class EtcdRoutes:
             return None
 
 
-def _refusal(listener: str, name: str, expected_revision: int | None, current: list[Any]) -> StoreError:
-    if not current:
+def _refusal(listener: str, name: str, expected_revision: int | None, now: int) -> StoreError:
+    if not now:
         return NotFound(f"{_describe(listener, name)} does not exist")
-    now = int(current[0][1].mod_revision)
     if expected_revision == 0:
         return AlreadyExists(f"{_describe(listener, name)} already exists (revision {now})")
     return Conflict(f"{_describe(listener, name)} changed since revision {expected_revision} (now at {now}): "

@@ -141,6 +141,36 @@ def test_stale_revision_is_a_conflict(store: EtcdStore) -> None:
     assert store.get_pool("web").pool == web(8002)
 
 
+def test_a_write_whose_answer_was_lost_counts_as_done_when_retried(
+    store: EtcdStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``call_retried`` may run a transaction again after its first answer was lost (a deadline
+    after etcd applied it): the retry's compare then fails against our own write, and the
+    write must still count as done, not as a conflict or a missing key."""
+    conn = store.conn
+
+    def applied_then_lost(what: str, fn):  # type: ignore[no-untyped-def]
+        fn(conn.client)  # the first attempt reaches etcd; its answer never arrives
+        return fn(conn.client), True  # the retry, answered
+
+    created = store.create_pool(web(8001))
+    monkeypatch.setattr(conn, "call_retried", applied_then_lost)
+
+    updated = store.update_pool(web(8002), expected_revision=created.revision)
+    assert updated.revision > created.revision
+    assert store.get_pool("web") == updated
+    again = store.create_pool(replace(web(8003), name="api"))
+    assert store.get_pool("api") == again
+    store.delete_pool("web", expected_revision=updated.revision)
+    with pytest.raises(NotFound):
+        store.get_pool("web")
+    # A refusal that is not our own earlier attempt is still a refusal.
+    with pytest.raises(Conflict):
+        store.update_pool(replace(web(8004), name="api"), expected_revision=again.revision - 1)
+    with pytest.raises(AlreadyExists):
+        store.create_pool(replace(web(8005), name="api"))
+
+
 def test_concurrent_updates_from_one_revision_exactly_one_wins(store: EtcdStore) -> None:
     base = store.create_pool(web(8000))
     barrier = threading.Barrier(2)
