@@ -648,17 +648,39 @@ def test_lbnode_planned_drain_of_an_ipv6_vip_loses_no_request(
     planned_drains(lan, lbnodes6, capsys)
 
 
+def failed_at(failures: list[tuple[float, bool, str]], started: float) -> str:
+    """When the failed requests were sent, as runs: "12.31-12.52s (40)", for a failure message."""
+    runs: list[list[float]] = []
+    for t, _, _ in failures:
+        if runs and t - runs[-1][-1] < 0.2:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return ", ".join(f"{r[0] - started:.2f}-{r[-1] - started:.2f}s ({len(r)})" for r in runs)
+
+
+def node_warnings(tmp: Path, most: int = 40) -> str:
+    """The warnings and errors of every lbnode log of a test, for its failure message: a failure
+    seen once in CI must be explainable from the output alone (the logs go with the tmp dir)."""
+    lines = []
+    for log in sorted(tmp.glob("n*-*.log")):
+        lines += [f"{log.stem}: {line}" for line in log.read_text(errors="replace").splitlines()
+                  if "WARNING" in line or "ERROR" in line or "Traceback" in line]
+    return "\n".join(["node log warnings:", *lines[-most:]]) if lines else "no warnings in the node logs"
+
+
 def planned_drains(lan: Lan, lbnodes: LbNodes, capsys: pytest.CaptureFixture[str]) -> None:
     # a client's patience: the SYNs the draining node drops are sent again 1 s later
     probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=3.0, vip=lbnodes.vip)
     try:
         backend = session_start(probe)
         started = time.monotonic()
-        handoffs = []
+        handoffs, stop_times = [], []
         for _ in range(3):
             lbnodes.settled()
             holder = lbnodes.holder()
             stopped_at = time.monotonic()
+            stop_times.append(stopped_at)
             lbnodes.procs[holder].send_signal(signal.SIGTERM)
             wait_for(lambda h=holder: len(lbnodes.holders()) == 1 and h not in lbnodes.holders(), 5,
                      f"the VIP was not handed off by {holder}")
@@ -675,7 +697,9 @@ def planned_drains(lan: Lan, lbnodes: LbNodes, capsys: pytest.CaptureFixture[str
                    f"(longest {max(probe.took[t] for t, _, _ in results):.2f}s); hand-off {', '.join(f'{h:.2f}s' for h in handoffs)}")
         with capsys.disabled():
             print("\n" + summary)
-        assert not failures, f"{summary}: {failures[:5]}"
+        stops = ", ".join(f"{t - started:.2f}s" for t in stop_times)
+        assert not failures, (f"{summary}: {failures[:5]}; failed at {failed_at(failures, started)} after the "
+                              f"start, holders stopped at {stops}\n{node_warnings(lbnodes.tmp)}")
         assert {what for _, ok, what in probe.since(0) if ok} == {backend}, "a session changed its backend"
     finally:
         probe.close()
