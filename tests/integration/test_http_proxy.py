@@ -483,12 +483,19 @@ async def test_config_change_keeps_requests_in_flight(nursery):
         result["slow"] = await http_get(f"http://127.0.0.1:{port}/slow?ms=500")
 
     nursery.start_soon(slow)
-    await trio.sleep(0.2)
+    # The change must land while the slow request is in flight: wait until backend a has it
+    # (a fixed head start was too short at load 20+), and it stays there for 500 ms.
+    with trio.fail_after(10):
+        while a.stats.inflight == 0:
+            await trio.sleep(0.01)
     from lbnode.config import load_config_text
 
     node.apply(load_config_text(node_toml(listener_toml("web", "http", "web"), pool_toml("web", [b.address]))))
+    assert a.stats.inflight == 1, "the slow request ended before the change: the test proves nothing"
     after = await http_get(f"http://127.0.0.1:{port}/")
-    await trio.sleep(0.6)
+    with trio.fail_after(10):
+        while "slow" not in result:
+            await trio.sleep(0.01)
     assert result["slow"].status_code == 200 and result["slow"].text.strip() == "a"
     assert after.text.strip() == "b"
 
