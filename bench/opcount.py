@@ -8,7 +8,8 @@ machine's load at all: this tool counts them. Each tree (``--rev`` a git revisio
 lbnode beside the bench's nginx backends; one client sends ``--requests`` requests one
 after the other on one keep-alive connection (``GET /small``, as wrk does), and a probe
 loaded into the node (``sys.settrace`` with opcode events, switched on and off by two
-real-time signals) counts the instructions of every function while they are served.
+real-time signals) counts the instructions of every function while they are served, and the garbage
+collections by generation meanwhile.
 
 What it does not see: time in C (llhttp, the system calls, ``bytes.join``, dict
 lookups), which costs far more per call than an instruction, and the batching of a
@@ -36,7 +37,7 @@ from bench.configs import HOST, SMALL_PATH, fulcrum_config
 from bench.cpu_ab import REPO, _export
 from bench.harness import Context, Options, StartError, pick_port, ports_of
 
-START, STOP = signal.SIGRTMIN + 3, signal.SIGRTMIN + 4
+START, STOP, START_GC = signal.SIGRTMIN + 3, signal.SIGRTMIN + 4, signal.SIGRTMIN + 5
 
 # Loaded into the node: counts instructions by function while switched on. Keys name the
 # function by its file below site-packages or lbnode/ (so that trees compare) and its name.
@@ -46,9 +47,10 @@ from lbnode.cli import main
 counts = collections.Counter()
 def _key(code):
     f = code.co_filename
-    for marker in ("site-packages/", "/lib/python3."):
-        if marker in f:
-            f = f.split(marker, 1)[1]
+    if "site-packages/" in f:
+        f = f.split("site-packages/", 1)[1]
+    elif "/lib/python3." in f:  # the standard library: collections/__init__.py
+        f = f.split("/lib/python3.", 1)[1].split("/", 1)[-1]
     i = f.rfind("lbnode/")
     return (f[i:] if i >= 0 else f) + ":" + code.co_name
 def _tracer(frame, event, arg):
@@ -60,14 +62,21 @@ def _tracer(frame, event, arg):
             counts[key] += 1
         return local
     return local
-def _start(*_):
+import gc
+gc_at_start = [0, 0, 0]
+def _start(signum, _):
     counts.clear()
-    sys.settrace(_tracer)
+    gc_at_start[:] = [s["collections"] for s in gc.get_stats()]
+    if signum == START:  # (START_GC: the collections only: tracing allocates frame objects)
+        sys.settrace(_tracer)
 def _stop(*_):
     sys.settrace(None)
+    for gen, s in enumerate(gc.get_stats()):  # collections by generation meanwhile, as pseudo-functions
+        counts[f"gc:collections of generation {gen}"] = s["collections"] - gc_at_start[gen]
     with open(OUT, "w") as f:
         json.dump(counts, f)
 signal.signal(START, _start)
+signal.signal(START_GC, _start)
 signal.signal(STOP, _stop)
 sys.exit(main())
 """
@@ -75,6 +84,8 @@ sys.exit(main())
 
 def area(key: str) -> str:
     """The part of the stack a function belongs to, for the summary."""
+    if key.startswith("gc:"):
+        return "gc"
     if key.startswith("lbnode/"):
         return "lbnode"
     if key.startswith(("trio/", "outcome/", "<attrs generated methods trio", "<attrs generated methods outcome")):
@@ -125,7 +136,8 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int]) -> d
     out = ctx.tmp / f"ops{i}.json"
     conf = ctx.tmp / f"ops{i}.toml"
     conf.write_text(fulcrum_config(ports, node_id=f"ops{i}"))
-    probe = PROBE.replace("START", str(int(START))).replace("STOP", str(int(STOP))).replace("OUT", repr(str(out)))
+    probe = (PROBE.replace("START_GC", str(int(START_GC))).replace("START", str(int(START)))
+             .replace("STOP", str(int(STOP))).replace("OUT", repr(str(out))))
     argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", probe, "run", "--config", str(conf)]
     proc = ctx.spawn(f"ops{i}", argv)
     proc.wait_ready([ports.fulcrum_web], ctx.opts.start_timeout)
@@ -133,36 +145,47 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int]) -> d
     try:
         for _ in range(50):  # warm-up: the backend connection, caches
             client.one()
+        # Garbage collections first, untraced (tracing makes frame objects the collector counts).
+        collections_only = _phase(proc.pid, START_GC, client, requests, out)
         # The first request after the switch resumes frames that started before it: not counted.
         os.kill(proc.pid, START)
         time.sleep(0.2)
         client.one()
-        os.kill(proc.pid, START)  # starts the count again, from zero
-        time.sleep(0.2)
-        for _ in range(requests):
-            client.one()
-        out.unlink(missing_ok=True)
-        os.kill(proc.pid, STOP)
-        for _ in range(100):
-            if out.exists() and out.stat().st_size:
-                break
-            time.sleep(0.05)
-        with open(out) as f:
-            counts: dict[str, int] = json.load(f)
+        counts = _phase(proc.pid, START, client, requests, out)  # starts the count again, from zero
+        counts.update((k, v) for k, v in collections_only.items() if k.startswith("gc:"))
         return counts
     finally:
         client.close()
         proc.stop()
 
 
+def _phase(pid: int, start: int, client: Client, requests: int, out: Path) -> dict[str, int]:
+    out.unlink(missing_ok=True)
+    os.kill(pid, start)
+    time.sleep(0.2)
+    for _ in range(requests):
+        client.one()
+    os.kill(pid, STOP)
+    for _ in range(100):
+        if out.exists() and out.stat().st_size:
+            break
+        time.sleep(0.05)
+    with open(out) as f:
+        counts: dict[str, int] = json.load(f)
+    return counts
+
+
 def report(name: str, counts: dict[str, float], top: int) -> list[str]:
     by_area: dict[str, float] = collections.defaultdict(float)
     for k, v in counts.items():
         by_area[area(k)] += v
-    total = sum(counts.values())
+    total = sum(v for k, v in counts.items() if area(k) != "gc")
     lines = [f"{name}: {total:.0f} instructions per request ("
              + ", ".join(f"{a} {by_area[a]:.0f}" for a in ("lbnode", "trio", "other")) + ")"]
-    for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:top]:
+    gcs = [f"{1000 * v:.2f}" for k, v in sorted(counts.items()) if area(k) == "gc"]
+    if gcs:
+        lines.append(f"  garbage collections per 1000 requests, generations 0/1/2: {'/'.join(gcs)}")
+    for k, v in sorted(((k, v) for k, v in counts.items() if area(k) != "gc"), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {v:7.1f}  {k}")
     return lines
 

@@ -24,3 +24,12 @@ def test_the_comparison_lists_the_largest_changes_first_and_leaves_out_noise() -
     a = {"f": 100.0, "g": 50.0, "h": 10.0}
     b = {"f": 80.0, "g": 50.2, "k": 5.0}
     assert compare(a, b, top=10) == ["    -20.0  f", "    -10.0  h", "     +5.0  k"]
+
+
+def test_garbage_collections_are_reported_per_1000_requests_and_left_out_of_the_instructions() -> None:
+    counts = per_request({"lbnode/a.py:f": 2000, "gc:collections of generation 0": 3,
+                          "gc:collections of generation 1": 0, "gc:collections of generation 2": 0}, 1000)
+    lines = report("x", counts, top=5)
+    assert lines[0] == "x: 2 instructions per request (lbnode 2, trio 0, other 0)"
+    assert lines[1] == "  garbage collections per 1000 requests, generations 0/1/2: 3.00/0.00/0.00"
+    assert lines[2:] == ["      2.0  lbnode/a.py:f"]
