@@ -116,6 +116,18 @@ async def recv_within(
         deadlines.disarm(entry)
 
 
+def try_send(sock: StreamSocket, data: bytes) -> int:
+    """One send that does not wait: how much of ``data`` the kernel took (0 when it took
+    nothing, or when an ``SSLSocket`` wants to be retried with the same buffer, which
+    ``send_all`` does). Nearly every send of a request is taken whole, so callers try this
+    first and call ``send_all`` (a coroutine, with a timeout) for what is left:
+    ``send_all(sock, data)`` when it returned 0, or a ``memoryview`` of the rest."""
+    try:
+        return sock.send(data)
+    except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        return 0
+
+
 async def send_all(sock: StreamSocket, data: bytes | memoryview, timeout: float | None = None) -> None:
     """Send everything; raises SendTimeout if the peer stops reading for ``timeout``.
 

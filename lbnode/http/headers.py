@@ -210,7 +210,9 @@ def check_request(head: RequestHead) -> None:
     target = head.target
     if head.method == b"CONNECT":
         raise BadRequest("CONNECT is not supported", status=405)
-    if target[:8].lower().startswith((b"http://", b"https://")):
+    if target[:1] == b"/":
+        pass  # origin-form, nearly every request: none of the tests below applies
+    elif target[:8].lower().startswith((b"http://", b"https://")):
         # absolute-form: its authority replaces the Host header (RFC 9112 3.2.2), for
         # routing and for the backend, which gets the origin-form of the target.
         rest = target.split(b"://", 1)[1]
@@ -227,7 +229,7 @@ def check_request(head: RequestHead) -> None:
         hosts = [authority]
         head.authority = authority
         head.target = target
-    elif not (target.startswith(b"/") or (target == b"*" and head.method == b"OPTIONS")):
+    elif not (target == b"*" and head.method == b"OPTIONS"):
         raise BadRequest(f"unsupported request target {target[:64].decode('latin-1')!r}")
     if hosts:
         head.host = _host_name(hosts[0])
@@ -282,6 +284,29 @@ def _via_value(version: str, via: str) -> bytes:
     if value is None:
         value = _via_values[(version, via)] = f"{version} {via}".encode()
     return value
+
+
+# Whole lines made once: ``Via: 1.1 fulcrum`` by (version, name); ``X-Forwarded-For: ip`` and
+# ``X-Forwarded-Proto: proto`` by (client address, proto), emptied when full like _host_names.
+_VIA_LINES: dict[tuple[str, str], bytes] = {}
+_XFF_LINES: dict[tuple[str, str], bytes] = {}
+_XFF_LINES_MAX = 4096
+
+
+def _via_line(version: str, via: str) -> bytes:
+    line = _VIA_LINES[(version, via)] = b"Via: %b\r\n" % _via_value(version, via)
+    return line
+
+
+def _proto_line(proto: str) -> bytes:
+    return b"X-Forwarded-Proto: %b\r\n" % proto.encode()
+
+
+def _xff_line(client_ip: str, proto: str) -> bytes:
+    if len(_XFF_LINES) >= _XFF_LINES_MAX:
+        _XFF_LINES.clear()
+    line = _XFF_LINES[(client_ip, proto)] = b"X-Forwarded-For: %b\r\n%b" % (client_ip.encode(), _proto_line(proto))
+    return line
 
 
 def upstream_request_head(
@@ -340,13 +365,21 @@ def upstream_request_head(
         # An HTTP/1.0 request may come without Host; the HTTP/1.1 one we send may not
         # (RFC 9112 3.2): an empty value, as the RFC says when the authority is unknown.
         out += (b"Host: ", forward_host or b"", b"\r\n")
-    xff.append(client_ip.encode())
-    vias.append(_via_values.get((head.version, via)) or _via_value(head.version, via))
-    out += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n")
-    out += (b"X-Forwarded-Proto: ", proto.encode(), b"\r\n")
+    # The usual request brings no X-Forwarded-For or Via of its own: then the two lines are
+    # the same for every request of the connection (client, proto) and of the version, made
+    # once and kept (small tables, like _host_names) instead of joined per request.
+    if xff:
+        xff.append(client_ip.encode())
+        out += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n", _proto_line(proto))
+    else:
+        out.append(_XFF_LINES.get((client_ip, proto)) or _xff_line(client_ip, proto))
     if original_host or head.host:
         out += (b"X-Forwarded-Host: ", original_host or head.host.encode(), b"\r\n")  # type: ignore[union-attr]
-    out += (b"Via: ", b", ".join(vias), b"\r\n")
+    if vias:
+        vias.append(_via_values.get((head.version, via)) or _via_value(head.version, via))
+        out += (b"Via: ", b", ".join(vias), b"\r\n")
+    else:
+        out.append(_VIA_LINES.get((head.version, via)) or _via_line(head.version, via))
     if extra:
         out.append(extra)
     if head.chunked:
@@ -389,16 +422,30 @@ def replace_response_header(head: ResponseHead, name: bytes, value: bytes) -> No
     head.add_headers([(name, value)])
 
 
+# Status lines by (status, reason as the backend sent it), made once; emptied when full, so
+# that backends sending ever new reason phrases cannot grow it.
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_STATUS_LINES_MAX = 256
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    line = b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, "").encode())
+    if len(_STATUS_LINES) >= _STATUS_LINES_MAX:
+        _STATUS_LINES.clear()
+    _STATUS_LINES[(status, reason)] = line
+    return line
+
+
 def client_response_head(
     head: ResponseHead, via: str, *, keep_alive: bool, chunked: bool, client_version: str
 ) -> bytes:
     """The response head sent to the client: hop-by-hop removed, Via added, our framing."""
     is_upgrade = head.status == 101
-    out = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason or REASONS.get(head.status, "").encode())]
+    out = [_STATUS_LINES.get((head.status, head.reason)) or _status_line(head.status, head.reason)]
     if head.forward is not None and head.connection_tokens <= HOP_BY_HOP:
         # The parser already set aside what is dropped here; Connection names nothing else.
         out += head.forward
-        vias = list(head.vias)
+        vias = head.vias  # appended to below only when not empty: copied there
         upgrade_value = head.upgrade_value
     else:
         drop = _dropped(head.connection_tokens) | {b"via"}
@@ -413,8 +460,11 @@ def client_response_head(
                     upgrade_value = v
                 continue
             out += (n, b": ", v, b"\r\n")
-    vias.append(_via_values.get((head.version, via)) or _via_value(head.version, via))
-    out += (b"Via: ", b", ".join(vias), b"\r\n")
+    if vias:
+        vias = [*vias, _via_values.get((head.version, via)) or _via_value(head.version, via)]
+        out += (b"Via: ", b", ".join(vias), b"\r\n")
+    else:
+        out.append(_VIA_LINES.get((head.version, via)) or _via_line(head.version, via))
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if is_upgrade:

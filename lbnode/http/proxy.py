@@ -62,6 +62,7 @@ from lbnode.sockio import (
     recv_some,
     recv_within,
     send_all,
+    try_send,
 )
 
 log = logging.getLogger("lbnode.http")
@@ -220,7 +221,9 @@ class ClientConn:
         self.io[1] += n  # counted as handed over: a client that stops reading still took some
         self.sent += n
         try:
-            await send_all(self.sock, data, timeout)
+            sent = try_send(self.sock, data)
+            if sent != n:  # rare: usually the kernel takes it all, and no send_all coroutine is made
+                await send_all(self.sock, memoryview(data)[sent:] if sent else data, timeout)
         except OSError as exc:
             raise ClientGone(f"client write failed: {exc}") from None
         except SendTimeout:
@@ -944,7 +947,8 @@ class HttpProxy:
             end = self.clock()
             pool.finished(backend, end - started, end)
             if status:
-                pool.report(backend, "http_5xx" if status >= 500 else None, end)
+                if status >= 500 or pool.outlier is not None:  # (a success without outlier detection: nothing to do)
+                    pool.report(backend, "http_5xx" if status >= 500 else None, end)
                 kind = status // 100 if status < 600 else 0
                 backend.responses[kind] += 1
                 self.backend_responses[kind] += 1
@@ -959,7 +963,9 @@ class HttpProxy:
     async def _send_request(up: UpstreamConn, request_bytes: bytes, timeout: float) -> None:
         """Send the request head (and the body we have) to the backend."""
         try:
-            await send_all(up.sock, request_bytes, timeout)
+            sent = try_send(up.sock, request_bytes)
+            if sent != len(request_bytes):
+                await send_all(up.sock, memoryview(request_bytes)[sent:] if sent else request_bytes, timeout)
         except OSError as exc:
             if up.reused:
                 raise _RetryFresh() from None

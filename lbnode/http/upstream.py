@@ -84,7 +84,9 @@ class UpstreamPool:
 
     def give_back(self, conn: UpstreamConn, now: float, max_idle: int | None = None) -> None:
         limit = self.max_idle if max_idle is None else max_idle
-        stack = self._idle.setdefault(conn.key, [])
+        stack = self._idle.get(conn.key)
+        if stack is None:
+            stack = self._idle[conn.key] = []
         if len(stack) >= limit:
             conn.close()
             return

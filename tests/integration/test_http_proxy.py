@@ -636,3 +636,47 @@ async def test_an_upgrade_request_with_a_body_gets_400_and_reaches_no_backend(nu
     assert _statuses(data) == [b"HTTP/1.1 400 Bad Request"], data
     assert b"upgrade request with a body" in data
     assert backends[0].stats.requests == 0
+
+
+async def test_sends_the_kernel_takes_only_in_part_are_finished_byte_for_byte(nursery):
+    """A send is tried once without a wait (sockio.try_send) and only what the kernel left
+    goes through send_all: a buffered 8 MiB request body to the backend, and 8 MiB
+    relayed to a client that reads slowly, arrive whole and in order."""
+    import hashlib
+    import json
+    import socket
+    import time
+
+    backends = await start_backends(nursery, "a")
+    _, port = await _node_with(nursery, [backends[0].address], pool_settings={"retry_buffer_bytes": 16 * 1024 * 1024})
+    body = os.urandom(8 * 1024 * 1024)
+    size = 8 * 1024 * 1024
+
+    def run() -> tuple[bytes, bytes, bytes]:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # the node's sends to us fill up
+            s.connect(("127.0.0.1", port))
+            s.settimeout(20)
+            s.sendall(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            s.sendall(b"GET /bytes?n=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+            data = bytearray()
+            while chunk := s.recv(16 * 1024):
+                data += chunk
+                if len(data) % (1024 * 1024) < 16 * 1024:
+                    time.sleep(0.01)  # a slow reader, now and then
+        first, _, rest = bytes(data).partition(b"\r\n\r\n")
+        sink, _, second = rest.partition(b"HTTP/1.1 ")
+        return first, sink, b"HTTP/1.1 " + second
+
+    first, sink, second = await trio.to_thread.run_sync(run)
+    assert first.startswith(b"HTTP/1.1 200")
+    received = json.loads(sink)
+    assert received == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    status, headers, got = _split_response(second)
+    assert status.startswith(b"HTTP/1.1 200")
+    assert int(headers[b"content-length"]) == size == len(got)
+    # What the demo backend sends for /bytes: its block, repeated.
+    from lbnode.demo_backend import _BYTES_BLOCK
+
+    expected = (_BYTES_BLOCK * (size // len(_BYTES_BLOCK) + 1))[:size]
+    assert got == expected

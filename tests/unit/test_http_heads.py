@@ -82,6 +82,36 @@ def test_the_forwarded_request_head_drops_and_merges_what_it_must() -> None:
     )
 
 
+def test_the_lines_made_once_per_client_and_status_give_the_same_heads_when_their_tables_are_full() -> None:
+    """X-Forwarded-For/-Proto, Via and the status line come from small tables (made once,
+    emptied when full): whatever the table holds, each head names its own client and proto."""
+    from lbnode.http import headers
+
+    request = _request(REQUESTS[0])
+    check_request(request)
+    for i in range(headers._XFF_LINES_MAX + 10):  # past the bound: the table is emptied, not grown
+        ip = f"198.51.100.{i % 250}" if i % 2 else f"2001:db8::{i:x}"
+        proto = "https" if i % 3 else "http"
+        out = upstream_request_head(request, ip, proto, "fulcrum", b"X-Forwarded-Port: 8080\r\n")
+        assert out == (
+            b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+            + f"X-Forwarded-For: {ip}\r\nX-Forwarded-Proto: {proto}\r\n".encode()
+            + b"X-Forwarded-Host: 127.0.0.1:8080\r\nVia: 1.1 fulcrum\r\nX-Forwarded-Port: 8080\r\n\r\n"
+        )
+        assert len(headers._XFF_LINES) <= headers._XFF_LINES_MAX
+    for i in range(headers._STATUS_LINES_MAX + 10):
+        resp = _response(b"HTTP/1.1 299 Reason %d\r\nContent-Length: 0\r\n\r\n" % i)
+        out = client_response_head(resp, "fulcrum", keep_alive=True, chunked=False, client_version="1.1")
+        assert out == b"HTTP/1.1 299 Reason %d\r\nContent-Length: 0\r\nVia: 1.1 fulcrum\r\n\r\n" % i
+        assert len(headers._STATUS_LINES) <= headers._STATUS_LINES_MAX
+    # A backend's Via is kept in front of ours, and serialising twice does not grow it.
+    resp = _response(RESPONSES[1])
+    for _ in range(2):
+        out = client_response_head(resp, "fulcrum", keep_alive=True, chunked=True, client_version="1.1")
+        assert b"\r\nVia: 1.0 a, 1.1 b, 1.1 fulcrum\r\n" in out
+    assert resp.vias == [b"1.0 a", b"1.1 b"]
+
+
 @pytest.mark.parametrize("raw", RESPONSES)
 @pytest.mark.parametrize("keep_alive", [True, False])
 def test_the_client_response_head_is_the_same_with_and_without_the_parser_notes(raw: bytes, keep_alive: bool) -> None:

@@ -1,0 +1,236 @@
+"""``python -m bench.opcount``: Python bytecode instructions per L7 keep-alive request, by function.
+
+CPU time per request (``bench.cpu_ab``) moves by 5-10% from one run to the next on a
+shared machine, so a change worth 1-2% of a request cannot be seen in it. The number of
+bytecode instructions the interpreter executes for one request does not depend on the
+machine's load at all: this tool counts them. Each tree (``--rev`` a git revision,
+``--tree`` a directory holding ``lbnode/``; default: this checkout) runs as its own
+lbnode beside the bench's nginx backends; one client sends ``--requests`` requests one
+after the other on one keep-alive connection (``GET /small``, as wrk does), and a probe
+loaded into the node (``sys.settrace`` with opcode events, switched on and off by two
+real-time signals) counts the instructions of every function while they are served, and the garbage
+collections by generation meanwhile.
+
+What it does not see: time in C (llhttp, the system calls, ``bytes.join``, dict
+lookups), which costs far more per call than an instruction, and the batching of a
+loaded node (with one request at a time, every Trio scheduler turn serves one
+request; under load one turn serves several, so Trio's share here is its most). So a
+lower count is a lower cost of our Python code, not a figure in microseconds; about
+10 ns per instruction on the bench machine (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.configs import HOST, SMALL_PATH, fulcrum_config
+from bench.cpu_ab import REPO, _export
+from bench.harness import Context, Options, StartError, pick_port, ports_of
+
+START, STOP, START_GC = signal.SIGRTMIN + 3, signal.SIGRTMIN + 4, signal.SIGRTMIN + 5
+
+# Loaded into the node: counts instructions by function while switched on. Keys name the
+# function by its file below site-packages or lbnode/ (so that trees compare) and its name.
+PROBE = r"""
+import collections, json, signal, sys
+from lbnode.cli import main
+counts = collections.Counter()
+def _key(code):
+    f = code.co_filename
+    if "site-packages/" in f:
+        f = f.split("site-packages/", 1)[1]
+    elif "/lib/python3." in f:  # the standard library: collections/__init__.py
+        f = f.split("/lib/python3.", 1)[1].split("/", 1)[-1]
+    i = f.rfind("lbnode/")
+    return (f[i:] if i >= 0 else f) + ":" + code.co_name
+def _tracer(frame, event, arg):
+    frame.f_trace_opcodes = True
+    frame.f_trace_lines = False
+    key = _key(frame.f_code)
+    def local(frame, event, arg):
+        if event == "opcode":
+            counts[key] += 1
+        return local
+    return local
+import gc
+gc_at_start = [0, 0, 0]
+def _start(signum, _):
+    counts.clear()
+    gc_at_start[:] = [s["collections"] for s in gc.get_stats()]
+    if signum == START:  # (START_GC: the collections only: tracing allocates frame objects)
+        sys.settrace(_tracer)
+def _stop(*_):
+    sys.settrace(None)
+    for gen, s in enumerate(gc.get_stats()):  # collections by generation meanwhile, as pseudo-functions
+        counts[f"gc:collections of generation {gen}"] = s["collections"] - gc_at_start[gen]
+    with open(OUT, "w") as f:
+        json.dump(counts, f)
+signal.signal(START, _start)
+signal.signal(START_GC, _start)
+signal.signal(STOP, _stop)
+sys.exit(main())
+"""
+
+
+def area(key: str) -> str:
+    """The part of the stack a function belongs to, for the summary."""
+    if key.startswith("gc:"):
+        return "gc"
+    if key.startswith("lbnode/"):
+        return "lbnode"
+    if key.startswith(("trio/", "outcome/", "<attrs generated methods trio", "<attrs generated methods outcome")):
+        return "trio"
+    return "other"
+
+
+def per_request(counts: dict[str, int], requests: int) -> dict[str, float]:
+    return {k: v / requests for k, v in counts.items()}
+
+
+class Client:
+    """One keep-alive connection sending ``GET /small`` and reading each whole response."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port))
+        self.request = f"GET {SMALL_PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+
+    def one(self) -> None:
+        self.sock.sendall(self.request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise StartError("the node closed the connection")
+            buf += data
+        head, _, body = buf.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise StartError(f"unexpected response {head[:40]!r}")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += self.sock.recv(65536)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int]) -> dict[str, int]:
+    """Instructions by function over ``requests`` requests served by the lbnode of ``tree``."""
+    ports = dataclasses.replace(
+        ctx.ports,
+        fulcrum_web=pick_port(29280 + 10 * i, taken),
+        fulcrum_bulk=pick_port(29281 + 10 * i, taken),
+        fulcrum_admin=pick_port(29282 + 10 * i, taken),
+    )
+    taken.update({ports.fulcrum_web, ports.fulcrum_bulk, ports.fulcrum_admin})
+    out = ctx.tmp / f"ops{i}.json"
+    conf = ctx.tmp / f"ops{i}.toml"
+    conf.write_text(fulcrum_config(ports, node_id=f"ops{i}"))
+    probe = (PROBE.replace("START_GC", str(int(START_GC))).replace("START", str(int(START)))
+             .replace("STOP", str(int(STOP))).replace("OUT", repr(str(out))))
+    argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", probe, "run", "--config", str(conf)]
+    proc = ctx.spawn(f"ops{i}", argv)
+    proc.wait_ready([ports.fulcrum_web], ctx.opts.start_timeout)
+    client = Client(ports.fulcrum_web)
+    try:
+        for _ in range(50):  # warm-up: the backend connection, caches
+            client.one()
+        # Garbage collections first, untraced (tracing makes frame objects the collector counts).
+        collections_only = _phase(proc.pid, START_GC, client, requests, out)
+        # The first request after the switch resumes frames that started before it: not counted.
+        os.kill(proc.pid, START)
+        time.sleep(0.2)
+        client.one()
+        counts = _phase(proc.pid, START, client, requests, out)  # starts the count again, from zero
+        counts.update((k, v) for k, v in collections_only.items() if k.startswith("gc:"))
+        return counts
+    finally:
+        client.close()
+        proc.stop()
+
+
+def _phase(pid: int, start: int, client: Client, requests: int, out: Path) -> dict[str, int]:
+    out.unlink(missing_ok=True)
+    os.kill(pid, start)
+    time.sleep(0.2)
+    for _ in range(requests):
+        client.one()
+    os.kill(pid, STOP)
+    for _ in range(100):
+        if out.exists() and out.stat().st_size:
+            break
+        time.sleep(0.05)
+    with open(out) as f:
+        counts: dict[str, int] = json.load(f)
+    return counts
+
+
+def report(name: str, counts: dict[str, float], top: int) -> list[str]:
+    by_area: dict[str, float] = collections.defaultdict(float)
+    for k, v in counts.items():
+        by_area[area(k)] += v
+    total = sum(v for k, v in counts.items() if area(k) != "gc")
+    lines = [f"{name}: {total:.0f} instructions per request ("
+             + ", ".join(f"{a} {by_area[a]:.0f}" for a in ("lbnode", "trio", "other")) + ")"]
+    gcs = [f"{1000 * v:.2f}" for k, v in sorted(counts.items()) if area(k) == "gc"]
+    if gcs:
+        lines.append(f"  garbage collections per 1000 requests, generations 0/1/2: {'/'.join(gcs)}")
+    for k, v in sorted(((k, v) for k, v in counts.items() if area(k) != "gc"), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {v:7.1f}  {k}")
+    return lines
+
+
+def compare(a: dict[str, float], b: dict[str, float], top: int) -> list[str]:
+    """The functions whose count changed most, second tree minus first."""
+    keys = set(a) | set(b)
+    diffs = sorted(((b.get(k, 0.0) - a.get(k, 0.0), k) for k in keys), key=lambda d: -abs(d[0]))
+    return [f"  {d:+7.1f}  {k}" for d, k in diffs[:top] if abs(d) >= 0.5]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.opcount", description=__doc__.splitlines()[0])
+    p.add_argument("--rev", action="append", help="a git revision to count (repeatable)")
+    p.add_argument("--tree", action="append", type=Path, help="a directory holding lbnode/ (repeatable)")
+    p.add_argument("--requests", type=int, default=300, help="requests counted per tree (default 300)")
+    p.add_argument("--top", type=int, default=40, help="functions listed (default 40)")
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="opcount-"))
+    trees: list[tuple[str, Path]] = []
+    for rev in args.rev or []:
+        trees.append((rev, _export(rev, tmp / f"rev{len(trees)}")))
+    for tree in args.tree or []:
+        trees.append((str(tree), tree))
+    if not trees:
+        trees.append(("worktree", REPO))
+    ctx = Context(Options(start_timeout=30.0, pin=False), REPO, tmp)
+    try:
+        ctx.backends()
+        taken = set(ports_of(ctx.ports))
+        results = []
+        for i, (name, tree) in enumerate(trees):
+            counts = per_request(count(ctx, tree, i, args.requests, taken), args.requests)
+            results.append(counts)
+            print("\n".join(report(name, counts, args.top)), flush=True)
+        if len(results) >= 2:
+            print(f"{trees[1][0]} - {trees[0][0]}, per request:")
+            print("\n".join(compare(results[0], results[1], args.top)))
+    except StartError as exc:
+        print(f"opcount: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
