@@ -247,6 +247,7 @@ class H2Session:
         self.out_bytes = 0  # produced by h2, not yet written to the socket
         self.out_ready = trio.Event()
         self._scope: trio.CancelScope | None = None
+        self._read_scope = trio.CancelScope()  # cancelled when closing and the last stream has ended
         self.limited = False  # a limit bit: the connection is being closed
         self.closing = False  # GOAWAY sent: no new streams, close when the last one ends
         self.resets = TokenBucket(settings.max_resets_per_second, settings.max_resets_per_second)
@@ -285,6 +286,8 @@ class H2Session:
             self.h2.send_headers(stream_id, fields, end_stream=end)
         except h2.exceptions.StreamClosedError:
             raise ClientGone("the client reset the stream") from None
+        except h2.exceptions.ProtocolError:  # h2 is CLOSED: the client sent GOAWAY (h2load does at its end)
+            raise ClientGone("the client closed the connection (GOAWAY)") from None
         self._output()
 
     async def send_data(self, stream_id: int, data: bytes, end: bool, timeout: float) -> None:
@@ -356,7 +359,8 @@ class H2Session:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self._writer)
             try:
-                await self._read(nursery, b"")
+                with self._read_scope:
+                    await self._read(nursery, b"")
                 # Let the streams finish (drain), then the writer flush what they wrote.
                 while self.streams:
                     await self.changed.park()
@@ -535,7 +539,14 @@ class H2Session:
             conn.ack_consumed()
             self.streams.pop(conn.stream_id, None)
             self._output()
-            self.changed.unpark_all()
+            self._stream_ended()
+
+    def _stream_ended(self) -> None:
+        """A stream's task ended: wake who waits on it, and stop reading once the connection is
+        closing (GOAWAY either way) and this was the last one: nothing more will be served."""
+        self.changed.unpark_all()
+        if self.closing and not self.streams:
+            self._read_scope.cancel()
 
     async def _answer(self, conn: StreamConn, scope: trio.CancelScope, data: bytes) -> None:
         try:
@@ -547,4 +558,4 @@ class H2Session:
                 await conn.finish(True)
         finally:
             self.streams.pop(conn.stream_id, None)
-            self.changed.unpark_all()
+            self._stream_ended()
