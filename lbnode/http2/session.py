@@ -41,7 +41,7 @@ from lbnode.http2.protocol import (
     trailer_fields,
 )
 from lbnode.model import Listener
-from lbnode.sockio import SendTimeout, recv_some, send_all
+from lbnode.sockio import SendTimeout, current_deadlines, current_trickle_waits, recv_some, send_all
 
 
 class Server(Protocol):
@@ -63,6 +63,8 @@ class Server(Protocol):
     async def refuse(self, conn: ClientConn, status: int, reason: str) -> None: ...
 
 log = logging.getLogger("lbnode.http2")
+
+_NO_DROP: frozenset[bytes] = frozenset()  # a stream's request_id_drop until the proxy sets one
 
 RECV_SIZE = 64 * 1024  # as the HTTP/1.1 listener: one large read per loop turn
 # Bytes h2 produced that the client has not taken yet, above which no stream adds DATA and
@@ -106,11 +108,36 @@ class StreamConn(ClientConn):
     __slots__ = ("session", "stream_id", "method", "grpc", "local", "response", "arrived", "acked", "wake",
                  "head_sent", "ended", "close_delimited", "request_ended")
 
-    def __init__(self, session: H2Session, stream_id: int, method: bytes, grpc: bool) -> None:
-        super().__init__(session.sock, session.ip, 1024, session.forwarded, session.io)
-        self.reader = StreamBody()
+    def __init__(self, session: H2Session, stream_id: int, method: bytes, grpc: bool) -> None:  # noqa: D107
+        # Every ClientConn field set here rather than by ClientConn.__init__: that one builds an
+        # HTTP/1 request parser and a PickContext a stream never uses, and looks up the run's
+        # deadlines, which the session has already (a third of a stream's setup; tests check
+        # that no ClientConn field is left unset).
+        self.sock = session.sock
+        self.io = session.io
+        self.ip = session.ip
+        self.forwarded = session.forwarded
         self.pick_context = session.pick_context
+        self.deadlines = session.deadlines
+        self.trickle_waits = session.trickle_waits
+        self.reader = StreamBody()
+        self.eof = False
+        self.served = 0
+        self.idle_wait = None
+        self.private_upstreams = None
+        self.received = 0
+        self.sent = 0
         self.port, self.tls_version, self.sni = session.port, session.tls_version, session.sni
+        self.entry = None
+        self.mark_time = 0.0
+        self.mark_in = 0
+        self.mark_out = 0
+        self.request_id = None
+        self.request_id_line = b""
+        self.request_id_drop = _NO_DROP
+        self.route_pool = ""
+        self.route_cookie = None
+        self.route = None
         self.session = session
         self.stream_id = stream_id
         self.method = method
@@ -229,6 +256,8 @@ class H2Session:
         self.forwarded = forwarded
         self.io = proxy.io
         self.pick_context = ClientConn(sock, ip, 1024).pick_context
+        self.deadlines = current_deadlines()  # the run's, shared by the streams (StreamConn)
+        self.trickle_waits = current_trickle_waits()
         self.port = 0
         self.tls_version: str | None = None
         self.sni: str | None = None
