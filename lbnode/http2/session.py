@@ -97,6 +97,14 @@ class StreamBody(RequestReader):
         pass
 
 
+def _plain_end(events: Any) -> bool:
+    """Whether the next event is the end of the response without trailers (taken if so)."""
+    if events and type(events[0]) is End and not events[0].trailers:
+        events.popleft()
+        return True
+    return False
+
+
 class StreamConn(ClientConn):
     """One HTTP/2 stream as the HTTP/1.1 proxy sees a client connection.
 
@@ -190,6 +198,11 @@ class StreamConn(ClientConn):
 
     # ------------------------------------------------------------ response (backend -> client)
     async def send(self, data: bytes, timeout: float) -> None:
+        """Relay a piece of the proxy's HTTP/1.1 response as HEADERS and DATA frames.
+
+        The end of the response rides on the frame before it (END_STREAM on the last DATA, or
+        on HEADERS when there is no body) rather than in an empty DATA frame of its own: one
+        frame less per request, which is one h2 call and 9 bytes fewer."""
         self.sent += len(data)
         if self.ended:
             return
@@ -202,7 +215,11 @@ class StreamConn(ClientConn):
             item = events.popleft()
             if isinstance(item, bytes):
                 if item:
-                    await session.send_data(self.stream_id, item, False, timeout)
+                    end = _plain_end(events)
+                    await session.send_data(self.stream_id, item, end, timeout)
+                    if end:
+                        self.ended = True
+                        return
             elif isinstance(item, ResponseHead):
                 if item.status < 200:
                     continue  # interim (never asked for: the proxy sends 100 to HTTP/1.1 only)
@@ -213,7 +230,11 @@ class StreamConn(ClientConn):
                 no_body = response_has_no_body(self.method, item.status)
                 self.close_delimited = not no_body and item.content_length is None and not item.chunked
                 self.head_sent = True
-                session.send_headers(self.stream_id, response_fields(item), False)
+                end = _plain_end(events)
+                session.send_headers(self.stream_id, response_fields(item), end)
+                if end:
+                    self.ended = True
+                    return
             elif isinstance(item, End):
                 self.ended = True
                 if item.trailers:

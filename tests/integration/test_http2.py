@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import subprocess
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
 
@@ -171,4 +175,48 @@ async def test_grpc_client_gets_unavailable_when_no_backend_is_up(pki: Pki) -> N
         code, details = await trio.to_thread.run_sync(call)
         assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
         assert "backend" in details  # the node's reason, not "Received http2 header with status: 503"
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_end_of_a_response_rides_on_its_last_frame(pki: Pki) -> None:
+    async with trio.open_nursery() as nursery:
+        backends = await start_backends(nursery, "alpha")
+        _, bound = await start_node(nursery, config(pki, backends))
+        port = bound.listeners["plain"][1]
+
+        def frames() -> dict[int, list[tuple[str, bytes]]]:
+            # GET (a body), HEAD and a 204 (none): what frames each stream got, in order.
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            base = [(":scheme", "http"), (":authority", "t.example")]
+            for sid, method, path in ((1, "GET", "/"), (3, "HEAD", "/"), (5, "GET", "/status/204")):
+                conn.send_headers(sid, [(":method", method), (":path", path), *base], end_stream=True)
+            got: dict[int, list[tuple[str, bytes]]] = {1: [], 3: [], 5: []}
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(conn.data_to_send())
+                sock.settimeout(10)
+                ended = 0
+                while ended < 3:
+                    data = sock.recv(65536)
+                    assert data, "connection closed"
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            got[event.stream_id].append(("headers", dict(event.headers)[b":status"]))
+                            if event.stream_ended is not None:
+                                got[event.stream_id].append(("end on headers", b""))
+                        elif isinstance(event, h2.events.DataReceived):
+                            got[event.stream_id].append(("data", event.data))
+                            if event.stream_ended is not None:
+                                got[event.stream_id].append(("end on data", b""))
+                        elif isinstance(event, h2.events.StreamEnded):
+                            ended += 1
+                    sock.sendall(conn.data_to_send())
+            return got
+
+        got = await trio.to_thread.run_sync(frames)
+        # END_STREAM on the last DATA frame (no empty DATA frame after it), or on HEADERS when
+        # the response has no body: one frame less per request.
+        assert got[1] == [("headers", b"200"), ("data", b"alpha\n"), ("end on data", b"")], got
+        assert got[3] == [("headers", b"200"), ("end on headers", b"")], got
+        assert got[5] == [("headers", b"204"), ("end on headers", b"")], got
         nursery.cancel_scope.cancel()
