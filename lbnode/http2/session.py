@@ -207,7 +207,7 @@ class StreamConn(ClientConn):
         if self.ended:
             return
         if self.response is None:
-            self.response = ResponseReader(self.method)
+            self.response = self.session.response_reader(self.method)
         self.response.feed(data)
         events = self.response.events
         session = self.session
@@ -244,6 +244,14 @@ class StreamConn(ClientConn):
                 return
             elif isinstance(item, ParseError):
                 raise ClientGone(f"response not relayed: {item.reason}")
+
+    def release(self) -> None:
+        """The stream's task is over: its response parser goes back to the session if it
+        parsed a whole response (the next stream reuses it), else it is closed."""
+        reader = self.response
+        if reader is not None:
+            self.response = None
+            self.session.reader_done(reader)
 
     async def finish(self, completed: bool) -> None:
         """The proxy is done with this stream: end it if its response is whole (a response
@@ -300,9 +308,25 @@ class H2Session:
         self._read_scope = trio.CancelScope()  # cancelled when closing and the last stream has ended
         self.limited = False  # a limit bit: the connection is being closed
         self.closing = False  # GOAWAY sent: no new streams, close when the last one ends
+        # Response parsers of the streams that ended with a whole response, for the next ones
+        # (one parser is built per concurrent stream, not per request; see ResponseReader).
+        self.readers: list[ResponseReader] = []
         self.resets = TokenBucket(settings.max_resets_per_second, settings.max_resets_per_second)
         self.control = TokenBucket(settings.max_control_frames_per_second, settings.max_control_frames_per_second)
         self._output()
+
+    def response_reader(self, method: bytes) -> ResponseReader:
+        if self.readers:
+            reader = self.readers.pop()
+            reader.start(method)
+            return reader
+        return ResponseReader(method)
+
+    def reader_done(self, reader: ResponseReader) -> None:
+        if reader.done and not reader.broken and len(self.readers) < self.max_streams:
+            self.readers.append(reader)
+        else:
+            reader.close()
 
     # ------------------------------------------------------------ output
     def _output(self) -> None:
@@ -405,20 +429,25 @@ class H2Session:
     # ------------------------------------------------------------ the connection
     async def run(self) -> None:
         self.proxy.h2_connections += 1
-        async with trio.open_nursery() as nursery:
-            self._scope = nursery.cancel_scope
-            nursery.start_soon(self._writer)
-            try:
-                with self._read_scope:
-                    await self._read(nursery, b"")
-                # Let the streams finish (drain), then the writer flush what they wrote.
-                while self.streams:
-                    await self.changed.park()
-                with trio.move_on_after(FLUSH_WAIT):
-                    while self.out_bytes:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._writer)
+                try:
+                    with self._read_scope:
+                        await self._read(nursery, b"")
+                    # Let the streams finish (drain), then the writer flush what they wrote.
+                    while self.streams:
                         await self.changed.park()
-            finally:
-                nursery.cancel_scope.cancel()
+                    with trio.move_on_after(FLUSH_WAIT):
+                        while self.out_bytes:
+                            await self.changed.park()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:  # every stream's task has ended: no parser comes back any more
+            for reader in self.readers:
+                reader.close()  # (a parser and its reader refer to each other)
+            self.readers.clear()
 
     def _cancel_all(self) -> None:
         """The connection is unusable: end every stream's task and the session."""
@@ -589,11 +618,12 @@ class H2Session:
             conn.ack_consumed()
             self.streams.pop(conn.stream_id, None)
             self._output()
-            self._stream_ended()
+            self._stream_ended(conn)
 
-    def _stream_ended(self) -> None:
-        """A stream's task ended: wake who waits on it, and stop reading once the connection is
-        closing (GOAWAY either way) and this was the last one: nothing more will be served."""
+    def _stream_ended(self, conn: StreamConn) -> None:
+        """A stream's task ended: its parser freed, who waits on it woken, and no more reading
+        once the connection is closing (GOAWAY either way) and this was the last one."""
+        conn.release()
         self.changed.unpark_all()
         if self.closing and not self.streams:
             self._read_scope.cancel()
@@ -608,4 +638,4 @@ class H2Session:
                 await conn.finish(True)
         finally:
             self.streams.pop(conn.stream_id, None)
-            self._stream_ended()
+            self._stream_ended(conn)

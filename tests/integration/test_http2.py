@@ -220,3 +220,47 @@ async def test_the_end_of_a_response_rides_on_its_last_frame(pki: Pki) -> None:
         assert got[3] == [("headers", b"200"), ("end on headers", b"")], got
         assert got[5] == [("headers", b"204"), ("end on headers", b"")], got
         nursery.cancel_scope.cancel()
+
+
+async def test_streams_one_after_another_reuse_parsers_and_every_answer_is_whole(pki: Pki) -> None:
+    async with trio.open_nursery() as nursery:
+        backends = await start_backends(nursery, "alpha")
+        _, bound = await start_node(nursery, config(pki, backends))
+        port = bound.listeners["plain"][1]
+
+        def one_by_one() -> list[tuple[bytes, bytes]]:
+            # One connection, one stream at a time, so that each response is parsed by the parser
+            # the stream before gave back: after a HEAD (cut short: a new parser), a 204, a body
+            # of many DATA frames, and plain answers.
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            answers: list[tuple[bytes, bytes]] = []
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.settimeout(10)
+                for i, (method, path) in enumerate([("GET", "/"), ("HEAD", "/"), ("GET", "/"), ("GET", "/status/204"),
+                                                    ("GET", "/bytes?n=100000"), ("GET", "/"), ("HEAD", "/"),
+                                                    ("GET", "/")]):
+                    sid = 2 * i + 1
+                    conn.send_headers(sid, [(":method", method), (":scheme", "http"), (":authority", "t.example"),
+                                            (":path", path)], end_stream=True)
+                    sock.sendall(conn.data_to_send())
+                    status, body, ended = b"", b"", False
+                    while not ended:
+                        data = sock.recv(65536)
+                        assert data, "connection closed"
+                        for event in conn.receive_data(data):
+                            if isinstance(event, h2.events.ResponseReceived):
+                                status = dict(event.headers)[b":status"]
+                            elif isinstance(event, h2.events.DataReceived):
+                                body += event.data
+                                conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                            elif isinstance(event, h2.events.StreamEnded) and event.stream_id == sid:
+                                ended = True
+                        sock.sendall(conn.data_to_send())
+                    answers.append((status, body if len(body) < 100 else b"%d bytes" % len(body)))
+            return answers
+
+        assert await trio.to_thread.run_sync(one_by_one) == [
+            (b"200", b"alpha\n"), (b"200", b""), (b"200", b"alpha\n"), (b"204", b""), (b"200", b"100000 bytes"),
+            (b"200", b"alpha\n"), (b"200", b""), (b"200", b"alpha\n")]
+        nursery.cancel_scope.cancel()
