@@ -12,7 +12,8 @@ to the first.
 
 Modes: ``keepalive`` (the main L7 figure), ``close`` (wrk's ``Connection: close``: a new client
 connection per request through the http listener), ``l4`` (the same through the tcp listener:
-one short TCP session per request).
+one short TCP session per request), ``h2`` (h2load over TLS, ``bench.http2``'s command: an
+https listener and HAProxy with ALPN h2, 4 connections of 100 concurrent streams).
 
 ``--py-spy OUT`` records the first tree with py-spy (raw collapsed stacks) during one extra run;
 ``--shares OUT`` then prints the share of samples by function (self and inclusive).
@@ -36,11 +37,13 @@ from pathlib import Path
 
 from bench.configs import HOST, SMALL_PATH, fulcrum_config
 from bench.harness import Context, Options, Proc, StartError, pick_port, ports_of
+from bench.http2 import _h2load as h2load_run
 from bench.procstat import tree_cpu_seconds
+from bench.tls import _certificate, fulcrum_tls_config, haproxy_tls_config
 from bench.wrk import WrkParseError, parse_wrk
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("keepalive", "close", "l4")
+MODES = ("keepalive", "close", "l4", "h2")
 HAPROXY = "haproxy"
 
 
@@ -107,7 +110,7 @@ def _export(rev: str, dest: Path) -> Path:
     return dest
 
 
-def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int]) -> tuple[Proc, int, int]:
+def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = False) -> tuple[Proc, int, int]:
     ports = dataclasses.replace(
         ctx.ports,
         fulcrum_web=pick_port(28080 + 10 * i, taken),
@@ -115,13 +118,45 @@ def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int]) -> tuple[Pr
         fulcrum_admin=pick_port(28082 + 10 * i, taken),
     )
     conf = ctx.tmp / f"ab{i}.toml"
-    conf.write_text(fulcrum_config(ports, node_id=f"ab{i}"))
+    if h2:  # the https listener of bench.http2 (h2 by ALPN), on the "web" port
+        cert, key, _ = _h2_certificate(ctx)
+        conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin, cert, key))
+    else:
+        conf.write_text(fulcrum_config(ports, node_id=f"ab{i}"))
     # PYTHONPATH puts this tree's lbnode ahead of the venv's editable install.
     argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c",
             "import sys; from lbnode.cli import main; sys.exit(main())", "run", "--config", str(conf)]
     proc = ctx.spawn(f"ab{i}", argv, pin_balancer=True)
-    proc.wait_ready([ports.fulcrum_web, ports.fulcrum_bulk], ctx.opts.start_timeout)
+    proc.wait_ready([ports.fulcrum_web] if h2 else [ports.fulcrum_web, ports.fulcrum_bulk], ctx.opts.start_timeout)
     return proc, ports.fulcrum_web, ports.fulcrum_bulk
+
+
+def _h2_certificate(ctx: Context) -> tuple[Path, Path, Path]:
+    """One certificate for every balancer of an h2 run (made once)."""
+    directory = ctx.tmp / "h2cert"
+    if not directory.exists():
+        directory.mkdir()
+        return _certificate(directory)
+    return directory / "bench.crt", directory / "bench.key", directory / "bench.pem"
+
+
+def _haproxy_h2(ctx: Context, taken: set[int]) -> tuple[Proc, int]:
+    """HAProxy with ALPN h2 as bench.http2 configures it."""
+    port = pick_port(28543, taken)
+    _, _, pem = _h2_certificate(ctx)
+    conf = ctx.tmp / "haproxy-h2.cfg"
+    conf.write_text(haproxy_tls_config(list(ctx.ports.backends), port, pem).replace("alpn http/1.1", "alpn h2,http/1.1"))
+    proc = ctx.spawn("haproxy-h2", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
+    proc.wait_ready([port], ctx.opts.start_timeout)
+    return proc, port
+
+
+def _h2load(ctx: Context, port: int, seconds: float) -> int:
+    """Requests succeeded in one h2load run (bench.http2's command)."""
+    ok, failed, _ = h2load_run(ctx, port, seconds)
+    if failed:
+        print(f"  {failed} failed of {ok + failed} requests on port {port}", file=sys.stderr)
+    return ok
 
 
 def _wrk(ctx: Context, port: int, seconds: float, mode: str, connections: int) -> int:
@@ -152,18 +187,27 @@ def run(args: argparse.Namespace) -> int:
     ctx = Context(Options(start_timeout=30.0), REPO, tmp)
     try:
         ctx.backends()
-        procs: dict[str, Proc] = {HAPROXY: ctx.haproxy()}
-        ports = {HAPROXY: ctx.ports.haproxy_bulk if args.mode == "l4" else ctx.ports.haproxy_web}
         taken = set(ports_of(ctx.ports))
+        h2 = args.mode == "h2"
+        if h2:
+            haproxy, port = _haproxy_h2(ctx, taken)
+            procs: dict[str, Proc] = {HAPROXY: haproxy}
+            ports = {HAPROXY: port}
+        else:
+            procs = {HAPROXY: ctx.haproxy()}
+            ports = {HAPROXY: ctx.ports.haproxy_bulk if args.mode == "l4" else ctx.ports.haproxy_web}
         for i, (name, tree) in enumerate(trees):
-            proc, web, bulk = _start_lbnode(ctx, tree, i, taken)
+            proc, web, bulk = _start_lbnode(ctx, tree, i, taken, h2)
             procs[name] = proc
             ports[name] = bulk if args.mode == "l4" else web
         names = [name for name, _ in trees] + [HAPROXY]
 
         def measure(name: str, seconds: float) -> float:
             cpu0 = tree_cpu_seconds([procs[name].pid])
-            requests = _wrk(ctx, ports[name], seconds, args.mode, args.connections)
+            if h2:
+                requests = _h2load(ctx, ports[name], seconds)
+            else:
+                requests = _wrk(ctx, ports[name], seconds, args.mode, args.connections)
             cpu1 = tree_cpu_seconds([procs[name].pid])
             return (cpu1 - cpu0) * 1e6 / max(requests, 1)
 
@@ -186,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
                 results[name].append(us)
                 print(f"round {rnd} {name}: {us:.1f} us/request", flush=True)
             print(f"  load average {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
-        print(f"## {args.mode}, wrk -t1 -c{args.connections}, {args.seconds:g} s runs")
+        client = "h2load -c4 -m100 (TLS)" if h2 else f"wrk -t1 -c{args.connections}"
+        print(f"## {args.mode}, {client}, {args.seconds:g} s runs")
         for line in summarize(results):
             print(line)
         if len(trees) >= 2:

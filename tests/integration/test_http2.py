@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import subprocess
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
 
@@ -171,4 +175,92 @@ async def test_grpc_client_gets_unavailable_when_no_backend_is_up(pki: Pki) -> N
         code, details = await trio.to_thread.run_sync(call)
         assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
         assert "backend" in details  # the node's reason, not "Received http2 header with status: 503"
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_end_of_a_response_rides_on_its_last_frame(pki: Pki) -> None:
+    async with trio.open_nursery() as nursery:
+        backends = await start_backends(nursery, "alpha")
+        _, bound = await start_node(nursery, config(pki, backends))
+        port = bound.listeners["plain"][1]
+
+        def frames() -> dict[int, list[tuple[str, bytes]]]:
+            # GET (a body), HEAD and a 204 (none): what frames each stream got, in order.
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            base = [(":scheme", "http"), (":authority", "t.example")]
+            for sid, method, path in ((1, "GET", "/"), (3, "HEAD", "/"), (5, "GET", "/status/204")):
+                conn.send_headers(sid, [(":method", method), (":path", path), *base], end_stream=True)
+            got: dict[int, list[tuple[str, bytes]]] = {1: [], 3: [], 5: []}
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(conn.data_to_send())
+                sock.settimeout(10)
+                ended = 0
+                while ended < 3:
+                    data = sock.recv(65536)
+                    assert data, "connection closed"
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            got[event.stream_id].append(("headers", dict(event.headers)[b":status"]))
+                            if event.stream_ended is not None:
+                                got[event.stream_id].append(("end on headers", b""))
+                        elif isinstance(event, h2.events.DataReceived):
+                            got[event.stream_id].append(("data", event.data))
+                            if event.stream_ended is not None:
+                                got[event.stream_id].append(("end on data", b""))
+                        elif isinstance(event, h2.events.StreamEnded):
+                            ended += 1
+                    sock.sendall(conn.data_to_send())
+            return got
+
+        got = await trio.to_thread.run_sync(frames)
+        # END_STREAM on the last DATA frame (no empty DATA frame after it), or on HEADERS when
+        # the response has no body: one frame less per request.
+        assert got[1] == [("headers", b"200"), ("data", b"alpha\n"), ("end on data", b"")], got
+        assert got[3] == [("headers", b"200"), ("end on headers", b"")], got
+        assert got[5] == [("headers", b"204"), ("end on headers", b"")], got
+        nursery.cancel_scope.cancel()
+
+
+async def test_streams_one_after_another_reuse_parsers_and_every_answer_is_whole(pki: Pki) -> None:
+    async with trio.open_nursery() as nursery:
+        backends = await start_backends(nursery, "alpha")
+        _, bound = await start_node(nursery, config(pki, backends))
+        port = bound.listeners["plain"][1]
+
+        def one_by_one() -> list[tuple[bytes, bytes]]:
+            # One connection, one stream at a time, so that each response is parsed by the parser
+            # the stream before gave back: after a HEAD (cut short: a new parser), a 204, a body
+            # of many DATA frames, and plain answers.
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            answers: list[tuple[bytes, bytes]] = []
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.settimeout(10)
+                for i, (method, path) in enumerate([("GET", "/"), ("HEAD", "/"), ("GET", "/"), ("GET", "/status/204"),
+                                                    ("GET", "/bytes?n=100000"), ("GET", "/"), ("HEAD", "/"),
+                                                    ("GET", "/")]):
+                    sid = 2 * i + 1
+                    conn.send_headers(sid, [(":method", method), (":scheme", "http"), (":authority", "t.example"),
+                                            (":path", path)], end_stream=True)
+                    sock.sendall(conn.data_to_send())
+                    status, body, ended = b"", b"", False
+                    while not ended:
+                        data = sock.recv(65536)
+                        assert data, "connection closed"
+                        for event in conn.receive_data(data):
+                            if isinstance(event, h2.events.ResponseReceived):
+                                status = dict(event.headers)[b":status"]
+                            elif isinstance(event, h2.events.DataReceived):
+                                body += event.data
+                                conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                            elif isinstance(event, h2.events.StreamEnded) and event.stream_id == sid:
+                                ended = True
+                        sock.sendall(conn.data_to_send())
+                    answers.append((status, body if len(body) < 100 else b"%d bytes" % len(body)))
+            return answers
+
+        assert await trio.to_thread.run_sync(one_by_one) == [
+            (b"200", b"alpha\n"), (b"200", b""), (b"200", b"alpha\n"), (b"204", b""), (b"200", b"100000 bytes"),
+            (b"200", b"alpha\n"), (b"200", b""), (b"200", b"alpha\n")]
         nursery.cancel_scope.cancel()

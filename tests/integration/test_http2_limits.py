@@ -3,6 +3,7 @@ bounds what it costs), counts it in /metrics, and another client is served meanw
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 
@@ -12,6 +13,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
+import pytest
 import trio
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame
@@ -413,4 +415,33 @@ async def test_streams_beyond_the_limit_are_refused_alone() -> None:
         assert await trio.to_thread.run_sync(too_many) == (100, 50, None)
         assert backends[0].stats.requests == 100
         assert limit_metric(node, "refused_stream") == 50
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_goaway_with_streams_in_flight_logs_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    async with trio.open_nursery() as nursery:
+        node, port, backends = await start(nursery)
+
+        def goaway_then_wait() -> bytes:
+            # Three requests, then GOAWAY before the answers (h2load does this when its time is
+            # up), and the socket kept open until the node closes it.
+            conn = client()
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                for sid in (1, 3, 5):
+                    conn.send_headers(sid, [*REQUEST[:3], (":path", "/slow?ms=300")], end_stream=True)
+                conn.close_connection()
+                sock.sendall(conn.data_to_send())
+                sock.settimeout(5)
+                received = b""
+                while data := sock.recv(65536):
+                    received += data
+                return received
+
+        with caplog.at_level(logging.WARNING, logger="lbnode"):
+            received = await trio.to_thread.run_sync(goaway_then_wait)
+        assert backends[0].stats.requests == 3 and received  # (the node's SETTINGS at least)
+        # h2 refuses to send on a connection the client said GOAWAY on: the streams end as a
+        # client reset, not as a failure logged with its traceback.
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        await other_client_served(port)
         nursery.cancel_scope.cancel()

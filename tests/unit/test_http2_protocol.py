@@ -9,6 +9,7 @@ from h2.settings import SettingCodes
 from lbnode.config import load_config_text
 from lbnode.http.headers import BadRequest, ResponseHead, check_request, upstream_request_head
 from lbnode.http2.protocol import (
+    WALK_EVERY,
     TokenBucket,
     grpc_local_answer,
     is_grpc,
@@ -90,6 +91,53 @@ def test_new_connection_announces_the_listeners_settings() -> None:
     assert changed[SettingCodes.MAX_FRAME_SIZE].new_value == 1 << 15
     assert changed[SettingCodes.MAX_HEADER_LIST_SIZE].new_value == 8192
     assert client.outbound_flow_control_window == 4 << 20  # the connection window: 4 streams' worth
+
+
+def test_the_open_stream_count_refuses_exactly_where_h2s_walk_would() -> None:
+    """OpenStreamsBound keeps an upper bound instead of walking every stream per new one: the
+    stream beyond h2's limit (twice the announced 5) is still refused exactly there, after
+    streams opened and closed in any order, and the closed ones are forgotten."""
+    import h2.exceptions
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    server = new_connection(Http2Settings(enabled=True, max_concurrent_streams=5))
+    client = H2Connection(H2Configuration(client_side=True))  # (not told the server's limit)
+    client.initiate_connection()
+    sid = 1
+
+    def open_one() -> int:
+        nonlocal sid
+        stream_id, sid = sid, sid + 2
+        client.send_headers(stream_id, BASE, end_stream=True)
+        server.receive_data(client.data_to_send())
+        return stream_id
+
+    def close(stream_id: int) -> None:  # the server answers it in full: closed both ways
+        server.send_headers(stream_id, [(b":status", b"204")], end_stream=True)
+
+    # 200 streams opened and closed one after another (past several walks), 3 left open.
+    for _ in range(200):
+        close(open_one())
+    for _ in range(3):
+        open_one()
+    # h2 is told twice the announced limit: 7 more are taken (10 open)...
+    more = [open_one() for _ in range(7)]
+    assert server._open_streams(1) == 10
+    # ...one closes, and exactly one more fits again: the next is one too many.
+    close(more[0])
+    open_one()
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        open_one()
+    # With the default limit (100, so 200 for h2) closed streams are still forgotten every
+    # WALK_EVERY new streams, long before the bound nears the limit.
+    server = new_connection(Http2Settings(enabled=True))
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    sid = 1
+    for _ in range(300):
+        close(open_one())
+        assert len(server.streams) <= WALK_EVERY + 1
 
 
 LISTENER = '[node]\nid = "n"\n[[pools]]\nname = "p"\n[[pools.backends]]\naddress = "127.0.0.1:1"\n' \
