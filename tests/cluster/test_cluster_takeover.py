@@ -1,0 +1,188 @@
+"""``lbnode run --takeover`` (binary upgrade) of a cluster member, in the namespace topology.
+
+Three ``lbnode run`` nodes (tests/cluster/test_vip_failover.py's setup: an etcd member per node
+host, heartbeats on, lease TTL 2 s, one VIP, cookie affinity), a client sending 200 requests/s
+to the VIP with a sticky session. One node is replaced by ``lbnode run --takeover``: the new
+process adopts the old one's sockets, lease, VIPs and heartbeat state. What the user sees:
+no failed request and no refused connection, the VIP on exactly one host in every sample
+(on the same host throughout: it does not move), the node's key in etcd throughout under the
+same lease (``lbctl nodes`` lists it from there), the other nodes see nobody leave and revoke
+nobody, the session keeps its backend, the old process exits 0, and a pool change made after
+the takeover is served by the new process. Skipped unless root with working ``ip netns``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.cluster.test_vip_failover import (  # noqa: F401 (fixtures)
+    ANSWER_WINDOW,
+    NODES,
+    PYTHON,
+    RATE,
+    REPO,
+    VIP,
+    LbNodes,
+    Probe,
+    endpoints,
+    lan,
+    lbnodes,
+    rate,
+    session_start,
+    wait_for,
+)
+from tests.cluster.topology import Lan
+
+# How often the VIP's hosts and the node key are sampled (as the VIP tests sample holders).
+SAMPLE = 0.05
+
+# Prints "<monotonic> <lease hex or ->" for the node key every SAMPLE seconds, from a node host.
+KEY_SAMPLER = """
+import sys, time
+from lbnode.cluster.etcd import EtcdConnection
+conn = EtcdConnection(sys.argv[1].split(","))
+key = sys.argv[2]
+while True:
+    try:
+        kv = conn.get(key)
+        print(f"{time.monotonic():.3f} {'%x' % kv.lease if kv is not None else '-'}", flush=True)
+    except Exception as exc:
+        print(f"{time.monotonic():.3f} error:{type(exc).__name__}", flush=True)
+    time.sleep(float(sys.argv[3]))
+"""
+
+# Keeps only one backend in pool "web" (through the store, as lbctl does).
+KEEP_ONE_BACKEND = """
+import sys
+from dataclasses import replace
+from lbnode.config import load_config
+from lbnode.cluster.etcd import EtcdStore
+config = load_config(sys.argv[1])
+store = EtcdStore(config.cluster)
+record = store.get_pool("web")
+pool = record.pool
+store.update_pool(replace(pool, backends=tuple(b for b in pool.backends if b.name == sys.argv[2])), record.revision)
+print("ok")
+"""
+
+
+class Sampler:
+    """A thread that notes which hosts have the VIP every SAMPLE seconds."""
+
+    def __init__(self, net: Lan) -> None:
+        self.lan = net
+        self.samples: list[tuple[float, frozenset[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), frozenset(self.lan.holders(VIP, NODES))))
+            time.sleep(SAMPLE)
+
+    def close(self) -> list[tuple[float, frozenset[str]]]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.samples
+
+
+def node_key_sampler(net: Lan, node: str) -> subprocess.Popen[bytes]:
+    return net.spawn(node, [PYTHON, "-c", KEY_SAMPLER, ",".join(endpoints(node)), f"/lbnode/nodes/{node}", str(SAMPLE)],
+                     stdout=subprocess.PIPE, cwd=REPO)
+
+
+def answered_by(net: Lan, n: int) -> list[str]:
+    """``n`` requests without a cookie from the client host: the backend of each answer."""
+    out = []
+    for _ in range(n):
+        result = net.run("cli", ["curl", "-s", "-m", "2", "-D", "-", "-o", "/dev/null", f"http://{VIP}:8080/"])
+        backend = [line.split(":", 1)[1].strip() for line in result.stdout.splitlines()
+                   if line.lower().startswith("x-backend:")]
+        out.append(backend[0] if backend else f"no answer ({result.returncode})")
+    return out
+
+
+@pytest.mark.parametrize("which", ["holder", "non-holder"])
+def test_lbnode_takeover_of_a_cluster_member_loses_no_request_and_moves_nothing(
+    lan: Lan, lbnodes: LbNodes, which: str, capsys: pytest.CaptureFixture[str]  # noqa: F811
+) -> None:
+    # no SYN is dropped on this path (no VIP moves): a refused or unanswered connection fails
+    # at once, or after the 1 s connect timeout (the kernel's first SYN retransmission)
+    probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=1.0)
+    key_sampler: subprocess.Popen[bytes] | None = None
+    sampler: Sampler | None = None
+    try:
+        backend = session_start(probe)
+        lbnodes.settled()
+        holder = lbnodes.holder()
+        node = holder if which == "holder" else next(n for n in NODES if n != holder)
+        others = [n for n in NODES if n != node]
+        old = lbnodes.procs[node]
+        other_logs = {n: lbnodes.logs[n].read_text(errors="replace") for n in others}
+        key_sampler = node_key_sampler(lan, node)
+        sampler = Sampler(lan)
+        time.sleep(1.0)  # samples and requests before the takeover
+        started = time.monotonic()
+        log = lbnodes.tmp / f"{node}-takeover.log"
+        new = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config", str(lbnodes.config(node))],
+                        log_path=log, cwd=REPO)
+        # the old process drains (drain_timeout 2 s) and exits 0
+        assert old.wait(15) == 0, f"the old process of {node} did not exit 0"
+        exited = time.monotonic()
+        lbnodes.procs[node], lbnodes.logs[node] = new, log
+        time.sleep(2.0)  # requests and samples after the old process is gone
+        time.sleep(ANSWER_WINDOW)
+        until = time.monotonic() - ANSWER_WINDOW
+        samples = sampler.close()
+        key_sampler.kill()
+        key_out, _ = key_sampler.communicate(timeout=5)
+        text = log.read_text(errors="replace")
+        assert new.poll() is None, f"the new process of {node} exited: {text[-2000:]}"
+        assert "taken over from the process it replaces" in text, text[-3000:]
+
+        results = probe.since(started - 1.0, until)
+        failures = [r for r in results if not r[1]]
+        slow = sum(1 for t, _, _ in results if probe.took[t] > 0.5)
+        holders = {s for _, s in samples}
+        keys = [line.split()[1] for line in key_out.decode().splitlines() if len(line.split()) == 2]
+        summary = (f"takeover of {which} {node} at {RATE} req/s ({rate(results, started - 1.0, until)}): "
+                   f"{len(results)} requests, {len(failures)} failed, {slow} over 0.5 s "
+                   f"(longest {max(probe.took[t] for t, _, _ in results):.2f}s); old process exited "
+                   f"{exited - started:.2f}s after the start; VIP hosts seen {sorted(map(sorted, holders))} in "
+                   f"{len(samples)} samples; node key leases seen {sorted(set(keys))} in {len(keys)} samples")
+        with capsys.disabled():
+            print("\n" + summary)
+        assert not failures, f"{summary}: {failures[:5]}"
+        assert holders == {frozenset({holder})}, f"the VIP was not on {holder} alone in every sample: {summary}"
+        assert len(keys) >= 20 and len(set(keys)) == 1 and keys[0] not in ("-",) and not keys[0].startswith("error"), (
+            f"node {node}'s key was not there under one lease throughout: {summary}")
+        assert {what for _, ok, what in probe.since(0) if ok} == {backend}, "the session changed its backend"
+        for n in others:
+            seen = lbnodes.logs[n].read_text(errors="replace")[len(other_logs[n]):]
+            assert f"node {node} left the cluster" not in seen, f"{n} saw {node} leave: {seen[-2000:]}"
+            assert "revoking its lease" not in seen, f"{n} revoked a lease: {seen[-2000:]}"
+            assert f"VIP {VIP}:" not in seen, f"{n} saw the VIP move: {seen[-2000:]}"
+    finally:
+        probe.close()
+        if sampler is not None:
+            sampler.close()
+        if key_sampler is not None and key_sampler.poll() is None:
+            key_sampler.kill()
+            key_sampler.wait(5)
+
+    # pools changed after the takeover are followed by the new process (the VIP's holder
+    # answers every request: after a holder's takeover, that is the new process)
+    keep = "be1"
+    applied = log.read_text(errors="replace").count("configuration version")
+    result = lan.run(node, [PYTHON, "-c", KEEP_ONE_BACKEND, str(lbnodes.config(node)), keep], timeout=20)
+    assert result.stdout.strip() == "ok", result.stderr
+    wait_for(lambda: set(answered_by(lan, 4)) == {keep}, 10, "the pool change was not followed")
+    assert set(answered_by(lan, 10)) == {keep}
+    # the new process (holder or not) applied it too
+    wait_for(lambda: log.read_text(errors="replace").count("configuration version") > applied, 5,
+             f"the new process of {node} did not apply the pool change")
