@@ -225,3 +225,11 @@ def test_lbnode_takeover_of_a_cluster_member_loses_no_request_and_moves_nothing(
     # the new process (holder or not) applied it too
     wait_for(lambda: log.read_text(errors="replace").count("configuration version") > applied, 5,
              f"the new process of {node} did not apply the pool change")
+    if which == "holder":
+        # the VIP guard went over with the VIPs: the new process killed with kill -9, the guard
+        # (started by the old process, its pipe now held by the new one) takes the address off
+        new.kill()
+        new.wait(5)
+        wait_for(lambda: VIP not in lan.addresses(node), 1.0, f"the killed new process's VIP is still on {node}")
+        wait_for(lambda: len(lbnodes.holders()) == 1 and node not in lbnodes.holders(), 10,
+                 "no other node took the VIP after the new process died")
