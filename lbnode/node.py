@@ -525,54 +525,63 @@ class LbNode:
             listeners={li.name: s.getsockname()[:2] for li, s in sockets},
             admin=admin_sock.getsockname()[:2] if admin_sock is not None else None,
         )
-        async with trio.open_nursery() as outer:
-            if handle_signals:
-                outer.start_soon(self._watch_signals, outer.cancel_scope)
-            if self.agent is not None:
-                self.agent.on_assignment_change(self._sync_health)
-                self.agent.on_verdict(self._on_verdict)
-                self.events.follow_cluster(self.agent)
-                if config.cluster is not None and config.cluster.vips:
-                    self.vips = VipClaimer(config.cluster, config.node.id, self.agent.conn, self.agent)
-                    self.vips.on_moved(self.events.vip_moved)
-                    self.vips.on_moving(self._filter_moving_vips)
-                if takeover is not None and takeover.cluster is not None:
-                    await self._take_over_cluster(takeover)
-                await outer.start(self.agent.run)
-                if self.vips is not None:
-                    await outer.start(self.vips.run)
-            if self.affinity is not None:
-                await outer.start(self.affinity.run)
-            if self.store is not None:
-                self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed,
-                                              seed_routes=self._seed_routes)
-                self.events.follow(self.follower)
-                if self.last_config is not None:
-                    self.follower.on_applied(self.last_config.note)
-                    outer.start_soon(self.last_config.run)
-                outer.start_soon(self.follower.run)
-                with trio.move_on_after(FIRST_READ_WAIT):
-                    await self.follower.settled.wait()
-                if not self.follower.synced.is_set():
-                    self._serve_cached()
-            if config.control is not None and self.store is not None:
-                self.control_port = await outer.start(self._serve_control, config.control, self.store)
-            if admin_sock is not None:
-                outer.start_soon(self._serve_admin, admin_sock, access)
-            outer.start_soon(self._check_certificate_expiry)
-            access_log_scope = trio.CancelScope()
-            if self.access_log_writers:
-                outer.start_soon(self._run_access_logs, access_log_scope)
-            self._health_nursery = outer
-            self._sync_health()
-            await self._serve_listeners(sockets, outer, takeover, task_status=task_status)
-            access_log_scope.cancel()
-            await self._flush_access_logs()
-            self.upstreams.close()
-            if self.command_socket is not None:
-                self.command_socket.close()
-            log.info("stopped")
-            outer.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as outer:
+                if handle_signals:
+                    outer.start_soon(self._watch_signals, outer.cancel_scope)
+                if self.agent is not None:
+                    self.agent.on_assignment_change(self._sync_health)
+                    self.agent.on_verdict(self._on_verdict)
+                    self.events.follow_cluster(self.agent)
+                    if config.cluster is not None and config.cluster.vips:
+                        self.vips = VipClaimer(config.cluster, config.node.id, self.agent.conn, self.agent)
+                        self.vips.on_moved(self.events.vip_moved)
+                        self.vips.on_moving(self._filter_moving_vips)
+                    if takeover is not None and takeover.cluster is not None:
+                        await self._take_over_cluster(takeover)
+                    await outer.start(self.agent.run)
+                    if self.vips is not None:
+                        await outer.start(self.vips.run)
+                if self.affinity is not None:
+                    await outer.start(self.affinity.run)
+                if self.store is not None:
+                    self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed,
+                                                  seed_routes=self._seed_routes)
+                    self.events.follow(self.follower)
+                    if self.last_config is not None:
+                        self.follower.on_applied(self.last_config.note)
+                        outer.start_soon(self.last_config.run)
+                    outer.start_soon(self.follower.run)
+                    with trio.move_on_after(FIRST_READ_WAIT):
+                        await self.follower.settled.wait()
+                    if not self.follower.synced.is_set():
+                        self._serve_cached()
+                if config.control is not None and self.store is not None:
+                    self.control_port = await outer.start(self._serve_control, config.control, self.store)
+                if admin_sock is not None:
+                    outer.start_soon(self._serve_admin, admin_sock, access)
+                outer.start_soon(self._check_certificate_expiry)
+                access_log_scope = trio.CancelScope()
+                if self.access_log_writers:
+                    outer.start_soon(self._run_access_logs, access_log_scope)
+                self._health_nursery = outer
+                self._sync_health()
+                await self._serve_listeners(sockets, outer, takeover, task_status=task_status)
+                access_log_scope.cancel()
+                await self._flush_access_logs()
+                self.upstreams.close()
+                if self.command_socket is not None:
+                    self.command_socket.close()
+                log.info("stopped")
+                outer.cancel_scope.cancel()
+        except BaseException:
+            if self.takeover is not None:
+                # failed before serving: hand the old process back what it gave (its sockets, and
+                # its cluster membership, which our agent and claimer left as they found it) now,
+                # not at the end of the interpreter: its heartbeats must resume within DETECT_AFTER
+                self.takeover.abandon()
+                self.takeover = None
+            raise
 
     async def _serve_listeners(
         self, sockets: list[tuple[Listener, stdsocket.socket]], outer: trio.Nursery, takeover: Takeover | None,

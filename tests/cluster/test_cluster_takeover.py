@@ -233,3 +233,93 @@ def test_lbnode_takeover_of_a_cluster_member_loses_no_request_and_moves_nothing(
         wait_for(lambda: VIP not in lan.addresses(node), 1.0, f"the killed new process's VIP is still on {node}")
         wait_for(lambda: len(lbnodes.holders()) == 1 and node not in lbnodes.holders(), 10,
                  "no other node took the VIP after the new process died")
+
+
+CONTROL = 7001  # the control API of each node, on its loopback (lbctl's port in these tests)
+
+
+class ControlNodes(LbNodes):
+    """``lbnodes`` with a control API on each node ([control]: a takeover first asks the old
+    process to stop its own, then binds the port again)."""
+
+    def config(self, node: str) -> Path:
+        path = super().config(node)
+        path.write_text(path.read_text() + f'\n[control]\nbind = "127.0.0.1:{CONTROL}"\ninsecure = true\n')
+        return path
+
+
+@pytest.fixture
+def control_nodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:  # noqa: F811
+    for made in _lbnodes(lan, tmp_path, VIP, 24, BACKENDS):
+        made.__class__ = ControlNodes
+        for node in NODES:  # started from the base config: again with [control]
+            made.procs[node].kill()
+            made.procs[node].wait(5)
+        for node in NODES:
+            made.start(node)
+        yield made
+
+
+def test_a_takeover_of_the_holder_that_fails_after_the_handover_gives_the_vip_back(
+    lan: Lan, control_nodes: LbNodes, capsys: pytest.CaptureFixture[str]  # noqa: F811
+) -> None:
+    """The new process adopted the holder's lease and VIP, then could not bind its control port:
+    it hands them back as it exits, the old process takes them again and goes on. Nothing
+    moves, no request fails, and the node keeps its lease."""
+    lbnodes = control_nodes
+    probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=1.0)
+    key_sampler: subprocess.Popen[bytes] | None = None
+    sampler: Sampler | None = None
+    busy = 7002
+    blocker = lan.spawn(lbnodes.holder(), [PYTHON, "-c", "import socket, time; s = socket.socket(); "
+                                           f"s.bind(('127.0.0.1', {busy})); s.listen(); time.sleep(600)"])
+    try:
+        session_start(probe)
+        lbnodes.settled()
+        node = lbnodes.holder()
+        others = [n for n in NODES if n != node]
+        old = lbnodes.procs[node]
+        other_logs = {n: lbnodes.logs[n].read_text(errors="replace") for n in others}
+        key_sampler = node_key_sampler(lan, node)
+        sampler = Sampler(lan)
+        time.sleep(1.0)
+        started = time.monotonic()
+        bad = lbnodes.tmp / f"{node}-bad.toml"
+        bad.write_text(lbnodes.config(node).read_text().replace(f"127.0.0.1:{CONTROL}", f"127.0.0.1:{busy}"))
+        log = lbnodes.tmp / f"{node}-failed-takeover.log"
+        new = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config", str(bad)],
+                        log_path=log, cwd=REPO)
+        assert new.wait(30) != 0
+        text = log.read_text(errors="replace")
+        assert f"control.bind: cannot listen on 127.0.0.1:{busy}" in text, text[-3000:]
+        wait_for(lambda: "taking it back" in lbnodes.logs[node].read_text(errors="replace"), 5, "the old node's note")
+        time.sleep(3.0)  # beyond the lease TTL (2 s): the old process keeps it alive again
+        assert old.poll() is None
+        time.sleep(ANSWER_WINDOW)
+        until = time.monotonic() - ANSWER_WINDOW
+        samples = sampler.close()
+        key_sampler.kill()
+        key_out, _ = key_sampler.communicate(timeout=5)
+        results = probe.since(started - 1.0, until)
+        failures = [r for r in results if not r[1]]
+        holders = {s for _, s in samples}
+        keys = [line.split()[1] for line in key_out.decode().splitlines() if len(line.split()) == 2]
+        summary = (f"failed takeover of holder {node}: {len(results)} requests, {len(failures)} failed; VIP hosts "
+                   f"seen {sorted(map(sorted, holders))}; node key leases seen {sorted(set(keys))}")
+        with capsys.disabled():
+            print("\n" + summary)
+        assert not failures, f"{summary}: {failures[:5]}"
+        assert holders == {frozenset({node})}, summary
+        assert len(keys) >= 20 and len(set(keys)) == 1 and keys[0] != "-", summary
+        for n in others:
+            seen = lbnodes.logs[n].read_text(errors="replace")[len(other_logs[n]):]
+            assert f"node {node} left the cluster" not in seen and "revoking its lease" not in seen, seen[-2000:]
+            assert f"VIP {VIP}:" not in seen, f"{n} saw the VIP move: {seen[-2000:]}"
+    finally:
+        blocker.kill()
+        probe.close()
+        if sampler is not None:
+            sampler.close()
+        if key_sampler is not None and key_sampler.poll() is None:
+            key_sampler.kill()
+            key_sampler.wait(5)
