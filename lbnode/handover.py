@@ -126,11 +126,11 @@ class Takeover:
     lock: IO[str] | None = None  # the running node's state_dir lock (same open file: the flock is ours too)
     used: set[str] = field(default_factory=set)
     # [cluster]: the running node's Trio clock offset (HandoverClock), its node id and etcd prefix,
-    # its claimer heartbeat socket and its VIP guard's pipe (and the VIPs that guard covers)
+    # its claimer heartbeat socket and its VIP guards' pipes (cluster["guarded"]: the VIPs they cover)
     clock_offset: float | None = None
     cluster: dict[str, Any] | None = None
     heartbeat: stdsocket.socket | None = None
-    guard_pipe: int | None = None
+    guard_pipes: list[int] = field(default_factory=list)
 
     @classmethod
     def start(cls, path: Path) -> Takeover:
@@ -158,7 +158,7 @@ class Takeover:
         by_fd = dict(zip(names, fds, strict=True))
         lock_fd = by_fd.pop("lock", None)
         lock = os.fdopen(lock_fd, "r+") if lock_fd is not None else None
-        guard_pipe = by_fd.pop("vipguard", None)
+        guard_pipes = [by_fd.pop(name) for name in names if name.startswith("vipguard")]
         heartbeat_fd = by_fd.pop("heartbeat", None)
         heartbeat = stdsocket.socket(fileno=heartbeat_fd) if heartbeat_fd is not None else None
         by_key = {name: stdsocket.socket(fileno=fd) for name, fd in by_fd.items()}
@@ -169,7 +169,7 @@ class Takeover:
         cluster = answer.get("cluster")
         return cls(conn, by_key, admin, answer.get("admin_bind"), int(answer.get("pid", 0)), lock,
                    clock_offset=float(clock) if isinstance(clock, int | float) else None,
-                   cluster=cluster if isinstance(cluster, dict) else None, heartbeat=heartbeat, guard_pipe=guard_pipe)
+                   cluster=cluster if isinstance(cluster, dict) else None, heartbeat=heartbeat, guard_pipes=guard_pipes)
 
     def cluster_mismatch(self, node_id: str, prefix: str, vips: bool) -> str | None:
         """Why this process cannot go on as the running node's cluster member (None: it can).
@@ -246,8 +246,9 @@ class Takeover:
             self.lock.close()
         if self.heartbeat is not None:
             self.heartbeat.close()
-        if self.guard_pipe is not None:
-            os.close(self.guard_pipe)
+        for fd in self.guard_pipes:
+            os.close(fd)
+        self.guard_pipes = []
         self.conn.close()
 
 

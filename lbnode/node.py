@@ -384,10 +384,13 @@ class LbNode:
             # guard's pipe now, so that the new process has them ready before we stop claiming
             cluster = {"node": self.config.node.id, "prefix": self.config.cluster.prefix, "vips": self.vips is not None}
             if self.vips is not None:
-                for name, fd in (("heartbeat", self.vips.heartbeat_fd()), ("vipguard", self.vips.guard_pipe())):
-                    if fd is not None:
-                        keys.append(name)
-                        fds.append(fd)
+                heartbeat_fd = self.vips.heartbeat_fd()
+                if heartbeat_fd is not None:
+                    keys.append("heartbeat")
+                    fds.append(heartbeat_fd)
+                for i, fd in enumerate(self.vips.guard_pipes()):
+                    keys.append(f"vipguard{i}")
+                    fds.append(fd)
                 cluster["guarded"] = self.vips.guarded()
         await conn.answer({"ok": True, "sockets": keys, "admin_bind": admin_bind, "pid": os.getpid(),
                            "clock": clock_offset(), "cluster": cluster}, fds)
@@ -456,8 +459,8 @@ class LbNode:
 
         assert self.agent is not None and takeover.cluster is not None
         if self.vips is not None:
-            await self.vips.prepare(takeover.guard_pipe, takeover.cluster.get("guarded", ()))
-            takeover.guard_pipe = None  # the claimer's now
+            await self.vips.prepare(takeover.guard_pipes, takeover.cluster.get("guarded", ()))
+            takeover.guard_pipes = []  # the claimer's now
         try:
             state = await trio.to_thread.run_sync(takeover.release_cluster)
         except CommandError as exc:

@@ -272,7 +272,9 @@ class VipClaimer:
         self._waiting_logged: dict[int, str] = {}  # holder lease -> why it is not revoked yet (logged)
         # lbnode run --takeover (``hand_over`` in the old process, ``prepare``/``adopt`` in the new)
         self._guard: subprocess.Popen[bytes] | None = None  # the VIP guard this process started
-        self._guard_pipe: int | None = None  # the write end of the replaced process's guard's stdin
+        # the write ends of the replaced process's guards' stdin, and the VIPs those guards cover
+        self._guard_pipes: list[int] = []
+        self._pipes_guard: set[str] = set()
         self._adopted: dict[str, Any] | None = None
         self._adopted_heartbeat: socket.socket | None = None
         self._adopted_heartbeats: Mapping[str, object] | None = None
@@ -392,19 +394,20 @@ class VipClaimer:
             await trio.sleep(FENCED_POLL)  # fenced: look again soon for a renewed lease or confirmations
 
     # ------------------------------------------------------------------ run
-    async def prepare(self, guard_pipe: int | None = None, guard_vips: Sequence[str] = ()) -> None:
+    async def prepare(self, guard_pipes: Sequence[int] = (), guard_vips: Sequence[str] = ()) -> None:
         """Netlink, the VIP guard and the ARP setting: what ``run`` needs first (about half a
         second of imports). A takeover calls it before the old process stops claiming, so that
-        the hand-off window holds none of it. ``guard_pipe``: the old process's guard (the
-        write end of its stdin), which covers ``guard_vips``: this process keeps it open
-        instead of starting one (the addresses must stay while either process lives)."""
+        the hand-off window holds none of it. ``guard_pipes``: the old process's guards (the
+        write ends of their stdin), which cover ``guard_vips``: this process keeps them open
+        for as long as it lives (each guard removes its addresses once no process holds its
+        pipe), and starts a guard of its own only if some VIP of ours is not covered."""
         if self._addresses is not None:
             return
         self._addresses = await trio.to_thread.run_sync(NetlinkAddresses)
         # real addresses: a guard process takes them off the wire if this process dies
-        if guard_pipe is not None:
-            self._guard_pipe = guard_pipe
-        if self._guard is None and (guard_pipe is None or set(guard_vips) != {v.arg for v in self.vips.values()}):
+        self._guard_pipes += guard_pipes
+        self._pipes_guard |= set(guard_vips)
+        if self._guard is None and not {v.arg for v in self.vips.values()} <= self._pipes_guard:
             self._guard = await trio.to_thread.run_sync(vipguard.start, tuple(self.vips.values()))
         for interface in sorted({v.interface for v in self.vips.values()}):
             setting = f"net.ipv4.conf.{interface}.arp_announce=2"
@@ -483,17 +486,18 @@ class VipClaimer:
         self._values = {}
         return state
 
-    def guard_pipe(self) -> int | None:
-        """The descriptor whose closing makes the VIP guard act (for a takeover to share)."""
-        if self._guard is not None and self._guard.stdin is not None:
-            return self._guard.stdin.fileno()
-        return self._guard_pipe
+    def guard_pipes(self) -> list[int]:
+        """The descriptors whose closing makes a VIP guard act (for a takeover to share)."""
+        own = [self._guard.stdin.fileno()] if self._guard is not None and self._guard.stdin is not None else []
+        return own + self._guard_pipes
 
     def heartbeat_fd(self) -> int | None:
         return self._heartbeat_std.fileno() if self._heartbeat_std is not None else None
 
     def guarded(self) -> list[str]:
-        return [v.arg for v in self.vips.values()]
+        """The VIPs our guards cover (``VipSpec.arg``)."""
+        own = {v.arg for v in self.vips.values()} if self._guard is not None else set()
+        return sorted(own | self._pipes_guard)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._run_done = trio.Event()
@@ -556,9 +560,9 @@ class VipClaimer:
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(vipguard.stop, self._guard)
                     self._guard = None
-                if self._guard_pipe is not None:
-                    os.close(self._guard_pipe)
-                    self._guard_pipe = None
+                for fd in self._guard_pipes:
+                    os.close(fd)
+                self._guard_pipes, self._pipes_guard = [], set()
 
     @property
     def accepting(self) -> bool:

@@ -140,8 +140,7 @@ def test_lbnode_takeover_of_a_cluster_member_loses_no_request_and_moves_nothing(
     sampler: Sampler | None = None
     try:
         backend = session_start(probe)
-        lbnodes.settled()
-        holder = lbnodes.holder()
+        holder = steady(lbnodes)
         node = holder if which == "holder" else next(n for n in NODES if n != holder)
         others = [n for n in NODES if n != node]
         old = lbnodes.procs[node]
@@ -149,17 +148,8 @@ def test_lbnode_takeover_of_a_cluster_member_loses_no_request_and_moves_nothing(
         other_logs = {n: lbnodes.logs[n].read_text(errors="replace") for n in others}
         key_sampler = node_key_sampler(lan, node)
         sampler = Sampler(lan)
-        for _ in range(10):
-            # a steady cluster for a second before the takeover: on 2 cores shared with other
-            # test runs (load 10-30), a holder may fence for a moment (a late heartbeat, an
-            # etcd call that times out; docs/vips.md) with no takeover anywhere near
-            marks = {n: len(lbnodes.logs[n].read_text(errors="replace")) for n in NODES}
-            time.sleep(1.0)
-            if not fences(lbnodes.logs, marks) and lbnodes.holders() == {holder}:
-                break
-            lbnodes.settled()
-        else:
-            pytest.fail(f"the cluster never held steady for a second: {fences(lbnodes.logs, marks)}")
+        marks = {n: len(lbnodes.logs[n].read_text(errors="replace")) for n in NODES}
+        time.sleep(1.0)  # samples and requests before the takeover (judged from here on)
         started = time.monotonic()
         log = lbnodes.tmp / f"{node}-takeover.log"
         new = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config", str(lbnodes.config(node))],
@@ -226,11 +216,21 @@ def test_lbnode_takeover_of_a_cluster_member_loses_no_request_and_moves_nothing(
     wait_for(lambda: log.read_text(errors="replace").count("configuration version") > applied, 5,
              f"the new process of {node} did not apply the pool change")
     if which == "holder":
-        # the VIP guard went over with the VIPs: the new process killed with kill -9, the guard
-        # (started by the old process, its pipe now held by the new one) takes the address off
-        new.kill()
-        new.wait(5)
-        wait_for(lambda: VIP not in lan.addresses(node), 1.0, f"the killed new process's VIP is still on {node}")
+        # a second upgrade of the same node: the lease, the VIP and the first process's guard go
+        # on to a third process (its Trio clock is still the first one's)
+        log3 = lbnodes.tmp / f"{node}-takeover-2.log"
+        third = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config",
+                                 str(lbnodes.config(node))], log_path=log3, cwd=REPO)
+        assert new.wait(15) == 0, "the second process did not exit 0 after the second takeover"
+        lbnodes.procs[node], lbnodes.logs[node] = third, log3
+        assert "taken over from the process it replaces" in log3.read_text(errors="replace")
+        assert lbnodes.holders() == {node} and lan.holders(VIP, NODES) == {node}
+        # the VIP guard went over with the VIPs: the third process killed with kill -9, the
+        # guard (started by the first process, its pipe now held by the third) takes the
+        # address off, and another node takes the VIP
+        third.kill()
+        third.wait(5)
+        wait_for(lambda: VIP not in lan.addresses(node), 1.0, f"the killed process's VIP is still on {node}")
         wait_for(lambda: len(lbnodes.holders()) == 1 and node not in lbnodes.holders(), 10,
                  "no other node took the VIP after the new process died")
 
@@ -250,14 +250,33 @@ class ControlNodes(LbNodes):
 
 @pytest.fixture
 def control_nodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:  # noqa: F811
-    for made in _lbnodes(lan, tmp_path, VIP, 24, BACKENDS):
-        made.__class__ = ControlNodes
-        for node in NODES:  # started from the base config: again with [control]
-            made.procs[node].kill()
-            made.procs[node].wait(5)
+    """As ``_lbnodes``, each node with [control]."""
+    for name, port in BACKENDS.items():
+        lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", name, "--host", "0.0.0.0", "--port", str(port)],
+                  log_path=tmp_path / f"{name}.log", cwd=REPO)
+    made = ControlNodes(lan, tmp_path, VIP, 24, backends=dict(BACKENDS))
+    try:
         for node in NODES:
             made.start(node)
         yield made
+    finally:
+        made.stop_all()
+        for name in BACKENDS:
+            lan.run("be", ["pkill", "-f", f"lbnode.demo_backend --name {name} "])
+
+
+def steady(lbnodes: LbNodes) -> str:
+    """Wait for one second with no fence anywhere and the VIP on one host; that host."""
+    for _ in range(10):
+        # on 2 cores shared with other test runs (load 10-30), a holder may fence for a moment
+        # (a late heartbeat, an etcd call that times out; docs/vips.md) with no takeover near
+        lbnodes.settled()
+        holder = lbnodes.holder()
+        marks = {n: len(lbnodes.logs[n].read_text(errors="replace")) for n in NODES}
+        time.sleep(1.0)
+        if not fences(lbnodes.logs, marks) and lbnodes.holders() == {holder}:
+            return holder
+    pytest.fail(f"the cluster never held steady for a second: {fences(lbnodes.logs, marks)}")
 
 
 def test_a_takeover_of_the_holder_that_fails_after_the_handover_gives_the_vip_back(
@@ -271,12 +290,12 @@ def test_a_takeover_of_the_holder_that_fails_after_the_handover_gives_the_vip_ba
     key_sampler: subprocess.Popen[bytes] | None = None
     sampler: Sampler | None = None
     busy = 7002
-    blocker = lan.spawn(lbnodes.holder(), [PYTHON, "-c", "import socket, time; s = socket.socket(); "
-                                           f"s.bind(('127.0.0.1', {busy})); s.listen(); time.sleep(600)"])
+    # the port the new process's control API cannot bind, on every node host (whichever holds)
+    blockers = [lan.spawn(n, [PYTHON, "-c", "import socket, time; s = socket.socket(); "
+                              f"s.bind(('127.0.0.1', {busy})); s.listen(); time.sleep(600)"]) for n in NODES]
     try:
         session_start(probe)
-        lbnodes.settled()
-        node = lbnodes.holder()
+        node = steady(lbnodes)
         others = [n for n in NODES if n != node]
         old = lbnodes.procs[node]
         other_logs = {n: lbnodes.logs[n].read_text(errors="replace") for n in others}
@@ -316,7 +335,8 @@ def test_a_takeover_of_the_holder_that_fails_after_the_handover_gives_the_vip_ba
             assert f"node {node} left the cluster" not in seen and "revoking its lease" not in seen, seen[-2000:]
             assert f"VIP {VIP}:" not in seen, f"{n} saw the VIP move: {seen[-2000:]}"
     finally:
-        blocker.kill()
+        for blocker in blockers:
+            blocker.kill()
         probe.close()
         if sampler is not None:
             sampler.close()
