@@ -152,15 +152,17 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _run_reporting_bind_errors(run: Callable[[], None], prefix: str) -> int:
-    """Run; a port in use (raised inside nurseries, so maybe grouped) or an access log file that
-    cannot be opened is one line, exit 1."""
+    """Run; a port in use (raised inside nurseries, so maybe grouped), an access log file that
+    cannot be opened, or a takeover whose running node stopped answering is one line, exit 1."""
+    from lbnode.handover import CommandError  # a takeover's conversation broken while starting
+
     try:
         run()
-    except (BindError, AccessLogError) as exc:
+    except (BindError, AccessLogError, CommandError) as exc:
         print(f"{prefix}: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
-        bind_errors, rest = group.split(BindError)
+        bind_errors, rest = group.split((BindError, CommandError))
         if bind_errors is None or rest is not None:
             raise
         print(f"{prefix}: {_first(bind_errors)}", file=sys.stderr)

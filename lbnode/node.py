@@ -464,9 +464,9 @@ class LbNode:
         try:
             state = await trio.to_thread.run_sync(takeover.release_cluster)
         except CommandError as exc:
-            log.warning("takeover: the running node did not hand over its cluster membership (%s); "
-                        "registering as any start does", exc)
-            return
+            # Registering anew would revoke the running node's lease under its VIPs ("previous
+            # run"): give up instead, and it goes on (or takes back what it handed over).
+            raise CommandError(f"the running node did not hand over its cluster membership: {exc}") from None
         self.agent.adopt(state.get("agent") or {})
         self.agent.keep_lease_on_exit = True  # until the old process drains: it takes them back if we fail
         if self.vips is not None:
