@@ -457,6 +457,7 @@ class LbNodes:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     starts: int = 0
     logs: dict[str, Path] = field(default_factory=dict)
+    backends: dict[str, int] = field(default_factory=lambda: dict(BACKENDS))  # name -> port
 
     def settled(self) -> None:
         heartbeats_settled({n: self.logs[n] for n, p in self.procs.items() if p.poll() is None})
@@ -467,7 +468,7 @@ class LbNodes:
   [[pools.backends]]
   address = "{topology.BACKEND_IP}:{port}"
   name = "{name}"
-""" for name, port in BACKENDS.items())
+""" for name, port in self.backends.items())
         etcd = ", ".join(f'"{url}"' for url in endpoints(node))
         path.write_text(f"""
 [node]
@@ -535,18 +536,21 @@ def lbnodes6(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:
     yield from _lbnodes(lan, tmp_path, VIP6, 64)
 
 
-def _lbnodes(lan: Lan, tmp_path: Path, vip: str, prefixlen: int) -> Iterator[LbNodes]:
-    for name, port in BACKENDS.items():
+def _lbnodes(lan: Lan, tmp_path: Path, vip: str, prefixlen: int,
+             backends: dict[str, int] = BACKENDS) -> Iterator[LbNodes]:
+    """``backends``: names of their own for another test module, which may run at the same
+    time as this one: the teardown below ends backends by name (pkill sees every namespace)."""
+    for name, port in backends.items():
         lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", name, "--host", "0.0.0.0", "--port", str(port)],
                   log_path=tmp_path / f"{name}.log", cwd=REPO)
-    made = LbNodes(lan, tmp_path, vip, prefixlen)
+    made = LbNodes(lan, tmp_path, vip, prefixlen, backends=dict(backends))
     try:
         for node in NODES:
             made.start(node)
         yield made
     finally:
         made.stop_all()
-        for name in BACKENDS:  # the backends of this test only (the next starts its own)
+        for name in backends:  # the backends of this test only (the next starts its own)
             lan.run("be", ["pkill", "-f", f"lbnode.demo_backend --name {name} "])
 
 
