@@ -35,6 +35,7 @@ from lbnode.health.checker import HealthChecker
 from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
 from lbnode.http.upstream import UpstreamPool
+from lbnode.http2.exchange import H2Transport
 from lbnode.listen import (
     BindError,
     Bound,
@@ -593,11 +594,14 @@ class LbNode:
                 registry.pop(li.name, None)
         if li.protocol in ("http", "https"):
             proxy_class = HttpProxy
-            if li.http2 is not None or any(p.protocol == "h2" for p in self.config.pools):
-                from lbnode.http2.proxy import Http2Proxy  # HTTP/2 clients, or h2 pools (issue 14)
+            if li.http2 is not None:
+                from lbnode.http2.proxy import Http2Proxy  # HTTP/2 clients (issue 14)
 
                 proxy_class = Http2Proxy
-            proxy = proxy_class(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
+            # Every L7 listener can reach protocol = "h2" pools: one may be created or changed
+            # through the control API at any time, with no listener rebuilt for it.
+            proxy = proxy_class(li, self, port=self.bound.listeners[li.name][1], access_log=access_log,
+                                transports={"h2": H2Transport()})
             previous = self.http_proxies.get(li.name)
             if previous is not None:  # a reload changed this listener: its counters go on
                 proxy.carry_counters(previous)
