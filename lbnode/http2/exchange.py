@@ -37,7 +37,7 @@ from lbnode.http.proxy import (
     UpstreamError,
     chunk,
 )
-from lbnode.http2.upstream import BackendGone, H2Backend, Stream, request_fields
+from lbnode.http2.upstream import ALPN, BackendGone, H2Backend, Stream, request_fields
 from lbnode.runtime import BackendState, PoolRuntime
 
 # gRPC's status fields: in the trailers of a response that has a body, or with the head of a
@@ -71,7 +71,8 @@ class H2Transport:
         raise UpstreamError(f"grpc-timeout of {deadline - now:g}s passed", 504, responded=sent[0])
 
     async def connection(self, proxy: HttpProxy, backend: BackendState, pool: PoolRuntime) -> H2Backend:
-        """A connection to ``backend`` with room for one more stream (opened if none has)."""
+        """A connection to ``backend`` with room for one more stream (opened if none has): TLS
+        with ALPN ``h2`` required when the pool has ``[pools.tls]``, else cleartext."""
         conns = self.backends.setdefault(backend.upstream_key, [])
         for up in conns:
             if up.usable and up.still_open():
@@ -82,8 +83,8 @@ class H2Transport:
                 up.close()
         conns[:] = [c for c in conns if c.broken is None or c.streams]
         spec = pool.spec
-        up_conn = await proxy.node.upstreams.connect(backend.spec.address, spec.timeouts.connect, None,
-                                                     backend.upstream_key)
+        up_conn = await proxy.node.upstreams.connect(backend.spec.address, spec.timeouts.connect, spec.tls,
+                                                     backend.upstream_key, alpn=ALPN if spec.tls is not None else ())
         up = H2Backend(up_conn.sock, backend.upstream_key)
         conns.append(up)
         return up
@@ -103,7 +104,7 @@ async def _exchange(
     reader.close()
     assert isinstance(fwd, RequestHead)
     empty = body is not None and not any(isinstance(e, bytes) and e for e in body)
-    stream = up.open(request_fields(fwd, b"http"), end=empty)
+    stream = up.open(request_fields(fwd, b"https" if spec.tls is not None else b"http"), end=empty)
     try:
         await up.flush(timeout)
         if body is not None:

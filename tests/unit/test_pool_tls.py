@@ -23,3 +23,16 @@ def test_round_trip_through_the_store_and_the_api_message() -> None:
     plain = pool_from_dict({"name": "q", "tls": {"enabled": True, "verify": False}})
     assert pool_to_dict(plain)["tls"] == {"enabled": True, "verify": False}
     assert pool_from_dict(pool_to_dict(plain)) == plain
+
+
+def test_an_h2_pool_refuses_any_alpn_answer_but_h2_and_http1_pools_offer_none() -> None:
+    from lbnode.tls.upstream import alpn_refusal, backend_tls
+
+    h2 = backend_tls(PoolTls(verify=False), ("h2",))
+    assert alpn_refusal(h2, "h2") is None
+    assert alpn_refusal(h2, "http/1.1") == (
+        'TLS: the backend does not speak h2 (ALPN: it selected "http/1.1"); the pool\'s protocol needs it')
+    assert alpn_refusal(h2, None) == (
+        "TLS: the backend does not speak h2 (ALPN: it selected no protocol); the pool's protocol needs it")
+    http1 = backend_tls(PoolTls(verify=False))
+    assert http1 is not h2 and alpn_refusal(http1, None) is None and alpn_refusal(http1, "h2") is None
