@@ -1653,7 +1653,7 @@ def pool_to_dict(pool: Pool) -> dict[str, Any]:
     out: dict[str, Any] = {"name": pool.name}
     for key in ("algorithm", "hash_key", "maglev_table_size", "latency_decay", "max_idle_per_backend",
                 "slow_start", "retries", "retry_budget_percent", "retry_buffer_bytes", "queue_timeout",
-                "max_queue", "connect_ejection", "send_proxy"):
+                "max_queue", "connect_ejection", "send_proxy", "protocol"):
         value = getattr(pool, key)
         if value != getattr(defaults, key):
             out[key] = value

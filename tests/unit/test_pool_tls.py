@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from lbnode.api.pools import pool_dict, pool_message
 from lbnode.model import PoolTls, Table, parse_pool, pool_from_dict, pool_to_dict
 
@@ -36,3 +38,17 @@ def test_an_h2_pool_refuses_any_alpn_answer_but_h2_and_http1_pools_offer_none() 
         "TLS: the backend does not speak h2 (ALPN: it selected no protocol); the pool's protocol needs it")
     http1 = backend_tls(PoolTls(verify=False))
     assert http1 is not h2 and alpn_refusal(http1, None) is None and alpn_refusal(http1, "h2") is None
+
+
+def test_an_h2_pool_over_tls_round_trips_through_the_store_and_the_api_message() -> None:
+    spec = {"name": "g", "protocol": "h2", "backends": [{"address": "192.0.2.5:8443"}],
+            "tls": {"enabled": True, "ca": "/etc/ca.pem", "server_name": "api.internal"},
+            "health": {"type": "grpc", "service": "demo.Echo"}}
+    pool = pool_from_dict(spec)
+    assert pool.protocol == "h2" and pool.tls == PoolTls(ca="/etc/ca.pem", server_name="api.internal")
+    assert pool_to_dict(pool)["protocol"] == "h2"
+    assert pool_from_dict(pool_to_dict(pool)) == pool
+    message = pool_message(pool)
+    assert json.loads(message.spec_json)["protocol"] == "h2"
+    assert pool_from_dict(pool_dict(message)) == pool
+    assert "protocol" not in pool_to_dict(pool_from_dict({"name": "p"}))  # http1, the default, left out
