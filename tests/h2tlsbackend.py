@@ -63,7 +63,9 @@ def h2_server_context(files: CertFiles, alpn: tuple[str, ...], client_ca: Path |
     return ctx
 
 
-async def _serve(name: str, stats: H2Stats, delay: float, stream: trio.SSLStream[trio.SocketStream]) -> None:
+async def _serve(name: str, stats: H2Stats, delay: float, handshake_delay: float,
+                 stream: trio.SSLStream[trio.SocketStream]) -> None:
+    await trio.sleep(handshake_delay)
     try:
         await stream.do_handshake()
     except trio.BrokenResourceError:
@@ -146,13 +148,14 @@ async def _read_requests(
 
 async def start_h2_tls_backend(
     nursery: trio.Nursery, name: str, files: CertFiles, *, alpn: tuple[str, ...] = ("h2",),
-    client_ca: Path | None = None, delay: float = 0.0,
+    client_ca: Path | None = None, delay: float = 0.0, handshake_delay: float = 0.0,
 ) -> H2TlsBackend:
     """Serve on a free loopback port until the nursery ends; ``delay``: each answer waits that
-    long (so that concurrent requests overlap on the backend)."""
+    long (so that concurrent requests overlap on the backend); ``handshake_delay``: each
+    connection waits that long before its handshake (a slow backend to connect to)."""
     stats = H2Stats()
     ctx = h2_server_context(files, alpn, client_ca, stats)
-    listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, partial(_serve, name, stats, delay), 0, ctx,
+    listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, partial(_serve, name, stats, delay, handshake_delay), 0, ctx,
                                             host="127.0.0.1"))
     port: int = listeners[0].transport_listener.socket.getsockname()[1]
     return H2TlsBackend(name, port, stats)

@@ -39,10 +39,22 @@ from lbnode.http.proxy import (
 )
 from lbnode.http2.upstream import ALPN, BackendGone, H2Backend, Stream, request_fields
 from lbnode.runtime import BackendState, PoolRuntime
+from lbnode.sockio import ConnectFailed
 
 # gRPC's status fields: in the trailers of a response that has a body, or with the head of a
 # trailers-only one; an HTTP/1.1 hop carries them as chunked trailers in both cases.
 _TRAILER_ONLY = frozenset({b"grpc-status", b"grpc-message", b"grpc-status-details-bin"})
+
+
+class _Opening:
+    """A connection to one backend being opened: requests that need one meanwhile wait for it
+    instead of each opening (and, over TLS, handshaking) their own."""
+
+    __slots__ = ("done", "failed")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.failed: ConnectFailed | None = None
 
 
 class H2Transport:
@@ -51,6 +63,7 @@ class H2Transport:
 
     def __init__(self) -> None:
         self.backends: dict[str, list[H2Backend]] = {}
+        self._opening: dict[str, _Opening] = {}
 
     async def exchange(
         self, proxy: HttpProxy, conn: ClientConn, head: RequestHead, pool: PoolRuntime, backend: BackendState,
@@ -73,19 +86,37 @@ class H2Transport:
     async def connection(self, proxy: HttpProxy, backend: BackendState, pool: PoolRuntime) -> H2Backend:
         """A connection to ``backend`` with room for one more stream (opened if none has): TLS
         with ALPN ``h2`` required when the pool has ``[pools.tls]``, else cleartext."""
-        conns = self.backends.setdefault(backend.upstream_key, [])
-        for up in conns:
-            if up.usable and up.still_open():
-                await up.flush(pool.spec.timeouts.response)  # any PING/SETTINGS acks still_open produced
-                return up
+        key = backend.upstream_key
+        conns = self.backends.setdefault(key, [])
+        while True:
+            for up in conns:
+                if up.usable and up.still_open():
+                    await up.flush(pool.spec.timeouts.response)  # any PING/SETTINGS acks still_open produced
+                    return up
+            opening = self._opening.get(key)
+            if opening is None:
+                break
+            # Another request is opening one (a burst of calls to a cold backend): share it. Its
+            # failure is ours too, rather than a queue of connects each waiting its timeout.
+            await opening.done.wait()
+            if opening.failed is not None:
+                raise ConnectFailed(opening.failed.reason, opening.failed.timed_out)
         for up in conns:
             if up.broken is not None and not up.streams:
                 up.close()
         conns[:] = [c for c in conns if c.broken is None or c.streams]
         spec = pool.spec
-        up_conn = await proxy.node.upstreams.connect(backend.spec.address, spec.timeouts.connect, spec.tls,
-                                                     backend.upstream_key, alpn=ALPN if spec.tls is not None else ())
-        up = H2Backend(up_conn.sock, backend.upstream_key)
+        opening = self._opening[key] = _Opening()
+        try:
+            up_conn = await proxy.node.upstreams.connect(backend.spec.address, spec.timeouts.connect, spec.tls,
+                                                         key, alpn=ALPN if spec.tls is not None else ())
+        except ConnectFailed as exc:
+            opening.failed = exc
+            raise
+        finally:
+            del self._opening[key]
+            opening.done.set()  # cancelled (the client went away): the next in line opens one
+        up = H2Backend(up_conn.sock, key)
         conns.append(up)
         return up
 

@@ -72,6 +72,54 @@ async def test_http11_and_http2_clients_share_one_verified_h2_tls_connection(
     assert node.upstreams.opened == 1
 
 
+async def test_a_burst_to_a_cold_backend_opens_one_connection(nursery: trio.Nursery, tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, "backends")
+    # The backend waits 0.5 s before each handshake: the burst's requests reach the node while
+    # the first connection is being opened (and any that come later find it open).
+    backend = await start_h2_tls_backend(nursery, "a", ca.issue(tmp_path, "a", ["127.0.0.1"]), handshake_delay=0.5)
+    node, port = await h2_node(nursery, [backend.address], tls_table(ca=ca.path))
+    statuses: list[int] = []
+
+    async def one(i: int) -> None:
+        statuses.append((await http_get(f"http://127.0.0.1:{port}/{i}")).status_code)
+
+    async with trio.open_nursery() as clients:
+        for i in range(8):
+            clients.start_soon(one, i)
+    assert statuses == [200] * 8
+    # The requests that came while the first connection was being opened waited for it.
+    assert backend.stats.connections == 1 and node.upstreams.opened == 1 and backend.stats.streams == 8
+
+
+async def test_a_burst_to_a_refused_backend_fails_together_on_one_handshake(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    ca, other = make_ca(tmp_path, "backends"), make_ca(tmp_path, "other")
+    # 1.5 s before each handshake: the window in which the burst's eight requests must reach the
+    # node to share the first attempt (a request after its failure tries afresh, rightly).
+    backend = await start_h2_tls_backend(nursery, "a", ca.issue(tmp_path, "a", ["127.0.0.1"]), handshake_delay=1.5)
+    slow_ok = '  [pools.timeouts]\n  connect = "10s"\n'  # the delay must not turn into a handshake timeout
+    _, port = await h2_node(nursery, [backend.address], tls_table(ca=other.path), slow_ok)
+    answers: list[tuple[int, str]] = []
+
+    async def one(i: int) -> None:
+        r = await http_get(f"http://127.0.0.1:{port}/{i}")
+        answers.append((r.status_code, r.text))
+
+    async with trio.open_nursery() as clients:
+        for i in range(8):
+            clients.start_soon(one, i)
+    assert {status for status, _ in answers} == {502} and len(answers) == 8
+    assert all("TLS: certificate verify failed" in text for _, text in answers)
+    # The refused handshake reaches the backend's count once the node has closed; any other
+    # attempt would come within its own 1.5 s handshake delay: 2.5 s covers both.
+    with trio.fail_after(10):
+        while backend.stats.failed_handshakes + backend.stats.connections == 0:
+            await trio.sleep(0.05)
+    await trio.sleep(2.5)
+    assert backend.stats.failed_handshakes + backend.stats.connections == 1
+
+
 async def test_backend_mtls_gets_the_pools_client_certificate(nursery: trio.Nursery, tmp_path: Path) -> None:
     ca, clients = make_ca(tmp_path, "backends"), make_ca(tmp_path, "clients")
     backend = await start_h2_tls_backend(nursery, "a", ca.issue(tmp_path, "a", ["127.0.0.1"]), client_ca=clients.path)
