@@ -47,7 +47,8 @@ _ERRNO_REASONS = {
     errno.ETIMEDOUT: "connect timed out",
 }
 
-Probe = Callable[..., Awaitable[tuple[bool, str]]]  # (address, check[, tls][, send_proxy=]) -> (passed, reason)
+# (address, check[, tls][, send_proxy=][, alpn=]) -> (passed, reason)
+Probe = Callable[..., Awaitable[tuple[bool, str]]]
 
 
 async def check_backend(
