@@ -35,6 +35,8 @@ from lbnode.health.checker import HealthChecker
 from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
 from lbnode.http.upstream import UpstreamPool
+from lbnode.http2.exchange import H2Transport
+from lbnode.http2.upstream import ALPN as H2_ALPN
 from lbnode.listen import (
     BindError,
     Bound,
@@ -676,11 +678,14 @@ class LbNode:
                 registry.pop(li.name, None)
         if li.protocol in ("http", "https"):
             proxy_class = HttpProxy
-            if li.http2 is not None or any(p.protocol == "h2" for p in self.config.pools):
-                from lbnode.http2.proxy import Http2Proxy  # HTTP/2 clients, or h2 pools (issue 14)
+            if li.http2 is not None:
+                from lbnode.http2.proxy import Http2Proxy  # HTTP/2 clients (issue 14)
 
                 proxy_class = Http2Proxy
-            proxy = proxy_class(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
+            # Every L7 listener can reach protocol = "h2" pools: one may be created or changed
+            # through the control API at any time, with no listener rebuilt for it.
+            proxy = proxy_class(li, self, port=self.bound.listeners[li.name][1], access_log=access_log,
+                                transports={"h2": H2Transport()})
             previous = self.http_proxies.get(li.name)
             if previous is not None:  # a reload changed this listener: its counters go on
                 proxy.carry_counters(previous)
@@ -771,7 +776,7 @@ class LbNode:
                             self._on_verdict(name, b.id, up, "the checkers' latest results, as the pool arrived")
             checker = self.health_checkers.get(name)
             if checker is not None:
-                checker.tls, checker.send_proxy = pool.tls, pool.send_proxy
+                checker.tls, checker.send_proxy, checker.alpn = pool.tls, pool.send_proxy, _check_alpn(pool)
                 checker.update(mine, pool.health)
                 continue
             on_observation = (
@@ -779,7 +784,7 @@ class LbNode:
             )
             checker = HealthChecker(
                 name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation,
-                tls=pool.tls, send_proxy=pool.send_proxy,
+                tls=pool.tls, send_proxy=pool.send_proxy, alpn=_check_alpn(pool),
             )
             scope = trio.CancelScope()
             self.health_checkers[name] = checker
@@ -920,3 +925,8 @@ def node_from_config(config: Config, kind: type[LbNode] = LbNode) -> LbNode:
         config, store=store, agent=agent, affinity=affinity,
         seed=config.pools, seed_routes=tuple(listener_routes(config.listeners)), last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
     )
+
+
+def _check_alpn(pool: Pool) -> tuple[str, ...]:
+    """What a pool's tcp checks over TLS require in ALPN: h2 for protocol = "h2" (as its connects)."""
+    return H2_ALPN if pool.protocol == "h2" else ()
