@@ -248,3 +248,30 @@ def test_reload_cannot_change_the_number_of_workers(spawn: Spawn, tmp_path: Path
     assert done.returncode == 1
     assert done.stderr.strip().startswith("lbnode: reload refused: node.workers changed: a running node cannot take")
     assert backend_of(site.web) == "a" and len(site.worker_pids()) == 2
+
+
+def test_takeover_changes_a_single_process_node_to_two_workers_and_back(spawn: Spawn, tmp_path: Path) -> None:
+    """What a reload refuses, --takeover applies: a single process (workers = 1) handed over
+    to a supervisor with two workers under load, then that supervisor to a single process
+    again; each time the old node exits 0, nothing is refused and nothing fails."""
+    site = WorkersSite(spawn, tmp_path)
+    listeners = [("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")]
+    site.write(listeners, workers=1)
+    old = spawn("-m", "lbnode.cli", "run", "--config", str(site.config), name="node")
+    wait_log(old, r"listener web: http on ")
+    wait_port(site.web)
+    procs: list[subprocess.Popen[bytes]] = [old.popen]
+
+    def hand_over(workers: int, pool: str) -> None:
+        site.write([("web", "http", site.web, pool), ("tcp", "tcp", site.tcp, pool)], workers=workers)
+        procs.append(spawn("-m", "lbnode.cli", "run", "--config", str(site.config), "--takeover", name="node").popen)
+        assert procs[-2].wait(60) == 0
+
+    load, t0, t1 = under_load(site, lambda: hand_over(2, "pb"))
+    assert_seamless(load, t0, t1, "takeover: one process -> workers = 2")
+    pids = site.worker_pids()
+    served_by_each(site.web, pids, "b")
+    load, t0, t1 = under_load(site, lambda: hand_over(1, "pa"))
+    assert_seamless(load, t0, t1, "takeover: workers = 2 -> one process")
+    assert "workers" not in site.status() and backend_of(site.web) == "a" and backend_of(site.tcp) == "a"
+    assert procs[-1].poll() is None
