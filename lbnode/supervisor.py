@@ -153,7 +153,7 @@ class Supervisor(LbNode):
         # the workers parse this text, never the file again (an edit not yet reloaded, or
         # made while they start, would split them from the supervisor and each other).
         self.config_text: str | None = None
-        self._serving = False  # every worker has served once; false again once draining
+        self._serving = False  # every worker has served once: reload and takeover may begin
 
     # ----------------------------------------------------------- state to the workers
     def apply(self, config: Config) -> None:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -275,3 +276,37 @@ def test_takeover_changes_a_single_process_node_to_two_workers_and_back(spawn: S
     assert_seamless(load, t0, t1, "takeover: workers = 2 -> one process")
     assert "workers" not in site.status() and backend_of(site.web) == "a" and backend_of(site.tcp) == "a"
     assert procs[-1].poll() is None
+
+
+def test_takeover_with_workers_of_a_node_with_a_control_api(spawn: Spawn, tmp_path: Path) -> None:
+    """[control] with workers: the old supervisor stops its control API for the new one, which
+    reads the store (a pool changed through the API is still what both new workers serve),
+    binds the control port and holds the state_dir lock; the sockets go over under load."""
+    site = WorkersSite(spawn, tmp_path)
+    control = free_port()
+    site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+    site.config.write_text(site.config.read_text() + f'[control]\nbind = "127.0.0.1:{control}"\ninsecure = true\n')
+    old = site.start(spawn)
+    wait_port(control)
+
+    def lbctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lbctl.cli", "--insecure", "-e", f"127.0.0.1:{control}", *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=30)
+
+    for args in (("backends", "add", "pa", f"127.0.0.1:{site.b}"), ("backends", "remove", "pa", f"127.0.0.1:{site.a}")):
+        done = lbctl(*args)
+        assert done.returncode == 0, done.stderr
+    wait_until(lambda: backend_of(site.web) == "b", 5, "the API's change served")
+    new: list[subprocess.Popen[bytes]] = []
+
+    def change() -> None:
+        new.append(spawn("-m", "lbnode.cli", "run", "--config", str(site.config), "--takeover", name="node").popen)
+        assert old.wait(60) == 0
+
+    load, t0, t1 = under_load(site, change)
+    assert_seamless(load, t0, t1, "workers = 2: binary upgrade of a node with [control]")
+    served_by_each(site.web, site.worker_pids(), "b")  # the store's pool, not the file's
+    wait_port(control)
+    listed = lbctl("pools", "show", "pa")
+    assert listed.returncode == 0 and f"127.0.0.1:{site.b}" in listed.stdout, listed
+    assert (tmp_path / "state" / "lock").read_text().strip() == str(new[0].pid)
