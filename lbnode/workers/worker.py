@@ -20,6 +20,7 @@ import os
 import signal
 import socket as stdsocket
 import sys
+import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +29,16 @@ from typing import Any
 import trio
 
 from lbnode.cluster.certstore import certificate_from_document
-from lbnode.config import load_config, load_config_text
+from lbnode.config import load_config
 from lbnode.listen import _FILTERED, Bound
-from lbnode.model import Config, Listener, pool_from_dict
+from lbnode.model import (
+    Config,
+    ConfigError,
+    ConfigFileError,
+    Listener,
+    parse_config,
+    pool_from_dict,
+)
 from lbnode.node import LbNode
 from lbnode.reloadplan import plan_reload
 from lbnode.runtime import Snapshot
@@ -96,7 +104,7 @@ class WorkerNode(LbNode):
         try:
             if self.draining:
                 return None  # stopping anyway: nothing new to accept on
-            base = load_config_text(str(body["config_text"]), str(body["config_path"]))
+            base = checked_text(str(body["config_text"]), str(body["config_path"]))
             config = self._served(base, body)
             plan = plan_reload(self.config, config)
             for li in plan.added:
@@ -176,7 +184,7 @@ async def serve(fd: int) -> int:
     path = Path(hello.body["config_path"])
     # The text the supervisor checked (the file may have been edited since); the file itself
     # only from a supervisor that sends none.
-    base = load_config_text(text, str(path)) if isinstance(text, str) else load_config(path)
+    base = checked_text(text, str(path)) if isinstance(text, str) else load_config(path)
     node = WorkerNode(base, index, workers)
     first = await channel.receive()
     if first is None or first.kind != Kind.CONFIG:
@@ -210,6 +218,16 @@ async def serve(fd: int) -> int:
     channel.close()
     log.info("worker %d: stopped", index)
     return 0
+
+
+def checked_text(text: str, origin: str) -> Config:
+    """node.toml's text as the supervisor read and checked it, parsed only: the files it names
+    are not read again here (certificates come in CONFIG, the admin token is the supervisor's),
+    so a file moved since the check cannot stop a worker, nor make a restarted one crash-loop."""
+    try:
+        return parse_config(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ConfigError) as exc:
+        raise ConfigFileError(f"{origin}: {exc}") from None
 
 
 def _listening_sockets(config: Config, hello: Message) -> list[tuple[Listener, stdsocket.socket]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import free_port, listener_toml, node_toml, pool_toml, wait_port
 from tests.integration.test_node_process import Spawn, wait_log, wait_until
@@ -310,3 +311,66 @@ def test_takeover_with_workers_of_a_node_with_a_control_api(spawn: Spawn, tmp_pa
     listed = lbctl("pools", "show", "pa")
     assert listed.returncode == 0 and f"127.0.0.1:{site.b}" in listed.stdout, listed
     assert (tmp_path / "state" / "lock").read_text().strip() == str(new[0].pid)
+
+
+def test_reload_with_workers_rotates_an_https_listeners_certificate(spawn: Spawn, tmp_path: Path) -> None:
+    """[[certificates]] pointing at new files: the supervisor reads them and sends them to both
+    workers; new handshakes on each worker get the new certificate, and a keep-alive TLS
+    connection open across the reload is still served. A worker reads no certificate file
+    itself: with the files gone after the reload, one killed with -9 comes back serving it."""
+    import ssl
+
+    from tests.tlsutil import make_ca
+
+    old_ca, new_ca = make_ca(tmp_path, "old"), make_ca(tmp_path, "new")
+    old_cert = old_ca.issue(tmp_path, "old-site", ["localhost"])
+    new_cert = new_ca.issue(tmp_path, "new-site", ["localhost"])
+    site = WorkersSite(spawn, tmp_path)
+    secure = free_port()
+
+    def write(cert: Path, key: Path) -> None:
+        site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+        site.config.write_text(
+            site.config.read_text()
+            + listener_toml("secure", "https", "pa", bind=f"127.0.0.1:{secure}",
+                            extra='  [listeners.tls]\n  certificates = ["site"]\n')
+            + f'[[certificates]]\nname = "site"\ncert = "{cert}"\nkey = "{key}"\n')
+
+    write(old_cert.cert, old_cert.key)
+    site.start(spawn)
+    wait_port(secure)
+    pids = site.worker_pids()
+
+    def client(ca: Path) -> httpx.Client:
+        return httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=5)
+
+    with client(old_ca.path) as kept:
+        assert kept.get(f"https://localhost:{secure}/").text == "a\n"
+        write(new_cert.cert, new_cert.key)
+        done = lbnode("reload", "-c", str(site.config), cwd=tmp_path)
+        assert done.returncode == 0 and "listeners unchanged" in done.stdout, done
+        again = kept.get(f"https://localhost:{secure}/")
+        assert again.status_code == 200 and again.text == "a\n"
+    for path in (new_cert.cert, new_cert.key):
+        path.unlink()  # moved away after the reload: what the node serves is in memory
+    wait_until(lambda: site.status()["spare_worker"] == "ready", 30, "the spare worker ready")
+    os.kill(pids[0], signal.SIGKILL)
+    wait_until(lambda: pids[0] not in site.worker_pids_or_empty(), REPLACED_WITHIN, "the worker replaced")
+    pids = site.worker_pids()
+    served: set[int] = set()
+    context = ssl.create_default_context(cafile=str(new_ca.path))
+    for _ in range(200):  # fresh handshakes until each worker has made one, all with the new certificate
+        with socket.create_connection(("127.0.0.1", secure), timeout=5) as raw:
+            port = raw.getsockname()[1]
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                served |= {pid for pid in pids if port in accepted_by(pid, secure)}
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a\n")
+        if served == set(pids):
+            break
+    assert served == set(pids), "both workers completed handshakes with the new certificate"
+    with client(old_ca.path) as stale, pytest.raises(httpx.ConnectError):
+        stale.get(f"https://localhost:{secure}/")
