@@ -109,7 +109,7 @@ class WorkerNode(LbNode):
             plan = plan_reload(self.config, config)
             for li in plan.added:
                 sock = received.pop(li.name, None)
-                if sock is None:  # a worker started after the reload has it already (HELLO)
+                if sock is None:  # (a worker whose HELLO came after the reload plans no addition)
                     raise ValueError(f"listener {li.name}: added by the reload, but no socket came with it")
                 bound.append((li, _listening(sock, config)))
             self.base = base
