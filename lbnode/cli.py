@@ -44,11 +44,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from lbnode.config import read_config_text
     from lbnode.node import LbNode, node_from_config
 
     setup_logging(args.log_level)
     try:
-        config = load_config(args.config)
+        text = read_config_text(args.config)
+        config = load_config(args.config, text)
     except ConfigFileError as exc:
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
@@ -56,10 +58,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.takeover:
         from lbnode.handover import CommandError, Takeover, socket_path
 
-        if config.node.workers > 1:
-            print(f"lbnode: {args.config}: node.workers: --takeover is not supported yet with worker processes "
-                  "(workers >= 2): restart the node", file=sys.stderr)
-            return 1
         try:
             takeover = Takeover.start(socket_path(config.node.state_dir))
             if config.cluster is not None and takeover.cluster is not None:
@@ -98,6 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             supervisor = node_from_config(config, Supervisor)
             assert isinstance(supervisor, Supervisor)
             supervisor.log_level = args.log_level
+            supervisor.config_text = text  # what its workers read: the file as checked here
             node = supervisor
         else:
             node = node_from_config(config)

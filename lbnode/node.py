@@ -257,12 +257,25 @@ class LbNode:
         socket, new handler; connections in flight finish on the old one) and removed (stop
         accepting, finish up to drain_timeout, close). Pools and certificates of a node
         without a store are replaced; with a store (cluster, [control]) they stay the
-        store's. Raises ``ReloadRefused`` with one line: the node goes on as it was."""
-        if self.config.node.workers > 1 or new.node.workers > 1:
-            # The supervisor does not tell its workers of new listeners yet (docs/reload.md).
-            raise ReloadRefused("node.workers: reload with worker processes (workers >= 2) is not built yet: "
-                                "restart the node to apply the file")
-        if self.listeners.nursery is None or self._draining:
+        store's. Raises ``ReloadRefused`` with one line: the node goes on as it was.
+        A supervisor (``lbnode.supervisor``) carries the same plan out through its workers."""
+        plan, bound, new, pools_note = self._prepare_reload(new)
+        try:
+            self.apply(new)
+        except Exception:
+            for _, sock in bound:
+                sock.close()
+            raise
+        self._take_plan(new, plan, bound)
+        summary = f"reloaded: {plan.summary()}; {len(new.pools)} pools{pools_note}"
+        log.info("%s", summary)
+        return summary
+
+    def _prepare_reload(self, new: Config) -> tuple[ReloadPlan, list[tuple[Listener, stdsocket.socket]], Config, str]:
+        """What a reload does before anything changes: the plan (refused for what needs a
+        restart), the added listeners' sockets bound (a port in use refuses it all), and the
+        configuration to apply (a store's pools stay); the note for the summary line."""
+        if not self._accepting():
             raise ReloadRefused("the node is not serving (starting or draining)")
         plan = plan_reload(self.config, new)
         bound: list[tuple[Listener, stdsocket.socket]] = []
@@ -282,19 +295,23 @@ class LbNode:
                 certificates = self.follower.merged_certificates() if self.follower.synced.is_set() else new.certificates
             new = replace(new, pools=self.config.pools, certificates=certificates)
             pools_note = "; pools stay the store's (node.toml's pools only seed it: lbctl changes them)"
-        try:
-            self.apply(new)
-        except Exception:
-            for _, sock in bound:
-                sock.close()
-            raise
+        return plan, bound, new, pools_note
+
+    def _take_plan(self, new: Config, plan: ReloadPlan, bound: list[tuple[Listener, stdsocket.socket]]) -> None:
+        """The applied configuration's node limits, and its listeners on this process's sockets
+        (a worker runs this with the sockets its supervisor bound)."""
         self.connection_gate.set_limit(new.node.max_connections)
         self.upstreams.max_idle = max((p.max_idle_per_backend for p in new.pools), default=128)
         self.upstreams.idle_timeout = min((p.timeouts.idle for p in new.pools), default=60.0)
         self._apply_plan(plan, bound)
-        summary = f"reloaded: {plan.summary()}; {len(new.pools)} pools{pools_note}"
-        log.info("%s", summary)
-        return summary
+
+    def _accepting(self) -> bool:
+        """Serving, neither starting nor draining: what a reload and a takeover need."""
+        return self.listeners.nursery is not None and not self._draining
+
+    def _listening_sockets(self) -> list[tuple[str, stdsocket.socket]]:
+        """Every listening socket by ``reloadplan.socket_key``: what a takeover hands over."""
+        return [(key, slot.sock) for key, slot in self.listeners.slots.items()]
 
     def _apply_plan(self, plan: ReloadPlan, bound: list[tuple[Listener, stdsocket.socket]]) -> None:
         changed = {name: li for name, li in plan.changed}
@@ -362,15 +379,12 @@ class LbNode:
         control API and the membership again."""
         from lbnode.handover import clock_offset
 
-        if self.config.node.workers > 1:
-            await conn.answer({"ok": False, "message": "takeover refused: the running node has worker processes "
-                               "(workers >= 2), whose sockets are not handed over yet: restart it"})
-            return
-        if self.listeners.nursery is None or self._draining:
+        if not self._accepting():
             await conn.answer({"ok": False, "message": "takeover refused: the running node is not serving"})
             return
-        keys = list(self.listeners.slots)
-        fds = [self.listeners.slots[k].sock.fileno() for k in keys]
+        listening = self._listening_sockets()
+        keys = [key for key, _ in listening]
+        fds = [sock.fileno() for _, sock in listening]
         admin_bind = None
         if self.config.node.admin is not None and self.bound is not None and self.bound.admin is not None:
             if self._admin_sock is not None and self._admin_sock.fileno() >= 0:

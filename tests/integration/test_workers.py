@@ -464,28 +464,3 @@ def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) 
                 r = client.get(f"http://127.0.0.1:{h2_port}/")
                 assert (r.http_version, r.status_code, r.text) == ("HTTP/2", 200, "a\n")
     assert sample(node.metrics(), 'fulcrum_http_requests_total{listener="web"}') == before + 30
-
-
-def test_reload_and_takeover_with_workers_are_refused_in_one_line_and_the_node_serves_on(
-    spawn: Spawn, tmp_path: Path
-) -> None:
-    """Reload and --takeover do not drive worker processes yet: each is refused with one line
-    naming node.workers, and the node goes on serving its configuration."""
-    import subprocess
-    import sys
-
-    backend = spawn_backend(spawn, "a")
-    node = start_node(spawn, tmp_path, backend)
-    config = tmp_path / "node.toml"
-    run = [sys.executable, "-m", "lbnode.cli"]
-    reloaded = subprocess.run([*run, "reload", "-c", str(config)], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=60)
-    lines = reloaded.stderr.strip().splitlines()
-    assert reloaded.returncode == 1 and len(lines) == 1, reloaded
-    assert lines[0].startswith("lbnode: reload refused: node.workers: ") and "restart" in lines[0]
-    taken = subprocess.run([*run, "run", "--takeover", "--config", str(config)], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=60)
-    lines = taken.stderr.strip().splitlines()
-    assert taken.returncode == 1 and len(lines) == 1 and "node.workers" in lines[0], taken
-    assert httpx.get(f"http://127.0.0.1:{node.port}/", timeout=5).text.strip() == "a"
-    assert len(node.worker_pids()) == 2
