@@ -308,13 +308,17 @@ def _node_key(etcd, node: str = "t1") -> tuple[int, dict[str, object]] | None:  
     return None if kv is None else (kv.lease, json.loads(kv.value))
 
 
-def test_takeover_of_a_cluster_member_keeps_its_lease(spawn: Spawn, tmp_path: Path, etcd) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("workers", [1, 2])
+def test_takeover_of_a_cluster_member_keeps_its_lease(spawn: Spawn, tmp_path: Path, etcd, workers: int) -> None:  # type: ignore[no-untyped-def]
     """[cluster]: the new process adopts the old one's etcd lease, so the node never leaves the
     cluster (its key stays, under the same lease); the clients see nothing; a pool changed in
-    etcd afterwards is served by the new process."""
+    etcd afterwards is served by the new process. With workers = 2 the supervisor holds the
+    membership and hands it over, and the new supervisor's workers follow etcd's pools."""
     from lbnode.cluster.etcd import EtcdStore
 
     site = _cluster_site(spawn, tmp_path, etcd)
+    if workers > 1:
+        site.config.write_text(site.config.read_text().replace("[node]\n", f"[node]\nworkers = {workers}\n", 1))
     old = site.start(spawn)
     wait_until(lambda: _node_key(etcd) is not None, 10, "the node registered")
     before = _node_key(etcd)
