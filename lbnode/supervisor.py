@@ -123,6 +123,11 @@ class Supervisor(LbNode):
         self.spare_ready = False  # the spare has imported everything and waits for a slot
         self._spare_wait = trio.CancelScope()
         self._slots: trio.Nursery | None = None
+        # Affinity entries etcd showed that this node did not choose (other nodes'), for the workers.
+        self._from_cluster: list[list[str]] = []
+        self._from_cluster_wake = trio.Event()
+        if self.affinity is not None:
+            self.affinity.on_learned(self._learned_from_cluster)
 
     # ----------------------------------------------------------- state to the workers
     def apply(self, config: Config) -> None:
@@ -214,6 +219,32 @@ class Supervisor(LbNode):
             if w is not sender:
                 w.post(Kind.HEALTH, {"ejected": ejected})
 
+    def _learned_from_cluster(self, pool_name: str, key: str, backend_id: str) -> None:
+        self._from_cluster.append([pool_name, key, backend_id])
+        self._from_cluster_wake.set()
+
+    async def _relay_cluster_affinity(self) -> None:
+        """Entries other nodes wrote to etcd, to every worker (batched per loop turn: a full
+        read of the tables after a reconnect is one message), so that a client another node
+        pinned keeps its backend on whichever worker takes its first connection here."""
+        while True:
+            await self._from_cluster_wake.wait()
+            await trio.lowlevel.checkpoint()  # the rest of this watch batch joins
+            batch, self._from_cluster = self._from_cluster, []
+            self._from_cluster_wake = trio.Event()
+            for w in self.workers:
+                w.post(Kind.AFFINITY, {"set": batch})
+
+    def _affinity_entries(self) -> list[list[str]]:
+        """Every entry standing in this node's tables: a worker that starts gets them all."""
+        now = trio.current_time()
+        out: list[list[str]] = []
+        for name, pool in self.snapshot.pools.items():
+            table = pool.stickiness.table if pool.stickiness is not None else None
+            if table is not None:
+                out.extend([name, key, backend_id] for key, backend_id in table.items(now))
+        return out
+
     def _affinity_table(self, pool_name: str) -> Any:
         pool = self.snapshot.pools.get(pool_name)
         return pool.stickiness.table if pool is not None and pool.stickiness is not None else None
@@ -292,6 +323,7 @@ class Supervisor(LbNode):
             for w in self.workers:
                 await w.ready.wait()
             slots.start_soon(self._make_spare)
+            outer.start_soon(self._relay_cluster_affinity)  # (not in slots: their end is the workers')
             for li, _ in sockets:
                 log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
             log.info("%d workers serving", len(self.workers))
@@ -411,6 +443,9 @@ class Supervisor(LbNode):
             }
             await channel.send(Kind.HELLO, hello, [s.fileno() for _, s in sockets])
             await channel.send(Kind.CONFIG, self._config_body())
+            entries = self._affinity_entries()
+            if entries:
+                await channel.send(Kind.AFFINITY, {"set": entries})
             async for kind, body in outbox:
                 await channel.send(kind, body)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
