@@ -27,6 +27,7 @@ from lbnode.model import Config, Listener, pool_to_dict
 from lbnode.node import LbNode
 from lbnode.workers.channel import Channel, Kind, Message
 from lbnode.workers.counters import Retired, add_up, merge_metrics
+from lbnode.workers.outliers import NodeRuns
 
 if TYPE_CHECKING:
     from lbnode.handover import Takeover
@@ -123,6 +124,7 @@ class Supervisor(LbNode):
         self.spare_ready = False  # the spare has imported everything and waits for a slot
         self._spare_wait = trio.CancelScope()
         self._slots: trio.Nursery | None = None
+        self._runs = NodeRuns()  # each worker's passive failures in a row, added up per backend
         # Affinity entries etcd showed that this node did not choose (other nodes'), for the workers.
         self._from_cluster: list[list[str]] = []
         self._from_cluster_wake = trio.Event()
@@ -192,6 +194,8 @@ class Supervisor(LbNode):
         ejected = body.get("ejected", [])
         if ejected:
             self._ejected(sender, ejected, now)
+        if body.get("runs"):
+            self._add_up_runs(sender, body["runs"], now)
         touched = body.get("touched", [])
         for pool_name, key in touched:
             table = self._affinity_table(pool_name)
@@ -210,9 +214,14 @@ class Supervisor(LbNode):
         same time, and this node's /status shows it."""
         for pool_name, backend_id, seconds in ejected:
             pool = self.snapshot.pools.get(pool_name)
-            for b in pool.backends if pool is not None else ():
+            self._runs.clear(pool_name, backend_id)
+            if pool is None:
+                continue
+            for b in pool.backends:
                 if b.id == backend_id:
                     b.ejected_until = max(b.ejected_until, now + float(seconds))
+                    if pool.outlier is not None:  # /status and /metrics count it once, here
+                        pool.outlier.adopt_ejection(backend_id, b.ejected_until, now)
                     log.info("pool %s backend %s ejected for %.1fs by worker %d's passive checks: on every worker",
                              pool_name, backend_id, float(seconds), sender.index)
         for w in self.workers:
@@ -244,6 +253,26 @@ class Supervisor(LbNode):
             if table is not None:
                 out.extend([name, key, backend_id] for key, backend_id in table.items(now))
         return out
+
+    def _add_up_runs(self, sender: WorkerHandle, runs: list[list[Any]], now: float) -> None:
+        """A worker's runs of failures: ejected on every worker when the workers' runs add up to
+        ``consecutive_failures`` (``lbnode.workers.outliers``: the bound is documented there)."""
+        for pool_name, backend_id, run in runs:
+            total = self._runs.report(sender.index, pool_name, backend_id, int(run))
+            pool = self.snapshot.pools.get(pool_name)
+            if pool is None or pool.outlier is None:
+                continue
+            until = pool.outlier.record_run(backend_id, total, now)
+            if until is None:
+                continue
+            self._runs.clear(pool_name, backend_id)
+            for b in pool.backends:
+                if b.id == backend_id:
+                    b.ejected_until = until
+            log.warning("pool %s backend %s ejected for %.1fs on every worker: %d consecutive failures over "
+                        "the workers", pool_name, backend_id, until - now, total)
+            for w in self.workers:
+                w.post(Kind.HEALTH, {"ejected": [[pool_name, backend_id, until - now]]})
 
     def _affinity_table(self, pool_name: str) -> Any:
         pool = self.snapshot.pools.get(pool_name)
@@ -357,6 +386,7 @@ class Supervisor(LbNode):
                 raise WorkerStartError(f"worker {w.index} exited before it served: see the log above")
             self.restarts += 1
             w.restarts += 1
+            self._runs.forget_worker(w.index)
             last = self._last_counters[w.index] if w.index < len(self._last_counters) else None
             if last is not None and last.get("pid") == w.pid:
                 self._retired.add(last)
