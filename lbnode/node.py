@@ -723,17 +723,20 @@ class LbNode:
         except ConfigError as exc:
             raise ConfigFileError(str(exc)) from None
 
+    def _listening_sockets(self) -> list[tuple[Listener, stdsocket.socket]]:
+        """The sockets this node accepts on now (a supervisor: the ones its workers accept on)."""
+        return [(slot.listener, slot.sock) for slot in self.listeners.slots.values()]
+
     def _filter_moving_vips(self, handing_off: frozenset[str], taking_over: frozenset[str]) -> None:
         """While VIPs move, every listener drops what would break a connection (``set_vip_filter``)."""
-        for slot in list(self.listeners.slots.values()):
-            sock = slot.sock
+        for listener, sock in self._listening_sockets():
             if sock.fileno() < 0:
                 continue  # closed: the node has stopped
             try:
                 set_vip_filter(sock, sorted(handing_off), sorted(taking_over))
             except OSError as exc:
                 log.warning("listener %s: cannot filter the packets of moving VIPs (%s, %s): %s",
-                            slot.listener.name, sorted(handing_off), sorted(taking_over), exc)
+                            listener.name, sorted(handing_off), sorted(taking_over), exc)
 
     # --------------------------------------------------------------- health
     def _sync_health(self) -> None:

@@ -125,6 +125,7 @@ class Supervisor(LbNode):
         self._spare_wait = trio.CancelScope()
         self._slots: trio.Nursery | None = None
         self._runs = NodeRuns()  # each worker's passive failures in a row, added up per backend
+        self._handed_out: list[tuple[Listener, stdsocket.socket]] = []  # the sockets the workers accept on
         # Affinity entries etcd showed that this node did not choose (other nodes'), for the workers.
         self._from_cluster: list[list[str]] = []
         self._from_cluster_wake = trio.Event()
@@ -278,6 +279,12 @@ class Supervisor(LbNode):
         pool = self.snapshot.pools.get(pool_name)
         return pool.stickiness.table if pool is not None and pool.stickiness is not None else None
 
+    def _listening_sockets(self) -> list[tuple[Listener, stdsocket.socket]]:
+        """The sockets the workers accept on: one open file shared with every worker, so a VIP
+        filter attached here (``_filter_moving_vips``) is the one their accepts see; each
+        worker takes it off the connections it accepts (``listen._unfilter``)."""
+        return self._handed_out
+
     # ----------------------------------------------------------- counters
     async def refresh_counters(self) -> None:
         """Ask every worker for its counters and write their sum into this node's snapshot
@@ -345,6 +352,7 @@ class Supervisor(LbNode):
         assert self.bound is not None
         if self.config_path is None:
             raise RuntimeError("a supervisor needs the path of node.toml (config_path) for its workers")
+        self._handed_out = sockets
         async with trio.open_nursery() as slots:
             self._slots = slots
             for w in self.workers:
