@@ -36,9 +36,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except ConfigFileError as exc:
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
+    # workers as resolved ("auto": the cores this process may use, as `lbnode run` would)
     print(
         f"{args.config}: ok (node {config.node.id}, {len(config.listeners)} listeners, "
-        f"{len(config.pools)} pools, {sum(len(p.backends) for p in config.pools)} backends)"
+        f"{len(config.pools)} pools, {sum(len(p.backends) for p in config.pools)} backends, "
+        f"{config.node.workers} workers)"
     )
     return 0
 

@@ -309,10 +309,6 @@ class LbNode:
         """Serving, neither starting nor draining: what a reload and a takeover need."""
         return self.listeners.nursery is not None and not self._draining
 
-    def _listening_sockets(self) -> list[tuple[str, stdsocket.socket]]:
-        """Every listening socket by ``reloadplan.socket_key``: what a takeover hands over."""
-        return [(key, slot.sock) for key, slot in self.listeners.slots.items()]
-
     def _apply_plan(self, plan: ReloadPlan, bound: list[tuple[Listener, stdsocket.socket]]) -> None:
         changed = {name: li for name, li in plan.changed}
         for key, slot in list(self.listeners.slots.items()):
@@ -383,7 +379,7 @@ class LbNode:
             await conn.answer({"ok": False, "message": "takeover refused: the running node is not serving"})
             return
         listening = self._listening_sockets()
-        keys = [key for key, _ in listening]
+        keys = [socket_key(li.name, li.bind) for li, _ in listening]
         fds = [sock.fileno() for _, sock in listening]
         admin_bind = None
         if self.config.node.admin is not None and self.bound is not None and self.bound.admin is not None:
@@ -742,17 +738,21 @@ class LbNode:
         except ConfigError as exc:
             raise ConfigFileError(str(exc)) from None
 
+    def _listening_sockets(self) -> list[tuple[Listener, stdsocket.socket]]:
+        """The sockets this node accepts on now (a supervisor: the ones its workers accept on):
+        what a VIP filter is attached to, and what a takeover hands over (by ``socket_key``)."""
+        return [(slot.listener, slot.sock) for slot in self.listeners.slots.values()]
+
     def _filter_moving_vips(self, handing_off: frozenset[str], taking_over: frozenset[str]) -> None:
         """While VIPs move, every listener drops what would break a connection (``set_vip_filter``)."""
-        for slot in list(self.listeners.slots.values()):
-            sock = slot.sock
+        for listener, sock in self._listening_sockets():
             if sock.fileno() < 0:
                 continue  # closed: the node has stopped
             try:
                 set_vip_filter(sock, sorted(handing_off), sorted(taking_over))
             except OSError as exc:
                 log.warning("listener %s: cannot filter the packets of moving VIPs (%s, %s): %s",
-                            slot.listener.name, sorted(handing_off), sorted(taking_over), exc)
+                            listener.name, sorted(handing_off), sorted(taking_over), exc)
 
     # --------------------------------------------------------------- health
     def _sync_health(self) -> None:

@@ -30,6 +30,7 @@ from lbnode.node import LbNode
 from lbnode.reloadplan import ReloadRefused, socket_key
 from lbnode.workers.channel import Channel, Kind, Message
 from lbnode.workers.counters import Retired, add_up, merge_metrics
+from lbnode.workers.outliers import NodeRuns
 
 if TYPE_CHECKING:
     from lbnode.handover import Takeover
@@ -154,6 +155,12 @@ class Supervisor(LbNode):
         # made while they start, would split them from the supervisor and each other).
         self.config_text: str | None = None
         self._serving = False  # every worker has served once: reload and takeover may begin
+        self._runs = NodeRuns()  # each worker's passive failures in a row, added up per backend
+        # Affinity entries etcd showed that this node did not choose (other nodes'), for the workers.
+        self._from_cluster: list[list[str]] = []
+        self._from_cluster_wake = trio.Event()
+        if self.affinity is not None:
+            self.affinity.on_learned(self._learned_from_cluster)
 
     # ----------------------------------------------------------- state to the workers
     def apply(self, config: Config) -> None:
@@ -218,6 +225,8 @@ class Supervisor(LbNode):
         ejected = body.get("ejected", [])
         if ejected:
             self._ejected(sender, ejected, now)
+        if body.get("runs"):
+            self._add_up_runs(sender, body["runs"], now)
         touched = body.get("touched", [])
         for pool_name, key in touched:
             table = self._affinity_table(pool_name)
@@ -236,14 +245,65 @@ class Supervisor(LbNode):
         same time, and this node's /status shows it."""
         for pool_name, backend_id, seconds in ejected:
             pool = self.snapshot.pools.get(pool_name)
-            for b in pool.backends if pool is not None else ():
+            self._runs.clear(pool_name, backend_id)
+            if pool is None:
+                continue
+            for b in pool.backends:
                 if b.id == backend_id:
                     b.ejected_until = max(b.ejected_until, now + float(seconds))
+                    if pool.outlier is not None:  # /status and /metrics count it once, here
+                        pool.outlier.adopt_ejection(backend_id, b.ejected_until, now)
                     log.info("pool %s backend %s ejected for %.1fs by worker %d's passive checks: on every worker",
                              pool_name, backend_id, float(seconds), sender.index)
         for w in self.workers:
             if w is not sender:
                 w.post(Kind.HEALTH, {"ejected": ejected})
+
+    def _learned_from_cluster(self, pool_name: str, key: str, backend_id: str) -> None:
+        self._from_cluster.append([pool_name, key, backend_id])
+        self._from_cluster_wake.set()
+
+    async def _relay_cluster_affinity(self) -> None:
+        """Entries other nodes wrote to etcd, to every worker (batched per loop turn: a full
+        read of the tables after a reconnect is one message), so that a client another node
+        pinned keeps its backend on whichever worker takes its first connection here."""
+        while True:
+            await self._from_cluster_wake.wait()
+            await trio.lowlevel.checkpoint()  # the rest of this watch batch joins
+            batch, self._from_cluster = self._from_cluster, []
+            self._from_cluster_wake = trio.Event()
+            for w in self.workers:
+                w.post(Kind.AFFINITY, {"set": batch})
+
+    def _affinity_entries(self) -> list[list[str]]:
+        """Every entry standing in this node's tables: a worker that starts gets them all."""
+        now = trio.current_time()
+        out: list[list[str]] = []
+        for name, pool in self.snapshot.pools.items():
+            table = pool.stickiness.table if pool.stickiness is not None else None
+            if table is not None:
+                out.extend([name, key, backend_id] for key, backend_id in table.items(now))
+        return out
+
+    def _add_up_runs(self, sender: WorkerHandle, runs: list[list[Any]], now: float) -> None:
+        """A worker's runs of failures: ejected on every worker when the workers' runs add up to
+        ``consecutive_failures`` (``lbnode.workers.outliers``: the bound is documented there)."""
+        for pool_name, backend_id, run in runs:
+            total = self._runs.report(sender.index, pool_name, backend_id, int(run))
+            pool = self.snapshot.pools.get(pool_name)
+            if pool is None or pool.outlier is None:
+                continue
+            until = pool.outlier.record_run(backend_id, total, now)
+            if until is None:
+                continue
+            self._runs.clear(pool_name, backend_id)
+            for b in pool.backends:
+                if b.id == backend_id:
+                    b.ejected_until = until
+            log.warning("pool %s backend %s ejected for %.1fs on every worker: %d consecutive failures over "
+                        "the workers", pool_name, backend_id, until - now, total)
+            for w in self.workers:
+                w.post(Kind.HEALTH, {"ejected": [[pool_name, backend_id, until - now]]})
 
     def _affinity_table(self, pool_name: str) -> Any:
         pool = self.snapshot.pools.get(pool_name)
@@ -333,8 +393,12 @@ class Supervisor(LbNode):
     def _accepting(self) -> bool:
         return self._serving and not self._draining
 
-    def _listening_sockets(self) -> list[tuple[str, stdsocket.socket]]:
-        return [(socket_key(li.name, li.bind), sock) for li, sock in self._sockets]
+    def _listening_sockets(self) -> list[tuple[Listener, stdsocket.socket]]:
+        """The sockets the workers accept on: one open file shared with every worker, so a VIP
+        filter attached here (``_filter_moving_vips``) is the one their accepts see; each
+        worker takes it off the connections it accepts (``listen._unfilter``). A takeover
+        hands these over."""
+        return list(self._sockets)
 
     # ----------------------------------------------------------- counters
     async def refresh_counters(self) -> None:
@@ -411,6 +475,7 @@ class Supervisor(LbNode):
             for w in self.workers:
                 await w.ready.wait()
             slots.start_soon(self._make_spare)
+            outer.start_soon(self._relay_cluster_affinity)  # (not in slots: their end is the workers')
             for li, _ in sockets:
                 log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
             log.info("%d workers serving", len(self.workers))
@@ -448,6 +513,7 @@ class Supervisor(LbNode):
                 raise WorkerStartError(f"worker {w.index} exited before it served: see the log above")
             self.restarts += 1
             w.restarts += 1
+            self._runs.forget_worker(w.index)
             last = self._last_counters[w.index] if w.index < len(self._last_counters) else None
             if last is not None and last.get("pid") == w.pid:
                 self._retired.add(last)
@@ -548,6 +614,9 @@ class Supervisor(LbNode):
                 for sock in copies:
                     sock.close()
             await channel.send(Kind.CONFIG, self._config_body())
+            entries = self._affinity_entries()
+            if entries:
+                await channel.send(Kind.AFFINITY, {"set": entries})
             async for kind, body, sockets in outbox:
                 try:
                     await channel.send(kind, body, [s.fileno() for s in sockets])

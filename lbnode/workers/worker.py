@@ -68,6 +68,7 @@ class WorkerNode(LbNode):
         # Affinity tables kept in step with the other workers' through the supervisor.
         self.worker_affinity = WorkerAffinity(Path(config.node.state_dir))
         self.reported_ejections: dict[tuple[str, str], float] = {}  # (pool, backend) -> ejected_until told
+        self.reported_runs: dict[tuple[str, str], int] = {}  # (pool, backend) -> failures in a row told
         self._snapshot = Snapshot.build(self.config, shared_affinity=self.worker_affinity)
 
     def apply(self, config: Config) -> None:
@@ -150,10 +151,14 @@ class WorkerNode(LbNode):
         now = trio.current_time()
         for pool_name, backend_id, seconds in entries:
             pool = self.snapshot.pools.get(pool_name)
-            for b in pool.backends if pool is not None else ():
+            if pool is None:
+                continue
+            for b in pool.backends:
                 if b.id == backend_id and now + seconds > b.ejected_until:
                     b.ejected_until = now + seconds
                     self.reported_ejections[(pool_name, backend_id)] = b.ejected_until  # not sent back
+                    if pool.outlier is not None:  # this worker's run restarts from zero, as the others'
+                        pool.outlier.adopt_ejection(backend_id, b.ejected_until, now)
 
     def new_ejections(self) -> list[list[Any]]:
         """Backends this worker's passive checks ejected since the last look: [pool, backend, seconds]."""
@@ -165,6 +170,21 @@ class WorkerNode(LbNode):
                 if until > now and self.reported_ejections.get((name, b.id)) != until:
                     self.reported_ejections[(name, b.id)] = until
                     out.append([name, b.id, until - now])
+        return out
+
+
+    def changed_runs(self) -> list[list[Any]]:
+        """[pool, backend, failures in a row] for each run that changed since the last look: the
+        supervisor adds up every worker's (``lbnode.workers.outliers``)."""
+        out: list[list[Any]] = []
+        for name, pool in self.snapshot.pools.items():
+            if pool.outlier is None:
+                continue
+            for b in pool.backends:
+                run = pool.outlier.failures(b.id)
+                if self.reported_runs.get((name, b.id), 0) != run:
+                    self.reported_runs[(name, b.id)] = run
+                    out.append([name, b.id, run])
         return out
 
 
@@ -304,13 +324,14 @@ async def _send_touched(channel: Channel, node: WorkerNode) -> None:
 
 async def _send_ejections(channel: Channel, node: WorkerNode) -> None:
     """Backends this worker ejected (outlier detection, failed connects), to the supervisor,
-    which has every other worker eject them too. A look every EJECTION_SCAN: the data path
-    is not changed to report them, and a scan of a few hundred backends is microseconds."""
+    which has every other worker eject them too; and the runs of failures that changed, which
+    the supervisor adds up over the workers. A look every EJECTION_SCAN: the data path is not
+    changed to report them, and a scan of a few hundred backends is microseconds."""
     while True:
         await trio.sleep(EJECTION_SCAN)
-        ejected = node.new_ejections()
-        if ejected:
-            await channel.send(Kind.OBSERVATION, {"ejected": ejected})
+        ejected, runs = node.new_ejections(), node.changed_runs()
+        if ejected or runs:
+            await channel.send(Kind.OBSERVATION, {"ejected": ejected, "runs": runs})
 
 
 async def _watch_signals(node: WorkerNode) -> None:
