@@ -17,3 +17,19 @@ def test_configs(tmp_path: Path) -> None:
     text = haproxy_tls_config([9001, 9002], 8443, pem, 8445)
     assert f"bind 127.0.0.1:8443 ssl crt {pem} alpn http/1.1" in text and "nbthread 1" in text
     assert f"bind 127.0.0.1:8445 ssl crt {pem}\n" in text
+
+
+def test_s_time_request_is_one_http10_request_with_a_host() -> None:
+    # openssl s_time -www PATH sends "GET PATH HTTP/1.0\r\n\r\n"; without a Host line nginx
+    # answered 400 to the head lbnode forwards and closed the backend connection each time.
+    from bench.tls import S_TIME_REQUEST
+    from lbnode.http.framing import RequestReader
+    from lbnode.http.headers import RequestHead
+
+    reader = RequestReader(8192)
+    reader.feed(f"GET {S_TIME_REQUEST} HTTP/1.0\r\n\r\n".encode())
+    head = reader.events.popleft()
+    assert isinstance(head, RequestHead)
+    assert (head.method, head.target, head.version) == (b"GET", b"/small", "1.0")
+    assert (b"Host", b"bench.test") in head.headers
+    assert len(reader.events) == 1  # the End of a body-less request, nothing after it
