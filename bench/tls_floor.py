@@ -21,6 +21,10 @@ lbnode's handshake at a time:
 - ``terminator``: the same through ``TlsTerminator.handle`` itself (its timeout scope, its cap
   on handshakes in progress, its counters) with a fixed response as the inner handler.
 
+``--pieces`` measures, in this process, what the layers are made of: the server side of a
+full handshake over memory BIOs with 2, 1 and 0 TLS 1.3 tickets, a readiness wait that
+parks in Trio against one with ``poll``, and a Trio task spawned, run and ended.
+
 ``haproxy`` and ``lbnode`` (this checkout) run bench/tls.py's configuration (nginx backends
 behind them) in the same rounds, so that every figure has HAProxy's beside it at the same
 load of the machine.
@@ -35,6 +39,7 @@ import ssl
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -263,11 +268,126 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _handshake_server_cpu(server: ssl.SSLContext, client: ssl.SSLContext) -> float:
+    """CPU seconds of the server side of one full handshake over memory BIOs."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    cli = client.wrap_bio(c_in, c_out, server_hostname="bench.test")
+    spent = 0.0
+    t0 = time.process_time()
+    srv = server.wrap_bio(s_in, s_out, server_side=True)
+    spent += time.process_time() - t0
+    c_done = s_done = False
+    while not (c_done and s_done):
+        if not c_done:
+            try:
+                cli.do_handshake()
+                c_done = True
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        if not s_done:
+            t0 = time.process_time()
+            try:
+                srv.do_handshake()
+                s_done = True
+            except ssl.SSLWantReadError:
+                pass
+            spent += time.process_time() - t0
+        c_in.write(s_out.read())
+    return spent
+
+
+def _poll_wait_us(n: int) -> float:
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    poller = select.poll()
+    t0 = time.process_time()
+    for _ in range(n):
+        a.send(b"x")
+        _wait(poller, b, select.POLLIN)
+        b.recv(1)
+    spent = time.process_time() - t0
+    a.close()
+    b.close()
+    return 1e6 * spent / n
+
+
+async def _trio_wait_us(n: int) -> float:
+    """A wait that parks: the sender sends only after a pass of the run loop."""
+    import trio
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+
+    async def waiter() -> None:
+        for _ in range(n):
+            await trio.lowlevel.wait_readable(b)
+            b.recv(1)
+
+    async def sender() -> None:
+        for _ in range(n):
+            await trio.sleep(0)
+            a.send(b"x")
+
+    t0 = time.process_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        nursery.start_soon(sender)
+    spent = time.process_time() - t0
+    a.close()
+    b.close()
+    return 1e6 * spent / n
+
+
+async def _trio_spawn_us(n: int) -> float:
+    import trio
+
+    async def noop() -> None:
+        pass
+
+    t0 = time.process_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(noop)
+            if i % 100 == 99:
+                await trio.sleep(0)
+    return 1e6 * (time.process_time() - t0) / n
+
+
+def pieces(rounds: int) -> int:
+    import trio
+
+    tmp = Path(tempfile.mkdtemp(prefix="fulcrum-tls-pieces-"))
+    cert, key, _ = _certificate(tmp)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    servers = {}
+    for tickets in (2, 1, 0):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        ctx.num_tickets = tickets
+        servers[f"server side of a full handshake, {tickets} tickets"] = ctx
+    results: dict[str, list[float]] = {name: [] for name in servers}
+    results.update({"a parked wait, poll": [], "a parked wait, Trio": [], "a Trio task spawned and ended": []})
+    for rnd in range(rounds):
+        for name, ctx in servers.items() if rnd % 2 == 0 else reversed(servers.items()):
+            results[name].append(1e6 * sum(_handshake_server_cpu(ctx, client) for _ in range(200)) / 200)
+        results["a parked wait, poll"].append(_poll_wait_us(20_000))
+        results["a parked wait, Trio"].append(trio.run(_trio_wait_us, 20_000))
+        results["a Trio task spawned and ended"].append(trio.run(_trio_spawn_us, 20_000))
+    print(f"## pieces, {rounds} rounds, load {Path('/proc/loadavg').read_text().split()[:3]}")
+    for name, figures in results.items():
+        print(f"{name}: median {statistics.median(figures):.1f} us (range {min(figures):.1f}-{max(figures):.1f})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tls_floor", description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", action="append", choices=REFERENCES + VARIANTS, help="measure only these (repeatable)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--pieces", action="store_true", help="measure the pieces in this process, and exit")
     p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cert", help=argparse.SUPPRESS)
@@ -276,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(args.serve, args.port, args.cert, args.key)
         return 0
+    if args.pieces:
+        return pieces(args.rounds)
     return run(args)
 
 
