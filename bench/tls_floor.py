@@ -90,7 +90,11 @@ def _context(variant: str, cert: str, key: str) -> ssl.SSLContext:
 
 
 def serve(variant: str, port: int, cert: str, key: str) -> None:
-    """The server of one variant, until killed."""
+    """The server of one variant, until killed; with lbnode's collector settings (cli.py)."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
     if variant in ("trio", "terminator"):
         import trio
 
