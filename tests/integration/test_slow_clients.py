@@ -353,3 +353,48 @@ def test_a_trickling_backend_is_streamed_and_does_not_slow_other_clients(spawn, 
     assert during < 2 * base + P99_SLACK, (
         f"p99 {during * 1000:.2f} ms beside trickling responses, {base * 1000:.2f} ms before")
     assert growth < TRICKLERS * RSS_PER_TRICKLE, f"node RSS grew {growth / 2**20:.1f} MiB"
+
+
+# A head trickled a byte at a time wakes the node's connection task only at line ends
+# (lbnode.sockio.TrickleWaits): what the client sees must be what it saw before.
+TRICKLE_HEAD_GAP = 0.05  # between the bytes of a trickled header value
+# A client that leaves mid-head is let go at once (EPOLLRDHUP), not at the header timeout
+# (10 s): 2 s of margin for a busy host.
+LEFT_WITHIN = 2.0
+
+
+def test_a_head_trickled_a_byte_at_a_time_is_served_and_one_left_mid_line_is_let_go_at_once(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = spawn_backend(spawn, "b1")
+    _proc, port, admin = start_node(spawn, tmp_path, backend)
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: trickle\r\nX-Slow: ")
+        for _ in range(10):
+            time.sleep(TRICKLE_HEAD_GAP)
+            s.sendall(b"a")
+        time.sleep(TRICKLE_HEAD_GAP)
+        s.sendall(b"\r")
+        time.sleep(TRICKLE_HEAD_GAP)
+        s.sendall(b"\n\r")  # the end of the header line, then the head's last line in two pieces
+        time.sleep(TRICKLE_HEAD_GAP)
+        s.sendall(b"\n")
+        data = b""
+        while not data.endswith(b"b1\n"):
+            chunk = s.recv(65536)
+            assert chunk, f"closed before the response: {data!r}"
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 "), data
+    leavers = []
+    for _ in range(20):
+        c = socket.create_connection((HOST, port), timeout=10)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: leaver\r\nX-Slow: a")
+        leavers.append(c)
+    wait_open_at_least(admin, 20, timeout=10)
+    time.sleep(0.2)  # the node has read what they sent and waits for the rest of the line
+    for c in leavers:
+        c.sendall(b"a")  # one more byte, no line end: nothing for the task yet
+        c.shutdown(socket.SHUT_WR)  # and the client is gone (its FIN behind the unread byte)
+    t0 = time.monotonic()
+    wait_open_at_most(admin, 0, timeout=LEFT_WITHIN)
+    print(f"20 clients that left mid-head let go after {time.monotonic() - t0:.2f}s")
+    for c in leavers:
+        c.close()
