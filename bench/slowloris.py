@@ -119,6 +119,7 @@ class Round:
     fds_loaded: int = 0
     failed: str = ""
     gc_loaded: tuple[int, ...] = ()  # Fulcrum: collections by generation during the loaded phases
+    load: float = 0.0  # the host's 1-minute load average after the loaded phases
 
 
 def gc_collections(admin: int) -> tuple[int, ...]:
@@ -243,6 +244,7 @@ def measure_round(ctx: Context, name: str, port: int, pid: int, admin: int | Non
         r.keepalive[1].samples += keepalive_client(port, PHASE_S).samples
         r.new_conn[1].samples += new_connection_client(port, PHASE_S).samples
         r.rss_loaded, r.fds_loaded = rss_bytes(pid), open_fds(pid)
+        r.load = os.getloadavg()[0]
         if admin is not None:
             r.gc_loaded = tuple(b - a for a, b in zip(gc0, gc_collections(admin), strict=True))
         r.held = r.fds_loaded - r.fds_idle
@@ -303,11 +305,15 @@ def _ratio(loaded: float | None, unloaded: float | None) -> float | None:
 
 
 def render(rounds: Sequence[Round]) -> str:
+    """The table; memory per held connection is against the balancer's RSS before its first
+    round (after one, its allocator keeps the memory for the next: the RSS does not go back)."""
     rows = []
+    base: dict[str, int] = {}
     for r in rounds:
         if r.failed:
-            rows.append([r.balancer, "", r.failed, "", "", "", "", "", "", ""])
+            rows.append([r.balancer, "", r.failed, "", "", "", "", "", "", "", ""])
             continue
+        rss0 = base.setdefault(r.balancer.split(" ")[0], r.rss_idle)
         for client, (u, ld) in (("keep-alive", r.keepalive), ("new connection", r.new_conn)):
             ratio = _ratio(ld.pct(0.99), u.pct(0.99))
             rows.append([
@@ -315,12 +321,12 @@ def render(rounds: Sequence[Round]) -> str:
                 f"{_ms(ld.pct(0.5))} / {_ms(ld.pct(0.99))}", _ms(max(ld.samples, default=None)),
                 "—" if ratio is None else f"{ratio:.2f}x", f"{len(u.samples)} / {len(ld.samples)}",
                 f"{r.held:,}", f"{r.rss_idle / 2**20:.1f} -> {r.rss_loaded / 2**20:.1f}",
-                f"{(r.rss_loaded - r.rss_idle) / max(r.held, 1) / 1024:.1f}",
+                f"{(r.rss_loaded - rss0) / max(r.held, 1) / 1024:.1f}", f"{r.load:.1f}",
             ])
     table = render_table(
         ["Run", "client", "unloaded p50 / p99 ms", "loaded p50 / p99 ms", "loaded max ms", "p99 ratio",
-         "requests", "attackers held", "RSS MiB", "KiB per held"],
-        rows, "llrrrrrrrr",
+         "requests", "attackers held", "RSS MiB", "KiB per held", "load avg"],
+        rows, "llrrrrrrrrr",
     )
     lines = [table, ""]
     for who in ("Fulcrum", "HAProxy"):
@@ -338,5 +344,7 @@ def render(rounds: Sequence[Round]) -> str:
                  f"{INTERVAL[0]:g}-{INTERVAL[1]:g} s, on the client's CPU), and as many against HAProxy as "
                  "its maxconn allows under this host's descriptor limit (two descriptors a connection); "
                  f"request-head timeout {HEAD_TIMEOUT_S} s on both so that all are held at once; ordinary "
-                 f"clients pause {PAUSE_S * 1000:g} ms between requests, {PHASE_S:g} s per phase.")
+                 f"clients pause {PAUSE_S * 1000:g} ms between requests, {PHASE_S:g} s per phase. KiB per held: "
+                 "RSS growth since the balancer's first round began, over the attackers held. Load avg: the "
+                 "host's, after the loaded phases (other work on the host moves every p99 here).")
     return "\n".join(lines)
