@@ -427,7 +427,7 @@ class TrickleWaits:
         if self._waiting.get(fd) is entry:
             del self._waiting[fd]
             self._forget(fd)
-        entry[2] = None
+        entry[2] = entry[5] = None  # the entry may wait in the heap till its deadline: not the socket
         self._done += 1
         if self._done > self.PRUNE_AFTER and 2 * self._done > len(self._heap):
             self._heap[:] = [e for e in self._heap if e[2] is not None]
@@ -466,7 +466,7 @@ class TrickleWaits:
                         self._done -= 1
                     elif entry[0] <= now:
                         heapq.heappop(heap)
-                        task, entry[2] = entry[2], None
+                        task, entry[2], entry[5] = entry[2], None, None
                         if waiting.get(entry[4]) is entry:
                             del waiting[entry[4]]
                             self._forget(entry[4])
