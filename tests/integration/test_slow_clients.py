@@ -66,13 +66,13 @@ def raise_fd_limit(need: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start_node(spawn, tmp_path: Path, backend: int, listener_extra: str = "") -> tuple[object, int, int]:  # type: ignore[no-untyped-def]
+def start_node(spawn, tmp_path: Path, backend: int, listener_extra: str = "", node_extra: str = "") -> tuple[object, int, int]:  # type: ignore[no-untyped-def]
     port, admin = free_port(), free_port()
     text = node_toml(
         pool_toml("p", [f"{HOST}:{backend}"]),
         listener_toml("web", "http", "p", bind=f"{HOST}:{port}", extra=listener_extra, backlog=4096),
         admin=f"{HOST}:{admin}",
-        node_extra='drain_timeout = "1s"\n',
+        node_extra='drain_timeout = "1s"\n' + node_extra,
     )
     config = tmp_path / "node.toml"
     config.write_text(text)
@@ -353,3 +353,84 @@ def test_a_trickling_backend_is_streamed_and_does_not_slow_other_clients(spawn, 
     assert during < 2 * base + P99_SLACK, (
         f"p99 {during * 1000:.2f} ms beside trickling responses, {base * 1000:.2f} ms before")
     assert growth < TRICKLERS * RSS_PER_TRICKLE, f"node RSS grew {growth / 2**20:.1f} MiB"
+
+
+# A head trickled a byte at a time wakes the node's connection task only at line ends
+# (lbnode.sockio.TrickleWaits): what the client sees must be what it saw before.
+TRICKLE_HEAD_GAP = 0.05  # between the bytes of a trickled header value
+# A client that leaves mid-head is let go at once (EPOLLRDHUP), not at the header timeout
+# (10 s): 2 s of margin for a busy host.
+LEFT_WITHIN = 2.0
+
+
+def test_a_head_trickled_a_byte_at_a_time_is_served_and_one_left_mid_line_is_let_go_at_once(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = spawn_backend(spawn, "b1")
+    _proc, port, admin = start_node(spawn, tmp_path, backend)
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: trickle\r\nX-Slow: ")
+        for _ in range(10):
+            time.sleep(TRICKLE_HEAD_GAP)
+            s.sendall(b"a")
+        time.sleep(TRICKLE_HEAD_GAP)
+        s.sendall(b"\r")
+        time.sleep(TRICKLE_HEAD_GAP)
+        s.sendall(b"\n\r")  # the end of the header line, then the head's last line in two pieces
+        time.sleep(TRICKLE_HEAD_GAP)
+        s.sendall(b"\n")
+        data = b""
+        while not data.endswith(b"b1\n"):
+            chunk = s.recv(65536)
+            assert chunk, f"closed before the response: {data!r}"
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 "), data
+    leavers = []
+    for _ in range(20):
+        c = socket.create_connection((HOST, port), timeout=10)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: leaver\r\nX-Slow: a")
+        leavers.append(c)
+    wait_open_at_least(admin, 20, timeout=10)
+    time.sleep(0.2)  # the node has read what they sent and waits for the rest of the line
+    for c in leavers:
+        c.sendall(b"a")  # one more byte, no line end: nothing for the task yet
+        c.shutdown(socket.SHUT_WR)  # and the client is gone (its FIN behind the unread byte)
+    t0 = time.monotonic()
+    wait_open_at_most(admin, 0, timeout=LEFT_WITHIN)
+    print(f"20 clients that left mid-head let go after {time.monotonic() - t0:.2f}s")
+    for c in leavers:
+        c.close()
+
+
+def test_the_node_holds_every_slowloris_connection_up_to_max_connections_and_serves_ordinary_clients(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Not timed: all SLOWLORIS attackers accepted and held at once under a max_connections sized
+    for them, ordinary requests answered in full meanwhile, memory within its bound."""
+    raise_fd_limit(SLOWLORIS + 1024)
+    backend = spawn_backend(spawn, "b1")
+    # A head timeout longer than the test, so that no attacker is cut and reconnects: all are held.
+    timeouts = '  [listeners.timeouts]\n  header = "120s"\n'
+    proc, port, admin = start_node(spawn, tmp_path, backend, listener_extra=timeouts,
+                                   node_extra=f"max_connections = {SLOWLORIS + 100}\n")
+    timed_requests(port, 0.5)  # warm-up
+    rss_before = node_rss(proc.pid)  # type: ignore[attr-defined]
+    attackers = subprocess.Popen(
+        [sys.executable, "-m", "tests.slowclients", "--port", str(port), "--count", str(SLOWLORIS),
+         "--interval", "2", "--max-interval", "5"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        assert attackers.stdout is not None
+        assert select.select([attackers.stdout], [], [], max(30.0, SLOWLORIS / 200))[0], "attackers did not connect"
+        assert attackers.stdout.readline() == f"ready {SLOWLORIS}\n".encode()
+        wait_open_at_least(admin, SLOWLORIS, timeout=max(20.0, SLOWLORIS / 200))
+        status = httpx.get(f"http://{HOST}:{admin}/status", timeout=10).json()["connections"]
+        assert status["max"] == SLOWLORIS + 100
+        for _ in range(3):  # every attacker sends bytes meanwhile (one each 2-5 s)
+            assert len(timed_requests(port, 1.0)) > 0  # each one a 200 with its whole body
+        assert open_connections(admin) >= SLOWLORIS  # none of them cut
+        growth = node_rss(proc.pid) - rss_before  # type: ignore[attr-defined]
+    finally:
+        attackers.kill()
+        attackers.wait(10)
+        attackers.stdout.close()  # type: ignore[union-attr]
+    wait_open_at_most(admin, 0, timeout=10)  # the node lets go of every one
+    print(f"held {SLOWLORIS} slowloris; RSS +{growth / 2**20:.1f} MiB ({growth / SLOWLORIS / 1024:.1f} KiB each)")
+    assert growth < SLOWLORIS * RSS_PER_SLOW_CONNECTION, f"node RSS grew {growth / 2**20:.1f} MiB"

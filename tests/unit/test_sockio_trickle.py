@@ -20,7 +20,7 @@ async def test_a_wait_ends_true_when_data_comes_and_again_on_the_same_socket() -
     a, b = _pair()
     with a, b:
         waits = current_trickle_waits()
-        for byte in (b"G", b"E"):  # the second wait re-arms the one-shot registration
+        for byte in (b"G\n", b"E\n"):  # the second wait registers the socket again
 
             async def send_soon(data: bytes = byte) -> None:
                 await trio.sleep(0.05)
@@ -30,6 +30,58 @@ async def test_a_wait_ends_true_when_data_comes_and_again_on_the_same_socket() -
                 nursery.start_soon(send_soon)
                 assert await waits.wait(a, trio.current_time() + 5.0) is True
             assert a.recv(10) == byte
+
+
+async def test_bytes_without_a_line_end_leave_the_task_asleep_until_one_comes() -> None:
+    a, b = _pair()
+    with a, b:
+        waits = current_trickle_waits()
+        ended: list[float] = []
+
+        async def wait() -> None:
+            assert await waits.wait(a, trio.current_time() + 10.0) is True
+            ended.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            for piece in (b"X-Slow: ", b"a", b"a"):  # a slowloris header value, a piece at a time
+                b.send(piece)
+                await trio.sleep(0.05)
+            assert not ended, "woken by bytes that cannot complete a head"
+            sent = trio.current_time()
+            b.send(b"\r\n")
+        assert ended[0] >= sent
+        assert a.recv(100) == b"X-Slow: aa\r\n"  # peeked at, never taken: the task reads it all
+
+
+async def test_a_wait_on_bytes_without_a_line_end_ends_false_at_its_deadline() -> None:
+    a, b = _pair()
+    with a, b:
+        waits = current_trickle_waits()
+        start = trio.current_time()
+        b.send(b"GET /slow HTTP/1.1")
+        assert await waits.wait(a, start + 0.2) is False
+        assert 0.2 <= trio.current_time() - start < 1.0  # 0.8 s of margin for a loaded host
+
+
+async def test_the_peer_closing_or_a_long_line_wakes_the_task_without_a_line_end() -> None:
+    a, b = _pair()
+    c, d = _pair()
+    with a, b, c, d:
+        waits = current_trickle_waits()
+        b.send(b"GET /par")
+        b.shutdown(socket.SHUT_WR)  # its EOF: the task's read must see it
+        assert await waits.wait(a, trio.current_time() + 5.0) is True
+        d.send(b"x" * TrickleWaits.PEEK_BYTES)  # for the parser to refuse (431), not to wait on
+        assert await waits.wait(c, trio.current_time() + 5.0) is True
+
+
+async def test_without_line_ends_any_byte_wakes_the_task() -> None:
+    a, b = _pair()
+    with a, b:
+        waits = TrickleWaits(line_ends=False)
+        b.send(b"G")
+        assert await waits.wait(a, trio.current_time() + 5.0) is True
 
 
 async def test_a_wait_ends_false_at_its_deadline_and_an_earlier_one_wakes_the_watcher() -> None:
@@ -48,7 +100,7 @@ async def test_a_wait_ends_false_at_its_deadline_and_an_earlier_one_wakes_the_wa
             await trio.sleep(0.01)  # the watcher sleeps towards 30 s now
             nursery.start_soon(wait, "short", c, 0.2)
             await trio.sleep(0.6)
-            b.send(b"x")
+            b.send(b"x\n")
         assert ended["short"][0] is False
         assert 0.2 <= ended["short"][1] - start < 1.0  # 0.8 s of margin for a loaded host
         assert ended["long"][0] is True
@@ -79,7 +131,7 @@ async def test_a_burst_of_ready_sockets_wakes_their_tasks_a_batch_at_a_time() ->
                 nursery.start_soon(waiter, a)
             await trio.sleep(0.1)  # all parked
             for _, b in pairs:
-                b.send(b"a")
+                b.send(b"a\r\n")
             turns = _Turns(log)
             trio.lowlevel.add_instrument(turns)
         trio.lowlevel.remove_instrument(turns)
@@ -101,8 +153,8 @@ async def test_a_cancelled_wait_is_forgotten() -> None:
         waits = current_trickle_waits()
         with trio.move_on_after(0.05):
             await waits.wait(a, trio.current_time() + 30.0)
-        b.send(b"x")
-        await trio.sleep(0.05)  # the watcher sees the data and nobody to wake: nothing breaks
-        # Re-armed, the registration reports the data still unread at once.
+        b.send(b"x\n")
+        await trio.sleep(0.05)  # nobody waits on it now: nothing breaks
+        # Registered again, the socket reports the data still unread at once.
         assert await waits.wait(a, trio.current_time() + 5.0) is True
-        assert a.recv(10) == b"x"
+        assert a.recv(10) == b"x\n"
