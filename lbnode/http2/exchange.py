@@ -40,8 +40,7 @@ async def backend_for(proxy: Any, backend: BackendState, pool: PoolRuntime) -> H
     conns: list[H2Backend] = proxy.h2_backends.setdefault(backend.upstream_key, [])
     for up in conns:
         if up.usable and up.still_open():
-            await up.flush(pool.spec.timeouts.response)  # any PING/SETTINGS acks still_open produced
-            return up
+            return up  # (any PING/SETTINGS acks still_open produced go with the request's HEADERS)
     for up in conns:
         if up.broken is not None and not up.streams:
             up.close()
@@ -90,13 +89,17 @@ async def _exchange(
     empty = body is not None and not any(isinstance(e, bytes) and e for e in body)
     stream = up.open(request_fields(fwd, b"http"), end=empty)
     try:
-        await up.flush(timeout)
         if body is not None:
             if not empty:
+                # HEADERS and the whole body in one write (send_body flushes): a gRPC unary call
+                # is one write to the backend, not one per frame (issue 14).
                 data = b"".join(e for e in body if isinstance(e, bytes))
                 await _send(up, stream, data, True, timeout)
+            else:
+                await up.flush(timeout)
             return await _response(proxy, conn, head, up, stream, timeout, status_retry, may_retry, on_head, _done,
                                    sent)
+        await up.flush(timeout)  # the body streams: the HEADERS go now
         done = [False]
         error: list[Exception] = []
         async with trio.open_nursery() as nursery:
