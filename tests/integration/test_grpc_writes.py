@@ -147,3 +147,41 @@ async def test_a_whole_unary_call_crosses_the_node_in_one_write_each_way() -> No
     # The first call also carries the connections' prefaces and SETTINGS: counted from the second.
     assert backend.segments_per_request == [1] * (CALLS - 1)
     assert segments[1:] == [1] * (CALLS - 1)
+
+
+async def test_calls_larger_than_the_backends_window_arrive_whole() -> None:
+    """The HEADERS now wait for the body to be queued (one write): a body larger than the
+    backend's window must still go, HEADERS first, as the window opens. An HTTP/1.1 POST of
+    200 KB with a Content-Length is buffered whole (the pool's retry buffer is 1 MiB), over
+    grpcio's 64 KiB initial window; grpcio calls of 200 KB and 3 MB stream (a gRPC client
+    sends no length). Each is echoed back whole."""
+    import subprocess
+
+    import grpc
+
+    from tests.integration.test_grpc import SERVICE, Server
+
+    server = Server("a")
+    try:
+        async with trio.open_nursery() as nursery:
+            _, bound = await start_node(nursery, node_toml(
+                pool_toml("grpc", [f"127.0.0.1:{server.port}"], protocol="h2", retry_buffer_bytes=1 << 20),
+                listener_toml("plain", "http", "grpc", extra=H2C)))
+            port = bound.listeners["plain"][1]
+
+            def calls() -> list[bytes]:
+                with grpc.insecure_channel(f"127.0.0.1:{port}",
+                                           options=[("grpc.max_receive_message_length", 8 << 20)]) as ch:
+                    say = ch.unary_unary(f"/{SERVICE}/Say")
+                    return [say(bytes([65 + i]) * size, timeout=20) for i, size in enumerate((200_000, 3_000_000))]
+
+            answers = await trio.to_thread.run_sync(calls)
+            r = await trio.to_thread.run_sync(lambda: subprocess.run(
+                ["curl", "-sS", "--http1.1", "--max-time", "20", "-H", "content-type: application/grpc",
+                 "--data-binary", "@-", f"http://127.0.0.1:{port}/{SERVICE}/Say"],
+                input=grpc_message(b"C" * 200_000), capture_output=True, timeout=30))
+            nursery.cancel_scope.cancel()
+    finally:
+        server.server.stop(0)
+    assert answers == [b"a:" + b"A" * 200_000, b"a:" + b"B" * 3_000_000]
+    assert r.stdout == grpc_message(b"a:" + b"C" * 200_000), (r.stdout[:100], r.stderr)
