@@ -13,7 +13,11 @@ to the first.
 Modes: ``keepalive`` (the main L7 figure), ``close`` (wrk's ``Connection: close``: a new client
 connection per request through the http listener), ``l4`` (the same through the tcp listener:
 one short TCP session per request), ``h2`` (h2load over TLS, ``bench.http2``'s command: an
-https listener and HAProxy with ALPN h2, 4 connections of 100 concurrent streams).
+https listener and HAProxy with ALPN h2, 4 connections of 100 concurrent streams),
+``tls-new`` (bench/tls.py's full handshake: ``openssl s_time -new``, a new connection, a
+full TLS 1.3 handshake with ECDSA P-256 and one request each) and ``tls-keepalive`` (wrk
+over 16 persistent TLS connections), both through an https listener beside HAProxy's
+``ssl crt`` frontend with the same certificate.
 
 ``--py-spy OUT`` records the first tree with py-spy (raw collapsed stacks) during one extra run;
 ``--shares OUT`` then prints the share of samples by function (self and inclusive).
@@ -39,11 +43,11 @@ from bench.configs import HOST, SMALL_PATH, fulcrum_config
 from bench.harness import Context, Options, Proc, StartError, pick_port, ports_of
 from bench.http2 import _h2load as h2load_run
 from bench.procstat import tree_cpu_seconds
-from bench.tls import _certificate, fulcrum_tls_config, haproxy_tls_config
+from bench.tls import _certificate, _s_time, fulcrum_tls_config, haproxy_tls_config
 from bench.wrk import WrkParseError, parse_wrk
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("keepalive", "close", "l4", "h2")
+MODES = ("keepalive", "close", "l4", "h2", "tls-new", "tls-keepalive")
 HAPROXY = "haproxy"
 
 
@@ -110,17 +114,22 @@ def _export(rev: str, dest: Path) -> Path:
     return dest
 
 
-def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = False) -> tuple[Proc, int, int]:
+def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = False,
+                  tls: tuple[Path, Path] | None = None) -> tuple[Proc, int, int]:
     ports = dataclasses.replace(
         ctx.ports,
         fulcrum_web=pick_port(28080 + 10 * i, taken),
         fulcrum_bulk=pick_port(28081 + 10 * i, taken),
         fulcrum_admin=pick_port(28082 + 10 * i, taken),
     )
+    taken.update((ports.fulcrum_web, ports.fulcrum_bulk, ports.fulcrum_admin))
     conf = ctx.tmp / f"ab{i}.toml"
     if h2:  # the https listener of bench.http2 (h2 by ALPN), on the "web" port
         cert, key, _ = _h2_certificate(ctx)
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin, cert, key))
+    elif tls is not None:  # the https listener on fulcrum_web, the tls (L4) one on fulcrum_bulk
+        conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
+                                           tls[0], tls[1], ports.fulcrum_bulk))
     else:
         conf.write_text(fulcrum_config(ports, node_id=f"ab{i}"))
     # PYTHONPATH puts this tree's lbnode ahead of the venv's editable install.
@@ -161,10 +170,13 @@ def _h2load(ctx: Context, port: int, seconds: float) -> int:
 
 def _wrk(ctx: Context, port: int, seconds: float, mode: str, connections: int) -> int:
     """Requests completed by one wrk run (errors are reported, not hidden)."""
+    if mode == "tls-new":
+        return _s_time(ctx, port, seconds)[0]
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "--latency"]
-    if mode != "keepalive":
+    if mode in ("close", "l4"):
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://{HOST}:{port}{SMALL_PATH}")
+    scheme = "https" if mode.startswith("tls") else "http"
+    argv.append(f"{scheme}://{HOST}:{port}{SMALL_PATH}")
     cp = subprocess.run(ctx._pinned(argv, ctx.client_cpu), capture_output=True, text=True, timeout=seconds + 30)
     try:
         res = parse_wrk(cp.stdout)
@@ -189,15 +201,27 @@ def run(args: argparse.Namespace) -> int:
         ctx.backends()
         taken = set(ports_of(ctx.ports))
         h2 = args.mode == "h2"
+        certificate: tuple[Path, Path] | None = None
         if h2:
             haproxy, port = _haproxy_h2(ctx, taken)
             procs: dict[str, Proc] = {HAPROXY: haproxy}
             ports = {HAPROXY: port}
+        elif args.mode.startswith("tls"):
+            cert, key, pem = _certificate(tmp)
+            certificate = cert, key
+            h_port = pick_port(27543, taken)
+            taken.add(h_port)
+            conf = tmp / "haproxy-tls.cfg"
+            conf.write_text(haproxy_tls_config(list(ctx.ports.backends), h_port, pem))
+            haproxy = ctx.spawn("haproxy-tls", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
+            haproxy.wait_ready([h_port], ctx.opts.start_timeout)
+            procs = {HAPROXY: haproxy}
+            ports = {HAPROXY: h_port}
         else:
             procs = {HAPROXY: ctx.haproxy()}
             ports = {HAPROXY: ctx.ports.haproxy_bulk if args.mode == "l4" else ctx.ports.haproxy_web}
         for i, (name, tree) in enumerate(trees):
-            proc, web, bulk = _start_lbnode(ctx, tree, i, taken, h2)
+            proc, web, bulk = _start_lbnode(ctx, tree, i, taken, h2, certificate)
             procs[name] = proc
             ports[name] = bulk if args.mode == "l4" else web
         names = [name for name, _ in trees] + [HAPROXY]
@@ -222,6 +246,13 @@ def run(args: argparse.Namespace) -> int:
                                     str(round(args.seconds)), "-f", "raw", "-o", str(args.py_spy)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             print(f"{first} under py-spy: {measure(first, args.seconds):.1f} us/request", flush=True)
+            rec.wait()
+        if args.perf:
+            first = names[0]
+            rec = subprocess.Popen(["perf", "record", "-g", "-F", "999", "-o", str(args.perf), "-p",
+                                    str(procs[first].pid), "--", "sleep", str(round(args.seconds))],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            print(f"{first} under perf: {measure(first, args.seconds):.1f} us/request", flush=True)
             rec.wait()
         results: dict[str, list[float]] = {name: [] for name in names}
         for rnd in range(args.rounds):
@@ -271,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rev", action="append", help="a git revision to measure (repeatable)")
     p.add_argument("--tree", action="append", type=Path, help="a directory holding lbnode/ (repeatable)")
     p.add_argument("--py-spy", type=Path, help="record the first tree with py-spy into this file first")
+    p.add_argument("--perf", type=Path, help="record the first tree with perf record -g into this file first")
     p.add_argument("--shares", type=Path, help="print the shares of a py-spy raw file, and exit")
     p.add_argument("--top", type=int, default=30, help="functions listed by --shares (default 30)")
     args = p.parse_args(argv)

@@ -25,7 +25,7 @@ SETTLE = 1.5  # seconds of load before and after each change (1.0 with --quick)
 
 
 def reload_config(web: int, tcp: int, admin: int, extra: int | None, backends: Sequence[int], state_dir: str,
-                  pool: str = "all") -> str:
+                  pool: str = "all", workers: int = 1) -> str:
     servers = "".join(f'  [[pools.backends]]\n  address = "{HOST}:{p}"\n' for p in backends)
     first = f'  [[pools.backends]]\n  address = "{HOST}:{backends[0]}"\n'
     extra_listener = (f'[[listeners]]\nname = "extra"\nprotocol = "http"\nbind = "{HOST}:{extra}"\npool = "all"\n\n'
@@ -36,6 +36,7 @@ id = "bench-reload"
 admin = "{HOST}:{admin}"
 state_dir = "{state_dir}"
 drain_timeout = "5s"
+workers = {workers}
 
 [[listeners]]
 name = "web"
@@ -140,19 +141,51 @@ def run(ctx: Context) -> str:
     lbnode = _lbnode_path(ctx.repo)
     if lbnode is None:
         raise StartError("lbnode not installed (run make venv)")
-    backends = ctx.ports.backends
     ctx.backends()
     taken = set(ports_of(ctx.ports))
+    settle = 1.0 if ctx.opts.quick else SETTLE
+    rows: list[list[object]] = []
+    failed_total = refused_total = 0
+    for workers in (1, 2):
+        more, failed, refused = fulcrum_rows(ctx, lbnode, taken, settle, workers)
+        rows += more
+        failed_total += failed
+        refused_total += refused
+    rows += haproxy_rows(ctx, taken, settle)
+    verdict = "met" if failed_total == 0 and refused_total == 0 else "NOT met"
+    return (
+        render_table(["change", "requests", "/healthz", "failed", "refused", "longest around it (ms)",
+                      "longest before it (ms)"], rows)
+        + "\n\n"
+        + f"Target (issue 13): zero failed requests and zero refused connections across every change: "
+        f"**{verdict}** ({failed_total} failed, {refused_total} refused; Fulcrum's rows). The \"workers = 2\" "
+        "rows are the same node as a supervisor and two worker processes (the reload goes to both workers; "
+        "the takeover starts a new supervisor and its workers on the handed-over sockets). The HAProxy row "
+        "is its own seamless reload under the same clients (no admin endpoint there), for comparison. Clients: 4 HTTP keep-alive, 2 a "
+        "connection per request, 2 through the tcp listener (all to nginx's 100-byte answer), 1 polling "
+        "/healthz (it must answer 200 all along, from the old process or the new one). \"Longest around it\" "
+        "is the longest request in flight at any moment of the change; \"before it\" the longest of the "
+        f"{settle:g} s before, for scale. One run per change on a shared machine: the delays are noise-level "
+        "figures, not a comparison."
+    )
+
+
+def fulcrum_rows(ctx: Context, lbnode: str, taken: set[int], settle: float,
+                 workers: int) -> tuple[list[list[object]], int, int]:
+    """One lbnode (``workers`` processes) through every change in turn; (rows, failed, refused)."""
+    backends = ctx.ports.backends
     web, tcp, admin, extra = (pick_port(27600, taken) for _ in range(4))
-    state_dir = str(ctx.tmp / "reload-state")
-    conf = ctx.tmp / "reload.toml"
+    suffix = "" if workers == 1 else f"-w{workers}"
+    state_dir = str(ctx.tmp / f"reload{suffix}-state")
+    conf = ctx.tmp / f"reload{suffix}.toml"
+    label = "" if workers == 1 else f"workers = {workers}: "
 
     def write(pool: str = "all", with_extra: bool = False) -> None:
-        conf.write_text(reload_config(web, tcp, admin, extra if with_extra else None, backends, state_dir, pool))
+        conf.write_text(reload_config(web, tcp, admin, extra if with_extra else None, backends, state_dir, pool,
+                                      workers))
 
     write()
-    old = ctx.fulcrum(conf.read_text(), key="reload", ready_ports=[web, tcp], admin_port=admin)
-    settle = 1.0 if ctx.opts.quick else SETTLE
+    old = ctx.fulcrum(conf.read_text(), key=f"reload{suffix}", ready_ports=[web, tcp], admin_port=admin)
 
     def lbnode_reload(pool: str = "first", with_extra: bool = False) -> None:
         write(pool, with_extra)
@@ -174,7 +207,8 @@ def run(ctx: Context) -> str:
         time.sleep(0.2)  # the node reads and applies the file in milliseconds; the load goes on
 
     def takeover() -> None:
-        ctx.spawn("reload-upgraded", [lbnode, "run", "--config", str(conf), "--takeover"], pin_balancer=True)
+        ctx.spawn(f"reload-upgraded{suffix}", [lbnode, "run", "--config", str(conf), "--takeover"],
+                  pin_balancer=True)
         deadline = time.monotonic() + 30
         while old.exited() is None:
             if time.monotonic() > deadline:
@@ -196,20 +230,7 @@ def run(ctx: Context) -> str:
         refused = len(load.refused())
         failed_total += len(load.failed()) - refused
         refused_total += refused
-        rows.append(row(name, load, t0, t1))
-    ctx.stop("reload-upgraded")
-    rows += haproxy_rows(ctx, taken, settle)
-    verdict = "met" if failed_total == 0 and refused_total == 0 else "NOT met"
-    return (
-        render_table(["change", "requests", "/healthz", "failed", "refused", "longest around it (ms)",
-                      "longest before it (ms)"], rows)
-        + "\n\n"
-        + f"Target (issue 13): zero failed requests and zero refused connections across every change: "
-        f"**{verdict}** ({failed_total} failed, {refused_total} refused; Fulcrum's rows). The HAProxy row "
-        "is its own seamless reload under the same clients (no admin endpoint there), for comparison. Clients: 4 HTTP keep-alive, 2 a "
-        "connection per request, 2 through the tcp listener (all to nginx's 100-byte answer), 1 polling "
-        "/healthz (it must answer 200 all along, from the old process or the new one). \"Longest around it\" "
-        "is the longest request in flight at any moment of the change; \"before it\" the longest of the "
-        f"{settle:g} s before, for scale. One run per change on a shared machine: the delays are noise-level "
-        "figures, not a comparison."
-    )
+        rows.append(row(label + name, load, t0, t1))
+    ctx.stop(f"reload-upgraded{suffix}")
+    ctx.stop(f"reload{suffix}")
+    return rows, failed_total, refused_total

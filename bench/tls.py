@@ -165,9 +165,32 @@ def _wrk(ctx: Context, port: int, seconds: float, close: bool) -> WrkResult:
     return parse_wrk(cp.stdout)
 
 
+# s_time sends "GET <www> HTTP/1.0\r\n\r\n", with no Host header. Forwarded as HTTP/1.1
+# without one, nginx answers 400 and closes the backend connection, so each handshake also
+# paid a new backend connection (HAProxy forwards HTTP/1.0 as it is and reuses its own): the
+# path carries a Host line, and a header name for the " HTTP/1.0" s_time appends.
+S_TIME_REQUEST = SMALL_PATH + " HTTP/1.0\r\nHost: bench.test\r\nX-Bench:"
+
+
+def s_time_status(port: int) -> bytes:
+    """The status line a balancer answers S_TIME_REQUEST with (one TLS connection from here):
+    the handshake figure compares like with like only if both answer 200 from a backend."""
+    import socket
+    import ssl
+
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    with client.wrap_socket(socket.create_connection((HOST, port), timeout=5)) as sock:
+        sock.sendall(f"GET {S_TIME_REQUEST} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while b"\r\n" not in data and (chunk := sock.recv(4096)):
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
 def _s_time(ctx: Context, port: int, seconds: float) -> tuple[int, float]:
     """(connections, wall seconds): full handshakes one after another, each with one request."""
-    argv = ["openssl", "s_time", "-connect", f"{HOST}:{port}", "-new", "-www", SMALL_PATH,
+    argv = ["openssl", "s_time", "-connect", f"{HOST}:{port}", "-new", "-www", S_TIME_REQUEST,
             "-time", str(max(1, round(seconds)))]
     start = time.monotonic()
     cp = subprocess.run(ctx._pinned(argv, ctx.client_cpu), capture_output=True, text=True, timeout=seconds + 30)
@@ -221,8 +244,10 @@ def run(ctx: Context) -> str:
     for name, port, pid in (("Fulcrum", f_port, fulcrum.pid), ("HAProxy", h_port, haproxy.pid)):
         for kind, close in (("full handshake + 1 request", True), ("keep-alive request", False)):
             try:
+                if close and not (status := s_time_status(port)).startswith(b"HTTP/1.1 200"):
+                    raise StartError(f"answered s_time's request with {status!r}, not a 200")
                 rps, cpu, requests, errors = _measure(ctx, port, [pid], close)
-            except (StartError, subprocess.TimeoutExpired, ValueError) as exc:
+            except (StartError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
                 rows.append([name, kind, "-", "-", "-", f"failed: {exc}"])
                 continue
             figures[(name, close)] = cpu

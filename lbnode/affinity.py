@@ -58,6 +58,10 @@ class AffinityTable(Protocol):
         """Forget ``key`` (no error if absent)."""
         ...
 
+    def items(self, now: float) -> list[tuple[str, str]]:
+        """The live entries (key, backend id), without refreshing them."""
+        ...
+
     def __len__(self) -> int: ...
 
 
@@ -116,6 +120,10 @@ class MemoryAffinityTable:
 
     def delete(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    def items(self, now: float) -> list[tuple[str, str]]:
+        """The entries that stand now (key, backend), for a worker that starts."""
+        return [(k, b) for k, (b, last) in self._entries.items() if now - last < self.idle_timeout]
 
     def expire(self, now: float) -> int:
         """Drop the entries idle for ``idle_timeout`` or more; returns how many."""

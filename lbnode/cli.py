@@ -36,19 +36,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except ConfigFileError as exc:
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
+    # workers as resolved ("auto": the cores this process may use, as `lbnode run` would)
     print(
         f"{args.config}: ok (node {config.node.id}, {len(config.listeners)} listeners, "
-        f"{len(config.pools)} pools, {sum(len(p.backends) for p in config.pools)} backends)"
+        f"{len(config.pools)} pools, {sum(len(p.backends) for p in config.pools)} backends, "
+        f"{config.node.workers} workers)"
     )
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from lbnode.config import read_config_text
     from lbnode.node import LbNode, node_from_config
 
     setup_logging(args.log_level)
     try:
-        config = load_config(args.config)
+        text = read_config_text(args.config)
+        config = load_config(args.config, text)
     except ConfigFileError as exc:
         print(f"lbnode: {exc}", file=sys.stderr)
         return 1
@@ -56,17 +60,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.takeover:
         from lbnode.handover import CommandError, Takeover, socket_path
 
-        if config.node.workers > 1:
-            print(f"lbnode: {args.config}: node.workers: --takeover is not supported yet with worker processes "
-                  "(workers >= 2): restart the node", file=sys.stderr)
-            return 1
-        if config.cluster is not None:
-            # A second etcd session under the same node id, its lease and VIPs, are not handed over yet.
-            print(f"lbnode: {args.config}: --takeover is not supported yet for a node with [cluster]: restart "
-                  "it (its VIPs move to another node first)", file=sys.stderr)
-            return 1
         try:
             takeover = Takeover.start(socket_path(config.node.state_dir))
+            if config.cluster is not None and takeover.cluster is not None:
+                # the same member goes on in this process (its lease, VIPs and heartbeats are
+                # adopted: docs/reload.md); another identity would register beside it
+                mismatch = takeover.cluster_mismatch(config.node.id, config.cluster.prefix, bool(config.cluster.vips))
+                if mismatch is not None:
+                    raise CommandError(mismatch)
             if config.control is not None:
                 # The store file gets one writer, and grpc binds the port anew: the old node's
                 # control API stops before this one reads the store (lbctl is refused meanwhile).
@@ -97,6 +98,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             supervisor = node_from_config(config, Supervisor)
             assert isinstance(supervisor, Supervisor)
             supervisor.log_level = args.log_level
+            supervisor.config_text = text  # what its workers read: the file as checked here
             node = supervisor
         else:
             node = node_from_config(config)
@@ -116,8 +118,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # every couple of requests: 10,000 (measured: about 2.5% less CPU per request).
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+    clock: trio.abc.Clock | None = None
+    if takeover is not None and takeover.clock_offset is not None:
+        from lbnode.handover import HandoverClock
+
+        clock = HandoverClock(takeover.clock_offset)  # the times the old process hands over mean the same here
     try:
-        return _run_reporting_bind_errors(lambda: trio.run(node.run), f"lbnode: {args.config}")
+        return _run_reporting_bind_errors(lambda: trio.run(node.run, clock=clock), f"lbnode: {args.config}")
     finally:
         if lock is not None:
             lock.close()
@@ -146,15 +153,17 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _run_reporting_bind_errors(run: Callable[[], None], prefix: str) -> int:
-    """Run; a port in use (raised inside nurseries, so maybe grouped) or an access log file that
-    cannot be opened is one line, exit 1."""
+    """Run; a port in use (raised inside nurseries, so maybe grouped), an access log file that
+    cannot be opened, or a takeover whose running node stopped answering is one line, exit 1."""
+    from lbnode.handover import CommandError  # a takeover's conversation broken while starting
+
     try:
         run()
-    except (BindError, AccessLogError) as exc:
+    except (BindError, AccessLogError, CommandError) as exc:
         print(f"{prefix}: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
-        bind_errors, rest = group.split(BindError)
+        bind_errors, rest = group.split((BindError, CommandError))
         if bind_errors is None or rest is not None:
             raise
         print(f"{prefix}: {_first(bind_errors)}", file=sys.stderr)

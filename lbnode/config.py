@@ -24,14 +24,23 @@ from lbnode.tls.certs import Certificate, CertificateError, load_certificate
 from lbnode.tls.upstream import TlsSetupError, backend_tls
 
 
-def load_config(path: str | Path) -> Config:
+def read_config_text(path: str | Path) -> str:
+    """node.toml's text; an unreadable file is one line naming it."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigFileError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"{path}: cannot read: {exc}") from None
+
+
+def load_config(path: str | Path, text: str | None = None) -> Config:
+    """``path`` read and checked; ``text``: its content already read (a supervisor hands the
+    exact text it checked to its workers, so an edit made since cannot split them)."""
+    path = Path(path)
+    if text is None:
+        text = read_config_text(path)
     config = load_config_text(text, str(path))
     if config.cluster is not None and config.cluster.etcd_tls:
         # The files named by the config are part of it: `lbnode check` fails on an unreadable one.

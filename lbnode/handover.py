@@ -5,7 +5,8 @@ of listening sockets to a new process (``lbnode run --takeover``, as HAProxy's
 Owns the wire: one JSON line each way per command, and for a takeover the descriptors in
 the same message (SCM_RIGHTS, ``socket.send_fds``). A takeover is one conversation:
 "takeover" (answer: socket names and descriptors, the state_dir lock's among them),
-"release-control" with [control], then "drain" once the new process serves. What a command does is the node's.
+"release-control" with [control], "release-cluster" with [cluster] (the lease, the VIPs held
+and the heartbeat state: see docs/reload.md), then "drain" once the new process serves. What a command does is the node's.
 The client half is blocking (the CLI, and a new process before its ``trio.run``); the server
 half runs in Trio on a non-blocking socket. Only the node's user can connect: the socket is
 created mode 0600 inside state_dir.
@@ -18,6 +19,7 @@ import logging
 import os
 import socket as stdsocket
 import stat
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -123,6 +125,12 @@ class Takeover:
     pid: int
     lock: IO[str] | None = None  # the running node's state_dir lock (same open file: the flock is ours too)
     used: set[str] = field(default_factory=set)
+    # [cluster]: the running node's Trio clock offset (HandoverClock), its node id and etcd prefix,
+    # its claimer heartbeat socket and its VIP guards' pipes (cluster["guarded"]: the VIPs they cover)
+    clock_offset: float | None = None
+    cluster: dict[str, Any] | None = None
+    heartbeat: stdsocket.socket | None = None
+    guard_pipes: list[int] = field(default_factory=list)
 
     @classmethod
     def start(cls, path: Path) -> Takeover:
@@ -150,11 +158,42 @@ class Takeover:
         by_fd = dict(zip(names, fds, strict=True))
         lock_fd = by_fd.pop("lock", None)
         lock = os.fdopen(lock_fd, "r+") if lock_fd is not None else None
+        guard_pipes = [by_fd.pop(name) for name in names if name.startswith("vipguard")]
+        heartbeat_fd = by_fd.pop("heartbeat", None)
+        heartbeat = stdsocket.socket(fileno=heartbeat_fd) if heartbeat_fd is not None else None
         by_key = {name: stdsocket.socket(fileno=fd) for name, fd in by_fd.items()}
         for s in by_key.values():
             s.setblocking(False)
         admin = by_key.pop("admin", None)
-        return cls(conn, by_key, admin, answer.get("admin_bind"), int(answer.get("pid", 0)), lock)
+        clock = answer.get("clock")
+        cluster = answer.get("cluster")
+        return cls(conn, by_key, admin, answer.get("admin_bind"), int(answer.get("pid", 0)), lock,
+                   clock_offset=float(clock) if isinstance(clock, int | float) else None,
+                   cluster=cluster if isinstance(cluster, dict) else None, heartbeat=heartbeat, guard_pipes=guard_pipes)
+
+    def cluster_mismatch(self, node_id: str, prefix: str, vips: bool) -> str | None:
+        """Why this process cannot go on as the running node's cluster member (None: it can).
+        Another id or etcd prefix would be a second member registering beside it; VIPs added
+        or removed with the takeover would leave held addresses without a claimer."""
+        assert self.cluster is not None
+        theirs = (self.cluster.get("node"), self.cluster.get("prefix"))
+        if theirs != (node_id, prefix):
+            return (f"node.id and cluster.prefix ({node_id!r}, {prefix!r}) must stay those of the running node "
+                    f"{theirs!r} to take over its cluster membership: restart the node to change them")
+        if bool(self.cluster.get("vips")) != vips:
+            return ("cluster.vips: a takeover cannot add the first VIP or remove the last one (the running node's "
+                    "claimer hands over to this one's): restart the node to change that")
+        return None
+
+    def release_cluster(self) -> dict[str, Any]:
+        """The running node stops acting as the cluster member (keepalives, heartbeats, VIP
+        claims) without revoking its lease or removing its VIPs, and answers with what this
+        process needs to go on as the same member: ``{"agent": ..., "vips": ...}``."""
+        _send(self.conn, {"command": "release-cluster"})
+        answer = _read_line(self.conn)
+        if not answer.get("ok"):
+            raise CommandError(str(answer.get("message")))
+        return dict(answer.get("state") or {})
 
     def take(self, key: str) -> stdsocket.socket | None:
         """The running node's socket for this listener (``reloadplan.socket_key``), if it had one."""
@@ -205,7 +244,38 @@ class Takeover:
             self.admin.close()
         if self.lock is not None:
             self.lock.close()
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+        for fd in self.guard_pipes:
+            os.close(fd)
+        self.guard_pipes = []
         self.conn.close()
+
+
+class HandoverClock(trio.abc.Clock):
+    """Trio's clock (``perf_counter``, CLOCK_MONOTONIC on Linux, one for the whole host) with
+    the offset of the process taken over: the times the old process handed over (lease
+    expiry, heartbeat echoes and send times, fencing deadlines) mean the same here, and the
+    heartbeats this process sends go on rising where the old one's stopped (its peers drop
+    a send time that is not above the last one as a replay). Trio's own clock starts at a
+    random offset per process."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def start_clock(self) -> None:
+        pass
+
+    def current_time(self) -> float:
+        return self.offset + time.perf_counter()
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        return deadline - self.current_time()
+
+
+def clock_offset() -> float:
+    """This process's Trio clock offset (what a new process's ``HandoverClock`` takes)."""
+    return trio.current_time() - time.perf_counter()
 
 
 # --------------------------------------------------------------------------- server (Trio)

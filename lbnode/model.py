@@ -376,7 +376,8 @@ class Pool:
     # send-proxy / send-proxy-v2), health checks included; None: none.
     send_proxy: str | None = None
     # "http1": HTTP/1.1 keep-alive connections, one request at a time each; "h2": HTTP/2
-    # (cleartext, prior knowledge), requests multiplexed over a few connections (gRPC).
+    # (cleartext with prior knowledge, or over [pools.tls] with ALPN "h2"), requests multiplexed
+    # over a few connections (gRPC).
     protocol: str = "http1"
 
 
@@ -450,8 +451,9 @@ def parse_pool(t: Table) -> Pool:
         send_proxy=t.str("send_proxy", None, choices=SEND_PROXY_VERSIONS),
         protocol=t.str("protocol", "http1", choices=POOL_PROTOCOLS),
     )
-    if pool.protocol == "h2" and (pool.tls is not None or pool.send_proxy is not None):
-        raise ConfigError(t.key("protocol"), '"h2" is cleartext HTTP/2 only for now: no [pools.tls], no send_proxy')
+    if pool.protocol == "h2" and pool.send_proxy is not None:
+        raise ConfigError(t.key("send_proxy"), 'is not supported with protocol = "h2" (HTTP/2 connections are '
+                          "shared by many clients: a PROXY header can name only one)")
     if pool.connect_ejection > CONNECT_EJECTION_MAX:
         raise ConfigError(
             t.key("connect_ejection"),
@@ -1651,7 +1653,7 @@ def pool_to_dict(pool: Pool) -> dict[str, Any]:
     out: dict[str, Any] = {"name": pool.name}
     for key in ("algorithm", "hash_key", "maglev_table_size", "latency_decay", "max_idle_per_backend",
                 "slow_start", "retries", "retry_budget_percent", "retry_buffer_bytes", "queue_timeout",
-                "max_queue", "connect_ejection", "send_proxy"):
+                "max_queue", "connect_ejection", "send_proxy", "protocol"):
         value = getattr(pool, key)
         if value != getattr(defaults, key):
             out[key] = value

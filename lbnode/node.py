@@ -35,6 +35,8 @@ from lbnode.health.checker import HealthChecker
 from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
 from lbnode.http.upstream import UpstreamPool
+from lbnode.http2.exchange import H2Transport
+from lbnode.http2.upstream import ALPN as H2_ALPN
 from lbnode.listen import (
     BindError,
     Bound,
@@ -255,12 +257,25 @@ class LbNode:
         socket, new handler; connections in flight finish on the old one) and removed (stop
         accepting, finish up to drain_timeout, close). Pools and certificates of a node
         without a store are replaced; with a store (cluster, [control]) they stay the
-        store's. Raises ``ReloadRefused`` with one line: the node goes on as it was."""
-        if self.config.node.workers > 1 or new.node.workers > 1:
-            # The supervisor does not tell its workers of new listeners yet (docs/reload.md).
-            raise ReloadRefused("node.workers: reload with worker processes (workers >= 2) is not built yet: "
-                                "restart the node to apply the file")
-        if self.listeners.nursery is None or self._draining:
+        store's. Raises ``ReloadRefused`` with one line: the node goes on as it was.
+        A supervisor (``lbnode.supervisor``) carries the same plan out through its workers."""
+        plan, bound, new, pools_note = self._prepare_reload(new)
+        try:
+            self.apply(new)
+        except Exception:
+            for _, sock in bound:
+                sock.close()
+            raise
+        self._take_plan(new, plan, bound)
+        summary = f"reloaded: {plan.summary()}; {len(new.pools)} pools{pools_note}"
+        log.info("%s", summary)
+        return summary
+
+    def _prepare_reload(self, new: Config) -> tuple[ReloadPlan, list[tuple[Listener, stdsocket.socket]], Config, str]:
+        """What a reload does before anything changes: the plan (refused for what needs a
+        restart), the added listeners' sockets bound (a port in use refuses it all), and the
+        configuration to apply (a store's pools stay); the note for the summary line."""
+        if not self._accepting():
             raise ReloadRefused("the node is not serving (starting or draining)")
         plan = plan_reload(self.config, new)
         bound: list[tuple[Listener, stdsocket.socket]] = []
@@ -280,19 +295,19 @@ class LbNode:
                 certificates = self.follower.merged_certificates() if self.follower.synced.is_set() else new.certificates
             new = replace(new, pools=self.config.pools, certificates=certificates)
             pools_note = "; pools stay the store's (node.toml's pools only seed it: lbctl changes them)"
-        try:
-            self.apply(new)
-        except Exception:
-            for _, sock in bound:
-                sock.close()
-            raise
+        return plan, bound, new, pools_note
+
+    def _take_plan(self, new: Config, plan: ReloadPlan, bound: list[tuple[Listener, stdsocket.socket]]) -> None:
+        """The applied configuration's node limits, and its listeners on this process's sockets
+        (a worker runs this with the sockets its supervisor bound)."""
         self.connection_gate.set_limit(new.node.max_connections)
         self.upstreams.max_idle = max((p.max_idle_per_backend for p in new.pools), default=128)
         self.upstreams.idle_timeout = min((p.timeouts.idle for p in new.pools), default=60.0)
         self._apply_plan(plan, bound)
-        summary = f"reloaded: {plan.summary()}; {len(new.pools)} pools{pools_note}"
-        log.info("%s", summary)
-        return summary
+
+    def _accepting(self) -> bool:
+        """Serving, neither starting nor draining: what a reload and a takeover need."""
+        return self.listeners.nursery is not None and not self._draining
 
     def _apply_plan(self, plan: ReloadPlan, bound: list[tuple[Listener, stdsocket.socket]]) -> None:
         changed = {name: li for name, li in plan.changed}
@@ -354,21 +369,18 @@ class LbNode:
         """A new process asks for our sockets; once it serves them it says "drain" and we stop.
 
         With [control] it first asks us to stop the control API ("release-control": the gRPC
-        port is bound anew, and the store file must have one writer). If it goes away before
-        "drain" (it could not start: a port, a bad file), we go on, with the control API again."""
-        if self.config.node.workers > 1:
-            await conn.answer({"ok": False, "message": "takeover refused: the running node has worker processes "
-                               "(workers >= 2), whose sockets are not handed over yet: restart it"})
-            return
-        if self.listeners.nursery is None or self._draining:
+        port is bound anew, and the store file must have one writer). With [cluster] it asks us
+        to stop acting as the member ("release-cluster") and adopts the lease and VIPs. If it
+        goes away before "drain" (it could not start: a port, a bad file), we go on, with the
+        control API and the membership again."""
+        from lbnode.handover import clock_offset
+
+        if not self._accepting():
             await conn.answer({"ok": False, "message": "takeover refused: the running node is not serving"})
             return
-        if self.config.cluster is not None:
-            await conn.answer({"ok": False, "message": "takeover refused: the running node has [cluster] (its "
-                               "lease and VIPs are not handed over yet: restart it)"})
-            return
-        keys = list(self.listeners.slots)
-        fds = [self.listeners.slots[k].sock.fileno() for k in keys]
+        listening = self._listening_sockets()
+        keys = [socket_key(li.name, li.bind) for li, _ in listening]
+        fds = [sock.fileno() for _, sock in listening]
         admin_bind = None
         if self.config.node.admin is not None and self.bound is not None and self.bound.admin is not None:
             if self._admin_sock is not None and self._admin_sock.fileno() >= 0:
@@ -378,12 +390,32 @@ class LbNode:
         if self.state_lock is not None:
             keys.append("lock")  # the state_dir lock (flock goes with the open file)
             fds.append(self.state_lock.fileno())
-        await conn.answer({"ok": True, "sockets": keys, "admin_bind": admin_bind, "pid": os.getpid()}, fds)
+        cluster: dict[str, Any] | None = None
+        if self.config.cluster is not None and self.agent is not None:
+            # the member's identity goes too ("release-cluster"): the heartbeat socket and the VIP
+            # guard's pipe now, so that the new process has them ready before we stop claiming
+            cluster = {"node": self.config.node.id, "prefix": self.config.cluster.prefix, "vips": self.vips is not None}
+            if self.vips is not None:
+                heartbeat_fd = self.vips.heartbeat_fd()
+                if heartbeat_fd is not None:
+                    keys.append("heartbeat")
+                    fds.append(heartbeat_fd)
+                for i, fd in enumerate(self.vips.guard_pipes()):
+                    keys.append(f"vipguard{i}")
+                    fds.append(fd)
+                cluster["guarded"] = self.vips.guarded()
+        await conn.answer({"ok": True, "sockets": keys, "admin_bind": admin_bind, "pid": os.getpid(),
+                           "clock": clock_offset(), "cluster": cluster}, fds)
         log.info("takeover: %d sockets handed to a new process; serving until it says it serves them", len(fds))
         released = False
+        cluster_state: dict[str, Any] | None = None
         while True:
             request = await conn.next_line()
             command = request.get("command") if request is not None else None
+            if command == "release-cluster" and cluster is not None and cluster_state is None:
+                cluster_state = await self._release_cluster()
+                await conn.answer({"ok": True, "state": cluster_state})
+                continue
             if command == "release-control" and self._control_scope is not None:
                 log.info("takeover: stopping the control API for the new process")
                 self._control_scope.cancel()
@@ -396,6 +428,8 @@ class LbNode:
             log.warning("takeover abandoned: the new process went away before serving; this node goes on")
             if released and self.config.control is not None and self.store is not None and self._health_nursery:
                 await self._health_nursery.start(self._serve_control, self.config.control, self.store)
+            if cluster_state is not None:
+                await self._resume_cluster(cluster_state)
             return
         log.info("takeover: the new process serves our sockets; draining and exiting")
         self._handed_over = True
@@ -406,6 +440,51 @@ class LbNode:
             await self._admin_done.wait()
         self.stop()
         await conn.answer({"ok": True, "message": "draining"})
+
+    async def _release_cluster(self) -> dict[str, Any]:
+        """A takeover's "release-cluster": stop acting as the member (VIP claimer first, so that no
+        VIP is claimed under a lease nobody renews, then the agent) without revoking the lease or
+        removing the VIPs; the new process adopts them (docs/reload.md)."""
+        assert self.agent is not None
+        vips = await self.vips.hand_over() if self.vips is not None else None
+        agent = await self.agent.hand_over()
+        log.info("takeover: lease %s, VIPs %s and heartbeats handed to the new process",
+                 f"{agent['lease']:x}" if agent.get("lease") else "(none)",
+                 ", ".join(sorted(vips["held"])) if vips else "(none)")
+        return {"agent": agent, "vips": vips}
+
+    async def _resume_cluster(self, state: dict[str, Any]) -> None:
+        """The new process went away after "release-cluster": be the member again, as it would have."""
+        assert self.agent is not None and self._health_nursery is not None
+        log.warning("takeover abandoned after the cluster membership was handed over: taking it back")
+        self.agent.adopt(state.get("agent") or {})
+        await self._health_nursery.start(self.agent.run)
+        if self.vips is not None:
+            self.vips.adopt(state.get("vips"), None)
+            await self._health_nursery.start(self.vips.run)
+
+    async def _take_over_cluster(self, takeover: Takeover) -> None:
+        """``--takeover`` of a cluster member: be ready to claim (netlink, the VIP guard), then
+        have the old process stop acting as the member, and adopt its lease and VIPs (the
+        hand-off window is what happens between the two: milliseconds)."""
+        from lbnode.handover import CommandError
+
+        assert self.agent is not None and takeover.cluster is not None
+        if self.vips is not None:
+            await self.vips.prepare(takeover.guard_pipes, takeover.cluster.get("guarded", ()))
+            takeover.guard_pipes = []  # the claimer's now
+        try:
+            state = await trio.to_thread.run_sync(takeover.release_cluster)
+        except CommandError as exc:
+            # Registering anew would revoke the running node's lease under its VIPs ("previous
+            # run"): give up instead, and it goes on (or takes back what it handed over).
+            raise CommandError(f"the running node did not hand over its cluster membership: {exc}") from None
+        self.agent.adopt(state.get("agent") or {})
+        self.agent.keep_lease_on_exit = True  # until the old process drains: it takes them back if we fail
+        if self.vips is not None:
+            self.vips.adopt(state.get("vips"), takeover.heartbeat)
+            self.vips.keep_on_exit = True
+            takeover.heartbeat = None
 
     async def _serve_control(
         self, settings: ControlSettings, store: PoolStore, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -461,51 +540,63 @@ class LbNode:
             listeners={li.name: s.getsockname()[:2] for li, s in sockets},
             admin=admin_sock.getsockname()[:2] if admin_sock is not None else None,
         )
-        async with trio.open_nursery() as outer:
-            if handle_signals:
-                outer.start_soon(self._watch_signals, outer.cancel_scope)
-            if self.agent is not None:
-                self.agent.on_assignment_change(self._sync_health)
-                self.agent.on_verdict(self._on_verdict)
-                self.events.follow_cluster(self.agent)
-                await outer.start(self.agent.run)
-                if config.cluster is not None and config.cluster.vips:
-                    self.vips = VipClaimer(config.cluster, config.node.id, self.agent.conn, self.agent)
-                    self.vips.on_moved(self.events.vip_moved)
-                    self.vips.on_moving(self._filter_moving_vips)
-                    await outer.start(self.vips.run)
-            if self.affinity is not None:
-                await outer.start(self.affinity.run)
-            if self.store is not None:
-                self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed,
-                                              seed_routes=self._seed_routes)
-                self.events.follow(self.follower)
-                if self.last_config is not None:
-                    self.follower.on_applied(self.last_config.note)
-                    outer.start_soon(self.last_config.run)
-                outer.start_soon(self.follower.run)
-                with trio.move_on_after(FIRST_READ_WAIT):
-                    await self.follower.settled.wait()
-                if not self.follower.synced.is_set():
-                    self._serve_cached()
-            if config.control is not None and self.store is not None:
-                self.control_port = await outer.start(self._serve_control, config.control, self.store)
-            if admin_sock is not None:
-                outer.start_soon(self._serve_admin, admin_sock, access)
-            outer.start_soon(self._check_certificate_expiry)
-            access_log_scope = trio.CancelScope()
-            if self.access_log_writers:
-                outer.start_soon(self._run_access_logs, access_log_scope)
-            self._health_nursery = outer
-            self._sync_health()
-            await self._serve_listeners(sockets, outer, takeover, task_status=task_status)
-            access_log_scope.cancel()
-            await self._flush_access_logs()
-            self.upstreams.close()
-            if self.command_socket is not None:
-                self.command_socket.close()
-            log.info("stopped")
-            outer.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as outer:
+                if handle_signals:
+                    outer.start_soon(self._watch_signals, outer.cancel_scope)
+                if self.agent is not None:
+                    self.agent.on_assignment_change(self._sync_health)
+                    self.agent.on_verdict(self._on_verdict)
+                    self.events.follow_cluster(self.agent)
+                    if config.cluster is not None and config.cluster.vips:
+                        self.vips = VipClaimer(config.cluster, config.node.id, self.agent.conn, self.agent)
+                        self.vips.on_moved(self.events.vip_moved)
+                        self.vips.on_moving(self._filter_moving_vips)
+                    if takeover is not None and takeover.cluster is not None:
+                        await self._take_over_cluster(takeover)
+                    await outer.start(self.agent.run)
+                    if self.vips is not None:
+                        await outer.start(self.vips.run)
+                if self.affinity is not None:
+                    await outer.start(self.affinity.run)
+                if self.store is not None:
+                    self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed,
+                                                  seed_routes=self._seed_routes)
+                    self.events.follow(self.follower)
+                    if self.last_config is not None:
+                        self.follower.on_applied(self.last_config.note)
+                        outer.start_soon(self.last_config.run)
+                    outer.start_soon(self.follower.run)
+                    with trio.move_on_after(FIRST_READ_WAIT):
+                        await self.follower.settled.wait()
+                    if not self.follower.synced.is_set():
+                        self._serve_cached()
+                if config.control is not None and self.store is not None:
+                    self.control_port = await outer.start(self._serve_control, config.control, self.store)
+                if admin_sock is not None:
+                    outer.start_soon(self._serve_admin, admin_sock, access)
+                outer.start_soon(self._check_certificate_expiry)
+                access_log_scope = trio.CancelScope()
+                if self.access_log_writers:
+                    outer.start_soon(self._run_access_logs, access_log_scope)
+                self._health_nursery = outer
+                self._sync_health()
+                await self._serve_listeners(sockets, outer, takeover, task_status=task_status)
+                access_log_scope.cancel()
+                await self._flush_access_logs()
+                self.upstreams.close()
+                if self.command_socket is not None:
+                    self.command_socket.close()
+                log.info("stopped")
+                outer.cancel_scope.cancel()
+        except BaseException:
+            if self.takeover is not None:
+                # failed before serving: hand the old process back what it gave (its sockets, and
+                # its cluster membership, which our agent and claimer left as they found it) now,
+                # not at the end of the interpreter: its heartbeats must resume within DETECT_AFTER
+                self.takeover.abandon()
+                self.takeover = None
+            raise
 
     async def _serve_listeners(
         self, sockets: list[tuple[Listener, stdsocket.socket]], outer: trio.Nursery, takeover: Takeover | None,
@@ -525,6 +616,10 @@ class LbNode:
                 log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
             if takeover is not None:
                 await trio.to_thread.run_sync(takeover.finish)
+                if self.agent is not None:  # the membership is ours alone now
+                    self.agent.keep_lease_on_exit = False
+                if self.vips is not None:
+                    self.vips.keep_on_exit = False
                 log.info("takeover: serving the sockets of lbnode pid %d, which drains and exits", takeover.pid)
                 self.takeover = None
             if self.command_socket is not None:
@@ -593,11 +688,14 @@ class LbNode:
                 registry.pop(li.name, None)
         if li.protocol in ("http", "https"):
             proxy_class = HttpProxy
-            if li.http2 is not None or any(p.protocol == "h2" for p in self.config.pools):
-                from lbnode.http2.proxy import Http2Proxy  # HTTP/2 clients, or h2 pools (issue 14)
+            if li.http2 is not None:
+                from lbnode.http2.proxy import Http2Proxy  # HTTP/2 clients (issue 14)
 
                 proxy_class = Http2Proxy
-            proxy = proxy_class(li, self, port=self.bound.listeners[li.name][1], access_log=access_log)
+            # Every L7 listener can reach protocol = "h2" pools: one may be created or changed
+            # through the control API at any time, with no listener rebuilt for it.
+            proxy = proxy_class(li, self, port=self.bound.listeners[li.name][1], access_log=access_log,
+                                transports={"h2": H2Transport()})
             previous = self.http_proxies.get(li.name)
             if previous is not None:  # a reload changed this listener: its counters go on
                 proxy.carry_counters(previous)
@@ -640,17 +738,21 @@ class LbNode:
         except ConfigError as exc:
             raise ConfigFileError(str(exc)) from None
 
+    def _listening_sockets(self) -> list[tuple[Listener, stdsocket.socket]]:
+        """The sockets this node accepts on now (a supervisor: the ones its workers accept on):
+        what a VIP filter is attached to, and what a takeover hands over (by ``socket_key``)."""
+        return [(slot.listener, slot.sock) for slot in self.listeners.slots.values()]
+
     def _filter_moving_vips(self, handing_off: frozenset[str], taking_over: frozenset[str]) -> None:
         """While VIPs move, every listener drops what would break a connection (``set_vip_filter``)."""
-        for slot in list(self.listeners.slots.values()):
-            sock = slot.sock
+        for listener, sock in self._listening_sockets():
             if sock.fileno() < 0:
                 continue  # closed: the node has stopped
             try:
                 set_vip_filter(sock, sorted(handing_off), sorted(taking_over))
             except OSError as exc:
                 log.warning("listener %s: cannot filter the packets of moving VIPs (%s, %s): %s",
-                            slot.listener.name, sorted(handing_off), sorted(taking_over), exc)
+                            listener.name, sorted(handing_off), sorted(taking_over), exc)
 
     # --------------------------------------------------------------- health
     def _sync_health(self) -> None:
@@ -688,7 +790,7 @@ class LbNode:
                             self._on_verdict(name, b.id, up, "the checkers' latest results, as the pool arrived")
             checker = self.health_checkers.get(name)
             if checker is not None:
-                checker.tls, checker.send_proxy = pool.tls, pool.send_proxy
+                checker.tls, checker.send_proxy, checker.alpn = pool.tls, pool.send_proxy, _check_alpn(pool)
                 checker.update(mine, pool.health)
                 continue
             on_observation = (
@@ -696,7 +798,7 @@ class LbNode:
             )
             checker = HealthChecker(
                 name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation,
-                tls=pool.tls, send_proxy=pool.send_proxy,
+                tls=pool.tls, send_proxy=pool.send_proxy, alpn=_check_alpn(pool),
             )
             scope = trio.CancelScope()
             self.health_checkers[name] = checker
@@ -837,3 +939,8 @@ def node_from_config(config: Config, kind: type[LbNode] = LbNode) -> LbNode:
         config, store=store, agent=agent, affinity=affinity,
         seed=config.pools, seed_routes=tuple(listener_routes(config.listeners)), last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
     )
+
+
+def _check_alpn(pool: Pool) -> tuple[str, ...]:
+    """What a pool's tcp checks over TLS require in ALPN: h2 for protocol = "h2" (as its connects)."""
+    return H2_ALPN if pool.protocol == "h2" else ()

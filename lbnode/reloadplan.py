@@ -24,6 +24,8 @@ RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("node.id", lambda c: c.node.id),
     ("node.state_dir", lambda c: c.node.state_dir),
     ("node.admin", lambda c: c.node.admin),
+    # One process or a supervisor and N workers, and how many: the process layout is chosen at start.
+    ("node.workers", lambda c: c.node.workers),
     ("[admin]", lambda c: c.admin),
     ("[control]", lambda c: c.control),
     ("[cluster]", lambda c: c.cluster),

@@ -16,17 +16,21 @@ import math
 import socket as stdsocket
 import sys
 from itertools import count
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from lbnode.cluster.certstore import certificate_document
+from lbnode.config import load_config, read_config_text
 from lbnode.health.state import Transition
 from lbnode.listen import Bound
-from lbnode.model import Config, Listener, pool_to_dict
+from lbnode.model import Config, ConfigFileError, Listener, pool_to_dict
 from lbnode.node import LbNode
+from lbnode.reloadplan import ReloadRefused, socket_key
 from lbnode.workers.channel import Channel, Kind, Message
 from lbnode.workers.counters import Retired, add_up, merge_metrics
+from lbnode.workers.outliers import NodeRuns
 
 if TYPE_CHECKING:
     from lbnode.handover import Takeover
@@ -42,9 +46,17 @@ RESTART_BACKOFF = 0.5
 # answer: a worker answers between two requests it serves, in well under a millisecond
 # unloaded; one that does not answer within this is left out of that read (logged).
 COUNTERS_TIMEOUT = 1.0
+# How long a reload waits for every worker to say it applied the new file (RELOADED): a
+# worker parses the file and builds its snapshot and handlers between two requests, in
+# milliseconds; a worker that has not answered within this is named in the reload's answer.
+RELOAD_TIMEOUT = 5.0
 # After drain_timeout the workers have closed what was still in flight; this much more for
 # them to flush their access logs and exit before they are killed.
 EXIT_GRACE = 5.0
+
+
+# A message waiting for a worker: its type, body and the sockets that go with it.
+Outgoing = tuple[Kind, dict[str, Any], list[stdsocket.socket]]
 
 
 class WorkerStartError(Exception):
@@ -61,34 +73,46 @@ class WorkerHandle:
         self.ready = trio.Event()  # set once, when the first process in this slot served
         self.serving = False  # the current process has said READY
         self.restarts = 0  # processes started in this slot after one died
-        self._outbox: trio.MemorySendChannel[tuple[Kind, dict[str, Any]]] | None = None
+        self._outbox: trio.MemorySendChannel[Outgoing] | None = None
         self._pending: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
 
-    def post(self, kind: Kind, body: dict[str, Any]) -> None:
+    def post(self, kind: Kind, body: dict[str, Any], sockets: list[stdsocket.socket] | None = None) -> None:
         """Queue a message for the current process (dropped if there is none: a new one
-        gets the whole current state at its start)."""
+        gets the whole current state at its start). ``sockets`` go with it (SCM_RIGHTS):
+        copies (``dup``) that are this message's own, closed once sent or dropped."""
         if self._outbox is not None:
             try:
-                self._outbox.send_nowait((kind, body))
+                self._outbox.send_nowait((kind, body, sockets or []))
+                return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+        for sock in sockets or []:
+            sock.close()
+
+    def expect(self, request_id: int) -> None:
+        """An answer (COUNTERS, RELOADED) matched by ``id`` is awaited: register before posting."""
+        self._pending[request_id] = (trio.Event(), [])
+
+    async def answer(self, request_id: int, timeout: float) -> dict[str, Any] | None:
+        """The answer to ``request_id``; None if the process died or did not answer in time."""
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return None
+        with trio.move_on_after(timeout):
+            await pending[0].wait()
+        self._pending.pop(request_id, None)
+        first: dict[str, Any] | None = pending[1][0] if pending[1] else None
+        return first
 
     async def counters(self, request_id: int) -> dict[str, Any] | None:
         if self._outbox is None or not self.serving:
             return None
-        event, answer = trio.Event(), list[dict[str, Any]]()
-        self._pending[request_id] = (event, answer)
+        self.expect(request_id)
         self.post(Kind.COUNTERS, {"id": request_id})
-        with trio.move_on_after(COUNTERS_TIMEOUT):
-            await event.wait()
-        self._pending.pop(request_id, None)
-        if not answer:
-            if not self.serving:
-                return None  # it died meanwhile
+        answer = await self.answer(request_id, COUNTERS_TIMEOUT)
+        if answer is None and self.serving:  # (not serving: it died meanwhile)
             log.warning("worker %d did not answer a counters request within %gs", self.index, COUNTERS_TIMEOUT)
-            return None
-        first: dict[str, Any] = answer[0]
-        return first
+        return answer
 
     def gone(self) -> None:
         """The process closed its end: nobody waits for its answers (a reader of /status must
@@ -123,6 +147,20 @@ class Supervisor(LbNode):
         self.spare_ready = False  # the spare has imported everything and waits for a slot
         self._spare_wait = trio.CancelScope()
         self._slots: trio.Nursery | None = None
+        # The listening sockets every worker serves now (a reload changes them): what HELLO
+        # sends a worker started later, and what a takeover hands over.
+        self._sockets: list[tuple[Listener, stdsocket.socket]] = []
+        # node.toml as last read and checked (at start by `lbnode run`, then by each reload):
+        # the workers parse this text, never the file again (an edit not yet reloaded, or
+        # made while they start, would split them from the supervisor and each other).
+        self.config_text: str | None = None
+        self._serving = False  # every worker has served once: reload and takeover may begin
+        self._runs = NodeRuns()  # each worker's passive failures in a row, added up per backend
+        # Affinity entries etcd showed that this node did not choose (other nodes'), for the workers.
+        self._from_cluster: list[list[str]] = []
+        self._from_cluster_wake = trio.Event()
+        if self.affinity is not None:
+            self.affinity.on_learned(self._learned_from_cluster)
 
     # ----------------------------------------------------------- state to the workers
     def apply(self, config: Config) -> None:
@@ -187,6 +225,8 @@ class Supervisor(LbNode):
         ejected = body.get("ejected", [])
         if ejected:
             self._ejected(sender, ejected, now)
+        if body.get("runs"):
+            self._add_up_runs(sender, body["runs"], now)
         touched = body.get("touched", [])
         for pool_name, key in touched:
             table = self._affinity_table(pool_name)
@@ -205,18 +245,160 @@ class Supervisor(LbNode):
         same time, and this node's /status shows it."""
         for pool_name, backend_id, seconds in ejected:
             pool = self.snapshot.pools.get(pool_name)
-            for b in pool.backends if pool is not None else ():
+            self._runs.clear(pool_name, backend_id)
+            if pool is None:
+                continue
+            for b in pool.backends:
                 if b.id == backend_id:
                     b.ejected_until = max(b.ejected_until, now + float(seconds))
+                    if pool.outlier is not None:  # /status and /metrics count it once, here
+                        pool.outlier.adopt_ejection(backend_id, b.ejected_until, now)
                     log.info("pool %s backend %s ejected for %.1fs by worker %d's passive checks: on every worker",
                              pool_name, backend_id, float(seconds), sender.index)
         for w in self.workers:
             if w is not sender:
                 w.post(Kind.HEALTH, {"ejected": ejected})
 
+    def _learned_from_cluster(self, pool_name: str, key: str, backend_id: str) -> None:
+        self._from_cluster.append([pool_name, key, backend_id])
+        self._from_cluster_wake.set()
+
+    async def _relay_cluster_affinity(self) -> None:
+        """Entries other nodes wrote to etcd, to every worker (batched per loop turn: a full
+        read of the tables after a reconnect is one message), so that a client another node
+        pinned keeps its backend on whichever worker takes its first connection here."""
+        while True:
+            await self._from_cluster_wake.wait()
+            await trio.lowlevel.checkpoint()  # the rest of this watch batch joins
+            batch, self._from_cluster = self._from_cluster, []
+            self._from_cluster_wake = trio.Event()
+            for w in self.workers:
+                w.post(Kind.AFFINITY, {"set": batch})
+
+    def _affinity_entries(self) -> list[list[str]]:
+        """Every entry standing in this node's tables: a worker that starts gets them all."""
+        now = trio.current_time()
+        out: list[list[str]] = []
+        for name, pool in self.snapshot.pools.items():
+            table = pool.stickiness.table if pool.stickiness is not None else None
+            if table is not None:
+                out.extend([name, key, backend_id] for key, backend_id in table.items(now))
+        return out
+
+    def _add_up_runs(self, sender: WorkerHandle, runs: list[list[Any]], now: float) -> None:
+        """A worker's runs of failures: ejected on every worker when the workers' runs add up to
+        ``consecutive_failures`` (``lbnode.workers.outliers``: the bound is documented there)."""
+        for pool_name, backend_id, run in runs:
+            total = self._runs.report(sender.index, pool_name, backend_id, int(run))
+            pool = self.snapshot.pools.get(pool_name)
+            if pool is None or pool.outlier is None:
+                continue
+            until = pool.outlier.record_run(backend_id, total, now)
+            if until is None:
+                continue
+            self._runs.clear(pool_name, backend_id)
+            for b in pool.backends:
+                if b.id == backend_id:
+                    b.ejected_until = until
+            log.warning("pool %s backend %s ejected for %.1fs on every worker: %d consecutive failures over "
+                        "the workers", pool_name, backend_id, until - now, total)
+            for w in self.workers:
+                w.post(Kind.HEALTH, {"ejected": [[pool_name, backend_id, until - now]]})
+
     def _affinity_table(self, pool_name: str) -> Any:
         pool = self.snapshot.pools.get(pool_name)
         return pool.stickiness.table if pool is not None and pool.stickiness is not None else None
+
+    # ----------------------------------------------------------- reload and takeover
+    def reload(self, new: Config) -> str:
+        raise ReloadRefused("a supervisor reloads from a file (reload_file): its workers read the same text")
+
+    async def reload_file(self, path: Path) -> str:
+        """``lbnode reload`` and SIGHUP with workers: the file read and checked here, the
+        listener plan carried out on this process's sockets (added ones bound first, removed
+        ones closed here once every worker has its own copy), then every worker sent the
+        text, the configuration and the added sockets (RELOAD); each swaps its handlers as a
+        single process does. Answers once every serving worker has said it applied it (or
+        RELOAD_TIMEOUT passed: named in the answer). A worker that could not apply it is
+        restarted, so it serves the new configuration from HELLO. Refused as a whole
+        (``ReloadRefused``, one line) before anything changes: the node goes on as it was."""
+        try:
+            text = await trio.to_thread.run_sync(read_config_text, path)
+            new = await trio.to_thread.run_sync(load_config, path, text)
+        except ConfigFileError as exc:
+            raise ReloadRefused(str(exc)) from None
+        summary, request_id, asked = self._reload_workers(new, path, text)
+        answers: dict[int, dict[str, Any] | None] = {}
+
+        async def wait(w: WorkerHandle) -> None:
+            answers[w.index] = await w.answer(request_id, RELOAD_TIMEOUT)
+
+        async with trio.open_nursery() as nursery:
+            for w in asked:
+                nursery.start_soon(wait, w)
+        notes = []
+        for w in asked:
+            answer = answers.get(w.index)
+            if answer is not None and answer.get("error"):
+                log.error("worker %d could not apply the reload (%s): restarting it on the new configuration",
+                          w.index, answer["error"])
+                notes.append(f"worker {w.index} restarted ({answer['error']})")
+                if w.process is not None and w.process.returncode is None:
+                    w.process.kill()
+            elif answer is None and w.serving:
+                notes.append(f"worker {w.index} did not confirm within {RELOAD_TIMEOUT:g}s")
+        summary += f"; {len(self.workers)} workers" + "".join(f"; {n}" for n in notes)
+        log.info("%s", summary)
+        return summary
+
+    def _reload_workers(self, new: Config, path: Path, text: str) -> tuple[str, int, list[WorkerHandle]]:
+        """The synchronous half of a reload (nothing else runs meanwhile, so a worker started
+        now gets either the old state and then this RELOAD, or the new state in its HELLO):
+        plan, bind, apply here, the socket list changed, RELOAD queued for every worker."""
+        plan, bound, new, pools_note = self._prepare_reload(new)
+        try:
+            LbNode.apply(self, new)  # not self.apply: RELOAD carries the configuration itself
+        except Exception:
+            for _, sock in bound:
+                sock.close()
+            raise
+        held = {socket_key(li.name, li.bind): sock for li, sock in self._sockets}
+        added = {li.name: sock for li, sock in bound}
+        sockets = []
+        for li in new.listeners:
+            key = socket_key(li.name, li.bind)
+            sockets.append((li, held.pop(key) if key in held else added[li.name]))
+        self._sockets = sockets
+        self.config_text = text  # SIGHUP still reads the file the node was started with
+        assert self.bound is not None
+        self.bound.listeners.clear()
+        self.bound.listeners.update({li.name: sock.getsockname()[:2] for li, sock in sockets})
+        request_id = next(self._request_ids)
+        body = {"id": request_id, "config_path": str(path), "config_text": text,
+                "listeners": [li.name for li, _ in bound], **self._config_body()}
+        asked = []
+        for w in self.workers:
+            if w.serving:
+                w.expect(request_id)
+                asked.append(w)
+            w.post(Kind.RELOAD, body, [sock.dup() for _, sock in bound])
+        for sock in held.values():
+            # A removed listener: each worker holds its own copy, takes what is queued and
+            # closes it (the address stops listening when the last one has).
+            sock.close()
+        for li, _ in bound:
+            log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
+        return f"reloaded: {plan.summary()}; {len(new.pools)} pools{pools_note}", request_id, asked
+
+    def _accepting(self) -> bool:
+        return self._serving and not self._draining
+
+    def _listening_sockets(self) -> list[tuple[Listener, stdsocket.socket]]:
+        """The sockets the workers accept on: one open file shared with every worker, so a VIP
+        filter attached here (``_filter_moving_vips``) is the one their accepts see; each
+        worker takes it off the connections it accepts (``listen._unfilter``). A takeover
+        hands these over."""
+        return list(self._sockets)
 
     # ----------------------------------------------------------- counters
     async def refresh_counters(self) -> None:
@@ -274,29 +456,35 @@ class Supervisor(LbNode):
         self, sockets: list[tuple[Listener, stdsocket.socket]], outer: trio.Nursery, takeover: Takeover | None,
         *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Start the workers on ``sockets``; the node serves once every worker does. On stop:
-        VIPs handed over, every worker told to drain, and waited for (drain_timeout, then
-        killed after EXIT_GRACE more). Reload and takeover (the command socket) do not drive
-        workers yet: both are refused with one line; a takeover of a single-process node by a
-        supervisor serves its sockets, and the old node is released."""
-        if takeover is not None:
-            await trio.to_thread.run_sync(takeover.finish)
-            self.takeover = None
+        """Start the workers on ``sockets``; the node serves once every worker does. A
+        takeover (``lbnode run --takeover``: ``sockets`` came from the running node, a single
+        process or a supervisor) tells the old node to drain only then, so its accept loops
+        serve the queues until ours do. On stop: VIPs handed over, every worker told to drain
+        (after a hand-over, without closing idle keep-alive connections under their clients),
+        and waited for (drain_timeout, then killed after EXIT_GRACE more)."""
         assert self.bound is not None
         if self.config_path is None:
             raise RuntimeError("a supervisor needs the path of node.toml (config_path) for its workers")
+        if self.config_text is None:
+            self.config_text = await trio.to_thread.run_sync(read_config_text, self.config_path)
+        self._sockets = list(sockets)
         async with trio.open_nursery() as slots:
             self._slots = slots
             for w in self.workers:
-                slots.start_soon(self._keep_worker, w, sockets)
+                slots.start_soon(self._keep_worker, w)
             for w in self.workers:
                 await w.ready.wait()
             slots.start_soon(self._make_spare)
+            outer.start_soon(self._relay_cluster_affinity)  # (not in slots: their end is the workers')
             for li, _ in sockets:
                 log.info("listener %s: %s on %s -> pool %s", li.name, li.protocol, li.bind, li.pool)
             log.info("%d workers serving", len(self.workers))
-            if self.command_socket is not None and self.command_socket.bind(replace_live=False):
-                # `lbnode reload` and --takeover get their one-line refusal (LbNode.reload, _hand_over).
+            if takeover is not None:
+                await trio.to_thread.run_sync(takeover.finish)
+                log.info("takeover: serving the sockets of lbnode pid %d, which drains and exits", takeover.pid)
+                self.takeover = None
+            self._serving = True
+            if self.command_socket is not None and self.command_socket.bind(replace_live=takeover is not None):
                 outer.start_soon(self.command_socket.serve, self._command)
             task_status.started(self.bound)
             await self._stop.wait()
@@ -307,24 +495,25 @@ class Supervisor(LbNode):
             drain = self.config.node.drain_timeout
             log.info("draining: telling %d workers; waiting up to %gs for requests in flight", len(self.workers), drain)
             for w in self.workers:
-                w.post(Kind.DRAIN, {})
+                w.post(Kind.DRAIN, {"handed_over": self._handed_over})
             slots.cancel_scope.deadline = trio.current_time() + drain + EXIT_GRACE
-        for _, sock in sockets:
+        for _, sock in self._sockets:
             sock.close()
         if slots.cancel_scope.cancelled_caught:
             log.warning("workers still running %gs after the drain began: killed", drain + EXIT_GRACE)
 
-    async def _keep_worker(self, w: WorkerHandle, sockets: list[tuple[Listener, stdsocket.socket]]) -> None:
+    async def _keep_worker(self, w: WorkerHandle) -> None:
         """One worker slot: a process in it at all times until the node stops."""
         while not self._stopping:
             started = trio.current_time()
-            served = await self._run_worker(w, sockets)
+            served = await self._run_worker(w)
             if self._stopping:
                 return
             if not w.ready.is_set() and not served:
                 raise WorkerStartError(f"worker {w.index} exited before it served: see the log above")
             self.restarts += 1
             w.restarts += 1
+            self._runs.forget_worker(w.index)
             last = self._last_counters[w.index] if w.index < len(self._last_counters) else None
             if last is not None and last.get("pid") == w.pid:
                 self._retired.add(last)
@@ -369,7 +558,7 @@ class Supervisor(LbNode):
             if process.returncode is None:
                 process.kill()
 
-    async def _run_worker(self, w: WorkerHandle, sockets: list[tuple[Listener, stdsocket.socket]]) -> bool:
+    async def _run_worker(self, w: WorkerHandle) -> bool:
         """One worker process, from spawn (or the spare) to exit; whether it served."""
         spare = self._spare
         if w.ready.is_set() and spare is not None and spare[0].returncode is None:
@@ -380,12 +569,12 @@ class Supervisor(LbNode):
             self._slots.start_soon(self._make_spare)
         else:
             process, channel = await self._spawn()
-        outbox_in, outbox_out = trio.open_memory_channel[tuple[Kind, dict[str, Any]]](math.inf)
+        outbox_in, outbox_out = trio.open_memory_channel[Outgoing](math.inf)
         w._outbox, w.serving = outbox_in, False
         w.process, w.pid = process, process.pid
         try:
             async with trio.open_nursery() as talk:
-                talk.start_soon(self._send_to, w, channel, sockets, outbox_out)
+                talk.start_soon(self._send_to, w, channel, outbox_out)
                 talk.start_soon(self._receive_from, w, channel)
                 await process.wait()
                 talk.cancel_scope.cancel()
@@ -393,6 +582,13 @@ class Supervisor(LbNode):
         finally:
             w._outbox, w.serving = None, False
             outbox_in.close()
+            while True:  # what was never sent: its sockets (a reload's copies) close here
+                try:
+                    _, _, unsent = outbox_out.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                for sock in unsent:
+                    sock.close()
             channel.close()
             if process.returncode is None:  # cancelled: the node is being killed, the worker goes too
                 process.kill()
@@ -400,19 +596,33 @@ class Supervisor(LbNode):
                     await process.wait()
 
     async def _send_to(
-        self, w: WorkerHandle, channel: Channel, sockets: list[tuple[Listener, stdsocket.socket]],
-        outbox: trio.MemoryReceiveChannel[tuple[Kind, dict[str, Any]]],
+        self, w: WorkerHandle, channel: Channel, outbox: trio.MemoryReceiveChannel[Outgoing],
     ) -> None:
         try:
+            # The current sockets and text (a reload may have changed both since the start),
+            # taken together with no checkpoint between: a RELOAD queued after this point
+            # follows in the outbox.
             assert self.config_path is not None
             hello = {
                 "index": w.index, "workers": self.worker_count, "config_path": str(self.config_path.resolve()),
-                "listeners": [li.name for li, _ in sockets],
+                "config_text": self.config_text, "listeners": [li.name for li, _ in self._sockets],
             }
-            await channel.send(Kind.HELLO, hello, [s.fileno() for _, s in sockets])
+            copies = [s.dup() for _, s in self._sockets]  # ours while they go: a reload may close a listener's
+            try:
+                await channel.send(Kind.HELLO, hello, [s.fileno() for s in copies])
+            finally:
+                for sock in copies:
+                    sock.close()
             await channel.send(Kind.CONFIG, self._config_body())
-            async for kind, body in outbox:
-                await channel.send(kind, body)
+            entries = self._affinity_entries()
+            if entries:
+                await channel.send(Kind.AFFINITY, {"set": entries})
+            async for kind, body, sockets in outbox:
+                try:
+                    await channel.send(kind, body, [s.fileno() for s in sockets])
+                finally:
+                    for sock in sockets:
+                        sock.close()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the worker is gone: its process exit is what the slot waits for
 
@@ -429,7 +639,7 @@ class Supervisor(LbNode):
                     w.serving = True
                     w.ready.set()
                     log.info("worker %d serving (pid %s)", w.index, w.pid)
-                elif message.kind == Kind.COUNTERS:
+                elif message.kind in (Kind.COUNTERS, Kind.RELOADED):
                     w.answered(message.body)
                 elif message.kind == Kind.OBSERVATION:
                     self._observed(w, message.body)

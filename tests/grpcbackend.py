@@ -1,7 +1,8 @@
 """A real gRPC backend for health-check tests: grpcio's server with grpc_health.v1's HealthServicer.
 
 Besides the health service (statuses set per service with ``set``), it answers
-``/test.Who/Name`` with its name, so a test sees which backend a connection reached, and
+``/test.Who/Name`` with its name (``Count`` streams ``name 0``, ``name 1``...; ``Chat`` echoes
+each message upper-cased), so a test sees which backend a connection reached, and
 records the peer (client address and port) of every health check, so a test sees how many
 connections its checks used. ``health=False`` leaves the health service out (UNIMPLEMENTED);
 ``stall=True`` makes Check never answer.
@@ -61,7 +62,12 @@ class GrpcBackend:
             self.health = _RecordingHealth(self)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         who = grpc.unary_unary_rpc_method_handler(lambda _request, _context: name.encode())
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Who", {"Name": who}),))
+        # Server streaming: b"3" -> b"name 0", b"name 1", b"name 2"; bidirectional: each message upper-cased.
+        count = grpc.unary_stream_rpc_method_handler(
+            lambda request, _context: (b"%s %d" % (name.encode(), i) for i in range(int(request))))
+        chat = grpc.stream_stream_rpc_method_handler(lambda requests, _context: (r.upper() for r in requests))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Who", {"Name": who, "Count": count, "Chat": chat}),))
         bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if tls is None:
             self.port = self.server.add_insecure_port(bind)

@@ -140,6 +140,9 @@ class EtcdAffinityTable:
         self.stopped = False
         self.writing_failed = False  # the last write to etcd failed (it is being retried)
         self.lease_ttl = 0
+        # Told (key, backend) when etcd shows an entry this node did not choose: another node's,
+        # or one that won over ours. A supervisor passes them on to its workers.
+        self.on_learned: Callable[[str, str], None] | None = None
         self.configure(idle_timeout, max_entries)
 
     def configure(self, idle_timeout: float, max_entries: int) -> None:
@@ -200,6 +203,10 @@ class EtcdAffinityTable:
             self._drop(key)
         self._queue(key, DELETE)
 
+    def items(self, now: float) -> list[tuple[str, str]]:
+        """The entries that stand now (key, backend), for a worker that starts."""
+        return [(k, e.backend) for k, e in self._entries.items() if now - max(e.used, e.seen) < self.local_expiry]
+
     def _queue(self, key: str, op: str) -> None:
         self._pending[key] = op
         self._wake.set()
@@ -249,13 +256,18 @@ class EtcdAffinityTable:
         expires = self._lease_end(lease, now)
         if entry is None:
             self._insert(key, _Entry(backend_id, -math.inf, now, revision, expires), now)
+            if self.on_learned is not None:
+                self.on_learned(key, backend_id)
             return
-        if owed == CREATE and entry.backend != backend_id:
+        changed = entry.backend != backend_id
+        if owed == CREATE and changed:
             self.adopted += 1
             log.debug("pool %s: session %r adopts backend %s written first by another node (was %s)",
                       self.pool, key, backend_id, entry.backend)
         entry.backend, entry.revision, entry.expires, entry.seen = backend_id, revision, expires, now
         self._entries.move_to_end(key)
+        if changed and self.on_learned is not None:
+            self.on_learned(key, backend_id)
 
     def on_delete(self, key: str, revision: int) -> None:
         """etcd deleted ``key`` at ``revision`` (its lease ended, or someone deleted it)."""
@@ -560,6 +572,7 @@ class ClusterAffinity:
         self._rewatch = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._logged_bad: set[tuple[str, int]] = set()
+        self._on_learned: Callable[[str, str, str], None] | None = None
 
     # ------------------------------------------------------------------ SharedAffinity
     def table(self, pool: str, spec: Affinity, previous: AffinityTable | None) -> AffinityTable:
@@ -569,6 +582,8 @@ class ClusterAffinity:
         table = EtcdAffinityTable(
             self.conn, self.settings.prefix, pool, self.node_id, spec.idle_timeout, spec.max_entries, clock=self._clock
         )
+        if self._on_learned is not None:
+            table.on_learned = self._learned_in(pool)
         old = self.tables.get(pool)
         if old is not None:
             old.stop()
@@ -583,6 +598,19 @@ class ClusterAffinity:
             self._keyring = CookieKeyring(load_or_create_key(self.state_dir))
             self._key_wanted.set()
         return self._keyring
+
+    def on_learned(self, callback: Callable[[str, str, str], None]) -> None:
+        """``callback(pool, key, backend)`` for each entry etcd shows that this node did not
+        choose itself (another node's, or one that won over this node's choice): a supervisor
+        hands them to its workers, whose tables learn only from it."""
+        self._on_learned = callback
+        for pool, table in self.tables.items():
+            table.on_learned = self._learned_in(pool)
+
+    def _learned_in(self, pool: str) -> Callable[[str, str], None]:
+        callback = self._on_learned
+        assert callback is not None
+        return lambda key, backend: callback(pool, key, backend)
 
     def retain(self, tables: list[AffinityTable]) -> None:
         """Stop the tables not in ``tables`` (their pool was removed or lost its table mode)."""

@@ -270,3 +270,40 @@ class Heartbeats:
                 votes += 1
         needed = majority(self.claimers)
         return None if votes >= needed else f"{votes} of the {needed} claimers needed miss it"
+
+
+# ---------------------------------------------------------------------- hand-over (lbnode run --takeover)
+
+_PEER_TIMES = ("known_since", "last_sent", "heard", "offset", "echo", "confirmed_since")
+
+
+def export_state(state: Heartbeats) -> dict[str, object]:
+    """What a new process of the same node needs to go on where this one stops (JSON; the times
+    are Trio times, and the new process runs on the same Trio clock: ``handover.HandoverClock``).
+    Reports are left out: the peers send fresh ones every HEARTBEAT_INTERVAL."""
+    return {
+        "lease": state.lease,
+        "started": state.started,
+        "counts": [[until, n] for until, n in state._counts],
+        "peers": {node: {"lease": p.lease, "claimers": sorted(p.claimers), **{k: getattr(p, k) for k in _PEER_TIMES}}
+                  for node, p in state.peers.items()},
+    }
+
+
+def restore_state(state: Heartbeats, saved: Mapping[str, object]) -> None:
+    """Take over what ``export_state`` saved, for the same lease only: the peers' echoes and
+    confirmations carry over, so the holder is confirmed as the old process was (not fenced
+    for STABLE_AFTER while its peers' echoes build up again), and the peers' last send times,
+    so a replay is still told from a fresh heartbeat."""
+    if saved.get("lease") != state.lease:
+        return
+    state.started = float(saved["started"])  # type: ignore[arg-type]
+    state._counts = [(float(until), int(n)) for until, n in saved.get("counts", [])]  # type: ignore[attr-defined]
+    peers = saved.get("peers", {})
+    assert isinstance(peers, dict)
+    for node, raw in peers.items():
+        peer = Peer(int(raw["lease"]), float(raw["known_since"]))
+        for k in _PEER_TIMES:
+            setattr(peer, k, float(raw[k]))
+        peer.claimers = frozenset(raw.get("claimers", ()))
+        state.peers[str(node)] = peer

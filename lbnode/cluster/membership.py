@@ -18,6 +18,8 @@ Wiring (what ``LbNode`` does with an agent; all calls from the Trio thread):
   not check: drive ``PoolRuntime.health_changed(backend_id, "up" | "down", reason, now)``.
 - ``agent.retract(pool, backend_ids)`` when a pool or backends are removed (``None``: all).
 - On stop: cancel ``run`` (the lease is revoked: the node's keys vanish at once).
+- ``lbnode run --takeover``: the old process's ``hand_over()`` stops ``run`` without revoking
+  and returns the lease; the new one's ``adopt(state)`` before its ``run`` keeps it alive.
 """
 
 from __future__ import annotations
@@ -165,6 +167,11 @@ class ClusterAgent:
         self._on_assignment: list[Callable[[], object]] = []
         self._scope: trio.CancelScope | None = None
         self._revoke_on_exit = True
+        self._done = trio.Event()  # ``run`` has returned (its lease revoked, or handed over)
+        self._adopted: int | None = None  # a lease taken over from the process this one replaces
+        # Set while a takeover is not finished: if this process fails, the one it replaces takes
+        # the lease back, so ending ``run`` must not revoke it.
+        self.keep_lease_on_exit = False
         self._logged_bad: set[tuple[str, int]] = set()
         self._started = 0.0
 
@@ -251,9 +258,92 @@ class ClusterAgent:
         if self._scope is not None:
             self._scope.cancel()
 
+    # ------------------------------------------------------------------ hand-over
+    async def hand_over(self) -> dict[str, Any]:
+        """``lbnode run --takeover``: stop ``run`` without revoking the lease (no more keepalives,
+        watches or writes from this process) and return what the new process needs to keep
+        it alive under the same node id (``adopt``). Its node key, health observations and
+        VIP keys stay in etcd: the other nodes see no change."""
+        lease = self.lease_id
+        self.stop(revoke=False)
+        await self._done.wait()
+        now = trio.current_time()
+        return {"lease": lease, "ttl": self.lease_ttl, "expires_at": self.lease_expires_at, "ok_since": self.lease_ok_since,
+                "handed_at": now}
+
+    def adopt(self, state: dict[str, Any]) -> None:
+        """Before ``run``: go on with the lease of the process this one replaces (``hand_over``).
+
+        Set at once, so that the VIP claimer started next sees it; ``run`` renews it first
+        thing, and registers afresh if etcd says it has ended. ``expires_at`` is on the same
+        Trio clock (the new process runs on the old one's, ``handover.HandoverClock``), so the
+        fencing rules go on from where the old process left them."""
+        lease, expires_at = state.get("lease"), state.get("expires_at")
+        if not isinstance(lease, int) or not lease or not isinstance(expires_at, int | float):
+            return
+        self.lease_id, self.lease_ttl = lease, int(state.get("ttl") or 0)
+        self.lease_expires_at = float(expires_at)
+        self.lease_ok_since = float(state.get("ok_since") or trio.current_time())
+        self._adopted = lease
+
+    async def _renew_adopted(self) -> bool:
+        """The first keepalive of an adopted lease, at once; False when etcd says it has ended
+        (or it may have: past ``lease_expires_at`` without an answer)."""
+        lease = self.lease_id
+        assert lease is not None and self.lease_expires_at is not None
+        if self._keepalive_conn is None:
+            self._keepalive_conn = self.conn.with_timeout(KEEPALIVE_TIMEOUT)
+        while trio.current_time() < self.lease_expires_at:
+            sent = trio.current_time()
+            with trio.move_on_at(self.lease_expires_at):
+                try:
+                    remaining = await trio.to_thread.run_sync(self._keepalive_conn.keepalive, lease,
+                                                              abandon_on_cancel=True)
+                except LeaseNotFound:
+                    remaining = 0
+                except StoreError as exc:
+                    log.warning("lease %x taken over by node %s: keepalive failed (%s); retrying", lease,
+                                self.node_id, exc)
+                    await trio.sleep(KEEPALIVE_RETRY)
+                    continue
+                if remaining <= 0:
+                    break
+                self.lease_expires_at = sent + remaining
+                self.lease_renewals += 1
+                return True
+        self._lose(lease, "it ended before the new process renewed it")
+        return False
+
+    async def _take_over_lease(self) -> bool:
+        """Keep the adopted lease (True), with our node key rewritten (version, start time);
+        False: it ended, register as any start does."""
+        lease = self._adopted
+        self._adopted = None
+        assert lease is not None
+        if not await self._renew_adopted():
+            return False
+        try:
+            await trio.to_thread.run_sync(self.conn.put, self.node_key, self._node_value(), lease, abandon_on_cancel=True)
+        except StoreError as exc:  # the key from the old process stays (same lease): only its version is old
+            log.warning("node %s: could not rewrite its node key (%s)", self.node_id, exc)
+        log.info("node %s registered in etcd (lease %x taken over from the process it replaces, ttl %ds)",
+                 self.node_id, lease, self.lease_ttl)
+        self.registered.set()
+        self._wake.set()
+        self._assignments_changed()
+        return True
+
     # ------------------------------------------------------------------ run
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._started = self._wall()
+        self._done = trio.Event()
+        self._revoke_on_exit = True
+        try:
+            await self._run(task_status)
+        finally:
+            self._done.set()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as self._scope:
             try:
                 async with trio.open_nursery() as nursery:
@@ -271,7 +361,7 @@ class ClusterAgent:
     async def _leave(self) -> None:
         lease, self.lease_id = self.lease_id, None
         with trio.CancelScope(shield=True):
-            if lease is not None and self._revoke_on_exit:
+            if lease is not None and self._revoke_on_exit and not self.keep_lease_on_exit:
                 with trio.move_on_after(self.conn.timeout):
                     try:
                         await trio.to_thread.run_sync(self.conn.revoke, lease, abandon_on_cancel=True)
@@ -288,6 +378,8 @@ class ClusterAgent:
     # ------------------------------------------------------------------ lease
     async def _keep_lease(self) -> None:
         delay, failing = BACKOFF_FIRST, False
+        if self._adopted is not None and await self._take_over_lease():
+            await self._keep_alive()
         while True:
             try:
                 await self._register()

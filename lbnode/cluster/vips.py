@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -239,6 +240,7 @@ class VipClaimer:
         self._wall = wall_clock
         self.held: dict[str, float] = {}
         self.holders: dict[str, Holder] = {}
+        self._raw: dict[str, bytes] = {}  # each VIP key's value as read
         self._values: dict[str, bytes] = {}  # what we wrote in each key we created
         self._free_since: dict[str, float] = {}
         self._on_moved: list[MovedCallback] = []
@@ -268,6 +270,20 @@ class VipClaimer:
         self._revoke_conn: EtcdConnection | None = None  # short deadlines: see REVOKE_TIMEOUT
         self._confirmed_logged: list[str] = []
         self._waiting_logged: dict[int, str] = {}  # holder lease -> why it is not revoked yet (logged)
+        # lbnode run --takeover (``hand_over`` in the old process, ``prepare``/``adopt`` in the new)
+        self._guard: subprocess.Popen[bytes] | None = None  # the VIP guard this process started
+        # the write ends of the replaced process's guards' stdin, and the VIPs those guards cover
+        self._guard_pipes: list[int] = []
+        self._pipes_guard: set[str] = set()
+        self._adopted: dict[str, Any] | None = None
+        self._adopted_heartbeat: socket.socket | None = None
+        self._adopted_heartbeats: Mapping[str, object] | None = None
+        self._handing_over = False
+        # Set while a takeover is not finished: if this process fails, the one it replaces takes
+        # the VIPs back, so ending ``run`` must leave keys and addresses as they are.
+        self.keep_on_exit = False
+        self._run_scope: trio.CancelScope | None = None
+        self._run_done = trio.Event()
 
     def on_moved(self, callback: MovedCallback) -> None:
         """``callback(vip, old_holder, new_holder)`` when etcd shows a VIP changing hands (None: free)."""
@@ -378,29 +394,138 @@ class VipClaimer:
             await trio.sleep(FENCED_POLL)  # fenced: look again soon for a renewed lease or confirmations
 
     # ------------------------------------------------------------------ run
+    async def prepare(self, guard_pipes: Sequence[int] = (), guard_vips: Sequence[str] = ()) -> None:
+        """Netlink, the VIP guard and the ARP setting: what ``run`` needs first (about half a
+        second of imports). A takeover calls it before the old process stops claiming, so that
+        the hand-off window holds none of it. ``guard_pipes``: the old process's guards (the
+        write ends of their stdin), which cover ``guard_vips``: this process keeps them open
+        for as long as it lives (each guard removes its addresses once no process holds its
+        pipe), and starts a guard of its own only if some VIP of ours is not covered."""
+        if self._addresses is not None:
+            return
+        self._addresses = await trio.to_thread.run_sync(NetlinkAddresses)
+        # real addresses: a guard process takes them off the wire if this process dies
+        self._guard_pipes += guard_pipes
+        self._pipes_guard |= set(guard_vips)
+        if self._guard is None and not {v.arg for v in self.vips.values()} <= self._pipes_guard:
+            self._guard = await trio.to_thread.run_sync(vipguard.start, tuple(self.vips.values()))
+        for interface in sorted({v.interface for v in self.vips.values()}):
+            setting = f"net.ipv4.conf.{interface}.arp_announce=2"
+            try:
+                if announce_from_primary(interface):
+                    log.info("node %s: set %s (ARP requests from the primary address, never a VIP)",
+                             self.node_id, setting)
+            except (OSError, ValueError) as exc:
+                log.warning("node %s: cannot set %s (%s); set it (sysctl) so that this host's ARP requests "
+                            "never name a VIP, or a planned hand-off may send clients back here",
+                            self.node_id, setting, exc)
+
+    def adopt(self, state: Mapping[str, Any] | None, heartbeat_socket: socket.socket | None) -> None:
+        """Before ``run``: go on as holder of what the replaced process held (``hand_over``),
+        under the lease the agent adopted. Only VIPs whose key is bound to that lease carry
+        over; the fencing deadlines go on from the same state (same Trio clock), so a hand-off
+        window longer than what the old process had left fences here at once."""
+        if heartbeat_socket is not None:
+            self._adopted_heartbeat = heartbeat_socket
+        if not state or state.get("lease") is None or state.get("lease") != self.agent.lease_id:
+            return
+        self._adopted = dict(state)
+
+    def _take_adopted(self) -> None:
+        state = self._adopted
+        if state is None:
+            return
+        self._adopted = None
+        for vip, value in dict(state.get("values", {})).items():
+            if vip in self.vips:
+                self._values[vip] = str(value).encode()
+        for vip, since in dict(state.get("held", {})).items():
+            if vip in self.vips and vip in self._values:
+                self.held[vip] = float(since)
+        if self.held:
+            self._held_lease = self.agent.lease_id
+            for vip, since in self.held.items():  # no "moved" event: etcd's view has not changed
+                self.holders[vip] = Holder(self.node_id, since, self._held_lease)
+        self.claimers = {str(k): bool(v) for k, v in dict(state.get("claimers", {})).items()}
+        self.peer_heartbeats = {str(k): (str(v[0]), int(v[1]), int(v[2]))
+                                for k, v in dict(state.get("peers", {})).items()}
+        announced = state.get("announced")
+        if isinstance(announced, list) and len(announced) == 2:
+            self._announced = (int(announced[0]), bool(announced[1]))
+        key = state.get("heartbeat_key")
+        if isinstance(key, str):
+            self._heartbeat_key = bytes.fromhex(key)  # no round trip to agree on it again
+        saved = state.get("heartbeats")
+        if isinstance(saved, dict):
+            self._adopted_heartbeats = saved
+        if self.held:
+            log.info("node %s: holding VIPs %s as the process it replaces did (no move)", self.node_id,
+                     ", ".join(sorted(self.held)))
+
+    async def hand_over(self) -> dict[str, Any]:
+        """``lbnode run --takeover``: stop claiming (no rounds, fencing, heartbeats or etcd writes
+        from this process once this returns) but leave the keys and the addresses as they are,
+        and return what the new process needs to go on as their holder (``adopt``)."""
+        self._handing_over = True
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+        await self._run_done.wait()
+        state: dict[str, Any] = {
+            "lease": self._held_lease if self.held else self.agent.lease_id,
+            "held": dict(self.held),
+            "values": {vip: value.decode() for vip, value in self._values.items()},
+            "claimers": dict(self.claimers),
+            "peers": {node: list(peer) for node, peer in self.peer_heartbeats.items()},
+            "announced": list(self._announced) if self._announced is not None else None,
+            "heartbeat_key": self._heartbeat_key.hex() if self._heartbeat_key is not None else None,
+            "heartbeats": heartbeat.export_state(self.heartbeats) if self.heartbeats is not None else None,
+        }
+        log.info("node %s: VIPs %s handed to the new process (addresses and keys stay)", self.node_id,
+                 ", ".join(sorted(self.held)) or "(none)")
+        self.held = {}
+        self._values = {}
+        return state
+
+    def guard_pipes(self) -> list[int]:
+        """The descriptors whose closing makes a VIP guard act (for a takeover to share)."""
+        own = [self._guard.stdin.fileno()] if self._guard is not None and self._guard.stdin is not None else []
+        return own + self._guard_pipes
+
+    def heartbeat_fd(self) -> int | None:
+        return self._heartbeat_std.fileno() if self._heartbeat_std is not None else None
+
+    def guarded(self) -> list[str]:
+        """The VIPs our guards cover (``VipSpec.arg``)."""
+        own = {v.arg for v in self.vips.values()} if self._guard is not None else set()
+        return sorted(own | self._pipes_guard)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        guard = None
-        if self._addresses is None:
-            self._addresses = await trio.to_thread.run_sync(NetlinkAddresses)
-            # real addresses: a guard process takes them off the wire if this process dies
-            guard = await trio.to_thread.run_sync(vipguard.start, tuple(self.vips.values()))
-            for interface in sorted({v.interface for v in self.vips.values()}):
-                setting = f"net.ipv4.conf.{interface}.arp_announce=2"
-                try:
-                    if announce_from_primary(interface):
-                        log.info("node %s: set %s (ARP requests from the primary address, never a VIP)",
-                                 self.node_id, setting)
-                except (OSError, ValueError) as exc:
-                    log.warning("node %s: cannot set %s (%s); set it (sysctl) so that this host's ARP requests "
-                                "never name a VIP, or a planned hand-off may send clients back here",
-                                self.node_id, setting, exc)
+        self._run_done = trio.Event()
+        self._handing_over = False
+        try:
+            with trio.CancelScope() as self._run_scope:
+                await self._run(task_status)
+        finally:
+            self._run_done.set()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+        await self.prepare()
+        self._take_adopted()
         # a VIP left on our interface by a crashed run is not ours until etcd says so
         for vip in self.vips.values():
-            await self._netlink(self._addresses.remove, vip)
+            if vip.address not in self.held:
+                await self._netlink(self._addresses.remove, vip)  # type: ignore[union-attr]
         if self.heartbeat_address is not None:
-            self._heartbeat_socket = await self._bind_heartbeat(self.heartbeat_address)
+            if self._adopted_heartbeat is not None:
+                self._heartbeat_socket = self._use_heartbeat(self._adopted_heartbeat)
+                self._adopted_heartbeat = None
+            else:
+                self._heartbeat_socket = await self._bind_heartbeat(self.heartbeat_address)
             self._revoke_conn = self.conn.with_timeout(REVOKE_TIMEOUT)
             self.heartbeats = heartbeat.Heartbeats(self.node_id, self.agent.lease_id or 0, trio.current_time())
+            if self._adopted_heartbeats is not None:
+                heartbeat.restore_state(self.heartbeats, self._adopted_heartbeats)
+                self._adopted_heartbeats = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._fence_loop)
@@ -413,18 +538,31 @@ class VipClaimer:
                     self.agent.on_assignment_change(self.wake)
                 task_status.started()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.conn.timeout * 2):
-                await self.release_all()
+            handed = self._handing_over or self.keep_on_exit
+            if not handed:
+                with trio.CancelScope(shield=True), trio.move_on_after(self.conn.timeout * 2):
+                    await self.release_all()
             close = getattr(self._addresses, "close", None)
             if close is not None:
                 close()
-            if self._heartbeat_socket is not None:
+            self._addresses = None
+            if handed:  # the new process reads it now; ours is kept in case the takeover is abandoned
+                self._adopted_heartbeat, self._heartbeat_socket, self._heartbeat_std = self._heartbeat_std, None, None
+            elif self._heartbeat_socket is not None:
                 self._heartbeat_socket.close()
+                self._heartbeat_socket = self._heartbeat_std = None
             if self._revoke_conn is not None:
                 self._revoke_conn.close()
-            if guard is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(vipguard.stop, guard)
+            if not handed:
+                # after a hand-over the guard stays: the new process holds its pipe too, and the
+                # addresses are its now (a guard told to stop would take them off)
+                if self._guard is not None:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(vipguard.stop, self._guard)
+                    self._guard = None
+                for fd in self._guard_pipes:
+                    os.close(fd)
+                self._guard_pipes, self._pipes_guard = [], set()
 
     @property
     def accepting(self) -> bool:
@@ -559,6 +697,12 @@ class VipClaimer:
             if h is None or h.node != self.node_id or h.lease != lease:
                 await self._drop(vip, "its key is gone or held by another node")
         for vip, h in self.holders.items():
+            if h.node == self.node_id and h.lease == lease and vip not in self._values and vip in self._raw:
+                # bound to our lease, so ours: a campaign whose answer was lost (cancelled), or
+                # one the process we took over from made as it handed over
+                log.info("node %s: VIP %s's key is bound to our lease: ours", self.node_id, vip)
+                self._values[vip] = self._raw[vip]
+        for vip, h in self.holders.items():
             if h.node == self.node_id and h.lease == lease and vip not in self.held and vip in self._values:
                 await self._add(vip, h.since)  # still ours after a short fence: etcd never lost it
         for vip in self.vips:
@@ -626,6 +770,7 @@ class VipClaimer:
 
     def _set_holders(self, kvs: list[KeyValue]) -> None:
         holders: dict[str, Holder] = {}
+        raw: dict[str, bytes] = {}
         for kv in kvs:
             vip = kv.key[len(self.prefix):]
             try:
@@ -637,6 +782,8 @@ class VipClaimer:
             if not NAME_RE.fullmatch(holder.node):
                 continue
             holders[vip] = holder
+            raw[vip] = kv.value
+        self._raw = raw
         old = self.holders
         self.holders = holders
         for vip in sorted(set(old) | set(holders)):
@@ -671,6 +818,13 @@ class VipClaimer:
             pass  # arrival taken when read instead: a late process drops more heartbeats as old
         self._heartbeat_std = std  # the same socket, for ``_take_pending_heartbeats``
         log.info("node %s: claimer heartbeats on udp %s", self.node_id, address)
+        return trio.socket.from_stdlib_socket(std)
+
+    def _use_heartbeat(self, std: socket.socket) -> trio.socket.SocketType:
+        """The replaced process's heartbeat socket (same port, same kernel timestamps setting)."""
+        std.setblocking(False)
+        self._heartbeat_std = std
+        log.info("node %s: claimer heartbeats on udp %s (socket taken over)", self.node_id, self.heartbeat_address)
         return trio.socket.from_stdlib_socket(std)
 
     def _take_pending_heartbeats(self) -> bool:

@@ -23,7 +23,7 @@ from lbnode.health.grpccheck import GrpcChannels, grpc_check
 from lbnode.health.state import DOWN, HealthState, Observation, Transition
 from lbnode.model import Address, Backend, HealthCheck, PoolTls
 from lbnode.proxyproto import encode_own
-from lbnode.tls.upstream import TlsSetupError, backend_tls
+from lbnode.tls.upstream import TlsSetupError, alpn_refusal, backend_tls
 
 log = logging.getLogger("lbnode.health")
 
@@ -47,7 +47,8 @@ _ERRNO_REASONS = {
     errno.ETIMEDOUT: "connect timed out",
 }
 
-Probe = Callable[..., Awaitable[tuple[bool, str]]]  # (address, check[, tls][, send_proxy=]) -> (passed, reason)
+# (address, check[, tls][, send_proxy=][, alpn=]) -> (passed, reason)
+Probe = Callable[..., Awaitable[tuple[bool, str]]]
 
 
 async def check_backend(
@@ -57,6 +58,7 @@ async def check_backend(
     *,
     send_proxy: str | None = None,
     channels: GrpcChannels | None = None,
+    alpn: tuple[str, ...] = (),
 ) -> tuple[bool, str]:
     """Probe one backend once; ``(passed, reason)`` with a reason an operator can act on.
 
@@ -67,7 +69,9 @@ async def check_backend(
     ``check-send-proxy``: a backend that expects one would refuse the check without it.
     A grpc check asks over ``channels`` (the checker's, kept between probes; without them a
     channel for this probe only), over TLS with ``tls``; it cannot send a PROXY header
-    (the configuration refuses that pairing).
+    (the configuration refuses that pairing). With ``alpn`` (``("h2",)`` for a ``protocol = "h2"``
+    pool) a tcp check over TLS offers it and fails, with the line the pool's connects log, if
+    the backend selects none of it; an http check speaks HTTP/1.1 and offers none.
     """
     if check.type == "grpc":
         if send_proxy is not None:
@@ -84,7 +88,7 @@ async def check_backend(
                 await tcp.send_all(encode_own(send_proxy, own[:2], peer[:2]))
             if tls is not None:
                 try:
-                    settings = backend_tls(tls)
+                    settings = backend_tls(tls, alpn if check.type == "tcp" else ())
                 except TlsSetupError as exc:
                     return False, f"pools.tls.{exc.key}: {exc.reason}"
                 stream = trio.SSLStream(stream, settings.context, server_hostname=settings.server_name(address),
@@ -92,7 +96,8 @@ async def check_backend(
                 phase = "during the TLS handshake"
                 await stream.do_handshake()
                 if check.type == "tcp":
-                    return True, "TLS handshake completed"
+                    refusal = alpn_refusal(settings, stream.selected_alpn_protocol())
+                    return (False, refusal) if refusal is not None else (True, "TLS handshake completed")
             if check.type == "tcp":
                 return True, "connected"
             phase = "waiting for the response"
@@ -261,11 +266,13 @@ class HealthChecker:
         probe: Probe | None = None,
         tls: PoolTls | None = None,
         send_proxy: str | None = None,
+        alpn: tuple[str, ...] = (),
     ) -> None:
         self.pool = pool
         self.check = check
         self.tls = tls  # the pool's [pools.tls]: probes speak TLS too (set again on a pool change)
         self.send_proxy = send_proxy  # the pool's send_proxy: probes start with a header too (likewise)
+        self.alpn = alpn  # ("h2",) for a protocol = "h2" pool: what a tcp check over TLS requires (likewise)
         self.on_transition = on_transition
         self.on_observation = on_observation
         self._rng = rng or random.Random()
@@ -347,6 +354,8 @@ class HealthChecker:
                 tls, send_proxy = self.tls, self.send_proxy
                 if send_proxy is not None:
                     ok, reason = await self._probe(backend.address, check, tls, send_proxy=send_proxy)
+                elif tls is not None and self.alpn:
+                    ok, reason = await self._probe(backend.address, check, tls, alpn=self.alpn)
                 elif tls is None:
                     ok, reason = await self._probe(backend.address, check)
                 else:

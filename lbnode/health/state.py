@@ -221,6 +221,39 @@ class OutlierDetector(Generic[K]):
             return None
         return self._eject(record, now)
 
+    def failures(self, key: K) -> int:
+        """The backend's current run: failures since its last success or ejection."""
+        record = self._records.get(key)
+        return 0 if record is None else record.failures
+
+    def record_run(self, key: K, failures: int, now: float) -> float | None:
+        """``failures`` in a row seen elsewhere (a node's workers' runs added up): ejected, as
+        ``record_failure`` would, if they reach ``consecutive_failures``; returns the
+        ejected-until time if this ejected it."""
+        record = self._records.get(key)
+        if record is None or now < record.ejected_until:
+            return None
+        record.failures = failures
+        if failures < self.outlier.consecutive_failures or not self._may_eject(now):
+            return None
+        return self._eject(record, now)
+
+    def adopt_ejection(self, key: K, until: float, now: float) -> bool:
+        """An ejection decided elsewhere (another worker of this node, or the supervisor's sum):
+        counted here as if decided here, so the next ejection grows the same on every worker;
+        False if this detector already had the backend ejected (nothing changes)."""
+        record = self._records.get(key)
+        if record is None or now < record.ejected_until or until <= now:
+            return False
+        base = self.outlier.base_ejection_time
+        if record.ejections and base > 0:
+            record.multiplier = max(0, record.multiplier - int((now - record.ejected_until) // base))
+        record.multiplier += 1
+        record.ejections += 1
+        record.failures = 0
+        record.ejected_until = until
+        return True
+
     def unejected(self, key: K, now: float) -> None:
         """End an ejection early (an active check passed); the caller clears ``ejected_until``."""
         record = self._records.get(key)

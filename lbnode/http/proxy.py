@@ -15,7 +15,7 @@ import socket as stdsocket
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -108,6 +108,36 @@ class UpstreamError(Exception):
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of a request on one backend, as a ``PoolTransport`` reports it: ``status`` is the
+    backend's response status once its head arrived (0: none), counted by the proxy."""
+
+    status: int = 0
+
+
+class PoolTransport(Protocol):
+    """How requests reach the backends of a pool whose ``protocol`` is not ``http1`` (``"h2"``:
+    ``lbnode.http2.exchange.H2Transport``), given to ``HttpProxy`` by whoever builds it.
+
+    The proxy does everything around one try, for every protocol alike: it chose the backend,
+    counts the request in flight and its response (``attempt.status``), fills the access log
+    entry's backend, and retries or answers on what ``exchange`` raises: ``ConnectFailed``
+    (nothing reached the backend), ``RetryStatus`` (a ``status_retry`` answer, when
+    ``may_retry()``), ``UpstreamError`` (with ``responded`` once the client has response
+    bytes). ``exchange`` sends the request (``request_bytes``: the HTTP/1.1 head the proxy made
+    for a backend, with the body when ``body`` is not None; else the body is still to be read
+    from ``conn``), writes the response to ``conn`` as HTTP/1.1, calls ``on_head`` on its head,
+    and returns whether the client connection may carry another request.
+    """
+
+    async def exchange(
+        self, proxy: HttpProxy, conn: ClientConn, head: RequestHead, pool: PoolRuntime, backend: BackendState,
+        request_bytes: bytes, body: list[bytes | End] | None, now: float, status_retry: frozenset[int],
+        may_retry: Callable[[], bool], on_head: OnHead | None, attempt: Attempt,
+    ) -> bool: ...
 
 
 class ClientConn:
@@ -229,6 +259,10 @@ class ClientConn:
         except SendTimeout:
             raise ClientGone(f"client did not read for {timeout:g}s") from None
 
+    def answered_locally(self, status: int, reason: str) -> None:
+        """The node answers this request itself (``HttpProxy._refuse``): nothing to do for an
+        HTTP/1.1 connection; an HTTP/2 stream turns it into a gRPC status for a gRPC call."""
+
     async def body_event(self, timeout: float) -> bytes | End:
         """Next piece of the current request's body, or its End."""
         events = self.reader.events
@@ -291,8 +325,12 @@ class HttpProxy:
         port: int | None = None,
         access_log: ListenerAccessLog | None = None,
         rng: random.Random | None = None,
+        transports: Mapping[str, PoolTransport] | None = None,
     ) -> None:
         self.listener = listener
+        # How requests reach pools whose protocol is not http1, by protocol ("h2"); the node
+        # gives every L7 listener its own, as a pool may change protocol at any time.
+        self.transports: Mapping[str, PoolTransport] = transports or {}
         # Used only when the node's snapshot has no table for this listener (tests' plain nodes);
         # otherwise routes come from the snapshot, which a route change swaps whole.
         self.routes = RouteTable(listener.routes)
@@ -521,6 +559,7 @@ class HttpProxy:
     async def _refuse(self, conn: ClientConn, head: RequestHead | None, status: int, reason: str,
                       close: bool = True, extra: list[tuple[bytes, bytes]] | None = None) -> None:
         """Answer with a response of our own, logged; close unless told otherwise."""
+        conn.answered_locally(status, reason)
         self.local_responses[status] = self.local_responses.get(status, 0) + 1
         what = f"{head.method.decode()} {head.target[:200].decode('latin-1')}" if head else "-"
         left_out = self._refusals_logged.admit(status, self.clock())
@@ -826,7 +865,7 @@ class HttpProxy:
                 pool.report(backend, "reset", now)
                 if not may_retry():
                     break
-            except _RetryStatus as exc:
+            except RetryStatus as exc:
                 # may_retry() already allowed (and counted) this retry.
                 log.info("pool %s: backend %s answered %d; retrying elsewhere", spec.name, backend.id, exc.status)
                 now = self.clock()
@@ -907,18 +946,12 @@ class HttpProxy:
     ) -> bool:
         spec = pool.spec
         on_head = self._session_hook(pool, backend, session) if session is not None else None
+        if spec.protocol != "http1":
+            return await self._exchange_by(self._transport(pool), conn, head, pool, backend, request_bytes, body,
+                                           now, status_retry, may_retry, on_head)
         upstreams = self.node.upstreams
-        # Counted before connecting: requests arriving together must see each other,
-        # or they would all pass max_inflight while the connects are under way.
-        backend.inflight += 1
-        pool.started(backend)
+        self._attempt_started(conn, pool, backend, now)
         started = now  # (read by the caller just before; the latency includes any connect)
-        entry = conn.entry
-        if entry is not None:
-            entry.backend = backend.id
-            entry.attempts += 1
-            entry.backend_start = now
-            entry.backend_time = None
         reusable = False
         status = 0
         up: UpstreamConn | None = None
@@ -943,21 +976,59 @@ class HttpProxy:
                 )
             return result
         finally:
-            backend.inflight -= 1
-            end = self.clock()
-            pool.finished(backend, end - started, end)
-            if status:
-                if status >= 500 or pool.outlier is not None:  # (a success without outlier detection: nothing to do)
-                    pool.report(backend, "http_5xx" if status >= 500 else None, end)
-                kind = status // 100 if status < 600 else 0
-                backend.responses[kind] += 1
-                self.backend_responses[kind] += 1
-                backend.response_seconds.observe(end - started)
+            end = self._attempt_ended(pool, backend, started, status)
             if up is not None:
                 if reusable:
                     upstreams.give_back(up, end, spec.max_idle_per_backend)
                 else:
                     up.close()
+
+    def _attempt_started(self, conn: ClientConn, pool: PoolRuntime, backend: BackendState, now: float) -> None:
+        """A try on ``backend`` begins (every protocol): counted in flight before connecting, so
+        that requests arriving together see each other instead of all passing max_inflight while
+        their connects are under way; the access log entry names the backend."""
+        backend.inflight += 1
+        pool.started(backend)
+        entry = conn.entry
+        if entry is not None:
+            entry.backend = backend.id
+            entry.attempts += 1
+            entry.backend_start = now
+            entry.backend_time = None
+
+    def _attempt_ended(self, pool: PoolRuntime, backend: BackendState, started: float, status: int) -> float:
+        """The try is over (answered or failed): out of flight, its response counted; returns the time."""
+        backend.inflight -= 1
+        end = self.clock()
+        pool.finished(backend, end - started, end)
+        if status:
+            if status >= 500 or pool.outlier is not None:  # (a success without outlier detection: nothing to do)
+                pool.report(backend, "http_5xx" if status >= 500 else None, end)
+            kind = status // 100 if status < 600 else 0
+            backend.responses[kind] += 1
+            self.backend_responses[kind] += 1
+            backend.response_seconds.observe(end - started)
+        return end
+
+    def _transport(self, pool: PoolRuntime) -> PoolTransport:
+        transport = self.transports.get(pool.spec.protocol)
+        if transport is None:  # a listener built without it: never send HTTP/1.1 to such a pool
+            raise UpstreamError(f'pool {pool.spec.name}: protocol "{pool.spec.protocol}" is not served here', 502)
+        return transport
+
+    async def _exchange_by(
+        self, transport: PoolTransport, conn: ClientConn, head: RequestHead, pool: PoolRuntime,
+        backend: BackendState, request_bytes: bytes, body: list[bytes | End] | None, now: float,
+        status_retry: frozenset[int], may_retry: Callable[[], bool], on_head: OnHead | None,
+    ) -> bool:
+        """One try over a ``PoolTransport``, with the same bookkeeping as an HTTP/1.1 one."""
+        self._attempt_started(conn, pool, backend, now)
+        attempt = Attempt()
+        try:
+            return await transport.exchange(self, conn, head, pool, backend, request_bytes, body, now, status_retry,
+                                            may_retry, on_head, attempt)
+        finally:
+            self._attempt_ended(pool, backend, now, attempt.status)
 
     @staticmethod
     async def _send_request(up: UpstreamConn, request_bytes: bytes, timeout: float) -> None:
@@ -1082,7 +1153,7 @@ class HttpProxy:
             entry.status = resp.status
             entry.backend_time = self.clock() - entry.backend_start
         if resp.status in status_retry and may_retry():
-            raise _RetryStatus(resp.status)
+            raise RetryStatus(resp.status)
         if conn.route is not None and conn.route.response_headers is not None:
             edit_response(resp, conn.route.response_headers)  # before the node's own fields: they win
         if on_head is not None:
@@ -1243,8 +1314,9 @@ class _RetryFresh(Exception):
     """A reused upstream connection failed before any response byte."""
 
 
-class _RetryStatus(Exception):
-    """The backend answered a status listed in retry_on; the response is dropped and retried."""
+class RetryStatus(Exception):
+    """The backend answered a status listed in retry_on; the response is dropped and retried
+    (raised by the HTTP/1.1 exchange and by a ``PoolTransport``, before anything reached the client)."""
 
     def __init__(self, status: int) -> None:
         super().__init__(status)

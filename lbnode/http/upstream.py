@@ -74,11 +74,11 @@ class UpstreamPool:
 
     async def connect(
         self, address: Address, timeout: float, tls: PoolTls | None = None, key: str | None = None,
-        preamble: bytes = b"",
+        preamble: bytes = b"", alpn: tuple[str, ...] = (),
     ) -> UpstreamConn:
-        """A new connection (TLS with ``tls``, ``preamble`` written first); ``key`` is where it
-        idles (default: the address)."""
-        sock = await open_backend(address, timeout, tls, preamble)
+        """A new connection (TLS with ``tls``, ``preamble`` written first, ``alpn`` offered and
+        required); ``key`` is where it idles (default: the address)."""
+        sock = await open_backend(address, timeout, tls, preamble, alpn)
         self.opened += 1
         return UpstreamConn(sock, key or str(address))
 

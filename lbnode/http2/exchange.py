@@ -1,7 +1,8 @@
 """One request to a ``protocol = "h2"`` pool's backend, for a client of either version.
 
-The proxy chose the backend, counts, retries and answers errors exactly as for HTTP/1.1
-backends (``HttpProxy._forward``); this replaces only the exchange: the head it made for an
+``H2Transport`` is the ``PoolTransport`` (``lbnode.http.proxy``) of such pools: the proxy chose
+the backend, counts, retries and answers errors exactly as for HTTP/1.1 backends
+(``HttpProxy._forward``); this replaces only the exchange: the head it made for an
 HTTP/1.1 backend is parsed back and sent as HTTP/2 fields, the body streams both ways at
 once (gRPC's bidirectional calls), and the response goes to the client as the HTTP/1.1 the
 proxy writes (chunked, trailers included: an HTTP/2 client gets them as trailers again).
@@ -10,7 +11,6 @@ proxy writes (chunked, trailers included: an HTTP/2 client gets them as trailers
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import h2.events as ev
 import trio
@@ -26,68 +26,115 @@ from lbnode.http.headers import (
     replace_response_header,
     response_has_no_body,
 )
-from lbnode.http.proxy import VIA_NAME, ClientConn, ClientGone, UpstreamError, _RetryStatus, chunk
-from lbnode.http2.upstream import BackendGone, H2Backend, Stream, request_fields
+from lbnode.http.proxy import (
+    VIA_NAME,
+    Attempt,
+    ClientConn,
+    ClientGone,
+    HttpProxy,
+    OnHead,
+    RetryStatus,
+    UpstreamError,
+    chunk,
+)
+from lbnode.http2.upstream import ALPN, BackendGone, H2Backend, Stream, request_fields
 from lbnode.runtime import BackendState, PoolRuntime
+from lbnode.sockio import ConnectFailed
 
 # gRPC's status fields: in the trailers of a response that has a body, or with the head of a
 # trailers-only one; an HTTP/1.1 hop carries them as chunked trailers in both cases.
 _TRAILER_ONLY = frozenset({b"grpc-status", b"grpc-message", b"grpc-status-details-bin"})
 
 
-async def backend_for(proxy: Any, backend: BackendState, pool: PoolRuntime) -> H2Backend:
-    """A connection to ``backend`` with room for one more stream (opened if none has)."""
-    conns: list[H2Backend] = proxy.h2_backends.setdefault(backend.upstream_key, [])
-    for up in conns:
-        if up.usable and up.still_open():
-            return up  # (any PING/SETTINGS acks still_open produced go with the request's HEADERS)
-    for up in conns:
-        if up.broken is not None and not up.streams:
-            up.close()
-    conns[:] = [c for c in conns if c.broken is None or c.streams]
-    spec = pool.spec
-    up_conn = await proxy.node.upstreams.connect(backend.spec.address, spec.timeouts.connect, None,
-                                                 backend.upstream_key)
-    up = H2Backend(up_conn.sock, backend.upstream_key)
-    conns.append(up)
-    return up
+class _Opening:
+    """A connection to one backend being opened: requests that need one meanwhile wait for it
+    instead of each opening (and, over TLS, handshaking) their own."""
+
+    __slots__ = ("done", "failed")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.failed: ConnectFailed | None = None
 
 
-async def exchange_h2(
-    proxy: Any, conn: ClientConn, head: RequestHead, pool: PoolRuntime, backend: BackendState,
-    request_bytes: bytes, body: list[bytes | End] | None, now: float, status_retry: frozenset[int],
-    may_retry: Callable[[], bool], on_head: Callable[[ResponseHead], list[tuple[bytes, bytes]]] | None,
-) -> bool:
-    """Returns whether the client connection may carry another request (HTTP/1.1)."""
-    sent = [False]  # the response head went to the client
-    deadline = grpc_deadline(head, now)
-    if deadline is None:
-        return await _exchange(proxy, conn, head, pool, backend, request_bytes, body, status_retry, may_retry,
-                               on_head, sent)
-    # The call's own deadline: past it the client has given up, so the backend's stream is reset
-    # and the client told DEADLINE_EXCEEDED (if it has not had the response head yet).
-    with trio.move_on_at(deadline):
-        return await _exchange(proxy, conn, head, pool, backend, request_bytes, body, status_retry, may_retry,
-                               on_head, sent)
-    raise UpstreamError(f"grpc-timeout of {deadline - now:g}s passed", 504, responded=sent[0])
+class H2Transport:
+    """The HTTP/2 connections of one listener's proxy to the backends of its h2 pools (by each
+    backend's upstream key), and the exchange over them."""
+
+    def __init__(self) -> None:
+        self.backends: dict[str, list[H2Backend]] = {}
+        self._opening: dict[str, _Opening] = {}
+
+    async def exchange(
+        self, proxy: HttpProxy, conn: ClientConn, head: RequestHead, pool: PoolRuntime, backend: BackendState,
+        request_bytes: bytes, body: list[bytes | End] | None, now: float, status_retry: frozenset[int],
+        may_retry: Callable[[], bool], on_head: OnHead | None, attempt: Attempt,
+    ) -> bool:
+        """Returns whether the client connection may carry another request (HTTP/1.1)."""
+        sent = [False]  # the response head went to the client
+        deadline = grpc_deadline(head, now)
+        if deadline is None:
+            return await _exchange(self, proxy, conn, head, pool, backend, request_bytes, body, status_retry,
+                                   may_retry, on_head, sent, attempt)
+        # The call's own deadline: past it the client has given up, so the backend's stream is reset
+        # and the client told DEADLINE_EXCEEDED (if it has not had the response head yet).
+        with trio.move_on_at(deadline):
+            return await _exchange(self, proxy, conn, head, pool, backend, request_bytes, body, status_retry,
+                                   may_retry, on_head, sent, attempt)
+        raise UpstreamError(f"grpc-timeout of {deadline - now:g}s passed", 504, responded=sent[0])
+
+    async def connection(self, proxy: HttpProxy, backend: BackendState, pool: PoolRuntime) -> H2Backend:
+        """A connection to ``backend`` with room for one more stream (opened if none has): TLS
+        with ALPN ``h2`` required when the pool has ``[pools.tls]``, else cleartext."""
+        key = backend.upstream_key
+        conns = self.backends.setdefault(key, [])
+        while True:
+            for up in conns:
+                if up.usable and up.still_open():
+                    return up  # (any PING/SETTINGS acks still_open produced go with the request's HEADERS)
+            opening = self._opening.get(key)
+            if opening is None:
+                break
+            # Another request is opening one (a burst of calls to a cold backend): share it. Its
+            # failure is ours too, rather than a queue of connects each waiting its timeout.
+            await opening.done.wait()
+            if opening.failed is not None:
+                raise ConnectFailed(opening.failed.reason, opening.failed.timed_out)
+        for up in conns:
+            if up.broken is not None and not up.streams:
+                up.close()
+        conns[:] = [c for c in conns if c.broken is None or c.streams]
+        spec = pool.spec
+        opening = self._opening[key] = _Opening()
+        try:
+            up_conn = await proxy.node.upstreams.connect(backend.spec.address, spec.timeouts.connect, spec.tls,
+                                                         key, alpn=ALPN if spec.tls is not None else ())
+        except ConnectFailed as exc:
+            opening.failed = exc
+            raise
+        finally:
+            del self._opening[key]
+            opening.done.set()  # cancelled (the client went away): the next in line opens one
+        up = H2Backend(up_conn.sock, key)
+        conns.append(up)
+        return up
 
 
 async def _exchange(
-    proxy: Any, conn: ClientConn, head: RequestHead, pool: PoolRuntime, backend: BackendState,
-    request_bytes: bytes, body: list[bytes | End] | None, status_retry: frozenset[int],
-    may_retry: Callable[[], bool], on_head: Callable[[ResponseHead], list[tuple[bytes, bytes]]] | None,
-    sent: list[bool],
+    transport: H2Transport, proxy: HttpProxy, conn: ClientConn, head: RequestHead, pool: PoolRuntime,
+    backend: BackendState, request_bytes: bytes, body: list[bytes | End] | None, status_retry: frozenset[int],
+    may_retry: Callable[[], bool], on_head: OnHead | None, sent: list[bool], attempt: Attempt,
 ) -> bool:
     spec = pool.spec
     timeout = spec.timeouts.response
-    up = await backend_for(proxy, backend, pool)
+    up = await transport.connection(proxy, backend, pool)
     reader = RequestReader(len(request_bytes) + 1)
     reader.feed(request_bytes)
     fwd = reader.events.popleft()
     reader.close()
     assert isinstance(fwd, RequestHead)
     empty = body is not None and not any(isinstance(e, bytes) and e for e in body)
-    stream = up.open(request_fields(fwd, b"http"), end=empty)
+    stream = up.open(request_fields(fwd, b"https" if spec.tls is not None else b"http"), end=empty)
     try:
         if body is not None:
             if not empty:
@@ -98,7 +145,7 @@ async def _exchange(
             else:
                 await up.flush(timeout)
             return await _response(proxy, conn, head, up, stream, timeout, status_retry, may_retry, on_head, _done,
-                                   sent)
+                                   sent, attempt)
         await up.flush(timeout)  # the body streams: the HEADERS go now
         done = [False]
         error: list[Exception] = []
@@ -106,7 +153,7 @@ async def _exchange(
             nursery.start_soon(_stream_body, proxy, conn, up, stream, done, error, nursery.cancel_scope)
             try:
                 keep = await _response(proxy, conn, head, up, stream, timeout, _NONE, may_retry, on_head,
-                                       lambda: done[0], sent)
+                                       lambda: done[0], sent, attempt)
             finally:
                 if not done[0]:
                     nursery.cancel_scope.cancel()
@@ -146,7 +193,7 @@ async def _send(up: H2Backend, stream: Stream, data: bytes, end: bool, timeout: 
         raise UpstreamError(exc.reason, 502, responded=not exc.before_response) from None
 
 
-async def _stream_body(proxy: Any, conn: ClientConn, up: H2Backend, stream: Stream, done: list[bool],
+async def _stream_body(proxy: HttpProxy, conn: ClientConn, up: H2Backend, stream: Stream, done: list[bool],
                        error: list[Exception], scope: trio.CancelScope) -> None:
     timeout = proxy.listener.timeouts.body
     try:
@@ -179,9 +226,9 @@ async def _next(up: H2Backend, stream: Stream, timeout: float, responded: bool) 
 
 
 async def _response(
-    proxy: Any, conn: ClientConn, head: RequestHead, up: H2Backend, stream: Stream, timeout: float,
-    status_retry: frozenset[int], may_retry: Callable[[], bool],
-    on_head: Callable[[ResponseHead], list[tuple[bytes, bytes]]] | None, request_done: Any, sent: list[bool],
+    proxy: HttpProxy, conn: ClientConn, head: RequestHead, up: H2Backend, stream: Stream, timeout: float,
+    status_retry: frozenset[int], may_retry: Callable[[], bool], on_head: OnHead | None,
+    request_done: Callable[[], bool], sent: list[bool], attempt: Attempt,
 ) -> bool:
     while True:
         event = await _next(up, stream, timeout, False)
@@ -208,7 +255,8 @@ async def _response(
         entry.status = status
         entry.backend_time = proxy.clock() - entry.backend_start
     if status in status_retry and may_retry():
-        raise _RetryStatus(status)
+        raise RetryStatus(status)
+    attempt.status = status  # counted as the backend's answer (a retried one is counted by the retry)
     no_body = response_has_no_body(head.method, status)
     chunked = not no_body and (length is None or bool(trailers))
     if chunked and length is not None:

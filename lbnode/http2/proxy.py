@@ -3,34 +3,29 @@
 Owns the choice of protocol per connection: ALPN on https listeners (h2 first, http/1.1
 kept), the prior-knowledge preface on http listeners with ``[listeners.http2]`` (h2c).
 Every HTTP/2 stream is served by the same per-request code as an HTTP/1.1 request
-(``HttpProxy.serve_one``); this class adds only what differs: the node's own answers to a
-gRPC call become a gRPC status, and drain sends GOAWAY.
+(``HttpProxy.serve_one``, through the public methods only); this class adds only what differs:
+the choice of protocol (``handle``) and GOAWAY on drain (``drain``). The node's own answers to a
+gRPC call become a gRPC status in the stream (``StreamConn.answered_locally``), and requests to
+``protocol = "h2"`` pools go through ``H2Transport``, which any ``HttpProxy`` takes.
 """
 
 from __future__ import annotations
 
 import socket as stdsocket
-from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from lbnode.http.framing import End
-from lbnode.http.headers import RequestHead
-from lbnode.http.proxy import ClientConn, HttpProxy, Session
-from lbnode.http2.exchange import exchange_h2
+from lbnode.http.proxy import HttpProxy
 from lbnode.http2.protocol import PREFACE
-from lbnode.http2.session import H2Session, StreamConn
-from lbnode.http2.upstream import H2Backend
-from lbnode.runtime import BackendState, PoolRuntime
+from lbnode.http2.session import H2Session
 
 # How long an h2c listener waits for the rest of a connection preface that came in pieces.
 PREFACE_PIECE_WAIT = 0.005
 
 
 class Http2Proxy(HttpProxy):
-    """``HttpProxy`` for a listener whose ``http2`` settings are on, or that may send
-    requests to a ``protocol = "h2"`` pool."""
+    """``HttpProxy`` for a listener whose ``http2`` settings are on (HTTP/2 clients)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -38,8 +33,6 @@ class Http2Proxy(HttpProxy):
         self.h2_streams = 0  # requests received on them
         self.h2_limits: dict[str, int] = {}  # connections closed by a limit (or protocol error), by kind
         self._sessions: set[H2Session] = set()
-        # protocol = "h2" pools: the HTTP/2 connections to each backend (by its upstream key).
-        self.h2_backends: dict[str, list[H2Backend]] = {}
 
     async def handle(self, sock: stdsocket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
         if tls_headers is not None:
@@ -88,43 +81,3 @@ class Http2Proxy(HttpProxy):
         super().drain()
         for session in list(self._sessions):
             session.goaway()
-
-    async def _refuse(self, conn: ClientConn, head: RequestHead | None, status: int, reason: str,
-                      close: bool = True, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        if isinstance(conn, StreamConn):
-            conn.local = (status, reason)  # a gRPC call gets it as its status
-        await super()._refuse(conn, head, status, reason, close, extra)
-
-    async def _exchange(
-        self, conn: ClientConn, head: RequestHead, pool: PoolRuntime, backend: BackendState, request_bytes: bytes,
-        body: list[bytes | End] | None, now: float, status_retry: frozenset[int] = frozenset(),
-        may_retry: Callable[[], bool] = lambda: False, session: Session | None = None,
-    ) -> bool:
-        """``protocol = "h2"`` pools: the exchange over HTTP/2 (``exchange``), with the
-        bookkeeping of ``HttpProxy._exchange`` around it; other pools: as HTTP/1.1."""
-        if pool.spec.protocol != "h2":
-            return await super()._exchange(conn, head, pool, backend, request_bytes, body, now, status_retry,
-                                           may_retry, session)
-        on_head = self._session_hook(pool, backend, session) if session is not None else None
-        backend.inflight += 1
-        pool.started(backend)
-        entry = conn.entry
-        if entry is not None:
-            entry.backend = backend.id
-            entry.attempts += 1
-            entry.backend_start = now
-            entry.backend_time = None
-        try:
-            return await exchange_h2(self, conn, head, pool, backend, request_bytes, body, now, status_retry,
-                                     may_retry, on_head)
-        finally:
-            backend.inflight -= 1
-            end = self.clock()
-            pool.finished(backend, end - now, end)
-            status = entry.status if entry is not None else None
-            if status:
-                pool.report(backend, "http_5xx" if status >= 500 else None, end)
-                kind = status // 100 if status < 600 else 0
-                backend.responses[kind] += 1
-                self.backend_responses[kind] += 1
-                backend.response_seconds.observe(end - now)

@@ -110,8 +110,8 @@ class StreamConn(ClientConn):
 
     The proxy's response bytes (HTTP/1.1, as it writes them to a socket) are parsed back by
     a ``ResponseReader`` into head, data and trailers and sent as HEADERS and DATA frames;
-    its local answers to a gRPC call become a gRPC status (``local`` is set by
-    ``Http2Proxy._refuse``)."""
+    its local answers to a gRPC call become a gRPC status (``local``, set by
+    ``answered_locally``, which the proxy calls for each of its own answers)."""
 
     __slots__ = ("session", "stream_id", "method", "grpc", "local", "response", "arrived", "acked", "wake",
                  "head_sent", "ended", "close_delimited", "request_ended")
@@ -159,6 +159,9 @@ class StreamConn(ClientConn):
         self.ended = False
         self.close_delimited = False
         self.request_ended = False  # the client ended its side (END_STREAM seen)
+
+    def answered_locally(self, status: int, reason: str) -> None:
+        self.local = (status, reason)  # a gRPC call gets it as its status
 
     # ------------------------------------------------------------ request body (client -> backend)
     def arrive(self, data: bytes | End) -> None:

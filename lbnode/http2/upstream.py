@@ -5,7 +5,9 @@ background task per connection: a request waiting for its response reads the soc
 every stream of the connection (one reader at a time, the others wait for what it hands
 them), so the connection lives exactly as long as requests use it. Request bodies go out as
 the backend's windows allow; response data is handed back to the backend's window only as
-the client takes it, so a slow client slows only its own stream.
+the client takes it, so a slow client slows only its own stream. The connection is plain
+TCP or, for a pool with ``[pools.tls]``, a ``TlsSocket`` whose handshake offered ALPN ``h2``
+and got it (``lbnode.tls.upstream``): everything here reads and writes it the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from h2.errors import ErrorCodes
 
 from lbnode.http.headers import HOP_BY_HOP, RequestHead
 from lbnode.sockio import SendTimeout, recv_some, send_all
+from lbnode.tls.upstream import TlsSocket
 
 RECV_SIZE = 64 * 1024
 # Streams a connection carries at most before another is opened (the backend may say fewer).
@@ -30,6 +33,8 @@ STREAMS_PER_CONNECTION = 100
 # in the node for clients that read slowly.
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 4 * 1024 * 1024
+# What a pool with [pools.tls] offers in ALPN, and requires the backend to select (RFC 9113 3.2).
+ALPN = ("h2",)
 
 
 class BackendGone(Exception):
@@ -56,7 +61,7 @@ class Stream:
 class H2Backend:
     """One HTTP/2 connection to a backend."""
 
-    def __init__(self, sock: stdsocket.socket, key: str) -> None:
+    def __init__(self, sock: stdsocket.socket | TlsSocket, key: str) -> None:
         self.sock = sock
         self.key = key
         self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
@@ -169,7 +174,7 @@ class H2Backend:
         if self.reading:
             return True  # a request is reading it right now: alive as far as anyone knows
         try:
-            data = self.sock.recv(RECV_SIZE, stdsocket.MSG_DONTWAIT)
+            data = self.sock.recv(RECV_SIZE)  # non-blocking (sockio.connect): never waits
         except BlockingIOError:
             return True
         except OSError as exc:

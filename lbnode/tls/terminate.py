@@ -19,6 +19,7 @@ from cryptography import x509
 
 from lbnode.model import Listener
 from lbnode.runtime import Snapshot
+from lbnode.sockio import current_deadlines
 from lbnode.tls.context import alpn_for, listener_context, make_sni_callback
 
 log = logging.getLogger("lbnode.tls")
@@ -116,18 +117,32 @@ class TlsTerminator:
         sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
         if self.clock() >= self._context_until:
             self.new_ticket_keys()
+        deadline = trio.current_time() + self.settings.handshake_timeout
+        slots = self._slots
+        try:
+            # A free slot is taken without a checkpoint (Semaphore.acquire yields to the run
+            # loop even then: one more pass of the scheduler per handshake). When all are
+            # taken, the wait is the semaphore's, in arrival order, within the handshake's time.
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_at(deadline) as waited:
+                await slots.acquire()
+            if waited.cancelled_caught:
+                self._failed("timeout", client_ip, f"not done within {self.settings.handshake_timeout:g}s")
+                return  # the caller closes ``sock``
         tls: ssl.SSLSocket | None = None
         try:
             try:
-                with trio.move_on_after(self.settings.handshake_timeout) as scope:
-                    async with self._slots:
-                        # wrap_socket takes the descriptor over (``sock`` is left detached).
-                        tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                        self.in_progress += 1
-                        try:
-                            await handshake(tls)
-                        finally:
-                            self.in_progress -= 1
+                try:
+                    # wrap_socket takes the descriptor over (``sock`` is left detached).
+                    tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                    self.in_progress += 1
+                    try:
+                        done = await handshake_before(tls, deadline)
+                    finally:
+                        self.in_progress -= 1
+                finally:
+                    slots.release()
             except ssl.SSLError as exc:
                 kind = getattr(tls, "fulcrum_failure", None) or _kind(exc)
                 self._failed(kind, client_ip, str(exc))
@@ -135,10 +150,9 @@ class TlsTerminator:
             except OSError as exc:
                 self._failed("reset" if isinstance(exc, ConnectionResetError) else "eof", client_ip, str(exc))
                 return
-            if scope.cancelled_caught:
+            if not done:
                 self._failed("timeout", client_ip, f"not done within {self.settings.handshake_timeout:g}s")
                 return
-            assert tls is not None
             self.handshakes += 1
             if tls.session_reused:
                 self.resumed += 1
@@ -190,6 +204,43 @@ async def handshake(tls: ssl.SSLSocket) -> None:
             await trio.lowlevel.wait_readable(tls)
         except ssl.SSLWantWriteError:
             await trio.lowlevel.wait_writable(tls)
+
+
+async def handshake_before(tls: ssl.SSLSocket, deadline: float) -> bool:
+    """``handshake``, False if not done by ``deadline`` (Trio time).
+
+    The timeout is a ``Deadlines`` one (lbnode.sockio), not a cancel scope: entering and
+    leaving a scope costs several microseconds on every connection, and nothing but this task
+    waits on the socket during a handshake. A deadline that strikes while the task is already
+    runnable (the data won) is seen before the next wait."""
+    try:
+        tls.do_handshake()  # usually the ClientHello is in: no wait, no deadline armed
+        return True
+    except ssl.SSLWantReadError:
+        wait = trio.lowlevel.wait_readable
+    except ssl.SSLWantWriteError:
+        wait = trio.lowlevel.wait_writable
+    deadlines = current_deadlines()
+    entry = deadlines.arm(tls, deadline)
+    try:
+        while True:
+            if entry[3]:
+                return False
+            try:
+                await wait(tls)
+            except trio.ClosedResourceError:
+                if entry[3]:
+                    return False
+                raise
+            try:
+                tls.do_handshake()
+                return True
+            except ssl.SSLWantReadError:
+                wait = trio.lowlevel.wait_readable
+            except ssl.SSLWantWriteError:
+                wait = trio.lowlevel.wait_writable
+    finally:
+        deadlines.disarm(entry)
 
 
 def _kind(exc: ssl.SSLError) -> str:

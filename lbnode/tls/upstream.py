@@ -1,7 +1,8 @@
 """TLS towards backends (re-encryption): client contexts per pool and a TLS socket for the data plane.
 
 Owns ``[pools.tls]`` turned into an ``ssl.SSLContext`` (built once per distinct
-setting), the client handshake, and ``TlsSocket``: a TLS connection over a
+setting and ALPN list: ``protocol = "h2"`` pools offer ``h2`` and refuse a backend that
+does not select it), the client handshake, and ``TlsSocket``: a TLS connection over a
 non-blocking socket with the few socket methods ``lbnode.sockio`` and the pumps
 call (``recv``, ``recv_into``, ``send``, ``shutdown``, ``fileno``), so the L7
 proxy and the L4 copy pump drive it unchanged. Never decides which backend or
@@ -37,11 +38,18 @@ class TlsSetupError(Exception):
 
 
 class BackendTls:
-    """The client side of one ``[pools.tls]`` setting: its context and resumable sessions."""
+    """The client side of one ``[pools.tls]`` setting: its context and resumable sessions.
 
-    def __init__(self, settings: PoolTls) -> None:
+    ``alpn``: the protocols offered, the backend must select one of them (empty: no ALPN,
+    what HTTP/1.1 pools and L4 sessions send); a session of an h2 pool is never resumed by an HTTP/1.1
+    one, as each ALPN list has its own ``BackendTls``."""
+
+    def __init__(self, settings: PoolTls, alpn: tuple[str, ...] = ()) -> None:
         self.settings = settings
+        self.alpn = alpn
         self.context = _client_context(settings)
+        if alpn:
+            self.context.set_alpn_protocols(list(alpn))
         self._sessions: dict[str, ssl.SSLSession] = {}
 
     def server_name(self, address: Address) -> str:
@@ -59,11 +67,21 @@ class BackendTls:
 
 
 @functools.lru_cache(maxsize=256)
-def backend_tls(settings: PoolTls) -> BackendTls:
+def backend_tls(settings: PoolTls, alpn: tuple[str, ...] = ()) -> BackendTls:
     """The ``BackendTls`` of a setting, shared by every snapshot that keeps the same setting
     (a config swap must not throw away the CA load and the resumable sessions).
     Raises ``TlsSetupError`` if a file cannot be used; not cached then, so a fixed file is retried."""
-    return BackendTls(settings)
+    return BackendTls(settings, alpn)
+
+
+def alpn_refusal(tls: BackendTls, selected: str | None) -> str | None:
+    """The one line that refuses a backend whose ALPN answer is not what the pool speaks
+    (None: acceptable). A backend that ignores ALPN would be sent HTTP/2 frames it cannot read."""
+    if not tls.alpn or selected in tls.alpn:
+        return None
+    offered = " or ".join(tls.alpn)
+    got = f'it selected "{selected}"' if selected else "it selected no protocol"
+    return f"TLS: the backend does not speak {offered} (ALPN: {got}); the pool's protocol needs it"
 
 
 def _client_context(settings: PoolTls) -> ssl.SSLContext:
@@ -93,14 +111,14 @@ def _why(exc: BaseException) -> str:
 
 
 async def open_backend(
-    address: Address, timeout: float, tls: PoolTls | None, preamble: bytes = b""
+    address: Address, timeout: float, tls: PoolTls | None, preamble: bytes = b"", alpn: tuple[str, ...] = ()
 ) -> socket.socket | TlsSocket:
     """A connection to a backend: plain TCP, or TLS when the pool has ``[pools.tls]``.
 
     ``preamble`` (a PROXY protocol header) is written first, before the TLS handshake, as
     HAProxy sends ``send-proxy`` before ``ssl``. ``timeout`` bounds the TCP connect and
     then, again, the TLS handshake. Any failure, a certificate refused included, is a
-    ``ConnectFailed``."""
+    ``ConnectFailed``, a backend that does not select one of ``alpn`` too."""
     raw = await connect(address, timeout)
     if preamble:
         try:
@@ -112,7 +130,7 @@ async def open_backend(
     if tls is None:
         return raw
     try:
-        return await tls_connect(raw, backend_tls(tls), address, timeout)
+        return await tls_connect(raw, backend_tls(tls, alpn), address, timeout)
     except TlsSetupError as exc:
         raw.close()
         raise ConnectFailed(f"pools.tls.{exc.key}: {exc.reason}") from None
@@ -125,7 +143,8 @@ async def tls_connect(raw: socket.socket, tls: BackendTls, address: Address, tim
     """Run the client handshake on a connected non-blocking socket; ``ConnectFailed`` if it fails.
 
     A certificate that fails verification is a ``ConnectFailed`` with the reason
-    (``certificate verify failed: ...``), counted like a refused connect."""
+    (``certificate verify failed: ...``), counted like a refused connect; so is an ALPN
+    answer outside ``tls.alpn`` (``alpn_refusal``)."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = tls.context.wrap_bio(
         incoming, outgoing, server_side=False,
@@ -150,6 +169,9 @@ async def tls_connect(raw: socket.socket, tls: BackendTls, address: Address, tim
             except OSError as exc:
                 raise ConnectFailed(f"TLS handshake failed: {_why(exc)}") from None
         await conn.flush()
+        refusal = alpn_refusal(tls, obj.selected_alpn_protocol())
+        if refusal is not None:
+            raise ConnectFailed(refusal)
         return conn
     assert scope.cancelled_caught
     raise ConnectFailed(f"TLS handshake timeout after {timeout:g}s", timed_out=True)

@@ -42,6 +42,8 @@ class Kind(IntEnum):
     READY = 6  # worker -> supervisor: serving on every listener
     OBSERVATION = 7  # worker -> supervisor: what only the data path sees (learned affinity entries)
     AFFINITY = 8  # supervisor -> worker: affinity entries that stand, and keys in use elsewhere
+    RELOAD = 9  # supervisor -> worker: node.toml as reloaded, its configuration, the added listeners' sockets (fds)
+    RELOADED = 10  # worker -> supervisor: a RELOAD applied (or why not), matched by "id"
 
 
 class ChannelError(Exception):

@@ -2,7 +2,9 @@
 
 Serves the node's listeners on the sockets the supervisor passed over the socket pair
 ``FD`` (one trio.run, one thread), from its own ``Snapshot`` built from what the supervisor
-sends: pools and certificates (CONFIG) and the backends' health (HEALTH). It never waits on
+sends: pools and certificates (CONFIG) and the backends' health (HEALTH). A reload (RELOAD)
+brings node.toml's new text and the sockets of the listeners it adds: the worker swaps its
+handlers as a single process does (``LbNode._take_plan``). It never waits on
 the supervisor: a request is served from the last snapshot. It answers counter requests
 (``lbnode.workers.counters``) and drains on DRAIN, on SIGTERM/SIGINT, or when the supervisor
 is gone (its end of the pair closed): a worker left without a supervisor would hold the
@@ -18,6 +20,7 @@ import os
 import signal
 import socket as stdsocket
 import sys
+import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -28,8 +31,16 @@ import trio
 from lbnode.cluster.certstore import certificate_from_document
 from lbnode.config import load_config
 from lbnode.listen import _FILTERED, Bound
-from lbnode.model import Config, Listener, pool_from_dict
+from lbnode.model import (
+    Config,
+    ConfigError,
+    ConfigFileError,
+    Listener,
+    parse_config,
+    pool_from_dict,
+)
 from lbnode.node import LbNode
+from lbnode.reloadplan import plan_reload
 from lbnode.runtime import Snapshot
 from lbnode.workers.affinity import TOUCH_INTERVAL, WorkerAffinity
 from lbnode.workers.channel import Channel, Kind, Message
@@ -57,6 +68,7 @@ class WorkerNode(LbNode):
         # Affinity tables kept in step with the other workers' through the supervisor.
         self.worker_affinity = WorkerAffinity(Path(config.node.state_dir))
         self.reported_ejections: dict[tuple[str, str], float] = {}  # (pool, backend) -> ejected_until told
+        self.reported_runs: dict[tuple[str, str], int] = {}  # (pool, backend) -> failures in a row told
         self._snapshot = Snapshot.build(self.config, shared_affinity=self.worker_affinity)
 
     def apply(self, config: Config) -> None:
@@ -67,12 +79,60 @@ class WorkerNode(LbNode):
 
     def apply_message(self, body: dict[str, Any]) -> None:
         """CONFIG: the pools and certificates the supervisor serves, each worker's share of the limits."""
+        self.worker_affinity.use_cookie_key(body.get("cookie_key"))
+        self.apply(self._served(self.base, body))
+        self.set_health(body.get("health", []))
+
+    def _served(self, base: Config, body: dict[str, Any]) -> Config:
+        """``base`` (node.toml) with the pools and certificates of a CONFIG or RELOAD body, as
+        this worker's share."""
         pools = tuple(pool_from_dict(p, f"pools[{i}]") for i, p in enumerate(body["pools"]))
         certificates = tuple(certificate_from_document(c, c["name"]) for c in body["certificates"])
-        config = replace(self.base, pools=pools, certificates=certificates)
-        self.worker_affinity.use_cookie_key(body.get("cookie_key"))
-        self.apply(worker_config(config, self.workers))
-        self.set_health(body.get("health", []))
+        return worker_config(replace(base, pools=pools, certificates=certificates), self.workers)
+
+    def reload_message(self, body: dict[str, Any], fds: list[int]) -> str | None:
+        """RELOAD: node.toml's new text (checked by the supervisor) and the added listeners'
+        sockets. The same plan as the supervisor's, carried out here: added listeners served
+        on the sockets received, changed ones swapped on theirs, removed ones stop accepting
+        (what is queued is taken) and finish in flight. None, or why it could not be applied
+        (the supervisor then restarts this worker, which starts on the new state)."""
+        received = {}
+        for name, fd in zip(body.get("listeners", []), fds, strict=False):
+            received[name] = stdsocket.socket(fileno=fd)
+        for fd in fds[len(received):]:
+            os.close(fd)
+        bound: list[tuple[Listener, stdsocket.socket]] = []
+        try:
+            if self.draining:
+                return None  # stopping anyway: nothing new to accept on
+            base = checked_text(str(body["config_text"]), str(body["config_path"]))
+            config = self._served(base, body)
+            plan = plan_reload(self.config, config)
+            for li in plan.added:
+                sock = received.pop(li.name, None)
+                if sock is None:  # (a worker whose HELLO came after the reload plans no addition)
+                    raise ValueError(f"listener {li.name}: added by the reload, but no socket came with it")
+                bound.append((li, _listening(sock, config)))
+            self.base = base
+            self.worker_affinity.use_cookie_key(body.get("cookie_key"))
+            self.apply(config)
+            self._take_plan(config, plan, bound)
+            bound = []  # the listener set owns them now
+            self.set_health(body.get("health", []))
+            log.info("worker %d: %s", self.index, plan.summary())
+            return None
+        except Exception as exc:  # reported: the supervisor restarts this worker on the new state
+            log.exception("worker %d: the reload could not be applied", self.index)
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            for sock in [*received.values(), *(s for _, s in bound)]:
+                sock.close()
+
+    def drain_after(self, handed_over: bool) -> None:
+        """DRAIN; ``handed_over``: a new node serves these sockets (``lbnode run --takeover``),
+        so idle keep-alive connections are not closed under clients that may be sending."""
+        self._handed_over = handed_over
+        self.stop()
 
     def set_health(self, entries: list[list[Any]]) -> None:
         """HEALTH: ``[pool, backend, health, reason, up_for]`` as the supervisor's checkers decided."""
@@ -91,10 +151,14 @@ class WorkerNode(LbNode):
         now = trio.current_time()
         for pool_name, backend_id, seconds in entries:
             pool = self.snapshot.pools.get(pool_name)
-            for b in pool.backends if pool is not None else ():
+            if pool is None:
+                continue
+            for b in pool.backends:
                 if b.id == backend_id and now + seconds > b.ejected_until:
                     b.ejected_until = now + seconds
                     self.reported_ejections[(pool_name, backend_id)] = b.ejected_until  # not sent back
+                    if pool.outlier is not None:  # this worker's run restarts from zero, as the others'
+                        pool.outlier.adopt_ejection(backend_id, b.ejected_until, now)
 
     def new_ejections(self) -> list[list[Any]]:
         """Backends this worker's passive checks ejected since the last look: [pool, backend, seconds]."""
@@ -106,6 +170,21 @@ class WorkerNode(LbNode):
                 if until > now and self.reported_ejections.get((name, b.id)) != until:
                     self.reported_ejections[(name, b.id)] = until
                     out.append([name, b.id, until - now])
+        return out
+
+
+    def changed_runs(self) -> list[list[Any]]:
+        """[pool, backend, failures in a row] for each run that changed since the last look: the
+        supervisor adds up every worker's (``lbnode.workers.outliers``)."""
+        out: list[list[Any]] = []
+        for name, pool in self.snapshot.pools.items():
+            if pool.outlier is None:
+                continue
+            for b in pool.backends:
+                run = pool.outlier.failures(b.id)
+                if self.reported_runs.get((name, b.id), 0) != run:
+                    self.reported_runs[(name, b.id)] = run
+                    out.append([name, b.id, run])
         return out
 
 
@@ -121,7 +200,11 @@ async def serve(fd: int) -> int:
     index, workers = int(hello.body["index"]), int(hello.body["workers"])
     for handler in logging.getLogger().handlers:  # which worker wrote a line, in the node's log
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"))
-    base = load_config(Path(hello.body["config_path"]))
+    text = hello.body.get("config_text")
+    path = Path(hello.body["config_path"])
+    # The text the supervisor checked (the file may have been edited since); the file itself
+    # only from a supervisor that sends none.
+    base = checked_text(text, str(path)) if isinstance(text, str) else load_config(path)
     node = WorkerNode(base, index, workers)
     first = await channel.receive()
     if first is None or first.kind != Kind.CONFIG:
@@ -141,10 +224,11 @@ async def serve(fd: int) -> int:
         access_log_scope = trio.CancelScope()
         if node.access_log_writers:
             outer.start_soon(node._run_access_logs, access_log_scope)
-        for task in (_follow_supervisor, _send_learned, _send_touched, _send_ejections):
-            outer.start_soon(_until_the_pair_breaks, task, channel, node)
         async with trio.open_nursery() as serving:
             await serving.start(node._serve_listeners, sockets, outer, None)
+            # Messages wait in the pair until the listeners serve (a RELOAD needs them).
+            for task in (_follow_supervisor, _send_learned, _send_touched, _send_ejections):
+                outer.start_soon(_until_the_pair_breaks, task, channel, node)
             await channel.send(Kind.READY, {"index": index, "pid": os.getpid()})
         # drained: every connection has finished (or drain_timeout passed)
         access_log_scope.cancel()
@@ -156,19 +240,31 @@ async def serve(fd: int) -> int:
     return 0
 
 
+def checked_text(text: str, origin: str) -> Config:
+    """node.toml's text as the supervisor read and checked it, parsed only: the files it names
+    are not read again here (certificates come in CONFIG, the admin token is the supervisor's),
+    so a file moved since the check cannot stop a worker, nor make a restarted one crash-loop."""
+    try:
+        return parse_config(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ConfigError) as exc:
+        raise ConfigFileError(f"{origin}: {exc}") from None
+
+
 def _listening_sockets(config: Config, hello: Message) -> list[tuple[Listener, stdsocket.socket]]:
     names = hello.body["listeners"]
     by_name = {li.name: li for li in config.listeners}
-    out = []
-    for name, fd in zip(names, hello.fds, strict=True):
-        sock = stdsocket.socket(fileno=fd)
-        sock.setblocking(False)
-        out.append((by_name[name], sock))
-        if config.cluster is not None and config.cluster.vips:
-            # The supervisor filters these sockets while VIPs move; the filter it attaches is
-            # copied into what we accept, so our accept path takes it off (listen._unfilter).
-            _FILTERED.add(sock.fileno())
-    return out
+    return [(by_name[name], _listening(stdsocket.socket(fileno=fd), config))
+            for name, fd in zip(names, hello.fds, strict=True)]
+
+
+def _listening(sock: stdsocket.socket, config: Config) -> stdsocket.socket:
+    """A listening socket received from the supervisor, ready for this worker's accept loop."""
+    sock.setblocking(False)
+    if config.cluster is not None and config.cluster.vips:
+        # The supervisor filters these sockets while VIPs move; the filter it attaches is
+        # copied into what we accept, so our accept path takes it off (listen._unfilter).
+        _FILTERED.add(sock.fileno())
+    return sock
 
 
 async def _until_the_pair_breaks(
@@ -197,7 +293,10 @@ async def _follow_supervisor(channel: Channel, node: WorkerNode) -> None:
             node.set_health(message.body.get("health", []))
             node.set_ejected(message.body.get("ejected", []))
         elif message.kind == Kind.DRAIN:
-            node.stop()
+            node.drain_after(bool(message.body.get("handed_over")))
+        elif message.kind == Kind.RELOAD:
+            error = node.reload_message(message.body, message.fds)
+            await channel.send(Kind.RELOADED, {"id": message.body["id"], "error": error})
         elif message.kind == Kind.AFFINITY:
             node.worker_affinity.adopt(message.body.get("set", []), message.body.get("touched", []),
                                        trio.current_time())
@@ -225,19 +324,21 @@ async def _send_touched(channel: Channel, node: WorkerNode) -> None:
 
 async def _send_ejections(channel: Channel, node: WorkerNode) -> None:
     """Backends this worker ejected (outlier detection, failed connects), to the supervisor,
-    which has every other worker eject them too. A look every EJECTION_SCAN: the data path
-    is not changed to report them, and a scan of a few hundred backends is microseconds."""
+    which has every other worker eject them too; and the runs of failures that changed, which
+    the supervisor adds up over the workers. A look every EJECTION_SCAN: the data path is not
+    changed to report them, and a scan of a few hundred backends is microseconds."""
     while True:
         await trio.sleep(EJECTION_SCAN)
-        ejected = node.new_ejections()
-        if ejected:
-            await channel.send(Kind.OBSERVATION, {"ejected": ejected})
+        ejected, runs = node.new_ejections(), node.changed_runs()
+        if ejected or runs:
+            await channel.send(Kind.OBSERVATION, {"ejected": ejected, "runs": runs})
 
 
 async def _watch_signals(node: WorkerNode) -> None:
     # SIGINT too: a Ctrl-C in a terminal reaches the whole process group, and the supervisor
-    # drains its workers itself (DRAIN).
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+    # drains its workers itself (DRAIN). SIGHUP likewise (`kill -HUP -PGID`): the supervisor
+    # reloads and sends the workers the result (RELOAD); its default action would kill us.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGUSR1:
                 node.reopen_access_logs()

@@ -454,9 +454,11 @@ class LbNodes:
     tmp: Path
     vip: str = VIP
     prefixlen: int = 24
+    workers: int = 1
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     starts: int = 0
     logs: dict[str, Path] = field(default_factory=dict)
+    backends: dict[str, int] = field(default_factory=lambda: dict(BACKENDS))  # name -> port
 
     def settled(self) -> None:
         heartbeats_settled({n: self.logs[n] for n, p in self.procs.items() if p.poll() is None})
@@ -467,13 +469,14 @@ class LbNodes:
   [[pools.backends]]
   address = "{topology.BACKEND_IP}:{port}"
   name = "{name}"
-""" for name, port in BACKENDS.items())
+""" for name, port in self.backends.items())
         etcd = ", ".join(f'"{url}"' for url in endpoints(node))
         path.write_text(f"""
 [node]
 id = "{node}"
 state_dir = "{self.tmp / node}"
 drain_timeout = "2s"
+workers = {self.workers}
 
 [cluster]
 etcd = [{etcd}]
@@ -505,6 +508,9 @@ name = "web"
         self.procs[node] = self.lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--config", str(self.config(node))],
                                           log_path=log, cwd=REPO)
         wait_for(lambda: "registered in etcd" in log.read_text(errors="replace"), 20, f"{node} never registered ({log})")
+        if self.workers > 1:  # the supervisor registers before its workers serve (their imports take a second)
+            wait_for(lambda: f"{self.workers} workers serving" in log.read_text(errors="replace"), 20,
+                     f"{node}'s workers never served ({log})")
 
     def holders(self) -> set[str]:
         return self.lan.holders(self.vip, NODES)
@@ -535,18 +541,27 @@ def lbnodes6(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:
     yield from _lbnodes(lan, tmp_path, VIP6, 64)
 
 
-def _lbnodes(lan: Lan, tmp_path: Path, vip: str, prefixlen: int) -> Iterator[LbNodes]:
-    for name, port in BACKENDS.items():
+@pytest.fixture
+def lbnodes_workers(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:
+    """As ``lbnodes`` with ``[node] workers = 2``: a supervisor and two workers on each host."""
+    yield from _lbnodes(lan, tmp_path, VIP, 24, workers=2)
+
+
+def _lbnodes(lan: Lan, tmp_path: Path, vip: str, prefixlen: int,
+             backends: dict[str, int] = BACKENDS, workers: int = 1) -> Iterator[LbNodes]:
+    """``backends``: names of their own for another test module, which may run at the same
+    time as this one: the teardown below ends backends by name (pkill sees every namespace)."""
+    for name, port in backends.items():
         lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", name, "--host", "0.0.0.0", "--port", str(port)],
                   log_path=tmp_path / f"{name}.log", cwd=REPO)
-    made = LbNodes(lan, tmp_path, vip, prefixlen)
+    made = LbNodes(lan, tmp_path, vip, prefixlen, workers=workers, backends=dict(backends))
     try:
         for node in NODES:
             made.start(node)
         yield made
     finally:
         made.stop_all()
-        for name in BACKENDS:  # the backends of this test only (the next starts its own)
+        for name in backends:  # the backends of this test only (the next starts its own)
             lan.run("be", ["pkill", "-f", f"lbnode.demo_backend --name {name} "])
 
 
@@ -646,6 +661,20 @@ def test_lbnode_planned_drain_of_an_ipv6_vip_loses_no_request(
     (BPF on the IPv6 destination), the new holder adds it without DAD while the old one still
     has it, and its neighbour advertisements move the client; zero failed requests."""
     planned_drains(lan, lbnodes6, capsys)
+
+
+def test_lbnode_planned_drain_with_workers_loses_no_request(
+    lan: Lan, lbnodes_workers: LbNodes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scenario 3 with ``workers = 2`` on every node: the supervisor attaches the VIP filter to
+    the sockets its workers accept on (one open socket shared with them), so the draining
+    node's workers stop taking new connections to the VIP and the new holder's leave stray
+    packets unanswered, as a single process does; the workers take the filter off what they
+    accept. Zero failed requests."""
+    planned_drains(lan, lbnodes_workers, capsys)
+    filtered = [n for n in NODES for log in lbnodes_workers.tmp.glob(f"{n}-*.log")
+                if "cannot filter the packets of moving VIPs" in log.read_text(errors="replace")]
+    assert not filtered, f"the VIP filter failed on {filtered}"
 
 
 def failed_at(failures: list[tuple[float, bool, str]], started: float) -> str:

@@ -431,7 +431,7 @@ def test_base_config_is_valid(tmp_path: Path) -> None:
     result = lbnode("check", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert result.stdout == f"{path}: ok (node n1, 1 listeners, 2 pools, 3 backends)\n"
+    assert result.stdout == f"{path}: ok (node n1, 1 listeners, 2 pools, 3 backends, 1 workers)\n"
 
 
 def test_example_and_relative_path(tmp_path: Path) -> None:

@@ -509,4 +509,4 @@ def test_check_valid_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert result.stdout == f"{config}: ok (node t1, 2 listeners, 1 pools, 2 backends)\n"
+    assert result.stdout == f"{config}: ok (node t1, 2 listeners, 1 pools, 2 backends, 1 workers)\n"

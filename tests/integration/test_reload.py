@@ -286,14 +286,119 @@ def test_takeover_that_cannot_bind_leaves_the_old_node_serving(spawn: Spawn, tmp
     assert old.poll() is None and backend_of(site.web) == "a"
 
 
-def test_takeover_is_refused_for_a_cluster_member(tmp_path: Path) -> None:
-    config = tmp_path / "node.toml"
-    config.write_text(node_toml(pool_toml("p", ["127.0.0.1:1"]), listener_toml("web", "http", "p"),
-                                '[cluster]\netcd = ["http://127.0.0.1:1"]\n'))
-    done = lbnode("run", "-c", str(config), "--takeover", cwd=tmp_path)
+def _cluster_site(spawn: Spawn, tmp_path: Path, etcd, extra: str = "") -> Site:  # type: ignore[no-untyped-def]
+    site = Site(spawn, tmp_path)
+    endpoints = ", ".join(f'"{e}"' for e in etcd.endpoints)
+    site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
+    site.config.write_text(site.config.read_text() + f'[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\n' + extra)
+    return site
+
+
+def _node_key(etcd, node: str = "t1") -> tuple[int, dict[str, object]] | None:  # type: ignore[no-untyped-def]
+    """(lease, value) of the node's key in etcd (what `lbctl nodes` lists), None when absent."""
+    import json
+
+    from lbnode.cluster.etcd import EtcdConnection
+
+    conn = EtcdConnection(etcd.endpoints)
+    try:
+        kv = conn.get(f"/fulcrum/v1/nodes/{node}")
+    finally:
+        conn.close()
+    return None if kv is None else (kv.lease, json.loads(kv.value))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_takeover_of_a_cluster_member_keeps_its_lease(spawn: Spawn, tmp_path: Path, etcd, workers: int) -> None:  # type: ignore[no-untyped-def]
+    """[cluster]: the new process adopts the old one's etcd lease, so the node never leaves the
+    cluster (its key stays, under the same lease); the clients see nothing; a pool changed in
+    etcd afterwards is served by the new process. With workers = 2 the supervisor holds the
+    membership and hands it over, and the new supervisor's workers follow etcd's pools."""
+    from lbnode.cluster.etcd import EtcdStore
+
+    site = _cluster_site(spawn, tmp_path, etcd)
+    if workers > 1:
+        site.config.write_text(site.config.read_text().replace("[node]\n", f"[node]\nworkers = {workers}\n", 1))
+    old = site.start(spawn)
+    wait_until(lambda: _node_key(etcd) is not None, 10, "the node registered")
+    before = _node_key(etcd)
+    assert before is not None
+    seen: list[int | None] = []
+    sampling = threading.Event()
+
+    def sample() -> None:  # the node key every 20 ms through the takeover
+        while not sampling.is_set():
+            key = _node_key(etcd)
+            seen.append(None if key is None else key[0])
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    new_log = tmp_path / "node-3.log"
+
+    def change() -> None:
+        spawn("-m", "lbnode.cli", "run", "--config", str(site.config), "--takeover", name="node")
+        assert old.wait(30) == 0
+        assert "taken over from the process it replaces" in new_log.read_text()
+
+    load, t0, t1 = under_load(site, change)
+    sampling.set()
+    sampler.join(5)
+    assert_seamless(load, t0, t1, "binary upgrade of a cluster member")
+    assert len(seen) > 20 and set(seen) == {before[0]}, f"node key leases seen: {sorted(set(map(str, seen)))}"
+    after = _node_key(etcd)
+    assert after is not None and after[0] == before[0] and after[1]["started"] != before[1]["started"]
+    store = EtcdStore(etcd.settings())
+    record = store.get_pool("pa")
+    from dataclasses import replace
+
+    from lbnode.model import Backend, parse_address
+
+    store.update_pool(replace(record.pool, backends=(Backend(parse_address(f"127.0.0.1:{site.b}", "b")),)),
+                      record.revision)
+    wait_until(lambda: backend_of(site.web) == "b", 10, "the new process following etcd's pools")
+
+
+def test_takeover_of_a_cluster_member_under_another_id_is_refused(spawn: Spawn, tmp_path: Path, etcd) -> None:  # type: ignore[no-untyped-def]
+    """Another node.id would be a second member registering beside the running one: refused in
+    one line, and the running node goes on as it was."""
+    site = _cluster_site(spawn, tmp_path, etcd)
+    old = site.start(spawn)
+    wait_until(lambda: _node_key(etcd) is not None, 10, "the node registered")
+    site.config.write_text(site.config.read_text().replace('id = "t1"', 'id = "t2"'))
+    done = lbnode("run", "-c", str(site.config), "--takeover", cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr.strip() == (f"lbnode: {config}: --takeover is not supported yet for a node with [cluster]: "
-                                   "restart it (its VIPs move to another node first)")
+    assert done.stderr.strip() == (
+        f"lbnode: {site.config}: --takeover: node.id and cluster.prefix ('t2', '/fulcrum/v1') must stay those of the "
+        "running node ('t1', '/fulcrum/v1') to take over its cluster membership: restart the node to change them")
+    assert old.poll() is None and backend_of(site.web) == "a"
+    assert _node_key(etcd) is not None
+
+
+def test_a_takeover_that_fails_after_the_cluster_handover_gives_it_back(
+    spawn: Spawn, tmp_path: Path, etcd  # type: ignore[no-untyped-def]
+) -> None:
+    """The new process took the membership over, then could not bind its control port: the old
+    node adopts its own lease again (no new registration: the node key keeps its lease)."""
+    control, busy = free_port(), free_port()
+    site = _cluster_site(spawn, tmp_path, etcd, f'[control]\nbind = "127.0.0.1:{control}"\ninsecure = true\n')
+    old = site.start(spawn)
+    wait_until(lambda: _node_key(etcd) is not None, 10, "the node registered")
+    before = _node_key(etcd)
+    assert before is not None
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", busy))
+        holder.listen()
+        site.config.write_text(site.config.read_text().replace(f"127.0.0.1:{control}", f"127.0.0.1:{busy}"))
+        done = lbnode("run", "-c", str(site.config), "--takeover", cwd=tmp_path)
+    assert done.returncode != 0
+    log = tmp_path / "node-2.log"
+    wait_until(lambda: "taking it back" in log.read_text() and "taken over from the process it replaces"
+               in log.read_text(), 10, "the membership back")
+    time.sleep(3.0)  # longer than the lease TTL (2 s): the old node keeps it alive again
+    after = _node_key(etcd)
+    assert after is not None and after[0] == before[0]
+    assert old.poll() is None and backend_of(site.web) == "a"
 
 
 def test_takeover_of_a_node_with_a_control_api(spawn: Spawn, tmp_path: Path) -> None:

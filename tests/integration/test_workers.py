@@ -466,26 +466,64 @@ def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) 
     assert sample(node.metrics(), 'fulcrum_http_requests_total{listener="web"}') == before + 30
 
 
-def test_reload_and_takeover_with_workers_are_refused_in_one_line_and_the_node_serves_on(
+def test_auto_runs_one_worker_per_available_core_and_lbnode_check_says_how_many(
     spawn: Spawn, tmp_path: Path
 ) -> None:
-    """Reload and --takeover do not drive worker processes yet: each is refused with one line
-    naming node.workers, and the node goes on serving its configuration."""
+    """``workers = "auto"``: one process per core this process may use. Pinned to core 0
+    (``taskset -c 0``) it is one process (no supervisor); on every core of this machine it is
+    that many workers, and /status adds their requests up. ``lbnode check`` prints the count
+    it resolved the same way."""
     import subprocess
     import sys
 
+    from lbnode.model import available_cores
+
+    cores = available_cores()
+    if cores < 2:
+        pytest.skip(f"this process may use {cores} core: auto cannot be told from 1")
     backend = spawn_backend(spawn, "a")
-    node = start_node(spawn, tmp_path, backend)
+    port, admin_port = free_port(), free_port()
     config = tmp_path / "node.toml"
-    run = [sys.executable, "-m", "lbnode.cli"]
-    reloaded = subprocess.run([*run, "reload", "-c", str(config)], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=60)
-    lines = reloaded.stderr.strip().splitlines()
-    assert reloaded.returncode == 1 and len(lines) == 1, reloaded
-    assert lines[0].startswith("lbnode: reload refused: node.workers: ") and "restart" in lines[0]
-    taken = subprocess.run([*run, "run", "--takeover", "--config", str(config)], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=60)
-    lines = taken.stderr.strip().splitlines()
-    assert taken.returncode == 1 and len(lines) == 1 and "node.workers" in lines[0], taken
-    assert httpx.get(f"http://127.0.0.1:{node.port}/", timeout=5).text.strip() == "a"
-    assert len(node.worker_pids()) == 2
+    config.write_text(node_toml(
+        pool_toml("p", [f"127.0.0.1:{backend}"]), listener_toml("web", "http", "p", bind=f"127.0.0.1:{port}"),
+        admin=f"127.0.0.1:{admin_port}", node_extra=f'workers = "auto"\nstate_dir = "{tmp_path / "state"}"\n',
+    ))
+    check = [sys.executable, "-m", "lbnode.cli", "check", "--config", str(config)]
+    on_core_0 = subprocess.run(["taskset", "-c", "0", *check], capture_output=True, text=True, timeout=60, check=True)
+    assert on_core_0.stdout.endswith(", 1 workers)\n"), on_core_0.stdout
+    everywhere = subprocess.run(check, capture_output=True, text=True, timeout=60, check=True)
+    assert everywhere.stdout.endswith(f", {cores} workers)\n"), everywhere.stdout
+
+    # Pinned to core 0: one process serves, as workers = 1.
+    pinned = ("import os, sys; os.sched_setaffinity(0, {0}); "
+              "os.execv(sys.executable, [sys.executable, '-m', 'lbnode.cli', 'run', '--config', sys.argv[1]])")
+    single = spawn("-c", pinned, str(config), name="pinned")
+    wait_port(port)
+    status = httpx.get(f"http://127.0.0.1:{admin_port}/status", timeout=5).json()
+    assert "workers" not in status and "workers serving" not in single.log()
+    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text.strip() == "a"
+    assert single.terminate() == 0
+    wait_until(lambda: not _listening(port), 10, "the pinned node's port closed")
+
+    node_proc = spawn("-m", "lbnode.cli", "run", "--config", str(config), name="node")
+    wait_log(node_proc, rf"{cores} workers serving", timeout=30)
+    node = WorkersNode(node_proc, port, admin_port, None)
+    pids = node.worker_pids()
+    assert len(set(pids)) == cores
+    sent = [0]
+    by_pid = spread(node, pids, each=2, sent=sent)
+    for conns in by_pid.values():
+        for c in conns:
+            c.sock.close()
+    status = node.status()
+    assert status["pools"][0]["backends"][0]["requests"] == sent[0]
+    per_worker = [w["backend_requests"] for w in status["workers"]]
+    assert sum(per_worker) == sent[0] and all(n >= 2 for n in per_worker), per_worker
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True

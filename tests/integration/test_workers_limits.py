@@ -190,6 +190,82 @@ def test_a_backend_one_worker_ejects_is_ejected_on_every_worker(spawn: Spawn, tm
     assert "on every worker" in node.proc.log()
 
 
+class FailingBackend(ThreadingHTTPServer):
+    """A backend that answers every request 500 and counts them."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.count = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                outer.count += 1
+                self.send_response(500)
+                self.send_header("Content-Length", "4")
+                self.end_headers()
+                self.wfile.write(b"bad\n")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", free_port()), Handler)
+
+
+@pytest.fixture
+def failing_backend() -> Iterator[FailingBackend]:
+    server = FailingBackend()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_failures_split_over_two_workers_add_up_to_one_ejection(
+    spawn: Spawn, tmp_path: Path, failing_backend: FailingBackend,
+) -> None:
+    """consecutive_failures = 4 and 5xx count: two 500s on each worker (neither reaches 4 on
+    its own) eject the backend on the node, once, and neither worker sends it a request while
+    it is ejected."""
+    good = spawn_backend(spawn, "a")
+    bad_port = failing_backend.server_address[1]
+    outlier = '[pools.outlier]\nconsecutive_failures = 4\neject_on_5xx = true\nbase_ejection_time = "10s"\n'
+    pool = pool_toml("p", [f"127.0.0.1:{good}", f"127.0.0.1:{bad_port}"], _extra=outlier)
+    node = start_node(spawn, tmp_path, good, pool=pool)
+    first, second = (cs[0] for cs in connections(node, per_worker=1).values())
+
+    def bad() -> dict[str, Any]:
+        return next(b for b in node.status()["pools"][0]["backends"] if b["address"].endswith(f":{bad_port}"))
+
+    def two_500s(conn: Conn) -> None:
+        """Round robin on each worker: the failing backend every other request."""
+        statuses = [conn.get("/") for _ in range(4)]
+        assert sorted(statuses) == [200, 200, 500, 500], statuses
+
+    two_500s(first)
+    # The first worker's run (2) reaches the supervisor within a scan (50 ms) and a hop: in
+    # any order the sum is reached once the second worker's run is told.
+    time.sleep(0.2)
+    assert bad()["ejections"] == 0  # 2 of 4: not yet
+    two_500s(second)
+    assert failing_backend.count == 4
+    # Bound: the second worker's scan (EJECTION_SCAN, 50 ms), a hop to the supervisor and one
+    # back to each worker; 500 ms of margin on two busy cores. The ejection lasts 10 s: what
+    # follows (a few /status reads and 12 requests) fits in it even on a loaded host.
+    wait_until(lambda: bad()["ejections"] == 1, 0.6, "ejected once the two workers' failures add up to 4")
+    assert 5.0 < bad()["ejected_for"] <= 10.0
+    time.sleep(0.1)  # the HEALTH message to the workers: a hop each
+    for conn in (first, second, first, second):
+        assert [conn.get("/") for _ in range(3)] == [200] * 3
+    assert failing_backend.count == 4, "a worker sent a request to the ejected backend"
+    assert bad()["ejections"] == 1
+    assert "consecutive failures over the workers" in node.proc.log()
+
+
 def test_the_supervisors_health_verdicts_reach_every_worker(spawn: Spawn, tmp_path: Path) -> None:
     """The checks run once, in the supervisor; a backend they mark down gets no request from
     either worker, and one they mark up again gets requests from both."""

@@ -297,3 +297,44 @@ def test_after_a_claimer_key_vanishes_the_holder_counts_it_for_the_hold_down() -
     assert not states["a"].may_hold(t), "a fenced: b, with c's fresh reports, may still revoke it"
     t = run(states, t, HOLD_DOWN, cut={("a", "b"), ("a", "c")})
     assert states["a"].may_hold(t), "two claimers left, after the hold-down: lease-only"
+
+
+# ---------------------------------------------------------------------- hand-over (lbnode run --takeover)
+
+
+def test_a_new_process_with_the_handed_over_state_is_confirmed_at_once_and_replays_still_drop() -> None:
+    """The holder's state goes to a new process of the same node (JSON, same clock): it stays
+    confirmed by its peers with no STABLE_AFTER wait, its fence deadline is the same, and a
+    peer's heartbeat it had already taken is still a replay."""
+    import json
+
+    from lbnode.cluster.heartbeat import export_state, restore_state
+
+    states = cluster(["a", "b", "c"])
+    t = run(states, 100.0, 1.0)
+    old = states["a"]
+    assert old.confirmed(t) == {"b", "c"}
+    saved = json.loads(json.dumps(export_state(old)))  # over the command socket
+    last_from_b = seal(KEY, states["b"].message(t - HEARTBEAT_INTERVAL))
+    new = Heartbeats("a", LEASES["a"], t + 0.02)  # what a fresh start would have: nothing confirmed
+    new.set_peers({n: LEASES[n] for n in "abc"}, t + 0.02)
+    assert new.confirmed(t + 0.02) == set() and new.fence_deadline(t + 0.02) == -math.inf
+    restore_state(new, saved)
+    assert new.confirmed(t + 0.02) == {"b", "c"}
+    assert new.fence_deadline(t + 0.02) == old.fence_deadline(t + 0.02)
+    beat = unseal(KEY, last_from_b)
+    assert beat is not None and not new.received(beat, t + 0.02)
+    states["a"] = new
+    t = run(states, t + 0.05, 1.0)  # the peers go on confirming the new process
+    assert new.confirmed(t) == {"b", "c"} and states["b"].confirmed(t) == {"a", "c"}
+
+
+def test_a_handed_over_state_of_another_lease_is_not_taken() -> None:
+    from lbnode.cluster.heartbeat import export_state, restore_state
+
+    states = cluster(["a", "b", "c"])
+    t = run(states, 100.0, 1.0)
+    saved = export_state(states["a"])
+    new = Heartbeats("a", 99, t)  # the lease ended meanwhile: a new registration
+    restore_state(new, saved)
+    assert new.peers == {} and new.started == t

@@ -163,11 +163,13 @@ def test_config_keys_defaults_and_errors_naming_the_key() -> None:
         load_config_text(LISTENER.format(protocol="tcp", extra="[listeners.http2]\nenabled = true\n"))
 
 
-def test_pool_protocol_h2_is_cleartext_only_for_now() -> None:
+def test_pool_protocol_h2_takes_tls_but_not_send_proxy() -> None:
     pool = '[node]\nid = "n"\n[[pools]]\nname = "p"\nprotocol = "{}"\n{}[[pools.backends]]\naddress = "127.0.0.1:1"\n'
     assert load_config_text(pool.format("h2", "")).pools[0].protocol == "h2"
     assert load_config_text(pool.format("http1", "")).pools[0].protocol == "http1"
+    over_tls = load_config_text(pool.format("h2", '[pools.tls]\nenabled = true\nserver_name = "api.internal"\n')).pools[0]
+    assert over_tls.protocol == "h2" and over_tls.tls is not None and over_tls.tls.server_name == "api.internal"
     with pytest.raises(ConfigFileError, match=r"pools\[0\]\.protocol"):
         load_config_text(pool.format("h3", ""))
-    with pytest.raises(ConfigFileError, match=r"pools\[0\]\.protocol: \"h2\" is cleartext"):
+    with pytest.raises(ConfigFileError, match=r'pools\[0\]\.send_proxy: is not supported with protocol = "h2"'):
         load_config_text(pool.format("h2", 'send_proxy = "v2"\n'))

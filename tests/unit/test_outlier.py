@@ -175,3 +175,34 @@ def test_never_more_ejected_than_the_percentage_allows(
         else:
             d.unejected(key, now)
         assert d.ejected_count(now) <= limit
+
+
+def test_runs_added_up_elsewhere_eject_at_the_threshold() -> None:
+    """The supervisor of several workers: their runs added up, as one node's."""
+    d = detector()
+    assert d.record_run("a", 2, 10.0) is None and not d.is_ejected("a", 10.0)
+    assert d.record_run("a", 3, 10.0) == 40.0
+    assert d.ejections("a") == 1 and d.failures("a") == 0
+    assert d.record_run("a", 5, 11.0) is None  # ejected already: nothing more
+    assert d.ejections("a") == 1
+
+
+def test_runs_respect_the_ejection_percent() -> None:
+    d = detector(max_ejection_percent=25)  # one backend of four
+    assert d.record_run("a", 3, 10.0) == 40.0
+    assert d.record_run("b", 3, 10.0) is None
+    assert not d.is_ejected("b", 10.0)
+
+
+def test_an_adopted_ejection_counts_like_one_decided_here() -> None:
+    """A worker told of an ejection another worker (or the sum) decided: its own count resets,
+    late failures are ignored, and the next ejection it decides is twice as long."""
+    d = detector()
+    fail(d, "a", 2, 10.0)
+    assert d.failures("a") == 2
+    assert d.adopt_ejection("a", 40.0, 10.0)
+    assert d.is_ejected("a", 39.0) and d.failures("a") == 0 and d.ejections("a") == 1
+    assert fail(d, "a", 3, 20.0) is None  # in flight while ejected: ignored
+    assert not d.adopt_ejection("a", 45.0, 20.0)  # ejected here already
+    assert fail(d, "a", 3, 41.0) == 41.0 + 60.0  # the second ejection: 2 x base
+    assert d.ejections("a") == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lbnode.config import load_config_text
@@ -62,6 +64,17 @@ def test_what_needs_a_restart_is_refused_naming_the_key(change: dict[str, str], 
     with pytest.raises(ReloadRefused) as refused:
         plan_reload(config(WEB), config(WEB, **change))
     assert str(refused.value).startswith(f"{key} changed: a running node cannot take that without a restart")
+
+
+def test_the_number_of_workers_is_chosen_at_start() -> None:
+    """One process or a supervisor and N workers, and N: a reload cannot change the layout
+    (a reload with the same workers >= 2 is planned like any other)."""
+    one = config(WEB)
+    two = replace(one, node=replace(one.node, workers=2))
+    for old, new in ((one, two), (two, replace(one, node=replace(one.node, workers=3)))):
+        with pytest.raises(ReloadRefused, match=r"^node\.workers changed: a running node cannot take that"):
+            plan_reload(old, new)
+    assert plan_reload(two, two).kept == ("web",)
 
 
 def test_an_access_log_change_is_refused() -> None:

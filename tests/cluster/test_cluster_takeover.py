@@ -1,0 +1,345 @@
+"""``lbnode run --takeover`` (binary upgrade) of a cluster member, in the namespace topology.
+
+Three ``lbnode run`` nodes (tests/cluster/test_vip_failover.py's setup: an etcd member per node
+host, heartbeats on, lease TTL 2 s, one VIP, cookie affinity), a client sending 200 requests/s
+to the VIP with a sticky session. One node is replaced by ``lbnode run --takeover``: the new
+process adopts the old one's sockets, lease, VIPs and heartbeat state. What the user sees:
+no failed request and no refused connection, the VIP on exactly one host in every sample
+(on the same host throughout: it does not move), the node's key in etcd throughout under the
+same lease (``lbctl nodes`` lists it from there), the other nodes see nobody leave and revoke
+nobody, the session keeps its backend, the old process exits 0, and a pool change made after
+the takeover is served by the new process. Skipped unless root with working ``ip netns``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.test_vip_failover import (  # noqa: F401 (fixtures)
+    ANSWER_WINDOW,
+    NODES,
+    PYTHON,
+    RATE,
+    REPO,
+    VIP,
+    LbNodes,
+    Probe,
+    _lbnodes,
+    endpoints,
+    lan,
+    rate,
+    session_start,
+    wait_for,
+)
+from tests.cluster.topology import Lan
+
+# How often the VIP's hosts and the node key are sampled (as the VIP tests sample holders).
+SAMPLE = 0.05
+
+# Prints "<monotonic> <lease hex or ->" for the node key every SAMPLE seconds, from a node host.
+KEY_SAMPLER = """
+import sys, time
+from lbnode.cluster.etcd import EtcdConnection
+conn = EtcdConnection(sys.argv[1].split(","))
+key = sys.argv[2]
+while True:
+    try:
+        kv = conn.get(key)
+        print(f"{time.monotonic():.3f} {'%x' % kv.lease if kv is not None else '-'}", flush=True)
+    except Exception as exc:
+        print(f"{time.monotonic():.3f} error:{type(exc).__name__}", flush=True)
+    time.sleep(float(sys.argv[3]))
+"""
+
+# Keeps only one backend in pool "web" (through the store, as lbctl does).
+KEEP_ONE_BACKEND = """
+import sys
+from dataclasses import replace
+from lbnode.config import load_config
+from lbnode.cluster.etcd import EtcdStore
+config = load_config(sys.argv[1])
+store = EtcdStore(config.cluster)
+record = store.get_pool("web")
+pool = record.pool
+store.update_pool(replace(pool, backends=tuple(b for b in pool.backends if b.name == sys.argv[2])), record.revision)
+print("ok")
+"""
+
+
+# Backend names of this module's own: another branch's VIP tests on this host end theirs by
+# name (be1, be2) with pkill, which sees every namespace.
+BACKENDS = {"tk1": 9000, "tk2": 9001}
+
+
+@pytest.fixture
+def lbnodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:  # noqa: F811
+    yield from _lbnodes(lan, tmp_path, VIP, 24, BACKENDS)
+
+
+def fence_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "dropping VIPs" in line or "not heard by a majority" in line]
+
+
+def fences(logs: dict[str, Path], marks: dict[str, int]) -> list[str]:
+    """Heartbeat or lease fences logged by any node since ``marks`` (log lengths)."""
+    return [f"{n}: {line}" for n in NODES
+            for line in fence_lines(logs[n].read_text(errors="replace")[marks[n]:])]
+
+
+class Sampler:
+    """A thread that notes which hosts have the VIP every SAMPLE seconds."""
+
+    def __init__(self, net: Lan) -> None:
+        self.lan = net
+        self.samples: list[tuple[float, frozenset[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), frozenset(self.lan.holders(VIP, NODES))))
+            time.sleep(SAMPLE)
+
+    def close(self) -> list[tuple[float, frozenset[str]]]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.samples
+
+
+def node_key_sampler(net: Lan, node: str) -> subprocess.Popen[bytes]:
+    return net.spawn(node, [PYTHON, "-c", KEY_SAMPLER, ",".join(endpoints(node)), f"/lbnode/nodes/{node}", str(SAMPLE)],
+                     stdout=subprocess.PIPE, cwd=REPO)
+
+
+def answered_by(net: Lan, n: int) -> list[str]:
+    """``n`` requests without a cookie from the client host: the backend of each answer."""
+    out = []
+    for _ in range(n):
+        result = net.run("cli", ["curl", "-s", "-m", "2", "-D", "-", "-o", "/dev/null", f"http://{VIP}:8080/"])
+        backend = [line.split(":", 1)[1].strip() for line in result.stdout.splitlines()
+                   if line.lower().startswith("x-backend:")]
+        out.append(backend[0] if backend else f"no answer ({result.returncode})")
+    return out
+
+
+@pytest.mark.parametrize("which", ["holder", "non-holder"])
+def test_lbnode_takeover_of_a_cluster_member_loses_no_request_and_moves_nothing(
+    lan: Lan, lbnodes: LbNodes, which: str, capsys: pytest.CaptureFixture[str]  # noqa: F811
+) -> None:
+    # no SYN is dropped on this path (no VIP moves): a refused or unanswered connection fails
+    # at once, or after the 1 s connect timeout (the kernel's first SYN retransmission)
+    probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=1.0)
+    key_sampler: subprocess.Popen[bytes] | None = None
+    sampler: Sampler | None = None
+    try:
+        backend = session_start(probe)
+        holder = steady(lbnodes)
+        node = holder if which == "holder" else next(n for n in NODES if n != holder)
+        others = [n for n in NODES if n != node]
+        old = lbnodes.procs[node]
+        logs = dict(lbnodes.logs)  # the old process's log for ``node``
+        other_logs = {n: lbnodes.logs[n].read_text(errors="replace") for n in others}
+        key_sampler = node_key_sampler(lan, node)
+        sampler = Sampler(lan)
+        marks = {n: len(lbnodes.logs[n].read_text(errors="replace")) for n in NODES}
+        time.sleep(1.0)  # samples and requests before the takeover (judged from here on)
+        started = time.monotonic()
+        log = lbnodes.tmp / f"{node}-takeover.log"
+        new = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config", str(lbnodes.config(node))],
+                        log_path=log, cwd=REPO)
+        # the old process drains (drain_timeout 2 s) and exits 0
+        assert old.wait(15) == 0, f"the old process of {node} did not exit 0"
+        exited = time.monotonic()
+        lbnodes.procs[node], lbnodes.logs[node] = new, log
+        time.sleep(2.0)  # requests and samples after the old process is gone
+        time.sleep(ANSWER_WINDOW)
+        until = time.monotonic() - ANSWER_WINDOW
+        samples = sampler.close()
+        key_sampler.kill()
+        key_out, _ = key_sampler.communicate(timeout=5)
+        text = log.read_text(errors="replace")
+        assert new.poll() is None, f"the new process of {node} exited: {text[-2000:]}"
+        assert "taken over from the process it replaces" in text, text[-3000:]
+
+        # judged from the steady second before the takeover on (what came before was not steady)
+        results = probe.since(started - 1.0, until)
+        samples = [(t, h) for t, h in samples if t >= started - 1.0]
+        failures = [r for r in results if not r[1]]
+        slow = sum(1 for t, _, _ in results if probe.took[t] > 0.5)
+        holders = {s for _, s in samples}
+        keys = [line.split()[1] for line in key_out.decode().splitlines()
+                if len(line.split()) == 2 and float(line.split()[0]) >= started - 1.0]
+        summary = (f"takeover of {which} {node} at {RATE} req/s ({rate(results, started - 1.0, until)}): "
+                   f"{len(results)} requests, {len(failures)} failed, {slow} over 0.5 s "
+                   f"(longest {max(probe.took[t] for t, _, _ in results):.2f}s); old process exited "
+                   f"{exited - started:.2f}s after the start; VIP hosts seen {sorted(map(sorted, holders))} in "
+                   f"{len(samples)} samples; node key leases seen {sorted(set(keys))} in {len(keys)} samples")
+        fenced = fences(logs, marks) + [f"{node} (new process): {line}" for line in fence_lines(text)]
+        if fenced:
+            summary += "; fences: " + " | ".join(fenced)
+        with capsys.disabled():
+            print("\n" + summary)
+        assert not failures, f"{summary}: {failures[:5]}"
+        assert holders == {frozenset({holder})}, f"the VIP was not on {holder} alone in every sample: {summary}"
+        assert len(keys) >= 20 and len(set(keys)) == 1 and keys[0] not in ("-",) and not keys[0].startswith("error"), (
+            f"node {node}'s key was not there under one lease throughout: {summary}")
+        assert {what for _, ok, what in probe.since(0) if ok} == {backend}, "the session changed its backend"
+        for n in others:
+            seen = lbnodes.logs[n].read_text(errors="replace")[len(other_logs[n]):]
+            assert f"node {node} left the cluster" not in seen, f"{n} saw {node} leave: {seen[-2000:]}"
+            assert "revoking its lease" not in seen, f"{n} revoked a lease: {seen[-2000:]}"
+            assert f"VIP {VIP}:" not in seen, f"{n} saw the VIP move: {seen[-2000:]}"
+    finally:
+        probe.close()
+        if sampler is not None:
+            sampler.close()
+        if key_sampler is not None and key_sampler.poll() is None:
+            key_sampler.kill()
+            key_sampler.wait(5)
+
+    # pools changed after the takeover are followed by the new process (the VIP's holder
+    # answers every request: after a holder's takeover, that is the new process)
+    keep = "tk1"
+    applied = log.read_text(errors="replace").count("configuration version")
+    result = lan.run(node, [PYTHON, "-c", KEEP_ONE_BACKEND, str(lbnodes.config(node)), keep], timeout=20)
+    assert result.stdout.strip() == "ok", result.stderr
+    wait_for(lambda: set(answered_by(lan, 4)) == {keep}, 10, "the pool change was not followed")
+    assert set(answered_by(lan, 10)) == {keep}
+    # the new process (holder or not) applied it too
+    wait_for(lambda: log.read_text(errors="replace").count("configuration version") > applied, 5,
+             f"the new process of {node} did not apply the pool change")
+    if which == "holder":
+        # a second upgrade of the same node: the lease, the VIP and the first process's guard go
+        # on to a third process (its Trio clock is still the first one's)
+        log3 = lbnodes.tmp / f"{node}-takeover-2.log"
+        third = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config",
+                                 str(lbnodes.config(node))], log_path=log3, cwd=REPO)
+        assert new.wait(15) == 0, "the second process did not exit 0 after the second takeover"
+        lbnodes.procs[node], lbnodes.logs[node] = third, log3
+        assert "taken over from the process it replaces" in log3.read_text(errors="replace")
+        assert lbnodes.holders() == {node} and lan.holders(VIP, NODES) == {node}
+        # the VIP guard went over with the VIPs: the third process killed with kill -9, the
+        # guard (started by the first process, its pipe now held by the third) takes the
+        # address off, and another node takes the VIP
+        third.kill()
+        third.wait(5)
+        wait_for(lambda: VIP not in lan.addresses(node), 1.0, f"the killed process's VIP is still on {node}")
+        wait_for(lambda: len(lbnodes.holders()) == 1 and node not in lbnodes.holders(), 10,
+                 "no other node took the VIP after the new process died")
+
+
+CONTROL = 7001  # the control API of each node, on its loopback (lbctl's port in these tests)
+
+
+class ControlNodes(LbNodes):
+    """``lbnodes`` with a control API on each node ([control]: a takeover first asks the old
+    process to stop its own, then binds the port again)."""
+
+    def config(self, node: str) -> Path:
+        path = super().config(node)
+        path.write_text(path.read_text() + f'\n[control]\nbind = "127.0.0.1:{CONTROL}"\ninsecure = true\n')
+        return path
+
+
+@pytest.fixture
+def control_nodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:  # noqa: F811
+    """As ``_lbnodes``, each node with [control]."""
+    for name, port in BACKENDS.items():
+        lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", name, "--host", "0.0.0.0", "--port", str(port)],
+                  log_path=tmp_path / f"{name}.log", cwd=REPO)
+    made = ControlNodes(lan, tmp_path, VIP, 24, backends=dict(BACKENDS))
+    try:
+        for node in NODES:
+            made.start(node)
+        yield made
+    finally:
+        made.stop_all()
+        for name in BACKENDS:
+            lan.run("be", ["pkill", "-f", f"lbnode.demo_backend --name {name} "])
+
+
+def steady(lbnodes: LbNodes) -> str:
+    """Wait for one second with no fence anywhere and the VIP on one host; that host."""
+    for _ in range(10):
+        # on 2 cores shared with other test runs (load 10-30), a holder may fence for a moment
+        # (a late heartbeat, an etcd call that times out; docs/vips.md) with no takeover near
+        lbnodes.settled()
+        holder = lbnodes.holder()
+        marks = {n: len(lbnodes.logs[n].read_text(errors="replace")) for n in NODES}
+        time.sleep(1.0)
+        if not fences(lbnodes.logs, marks) and lbnodes.holders() == {holder}:
+            return holder
+    pytest.fail(f"the cluster never held steady for a second: {fences(lbnodes.logs, marks)}")
+
+
+def test_a_takeover_of_the_holder_that_fails_after_the_handover_gives_the_vip_back(
+    lan: Lan, control_nodes: LbNodes, capsys: pytest.CaptureFixture[str]  # noqa: F811
+) -> None:
+    """The new process adopted the holder's lease and VIP, then could not bind its control port:
+    it hands them back as it exits, the old process takes them again and goes on. Nothing
+    moves, no request fails, and the node keeps its lease."""
+    lbnodes = control_nodes
+    probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=1.0)
+    key_sampler: subprocess.Popen[bytes] | None = None
+    sampler: Sampler | None = None
+    busy = 7002
+    # the port the new process's control API cannot bind, on every node host (whichever holds)
+    blockers = [lan.spawn(n, [PYTHON, "-c", "import socket, time; s = socket.socket(); "
+                              f"s.bind(('127.0.0.1', {busy})); s.listen(); time.sleep(600)"]) for n in NODES]
+    try:
+        session_start(probe)
+        node = steady(lbnodes)
+        others = [n for n in NODES if n != node]
+        old = lbnodes.procs[node]
+        other_logs = {n: lbnodes.logs[n].read_text(errors="replace") for n in others}
+        key_sampler = node_key_sampler(lan, node)
+        sampler = Sampler(lan)
+        time.sleep(1.0)
+        started = time.monotonic()
+        bad = lbnodes.tmp / f"{node}-bad.toml"
+        bad.write_text(lbnodes.config(node).read_text().replace(f"127.0.0.1:{CONTROL}", f"127.0.0.1:{busy}"))
+        log = lbnodes.tmp / f"{node}-failed-takeover.log"
+        new = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config", str(bad)],
+                        log_path=log, cwd=REPO)
+        assert new.wait(30) != 0
+        text = log.read_text(errors="replace")
+        assert f"control.bind: cannot listen on 127.0.0.1:{busy}" in text, text[-3000:]
+        wait_for(lambda: "taking it back" in lbnodes.logs[node].read_text(errors="replace"), 5, "the old node's note")
+        time.sleep(3.0)  # beyond the lease TTL (2 s): the old process keeps it alive again
+        assert old.poll() is None
+        time.sleep(ANSWER_WINDOW)
+        until = time.monotonic() - ANSWER_WINDOW
+        samples = sampler.close()
+        key_sampler.kill()
+        key_out, _ = key_sampler.communicate(timeout=5)
+        results = probe.since(started - 1.0, until)
+        failures = [r for r in results if not r[1]]
+        holders = {s for _, s in samples}
+        keys = [line.split()[1] for line in key_out.decode().splitlines() if len(line.split()) == 2]
+        summary = (f"failed takeover of holder {node}: {len(results)} requests, {len(failures)} failed; VIP hosts "
+                   f"seen {sorted(map(sorted, holders))}; node key leases seen {sorted(set(keys))}")
+        with capsys.disabled():
+            print("\n" + summary)
+        assert not failures, f"{summary}: {failures[:5]}"
+        assert holders == {frozenset({node})}, summary
+        assert len(keys) >= 20 and len(set(keys)) == 1 and keys[0] != "-", summary
+        for n in others:
+            seen = lbnodes.logs[n].read_text(errors="replace")[len(other_logs[n]):]
+            assert f"node {node} left the cluster" not in seen and "revoking its lease" not in seen, seen[-2000:]
+            assert f"VIP {VIP}:" not in seen, f"{n} saw the VIP move: {seen[-2000:]}"
+    finally:
+        for blocker in blockers:
+            blocker.kill()
+        probe.close()
+        if sampler is not None:
+            sampler.close()
+        if key_sampler is not None and key_sampler.poll() is None:
+            key_sampler.kill()
+            key_sampler.wait(5)
