@@ -91,8 +91,7 @@ class H2Transport:
         while True:
             for up in conns:
                 if up.usable and up.still_open():
-                    await up.flush(pool.spec.timeouts.response)  # any PING/SETTINGS acks still_open produced
-                    return up
+                    return up  # (any PING/SETTINGS acks still_open produced go with the request's HEADERS)
             opening = self._opening.get(key)
             if opening is None:
                 break
@@ -137,13 +136,17 @@ async def _exchange(
     empty = body is not None and not any(isinstance(e, bytes) and e for e in body)
     stream = up.open(request_fields(fwd, b"https" if spec.tls is not None else b"http"), end=empty)
     try:
-        await up.flush(timeout)
         if body is not None:
             if not empty:
+                # HEADERS and the whole body in one write (send_body flushes): a gRPC unary call
+                # is one write to the backend, not one per frame (issue 14).
                 data = b"".join(e for e in body if isinstance(e, bytes))
                 await _send(up, stream, data, True, timeout)
+            else:
+                await up.flush(timeout)
             return await _response(proxy, conn, head, up, stream, timeout, status_retry, may_retry, on_head, _done,
                                    sent, attempt)
+        await up.flush(timeout)  # the body streams: the HEADERS go now
         done = [False]
         error: list[Exception] = []
         async with trio.open_nursery() as nursery:

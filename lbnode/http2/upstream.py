@@ -97,15 +97,31 @@ class H2Backend:
         self.changed.unpark_all()
 
     async def flush(self, timeout: float) -> None:
-        async with self.write_lock:
+        """Write what h2 has produced for the backend.
+
+        Not a checkpoint when nobody else is writing and the socket takes it all (nearly
+        always): a request's task goes on to queue its next frames, and the client's session
+        writes them together. A yield here (the lock's) let the session's writer run between
+        a response's DATA and its trailers: two writes to the client per gRPC call, each one
+        more wake-up of the client (issue 14)."""
+        lock = self.write_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             data = self.h2.data_to_send()
             if data:
                 try:
                     await send_all(self.sock, data, timeout)
                 except (OSError, SendTimeout) as exc:
                     self._fail(f"write to the backend failed: {exc}")
+        finally:
+            lock.release()
 
     def open(self, fields: list[tuple[bytes, bytes]], end: bool) -> Stream:
+        """A new stream, its HEADERS queued, not written: the caller flushes, after queueing
+        the body when it has it whole (one write for the whole request)."""
         stream_id = self.h2.get_next_available_stream_id()
         self.h2.send_headers(stream_id, fields, end_stream=end)
         stream = self.streams[stream_id] = Stream(stream_id)
@@ -216,6 +232,7 @@ class H2Backend:
                 if pos == len(data):
                     return
                 continue
+            await self.flush(timeout)  # the HEADERS (see open) before waiting on the backend
             with trio.move_on_at(deadline) as scope:
                 if self.reading:
                     await self.changed.park()
