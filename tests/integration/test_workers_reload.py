@@ -76,6 +76,13 @@ class WorkersSite(Site):
         return [int(w["pid"]) for w in workers] if all(w["serving"] for w in workers) else []
 
 
+def replaced(site: WorkersSite, victim: int) -> bool:
+    """Both workers serve again and ``victim`` is not one of them (while a slot is being
+    refilled ``worker_pids_or_empty`` is empty, which must not count as replaced)."""
+    pids = site.worker_pids_or_empty()
+    return bool(pids) and victim not in pids
+
+
 def served_by_each(port: int, pids: list[int], expected: str, attempts: int = 200) -> None:
     """Fresh connections to ``port`` until each worker in ``pids`` has accepted one; every
     answer is ``expected`` (the backend's name)."""
@@ -197,7 +204,7 @@ def test_a_worker_killed_after_a_reload_comes_back_on_the_new_listeners(spawn: S
     pids = site.worker_pids()
     victim = pids[0]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: victim not in site.worker_pids_or_empty(), REPLACED_WITHIN, "the worker replaced")
+    wait_until(lambda: replaced(site, victim), REPLACED_WITHIN, "the worker replaced")
     now = site.worker_pids()
     assert victim not in now and pids[1] in now
     served_by_each(extra, now, "a")  # the new listener, on the replacement too
@@ -355,7 +362,7 @@ def test_reload_with_workers_rotates_an_https_listeners_certificate(spawn: Spawn
         path.unlink()  # moved away after the reload: what the node serves is in memory
     wait_until(lambda: site.status()["spare_worker"] == "ready", 30, "the spare worker ready")
     os.kill(pids[0], signal.SIGKILL)
-    wait_until(lambda: pids[0] not in site.worker_pids_or_empty(), REPLACED_WITHIN, "the worker replaced")
+    wait_until(lambda: replaced(site, pids[0]), REPLACED_WITHIN, "the worker replaced")
     pids = site.worker_pids()
     served: set[int] = set()
     context = ssl.create_default_context(cafile=str(new_ca.path))
