@@ -226,7 +226,14 @@ def test_vip_moves_off_a_dead_host_within_ttl(lan: Lan, claimers: Claimers) -> N
             lan.host_up(holder, forget=[VIP])
             etcd_healthy(lan)
             claimers.start(holder)
-            assert len(claimers.holders(VIP)) == 1
+            # Never two holders: the returning host does not take the VIP back. There may be none
+            # for a moment: when the dead host had etcd's leader, keepalives fail until etcd has
+            # elected another, and a survivor that just took the VIP fences once its renewal has
+            # failed for half the TTL, then campaigns again as soon as etcd answers (seen once in
+            # a clean-clone run: fenced 0.23 s after taking it, the fence lifted 0.26 s later).
+            # Bound: a TTL for etcd's election and the renewal, 2 s for the campaign and margin.
+            assert len(claimers.holders(VIP)) <= 1
+            wait_for(lambda: len(claimers.holders(VIP)) == 1, TTL + 2, "no single VIP holder after the host came back")
         summary = (f"VIP failover after host loss over {TRIALS} trials: p50 {statistics.median(failovers):.2f}s "
                    f"max {max(failovers):.2f}s; failed connects per trial (one every 50 ms) {failed}")
         print(summary)
