@@ -113,6 +113,16 @@ class Sampler:
         return self.samples
 
 
+def exit_code(proc: subprocess.Popen[bytes], timeout: float, what: str, *logs: Path) -> int | None:
+    """``proc.wait(timeout)``; past it, an AssertionError with the tail of each log (a CI
+    failure must say why the process did not exit, not only that it did not)."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        tails = "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-3000:]}" for log in logs if log.exists())
+        raise AssertionError(f"{what}: still running after {timeout:g} s\n{tails}") from None
+
+
 def node_key_sampler(net: Lan, node: str) -> subprocess.Popen[bytes]:
     return net.spawn(node, [PYTHON, "-c", KEY_SAMPLER, ",".join(endpoints(node)), f"/lbnode/nodes/{node}", str(SAMPLE)],
                      stdout=subprocess.PIPE, cwd=REPO)
@@ -155,7 +165,8 @@ def test_lbnode_takeover_of_a_cluster_member_loses_no_request_and_moves_nothing(
         new = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config", str(lbnodes.config(node))],
                         log_path=log, cwd=REPO)
         # the old process drains (drain_timeout 2 s) and exits 0
-        assert old.wait(15) == 0, f"the old process of {node} did not exit 0"
+        assert exit_code(old, 15, f"the old process of {node}", logs[node], log) == 0, (
+            f"the old process of {node} did not exit 0")
         exited = time.monotonic()
         lbnodes.procs[node], lbnodes.logs[node] = new, log
         time.sleep(2.0)  # requests and samples after the old process is gone
@@ -221,7 +232,8 @@ def test_lbnode_takeover_of_a_cluster_member_loses_no_request_and_moves_nothing(
         log3 = lbnodes.tmp / f"{node}-takeover-2.log"
         third = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config",
                                  str(lbnodes.config(node))], log_path=log3, cwd=REPO)
-        assert new.wait(15) == 0, "the second process did not exit 0 after the second takeover"
+        assert exit_code(new, 15, "the second process after the second takeover", log, log3) == 0, (
+            "the second process did not exit 0 after the second takeover")
         lbnodes.procs[node], lbnodes.logs[node] = third, log3
         assert "taken over from the process it replaces" in log3.read_text(errors="replace")
         assert lbnodes.holders() == {node} and lan.holders(VIP, NODES) == {node}
