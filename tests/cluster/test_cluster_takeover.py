@@ -35,6 +35,8 @@ from tests.cluster.test_vip_failover import (  # noqa: F401 (fixtures)
     lan,
     rate,
     session_start,
+    spawn_backends,
+    stop_backends,
     wait_for,
 )
 from tests.cluster.topology import Lan
@@ -72,8 +74,7 @@ print("ok")
 """
 
 
-# Backend names of this module's own: another branch's VIP tests on this host end theirs by
-# name (be1, be2) with pkill, which sees every namespace.
+# Backend names of this module's own (the logs tell them from the VIP tests' be1 and be2).
 BACKENDS = {"tk1": 9000, "tk2": 9001}
 
 
@@ -263,9 +264,7 @@ class ControlNodes(LbNodes):
 @pytest.fixture
 def control_nodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:  # noqa: F811
     """As ``_lbnodes``, each node with [control]."""
-    for name, port in BACKENDS.items():
-        lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", name, "--host", "0.0.0.0", "--port", str(port)],
-                  log_path=tmp_path / f"{name}.log", cwd=REPO)
+    started = spawn_backends(lan, tmp_path, BACKENDS)
     made = ControlNodes(lan, tmp_path, VIP, 24, backends=dict(BACKENDS))
     try:
         for node in NODES:
@@ -273,8 +272,7 @@ def control_nodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:  # noqa: F811
         yield made
     finally:
         made.stop_all()
-        for name in BACKENDS:
-            lan.run("be", ["pkill", "-f", f"lbnode.demo_backend --name {name} "])
+        stop_backends(started)
 
 
 def steady(lbnodes: LbNodes) -> str:

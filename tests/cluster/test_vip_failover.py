@@ -554,13 +554,27 @@ def lbnodes_workers(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:
     yield from _lbnodes(lan, tmp_path, VIP, 24, workers=2)
 
 
+def spawn_backends(lan: Lan, tmp_path: Path, backends: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """The demo backends in the "be" namespace (``ip netns exec`` execs: each pid is the backend's)."""
+    return [lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", name, "--host", "0.0.0.0",
+                             "--port", str(port)], log_path=tmp_path / f"{name}.log", cwd=REPO)
+            for name, port in backends.items()]
+
+
+def stop_backends(procs: list[subprocess.Popen[bytes]]) -> None:
+    """End this test's backends by pid (the next test starts its own). Not by name: pkill sees
+    every namespace, and ended another run's backends of the same name (two runs of one test
+    at once on a shared host, each in namespaces of its own)."""
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait(5)
+
+
 def _lbnodes(lan: Lan, tmp_path: Path, vip: str, prefixlen: int,
              backends: dict[str, int] = BACKENDS, workers: int = 1) -> Iterator[LbNodes]:
-    """``backends``: names of their own for another test module, which may run at the same
-    time as this one: the teardown below ends backends by name (pkill sees every namespace)."""
-    for name, port in backends.items():
-        lan.spawn("be", [PYTHON, "-m", "lbnode.demo_backend", "--name", name, "--host", "0.0.0.0", "--port", str(port)],
-                  log_path=tmp_path / f"{name}.log", cwd=REPO)
+    """``backends``: the demo backends' names and ports (in the "be" namespace)."""
+    started = spawn_backends(lan, tmp_path, backends)
     made = LbNodes(lan, tmp_path, vip, prefixlen, workers=workers, backends=dict(backends))
     try:
         for node in NODES:
@@ -568,8 +582,7 @@ def _lbnodes(lan: Lan, tmp_path: Path, vip: str, prefixlen: int,
         yield made
     finally:
         made.stop_all()
-        for name in backends:  # the backends of this test only (the next starts its own)
-            lan.run("be", ["pkill", "-f", f"lbnode.demo_backend --name {name} "])
+        stop_backends(started)
 
 
 def rate(results: list[tuple[float, bool, str]], start: float, end: float) -> str:
