@@ -19,6 +19,7 @@ from lbnode.health.checker import check_backend
 from lbnode.model import Address, HealthCheck, PoolTls
 from lbnode.node import LbNode
 from tests.conftest import http_get, listener_toml, node_toml, pool_toml, start_backends, start_node
+from tests.grpcbackend import GrpcBackend
 from tests.h2tlsbackend import H2TlsBackend, start_h2_tls_backend, start_h2c_backend
 from tests.tlsutil import make_ca
 
@@ -85,6 +86,18 @@ async def test_a_stopped_h2_backend_fails_the_check(nursery: trio.Nursery) -> No
     backend.stop()
     await trio.sleep(0.1)  # the cancelled serve task closes its listener at its next checkpoint
     assert await check_backend(address(backend), HTTP, protocol="h2") == (False, "connection refused")
+
+
+async def test_a_grpcio_server_is_reached_over_http2_and_names_its_refusal() -> None:
+    # grpcio speaks HTTP/2 only. It now gets the request, as HTTP/2, and resets the stream of
+    # anything that is not a gRPC call: a gRPC backend wants type = "grpc" (docs/http2.md).
+    backend = GrpcBackend("g")
+    try:
+        check = HealthCheck(type="http", path="/", timeout=2.0)
+        assert await check_backend(backend.address, check, protocol="h2") == (
+            False, "the backend reset the stream (INTERNAL_ERROR)")
+    finally:
+        await trio.to_thread.run_sync(backend.stop)
 
 
 async def test_over_tls_the_check_offers_alpn_h2_and_verifies_the_pools_ca(nursery: trio.Nursery, tmp_path: Path) -> None:
