@@ -18,8 +18,9 @@ from h2.connection import H2Connection
 
 from lbnode.model import Address, HealthCheck
 
-# A health answer's header list fits in this (as MAX_HEAD_BYTES for HTTP/1.1); h2 refuses a
-# bigger one (a ProtocolError, named below) instead of decoding it.
+# A health answer's header list fits in this (as MAX_HEAD_BYTES for HTTP/1.1). h2 refuses a
+# bigger one (a ProtocolError, named in the reason) once the backend has acknowledged our
+# SETTINGS; before that, h2's own 64 KiB bound applies.
 MAX_HEADER_LIST_BYTES = 16 * 1024
 # expect_body is searched in this much of the body (as the HTTP/1.1 check).
 MAX_BODY_BYTES = 64 * 1024
