@@ -193,13 +193,13 @@ async def start_h2_tls_backend(
     return H2TlsBackend(name, port, stats, answer, scope)
 
 
-async def start_h2c_backend(nursery: trio.Nursery, name: str, *, port: int = 0) -> H2TlsBackend:
-    """The same backend on cleartext with prior knowledge (``:scheme`` is what the client sends),
-    on ``port`` (0: a free one; a stopped backend's port to start it again)."""
+async def start_h2c_backend(nursery: trio.Nursery, name: str, *, delay: float = 0.0) -> H2TlsBackend:
+    """The same backend on cleartext with prior knowledge (``:scheme`` is what the client sends);
+    ``delay`` as above."""
     stats, answer = H2Stats(), Answer()
     scope = trio.CancelScope()
-    serve = partial(_serve, name, stats, answer, 0.0, 0.0)
-    listeners = await nursery.start(_in_scope, scope, partial(trio.serve_tcp, serve, port, host="127.0.0.1"))
+    serve = partial(_serve, name, stats, answer, delay, 0.0)
+    listeners = await nursery.start(_in_scope, scope, partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
     bound: int = listeners[0].socket.getsockname()[1]
     return H2TlsBackend(name, bound, stats, answer, scope)
 

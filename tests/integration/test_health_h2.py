@@ -71,6 +71,17 @@ async def test_expect_body_is_searched_in_the_http2_body(nursery: trio.Nursery) 
     assert await check_backend(address(backend), missing, protocol="h2") == (False, "body does not contain 'ready'")
 
 
+async def test_an_answer_later_than_the_timeout_fails_the_check(nursery: trio.Nursery) -> None:
+    backend = await start_h2c_backend(nursery, "slow", delay=2.0)
+    check = HealthCheck(type="http", path="/", timeout=0.3)
+    started = trio.current_time()
+    assert await check_backend(address(backend), check, protocol="h2") == (
+        False, "timeout after 300ms waiting for the response")
+    # The timeout bounds the whole probe; 1 s of margin for a loaded machine, still below the delay.
+    assert trio.current_time() - started < 0.3 + 1.0
+    assert backend.stats.requests[0][b":path"] == b"/"  # the request was there: the answer was late
+
+
 async def test_a_cleartext_backend_that_answers_http11_is_named(nursery: trio.Nursery) -> None:
     (demo,) = await start_backends(nursery, "old")
     ok, reason = await check_backend(Address("127.0.0.1", demo.port), HTTP, protocol="h2")
