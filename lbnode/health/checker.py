@@ -2,8 +2,9 @@
 
 Owns the probe sockets (always closed, every timeout a Trio scope), the gRPC
 checks' channels (grpccheck.py: one per backend, closed when it leaves) and the
-check schedule. An http check of a ``protocol = "h2"`` pool speaks HTTP/2 (h2check.py). Decides nothing about routing: results go to ``HealthState``
-(state.py) and transitions to the caller's callbacks.
+check schedule; an http check of a ``protocol = "h2"`` pool speaks HTTP/2 (h2check.py).
+Decides nothing about routing: results go to ``HealthState`` (state.py) and
+transitions to the caller's callbacks.
 """
 
 from __future__ import annotations
