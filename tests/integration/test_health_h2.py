@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+from lbnode.config import load_config_text
 from lbnode.health.checker import check_backend
 from lbnode.model import Address, HealthCheck, PoolTls
 from lbnode.node import LbNode
@@ -246,3 +247,14 @@ async def test_an_h2_tls_backend_is_checked_over_tls_with_the_pools_ca_and_sni(
     assert await wait_health(wrong, 0, "down") == "TLS: certificate verify failed: unable to get local issuer certificate"
     response = await trio.to_thread.run_sync(lambda: httpx.get(f"http://127.0.0.1:{port}/y", timeout=30))
     assert response.text == "a GET /y https 0\n"  # the first node still uses it
+
+
+async def test_a_reload_to_protocol_h2_switches_the_running_check_to_http2(nursery: trio.Nursery) -> None:
+    backend = await start_h2c_backend(nursery, "a")
+    listener = listener_toml("web", "http", "p", extra=H2C)
+    node, _ = await start_node(nursery, node_toml(listener, pool_toml("p", [backend.address], _extra=HEALTH)))
+    # An HTTP/1.1 pool checks in HTTP/1.1, which this h2-only backend cannot answer.
+    assert (await wait_health(node, 0, "down")).startswith("invalid HTTP response: ")
+    node.reload(load_config_text(node_toml(listener, pool_toml("p", [backend.address], protocol="h2", _extra=HEALTH)),
+                                 "test.toml"))
+    assert await wait_health(node, 0, "up") == "status 200"
