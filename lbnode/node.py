@@ -36,7 +36,6 @@ from lbnode.health.state import Transition
 from lbnode.http.proxy import HttpProxy
 from lbnode.http.upstream import UpstreamPool
 from lbnode.http2.exchange import H2Transport
-from lbnode.http2.upstream import ALPN as H2_ALPN
 from lbnode.listen import (
     BindError,
     Bound,
@@ -790,7 +789,7 @@ class LbNode:
                             self._on_verdict(name, b.id, up, "the checkers' latest results, as the pool arrived")
             checker = self.health_checkers.get(name)
             if checker is not None:
-                checker.tls, checker.send_proxy, checker.alpn = pool.tls, pool.send_proxy, _check_alpn(pool)
+                checker.tls, checker.send_proxy, checker.protocol = pool.tls, pool.send_proxy, pool.protocol
                 checker.update(mine, pool.health)
                 continue
             on_observation = (
@@ -798,7 +797,7 @@ class LbNode:
             )
             checker = HealthChecker(
                 name, pool.health, mine, on_transition=self._transition_for(name), on_observation=on_observation,
-                tls=pool.tls, send_proxy=pool.send_proxy, alpn=_check_alpn(pool),
+                tls=pool.tls, send_proxy=pool.send_proxy, protocol=pool.protocol,
             )
             scope = trio.CancelScope()
             self.health_checkers[name] = checker
@@ -939,8 +938,3 @@ def node_from_config(config: Config, kind: type[LbNode] = LbNode) -> LbNode:
         config, store=store, agent=agent, affinity=affinity,
         seed=config.pools, seed_routes=tuple(listener_routes(config.listeners)), last_config=LastConfig(Path(config.node.state_dir), prefix=config.cluster.prefix),
     )
-
-
-def _check_alpn(pool: Pool) -> tuple[str, ...]:
-    """What a pool's tcp checks over TLS require in ALPN: h2 for protocol = "h2" (as its connects)."""
-    return H2_ALPN if pool.protocol == "h2" else ()

@@ -2,8 +2,9 @@
 
 Owns the probe sockets (always closed, every timeout a Trio scope), the gRPC
 checks' channels (grpccheck.py: one per backend, closed when it leaves) and the
-check schedule. Decides nothing about routing: results go to ``HealthState``
-(state.py) and transitions to the caller's callbacks.
+check schedule; an http check of a ``protocol = "h2"`` pool speaks HTTP/2 (h2check.py).
+Decides nothing about routing: results go to ``HealthState`` (state.py) and
+transitions to the caller's callbacks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import httptools
 import trio
 
 from lbnode.health.grpccheck import GrpcChannels, grpc_check
+from lbnode.health.h2check import h2_http_check
 from lbnode.health.state import DOWN, HealthState, Observation, Transition
+from lbnode.http2.upstream import ALPN as H2_ALPN
 from lbnode.model import Address, Backend, HealthCheck, PoolTls
 from lbnode.proxyproto import encode_own
 from lbnode.tls.upstream import TlsSetupError, alpn_refusal, backend_tls
@@ -47,7 +50,7 @@ _ERRNO_REASONS = {
     errno.ETIMEDOUT: "connect timed out",
 }
 
-# (address, check[, tls][, send_proxy=][, alpn=]) -> (passed, reason)
+# (address, check[, tls][, send_proxy=][, protocol=]) -> (passed, reason)
 Probe = Callable[..., Awaitable[tuple[bool, str]]]
 
 
@@ -58,7 +61,7 @@ async def check_backend(
     *,
     send_proxy: str | None = None,
     channels: GrpcChannels | None = None,
-    alpn: tuple[str, ...] = (),
+    protocol: str = "http1",
 ) -> tuple[bool, str]:
     """Probe one backend once; ``(passed, reason)`` with a reason an operator can act on.
 
@@ -69,10 +72,12 @@ async def check_backend(
     ``check-send-proxy``: a backend that expects one would refuse the check without it.
     A grpc check asks over ``channels`` (the checker's, kept between probes; without them a
     channel for this probe only), over TLS with ``tls``; it cannot send a PROXY header
-    (the configuration refuses that pairing). With ``alpn`` (``("h2",)`` for a ``protocol = "h2"``
-    pool) a tcp check over TLS offers it and fails, with the line the pool's connects log, if
-    the backend selects none of it; an http check speaks HTTP/1.1 and offers none.
+    (the configuration refuses that pairing). With ``protocol = "h2"`` (the pool's) a check over
+    TLS offers ALPN ``h2`` and fails, with the line the pool's connects log, if the backend
+    selects something else; an http check then sends its request as HTTP/2 (with prior
+    knowledge on cleartext), as the pool's requests go: an h2-only backend cannot answer HTTP/1.1.
     """
+    h2 = protocol == "h2"
     if check.type == "grpc":
         if send_proxy is not None:
             return False, "send_proxy: a grpc check cannot send a PROXY header"
@@ -88,19 +93,23 @@ async def check_backend(
                 await tcp.send_all(encode_own(send_proxy, own[:2], peer[:2]))
             if tls is not None:
                 try:
-                    settings = backend_tls(tls, alpn if check.type == "tcp" else ())
+                    settings = backend_tls(tls, H2_ALPN if h2 else ())
                 except TlsSetupError as exc:
                     return False, f"pools.tls.{exc.key}: {exc.reason}"
                 stream = trio.SSLStream(stream, settings.context, server_hostname=settings.server_name(address),
                                         https_compatible=True)
                 phase = "during the TLS handshake"
                 await stream.do_handshake()
+                refusal = alpn_refusal(settings, stream.selected_alpn_protocol())
+                if refusal is not None:
+                    return False, refusal
                 if check.type == "tcp":
-                    refusal = alpn_refusal(settings, stream.selected_alpn_protocol())
-                    return (False, refusal) if refusal is not None else (True, "TLS handshake completed")
+                    return True, "TLS handshake completed"
             if check.type == "tcp":
                 return True, "connected"
             phase = "waiting for the response"
+            if h2:
+                return await h2_http_check(stream, address, check, tls=tls is not None)
             return await _http_check(stream, address, check)
     except trio.TooSlowError:
         return False, f"timeout after {format_seconds(check.timeout)} {phase}"
@@ -266,13 +275,13 @@ class HealthChecker:
         probe: Probe | None = None,
         tls: PoolTls | None = None,
         send_proxy: str | None = None,
-        alpn: tuple[str, ...] = (),
+        protocol: str = "http1",
     ) -> None:
         self.pool = pool
         self.check = check
         self.tls = tls  # the pool's [pools.tls]: probes speak TLS too (set again on a pool change)
         self.send_proxy = send_proxy  # the pool's send_proxy: probes start with a header too (likewise)
-        self.alpn = alpn  # ("h2",) for a protocol = "h2" pool: what a tcp check over TLS requires (likewise)
+        self.protocol = protocol  # the pool's: "h2" checks over TLS need ALPN h2, http checks speak HTTP/2 (likewise)
         self.on_transition = on_transition
         self.on_observation = on_observation
         self._rng = rng or random.Random()
@@ -351,15 +360,14 @@ class HealthChecker:
             while True:
                 check = self.check
                 started = trio.current_time()
-                tls, send_proxy = self.tls, self.send_proxy
-                if send_proxy is not None:
-                    ok, reason = await self._probe(backend.address, check, tls, send_proxy=send_proxy)
-                elif tls is not None and self.alpn:
-                    ok, reason = await self._probe(backend.address, check, tls, alpn=self.alpn)
-                elif tls is None:
-                    ok, reason = await self._probe(backend.address, check)
-                else:
-                    ok, reason = await self._probe(backend.address, check, tls)
+                # Only what differs from the defaults: a test's probe takes what its test sets.
+                args: tuple[object, ...] = () if self.tls is None else (self.tls,)
+                options: dict[str, object] = {}
+                if self.send_proxy is not None:
+                    options["send_proxy"] = self.send_proxy
+                if self.protocol != "http1":
+                    options["protocol"] = self.protocol
+                ok, reason = await self._probe(backend.address, check, *args, **options)
                 if scope.cancel_called:  # removed while the answer was already on its way
                     return
                 now = trio.current_time()
