@@ -5,7 +5,8 @@ health checkers, VIP claimer, control API and admin endpoint) and hands its list
 sockets to N worker processes instead of accepting on them. Owns the workers' lives:
 spawned (not forked) at start, restarted at once when one dies (with the same sockets and
 the current configuration), drained on SIGTERM or ``lbctl nodes drain``. State flows one
-way: configuration and health verdicts go out to every worker when they change; counters
+way: configuration, health verdicts, the affinity entries other nodes write and the
+cluster's cookie key go out to every worker when they change; counters
 come back when a reader asks (``/metrics``, ``/status``, ``lbctl status`` add them up).
 """
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from lbnode.affinity import CookieKeyring
 from lbnode.cluster.certstore import certificate_document
 from lbnode.config import load_config, read_config_text
 from lbnode.health.state import Transition
@@ -161,6 +163,7 @@ class Supervisor(LbNode):
         self._from_cluster_wake = trio.Event()
         if self.affinity is not None:
             self.affinity.on_learned(self._learned_from_cluster)
+            self.affinity.on_cookie_key(self._tell_cookie_keys)
 
     # ----------------------------------------------------------- state to the workers
     def apply(self, config: Config) -> None:
@@ -175,9 +178,20 @@ class Supervisor(LbNode):
             "pools": [pool_to_dict(p) for p in self.config.pools],
             "certificates": [certificate_document(c) for c in self.config.certificates],
             "health": self._health_entries(),
-            # a cluster's cookie key (a standalone node's is in state_dir, which workers read)
-            "cookie_key": self.affinity.cookie_keyring().key.hex() if self.affinity is not None else None,
+            # a cluster's cookie keys (a standalone node's is in state_dir, which workers read)
+            "cookie_keys": self._cookie_keys(),
         }
+
+    def _cookie_keys(self) -> list[str] | None:
+        """The cluster's cookie key in use, then the keys it replaced (hex), for the workers."""
+        return [k.hex() for k in self.affinity.cookie_keyring().keys()] if self.affinity is not None else None
+
+    def _tell_cookie_keys(self, keyring: CookieKeyring) -> None:
+        """The cluster key switched or was rotated (no configuration change): every worker
+        seals under the new key at once; a worker started later gets the keys in CONFIG."""
+        body = {"keys": [k.hex() for k in keyring.keys()]}
+        for w in self.workers:
+            w.post(Kind.COOKIE_KEY, body)
 
     def _health_entries(self, only: tuple[str, str] | None = None) -> list[list[Any]]:
         now = trio.current_time()

@@ -86,13 +86,14 @@ class WorkerAffinity:
             self._keyring = CookieKeyring(load_or_create_key(self._state_dir))
         return self._keyring
 
-    def use_cookie_key(self, key_hex: str | None) -> None:
-        if key_hex is not None:
-            key = bytes.fromhex(key_hex)
+    def use_cookie_keys(self, keys_hex: list[str] | None) -> None:
+        """The supervisor's cluster keyring (``CookieKeyring.keys()``, in CONFIG, RELOAD and
+        COOKIE_KEY): seal under the first, open under all of them, as every node does."""
+        if keys_hex:
+            keys = [bytes.fromhex(k) for k in keys_hex]
             if self._keyring is None:
-                self._keyring = CookieKeyring(key)
-            else:
-                self._keyring.switch(key)
+                self._keyring = CookieKeyring(keys[0])
+            self._keyring.follow(keys)
 
     def learned(self, pool: str, key: str, backend_id: str, op: str) -> None:
         self.outgoing.append([pool, key, backend_id, op])

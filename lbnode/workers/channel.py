@@ -44,6 +44,7 @@ class Kind(IntEnum):
     AFFINITY = 8  # supervisor -> worker: affinity entries that stand, and keys in use elsewhere
     RELOAD = 9  # supervisor -> worker: node.toml as reloaded, its configuration, the added listeners' sockets (fds)
     RELOADED = 10  # worker -> supervisor: a RELOAD applied (or why not), matched by "id"
+    COOKIE_KEY = 11  # supervisor -> worker: the cluster's cookie keys (current first), when they change
 
 
 class ChannelError(Exception):
