@@ -150,6 +150,9 @@ class EtcdAffinityTable:
         # Told (key, backend) when etcd shows an entry this node did not choose: another node's,
         # or one that won over ours. A supervisor passes them on to its workers.
         self.on_learned: Callable[[str, str], None] | None = None
+        # Told the key when etcd deleted an entry and this table dropped it (a session another
+        # node, an operator or its lease ended): a supervisor's workers drop their copies too.
+        self.on_forgotten: Callable[[str], None] | None = None
         self.configure(idle_timeout, max_entries)
 
     def configure(self, idle_timeout: float, max_entries: int) -> None:
@@ -304,6 +307,8 @@ class EtcdAffinityTable:
             return
         self._drop(key)
         self.expirations += 1
+        if self.on_forgotten is not None:
+            self.on_forgotten(key)
 
     def _lease_end(self, lease: int, now: float) -> float:
         end = self._leases.get(lease)
@@ -581,6 +586,7 @@ class ClusterAffinity:
         self._nursery: trio.Nursery | None = None
         self._logged_bad: set[tuple[str, int]] = set()
         self._on_learned: Callable[[str, str, str], None] | None = None
+        self._on_forgotten: Callable[[str, str], None] | None = None
         self._on_cookie_key: Callable[[CookieKeyring], None] | None = None
 
     # ------------------------------------------------------------------ SharedAffinity
@@ -593,6 +599,8 @@ class ClusterAffinity:
         )
         if self._on_learned is not None:
             table.on_learned = self._learned_in(pool)
+        if self._on_forgotten is not None:
+            table.on_forgotten = self._forgotten_in(pool)
         old = self.tables.get(pool)
         if old is not None:
             old.stop()
@@ -620,6 +628,19 @@ class ClusterAffinity:
         callback = self._on_learned
         assert callback is not None
         return lambda key, backend: callback(pool, key, backend)
+
+    def on_forgotten(self, callback: Callable[[str, str], None]) -> None:
+        """``callback(pool, key)`` for each entry etcd deleted that this node held (a session
+        ended on another node, removed by an operator, or its lease ended): a supervisor tells
+        its workers, whose copies would otherwise live on until idle."""
+        self._on_forgotten = callback
+        for pool, table in self.tables.items():
+            table.on_forgotten = self._forgotten_in(pool)
+
+    def _forgotten_in(self, pool: str) -> Callable[[str], None]:
+        callback = self._on_forgotten
+        assert callback is not None
+        return lambda key: callback(pool, key)
 
     def on_cookie_key(self, callback: Callable[[CookieKeyring], None]) -> None:
         """``callback(keyring)`` each time the cookie key in use changes without a configuration

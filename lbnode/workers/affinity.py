@@ -58,6 +58,10 @@ class BroadcastTable(MemoryAffinityTable):
     def touch(self, key: str, now: float) -> None:
         MemoryAffinityTable.get(self, key, now)
 
+    def forget(self, key: str) -> None:
+        """etcd deleted the entry (no report back): the next request is balanced afresh."""
+        MemoryAffinityTable.delete(self, key)
+
 
 class WorkerAffinity:
     """The ``SharedAffinity`` a worker gives its pools: broadcast tables and the node's cookie key."""
@@ -109,12 +113,19 @@ class WorkerAffinity:
         self.touched = set()
         return out
 
-    def adopt(self, entries: list[list[Any]], touched: list[list[str]], now: float) -> None:
-        """What the supervisor says stands (``set``), and keys in use on another worker."""
+    def adopt(
+        self, entries: list[list[Any]], touched: list[list[str]], now: float, forget: list[list[str]] | None = None,
+    ) -> None:
+        """What the supervisor says stands (``set``), keys in use on another worker, and entries
+        etcd deleted (``forget``: another node ended the session, an operator removed it)."""
         for pool, key, backend_id in entries:
             table = self.tables.get(pool)
             if table is not None:
                 table.adopt(key, backend_id, now)
+        for pool, key in forget or []:
+            table = self.tables.get(pool)
+            if table is not None:
+                table.forget(key)
         for pool, key in touched:
             table = self.tables.get(pool)
             if table is not None:

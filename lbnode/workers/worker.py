@@ -299,7 +299,7 @@ async def _follow_supervisor(channel: Channel, node: WorkerNode) -> None:
             await channel.send(Kind.RELOADED, {"id": message.body["id"], "error": error})
         elif message.kind == Kind.AFFINITY:
             node.worker_affinity.adopt(message.body.get("set", []), message.body.get("touched", []),
-                                       trio.current_time())
+                                       trio.current_time(), message.body.get("forget", []))
         elif message.kind == Kind.COOKIE_KEY:
             node.worker_affinity.use_cookie_keys(message.body.get("keys"))
         elif message.kind == Kind.COUNTERS:

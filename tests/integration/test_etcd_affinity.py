@@ -94,6 +94,30 @@ async def test_a_moved_session_and_a_forgotten_one_reach_the_other_node(etcd, tm
         await _until(lambda: b.get("198.18.12.1", _now()) is None, 2.0, "delete")
 
 
+async def test_an_entry_deleted_in_etcd_is_told_to_on_forgotten(etcd, tmp_path) -> None:
+    """What a supervisor relays to its workers: an entry etcd deleted (another node ended the
+    session, an operator removed it) is dropped and told, whoever chose it."""
+    conn = EtcdConnection(etcd.endpoints)
+    async with _node(etcd, tmp_path, "n1") as (_, a), _node(etcd, tmp_path, "n2") as (shared, b):
+        forgotten: list[tuple[str, str]] = []
+        shared.on_forgotten(lambda pool, key: forgotten.append((pool, key)))
+        a.put_if_absent("198.18.13.1", "theirs", _now())  # another node's
+        b.put_if_absent("198.18.13.2", "ours", _now())  # this node's own
+        await _until(lambda: b.get("198.18.13.1", _now()) == "theirs", 2.0, "another node's entry")
+        await _until(lambda: _stored(conn, "198.18.13.2") is not None, 2.0, "this node's entry written")
+        conn.delete_many([f"{PREFIX}/affinity/web/{escape_key(k)}" for k in ("198.18.13.1", "198.18.13.2")])
+        await _until(lambda: len(forgotten) == 2, 2.0, "both deletes told")
+        assert sorted(forgotten) == [("web", "198.18.13.1"), ("web", "198.18.13.2")]
+        assert b.get("198.18.13.1", _now()) is None and b.get("198.18.13.2", _now()) is None
+        # Written and deleted at once by someone else: learned from the watch, then forgotten.
+        learned: list[tuple[str, str, str]] = []
+        shared.on_learned(lambda pool, key, backend: learned.append((pool, key, backend)))
+        conn.put(f"{PREFIX}/affinity/web/{escape_key('198.18.13.3')}", b'{"backend":"x","node":"n9"}')
+        conn.delete_many([f"{PREFIX}/affinity/web/{escape_key('198.18.13.3')}"])
+        await _until(lambda: len(forgotten) == 3, 2.0, "the third delete told")
+        assert learned == [("web", "198.18.13.3", "x")] and forgotten[-1] == ("web", "198.18.13.3")
+
+
 async def test_each_node_keeps_at_most_max_entries_of_the_shared_table(etcd, tmp_path) -> None:
     async with _node(etcd, tmp_path, "n1") as (_, a), _node(etcd, tmp_path, "n2", max_entries=10) as (_, b):
         for i in range(30):

@@ -4,11 +4,13 @@ Real processes: a real etcd, ``lbnode run`` twice (node ``a1`` a single process,
 a supervisor with two workers), demo backends, clients on raw sockets from distinct
 loopback source addresses (so that ``source_ip`` affinity sees distinct clients and the
 worker that accepted each connection is read from /proc). What the tests write to etcd
-themselves is what an operator would (``etcdctl put``): a rotated cookie key.
+themselves is what an operator would (``etcdctl put``/``del``): a rotated cookie key, a
+removed session.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from lbnode.affinity import CookieSealer
+from lbnode.cluster.affinity import decode_entry, escape_key
 from lbnode.cluster.etcd import EtcdConnection
 from tests.conftest import (
     Proc,
@@ -180,3 +183,64 @@ def test_a_rotated_cluster_cookie_key_reaches_every_worker_and_a_worker_started_
                "the killed worker replaced")
     _each_worker(t1, honoured)
 
+
+def test_a_session_deleted_in_etcd_is_balanced_afresh_on_every_worker(
+    spawn: Spawn, tmp_path: Path, etcd: object,
+) -> None:
+    """Sixteen clients pinned by a1 (source_ip) reach t1's workers through the supervisor's
+    relay, and are served from the workers' copies. Their entries are then deleted in etcd
+    (as an operator, or a node ending the sessions, would): within one relay every worker
+    has dropped its copy, so each client's next request on t1, on the keep-alive connection
+    a worker already served it on, is balanced afresh (t1 places it and writes the new entry
+    to etcd under its own name, naming the backend that answered). A worker still holding its
+    copy would serve from it and write nothing (a key it only uses is never written again
+    once etcd deleted it: t1's supervisor dropped it too)."""
+    ports = {name: spawn_backend(spawn, name) for name in ("a", "b")}
+    pool = pool_toml("p", [f"127.0.0.1:{p}" for p in ports.values()], _extra='[pools.affinity]\nmode = "source_ip"\n')
+    _, a1_port = _a1(spawn, tmp_path, etcd, pool)
+    (tmp_path / "t1").mkdir()
+    t1 = start_node(spawn, tmp_path / "t1", ports["a"], pool=pool, extra=_cluster(etcd))
+    etcd_conn = EtcdConnection(etcd.endpoints)  # type: ignore[attr-defined]
+    clients = CLIENTS[:16]
+    keys = {source: f"/fulcrum/v1/affinity/p/{escape_key(source)}" for source in clients}
+
+    def written(source: str) -> dict[str, str] | None:
+        kv = etcd_conn.get(keys[source])
+        return None if kv is None else json.loads(kv.value)  # type: ignore[no-any-return]
+
+    pinned: dict[str, str] = {}
+    for source in clients:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=5) as client:
+            pinned[source] = client.get(f"http://127.0.0.1:{a1_port}/").text.strip()
+    wait_until(lambda: all((written(s) or {}).get("node") == "a1" for s in clients), PROPAGATION,
+               "a1's entries in etcd")
+    time.sleep(PROPAGATION)  # ... and on t1's workers
+
+    pids = t1.worker_pids()
+    conns: dict[str, tuple[Conn, int | None]] = {}
+    for source in clients:
+        conn = Conn(t1.port, source)
+        status, _, body = conn.exchange("/")
+        assert (status, body.decode().strip()) == (200, pinned[source])
+        conns[source] = (conn, owner(conn, pids, t1.port))
+    by_worker = {pid: [s for s, (_, p) in conns.items() if p == pid] for pid in pids}
+    assert all(by_worker.values()), f"the kernel gave every connection to one worker: {by_worker}"
+
+    etcd_conn.delete_many(list(keys.values()))
+    # One relay: etcd's watch to t1's supervisor, then one socket hop to each worker
+    # (milliseconds unloaded); PROPAGATION has 1 s of margin for two busy cores.
+    time.sleep(PROPAGATION)
+    answered: dict[str, str] = {}
+    for source, (conn, _) in conns.items():
+        status, _, body = conn.exchange("/")
+        assert status == 200
+        answered[source] = body.decode().strip()
+        conn.sock.close()
+    # t1's supervisor writes a session its workers placed in the background (milliseconds).
+    wait_until(lambda: all(written(s) is not None for s in clients), PROPAGATION,
+               "every session placed again (a worker served a deleted entry from its copy)")
+    for pid, sources in by_worker.items():
+        for source in sources:
+            entry = written(source)
+            assert entry is not None and entry["node"] == "t1", f"worker {pid}: {source} not placed afresh: {entry}"
+            assert decode_entry(json.dumps(entry).encode()) == f"127.0.0.1:{ports[answered[source]]}"
