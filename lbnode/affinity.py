@@ -218,26 +218,50 @@ class CookieSealer:
 
 
 class CookieKeyring:
-    """The cookie key a node uses now, which may change once while it runs.
+    """The cookie key a node uses now, which may change while it runs.
 
     A node in a cluster starts with its own ``state_dir`` key and switches to
-    the cluster's key when etcd answers. It seals under the current key and
-    opens under it or any key it replaced, so the cookies it handed out before
-    the switch still work on this node. Same interface as ``CookieSealer``.
+    the cluster's key when etcd answers, and again when an operator rotates the
+    cluster key. It seals under the current key and opens under it or any key
+    it replaced, so the cookies handed out before a switch still work. Same
+    interface as ``CookieSealer``.
     """
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self._current = CookieSealer(key)
-        self._older: list[CookieSealer] = []
+        self._older: list[tuple[bytes, CookieSealer]] = []  # newest first
 
     def switch(self, key: bytes) -> bool:
         """Seal under ``key`` from now on; False (and nothing changes) if it is already current."""
         if key == self.key:
             return False
         sealer = CookieSealer(key)  # ValueError for a bad key, before anything changes
-        self._older.insert(0, self._current)
+        self._older = [(k, s) for k, s in self._older if k != key]  # (a key that comes back)
+        self._older.insert(0, (self.key, self._current))
         self.key, self._current = key, sealer
+        return True
+
+    def keys(self) -> list[bytes]:
+        """The current key, then the older ones (newest first): what another process needs
+        to seal and open exactly as this keyring does (``follow``)."""
+        return [self.key, *(k for k, _ in self._older)]
+
+    def follow(self, keys: list[bytes]) -> bool:
+        """Take another keyring's ``keys()``: seal under ``keys[0]``, open under all of them (and
+        under every key held before). ValueError for a bad key, before anything changes;
+        whether the current key changed."""
+        if not keys:
+            raise ValueError("a cookie keyring needs at least one key")
+        held = set(self.keys())
+        added = [(k, CookieSealer(k)) for k in keys[1:] if k not in held]
+        sealer = CookieSealer(keys[0]) if keys[0] != self.key else None
+        self._older.extend(added)
+        if sealer is None:
+            return False
+        self._older = [(k, s) for k, s in self._older if k != keys[0]]
+        self._older.insert(0, (self.key, self._current))
+        self.key, self._current = keys[0], sealer
         return True
 
     def seal(self, backend_id: str, expires: float) -> str:
@@ -250,7 +274,7 @@ class CookieKeyring:
     def unseal(self, value: str) -> tuple[str, float] | None:
         opened = self._current.unseal(value)
         if opened is None:
-            for sealer in self._older:
+            for _, sealer in self._older:
                 opened = sealer.unseal(value)
                 if opened is not None:
                     break

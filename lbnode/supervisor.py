@@ -5,7 +5,8 @@ health checkers, VIP claimer, control API and admin endpoint) and hands its list
 sockets to N worker processes instead of accepting on them. Owns the workers' lives:
 spawned (not forked) at start, restarted at once when one dies (with the same sockets and
 the current configuration), drained on SIGTERM or ``lbctl nodes drain``. State flows one
-way: configuration and health verdicts go out to every worker when they change; counters
+way: configuration, health verdicts, the affinity entries other nodes write or delete and
+the cluster's cookie key go out to every worker when they change; counters
 come back when a reader asks (``/metrics``, ``/status``, ``lbctl status`` add them up).
 """
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from lbnode.affinity import CookieKeyring
 from lbnode.cluster.certstore import certificate_document
 from lbnode.config import load_config, read_config_text
 from lbnode.health.state import Transition
@@ -156,11 +158,15 @@ class Supervisor(LbNode):
         self.config_text: str | None = None
         self._serving = False  # every worker has served once: reload and takeover may begin
         self._runs = NodeRuns()  # each worker's passive failures in a row, added up per backend
-        # Affinity entries etcd showed that this node did not choose (other nodes'), for the workers.
-        self._from_cluster: list[list[str]] = []
+        # What etcd showed of the affinity tables since the last relay to the workers, by
+        # (pool, key): an entry this node did not choose (other nodes'), or None once etcd
+        # deleted one this node held. The last word per key is what goes.
+        self._from_cluster: dict[tuple[str, str], str | None] = {}
         self._from_cluster_wake = trio.Event()
         if self.affinity is not None:
             self.affinity.on_learned(self._learned_from_cluster)
+            self.affinity.on_forgotten(self._forgotten_in_cluster)
+            self.affinity.on_cookie_key(self._tell_cookie_keys)
 
     # ----------------------------------------------------------- state to the workers
     def apply(self, config: Config) -> None:
@@ -175,9 +181,20 @@ class Supervisor(LbNode):
             "pools": [pool_to_dict(p) for p in self.config.pools],
             "certificates": [certificate_document(c) for c in self.config.certificates],
             "health": self._health_entries(),
-            # a cluster's cookie key (a standalone node's is in state_dir, which workers read)
-            "cookie_key": self.affinity.cookie_keyring().key.hex() if self.affinity is not None else None,
+            # a cluster's cookie keys (a standalone node's is in state_dir, which workers read)
+            "cookie_keys": self._cookie_keys(),
         }
+
+    def _cookie_keys(self) -> list[str] | None:
+        """The cluster's cookie key in use, then the keys it replaced (hex), for the workers."""
+        return [k.hex() for k in self.affinity.cookie_keyring().keys()] if self.affinity is not None else None
+
+    def _tell_cookie_keys(self, keyring: CookieKeyring) -> None:
+        """The cluster key switched or was rotated (no configuration change): every worker
+        seals under the new key at once; a worker started later gets the keys in CONFIG."""
+        body = {"keys": [k.hex() for k in keyring.keys()]}
+        for w in self.workers:
+            w.post(Kind.COOKIE_KEY, body)
 
     def _health_entries(self, only: tuple[str, str] | None = None) -> list[list[Any]]:
         now = trio.current_time()
@@ -217,6 +234,9 @@ class Supervisor(LbNode):
             table = self._affinity_table(pool_name)
             if table is None:
                 continue
+            # What stands now goes out below: an older word from etcd still waiting for the
+            # relay must not follow it (a forget would drop the entry just placed).
+            self._from_cluster.pop((pool_name, key), None)
             if op == "replace":
                 table.replace(key, backend_id, now)
                 stand.append([pool_name, key, backend_id])
@@ -260,20 +280,29 @@ class Supervisor(LbNode):
                 w.post(Kind.HEALTH, {"ejected": ejected})
 
     def _learned_from_cluster(self, pool_name: str, key: str, backend_id: str) -> None:
-        self._from_cluster.append([pool_name, key, backend_id])
+        self._from_cluster[(pool_name, key)] = backend_id
+        self._from_cluster_wake.set()
+
+    def _forgotten_in_cluster(self, pool_name: str, key: str) -> None:
+        self._from_cluster[(pool_name, key)] = None
         self._from_cluster_wake.set()
 
     async def _relay_cluster_affinity(self) -> None:
-        """Entries other nodes wrote to etcd, to every worker (batched per loop turn: a full
-        read of the tables after a reconnect is one message), so that a client another node
-        pinned keeps its backend on whichever worker takes its first connection here."""
+        """Entries other nodes wrote to etcd, and entries deleted there, to every worker
+        (batched per loop turn: a full read of the tables after a reconnect is one message),
+        so that a client another node pinned keeps its backend on whichever worker takes its
+        first connection here, and a session ended elsewhere is balanced afresh here."""
         while True:
             await self._from_cluster_wake.wait()
             await trio.lowlevel.checkpoint()  # the rest of this watch batch joins
-            batch, self._from_cluster = self._from_cluster, []
+            batch, self._from_cluster = self._from_cluster, {}
             self._from_cluster_wake = trio.Event()
+            body: dict[str, list[list[str]]] = {
+                "set": [[pool, key, b] for (pool, key), b in batch.items() if b is not None],
+                "forget": [[pool, key] for (pool, key), b in batch.items() if b is None],
+            }
             for w in self.workers:
-                w.post(Kind.AFFINITY, {"set": batch})
+                w.post(Kind.AFFINITY, body)
 
     def _affinity_entries(self) -> list[list[str]]:
         """Every entry standing in this node's tables: a worker that starts gets them all."""

@@ -1,7 +1,8 @@
 """Session affinity shared through etcd: each pool's table of session key -> backend, and the cookie key.
 
 Owns ``{prefix}/affinity/<pool>/<key>`` (entries bound to a few bucketed TTL leases, so that
-idle sessions vanish without one lease per entry) and ``{prefix}/secrets/cookie-key``. Never
+idle sessions vanish without one lease per entry) and ``{prefix}/secrets/cookie-key`` (agreed
+once, then followed: an operator's rotation is taken at once). Never
 blocks the data plane: tables answer from a local cache kept by one watch; every etcd call
 runs in a worker thread from background tasks; with etcd down the tables work locally and
 catch up when it answers.
@@ -25,7 +26,13 @@ from urllib.parse import quote, unquote
 import etcd3
 import trio
 
-from lbnode.affinity import AffinityTable, CookieKeyring, check_table_limits, load_or_create_key
+from lbnode.affinity import (
+    KEY_BYTES,
+    AffinityTable,
+    CookieKeyring,
+    check_table_limits,
+    load_or_create_key,
+)
 from lbnode.cluster.etcd import Compacted, EtcdConnection, KeyEvent, KeyValue, LeaseNotFound
 from lbnode.cluster.store import StoreError
 from lbnode.cluster.watch import follow_watch
@@ -143,6 +150,9 @@ class EtcdAffinityTable:
         # Told (key, backend) when etcd shows an entry this node did not choose: another node's,
         # or one that won over ours. A supervisor passes them on to its workers.
         self.on_learned: Callable[[str, str], None] | None = None
+        # Told the key when etcd deleted an entry and this table dropped it (a session another
+        # node, an operator or its lease ended): a supervisor's workers drop their copies too.
+        self.on_forgotten: Callable[[str], None] | None = None
         self.configure(idle_timeout, max_entries)
 
     def configure(self, idle_timeout: float, max_entries: int) -> None:
@@ -297,6 +307,8 @@ class EtcdAffinityTable:
             return
         self._drop(key)
         self.expirations += 1
+        if self.on_forgotten is not None:
+            self.on_forgotten(key)
 
     def _lease_end(self, lease: int, now: float) -> float:
         end = self._leases.get(lease)
@@ -542,8 +554,9 @@ class ClusterAffinity:
 
     One ``EtcdAffinityTable`` per pool (kept across snapshots), all fed by one watch on
     ``{prefix}/affinity/``; the cluster cookie key from ``{prefix}/secrets/cookie-key``,
-    created from this node's ``state_dir`` key by the first node that gets there. Until
-    etcd answers, the node seals with its own key (``cookie_key_from`` says which is in use).
+    created from this node's ``state_dir`` key by the first node that gets there, then
+    followed (a rotation written there is sealed under at once). Until etcd answers, the
+    node seals with its own key (``cookie_key_from`` says which is in use).
     """
 
     def __init__(
@@ -573,6 +586,8 @@ class ClusterAffinity:
         self._nursery: trio.Nursery | None = None
         self._logged_bad: set[tuple[str, int]] = set()
         self._on_learned: Callable[[str, str, str], None] | None = None
+        self._on_forgotten: Callable[[str, str], None] | None = None
+        self._on_cookie_key: Callable[[CookieKeyring], None] | None = None
 
     # ------------------------------------------------------------------ SharedAffinity
     def table(self, pool: str, spec: Affinity, previous: AffinityTable | None) -> AffinityTable:
@@ -584,6 +599,8 @@ class ClusterAffinity:
         )
         if self._on_learned is not None:
             table.on_learned = self._learned_in(pool)
+        if self._on_forgotten is not None:
+            table.on_forgotten = self._forgotten_in(pool)
         old = self.tables.get(pool)
         if old is not None:
             old.stop()
@@ -612,6 +629,25 @@ class ClusterAffinity:
         assert callback is not None
         return lambda key, backend: callback(pool, key, backend)
 
+    def on_forgotten(self, callback: Callable[[str, str], None]) -> None:
+        """``callback(pool, key)`` for each entry etcd deleted that this node held (a session
+        ended on another node, removed by an operator, or its lease ended): a supervisor tells
+        its workers, whose copies would otherwise live on until idle."""
+        self._on_forgotten = callback
+        for pool, table in self.tables.items():
+            table.on_forgotten = self._forgotten_in(pool)
+
+    def _forgotten_in(self, pool: str) -> Callable[[str], None]:
+        callback = self._on_forgotten
+        assert callback is not None
+        return lambda key: callback(pool, key)
+
+    def on_cookie_key(self, callback: Callable[[CookieKeyring], None]) -> None:
+        """``callback(keyring)`` each time the cookie key in use changes without a configuration
+        change (the switch to the cluster key, an operator's rotation): a supervisor sends
+        ``keyring.keys()`` to its workers, which seal and open as this node does."""
+        self._on_cookie_key = callback
+
     def retain(self, tables: list[AffinityTable]) -> None:
         """Stop the tables not in ``tables`` (their pool was removed or lost its table mode)."""
         keep = {id(t) for t in tables}
@@ -638,35 +674,42 @@ class ClusterAffinity:
 
     # ------------------------------------------------------------------ the cookie key
     async def _agree_on_cookie_key(self) -> None:
+        """Agree on the cluster key (first writer wins), then follow it for as long as the node runs."""
         await self._key_wanted.wait()
         keyring = self._keyring
         assert keyring is not None
-        delay, failing = BACKOFF_FIRST, False
-        while True:
-            try:
-                key, created = await trio.to_thread.run_sync(self._create_or_read_key, keyring.key, abandon_on_cancel=True)
-                break
-            except StoreError as exc:
-                if not failing:
-                    log.warning("cookie key: cannot reach etcd (%s); sealing affinity cookies with this node's "
-                                "own key from %s until it answers", exc, self.state_dir)
-                    failing = True
-            except ValueError as exc:
-                if not failing:
-                    log.error("cookie key: %s; sealing with this node's own key meanwhile", exc)
-                    failing = True
-                delay = BACKOFF_MAX
-            await trio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+        key, created = await self._agree(keyring.key)
         if keyring.switch(key):
             log.info("cookie key: switched to the cluster key %s from etcd (cookies this node sealed "
                      "under its own key are still accepted here)", self.cookie_key_path)
+            self._key_changed(keyring)
         elif created:
             log.info("cookie key: this node's key is now the cluster key %s", self.cookie_key_path)
         else:
             log.info("cookie key: using the cluster key %s", self.cookie_key_path)
         self.cookie_key_from = "etcd"
         self.cookie_key_agreed.set()
+        await self._follow_cookie_key(keyring)
+
+    async def _agree(self, proposal: bytes) -> tuple[bytes, bool]:
+        """The cluster key and whether ``proposal`` became it, retried until etcd answers."""
+        delay, failing = BACKOFF_FIRST, False
+        while True:
+            try:
+                return await trio.to_thread.run_sync(self._create_or_read_key, proposal, abandon_on_cancel=True)
+            except StoreError as exc:
+                if not failing:
+                    log.warning("cookie key: cannot reach etcd (%s); sealing affinity cookies with the key "
+                                "in use (this node's own from %s until the first agreement) until it answers",
+                                exc, self.state_dir)
+                    failing = True
+            except ValueError as exc:
+                if not failing:
+                    log.error("cookie key: %s; sealing with the key in use meanwhile", exc)
+                    failing = True
+                delay = BACKOFF_MAX
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
 
     def _create_or_read_key(self, proposal: bytes) -> tuple[bytes, bool]:
         """(the cluster key, whether ours became it); first writer wins. Blocking."""
@@ -674,6 +717,72 @@ class ClusterAffinity:
             self.cookie_key_path, proposal,
             "the next node to start writes its own (cookies sealed under the old key stop matching)",
         )
+
+    def _key_changed(self, keyring: CookieKeyring) -> None:
+        if self._on_cookie_key is not None:
+            self._on_cookie_key(keyring)
+
+    async def _follow_cookie_key(self, keyring: CookieKeyring) -> None:
+        """Follow ``{prefix}/secrets/cookie-key`` after the agreement: a new value (an operator's
+        rotation, ``etcdctl put``) is sealed under from then on, the replaced keys still open;
+        a deleted key is written again with the key in use (first writer wins, so the nodes
+        agree again rather than each keeping its own)."""
+        path = self.cookie_key_path
+        delay, failing = BACKOFF_FIRST, False
+        while True:
+            try:
+                kvs, revision = await trio.to_thread.run_sync(self.conn.get_prefix, path, abandon_on_cancel=True)
+                stored = next((kv for kv in kvs if kv.key == path), None)
+                if stored is None:
+                    key, _ = await self._agree(keyring.key)
+                    self._stored_key(keyring, key.hex().encode(), 0)
+                    continue
+                self._stored_key(keyring, stored.value, stored.mod_revision)
+                delay, failing = BACKOFF_FIRST, False
+                if await self._watch_cookie_key(keyring, revision):
+                    log.warning("cookie key: %s was deleted; writing the key in use again", path)
+                continue
+            except Compacted:
+                continue
+            except StoreError as exc:
+                if not failing:
+                    log.warning("cookie key: cannot follow %s (%s); sealing under the key in use, retrying",
+                                path, exc)
+                    failing = True
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _watch_cookie_key(self, keyring: CookieKeyring, revision: int) -> bool:
+        """Take each new value of the key after ``revision``; True once it was deleted."""
+        path = self.cookie_key_path
+        deleted = trio.Event()
+
+        def each(batch: list[KeyEvent]) -> None:
+            for event in batch:
+                if event.key != path:
+                    continue  # (another key that starts with the same name)
+                if event.value is None:
+                    deleted.set()
+                else:
+                    self._stored_key(keyring, event.value, event.revision)
+
+        await follow_watch(lambda stop: self.conn.watch_prefix(path, revision + 1, stop), each, deleted)
+        return deleted.is_set()
+
+    def _stored_key(self, keyring: CookieKeyring, value: bytes, revision: int) -> None:
+        """etcd holds ``value`` as the cluster key: seal under it if it is a new one."""
+        try:
+            key = bytes.fromhex(value.decode("ascii").strip())
+        except ValueError:  # (UnicodeDecodeError too)
+            key = b""
+        if len(key) != KEY_BYTES:
+            self._bad(self.cookie_key_path, revision,
+                      f"not {2 * KEY_BYTES} hex digits; sealing affinity cookies under the key in use")
+            return
+        if keyring.switch(key):
+            log.info("cookie key: the cluster key %s changed (revision %d): sealing under the new key; "
+                     "cookies sealed under the keys it replaced are still accepted here", self.cookie_key_path, revision)
+            self._key_changed(keyring)
 
     # ------------------------------------------------------------------ following etcd
     async def _follow(self) -> None:

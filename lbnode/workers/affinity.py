@@ -58,6 +58,10 @@ class BroadcastTable(MemoryAffinityTable):
     def touch(self, key: str, now: float) -> None:
         MemoryAffinityTable.get(self, key, now)
 
+    def forget(self, key: str) -> None:
+        """etcd deleted the entry (no report back): the next request is balanced afresh."""
+        MemoryAffinityTable.delete(self, key)
+
 
 class WorkerAffinity:
     """The ``SharedAffinity`` a worker gives its pools: broadcast tables and the node's cookie key."""
@@ -86,13 +90,14 @@ class WorkerAffinity:
             self._keyring = CookieKeyring(load_or_create_key(self._state_dir))
         return self._keyring
 
-    def use_cookie_key(self, key_hex: str | None) -> None:
-        if key_hex is not None:
-            key = bytes.fromhex(key_hex)
+    def use_cookie_keys(self, keys_hex: list[str] | None) -> None:
+        """The supervisor's cluster keyring (``CookieKeyring.keys()``, in CONFIG, RELOAD and
+        COOKIE_KEY): seal under the first, open under all of them, as every node does."""
+        if keys_hex:
+            keys = [bytes.fromhex(k) for k in keys_hex]
             if self._keyring is None:
-                self._keyring = CookieKeyring(key)
-            else:
-                self._keyring.switch(key)
+                self._keyring = CookieKeyring(keys[0])
+            self._keyring.follow(keys)
 
     def learned(self, pool: str, key: str, backend_id: str, op: str) -> None:
         self.outgoing.append([pool, key, backend_id, op])
@@ -108,12 +113,19 @@ class WorkerAffinity:
         self.touched = set()
         return out
 
-    def adopt(self, entries: list[list[Any]], touched: list[list[str]], now: float) -> None:
-        """What the supervisor says stands (``set``), and keys in use on another worker."""
+    def adopt(
+        self, entries: list[list[Any]], touched: list[list[str]], now: float, forget: list[list[str]] | None = None,
+    ) -> None:
+        """What the supervisor says stands (``set``), keys in use on another worker, and entries
+        etcd deleted (``forget``: another node ended the session, an operator removed it)."""
         for pool, key, backend_id in entries:
             table = self.tables.get(pool)
             if table is not None:
                 table.adopt(key, backend_id, now)
+        for pool, key in forget or []:
+            table = self.tables.get(pool)
+            if table is not None:
+                table.forget(key)
         for pool, key in touched:
             table = self.tables.get(pool)
             if table is not None:

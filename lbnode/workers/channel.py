@@ -41,9 +41,10 @@ class Kind(IntEnum):
     COUNTERS = 5  # both ways: a request (supervisor) and its answer (worker), matched by "id"
     READY = 6  # worker -> supervisor: serving on every listener
     OBSERVATION = 7  # worker -> supervisor: what only the data path sees (learned affinity entries)
-    AFFINITY = 8  # supervisor -> worker: affinity entries that stand, and keys in use elsewhere
+    AFFINITY = 8  # supervisor -> worker: affinity entries that stand, entries etcd deleted, keys in use elsewhere
     RELOAD = 9  # supervisor -> worker: node.toml as reloaded, its configuration, the added listeners' sockets (fds)
     RELOADED = 10  # worker -> supervisor: a RELOAD applied (or why not), matched by "id"
+    COOKIE_KEY = 11  # supervisor -> worker: the cluster's cookie keys (current first), when they change
 
 
 class ChannelError(Exception):

@@ -79,7 +79,7 @@ class WorkerNode(LbNode):
 
     def apply_message(self, body: dict[str, Any]) -> None:
         """CONFIG: the pools and certificates the supervisor serves, each worker's share of the limits."""
-        self.worker_affinity.use_cookie_key(body.get("cookie_key"))
+        self.worker_affinity.use_cookie_keys(body.get("cookie_keys"))
         self.apply(self._served(self.base, body))
         self.set_health(body.get("health", []))
 
@@ -114,7 +114,7 @@ class WorkerNode(LbNode):
                     raise ValueError(f"listener {li.name}: added by the reload, but no socket came with it")
                 bound.append((li, _listening(sock, config)))
             self.base = base
-            self.worker_affinity.use_cookie_key(body.get("cookie_key"))
+            self.worker_affinity.use_cookie_keys(body.get("cookie_keys"))
             self.apply(config)
             self._take_plan(config, plan, bound)
             bound = []  # the listener set owns them now
@@ -299,7 +299,9 @@ async def _follow_supervisor(channel: Channel, node: WorkerNode) -> None:
             await channel.send(Kind.RELOADED, {"id": message.body["id"], "error": error})
         elif message.kind == Kind.AFFINITY:
             node.worker_affinity.adopt(message.body.get("set", []), message.body.get("touched", []),
-                                       trio.current_time())
+                                       trio.current_time(), message.body.get("forget", []))
+        elif message.kind == Kind.COOKIE_KEY:
+            node.worker_affinity.use_cookie_keys(message.body.get("keys"))
         elif message.kind == Kind.COUNTERS:
             await channel.send(Kind.COUNTERS, {"id": message.body["id"], **counters_document(node)})
 

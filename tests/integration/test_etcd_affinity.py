@@ -94,6 +94,30 @@ async def test_a_moved_session_and_a_forgotten_one_reach_the_other_node(etcd, tm
         await _until(lambda: b.get("198.18.12.1", _now()) is None, 2.0, "delete")
 
 
+async def test_an_entry_deleted_in_etcd_is_told_to_on_forgotten(etcd, tmp_path) -> None:
+    """What a supervisor relays to its workers: an entry etcd deleted (another node ended the
+    session, an operator removed it) is dropped and told, whoever chose it."""
+    conn = EtcdConnection(etcd.endpoints)
+    async with _node(etcd, tmp_path, "n1") as (_, a), _node(etcd, tmp_path, "n2") as (shared, b):
+        forgotten: list[tuple[str, str]] = []
+        shared.on_forgotten(lambda pool, key: forgotten.append((pool, key)))
+        a.put_if_absent("198.18.13.1", "theirs", _now())  # another node's
+        b.put_if_absent("198.18.13.2", "ours", _now())  # this node's own
+        await _until(lambda: b.get("198.18.13.1", _now()) == "theirs", 2.0, "another node's entry")
+        await _until(lambda: _stored(conn, "198.18.13.2") is not None, 2.0, "this node's entry written")
+        conn.delete_many([f"{PREFIX}/affinity/web/{escape_key(k)}" for k in ("198.18.13.1", "198.18.13.2")])
+        await _until(lambda: len(forgotten) == 2, 2.0, "both deletes told")
+        assert sorted(forgotten) == [("web", "198.18.13.1"), ("web", "198.18.13.2")]
+        assert b.get("198.18.13.1", _now()) is None and b.get("198.18.13.2", _now()) is None
+        # Written and deleted at once by someone else: learned from the watch, then forgotten.
+        learned: list[tuple[str, str, str]] = []
+        shared.on_learned(lambda pool, key, backend: learned.append((pool, key, backend)))
+        conn.put(f"{PREFIX}/affinity/web/{escape_key('198.18.13.3')}", b'{"backend":"x","node":"n9"}')
+        conn.delete_many([f"{PREFIX}/affinity/web/{escape_key('198.18.13.3')}"])
+        await _until(lambda: len(forgotten) == 3, 2.0, "the third delete told")
+        assert learned == [("web", "198.18.13.3", "x")] and forgotten[-1] == ("web", "198.18.13.3")
+
+
 async def test_each_node_keeps_at_most_max_entries_of_the_shared_table(etcd, tmp_path) -> None:
     async with _node(etcd, tmp_path, "n1") as (_, a), _node(etcd, tmp_path, "n2", max_entries=10) as (_, b):
         for i in range(30):
@@ -237,6 +261,46 @@ async def test_the_first_node_creates_the_cookie_key_and_the_others_adopt_it(etc
             assert ring2.open(cookie, time.time()) == ring3.open(cookie, time.time()) == "b2"
             assert ring2.open(sealed_before, time.time()) == "b1"
             assert CookieSealer(own["n1"]).open(ring3.seal("b3", time.time() + 60), time.time()) == "b3"
+
+
+async def test_a_rotated_cluster_key_is_taken_by_every_node_and_the_old_one_still_opens(
+    etcd, tmp_path, caplog,
+) -> None:
+    """An operator writes a new cluster key (``etcdctl put``): every node seals under it within
+    a watch round trip and says so (``on_cookie_key``: a supervisor tells its workers), and
+    still opens cookies sealed under the keys it replaced. A value that is not a key is
+    ignored and logged, naming the key; a deleted key is written again with the key in use."""
+    caplog.set_level(logging.INFO, logger="lbnode.cluster")
+    conn = EtcdConnection(etcd.endpoints)
+    path = f"{PREFIX}/secrets/cookie-key"
+    async with _node(etcd, tmp_path, "n1") as (s1, _), _node(etcd, tmp_path, "n2") as (s2, _):
+        told: dict[str, list[list[bytes]]] = {"n1": [], "n2": []}
+        s1.on_cookie_key(lambda ring: told["n1"].append(ring.keys()))
+        s2.on_cookie_key(lambda ring: told["n2"].append(ring.keys()))
+        ring1, ring2 = s1.cookie_keyring(), s2.cookie_keyring()
+        with trio.fail_after(5):
+            await s1.cookie_key_agreed.wait()
+            await s2.cookie_key_agreed.wait()
+        old = ring1.key
+        assert ring2.key == old
+        sealed_before = ring2.seal("b1", time.time() + 60)
+        new = bytes(range(100, 132))
+        conn.put(path, new.hex().encode())
+        await _until(lambda: ring1.key == new and ring2.key == new, 2.0, "the rotated key on both nodes")
+        assert told["n1"][-1][:2] == [new, old] and told["n2"][-1][:2] == [new, old]
+        assert ring1.open(sealed_before, time.time()) == "b1"
+        assert CookieSealer(new).open(ring2.seal("b2", time.time() + 60), time.time()) == "b2"
+        told_so_far = {n: len(t) for n, t in told.items()}
+
+        conn.put(path, b"not a key")
+        await _until(lambda: any("secrets/cookie-key" in r.getMessage() and "hex digits" in r.getMessage()
+                                 for r in caplog.records), 2.0, "the bad value logged")
+        assert ring1.key == ring2.key == new and {n: len(t) for n, t in told.items()} == told_so_far
+
+        conn.delete_many([path])
+        await _until(lambda: (kv := conn.get(path)) is not None and kv.value == new.hex().encode(), 2.0,
+                     "the key in use written again")
+        assert ring1.key == ring2.key == new and {n: len(t) for n, t in told.items()} == told_so_far
 
 
 async def test_with_etcd_down_at_start_the_node_seals_with_its_own_key_then_switches(etcd, tmp_path, caplog) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from lbnode.affinity import (
     AffinityTable,
+    CookieKeyring,
     CookieSealer,
     MemoryAffinityTable,
     load_or_create_key,
@@ -121,6 +122,42 @@ def test_garbage_cookie_is_refused_without_raising(garbage: str) -> None:
 def test_wrong_key_length_is_an_error() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         CookieSealer(b"short")
+
+
+def test_a_keyring_that_follows_another_seals_and_opens_as_it_does() -> None:
+    """A worker's keyring takes the supervisor's ``keys()`` (current first): it seals under the
+    current key, opens cookies sealed under every key the supervisor replaced, and keeps the
+    keys it held itself before (its own cookies still open). Keys held twice are held once."""
+    own, first, second, third = (bytes([n]) * 32 for n in (1, 2, 3, 4))
+    supervisor = CookieKeyring(own)
+    supervisor.switch(first)
+    supervisor.switch(second)
+    assert supervisor.keys() == [second, first, own]
+    worker = CookieKeyring(own)
+    sealed_by_worker = worker.seal("w", 100.0)
+    sealed_first = CookieSealer(first).seal("f", 100.0)
+    assert worker.follow(supervisor.keys()) is True
+    assert worker.key == second and worker.keys() == [second, own, first]
+    assert CookieSealer(second).open(worker.seal("b", 100.0), 0.0) == "b"
+    assert worker.open(sealed_first, 0.0) == "f" and worker.open(sealed_by_worker, 0.0) == "w"
+    assert worker.follow(supervisor.keys()) is False  # nothing new: nothing changes
+    assert worker.keys() == [second, own, first]
+    supervisor.switch(third)
+    assert worker.follow(supervisor.keys()) is True
+    assert worker.keys() == [third, second, own, first]
+    assert worker.open(CookieSealer(third).seal("t", 100.0), 0.0) == "t"
+    with pytest.raises(ValueError, match="32 bytes"):
+        worker.follow([b"short", second])
+    assert worker.key == third  # a bad key changes nothing
+    with pytest.raises(ValueError, match="at least one key"):
+        worker.follow([])
+
+
+def test_a_key_switched_back_to_is_held_once() -> None:
+    a, b = bytes([1]) * 32, bytes([2]) * 32
+    ring = CookieKeyring(a)
+    assert ring.switch(b) and ring.switch(a)
+    assert ring.keys() == [a, b]
 
 
 def test_set_cookie_header() -> None:
