@@ -217,14 +217,21 @@ class CookieSealer:
             return None
 
 
+# Replaced keys a keyring still opens cookies with (newest first). Each rotation adds one, and
+# a cookie that the current key does not open is tried against each: a bound keeps both the
+# memory and that cost fixed. A cookie sealed OLDER_KEYS + 1 rotations ago is not honoured:
+# its client is balanced afresh and gets a new cookie (as after a node's restart).
+OLDER_KEYS = 4
+
+
 class CookieKeyring:
     """The cookie key a node uses now, which may change while it runs.
 
     A node in a cluster starts with its own ``state_dir`` key and switches to
     the cluster's key when etcd answers, and again when an operator rotates the
-    cluster key. It seals under the current key and opens under it or any key
-    it replaced, so the cookies handed out before a switch still work. Same
-    interface as ``CookieSealer``.
+    cluster key. It seals under the current key and opens under it or any of
+    the ``OLDER_KEYS`` keys it replaced last, so the cookies handed out before a
+    switch still work. Same interface as ``CookieSealer``.
     """
 
     def __init__(self, key: bytes) -> None:
@@ -239,6 +246,7 @@ class CookieKeyring:
         sealer = CookieSealer(key)  # ValueError for a bad key, before anything changes
         self._older = [(k, s) for k, s in self._older if k != key]  # (a key that comes back)
         self._older.insert(0, (self.key, self._current))
+        del self._older[OLDER_KEYS:]
         self.key, self._current = key, sealer
         return True
 
@@ -258,9 +266,11 @@ class CookieKeyring:
         sealer = CookieSealer(keys[0]) if keys[0] != self.key else None
         self._older.extend(added)
         if sealer is None:
+            del self._older[OLDER_KEYS:]
             return False
         self._older = [(k, s) for k, s in self._older if k != keys[0]]
         self._older.insert(0, (self.key, self._current))
+        del self._older[OLDER_KEYS:]
         self.key, self._current = keys[0], sealer
         return True
 

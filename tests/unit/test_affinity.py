@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lbnode.affinity import (
+    OLDER_KEYS,
     AffinityTable,
     CookieKeyring,
     CookieSealer,
@@ -158,6 +159,24 @@ def test_a_key_switched_back_to_is_held_once() -> None:
     ring = CookieKeyring(a)
     assert ring.switch(b) and ring.switch(a)
     assert ring.keys() == [a, b]
+
+
+def test_a_keyring_opens_with_the_last_older_keys_replaced_and_no_more() -> None:
+    """Each rotation adds a replaced key; past OLDER_KEYS the oldest goes (memory, and the keys
+    an unknown cookie is tried against, stay bounded), by ``switch`` and by ``follow`` alike."""
+    keys = [bytes([n]) * 32 for n in range(1, OLDER_KEYS + 4)]
+    sealed = {k: CookieSealer(k).seal(str(n), 100.0) for n, k in enumerate(keys)}
+    ring = CookieKeyring(keys[0])
+    for k in keys[1:]:
+        ring.switch(k)
+    assert ring.keys() == keys[::-1][: OLDER_KEYS + 1]
+    kept = keys[-(OLDER_KEYS + 1):]
+    assert [ring.open(sealed[k], 0.0) for k in keys] == [None] * (len(keys) - len(kept)) + [
+        str(keys.index(k)) for k in kept]
+    worker = CookieKeyring(bytes([99]) * 32)
+    worker.follow(ring.keys())
+    assert len(worker.keys()) == OLDER_KEYS + 1 and worker.key == keys[-1]
+    assert worker.open(sealed[keys[-1]], 0.0) == str(len(keys) - 1)
 
 
 def test_set_cookie_header() -> None:
