@@ -12,8 +12,9 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get
 # independent scanner of tests/integration/test_tls_scan.py; nghttp2-client for h2load;
 # prometheus for promtool, which checks /metrics in tests/integration/test_metrics.py;
 # chromium, the real browser that loads the status page in tests/integration/test_status_page.py;
-# haproxy, the independent peer of the PROXY protocol tests (tests/integration/test_proxy_protocol.py).
-TEST_DEBS  := curl etcd-server openssh-server nftables sslscan nghttp2-client prometheus chromium haproxy
+# haproxy, the independent peer of the PROXY protocol tests (tests/integration/test_proxy_protocol.py);
+# nginx, a strict backend (it refuses an empty Host) in tests/integration/test_http_proxy.py.
+TEST_DEBS  := curl etcd-server openssh-server nftables sslscan nghttp2-client prometheus chromium haproxy nginx
 # Debian packages the benchmark runs beside Fulcrum (etcd for the cluster section).
 BENCH_DEBS := haproxy nginx wrk etcd-server
 

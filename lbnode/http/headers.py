@@ -309,13 +309,23 @@ def _xff_line(client_ip: str, proto: str) -> bytes:
     return line
 
 
+def local_authority(ip: str, port: int, proto: str) -> bytes:
+    """The authority a client reached at ``ip``, ``port`` (the accepted socket's own address):
+    ``ip:port``, IPv6 in brackets, the port left out when it is the scheme's default."""
+    host = f"[{ip}]" if ":" in ip else ip
+    default = 443 if proto == "https" else 80
+    return (host if port == default else f"{host}:{port}").encode()
+
+
 def upstream_request_head(
-    head: RequestHead, client_ip: str, proto: str, via: str, extra: bytes = b"", drop: frozenset[bytes] = frozenset()
+    head: RequestHead, client_ip: str, proto: str, via: str, extra: bytes = b"", drop: frozenset[bytes] = frozenset(),
+    default_host: bytes = b"",
 ) -> bytes:
     """The request head sent to a backend: hop-by-hop removed, forwarded headers added.
 
     ``extra``: whole header lines the listener adds (X-Forwarded-Port, a client certificate,
-    X-Request-Id); ``drop``: more fields (lower-case) not to forward (an invalid X-Request-Id)."""
+    X-Request-Id); ``drop``: more fields (lower-case) not to forward (an invalid X-Request-Id);
+    ``default_host``: the Host sent for an HTTP/1.0 request that has none (``local_authority``)."""
     out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
     xff: list[bytes] = []
     vias: list[bytes] = []
@@ -363,8 +373,11 @@ def upstream_request_head(
                 out += (b"Host: ", forward_host if forward_host is not None else authority, b"\r\n")
     if not host_sent:
         # An HTTP/1.0 request may come without Host; the HTTP/1.1 one we send may not
-        # (RFC 9112 3.2): an empty value, as the RFC says when the authority is unknown.
-        out += (b"Host: ", forward_host or b"", b"\r\n")
+        # (RFC 9112 3.2). The authority the client reached is the address it connected to
+        # (RFC 7230 5.5: the server's name or the connection's local address and port);
+        # an empty value (unknown authority) only when that is not known. nginx and other
+        # strict backends answer an empty Host with 400.
+        out += (b"Host: ", forward_host or default_host, b"\r\n")
     # The usual request brings no X-Forwarded-For or Via of its own: then the two lines are
     # the same for every request of the connection (client, proto) and of the version, made
     # once and kept (small tables, like _host_names) instead of joined per request.

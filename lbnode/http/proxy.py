@@ -38,6 +38,7 @@ from lbnode.http.headers import (
     client_request_id,
     client_response_head,
     encode_trailers,
+    local_authority,
     local_response,
     replace_response_header,
     response_has_no_body,
@@ -777,6 +778,14 @@ class HttpProxy:
             if isinstance(ev, End):
                 return taken
 
+    def _local_authority(self, conn: ClientConn) -> bytes:
+        """The Host for a request that has none: the address the client connected to."""
+        try:
+            name = conn.sock.getsockname()
+        except OSError:
+            return b""
+        return local_authority(name[0], name[1], self.proto)
+
     async def _forward(
         self,
         conn: ClientConn,
@@ -796,7 +805,11 @@ class HttpProxy:
         now = self.clock()  # read again only after something that waits
         budget.record_request(now)
         extra = conn.forwarded + conn.request_id_line if conn.request_id_line else conn.forwarded
-        request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, extra, conn.request_id_drop)
+        if head.host is None and head.authority is None:  # HTTP/1.0 without Host (rare)
+            request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, extra, conn.request_id_drop,
+                                                  self._local_authority(conn))
+        else:
+            request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, extra, conn.request_id_drop)
         if body:
             request_bytes += self._encode_body(head, body)
         route = conn.route

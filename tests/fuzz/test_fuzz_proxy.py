@@ -194,7 +194,8 @@ def expected_upstream(msg: Message, port: int) -> tuple[Message, dict[bytes, byt
         kept = tuple(replaced)
         hosts = [authority]
     elif not hosts:
-        kept += ((b"Host", b""),)  # HTTP/1.1 needs one; empty: the authority is unknown
+        # HTTP/1.1 needs one: the authority the client reached (the node's listener)
+        kept += ((b"Host", b"127.0.0.1:%d" % port),)
     forwarded = {
         b"x-forwarded-for": b", ".join([*msg.header_values(b"x-forwarded-for"), CLIENT_IP.encode()]),
         b"x-forwarded-proto": b"http",

@@ -6,11 +6,13 @@ import base64
 import hashlib
 import os
 import re
+import shutil
 import struct
 
 import trio
 
 from tests.conftest import (
+    free_port,
     http_get,
     listener_toml,
     node_toml,
@@ -18,6 +20,7 @@ from tests.conftest import (
     raw_exchange,
     start_backends,
     start_node,
+    wait_port,
 )
 
 
@@ -616,8 +619,32 @@ async def test_an_http_1_0_request_without_host_reaches_the_backend_with_one(nur
     data = await raw_exchange(port, b"GET /echo HTTP/1.0\r\n\r\n")
     status, _, body = _split_response(data)
     assert status == b"HTTP/1.1 200 OK"
-    assert re.search(rb"(?m)^Host: ?$", body), body
+    # the authority the client reached: the address it connected to (RFC 7230 5.5)
+    assert re.search(rb"(?m)^Host: 127\.0\.0\.1:%d\r?$" % port, body), body
     assert b"X-Forwarded-Host" not in body
+
+
+async def test_an_http_1_0_request_without_host_is_answered_by_nginx(nursery, tmp_path):
+    """nginx answers an empty Host with 400: the Host the node fills in is one it takes."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    backend_port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
+        f"events {{}}\nhttp {{ access_log off; client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};\n"
+        f"fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};\n"
+        f"server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 \"host=$http_host\\n\"; }} }} }}\n")
+    proc = await trio.lowlevel.open_process([nginx, "-c", str(conf), "-p", str(tmp_path)])
+    try:
+        await trio.to_thread.run_sync(wait_port, backend_port)
+        _, port = await _node_with(nursery, [f"127.0.0.1:{backend_port}"])
+        data = await raw_exchange(port, b"GET / HTTP/1.0\r\n\r\n")
+        status, _, body = _split_response(data)
+        assert status == b"HTTP/1.1 200 OK", data
+        assert body == b"host=127.0.0.1:%d\n" % port, body
+    finally:
+        proc.kill()
+        await proc.wait()
 
 
 async def test_control_bytes_in_a_backend_reason_phrase_never_reach_the_client(nursery):

@@ -15,6 +15,7 @@ from lbnode.http.headers import (
     ResponseHead,
     check_request,
     client_response_head,
+    local_authority,
     upstream_request_head,
 )
 
@@ -252,21 +253,35 @@ def test_a_response_transfer_coding_other_than_chunked_is_refused(codings: list[
     assert events[0].status == 502 and "unsupported Transfer-Encoding" in events[0].reason
 
 
-def test_an_http_1_0_request_without_host_is_forwarded_with_an_empty_host() -> None:
+def test_an_http_1_0_request_without_host_is_forwarded_with_the_default_host() -> None:
     # Found by tests/fuzz: we send HTTP/1.1 upstream, which must carry Host (RFC 9112 3.2);
-    # a strict backend (h11, Go's net/http) answered 400 to the 1.0 request we forwarded.
+    # a strict backend (h11, Go's net/http) answered 400 to the 1.0 request we forwarded, and
+    # nginx answers an empty one with 400: the proxy passes the address the client reached.
     for raw, host_lines in [
-        (b"GET / HTTP/1.0\r\n\r\n", [b"Host: "]),
-        (b"GET / HTTP/1.0\r\nConnection: keep-alive, X-A\r\nX-A: 1\r\n\r\n", [b"Host: "]),
+        (b"GET / HTTP/1.0\r\n\r\n", [b"Host: 127.0.0.1:8080"]),
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive, X-A\r\nX-A: 1\r\n\r\n", [b"Host: 127.0.0.1:8080"]),
         (b"GET / HTTP/1.0\r\nHost: a:81\r\n\r\n", [b"Host: a:81"]),
-        (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", [b"Host: "]),
+        (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", [b"Host: "]),  # the client's own empty Host goes as it is
     ]:
         reader = RequestReader(65536)
         reader.feed(raw)
         head = reader.events[0]
         check_request(head)
-        lines = upstream_request_head(head, "192.0.2.1", "http", "fulcrum").split(b"\r\n")
+        lines = upstream_request_head(head, "192.0.2.1", "http", "fulcrum", default_host=b"127.0.0.1:8080").split(b"\r\n")
         assert [line for line in lines if line.lower().startswith(b"host:")] == host_lines, lines
+    head = RequestReader(65536)
+    head.feed(b"GET / HTTP/1.0\r\n\r\n")
+    check_request(head.events[0])
+    lines = upstream_request_head(head.events[0], "192.0.2.1", "http", "fulcrum").split(b"\r\n")
+    assert b"Host: " in lines  # no default known: empty (RFC 9112 3.2: the authority is unknown)
+
+
+def test_local_authority_leaves_out_the_schemes_default_port_and_brackets_ipv6() -> None:
+    assert local_authority("127.0.0.1", 8080, "http") == b"127.0.0.1:8080"
+    assert local_authority("127.0.0.1", 80, "http") == b"127.0.0.1"
+    assert local_authority("127.0.0.1", 443, "http") == b"127.0.0.1:443"
+    assert local_authority("::1", 443, "https") == b"[::1]"
+    assert local_authority("::1", 8443, "https") == b"[::1]:8443"
 
 
 @pytest.mark.parametrize("reason", [b"\x00OK", b"O\x01K", b"Bad\x7f", b"a\x1bb"])
