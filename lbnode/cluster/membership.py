@@ -123,6 +123,7 @@ class ClusterAgent:
         node_info: dict[str, Any],
         *,
         connection: EtcdConnection | None = None,
+        keepalive_connection: EtcdConnection | None = None,
         wall_clock: Callable[[], float] = time.time,
         refresh_interval: float = HEALTH_REFRESH,
     ) -> None:
@@ -131,7 +132,10 @@ class ClusterAgent:
         self.node_info = dict(node_info)
         self.conn = connection if connection is not None else EtcdConnection(settings.etcd)
         self._owns_connection = connection is None
-        self._keepalive_conn: EtcdConnection | None = None  # short deadlines: see KEEPALIVE_TIMEOUT
+        # short deadlines (see KEEPALIVE_TIMEOUT); made from ``connection`` unless given (the tests
+        # give one through a relay they can stall, as a member forwarding to a dead leader does)
+        self._keepalive_conn: EtcdConnection | None = keepalive_connection
+        self._owns_keepalive_connection = keepalive_connection is None
         self.k = settings.health_checkers
         self.refresh_interval = refresh_interval
         self._period: dict[str, float] = {}  # pool -> its check interval + timeout (what publish was told)
@@ -361,7 +365,7 @@ class ClusterAgent:
                                     lease, exc, self.node_id, self.lease_ttl)
             if self._owns_connection:
                 self.conn.close()
-            if self._keepalive_conn is not None:
+            if self._keepalive_conn is not None and self._owns_keepalive_connection:
                 self._keepalive_conn.close()
                 self._keepalive_conn = None
 
@@ -442,7 +446,8 @@ class ClusterAgent:
         dropped our keys: a later answer proves nothing, stop waiting for it).
 
         An answer moves ``lease_expires_at`` to the send time plus that TTL (the lease cannot end
-        in etcd before then), never back. ``conn``: the keepalive connection unless given."""
+        in etcd before then), never back: another keepalive (``renew``) may have answered
+        meanwhile. ``conn``: the keepalive connection unless given."""
         assert self.lease_expires_at is not None
         if conn is None:
             if self._keepalive_conn is None:
@@ -464,6 +469,20 @@ class ClusterAgent:
         else:
             self.lease_renewal_failures += 1
         return answer
+
+    async def renew(self, lease_id: int) -> bool:
+        """Renew ``lease_id`` now, out of the keepalive rhythm, through the main connection; True
+        when etcd answered with a TTL (``lease_expires_at`` moved on).
+
+        For a caller that has just written under the lease through that connection while the
+        keepalives fail (the VIP claimer after a claim, see ``VipClaimer._confirm_lease``): the
+        member that answered the write knows the current etcd leader, when the keepalives may
+        still be stuck on a member that forwards to a dead one. Never ends the lease here: an
+        answer "not found" is left to the keepalive loop, which finds it at its next try."""
+        if lease_id != self.lease_id or self.lease_expires_at is None:
+            return False
+        answer = await self._keepalive_once(lease_id, self.conn)
+        return isinstance(answer, int) and answer > 0
 
     def _lose(self, lease_id: int, why: str) -> None:
         log.warning("lease %x of node %s lost (%s): its node key and health observations are gone; "
