@@ -55,6 +55,9 @@ FREE_GRACE = 1.0
 # Counting from the due time lets the survivors ride out an etcd leader election (0.5-1 s)
 # without dropping their own VIPs.
 FENCE_FRACTION = 0.5
+# A keepalive unanswered this long after it was due counts as late (for the log of a renewal
+# after a claim): a healthy etcd answers in milliseconds, a failing attempt takes 0.5 s.
+LATE_RENEWAL = 0.2
 # Gratuitous ARPs (IPv6: unsolicited neighbour advertisements) after adding an address, at
 # these delays (s): one may be lost on a busy LAN, and the later ones correct a neighbour that
 # a planned hand-off's old holder answered while both hosts had the address (see HANDOFF_LINGER).
@@ -995,8 +998,11 @@ class VipClaimer:
         as any keepalive's (docs/vips.md, "Fencing")."""
         try:
             agent = self.agent
+            # for the log only: the keepalive was due (TTL/3 after the last answer) and has not
+            # been answered for longer than a healthy etcd takes (milliseconds)
             overdue = (agent.lease_expires_at is not None and agent.lease_ttl
-                       and trio.current_time() >= agent.lease_expires_at - agent.lease_ttl * (1 - KEEPALIVE_FRACTION))
+                       and trio.current_time() >= agent.lease_expires_at - agent.lease_ttl * (1 - KEEPALIVE_FRACTION)
+                       + LATE_RENEWAL)
             before = self.lease_fence_deadline()
             renewed = await agent.renew(lease)
             if overdue:
