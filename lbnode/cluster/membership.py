@@ -123,6 +123,7 @@ class ClusterAgent:
         node_info: dict[str, Any],
         *,
         connection: EtcdConnection | None = None,
+        keepalive_connection: EtcdConnection | None = None,
         wall_clock: Callable[[], float] = time.time,
         refresh_interval: float = HEALTH_REFRESH,
     ) -> None:
@@ -131,7 +132,10 @@ class ClusterAgent:
         self.node_info = dict(node_info)
         self.conn = connection if connection is not None else EtcdConnection(settings.etcd)
         self._owns_connection = connection is None
-        self._keepalive_conn: EtcdConnection | None = None  # short deadlines: see KEEPALIVE_TIMEOUT
+        # short deadlines (see KEEPALIVE_TIMEOUT); made from ``connection`` unless given (the tests
+        # give one through a relay they can stall, as a member forwarding to a dead leader does)
+        self._keepalive_conn: EtcdConnection | None = keepalive_connection
+        self._owns_keepalive_connection = keepalive_connection is None
         self.k = settings.health_checkers
         self.refresh_interval = refresh_interval
         self._period: dict[str, float] = {}  # pool -> its check interval + timeout (what publish was told)
@@ -291,26 +295,16 @@ class ClusterAgent:
         (or it may have: past ``lease_expires_at`` without an answer)."""
         lease = self.lease_id
         assert lease is not None and self.lease_expires_at is not None
-        if self._keepalive_conn is None:
-            self._keepalive_conn = self.conn.with_timeout(KEEPALIVE_TIMEOUT)
         while trio.current_time() < self.lease_expires_at:
-            sent = trio.current_time()
-            with trio.move_on_at(self.lease_expires_at):
-                try:
-                    remaining = await trio.to_thread.run_sync(self._keepalive_conn.keepalive, lease,
-                                                              abandon_on_cancel=True)
-                except LeaseNotFound:
-                    remaining = 0
-                except StoreError as exc:
-                    log.warning("lease %x taken over by node %s: keepalive failed (%s); retrying", lease,
-                                self.node_id, exc)
-                    await trio.sleep(KEEPALIVE_RETRY)
-                    continue
-                if remaining <= 0:
-                    break
-                self.lease_expires_at = sent + remaining
-                self.lease_renewals += 1
-                return True
+            answer = await self._keepalive_once(lease)
+            if isinstance(answer, StoreError):
+                log.warning("lease %x taken over by node %s: keepalive failed (%s); retrying", lease,
+                            self.node_id, answer)
+                await trio.sleep(KEEPALIVE_RETRY)
+                continue
+            if answer is None or answer <= 0:
+                break
+            return True
         self._lose(lease, "it ended before the new process renewed it")
         return False
 
@@ -371,7 +365,7 @@ class ClusterAgent:
                                     lease, exc, self.node_id, self.lease_ttl)
             if self._owns_connection:
                 self.conn.close()
-            if self._keepalive_conn is not None:
+            if self._keepalive_conn is not None and self._owns_keepalive_connection:
                 self._keepalive_conn.close()
                 self._keepalive_conn = None
 
@@ -426,29 +420,13 @@ class ClusterAgent:
         while True:
             interval = self.lease_ttl * KEEPALIVE_FRACTION
             await trio.sleep(min(interval, KEEPALIVE_RETRY) if failing else interval)
-            sent = trio.current_time()
-            remaining = None
-            error: StoreError | None = None
-            # past lease_expires_at etcd may have dropped our keys: stop waiting for this call
-            if self._keepalive_conn is None:
-                self._keepalive_conn = self.conn.with_timeout(KEEPALIVE_TIMEOUT)
-            with trio.move_on_at(self.lease_expires_at):
-                try:
-                    remaining = await trio.to_thread.run_sync(self._keepalive_conn.keepalive, lease_id,
-                                                              abandon_on_cancel=True)
-                except LeaseNotFound:
-                    remaining = 0
-                except StoreError as exc:
-                    error = exc
-            if remaining is not None and remaining > 0:
-                self.lease_renewals += 1
-            else:
-                self.lease_renewal_failures += 1
+            answer = await self._keepalive_once(lease_id)
+            remaining = answer if isinstance(answer, int) else None
+            error = answer if isinstance(answer, StoreError) else None
             if remaining is not None and remaining <= 0:
                 self._lose(lease_id, "etcd says it expired")
                 return
             if remaining is not None:
-                self.lease_expires_at = sent + remaining
                 if failing:
                     log.info("lease %x of node %s kept alive again", lease_id, self.node_id)
                 failing = False
@@ -461,6 +439,50 @@ class ClusterAgent:
                 log.warning("lease %x of node %s: keepalive failed (%s); it expires in %.1fs unless etcd answers",
                             lease_id, self.node_id, error, self.lease_expires_at - trio.current_time())
                 failing = True
+
+    async def _keepalive_once(self, lease_id: int, conn: EtcdConnection | None = None) -> int | StoreError | None:
+        """One keepalive of ``lease_id``: the TTL etcd answered (0: it says the lease has ended),
+        the error, or None when no answer came before ``lease_expires_at`` (past it etcd may have
+        dropped our keys: a later answer proves nothing, stop waiting for it).
+
+        An answer moves ``lease_expires_at`` to the send time plus that TTL (the lease cannot end
+        in etcd before then), never back: another keepalive (``renew``) may have answered
+        meanwhile. ``conn``: the keepalive connection unless given."""
+        assert self.lease_expires_at is not None
+        if conn is None:
+            if self._keepalive_conn is None:
+                self._keepalive_conn = self.conn.with_timeout(KEEPALIVE_TIMEOUT)
+            conn = self._keepalive_conn
+        sent = trio.current_time()
+        answer: int | StoreError | None = None
+        with trio.move_on_at(self.lease_expires_at):
+            try:
+                answer = await trio.to_thread.run_sync(conn.keepalive, lease_id, abandon_on_cancel=True)
+            except LeaseNotFound:
+                answer = 0
+            except StoreError as exc:
+                answer = exc
+        if isinstance(answer, int) and answer > 0:
+            self.lease_renewals += 1
+            if lease_id == self.lease_id and self.lease_expires_at is not None:
+                self.lease_expires_at = max(self.lease_expires_at, sent + answer)
+        else:
+            self.lease_renewal_failures += 1
+        return answer
+
+    async def renew(self, lease_id: int) -> bool:
+        """Renew ``lease_id`` now, out of the keepalive rhythm, through the main connection; True
+        when etcd answered with a TTL (``lease_expires_at`` moved on).
+
+        For a caller that has just written under the lease through that connection while the
+        keepalives fail (the VIP claimer after a claim, see ``VipClaimer._confirm_lease``): the
+        member that answered the write knows the current etcd leader, when the keepalives may
+        still be stuck on a member that forwards to a dead one. Never ends the lease here: an
+        answer "not found" is left to the keepalive loop, which finds it at its next try."""
+        if lease_id != self.lease_id or self.lease_expires_at is None:
+            return False
+        answer = await self._keepalive_once(lease_id, self.conn)
+        return isinstance(answer, int) and answer > 0
 
     def _lose(self, lease_id: int, why: str) -> None:
         log.warning("lease %x of node %s lost (%s): its node key and health observations are gone; "

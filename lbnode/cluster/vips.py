@@ -3,7 +3,8 @@
 Owns the pure placement rule (``plan``: fair share with hysteresis over rendezvous hashing),
 the ``{prefix}/vips/<address>`` keys (created with ``create_revision == 0``, bound to the
 node lease), fencing (a node whose lease renewal has failed for TTL/2 drops every VIP at
-once, before the lease can expire), the claimer heartbeats over UDP (``[cluster] heartbeat``: a
+once, before the lease can expire; each claim is followed by a renewal, so a VIP just won
+while the keepalives lag is not fenced for it), the claimer heartbeats over UDP (``[cluster] heartbeat``: a
 majority that misses a holder revokes its lease; a holder short of confirmations fences, see
 ``lbnode.cluster.heartbeat``), and adding/removing the addresses with netlink plus a gratuitous ARP (IPv4) or an unsolicited
 neighbour advertisement (IPv6).
@@ -54,6 +55,9 @@ FREE_GRACE = 1.0
 # Counting from the due time lets the survivors ride out an etcd leader election (0.5-1 s)
 # without dropping their own VIPs.
 FENCE_FRACTION = 0.5
+# A keepalive unanswered this long after it was due counts as late (for the log of a renewal
+# after a claim): a healthy etcd answers in milliseconds, a failing attempt takes 0.5 s.
+LATE_RENEWAL = 0.2
 # Gratuitous ARPs (IPv6: unsolicited neighbour advertisements) after adding an address, at
 # these delays (s): one may be lost on a busy LAN, and the later ones correct a neighbour that
 # a planned hand-off's old holder answered while both hosts had the address (see HANDOFF_LINGER).
@@ -252,6 +256,7 @@ class VipClaimer:
         self._held_lease: int | None = None  # the lease our held VIPs' keys are bound to
         self._draining = False
         self._fenced_logged = False
+        self._confirming = False  # a renewal after a claim is under way (``_confirm_lease``)
         self._handing_off: set[str] = set()  # released VIPs whose address stays until a new holder
         self._taking_over: set[str] = set()  # VIPs added less than TAKEOVER_QUIET ago
         self._on_moving: list[Callable[[frozenset[str], frozenset[str]], object]] = []
@@ -968,6 +973,9 @@ class VipClaimer:
             return  # another node was faster
         self._values[vip] = value
         self._set_holder(vip, Holder(self.node_id, since, lease))
+        if self._nursery is not None and not self._confirming:
+            self._confirming = True
+            self._nursery.start_soon(self._confirm_lease, vip, lease)
         if self._draining or self.fenced() or lease != self.agent.lease_id:
             return  # the next round (or the lease) settles it; no address while fenced
         if not await self._add(vip, since):
@@ -975,6 +983,38 @@ class VipClaimer:
             # stop taking VIPs for a while (our claimer key says so at the next round)
             self._broken_until = trio.current_time() + BROKEN_PAUSE
             await self._delete_if_ours(vip, value)
+
+    async def _confirm_lease(self, vip: str, lease: int) -> None:
+        """Renew our lease at once after winning ``vip``, through the connection that just
+        answered the claim, and let only that answer move the fencing deadline.
+
+        After a host loss that took etcd's leader with it, the claim (sent as soon as the dead
+        holder was revoked) can succeed while our keepalives are still failing: they were sent
+        to a member still forwarding to the dead leader and wait out their deadline. The lease
+        rule would then fence the VIP we just took and take it back once a keepalive answers:
+        no holder for a moment after a good failover. The claim itself proves nothing about
+        our lease's remaining time (a put under a lease does not extend it, and etcd accepts
+        one under a lease that has expired but is not revoked yet); a renewal's answer does,
+        as any keepalive's (docs/vips.md, "Fencing")."""
+        try:
+            agent = self.agent
+            # for the log only: the keepalive was due (TTL/3 after the last answer) and has not
+            # been answered for longer than a healthy etcd takes (milliseconds)
+            overdue = (agent.lease_expires_at is not None and agent.lease_ttl
+                       and trio.current_time() >= agent.lease_expires_at - agent.lease_ttl * (1 - KEEPALIVE_FRACTION)
+                       + LATE_RENEWAL)
+            before = self.lease_fence_deadline()
+            renewed = await agent.renew(lease)
+            if overdue:
+                if renewed:
+                    log.info("node %s: lease %x renewed after claiming VIP %s while its keepalives were late; "
+                             "fencing deadline %+.2fs", self.node_id, lease, vip,
+                             self.lease_fence_deadline() - before)
+                else:
+                    log.info("node %s: lease %x not renewed after claiming VIP %s either; fencing as due",
+                             self.node_id, lease, vip)
+        finally:
+            self._confirming = False
 
     async def _release(self, vip: str) -> None:
         """Hand ``vip`` to another node to balance the VIPs: make-before-break, as on a drain."""

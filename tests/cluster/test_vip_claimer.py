@@ -11,11 +11,12 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 
 from lbnode.cluster.etcd import EtcdConnection
-from lbnode.cluster.membership import ClusterAgent
-from lbnode.cluster.vips import FREE_GRACE, HANDOFF_LINGER, VipClaimer
+from lbnode.cluster.membership import KEEPALIVE_FRACTION, KEEPALIVE_TIMEOUT, ClusterAgent
+from lbnode.cluster.vips import FENCE_FRACTION, FREE_GRACE, HANDOFF_LINGER, VipClaimer
 from lbnode.model import VipSpec
 from tests.integration.etcd_helpers import EtcdCluster
 
@@ -44,13 +45,57 @@ class RecordedAddresses:
         self._note("announce", vip)
 
 
+class StallingRelay:
+    """A TCP relay to one etcd member that can stop passing bytes (both ways) without closing
+    anything: a call through it waits out its deadline, as one sent to a member that still
+    forwards to a dead etcd leader does."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self._flowing = trio.Event()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        if self._flowing.is_set():
+            self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._relay, listeners)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream("127.0.0.1", self.upstream_port) as server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
+                await self._pump(server, client, nursery.cancel_scope)
+
+    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await self._flowing.wait()
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+
 @asynccontextmanager
-async def node(etcd: EtcdCluster, node_id: str, ttl: float) -> AsyncIterator[tuple[VipClaimer, RecordedAddresses]]:
+async def node(etcd: EtcdCluster, node_id: str, ttl: float, *, vips: list[VipSpec] = VIPS,
+               keepalive_port: int | None = None) -> AsyncIterator[tuple[VipClaimer, RecordedAddresses]]:
+    """A claimer with its agent; ``keepalive_port``: the agent's keepalives go there instead."""
     settings = etcd.settings(lease_ttl=ttl, prefix="/claimer")
     conn = EtcdConnection(etcd.endpoints)
-    agent = ClusterAgent(settings, node_id, {}, connection=conn)
+    keepalive_conn = (EtcdConnection([f"http://127.0.0.1:{keepalive_port}"], timeout=KEEPALIVE_TIMEOUT)
+                      if keepalive_port is not None else None)
+    agent = ClusterAgent(settings, node_id, {}, connection=conn, keepalive_connection=keepalive_conn)
     addresses = RecordedAddresses()
-    claimer = VipClaimer(settings, node_id, conn, agent, vips=VIPS, addresses=addresses)
+    claimer = VipClaimer(settings, node_id, conn, agent, vips=vips, addresses=addresses)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
@@ -59,6 +104,8 @@ async def node(etcd: EtcdCluster, node_id: str, ttl: float) -> AsyncIterator[tup
             nursery.cancel_scope.cancel()
     finally:
         conn.close()
+        if keepalive_conn is not None:
+            keepalive_conn.close()
 
 
 async def wait_until(condition, timeout: float, message: str) -> float:  # type: ignore[no-untyped-def]
@@ -123,3 +170,56 @@ async def test_fencing_drops_vips_before_the_lease_can_expire_and_takes_them_bac
         assert after == before  # their keys survived (the lease did not expire): nobody moved
         print(f"fenced {dropped - stopped_at:.2f}s after etcd went silent ({dropped - last_keepalive:.2f}s after "
               f"the last keepalive); VIPs back {back:.2f}s after etcd resumed")
+
+
+async def test_a_claim_while_keepalives_fail_is_followed_by_a_renewal_and_the_vip_is_not_fenced(
+    etcd: EtcdCluster,
+) -> None:
+    """The host-loss pattern, made deterministic: node a's keepalives hang (their member is
+    stalled, as one forwarding to a dead etcd leader) while the rest of etcd answers; b hands
+    its VIP over and a wins it with its renewal overdue. The renewal a makes right after the
+    claim, through the connection that answered it, moves its fencing deadline: a keeps the
+    VIP past the deadline its stuck keepalives left, without a drop and a take-back."""
+    ttl = 2.0
+    relay = StallingRelay(etcd.members[0].client_port)
+    async with trio.open_nursery() as relays:
+        await relays.start(relay.run)
+        async with node(etcd, "b", ttl, vips=VIPS[:1]) as (b, b_addr):
+            await wait_until(lambda: bool(b.held), 10, "b never took the VIP")
+            async with node(etcd, "a", ttl, vips=VIPS[:1], keepalive_port=relay.port) as (a, a_addr):
+                await wait_until(lambda: "a" in b.claimers and b.holders.get(VIPS[0].address) is not None
+                                 and "b" in a.claimers, 10, "a never joined")
+                # right after one of a's keepalives answered, its member goes silent
+                expires = a.agent.lease_expires_at
+                await wait_until(lambda: a.agent.lease_expires_at != expires, ttl, "no keepalive answered")
+                relay.stall()
+                last_ok = a.agent.lease_expires_at - ttl
+                stuck_deadline = a.lease_fence_deadline()
+                assert stuck_deadline == pytest.approx(last_ok + ttl * (KEEPALIVE_FRACTION + FENCE_FRACTION))
+                # past the keepalive's due time (TTL/3): a's renewal is overdue when it claims
+                await trio.sleep_until(last_ok + ttl * 0.4)
+                assert a.lease_fence_deadline() == stuck_deadline, "a keepalive went through the stalled member"
+                handed_at = trio.current_time()
+                relays.start_soon(b.release_all)
+                await wait_until(lambda: a_addr.present == {VIPS[0].address}, 2, "a never took the VIP")
+                claimed_at = trio.current_time()
+                added = max(t for t, w, _ in a_addr.log if w == "add")
+                # a watch event, a round and a claim (tens of ms) before the old deadline, 0.87 s
+                # after the hand-off began: else this test shows nothing
+                assert claimed_at < stuck_deadline, f"a claimed too late: {claimed_at - handed_at:.2f}s"
+                # The fence loop would have acted at the old deadline; 0.3 s more is for 2 busy
+                # cores. The renewal was sent after the claim answered, so the lease cannot end
+                # before a TTL after the hand-off began, and the new deadline is TTL/6 before that.
+                await trio.sleep_until(stuck_deadline + 0.3)
+                assert a_addr.present == {VIPS[0].address}, f"a fenced the VIP it had just won: {a_addr.log}"
+                assert a.lease_fence_deadline() >= handed_at + ttl * (KEEPALIVE_FRACTION + FENCE_FRACTION)
+                relay.resume()
+                renewals = a.agent.lease_renewals
+                await wait_until(lambda: a.agent.lease_renewals > renewals, ttl, "keepalives never answered again")
+                await trio.sleep(ttl / 2)
+                assert not [w for t, w, _ in a_addr.log if w == "remove" and t >= added], f"a dropped it: {a_addr.log}"
+                assert a_addr.present == {VIPS[0].address} and not b_addr.present
+                print(f"claimed {claimed_at - handed_at:.2f}s after the hand-off began, "
+                      f"{stuck_deadline - claimed_at:.2f}s before the stuck keepalives' fencing deadline; "
+                      f"deadline moved to {a.lease_fence_deadline() - stuck_deadline:+.2f}s by the renewal")
+        relays.cancel_scope.cancel()

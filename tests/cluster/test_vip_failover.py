@@ -50,6 +50,35 @@ REVOKED_BY = max(DETECT_AFTER + 2 * HEARTBEAT_INTERVAL, 2 * ELECTION) + REVOKE_T
 TAKEN_WITHIN = 1.0
 
 
+# After a failover the VIP stays put: sampled this long (every STEADY_EVERY s) from its first
+# answer off the dead host. Longer than the gap it guards against (a survivor that took the VIP
+# while its own renewals were still failing fenced ~0.25 s later and took it back ~0.25 s after).
+STEADY_FOR = 2.0
+STEADY_EVERY = 0.02
+
+
+def steady_holders(claimers: Claimers, duration: float) -> list[set[str]]:
+    """The VIP's holders (addresses on the node hosts), sampled for ``duration`` seconds."""
+    samples = []
+    until = time.monotonic() + duration
+    while time.monotonic() < until:
+        samples.append(claimers.holders(VIP))
+        time.sleep(STEADY_EVERY)
+    return samples
+
+
+def describe_samples(samples: list[set[str]]) -> str:
+    """Runs of equal samples: "n2 x40, (none) x12, n2 x48"."""
+    runs: list[tuple[str, int]] = []
+    for held in samples:
+        name = ",".join(sorted(held)) or "(none)"
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1] + 1)
+        else:
+            runs.append((name, 1))
+    return ", ".join(f"{name} x{n}" for name, n in runs)
+
+
 def heartbeat_address(node: str) -> str:
     return f"{topology.node_ip(NODES.index(node) + 1)}:{HEARTBEAT_PORT}"
 
@@ -207,6 +236,7 @@ def test_vip_moves_off_a_dead_host_within_ttl(lan: Lan, claimers: Claimers) -> N
     try:
         wait_for(lambda: any(ok for _, ok, _ in probe.since(0)), 10, "the client never reached the VIP")
         failovers, failed = [], []
+        steady: list[list[set[str]]] = []
         for _ in range(TRIALS):
             claimers.settled()
             (holder,) = claimers.holders(VIP)
@@ -222,20 +252,28 @@ def test_vip_moves_off_a_dead_host_within_ttl(lan: Lan, claimers: Claimers) -> N
             first = next(t for t, ok, node in results if ok and node != holder)
             failovers.append(first - killed_at)
             failed.append(sum(1 for t, ok, _ in results if t < first and not ok))
+            # One clean move: from the VIP's first answer off the dead host, exactly one survivor
+            # holds it in every sample for STEADY_FOR (no fence-and-retake gap, no second move).
+            samples = steady_holders(claimers, STEADY_FOR)
+            steady.append(samples)
+            assert all(len(h) == 1 for h in samples) and len(set().union(*samples)) == 1, (
+                f"after failing over off {holder}, not one steady holder for {STEADY_FOR:g}s: "
+                f"{describe_samples(samples)}")
             # the host comes back (a reboot: no VIP on it), its etcd member catches up, its claimer starts
             lan.host_up(holder, forget=[VIP])
             etcd_healthy(lan)
             claimers.start(holder)
-            # Never two holders: the returning host does not take the VIP back. There may be none
-            # for a moment: when the dead host had etcd's leader, keepalives fail until etcd has
-            # elected another, and a survivor that just took the VIP fences once its renewal has
-            # failed for half the TTL, then campaigns again as soon as etcd answers (seen once in
-            # a clean-clone run: fenced 0.23 s after taking it, the fence lifted 0.26 s later).
-            # Bound: a TTL for etcd's election and the renewal, 2 s for the campaign and margin.
+            # Never two holders: the returning host does not take the VIP back. (A survivor that
+            # took the VIP while its keepalives still lagged behind etcd's election used to fence
+            # and retake it here; it now renews its lease right after the claim: the 2 s of
+            # single-holder samples above.) Bound: a TTL for etcd's election and the renewal, 2 s
+            # for the campaign and margin.
             assert len(claimers.holders(VIP)) <= 1
             wait_for(lambda: len(claimers.holders(VIP)) == 1, TTL + 2, "no single VIP holder after the host came back")
         summary = (f"VIP failover after host loss over {TRIALS} trials: p50 {statistics.median(failovers):.2f}s "
-                   f"max {max(failovers):.2f}s; failed connects per trial (one every 50 ms) {failed}")
+                   f"max {max(failovers):.2f}s; failed connects per trial (one every 50 ms) {failed}; "
+                   f"then one holder in every sample for {STEADY_FOR:g}s (samples per trial "
+                   f"{[len(s) for s in steady]})")
         print(summary)
         (Path(claimers.logs) / "summary.txt").write_text(summary + "\n")
         # The holder's host usually has the etcd leader too (the leader's own claimer sees a
