@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from tests.integration.test_reload import (
     refused,
     under_load,
 )
-from tests.integration.test_workers import accepted_by
+from tests.integration.test_workers import served_by_each
 
 # A reload answers once both workers applied it; a worker replaced after kill -9 serves
 # within 1 s with the spare ready (test_workers.py). 10 s covers a spare still starting
@@ -81,26 +80,6 @@ def replaced(site: WorkersSite, victim: int) -> bool:
     refilled ``worker_pids_or_empty`` is empty, which must not count as replaced)."""
     pids = site.worker_pids_or_empty()
     return bool(pids) and victim not in pids
-
-
-def served_by_each(port: int, pids: list[int], expected: str, attempts: int = 200) -> None:
-    """Fresh connections to ``port`` until each worker in ``pids`` has accepted one; every
-    answer is ``expected`` (the backend's name)."""
-    seen: set[int] = set()
-    for _ in range(attempts):
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = b""
-            while not data.endswith(b"\n") or b"\r\n\r\n" not in data:
-                chunk = s.recv(65536)
-                assert chunk, data
-                data += chunk
-            client_port = s.getsockname()[1]
-            seen |= {pid for pid in pids if client_port in accepted_by(pid, port)}
-        assert data.startswith(b"HTTP/1.1 200 ") and data.rpartition(b"\r\n\r\n")[2].decode().strip() == expected, data
-        if seen == set(pids):
-            return
-    raise AssertionError(f"workers {sorted(set(pids) - seen)} accepted none of {attempts} connections on {port}")
 
 
 def test_reload_with_workers_changes_a_pool_under_load(spawn: Spawn, tmp_path: Path) -> None:
@@ -363,21 +342,8 @@ def test_reload_with_workers_rotates_an_https_listeners_certificate(spawn: Spawn
     wait_until(lambda: site.status()["spare_worker"] == "ready", 30, "the spare worker ready")
     os.kill(pids[0], signal.SIGKILL)
     wait_until(lambda: replaced(site, pids[0]), REPLACED_WITHIN, "the worker replaced")
-    pids = site.worker_pids()
-    served: set[int] = set()
+    # Fresh handshakes until each worker has made one, all with the new certificate.
     context = ssl.create_default_context(cafile=str(new_ca.path))
-    for _ in range(200):  # fresh handshakes until each worker has made one, all with the new certificate
-        with socket.create_connection(("127.0.0.1", secure), timeout=5) as raw:
-            port = raw.getsockname()[1]
-            with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                served |= {pid for pid in pids if port in accepted_by(pid, secure)}
-                tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                data = b""
-                while chunk := tls.recv(65536):
-                    data += chunk
-        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a\n")
-        if served == set(pids):
-            break
-    assert served == set(pids), "both workers completed handshakes with the new certificate"
+    served_by_each(secure, site.worker_pids(), "a", tls=context, host="localhost")
     with client(old_ca.path) as stale, pytest.raises(httpx.ConnectError):
         stale.get(f"https://localhost:{secure}/")
