@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import ssl
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.conftest import http_get
 
 
 @dataclass
@@ -218,3 +222,16 @@ async def start_tls_backend(nursery: trio.Nursery, name: str, files: CertFiles, 
     )
     port: int = listeners[0].transport_listener.socket.getsockname()[1]
     return TlsBackend(name, port, stats)
+
+
+async def get_refused_by_backend_tls(url: str, caplog: pytest.LogCaptureFixture, pool: str, backend: str,
+                                     reason: str) -> None:
+    """GET ``url`` through a pool whose backend's TLS the node refuses: what the client and the
+    operator see is the same whatever the pool's protocol (HTTP/1.1 or h2): a 502 naming the
+    backend and ``reason``, and a warning naming the pool, the backend and ``reason``."""
+    with caplog.at_level(logging.WARNING):
+        response = await http_get(url)
+    assert response.status_code == 502
+    assert f"backend {backend}: TLS: {reason}" in response.text, response.text
+    assert any(f"pool {pool}: backend {backend}: TLS: {reason}" in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records]

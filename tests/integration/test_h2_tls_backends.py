@@ -20,7 +20,7 @@ from lbnode.node import LbNode
 from tests.conftest import http_get, listener_toml, node_toml, pool_toml, start_node
 from tests.grpcbackend import GrpcBackend
 from tests.h2tlsbackend import start_h2_tls_backend
-from tests.tlsutil import make_ca
+from tests.tlsutil import get_refused_by_backend_tls, make_ca
 
 H2C = "  [listeners.http2]\n  enabled = true\n"
 
@@ -139,12 +139,8 @@ async def test_wrong_ca_is_refused_with_502_and_counted_as_a_connect_failure(
     ca, other = make_ca(tmp_path, "backends"), make_ca(tmp_path, "other")
     backend = await start_h2_tls_backend(nursery, "a", ca.issue(tmp_path, "a", ["127.0.0.1"]))
     node, port = await h2_node(nursery, [backend.address], tls_table(ca=other.path))
-    with caplog.at_level(logging.WARNING):
-        response = await http_get(f"http://127.0.0.1:{port}/")
-    assert response.status_code == 502
-    assert f"backend {backend.address}: TLS: certificate verify failed" in response.text
-    assert any(f"pool p: backend {backend.address}: TLS: certificate verify failed" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    await get_refused_by_backend_tls(f"http://127.0.0.1:{port}/", caplog, "p", backend.address,
+                                     "certificate verify failed: unable to get local issuer certificate")
     assert backend.stats.streams == 0 and backend.stats.connections == 0
     assert node.snapshot.pools["p"].backends[0].failures >= 1  # reported like a refused connect
 

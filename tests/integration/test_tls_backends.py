@@ -14,7 +14,7 @@ import trio
 from lbnode.config import ConfigFileError, load_config_text
 from lbnode.node import LbNode
 from tests.conftest import http_get, listener_toml, node_toml, pool_toml, start_node
-from tests.tlsutil import make_ca, start_tls_backend
+from tests.tlsutil import get_refused_by_backend_tls, make_ca, start_tls_backend
 
 
 def tls_table(**settings: object) -> str:
@@ -58,14 +58,8 @@ async def test_wrong_ca_is_refused_with_502_naming_pool_and_backend(
     ca, other = make_ca(tmp_path, "backends"), make_ca(tmp_path, "other")
     backend = await start_tls_backend(nursery, "a", ca.issue(tmp_path, "a", ["127.0.0.1"]))
     node, url = await l7_node(nursery, [backend.address], tls_table(ca=other.path))
-    with caplog.at_level(logging.WARNING):
-        response = await http_get(url + "/")
-    assert response.status_code == 502
-    assert f"backend {backend.address}: TLS: certificate verify failed" in response.text
-    assert any(
-        f"pool p: backend {backend.address}: TLS: certificate verify failed: unable to get local issuer certificate"
-        in r.getMessage() for r in caplog.records
-    ), [r.getMessage() for r in caplog.records]
+    await get_refused_by_backend_tls(url + "/", caplog, "p", backend.address,
+                                     "certificate verify failed: unable to get local issuer certificate")
     assert backend.stats.requests == 0
     state = node.snapshot.pools["p"].backends[0]
     assert state.failures >= 1  # reported like a refused connect (passive health)

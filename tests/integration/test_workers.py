@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -160,6 +161,30 @@ def accepted_by(pid: int, listen_port: int) -> set[int]:
             if inode in inodes and fields[3] != "0A" and int(local.split(":")[1], 16) == listen_port:  # 0A: LISTEN
                 ports.add(int(remote.split(":")[1], 16))
     return ports
+
+
+def served_by_each(port: int, pids: list[int], expected: str, attempts: int = 200, *,
+                   tls: ssl.SSLContext | None = None, host: str = "x") -> None:
+    """Fresh connections to ``port`` (TLS handshakes for ``host`` with ``tls``) until each worker
+    in ``pids`` has accepted one; every answer is a 200 whose body is ``expected`` (the backend's
+    name). Which worker accepted a connection is read while it is open: after the answer, so
+    the worker has surely accepted it, and before the close, so its socket is still listed."""
+    seen: set[int] = set()
+    for _ in range(attempts):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            client_port = raw.getsockname()[1]
+            with tls.wrap_socket(raw, server_hostname=host) if tls else raw as s:
+                s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                data = b""
+                while not data.endswith(b"\n") or b"\r\n\r\n" not in data:
+                    chunk = s.recv(65536)
+                    assert chunk, data
+                    data += chunk
+                seen |= {pid for pid in pids if client_port in accepted_by(pid, port)}
+        assert data.startswith(b"HTTP/1.1 200 ") and data.rpartition(b"\r\n\r\n")[2].decode().strip() == expected, data
+        if seen == set(pids):
+            return
+    raise AssertionError(f"workers {sorted(set(pids) - seen)} accepted none of {attempts} connections on {port}")
 
 
 def owner(conn: Conn, pids: list[int], listen_port: int) -> int | None:
@@ -426,8 +451,6 @@ def test_an_l4_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -
 def test_an_https_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
     """The certificates reach the workers in the configuration (certificate documents): the
     handshake and the request complete on both workers' connections."""
-    import ssl
-
     from tests.tlsgen import make_ca, make_leaf
 
     ca = make_ca()
@@ -439,22 +462,8 @@ def test_an_https_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path
                              extra='  [listeners.tls]\n  certificates = ["www"]\n')
     listener += f'[[certificates]]\nname = "www"\ncert = "{cert}"\nkey = "{key}"\n'
     node = start_node(spawn, tmp_path, backend, listener=listener)
-    pids = node.worker_pids()
     context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
-    served: set[int] = set()
-    for _ in range(40):
-        with socket.create_connection(("127.0.0.1", https_port), timeout=5) as raw:
-            port = raw.getsockname()[1]
-            with context.wrap_socket(raw, server_hostname="www.example.com") as tls:
-                served |= {pid for pid in pids if port in accepted_by(pid, https_port)}
-                tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
-                data = b""
-                while chunk := tls.recv(65536):
-                    data += chunk
-        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a\n")
-        if served == set(pids):
-            break
-    assert served == set(pids), "both workers completed handshakes"
+    served_by_each(https_port, node.worker_pids(), "a", 40, tls=context, host="www.example.com")
 
 
 def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
