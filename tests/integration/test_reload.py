@@ -318,7 +318,7 @@ def test_takeover_of_a_cluster_member_keeps_its_lease(spawn: Spawn, tmp_path: Pa
 
     site = _cluster_site(spawn, tmp_path, etcd)
     if workers > 1:
-        site.config.write_text(site.config.read_text().replace("[node]\n", f"[node]\nworkers = {workers}\n", 1))
+        site.config.write_text(site.config.read_text().replace("workers = 1\n", f"workers = {workers}\n", 1))
     old = site.start(spawn)
     wait_until(lambda: _node_key(etcd) is not None, 10, "the node registered")
     before = _node_key(etcd)

@@ -69,7 +69,7 @@ def start_node(
         pool or pool_toml("p", [f"127.0.0.1:{backend_port}"]),
         listener or listener_toml("web", "http", "p", bind=f"127.0.0.1:{port}"),
         admin=f"127.0.0.1:{admin_port}",
-        node_extra=f'drain_timeout = "{drain_timeout}"\nworkers = {workers}\nstate_dir = "{tmp_path / "state"}"\n',
+        workers=workers, node_extra=f'drain_timeout = "{drain_timeout}"\nstate_dir = "{tmp_path / "state"}"\n',
     )
     if control_port is not None:
         text += f'\n[control]\nbind = "127.0.0.1:{control_port}"\ninsecure = true\n'

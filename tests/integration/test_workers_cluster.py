@@ -47,7 +47,7 @@ def test_a_client_another_node_pinned_keeps_its_backend_on_whichever_worker_take
     a1_config = tmp_path / "a1.toml"
     a1_config.write_text(node_toml(
         pool, listener_toml("web", "http", "p", bind=f"127.0.0.1:{a1_port}"), node_id="a1", admin=None,
-        node_extra=f'workers = 1\nstate_dir = "{tmp_path / "a1"}"\n',
+        workers=1, node_extra=f'state_dir = "{tmp_path / "a1"}"\n',
     ) + _cluster(etcd))
     spawn("-m", "lbnode.cli", "run", "--config", str(a1_config), name="a1")
     wait_port(a1_port)

@@ -51,7 +51,7 @@ class WorkersSite(Site):
             pool_toml("pb", [f"127.0.0.1:{self.b}"]),
             *(listener_toml(name, proto, pool, bind=f"127.0.0.1:{port}") for name, proto, port, pool in listeners),
             admin=f"127.0.0.1:{self.admin}", node_id=node_id,
-            node_extra=f'drain_timeout = "5s"\nworkers = {workers}\nstate_dir = "{self.tmp_path / "state"}"\n',
+            workers=workers, node_extra=f'drain_timeout = "5s"\nstate_dir = "{self.tmp_path / "state"}"\n',
         ))
 
     def start(self, spawn: Spawn, *extra: str) -> subprocess.Popen[bytes]:
