@@ -73,12 +73,12 @@ def fulcrum_config(
     Without them the text is exactly the standalone config. ``access_log``: a file for the
     http listener's ``[listeners.access_log]`` (JSON lines). ``routes``: that many
     ``[[listeners.routes]]`` (see ``route_tables``), the benchmark's request taking the
-    one before last. ``workers``: ``[node] workers``
-    (a supervisor and that many worker processes when above 1).
+    one before last. ``workers``: ``[node] workers``, always written
+    (1 by default: one process; a supervisor and that many worker processes when above 1).
     """
-    state = f'state_dir = "{state_dir}"\n' if state_dir else ""
-    if workers > 1:
-        state = f"workers = {workers}\n" + state
+    # Always written: the default is "auto" (a worker per core), and a section that measures
+    # lbnode as one process (pid, RSS, CPU of one process) must get one.
+    state = f"workers = {workers}\n" + (f'state_dir = "{state_dir}"\n' if state_dir else "")
     if etcd:
         urls = ", ".join(f'"{u}"' for u in etcd)
         prefix = f'prefix = "{etcd_prefix}"\n' if etcd_prefix else ""

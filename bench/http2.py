@@ -68,6 +68,7 @@ def fulcrum_grpc_config(backend: int, port: int, admin: int) -> str:
     return f"""[node]
 id = "bench-grpc"
 admin = "{HOST}:{admin}"
+workers = 1
 
 [[pools]]
 name = "grpc"

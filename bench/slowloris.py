@@ -53,6 +53,7 @@ id = "bench-slowloris"
 admin = "{HOST}:{admin}"
 state_dir = "{state_dir}"
 max_connections = {MAX_CONNECTIONS}
+workers = 1
 
 [[listeners]]
 name = "web"

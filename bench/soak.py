@@ -124,6 +124,7 @@ id = "{node_id}"
 admin = "{HOST}:{ports['admin']}"
 state_dir = "{state_dir}"
 drain_timeout = "{DRAIN_TIMEOUT:g}s"
+workers = 1
 
 [cluster]
 etcd = [{endpoints}]

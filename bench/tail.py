@@ -37,6 +37,7 @@ def fulcrum_tail_config(port: int, admin: int, backends: Sequence[int], state_di
 id = "bench-tail"
 admin = "{HOST}:{admin}"
 state_dir = "{state_dir}"
+workers = 1
 
 [[listeners]]
 name = "web"

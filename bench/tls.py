@@ -71,6 +71,7 @@ def fulcrum_tls_config(backends: list[int], port: int, admin: int, cert: Path, k
     return f"""[node]
 id = "bench-tls"
 admin = "{HOST}:{admin}"
+workers = 1
 
 [[certificates]]
 name = "bench"

@@ -34,6 +34,9 @@ def demo_config_text(ports: list[int]) -> str:
 id = "demo"
 admin = "{ADMIN_BIND}"
 drain_timeout = "5s"
+# One process: `lbnode demo` runs the node and its three backends in one trio.run. (`lbnode
+# run`'s default is "auto", a worker process per core.)
+workers = 1
 
 [[listeners]]
 name = "web"

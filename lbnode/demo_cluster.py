@@ -266,6 +266,9 @@ id = "{node}"
 admin = "{address}:{ADMIN_PORT}"
 state_dir = "{self.tmp / node}"
 drain_timeout = "1s"
+# One process per node, not the default "auto" (a worker per core): three nodes share this
+# machine's cores, and the demo's story (kill a node by its pid, watch the VIP move) is one pid.
+workers = 1
 
 [cluster]
 etcd = ["http://{layout.etcd}"]

@@ -1336,8 +1336,10 @@ class NodeSettings:
     # Client connections open at once on all listeners together (None: no node-wide cap).
     # Not counted: the admin endpoint and the control API, which must stay reachable in a flood.
     max_connections: int | None = None
-    # Data-plane processes (issue 13): 1 = today's single process; N >= 2 = a supervisor
-    # and N worker processes on the same listening sockets. "auto" is resolved at parse time.
+    # Data-plane processes (issue 13): 1 = one process; N >= 2 = a supervisor and N worker
+    # processes on the same listening sockets. node.toml's default is "auto", resolved at parse
+    # time (``_parse_workers``). Only ``lbnode run`` starts workers: an LbNode run directly
+    # (``lbnode demo``, in-process tests) is one process whatever this says.
     workers: int = 1
 
 
@@ -1429,9 +1431,14 @@ def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     return max(1, cores)
 
 
+# The default of ``[node] workers`` (issue 13): a node uses the cores it is given. A node that
+# must stay one process (one pid, one log on stdout, exact per-client rate limits) says 1.
+DEFAULT_WORKERS = "auto"
+
+
 def _parse_workers(nt: Table) -> int:
-    """``[node] workers``: an integer >= 1, or "auto" (one per available core)."""
-    value = nt.raw("workers", 1)
+    """``[node] workers``: an integer >= 1, or "auto" (one per available core; the default)."""
+    value = nt.raw("workers", DEFAULT_WORKERS)
     if value == "auto":
         return available_cores()
     if isinstance(value, bool) or not isinstance(value, int):

@@ -77,8 +77,16 @@ def listener_toml(name: str, protocol: str, pool: str, bind: str = "127.0.0.1:0"
     return "\n".join(lines) + "\n" + extra + "\n"
 
 
-def node_toml(*sections: str, node_id: str = "t1", admin: str | None = "127.0.0.1:0", node_extra: str = "") -> str:
-    head = f'[node]\nid = "{node_id}"\n' + (f'admin = "{admin}"\n' if admin else "") + node_extra + "\n"
+def node_toml(*sections: str, node_id: str = "t1", admin: str | None = "127.0.0.1:0", node_extra: str = "",
+              workers: int | str | None = 1) -> str:
+    """A node.toml: ``[node]`` with ``sections`` after it.
+
+    ``workers`` is pinned to 1 unless a test asks otherwise: the default is "auto" (a supervisor
+    and one worker per core), and the tests that start ``lbnode run`` from this text measure the
+    node as one process (its pid, RSS, descriptors, one log). A test about workers passes its
+    count; ``workers=None`` writes no ``workers`` key, so the default applies."""
+    pin = "" if workers is None else f"workers = {_toml_value(workers)}\n"
+    head = f'[node]\nid = "{node_id}"\n' + (f'admin = "{admin}"\n' if admin else "") + pin + node_extra + "\n"
     return head + "\n".join(sections)
 
 

@@ -92,6 +92,9 @@ class Host:
             "lbnode_run_dir": str(r / "run"),
             "lbnode_log_dir": str(r / "log"),
             "lbnode_control_bind": self.control_endpoint,
+            # One process per node: the test finds each node by its pid file and reads one log;
+            # the role's default ("auto") is rendered and checked by test_ansible_units.py.
+            "lbnode_workers": 1,
             "lbnode_listeners": [
                 {
                     "name": "web",

@@ -75,6 +75,7 @@ def _node_toml(tmp_path: Path, vips: list[dict[str, str]]) -> dict[str, object]:
         "lbnode_vips": vips, "lbnode_control_bind": "0.0.0.0:7443", "lbnode_listeners": [], "lbnode_pools": [],
         "lbnode_heartbeat": defaults["lbnode_heartbeat"], "lbnode_heartbeat_port": defaults["lbnode_heartbeat_port"],
         "lbnode_etcd_tls": False,  # plain endpoints here: etcd over TLS is rendered and checked by test_ansible.py
+        "lbnode_workers": defaults["lbnode_workers"],
     })
     return tomllib.loads(text)
 
@@ -90,6 +91,16 @@ def test_lbnode_role_turns_heartbeats_on_with_vips_at_the_hosts_address(tmp_path
 
 def test_lbnode_role_without_vips_leaves_heartbeats_off(tmp_path: Path) -> None:
     assert "heartbeat" not in _node_toml(tmp_path, [])["cluster"]  # type: ignore[operator]
+
+
+def test_lbnode_role_runs_lbnodes_default_workers(tmp_path: Path) -> None:
+    """The role writes ``workers = "auto"`` unless told otherwise: one worker per core the node
+    may use, as lbnode itself defaults to."""
+    from lbnode.model import available_cores, parse_config
+
+    data = _node_toml(tmp_path, [])
+    assert data["node"]["workers"] == "auto"  # type: ignore[index]
+    assert parse_config(data).node.workers == available_cores()
 
 
 def run_install_tasks(tmp_path: Path, variables: dict[str, object]) -> subprocess.CompletedProcess[str]:

@@ -32,6 +32,7 @@ def _node(spawn, tmp_path: Path, etcd, node_id: str, ports: list[int]) -> dict:
 id = "{node_id}"
 state_dir = "{tmp_path / node_id}"
 drain_timeout = "1s"
+workers = 1
 
 [cluster]
 etcd = [{endpoints}]

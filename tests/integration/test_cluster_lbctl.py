@@ -170,6 +170,7 @@ id = "{node_id}"
 admin = "127.0.0.1:{ports['admin']}"
 state_dir = "{directory / node_id}"
 drain_timeout = "1s"
+workers = 1
 
 [cluster]
 etcd = [{endpoints}]

@@ -31,6 +31,7 @@ id = "{node_id}"
 admin = "127.0.0.1:{admin}"
 state_dir = "{tmp_path / node_id}"
 drain_timeout = "2s"
+workers = 1
 
 [cluster]
 etcd = [{endpoints}]

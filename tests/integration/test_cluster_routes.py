@@ -89,6 +89,7 @@ def _node_config(directory: Path, node_id: str, etcd, certs: Certs, a: str, b: s
 id = "{node_id}"
 state_dir = "{directory / node_id}"
 drain_timeout = "1s"
+workers = 1
 
 [cluster]
 etcd = [{endpoints}]

@@ -60,7 +60,7 @@ async def test_a_verdict_that_arrives_before_its_pool_is_applied_when_the_pool_c
     endpoints = ", ".join(f'"{e}"' for e in etcd.endpoints)
     # c's node.toml has its own pool only: "web" will come from etcd, after c has started.
     config.write_text(
-        f'[node]\nid = "c"\nadmin = "127.0.0.1:{admin}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[node]\nid = "c"\nadmin = "127.0.0.1:{admin}"\nstate_dir = "{tmp_path / "state"}"\nworkers = 1\n'
         f'[cluster]\netcd = [{endpoints}]\nprefix = "/verdicts"\nlease_ttl = "2s"\nhealth_checkers = 1\n'
         f'[[listeners]]\nname = "web"\nprotocol = "http"\nbind = "127.0.0.1:{free_port()}"\npool = "own"\n'
         f'[[pools]]\nname = "own"\n  [[pools.backends]]\n  address = "127.0.0.1:{free_port()}"\n')

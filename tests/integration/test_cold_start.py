@@ -37,6 +37,7 @@ id = "n1"
 admin = "127.0.0.1:{admin}"
 state_dir = "{tmp_path / 'state'}"
 drain_timeout = "1s"
+workers = 1
 
 [cluster]
 etcd = [{endpoints}]

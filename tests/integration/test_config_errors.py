@@ -24,6 +24,7 @@ VALID = """\
 id = "n1"
 admin = "127.0.0.1:0"
 drain_timeout = "5s"
+workers = 1
 
 [[pools]]
 name = "web"

@@ -31,6 +31,7 @@ def node_config(tmp_path: Path, endpoints: tuple[str, ...], backend: int, tls: d
 id = "n1"
 admin = "127.0.0.1:{admin}"
 state_dir = "{tmp_path / 'n1'}"
+workers = 1
 
 [cluster]
 etcd = [{", ".join(f'"{e}"' for e in endpoints)}]

@@ -79,13 +79,13 @@ class Site:
         it is 1 (a takeover changing the process layout); by default the site's is written."""
         node_extra = 'drain_timeout = "5s"\n'
         if workers is not None or self.workers > 1:
-            count = self.workers if workers is None else workers
-            node_extra += f'workers = {count}\nstate_dir = "{self.tmp_path / "state"}"\n'
+            node_extra += f'state_dir = "{self.tmp_path / "state"}"\n'
         self.config.write_text(node_toml(
             pool_toml("pa", [f"127.0.0.1:{self.a}"]),
             pool_toml("pb", [f"127.0.0.1:{self.b}"]),
             *(listener_toml(name, proto, pool, bind=f"127.0.0.1:{port}") for name, proto, port, pool in listeners),
             admin=f"127.0.0.1:{self.admin}", node_id=node_id, node_extra=node_extra,
+            workers=self.workers if workers is None else workers,
         ))
 
     def start(self, spawn: Spawn, *extra: str) -> subprocess.Popen[bytes]:
@@ -415,7 +415,7 @@ def test_takeover_of_a_cluster_member_keeps_its_lease(spawn: Spawn, tmp_path: Pa
 
     site = _cluster_site(spawn, tmp_path, etcd)
     if workers > 1:
-        site.config.write_text(site.config.read_text().replace("[node]\n", f"[node]\nworkers = {workers}\n", 1))
+        site.config.write_text(site.config.read_text().replace("workers = 1\n", f"workers = {workers}\n", 1))
     old = site.start(spawn)
     wait_until(lambda: _node_key(etcd) is not None, 10, "the node registered")
     before = _node_key(etcd)

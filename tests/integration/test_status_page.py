@@ -249,7 +249,7 @@ VIPS = ("192.0.2.100", "192.0.2.101")
 
 def cluster_toml(node_id: str, admin: int, http: int, endpoints: str, state: Path) -> str:
     vips = "".join(f'[[cluster.vips]]\naddress = "{v}/24"\n' for v in VIPS)
-    return (f'[node]\nid = "{node_id}"\nadmin = "127.0.0.1:{admin}"\nstate_dir = "{state}"\ndrain_timeout = "1s"\n'
+    return (f'[node]\nid = "{node_id}"\nadmin = "127.0.0.1:{admin}"\nstate_dir = "{state}"\ndrain_timeout = "1s"\nworkers = 1\n'
             f'[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\nvip_interface = "eth0"\n{vips}'
             f'[[listeners]]\nname = "web"\nprotocol = "http"\nbind = "127.0.0.1:{http}"\npool = "p0"\n')
 
@@ -353,7 +353,7 @@ def test_a_node_that_does_not_check_a_backend_lists_the_clusters_verdict_among_i
         config = tmp_path / f"{node_id}.toml"
         config.write_text(  # no VIPs: this test must not touch an interface
             f'[node]\nid = "{node_id}"\nadmin = "127.0.0.1:{admins[node_id]}"\n'
-            f'state_dir = "{tmp_path / f"state-{node_id}"}"\ndrain_timeout = "1s"\n'
+            f'state_dir = "{tmp_path / f"state-{node_id}"}"\ndrain_timeout = "1s"\nworkers = 1\n'
             f'[cluster]\netcd = [{endpoints}]\nlease_ttl = "2s"\nhealth_checkers = 1\n'
             f'[[listeners]]\nname = "web"\nprotocol = "http"\nbind = "127.0.0.1:{free_port()}"\npool = "p0"\n')
         spawn("-m", "lbnode.cli", "run", "--config", str(config), name=node_id)

@@ -118,6 +118,7 @@ def _node_toml(directory: Path, node_id: str, etcd, certs: Certs, backend: str, 
 id = "{node_id}"
 state_dir = "{directory / node_id}"
 drain_timeout = "8s"
+workers = 1
 
 [cluster]
 etcd = [{endpoints}]

@@ -70,7 +70,7 @@ def start_node(
         pool or pool_toml("p", [f"127.0.0.1:{backend_port}"]),
         listener or listener_toml("web", "http", "p", bind=f"127.0.0.1:{port}"),
         admin=f"127.0.0.1:{admin_port}",
-        node_extra=f'drain_timeout = "{drain_timeout}"\nworkers = {workers}\nstate_dir = "{tmp_path / "state"}"\n',
+        workers=workers, node_extra=f'drain_timeout = "{drain_timeout}"\nstate_dir = "{tmp_path / "state"}"\n',
     )
     if control_port is not None:
         text += f'\n[control]\nbind = "127.0.0.1:{control_port}"\ninsecure = true\n'
@@ -482,13 +482,13 @@ def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) 
     assert sample(node.metrics(), 'fulcrum_http_requests_total{listener="web"}') == before + 30
 
 
-def test_auto_runs_one_worker_per_available_core_and_lbnode_check_says_how_many(
+def test_default_runs_one_worker_per_available_core_and_lbnode_check_says_how_many(
     spawn: Spawn, tmp_path: Path
 ) -> None:
-    """``workers = "auto"``: one process per core this process may use. Pinned to core 0
-    (``taskset -c 0``) it is one process (no supervisor); on every core of this machine it is
-    that many workers, and /status adds their requests up. ``lbnode check`` prints the count
-    it resolved the same way."""
+    """A node.toml without ``workers`` runs ``"auto"``: one process per core this process may
+    use. Pinned to core 0 (``taskset -c 0``) it is one process (no supervisor); on every core
+    of this machine it is that many workers, and /status adds their requests up. ``lbnode
+    check`` prints the count it resolved the same way."""
     import subprocess
     import sys
 
@@ -502,8 +502,9 @@ def test_auto_runs_one_worker_per_available_core_and_lbnode_check_says_how_many(
     config = tmp_path / "node.toml"
     config.write_text(node_toml(
         pool_toml("p", [f"127.0.0.1:{backend}"]), listener_toml("web", "http", "p", bind=f"127.0.0.1:{port}"),
-        admin=f"127.0.0.1:{admin_port}", node_extra=f'workers = "auto"\nstate_dir = "{tmp_path / "state"}"\n',
+        admin=f"127.0.0.1:{admin_port}", workers=None, node_extra=f'state_dir = "{tmp_path / "state"}"\n',
     ))
+    assert "workers" not in config.read_text()
     check = [sys.executable, "-m", "lbnode.cli", "check", "--config", str(config)]
     on_core_0 = subprocess.run(["taskset", "-c", "0", *check], capture_output=True, text=True, timeout=60, check=True)
     assert on_core_0.stdout.endswith(", 1 workers)\n"), on_core_0.stdout

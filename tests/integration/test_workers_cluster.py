@@ -55,7 +55,7 @@ def _a1(spawn: Spawn, tmp_path: Path, etcd: object, pool: str) -> tuple[Proc, in
     config = tmp_path / "a1.toml"
     config.write_text(node_toml(
         pool, listener_toml("web", "http", "p", bind=f"127.0.0.1:{port}"), node_id="a1", admin=None,
-        node_extra=f'workers = 1\nstate_dir = "{tmp_path / "a1"}"\n',
+        workers=1, node_extra=f'state_dir = "{tmp_path / "a1"}"\n',
     ) + _cluster(etcd))
     proc = spawn("-m", "lbnode.cli", "run", "--config", str(config), name="a1")
     wait_port(port)

@@ -15,8 +15,10 @@ def _config(**node: object) -> dict[str, object]:
     return {"node": {"id": "n1", **node}}
 
 
-def test_default_is_one_worker() -> None:
-    assert parse_config(_config()).node.workers == 1
+def test_default_is_one_worker_per_available_core() -> None:
+    assert parse_config(_config()).node.workers == available_cores()
+    assert parse_config(_config()).node.workers == parse_config(_config(workers="auto")).node.workers
+    assert parse_config(_config(workers=1)).node.workers == 1  # how a node stays one process
 
 
 def test_a_number_of_workers() -> None:
