@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -178,6 +179,28 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+# For a child process a test may find hung: with it set, SIGABRT makes the child print every
+# thread's Python stack to its stderr before it dies (``exit_code_or_stacks``).
+FAULTHANDLER_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
+def exit_code_or_stacks(proc: subprocess.Popen[Any], timeout: float, what: str) -> int:
+    """``proc.wait(timeout)``; past it, an AssertionError with where each of the child's threads
+    stood (started with ``env=FAULTHANDLER_ENV`` and stderr to a pipe): a CI run that finds a
+    child hung must say where it hung."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        text = err.decode(errors="replace") if isinstance(err, bytes) else (err or "")
+        raise AssertionError(f"{what}: still running {timeout:g} s later; its threads:\n{text[-6000:]}") from None
 
 
 @dataclass

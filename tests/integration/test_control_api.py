@@ -38,8 +38,10 @@ from lbnode.control.server import serve_control
 from lbnode.model import Address, ControlSettings
 from lbnode.node import Bound, LbNode
 from tests.conftest import (
+    FAULTHANDLER_ENV,
     REPO,
     Proc,
+    exit_code_or_stacks,
     free_port,
     listener_toml,
     node_toml,
@@ -491,7 +493,7 @@ async def test_lbctl_watch_streams_json_lines_until_ctrl_c(nursery: trio.Nursery
     cn = await start_control_node(nursery, tmp_path / "state", pool_toml("web", [a.address]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "lbctl.cli", "--insecure", "-e", cn.endpoint, "-o", "json", "watch"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True, env=FAULTHANDLER_ENV,
     )
     try:
         started = await trio.to_thread.run_sync(proc.stderr.readline)  # type: ignore[union-attr]
@@ -505,7 +507,7 @@ async def test_lbctl_watch_streams_json_lines_until_ctrl_c(nursery: trio.Nursery
         assert event["pool"]["name"] == "api" and event["pool"]["change"] == "CREATED"
         assert event["pool"]["revision"] == 2 and event["node_id"] == "n1"
         proc.send_signal(signal.SIGINT)
-        assert await trio.to_thread.run_sync(lambda: proc.wait(10)) == 0
+        assert await trio.to_thread.run_sync(lambda: exit_code_or_stacks(proc, 10, "lbctl watch after Ctrl-C")) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from lbctl.certs import init_certs
-from tests.conftest import REPO, pool_toml, start_backends
+from tests.conftest import FAULTHANDLER_ENV, REPO, exit_code_or_stacks, pool_toml, start_backends
 from tests.integration.test_control_api import Certs, start_control_node
 
 # The client sends a request every 50 ms: at most 20/s, fewer when the cores are busy.
@@ -95,7 +95,7 @@ async def test_over_a_pipe_each_refresh_shows_the_rate_sent_and_ctrl_c_exits_0(
                 time.sleep(PACE)
 
     proc = subprocess.Popen(_lbctl_args(certs, cn.endpoint, "top"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=REPO, text=True)
+                            cwd=REPO, text=True, env=FAULTHANDLER_ENV)
     # The client runs in a nursery of its own, which this test leaves only once the client has
     # stopped: the node (in the fixture's nursery) serves to the end, so no request of the
     # client is left waiting on a node being torn down (it once timed out that way, 10 s).
@@ -141,7 +141,7 @@ async def test_over_a_pipe_each_refresh_shows_the_rate_sent_and_ctrl_c_exits_0(
                 assert abs(rate * seconds - in_window) <= SLACK_SHARE * in_window + SLACK_REQUESTS, (
                     rate, seconds, in_window, "".join(raw))
             proc.send_signal(signal.SIGINT)
-            code = await trio.to_thread.run_sync(lambda: proc.wait(DEADLINE))
+            code = await trio.to_thread.run_sync(lambda: exit_code_or_stacks(proc, DEADLINE, "lbctl top after Ctrl-C"))
             err = proc.stderr.read()  # type: ignore[union-attr]
             assert code == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
         finally:
@@ -161,7 +161,7 @@ async def test_on_a_terminal_it_redraws_in_place_and_ctrl_c_gives_the_screen_bac
                                   settings=certs.settings(), flags=certs.flags())
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(_lbctl_args(certs, cn.endpoint, "top"), stdin=terminal, stdout=terminal,
-                            stderr=subprocess.PIPE, cwd=REPO)
+                            stderr=subprocess.PIPE, cwd=REPO, env=FAULTHANDLER_ENV)
     os.close(terminal)
     screen = b""
 
@@ -181,8 +181,12 @@ async def test_on_a_terminal_it_redraws_in_place_and_ctrl_c_gives_the_screen_bac
             await trio.to_thread.run_sync(lambda: read_until(REDRAW.encode(), 2))  # two refreshes
         assert screen.startswith(ENTER_SCREEN.encode()) and b"127.0.0.1:" in screen
         proc.send_signal(signal.SIGINT)
-        code = await trio.to_thread.run_sync(lambda: proc.wait(DEADLINE))
-        await trio.to_thread.run_sync(lambda: read_until(LEAVE_SCREEN.encode()))
+        # Read the terminal until lbctl gives the screen back, then wait for its exit: a pty
+        # holds a few KiB, and a refresh written while nobody reads it, then the screen's
+        # release, would block lbctl in write() for good.
+        with trio.fail_after(DEADLINE):
+            await trio.to_thread.run_sync(lambda: read_until(LEAVE_SCREEN.encode()))
+        code = await trio.to_thread.run_sync(lambda: exit_code_or_stacks(proc, DEADLINE, "lbctl top after Ctrl-C"))
         err = proc.stderr.read().decode()  # type: ignore[union-attr]
         assert code == 0 and "Traceback" not in err, err
         assert screen.endswith(LEAVE_SCREEN.encode()), screen[-200:]
