@@ -19,6 +19,7 @@ import logging
 import os
 import socket as stdsocket
 import stat
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -291,6 +292,15 @@ class CommandConn:
     def __init__(self, sock: stdsocket.socket) -> None:
         self.sock = sock
         self._buf = b""
+
+    def peer_pid(self) -> int | None:
+        """The client's pid (SO_PEERCRED), to name a takeover in progress; None if unknown."""
+        try:
+            cred = self.sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        pid: int = struct.unpack("3i", cred)[0]
+        return pid or None
 
     async def next_line(self) -> dict[str, Any] | None:
         """The next JSON line, or None when the client closed."""
