@@ -190,8 +190,14 @@ class Takeover:
         """The running node stops acting as the cluster member (keepalives, heartbeats, VIP
         claims) without revoking its lease or removing its VIPs, and answers with what this
         process needs to go on as the same member: ``{"agent": ..., "vips": ...}``."""
-        _send(self.conn, {"command": "release-cluster"})
-        answer = _read_line(self.conn)
+        try:
+            _send(self.conn, {"command": "release-cluster"})
+            answer = _read_line(self.conn)
+        except TimeoutError:
+            raise CommandError(f"the running lbnode did not answer release-cluster within {REPLY_TIMEOUT:g}s") from None
+        except OSError as exc:  # it died (kill -9): the connection is reset or the pipe broken
+            raise CommandError(f"the running lbnode went away before answering release-cluster "
+                               f"({exc.strerror or exc})") from None
         if not answer.get("ok"):
             raise CommandError(str(answer.get("message")))
         return dict(answer.get("state") or {})

@@ -13,6 +13,7 @@ the takeover is served by the new process. Skipped unless root with working ``ip
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 import time
@@ -27,6 +28,8 @@ from tests.cluster.test_vip_failover import (  # noqa: F401 (fixtures)
     PYTHON,
     RATE,
     REPO,
+    REVOKED_BY,
+    TAKEN_WITHIN,
     VIP,
     LbNodes,
     Probe,
@@ -353,3 +356,66 @@ def test_a_takeover_of_the_holder_that_fails_after_the_handover_gives_the_vip_ba
         if key_sampler is not None and key_sampler.poll() is None:
             key_sampler.kill()
             key_sampler.wait(5)
+
+
+def test_a_takeover_whose_old_process_dies_before_release_cluster_fails_cleanly(
+    lan: Lan, lbnodes: LbNodes, capsys: pytest.CaptureFixture[str]  # noqa: F811
+) -> None:
+    """The old holder is killed (kill -9) after it handed its sockets and before it answered
+    "release-cluster": the new process was stopped with SIGSTOP in that window (it prepares
+    netlink and the VIP guard first, tens to hundreds of milliseconds). The new process then
+    gets no answer: it says so in one line and exits 1 without registering afresh or claiming
+    (docs/reload.md). Its copy of the old guard's pipe closes with it, so the address leaves
+    the host, and another node takes the VIP once the dead process's lease is revoked. The VIP
+    is never on two hosts in any 50 ms sample."""
+    sampler: Sampler | None = None
+    try:
+        node = steady(lbnodes)
+        old, old_log = lbnodes.procs[node], lbnodes.logs[node]
+        mark = len(old_log.read_text(errors="replace"))
+        sampler = Sampler(lan)
+        log = lbnodes.tmp / f"{node}-orphaned-takeover.log"
+        config = lbnodes.config(node)
+        new = lan.spawn(node, [PYTHON, "-m", "lbnode.cli", "run", "--takeover", "--config", str(config)],
+                        log_path=log, cwd=REPO)
+        lbnodes.procs[node], lbnodes.logs[node] = new, log  # killed at teardown if it does not exit
+        deadline = time.monotonic() + 30
+        while "sockets handed to a new process" not in old_log.read_text(errors="replace")[mark:]:
+            assert time.monotonic() < deadline and new.poll() is None, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.005)
+        new.send_signal(signal.SIGSTOP)
+        try:
+            assert "heartbeats handed to the new process" not in old_log.read_text(errors="replace")[mark:], (
+                "release-cluster was answered before SIGSTOP: the case is not tested")
+            old.kill()
+            old.wait(5)
+            killed = time.monotonic()
+        finally:
+            new.send_signal(signal.SIGCONT)
+        code = exit_code(new, 30, f"the new process of {node}", log)
+        text = log.read_text(errors="replace")
+        assert code == 1, text[-3000:]
+        assert text.strip().splitlines()[-1].startswith(
+            f"lbnode: {config}: the running node did not hand over its cluster membership: the running lbnode "), (
+            text[-3000:])
+        assert "registered in etcd" not in text and "as the process it replaces did" not in text, text[-3000:]
+        # the guard takes the address off when its last pipe (the new process's copy) closes
+        wait_for(lambda: VIP not in lan.addresses(node), 1.0, f"the VIP is still on {node} after both processes died")
+        # the others revoke the dead lease after DETECT_AFTER without heartbeats, then one claims
+        wait_for(lambda: len(lbnodes.holders()) == 1 and node not in lbnodes.holders(), REVOKED_BY + TAKEN_WITHIN + 2,
+                 "no other node took the VIP")
+        taken = time.monotonic()
+        time.sleep(1.0)
+        samples = sampler.close()
+        two = [(round(t - killed, 2), sorted(h)) for t, h in samples if len(h) > 1]
+        summary = (f"old holder {node} killed before release-cluster: the new process exited {code}, "
+                   f"{sorted(lbnodes.holders())[0]} took the VIP {taken - killed:.2f}s after the kill; "
+                   f"{len(samples)} samples, {len(two)} with two hosts")
+        with capsys.disabled():
+            print("\n" + summary)
+        assert not two, f"the VIP was on two hosts: {two[:5]}; {summary}"
+        answers = answered_by(lan, 5)
+        assert all(not a.startswith("no answer") for a in answers), answers
+    finally:
+        if sampler is not None:
+            sampler.close()
