@@ -506,8 +506,11 @@ def test_a_takeover_that_drops_a_held_vip_and_adds_one_hands_it_over_and_claims_
         judged = [s for s in samples if s[0] >= started - 1.0]
         nobody = [round(t - started, 2) for t, _, v2, _ in judged if not v2]
         kept = {v1 for _, v1, _, _ in judged}
+        slow = [t - started for t, _, _ in results if probe.took[t] > 0.5]
         summary = (f"takeover of {node} dropping {VIP2}, adding {VIP3}: {len(results)} requests to {VIP2}, "
-                   f"{len(failures)} failed; {VIP2} now on {sorted(lan.holders(VIP2, NODES))}, on no host in "
+                   f"{len(failures)} failed, {len(slow)} over 0.5 s"
+                   + (f" (sent {min(slow):.2f}-{max(slow):.2f}s after the start)" if slow else "")
+                   + f"; {VIP2} now on {sorted(lan.holders(VIP2, NODES))}, on no host in "
                    f"{len(nobody)} of {len(judged)} samples; {VIP} on {sorted(map(sorted, kept))}")
         if failures:
             summary += (f"; failures from {failures[0][0] - started:.2f}s to {failures[-1][0] - started:.2f}s "
