@@ -19,6 +19,7 @@ import logging
 import os
 import socket as stdsocket
 import stat
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -189,8 +190,14 @@ class Takeover:
         """The running node stops acting as the cluster member (keepalives, heartbeats, VIP
         claims) without revoking its lease or removing its VIPs, and answers with what this
         process needs to go on as the same member: ``{"agent": ..., "vips": ...}``."""
-        _send(self.conn, {"command": "release-cluster"})
-        answer = _read_line(self.conn)
+        try:
+            _send(self.conn, {"command": "release-cluster"})
+            answer = _read_line(self.conn)
+        except TimeoutError:
+            raise CommandError(f"the running lbnode did not answer release-cluster within {REPLY_TIMEOUT:g}s") from None
+        except OSError as exc:  # it died (kill -9): the connection is reset or the pipe broken
+            raise CommandError(f"the running lbnode went away before answering release-cluster "
+                               f"({exc.strerror or exc})") from None
         if not answer.get("ok"):
             raise CommandError(str(answer.get("message")))
         return dict(answer.get("state") or {})
@@ -291,6 +298,15 @@ class CommandConn:
     def __init__(self, sock: stdsocket.socket) -> None:
         self.sock = sock
         self._buf = b""
+
+    def peer_pid(self) -> int | None:
+        """The client's pid (SO_PEERCRED), to name a takeover in progress; None if unknown."""
+        try:
+            cred = self.sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        pid: int = struct.unpack("3i", cred)[0]
+        return pid or None
 
     async def next_line(self) -> dict[str, Any] | None:
         """The next JSON line, or None when the client closed."""

@@ -152,6 +152,11 @@ class LbNode:
         self.state_lock: IO[str] | None = None  # state_dir/lock, held open (lbnode run): handed over by a takeover
         self._admin_sock: stdsocket.socket | None = None
         self._handed_over = False  # a new process serves our sockets: drain without closing idle ones
+        # One change of the listener set at a time (docs/reload.md "A reload during a takeover"):
+        # reloads wait for each other; a reload is refused during a takeover and a takeover
+        # during a reload, naming what is in progress.
+        self._reload_lock = trio.Lock()
+        self._taking_over: str | None = None  # "lbnode pid N": the new process taking our sockets
         self.health_checkers: dict[str, HealthChecker] = {}
         self._checker_scopes: dict[str, trio.CancelScope] = {}
         self._health_nursery: trio.Nursery | None = None
@@ -347,13 +352,32 @@ class LbNode:
             raise ReloadRefused(str(exc)) from None
         return self.reload(new)
 
+    async def reload_one_at_a_time(self, path: Path) -> str:
+        """``lbnode reload`` and SIGHUP: ``reload_file``, refused while a takeover is in progress
+        (its sockets are being handed over: a reload would close one the new process is being
+        given, or change the set it was given) and after any other reload still running."""
+        self._refuse_during_takeover()
+        async with self._reload_lock:
+            self._refuse_during_takeover()  # a takeover may have begun while this one waited
+            return await self.reload_file(path)
+
+    def _refuse_during_takeover(self) -> None:
+        if self._taking_over is not None and self._handed_over:
+            raise ReloadRefused(f"this node handed its sockets to {self._taking_over} (lbnode run --takeover) and "
+                                "is draining; the next `lbnode reload` reaches that process")
+        if self._taking_over is not None:
+            raise ReloadRefused(
+                f"a takeover is in progress: {self._taking_over} (lbnode run --takeover) is taking over this "
+                "node's sockets; reload once it serves them (the next `lbnode reload` reaches it), or again "
+                "here if it gives up")
+
     async def _command(self, request: dict[str, Any], conn: CommandConn) -> None:
         """One command from the command socket (``lbnode reload``, ``lbnode run --takeover``)."""
         command = request.get("command")
         if command == "reload":
             path = Path(str(request.get("config") or self.config_path or ""))
             try:
-                message = await self.reload_file(path)
+                message = await self.reload_one_at_a_time(path)
             except ReloadRefused as exc:
                 log.error("reload refused, serving the previous configuration: %s", exc)
                 await conn.answer({"ok": False, "message": f"reload refused: {exc}"})
@@ -371,12 +395,34 @@ class LbNode:
         port is bound anew, and the store file must have one writer). With [cluster] it asks us
         to stop acting as the member ("release-cluster") and adopts the lease and VIPs. If it
         goes away before "drain" (it could not start: a port, a bad file), we go on, with the
-        control API and the membership again."""
-        from lbnode.handover import clock_offset
+        control API and the membership again.
 
+        One at a time, and never during a reload (docs/reload.md): a second takeover, or one
+        asked while a reload runs, is refused in one line naming what is in progress."""
         if not self._accepting():
             await conn.answer({"ok": False, "message": "takeover refused: the running node is not serving"})
             return
+        busy = None
+        if self._taking_over is not None:
+            busy = f"another takeover is in progress ({self._taking_over} is taking over this node's sockets)"
+        elif self._reload_lock.locked():
+            busy = "a reload is in progress (lbnode reload or SIGHUP); try again once it has answered"
+        if busy is not None:
+            log.warning("takeover refused: %s", busy)
+            await conn.answer({"ok": False, "message": f"takeover refused: {busy}"})
+            return
+        pid = conn.peer_pid()
+        self._taking_over = f"lbnode pid {pid}" if pid else "a new lbnode process"
+        try:
+            await self._hand_over_sockets(conn)
+        finally:
+            if not self._handed_over:  # given up: this node goes on, and reloads again
+                self._taking_over = None
+
+    async def _hand_over_sockets(self, conn: CommandConn) -> None:
+        """``_hand_over`` once it is the only change in progress: the conversation itself."""
+        from lbnode.handover import clock_offset
+
         listening = self._listening_sockets()
         keys = [socket_key(li.name, li.bind) for li, _ in listening]
         fds = [sock.fileno() for _, sock in listening]
@@ -870,7 +916,7 @@ class LbNode:
             return
         log.info("SIGHUP: reloading %s", self.config_path)
         try:
-            await self.reload_file(self.config_path)
+            await self.reload_one_at_a_time(self.config_path)
         except ReloadRefused as exc:
             log.error("reload refused, serving the previous configuration: %s", exc)
 

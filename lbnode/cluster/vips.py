@@ -284,6 +284,9 @@ class VipClaimer:
         self._adopted_heartbeat: socket.socket | None = None
         self._adopted_heartbeats: Mapping[str, object] | None = None
         self._handing_over = False
+        # VIPs the replaced process held that this configuration dropped: released at once,
+        # make-before-break (their address and interface come with the hand-over)
+        self._dropped: dict[str, VipSpec] = {}
         # Set while a takeover is not finished: if this process fails, the one it replaces takes
         # the VIPs back, so ending ``run`` must leave keys and addresses as they are.
         self.keep_on_exit = False
@@ -441,11 +444,15 @@ class VipClaimer:
         if state is None:
             return
         self._adopted = None
+        specs = dict(state.get("specs") or {})
+        for vip, arg in specs.items():
+            if vip not in self.vips and vip in dict(state.get("held", {})):
+                self._dropped[vip] = VipSpec.from_arg(str(arg))  # held, but not ours to keep: released in _run
         for vip, value in dict(state.get("values", {})).items():
-            if vip in self.vips:
+            if vip in self.vips or vip in self._dropped:
                 self._values[vip] = str(value).encode()
         for vip, since in dict(state.get("held", {})).items():
-            if vip in self.vips and vip in self._values:
+            if (vip in self.vips or vip in self._dropped) and vip in self._values:
                 self.held[vip] = float(since)
         if self.held:
             self._held_lease = self.agent.lease_id
@@ -478,6 +485,7 @@ class VipClaimer:
         state: dict[str, Any] = {
             "lease": self._held_lease if self.held else self.agent.lease_id,
             "held": dict(self.held),
+            "specs": {vip: self._spec(vip).arg for vip in self.held},  # a new node.toml may drop one
             "values": {vip: value.decode() for vip, value in self._values.items()},
             "claimers": dict(self.claimers),
             "peers": {node: list(peer) for node, peer in self.peer_heartbeats.items()},
@@ -539,6 +547,11 @@ class VipClaimer:
                 nursery.start_soon(self._watch_loop)
                 nursery.start_soon(self._round_loop)
                 self._nursery = nursery
+                for vip in sorted(self._dropped):
+                    if vip in self.held:
+                        log.info("node %s: VIP %s is not in this configuration: handing it to another node "
+                                 "(make-before-break)", self.node_id, vip)
+                        nursery.start_soon(self._release, vip)
                 if hasattr(self.agent, "on_assignment_change"):
                     self.agent.on_assignment_change(self.wake)
                 task_status.started()
@@ -702,12 +715,16 @@ class VipClaimer:
             if h is None or h.node != self.node_id or h.lease != lease:
                 await self._drop(vip, "its key is gone or held by another node")
         for vip, h in self.holders.items():
+            if vip not in self.vips:
+                continue  # a VIP this configuration dropped (takeover): being released, never taken back
             if h.node == self.node_id and h.lease == lease and vip not in self._values and vip in self._raw:
                 # bound to our lease, so ours: a campaign whose answer was lost (cancelled), or
                 # one the process we took over from made as it handed over
                 log.info("node %s: VIP %s's key is bound to our lease: ours", self.node_id, vip)
                 self._values[vip] = self._raw[vip]
         for vip, h in self.holders.items():
+            if vip not in self.vips:
+                continue
             if h.node == self.node_id and h.lease == lease and vip not in self.held and vip in self._values:
                 await self._add(vip, h.since)  # still ours after a short fence: etcd never lost it
         for vip in self.vips:
@@ -1093,9 +1110,13 @@ class VipClaimer:
         async with self._lock:
             if vip not in self.held:
                 return
-            await self._netlink(self._addresses.remove, self.vips[vip])
+            await self._netlink(self._addresses.remove, self._spec(vip))
             del self.held[vip]
             log.info("node %s dropped VIP %s: %s", self.node_id, vip, why)
+
+    def _spec(self, vip: str) -> VipSpec:
+        """A VIP's address and interface: configured, or dropped by a takeover's node.toml."""
+        return self.vips.get(vip) or self._dropped[vip]
 
     async def _drop_all(self, why: str) -> None:
         if self._addresses is None:
