@@ -53,6 +53,8 @@ def bind_tcp(address: Address, backlog: int, what: str) -> stdsocket.socket:
             # take IPv4 clients as ::ffff:a.b.c.d (in X-Forwarded-For and affinity keys) and
             # keep a 0.0.0.0 listener from binding the same port.
             raw.setsockopt(stdsocket.IPPROTO_IPV6, stdsocket.IPV6_V6ONLY, 1)
+        # Inherited by every accepted connection (see nodelay_inherited): none sets it itself.
+        raw.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
         raw.bind((address.host, address.port))
         raw.listen(backlog)
     except OSError as exc:
@@ -145,6 +147,8 @@ async def accept_loop(
     the kernel once it is full), never half-served.
     """
     capacity_logged = False
+    # False until the queue was found empty once, if the listener lacked TCP_NODELAY.
+    queued_have_nodelay = nodelay_inherited(sock)
     while True:
         await gate.wait_room()
         await trio.lowlevel.wait_readable(sock)
@@ -156,6 +160,7 @@ async def accept_loop(
             try:
                 conn, peer = sock.accept()
             except BlockingIOError:
+                queued_have_nodelay = True
                 break  # the queue is empty (or the client went away before we took it)
             except OSError as exc:
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
@@ -170,6 +175,8 @@ async def accept_loop(
             gate.take()
             capacity_logged = False
             conn.setblocking(False)
+            if not queued_have_nodelay:
+                _set_nodelay(conn)
             _start_handler(sock, conn, peer, handler, handlers, gate)
         # accept() that never waits would starve every other task under a connection flood.
         await trio.lowlevel.checkpoint()
@@ -188,6 +195,7 @@ async def accept_pending(
     listener closes, and their clients try again elsewhere.
     """
     n = 0
+    queued_have_nodelay = nodelay_inherited(sock)
     await trio.lowlevel.checkpoint()
     while gate.has_room():
         try:
@@ -196,9 +204,33 @@ async def accept_pending(
             return n
         gate.take()
         conn.setblocking(False)
+        if not queued_have_nodelay:
+            _set_nodelay(conn)
         _start_handler(sock, conn, peer, handler, handlers, gate)
         n += 1
     return n
+
+
+def nodelay_inherited(sock: stdsocket.socket) -> bool:
+    """TCP_NODELAY on a listening socket, so that the connections accepted from it have it;
+    False if it was not there yet: the connections already queued then lack it.
+
+    Linux copies the listener's options to each connection when its handshake completes
+    (tests/integration/test_accept_batch.py), which saves a setsockopt per connection: the
+    proxies send a response head as soon as it is whole and must not wait on Nagle.
+    ``bind_tcp`` sets it before ``listen``; a socket handed over by a node that did not
+    (an older version) gets it here, and the accept loop sets it on each connection it
+    takes until it first finds the queue empty. Not a TCP socket: nothing to do."""
+    if sock.family not in (stdsocket.AF_INET, stdsocket.AF_INET6):
+        return True
+    if sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY):
+        return True
+    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+    return False
+
+
+def _set_nodelay(conn: stdsocket.socket) -> None:
+    conn.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
 
 
 def _start_handler(

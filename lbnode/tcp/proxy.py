@@ -117,8 +117,8 @@ class TcpProxy:
 
     async def handle(self, client: socket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
         """``client`` may be an ``ssl.SSLSocket`` whose handshake is done (``protocol = "tls"``):
-        then the bytes are copied through userspace (no splice: they must be decrypted)."""
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        then the bytes are copied through userspace (no splice: they must be decrypted).
+        ``client`` has TCP_NODELAY from its listener (``lbnode.listen.nodelay_inherited``)."""
         if self.access_log is None:
             await self._serve(client, client_ip, None)
             return
