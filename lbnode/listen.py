@@ -152,7 +152,10 @@ async def accept_loop(
     # False until the queue was found empty once, if the listener lacked TCP_NODELAY.
     queued_have_nodelay = nodelay_inherited(sock)
     while True:
-        await gate.wait_room()
+        if not gate.has_room():
+            await gate.wait_room()
+        # Always a park until the next epoll report, also with connections queued: a turn of
+        # the scheduler between batches, so a flood of new connections starves no other task.
         await trio.lowlevel.wait_readable(sock)
         # Take what the kernel's queue holds, up to ACCEPT_BATCH, before waiting again: under a
         # stream of new connections one readiness wait then serves several accepts.
@@ -180,8 +183,9 @@ async def accept_loop(
             if not queued_have_nodelay:
                 _set_nodelay(conn)
             _start_handler(sock, conn, peer, handler, handlers, gate)
-        # accept() that never waits would starve every other task under a connection flood.
-        await trio.lowlevel.checkpoint()
+        # No checkpoint here: the readiness wait above is one (it parks even when the socket is
+        # readable already); another was a scheduler turn more per batch, so per connection
+        # when they come one at a time.
 
 
 async def accept_pending(

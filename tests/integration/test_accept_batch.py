@@ -129,3 +129,40 @@ async def test_a_listener_without_tcp_nodelay_gets_it_and_its_queued_connections
     lsock = _listener()
     assert lsock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
     assert await _nodelay_of_accepted(lsock, 3, 2) == [1, 1, 1, 1, 1]
+
+
+async def test_other_tasks_run_between_batches_of_a_flood() -> None:
+    """The readiness wait between two batches is a scheduler turn (it parks even with the queue
+    full): a task looping on checkpoints sees the flood half taken, not only none or all."""
+    lsock = _listener()
+    port = lsock.getsockname()[1]
+    queued = ACCEPT_BATCH * 3
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(queued)]
+    gate = ConnectionGate(None)
+    seen: set[int] = set()  # connections accepted so far, at each turn of the other task
+    served = 0
+    done = trio.Event()
+
+    async def other() -> None:
+        while True:
+            seen.add(gate.accepted)
+            await trio.lowlevel.checkpoint()
+
+    async def handler(conn: socket.socket, client_ip: str) -> None:
+        nonlocal served
+        served += 1
+        if served == queued:
+            done.set()
+
+    try:
+        async with trio.open_nursery() as handlers:
+            handlers.start_soon(other)
+            handlers.start_soon(accept_loop, lsock, handler, handlers, gate, "t")
+            with trio.fail_after(5):  # all are queued already: a loop turn each batch
+                await done.wait()
+            handlers.cancel_scope.cancel()
+    finally:
+        for c in clients:
+            c.close()
+        lsock.close()
+    assert any(0 < n < queued for n in seen), seen
