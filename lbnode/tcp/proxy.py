@@ -269,7 +269,8 @@ class TcpProxy:
         ctx = PickContext(client_ip=client_ip, hash_key=hash_key)
         stickiness = pool.stickiness if pool.stickiness is not None and pool.stickiness.mode == "source_ip" else None
         bound_to = stickiness.remembered(client_ip, _no_headers, trio.current_time(), 0.0)[0] if stickiness else None
-        preferred = pool.sticky(bound_to, trio.current_time())
+        # (sticky() of None is None: no clock read for the sessions that are bound to nothing)
+        preferred = pool.sticky(bound_to, trio.current_time()) if bound_to is not None else None
         if stickiness is not None:
             if preferred is not None:
                 pool.stats.affinity_hits += 1
@@ -279,10 +280,12 @@ class TcpProxy:
         tried: set[int] = set()
         backend: BackendState | None
         while len(tried) <= spec.retries:
+            # One clock read per attempt: the choice and the connect's start are the same moment
+            # (nothing waits between them but a queue for room, which reads the clock again).
+            now = trio.current_time()
             if preferred is not None:
                 backend, preferred = preferred, None
             else:
-                now = trio.current_time()
                 exclude = frozenset(tried)
                 backend = pool.choose(ctx, now, exclude, retry=bool(tried))
                 # Every usable backend at max_connections: wait in the pool's FIFO queue.
@@ -304,7 +307,7 @@ class TcpProxy:
                 entry.attempts += 1
             # Counted while connecting too, so Backend.max_connections holds under a burst.
             backend.connections += 1
-            start = trio.current_time()
+            start = now
             try:
                 upstream = await open_backend(backend.spec.address, timeout, spec.tls, preamble)
             except (ConnectFailed, OSError) as exc:
