@@ -1,4 +1,4 @@
-"""``python -m bench.opcount``: Python bytecode instructions per L7 keep-alive request, by function.
+"""``python -m bench.opcount``: Python bytecode instructions per request or per new connection, by function.
 
 CPU time per request (``bench.cpu_ab``) moves by 5-10% from one run to the next on a
 shared machine, so a change worth 1-2% of a request cannot be seen in it. The number of
@@ -10,6 +10,13 @@ after the other on one keep-alive connection (``GET /small``, as wrk does), and 
 loaded into the node (``sys.settrace`` with opcode events, switched on and off by two
 real-time signals) counts the instructions of every function while they are served, and the garbage
 collections by generation meanwhile.
+
+``--mode`` picks what one unit of work is (issue 13 measures new connections as well as
+requests): ``keepalive`` (the default, above), ``close`` (each request on a new connection
+to the http listener with ``Connection: close``, read until the node closes it, so the
+accept and the close path are counted) and ``l4`` (the same exchange on a new connection
+to the tcp listener in front of the same backend: a new backend connection each time).
+Figures are then per connection.
 
 What it does not see: time in C (llhttp, the system calls, ``bytes.join``, dict
 lookups), which costs far more per call than an instruction, and the batching of a
@@ -33,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.configs import HOST, SMALL_PATH, fulcrum_config
+from bench.configs import HOST, SMALL_PATH, Ports, fulcrum_config
 from bench.cpu_ab import REPO, _export
 from bench.harness import Context, Options, StartError, pick_port, ports_of
 
@@ -97,6 +104,29 @@ def per_request(counts: dict[str, int], requests: int) -> dict[str, float]:
     return {k: v / requests for k, v in counts.items()}
 
 
+MODES = ("keepalive", "close", "l4")
+
+
+def _read_response(sock: socket.socket) -> None:
+    """Read one whole ``200`` response (framed by Content-Length) from ``sock``."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise StartError("the node closed the connection")
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise StartError(f"unexpected response {head[:40]!r}")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        data = sock.recv(65536)
+        if not data:
+            raise StartError("the node closed the connection in the middle of a body")
+        body += data
+
+
 class Client:
     """One keep-alive connection sending ``GET /small`` and reading each whole response."""
 
@@ -106,26 +136,47 @@ class Client:
 
     def one(self) -> None:
         self.sock.sendall(self.request)
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise StartError("the node closed the connection")
-            buf += data
-        head, _, body = buf.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise StartError(f"unexpected response {head[:40]!r}")
-        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
-        while len(body) < length:
-            body += self.sock.recv(65536)
+        _read_response(self.sock)
 
     def close(self) -> None:
         self.sock.close()
 
 
-def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int]) -> dict[str, int]:
-    """Instructions by function over ``requests`` requests served by the lbnode of ``tree``."""
+class NewConnectionClient:
+    """A new connection per ``GET /small`` with ``Connection: close``, read until the node closes it.
+
+    Waiting for the node's FIN (not only the body) keeps the node's close path inside the
+    counted window, and the next connection from starting while the last one is torn down.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.request = (f"GET {SMALL_PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+                        "Connection: close\r\n\r\n").encode()
+
+    def one(self) -> None:
+        with socket.create_connection((HOST, self.port)) as sock:
+            sock.sendall(self.request)
+            _read_response(sock)
+            sock.settimeout(5.0)
+            while sock.recv(65536):  # the rest, until the node's FIN
+                pass
+
+    def close(self) -> None:
+        pass
+
+
+def client_for(mode: str, ports: Ports) -> Client | NewConnectionClient:
+    """The client of ``mode``: keep-alive or close on the http listener, l4 on the tcp one."""
+    if mode == "keepalive":
+        return Client(ports.fulcrum_web)
+    return NewConnectionClient(ports.fulcrum_bulk if mode == "l4" else ports.fulcrum_web)
+
+
+def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
+          mode: str = "keepalive") -> dict[str, int]:
+    """Instructions by function over ``requests`` requests (connections but in ``keepalive``
+    mode) served by the lbnode of ``tree``."""
     ports = dataclasses.replace(
         ctx.ports,
         fulcrum_web=pick_port(29280 + 10 * i, taken),
@@ -140,8 +191,8 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int]) -> d
              .replace("STOP", str(int(STOP))).replace("OUT", repr(str(out))))
     argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", probe, "run", "--config", str(conf)]
     proc = ctx.spawn(f"ops{i}", argv)
-    proc.wait_ready([ports.fulcrum_web], ctx.opts.start_timeout)
-    client = Client(ports.fulcrum_web)
+    proc.wait_ready([ports.fulcrum_web, ports.fulcrum_bulk], ctx.opts.start_timeout)
+    client = client_for(mode, ports)
     try:
         for _ in range(50):  # warm-up: the backend connection, caches
             client.one()
@@ -159,7 +210,7 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int]) -> d
         proc.stop()
 
 
-def _phase(pid: int, start: int, client: Client, requests: int, out: Path) -> dict[str, int]:
+def _phase(pid: int, start: int, client: Client | NewConnectionClient, requests: int, out: Path) -> dict[str, int]:
     out.unlink(missing_ok=True)
     os.kill(pid, start)
     time.sleep(0.2)
@@ -175,16 +226,16 @@ def _phase(pid: int, start: int, client: Client, requests: int, out: Path) -> di
     return counts
 
 
-def report(name: str, counts: dict[str, float], top: int) -> list[str]:
+def report(name: str, counts: dict[str, float], top: int, unit: str = "request") -> list[str]:
     by_area: dict[str, float] = collections.defaultdict(float)
     for k, v in counts.items():
         by_area[area(k)] += v
     total = sum(v for k, v in counts.items() if area(k) != "gc")
-    lines = [f"{name}: {total:.0f} instructions per request ("
+    lines = [f"{name}: {total:.0f} instructions per {unit} ("
              + ", ".join(f"{a} {by_area[a]:.0f}" for a in ("lbnode", "trio", "other")) + ")"]
     gcs = [f"{1000 * v:.2f}" for k, v in sorted(counts.items()) if area(k) == "gc"]
     if gcs:
-        lines.append(f"  garbage collections per 1000 requests, generations 0/1/2: {'/'.join(gcs)}")
+        lines.append(f"  garbage collections per 1000 {unit}s, generations 0/1/2: {'/'.join(gcs)}")
     for k, v in sorted(((k, v) for k, v in counts.items() if area(k) != "gc"), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {v:7.1f}  {k}")
     return lines
@@ -201,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.opcount", description=__doc__.splitlines()[0])
     p.add_argument("--rev", action="append", help="a git revision to count (repeatable)")
     p.add_argument("--tree", action="append", type=Path, help="a directory holding lbnode/ (repeatable)")
-    p.add_argument("--requests", type=int, default=300, help="requests counted per tree (default 300)")
+    p.add_argument("--mode", choices=MODES, default="keepalive",
+                   help="keepalive: requests on one connection; close: a new http connection per "
+                        "request; l4: a new tcp-listener connection per exchange (default keepalive)")
+    p.add_argument("--requests", type=int, default=300,
+                   help="requests (connections in close and l4 modes) counted per tree (default 300)")
     p.add_argument("--top", type=int, default=40, help="functions listed (default 40)")
     args = p.parse_args(argv)
+    unit = "request" if args.mode == "keepalive" else "connection"
     tmp = Path(tempfile.mkdtemp(prefix="opcount-"))
     trees: list[tuple[str, Path]] = []
     for rev in args.rev or []:
@@ -218,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         taken = set(ports_of(ctx.ports))
         results = []
         for i, (name, tree) in enumerate(trees):
-            counts = per_request(count(ctx, tree, i, args.requests, taken), args.requests)
+            counts = per_request(count(ctx, tree, i, args.requests, taken, args.mode), args.requests)
             results.append(counts)
-            print("\n".join(report(name, counts, args.top)), flush=True)
+            print("\n".join(report(name, counts, args.top, unit)), flush=True)
         if len(results) >= 2:
-            print(f"{trees[1][0]} - {trees[0][0]}, per request:")
+            print(f"{trees[1][0]} - {trees[0][0]}, per {unit}:")
             print("\n".join(compare(results[0], results[1], args.top)))
     except StartError as exc:
         print(f"opcount: {exc}", file=sys.stderr)

@@ -10,11 +10,13 @@ drain can stop accepting while in-flight connections finish.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket as stdsocket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -53,6 +55,8 @@ def bind_tcp(address: Address, backlog: int, what: str) -> stdsocket.socket:
             # take IPv4 clients as ::ffff:a.b.c.d (in X-Forwarded-For and affinity keys) and
             # keep a 0.0.0.0 listener from binding the same port.
             raw.setsockopt(stdsocket.IPPROTO_IPV6, stdsocket.IPV6_V6ONLY, 1)
+        # Inherited by every accepted connection (see nodelay_inherited): none sets it itself.
+        raw.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
         raw.bind((address.host, address.port))
         raw.listen(backlog)
     except OSError as exc:
@@ -125,7 +129,9 @@ class ConnectionGate:
     def release(self) -> None:
         self.in_use -= 1
         # Every waiter looks again (a node gate's waiters are one accept loop per listener).
-        self._room.unpark_all()
+        # Nearly always there is none: unpark_all would still cost ~50 instructions a connection.
+        if len(self._room):
+            self._room.unpark_all()
         if self._parent is not None:
             self._parent.release()
 
@@ -145,8 +151,19 @@ async def accept_loop(
     the kernel once it is full), never half-served.
     """
     capacity_logged = False
+    # False until the queue was found empty once, if the listener lacked TCP_NODELAY.
+    queued_have_nodelay = nodelay_inherited(sock)
+    # What socket.accept() does, less its reading of the listener's family and type back as
+    # enums for every connection (~110 Python instructions a connection): the C accept (the
+    # same accept4 call) and a socket object for the descriptor, with the listener's
+    # family, type and protocol taken once here.
+    raw_accept: Callable[[], tuple[int, Any]] = sock._accept  # type: ignore[attr-defined]
+    new_socket = functools.partial(stdsocket.socket, sock.family, sock.type, sock.proto)
     while True:
-        await gate.wait_room()
+        if not gate.has_room():
+            await gate.wait_room()
+        # Always a park until the next epoll report, also with connections queued: a turn of
+        # the scheduler between batches, so a flood of new connections starves no other task.
         await trio.lowlevel.wait_readable(sock)
         # Take what the kernel's queue holds, up to ACCEPT_BATCH, before waiting again: under a
         # stream of new connections one readiness wait then serves several accepts.
@@ -154,8 +171,9 @@ async def accept_loop(
             if not gate.has_room():
                 break  # another listener took the node's last place meanwhile
             try:
-                conn, peer = sock.accept()
+                fd, peer = raw_accept()
             except BlockingIOError:
+                queued_have_nodelay = True
                 break  # the queue is empty (or the client went away before we took it)
             except OSError as exc:
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
@@ -167,12 +185,16 @@ async def accept_loop(
                 if exc.errno in ACCEPT_PEER_ERRNOS:
                     continue  # that one client is gone; the listener is fine
                 raise
+            conn = new_socket(fileno=fd)
             gate.take()
             capacity_logged = False
             conn.setblocking(False)
+            if not queued_have_nodelay:
+                _set_nodelay(conn)
             _start_handler(sock, conn, peer, handler, handlers, gate)
-        # accept() that never waits would starve every other task under a connection flood.
-        await trio.lowlevel.checkpoint()
+        # No checkpoint here: the readiness wait above is one (it parks even when the socket is
+        # readable already); another was a scheduler turn more per batch, so per connection
+        # when they come one at a time.
 
 
 async def accept_pending(
@@ -188,6 +210,7 @@ async def accept_pending(
     listener closes, and their clients try again elsewhere.
     """
     n = 0
+    queued_have_nodelay = nodelay_inherited(sock)
     await trio.lowlevel.checkpoint()
     while gate.has_room():
         try:
@@ -196,9 +219,33 @@ async def accept_pending(
             return n
         gate.take()
         conn.setblocking(False)
+        if not queued_have_nodelay:
+            _set_nodelay(conn)
         _start_handler(sock, conn, peer, handler, handlers, gate)
         n += 1
     return n
+
+
+def nodelay_inherited(sock: stdsocket.socket) -> bool:
+    """TCP_NODELAY on a listening socket, so that the connections accepted from it have it;
+    False if it was not there yet: the connections already queued then lack it.
+
+    Linux copies the listener's options to each connection when its handshake completes
+    (tests/integration/test_accept_batch.py), which saves a setsockopt per connection: the
+    proxies send a response head as soon as it is whole and must not wait on Nagle.
+    ``bind_tcp`` sets it before ``listen``; a socket handed over by a node that did not
+    (an older version) gets it here, and the accept loop sets it on each connection it
+    takes until it first finds the queue empty. Not a TCP socket: nothing to do."""
+    if sock.family not in (stdsocket.AF_INET, stdsocket.AF_INET6):
+        return True
+    if sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY):
+        return True
+    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+    return False
+
+
+def _set_nodelay(conn: stdsocket.socket) -> None:
+    conn.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
 
 
 def _start_handler(

@@ -191,31 +191,50 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, object]:
 
 
 async def connect(address: Address, timeout: float) -> socket.socket:
-    """A connected non-blocking socket with TCP_NODELAY, or ConnectFailed."""
-    with trio.move_on_after(timeout) as scope:
-        family, sockaddr = await _resolve(address)
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # EMFILE and friends: this node is out of sockets
-            raise ConnectFailed(f"cannot open a socket: {exc.strerror}") from None
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex(sockaddr)
-            if err == errno.EINPROGRESS:
+    """A connected non-blocking socket with TCP_NODELAY, or ConnectFailed.
+
+    ``timeout`` bounds the name's resolution and the connect. The connect's wait is timed
+    by ``Deadlines`` rather than a cancel scope: an L4 session connects once, and entering
+    and leaving a scope was a sixth of a short session's Python instructions. A host name
+    (rare: backends are addresses) is resolved inside a scope. The socket is created
+    non-blocking (``SOCK_NONBLOCK``: no ``ioctl`` after it)."""
+    deadline = trio.current_time() + timeout
+    resolved = _numeric(address)
+    if resolved is None:
+        with trio.move_on_at(deadline):
+            resolved = await _resolve(address)
+        if resolved is None:
+            raise ConnectFailed(f"connect timeout after {timeout:g}s", timed_out=True)
+    family, sockaddr = resolved
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    except OSError as exc:  # EMFILE and friends: this node is out of sockets
+        raise ConnectFailed(f"cannot open a socket: {exc.strerror}") from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(sockaddr)
+        if err == errno.EINPROGRESS:
+            deadlines = current_deadlines()
+            entry = deadlines.arm(sock, deadline)
+            try:
                 await trio.lowlevel.wait_writable(sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise ConnectFailed(_describe(err))
-            return sock
-        except BaseException:
-            sock.close()
-            raise
-    assert scope.cancelled_caught
-    raise ConnectFailed(f"connect timeout after {timeout:g}s", timed_out=True)
+            except trio.ClosedResourceError:
+                if not entry[3]:
+                    raise
+                raise ConnectFailed(f"connect timeout after {timeout:g}s", timed_out=True) from None
+            finally:
+                deadlines.disarm(entry)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise ConnectFailed(_describe(err))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
-async def _resolve(address: Address) -> tuple[int, tuple[object, ...]]:
+def _numeric(address: Address) -> tuple[int, tuple[object, ...]] | None:
+    """The family and address of an IP literal (no lookup), or None for a host name."""
     host = address.host
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
@@ -223,6 +242,11 @@ async def _resolve(address: Address) -> tuple[int, tuple[object, ...]]:
         except OSError:
             continue
         return family, (host, address.port)
+    return None
+
+
+async def _resolve(address: Address) -> tuple[int, tuple[object, ...]]:
+    host = address.host
     try:
         infos = await trio.socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

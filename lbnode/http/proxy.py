@@ -403,8 +403,8 @@ class HttpProxy:
     # ------------------------------------------------------------------ connection
     async def handle(self, sock: stdsocket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
         """A plain connection; or (``tls_headers`` not None) one whose TLS handshake is done,
-        with the client certificate's header lines (b"" when none)."""
-        sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        with the client certificate's header lines (b"" when none). The socket has TCP_NODELAY
+        from its listener (``lbnode.listen.nodelay_inherited``)."""
         if tls_headers is None:
             conn = ClientConn(sock, client_ip, self.listener.max_header_bytes, self.forwarded_port, self.io)
         else:

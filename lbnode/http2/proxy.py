@@ -67,7 +67,7 @@ class Http2Proxy(HttpProxy):
         return False
 
     async def _serve_h2(self, sock: stdsocket.socket, client_ip: str, forwarded: bytes, tls: bool) -> None:
-        sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        # TCP_NODELAY: the listener's, inherited (lbnode.listen.nodelay_inherited).
         session = H2Session(self, sock, client_ip, forwarded, tls)
         self._sessions.add(session)
         if self.node.draining:

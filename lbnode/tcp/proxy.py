@@ -117,8 +117,8 @@ class TcpProxy:
 
     async def handle(self, client: socket.socket, client_ip: str, tls_headers: bytes | None = None) -> None:
         """``client`` may be an ``ssl.SSLSocket`` whose handshake is done (``protocol = "tls"``):
-        then the bytes are copied through userspace (no splice: they must be decrypted)."""
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        then the bytes are copied through userspace (no splice: they must be decrypted).
+        ``client`` has TCP_NODELAY from its listener (``lbnode.listen.nodelay_inherited``)."""
         if self.access_log is None:
             await self._serve(client, client_ip, None)
             return
@@ -184,7 +184,12 @@ class TcpProxy:
             # least_latency learns from the connect time: a session's length says
             # nothing about the backend's speed.
             pool.finished(backend, connect_time, trio.current_time())
-            _close(upstream)
+            # A plain close, no trio.lowlevel.notify_closing: no task waits on the socket any
+            # more (the pumps' nursery has ended, the connect's deadline is disarmed), and
+            # notify_closing's EPOLL_CTL_DEL was a system call per session for nothing (the
+            # kernel drops a closed descriptor from the epoll set; Trio kept no entry for it
+            # once its last wait ended). The client socket is closed the same way.
+            upstream.close()
             if entry is not None:
                 entry.bytes_in, entry.bytes_out = moved
 
@@ -264,7 +269,8 @@ class TcpProxy:
         ctx = PickContext(client_ip=client_ip, hash_key=hash_key)
         stickiness = pool.stickiness if pool.stickiness is not None and pool.stickiness.mode == "source_ip" else None
         bound_to = stickiness.remembered(client_ip, _no_headers, trio.current_time(), 0.0)[0] if stickiness else None
-        preferred = pool.sticky(bound_to, trio.current_time())
+        # (sticky() of None is None: no clock read for the sessions that are bound to nothing)
+        preferred = pool.sticky(bound_to, trio.current_time()) if bound_to is not None else None
         if stickiness is not None:
             if preferred is not None:
                 pool.stats.affinity_hits += 1
@@ -274,10 +280,12 @@ class TcpProxy:
         tried: set[int] = set()
         backend: BackendState | None
         while len(tried) <= spec.retries:
+            # One clock read per attempt: the choice and the connect's start are the same moment
+            # (nothing waits between them but a queue for room, which reads the clock again).
+            now = trio.current_time()
             if preferred is not None:
                 backend, preferred = preferred, None
             else:
-                now = trio.current_time()
                 exclude = frozenset(tried)
                 backend = pool.choose(ctx, now, exclude, retry=bool(tried))
                 # Every usable backend at max_connections: wait in the pool's FIFO queue.
@@ -299,7 +307,7 @@ class TcpProxy:
                 entry.attempts += 1
             # Counted while connecting too, so Backend.max_connections holds under a burst.
             backend.connections += 1
-            start = trio.current_time()
+            start = now
             try:
                 upstream = await open_backend(backend.spec.address, timeout, spec.tls, preamble)
             except (ConnectFailed, OSError) as exc:
@@ -658,9 +666,3 @@ async def _copy_one_way(
             since_yield = 0
             await trio.lowlevel.checkpoint()
     half_close(dst)
-
-
-def _close(sock: socket.socket | TlsSocket) -> None:
-    if sock.fileno() != -1:
-        trio.lowlevel.notify_closing(sock)
-        sock.close()

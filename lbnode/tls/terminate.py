@@ -114,7 +114,7 @@ class TlsTerminator:
         sock.fulcrum_failure = kind  # type: ignore[attr-defined]  # read by handle() when the handshake fails
 
     async def handle(self, sock: stdsocket.socket, client_ip: str) -> None:
-        sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        # TCP_NODELAY: the listener's, inherited (lbnode.listen.nodelay_inherited).
         if self.clock() >= self._context_until:
             self.new_ticket_keys()
         deadline = trio.current_time() + self.settings.handshake_timeout

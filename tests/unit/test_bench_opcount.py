@@ -33,3 +33,10 @@ def test_garbage_collections_are_reported_per_1000_requests_and_left_out_of_the_
     assert lines[0] == "x: 2 instructions per request (lbnode 2, trio 0, other 0)"
     assert lines[1] == "  garbage collections per 1000 requests, generations 0/1/2: 3.00/0.00/0.00"
     assert lines[2:] == ["      2.0  lbnode/a.py:f"]
+
+
+def test_new_connection_modes_report_per_connection() -> None:
+    counts = per_request({"lbnode/a.py:f": 600, "gc:collections of generation 0": 0}, 3)
+    lines = report("x", counts, top=1, unit="connection")
+    assert lines[0] == "x: 200 instructions per connection (lbnode 200, trio 0, other 0)"
+    assert lines[1] == "  garbage collections per 1000 connections, generations 0/1/2: 0.00"
