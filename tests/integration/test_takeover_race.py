@@ -19,8 +19,14 @@ from pathlib import Path
 
 from tests.conftest import free_port
 from tests.integration.test_node_process import Spawn, wait_log, wait_until
-from tests.integration.test_reload import assert_seamless, backend_of, lbnode, refused, under_load
-from tests.integration.test_workers_reload import WorkersSite
+from tests.integration.test_reload import (
+    Site,
+    assert_seamless,
+    backend_of,
+    lbnode,
+    refused,
+    under_load,
+)
 
 
 def test_a_reload_during_a_takeover_is_refused_and_the_takeover_goes_on(spawn: Spawn, tmp_path: Path) -> None:
@@ -31,7 +37,7 @@ def test_a_reload_during_a_takeover_is_refused_and_the_takeover_goes_on(spawn: S
     pid; under load nothing fails; after SIGCONT the takeover completes, the listener the
     refused reload would have removed is still served, and the same reload then reaches the
     new process."""
-    site = WorkersSite(spawn, tmp_path)
+    site = Site(spawn, tmp_path, workers=2)
     extra = free_port()
     site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa"), ("extra", "http", extra, "pa")])
     old = spawn("-m", "lbnode.cli", "run", "--config", str(site.config), name="node")
@@ -89,7 +95,7 @@ def test_a_takeover_during_a_reload_is_refused_and_the_reload_completes(spawn: S
     `lbnode run --takeover` started right after the SIGHUP connects within that (its
     interpreter start is 1.1-1.7 s on 2 busy cores: about 3x margin) and is refused in one
     line; the reload completes, and a takeover after it succeeds."""
-    site = WorkersSite(spawn, tmp_path)
+    site = Site(spawn, tmp_path, workers=2)
     site.write([("web", "http", site.web, "pa"), ("tcp", "tcp", site.tcp, "pa")])
     old = spawn("-m", "lbnode.cli", "run", "--config", str(site.config), name="node")
     wait_log(old, r"2 workers serving", timeout=30)
