@@ -5,6 +5,11 @@ connections at full speed. Runs alternate Fulcrum, HAProxy, Fulcrum, ... (three 
 so that a drift of the machine hits both alike; the table gives every run and the
 medians. Target (issue 10): Fulcrum's median p99 <= 0.5x HAProxy's best p99 of the same
 run, with under 1% of requests reaching the slow backend. Talks to 127.0.0.1 only.
+
+Each round also runs both balancers in front of the two fast backends alone (the slow one
+still running, idle): the floor, what p99 is on this machine with no slow backend at all. A
+p99 near the floor is the harness's and the balancer's own queueing on 2 cores, not the
+slow backend's doing; the target is read against it (``render``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from bench.procstat import process_tree, tree_cpu_seconds
 from bench.tables import fmt_num, render_table
 
 CONNECTIONS = 16  # the issue's scenario: 16 closed-loop connections
+FLOOR = ", fast backends only"  # the name's suffix of the floor rows
 DELAY_MS = 20.0  # the slow backend's extra latency
 ROUNDS = 3  # runs per balancer, interleaved
 TAIL_TARGET = 0.5  # Fulcrum p99 <= 0.5x HAProxy's best p99
@@ -95,22 +101,30 @@ def run(ctx: Context) -> str:
     slow = ctx.spawn("slow-backend", ctx._pinned([sys.executable, str(ctx.repo / "bench" / "slow_backend.py"),
                                                   "--port", str(slow_port), "--delay-ms", str(DELAY_MS)], ctx.client_cpu))
     slow.wait_ready([slow_port], ctx.opts.start_timeout)
-    fulcrum = ctx.fulcrum(
-        fulcrum_tail_config(fulcrum_port, fulcrum_admin, backends, str(ctx.tmp / "tail-state")),
-        key="fulcrum-tail", ready_ports=[fulcrum_port], admin_port=fulcrum_admin,
-    )
-    conf = ctx.tmp / "haproxy-tail.cfg"
-    conf.write_text(haproxy_tail_config(haproxy_port, backends))
-    haproxy = ctx.spawn("haproxy-tail", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
-    haproxy.wait_ready([haproxy_port], ctx.opts.start_timeout)
+    floor_ports = (pick_port(27530, taken), pick_port(27531, taken), pick_port(27540, taken))
+    balancers: list[tuple[str, int, int]] = []
+    for variant, pool, (port, admin, hport) in (("", backends, (fulcrum_port, fulcrum_admin, haproxy_port)),
+                                                (FLOOR, backends[:2], floor_ports)):
+        key = "tail" if not variant else "tail-floor"
+        fulcrum = ctx.fulcrum(
+            fulcrum_tail_config(port, admin, pool, str(ctx.tmp / f"{key}-state")),
+            key=f"fulcrum-{key}", ready_ports=[port], admin_port=admin,
+        )
+        balancers.append((f"Fulcrum least_latency{variant}", port, fulcrum.pid))
+        conf = ctx.tmp / f"haproxy-{key}.cfg"
+        conf.write_text(haproxy_tail_config(hport, pool))
+        haproxy = ctx.spawn(f"haproxy-{key}", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)
+        haproxy.wait_ready([hport], ctx.opts.start_timeout)
+        balancers.append((f"HAProxy leastconn{variant}", hport, haproxy.pid))
     opts = dataclasses.replace(ctx.opts, connections=CONNECTIONS)
     run_ctx = _WithOptions(ctx, opts)
     rows: list[tuple[str, L7Row, float | None]] = []
     with _on_cpu([fast.pid], ctx.client_cpu):
-        _rounds(run_ctx, rows, fulcrum_port, fulcrum.pid, haproxy_port, haproxy.pid, slow_port)
+        _rounds(run_ctx, rows, balancers, slow_port)
     del fast
-    ctx.stop("fulcrum-tail")
-    ctx.stop("haproxy-tail")
+    for key in ("tail", "tail-floor"):
+        ctx.stop(f"fulcrum-{key}")
+        ctx.stop(f"haproxy-{key}")
     ctx.stop("slow-backend")
     return render(rows)
 
@@ -142,11 +156,10 @@ def _on_cpu(roots: list[int], cpu: int | None) -> Iterator[None]:
                 pass
 
 
-def _rounds(run_ctx: object, rows: list[tuple[str, L7Row, float | None]], fulcrum_port: int, fulcrum_pid: int,
-            haproxy_port: int, haproxy_pid: int, slow_port: int) -> None:
+def _rounds(run_ctx: object, rows: list[tuple[str, L7Row, float | None]], balancers: list[tuple[str, int, int]],
+            slow_port: int) -> None:
     for round_ in range(1, ROUNDS + 1):
-        for name, port, pid in (("Fulcrum least_latency", fulcrum_port, fulcrum_pid),
-                                ("HAProxy leastconn", haproxy_port, haproxy_pid)):
+        for name, port, pid in balancers:
             row, share = _measure(run_ctx, f"{name} ({round_})", port, pid, slow_port)
             rows.append((name, row, share))
             p99 = fmt_num(row.p99_ms, 2) if not row.failed else row.failed
@@ -189,9 +202,13 @@ def render(rows: Sequence[tuple[str, L7Row, float | None]]) -> str:
          for _, r, share in rows],
         "lrrrrrr",
     )
-    ours = [r.p99_ms for n, r, _ in rows if n.startswith("Fulcrum") and r.p99_ms is not None and not r.errors]
-    theirs = [r.p99_ms for n, r, _ in rows if n.startswith("HAProxy") and r.p99_ms is not None]
-    shares = [s for n, r, s in rows if n.startswith("Fulcrum") and s is not None]
+    def p99s(prefix: str, floor: bool) -> list[float]:
+        return [r.p99_ms for n, r, _ in rows if n.startswith(prefix) and n.endswith(FLOOR) == floor
+                and r.p99_ms is not None and not r.errors]
+
+    ours, theirs = p99s("Fulcrum", False), p99s("HAProxy", False)
+    floor_ours, floor_theirs = p99s("Fulcrum", True), p99s("HAProxy", True)
+    shares = [s for n, r, s in rows if n.startswith("Fulcrum") and not n.endswith(FLOOR) and s is not None]
     lines = [table, ""]
     if ours and theirs:
         ratio = statistics.median(ours) / min(theirs)
@@ -205,4 +222,12 @@ def render(rows: Sequence[tuple[str, L7Row, float | None]]) -> str:
         )
     else:
         lines.append("Target not evaluated: a balancer has no successful run.")
+    if floor_ours and floor_theirs:
+        lines.append(
+            f"\nFloor (the two fast backends alone): Fulcrum p99 median {statistics.median(floor_ours):.2f} ms "
+            f"(runs {min(floor_ours):.2f}-{max(floor_ours):.2f}), HAProxy median {statistics.median(floor_theirs):.2f} ms "
+            f"(runs {min(floor_theirs):.2f}-{max(floor_theirs):.2f}). With the slow backend, Fulcrum's p99 is "
+            f"{statistics.median(ours) / statistics.median(floor_ours):.2f}x its floor and HAProxy's "
+            f"{statistics.median(theirs) / statistics.median(floor_theirs):.2f}x its own."
+            if ours and theirs else "\nFloor rows: see the table.")
     return "\n".join(lines)
