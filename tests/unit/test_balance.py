@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lbnode.balance import PickContext, Policy, WeightedRoundRobin, make_policy
 from lbnode.balance.keys import extract_hash_key
-from lbnode.balance.power_of_two import LeastLatency
+from lbnode.balance.power_of_two import PROBE_EVERY, PROBE_INTERVAL, LeastLatency
 from lbnode.balance.round_robin import SCHEDULE_BUDGET, smooth_schedule
 from lbnode.model import ALGORITHMS, Address, Backend, Pool
 
@@ -385,6 +385,27 @@ def test_least_latency_keeps_a_slow_backend_under_one_percent_at_saturation() ->
     counts, _ = closed_loop(policy("least_latency", (1, 1, 1)), saturated(), clients=16, requests=50_000)
     assert 0 < counts[2] < 0.01 * sum(counts), counts  # probed, but under 1%
     assert abs(counts[0] - counts[1]) < 0.05 * sum(counts), counts  # the fast two share the rest
+
+
+def test_least_latency_probes_a_slow_backend_at_most_once_per_probe_interval_at_high_load() -> None:
+    # At saturation 256 lost pairs pass in milliseconds: the probes are bounded by time too,
+    # since each holds a closed-loop client for the slow backend's whole delay (wrk counts
+    # the requests it could not send meanwhile as late: 0.26% of probes set its p99).
+    p = policy("least_latency", (1, 1, 1))
+    clock: list[float] = []
+
+    def latency(i: int, in_flight: int, now: float) -> float:
+        clock.append(now)
+        return saturated()(i, in_flight, now)
+
+    counts, _ = closed_loop(p, latency, clients=16, requests=50_000)
+    seconds = clock[-1]
+    assert seconds > 5, seconds  # long enough for the bound to mean something
+    # one probe per PROBE_INTERVAL, plus the 16 first requests (sent before any answer, when
+    # no backend is known to be slow)
+    assert 0 < counts[2] <= seconds / PROBE_INTERVAL + 16, (counts, seconds)
+    # the pick bound alone gave about 0.66 / PROBE_EVERY here (the slow one is in two pairs of three)
+    assert counts[2] < 0.5 * sum(counts) / PROBE_EVERY, counts
 
 
 def test_least_latency_keeps_a_slow_backend_under_one_percent_at_low_load() -> None:
