@@ -1,11 +1,13 @@
 """deploy/prometheus and the `prometheus_targets` role: the role, run by ansible-playbook on
 localhost against an inventory of lbnode hosts, writes a file_sd file that promtool accepts
-together with the shipped scrape config, and refuses nodes Prometheus could not reach."""
+together with the shipped scrape config, a scrape job with the nodes' admin token and TLS that
+promtool accepts, and refuses nodes Prometheus could not reach."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -25,6 +27,18 @@ SHIPPED_TARGETS = "/etc/prometheus/file_sd/fulcrum.yml"
 def run_role(tmp_path: Path, inventory: str, variables: dict[str, object]) -> subprocess.CompletedProcess[str]:
     """The role on localhost (group `prometheus`), the lbnode hosts only in the inventory."""
     assert ANSIBLE_PLAYBOOK is not None, "ansible-playbook is not installed: make venv installs ansible-core"
+    certs = tmp_path / "controller-certs"  # what the lbnode role leaves on the controller
+    if not (certs / "admin.token").exists():
+        subprocess.run([str(Path(sys.executable).parent / "lbctl"), "certs", "init", "--dir", str(certs),
+                        "--nodes", "lb1"], check=True, capture_output=True)
+        (certs / "admin.token").write_text(secrets.token_hex(32) + "\n")
+    # the Prometheus host's files under tmp_path, owned by whoever runs the test
+    variables = {"prometheus_targets_certs_dir": str(certs),
+                 "prometheus_targets_secrets_dir": str(tmp_path / "prometheus" / "fulcrum"),
+                 "prometheus_targets_scrape_config_file": str(tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml"),
+                 "prometheus_targets_secrets_owner": os.getuid(), "prometheus_targets_secrets_group": os.getgid(),
+                 "prometheus_targets_owner": os.getuid(), "prometheus_targets_group_owner": os.getgid(),
+                 "prometheus_targets_validate": f"{PROMTOOL} check config %s"} | variables
     (tmp_path / "inventory.ini").write_text(inventory)
     play = [{"hosts": "prometheus", "gather_facts": False, "roles": ["prometheus_targets"]}]
     (tmp_path / "play.yml").write_text(json.dumps(play))
@@ -103,3 +117,44 @@ def test_role_refuses_a_node_whose_admin_prometheus_cannot_reach(tmp_path: Path,
     assert done.returncode != 0
     assert "lb9: lbnode_admin is" in done.stdout and why in done.stdout, done.stdout
     assert not targets.exists()
+
+
+def test_role_writes_a_scrape_job_with_the_admin_token_and_tls_promtool_accepts(tmp_path: Path) -> None:
+    """The nodes' [admin] as the lbnode role sets it up (token, TLS from the cluster CA, a client
+    certificate when client_ca is on): the job sends the token from a file 0640, trusts ca.pem over
+    https and presents the client certificate; promtool reads every file it names."""
+    targets = tmp_path / "file_sd" / "fulcrum.yml"
+    certs = tmp_path / "controller-certs"
+    done = run_role(tmp_path, INVENTORY, {"prometheus_targets_file": str(targets),
+                                          "prometheus_targets_client_cert_src": str(certs / "reader.pem"),
+                                          "prometheus_targets_client_key_src": str(certs / "reader.key")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    scrape = tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml"
+    secrets_dir = tmp_path / "prometheus" / "fulcrum"
+    job = yaml.safe_load(scrape.read_text())["scrape_configs"][0]
+    assert job["scheme"] == "https"
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": str(secrets_dir / "admin.token")}
+    assert job["tls_config"] == {"ca_file": str(secrets_dir / "ca.pem"), "cert_file": str(secrets_dir / "client.pem"),
+                                 "key_file": str(secrets_dir / "client.key")}
+    assert job["file_sd_configs"] == [{"files": [str(targets)]}]
+    assert (secrets_dir / "admin.token").read_text() == (certs / "admin.token").read_text()
+    assert (secrets_dir / "ca.pem").read_text() == (certs / "ca.pem").read_text()
+    for secret in ("admin.token", "client.key"):
+        assert (secrets_dir / secret).stat().st_mode & 0o777 == 0o640, secret
+    checked = subprocess.run([PROMTOOL, "check", "config", str(scrape)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "WARNING" not in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+
+    # the check can fail: promtool stats the token file the job names
+    (secrets_dir / "admin.token").unlink()
+    checked = subprocess.run([PROMTOOL, "check", "config", str(scrape)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode != 0 and "admin.token" in checked.stdout + checked.stderr
+
+
+def test_role_without_token_and_tls_writes_a_plain_job(tmp_path: Path) -> None:
+    targets = tmp_path / "file_sd" / "fulcrum.yml"
+    done = run_role(tmp_path, INVENTORY, {"prometheus_targets_file": str(targets), "prometheus_targets_token": False,
+                                          "prometheus_targets_tls": False})
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = yaml.safe_load((tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml").read_text())["scrape_configs"][0]
+    assert job["scheme"] == "http" and "authorization" not in job and "tls_config" not in job
+    assert not (tmp_path / "prometheus" / "fulcrum").exists()
