@@ -158,3 +158,71 @@ def test_role_without_token_and_tls_writes_a_plain_job(tmp_path: Path) -> None:
     job = yaml.safe_load((tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml").read_text())["scrape_configs"][0]
     assert job["scheme"] == "http" and "authorization" not in job and "tls_config" not in job
     assert not (tmp_path / "prometheus" / "fulcrum").exists()
+
+
+def test_prometheus_with_the_roles_job_scrapes_a_node_with_admin_token_tls_and_client_ca(
+    spawn, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """The job the role writes, run by a real Prometheus against a real lbnode whose [admin] is
+    what the lbnode role gives it (token, certificate of the cluster CA, client_ca = that CA):
+    the job's target is up; the same job without its token is down (the node answers 401)."""
+    import time
+
+    import httpx
+
+    from tests.conftest import free_port, listener_toml, node_toml, pool_toml, wait_port
+
+    prometheus = shutil.which("prometheus")  # the server of Debian's prometheus package
+    if prometheus is None:
+        pytest.fail("prometheus missing: run `make sysdeps-test` (Debian package prometheus)")
+    certs = tmp_path / "controller-certs"
+    done = run_role(tmp_path, INVENTORY, {"prometheus_targets_file": str(tmp_path / "file_sd" / "fulcrum.yml"),
+                                          "prometheus_targets_client_cert_src": str(certs / "reader.pem"),
+                                          "prometheus_targets_client_key_src": str(certs / "reader.key")})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    admin = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(node_toml(
+        listener_toml("front", "http", "web", bind=f"127.0.0.1:{free_port()}"),
+        pool_toml("web", [f"127.0.0.1:{free_port()}"]),
+        # lb1.pem names 127.0.0.1 (every node certificate of `lbctl certs init` does)
+        f'[admin]\ntoken_file = "{certs / "admin.token"}"\ncert = "{certs / "lb1.pem"}"\n'
+        f'key = "{certs / "lb1.key"}"\nclient_ca = "{certs / "ca.pem"}"\n',
+        admin=f"127.0.0.1:{admin}"))
+    spawn("-m", "lbnode.cli", "run", "--config", str(config), name="node")
+    wait_port(admin, timeout=30)  # a node starts in about a second; 30 s for 2 busy cores
+
+    job = yaml.safe_load((tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml").read_text())["scrape_configs"][0]
+    (tmp_path / "targets.yml").write_text(json.dumps([{"targets": [f"127.0.0.1:{admin}"]}]))
+    job["file_sd_configs"] = [{"files": [str(tmp_path / "targets.yml")]}]
+    assert (job["scrape_interval"], job["scrape_timeout"]) == ("15s", "10s")
+    job |= {"scrape_interval": "200ms", "scrape_timeout": "200ms"}  # up is known within a second
+    tokenless = {k: v for k, v in job.items() if k != "authorization"} | {"job_name": "tokenless"}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({"scrape_configs": [job, tokenless]}))
+    port = free_port()
+    spawn_prometheus = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=open(tmp_path / "prometheus.log", "wb"),
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        # Prometheus spreads a job's first scrape over one interval; 30 s for 2 busy cores
+        deadline = time.monotonic() + 30
+        up: dict[str, str] = {}
+        while set(up) != {"fulcrum", "tokenless"}:
+            alive = spawn_prometheus.poll() is None
+            assert alive and time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-3000:]
+            time.sleep(0.2)
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}, timeout=10)
+            except httpx.TransportError:
+                continue  # not listening yet
+            if r.status_code == 200:
+                up = {s["metric"]["job"]: s["value"][1] for s in r.json()["data"]["result"]}
+        assert up == {"fulcrum": "1", "tokenless": "0"}, up
+        targets = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        errors = {t["labels"]["job"]: t["lastError"] for t in targets}
+        assert errors["fulcrum"] == "" and "401" in errors["tokenless"], errors
+    finally:
+        spawn_prometheus.terminate()
+        spawn_prometheus.wait(timeout=30)
