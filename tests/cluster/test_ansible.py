@@ -71,6 +71,10 @@ class Host:
         return f"{self.address}:7443"
 
     @property
+    def admin_endpoint(self) -> str:
+        return f"{self.address}:7070"
+
+    @property
     def certs(self) -> Path:
         """Where the playbook put this node's certificates."""
         return self.root / "etc" / "fulcrum" / "certs"
@@ -92,6 +96,8 @@ class Host:
             "lbnode_run_dir": str(r / "run"),
             "lbnode_log_dir": str(r / "log"),
             "lbnode_control_bind": self.control_endpoint,
+            # reachable from the controller: the role then turns admin TLS on (and the token, always)
+            "lbnode_admin": self.admin_endpoint,
             # One process per node: the test finds each node by its pid file and reads one log;
             # the role's default ("auto") is rendered and checked by test_ansible_units.py.
             "lbnode_workers": 1,
@@ -149,7 +155,6 @@ class Deployment:
             "lbnode_create_user": False,
             "lbnode_user": "root",
             "lbnode_group": "root",
-            "lbnode_admin": "127.0.0.1:7070",
             "lbnode_drain_timeout": 1,
             "lbnode_lease_ttl": "2s",
             "lbnode_vips": [{"address": f"{VIP}/24"}],
@@ -463,10 +468,12 @@ def test_the_certificates_are_distributed_without_the_ca_key(deployment: Deploym
     for host in deployment.hosts:
         names = sorted(p.name for p in host.certs.iterdir())
         assert names == sorted(["ca.pem", f"{host.name}.pem", f"{host.name}.key",
-                                "etcd-ca.pem", "etcd-client.pem", "etcd-client.key"])
+                                "etcd-ca.pem", "etcd-client.pem", "etcd-client.key",
+                                "admin.token", "admin.pem", "admin.key"])
         assert (host.certs / "ca.pem").read_bytes() == ca
         assert (host.certs / "etcd-ca.pem").read_bytes() == etcd_ca
-        for key in (f"{host.name}.key", "etcd-client.key"):
+        assert (host.certs / "admin.token").read_bytes() == (deployment.certs_dir / "admin.token").read_bytes()
+        for key in (f"{host.name}.key", "etcd-client.key", "admin.token", "admin.key"):
             assert (host.certs / key).stat().st_mode & 0o777 == 0o600
         pki = host.root / "etc" / "etcd" / "pki"  # the etcd member's
         assert sorted(p.name for p in pki.iterdir()) == sorted(["ca.pem", f"{host.name}.pem", f"{host.name}.key"])
@@ -487,6 +494,33 @@ def test_etcd_refuses_a_client_without_its_certificate(deployment: Deployment) -
                                  str(deployment.certs_dir / "client.pem"), "--key",
                                  str(deployment.certs_dir / "client.key"), url], timeout=30)
     assert control.returncode != 0 and '"health"' not in control.stdout
+
+
+def test_the_admin_endpoint_wants_the_token_over_tls(deployment: Deployment) -> None:
+    """What the role's [admin] defaults give a node whose admin endpoint the network reaches:
+    /status over https (a certificate of the cluster CA naming the node's address) with the
+    cluster's token 200, without it or with another 401; /healthz stays open to probes."""
+    token = (deployment.certs_dir / "admin.token").read_text().strip()
+
+    def get(host: Host, path: str, *headers: str) -> tuple[int, str]:
+        flags = [arg for h in headers for arg in ("-H", h)]
+        done = deployment.in_cli(["curl", "-sS", "-m", "5", "--cacert", str(deployment.certs_dir / "ca.pem"),
+                                  "-o", "/dev/stderr", "-w", "%{http_code}", *flags,
+                                  f"https://{host.admin_endpoint}{path}"], timeout=30)
+        assert done.returncode == 0, f"curl {path} on {host.name}: {done.stderr}"
+        return int(done.stdout), done.stderr
+
+    for host in deployment.hosts:
+        assert get(host, "/status")[0] == 401
+        assert get(host, "/metrics", "Authorization: Bearer " + "x" * 64)[0] == 401
+        status, body = get(host, "/status", f"Authorization: Bearer {token}")
+        assert status == 200 and host.name in body, body[:500]
+        assert get(host, "/metrics", f"Authorization: Bearer {token}")[0] == 200
+        assert get(host, "/healthz")[0] == 200
+    # plain http is not served: the token never crosses the network in clear text
+    plain = deployment.in_cli(["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+                               f"http://{deployment.hosts[0].admin_endpoint}/healthz"], timeout=30)
+    assert plain.stdout != "200", plain.stdout
 
 
 def test_lbctl_sees_three_healthy_nodes_through_every_node(deployment: Deployment) -> None:

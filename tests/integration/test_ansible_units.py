@@ -185,3 +185,102 @@ def test_the_etcd_role_compacts_history_and_etcd_takes_its_config(tmp_path: Path
         proc.kill()
         proc.wait()
 
+
+
+def run_admin_tasks(tmp_path: Path, variables: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    """The lbnode role's certs.yml, then node.toml, on localhost with the role's defaults and
+    ``variables``: the controller and the node are this machine (the files land in tmp_path)."""
+    import getpass
+    import grp
+
+    assert ANSIBLE_PLAYBOOK is not None, "ansible-playbook is not installed: make venv installs ansible-core"
+    (tmp_path / "etc" / "certs").mkdir(parents=True, exist_ok=True)
+    variables = {
+        "lbnode_id": "n1", "ansible_host": "192.0.2.11", "lbnode_config_dir": str(tmp_path / "etc"),
+        "lbnode_certs_dir": str(tmp_path / "controller"), "lbnode_certs_lbctl": str(VENV_BIN / "lbctl"),
+        "lbnode_user": getpass.getuser(), "lbnode_group": grp.getgrgid(os.getgid()).gr_name,
+        "lbnode_etcd_tls": False, "lbnode_etcd_endpoints": ["http://192.0.2.11:2379"],
+        "lbnode_admin": "0.0.0.0:7070",
+    } | variables
+    play = [{"hosts": "localhost", "gather_facts": False,
+             "vars_files": [str(ROLES / "lbnode/defaults/main.yml")],
+             "tasks": [{"ansible.builtin.include_tasks": str(ROLES / "lbnode/tasks/certs.yml")},
+                       {"ansible.builtin.template": {"src": str(ROLES / "lbnode/templates/node.toml.j2"),
+                                                     "dest": str(tmp_path / "etc" / "node.toml")}}],
+             "handlers": [{"name": "Restart lbnode", "ansible.builtin.debug": {"msg": "restart"}}]}]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    env = dict(os.environ, ANSIBLE_HOME=str(tmp_path / "ah"), ANSIBLE_LOCALHOST_WARNING="False", ANSIBLE_NOCOLOR="1")
+    return subprocess.run(
+        [ANSIBLE_PLAYBOOK, "-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}",
+         "-e", json.dumps(variables), str(tmp_path / "play.yml")], capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_lbnode_role_gives_a_fresh_node_an_admin_token_and_tls_beyond_loopback(tmp_path: Path) -> None:
+    """Defaults with lbnode_admin on every address: a token made once on the controller and
+    shared by the nodes, a certificate of the cluster CA naming the address clients dial, files
+    0600 for the secrets, and an [admin] section lbnode's own loader accepts (it reads the files)."""
+    from cryptography import x509
+
+    from lbnode.admin.access import load_access
+    from lbnode.config import load_config
+
+    done = run_admin_tasks(tmp_path, {})
+    assert done.returncode == 0, done.stdout + done.stderr
+    controller, certs = tmp_path / "controller", tmp_path / "etc" / "certs"
+    token = (controller / "admin.token").read_text().strip()
+    assert len(token) == 64 and token.isalnum()
+    assert token not in done.stdout  # no_log: the token is never printed
+    assert (certs / "admin.token").read_text().strip() == token
+    for secret in ("admin.token", "admin.key"):
+        assert (certs / secret).stat().st_mode & 0o777 == 0o600, secret
+    assert (controller / "admin.token").stat().st_mode & 0o777 == 0o600
+
+    config = load_config(tmp_path / "etc" / "node.toml")
+    assert config.admin.token_file == str(certs / "admin.token")
+    assert (config.admin.cert, config.admin.key) == (str(certs / "admin.pem"), str(certs / "admin.key"))
+    assert config.admin.client_ca is None
+    load_access(config.admin)  # the token and the certificate pair as the node reads them at start
+
+    cert = x509.load_pem_x509_certificate((certs / "admin.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((controller / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)  # the control API's CA: one ca.pem for every client
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "192.0.2.11" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+
+    again = run_admin_tasks(tmp_path, {})  # a second run keeps the token and the certificate
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout
+    assert (controller / "admin.token").read_text().strip() == token
+
+
+def test_lbnode_role_on_loopback_sends_a_token_without_tls_and_can_turn_both_off(tmp_path: Path) -> None:
+    import tomllib
+
+    from lbnode.config import load_config
+
+    done = run_admin_tasks(tmp_path / "a", {"lbnode_admin": "127.0.0.1:7070"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = load_config(tmp_path / "a" / "etc" / "node.toml")
+    assert config.admin.token_file is not None and config.admin.cert is None
+    assert not (tmp_path / "a" / "controller" / "n1-admin.pem").exists()
+
+    done = run_admin_tasks(tmp_path / "b", {"lbnode_admin_token": False, "lbnode_admin_tls": False})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "admin" not in tomllib.loads((tmp_path / "b" / "etc" / "node.toml").read_text())
+    assert not (tmp_path / "b" / "controller" / "admin.token").exists()
+
+
+def test_lbnode_role_copies_a_client_ca_and_refuses_one_without_tls(tmp_path: Path) -> None:
+    from lbnode.config import load_config
+
+    subprocess.run([str(VENV_BIN / "lbctl"), "certs", "init", "--dir", str(tmp_path / "ops"), "--nodes", "x"],
+                   check=True, capture_output=True)
+    client_ca = str(tmp_path / "ops" / "ca.pem")
+    done = run_admin_tasks(tmp_path / "a", {"lbnode_admin_client_ca": client_ca})
+    assert done.returncode == 0, done.stdout + done.stderr
+    certs = tmp_path / "a" / "etc" / "certs"
+    assert load_config(tmp_path / "a" / "etc" / "node.toml").admin.client_ca == str(certs / "admin-client-ca.pem")
+    assert (certs / "admin-client-ca.pem").read_text() == (tmp_path / "ops" / "ca.pem").read_text()
+
+    done = run_admin_tasks(tmp_path / "b", {"lbnode_admin_client_ca": client_ca, "lbnode_admin_tls": False})
+    assert done.returncode != 0
+    assert "lbnode_admin_client_ca needs lbnode_admin_tls: true" in done.stdout, done.stdout

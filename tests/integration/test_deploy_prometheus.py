@@ -1,11 +1,13 @@
 """deploy/prometheus and the `prometheus_targets` role: the role, run by ansible-playbook on
 localhost against an inventory of lbnode hosts, writes a file_sd file that promtool accepts
-together with the shipped scrape config, and refuses nodes Prometheus could not reach."""
+together with the shipped scrape config, a scrape job with the nodes' admin token and TLS that
+promtool accepts, and refuses nodes Prometheus could not reach."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -25,6 +27,18 @@ SHIPPED_TARGETS = "/etc/prometheus/file_sd/fulcrum.yml"
 def run_role(tmp_path: Path, inventory: str, variables: dict[str, object]) -> subprocess.CompletedProcess[str]:
     """The role on localhost (group `prometheus`), the lbnode hosts only in the inventory."""
     assert ANSIBLE_PLAYBOOK is not None, "ansible-playbook is not installed: make venv installs ansible-core"
+    certs = tmp_path / "controller-certs"  # what the lbnode role leaves on the controller
+    if not (certs / "admin.token").exists():
+        subprocess.run([str(Path(sys.executable).parent / "lbctl"), "certs", "init", "--dir", str(certs),
+                        "--nodes", "lb1"], check=True, capture_output=True)
+        (certs / "admin.token").write_text(secrets.token_hex(32) + "\n")
+    # the Prometheus host's files under tmp_path, owned by whoever runs the test
+    variables = {"prometheus_targets_certs_dir": str(certs),
+                 "prometheus_targets_secrets_dir": str(tmp_path / "prometheus" / "fulcrum"),
+                 "prometheus_targets_scrape_config_file": str(tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml"),
+                 "prometheus_targets_secrets_owner": os.getuid(), "prometheus_targets_secrets_group": os.getgid(),
+                 "prometheus_targets_owner": os.getuid(), "prometheus_targets_group_owner": os.getgid(),
+                 "prometheus_targets_validate": f"{PROMTOOL} check config %s"} | variables
     (tmp_path / "inventory.ini").write_text(inventory)
     play = [{"hosts": "prometheus", "gather_facts": False, "roles": ["prometheus_targets"]}]
     (tmp_path / "play.yml").write_text(json.dumps(play))
@@ -103,3 +117,112 @@ def test_role_refuses_a_node_whose_admin_prometheus_cannot_reach(tmp_path: Path,
     assert done.returncode != 0
     assert "lb9: lbnode_admin is" in done.stdout and why in done.stdout, done.stdout
     assert not targets.exists()
+
+
+def test_role_writes_a_scrape_job_with_the_admin_token_and_tls_promtool_accepts(tmp_path: Path) -> None:
+    """The nodes' [admin] as the lbnode role sets it up (token, TLS from the cluster CA, a client
+    certificate when client_ca is on): the job sends the token from a file 0640, trusts ca.pem over
+    https and presents the client certificate; promtool reads every file it names."""
+    targets = tmp_path / "file_sd" / "fulcrum.yml"
+    certs = tmp_path / "controller-certs"
+    done = run_role(tmp_path, INVENTORY, {"prometheus_targets_file": str(targets),
+                                          "prometheus_targets_client_cert_src": str(certs / "reader.pem"),
+                                          "prometheus_targets_client_key_src": str(certs / "reader.key")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    scrape = tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml"
+    secrets_dir = tmp_path / "prometheus" / "fulcrum"
+    job = yaml.safe_load(scrape.read_text())["scrape_configs"][0]
+    assert job["scheme"] == "https"
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": str(secrets_dir / "admin.token")}
+    assert job["tls_config"] == {"ca_file": str(secrets_dir / "ca.pem"), "cert_file": str(secrets_dir / "client.pem"),
+                                 "key_file": str(secrets_dir / "client.key")}
+    assert job["file_sd_configs"] == [{"files": [str(targets)]}]
+    assert (secrets_dir / "admin.token").read_text() == (certs / "admin.token").read_text()
+    assert (secrets_dir / "ca.pem").read_text() == (certs / "ca.pem").read_text()
+    for secret in ("admin.token", "client.key"):
+        assert (secrets_dir / secret).stat().st_mode & 0o777 == 0o640, secret
+    checked = subprocess.run([PROMTOOL, "check", "config", str(scrape)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "WARNING" not in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+
+    # the check can fail: promtool stats the token file the job names
+    (secrets_dir / "admin.token").unlink()
+    checked = subprocess.run([PROMTOOL, "check", "config", str(scrape)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode != 0 and "admin.token" in checked.stdout + checked.stderr
+
+
+def test_role_without_token_and_tls_writes_a_plain_job(tmp_path: Path) -> None:
+    targets = tmp_path / "file_sd" / "fulcrum.yml"
+    done = run_role(tmp_path, INVENTORY, {"prometheus_targets_file": str(targets), "prometheus_targets_token": False,
+                                          "prometheus_targets_tls": False})
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = yaml.safe_load((tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml").read_text())["scrape_configs"][0]
+    assert job["scheme"] == "http" and "authorization" not in job and "tls_config" not in job
+    assert not (tmp_path / "prometheus" / "fulcrum").exists()
+
+
+def test_prometheus_with_the_roles_job_scrapes_a_node_with_admin_token_tls_and_client_ca(
+    spawn, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """The job the role writes, run by a real Prometheus against a real lbnode whose [admin] is
+    what the lbnode role gives it (token, certificate of the cluster CA, client_ca = that CA):
+    the job's target is up; the same job without its token is down (the node answers 401)."""
+    import time
+
+    import httpx
+
+    from tests.conftest import free_port, listener_toml, node_toml, pool_toml, wait_port
+
+    prometheus = shutil.which("prometheus")  # the server of Debian's prometheus package
+    if prometheus is None:
+        pytest.fail("prometheus missing: run `make sysdeps-test` (Debian package prometheus)")
+    certs = tmp_path / "controller-certs"
+    done = run_role(tmp_path, INVENTORY, {"prometheus_targets_file": str(tmp_path / "file_sd" / "fulcrum.yml"),
+                                          "prometheus_targets_client_cert_src": str(certs / "reader.pem"),
+                                          "prometheus_targets_client_key_src": str(certs / "reader.key")})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    admin = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(node_toml(
+        listener_toml("front", "http", "web", bind=f"127.0.0.1:{free_port()}"),
+        pool_toml("web", [f"127.0.0.1:{free_port()}"]),
+        # lb1.pem names 127.0.0.1 (every node certificate of `lbctl certs init` does)
+        f'[admin]\ntoken_file = "{certs / "admin.token"}"\ncert = "{certs / "lb1.pem"}"\n'
+        f'key = "{certs / "lb1.key"}"\nclient_ca = "{certs / "ca.pem"}"\n',
+        admin=f"127.0.0.1:{admin}"))
+    spawn("-m", "lbnode.cli", "run", "--config", str(config), name="node")
+    wait_port(admin, timeout=30)  # a node starts in about a second; 30 s for 2 busy cores
+
+    job = yaml.safe_load((tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml").read_text())["scrape_configs"][0]
+    (tmp_path / "targets.yml").write_text(json.dumps([{"targets": [f"127.0.0.1:{admin}"]}]))
+    job["file_sd_configs"] = [{"files": [str(tmp_path / "targets.yml")]}]
+    assert (job["scrape_interval"], job["scrape_timeout"]) == ("15s", "10s")
+    job |= {"scrape_interval": "200ms", "scrape_timeout": "200ms"}  # up is known within a second
+    tokenless = {k: v for k, v in job.items() if k != "authorization"} | {"job_name": "tokenless"}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({"scrape_configs": [job, tokenless]}))
+    port = free_port()
+    spawn_prometheus = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=open(tmp_path / "prometheus.log", "wb"),
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        # Prometheus spreads a job's first scrape over one interval; 30 s for 2 busy cores
+        deadline = time.monotonic() + 30
+        up: dict[str, str] = {}
+        while set(up) != {"fulcrum", "tokenless"}:
+            alive = spawn_prometheus.poll() is None
+            assert alive and time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-3000:]
+            time.sleep(0.2)
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}, timeout=10)
+            except httpx.TransportError:
+                continue  # not listening yet
+            if r.status_code == 200:
+                up = {s["metric"]["job"]: s["value"][1] for s in r.json()["data"]["result"]}
+        assert up == {"fulcrum": "1", "tokenless": "0"}, up
+        targets = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        errors = {t["labels"]["job"]: t["lastError"] for t in targets}
+        assert errors["fulcrum"] == "" and "401" in errors["tokenless"], errors
+    finally:
+        spawn_prometheus.terminate()
+        spawn_prometheus.wait(timeout=30)
