@@ -56,6 +56,9 @@ TLS13_TICKETS = 2
 # Per-certificate contexts kept: far above the certificates a node serves, so only
 # rotated-away certificates fall out.
 CONTEXT_CACHE_SIZE = 1024
+# Server names whose context an SNI callback remembers (make_sni_callback): far above the
+# names a listener serves, and small enough (a dict entry each) if clients send random ones.
+SNI_MEMO_SIZE = 1024
 
 
 
@@ -225,7 +228,15 @@ def make_sni_callback(
     on_failure: Callable[[ssl.SSLSocket, str], None],
 ) -> Callable[[ssl.SSLSocket, str | None, ssl.SSLContext], int | None]:
     """The SNI callback: the CURRENT snapshot's table picks the certificate at each handshake,
-    so a certificate changed in the store reaches new handshakes with no reload."""
+    so a certificate changed in the store reaches new handshakes with no reload.
+
+    The context chosen for a server name is remembered while the snapshot's table stays the
+    same object (a table is built per snapshot and never changes): the choice, the key pairs
+    and the cache key (which hashes the listener's settings) cost ~110 Python instructions
+    per handshake otherwise. At most ``SNI_MEMO_SIZE`` names are remembered (clients choose
+    them); past that a name is looked up each time."""
+    memo: dict[str | None, ssl.SSLContext] = {}
+    memo_of: list[object] = [None]  # the table ``memo`` was filled from
 
     def on_server_name(sock: ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
         sock.fulcrum_sni = server_name  # type: ignore[attr-defined]  # for the access log
@@ -234,7 +245,15 @@ def make_sni_callback(
             if table is None:
                 on_failure(sock, "no_certificate")
                 return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
-            sock.context = certificate_context(table.key_pairs(table.choose(server_name)), settings, alpn)
+            if table is not memo_of[0]:
+                memo.clear()
+                memo_of[0] = table
+            ctx = memo.get(server_name)
+            if ctx is None:
+                ctx = certificate_context(table.key_pairs(table.choose(server_name)), settings, alpn)
+                if len(memo) < SNI_MEMO_SIZE:
+                    memo[server_name] = ctx
+            sock.context = ctx
             return None
         except Exception as exc:  # an exception here would be an unraisable error in OpenSSL's callback
             log.error("listener %s: cannot select a certificate for %r: %s", listener, server_name, exc)
