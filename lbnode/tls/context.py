@@ -71,43 +71,57 @@ class ListenerSocket(ssl.SSLSocket):
     (pending, recv, send, and a recv that finds nothing), about 2 us of a ~12 us TLS share per
     request (docs/tls.md, "Where the CPU goes"). The behaviour is the stdlib's: a TCP end
     without close_notify reads as b"" (``suppress_ragged_eofs``), flags or an unwrapped socket
-    go to the stdlib path."""
+    go to the stdlib path.
+
+    The class attributes are what ``socket.socket.__init__`` and ``SSLSocket._create`` set on
+    an accepted, connected server-side socket (``wrap_accepted`` sets no more than the context
+    and OpenSSL's object); the stdlib's path still sets its own on the instance."""
+
+    _io_refs = 0
+    _closed = False
+    _session = None
+    _connected = True
+    _sslobj: Any = None
+    server_side = True
+    server_hostname = None
+    do_handshake_on_connect = False
+    suppress_ragged_eofs = True
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        sslobj = self._sslobj  # type: ignore[attr-defined]
+        sslobj = self._sslobj
         if sslobj is None or flags:
             return super().recv(buflen, flags)
         try:
             data: bytes = sslobj.read(buflen)
             return data
         except ssl.SSLEOFError as exc:
-            if exc.args[0] == ssl.SSL_ERROR_EOF and self.suppress_ragged_eofs:  # type: ignore[attr-defined]
+            if exc.args[0] == ssl.SSL_ERROR_EOF and self.suppress_ragged_eofs:
                 return b""
             raise
 
     def send(self, data: ReadableBuffer, flags: int = 0) -> int:
-        sslobj = self._sslobj  # type: ignore[attr-defined]
+        sslobj = self._sslobj
         if sslobj is None or flags:
             return super().send(data, flags)
         sent: int = sslobj.write(data)
         return sent
 
     def pending(self) -> int:
-        sslobj = self._sslobj  # type: ignore[attr-defined]
+        sslobj = self._sslobj
         if sslobj is None:
             return 0
         n: int = sslobj.pending()
         return n
 
     def do_handshake(self, block: bool = False) -> None:
-        sslobj = self._sslobj  # type: ignore[attr-defined]
+        sslobj = self._sslobj
         if sslobj is None or block:  # not connected (the stdlib raises ENOTCONN), or blocking asked
             super().do_handshake(block)
             return
         sslobj.do_handshake()  # non-blocking: SSLWantReadError / SSLWantWriteError, as the stdlib's
 
     def selected_alpn_protocol(self) -> str | None:
-        sslobj = self._sslobj  # type: ignore[attr-defined]
+        sslobj = self._sslobj
         if sslobj is None:
             return None
         protocol: str | None = sslobj.selected_alpn_protocol()
@@ -138,19 +152,12 @@ def wrap_accepted(context: ssl.SSLContext, sock: stdsocket.socket) -> ssl.SSLSoc
     family, type_, proto = _FAMILY.__get__(sock), _TYPE.__get__(sock), _PROTO.__get__(sock)
     fd = sock.detach()
     tls = _socket.socket.__new__(ListenerSocket)
-    stdsocket.socket.__init__(tls, family, type_, proto, fd)  # (SSLSocket's own __init__ refuses)
+    _socket.socket.__init__(tls, family, type_, proto, fd)  # (SSLSocket's own __init__ refuses)
     tls.settimeout(0.0)  # a socket made from a descriptor starts in blocking mode
-    # SSLSocket._create's attributes, as it sets them for a connected server-side socket.
+    # The rest of what socket.__init__ and SSLSocket._create set is ListenerSocket's class
+    # defaults (the same values): only the context and OpenSSL's object are this socket's.
     t: Any = tls
     t._context = context
-    t._session = None
-    t._closed = False
-    t._sslobj = None
-    t.server_side = True
-    t.server_hostname = None
-    t.do_handshake_on_connect = False
-    t.suppress_ragged_eofs = True
-    t._connected = True
     try:
         t._sslobj = context._wrap_socket(tls, True, None, owner=tls, session=None)  # type: ignore[attr-defined]
     except (OSError, ValueError):
