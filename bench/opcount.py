@@ -15,7 +15,11 @@ collections by generation meanwhile.
 requests): ``keepalive`` (the default, above), ``close`` (each request on a new connection
 to the http listener with ``Connection: close``, read until the node closes it, so the
 accept and the close path are counted) and ``l4`` (the same exchange on a new connection
-to the tcp listener in front of the same backend: a new backend connection each time).
+to the tcp listener in front of the same backend: a new backend connection each time)
+and ``tls-new`` (issue 11: each request on a new TLS connection to an https listener
+serving the bench's ECDSA P-256 certificate, SNI ``bench.test``, a full TLS 1.3 handshake
+with no session resumption, ``Host`` and ``Connection: close``, read until the node
+closes it: what ``openssl s_time -new`` in bench/tls.py costs the node, in Python).
 Figures are then per connection.
 
 What it does not see: time in C (llhttp, the system calls, ``bytes.join``, dict
@@ -35,6 +39,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -43,6 +48,7 @@ from pathlib import Path
 from bench.configs import HOST, SMALL_PATH, Ports, fulcrum_config
 from bench.cpu_ab import REPO, _export
 from bench.harness import Context, Options, StartError, pick_port, ports_of
+from bench.tls import _certificate, fulcrum_tls_config
 
 START, STOP, START_GC = signal.SIGRTMIN + 3, signal.SIGRTMIN + 4, signal.SIGRTMIN + 5
 
@@ -104,7 +110,7 @@ def per_request(counts: dict[str, int], requests: int) -> dict[str, float]:
     return {k: v / requests for k, v in counts.items()}
 
 
-MODES = ("keepalive", "close", "l4")
+MODES = ("keepalive", "close", "l4", "tls-new")
 
 
 def _read_response(sock: socket.socket) -> None:
@@ -166,10 +172,83 @@ class NewConnectionClient:
         pass
 
 
+class NewTlsClient(NewConnectionClient):
+    """A new TLS connection per ``GET /small`` (full handshake, SNI ``bench.test``), read
+    until the node closes it.
+
+    Each connection gets no session to resume (Python's client resumes only a session it is
+    handed), so every one is a full handshake, as with ``openssl s_time -new``. The client's
+    Finished and its request leave in one write (OpenSSL over memory buffers): with two writes
+    the request is there when the node looks for it after the handshake or not, as the two
+    processes race, and the count moved by several percent with the node's own speed.
+    """
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.request = (f"GET {SMALL_PATH} HTTP/1.1\r\nHost: bench.test\r\n"
+                        "Connection: close\r\n\r\n").encode()
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.check_hostname, self.context.verify_mode = False, ssl.CERT_NONE
+
+    def one(self) -> None:
+        with socket.create_connection((HOST, self.port)) as sock:
+            sock.settimeout(5.0)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = self.context.wrap_bio(incoming, outgoing, server_hostname="bench.test")
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    if outgoing.pending:
+                        sock.sendall(outgoing.read())
+                    _feed(sock, incoming)
+            tls.write(self.request)
+            sock.sendall(outgoing.read())  # the Finished and the request
+            received = b""
+            while True:  # the response, until the node closes (close_notify or FIN)
+                try:
+                    data = tls.read(65536)
+                except ssl.SSLWantReadError:
+                    if not _feed(sock, incoming):
+                        break
+                    continue
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    break
+                if not data:
+                    break
+                received += data
+        _check_response(received)
+
+
+def _feed(sock: socket.socket, incoming: ssl.MemoryBIO) -> bool:
+    """One read from ``sock`` into ``incoming``; False at the end of the stream."""
+    data = sock.recv(65536)
+    if not data:
+        incoming.write_eof()
+        return False
+    incoming.write(data)
+    return True
+
+
+def _check_response(data: bytes) -> None:
+    """``data`` is one whole ``200`` response (framed by Content-Length)."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise StartError(f"unexpected response {head[:40]!r}")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    if len(body) != length:
+        raise StartError(f"a body of {len(body)} bytes, {length} announced")
+
+
 def client_for(mode: str, ports: Ports) -> Client | NewConnectionClient:
-    """The client of ``mode``: keep-alive or close on the http listener, l4 on the tcp one."""
+    """The client of ``mode``: keep-alive or close on the http listener, l4 on the tcp one,
+    tls-new on the https one (which the node has on the "web" port in that mode)."""
     if mode == "keepalive":
         return Client(ports.fulcrum_web)
+    if mode == "tls-new":
+        return NewTlsClient(ports.fulcrum_web)
     return NewConnectionClient(ports.fulcrum_bulk if mode == "l4" else ports.fulcrum_web)
 
 
@@ -186,12 +265,18 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
     taken.update({ports.fulcrum_web, ports.fulcrum_bulk, ports.fulcrum_admin})
     out = ctx.tmp / f"ops{i}.json"
     conf = ctx.tmp / f"ops{i}.toml"
-    conf.write_text(fulcrum_config(ports, node_id=f"ops{i}"))
+    if mode == "tls-new":  # bench/tls.py's https listener, on the "web" port
+        cert, key, _ = _tls_certificate(ctx)
+        conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
+                                           cert, key))
+    else:
+        conf.write_text(fulcrum_config(ports, node_id=f"ops{i}"))
     probe = (PROBE.replace("START_GC", str(int(START_GC))).replace("START", str(int(START)))
              .replace("STOP", str(int(STOP))).replace("OUT", repr(str(out))))
     argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", probe, "run", "--config", str(conf)]
     proc = ctx.spawn(f"ops{i}", argv)
-    proc.wait_ready([ports.fulcrum_web, ports.fulcrum_bulk], ctx.opts.start_timeout)
+    ready = [ports.fulcrum_web] if mode == "tls-new" else [ports.fulcrum_web, ports.fulcrum_bulk]
+    proc.wait_ready(ready, ctx.opts.start_timeout)
     client = client_for(mode, ports)
     try:
         for _ in range(50):  # warm-up: the backend connection, caches
@@ -208,6 +293,15 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
     finally:
         client.close()
         proc.stop()
+
+
+def _tls_certificate(ctx: Context) -> tuple[Path, Path, Path]:
+    """bench/tls.py's certificate, made once for every tree of a run."""
+    directory = ctx.tmp / "tlscert"
+    if not directory.exists():
+        directory.mkdir()
+        return _certificate(directory)
+    return directory / "bench.crt", directory / "bench.key", directory / "bench.pem"
 
 
 def _phase(pid: int, start: int, client: Client | NewConnectionClient, requests: int, out: Path) -> dict[str, int]:
@@ -254,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", action="append", type=Path, help="a directory holding lbnode/ (repeatable)")
     p.add_argument("--mode", choices=MODES, default="keepalive",
                    help="keepalive: requests on one connection; close: a new http connection per "
-                        "request; l4: a new tcp-listener connection per exchange (default keepalive)")
+                        "request; l4: a new tcp-listener connection per exchange; tls-new: a new TLS "
+                        "connection (full handshake) per request (default keepalive)")
     p.add_argument("--requests", type=int, default=300,
-                   help="requests (connections in close and l4 modes) counted per tree (default 300)")
+                   help="requests (connections in close, l4 and tls-new modes) counted per tree (default 300)")
     p.add_argument("--top", type=int, default=40, help="functions listed (default 40)")
     args = p.parse_args(argv)
     unit = "request" if args.mode == "keepalive" else "connection"

@@ -1,14 +1,18 @@
 """bench.opcount's clients against a real loopback server: the new-connection client opens one
-connection per exchange, says Connection: close, and reads until the server closes."""
+connection per exchange, says Connection: close, and reads until the server closes; the
+tls-new one does the same over a new TLS connection (full handshake) each time."""
 
 from __future__ import annotations
 
 import dataclasses
 import socket
+import ssl
 import threading
+from pathlib import Path
 
 from bench.configs import HOST, Ports
-from bench.opcount import Client, NewConnectionClient, client_for
+from bench.opcount import Client, NewConnectionClient, NewTlsClient, client_for
+from bench.tls import _certificate
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -77,3 +81,41 @@ def test_keepalive_client_sends_every_request_on_one_connection() -> None:
         assert not any(b"Connection: close" in h for h in heads)
     finally:
         web.close()
+
+
+def test_tls_new_client_makes_a_full_handshake_per_exchange_with_sni_host_and_close(tmp_path: Path) -> None:
+    """A real TLS server (the bench's certificate): each exchange is a new connection, a full
+    handshake (the server sees no resumed session although it issues tickets), SNI bench.test,
+    Host bench.test and Connection: close; the client returns only once the server closed."""
+    cert, key, _ = _certificate(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    ctx.sni_callback = lambda sslobj, name, _ctx: names.append(name)  # type: ignore[func-returns-value]
+    lsock = socket.create_server((HOST, 0))
+    heads: list[bytes] = []
+    reused: list[bool] = []
+
+    def run() -> None:
+        while True:
+            try:
+                raw, _ = lsock.accept()
+            except OSError:
+                return
+            with ctx.wrap_socket(raw, server_side=True) as conn:
+                heads.append(conn.recv(65536))
+                reused.append(conn.session_reused)
+                conn.sendall(RESPONSE)
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        client = client_for("tls-new", _ports(lsock.getsockname()[1], 0))
+        assert isinstance(client, NewTlsClient)
+        for _ in range(3):
+            client.one()
+        assert reused == [False, False, False]
+        assert names == ["bench.test"] * 3
+        assert all(h.startswith(b"GET /small HTTP/1.1\r\n") and b"\r\nHost: bench.test\r\n" in h
+                   and b"\r\nConnection: close\r\n" in h for h in heads)
+    finally:
+        lsock.close()
