@@ -43,7 +43,7 @@ from bench.configs import HOST, SMALL_PATH, fulcrum_config
 from bench.harness import Context, Options, Proc, StartError, pick_port, ports_of
 from bench.http2 import _h2load as h2load_run
 from bench.procstat import tree_cpu_seconds
-from bench.tls import _certificate, _s_time, fulcrum_tls_config, haproxy_tls_config
+from bench.tls import _certificate, _s_time, certificate_in, fulcrum_tls_config, haproxy_tls_config
 from bench.wrk import WrkParseError, parse_wrk
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +125,7 @@ def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = 
     taken.update((ports.fulcrum_web, ports.fulcrum_bulk, ports.fulcrum_admin))
     conf = ctx.tmp / f"ab{i}.toml"
     if h2:  # the https listener of bench.http2 (h2 by ALPN), on the "web" port
-        cert, key, _ = _h2_certificate(ctx)
+        cert, key, _ = certificate_in(ctx.tmp / "h2cert")
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin, cert, key))
     elif tls is not None:  # the https listener on fulcrum_web, the tls (L4) one on fulcrum_bulk
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
@@ -140,19 +140,10 @@ def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = 
     return proc, ports.fulcrum_web, ports.fulcrum_bulk
 
 
-def _h2_certificate(ctx: Context) -> tuple[Path, Path, Path]:
-    """One certificate for every balancer of an h2 run (made once)."""
-    directory = ctx.tmp / "h2cert"
-    if not directory.exists():
-        directory.mkdir()
-        return _certificate(directory)
-    return directory / "bench.crt", directory / "bench.key", directory / "bench.pem"
-
-
 def _haproxy_h2(ctx: Context, taken: set[int]) -> tuple[Proc, int]:
     """HAProxy with ALPN h2 as bench.http2 configures it."""
     port = pick_port(28543, taken)
-    _, _, pem = _h2_certificate(ctx)
+    _, _, pem = certificate_in(ctx.tmp / "h2cert")
     conf = ctx.tmp / "haproxy-h2.cfg"
     conf.write_text(haproxy_tls_config(list(ctx.ports.backends), port, pem).replace("alpn http/1.1", "alpn h2,http/1.1"))
     proc = ctx.spawn("haproxy-h2", ["haproxy", "-f", str(conf), "-db"], pin_balancer=True)

@@ -48,7 +48,7 @@ from pathlib import Path
 from bench.configs import HOST, SMALL_PATH, Ports, fulcrum_config
 from bench.cpu_ab import REPO, _export
 from bench.harness import Context, Options, StartError, pick_port, ports_of
-from bench.tls import _certificate, fulcrum_tls_config
+from bench.tls import certificate_in, fulcrum_tls_config
 
 START, STOP, START_GC = signal.SIGRTMIN + 3, signal.SIGRTMIN + 4, signal.SIGRTMIN + 5
 
@@ -266,7 +266,7 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
     out = ctx.tmp / f"ops{i}.json"
     conf = ctx.tmp / f"ops{i}.toml"
     if mode == "tls-new":  # bench/tls.py's https listener, on the "web" port
-        cert, key, _ = _tls_certificate(ctx)
+        cert, key, _ = certificate_in(ctx.tmp / "tlscert")
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
                                            cert, key))
     else:
@@ -293,15 +293,6 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
     finally:
         client.close()
         proc.stop()
-
-
-def _tls_certificate(ctx: Context) -> tuple[Path, Path, Path]:
-    """bench/tls.py's certificate, made once for every tree of a run."""
-    directory = ctx.tmp / "tlscert"
-    if not directory.exists():
-        directory.mkdir()
-        return _certificate(directory)
-    return directory / "bench.crt", directory / "bench.key", directory / "bench.pem"
 
 
 def _phase(pid: int, start: int, client: Client | NewConnectionClient, requests: int, out: Path) -> dict[str, int]:

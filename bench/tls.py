@@ -65,6 +65,15 @@ def _certificate(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+def certificate_in(directory: Path) -> tuple[Path, Path, Path]:
+    """``_certificate`` in ``directory``, made by the first call of a run; later calls (one per
+    tree or balancer measured) take the same files."""
+    if not directory.exists():
+        directory.mkdir()
+        return _certificate(directory)
+    return directory / "bench.crt", directory / "bench.key", directory / "bench.pem"
+
+
 def fulcrum_tls_config(backends: list[int], port: int, admin: int, cert: Path, key: Path,
                        bulk_port: int | None = None) -> str:
     servers = "".join(f'  [[pools.backends]]\n  address = "{HOST}:{p}"\n' for p in backends)
