@@ -38,8 +38,6 @@ from tests.cluster.test_vip_failover import (  # noqa: F401 (fixtures)
     lan,
     rate,
     session_start,
-    spawn_backends,
-    stop_backends,
     wait_for,
 )
 from tests.cluster.topology import Lan
@@ -267,15 +265,7 @@ class ControlNodes(LbNodes):
 @pytest.fixture
 def control_nodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:  # noqa: F811
     """As ``_lbnodes``, each node with [control]."""
-    started = spawn_backends(lan, tmp_path, BACKENDS)
-    made = ControlNodes(lan, tmp_path, VIP, 24, backends=dict(BACKENDS))
-    try:
-        for node in NODES:
-            made.start(node)
-        yield made
-    finally:
-        made.stop_all()
-        stop_backends(started)
+    yield from _lbnodes(lan, tmp_path, VIP, 24, BACKENDS, kind=ControlNodes)
 
 
 def steady(lbnodes: LbNodes) -> str:
@@ -438,15 +428,9 @@ class TwoVipNodes(LbNodes):
 
 @pytest.fixture
 def two_vip_nodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:  # noqa: F811
-    started = spawn_backends(lan, tmp_path, BACKENDS)
-    made = TwoVipNodes(lan, tmp_path, VIP, 24, backends=dict(BACKENDS))
     try:
-        for node in NODES:
-            made.start(node)
-        yield made
+        yield from _lbnodes(lan, tmp_path, VIP, 24, BACKENDS, kind=TwoVipNodes)
     finally:
-        made.stop_all()
-        stop_backends(started)
         for n in NODES:
             for vip in (VIP2, VIP3):
                 lan.run(n, ["ip", "addr", "del", f"{vip}/24", "dev", "eth0"])

@@ -610,10 +610,12 @@ def stop_backends(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _lbnodes(lan: Lan, tmp_path: Path, vip: str, prefixlen: int,
-             backends: dict[str, int] = BACKENDS, workers: int = 1) -> Iterator[LbNodes]:
-    """``backends``: the demo backends' names and ports (in the "be" namespace)."""
+             backends: dict[str, int] = BACKENDS, workers: int = 1,
+             kind: type[LbNodes] | None = None) -> Iterator[LbNodes]:
+    """``backends``: the demo backends' names and ports (in the "be" namespace); ``kind``: a
+    subclass of LbNodes writing a config of its own (default LbNodes)."""
     started = spawn_backends(lan, tmp_path, backends)
-    made = LbNodes(lan, tmp_path, vip, prefixlen, workers=workers, backends=dict(backends))
+    made = (kind or LbNodes)(lan, tmp_path, vip, prefixlen, workers=workers, backends=dict(backends))
     try:
         for node in NODES:
             made.start(node)
