@@ -805,11 +805,10 @@ class HttpProxy:
         now = self.clock()  # read again only after something that waits
         budget.record_request(now)
         extra = conn.forwarded + conn.request_id_line if conn.request_id_line else conn.forwarded
-        if head.host is None and head.authority is None:  # HTTP/1.0 without Host (rare)
-            request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, extra, conn.request_id_drop,
-                                                  self._local_authority(conn))
-        else:
-            request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, extra, conn.request_id_drop)
+        # HTTP/1.0 without Host (rare): the Host it goes upstream with
+        default_host = self._local_authority(conn) if head.host is None and head.authority is None else b""
+        request_bytes = upstream_request_head(head, conn.ip, self.proto, VIA_NAME, extra, conn.request_id_drop,
+                                              default_host)
         if body:
             request_bytes += self._encode_body(head, body)
         route = conn.route
