@@ -465,6 +465,8 @@ class EtcdConnection:
 
         call = etcdrpc.WatchStub(channel).Watch(requests(), metadata=REQUIRE_LEADER)
         calls.append(call)
+        if stop.is_set():  # requests() may have seen ``stop`` before ``calls`` held this call
+            call.cancel()
         try:
             for response in call:
                 if response.compact_revision:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lbnode.cluster import etcd
 from lbnode.cluster.etcd import CALL_TIMEOUT, MAX_DEADLINE_ATTEMPTS, EtcdStore
 from lbnode.cluster.store import (
     AlreadyExists,
@@ -241,6 +242,30 @@ def test_watch_delivers_create_update_delete_in_order(store: EtcdStore) -> None:
     finally:
         stopped_in = watch.close()
     assert stopped_in < 0.5  # the stop flag ends the watch promptly
+
+
+def test_a_watch_stopped_while_it_opens_still_ends(store: EtcdStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop flag set before the stream's call is known to the thread that watches the flag
+    (CI hung here once: the watch stayed open on etcd, its reader blocked for good). The
+    opening is slowed so that the flag is always seen first."""
+    stub = etcd.etcdrpc.WatchStub
+
+    class SlowToOpen:
+        def __init__(self, channel: object) -> None:
+            self.stub = stub(channel)
+
+        def Watch(self, *args: object, **kwargs: object) -> object:  # noqa: N802 (gRPC's name)
+            call = self.stub.Watch(*args, **kwargs)
+            time.sleep(5 * etcd.WATCH_STOP_POLL)  # the request thread sees the flag meanwhile
+            return call
+
+    monkeypatch.setattr(etcd.etcdrpc, "WatchStub", SlowToOpen)
+    stop = threading.Event()
+    stop.set()
+    reader = threading.Thread(target=lambda: list(store.conn.watch_prefix(store.prefix, 1, stop)), daemon=True)
+    reader.start()
+    reader.join(5)  # ends within a poll of the flag: 5 s for 2 busy cores
+    assert not reader.is_alive()
 
 
 def test_watch_resyncs_after_its_revision_was_compacted(store: EtcdStore) -> None:
