@@ -20,7 +20,8 @@ and ``tls-new`` (issue 11: each request on a new TLS connection to an https list
 serving the bench's ECDSA P-256 certificate, SNI ``bench.test``, a full TLS 1.3 handshake
 with no session resumption, ``Host`` and ``Connection: close``, read until the node
 closes it: what ``openssl s_time -new`` in bench/tls.py costs the node, in Python).
-Figures are then per connection.
+Figures are then per connection. ``tls-keepalive``: requests one after the other on one TLS
+connection to that listener (figures per request).
 
 What it does not see: time in C (llhttp, the system calls, ``bytes.join``, dict
 lookups), which costs far more per call than an instruction, and the batching of a
@@ -110,7 +111,7 @@ def per_request(counts: dict[str, int], requests: int) -> dict[str, float]:
     return {k: v / requests for k, v in counts.items()}
 
 
-MODES = ("keepalive", "close", "l4", "tls-new")
+MODES = ("keepalive", "close", "l4", "tls-new", "tls-keepalive")
 
 
 def _read_response(sock: socket.socket) -> None:
@@ -146,6 +147,17 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class TlsClient(Client):
+    """``Client`` over one TLS connection to the https listener (SNI and Host ``bench.test``):
+    issue 11's CPU per keep-alive request over TLS."""
+
+    def __init__(self, port: int) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        self.sock = context.wrap_socket(socket.create_connection((HOST, port)), server_hostname="bench.test")
+        self.request = f"GET {SMALL_PATH} HTTP/1.1\r\nHost: bench.test\r\n\r\n".encode()
 
 
 class NewConnectionClient:
@@ -244,18 +256,20 @@ def _check_response(data: bytes) -> None:
 
 def client_for(mode: str, ports: Ports) -> Client | NewConnectionClient:
     """The client of ``mode``: keep-alive or close on the http listener, l4 on the tcp one,
-    tls-new on the https one (which the node has on the "web" port in that mode)."""
+    tls-new and tls-keepalive on the https one (which the node has on the "web" port in those modes)."""
     if mode == "keepalive":
         return Client(ports.fulcrum_web)
     if mode == "tls-new":
         return NewTlsClient(ports.fulcrum_web)
+    if mode == "tls-keepalive":
+        return TlsClient(ports.fulcrum_web)
     return NewConnectionClient(ports.fulcrum_bulk if mode == "l4" else ports.fulcrum_web)
 
 
 def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
           mode: str = "keepalive") -> dict[str, int]:
-    """Instructions by function over ``requests`` requests (connections but in ``keepalive``
-    mode) served by the lbnode of ``tree``."""
+    """Instructions by function over ``requests`` requests (connections but in the keep-alive
+    modes) served by the lbnode of ``tree``."""
     ports = dataclasses.replace(
         ctx.ports,
         fulcrum_web=pick_port(29280 + 10 * i, taken),
@@ -265,7 +279,7 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
     taken.update({ports.fulcrum_web, ports.fulcrum_bulk, ports.fulcrum_admin})
     out = ctx.tmp / f"ops{i}.json"
     conf = ctx.tmp / f"ops{i}.toml"
-    if mode == "tls-new":  # bench/tls.py's https listener, on the "web" port
+    if mode.startswith("tls-"):  # bench/tls.py's https listener, on the "web" port
         cert, key, _ = certificate_in(ctx.tmp / "tlscert")
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
                                            cert, key))
@@ -275,7 +289,7 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
              .replace("STOP", str(int(STOP))).replace("OUT", repr(str(out))))
     argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", probe, "run", "--config", str(conf)]
     proc = ctx.spawn(f"ops{i}", argv)
-    ready = [ports.fulcrum_web] if mode == "tls-new" else [ports.fulcrum_web, ports.fulcrum_bulk]
+    ready = [ports.fulcrum_web] if mode.startswith("tls-") else [ports.fulcrum_web, ports.fulcrum_bulk]
     proc.wait_ready(ready, ctx.opts.start_timeout)
     client = client_for(mode, ports)
     try:
@@ -340,12 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=MODES, default="keepalive",
                    help="keepalive: requests on one connection; close: a new http connection per "
                         "request; l4: a new tcp-listener connection per exchange; tls-new: a new TLS "
-                        "connection (full handshake) per request (default keepalive)")
+                        "connection (full handshake) per request; tls-keepalive: requests on one TLS connection "
+                        "(default keepalive)")
     p.add_argument("--requests", type=int, default=300,
                    help="requests (connections in close, l4 and tls-new modes) counted per tree (default 300)")
     p.add_argument("--top", type=int, default=40, help="functions listed (default 40)")
     args = p.parse_args(argv)
-    unit = "request" if args.mode == "keepalive" else "connection"
+    unit = "request" if args.mode in ("keepalive", "tls-keepalive") else "connection"
     tmp = Path(tempfile.mkdtemp(prefix="opcount-"))
     trees: list[tuple[str, Path]] = []
     for rev in args.rev or []:
