@@ -234,7 +234,8 @@ class VipClaimer:
 
     Wiring (from the Trio thread): ``await nursery.start(claimer.run)`` after the agent's
     ``run``; VIPs are dealt only among nodes whose ``{prefix}/vip-claimers/<node>`` key (bound
-    to their lease, written here) says they accept VIPs. On a planned stop or drain:
+    to their lease, written here) says they accept VIPs, each VIP among those whose key lists
+    it (the VIPs their configuration takes). On a planned stop or drain:
     ``await claimer.release_all()`` (the keys first; each address stays until the next node
     holds the VIP, so no connection attempt is lost). ``held`` maps each VIP address this
     node holds to the wall-clock time it took it; ``holders`` is the cluster's view.
