@@ -519,14 +519,16 @@ def test_a_takeover_that_drops_a_held_vip_and_adds_one_hands_it_over_and_claims_
         taken = next(w for w, _, _, v2, _ in judged if v2 - {node})  # first sample with another host
         moved = next(w for w, _, _, v2, _ in judged if node not in v2)  # first sample without this one
         # how every other node saw it in etcd: "VIP <vip>: <before> -> <after>" (its on_moved log)
-        seen = {n: [line.split(f"VIP {VIP2}: ", 1)[1] for line in
-                    lbnodes.logs[n].read_text(errors="replace")[marks[n]:].splitlines() if f"VIP {VIP2}: " in line]
+        moved_line = f"lbnode.cluster.vips: VIP {VIP2}: "
+        seen = {n: [line.split(moved_line, 1)[1] for line in
+                    lbnodes.logs[n].read_text(errors="replace")[marks[n]:].splitlines() if moved_line in line]
                 for n in NODES if n != node}
         summary = (f"takeover of {node} dropping {VIP2}, adding {VIP3}: {len(results)} requests to {VIP2}, "
                    f"{len(failures)} failed, {len(slow)} over 0.5 s"
                    + (f" (sent {min(slow):.2f}-{max(slow):.2f}s after the start)" if slow else "")
                    + f"; {VIP2} released {released - started_wall:.2f}s after the start, "
-                   f"on {taker} {taken - released:.2f}s after its release, off {node} {moved - released:.2f}s after; "
+                   f"on another host {taken - released:.2f}s after its release, off {node} {moved - released:.2f}s after "
+                   f"(now on {taker}); "
                    f"hosts {' -> '.join(','.join(sorted(h)) or '(none)' for h in sequence)}; in etcd as seen by "
                    f"{seen}; on no host in {len(nobody)} of {len(judged)} samples; {VIP} on {sorted(map(sorted, kept))}")
         if failures:
