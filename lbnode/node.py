@@ -140,6 +140,9 @@ class LbNode:
         # [listeners.access_log]: each listener's buffer and counters, one writer per file (or stdout)
         self.access_logs, self.access_log_writers = accesslog.build(config.listeners)
         self.bound: Bound | None = None
+        # the listening sockets from before they are served: a VIP filter set while the cluster
+        # starts (a takeover's dropped VIP is released at once) goes on them (_filter_moving_vips)
+        self._sockets_at_start: list[tuple[Listener, stdsocket.socket]] = []
         # Each listening socket and the handler accepting on it (changed by reloads).
         self.listeners = ListenerSet(self._listener_parts, self.connection_gate, lambda: self.config.node.drain_timeout)
         self.config_path: Path | None = None  # node.toml, read again by SIGHUP
@@ -581,6 +584,7 @@ class LbNode:
                 takeover.admin.close()
                 takeover.admin = None
         self._admin_sock = admin_sock
+        self._sockets_at_start = sockets
         self.bound = Bound(
             listeners={li.name: s.getsockname()[:2] for li, s in sockets},
             admin=admin_sock.getsockname()[:2] if admin_sock is not None else None,
@@ -789,8 +793,14 @@ class LbNode:
         return [(slot.listener, slot.sock) for slot in self.listeners.slots.values()]
 
     def _filter_moving_vips(self, handing_off: frozenset[str], taking_over: frozenset[str]) -> None:
-        """While VIPs move, every listener drops what would break a connection (``set_vip_filter``)."""
-        for listener, sock in self._listening_sockets():
+        """While VIPs move, every listener drops what would break a connection (``set_vip_filter``).
+
+        Before the listeners are served, on the sockets they will serve: a takeover's claimer
+        releases a VIP the new node.toml dropped as it starts, while the old process still
+        accepts on these sockets. Without the filter a handshake completed there just before
+        the new holder's gratuitous ARP would be cut (the client's request reaches a host that
+        does not know the connection, which answers with a reset)."""
+        for listener, sock in self._listening_sockets() or self._sockets_at_start:
             if sock.fileno() < 0:
                 continue  # closed: the node has stopped
             try:

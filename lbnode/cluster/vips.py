@@ -133,56 +133,79 @@ def plan(
     holders: Mapping[str, str],
     candidates: Collection[str],
     urgent: Collection[str] = (),
+    takes: Mapping[str, Collection[str]] | None = None,
 ) -> Plan:
     """What node ``me`` should do, given who holds which VIP and which nodes run a claimer.
 
-    - Free VIPs are dealt out in address order, each to the candidate with the fewest VIPs
+    ``vips``: every VIP the candidates take (the same list on every node: the union of their
+    claimer keys). ``takes``: the VIPs each candidate takes (configures); a candidate it does
+    not name takes every VIP of ``vips``. A VIP's *takers* are the candidates that take it.
+
+    - Free VIPs are dealt out in address order, each to the taker with the fewest VIPs
       below the ceiling share (ties: rendezvous order); ``me`` campaigns for those it is
-      dealt, and for any free VIP in ``urgent`` (free for too long: anyone may take it).
+      dealt, and for any free VIP it takes in ``urgent`` (free for too long: anyone may
+      take it). A VIP that no candidate takes is left alone.
     - Hand-off only when no VIP is free, one VIP per round: a node above the ceiling gives
-      back its extras; otherwise the candidate with the most VIPs gives one to a candidate
-      below the floor, choosing the VIP rendezvous prefers most for that node. A node
-      between floor and ceiling never moves anything: no flapping when counts are uneven
-      by one, and a returning node takes only what brings it to the floor.
+      back its extras that another taker below the ceiling can have; otherwise the
+      candidate with the most VIPs gives one to a candidate below the floor that takes it,
+      choosing the VIP rendezvous prefers most for that node. A node between floor and
+      ceiling never moves anything: no flapping when counts are uneven by one, and a
+      returning node takes only what brings it to the floor.
 
     Every node computes the same answer from the same view; etcd settles the races when
     views differ (the create compares ``create_revision == 0``).
     """
     cands = set(candidates) | {me}
+    named = takes or {}
+
+    def takers(vip: str) -> set[str]:
+        return {c for c in cands if c not in named or vip in named[c]}
+
+    able = {vip: takers(vip) for vip in vips}
+    # a candidate that takes none of these VIPs has no share of them
+    cands = {c for c in cands if any(c in t for t in able.values())} | {me}
     floor, ceil = fair_share(len(vips), len(cands))
     count = dict.fromkeys(cands, 0)
     for vip in vips:
         holder = holders.get(vip)
         if holder in count:
             count[holder] += 1
-    free = sorted(v for v in vips if v not in holders)
+    free = sorted(v for v in vips if v not in holders and able[v])
     campaign = []
     dealt = dict(count)
     for vip in free:
-        rank = {node: i for i, node in enumerate(preference(vip, cands))}
-        eligible = [c for c in cands if dealt[c] < ceil] or list(cands)
+        rank = {node: i for i, node in enumerate(preference(vip, able[vip]))}
+        eligible = [c for c in able[vip] if dealt[c] < ceil] or list(able[vip])
         winner = min(eligible, key=lambda c: (dealt[c], rank[c]))
         dealt[winner] += 1
-        if winner == me or vip in urgent:
+        if winner == me or (vip in urgent and me in able[vip]):
             campaign.append(vip)
     if free:
         return Plan(campaign=tuple(campaign))
-    mine = sorted(v for v in vips if holders.get(v) == me)
+    held: dict[str, list[str]] = {c: sorted(v for v in vips if holders.get(v) == c) for c in cands}
+    mine = held[me]
     if count[me] > ceil:
-        # keep the ones rendezvous prefers us for most; give back the rest
-        mine.sort(key=lambda v: preference(v, cands).index(me))
-        return Plan(release=tuple(mine[ceil:]))
+        # keep what no other taker below the ceiling can have, then the ones rendezvous
+        # prefers us for most; give back the rest
+        def movable(vip: str) -> bool:
+            return any(count[c] < ceil for c in able[vip] - {me})
+
+        mine.sort(key=lambda v: (movable(v), preference(v, cands).index(me)))
+        return Plan(release=tuple(v for v in mine[ceil:] if movable(v)))
     needy = sorted((c for c in cands if count[c] < floor), key=lambda c: (count[c], c))
     if not needy or count[me] <= floor:
         return Plan()
-    donor = max(cands, key=lambda c: (count[c], c))
-    if donor != me:
-        return Plan()
-    receiver = needy[0]
-    others = cands - {me}
-    # the VIP whose rendezvous order ranks the receiver highest among the other nodes
-    gift = min(mine, key=lambda v: (preference(v, others).index(receiver), v))
-    return Plan(release=(gift,))
+    # the donor: the candidate with the most VIPs (above the floor) that holds one a needy
+    # candidate takes; the receiver: the neediest such candidate
+    for donor in sorted((c for c in cands if count[c] > floor), key=lambda c: (count[c], c), reverse=True):
+        for receiver in needy:
+            gifts = [v for v in held[donor] if receiver in able[v]]
+            if gifts:
+                if donor != me:
+                    return Plan()
+                # the VIP whose rendezvous order ranks the receiver highest among its other takers
+                return Plan(release=(min(gifts, key=lambda v: (preference(v, able[v] - {me}).index(receiver), v)),))
+    return Plan()
 
 
 # ---------------------------------------------------------------------- addresses on the wire
@@ -211,7 +234,8 @@ class VipClaimer:
 
     Wiring (from the Trio thread): ``await nursery.start(claimer.run)`` after the agent's
     ``run``; VIPs are dealt only among nodes whose ``{prefix}/vip-claimers/<node>`` key (bound
-    to their lease, written here) says they accept VIPs. On a planned stop or drain:
+    to their lease, written here) says they accept VIPs, each VIP among those whose key lists
+    it (the VIPs their configuration takes). On a planned stop or drain:
     ``await claimer.release_all()`` (the keys first; each address stays until the next node
     holds the VIP, so no connection attempt is lost). ``held`` maps each VIP address this
     node holds to the wall-clock time it took it; ``holders`` is the cluster's view.
@@ -251,7 +275,11 @@ class VipClaimer:
         self._wake = trio.Event()
         self._lock = trio.Lock()  # one address change at a time (fencing vs. a round)
         self.claimers: dict[str, bool] = {}  # node -> accepting VIPs, from the claimer keys
-        self._announced: tuple[int, bool] | None = None  # (lease, accepting) of our claimer key
+        # node -> the VIPs it takes, from the claimer keys (None: a key that does not say, written
+        # by an older lbnode: it takes every VIP)
+        self.claimer_vips: dict[str, frozenset[str] | None] = {}
+        # (lease, accepting, VIPs) of our claimer key as we last wrote it
+        self._announced: tuple[int, bool, tuple[str, ...]] | None = None
         self._broken_until = -math.inf
         self._held_lease: int | None = None  # the lease our held VIPs' keys are bound to
         self._draining = False
@@ -462,8 +490,10 @@ class VipClaimer:
         self.peer_heartbeats = {str(k): (str(v[0]), int(v[1]), int(v[2]))
                                 for k, v in dict(state.get("peers", {})).items()}
         announced = state.get("announced")
-        if isinstance(announced, list) and len(announced) == 2:
-            self._announced = (int(announced[0]), bool(announced[1]))
+        if isinstance(announced, list) and len(announced) == 3:
+            self._announced = (int(announced[0]), bool(announced[1]), tuple(map(str, announced[2])))
+        # else (none, or an older process's [lease, accepting], which does not say which VIPs):
+        # written again at the first round
         key = state.get("heartbeat_key")
         if isinstance(key, str):
             self._heartbeat_key = bytes.fromhex(key)  # no round trip to agree on it again
@@ -489,7 +519,8 @@ class VipClaimer:
             "values": {vip: value.decode() for vip, value in self._values.items()},
             "claimers": dict(self.claimers),
             "peers": {node: list(peer) for node, peer in self.peer_heartbeats.items()},
-            "announced": list(self._announced) if self._announced is not None else None,
+            "announced": ([*self._announced[:2], list(self._announced[2])]
+                          if self._announced is not None else None),
             "heartbeat_key": self._heartbeat_key.hex() if self._heartbeat_key is not None else None,
             "heartbeats": heartbeat.export_state(self.heartbeats) if self.heartbeats is not None else None,
         }
@@ -547,11 +578,8 @@ class VipClaimer:
                 nursery.start_soon(self._watch_loop)
                 nursery.start_soon(self._round_loop)
                 self._nursery = nursery
-                for vip in sorted(self._dropped):
-                    if vip in self.held:
-                        log.info("node %s: VIP %s is not in this configuration: handing it to another node "
-                                 "(make-before-break)", self.node_id, vip)
-                        nursery.start_soon(self._release, vip)
+                if any(vip in self.held for vip in self._dropped):
+                    nursery.start_soon(self._release_dropped)
                 if hasattr(self.agent, "on_assignment_change"):
                     self.agent.on_assignment_change(self.wake)
                 task_status.started()
@@ -581,6 +609,25 @@ class VipClaimer:
                 for fd in self._guard_pipes:
                     os.close(fd)
                 self._guard_pipes, self._pipes_guard = [], set()
+
+    async def _release_dropped(self) -> None:
+        """Hand the held VIPs this configuration dropped (takeover) to the other nodes,
+        make-before-break. Our claimer key says first which VIPs we take now: every other node
+        reads it in the same etcd view that shows the VIP free (it was written before the key
+        was deleted), so they deal it among themselves at once, all to the same node, instead
+        of waiting ``FREE_GRACE`` for us (docs/vips.md, "Which VIPs a node takes")."""
+        lease = self.agent.lease_id
+        if lease is not None:
+            try:
+                await self._announce(lease)
+            except StoreError as exc:
+                log.warning("node %s: could not say which VIPs it takes now (%s); the others take the dropped "
+                            "ones after %gs", self.node_id, exc, FREE_GRACE)
+        for vip in sorted(self._dropped):
+            if vip in self.held:
+                log.info("node %s: VIP %s is not in this configuration: handing it to another node "
+                         "(make-before-break)", self.node_id, vip)
+                await self._release(vip)
 
     @property
     def accepting(self) -> bool:
@@ -735,25 +782,41 @@ class VipClaimer:
         if not self.accepting:
             return
         urgent = {v for v, t in self._free_since.items() if now - t >= FREE_GRACE}
+        candidates = self._candidates()
+        takes = self._takes(candidates)
+        every = set().union(*takes.values())  # the same list on every node: from the claimer keys
         decision = plan(
             self.node_id,
-            sorted(self.vips),
-            {v: h.node for v, h in self.holders.items() if v in self.vips},
-            self._candidates(),
+            sorted(every),
+            {v: h.node for v, h in self.holders.items() if v in every},
+            candidates,
             urgent,
+            takes,
         )
         for vip in decision.release:
-            await self._release(vip)
+            if vip in self.vips and vip not in self._handing_off:  # a dropped VIP is on its way already
+                await self._release(vip)
         for vip in decision.campaign:
-            if vip not in self._handing_off:
+            if vip in self.vips and vip not in self._handing_off:
                 await self._campaign(vip, lease)
 
     def _candidates(self) -> set[str]:
         """Nodes whose claimer key says they take VIPs (the key goes with their lease)."""
         return {node for node, accepting in self.claimers.items() if accepting} | {self.node_id}
 
+    def _takes(self, candidates: Collection[str]) -> dict[str, frozenset[str]]:
+        """The VIPs each candidate takes, by its claimer key; ours are our configuration's. A
+        key that does not say (an older lbnode) is read as taking the VIPs we take."""
+        ours = frozenset(self.vips)
+        takes = {self.node_id: ours}
+        for node in set(candidates) - {self.node_id}:
+            listed = self.claimer_vips.get(node)
+            takes[node] = ours if listed is None else listed
+        return takes
+
     def _set_claimers(self, kvs: list[KeyValue]) -> None:
         claimers = {}
+        vips: dict[str, frozenset[str] | None] = {}
         peers: dict[str, tuple[str, int, int]] = {}
         for kv in kvs:
             node = kv.key[len(self.claimer_prefix):]
@@ -764,6 +827,9 @@ class VipClaimer:
                 claimers[node] = bool(data.get("accepting", False))
             except (ValueError, AttributeError):
                 continue
+            listed = data.get("vips")
+            vips[node] = (frozenset(listed) if isinstance(listed, list) and all(isinstance(v, str) for v in listed)
+                          else None)
             raw = data.get("heartbeat")
             if isinstance(raw, str) and node != self.node_id:
                 try:
@@ -772,23 +838,28 @@ class VipClaimer:
                     continue  # a claimer that cannot be heard is no heartbeat peer (not counted)
                 peers[node] = (address.host, address.port, kv.lease)
         self.claimers = claimers
+        self.claimer_vips = vips
         self.peer_heartbeats = peers
         if self.heartbeats is not None:
             self.heartbeats.set_peers({node: lease for node, (_, _, lease) in peers.items()}, trio.current_time())
 
     async def _announce(self, lease: int) -> None:
-        """Our claimer key, bound to our lease: {"accepting": bool}; written when it changed."""
+        """Our claimer key, bound to our lease: {"accepting": bool, "vips": [the VIPs we take]};
+        written when it changed."""
         accepting = self.accepting
-        if self._announced == (lease, accepting) and self.claimers.get(self.node_id) == accepting:
+        vips = tuple(sorted(self.vips))
+        if (self._announced == (lease, accepting, vips) and self.claimers.get(self.node_id) == accepting
+                and self.claimer_vips.get(self.node_id) == frozenset(vips)):
             return
-        data: dict[str, object] = {"accepting": accepting}
+        data: dict[str, object] = {"accepting": accepting, "vips": list(vips)}
         if self.heartbeat_address is not None:
             data["heartbeat"] = str(self.heartbeat_address)
         value = json.dumps(data).encode()
         await trio.to_thread.run_sync(self.conn.put, self.claimer_prefix + self.node_id, value, lease,
                                       abandon_on_cancel=True)
-        self._announced = (lease, accepting)
+        self._announced = (lease, accepting, vips)
         self.claimers[self.node_id] = accepting
+        self.claimer_vips[self.node_id] = frozenset(vips)
 
     def _set_holders(self, kvs: list[KeyValue]) -> None:
         holders: dict[str, Holder] = {}

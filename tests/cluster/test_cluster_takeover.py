@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from lbnode.cluster.vips import FREE_GRACE, HANDOFF_LINGER
 from tests.cluster.test_vip_failover import (  # noqa: F401 (fixtures)
     ANSWER_WINDOW,
     NODES,
@@ -82,6 +83,13 @@ BACKENDS = {"tk1": 9000, "tk2": 9001}
 @pytest.fixture
 def lbnodes(lan: Lan, tmp_path: Path) -> Iterator[LbNodes]:  # noqa: F811
     yield from _lbnodes(lan, tmp_path, VIP, 24, BACKENDS)
+
+
+def release_time(text: str, vip: str) -> float:
+    """When the new process began handing ``vip`` over (wall clock, from its log line)."""
+    line = next(line for line in text.splitlines() if f"VIP {vip} is not in this configuration" in line)
+    stamp, millis = line[:23].split(",")
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
 
 
 def fence_lines(text: str) -> list[str]:
@@ -442,7 +450,11 @@ def test_a_takeover_that_drops_a_held_vip_and_adds_one_hands_it_over_and_claims_
     """Two VIPs on three nodes; the holder of one of them is taken over with a node.toml that
     drops the VIP it holds and adds a third (configured on no other node). The dropped VIP goes
     to another node make-before-break (in every 50 ms sample some host has it; requests to it
-    do not fail), the added one is claimed by the new process, the kept one stays where it is."""
+    do not fail), the added one is claimed by the new process, the kept one stays where it is.
+    The new process's claimer key says which VIPs it takes before it releases the dropped one,
+    so the others deal it among themselves at once, all to the same node: it is taken within a
+    watch round trip of its release (not after FREE_GRACE), and it changes hands exactly once
+    (on the hosts sampled, and in etcd as every other node saw it)."""
     lbnodes = two_vip_nodes
     wait_for(lambda: all(len(lan.holders(v, NODES)) == 1 for v in (VIP, VIP2)), 20, "the two VIPs never settled")
     time.sleep(1.0)
@@ -452,11 +464,15 @@ def test_a_takeover_that_drops_a_held_vip_and_adds_one_hands_it_over_and_claims_
     # the VIP is handed off are sent again 1 s later, to the new holder
     probe = Probe(lan, mode="sticky", interval=1 / RATE, connect_timeout=3.0, vip=VIP2)
     samples: list[tuple[float, frozenset[str], frozenset[str], frozenset[str]]] = []
+    walls: list[float] = []  # each sample's wall-clock time, to compare with the node's log
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append((time.monotonic(), *(frozenset(lan.holders(v, NODES)) for v in (VIP, VIP2, VIP3))))
+            wall, now = time.time(), time.monotonic()
+            held = [frozenset(lan.holders(v, NODES)) for v in (VIP, VIP2, VIP3)]
+            walls.append(wall)
+            samples.append((now, held[0], held[1], held[2]))
             time.sleep(SAMPLE)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -464,7 +480,8 @@ def test_a_takeover_that_drops_a_held_vip_and_adds_one_hands_it_over_and_claims_
         session_start(probe)
         sampler.start()
         time.sleep(1.0)
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
+        marks = {n: len(lbnodes.logs[n].read_text(errors="replace")) for n in NODES}
         old = lbnodes.procs[node]
         config = lbnodes.tmp / f"{node}-new.toml"
         config.write_text(lbnodes.config(node).read_text().replace(
@@ -487,15 +504,33 @@ def test_a_takeover_that_drops_a_held_vip_and_adds_one_hands_it_over_and_claims_
         assert new.poll() is None, log.read_text(errors="replace")[-3000:]
         results = probe.since(started - 1.0, until)
         failures = [r for r in results if not r[1]]
-        judged = [s for s in samples if s[0] >= started - 1.0]
-        nobody = [round(t - started, 2) for t, _, v2, _ in judged if not v2]
-        kept = {v1 for _, v1, _, _ in judged}
+        judged = [(w, *s) for w, s in zip(walls, samples, strict=True) if s[0] >= started - 1.0]
+        nobody = [round(t - started, 2) for _, t, _, v2, _ in judged if not v2]
+        kept = {v1 for _, _, v1, _, _ in judged}
         slow = [t - started for t, _, _ in results if probe.took[t] > 0.5]
+        (taker,) = lan.holders(VIP2, NODES)
+        # the dropped VIP's hosts, sample after sample, runs merged: one move is {node}, maybe
+        # {node, taker} for the HANDOFF_LINGER overlap, then {taker}
+        sequence: list[frozenset[str]] = []
+        for _, _, _, v2, _ in judged:
+            if not sequence or sequence[-1] != v2:
+                sequence.append(v2)
+        released = release_time(log.read_text(errors="replace"), VIP2)
+        taken = next(w for w, _, _, v2, _ in judged if v2 - {node})  # first sample with another host
+        moved = next(w for w, _, _, v2, _ in judged if node not in v2)  # first sample without this one
+        # how every other node saw it in etcd: "VIP <vip>: <before> -> <after>" (its on_moved log)
+        moved_line = f"lbnode.cluster.vips: VIP {VIP2}: "
+        seen = {n: [line.split(moved_line, 1)[1] for line in
+                    lbnodes.logs[n].read_text(errors="replace")[marks[n]:].splitlines() if moved_line in line]
+                for n in NODES if n != node}
         summary = (f"takeover of {node} dropping {VIP2}, adding {VIP3}: {len(results)} requests to {VIP2}, "
                    f"{len(failures)} failed, {len(slow)} over 0.5 s"
                    + (f" (sent {min(slow):.2f}-{max(slow):.2f}s after the start)" if slow else "")
-                   + f"; {VIP2} now on {sorted(lan.holders(VIP2, NODES))}, on no host in "
-                   f"{len(nobody)} of {len(judged)} samples; {VIP} on {sorted(map(sorted, kept))}")
+                   + f"; {VIP2} released {released - started_wall:.2f}s after the start, "
+                   f"on another host {taken - released:.2f}s after its release, off {node} {moved - released:.2f}s after "
+                   f"(now on {taker}); "
+                   f"hosts {' -> '.join(','.join(sorted(h)) or '(none)' for h in sequence)}; in etcd as seen by "
+                   f"{seen}; on no host in {len(nobody)} of {len(judged)} samples; {VIP} on {sorted(map(sorted, kept))}")
         if failures:
             summary += (f"; failures from {failures[0][0] - started:.2f}s to {failures[-1][0] - started:.2f}s "
                         f"after the start: {sorted({r[2] for r in failures})}")
@@ -504,6 +539,16 @@ def test_a_takeover_that_drops_a_held_vip_and_adds_one_hands_it_over_and_claims_
         assert not nobody, f"{VIP2} was on no host at {nobody[:5]}: {summary}"
         assert kept == {frozenset({kept_on})}, summary
         assert not failures, f"{summary}: {failures[:5]}"
+        # exactly one move, straight to the node the others dealt it to
+        assert sequence in ([{node}, {node, taker}, {taker}], [{node}, {taker}]), f"not one move: {summary}"
+        assert all(s == [f"{node} -> (free)", f"(free) -> {taker}"] for s in seen.values()), summary
+        # taken within a watch round trip of its release: our claimer key and the key's deletion
+        # (two etcd writes), the others' watch event, a round (one read), a claim (one write), the
+        # address: tens of milliseconds when idle; FREE_GRACE / 2 leaves room for 2 busy cores and
+        # is below the FREE_GRACE that the others waited before (the taker came 1.05 s after the
+        # release). Off this host HANDOFF_LINGER after that, as in a drain (plus a sample).
+        assert taken - released < FREE_GRACE / 2, summary
+        assert moved - released < FREE_GRACE / 2 + HANDOFF_LINGER + 2 * SAMPLE, summary
     finally:
         stop.set()
         probe.close()

@@ -223,3 +223,71 @@ async def test_a_claim_while_keepalives_fail_is_followed_by_a_renewal_and_the_vi
                       f"{stuck_deadline - claimed_at:.2f}s before the stuck keepalives' fencing deadline; "
                       f"deadline moved to {a.lease_fence_deadline() - stuck_deadline:+.2f}s by the renewal")
         relays.cancel_scope.cancel()
+
+
+async def test_a_takeover_that_drops_a_held_vip_hands_it_at_once_to_the_node_the_others_deal_it_to(
+    etcd: EtcdCluster,
+) -> None:
+    """Node c holds 10.77.0.101 and is taken over (``hand_over`` / ``adopt``, as ``lbnode run
+    --takeover`` does) by a claimer configured with 10.77.0.100 and 10.77.0.102 instead. Its
+    claimer key says so before it deletes the dropped VIP's key, so a and b deal that VIP among
+    themselves at once, both to b (a holds 10.77.0.100; c no longer takes it): b claims it
+    within a watch round trip instead of after ``FREE_GRACE``, it changes hands exactly once,
+    make-before-break, and c claims the added VIP. Before, rendezvous dealt it to c (that is
+    why these names and addresses): nobody campaigned for FREE_GRACE, then a and b raced."""
+    ttl = 2.0
+    settings = etcd.settings(lease_ttl=ttl, prefix="/claimer")
+    added = VipSpec("10.77.0.102", 24, "eth0")
+    c_addr = RecordedAddresses()  # one host: the new process goes on with the old one's addresses
+    moves: dict[str, list[tuple[str, str | None, str | None]]] = {"a": [], "b": []}
+    conn = EtcdConnection(etcd.endpoints)
+    try:
+        async with node(etcd, "a", ttl) as (a, a_addr), trio.open_nursery() as nursery:
+            # a alone first takes both; then c joins and a gives it the one rendezvous prefers c for
+            await wait_until(lambda: len(a.held) == 2, 10, f"a alone did not take both VIPs: {a.held}")
+            agent = ClusterAgent(settings, "c", {}, connection=conn)
+            old = VipClaimer(settings, "c", conn, agent, vips=VIPS, addresses=c_addr)
+            await nursery.start(agent.run)
+            await nursery.start(old.run)
+            await wait_until(lambda: set(a.held) == {"10.77.0.100"} and set(old.held) == {"10.77.0.101"}, 10,
+                             f"not 10.77.0.100 on a and 10.77.0.101 on c: {a.held} {old.held}")
+            async with node(etcd, "b", ttl) as (b, b_addr):
+                a.on_moved(lambda vip, before, after: moves["a"].append((vip, before, after)))
+                b.on_moved(lambda vip, before, after: moves["b"].append((vip, before, after)))
+                await wait_until(lambda: all(set(x.claimers) == {"a", "b", "c"} for x in (a, b, old)), 10,
+                                 "the claimers never saw each other")
+                await trio.sleep(3 * 0.5)  # a few rounds of b's: nothing moves to it (2 VIPs, 3 nodes)
+                # (b's first read shows it where each VIP is: a move from "free" in its view)
+                assert not b.held and not moves["a"] and all(before is None for _, before, _ in moves["b"]), moves
+                moves["b"].clear()
+                state = await old.hand_over()
+                agent_state = await agent.hand_over()
+                new_agent = ClusterAgent(settings, "c", {}, connection=conn)
+                new_agent.adopt(agent_state)
+                new = VipClaimer(settings, "c", conn, new_agent, vips=[VIPS[0], added], addresses=c_addr)
+                new.adopt(state, None)
+                started = time.monotonic()
+                await nursery.start(new_agent.run)
+                await nursery.start(new.run)
+                await wait_until(lambda: "10.77.0.101" in b_addr.present and "10.77.0.101" not in c_addr.present,
+                                 3, f"10.77.0.101 did not move from c to b: {b.holders}")
+                await wait_until(lambda: new.held.keys() == {added.address}, 3, f"c never took {added}: {new.held}")
+                await trio.sleep(3 * 0.5)  # a few rounds more: nothing moves again
+                b_added = next(t for t, what, vip in b_addr.log if what == "add" and vip == "10.77.0.101")
+                c_removed = next(t for t, what, vip in c_addr.log
+                                 if what == "remove" and vip == "10.77.0.101" and t >= started)
+                print(f"10.77.0.101 on b {b_added - started:.3f}s after the new claimer started; off c "
+                      f"{c_removed - started:.3f}s after")
+                # the new claimer's start, two writes (claimer key, delete), b's watch event, a round
+                # and a claim: tens of milliseconds; FREE_GRACE / 2 leaves room for 2 busy cores
+                assert b_added - started < FREE_GRACE / 2, f"b took it {b_added - started:.2f}s after the start"
+                assert b_added < c_removed <= b_added + HANDOFF_LINGER + 0.2, "not make-before-break"
+                once = [("10.77.0.101", "c", None), ("10.77.0.101", None, "b")]
+                assert [m for m in moves["b"] if m[0] == "10.77.0.101"] == once, moves
+                assert [m for m in moves["a"] if m[0] == "10.77.0.101"] == once, moves
+                assert not [m for ms in moves.values() for m in ms if m[0] == "10.77.0.100"], moves
+                assert a_addr.present == {"10.77.0.100"} and b_addr.present == {"10.77.0.101"}
+                assert c_addr.present == {added.address}
+                nursery.cancel_scope.cancel()
+    finally:
+        conn.close()

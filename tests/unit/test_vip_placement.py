@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbnode.cluster.vips import fair_share, plan
+from lbnode.cluster.vips import Plan, fair_share, plan
 from lbnode.cluster.wire import garp_frame, na_frame
 from lbnode.model import ConfigError, Table, VipSpec, parse_vips
 
@@ -19,9 +19,10 @@ VIPS3 = ["203.0.113.100", "203.0.113.101", "203.0.113.102"]
 class Cluster:
     """Nodes applying ``plan`` one after another on one consistent view (as etcd serialises them)."""
 
-    def __init__(self, vips: list[str], nodes: list[str]) -> None:
+    def __init__(self, vips: list[str], nodes: list[str], takes: dict[str, set[str]] | None = None) -> None:
         self.vips = vips
         self.live = set(nodes)
+        self.takes = takes if takes is not None else {}  # node -> the VIPs it configures (absent: all)
         self.holders: dict[str, str] = {}
         self.moves: Counter[str] = Counter()  # VIP -> times it changed from one node to another
         self._last: dict[str, str] = {}
@@ -30,7 +31,7 @@ class Cluster:
         """Every live node plans once; returns whether anything changed."""
         changed = False
         for node in sorted(self.live):
-            decision = plan(node, self.vips, self.holders, self.live)
+            decision = plan(node, self.universe(), self.holders, self.live, takes=self.takes)
             for vip in decision.release:
                 assert self.holders[vip] == node
                 del self.holders[vip]
@@ -50,6 +51,17 @@ class Cluster:
                 return i
         raise AssertionError(f"still changing after {max_rounds} rounds: {self.holders}")
 
+    def universe(self) -> list[str]:
+        """The VIPs some live node takes (what every claimer reads from the claimer keys)."""
+        return sorted(v for v in self.vips if any(n not in self.takes or v in self.takes[n] for n in self.live))
+
+    def drop(self, node: str, vip: str) -> None:
+        """``node`` stops taking ``vip`` (a takeover with a new node.toml): its claimer key says
+        so first, then it deletes the key of the VIP if it held it (the claimer's order)."""
+        self.takes[node] = set(self.takes.get(node, self.vips)) - {vip}
+        if self.holders.get(vip) == node:
+            del self.holders[vip]
+
     def down(self, node: str) -> None:
         self.live.discard(node)
         for vip, holder in list(self.holders.items()):
@@ -62,6 +74,17 @@ class Cluster:
     def counts(self) -> dict[str, int]:
         c = Counter(self.holders.values())
         return {n: c[n] for n in self.live}
+
+
+def assert_placed(cluster: Cluster) -> None:
+    """Settled with some node taking VIPs differently: each VIP that a live node takes is held
+    by one that takes it, and nobody is left with a move the rule would still make."""
+    for vip in cluster.universe():
+        holder = cluster.holders.get(vip)
+        assert holder in cluster.live and (holder not in cluster.takes or vip in cluster.takes[holder]), (
+            vip, holder, cluster.takes)
+    assert all(plan(n, cluster.universe(), cluster.holders, cluster.live, takes=cluster.takes) == Plan()
+               for n in cluster.live)
 
 
 def assert_fair(cluster: Cluster) -> None:
@@ -144,6 +167,89 @@ def test_node_not_running_a_claimer_is_not_dealt_vips() -> None:
     """Only candidates count: a node left out of ``candidates`` never starves the others."""
     decision = plan("n1", VIPS3, {}, {"n1"})
     assert set(decision.campaign) == set(VIPS3)
+
+
+def test_a_vip_is_dealt_only_among_the_nodes_that_take_it() -> None:
+    """n3 dropped VIP B (a takeover's node.toml) and added C: B is n2's at once, by the view of
+    every node (no wait for n3, which will never campaign), and C is n3's."""
+    a, b, c = VIPS3
+    nodes = {"n1", "n2", "n3"}
+    takes = {"n1": {a, b}, "n2": {a, b}, "n3": {a, c}}
+    holders = {a: "n1"}
+    decisions = {n: plan(n, VIPS3, holders, nodes, takes=takes) for n in nodes}
+    assert {n: d.campaign for n, d in decisions.items()} == {"n1": (), "n2": (b,), "n3": (c,)}
+    # a VIP free for too long is still only claimed by the nodes that take it
+    assert b not in plan("n3", VIPS3, holders, nodes, urgent={b}, takes=takes).campaign
+    assert b in plan("n1", VIPS3, holders, nodes, urgent={b}, takes=takes).campaign
+
+
+def test_a_node_that_takes_nothing_else_keeps_what_only_it_takes() -> None:
+    """Above the ceiling share, a node gives back only what another taker below the ceiling can
+    have: VIPs only it takes stay (handing them back would deal them to it again: flapping)."""
+    vips = [f"203.0.113.{100 + i}" for i in range(4)]
+    takes = {"n1": set(vips), "n2": {vips[0]}}
+    holders = {vips[0]: "n2", vips[1]: "n1", vips[2]: "n1", vips[3]: "n1"}
+    assert plan("n1", vips, holders, {"n1", "n2"}, takes=takes) == Plan()
+    # holding all four (ceiling 2) with n2 taking vips[0] and vips[3]: n1 gives exactly those
+    takes["n2"] = {vips[0], vips[3]}
+    holders[vips[0]] = "n1"
+    assert sorted(plan("n1", vips, holders, {"n1", "n2"}, takes=takes).release) == [vips[0], vips[3]]
+
+
+def test_a_takeover_that_drops_a_held_vip_moves_it_once_and_nothing_else() -> None:
+    """Two VIPs on three nodes; the holder of one drops it and adds a third that only it takes
+    (tests/cluster/test_cluster_takeover.py's scenario): the dropped VIP changes hands once,
+    to the node every other node deals it to, the kept one stays, the added one is the
+    holder's."""
+    a, b, c = VIPS3
+    for holder_of_b in ("n1", "n2", "n3"):
+        for holder_of_a in sorted({"n1", "n2", "n3"} - {holder_of_b}):
+            cluster = Cluster(VIPS3, ["n1", "n2", "n3"], takes={n: {a, b} for n in ("n1", "n2", "n3")})
+            cluster.holders = {a: holder_of_a, b: holder_of_b}
+            cluster._last = dict(cluster.holders)
+            assert cluster.settle() == 0
+            cluster.drop(holder_of_b, b)
+            cluster.takes[holder_of_b].add(c)
+            cluster.settle()
+            assert_placed(cluster)
+            assert cluster.holders == {a: holder_of_a, b: cluster.holders[b], c: holder_of_b}
+            assert cluster.holders[b] != holder_of_b
+            assert cluster.moves == Counter({b: 1}), cluster.moves
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n_vips=st.integers(1, 6),
+    events=st.lists(st.tuples(st.sampled_from(["down", "up", "drop", "take"]), st.sampled_from(["n1", "n2", "n3", "n4"]),
+                              st.integers(0, 5)), max_size=10),
+)
+def test_placement_with_nodes_taking_different_vips_settles_and_never_flaps(
+    n_vips: int, events: list[tuple[str, str, int]]
+) -> None:
+    """Nodes take different VIP sets (each node.toml lists its own, a takeover drops or adds
+    some): every change settles in a few rounds, each VIP a live node takes ends on a node
+    that takes it, and then nothing moves."""
+    vips = [f"10.77.0.{100 + i}" for i in range(n_vips)]
+    cluster = Cluster(vips, ["n1", "n2", "n3", "n4"], takes={n: set(vips) for n in ("n1", "n2", "n3", "n4")})
+    cluster.settle()
+    for action, node, i in events:
+        vip = vips[i % n_vips]
+        if action == "down" and len(cluster.live) > 1:
+            cluster.down(node)
+        elif action == "up":
+            cluster.up(node)
+        elif action == "drop":
+            cluster.drop(node, vip)
+        elif action == "take":
+            cluster.takes[node].add(vip)
+        cluster.moves.clear()
+        cluster.settle()
+        assert_placed(cluster)
+        assert all(m <= 1 for m in cluster.moves.values()), cluster.moves
+        snapshot = dict(cluster.holders)
+        for _ in range(20):
+            assert not cluster.round()
+        assert cluster.holders == snapshot
 
 
 @settings(max_examples=200, deadline=None)
