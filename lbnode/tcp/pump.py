@@ -81,7 +81,7 @@ class _Activity:
     """One session's state, shared by its pump, the run's ``IdleWatch`` and ``SessionPoller``."""
 
     __slots__ = ("chunks", "broken", "ended", "scope", "idle", "last_seen", "last_change", "done",
-                 "ready", "wants", "task", "cut")
+                 "ready", "wants", "task", "cut", "registered")
 
     def __init__(self) -> None:
         self.chunks = 0  # bumped on every chunk moved either way
@@ -100,6 +100,7 @@ class _Activity:
         self.wants = 0
         self.task: trio.lowlevel.Task | None = None
         self.cut = False  # the idle watch ended the session
+        self.registered = 0  # _IN of a socket in the poller's epoll, _OUT if with EPOLLOUT
 
     def cancel(self) -> None:
         """The idle watch's cut: the pump stops at its next look (at once if it is parked)."""
@@ -218,22 +219,22 @@ async def pump_session(
     watch = current_idle_watch()
     poller = current_poller()
     fds = (client.fileno(), upstream.fileno())
-    registered = [False, False]
     watch.watch(activity, idle, activity, trio.current_time())
     try:
         if splice:
-            await _splice_both(activity, (client, upstream), fds, poller, registered, tally, moved)
+            await _splice_both(activity, (client, upstream), fds, poller, tally, moved)
         else:
-            await _copy_both(activity, (client, upstream), fds, poller, registered, tally, moved)
+            await _copy_both(activity, (client, upstream), fds, poller, tally, moved)
     except _Broken as broken:
         log.debug("tcp session broken: %s", _describe(broken.exc))
         activity.broken = True
         activity.ended = f"{'backend' if broken.side else 'client'}: {_describe(broken.exc)}"
     finally:
         watch.forget(activity)
-        if registered[0]:
+        registered = activity.registered
+        if registered & _IN[0]:
             poller.forget(fds[0])
-        if registered[1]:
+        if registered & _IN[1]:
             poller.forget(fds[1])
     if activity.broken:
         for sock in (client, upstream):
@@ -244,34 +245,31 @@ async def pump_session(
     return activity.ended
 
 
-async def _wait(
-    activity: _Activity, wants: int, fds: tuple[int, int], poller: SessionPoller, registered: list[bool],
-    writable: list[bool],
-) -> None:
-    """Park until the poller sees one of ``wants`` (or the idle watch cuts the session); the
-    sockets the wait needs join the poller's epoll first (once each)."""
+def _register(activity: _Activity, wants: int, fds: tuple[int, int], poller: SessionPoller) -> None:
+    """The sockets a wait for ``wants`` needs join the poller's epoll (once each; a socket
+    that now has to wait for room to write is added EPOLLOUT)."""
+    registered = activity.registered
     for side in (0, 1):
-        out = bool(wants & _OUT[side])
-        if wants & (_IN[side] | _OUT[side]) and (not registered[side] or (out and not writable[side])):
-            poller.register(fds[side], activity, side, out or writable[side])
-            registered[side] = True
-            writable[side] = writable[side] or out
-    activity.wants = wants
-    activity.task = trio.lowlevel.current_task()
-    await trio.lowlevel.wait_task_rescheduled(activity._abort)
+        if wants & (_IN[side] | _OUT[side]) & ~registered:
+            out = (wants | registered) & _OUT[side]
+            poller.register(fds[side], activity, side, bool(out))
+            registered |= _IN[side] | out
+    activity.registered = registered
 
 
 async def _splice_both(
     activity: _Activity, socks: tuple[Pumped, Pumped], fds: tuple[int, int], poller: SessionPoller,
-    registered: list[bool], tally: list[int], moved: list[int],
+    tally: list[int], moved: list[int],
 ) -> None:
     """Both directions, socket -> pipe -> socket with os.splice (the bytes never enter Python),
-    each until its source would block, then one wait for what either needs."""
+    each until its source is empty or its destination full, then one wait for what either needs."""
     splice = os.splice
+    flags = _SPLICE_FLAGS
+    current_task = trio.lowlevel.current_task
+    wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
     pipes: list[tuple[int, int] | None] = [None, None]
     in_pipe = [0, 0]  # bytes in each direction's pipe
     going = [True, True]  # direction 0: client -> backend, 1: backend -> client
-    writable = [False, False]  # sockets registered for EPOLLOUT too
     # The client's first bytes are usually in when its session starts (they came with or
     # right after the handshake, and the backend's connect took a while): read at once.
     activity.ready = _IN[0]
@@ -282,35 +280,42 @@ async def _splice_both(
             for d in (0, 1):
                 if not going[d]:
                     continue
+                n = in_pipe[d]
+                in_bit = _IN[d]
+                if not n and not activity.ready & in_bit:
+                    wants |= in_bit  # nothing to move this way yet
+                    continue
                 o = 1 - d
+                src, dst = fds[d], fds[o]
                 pipe = pipes[d]
                 if pipe is None:
                     pipe = pipes[d] = PIPES.take()
+                pipe_r, pipe_w = pipe
                 while True:
-                    n = in_pipe[d]
                     if n:
                         try:
-                            in_pipe[d] = n - splice(pipe[0], fds[o], n, flags=_SPLICE_FLAGS)
+                            n -= splice(pipe_r, dst, n, flags=flags)
                         except BlockingIOError:
                             activity.ready &= ~_OUT[o]
                             wants |= _OUT[o]
                             break
                         except OSError as exc:
                             raise _Broken(o, exc) from None
-                        continue
-                    if not activity.ready & _IN[d]:
-                        wants |= _IN[d]
+                        if n:
+                            continue
+                    if not activity.ready & in_bit:
+                        wants |= in_bit
                         break
                     try:
-                        n = splice(fds[d], pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+                        n = splice(src, pipe_w, PIPE_SIZE, flags=flags)
                     except BlockingIOError:
                         # The pipe is always drained before this call: the source is empty.
-                        activity.ready &= ~_IN[d]
-                        wants |= _IN[d]
+                        activity.ready &= ~in_bit
+                        wants |= in_bit
                         break
                     except OSError as exc:
                         raise _Broken(d, exc) from None
-                    if n == 0:
+                    if not n:
                         going[d] = False
                         if going[o]:  # half-close; the last direction leaves it to close()
                             _shutdown(socks[o], o)
@@ -318,17 +323,25 @@ async def _splice_both(
                     activity.chunks += 1
                     tally[d] += n  # per chunk (up to a pipe's 1 MiB): counted as taken from the source
                     moved[d] += n
-                    in_pipe[d] = n
                     since_wait += n
                     if since_wait >= YIELD_EVERY_BYTES:
                         since_wait = 0
+                        in_pipe[d] = n
                         await trio.lowlevel.checkpoint()
+                in_pipe[d] = n
             if not wants:
                 return  # both directions ended
-            await _wait(activity, wants, fds, poller, registered, writable)
-            since_wait = 0
+            if wants & ~activity.registered:
+                _register(activity, wants, fds, poller)
+            activity.wants = wants
+            activity.task = current_task()
+            await wait_task_rescheduled(activity._abort)
             if activity.cut:
                 return
+            since_wait = 0
+    except _Broken:
+        in_pipe[0] = in_pipe[1] = -1  # the pipes may hold bytes: closed, not kept
+        raise
     finally:
         for d in (0, 1):
             pipe = pipes[d]
@@ -338,18 +351,19 @@ async def _splice_both(
 
 async def _copy_both(
     activity: _Activity, socks: tuple[Pumped, Pumped], fds: tuple[int, int], poller: SessionPoller,
-    registered: list[bool], tally: list[int], moved: list[int],
+    tally: list[int], moved: list[int],
 ) -> None:
     """Both directions through a buffer each (recv_into, send); the portable path, and the TLS
     one: either socket may be an ``ssl.SSLSocket`` (OpenSSL's want-read/want-write wait for
     that readiness of that socket; a send that had to wait is retried with the same bytes, as
     OpenSSL requires) or a backend's ``TlsSocket`` (BlockingIOError like a plain socket)."""
+    current_task = trio.lowlevel.current_task
+    wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
     bufs: list[bytearray | None] = [None, None]
     views: list[memoryview | None] = [None, None]
     sent = [0, 0]  # of each direction's buffer: bytes sent of the ``held`` received
     held = [0, 0]
     going = [True, True]
-    writable = [False, False]
     activity.ready = _IN[0]
     since_wait = 0
     while True:
@@ -408,10 +422,14 @@ async def _copy_both(
                     await trio.lowlevel.checkpoint()
         if not wants:
             return
-        await _wait(activity, wants, fds, poller, registered, writable)
-        since_wait = 0
+        if wants & ~activity.registered:
+            _register(activity, wants, fds, poller)
+        activity.wants = wants
+        activity.task = current_task()
+        await wait_task_rescheduled(activity._abort)
         if activity.cut:
             return
+        since_wait = 0
 
 
 def _shutdown(sock: StreamSocket, side: int) -> None:
