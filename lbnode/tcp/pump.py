@@ -49,6 +49,7 @@ _LINGER_ABORT = struct.pack("ii", 1, 0)
 # A session's readiness bits: side 0 is the client, side 1 the backend.
 _IN = (1, 2)  # the side has bytes (or its end, or an error) to read
 _OUT = (4, 8)  # the side's socket has room to write
+_ANY_OUT = 4 | 8
 # Edge-triggered: a socket is added to the poller's epoll once for the session's life (one
 # epoll_ctl), where Trio's one-shot registrations are armed again before every wait; an
 # edge is reported for every arrival, so a reader that ran dry (EAGAIN) cannot miss one.
@@ -136,7 +137,7 @@ class SessionPoller:
 
     def register(self, fd: int, activity: _Activity, side: int, writable: bool) -> None:
         """Report ``fd``'s readiness to ``activity`` as side ``side``'s bits; ``writable``: its room
-        to write too. Called again for a registered ``fd``: adds ``writable``."""
+        to write too. Called again for a registered ``fd``: arms it again (EPOLL_CTL_MOD) with ``writable``."""
         epoll = self._epoll
         if epoll is None:
             epoll = self._epoll = select.epoll()
@@ -246,13 +247,18 @@ async def pump_session(
 
 
 def _register(activity: _Activity, wants: int, fds: tuple[int, int], poller: SessionPoller) -> None:
-    """The sockets a wait for ``wants`` needs join the poller's epoll (once each; a socket
-    that now has to wait for room to write is added EPOLLOUT)."""
+    """The sockets a wait for ``wants`` needs join the poller's epoll (once each), and a socket
+    that has to wait for room to write is armed for EPOLLOUT again at each such wait: TCP
+    reports new room only to a writer it marked as waiting (SOCK_NOSPACE); its poll marks
+    it, and the epoll_ctl runs that poll (and reports the room at once if there is some by
+    then), where whether a kernel's EAGAIN marks it too is not to be relied on across
+    versions. Writes that have to wait are rare in a short session; a bulk one pays the
+    epoll_ctl that Trio's one-shot wait for room cost."""
     registered = activity.registered
     for side in (0, 1):
-        if wants & (_IN[side] | _OUT[side]) & ~registered:
-            out = (wants | registered) & _OUT[side]
-            poller.register(fds[side], activity, side, bool(out))
+        out = wants & _OUT[side]
+        if out or wants & _IN[side] & ~registered:
+            poller.register(fds[side], activity, side, bool(out or registered & _OUT[side]))
             registered |= _IN[side] | out
     activity.registered = registered
 
@@ -331,7 +337,7 @@ async def _splice_both(
                 in_pipe[d] = n
             if not wants:
                 return  # both directions ended
-            if wants & ~activity.registered:
+            if wants & ~activity.registered or wants & _ANY_OUT:
                 _register(activity, wants, fds, poller)
             activity.wants = wants
             activity.task = current_task()
@@ -422,7 +428,7 @@ async def _copy_both(
                     await trio.lowlevel.checkpoint()
         if not wants:
             return
-        if wants & ~activity.registered:
+        if wants & ~activity.registered or wants & _ANY_OUT:
             _register(activity, wants, fds, poller)
         activity.wants = wants
         activity.task = current_task()
