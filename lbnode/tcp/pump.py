@@ -36,6 +36,9 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, spelled out for Pythons that lack the name
 # recv/send buffer, per direction.
 COPY_BUFFER = 256 * 1024
+# The client's first read on the splice path (``_first_read``): a usual request whole, and
+# less than any pipe holds (64 KiB at least), so what the backend does not take fits in one.
+FIRST_READ = 16 * 1024
 # A session whose sockets never run dry yields to the scheduler after this many bytes
 # without a wait, so one fast session cannot starve the accept loop and the others.
 YIELD_EVERY_BYTES = 16 * 1024 * 1024
@@ -276,11 +279,9 @@ async def _splice_both(
     pipes: list[tuple[int, int] | None] = [None, None]
     in_pipe = [0, 0]  # bytes in each direction's pipe
     going = [True, True]  # direction 0: client -> backend, 1: backend -> client
-    # The client's first bytes are usually in when its session starts (they came with or
-    # right after the handshake, and the backend's connect took a while): read at once.
-    activity.ready = _IN[0]
     since_wait = 0
     try:
+        _first_read(activity, socks, pipes, in_pipe, going, tally, moved)
         while True:
             wants = 0
             for d in (0, 1):
@@ -353,6 +354,47 @@ async def _splice_both(
             pipe = pipes[d]
             if pipe is not None:
                 PIPES.give_back(pipe, empty=in_pipe[d] == 0)
+
+
+def _first_read(
+    activity: _Activity, socks: tuple[Pumped, Pumped], pipes: list[tuple[int, int] | None], in_pipe: list[int],
+    going: list[bool], tally: list[int], moved: list[int],
+) -> None:
+    """The client's first bytes with recv and send instead of through a pipe: they are usually
+    in when the session starts (sent with or right after the handshake, while the backend's
+    connect ran), and usually a short request. A recv that returns less than it asked for
+    has taken all the kernel held, so, unlike a splice (which can stop when the pipe's slots
+    run out), it needs no second call to see EAGAIN before the session waits; a later arrival
+    is an edge the poller reports. What the backend does not take at once goes into the
+    direction's pipe, and the splice loop sends it on."""
+    client, backend = socks
+    try:
+        data = client.recv(FIRST_READ)
+    except BlockingIOError:
+        return  # nothing yet: the client's bit stays clear, the first wait covers it
+    except OSError as exc:
+        raise _Broken(0, exc) from None
+    if not data:
+        going[0] = False  # the client sent its FIN at once
+        _shutdown(backend, 1)
+        return
+    n = len(data)
+    activity.chunks += 1
+    tally[0] += n
+    moved[0] += n
+    if n == FIRST_READ:
+        activity.ready = _IN[0]  # maybe more: the splice loop reads on
+    try:
+        sent = backend.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        raise _Broken(1, exc) from None
+    if sent < n:
+        pipe = pipes[0] = PIPES.take()
+        in_pipe[0] = n - sent  # set first: a pipe that may hold bytes is not given back as empty
+        os.write(pipe[1], data[sent:])  # an empty pipe takes FIRST_READ bytes whole (64 KiB at least)
+        in_pipe[0] = n - sent
 
 
 async def _copy_both(
