@@ -336,8 +336,8 @@ async def _splice_both(
                         in_pipe[d] = n
                         await trio.lowlevel.checkpoint()
                 in_pipe[d] = n
-            if not wants:
-                return  # both directions ended
+            if not wants or activity.cut:
+                return  # both directions ended, or the idle watch cut the session while it yielded
             if wants & ~activity.registered or wants & _ANY_OUT:
                 _register(activity, wants, fds, poller)
             activity.wants = wants
@@ -468,7 +468,7 @@ async def _copy_both(
                 if since_wait >= YIELD_EVERY_BYTES:
                     since_wait = 0
                     await trio.lowlevel.checkpoint()
-        if not wants:
+        if not wants or activity.cut:
             return
         if wants & ~activity.registered or wants & _ANY_OUT:
             _register(activity, wants, fds, poller)

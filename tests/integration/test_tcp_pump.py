@@ -9,7 +9,15 @@ import socket
 import pytest
 import trio
 
-from lbnode.tcp.pump import FIRST_READ, SPLICE_AVAILABLE, pump_session
+from lbnode.tcp.pump import (
+    FIRST_READ,
+    SPLICE_AVAILABLE,
+    _Activity,
+    _copy_both,
+    _splice_both,
+    current_poller,
+    pump_session,
+)
 
 pytestmark = pytest.mark.skipif(not SPLICE_AVAILABLE, reason="splice path: Linux only")
 
@@ -78,4 +86,22 @@ async def test_a_first_burst_the_backend_does_not_take_at_once_arrives_whole() -
     assert received == filler + first + rest
     assert tally[0] == len(first) + len(rest)
     for sock in (client, client_at_proxy, backend_at_proxy):
+        sock.close()
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+async def test_an_idle_cut_that_comes_while_the_pump_is_not_parked_is_not_lost(splice: bool) -> None:
+    """The idle watch cuts a session through its activity: parked, the pump is woken; running
+    (a yield after 16 MiB), it must see the cut before it parks again, or it would wait for
+    the peers with no deadline left (the watch has dropped the session by then)."""
+    client, client_at_proxy = tcp_pair()
+    backend_at_proxy, backend = tcp_pair()
+    activity = _Activity()
+    activity.cancel()  # as IdleWatch does, with no task parked
+    both = _splice_both if splice else _copy_both
+    with trio.fail_after(2):
+        await both(activity, (client_at_proxy, backend_at_proxy),
+                   (client_at_proxy.fileno(), backend_at_proxy.fileno()), current_poller(), [0, 0], [0, 0])
+    assert activity.task is None and activity.registered == 0  # it never parked
+    for sock in (client, client_at_proxy, backend_at_proxy, backend):
         sock.close()
