@@ -36,8 +36,9 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, spelled out for Pythons that lack the name
 # recv/send buffer, per direction.
 COPY_BUFFER = 256 * 1024
-# The client's first read on the splice path (``_first_read``): a usual request whole, and
-# less than any pipe holds (64 KiB at least), so what the backend does not take fits in one.
+# A read with recv on the splice path (``_read_small``): a usual request or small response
+# whole, and less than any pipe holds (64 KiB at least), so what the other side does not take
+# at once fits in one.
 FIRST_READ = 16 * 1024
 # A session whose sockets never run dry yields to the scheduler after this many bytes
 # without a wait, so one fast session cannot starve the accept loop and the others.
@@ -53,13 +54,20 @@ _LINGER_ABORT = struct.pack("ii", 1, 0)
 _IN = (1, 2)  # the side has bytes (or its end, or an error) to read
 _OUT = (4, 8)  # the side's socket has room to write
 _ANY_OUT = 4 | 8
+# Kept for a reader that stops at a short recv (``_read_small``): the end of the side's stream
+# has been reported, so a short read may not have been followed by an edge. _END: its FIN
+# (EPOLLRDHUP or EPOLLHUP, no error), so its last bytes are in; _ERR: an error (a reset).
+_END = (16, 32)
+_ERR = (64, 128)
 # Edge-triggered: a socket is added to the poller's epoll once for the session's life (one
 # epoll_ctl), where Trio's one-shot registrations are armed again before every wait; an
 # edge is reported for every arrival, so a reader that ran dry (EAGAIN) cannot miss one.
 # EPOLLOUT only once a write had to wait: otherwise every ACK would be an event.
-_EDGE = select.EPOLLIN | select.EPOLLET if sys.platform == "linux" else 0
+_EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET if sys.platform == "linux" else 0
 _EDGE_OUT = _EDGE | (select.EPOLLOUT if sys.platform == "linux" else 0)
-_IN_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR if sys.platform == "linux" else 0
+_IN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if sys.platform == "linux" else 0
+_END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP if sys.platform == "linux" else 0
+_ERR_EVENTS = select.EPOLLERR if sys.platform == "linux" else 0
 _OUT_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR if sys.platform == "linux" else 0
 # Events taken per wake of the poller's task; the rest stay queued in its epoll, which is
 # then readable again at the scheduler's next look.
@@ -133,7 +141,7 @@ class SessionPoller:
 
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None
-        self._entries: dict[int, tuple[_Activity, int, int]] = {}
+        self._entries: dict[int, tuple[_Activity, int, int, int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -153,7 +161,7 @@ class SessionPoller:
             epoll.register(fd, flags)
         except FileExistsError:  # a descriptor of an ended session, not closed yet, had the number
             epoll.modify(fd, flags)
-        self._entries[fd] = (activity, _IN[side], _OUT[side])
+        self._entries[fd] = (activity, _IN[side], _OUT[side], _END[side], _ERR[side])
 
     def forget(self, fd: int) -> None:
         """The session is done with ``fd`` (about to be closed, which takes it out of the epoll)."""
@@ -171,9 +179,13 @@ class SessionPoller:
                     entry = entries.get(fd)
                     if entry is None:
                         continue  # its session ended; the descriptor is on its way to close()
-                    activity, in_bit, out_bit = entry
+                    activity, in_bit, out_bit, end_bit, err_bit = entry
                     if events & _IN_EVENTS:
                         activity.ready |= in_bit
+                        if events & _ERR_EVENTS:
+                            activity.ready |= err_bit
+                        elif events & _END_EVENTS:
+                            activity.ready |= end_bit
                     if events & _OUT_EVENTS:
                         activity.ready |= out_bit
                     task = activity.task
@@ -279,9 +291,12 @@ async def _splice_both(
     pipes: list[tuple[int, int] | None] = [None, None]
     in_pipe = [0, 0]  # bytes in each direction's pipe
     going = [True, True]  # direction 0: client -> backend, 1: backend -> client
+    small = [True, True]  # still read with recv (_read_small): no read has filled FIRST_READ
+    # The client's first bytes are usually in when its session starts (they came with or
+    # right after the handshake, and the backend's connect took a while): read at once.
+    activity.ready = _IN[0]
     since_wait = 0
     try:
-        _first_read(activity, socks, pipes, in_pipe, going, tally, moved)
         while True:
             wants = 0
             for d in (0, 1):
@@ -294,14 +309,10 @@ async def _splice_both(
                     continue
                 o = 1 - d
                 src, dst = fds[d], fds[o]
-                pipe = pipes[d]
-                if pipe is None:
-                    pipe = pipes[d] = PIPES.take()
-                pipe_r, pipe_w = pipe
                 while True:
                     if n:
                         try:
-                            n -= splice(pipe_r, dst, n, flags=flags)
+                            n -= splice(pipes[d][0], dst, n, flags=flags)  # type: ignore[index]
                         except BlockingIOError:
                             activity.ready &= ~_OUT[o]
                             wants |= _OUT[o]
@@ -313,8 +324,17 @@ async def _splice_both(
                     if not activity.ready & in_bit:
                         wants |= in_bit
                         break
+                    if small[d]:
+                        n = _read_small(activity, d, socks, pipes, going, small, tally, moved)
+                        if n < 0:
+                            n = 0
+                            break  # this direction ended
+                        continue
+                    pipe = pipes[d]
+                    if pipe is None:
+                        pipe = pipes[d] = PIPES.take()
                     try:
-                        n = splice(src, pipe_w, PIPE_SIZE, flags=flags)
+                        n = splice(src, pipe[1], PIPE_SIZE, flags=flags)
                     except BlockingIOError:
                         # The pipe is always drained before this call: the source is empty.
                         activity.ready &= ~in_bit
@@ -323,9 +343,7 @@ async def _splice_both(
                     except OSError as exc:
                         raise _Broken(d, exc) from None
                     if not n:
-                        going[d] = False
-                        if going[o]:  # half-close; the last direction leaves it to close()
-                            _shutdown(socks[o], o)
+                        _end(socks, going, d)  # half-close; the last direction leaves it to close()
                         break
                     activity.chunks += 1
                     tally[d] += n  # per chunk (up to a pipe's 1 MiB): counted as taken from the source
@@ -356,45 +374,73 @@ async def _splice_both(
                 PIPES.give_back(pipe, empty=in_pipe[d] == 0)
 
 
-def _first_read(
-    activity: _Activity, socks: tuple[Pumped, Pumped], pipes: list[tuple[int, int] | None], in_pipe: list[int],
-    going: list[bool], tally: list[int], moved: list[int],
-) -> None:
-    """The client's first bytes with recv and send instead of through a pipe: they are usually
-    in when the session starts (sent with or right after the handshake, while the backend's
-    connect ran), and usually a short request. A recv that returns less than it asked for
-    has taken all the kernel held, so, unlike a splice (which can stop when the pipe's slots
-    run out), it needs no second call to see EAGAIN before the session waits; a later arrival
-    is an edge the poller reports. What the backend does not take at once goes into the
-    direction's pipe, and the splice loop sends it on."""
-    client, backend = socks
+def _read_small(
+    activity: _Activity, d: int, socks: tuple[Pumped, Pumped], pipes: list[tuple[int, int] | None],
+    going: list[bool], small: list[bool], tally: list[int], moved: list[int],
+) -> int:
+    """One read of direction ``d`` with recv and send instead of through a pipe, while its reads
+    are short (a request, a response: most sessions never fill FIRST_READ; the first read that
+    does turns the direction to splice for good). Its pipe is empty when this is called.
+
+    A recv that returns less than it asked for has taken all the kernel held, so, unlike a
+    splice (which can stop when the pipe's slots run out), it needs no second call to see
+    EAGAIN before the session waits: whatever arrives after the poller's last look at the
+    socket is a new edge, and what was there by then the look reported. So if that look saw
+    the peer's FIN (``_END``: EPOLLRDHUP or EPOLLHUP, no error), the FIN is behind these
+    bytes: the direction ends without the read that would return b""; an error (``_ERR``)
+    is read for (it comes after the bytes). What the other
+    side does not take at once goes into the direction's pipe (an empty pipe holds 64 KiB at
+    least) for the splice loop to send on. Returns the bytes left in the pipe, or -1 when
+    the direction ended."""
+    o = 1 - d
     try:
-        data = client.recv(FIRST_READ)
+        data = socks[d].recv(FIRST_READ)
     except BlockingIOError:
-        return  # nothing yet: the client's bit stays clear, the first wait covers it
+        activity.ready &= ~_IN[d]
+        return 0
     except OSError as exc:
-        raise _Broken(0, exc) from None
+        raise _Broken(d, exc) from None
     if not data:
-        going[0] = False  # the client sent its FIN at once
-        _shutdown(backend, 1)
-        return
+        _end(socks, going, d)
+        return -1
     n = len(data)
     activity.chunks += 1
-    tally[0] += n
-    moved[0] += n
+    tally[d] += n
+    moved[d] += n
+    at_end = False
+    ready = activity.ready
     if n == FIRST_READ:
-        activity.ready = _IN[0]  # maybe more: the splice loop reads on
+        small[d] = False  # maybe more: splice from now on
+    elif ready & _ERR[d]:
+        pass  # read again: the error comes after these bytes
+    elif ready & _END[d]:
+        at_end = True
+    else:
+        activity.ready = ready & ~_IN[d]
     try:
-        sent = backend.send(data)
+        sent = socks[o].send(data)
     except BlockingIOError:
         sent = 0
     except OSError as exc:
-        raise _Broken(1, exc) from None
+        raise _Broken(o, exc) from None
     if sent < n:
-        pipe = pipes[0] = PIPES.take()
-        in_pipe[0] = n - sent  # set first: a pipe that may hold bytes is not given back as empty
-        os.write(pipe[1], data[sent:])  # an empty pipe takes FIRST_READ bytes whole (64 KiB at least)
-        in_pipe[0] = n - sent
+        pipe = pipes[d]
+        if pipe is None:
+            pipe = pipes[d] = PIPES.take()
+        os.write(pipe[1], data[sent:])  # its FIN, if at_end, is read after (the _IN bit stays)
+        return n - sent
+    if at_end:
+        _end(socks, going, d)
+        return -1
+    return 0
+
+
+def _end(socks: tuple[Pumped, Pumped], going: list[bool], d: int) -> None:
+    """Direction ``d``'s source sent its FIN: half-close the other socket, unless this was the
+    last direction (then the caller's close sends the same FIN)."""
+    going[d] = False
+    if going[1 - d]:
+        _shutdown(socks[1 - d], 1 - d)
 
 
 async def _copy_both(

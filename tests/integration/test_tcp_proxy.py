@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -535,3 +536,26 @@ async def test_tcp_listener_served_by_a_node(nursery: trio.Nursery) -> None:
         data = await read_all(stream)
     assert data.endswith(pattern_bytes(100_000))
     await stream.aclose()
+
+
+@pytest.mark.parametrize("splice", PUMPS)
+async def test_a_backend_that_resets_after_its_answer_is_not_passed_off_as_a_clean_end(
+    nursery: trio.Nursery, splice: bool
+) -> None:
+    """The answer's bytes and the reset can arrive together: the client must see the reset
+    (the stream was cut), not a FIN that would make a truncated answer look whole."""
+
+    async def answer_then_reset(stream: trio.SocketStream) -> None:
+        await stream.receive_some(100)
+        await stream.send_all(b"partial answer")
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+
+    listener, snapshot = build([await start_server(nursery, answer_then_reset)])
+    port = await start_proxy(nursery, listener, snapshot, use_splice=splice)
+    for _ in range(5):
+        stream = await trio.open_tcp_stream(HOST, port)
+        await stream.send_all(b"question")
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            await read_all(stream)
+        await stream.aclose()
