@@ -4,7 +4,8 @@ Owns moving bytes between a session's two sockets (``os.splice`` through a pipe 
 recv/send for TLS and elsewhere), the one readiness wait that covers both (``SessionPoller``),
 the idle timeout of every session (``IdleWatch``) and the spare splice pipes (``PipePool``).
 It never parses the bytes, never chooses a backend, never blocks the Trio thread: every
-socket is non-blocking and a wait parks the session's task.
+socket is non-blocking and a wait parks the session's task. The wait is an epoll's: Linux
+only, as the node's data plane is (splice, socket filters, SCM_RIGHTS hand-over).
 """
 
 from __future__ import annotations
