@@ -214,6 +214,14 @@ async def connect(address: Address, timeout: float) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex(sockaddr)
         if err == errno.EINPROGRESS:
+            # Asked again at once: a backend on this host (or near enough) has answered the
+            # SYN inside the first call, and Linux reports the completed connect (0, then
+            # EISCONN) or its refusal here. One system call instead of a readiness wait (a
+            # scheduler turn and two epoll_ctl for a descriptor new to Trio); EALREADY: wait.
+            err = sock.connect_ex(sockaddr)
+            if err == errno.EISCONN:
+                err = 0
+        if err in (errno.EALREADY, errno.EINPROGRESS):
             deadlines = current_deadlines()
             entry = deadlines.arm(sock, deadline)
             try:

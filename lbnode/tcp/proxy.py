@@ -1,24 +1,17 @@
-"""L4 TCP proxy: backend choice with connect failover, and the byte pump of each session.
+"""L4 TCP proxy: backend choice with connect failover, then each session's pump.
 
-Owns the backend socket of a session and moves bytes between it and the client
-(``os.splice`` through a pipe on Linux, recv/send elsewhere); accepting is
-``lbnode.listen``'s. It must never parse the bytes it moves, nor block the Trio
-thread: every socket is non-blocking and waited on through trio.
+Owns the backend socket of a session; moving the bytes is ``lbnode.tcp.pump``'s, accepting
+``lbnode.listen``'s. It must never parse the bytes it moves (a passthrough listener reads
+only the ClientHello), nor block the Trio thread: every socket is non-blocking.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
-import math
-import os
 import socket
 import ssl
-import struct
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -29,33 +22,15 @@ from lbnode.listen import ConnectionGate, Handler, accept_loop, bind_tcp
 from lbnode.model import Listener, choose_sni_pool
 from lbnode.proxyaccept import ProxyHeaderReceiver, client_port, header_for
 from lbnode.runtime import BackendState, PoolRuntime, Snapshot
-from lbnode.sockio import ConnectFailed, SendTimeout, half_close, recv_some, send_all
+from lbnode.sockio import ConnectFailed, SendTimeout, recv_some, send_all
+from lbnode.tcp.pump import SPLICE_AVAILABLE, SPLICE_DEFAULT, pump_session
 from lbnode.tls.clienthello import NEED_MORE, ClientHello, ClientHelloReader, Malformed, NotTls
 from lbnode.tls.upstream import TlsSocket, open_backend
 
 log = logging.getLogger("lbnode.tcp")
 
-# Zero-copy is Linux-only; FULCRUM_TCP_NO_SPLICE=1 forces the copy path (benchmarks, tests).
-SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
-SPLICE_DEFAULT = SPLICE_AVAILABLE and os.environ.get("FULCRUM_TCP_NO_SPLICE", "") not in ("1", "true")
-# Pipe between the two sockets: larger pipes mean fewer splice calls per GiB. 1 MiB
-# is Linux's default /proc/sys/fs/pipe-max-size for unprivileged processes.
-PIPE_SIZE = 1024 * 1024
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, spelled out for Pythons that lack the name
-# recv/send fallback buffer, per direction.
-COPY_BUFFER = 256 * 1024
-# A pump that never finds its source empty yields to the scheduler after this many
-# bytes, so one fast session cannot starve the accept loop and the others.
-YIELD_EVERY_BYTES = 16 * 1024 * 1024
-# The idle watchdog looks at the activity counter this many times per idle period,
-# so an idle session is closed between tcp_idle and 1.25 * tcp_idle.
-IDLE_CHECKS_PER_PERIOD = 4
 # One read of the ClientHello: a whole hello of a usual client (0.5-2 KiB) in one call.
 HELLO_READ = 16 * 1024
-# SO_LINGER {on, 0}: close() sends RST, so the peer of a broken session sees an
-# abort instead of a clean end that would pass a truncated stream off as whole.
-_LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
 class SnapshotSource(Protocol):
@@ -63,22 +38,6 @@ class SnapshotSource(Protocol):
 
     @property
     def snapshot(self) -> Snapshot: ...
-
-
-@dataclass(slots=True)
-class _Activity:
-    """Shared by a session's two pumps and the run's ``IdleWatch``."""
-
-    chunks: int = 0  # bumped on every chunk moved either way
-    broken: bool = False  # a pump hit an error (reset, broken pipe)
-    ended: str | None = None  # why the session was cut (None: both sides ended cleanly)
-    # Kept by IdleWatch: the session's scope and idle period, the count it last saw and when
-    # that count last moved, and whether the session is over (its heap entry is then dead).
-    scope: trio.CancelScope | None = None
-    idle: float = 0.0
-    last_seen: int = 0
-    last_change: float = 0.0
-    done: bool = False
 
 
 class TcpProxy:
@@ -175,7 +134,7 @@ class TcpProxy:
                     return
             # TLS on either side (a tls listener, [pools.tls]) is en/decrypted in Python: no splice.
             splice = self.use_splice and not isinstance(client, ssl.SSLSocket) and not isinstance(upstream, TlsSocket)
-            ended = await _pump_session(client, upstream, pool.spec.timeouts.tcp_idle, splice, self.io, moved)
+            ended = await pump_session(client, upstream, pool.spec.timeouts.tcp_idle, splice, self.io, moved)
             if entry is not None:
                 entry.reason = ended
         finally:
@@ -185,10 +144,11 @@ class TcpProxy:
             # nothing about the backend's speed.
             pool.finished(backend, connect_time, trio.current_time())
             # A plain close, no trio.lowlevel.notify_closing: no task waits on the socket any
-            # more (the pumps' nursery has ended, the connect's deadline is disarmed), and
-            # notify_closing's EPOLL_CTL_DEL was a system call per session for nothing (the
-            # kernel drops a closed descriptor from the epoll set; Trio kept no entry for it
-            # once its last wait ended). The client socket is closed the same way.
+            # more (the pump has returned and let go of its poller entries, the connect's
+            # deadline is disarmed), and notify_closing's EPOLL_CTL_DEL was a system call per
+            # session for nothing (the kernel drops a closed descriptor from every epoll set,
+            # Trio's and the session poller's; Trio kept no entry for it once its last wait
+            # ended). The client socket is closed the same way.
             upstream.close()
             if entry is not None:
                 entry.bytes_in, entry.bytes_out = moved
@@ -396,273 +356,3 @@ def _no_headers(name: str) -> None:
 
 def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
-
-
-async def _pump_session(
-    client: socket.socket, upstream: socket.socket | TlsSocket, idle: float, splice: bool, tally: list[int],
-    moved: list[int] | None = None,
-) -> str | None:
-    """Move bytes both ways until both directions ended, one broke, or the pair idled; the bytes
-    moved are added to ``tally`` (the listener's) and ``moved`` (the session's), [from the client,
-    to the client], as they go. Returns None for a clean end, else why it ended."""
-    activity = _Activity()
-    moved = moved if moved is not None else [0, 0]
-    watch = current_idle_watch()
-    try:
-        async with trio.open_nursery() as nursery:
-            scope = nursery.cancel_scope
-            watch.watch(activity, idle, scope, trio.current_time())
-            nursery.start_soon(_one_way, upstream, client, 1, splice, activity, tally, moved, scope, client)
-            # The client's direction runs in this task: one task less to start per session.
-            await _one_way(client, upstream, 0, splice, activity, tally, moved, scope, client)
-    finally:
-        watch.forget(activity)
-    if activity.broken:
-        for sock in (client, upstream):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-            except OSError:
-                pass  # already reset by the peer; close() will do
-    return activity.ended
-
-
-async def _one_way(
-    src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, slot: int, splice: bool, activity: _Activity,
-    tally: list[int], moved: list[int], scope: trio.CancelScope, client: socket.socket,
-) -> None:
-    """One direction of a session; a broken one cancels ``scope``, the whole session."""
-    try:
-        if splice:
-            # chosen by handle only when neither end is TLS
-            assert isinstance(src, socket.socket) and isinstance(dst, socket.socket)
-            await _splice_one_way(src, dst, activity, tally, moved, slot)
-        else:
-            await _copy_one_way(src, dst, activity, tally, moved, slot)
-    except OSError as exc:
-        log.debug("tcp session broken: %s", _describe(exc))
-        activity.broken = True
-        activity.ended = f"{'client' if src is client else 'backend'}: {_describe(exc)}"
-        scope.cancel()
-
-
-class IdleWatch:
-    """The idle timeout of every TCP session of a Trio run, kept by one task.
-
-    A task per session that slept and looked at the session's counter, then had to be
-    cancelled when the session ended, was a good share of a short session's cost. Here a
-    session is one heap entry: the watch looks at its chunk counter IDLE_CHECKS_PER_PERIOD
-    times per idle period and cancels the session's scope once the counter has not moved
-    for the whole period, so an idle session is closed between tcp_idle and 1.25 * tcp_idle
-    (as before). A session that ends only marks itself done (lazy deletion, as in
-    ``sockio.Deadlines``); its entry leaves when due, or when the heap is rebuilt because
-    ended entries dominate (sessions much shorter than tcp_idle would pile up otherwise)."""
-
-    # Ended entries tolerated in the heap before it is rebuilt without them.
-    PRUNE_AFTER = 1000
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Activity]] = []
-        self._seq = 0
-        self._dead = 0  # ended sessions whose entry is still in the heap
-        self._timer: trio.CancelScope | None = None  # the watch task's sleep, while it sleeps
-        self._timer_at = math.inf
-        self._running = False
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def watch(self, activity: _Activity, idle: float, scope: trio.CancelScope, now: float) -> None:
-        """Cut the session of ``scope`` when ``activity.chunks`` stays still for ``idle`` seconds."""
-        activity.scope, activity.idle = scope, idle
-        activity.last_seen, activity.last_change = activity.chunks, now
-        due = now + idle / IDLE_CHECKS_PER_PERIOD
-        self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, activity))
-        timer = self._timer
-        if timer is not None:
-            if due < self._timer_at:
-                timer.deadline = self._timer_at = due
-        elif not self._running:
-            self._running = True
-            trio.lowlevel.spawn_system_task(self._run, name="lbnode.tcp.IdleWatch")
-        # else: the task is awake and looks at the heap before it sleeps again.
-
-    def forget(self, activity: _Activity) -> None:
-        """The session is over."""
-        if activity.done:
-            return  # cut for idleness: its entry has left the heap already
-        activity.done = True
-        activity.scope = None
-        self._dead += 1
-        heap = self._heap
-        if self._dead > self.PRUNE_AFTER and 2 * self._dead > len(heap):
-            heap[:] = [e for e in heap if not e[2].done]
-            heapq.heapify(heap)
-            self._dead = 0
-
-    async def _run(self) -> None:
-        heap = self._heap
-        while True:
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                _, seq, activity = heapq.heappop(heap)
-                if activity.done:
-                    self._dead -= 1
-                    continue
-                if activity.chunks != activity.last_seen:
-                    activity.last_seen, activity.last_change = activity.chunks, now
-                elif now >= activity.last_change + activity.idle:
-                    log.debug("tcp session idle for %.1f s; closing", activity.idle)
-                    activity.ended = f"idle for {activity.idle:g}s"
-                    activity.done = True  # out of the heap: forget() has nothing to count
-                    if activity.scope is not None:
-                        activity.scope.cancel()
-                    continue
-                due = min(activity.last_change + activity.idle, now + activity.idle / IDLE_CHECKS_PER_PERIOD)
-                heapq.heappush(heap, (due, seq, activity))
-            self._timer_at = heap[0][0] if heap else math.inf
-            with trio.CancelScope(deadline=self._timer_at) as scope:
-                self._timer = scope
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    self._timer = None
-
-
-_IDLE_WATCH: trio.lowlevel.RunVar[IdleWatch | None] = trio.lowlevel.RunVar("lbnode.tcp.idle_watch")
-
-
-def current_idle_watch() -> IdleWatch:
-    """The ``IdleWatch`` of the running Trio run (created on first use)."""
-    watch = _IDLE_WATCH.get(None)
-    if watch is None:
-        watch = IdleWatch()
-        _IDLE_WATCH.set(watch)
-    return watch
-
-
-def _make_pipe() -> tuple[int, int]:
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        import fcntl  # POSIX-only, and only this Linux path needs it
-
-        fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        # Over pipe-max-size or the per-user pipe budget: the default 64 KiB pipe
-        # still works, with more splice calls per MiB.
-        pass
-    return r, w
-
-
-class PipePool:
-    """Empty pipes kept for the next sessions' splices (HAProxy keeps a pool too, tune.maxpipes).
-
-    A new pipe costs four system calls (pipe2, F_SETPIPE_SZ, two closes), two per direction of
-    every session: with short sessions that is a good share of a connection's cost. Only a
-    pipe known to be empty comes back; one that may hold bytes of a broken session is closed.
-    The pipes are plain descriptors that nothing waits on, so the pool may outlive a Trio run."""
-
-    def __init__(self, keep: int) -> None:
-        self.keep = keep  # spare pipes kept at most; more are closed
-        self._spare: list[tuple[int, int]] = []
-
-    def take(self) -> tuple[int, int]:
-        return self._spare.pop() if self._spare else _make_pipe()
-
-    def give_back(self, pipe: tuple[int, int], empty: bool) -> None:
-        if empty and len(self._spare) < self.keep:
-            self._spare.append(pipe)
-        else:
-            os.close(pipe[0])
-            os.close(pipe[1])
-
-
-# Spare pipes of this process: enough for a burst of short sessions; each holds no data
-# (pages are only used while bytes are in a pipe), only its descriptors and ring.
-PIPES = PipePool(keep=64)
-
-
-async def _splice_one_way(
-    src: socket.socket, dst: socket.socket, activity: _Activity, tally: list[int], moved: list[int], slot: int
-) -> None:
-    """socket -> pipe -> socket with os.splice; the bytes never enter Python."""
-    splice = os.splice
-    wait_readable = trio.lowlevel.wait_readable
-    wait_writable = trio.lowlevel.wait_writable
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    pipe = PIPES.take()
-    pipe_r, pipe_w = pipe
-    n = 0  # bytes in the pipe: 0 whenever this returns normally or waits for the source
-    try:
-        since_yield = 0
-        while True:
-            try:
-                n = splice(src_fd, pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                # The pipe is always drained before this call, so EAGAIN means the
-                # source socket is empty.
-                await wait_readable(src_fd)
-                since_yield = 0
-                continue
-            if n == 0:
-                break
-            activity.chunks += 1
-            tally[slot] += n  # per chunk (up to a pipe's 1 MiB): counted as taken from the source
-            moved[slot] += n
-            since_yield += n
-            while n:
-                try:
-                    n -= splice(pipe_r, dst_fd, n, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    await wait_writable(dst_fd)
-                    since_yield = 0
-            if since_yield >= YIELD_EVERY_BYTES:
-                since_yield = 0
-                await trio.lowlevel.checkpoint()
-        dst.shutdown(socket.SHUT_WR)
-    finally:
-        PIPES.give_back(pipe, empty=n == 0)
-
-
-async def _copy_one_way(
-    src: socket.socket | TlsSocket, dst: socket.socket | TlsSocket, activity: _Activity, tally: list[int],
-    moved: list[int], slot: int,
-) -> None:
-    """recv_into one buffer, send it on; the portable path, and the TLS one (either socket
-    may be an ``ssl.SSLSocket``: OpenSSL's want-read/want-write are EAGAIN here; a send
-    that has to wait is retried with the same bytes, as OpenSSL requires; or a backend's
-    ``TlsSocket``, which raises BlockingIOError like a plain socket)."""
-    wait_readable = trio.lowlevel.wait_readable
-    wait_writable = trio.lowlevel.wait_writable
-    buf = bytearray(COPY_BUFFER)
-    view = memoryview(buf)
-    since_yield = 0
-    while True:
-        try:
-            n = src.recv_into(buf)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            await wait_readable(src)
-            since_yield = 0
-            continue
-        except ssl.SSLWantWriteError:
-            await wait_writable(src)
-            continue
-        if n == 0:
-            break
-        activity.chunks += 1
-        tally[slot] += n
-        moved[slot] += n
-        since_yield += n
-        sent = 0
-        while sent < n:
-            try:
-                sent += dst.send(view[sent:n])
-            except (BlockingIOError, ssl.SSLWantWriteError):
-                await wait_writable(dst)
-                since_yield = 0
-            except ssl.SSLWantReadError:
-                await wait_readable(dst)
-        if since_yield >= YIELD_EVERY_BYTES:
-            since_yield = 0
-            await trio.lowlevel.checkpoint()
-    half_close(dst)

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -20,7 +21,8 @@ from lbnode.demo_backend import BackendStats, pattern_bytes, serve_demo_backend
 from lbnode.listen import BindError
 from lbnode.model import Address, Listener, parse_config
 from lbnode.runtime import BackendState, Snapshot
-from lbnode.tcp.proxy import PIPES, SPLICE_AVAILABLE, PipePool, serve_tcp_listener
+from lbnode.tcp.proxy import serve_tcp_listener
+from lbnode.tcp.pump import PIPES, SPLICE_AVAILABLE, PipePool
 from tests.conftest import free_port
 
 HOST = "127.0.0.1"
@@ -143,6 +145,97 @@ async def test_bytes_round_trip_intact(nursery: trio.Nursery, splice: bool) -> N
             echoed = await read_all(stream)
     await stream.aclose()
     assert hashlib.sha256(echoed).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+class SpawnCounter(trio.abc.Instrument):
+    """Counts the Trio tasks started while it is installed."""
+
+    def __init__(self) -> None:
+        self.spawned = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned += 1
+
+
+@pytest.mark.parametrize("splice", PUMPS)
+async def test_a_session_runs_in_one_task(nursery: trio.Nursery, splice: bool) -> None:
+    """Both directions are pumped by the session's own task (lbnode.tcp.pump): the accept loop
+    starts one task per connection and the session starts none (the run's SessionPoller and
+    IdleWatch tasks start with the first session, before the count)."""
+    listener, snapshot = build([await start_server(nursery, echo)])
+    port = await start_proxy(nursery, listener, snapshot, use_splice=splice)
+
+    def blocking_session(payload: bytes) -> bytes:
+        with socket.create_connection((HOST, port), timeout=5) as client:
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            received = b""
+            while data := client.recv(65536):
+                received += data
+        return received
+
+    async def session(payload: bytes) -> bytes:
+        # The client in a thread: no Trio task of its own in the count.
+        return await trio.to_thread.run_sync(blocking_session, payload)
+
+    assert await session(b"warm-up") == b"warm-up"
+    counter = SpawnCounter()
+    trio.lowlevel.add_instrument(counter)
+    try:
+        # Each session: the echo server's task for its connection, and the proxy's one.
+        for i in range(10):
+            payload = os.urandom(1000 + i)
+            assert await session(payload) == payload
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert counter.spawned == 10 * (1 + 1)
+
+
+@pytest.mark.parametrize("splice", PUMPS)
+async def test_a_conversation_turn_by_turn_backend_first(nursery: trio.Nursery, splice: bool) -> None:
+    """A protocol where the backend speaks first and each side waits for the other's line
+    (SMTP-like): every turn needs the session to wait on the side that was silent so far."""
+
+    async def greeter(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"220 hello\n")
+        n = 0
+        async for data in stream:
+            n += 1
+            await stream.send_all(b"250 " + data)
+        await stream.send_all(f"221 bye after {n}\n".encode())
+        await stream.aclose()
+
+    listener, snapshot = build([await start_server(nursery, greeter)])
+    port = await start_proxy(nursery, listener, snapshot, use_splice=splice)
+    stream = await trio.open_tcp_stream(HOST, port)
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == b"220 hello\n"
+        for i in range(30):
+            await stream.send_all(f"line {i}\n".encode())
+            assert await stream.receive_some(100) == f"250 line {i}\n".encode()
+        await stream.send_eof()
+        assert await read_all(stream) == b"221 bye after 30\n"
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("splice", PUMPS)
+async def test_a_client_that_reads_late_gets_every_byte(nursery: trio.Nursery, splice: bool) -> None:
+    """8 MiB from the backend fill the client's socket (and the pipe) long before the client
+    reads: the session waits for room on the client's side, then goes on."""
+    answer = os.urandom(8 * 1024 * 1024)
+
+    async def talker(stream: trio.SocketStream) -> None:
+        await stream.send_all(answer)
+        await stream.aclose()
+
+    listener, snapshot = build([await start_server(nursery, talker)])
+    port = await start_proxy(nursery, listener, snapshot, use_splice=splice)
+    stream = await trio.open_tcp_stream(HOST, port)
+    await trio.sleep(0.3)
+    with trio.fail_after(10):
+        received = await read_all(stream)
+    await stream.aclose()
+    assert hashlib.sha256(received).digest() == hashlib.sha256(answer).digest()
 
 
 @pytest.mark.skipif(not SPLICE_AVAILABLE, reason="Linux only")
@@ -443,3 +536,26 @@ async def test_tcp_listener_served_by_a_node(nursery: trio.Nursery) -> None:
         data = await read_all(stream)
     assert data.endswith(pattern_bytes(100_000))
     await stream.aclose()
+
+
+@pytest.mark.parametrize("splice", PUMPS)
+async def test_a_backend_that_resets_after_its_answer_is_not_passed_off_as_a_clean_end(
+    nursery: trio.Nursery, splice: bool
+) -> None:
+    """The answer's bytes and the reset can arrive together: the client must see the reset
+    (the stream was cut), not a FIN that would make a truncated answer look whole."""
+
+    async def answer_then_reset(stream: trio.SocketStream) -> None:
+        await stream.receive_some(100)
+        await stream.send_all(b"partial answer")
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+
+    listener, snapshot = build([await start_server(nursery, answer_then_reset)])
+    port = await start_proxy(nursery, listener, snapshot, use_splice=splice)
+    for _ in range(5):
+        stream = await trio.open_tcp_stream(HOST, port)
+        await stream.send_all(b"question")
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            await read_all(stream)
+        await stream.aclose()

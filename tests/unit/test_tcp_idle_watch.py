@@ -1,4 +1,4 @@
-"""IdleWatch: the idle timeout of every TCP session in one task (lbnode.tcp.proxy). Mock clock:
+"""IdleWatch: the idle timeout of every TCP session in one task (lbnode.tcp.pump). Mock clock:
 the bounds come from the design (checked IDLE_CHECKS_PER_PERIOD times per idle period)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from lbnode.tcp.proxy import IDLE_CHECKS_PER_PERIOD, IdleWatch, _Activity
+from lbnode.tcp.pump import IDLE_CHECKS_PER_PERIOD, IdleWatch, _Activity
 
 
 async def test_an_idle_session_is_cut_between_idle_and_one_and_a_quarter_idle(
