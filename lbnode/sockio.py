@@ -566,11 +566,16 @@ class KeptWaits:
     ``epoll_ctl(EPOLL_CTL_MOD, EPOLLONESHOT)`` and forgets the record on wake-up: about
     650 Python instructions and a system call per wait, and a keep-alive request has two
     (docs/performance.md). HAProxy registers a socket once. Here a socket is registered
-    (``EPOLLIN | EPOLLRDHUP | EPOLLET``) at its first wait and stays so; one dispatcher
-    task waits for the set's own fd with Trio, polls it without blocking and reschedules
-    the parked tasks, and while a poll finds something it polls again after one scheduler
-    turn instead of re-arming Trio's wait (a busy node's turns then cost one ``epoll_wait``
-    each, shared by every socket that became readable).
+    (``EPOLLIN | EPOLLRDHUP | EPOLLET``) at its first wait and stays so. The set is polled
+    without blocking right after each of Trio's own I/O waits (an instrument's
+    ``after_io_wait``, while anyone waits here), and the parked tasks whose sockets are
+    readable are rescheduled there: they run in the batch Trio takes next, as if its own
+    epoll had woken them, and a busy node's turns cost one more ``epoll_wait`` each,
+    shared by every socket that became readable. One dispatcher task keeps the set's fd in
+    Trio's epoll for when Trio would block (an idle node), takes the edges nobody waits for,
+    and while the hook finds something stays runnable instead of re-arming its Trio wait.
+    If Trio ever drops the hook (one that raised), the dispatcher's own poll still wakes
+    every waiter, a turn later.
 
     Edge-triggered: an edge that comes while nobody waits is kept (``_EDGE``) and
     ends the socket's next wait at once, so a caller that skips its first read (a response
@@ -595,6 +600,8 @@ class KeptWaits:
         # fd -> [parked task, ended by notify_closing]; or _EDGE: an edge no wait has taken yet
         self._waiting: dict[int, list[Any]] = {}
         self._running = False
+        self._busy = False  # a poll found something this turn: the dispatcher stays runnable
+        self._hook: _PollAfterIoWait | None = None  # polls after Trio's I/O waits, once running
 
     async def wait_readable(self, sock: StreamSocket) -> None:
         """Until ``sock`` may be readable (or at EOF, or in error); see the class docstring."""
@@ -655,27 +662,53 @@ class KeptWaits:
             entry[1] = True
             trio.lowlevel.reschedule(entry[0])
 
+    def poll(self) -> None:
+        """Wake the tasks whose sockets became readable (what the dispatcher and the hook do)."""
+        events = self._epoll.poll(0, self.MAX_EVENTS)
+        if events:
+            waiting, reschedule = self._waiting, trio.lowlevel.reschedule
+            for fd, _ in events:
+                entry = waiting.get(fd)
+                if entry is None:
+                    waiting[fd] = _EDGE
+                elif entry is not _EDGE:
+                    del waiting[fd]
+                    reschedule(entry[0])
+            self._busy = True
+
     async def _run(self) -> None:
-        epoll, waiting = self._epoll, self._waiting
-        poll, reschedule, most = epoll.poll, trio.lowlevel.reschedule, self.MAX_EVENTS
+        epoll = self._epoll
+        hook = self._hook = _PollAfterIoWait(self)
+        trio.lowlevel.add_instrument(hook)
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
-                events = poll(0, most)
-                while events:
-                    for fd, _ in events:
-                        entry = waiting.get(fd)
-                        if entry is None:
-                            waiting[fd] = _EDGE
-                        elif entry is not _EDGE:
-                            del waiting[fd]
-                            reschedule(entry[0])
-                    # The woken tasks run in the next turn; what became readable meanwhile
-                    # is polled after it, without a Trio wait while there is some.
+                self.poll()  # the hook has polled already, unless nobody waited: keep those edges
+                while self._busy:
+                    # The hook polls after each of Trio's I/O waits, before the turn's batch is
+                    # taken: while it finds something, this task stays runnable (so Trio does
+                    # not block) instead of re-arming its Trio wait.
+                    self._busy = False
                     await trio.lowlevel.checkpoint()
-                    events = poll(0, most)
         finally:
+            try:
+                trio.lowlevel.remove_instrument(hook)
+            except KeyError:  # Trio dropped it (a hook that raised)
+                pass
             epoll.close()
+
+
+class _PollAfterIoWait(trio.abc.Instrument):
+    """Polls the kept set after each of Trio's own I/O waits, so that a task woken there runs in
+    the batch Trio is about to take, as a task woken by Trio's own epoll does, not one turn
+    later as one woken by the dispatcher task would."""
+
+    def __init__(self, kept: KeptWaits) -> None:
+        self.kept = kept
+
+    def after_io_wait(self, timeout: float) -> None:
+        if self.kept._waiting:  # nobody waits: the edges stay in the set for the dispatcher
+            self.kept.poll()
 
 
 # The waiting entry of a socket that had an edge while nobody waited (its next wait ends at once).

@@ -189,3 +189,66 @@ async def test_forget_before_close_lets_the_socket_go() -> None:
         a.close()
         assert fd not in kept._kept
         kept.forget(a)  # closed already (fileno -1): nothing to do
+
+
+class _Turns(trio.abc.Instrument):
+    """Counts Trio's scheduler turns (one I/O wait each)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.count += 1
+
+
+async def test_a_task_woken_by_a_kept_wait_runs_in_the_turn_trio_would_run_it() -> None:
+    # The kept set is polled right after Trio's own I/O wait (an instrument's after_io_wait),
+    # so a woken task is in the batch Trio takes next, as if Trio's epoll had woken it; not
+    # one turn later, after the dispatcher task's own turn.
+    a, b = _pair()
+    c, d = _pair()
+    turns = _Turns()
+    with a, b, c, d:
+        b.send(b"x")  # registered by a first wait
+        assert await recv_within(a, 10, 1.0, expect_wait=True) == b"x"
+        woke: dict[str, int] = {}
+
+        async def kept_reader() -> None:
+            await recv_within(a, 10, 5.0, expect_wait=True)
+            woke["kept"] = turns.count
+
+        async def trio_reader() -> None:
+            await trio.lowlevel.wait_readable(c)
+            woke["trio"] = turns.count
+
+        trio.lowlevel.add_instrument(turns)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kept_reader)
+                nursery.start_soon(trio_reader)
+                await trio.sleep(0.05)
+                b.send(b"y")  # both readable before the next I/O wait
+                d.send(b"y")
+        finally:
+            trio.lowlevel.remove_instrument(turns)
+        assert woke["kept"] == woke["trio"], woke
+
+
+async def test_kept_waits_still_end_if_trio_drops_the_polling_hook() -> None:
+    # Trio removes an instrument whose hook raised; the dispatcher's own poll then wakes waiters.
+    a, b = _pair()
+    kept = current_deadlines().kept
+    with a, b:
+        b.send(b"x")
+        assert await recv_within(a, 10, 1.0, expect_wait=True) == b"x"
+        assert kept._hook is not None
+        trio.lowlevel.remove_instrument(kept._hook)
+
+        async def answer() -> None:
+            await trio.sleep(0.05)
+            b.send(b"after the hook")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            with trio.fail_after(5):
+                assert await recv_within(a, 100, 30.0, expect_wait=True) == b"after the hook"
