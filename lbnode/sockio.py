@@ -2,8 +2,9 @@
 
 Owns the few primitives every listener uses (accept, connect, receive, send
 everything) on plain ``socket.socket`` objects. Each tries the system call
-first and only parks in ``trio.lowlevel.wait_readable/wait_writable`` when
-the kernel says EAGAIN; a timeout scope is created only on that slow path.
+first and only parks in ``trio.lowlevel.wait_readable/wait_writable`` (or, for the
+response wait of ``recv_within``, ``KeptWaits``) when the kernel says EAGAIN; a
+timeout scope is created only on that slow path.
 This is what keeps Python's cost per request low (see bench/). Never decides
 anything about HTTP or balancing.
 
@@ -21,6 +22,10 @@ microseconds; arming a deadline here is one heap push. See ``Deadlines``.
 And ``TrickleWaits``: one task that waits for every socket whose data trickles in (a
 request head sent a few bytes at a time, slowloris), so that a burst of such bytes
 wakes their tasks a bounded batch at a time instead of all in one Trio batch.
+
+And ``KeptWaits``: the two read waits of a keep-alive request (the client's next request,
+the backend's response) on sockets registered once in an epoll set of our own, instead of
+Trio's per-wait ``EPOLLONESHOT`` re-arm. See ``KeptWaits``.
 """
 
 from __future__ import annotations
@@ -98,12 +103,15 @@ async def recv_within(
             pass
     if deadlines is None:
         deadlines = current_deadlines()
+    # A plain socket waits in the run's KeptWaits (registered once); a TLS one in Trio's.
+    wait = deadlines.kept.wait_readable if type(sock) is socket.socket else trio.lowlevel.wait_readable
     entry = deadlines.arm(sock, trio.current_time() + timeout)
     try:
         while True:
             # The wait of the Deadlines docstring (a scope-free timeout: once per request).
+            # A kept wait may end with nothing to read (edge-triggered): the loop reads again.
             try:
-                await trio.lowlevel.wait_readable(sock)
+                await wait(sock)
             except trio.ClosedResourceError:
                 if not entry[3]:
                     raise
@@ -280,8 +288,8 @@ class Deadlines:
     blanks the socket (lazy deletion, as in Trio's own deadline heap, pruned
     when blanks dominate). One timer task per Trio run sleeps until the
     earliest live deadline and fires what is due: firing calls
-    ``trio.lowlevel.notify_closing(sock)``, which ends every wait on that
-    socket with ``trio.ClosedResourceError``. So a fired deadline is only for
+    ``trio.lowlevel.notify_closing(sock)`` and the same of the run's ``KeptWaits``,
+    which end every wait on that socket with ``trio.ClosedResourceError``. So a fired deadline is only for
     a socket that is about to be given up or answered with a timeout; the
     waiter tells a fired wait from a real close by the ``fired`` flag. The
     timer's own scope is moved only when a deadline earlier than the one it
@@ -299,6 +307,7 @@ class Deadlines:
 
     def __init__(self) -> None:
         self._heap: list[list[Any]] = []
+        self.kept = KeptWaits()  # this run's kept waits: a fired deadline ends theirs too
         self._seq = 0
         self._blank = 0  # disarmed entries still in the heap
         self._timer: trio.CancelScope | None = None  # the timer task's sleep, while it sleeps
@@ -340,13 +349,13 @@ class Deadlines:
             self._blank += 1  # still in the heap
             self._strike(entry, sock)
 
-    @staticmethod
-    def _strike(entry: list[Any], sock: StreamSocket) -> None:
+    def _strike(self, entry: list[Any], sock: StreamSocket) -> None:
         entry[3] = True
         try:
             trio.lowlevel.notify_closing(sock)
         except (OSError, ValueError) as exc:  # a socket closed behind our back: nothing waits on it
             log.debug("deadline on a closed socket: %s", exc)
+        self.kept.notify_closing(sock)
 
     async def _run(self) -> None:
         heap = self._heap
@@ -556,3 +565,168 @@ def current_trickle_waits() -> TrickleWaits:
         waits = TrickleWaits()
         _TRICKLE_WAITS.set(waits)
     return waits
+
+
+class KeptWaits:
+    """Read waits on sockets that stay registered in one epoll set of ours for their life.
+
+    Trio's ``wait_readable`` makes a waiter record for the socket, re-arms it with
+    ``epoll_ctl(EPOLL_CTL_MOD, EPOLLONESHOT)`` and forgets the record on wake-up: about
+    650 Python instructions and a system call per wait, and a keep-alive request has two
+    (docs/performance.md). HAProxy registers a socket once. Here a socket is registered
+    (``EPOLLIN | EPOLLRDHUP | EPOLLET``) at its first wait and stays so. The set is polled
+    without blocking right after each of Trio's own I/O waits (an instrument's
+    ``after_io_wait``, while anyone waits here), and the parked tasks whose sockets are
+    readable are rescheduled there: they run in the batch Trio takes next, as if its own
+    epoll had woken them, and a busy node's turns cost one more ``epoll_wait`` each,
+    shared by every socket that became readable. One dispatcher task keeps the set's fd in
+    Trio's epoll for when Trio would block (an idle node), takes the edges nobody waits for,
+    and while the hook finds something stays runnable instead of re-arming its Trio wait.
+    If Trio ever drops the hook (one that raised), the dispatcher's own poll still wakes
+    every waiter, a turn later.
+
+    Edge-triggered: an edge that comes while nobody waits is kept (``_EDGE``) and
+    ends the socket's next wait at once, so a caller that skips its first read (a response
+    that cannot be there yet) cannot miss bytes or a close that came before it waited. A
+    wait may therefore end with nothing to read: every caller reads and waits again on
+    EAGAIN. A socket is known by the object, not only its fd number: a closed socket's fd
+    reused by a new one is registered afresh (the kernel dropped the old one from the set
+    when it closed it), and ``forget`` before a close lets the object go at once.
+
+    ``notify_closing`` ends a wait with ``trio.ClosedResourceError``, as Trio's does; a
+    fired ``Deadlines`` entry calls it, so timeouts work as for Trio's waits. Cancellation
+    forgets the waiter. Plain ``socket.socket`` only: a TLS socket's readiness is not its
+    records' (``pending()``), and writes keep Trio's waits.
+    """
+
+    # Events taken per poll: more than a loaded node's turn has (16-1000 connections).
+    MAX_EVENTS = 1024
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._kept: dict[int, StreamSocket] = {}  # fd -> the socket registered under it
+        # fd -> [parked task, ended by notify_closing]; or _EDGE: an edge no wait has taken yet
+        self._waiting: dict[int, list[Any]] = {}
+        self._running = False
+        self._busy = False  # a poll found something this turn: the dispatcher stays runnable
+        self._hook: _PollAfterIoWait | None = None  # polls after Trio's I/O waits, once running
+
+    async def wait_readable(self, sock: StreamSocket) -> None:
+        """Until ``sock`` may be readable (or at EOF, or in error); see the class docstring."""
+        fd = sock.fileno()
+        waiting = self._waiting
+        if self._kept.get(fd) is not sock:
+            self._keep(fd, sock)
+        else:
+            entry = waiting.get(fd)
+            if entry is _EDGE:
+                del waiting[fd]
+                return  # an edge came while nobody waited: the caller's read finds out
+            if entry is not None:
+                raise trio.BusyResourceError("another task is already reading this socket")
+        entry = [trio.lowlevel.current_task(), False]
+        waiting[fd] = entry
+        if not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._run, name="lbnode.sockio.KeptWaits")
+
+        def abort(_: object) -> trio.lowlevel.Abort:  # cancelled: forget the waiter, keep the socket
+            if waiting.get(fd) is entry:
+                del waiting[fd]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if entry[1]:
+            raise trio.ClosedResourceError("the socket's wait was ended (a timeout or a close)")
+
+    def _keep(self, fd: int, sock: StreamSocket) -> None:
+        """Register ``sock`` under ``fd`` (a new socket, or a new one on a closed one's fd)."""
+        if self._waiting.get(fd) is _EDGE:  # an edge of the old socket
+            del self._waiting[fd]
+        try:
+            self._epoll.register(fd, _KEPT_EVENTS)
+        except FileExistsError:  # the old socket under this fd is still open (not closed by us)
+            self._epoll.modify(fd, _KEPT_EVENTS)
+        self._kept[fd] = sock
+
+    def forget(self, sock: StreamSocket) -> None:
+        """``sock`` is about to be closed: out of the set, and its object let go."""
+        fd = sock.fileno()
+        if fd >= 0 and self._kept.get(fd) is sock:
+            del self._kept[fd]
+            if self._waiting.get(fd) is _EDGE:
+                del self._waiting[fd]
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):  # the set closed with its run
+                pass
+
+    def notify_closing(self, sock: StreamSocket) -> None:
+        """End the wait on ``sock``, if one is parked here, with ``trio.ClosedResourceError``."""
+        fd = sock.fileno()
+        entry = self._waiting.get(fd)
+        if entry is not None and entry is not _EDGE and self._kept.get(fd) is sock:
+            del self._waiting[fd]
+            entry[1] = True
+            trio.lowlevel.reschedule(entry[0])
+
+    def poll(self) -> None:
+        """Wake the tasks whose sockets became readable (what the dispatcher and the hook do)."""
+        events = self._epoll.poll(0, self.MAX_EVENTS)
+        if events:
+            waiting, reschedule = self._waiting, trio.lowlevel.reschedule
+            for fd, _ in events:
+                entry = waiting.get(fd)
+                if entry is None:
+                    waiting[fd] = _EDGE
+                elif entry is not _EDGE:
+                    del waiting[fd]
+                    reschedule(entry[0])
+            self._busy = True
+
+    async def _run(self) -> None:
+        epoll = self._epoll
+        hook = self._hook = _PollAfterIoWait(self)
+        trio.lowlevel.add_instrument(hook)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                self.poll()  # the hook has polled already, unless nobody waited: keep those edges
+                while self._busy:
+                    # The hook polls after each of Trio's I/O waits, before the turn's batch is
+                    # taken: while it finds something, this task stays runnable (so Trio does
+                    # not block) instead of re-arming its Trio wait.
+                    self._busy = False
+                    await trio.lowlevel.checkpoint()
+        finally:
+            try:
+                trio.lowlevel.remove_instrument(hook)
+            except KeyError:  # Trio dropped it (a hook that raised)
+                pass
+            epoll.close()
+
+
+class _PollAfterIoWait(trio.abc.Instrument):
+    """Polls the kept set after each of Trio's own I/O waits, so that a task woken there runs in
+    the batch Trio is about to take, as a task woken by Trio's own epoll does, not one turn
+    later as one woken by the dispatcher task would."""
+
+    def __init__(self, kept: KeptWaits) -> None:
+        self.kept = kept
+
+    def after_io_wait(self, timeout: float) -> None:
+        if self.kept._waiting:  # nobody waits: the edges stay in the set for the dispatcher
+            self.kept.poll()
+
+
+# The waiting entry of a socket that had an edge while nobody waited (its next wait ends at once).
+_EDGE: list[Any] = [None, False]
+# Read readiness and the peer's FIN (EPOLLHUP and EPOLLERR are always reported), edge-triggered.
+_KEPT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+
+
+def forget_kept(sock: StreamSocket) -> None:
+    """Before closing ``sock``: out of the running Trio run's ``KeptWaits`` (nothing outside a run)."""
+    deadlines = _DEADLINES.get(None) if trio.lowlevel.in_trio_run() else None
+    if deadlines is not None:
+        deadlines.kept.forget(sock)

@@ -146,6 +146,7 @@ class ClientConn:
 
     __slots__ = (
         "sock", "ip", "reader", "eof", "served", "idle_wait", "pick_context", "deadlines", "trickle_waits", "forwarded", "io",
+        "wait_readable",
         "private_upstreams",
         "received", "sent", "port", "tls_version", "sni", "entry", "mark_time", "mark_in", "mark_out",
         "request_id", "request_id_line", "request_id_drop", "route_pool", "route_cookie", "route",
@@ -162,6 +163,11 @@ class ClientConn:
         self.pick_context = PickContext(client_ip=ip)
         self.deadlines = current_deadlines()  # the timeouts of this Trio run's waits
         self.trickle_waits = current_trickle_waits()  # the run's waits for heads that come in parts
+        # The wait for the next request: a plain socket stays registered in the run's KeptWaits
+        # (no epoll re-arm per request); a TLS one waits in Trio (its records are not its bytes).
+        self.wait_readable = (
+            self.deadlines.kept.wait_readable if type(sock) is stdsocket.socket else trio.lowlevel.wait_readable
+        )
         self.reader = RequestReader(max_header_bytes)
         self.eof = False
         self.served = 0
@@ -213,11 +219,12 @@ class ClientConn:
         """Wait for data and read it; False if ``deadline`` passed (or the wait was ``fire``d).
 
         No cancel scope: this runs for nearly every request of a keep-alive
-        connection, and nothing else waits on the client socket meanwhile."""
+        connection, and nothing else waits on the client socket meanwhile. The wait may end
+        with nothing to read (``KeptWaits`` is edge-triggered): the caller's loop waits again."""
         deadlines = self.deadlines
         armed = self.idle_wait = deadlines.arm(self.sock, deadline)
         try:
-            await trio.lowlevel.wait_readable(self.sock)
+            await self.wait_readable(self.sock)
         except trio.ClosedResourceError:
             if not armed[3]:
                 raise ClientGone("client socket closed") from None
@@ -449,6 +456,7 @@ class HttpProxy:
         finally:
             if conn.entry is not None:
                 self._log_entry(conn, clock())
+            conn.deadlines.kept.forget(sock)  # the listener closes it next
             conn.reader.close()
             if conn.private_upstreams:
                 self.node.upstreams.discard(conn.private_upstreams)

@@ -12,7 +12,7 @@ import socket as stdsocket
 
 from lbnode.http.framing import ResponseReader
 from lbnode.model import Address, PoolTls
-from lbnode.sockio import ConnectFailed
+from lbnode.sockio import ConnectFailed, forget_kept
 from lbnode.tls.upstream import TlsSocket, open_backend
 
 __all__ = ["ConnectFailed", "UpstreamConn", "UpstreamPool"]
@@ -42,6 +42,7 @@ class UpstreamConn:
         return reader
 
     def close(self) -> None:
+        forget_kept(self.sock)  # registered in the run's KeptWaits by its first response wait
         self.sock.close()
         if self.reader is not None:
             self.reader.close()

@@ -707,3 +707,42 @@ async def test_sends_the_kernel_takes_only_in_part_are_finished_byte_for_byte(nu
 
     expected = (_BYTES_BLOCK * (size // len(_BYTES_BLOCK) + 1))[:size]
     assert got == expected
+
+
+async def test_keep_alive_waits_end_on_their_timeouts_and_the_connection_goes_on(nursery):
+    # Both waits of a keep-alive request sit in lbnode.sockio.KeptWaits (the socket registered
+    # once): the backend's response on a pooled connection, and the client's next request.
+    # Their timeouts must end them as Trio's waits were ended: a 504, then the idle close.
+    backends = await start_backends(nursery, "a")
+    node, port = await _node_with(
+        nursery, [backends[0].address], listener_extra="[listeners.timeouts]\nidle = \"1s\"\n",
+        pool_settings={"_extra": "[pools.timeouts]\nresponse = \"300ms\"\n"},
+    )
+
+    def run() -> tuple[list[int], float]:
+        import time
+
+        import httpx
+
+        with httpx.Client(timeout=10) as client:
+            codes = [client.get(f"http://127.0.0.1:{port}/").status_code for _ in range(3)]
+            start = time.monotonic()
+            codes.append(client.get(f"http://127.0.0.1:{port}/slow?ms=3000").status_code)
+            took = time.monotonic() - start
+            codes += [client.get(f"http://127.0.0.1:{port}/").status_code for _ in range(3)]
+            return codes, took
+
+    codes, took = await trio.to_thread.run_sync(run)
+    assert codes == [200, 200, 200, 504, 200, 200, 200]
+    assert took < 2.0  # the 300 ms response timeout; the backend would take 3 s
+    # The timed-out backend connection was given up and one new one made for the requests
+    # after it (each reused: the response waits on the pooled connection are kept waits).
+    assert node.upstreams.opened == 2
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 OK")
+        start = trio.current_time()
+        with trio.fail_after(5):  # idle = 1 s; 4 s of margin on 2 busy cores
+            assert await stream.receive_some(4096) == b""
+        assert trio.current_time() - start >= 0.9
