@@ -630,7 +630,8 @@ async def test_an_http_1_0_request_without_host_is_answered_by_nginx(nursery, tm
     backend_port = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(
-        f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
+        # One process (no master): the kill below leaves no orphaned worker behind.
+        f"daemon off; master_process off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
         f"events {{}}\nhttp {{ access_log off; client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};\n"
         f"fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};\n"
         f"server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 \"host=$http_host\\n\"; }} }} }}\n")
