@@ -37,7 +37,8 @@ import math
 import select
 import socket
 import ssl
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -382,16 +383,34 @@ class Deadlines:
                     self._timer = None
 
 
-_DEADLINES: trio.lowlevel.RunVar[Deadlines | None] = trio.lowlevel.RunVar("lbnode.sockio.deadlines")
+T = TypeVar("T")
 
 
-def current_deadlines() -> Deadlines:
-    """The ``Deadlines`` of the running Trio run (created on first use)."""
-    deadlines = _DEADLINES.get(None)
-    if deadlines is None:
-        deadlines = Deadlines()
-        _DEADLINES.set(deadlines)
-    return deadlines
+class PerRun(Generic[T]):
+    """One ``make()`` per Trio run, made at its first use: how every run-wide helper here
+    and in lbnode.tcp.pump (Deadlines, TrickleWaits, the L4 poller and idle watch) is held."""
+
+    __slots__ = ("_var", "_make")
+
+    def __init__(self, name: str, make: Callable[[], T]) -> None:
+        self._var: trio.lowlevel.RunVar[T | None] = trio.lowlevel.RunVar(name)
+        self._make = make
+
+    def get(self) -> T:
+        """The running Trio run's (made now if it is its first use)."""
+        value = self._var.get(None)
+        if value is None:
+            value = self._make()
+            self._var.set(value)
+        return value
+
+    def made(self) -> T | None:
+        """The running Trio run's if it was made already; None otherwise, and outside a run."""
+        return self._var.get(None) if trio.lowlevel.in_trio_run() else None
+
+
+_DEADLINES = PerRun("lbnode.sockio.deadlines", Deadlines)
+current_deadlines = _DEADLINES.get  # the Deadlines of the running Trio run
 
 
 class TrickleWaits:
@@ -555,16 +574,7 @@ class TrickleWaits:
 _TRICKLE_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _PEER_DONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
-_TRICKLE_WAITS: trio.lowlevel.RunVar[TrickleWaits | None] = trio.lowlevel.RunVar("lbnode.sockio.trickle_waits")
-
-
-def current_trickle_waits() -> TrickleWaits:
-    """The ``TrickleWaits`` of the running Trio run (created on first use)."""
-    waits = _TRICKLE_WAITS.get(None)
-    if waits is None:
-        waits = TrickleWaits()
-        _TRICKLE_WAITS.set(waits)
-    return waits
+current_trickle_waits = PerRun("lbnode.sockio.trickle_waits", TrickleWaits).get
 
 
 class KeptWaits:
@@ -727,6 +737,6 @@ _KEPT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 
 def forget_kept(sock: StreamSocket) -> None:
     """Before closing ``sock``: out of the running Trio run's ``KeptWaits`` (nothing outside a run)."""
-    deadlines = _DEADLINES.get(None) if trio.lowlevel.in_trio_run() else None
+    deadlines = _DEADLINES.made()
     if deadlines is not None:
         deadlines.kept.forget(sock)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import trio
 
-from lbnode.sockio import StreamSocket, half_close
+from lbnode.sockio import PerRun, StreamSocket, half_close
 
 log = logging.getLogger("lbnode.tcp")
 
@@ -198,16 +198,7 @@ class SessionPoller:
             epoll.close()
 
 
-_POLLER: trio.lowlevel.RunVar[SessionPoller | None] = trio.lowlevel.RunVar("lbnode.tcp.session_poller")
-
-
-def current_poller() -> SessionPoller:
-    """The ``SessionPoller`` of the running Trio run (created on first use)."""
-    poller = _POLLER.get(None)
-    if poller is None:
-        poller = SessionPoller()
-        _POLLER.set(poller)
-    return poller
+current_poller = PerRun("lbnode.tcp.session_poller", SessionPoller).get
 
 
 class _Broken(Exception):
@@ -625,16 +616,7 @@ class IdleWatch:
                     self._timer = None
 
 
-_IDLE_WATCH: trio.lowlevel.RunVar[IdleWatch | None] = trio.lowlevel.RunVar("lbnode.tcp.idle_watch")
-
-
-def current_idle_watch() -> IdleWatch:
-    """The ``IdleWatch`` of the running Trio run (created on first use)."""
-    watch = _IDLE_WATCH.get(None)
-    if watch is None:
-        watch = IdleWatch()
-        _IDLE_WATCH.set(watch)
-    return watch
+current_idle_watch = PerRun("lbnode.tcp.idle_watch", IdleWatch).get
 
 
 def _make_pipe() -> tuple[int, int]:
