@@ -86,7 +86,13 @@ async def recv_some(sock: StreamSocket, size: int) -> bytes:
 
 
 async def recv_within(
-    sock: StreamSocket, size: int, timeout: float, *, expect_wait: bool = False, deadlines: Deadlines | None = None
+    sock: StreamSocket,
+    size: int,
+    timeout: float,
+    *,
+    expect_wait: bool = False,
+    deadlines: Deadlines | None = None,
+    kept: bool = True,
 ) -> bytes | None:
     """Like ``recv_some``; None if nothing arrived within ``timeout`` seconds.
 
@@ -96,7 +102,9 @@ async def recv_within(
     The timeout is a ``Deadlines`` one: while this waits, a write wait on the
     same socket in another task ends with ``trio.ClosedResourceError`` if the
     timeout strikes (``send_all`` turns that into an ``OSError``). ``deadlines``: the
-    run's ``current_deadlines()``, if the caller has it at hand."""
+    run's ``current_deadlines()``, if the caller has it at hand. ``kept``: a plain socket
+    waits in the run's ``KeptWaits`` (registered once); False: in Trio's (see
+    ``lbnode.http.proxy.ClientConn.kept_waits`` for when that is cheaper)."""
     if not expect_wait:
         try:
             return sock.recv(size)
@@ -104,8 +112,8 @@ async def recv_within(
             pass
     if deadlines is None:
         deadlines = current_deadlines()
-    # A plain socket waits in the run's KeptWaits (registered once); a TLS one in Trio's.
-    wait = deadlines.kept.wait_readable if type(sock) is socket.socket else trio.lowlevel.wait_readable
+    # A plain socket waits in the run's KeptWaits (registered once) if ``kept``; a TLS one in Trio's.
+    wait = deadlines.kept.wait_readable if kept and type(sock) is socket.socket else trio.lowlevel.wait_readable
     entry = deadlines.arm(sock, trio.current_time() + timeout)
     try:
         while True:

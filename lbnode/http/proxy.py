@@ -15,7 +15,7 @@ import socket as stdsocket
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -163,11 +163,8 @@ class ClientConn:
         self.pick_context = PickContext(client_ip=ip)
         self.deadlines = current_deadlines()  # the timeouts of this Trio run's waits
         self.trickle_waits = current_trickle_waits()  # the run's waits for heads that come in parts
-        # The wait for the next request: a plain socket stays registered in the run's KeptWaits
-        # (no epoll re-arm per request); a TLS one waits in Trio (its records are not its bytes).
-        self.wait_readable = (
-            self.deadlines.kept.wait_readable if type(sock) is stdsocket.socket else trio.lowlevel.wait_readable
-        )
+        # The wait for the next request: Trio's for the first (``kept_waits``).
+        self.wait_readable: Callable[[StreamSocket], Awaitable[None]] = trio.lowlevel.wait_readable
         self.reader = RequestReader(max_header_bytes)
         self.eof = False
         self.served = 0
@@ -214,6 +211,17 @@ class ClientConn:
             raise ClientGone(f"client read failed: {exc}") from None
         self._take(data)
         return True
+
+    def kept_waits(self) -> None:
+        """The connection is kept alive (its first request is served): from now on a plain
+        socket waits for the next request in the run's ``KeptWaits`` (registered once, no epoll
+        re-arm per request), as the backend's responses to its requests do (``_relay_response``).
+        Not before: for a connection that carries one request (``Connection: close``, a
+        handshake per request) a kept wait costs more than Trio's (a registration, and the
+        dispatcher's turns), measured in docs/performance.md. A TLS socket stays with Trio's
+        waits: its records are not its bytes (``pending()``)."""
+        if type(self.sock) is stdsocket.socket:
+            self.wait_readable = self.deadlines.kept.wait_readable
 
     async def fill_before(self, deadline: float) -> bool:
         """Wait for data and read it; False if ``deadline`` passed (or the wait was ``fire``d).
@@ -445,6 +453,8 @@ class HttpProxy:
                 if not keep:
                     return
                 conn.served += 1
+                if conn.served == 1:
+                    conn.kept_waits()
                 if self.node.draining or self.retired:
                     return
         except ClientGone as exc:
@@ -1143,11 +1153,12 @@ class HttpProxy:
         write_timeout = self.listener.timeouts.idle
         fill = self._fill_response
         deadlines = conn.deadlines
+        kept = conn.served > 0  # a kept-alive client's responses wait in KeptWaits (ClientConn.kept_waits)
 
         # Head (after any 1xx interim responses, which a 1.1 client gets too).
         while True:
             while not events:
-                if not await fill(up, reader, response_timeout, responded, deadlines):
+                if not await fill(up, reader, response_timeout, responded, deadlines, kept):
                     if not responded and up.reused:
                         raise _RetryFresh()
                     raise UpstreamError("backend closed the connection before responding", responded=responded)
@@ -1162,7 +1173,7 @@ class HttpProxy:
                 break
             # interim response: its End follows immediately
             while not events:
-                if not await fill(up, reader, response_timeout, True, deadlines):
+                if not await fill(up, reader, response_timeout, True, deadlines, kept):
                     raise UpstreamError("backend closed after an interim response", responded=True)
             events.popleft()
             if head.version == "1.1":
@@ -1226,7 +1237,7 @@ class HttpProxy:
                 out.clear()
             if finished:
                 break
-            if not await fill(up, reader, response_timeout, True, deadlines):
+            if not await fill(up, reader, response_timeout, True, deadlines, kept):
                 if close_delimited:
                     break
                 raise ClientGone("backend closed the connection mid-response")
@@ -1235,11 +1246,13 @@ class HttpProxy:
 
     @staticmethod
     async def _fill_response(
-        up: UpstreamConn, reader: ResponseReader, timeout: float, responded: bool, deadlines: Deadlines
+        up: UpstreamConn, reader: ResponseReader, timeout: float, responded: bool, deadlines: Deadlines, kept: bool
     ) -> bool:
-        """Read once from the backend into ``reader``; False at EOF."""
+        """Read once from the backend into ``reader``; False at EOF. ``kept``: wait in KeptWaits."""
         try:
-            data = await recv_within(up.sock, RECV_SIZE, timeout, expect_wait=not responded, deadlines=deadlines)
+            data = await recv_within(
+                up.sock, RECV_SIZE, timeout, expect_wait=not responded, deadlines=deadlines, kept=kept
+            )
         except OSError as exc:
             if not responded and up.reused:
                 raise _RetryFresh() from None

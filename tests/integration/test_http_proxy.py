@@ -711,9 +711,10 @@ async def test_sends_the_kernel_takes_only_in_part_are_finished_byte_for_byte(nu
 
 
 async def test_keep_alive_waits_end_on_their_timeouts_and_the_connection_goes_on(nursery):
-    # Both waits of a keep-alive request sit in lbnode.sockio.KeptWaits (the socket registered
-    # once): the backend's response on a pooled connection, and the client's next request.
-    # Their timeouts must end them as Trio's waits were ended: a 504, then the idle close.
+    # From a connection's second request on, both waits of a request sit in
+    # lbnode.sockio.KeptWaits (the socket registered once): the backend's response on a pooled
+    # connection, and the client's next request. Their timeouts must end them as Trio's waits
+    # were ended: a 504, then the idle close.
     backends = await start_backends(nursery, "a")
     node, port = await _node_with(
         nursery, [backends[0].address], listener_extra="[listeners.timeouts]\nidle = \"1s\"\n",
