@@ -85,8 +85,10 @@ class Backend:
                     h2c.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
                     h2c.send_data(sid, bodies.pop(sid, b""))
                     h2c.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
-                    conn.sendall(h2c.data_to_send())
+                    # Read before the answer leaves (the node, in this process, may otherwise
+                    # bring the next call in before this thread reads the counter).
                     last_end = data_segs_in(conn)
+                    conn.sendall(h2c.data_to_send())
             extra = h2c.data_to_send()  # SETTINGS ACKs, WINDOW_UPDATEs
             if extra:
                 conn.sendall(extra)
@@ -112,8 +114,10 @@ def client_calls(port: int) -> tuple[list[bytes], list[int]]:
                                (b"te", b"trailers")])
         h2c.send_data(sid, grpc_message(b"call %d" % i))
         h2c.end_stream(sid)
-        sock.sendall(h2c.data_to_send())
+        # Read before the call leaves: the node runs in this process and may take the GIL
+        # at sendall and answer before this thread reads the counter (CI counted 0 so).
         before = data_segs_in(sock)
+        sock.sendall(h2c.data_to_send())
         body = b""
         ended = False
         while not ended:
