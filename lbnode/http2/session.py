@@ -128,6 +128,7 @@ class StreamConn(ClientConn):
         self.pick_context = session.pick_context
         self.deadlines = session.deadlines
         self.trickle_waits = session.trickle_waits
+        self.wait_readable = trio.lowlevel.wait_readable  # unused: the session reads the socket
         self.reader = StreamBody()
         self.eof = False
         self.served = 0

@@ -22,7 +22,7 @@ async def test_a_stream_sets_every_field_of_a_client_connection() -> None:
         assert unset == [], f"ClientConn fields a StreamConn leaves unset: {unset}"
         # The same defaults as a fresh client connection, where the stream has no reason to differ.
         fresh = ClientConn(sock, "127.0.0.1", 1024)
-        for name in ("eof", "served", "idle_wait", "private_upstreams", "received", "sent", "entry", "mark_time",
+        for name in ("wait_readable", "eof", "served", "idle_wait", "private_upstreams", "received", "sent", "entry", "mark_time",
                      "mark_in", "mark_out", "request_id", "request_id_line", "request_id_drop", "route_pool",
                      "route_cookie", "route"):
             assert getattr(conn, name) == getattr(fresh, name), name
