@@ -541,7 +541,10 @@ def test_a_takeover_that_drops_a_held_vip_and_adds_one_hands_it_over_and_claims_
         assert not failures, f"{summary}: {failures[:5]}"
         # exactly one move, straight to the node the others dealt it to
         assert sequence in ([{node}, {node, taker}, {taker}], [{node}, {taker}]), f"not one move: {summary}"
-        assert all(s == [f"{node} -> (free)", f"(free) -> {taker}"] for s in seen.values()), summary
+        # every other node saw it move once: through "(free)", or straight across when one read of
+        # its watch brought the release and the claim together (tests/cluster/test_vip_claimer.py)
+        assert all(s in ([f"{node} -> (free)", f"(free) -> {taker}"], [f"{node} -> {taker}"])
+                   for s in seen.values()), summary
         # taken within a watch round trip of its release: our claimer key and the key's deletion
         # (two etcd writes), the others' watch event, a round (one read), a claim (one write), the
         # address: tens of milliseconds when idle; FREE_GRACE / 2 leaves room for 2 busy cores and

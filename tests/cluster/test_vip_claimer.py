@@ -225,6 +225,16 @@ async def test_a_claim_while_keepalives_fail_is_followed_by_a_renewal_and_the_vi
         relays.cancel_scope.cancel()
 
 
+def holders_seen(moves: list[tuple[str, str | None, str | None]], vip: str) -> list[str]:
+    """The holders of ``vip`` one node's moves went through, in order (free in between left out)."""
+    seen: list[str] = []
+    for name, before, after in moves:
+        for holder in (before, after):
+            if name == vip and holder is not None and (not seen or seen[-1] != holder):
+                seen.append(holder)
+    return seen
+
+
 async def test_a_takeover_that_drops_a_held_vip_hands_it_at_once_to_the_node_the_others_deal_it_to(
     etcd: EtcdCluster,
 ) -> None:
@@ -282,9 +292,10 @@ async def test_a_takeover_that_drops_a_held_vip_hands_it_at_once_to_the_node_the
                 # and a claim: tens of milliseconds; FREE_GRACE / 2 leaves room for 2 busy cores
                 assert b_added - started < FREE_GRACE / 2, f"b took it {b_added - started:.2f}s after the start"
                 assert b_added < c_removed <= b_added + HANDOFF_LINGER + 0.2, "not make-before-break"
-                once = [("10.77.0.101", "c", None), ("10.77.0.101", None, "b")]
-                assert [m for m in moves["b"] if m[0] == "10.77.0.101"] == once, moves
-                assert [m for m in moves["a"] if m[0] == "10.77.0.101"] == once, moves
+                # Once, c -> b, in every node's view: seen as c -> free -> b, or as c -> b when one
+                # read of the watch brings the release and the claim together (CI saw that on a).
+                for who in ("a", "b"):
+                    assert holders_seen(moves[who], "10.77.0.101") == ["c", "b"], moves
                 assert not [m for ms in moves.values() for m in ms if m[0] == "10.77.0.100"], moves
                 assert a_addr.present == {"10.77.0.100"} and b_addr.present == {"10.77.0.101"}
                 assert c_addr.present == {added.address}
