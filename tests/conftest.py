@@ -154,6 +154,14 @@ _PORT_LOW = 20000 if _PORT_HIGH > 21000 else 1024
 _next_port = itertools.count(random.randrange(_PORT_HIGH - _PORT_LOW))
 
 
+def nonblocking_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of non-blocking sockets (the unit tests of lbnode.sockio's waits)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on at ``host`` now (connecting to it is refused), outside the
     ephemeral range, not handed out before by this process."""

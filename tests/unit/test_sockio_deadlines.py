@@ -8,17 +8,11 @@ import pytest
 import trio
 
 from lbnode.sockio import Deadlines, current_deadlines, recv_within, send_all
-
-
-def _pair() -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
+from tests.conftest import nonblocking_pair
 
 
 async def test_recv_within_gives_none_once_the_timeout_passed() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         start = trio.current_time()
         assert await recv_within(a, 100, 0.2, expect_wait=True) is None
@@ -29,7 +23,7 @@ async def test_recv_within_gives_none_once_the_timeout_passed() -> None:
 
 
 async def test_data_before_the_deadline_is_returned() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
 
         async def answer() -> None:
@@ -42,8 +36,8 @@ async def test_data_before_the_deadline_is_returned() -> None:
 
 
 async def test_a_timer_sleeping_to_a_later_deadline_wakes_for_an_earlier_one() -> None:
-    a, b = _pair()
-    c, d = _pair()
+    a, b = nonblocking_pair()
+    c, d = nonblocking_pair()
     with a, b, c, d:
         results: dict[str, object] = {}
 
@@ -63,7 +57,7 @@ async def test_a_timer_sleeping_to_a_later_deadline_wakes_for_an_earlier_one() -
 
 
 async def test_fire_ends_an_armed_wait_now() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         deadlines = current_deadlines()
         entry = deadlines.arm(a, trio.current_time() + 60)
@@ -80,7 +74,7 @@ async def test_fire_ends_an_armed_wait_now() -> None:
 
 
 async def test_a_writer_on_the_same_socket_sees_a_failed_send_when_the_read_deadline_strikes() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         errors: list[BaseException] = []
@@ -98,7 +92,7 @@ async def test_a_writer_on_the_same_socket_sees_a_failed_send_when_the_read_dead
 
 
 async def test_disarmed_entries_do_not_pile_up() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         deadlines = Deadlines()
         now = trio.current_time()

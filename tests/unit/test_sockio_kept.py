@@ -13,17 +13,11 @@ import pytest
 import trio
 
 from lbnode.sockio import current_deadlines, recv_within
-
-
-def _pair() -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
+from tests.conftest import nonblocking_pair
 
 
 async def test_a_kept_wait_gets_the_data_and_the_socket_stays_registered() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     kept = current_deadlines().kept
     with a, b:
         for n in range(3):  # the same socket, waited on again and again: registered once
@@ -39,7 +33,7 @@ async def test_a_kept_wait_gets_the_data_and_the_socket_stays_registered() -> No
 
 
 async def test_a_kept_wait_ends_at_its_deadline_and_the_socket_still_works() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         start = trio.current_time()
         assert await recv_within(a, 100, 0.2, expect_wait=True) is None
@@ -50,7 +44,7 @@ async def test_a_kept_wait_ends_at_its_deadline_and_the_socket_still_works() -> 
 
 
 async def test_a_fired_deadline_ends_a_kept_wait_with_closed_resource_error() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     deadlines = current_deadlines()
     with a, b:
         entry = deadlines.arm(a, trio.current_time() + 60)
@@ -69,7 +63,7 @@ async def test_a_fired_deadline_ends_a_kept_wait_with_closed_resource_error() ->
 
 
 async def test_a_cancelled_kept_wait_is_forgotten_and_the_next_wait_gets_the_data() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     kept = current_deadlines().kept
     with a, b:
         with trio.move_on_after(0.05) as scope:
@@ -81,7 +75,7 @@ async def test_a_cancelled_kept_wait_is_forgotten_and_the_next_wait_gets_the_dat
 
 
 async def test_a_second_reader_of_one_socket_is_refused() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     kept = current_deadlines().kept
     with a, b:
         async with trio.open_nursery() as nursery:
@@ -96,8 +90,8 @@ async def test_a_second_reader_of_one_socket_is_refused() -> None:
 async def test_bytes_and_eof_that_come_while_nobody_waits_end_the_next_wait() -> None:
     # Edge-triggered: the edge of bytes that arrive between two waits is reported once, to
     # nobody; a caller that skips its first read (a response just asked for) must not hang.
-    a, b = _pair()
-    c, d = _pair()
+    a, b = nonblocking_pair()
+    c, d = nonblocking_pair()
     with a, b, c, d:
         for sock, peer in ((a, b), (c, d)):  # registered by a first wait
             peer.send(b"first")
@@ -115,7 +109,7 @@ async def _socket_on_fd(fd: int) -> tuple[socket.socket, socket.socket]:
     held = []
     try:
         for _ in range(50):
-            a, b = _pair()
+            a, b = nonblocking_pair()
             if a.fileno() == fd:
                 return a, b
             held.append(a)
@@ -127,7 +121,7 @@ async def _socket_on_fd(fd: int) -> tuple[socket.socket, socket.socket]:
 
 
 async def test_a_closed_sockets_fd_reused_by_a_new_socket_gets_the_new_sockets_data() -> None:
-    old, old_peer = _pair()
+    old, old_peer = nonblocking_pair()
     kept = current_deadlines().kept
     old_peer.send(b"old data")
     assert await recv_within(old, 100, 1.0, expect_wait=True) == b"old data"
@@ -152,7 +146,7 @@ async def test_a_closed_sockets_fd_reused_by_a_new_socket_gets_the_new_sockets_d
 async def test_a_reused_fd_whose_old_socket_lives_on_elsewhere_gives_no_stale_data() -> None:
     # The old socket's file stays open through a dup (as a socket handed to another process
     # would): the kernel keeps its registration, whose events carry the same fd number.
-    old, old_peer = _pair()
+    old, old_peer = nonblocking_pair()
     old_peer.send(b"old data")
     assert await recv_within(old, 100, 1.0, expect_wait=True) == b"old data"
     fd = old.fileno()
@@ -179,7 +173,7 @@ async def test_a_reused_fd_whose_old_socket_lives_on_elsewhere_gives_no_stale_da
 
 
 async def test_forget_before_close_lets_the_socket_go() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     kept = current_deadlines().kept
     with b:
         b.send(b"x")
@@ -205,8 +199,8 @@ async def test_a_task_woken_by_a_kept_wait_runs_in_the_turn_trio_would_run_it() 
     # The kept set is polled right after Trio's own I/O wait (an instrument's after_io_wait),
     # so a woken task is in the batch Trio takes next, as if Trio's epoll had woken it; not
     # one turn later, after the dispatcher task's own turn.
-    a, b = _pair()
-    c, d = _pair()
+    a, b = nonblocking_pair()
+    c, d = nonblocking_pair()
     turns = _Turns()
     with a, b, c, d:
         b.send(b"x")  # registered by a first wait
@@ -236,7 +230,7 @@ async def test_a_task_woken_by_a_kept_wait_runs_in_the_turn_trio_would_run_it() 
 
 async def test_kept_waits_still_end_if_trio_drops_the_polling_hook() -> None:
     # Trio removes an instrument whose hook raised; the dispatcher's own poll then wakes waiters.
-    a, b = _pair()
+    a, b = nonblocking_pair()
     kept = current_deadlines().kept
     with a, b:
         b.send(b"x")

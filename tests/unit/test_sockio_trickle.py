@@ -7,17 +7,11 @@ import socket
 import trio
 
 from lbnode.sockio import TrickleWaits, current_trickle_waits
-
-
-def _pair() -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
+from tests.conftest import nonblocking_pair
 
 
 async def test_a_wait_ends_true_when_data_comes_and_again_on_the_same_socket() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         waits = current_trickle_waits()
         for byte in (b"G\n", b"E\n"):  # the second wait registers the socket again
@@ -33,7 +27,7 @@ async def test_a_wait_ends_true_when_data_comes_and_again_on_the_same_socket() -
 
 
 async def test_bytes_without_a_line_end_leave_the_task_asleep_until_one_comes() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         waits = current_trickle_waits()
         ended: list[float] = []
@@ -55,7 +49,7 @@ async def test_bytes_without_a_line_end_leave_the_task_asleep_until_one_comes() 
 
 
 async def test_a_wait_on_bytes_without_a_line_end_ends_false_at_its_deadline() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         waits = current_trickle_waits()
         start = trio.current_time()
@@ -65,8 +59,8 @@ async def test_a_wait_on_bytes_without_a_line_end_ends_false_at_its_deadline() -
 
 
 async def test_the_peer_closing_or_a_long_line_wakes_the_task_without_a_line_end() -> None:
-    a, b = _pair()
-    c, d = _pair()
+    a, b = nonblocking_pair()
+    c, d = nonblocking_pair()
     with a, b, c, d:
         waits = current_trickle_waits()
         b.send(b"GET /par")
@@ -77,7 +71,7 @@ async def test_the_peer_closing_or_a_long_line_wakes_the_task_without_a_line_end
 
 
 async def test_without_line_ends_any_byte_wakes_the_task() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         waits = TrickleWaits(line_ends=False)
         b.send(b"G")
@@ -85,8 +79,8 @@ async def test_without_line_ends_any_byte_wakes_the_task() -> None:
 
 
 async def test_a_wait_ends_false_at_its_deadline_and_an_earlier_one_wakes_the_watcher() -> None:
-    a, b = _pair()
-    c, d = _pair()
+    a, b = nonblocking_pair()
+    c, d = nonblocking_pair()
     with a, b, c, d:
         waits = current_trickle_waits()
         ended: dict[str, tuple[bool, float]] = {}
@@ -117,7 +111,7 @@ class _Turns(trio.abc.Instrument):
 
 
 async def test_a_burst_of_ready_sockets_wakes_their_tasks_a_batch_at_a_time() -> None:
-    pairs = [_pair() for _ in range(3 * TrickleWaits.BATCH)]
+    pairs = [nonblocking_pair() for _ in range(3 * TrickleWaits.BATCH)]
     try:
         waits = current_trickle_waits()
         log: list[str] = []
@@ -148,7 +142,7 @@ async def test_a_burst_of_ready_sockets_wakes_their_tasks_a_batch_at_a_time() ->
 
 
 async def test_a_cancelled_wait_is_forgotten() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     with a, b:
         waits = current_trickle_waits()
         with trio.move_on_after(0.05):
