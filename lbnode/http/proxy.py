@@ -466,7 +466,8 @@ class HttpProxy:
         finally:
             if conn.entry is not None:
                 self._log_entry(conn, clock())
-            conn.deadlines.kept.forget(sock)  # the listener closes it next
+            if conn.served:  # registered in KeptWaits only once kept alive (ClientConn.kept_waits)
+                conn.deadlines.kept.forget(sock)  # the listener closes it next
             conn.reader.close()
             if conn.private_upstreams:
                 self.node.upstreams.discard(conn.private_upstreams)
