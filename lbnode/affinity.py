@@ -15,7 +15,7 @@ import binascii
 import os
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -220,7 +220,8 @@ class CookieSealer:
 # Replaced keys a keyring still opens cookies with (newest first). Each rotation adds one, and
 # a cookie that the current key does not open is tried against each: a bound keeps both the
 # memory and that cost fixed. A cookie sealed OLDER_KEYS + 1 rotations ago is not honoured:
-# its client is balanced afresh and gets a new cookie (as after a node's restart).
+# its client is balanced afresh and gets a new cookie. A cluster node keeps them across a
+# restart (``save_older_keys``).
 OLDER_KEYS = 4
 
 
@@ -234,10 +235,12 @@ class CookieKeyring:
     switch still work. Same interface as ``CookieSealer``.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, older: Sequence[bytes] = ()) -> None:
+        """``older``: keys replaced before (newest first), e.g. ``load_older_keys``'s."""
         self.key = key
         self._current = CookieSealer(key)
-        self._older: list[tuple[bytes, CookieSealer]] = []  # newest first
+        older = [k for k in dict.fromkeys(older) if k != key][:OLDER_KEYS]
+        self._older: list[tuple[bytes, CookieSealer]] = [(k, CookieSealer(k)) for k in older]  # newest first
 
     def switch(self, key: bytes) -> bool:
         """Seal under ``key`` from now on; False (and nothing changes) if it is already current."""
@@ -300,6 +303,9 @@ def set_cookie_header(name: str, value: str, ttl: float, tls: bool) -> str:
 
 
 COOKIE_KEY_FILE = "cookie.key"
+# The keys a node's keyring replaced (a cluster key rotated, its own key given up for the
+# cluster's), newest first, one per line: what it still opens cookies with after a restart.
+OLDER_KEYS_FILE = "cookie.key.older"
 # Sealed cookie values already opened, kept per pool: enough for the clients of a busy node.
 OPENED_CACHE_SIZE = 10_000
 
@@ -332,6 +338,39 @@ def load_or_create_key(state_dir: Path) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     return _read_key(path)
+
+
+def load_older_keys(state_dir: Path) -> list[bytes]:
+    """The replaced keys ``save_older_keys`` wrote to ``state_dir``, newest first; [] if none.
+    ValueError naming the file and the line if one is not a key."""
+    path = Path(state_dir) / OLDER_KEYS_FILE
+    try:
+        lines = path.read_text(encoding="ascii", errors="replace").split()
+    except FileNotFoundError:
+        return []
+    keys = []
+    for n, line in enumerate(lines, 1):
+        try:
+            key = bytes.fromhex(line)
+        except ValueError:
+            key = b""
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"{path}: line {n} is not {2 * KEY_BYTES} hex digits (a {KEY_BYTES}-byte key)")
+        keys.append(key)
+    return keys[:OLDER_KEYS]
+
+
+def save_older_keys(state_dir: Path, keys: Sequence[bytes]) -> None:
+    """Keep ``keys`` (a keyring's replaced keys, newest first) for the next start, in a file of
+    mode 0600 replaced whole: written beside it, then renamed over it."""
+    state_dir = Path(state_dir)
+    tmp = state_dir / f".{OLDER_KEYS_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, "".join(f"{k.hex()}\n" for k in keys).encode("ascii"))
+    finally:
+        os.close(fd)
+    os.replace(tmp, state_dir / OLDER_KEYS_FILE)
 
 
 def _read_key(path: Path) -> bytes:

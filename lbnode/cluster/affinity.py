@@ -31,7 +31,9 @@ from lbnode.affinity import (
     AffinityTable,
     CookieKeyring,
     check_table_limits,
+    load_older_keys,
     load_or_create_key,
+    save_older_keys,
 )
 from lbnode.cluster.etcd import Compacted, EtcdConnection, KeyEvent, KeyValue, LeaseNotFound
 from lbnode.cluster.store import StoreError
@@ -612,7 +614,13 @@ class ClusterAffinity:
 
     def cookie_keyring(self) -> CookieKeyring:
         if self._keyring is None:
-            self._keyring = CookieKeyring(load_or_create_key(self.state_dir))
+            try:
+                older = load_older_keys(self.state_dir)
+            except (ValueError, OSError) as exc:
+                log.warning("cookie key: %s; ignoring the file (cookies sealed under the keys it held get "
+                            "their clients balanced afresh)", exc)
+                older = []
+            self._keyring = CookieKeyring(load_or_create_key(self.state_dir), older)
             self._key_wanted.set()
         return self._keyring
 
@@ -719,6 +727,12 @@ class ClusterAffinity:
         )
 
     def _key_changed(self, keyring: CookieKeyring) -> None:
+        # The keys it replaced outlive a restart: the other nodes still open cookies sealed under them.
+        try:
+            save_older_keys(self.state_dir, keyring.keys()[1:])
+        except OSError as exc:
+            log.warning("cookie key: cannot keep the replaced keys in %s (%s): after a restart this node "
+                        "no longer opens cookies sealed under them", self.state_dir, exc)
         if self._on_cookie_key is not None:
             self._on_cookie_key(keyring)
 

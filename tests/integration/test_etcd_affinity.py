@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from lbnode.affinity import CookieSealer, load_or_create_key
+from lbnode.affinity import CookieSealer, load_older_keys, load_or_create_key
 from lbnode.cluster.affinity import ClusterAffinity, EtcdAffinityTable, escape_key
 from lbnode.cluster.etcd import EtcdConnection
 from lbnode.cluster.store import Unavailable
@@ -301,6 +302,41 @@ async def test_a_rotated_cluster_key_is_taken_by_every_node_and_the_old_one_stil
         await _until(lambda: (kv := conn.get(path)) is not None and kv.value == new.hex().encode(), 2.0,
                      "the key in use written again")
         assert ring1.key == ring2.key == new and {n: len(t) for n, t in told.items()} == told_so_far
+
+
+async def test_a_restarted_node_still_opens_cookies_sealed_under_the_keys_it_replaced(etcd, tmp_path) -> None:
+    """The keys a node's keyring replaced (its own key for the cluster's, then the cluster key
+    an operator rotated) are kept in its state_dir, mode 0600: restarted, even with etcd down,
+    it still opens the cookies sealed under them, as the nodes that did not restart do."""
+    conn = EtcdConnection(etcd.endpoints)
+    path = f"{PREFIX}/secrets/cookie-key"
+    first, rotated = bytes(range(32)), bytes(range(100, 132))
+    conn.put(path, first.hex().encode())
+    own = load_or_create_key(tmp_path / "n1")
+    async with _node(etcd, tmp_path, "n1") as (shared, _):
+        ring = shared.cookie_keyring()
+        sealed_own = ring.seal("b0", time.time() + 60)  # before the switch to the cluster key
+        with trio.fail_after(5):
+            await shared.cookie_key_agreed.wait()
+        sealed_first = ring.seal("b1", time.time() + 60)
+        conn.put(path, rotated.hex().encode())
+        await _until(lambda: ring.key == rotated, 2.0, "the rotated key")
+    kept = tmp_path / "n1" / "cookie.key.older"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert load_older_keys(tmp_path / "n1") == [first, own]
+    member = etcd.members[0]
+    member.kill()
+    async with _node(etcd, tmp_path, "n1", wait=False) as (shared, _):
+        ring = shared.cookie_keyring()
+        assert ring.key == own and shared.cookie_key_from == "state_dir"
+        assert ring.open(sealed_first, time.time()) == "b1" and ring.open(sealed_own, time.time()) == "b0"
+        member.start()
+        member.wait_healthy()
+        with trio.fail_after(10):
+            await shared.cookie_key_agreed.wait()
+        assert ring.key == rotated and ring.keys()[1:] == [own, first]
+        assert ring.open(sealed_first, time.time()) == "b1"
+    assert load_older_keys(tmp_path / "n1") == [own, first]
 
 
 async def test_with_etcd_down_at_start_the_node_seals_with_its_own_key_then_switches(etcd, tmp_path, caplog) -> None:

@@ -15,7 +15,9 @@ from lbnode.affinity import (
     CookieKeyring,
     CookieSealer,
     MemoryAffinityTable,
+    load_older_keys,
     load_or_create_key,
+    save_older_keys,
     set_cookie_header,
 )
 
@@ -177,6 +179,27 @@ def test_a_keyring_opens_with_the_last_older_keys_replaced_and_no_more() -> None
     worker.follow(ring.keys())
     assert len(worker.keys()) == OLDER_KEYS + 1 and worker.key == keys[-1]
     assert worker.open(sealed[keys[-1]], 0.0) == str(len(keys) - 1)
+
+
+def test_replaced_keys_saved_come_back_in_a_new_keyring(tmp_path: Path) -> None:
+    """What ``save_older_keys`` wrote (mode 0600) ``load_older_keys`` reads back, newest first,
+    at most OLDER_KEYS; a new keyring opens with them and holds its own key once."""
+    keys = [bytes([n]) * 32 for n in range(1, OLDER_KEYS + 3)]
+    assert load_older_keys(tmp_path) == []
+    save_older_keys(tmp_path, keys)
+    assert stat.S_IMODE((tmp_path / "cookie.key.older").stat().st_mode) == 0o600
+    assert load_older_keys(tmp_path) == keys[:OLDER_KEYS]
+    ring = CookieKeyring(keys[1], load_older_keys(tmp_path))
+    assert ring.keys() == [keys[1], keys[0], *keys[2:OLDER_KEYS]]
+    assert ring.open(CookieSealer(keys[0]).seal("b", 100.0), 0.0) == "b"
+    save_older_keys(tmp_path, [])
+    assert load_older_keys(tmp_path) == []
+
+
+def test_a_file_of_older_keys_that_holds_no_key_is_refused_naming_the_line(tmp_path: Path) -> None:
+    (tmp_path / "cookie.key.older").write_text(f"{KEY.hex()}\nnot-a-key\n")
+    with pytest.raises(ValueError, match=r"cookie.key.older: line 2 is not 64 hex digits"):
+        load_older_keys(tmp_path)
 
 
 def test_set_cookie_header() -> None:
