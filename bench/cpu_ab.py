@@ -115,7 +115,7 @@ def _export(rev: str, dest: Path) -> Path:
 
 
 def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = False,
-                  tls: tuple[Path, Path] | None = None) -> tuple[Proc, int, int]:
+                  tls: tuple[Path, Path] | None = None, python: str = sys.executable) -> tuple[Proc, int, int]:
     ports = dataclasses.replace(
         ctx.ports,
         fulcrum_web=pick_port(28080 + 10 * i, taken),
@@ -133,7 +133,7 @@ def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = 
     else:
         conf.write_text(fulcrum_config(ports, node_id=f"ab{i}"))
     # PYTHONPATH puts this tree's lbnode ahead of the venv's editable install.
-    argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c",
+    argv = ["env", f"PYTHONPATH={tree}", python, "-c",
             "import sys; from lbnode.cli import main; sys.exit(main())", "run", "--config", str(conf)]
     proc = ctx.spawn(f"ab{i}", argv, pin_balancer=True)
     proc.wait_ready([ports.fulcrum_web] if h2 else [ports.fulcrum_web, ports.fulcrum_bulk], ctx.opts.start_timeout)
@@ -187,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
         trees.append((str(tree), Path(tree).resolve()))
     if not trees:
         trees.append(("worktree", REPO))
+    # Every tree under every interpreter (--python), named for both when there are several.
+    pythons = args.python or [sys.executable]
+    variants = [(name if len(pythons) == 1 else f"{name} ({py})", tree, py) for name, tree in trees for py in pythons]
     ctx = Context(Options(start_timeout=30.0), REPO, tmp)
     try:
         ctx.backends()
@@ -211,11 +214,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             procs = {HAPROXY: ctx.haproxy()}
             ports = {HAPROXY: ctx.ports.haproxy_bulk if args.mode == "l4" else ctx.ports.haproxy_web}
-        for i, (name, tree) in enumerate(trees):
-            proc, web, bulk = _start_lbnode(ctx, tree, i, taken, h2, certificate)
+        for i, (name, tree, py) in enumerate(variants):
+            proc, web, bulk = _start_lbnode(ctx, tree, i, taken, h2, certificate, py)
             procs[name] = proc
             ports[name] = bulk if args.mode == "l4" else web
-        names = [name for name, _ in trees] + [HAPROXY]
+        names = [name for name, _, _ in variants] + [HAPROXY]
 
         def measure(name: str, seconds: float) -> float:
             cpu0 = tree_cpu_seconds([procs[name].pid])
@@ -256,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"## {args.mode}, {client}, {args.seconds:g} s runs")
         for line in summarize(results):
             print(line)
-        if len(trees) >= 2:
+        if len(variants) >= 2:
             ratios = paired_ratios(results[names[0]], results[names[1]])
             print(f"{names[1]} / {names[0]} by round: " + " ".join(f"{r:.2f}" for r in ratios)
                   + f" (median {statistics.median(ratios):.2f})")
@@ -292,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     p.add_argument("--rev", action="append", help="a git revision to measure (repeatable)")
     p.add_argument("--tree", action="append", type=Path, help="a directory holding lbnode/ (repeatable)")
+    p.add_argument("--python", action="append",
+                   help="an interpreter to run every tree with (repeatable; it must have the dependencies, "
+                        "e.g. a venv's bin/python; default: this one)")
     p.add_argument("--py-spy", type=Path, help="record the first tree with py-spy into this file first")
     p.add_argument("--perf", type=Path, help="record the first tree with perf record -g into this file first")
     p.add_argument("--shares", type=Path, help="print the shares of a py-spy raw file, and exit")

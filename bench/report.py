@@ -98,7 +98,9 @@ def environment(ctx: Context) -> str:
     items = [
         f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         f"host: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}",
-        f"Fulcrum: git {rev}, Python {platform.python_version()}",
+        # Which interpreter runs lbnode matters (docs/performance.md, "The interpreter").
+        f"Fulcrum: git {rev}, Python {platform.python_version()} "
+        f"({os.path.realpath(getattr(sys, '_base_executable', sys.executable))})",
         f"HAProxy: {_cmd_first_line(['haproxy', '-v'])}",
         f"nginx: {_cmd_first_line(['nginx', '-v'])}",
         f"wrk: {_cmd_first_line(['wrk', '-v'])}",
