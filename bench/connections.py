@@ -11,12 +11,21 @@ HAProxy's: the rate one core of each would sustain (issue 13's per-core targets)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bench.configs import SMALL_PATH
-from bench.harness import Context, try_proc
-from bench.measure import L7Row, measure_l7, progress, too_many_errors
+from bench.harness import Context, Proc, try_proc
+from bench.measure import (
+    L7Row,
+    interleaved,
+    measure_l7,
+    median_run,
+    progress,
+    ratio_spread,
+    too_many_errors,
+)
 from bench.tables import DASH, fail_text, fmt_num, render_table
 
 CLOSE = "Connection: close"
@@ -79,24 +88,32 @@ def render_connections(rows: Sequence[ConnRow]) -> str:
     )
 
 
+def _run_close(ctx: Context, balancers: dict[str, tuple[Callable[[], Proc], int]], name: str) -> L7Row:
+    """One measured run of a new connection per request through balancer ``name``."""
+    getter, port = balancers[name]
+    proc, err = try_proc(getter)
+    row = L7Row(name, failed=err) if proc is None else measure_l7(
+        ctx, name, port, [proc.pid], ctx.opts.variant_duration, ctx.opts.variant_warmup, headers=[CLOSE]
+    )
+    progress(row)
+    return row
+
+
 def section_connections(ctx: Context) -> str:
     ctx.backends()
     o = ctx.opts
     rows: list[ConnRow] = []
+    spreads: list[str] = []
     for path, f_port, h_port, target in (
         ("L7", ctx.ports.fulcrum_web, ctx.ports.haproxy_web, L7_RATE_TARGET),
         ("L4", ctx.ports.fulcrum_bulk, ctx.ports.haproxy_bulk, L4_RATE_TARGET),
     ):
-        measured: list[L7Row] = []
-        for name, getter, port in (("Fulcrum", ctx.fulcrum, f_port), ("HAProxy", ctx.haproxy, h_port)):
-            proc, err = try_proc(getter)
-            measured.append(
-                L7Row(name, failed=err) if proc is None else measure_l7(
-                    ctx, name, port, [proc.pid], o.variant_duration, o.variant_warmup, headers=[CLOSE]
-                )
-            )
-            progress(measured[-1])
-        rows.append(ConnRow(path, measured[0], measured[1], target))
+        balancers: dict[str, tuple[Callable[[], Proc], int]] = {
+            "Fulcrum": (ctx.fulcrum, f_port), "HAProxy": (ctx.haproxy, h_port)}
+        runs = interleaved(list(balancers), o.rounds, functools.partial(_run_close, ctx, balancers))
+        rows.append(ConnRow(path, median_run(runs["Fulcrum"]), median_run(runs["HAProxy"]), target))
+        if spread := ratio_spread(runs["Fulcrum"], runs["HAProxy"]):
+            spreads.append(f"{path} {spread}")
     ctx.results["connections"] = rows
     return (
         render_connections(rows)
@@ -106,7 +123,9 @@ def section_connections(ctx: Context) -> str:
         "(backend connections pooled by both); L4: Fulcrum's tcp listener and HAProxy's mode tcp "
         "(a new backend connection per request too). CPU µs/conn = the balancer's CPU over the run "
         "divided by the requests completed; conn per core vs HAProxy = HAProxy's CPU per "
-        "connection over Fulcrum's (the rate each would sustain on one core). One run each, on "
-        "whatever else the machine runs: for a change's effect use `python -m bench.cpu_ab "
-        "--mode close|l4` (interleaved rounds; docs/performance.md)."
+        f"connection over Fulcrum's (the rate each would sustain on one core). {o.rounds} rounds, "
+        "the two in turn (ABBA), each row its median run by CPU per connection (the range in "
+        "errors' column)"
+        + (f"; conn per core vs HAProxy, round by round: {'; '.join(spreads)}" if spreads else "")
+        + ". For a change's effect use `python -m bench.cpu_ab --mode close|l4` (docs/performance.md)."
     )

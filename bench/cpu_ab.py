@@ -36,12 +36,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from bench.configs import HOST, SMALL_PATH, fulcrum_config
 from bench.harness import Context, Options, Proc, StartError, pick_port, ports_of
 from bench.http2 import _h2load as h2load_run
+from bench.measure import paired_ratios, round_order
 from bench.procstat import tree_cpu_seconds
 from bench.tls import _certificate, _s_time, certificate_in, fulcrum_tls_config, haproxy_tls_config
 from bench.wrk import WrkParseError, parse_wrk
@@ -49,11 +50,6 @@ from bench.wrk import WrkParseError, parse_wrk
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("keepalive", "close", "l4", "h2", "tls-new", "tls-keepalive")
 HAPROXY = "haproxy"
-
-
-def round_order(names: Sequence[str], rnd: int) -> list[str]:
-    """The order of one round: forward in even rounds, backward in odd ones (ABBA)."""
-    return list(names) if rnd % 2 == 0 else list(reversed(names))
 
 
 def summarize(results: dict[str, list[float]], reference: str = HAPROXY) -> list[str]:
@@ -69,11 +65,6 @@ def summarize(results: dict[str, list[float]], reference: str = HAPROXY) -> list
         lines.append(f"{name}: median {med:.1f} us/request (range {min(figures):.1f}-{max(figures):.1f}, "
                      f"{len(figures)} runs){ratio}")
     return lines
-
-
-def paired_ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
-    """b / a round by round (the two ran back to back, so the machine's load was alike)."""
-    return [y / x for x, y in zip(a, b, strict=False) if x > 0]
 
 
 def shares(lines: Iterable[str]) -> tuple[int, collections.Counter[str], collections.Counter[str]]:

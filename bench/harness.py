@@ -226,6 +226,7 @@ class Options:
     variant_warmup: float = 1.0  # warm-up seconds per run there (not measured)
     start_timeout: float = 20.0
     pin: bool = True
+    rounds: int = 3  # interleaved runs per balancer in the l7, connections and tls sections
 
 
 class Context:

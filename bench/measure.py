@@ -11,18 +11,22 @@ import contextlib
 import http.client
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from bench.configs import BULK_PATH, BULK_SIZE, HOST, SMALL_BODY, SMALL_PATH
 from bench.harness import Context, Options, StartError, http_get
 from bench.procstat import tree_cpu_seconds
 from bench.tables import fmt_num
 from bench.wrk import WrkParseError, WrkResult, parse_wrk
+
+T = TypeVar("T")
 
 MAX_ERROR_SHARE = 0.001  # a Fulcrum L7 row with more errors than this does not meet a target
 
@@ -49,6 +53,55 @@ class L4Row:
     cpu_ms_per_gb: float | None = None  # balancer CPU per 1e9 bytes; None for direct
     downloads: int = 0
     note: str = ""
+
+
+def round_order(names: Sequence[str], rnd: int) -> list[str]:
+    """The order of one round: forward in even rounds, backward in odd ones (ABBA)."""
+    return list(names) if rnd % 2 == 0 else list(reversed(names))
+
+
+def interleaved(names: Sequence[str], rounds: int, run: Callable[[str], T]) -> dict[str, list[T]]:
+    """``run(name)`` for every name in each of ``rounds`` rounds, in ``round_order``: a drift of
+    the machine's load falls on every name alike, and the runs of one round ran back to back."""
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for rnd in range(rounds):
+        for name in round_order(names, rnd):
+            results[name].append(run(name))
+    return results
+
+
+def paired_ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """b / a round by round (the two ran back to back, so the machine's load was alike)."""
+    return [y / x for x, y in zip(a, b, strict=False) if x > 0]
+
+
+def median_run(runs: Sequence[L7Row]) -> L7Row:
+    """The run of median CPU per request (requests per second where there is no CPU figure:
+    the direct row), the lower of the two middle ones for an even number; its note gives the
+    number of runs and their range, its requests and errors are all the runs'. A run that
+    failed fails the row."""
+    failed = next((r for r in runs if r.failed), None)
+    if failed is not None or len(runs) == 1:
+        return failed or runs[0]
+    key = "cpu_us_per_req" if runs[0].cpu_us_per_req is not None else "rps"
+    ordered = sorted(runs, key=lambda r: getattr(r, key) or 0.0)
+    middle = ordered[(len(ordered) - 1) // 2]
+    lo, hi = getattr(ordered[0], key), getattr(ordered[-1], key)
+    spread = (f"{len(runs)} runs, CPU µs/req {lo:.1f}-{hi:.1f}" if key == "cpu_us_per_req"
+              else f"{len(runs)} runs, req/s {lo:,.0f}-{hi:,.0f}")
+    # Requests and errors of every run: an error in a run that is not the median one still counts.
+    return replace(middle, note=f"{middle.note}; {spread}" if middle.note else spread,
+                   requests=sum(r.requests for r in runs), errors=sum(r.errors for r in runs))
+
+
+def ratio_spread(a: Sequence[L7Row], b: Sequence[L7Row]) -> str:
+    """b's CPU per request over a's, round by round: "median (min-max) over N rounds"; "" for
+    fewer than two rounds or a failed run."""
+    ratios = paired_ratios([r.cpu_us_per_req or 0.0 for r in a if not r.failed],
+                           [r.cpu_us_per_req or 0.0 for r in b if not r.failed])
+    if len(ratios) < 2 or len(ratios) != len(a) or len(a) != len(b):
+        return ""
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} rounds"
 
 
 def too_many_errors(errors: int, requests: int) -> bool:

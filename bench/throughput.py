@@ -6,12 +6,22 @@ The renderers and ``evaluate_targets`` are pure; the sections start processes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bench.configs import BULK_PATH, SMALL_PATH
-from bench.harness import Context, try_proc
-from bench.measure import MAX_ERROR_SHARE, L4Row, L7Row, measure_bulk, measure_l7, progress
+from bench.harness import Context, Proc, try_proc
+from bench.measure import (
+    MAX_ERROR_SHARE,
+    L4Row,
+    L7Row,
+    interleaved,
+    measure_bulk,
+    measure_l7,
+    median_run,
+    progress,
+    ratio_spread,
+)
 from bench.tables import DASH, fail_text, fmt_num, fmt_ratio, render_table
 
 # Targets from the project brief: (key, figure, goal text, test on ratio = Fulcrum / HAProxy).
@@ -141,27 +151,37 @@ def render_targets(targets: Sequence[TargetResult]) -> str:
 
 def section_l7(ctx: Context) -> str:
     ctx.backends()
-    rows: list[L7Row] = []
-    for name, getter, port in (
-        ("Fulcrum", ctx.fulcrum, ctx.ports.fulcrum_web),
-        ("HAProxy", ctx.haproxy, ctx.ports.haproxy_web),
-        ("nginx", ctx.nginx_lb, ctx.ports.nginx_web),
-    ):
-        proc, err = try_proc(getter)
-        rows.append(
-            L7Row(name, failed=err) if proc is None else measure_l7(ctx, name, port, [proc.pid])
-        )
-        progress(rows[-1])
-    rows.append(measure_l7(ctx, "direct (no balancer)", ctx.ports.backends[0], []))
-    progress(rows[-1])
-    ctx.results["l7"] = rows
+    balancers: dict[str, tuple[Callable[[], Proc] | None, int]] = {
+        "Fulcrum": (ctx.fulcrum, ctx.ports.fulcrum_web),
+        "HAProxy": (ctx.haproxy, ctx.ports.haproxy_web),
+        "nginx": (ctx.nginx_lb, ctx.ports.nginx_web),
+        "direct (no balancer)": (None, ctx.ports.backends[0]),
+    }
+
+    def run(name: str) -> L7Row:
+        getter, port = balancers[name]
+        if getter is None:
+            row = measure_l7(ctx, name, port, [])
+        else:
+            proc, err = try_proc(getter)
+            row = L7Row(name, failed=err) if proc is None else measure_l7(ctx, name, port, [proc.pid])
+        progress(row)
+        return row
+
     o = ctx.opts
+    runs = interleaved(list(balancers), o.rounds, run)
+    rows = [median_run(r) for r in runs.values()]
+    ctx.results["l7"] = rows
+    spread = ratio_spread(runs["HAProxy"], runs["Fulcrum"])
     return (
         render_l7(rows)
         + "\n\n"
         + f"`wrk -t{o.threads} -c{o.connections} -d{o.duration:g}s --latency` on GET {SMALL_PATH} "
-        f"(100-byte body, HTTP/1.1 keep-alive), after a {o.warmup:g} s unmeasured warm-up. "
-        "Latency is under full closed-loop load, so it mostly mirrors throughput. "
+        f"(100-byte body, HTTP/1.1 keep-alive), after a {o.warmup:g} s unmeasured warm-up; "
+        f"{o.rounds} rounds, the balancers in turn (forward, then backward: ABBA), each row its "
+        "median run by CPU per request (the range in errors' column). "
+        + (f"Fulcrum's CPU per request over HAProxy's, round by round: {spread}. " if spread else "")
+        + "Latency is under full closed-loop load, so it mostly mirrors throughput. "
         "CPU µs/req = the balancer's (utime+stime) over the run, all threads and child processes, "
         "from /proc/PID/stat, divided by the requests wrk completed; backend µs/req is the same "
         "for the backend nginx. Round robin over 3 backends; direct = wrk to one backend."

@@ -16,6 +16,7 @@ client (``-t1 -c50``, TLS 1.3 as wrk negotiates it). A section of ``python -m be
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from bench.configs import BULK_PATH, BULK_SIZE, HOST, SMALL_PATH
 from bench.harness import Context, StartError, pick_port, ports_of
+from bench.measure import interleaved, paired_ratios
 from bench.procstat import tree_cpu_seconds
 from bench.tables import fmt_num, fmt_ratio, render_table
 from bench.wrk import WrkResult, parse_wrk
@@ -231,6 +233,18 @@ def _measure(ctx: Context, port: int, pids: list[int], close: bool) -> tuple[flo
     return res.rps, (cpu1 - cpu0) * 1e6 / res.requests, res.requests, res.errors
 
 
+def _run(ctx: Context, balancers: dict[str, tuple[int, int]], close: bool,
+         name: str) -> tuple[float, float, int, int] | str:
+    """One measured run through balancer ``name`` (``_measure``'s figures), or why it failed."""
+    port, pid = balancers[name]
+    try:
+        if close and not (status := s_time_status(port)).startswith(b"HTTP/1.1 200"):
+            raise StartError(f"answered s_time's request with {status!r}, not a 200")
+        return _measure(ctx, port, [pid], close)
+    except (StartError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
+        return str(exc)
+
+
 def run(ctx: Context) -> str:
     directory = ctx.tmp / "tls"
     directory.mkdir(exist_ok=True)
@@ -249,20 +263,29 @@ def run(ctx: Context) -> str:
         haproxy.wait_ready([h_port, h_bulk], ctx.opts.start_timeout)
     except StartError as exc:
         return f"not run: {exc}\n"
+    balancers = {"Fulcrum": (f_port, fulcrum.pid), "HAProxy": (h_port, haproxy.pid)}
     rows: list[list[object]] = []
-    figures = {}
-    for name, port, pid in (("Fulcrum", f_port, fulcrum.pid), ("HAProxy", h_port, haproxy.pid)):
-        for kind, close in (("full handshake + 1 request", True), ("keep-alive request", False)):
-            try:
-                if close and not (status := s_time_status(port)).startswith(b"HTTP/1.1 200"):
-                    raise StartError(f"answered s_time's request with {status!r}, not a 200")
-                rps, cpu, requests, errors = _measure(ctx, port, [pid], close)
-            except (StartError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
-                rows.append([name, kind, "-", "-", "-", f"failed: {exc}"])
+    figures: dict[tuple[str, bool], float] = {}
+    spreads: dict[bool, str] = {}
+    for kind, close in (("full handshake + 1 request", True), ("keep-alive request", False)):
+        runs = interleaved(list(balancers), ctx.opts.rounds,
+                           functools.partial(_run, ctx, balancers, close))
+        for name, results in runs.items():
+            failed = next((r for r in results if isinstance(r, str)), None)
+            measured = [r for r in results if not isinstance(r, str)]
+            if failed is not None or not measured:
+                rows.append([name, kind, "-", "-", "-", f"failed: {failed}"])
                 continue
+            by_cpu = sorted(measured, key=lambda r: r[1])
+            rps, cpu, _, _ = by_cpu[(len(by_cpu) - 1) // 2]  # the median run (the lower middle one)
             figures[(name, close)] = cpu
-            rows.append([name, kind, fmt_num(rps, 0, thousands=True), fmt_num(cpu, 1), requests,
-                         f"{errors} errors" if errors else ""])
+            errors = sum(r[3] for r in measured)
+            note = [f"{len(measured)} runs, CPU us {by_cpu[0][1]:.1f}-{by_cpu[-1][1]:.1f}"] if len(measured) > 1 else []
+            rows.append([name, kind, fmt_num(rps, 0, thousands=True), fmt_num(cpu, 1), sum(r[2] for r in measured),
+                         "; ".join(note + ([f"{errors} errors"] if errors else []))])
+        ratios = paired_ratios(*[[r[1] for r in runs[n] if not isinstance(r, str)] for n in ("HAProxy", "Fulcrum")])
+        if len(ratios) >= 2:
+            spreads[close] = f"{min(ratios):.2f}-{max(ratios):.2f}"
     bulk_rows, gbps = [], {}
     for name, port in (("Fulcrum", f_bulk), ("HAProxy", h_bulk)):
         try:
@@ -281,7 +304,8 @@ def run(ctx: Context) -> str:
         f, h = figures.get(("Fulcrum", close)), figures.get(("HAProxy", close))
         ratio = f / h if f and h else None
         verdict = "-" if ratio is None else ("met" if ratio <= limit else "not met")
-        targets.append([label, fmt_num(f, 1), fmt_num(h, 1), fmt_ratio(f, h), f"<= {limit}x", verdict])
+        by_round = f" (by round {spreads[close]})" if close in spreads else ""
+        targets.append([label, fmt_num(f, 1), fmt_num(h, 1), fmt_ratio(f, h) + by_round, f"<= {limit}x", verdict])
     f, h = gbps.get("Fulcrum"), gbps.get("HAProxy")
     ratio = f / h if f and h else None
     targets.append(["tls listener bulk GB/s", f"{f:.2f}" if f else "-", f"{h:.2f}" if h else "-",
@@ -291,6 +315,9 @@ def run(ctx: Context) -> str:
         table + "\n\n"
         + render_table(["balancer", "tls bulk GB/s (curl, 64 MiB)", "downloads"], bulk_rows, "lrr") + "\n\n"
         + render_table(["target", "Fulcrum us", "HAProxy us", "ratio", "goal", "status"], targets, "lrrrll")
+        + f"\n\n{ctx.opts.rounds} rounds of each measure, the two balancers in turn (forward, then "
+        "backward: ABBA); each row is its median run by CPU per request, the ratio that of the "
+        "medians, with the range of the round-by-round ratios."
         + f"\n\nFulcrum's listener counted {tls['handshakes']} handshakes, {tls['resumed']} resumed, "
         f"failures {tls['failures'] or 'none'}.\n"
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench.cpu_ab import paired_ratios, round_order, shares, summarize
+from bench.cpu_ab import shares, summarize
+from bench.measure import L7Row, interleaved, median_run, paired_ratios, ratio_spread, round_order
 
 
 def test_rounds_alternate_forward_and_backward() -> None:
@@ -32,3 +33,33 @@ def test_summary_gives_median_range_and_ratio_to_haproxy() -> None:
     lines = summarize({"a": [90.0, 100.0, 110.0], "haproxy": [20.0, 25.0, 30.0]})
     assert lines[0] == "a: median 100.0 us/request (range 90.0-110.0, 3 runs), 4.00 x haproxy"
     assert lines[1].startswith("haproxy: median 25.0")
+
+
+def test_interleaved_runs_every_name_in_abba_order() -> None:
+    calls: list[str] = []
+
+    def run(name: str) -> int:
+        calls.append(name)
+        return len(calls)
+
+    assert interleaved(["a", "b"], 3, run) == {"a": [1, 4, 5], "b": [2, 3, 6]}
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_median_run_is_the_median_by_cpu_with_every_run_counted() -> None:
+    runs = [L7Row("f", cpu_us_per_req=cpu, rps=1000.0 / cpu, requests=100, errors=e)
+            for cpu, e in ((3.0, 0), (1.0, 2), (2.0, 0))]
+    row = median_run(runs)
+    assert row.cpu_us_per_req == 2.0 and row.requests == 300 and row.errors == 2
+    assert row.note == "3 runs, CPU µs/req 1.0-3.0"
+    assert median_run(runs[:2]).cpu_us_per_req == 1.0  # the lower middle of an even number
+    direct = [L7Row("d", rps=r) for r in (5.0, 9.0, 7.0)]
+    assert median_run(direct).rps == 7.0 and median_run(direct).note == "3 runs, req/s 5-9"
+    assert median_run([*runs, L7Row("f", failed="wrk: boom")]).failed == "wrk: boom"
+
+
+def test_ratio_spread_pairs_the_rounds() -> None:
+    a = [L7Row("h", cpu_us_per_req=c) for c in (10.0, 10.0, 20.0)]
+    b = [L7Row("f", cpu_us_per_req=c) for c in (30.0, 40.0, 50.0)]
+    assert ratio_spread(a, b) == "3.00x (2.50-4.00) over 3 rounds"
+    assert ratio_spread(a[:1], b[:1]) == ""
