@@ -8,8 +8,8 @@ measured figures (propagation between nodes, expiry after the idle timeout).
 from __future__ import annotations
 
 import logging
-import statistics
 import stat
+import statistics
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
