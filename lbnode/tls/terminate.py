@@ -21,6 +21,7 @@ from lbnode.model import Listener
 from lbnode.runtime import Snapshot
 from lbnode.sockio import current_deadlines
 from lbnode.tls.context import alpn_for, listener_context, make_sni_callback, wrap_accepted
+from lbnode.tls.ticketkeys import TICKET_KEY_LIFETIME, Unsupported, set_ticket_key
 
 log = logging.getLogger("lbnode.tls")
 
@@ -42,13 +43,6 @@ _REASON_KINDS = {
 
 Inner = Callable[[ssl.SSLSocket, str, bytes], Awaitable[None]]
 
-# OpenSSL makes the session ticket keys once per context and never changes them; a key that
-# lives as long as the process would let whoever steals it later decrypt every resumed
-# session recorded since (no forward secrecy for resumptions). So the listener's context
-# (and with it the ticket keys and the session cache) is replaced this often: tickets older
-# than this cost a full handshake. 12 h, as Go's crypto/tls rotates its keys daily-ish and
-# Mozilla's guideline asks for rotation at least daily.
-TICKET_KEY_LIFETIME = 12 * 3600.0
 
 
 class SnapshotSource(Protocol):
@@ -79,6 +73,9 @@ class TlsTerminator:
         self.clock = clock
         self.ticket_key_lifetime = ticket_key_lifetime
         self._context_until = 0.0
+        # A session ticket key shared with other nodes and workers (use_ticket_key); None:
+        # OpenSSL's own, made at random for each context.
+        self.ticket_key: bytes | None = None
         self.context = self.new_ticket_keys()  # (sets it too; here for the type checker)
         self._slots = trio.Semaphore(self.settings.max_handshakes)
         self.in_progress = 0
@@ -95,7 +92,29 @@ class TlsTerminator:
         )
         self._context_until = self.clock() + self.ticket_key_lifetime
         self.context = ctx
+        if self.ticket_key is not None:
+            self._set_ticket_key(ctx, self.ticket_key)
         return ctx
+
+    def use_ticket_key(self, key: bytes | None) -> None:
+        """Seal and open session tickets with ``key`` from the next handshake on (the cluster's
+        or the node's, shared by every worker: lbnode.tls.ticketkeys); None: OpenSSL's own
+        again, in a new context. Tickets sealed under the key it replaces get full handshakes."""
+        if key == self.ticket_key:
+            return
+        self.ticket_key = key
+        if key is None:
+            self.new_ticket_keys()
+        else:
+            self._set_ticket_key(self.context, key)
+
+    def _set_ticket_key(self, ctx: ssl.SSLContext, key: bytes) -> None:
+        try:
+            set_ticket_key(ctx, key)
+        except Unsupported as exc:
+            log.warning("listener %s: cannot share TLS session tickets (%s); each process seals its own",
+                        self.listener.name, exc)
+            self.ticket_key = None
 
     def status(self) -> dict[str, object]:
         return {
