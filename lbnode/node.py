@@ -135,6 +135,8 @@ class LbNode:
         self.http_proxies: dict[str, HttpProxy] = {}
         self.tcp_proxies: dict[str, object] = {}
         self.tls_terminators: dict[str, Any] = {}  # listener -> TlsTerminator (https, tls)
+        self.ticket_key: bytes | None = None  # shared session ticket key (use_ticket_key)
+        self.ticket_keys: Any = None  # the cluster's (lbnode.cluster.ticketkey), with a TLS listener
         self.proxy_receivers: dict[str, Any] = {}  # listener -> ProxyHeaderReceiver ([listeners.proxy_protocol])
         self.connection_gates: dict[str, ConnectionGate] = {}  # listener -> its gate (connection counters)
         # [listeners.access_log]: each listener's buffer and counters, one writer per file (or stdout)
@@ -608,6 +610,12 @@ class LbNode:
                         await outer.start(self.vips.run)
                 if self.affinity is not None:
                     await outer.start(self.affinity.run)
+                if self.agent is not None and config.cluster is not None and _has_tls(config):
+                    from lbnode.cluster.ticketkey import ClusterTicketKey
+
+                    self.ticket_keys = ClusterTicketKey(config.cluster, self.agent.conn)
+                    self.ticket_keys.on_key(self.use_ticket_key)
+                    await outer.start(self.ticket_keys.run)
                 if self.store is not None:
                     self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed,
                                                   seed_routes=self._seed_routes)
@@ -767,6 +775,8 @@ class LbNode:
             from lbnode.tls.terminate import TlsTerminator
 
             terminator = TlsTerminator(li, self, inner)
+            if self.ticket_key is not None:
+                terminator.use_ticket_key(self.ticket_key)
             self.tls_terminators[li.name] = terminator
             handler = terminator.handle
         if li.proxy_protocol is not None:
@@ -776,6 +786,14 @@ class LbNode:
             self.proxy_receivers[li.name] = receiver
             handler = receiver.handle
         return handler, gate
+
+    def use_ticket_key(self, key: bytes | None) -> None:
+        """Seal and open the TLS session tickets of every TLS listener with ``key`` (the cluster's,
+        or the one a supervisor gives its workers), now and after a reload; None: each
+        listener's own (lbnode.tls.ticketkeys)."""
+        self.ticket_key = key
+        for terminator in self.tls_terminators.values():
+            terminator.use_ticket_key(key)
 
     def _admin_access(self) -> AdminAccess:
         """[admin]'s token and TLS context, read before anything binds (a file changed since
@@ -952,6 +970,11 @@ class LbNode:
 
 def _ignore(*args: object) -> None:
     pass
+
+
+def _has_tls(config: Config) -> bool:
+    """A listener terminates TLS (https, tls): session tickets to share."""
+    return any(li.tls is not None for li in config.listeners)
 
 
 def node_from_config(config: Config, kind: type[LbNode] = LbNode) -> LbNode:

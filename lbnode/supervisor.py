@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket as stdsocket
 import sys
 from itertools import count
@@ -30,6 +31,7 @@ from lbnode.listen import Bound
 from lbnode.model import Config, ConfigFileError, Listener, pool_to_dict
 from lbnode.node import LbNode
 from lbnode.reloadplan import ReloadRefused, socket_key
+from lbnode.tls.ticketkeys import TICKET_KEY_BYTES, TICKET_KEY_LIFETIME
 from lbnode.workers.channel import Channel, Kind, Message
 from lbnode.workers.counters import Retired, add_up, merge_metrics
 from lbnode.workers.outliers import NodeRuns
@@ -183,6 +185,7 @@ class Supervisor(LbNode):
             "health": self._health_entries(),
             # a cluster's cookie keys (a standalone node's is in state_dir, which workers read)
             "cookie_keys": self._cookie_keys(),
+            "ticket_key": None if self.ticket_key is None else self.ticket_key.hex(),
         }
 
     def _cookie_keys(self) -> list[str] | None:
@@ -195,6 +198,22 @@ class Supervisor(LbNode):
         body = {"keys": [k.hex() for k in keyring.keys()]}
         for w in self.workers:
             w.post(Kind.COOKIE_KEY, body)
+
+    def use_ticket_key(self, key: bytes | None) -> None:
+        """The cluster's ticket key changed (or this node's own was rotated): every worker seals
+        and opens session tickets with it at once, so a client resumes on any worker; a worker
+        started later gets it in CONFIG."""
+        super().use_ticket_key(key)
+        body = {"key": None if key is None else key.hex()}
+        for w in self.workers:
+            w.post(Kind.TICKET_KEY, body)
+
+    async def _rotate_own_ticket_key(self) -> None:
+        """Without a cluster: this node's random ticket key, shared by its workers, is replaced
+        every TICKET_KEY_LIFETIME (tickets sealed under the one before get full handshakes)."""
+        while True:
+            await trio.sleep(TICKET_KEY_LIFETIME)
+            self.use_ticket_key(os.urandom(TICKET_KEY_BYTES))
 
     def _health_entries(self, only: tuple[str, str] | None = None) -> list[list[Any]]:
         now = trio.current_time()
@@ -497,6 +516,10 @@ class Supervisor(LbNode):
         if self.config_text is None:
             self.config_text = await trio.to_thread.run_sync(read_config_text, self.config_path)
         self._sockets = list(sockets)
+        if self.ticket_keys is None and any(li.tls is not None for li in self.config.listeners):
+            # Without a cluster (whose key comes from etcd): this node's own, in the workers' CONFIG.
+            self.use_ticket_key(os.urandom(TICKET_KEY_BYTES))
+            outer.start_soon(self._rotate_own_ticket_key)
         async with trio.open_nursery() as slots:
             self._slots = slots
             for w in self.workers:

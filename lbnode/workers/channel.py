@@ -45,6 +45,7 @@ class Kind(IntEnum):
     RELOAD = 9  # supervisor -> worker: node.toml as reloaded, its configuration, the added listeners' sockets (fds)
     RELOADED = 10  # worker -> supervisor: a RELOAD applied (or why not), matched by "id"
     COOKIE_KEY = 11  # supervisor -> worker: the cluster's cookie keys (current first), when they change
+    TICKET_KEY = 12  # supervisor -> worker: the TLS session ticket key every worker uses, when it changes
 
 
 class ChannelError(Exception):

@@ -80,8 +80,13 @@ class WorkerNode(LbNode):
     def apply_message(self, body: dict[str, Any]) -> None:
         """CONFIG: the pools and certificates the supervisor serves, each worker's share of the limits."""
         self.worker_affinity.use_cookie_keys(body.get("cookie_keys"))
+        self.use_ticket_key_hex(body.get("ticket_key"))
         self.apply(self._served(self.base, body))
         self.set_health(body.get("health", []))
+
+    def use_ticket_key_hex(self, key: str | None) -> None:
+        """CONFIG and TICKET_KEY: the session ticket key the supervisor gives every worker."""
+        self.use_ticket_key(None if key is None else bytes.fromhex(key))
 
     def _served(self, base: Config, body: dict[str, Any]) -> Config:
         """``base`` (node.toml) with the pools and certificates of a CONFIG or RELOAD body, as
@@ -302,6 +307,8 @@ async def _follow_supervisor(channel: Channel, node: WorkerNode) -> None:
                                        trio.current_time(), message.body.get("forget", []))
         elif message.kind == Kind.COOKIE_KEY:
             node.worker_affinity.use_cookie_keys(message.body.get("keys"))
+        elif message.kind == Kind.TICKET_KEY:
+            node.use_ticket_key_hex(message.body.get("key"))
         elif message.kind == Kind.COUNTERS:
             await channel.send(Kind.COUNTERS, {"id": message.body["id"], **counters_document(node)})
 

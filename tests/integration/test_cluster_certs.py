@@ -337,3 +337,29 @@ def test_rotation_under_load_no_failed_handshake_and_open_connections_keep_their
         assert hashlib.sha256(tls.getpeercert(binary_form=True) or b"").hexdigest() == before.fingerprint
         assert https_get(tls, close=False).startswith(b"HTTP/1.1 200")
         tls.close()
+
+
+def test_a_session_made_on_one_node_resumes_on_every_other(cluster: Cluster) -> None:
+    """The nodes seal session tickets with the cluster's key (lbnode.cluster.ticketkey): a
+    client that made a full handshake with node 1 resumes on nodes 2 and 3, in TLS 1.3 and 1.2,
+    and their /status counts the resumptions."""
+    def resumed(node: Node) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin}/status", timeout=5) as response:
+            return int(json.loads(response.read())["listeners"]["front"]["tls"]["resumed"])
+
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        context = cluster.client_context()
+        context.maximum_version = version
+        first, *others = cluster.nodes
+        with socket.create_connection(("127.0.0.1", first.https), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+                assert https_get(tls, close=False).startswith(b"HTTP/1.1 200")  # (TLS 1.3: tickets read)
+                session = tls.session
+                assert not tls.session_reused
+        before = [resumed(n) for n in others]
+        for node in others:
+            with socket.create_connection(("127.0.0.1", node.https), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname=SERVER_NAME, session=session) as tls:
+                    assert tls.session_reused, f"{version.name}: {node.id} made a full handshake"
+                    assert https_get(tls, close=True).startswith(b"HTTP/1.1 200")
+        assert [resumed(n) for n in others] == [b + 1 for b in before]

@@ -450,7 +450,8 @@ def test_an_l4_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -
 
 def test_an_https_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
     """The certificates reach the workers in the configuration (certificate documents): the
-    handshake and the request complete on both workers' connections."""
+    handshake and the request complete on both workers' connections. The workers seal session
+    tickets with the supervisor's key: a session made on one resumes on each."""
     from tests.tlsgen import make_ca, make_leaf
 
     ca = make_ca()
@@ -463,7 +464,25 @@ def test_an_https_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path
     listener += f'[[certificates]]\nname = "www"\ncert = "{cert}"\nkey = "{key}"\n'
     node = start_node(spawn, tmp_path, backend, listener=listener)
     context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
-    served_by_each(https_port, node.worker_pids(), "a", 40, tls=context, host="www.example.com")
+    pids = node.worker_pids()
+    served_by_each(https_port, pids, "a", 40, tls=context, host="www.example.com")
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", https_port), timeout=5),
+                             server_hostname="www.example.com") as tls:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200")  # (TLS 1.3: the tickets come with it)
+        session = tls.session
+    resumed_on: set[int] = set()
+    for _ in range(40):  # the kernel spreads connections over the workers: until both had one
+        with socket.create_connection(("127.0.0.1", https_port), timeout=5) as raw:
+            client_port = raw.getsockname()[1]
+            with context.wrap_socket(raw, server_hostname="www.example.com", session=session) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+                assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+                assert tls.session_reused
+                resumed_on |= {pid for pid in pids if client_port in accepted_by(pid, https_port)}
+        if resumed_on == set(pids):
+            break
+    assert resumed_on == set(pids)
 
 
 def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
