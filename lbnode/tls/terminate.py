@@ -122,6 +122,8 @@ class TlsTerminator:
             "resumed": self.resumed,
             "in_progress": self.in_progress,
             "failures": dict(sorted(self.failures.items())),
+            # "shared": sealed with the cluster's (or the node's workers') key; "own": this process's
+            "ticket_key": "own" if self.ticket_key is None else "shared",
         }
 
     def _failed(self, kind: str, client_ip: str, detail: str) -> None:

@@ -345,7 +345,9 @@ def test_a_session_made_on_one_node_resumes_on_every_other(cluster: Cluster) -> 
     and their /status counts the resumptions."""
     def resumed(node: Node) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{node.admin}/status", timeout=5) as response:
-            return int(json.loads(response.read())["listeners"]["front"]["tls"]["resumed"])
+            tls = json.loads(response.read())["listeners"]["front"]["tls"]
+        assert tls["ticket_key"] == "shared"
+        return int(tls["resumed"])
 
     for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
         context = cluster.client_context()
