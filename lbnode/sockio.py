@@ -623,6 +623,9 @@ class KeptWaits:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._kept: dict[int, StreamSocket] = {}  # fd -> the socket registered under it
+        # fd -> an L4 session's socket (watch_session): (the session, its side's bits:
+        # readable, writable, at its end, in error)
+        self._sessions: dict[int, tuple[SessionBits, int, int, int, int]] = {}
         # fd -> [parked task, ended by notify_closing]; or _EDGE: an edge no wait has taken yet
         self._waiting: dict[int, list[Any]] = {}
         self._running = False
@@ -661,6 +664,7 @@ class KeptWaits:
         """Register ``sock`` under ``fd`` (a new socket, or a new one on a closed one's fd)."""
         if self._waiting.get(fd) is _EDGE:  # an edge of the old socket
             del self._waiting[fd]
+        self._sessions.pop(fd, None)  # (a session's socket had the number; its pump forgets it first)
         try:
             self._epoll.register(fd, _KEPT_EVENTS)
         except FileExistsError:  # the old socket under this fd is still open (not closed by us)
@@ -679,6 +683,33 @@ class KeptWaits:
             except (OSError, ValueError):  # the set closed with its run
                 pass
 
+    def watch_session(self, fd: int, entry: tuple[SessionBits, int, int, int, int], writable: bool) -> None:
+        """Report ``fd``'s readiness to an L4 session (lbnode.tcp.pump) as bits: ``entry`` is the
+        session and the bits of its socket's side (readable, writable, at its end, in error);
+        the dispatcher and the hook set them and reschedule the session's parked task when
+        they are ones it ``wants``. ``writable``: room to write is reported too (EPOLLOUT). For
+        a watched ``fd``, arms it again (EPOLL_CTL_MOD) with ``writable``. The session's
+        socket leaves the set when it is closed; ``unwatch_session`` before that."""
+        flags = _SESSION_OUT if writable else _KEPT_EVENTS
+        sessions = self._sessions
+        if fd in sessions:
+            self._epoll.modify(fd, flags)
+            return
+        if self._kept.pop(fd, None) is not None and self._waiting.get(fd) is _EDGE:
+            del self._waiting[fd]  # (a plain socket had the number, closed without ``forget``)
+        try:
+            self._epoll.register(fd, flags)
+        except FileExistsError:  # a descriptor of an ended session, not closed yet, had the number
+            self._epoll.modify(fd, flags)
+        sessions[fd] = entry
+        if not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._run, name="lbnode.sockio.KeptWaits")
+
+    def unwatch_session(self, fd: int) -> None:
+        """The session is done with ``fd`` (about to be closed, which takes it out of the set)."""
+        self._sessions.pop(fd, None)
+
     def notify_closing(self, sock: StreamSocket) -> None:
         """End the wait on ``sock``, if one is parked here, with ``trio.ClosedResourceError``."""
         fd = sock.fileno()
@@ -689,11 +720,28 @@ class KeptWaits:
             trio.lowlevel.reschedule(entry[0])
 
     def poll(self) -> None:
-        """Wake the tasks whose sockets became readable (what the dispatcher and the hook do)."""
+        """Wake the tasks whose sockets became readable, and the sessions whose bits they
+        wait for (what the dispatcher and the hook do)."""
         events = self._epoll.poll(0, self.MAX_EVENTS)
         if events:
-            waiting, reschedule = self._waiting, trio.lowlevel.reschedule
-            for fd, _ in events:
+            waiting, sessions, reschedule = self._waiting, self._sessions, trio.lowlevel.reschedule
+            for fd, ev in events:
+                session = sessions.get(fd)
+                if session is not None:
+                    bits, in_bit, out_bit, end_bit, err_bit = session
+                    if ev & _IN_EVENTS:
+                        bits.ready |= in_bit
+                        if ev & select.EPOLLERR:
+                            bits.ready |= err_bit
+                        elif ev & _END_EVENTS:
+                            bits.ready |= end_bit
+                    if ev & _OUT_EVENTS:
+                        bits.ready |= out_bit
+                    task = bits.task
+                    if task is not None and bits.ready & bits.wants:
+                        bits.task = None
+                        reschedule(task)
+                    continue
                 entry = waiting.get(fd)
                 if entry is None:
                     waiting[fd] = _EDGE
@@ -733,14 +781,30 @@ class _PollAfterIoWait(trio.abc.Instrument):
         self.kept = kept
 
     def after_io_wait(self, timeout: float) -> None:
-        if self.kept._waiting:  # nobody waits: the edges stay in the set for the dispatcher
-            self.kept.poll()
+        kept = self.kept
+        if kept._waiting or kept._sessions:  # nobody waits: the edges stay in the set for the dispatcher
+            kept.poll()
 
 
 # The waiting entry of a socket that had an edge while nobody waited (its next wait ends at once).
 _EDGE: list[Any] = [None, False]
 # Read readiness and the peer's FIN (EPOLLHUP and EPOLLERR are always reported), edge-triggered.
 _KEPT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+# An L4 session's socket that had to wait for room to write: that too.
+_SESSION_OUT = _KEPT_EVENTS | select.EPOLLOUT
+# What an event says of a session's socket: something to read (bytes, its end, an error), its
+# end (the peer's FIN, or both directions down), room to write.
+_IN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP
+_OUT_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class SessionBits(Protocol):
+    """An L4 session as ``KeptWaits.watch_session`` sees it (lbnode.tcp.pump's ``_Activity``)."""
+
+    ready: int  # the readiness bits seen
+    wants: int  # the bits its parked task waits for
+    task: trio.lowlevel.Task | None  # that task, while parked
 
 
 def forget_kept(sock: StreamSocket) -> None:

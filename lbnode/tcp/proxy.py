@@ -144,10 +144,10 @@ class TcpProxy:
             # nothing about the backend's speed.
             pool.finished(backend, connect_time, trio.current_time())
             # A plain close, no trio.lowlevel.notify_closing: no task waits on the socket any
-            # more (the pump has returned and let go of its poller entries, the connect's
+            # more (the pump has returned and unwatched its sockets, the connect's
             # deadline is disarmed), and notify_closing's EPOLL_CTL_DEL was a system call per
             # session for nothing (the kernel drops a closed descriptor from every epoll set,
-            # Trio's and the session poller's; Trio kept no entry for it once its last wait
+            # Trio's and the run's KeptWaits; Trio kept no entry for it once its last wait
             # ended). The client socket is closed the same way.
             upstream.close()
             if entry is not None:

@@ -1,7 +1,8 @@
 """The byte pump of an L4 session: both directions in the session's own task.
 
 Owns moving bytes between a session's two sockets (``os.splice`` through a pipe on Linux,
-recv/send for TLS and elsewhere), the one readiness wait that covers both (``SessionPoller``),
+recv/send for TLS and elsewhere), the one readiness wait that covers both (in the run's
+``lbnode.sockio.KeptWaits``, which sets the session's readiness bits),
 the idle timeout of every session (``IdleWatch``) and the spare splice pipes (``PipePool``).
 It never parses the bytes, never chooses a backend, never blocks the Trio thread: every
 socket is non-blocking and a wait parks the session's task. The wait is an epoll's: Linux
@@ -14,7 +15,6 @@ import heapq
 import logging
 import math
 import os
-import select
 import socket
 import ssl
 import struct
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import trio
 
-from lbnode.sockio import PerRun, StreamSocket, half_close
+from lbnode.sockio import KeptWaits, PerRun, StreamSocket, current_deadlines, half_close
 
 log = logging.getLogger("lbnode.tcp")
 
@@ -60,19 +60,11 @@ _ANY_OUT = 4 | 8
 # (EPOLLRDHUP or EPOLLHUP, no error), so its last bytes are in; _ERR: an error (a reset).
 _END = (16, 32)
 _ERR = (64, 128)
-# Edge-triggered: a socket is added to the poller's epoll once for the session's life (one
-# epoll_ctl), where Trio's one-shot registrations are armed again before every wait; an
-# edge is reported for every arrival, so a reader that ran dry (EAGAIN) cannot miss one.
-# EPOLLOUT only once a write had to wait: otherwise every ACK would be an event.
-_EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET if sys.platform == "linux" else 0
-_EDGE_OUT = _EDGE | (select.EPOLLOUT if sys.platform == "linux" else 0)
-_IN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if sys.platform == "linux" else 0
-_END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP if sys.platform == "linux" else 0
-_ERR_EVENTS = select.EPOLLERR if sys.platform == "linux" else 0
-_OUT_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR if sys.platform == "linux" else 0
-# Events taken per wake of the poller's task; the rest stay queued in its epoll, which is
-# then readable again at the scheduler's next look.
-POLL_BATCH = 256
+# A session's sockets wait in the run's ``KeptWaits`` (lbnode.sockio, ``watch_session``):
+# edge-triggered, each added once for the session's life (one epoll_ctl), where Trio's
+# one-shot registrations are armed again before every wait; an edge is reported for every
+# arrival, so a reader that ran dry (EAGAIN) cannot miss one. EPOLLOUT only once a write had
+# to wait: otherwise every ACK would be an event.
 
 
 class Cancellable(Protocol):
@@ -91,7 +83,7 @@ class Pumped(StreamSocket, Protocol):
 
 
 class _Activity:
-    """One session's state, shared by its pump, the run's ``IdleWatch`` and ``SessionPoller``."""
+    """One session's state, shared by its pump, the run's ``IdleWatch`` and ``KeptWaits``."""
 
     __slots__ = ("chunks", "broken", "ended", "scope", "idle", "last_seen", "last_change", "done",
                  "ready", "wants", "task", "cut", "registered")
@@ -107,13 +99,13 @@ class _Activity:
         self.last_seen = 0
         self.last_change = 0.0
         self.done = False
-        # Kept with SessionPoller: the readiness bits seen (_IN, _OUT; a pump clears one when
+        # Kept with KeptWaits (watch_session): the readiness bits seen (_IN, _OUT; a pump clears one when
         # its call says EAGAIN), the ones the parked pump waits for, its task while parked.
         self.ready = 0
         self.wants = 0
         self.task: trio.lowlevel.Task | None = None
         self.cut = False  # the idle watch ended the session
-        self.registered = 0  # _IN of a socket in the poller's epoll, _OUT if with EPOLLOUT
+        self.registered = 0  # _IN of a socket in the run's KeptWaits, _OUT if with EPOLLOUT
 
     def cancel(self) -> None:
         """The idle watch's cut: the pump stops at its next look (at once if it is parked)."""
@@ -128,77 +120,6 @@ class _Activity:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
-class SessionPoller:
-    """One epoll for the sockets of every L4 session of a Trio run, read by one task.
-
-    A session has two sockets and, with Trio's waits, a task for each (a task waits on
-    one descriptor): starting, running and ending that second task, its nursery and the
-    one-shot registration armed again before each wait were most of Trio's part of a
-    short session. Here a session's task waits once for whichever of its readiness bits
-    it needs; this poller's task, woken by Trio when its epoll has events, sets the bits
-    and reschedules the sessions whose wait they end. Sockets are added edge-triggered
-    the first time their session waits and leave the epoll when they are closed (no
-    epoll_ctl to remove them; their entry here is dropped by ``forget`` before)."""
-
-    def __init__(self) -> None:
-        self._epoll: select.epoll | None = None
-        self._entries: dict[int, tuple[_Activity, int, int, int, int]] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def register(self, fd: int, activity: _Activity, side: int, writable: bool) -> None:
-        """Report ``fd``'s readiness to ``activity`` as side ``side``'s bits; ``writable``: its room
-        to write too. Called again for a registered ``fd``: arms it again (EPOLL_CTL_MOD) with ``writable``."""
-        epoll = self._epoll
-        if epoll is None:
-            epoll = self._epoll = select.epoll()
-            trio.lowlevel.spawn_system_task(self._run, epoll, name="lbnode.tcp.SessionPoller")
-        flags = _EDGE_OUT if writable else _EDGE
-        if fd in self._entries:
-            epoll.modify(fd, flags)
-            return
-        try:
-            epoll.register(fd, flags)
-        except FileExistsError:  # a descriptor of an ended session, not closed yet, had the number
-            epoll.modify(fd, flags)
-        self._entries[fd] = (activity, _IN[side], _OUT[side], _END[side], _ERR[side])
-
-    def forget(self, fd: int) -> None:
-        """The session is done with ``fd`` (about to be closed, which takes it out of the epoll)."""
-        self._entries.pop(fd, None)
-
-    async def _run(self, epoll: select.epoll) -> None:
-        entries = self._entries
-        wait_readable = trio.lowlevel.wait_readable
-        reschedule = trio.lowlevel.reschedule
-        poll = epoll.poll
-        try:
-            while True:
-                await wait_readable(epoll)
-                for fd, events in poll(0, POLL_BATCH):
-                    entry = entries.get(fd)
-                    if entry is None:
-                        continue  # its session ended; the descriptor is on its way to close()
-                    activity, in_bit, out_bit, end_bit, err_bit = entry
-                    if events & _IN_EVENTS:
-                        activity.ready |= in_bit
-                        if events & _ERR_EVENTS:
-                            activity.ready |= err_bit
-                        elif events & _END_EVENTS:
-                            activity.ready |= end_bit
-                    if events & _OUT_EVENTS:
-                        activity.ready |= out_bit
-                    task = activity.task
-                    if task is not None and activity.ready & activity.wants:
-                        activity.task = None
-                        reschedule(task)
-        finally:
-            self._epoll = None
-            epoll.close()
-
-
-current_poller = PerRun("lbnode.tcp.session_poller", SessionPoller).get
 
 
 class _Broken(Exception):
@@ -225,7 +146,7 @@ async def pump_session(
     activity = _Activity()
     moved = moved if moved is not None else [0, 0]
     watch = current_idle_watch()
-    poller = current_poller()
+    poller = current_deadlines().kept
     fds = (client.fileno(), upstream.fileno())
     watch.watch(activity, idle, activity, trio.current_time())
     try:
@@ -241,9 +162,9 @@ async def pump_session(
         watch.forget(activity)
         registered = activity.registered
         if registered & _IN[0]:
-            poller.forget(fds[0])
+            poller.unwatch_session(fds[0])
         if registered & _IN[1]:
-            poller.forget(fds[1])
+            poller.unwatch_session(fds[1])
     if activity.broken:
         for sock in (client, upstream):
             try:
@@ -253,8 +174,8 @@ async def pump_session(
     return activity.ended
 
 
-def _register(activity: _Activity, wants: int, fds: tuple[int, int], poller: SessionPoller) -> None:
-    """The sockets a wait for ``wants`` needs join the poller's epoll (once each), and a socket
+def _register(activity: _Activity, wants: int, fds: tuple[int, int], poller: KeptWaits) -> None:
+    """The sockets a wait for ``wants`` needs join the run's KeptWaits (once each), and a socket
     that has to wait for room to write is armed for EPOLLOUT again at each such wait: TCP
     reports new room only to a writer it marked as waiting (SOCK_NOSPACE); its poll marks
     it, and the epoll_ctl runs that poll (and reports the room at once if there is some by
@@ -265,13 +186,14 @@ def _register(activity: _Activity, wants: int, fds: tuple[int, int], poller: Ses
     for side in (0, 1):
         out = wants & _OUT[side]
         if out or wants & _IN[side] & ~registered:
-            poller.register(fds[side], activity, side, bool(out or registered & _OUT[side]))
+            poller.watch_session(fds[side], (activity, _IN[side], _OUT[side], _END[side], _ERR[side]),
+                                 bool(out or registered & _OUT[side]))
             registered |= _IN[side] | out
     activity.registered = registered
 
 
 async def _splice_both(
-    activity: _Activity, socks: tuple[Pumped, Pumped], fds: tuple[int, int], poller: SessionPoller,
+    activity: _Activity, socks: tuple[Pumped, Pumped], fds: tuple[int, int], poller: KeptWaits,
     tally: list[int], moved: list[int],
 ) -> None:
     """Both directions, socket -> pipe -> socket with os.splice (the bytes never enter Python),
@@ -376,7 +298,7 @@ def _read_small(
 
     A recv that returns less than it asked for has taken all the kernel held, so, unlike a
     splice (which can stop when the pipe's slots run out), it needs no second call to see
-    EAGAIN before the session waits: whatever arrives after the poller's last look at the
+    EAGAIN before the session waits: whatever arrives after the set's last look at the
     socket is a new edge, and what was there by then the look reported. So if that look saw
     the peer's FIN (``_END``: EPOLLRDHUP or EPOLLHUP, no error), the FIN is behind these
     bytes: the direction ends without the read that would return b""; an error (``_ERR``)
@@ -436,7 +358,7 @@ def _end(socks: tuple[Pumped, Pumped], going: list[bool], d: int) -> None:
 
 
 async def _copy_both(
-    activity: _Activity, socks: tuple[Pumped, Pumped], fds: tuple[int, int], poller: SessionPoller,
+    activity: _Activity, socks: tuple[Pumped, Pumped], fds: tuple[int, int], poller: KeptWaits,
     tally: list[int], moved: list[int],
 ) -> None:
     """Both directions through a buffer each (recv_into, send); the portable path, and the TLS

@@ -9,13 +9,13 @@ import socket
 import pytest
 import trio
 
+from lbnode.sockio import current_deadlines
 from lbnode.tcp.pump import (
     FIRST_READ,
     SPLICE_AVAILABLE,
     _Activity,
     _copy_both,
     _splice_both,
-    current_poller,
     pump_session,
 )
 
@@ -101,7 +101,7 @@ async def test_an_idle_cut_that_comes_while_the_pump_is_not_parked_is_not_lost(s
     both = _splice_both if splice else _copy_both
     with trio.fail_after(2):
         await both(activity, (client_at_proxy, backend_at_proxy),
-                   (client_at_proxy.fileno(), backend_at_proxy.fileno()), current_poller(), [0, 0], [0, 0])
+                   (client_at_proxy.fileno(), backend_at_proxy.fileno()), current_deadlines().kept, [0, 0], [0, 0])
     assert activity.task is None and activity.registered == 0  # it never parked
     for sock in (client, client_at_proxy, backend_at_proxy, backend):
         sock.close()

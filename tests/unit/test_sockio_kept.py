@@ -246,3 +246,58 @@ async def test_kept_waits_still_end_if_trio_drops_the_polling_hook() -> None:
             nursery.start_soon(answer)
             with trio.fail_after(5):
                 assert await recv_within(a, 100, 30.0, expect_wait=True) == b"after the hook"
+
+
+class _Session:
+    """What ``watch_session`` needs of an L4 session (lbnode.tcp.pump's ``_Activity``)."""
+
+    def __init__(self) -> None:
+        self.ready = 0
+        self.wants = 0
+        self.task: trio.lowlevel.Task | None = None
+
+    async def wait(self, wants: int) -> None:
+        self.wants = wants
+        if not self.ready & wants:
+            self.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+
+
+async def test_an_l4_session_waits_in_the_same_set_and_its_fd_may_then_serve_a_plain_wait() -> None:
+    """A session's socket reports its side's bits (readable, then the peer's FIN as the end
+    bit); once the session unwatched and closed it, a plain socket on the same fd number
+    waits there as any other (and the other way round)."""
+    kept = current_deadlines().kept
+    a, b = nonblocking_pair()
+    session = _Session()
+    fd = a.fileno()
+    kept.watch_session(fd, (session, 1, 4, 16, 64), False)
+
+    async def send_soon() -> None:
+        await trio.sleep(0.02)
+        b.send(b"x")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_soon)
+        with trio.fail_after(5):
+            await session.wait(1)
+    assert session.ready & 1 and a.recv(10) == b"x"
+    session.ready = 0
+    b.close()
+    with trio.fail_after(5):
+        await session.wait(1)
+    assert session.ready & 16  # the end: the peer's FIN came with the readiness
+    kept.unwatch_session(fd)
+    a.close()
+    c, d = nonblocking_pair()  # likely a's number again; either way, a plain kept wait works
+    with c, d:
+        d.send(b"plain")
+        assert await recv_within(c, 100, 5.0, expect_wait=True) == b"plain"
+        assert c.fileno() not in kept._sessions
+        kept.forget(c)
+        e = _Session()
+        kept.watch_session(c.fileno(), (e, 2, 8, 32, 128), True)  # now a session's, writable too
+        with trio.fail_after(5):
+            await e.wait(8)  # room to write: at once
+        assert e.ready & 8 and c.fileno() not in kept._kept
+        kept.unwatch_session(c.fileno())
