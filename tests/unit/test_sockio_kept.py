@@ -16,6 +16,12 @@ from lbnode.sockio import current_deadlines, recv_within
 from tests.conftest import nonblocking_pair
 
 
+async def _send_after(delay: float, sock: socket.socket, data: bytes) -> None:
+    """``data`` on ``sock`` after ``delay`` seconds: a peer that answers while the test waits."""
+    await trio.sleep(delay)
+    sock.send(data)
+
+
 async def test_a_kept_wait_gets_the_data_and_the_socket_stays_registered() -> None:
     a, b = nonblocking_pair()
     kept = current_deadlines().kept
@@ -132,12 +138,8 @@ async def test_a_closed_sockets_fd_reused_by_a_new_socket_gets_the_new_sockets_d
         with trio.fail_after(5):
             assert await recv_within(new, 100, 0.2, expect_wait=True) is None  # nothing for it yet
 
-        async def answer() -> None:
-            await trio.sleep(0.05)
-            new_peer.send(b"new data")
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(answer)
+            nursery.start_soon(_send_after, 0.05, new_peer, b"new data")
             with trio.fail_after(5):
                 assert await recv_within(new, 100, 30.0, expect_wait=True) == b"new data"
         assert kept._kept[fd] is new
@@ -273,12 +275,8 @@ async def test_an_l4_session_waits_in_the_same_set_and_its_fd_may_then_serve_a_p
     fd = a.fileno()
     kept.watch_session(fd, (session, 1, 4, 16, 64), False)
 
-    async def send_soon() -> None:
-        await trio.sleep(0.02)
-        b.send(b"x")
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(send_soon)
+        nursery.start_soon(_send_after, 0.02, b, b"x")
         with trio.fail_after(5):
             await session.wait(1)
     assert session.ready & 1 and a.recv(10) == b"x"
