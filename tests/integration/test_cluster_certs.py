@@ -349,6 +349,13 @@ def test_a_session_made_on_one_node_resumes_on_every_other(cluster: Cluster) -> 
         assert tls["ticket_key"] == "shared"
         return int(tls["resumed"])
 
+    issued = cluster.new_leaf()  # (whatever the tests before left: a certificate every node serves)
+    channel, stub = cluster.certificates_stub()
+    try:
+        put(stub, issued)
+    finally:
+        channel.close()
+    wait_served(cluster, cluster.client_context(), fingerprint(issued), time.monotonic())
     for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
         context = cluster.client_context()
         context.maximum_version = version
