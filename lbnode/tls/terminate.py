@@ -270,7 +270,9 @@ async def handshake_before(tls: ssl.SSLSocket, deadline: float) -> bool:
 
 
 def _kind(exc: ssl.SSLError) -> str:
-    if isinstance(exc, ssl.SSLEOFError):
+    # A client that closes mid-handshake: SSLEOFError on Python 3.11.7, SSLZeroReturnError
+    # ("TLS/SSL connection has been closed (EOF)") on Debian's 3.11.2.
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return "eof"
     if "Closed before TLS handshake" in str(exc):
         # Python's own check in wrap_socket (CVE-2023-40217): the client sent bytes and went
