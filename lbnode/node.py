@@ -610,7 +610,7 @@ class LbNode:
                         await outer.start(self.vips.run)
                 if self.affinity is not None:
                     await outer.start(self.affinity.run)
-                if self.agent is not None and config.cluster is not None and _has_tls(config):
+                if self.agent is not None and config.cluster is not None and has_tls_listener(config):
                     from lbnode.cluster.ticketkey import ClusterTicketKey
 
                     self.ticket_keys = ClusterTicketKey(config.cluster, self.agent.conn)
@@ -972,7 +972,7 @@ def _ignore(*args: object) -> None:
     pass
 
 
-def _has_tls(config: Config) -> bool:
+def has_tls_listener(config: Config) -> bool:
     """A listener terminates TLS (https, tls): session tickets to share."""
     return any(li.tls is not None for li in config.listeners)
 

@@ -615,6 +615,12 @@ class KeptWaits:
     fired ``Deadlines`` entry calls it, so timeouts work as for Trio's waits. Cancellation
     forgets the waiter. Plain ``socket.socket`` only: a TLS socket's readiness is not its
     records' (``pending()``), and writes keep Trio's waits.
+
+    The sockets of L4 sessions (lbnode.tcp.pump) wait in the same set, by another rule
+    (``watch_session``): a session parks its one task for whichever of its two sockets'
+    readiness bits it needs, the poll sets the bits and reschedules the task when they are
+    ones it wants, and the pump, which knows its sockets' state, reads its own way (TLS ones
+    too). One set, one dispatcher and one hook serve both.
     """
 
     # Events taken per poll: more than a loaded node's turn has (16-1000 connections).

@@ -29,7 +29,7 @@ from lbnode.config import load_config, read_config_text
 from lbnode.health.state import Transition
 from lbnode.listen import Bound
 from lbnode.model import Config, ConfigFileError, Listener, pool_to_dict
-from lbnode.node import LbNode
+from lbnode.node import LbNode, has_tls_listener
 from lbnode.reloadplan import ReloadRefused, socket_key
 from lbnode.tls.ticketkeys import TICKET_KEY_BYTES, TICKET_KEY_LIFETIME
 from lbnode.workers.channel import Channel, Kind, Message
@@ -516,7 +516,7 @@ class Supervisor(LbNode):
         if self.config_text is None:
             self.config_text = await trio.to_thread.run_sync(read_config_text, self.config_path)
         self._sockets = list(sockets)
-        if self.ticket_keys is None and any(li.tls is not None for li in self.config.listeners):
+        if self.ticket_keys is None and has_tls_listener(self.config):
             # Without a cluster (whose key comes from etcd): this node's own, in the workers' CONFIG.
             self.use_ticket_key(os.urandom(TICKET_KEY_BYTES))
             outer.start_soon(self._rotate_own_ticket_key)

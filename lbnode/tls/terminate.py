@@ -44,7 +44,6 @@ _REASON_KINDS = {
 Inner = Callable[[ssl.SSLSocket, str, bytes], Awaitable[None]]
 
 
-
 class SnapshotSource(Protocol):
     """Where the SNI callback reads the current snapshot (``LbNode`` is one)."""
 
