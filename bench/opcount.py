@@ -267,7 +267,7 @@ def client_for(mode: str, ports: Ports) -> Client | NewConnectionClient:
 
 
 def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
-          mode: str = "keepalive") -> dict[str, int]:
+          mode: str = "keepalive", protections: bool = False) -> dict[str, int]:
     """Instructions by function over ``requests`` requests (connections but in the keep-alive
     modes) served by the lbnode of ``tree``."""
     ports = dataclasses.replace(
@@ -284,7 +284,7 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
                                            cert, key))
     else:
-        conf.write_text(fulcrum_config(ports, node_id=f"ops{i}"))
+        conf.write_text(fulcrum_config(ports, node_id=f"ops{i}", protections=protections))
     probe = (PROBE.replace("START_GC", str(int(START_GC))).replace("START", str(int(START)))
              .replace("STOP", str(int(STOP))).replace("OUT", repr(str(out))))
     argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", probe, "run", "--config", str(conf)]
@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=300,
                    help="requests (connections in close, l4 and tls-new modes) counted per tree (default 300)")
     p.add_argument("--top", type=int, default=40, help="functions listed (default 40)")
+    p.add_argument("--protections", action="store_true",
+                   help="count each tree without, then with the protections section's settings (health "
+                        "checks, outlier detection, limits, a rate limit): the difference is their cost")
     args = p.parse_args(argv)
     unit = "request" if args.mode in ("keepalive", "tls-keepalive") else "connection"
     tmp = Path(tempfile.mkdtemp(prefix="opcount-"))
@@ -374,12 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         ctx.backends()
         taken = set(ports_of(ctx.ports))
         results = []
-        for i, (name, tree) in enumerate(trees):
-            counts = per_request(count(ctx, tree, i, args.requests, taken, args.mode), args.requests)
+        variants = [(f"{name}{' +protections' if on else ''}", tree, on) for name, tree in trees
+                    for on in ((False, True) if args.protections else (False,))]
+        for i, (name, tree, on) in enumerate(variants):
+            counts = per_request(count(ctx, tree, i, args.requests, taken, args.mode, on), args.requests)
             results.append(counts)
             print("\n".join(report(name, counts, args.top, unit)), flush=True)
         if len(results) >= 2:
-            print(f"{trees[1][0]} - {trees[0][0]}, per {unit}:")
+            print(f"{variants[1][0]} - {variants[0][0]}, per {unit}:")
             print("\n".join(compare(results[0], results[1], args.top)))
     except StartError as exc:
         print(f"opcount: {exc}", file=sys.stderr)

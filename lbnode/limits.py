@@ -82,17 +82,23 @@ class RateLimiter:
 
     def take(self, client: str, now: float) -> float:
         """0.0 when the client may go on, else seconds until it may (for ``Retry-After``)."""
-        self._sweep(now)
-        bucket = self._buckets.get(client)
+        buckets = self._buckets
+        bucket = buckets.get(client)
         if bucket is None:
-            while len(self._buckets) >= self.max_clients:
-                _, oldest = self._buckets.popitem(last=False)
+            self._sweep(now)
+            while len(buckets) >= self.max_clients:
+                _, oldest = buckets.popitem(last=False)
                 if oldest.full_at() > now:
                     self.evicted_early += 1
-            bucket = self._buckets[client] = TokenBucket(self.rate, self.burst, now)
-        else:
-            self._buckets.move_to_end(client)
-        return bucket.take(now)
+            bucket = buckets[client] = TokenBucket(self.rate, self.burst, now)
+            return bucket.take(now)
+        buckets.move_to_end(client)
+        wait = bucket.take(now)
+        # After the take, not before: a client whose bucket had refilled since its last request
+        # (a client at a low rate: most of them) keeps it rather than have it swept and made
+        # again, and being the most recent now, it is not what the sweep looks at.
+        self._sweep(now)
+        return wait
 
     def _sweep(self, now: float) -> None:
         for _ in range(_SWEEP_PER_CALL):

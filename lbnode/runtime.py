@@ -42,6 +42,7 @@ class BackendState:
 
     __slots__ = (
         "spec",
+        "id",
         "index",
         "health",
         "health_reason",
@@ -58,6 +59,7 @@ class BackendState:
 
     def __init__(self, spec: Backend, index: int, health: str = "up", reason: str = "") -> None:
         self.spec = spec
+        self.id = spec.id  # (its spec never changes: a changed backend is a new BackendState)
         self.upstream_key = str(spec.address)  # its idle connections' key in the UpstreamPool
         self.index = index
         self.health = health  # "up" | "down" | "unknown" (serving until the first check); set by checks
@@ -72,10 +74,6 @@ class BackendState:
         # the time from picking this backend to the end of its response (connect included).
         self.responses = [0] * 6
         self.response_seconds = Histogram()
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
 
     @property
     def admin(self) -> str:
