@@ -276,6 +276,8 @@ class LbNode:
                 sock.close()
             raise
         self._take_plan(new, plan, bound)
+        if self._health_nursery is not None:
+            self._share_ticket_keys(self._health_nursery)  # (a first TLS listener added)
         summary = f"reloaded: {plan.summary()}; {len(new.pools)} pools{pools_note}"
         log.info("%s", summary)
         return summary
@@ -610,12 +612,7 @@ class LbNode:
                         await outer.start(self.vips.run)
                 if self.affinity is not None:
                     await outer.start(self.affinity.run)
-                if self.agent is not None and config.cluster is not None and has_tls_listener(config):
-                    from lbnode.cluster.ticketkey import ClusterTicketKey
-
-                    self.ticket_keys = ClusterTicketKey(config.cluster, self.agent.conn)
-                    self.ticket_keys.on_key(self.use_ticket_key)
-                    await outer.start(self.ticket_keys.run)
+                self._share_ticket_keys(outer)
                 if self.store is not None:
                     self.follower = StoreFollower(self.store, lambda: self.config, self._apply_from_store, seed=self._seed,
                                                   seed_routes=self._seed_routes)
@@ -786,6 +783,19 @@ class LbNode:
             self.proxy_receivers[li.name] = receiver
             handler = receiver.handle
         return handler, gate
+
+    def _share_ticket_keys(self, nursery: trio.Nursery) -> None:
+        """Once the node has a TLS listener (at start, or added by a reload), a cluster member
+        seals its session tickets with the cluster's key (lbnode.cluster.ticketkey), followed
+        in ``nursery``."""
+        config = self.config
+        if self.ticket_keys is not None or self.agent is None or config.cluster is None or not has_tls_listener(config):
+            return
+        from lbnode.cluster.ticketkey import ClusterTicketKey
+
+        self.ticket_keys = ClusterTicketKey(config.cluster, self.agent.conn)
+        self.ticket_keys.on_key(self.use_ticket_key)
+        nursery.start_soon(self.ticket_keys.run)
 
     def use_ticket_key(self, key: bytes | None) -> None:
         """Seal and open the TLS session tickets of every TLS listener with ``key`` (the cluster's,

@@ -208,6 +208,15 @@ class Supervisor(LbNode):
         for w in self.workers:
             w.post(Kind.TICKET_KEY, body)
 
+    def _share_ticket_keys(self, nursery: trio.Nursery) -> None:
+        """The cluster's key as a single process takes it; without a cluster, once the node has a
+        TLS listener, a random key of this node's, shared by its workers (in CONFIG, RELOAD
+        and TICKET_KEY) and replaced every TICKET_KEY_LIFETIME in ``nursery``."""
+        super()._share_ticket_keys(nursery)
+        if self.ticket_keys is None and self.ticket_key is None and has_tls_listener(self.config):
+            self.use_ticket_key(os.urandom(TICKET_KEY_BYTES))
+            nursery.start_soon(self._rotate_own_ticket_key)
+
     async def _rotate_own_ticket_key(self) -> None:
         """Without a cluster: this node's random ticket key, shared by its workers, is replaced
         every TICKET_KEY_LIFETIME (tickets sealed under the one before get full handshakes)."""
@@ -410,6 +419,8 @@ class Supervisor(LbNode):
             for _, sock in bound:
                 sock.close()
             raise
+        if self._health_nursery is not None:
+            self._share_ticket_keys(self._health_nursery)  # (a first TLS listener added: in RELOAD's body)
         held = {socket_key(li.name, li.bind): sock for li, sock in self._sockets}
         added = {li.name: sock for li, sock in bound}
         sockets = []
@@ -516,10 +527,6 @@ class Supervisor(LbNode):
         if self.config_text is None:
             self.config_text = await trio.to_thread.run_sync(read_config_text, self.config_path)
         self._sockets = list(sockets)
-        if self.ticket_keys is None and has_tls_listener(self.config):
-            # Without a cluster (whose key comes from etcd): this node's own, in the workers' CONFIG.
-            self.use_ticket_key(os.urandom(TICKET_KEY_BYTES))
-            outer.start_soon(self._rotate_own_ticket_key)
         async with trio.open_nursery() as slots:
             self._slots = slots
             for w in self.workers:

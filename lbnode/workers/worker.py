@@ -120,6 +120,7 @@ class WorkerNode(LbNode):
                 bound.append((li, _listening(sock, config)))
             self.base = base
             self.worker_affinity.use_cookie_keys(body.get("cookie_keys"))
+            self.use_ticket_key_hex(body.get("ticket_key"))  # (before the added listeners are made)
             self.apply(config)
             self._take_plan(config, plan, bound)
             bound = []  # the listener set owns them now

@@ -729,3 +729,30 @@ def test_an_idle_keepalive_connection_is_routed_by_the_new_settings(spawn: Spawn
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in head and body == b"b\n"
+
+
+def test_a_reload_that_adds_a_cluster_members_first_tls_listener_shares_the_clusters_ticket_key(  # type: ignore[no-untyped-def]
+    spawn: Spawn, tmp_path: Path, etcd,
+) -> None:
+    """A member started without a TLS listener does not follow the cluster's ticket key; the
+    reload that adds its first https listener starts to (lbnode.cluster.ticketkey): the new
+    listener seals its session tickets with the key in etcd, as if it had been there at start."""
+    site = _cluster_site(spawn, tmp_path, etcd)
+    site.start(spawn)
+    wait_until(lambda: _node_key(etcd) is not None, 10, "the node registered")
+    secure = free_port()
+    site.config.write_text(site.config.read_text() + listener_toml(
+        "secure", "https", "pa", bind=f"127.0.0.1:{secure}", extra='  [listeners.tls]\n  certificates = ["www"]\n'))
+    done = lbnode("reload", "-c", str(site.config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # The key is made (or read) in one etcd round trip after the reload: 2 s is the bound of the
+    # other etcd follow tests, for two busy cores.
+    wait_until(lambda: site.status()["listeners"]["secure"]["tls"]["ticket_key"] == "shared", 2,
+               "the added listener sealing tickets with the cluster's key")
+    from lbnode.cluster.etcd import EtcdConnection
+
+    conn = EtcdConnection(etcd.endpoints)
+    try:
+        assert conn.get("/fulcrum/v1/secrets/tls-ticket-key") is not None
+    finally:
+        conn.close()
