@@ -94,12 +94,19 @@ def median_run(runs: Sequence[L7Row]) -> L7Row:
                    requests=sum(r.requests for r in runs), errors=sum(r.errors for r in runs))
 
 
-def ratio_spread(a: Sequence[L7Row], b: Sequence[L7Row]) -> str:
-    """b's CPU per request over a's, round by round: "median (min-max) over N rounds"; "" for
-    fewer than two rounds or a failed run."""
+def cpu_ratios(a: Sequence[L7Row], b: Sequence[L7Row]) -> list[float]:
+    """b's CPU per request over a's, round by round; [] for fewer than two rounds or a failed run."""
     ratios = paired_ratios([r.cpu_us_per_req or 0.0 for r in a if not r.failed],
                            [r.cpu_us_per_req or 0.0 for r in b if not r.failed])
     if len(ratios) < 2 or len(ratios) != len(a) or len(a) != len(b):
+        return []
+    return ratios
+
+
+def ratio_spread(a: Sequence[L7Row], b: Sequence[L7Row]) -> str:
+    """``cpu_ratios`` as "median (min-max) over N rounds"; "" when there are none."""
+    ratios = cpu_ratios(a, b)
+    if not ratios:
         return ""
     return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} rounds"
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.configs import BULK_PATH, BULK_SIZE, HOST, SMALL_PATH
 from bench.harness import Context, StartError, pick_port, ports_of
-from bench.measure import interleaved, paired_ratios
+from bench.measure import L7Row, cpu_ratios, interleaved, median_run
 from bench.procstat import tree_cpu_seconds
 from bench.tables import fmt_num, fmt_ratio, render_table
 from bench.wrk import WrkResult, parse_wrk
@@ -233,16 +233,16 @@ def _measure(ctx: Context, port: int, pids: list[int], close: bool) -> tuple[flo
     return res.rps, (cpu1 - cpu0) * 1e6 / res.requests, res.requests, res.errors
 
 
-def _run(ctx: Context, balancers: dict[str, tuple[int, int]], close: bool,
-         name: str) -> tuple[float, float, int, int] | str:
+def _run(ctx: Context, balancers: dict[str, tuple[int, int]], close: bool, name: str) -> L7Row:
     """One measured run through balancer ``name`` (``_measure``'s figures), or why it failed."""
     port, pid = balancers[name]
     try:
         if close and not (status := s_time_status(port)).startswith(b"HTTP/1.1 200"):
             raise StartError(f"answered s_time's request with {status!r}, not a 200")
-        return _measure(ctx, port, [pid], close)
+        rps, cpu, requests, errors = _measure(ctx, port, [pid], close)
     except (StartError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
-        return str(exc)
+        return L7Row(name, failed=str(exc))
+    return L7Row(name, rps=rps, cpu_us_per_req=cpu, requests=requests, errors=errors)
 
 
 def run(ctx: Context) -> str:
@@ -271,20 +271,15 @@ def run(ctx: Context) -> str:
         runs = interleaved(list(balancers), ctx.opts.rounds,
                            functools.partial(_run, ctx, balancers, close))
         for name, results in runs.items():
-            failed = next((r for r in results if isinstance(r, str)), None)
-            measured = [r for r in results if not isinstance(r, str)]
-            if failed is not None or not measured:
-                rows.append([name, kind, "-", "-", "-", f"failed: {failed}"])
+            row = median_run(results)
+            if row.failed or row.cpu_us_per_req is None:
+                rows.append([name, kind, "-", "-", "-", f"failed: {row.failed}"])
                 continue
-            by_cpu = sorted(measured, key=lambda r: r[1])
-            rps, cpu, _, _ = by_cpu[(len(by_cpu) - 1) // 2]  # the median run (the lower middle one)
-            figures[(name, close)] = cpu
-            errors = sum(r[3] for r in measured)
-            note = [f"{len(measured)} runs, CPU us {by_cpu[0][1]:.1f}-{by_cpu[-1][1]:.1f}"] if len(measured) > 1 else []
-            rows.append([name, kind, fmt_num(rps, 0, thousands=True), fmt_num(cpu, 1), sum(r[2] for r in measured),
-                         "; ".join(note + ([f"{errors} errors"] if errors else []))])
-        ratios = paired_ratios(*[[r[1] for r in runs[n] if not isinstance(r, str)] for n in ("HAProxy", "Fulcrum")])
-        if len(ratios) >= 2:
+            figures[(name, close)] = row.cpu_us_per_req
+            note = [row.note] if row.note else []
+            rows.append([name, kind, fmt_num(row.rps, 0, thousands=True), fmt_num(row.cpu_us_per_req, 1),
+                         row.requests, "; ".join(note + ([f"{row.errors} errors"] if row.errors else []))])
+        if ratios := cpu_ratios(runs["HAProxy"], runs["Fulcrum"]):
             spreads[close] = f"{min(ratios):.2f}-{max(ratios):.2f}"
     bulk_rows, gbps = [], {}
     for name, port in (("Fulcrum", f_bulk), ("HAProxy", h_bulk)):
