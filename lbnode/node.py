@@ -52,6 +52,7 @@ from lbnode.runtime import Snapshot
 from lbnode.tls.expiry_warnings import ExpiryWarnings
 
 if TYPE_CHECKING:
+    from lbnode.cluster.ticketkey import ClusterTicketKey  # (imported when used: it loads ctypes)
     from lbnode.handover import CommandConn, CommandSocket, Takeover
     from lbnode.tls.terminate import Inner
 
@@ -136,7 +137,7 @@ class LbNode:
         self.tcp_proxies: dict[str, object] = {}
         self.tls_terminators: dict[str, Any] = {}  # listener -> TlsTerminator (https, tls)
         self.ticket_key: bytes | None = None  # shared session ticket key (use_ticket_key)
-        self.ticket_keys: Any = None  # the cluster's (lbnode.cluster.ticketkey), with a TLS listener
+        self.ticket_keys: ClusterTicketKey | None = None  # the cluster's, followed once a TLS listener exists
         self.proxy_receivers: dict[str, Any] = {}  # listener -> ProxyHeaderReceiver ([listeners.proxy_protocol])
         self.connection_gates: dict[str, ConnectionGate] = {}  # listener -> its gate (connection counters)
         # [listeners.access_log]: each listener's buffer and counters, one writer per file (or stdout)

@@ -737,7 +737,7 @@ class KeptWaits:
                     bits, in_bit, out_bit, end_bit, err_bit = session
                     if ev & _IN_EVENTS:
                         bits.ready |= in_bit
-                        if ev & select.EPOLLERR:
+                        if ev & _ERR_EVENTS:
                             bits.ready |= err_bit
                         elif ev & _END_EVENTS:
                             bits.ready |= end_bit
@@ -802,6 +802,7 @@ _SESSION_OUT = _KEPT_EVENTS | select.EPOLLOUT
 # end (the peer's FIN, or both directions down), room to write.
 _IN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP
+_ERR_EVENTS = select.EPOLLERR
 _OUT_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 

@@ -120,8 +120,6 @@ class _Activity:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
-
-
 class _Broken(Exception):
     """A call on one side's socket failed: the session is cut (``side`` 0: client, 1: backend)."""
 
