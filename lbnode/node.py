@@ -50,6 +50,7 @@ from lbnode.reloadplan import ReloadPlan, ReloadRefused, plan_reload, socket_key
 from lbnode.routing import Route
 from lbnode.runtime import Snapshot
 from lbnode.tls.expiry_warnings import ExpiryWarnings
+from lbnode.trioloop import fast_instruments
 
 if TYPE_CHECKING:
     from lbnode.cluster.ticketkey import ClusterTicketKey  # (imported when used: it loads ctypes)
@@ -555,6 +556,7 @@ class LbNode:
 
     # --------------------------------------------------------------- lifecycle
     async def run(self, *, handle_signals: bool = True, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
+        fast_instruments()  # a C lookup, not a Python call, at each of Trio's task steps
         config = self.config
         access = self._admin_access()
         sockets: list[tuple[Listener, stdsocket.socket]] = []
