@@ -33,7 +33,7 @@ from lbnode.node import LbNode, has_tls_listener
 from lbnode.reloadplan import ReloadRefused, socket_key
 from lbnode.tls.ticketkeys import TICKET_KEY_BYTES, TICKET_KEY_LIFETIME
 from lbnode.workers.channel import Channel, Kind, Message
-from lbnode.workers.counters import Retired, add_up, merge_metrics
+from lbnode.workers.counters import Retired, add_up, add_up_listeners, merge_metrics
 from lbnode.workers.outliers import NodeRuns
 
 if TYPE_CHECKING:
@@ -147,6 +147,8 @@ class Supervisor(LbNode):
         self._last_counters: list[dict[str, Any] | None] = []
         self._retired = Retired()  # what dead workers had counted, as last read
         self.worker_queues: dict[str, int] = {}
+        # /status's listener counters (TLS, access log): the workers', summed at each read.
+        self.worker_listeners: dict[str, dict[str, Any]] = {}
         self._spare: tuple[trio.Process, Channel] | None = None
         self.spare_ready = False  # the spare has imported everything and waits for a slot
         self._spare_wait = trio.CancelScope()
@@ -481,6 +483,7 @@ class Supervisor(LbNode):
         # A worker that did not answer (dying, or slow) counts with its last reading.
         docs = [d for d in self._last_counters if d is not None] + [self._retired.document()]
         self.worker_queues = add_up(self.snapshot, docs)
+        self.worker_listeners = add_up_listeners(docs)
         self._worker_metrics = [d["metrics"] for d in docs]
 
     def workers_status(self) -> dict[str, Any]:

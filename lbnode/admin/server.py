@@ -58,6 +58,27 @@ def _last_check(checker: Any, backend_id: str, now: float) -> dict[str, Any]:
 COUNTED_PATHS = (b"/status", b"/metrics", b"/status/page.json")
 
 
+def listener_counters(node: Any) -> dict[str, dict[str, Any]]:
+    """What this process counted per listener, as /status shows it: its TLS handshakes
+    (``tls``) and its access log's entries (``access_log``), for the listeners that have them."""
+    out: dict[str, dict[str, Any]] = {}
+    access_logs = getattr(node, "access_logs", {})
+    for name, li in node.snapshot.listeners.items():
+        entry: dict[str, Any] = {}
+        terminator = getattr(node, "tls_terminators", {}).get(name)
+        if terminator is not None:
+            entry["tls"] = terminator.status()
+        access = access_logs.get(name)
+        if access is not None and li.access_log is not None:
+            entry["access_log"] = {
+                "path": li.access_log.path, "format": access.format, "written": access.written,
+                "dropped": access.dropped, "buffered": len(access.entries),
+            }
+        if entry:
+            out[name] = entry
+    return out
+
+
 def status_document(node: AdminView) -> dict[str, Any]:
     snap = node.snapshot
     now = trio.current_time()
@@ -95,19 +116,10 @@ def status_document(node: AdminView) -> dict[str, Any]:
     follower = getattr(node, "follower", None)
     if follower is not None and follower.failing:
         config["stale"] = True  # the store stopped answering: changes made meanwhile are not here
-    listeners = {}
-    for name, li in snap.listeners.items():
-        entry: dict[str, Any] = {"protocol": li.protocol}
-        terminator = getattr(node, "tls_terminators", {}).get(name)
-        if terminator is not None:
-            entry["tls"] = terminator.status()
-        access = getattr(node, "access_logs", {}).get(name)
-        if access is not None and li.access_log is not None:
-            entry["access_log"] = {
-                "path": li.access_log.path, "format": access.format, "written": access.written,
-                "dropped": access.dropped, "buffered": len(access.entries),
-            }
-        listeners[name] = entry
+    # A supervisor serves no connection: its workers' counts, added up by refresh_counters.
+    summed = getattr(node, "worker_listeners", None)
+    own = listener_counters(node) if summed is None else summed
+    listeners = {name: {"protocol": li.protocol, **own.get(name, {})} for name, li in snap.listeners.items()}
     gate = getattr(node, "connection_gate", None)
     workers = getattr(node, "workers_status", None)  # a supervisor's worker processes
     return {

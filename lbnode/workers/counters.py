@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lbnode.admin.metrics import render
+from lbnode.admin.server import listener_counters
 from lbnode.histogram import Histogram
 from lbnode.runtime import Snapshot
 
@@ -50,7 +51,7 @@ def counters_document(node: Any) -> dict[str, Any]:
                 for b in pool.backends
             },
         }
-    return {"metrics": render(node).decode(), "pools": pools}
+    return {"metrics": render(node).decode(), "pools": pools, "listeners": listener_counters(node)}
 
 
 def add_up(snapshot: Snapshot, documents: Iterable[dict[str, Any]]) -> dict[str, int]:
@@ -88,6 +89,45 @@ def add_up(snapshot: Snapshot, documents: Iterable[dict[str, Any]]) -> dict[str,
                 h.counts = [x + y for x, y in zip(h.counts, counts, strict=True)]
                 h.sum += total
     return queues
+
+
+# Of a listener's /status counters (lbnode.admin.server.listener_counters): what a worker
+# counted since it started (kept by ``Retired`` when it dies), and what it has now (dropped).
+_TLS_COUNTERS = ("handshakes", "resumed")
+_TLS_GAUGES = ("in_progress",)
+_LOG_COUNTERS = ("written", "dropped")
+_LOG_GAUGES = ("buffered",)
+
+
+def add_up_listeners(documents: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The workers' listener counters (``listeners`` of their documents) summed per listener,
+    as /status shows a node's: handshakes, resumptions, failures by kind and handshakes in
+    progress; access log entries written, dropped and buffered. Tickets are ``"shared"`` if
+    every worker that answered seals them with the shared key, else ``"own"``."""
+    out: dict[str, dict[str, Any]] = {}
+    for doc in documents:
+        for name, theirs in doc.get("listeners", {}).items():
+            into = out.setdefault(name, {})
+            tls = theirs.get("tls")
+            if tls is not None:
+                mine = into.setdefault("tls", {**dict.fromkeys(_TLS_COUNTERS + _TLS_GAUGES, 0), "failures": {}})
+                for key in _TLS_COUNTERS + _TLS_GAUGES:
+                    mine[key] += tls.get(key, 0)
+                for kind, n in tls.get("failures", {}).items():
+                    mine["failures"][kind] = mine["failures"].get(kind, 0) + n
+                if "ticket_key" in tls:  # (a dead worker's counts say nothing of today's key)
+                    mine["ticket_key"] = "shared" if tls["ticket_key"] == "shared" and mine.get(
+                        "ticket_key", "shared") == "shared" else "own"
+            log = theirs.get("access_log")
+            if log is not None:
+                mine = into.setdefault("access_log", {"path": log["path"], "format": log["format"],
+                                                      **dict.fromkeys(_LOG_COUNTERS + _LOG_GAUGES, 0)})
+                for key in _LOG_COUNTERS + _LOG_GAUGES:
+                    mine[key] += log.get(key, 0)
+    for entry in out.values():
+        if "tls" in entry:
+            entry["tls"]["failures"] = dict(sorted(entry["tls"]["failures"].items()))
+    return out
 
 
 def parse_exposition(text: str) -> dict[str, tuple[list[str], dict[str, float]]]:
@@ -148,6 +188,7 @@ class Retired:
     def __init__(self) -> None:
         self.pools: dict[str, Any] = {}
         self.families: dict[str, tuple[list[str], dict[str, float]]] = {}
+        self.listeners: dict[str, dict[str, Any]] = {}
 
     def add(self, doc: dict[str, Any]) -> None:
         for name, pool in doc.get("pools", {}).items():
@@ -163,6 +204,19 @@ class Retired:
                 b["responses"] = [x + y for x, y in zip(b["responses"], c["responses"], strict=True)]
                 b["histogram"] = [[x + y for x, y in zip(b["histogram"][0], c["histogram"][0], strict=True)],
                                   b["histogram"][1] + c["histogram"][1]]
+        # Its listeners' counters, without the gauges and the ticket key (what it has now).
+        counted = {}
+        for name, theirs in doc.get("listeners", {}).items():
+            kept: dict[str, Any] = {}
+            if "tls" in theirs:
+                kept["tls"] = {key: theirs["tls"].get(key, 0) for key in _TLS_COUNTERS}
+                kept["tls"]["failures"] = dict(theirs["tls"].get("failures", {}))
+            if "access_log" in theirs:
+                log = theirs["access_log"]
+                kept["access_log"] = {"path": log["path"], "format": log["format"],
+                                      **{key: log.get(key, 0) for key in _LOG_COUNTERS}}
+            counted[name] = kept
+        self.listeners = add_up_listeners([{"listeners": self.listeners}, {"listeners": counted}])
         for name, (head, samples) in parse_exposition(doc.get("metrics", "")).items():
             if not summed(name) or any(line.endswith(" gauge") for line in head if line.startswith("# TYPE ")):
                 continue
@@ -175,4 +229,4 @@ class Retired:
         for head, samples in self.families.values():
             lines += head
             lines += [f"{key} {_number(v)}" for key, v in samples.items()]
-        return {"pools": self.pools, "metrics": "\n".join(lines) + "\n"}
+        return {"pools": self.pools, "metrics": "\n".join(lines) + "\n", "listeners": self.listeners}

@@ -485,6 +485,54 @@ def test_an_https_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path
     assert resumed_on == set(pids)
 
 
+def test_status_adds_up_the_workers_tls_handshakes_and_access_log(spawn: Spawn, tmp_path: Path) -> None:
+    """/status shows a listener's TLS handshakes and access log entries as the node's sum: the
+    supervisor serves no connection, so before this it showed no "tls" and an access log with
+    nothing written. Each of 24 connections makes one handshake and one logged request, spread
+    over both workers; /status counts each once, as /metrics does."""
+    from tests.tlsgen import make_ca, make_leaf
+
+    ca = make_ca()
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = make_leaf(ca, ["www.example.com"]).write(tmp_path, "www")
+    backend = spawn_backend(spawn, "a")
+    https_port = free_port()
+    log_path = tmp_path / "access.log"
+    listener = listener_toml("web", "https", "p", bind=f"127.0.0.1:{https_port}",
+                             extra=f'  [listeners.tls]\n  certificates = ["www"]\n'
+                                   f'  [listeners.access_log]\n  path = "{log_path}"\n')
+    listener += f'[[certificates]]\nname = "www"\ncert = "{cert}"\nkey = "{key}"\n'
+    node = start_node(spawn, tmp_path, backend, listener=listener)
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    pids = node.worker_pids()
+    before = node.status()["listeners"]["web"]
+    accepted: set[int] = set()
+    for _ in range(24):
+        with socket.create_connection(("127.0.0.1", https_port), timeout=5) as raw:
+            client_port = raw.getsockname()[1]
+            with context.wrap_socket(raw, server_hostname="www.example.com") as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+                data = b""
+                while not data.endswith(b"\n") or b"\r\n\r\n" not in data:
+                    chunk = tls.recv(65536)
+                    assert chunk, data
+                    data += chunk
+                # (while it is open: the worker's socket is listed)
+                accepted |= {pid for pid in pids if client_port in accepted_by(pid, https_port)}
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a\n"), data
+    assert accepted == set(pids), "both workers served some of them"
+    after = node.status()["listeners"]["web"]
+    tls_before = before.get("tls", {"handshakes": 0, "failures": {}})
+    assert after["tls"]["handshakes"] - tls_before["handshakes"] == 24
+    assert after["tls"]["failures"] == tls_before["failures"]
+    assert after["tls"]["ticket_key"] == "shared"  # the supervisor's key, on both workers
+    logged = after["access_log"]["written"] + after["access_log"]["buffered"]
+    assert logged - (before["access_log"]["written"] + before["access_log"]["buffered"]) == 24
+    assert after["access_log"]["path"] == str(log_path) and after["access_log"]["dropped"] == 0
+    handshakes = sample(node.metrics(), 'fulcrum_tls_handshakes_total{listener="web"}')
+    assert handshakes == node.status()["listeners"]["web"]["tls"]["handshakes"]
+
+
 def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:
     """HTTP/2 with prior knowledge through the workers: every stream answered, counted once."""
     backend = spawn_backend(spawn, "a")

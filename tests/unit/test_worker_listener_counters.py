@@ -1,0 +1,65 @@
+"""The listener counters /status shows for a node with workers (lbnode.workers.counters):
+the workers' sums, a dead worker's counts kept without its gauges, and the ticket key
+"shared" only if every live worker says so."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lbnode.workers.counters import Retired, add_up_listeners
+
+
+def _doc(handshakes: int, resumed: int, in_progress: int, failures: dict[str, int], key: str,
+         written: int, dropped: int, buffered: int) -> dict[str, Any]:
+    return {"listeners": {
+        "web": {
+            "tls": {"handshakes": handshakes, "resumed": resumed, "in_progress": in_progress,
+                    "failures": failures, "ticket_key": key},
+            "access_log": {"path": "/var/log/web.log", "format": "json", "written": written,
+                           "dropped": dropped, "buffered": buffered},
+        },
+        "plain": {"access_log": {"path": "/var/log/plain.log", "format": "combined", "written": 5,
+                                 "dropped": 0, "buffered": 1}},
+        "tcp": {},
+    }}
+
+
+def test_live_workers_add_up() -> None:
+    one = _doc(10, 4, 1, {"eof": 2}, "shared", 30, 1, 2)
+    two = _doc(7, 1, 0, {"eof": 1, "protocol": 3}, "shared", 20, 0, 5)
+    assert add_up_listeners([one, two]) == {
+        "web": {
+            "tls": {"handshakes": 17, "resumed": 5, "in_progress": 1, "failures": {"eof": 3, "protocol": 3},
+                    "ticket_key": "shared"},
+            "access_log": {"path": "/var/log/web.log", "format": "json", "written": 50, "dropped": 1, "buffered": 7},
+        },
+        "plain": {"access_log": {"path": "/var/log/plain.log", "format": "combined", "written": 10, "dropped": 0,
+                                 "buffered": 2}},
+        "tcp": {},
+    }
+
+
+def test_one_worker_with_its_own_ticket_key_makes_the_node_own() -> None:
+    docs = [_doc(1, 0, 0, {}, "shared", 0, 0, 0), _doc(1, 0, 0, {}, "own", 0, 0, 0), _doc(1, 0, 0, {}, "shared", 0, 0, 0)]
+    assert add_up_listeners(docs)["web"]["tls"]["ticket_key"] == "own"
+
+
+def test_a_dead_workers_counts_stay_and_its_gauges_go() -> None:
+    retired = Retired()
+    retired.add(_doc(10, 4, 3, {"eof": 2}, "own", 30, 1, 9))
+    retired.add(_doc(5, 0, 1, {"reset": 1}, "own", 4, 0, 2))  # a second death
+    live = _doc(2, 1, 1, {"eof": 1}, "shared", 6, 0, 1)
+    total = add_up_listeners([live, retired.document()])
+    # A dead worker's in-progress handshakes and buffered entries are gone; its "own" key is not
+    # today's (the live workers' say "shared").
+    assert total["web"] == {
+        "tls": {"handshakes": 17, "resumed": 5, "in_progress": 1, "failures": {"eof": 3, "reset": 1},
+                "ticket_key": "shared"},
+        "access_log": {"path": "/var/log/web.log", "format": "json", "written": 40, "dropped": 1, "buffered": 1},
+    }
+    assert total["plain"]["access_log"]["written"] == 15
+
+
+def test_no_document_no_listener() -> None:
+    assert add_up_listeners([]) == {}
+    assert Retired().document()["listeners"] == {}
