@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2] / "lbnode"
 # agent (etcd, leases, VIPs), which stay in the supervising process.
 BELOW = ("model", "runtime", "listen", "sockio", "limits", "affinity", "histogram", "logthrottle",
          "proxyproto", "proxyaccept", "accesslog", "statedir", "reloadplan", "handover", "listeners", "routing", "balance", "health", "http", "http2", "tcp",
-         "tls")
+         "tls", "trioloop")
 ABOVE = ("node", "cli", "demo", "demo_cluster", "demo_lan", "control", "admin", "cluster", "supervisor", "workers")
 
 # A cycle inside one package between sibling modules, imported lazily: EtcdStore builds its
