@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from lbnode.admin.counted import listener_counters
 from lbnode.control.events import (
     BackendHealthChange,
     CertificateChange,
@@ -79,19 +80,20 @@ def _address(host: str, port: int) -> str:
 def _listeners(node: Any) -> list[dict[str, Any]]:
     snap = node.snapshot
     bound = node.bound.listeners if getattr(node, "bound", None) is not None else {}
-    gates = getattr(node, "connection_gates", {})
+    summed = getattr(node, "worker_listeners", None)  # a supervisor's: its workers', added up
+    counted = listener_counters(node) if summed is None else summed
     out = []
     for name, li in snap.listeners.items():
         host, port = bound.get(name, (li.bind.host, li.bind.port))
-        gate = gates.get(name)
+        conns = counted.get(name, {}).get("connections", {})
         out.append({
             "name": name,
             "protocol": li.protocol,
             "address": _address(host, port),
             "pool": li.pool,
             "tls": li.tls is not None,
-            "open": gate.open if gate is not None else 0,
-            "accepted": gate.accepted if gate is not None else 0,
+            "open": conns.get("open", 0),
+            "accepted": conns.get("accepted", 0),
         })
     return out
 
@@ -99,13 +101,14 @@ def _listeners(node: Any) -> list[dict[str, Any]]:
 def _pools(node: Any) -> list[dict[str, Any]]:
     snap = node.snapshot
     now = trio.current_time()
+    queues = getattr(node, "worker_queues", {})  # a supervisor's: its workers' queues, summed
     out = []
     for name in sorted(snap.pools):
         pool = snap.pools[name]
         out.append({
             "name": name,
             "algorithm": pool.spec.algorithm,
-            "queue": len(pool.waiters),
+            "queue": queues.get(name, len(pool.waiters)),
             "backends": [
                 {
                     "id": b.id,

@@ -17,6 +17,7 @@ import trio
 
 from lbnode.admin import metrics, page
 from lbnode.admin.access import OPEN, AdminAccess, check
+from lbnode.admin.counted import listener_counters
 from lbnode.http.framing import RequestReader
 from lbnode.http.headers import RequestHead
 from lbnode.listen import ConnectionGate, accept_loop
@@ -56,27 +57,6 @@ def _last_check(checker: Any, backend_id: str, now: float) -> dict[str, Any]:
 
 # Answers that show the data path's counters: with workers, the supervisor sums theirs first.
 COUNTED_PATHS = (b"/status", b"/metrics", b"/status/page.json")
-
-
-def listener_counters(node: Any) -> dict[str, dict[str, Any]]:
-    """What this process counted per listener, as /status shows it: its TLS handshakes
-    (``tls``) and its access log's entries (``access_log``), for the listeners that have them."""
-    out: dict[str, dict[str, Any]] = {}
-    access_logs = getattr(node, "access_logs", {})
-    for name, li in node.snapshot.listeners.items():
-        entry: dict[str, Any] = {}
-        terminator = getattr(node, "tls_terminators", {}).get(name)
-        if terminator is not None:
-            entry["tls"] = terminator.status()
-        access = access_logs.get(name)
-        if access is not None and li.access_log is not None:
-            entry["access_log"] = {
-                "path": li.access_log.path, "format": access.format, "written": access.written,
-                "dropped": access.dropped, "buffered": len(access.entries),
-            }
-        if entry:
-            out[name] = entry
-    return out
 
 
 def status_document(node: AdminView) -> dict[str, Any]:
@@ -121,6 +101,11 @@ def status_document(node: AdminView) -> dict[str, Any]:
     own = listener_counters(node) if summed is None else summed
     listeners = {name: {"protocol": li.protocol, **own.get(name, {})} for name, li in snap.listeners.items()}
     gate = getattr(node, "connection_gate", None)
+    # A supervisor's connections are its workers': the sum of its listeners' (which the
+    # node's gate counts in a single process).
+    open_now = gate.in_use if gate is not None else None
+    if summed is not None:
+        open_now = sum(entry.get("connections", {}).get("open", 0) for entry in summed.values())
     workers = getattr(node, "workers_status", None)  # a supervisor's worker processes
     return {
         **(workers() if workers is not None else {}),
@@ -128,7 +113,7 @@ def status_document(node: AdminView) -> dict[str, Any]:
         "draining": node.draining,
         # client connections open on all listeners, and [node] max_connections (null: none)
         "connections": {
-            "open": gate.in_use if gate is not None else None,
+            "open": open_now,
             "max": gate.limit if gate is not None else None,
         },
         "config_version": snap.version,

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from lbnode.admin.counted import listener_counters
 from lbnode.admin.metrics import render
-from lbnode.admin.server import listener_counters
 from lbnode.histogram import Histogram
 from lbnode.runtime import Snapshot
 
@@ -97,17 +97,25 @@ _TLS_COUNTERS = ("handshakes", "resumed")
 _TLS_GAUGES = ("in_progress",)
 _LOG_COUNTERS = ("written", "dropped")
 _LOG_GAUGES = ("buffered",)
+_CONN_COUNTERS = ("accepted",)
+_CONN_GAUGES = ("open",)
 
 
 def add_up_listeners(documents: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The workers' listener counters (``listeners`` of their documents) summed per listener,
-    as /status shows a node's: handshakes, resumptions, failures by kind and handshakes in
-    progress; access log entries written, dropped and buffered. Tickets are ``"shared"`` if
-    every worker that answered seals them with the shared key, else ``"own"``."""
+    as /status shows a node's: connections open and accepted; handshakes, resumptions,
+    failures by kind and handshakes in progress; access log entries written, dropped and
+    buffered. Tickets are ``"shared"`` if every worker that answered seals them with the shared
+    key, else ``"own"``."""
     out: dict[str, dict[str, Any]] = {}
     for doc in documents:
         for name, theirs in doc.get("listeners", {}).items():
             into = out.setdefault(name, {})
+            conns = theirs.get("connections")
+            if conns is not None:
+                mine = into.setdefault("connections", dict.fromkeys(_CONN_GAUGES + _CONN_COUNTERS, 0))
+                for key in _CONN_GAUGES + _CONN_COUNTERS:
+                    mine[key] += conns.get(key, 0)
             tls = theirs.get("tls")
             if tls is not None:
                 mine = into.setdefault("tls", {**dict.fromkeys(_TLS_COUNTERS + _TLS_GAUGES, 0), "failures": {}})
@@ -204,10 +212,13 @@ class Retired:
                 b["responses"] = [x + y for x, y in zip(b["responses"], c["responses"], strict=True)]
                 b["histogram"] = [[x + y for x, y in zip(b["histogram"][0], c["histogram"][0], strict=True)],
                                   b["histogram"][1] + c["histogram"][1]]
-        # Its listeners' counters, without the gauges and the ticket key (what it has now).
+        # Its listeners' counters, without the gauges (open connections, handshakes under way,
+        # entries buffered: what it had, gone with it) and the ticket key (what it used).
         counted = {}
         for name, theirs in doc.get("listeners", {}).items():
             kept: dict[str, Any] = {}
+            if "connections" in theirs:
+                kept["connections"] = {key: theirs["connections"].get(key, 0) for key in _CONN_COUNTERS}
             if "tls" in theirs:
                 kept["tls"] = {key: theirs["tls"].get(key, 0) for key in _TLS_COUNTERS}
                 kept["tls"]["failures"] = dict(theirs["tls"].get("failures", {}))

@@ -237,6 +237,33 @@ async def test_page_json_answers_while_draining(nursery):
         assert js.headers["content-type"].startswith("text/javascript") and "textContent" in js.text
 
 
+async def test_status_and_the_page_count_each_listeners_connections(nursery):
+    """Open and accepted client connections per listener, in /status and on the page; the node's
+    total in /status is their sum."""
+    (a,) = await start_backends(nursery, "a")
+    _, bound = await start_node(nursery, node_toml(listener_toml("front", "http", "web"), pool_toml("web", [a.address])))
+    admin, port = bound.admin[1], bound.listeners["front"][1]
+    streams = []
+    for _ in range(3):  # each answered once, then kept open
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while not data.endswith(b"a\n"):
+            data += await stream.receive_some(65536)
+        streams.append(stream)
+    status = (await http_get(f"http://127.0.0.1:{admin}/status")).json()
+    assert status["listeners"]["front"]["connections"] == {"open": 3, "accepted": 3}
+    assert status["connections"]["open"] == 3
+    page = (await http_get(f"http://127.0.0.1:{admin}/status/page.json")).json()
+    assert (page["listeners"][0]["open"], page["listeners"][0]["accepted"]) == (3, 3)
+    await streams[0].aclose()
+    with trio.fail_after(5):  # the node sees the close at its next read: milliseconds
+        while (await http_get(f"http://127.0.0.1:{admin}/status")).json()["connections"]["open"] != 2:
+            await trio.sleep(0.01)
+    for stream in streams[1:]:
+        await stream.aclose()
+
+
 # A cluster node sees another join or die (lease_ttl = 2 s, then the VIP is placed again) and
 # etcd go away (its keepalive, a third of the TTL, and its store follower): seconds on an idle
 # machine, 15 s for 2 busy cores.

@@ -486,10 +486,11 @@ def test_an_https_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path
 
 
 def test_status_adds_up_the_workers_tls_handshakes_and_access_log(spawn: Spawn, tmp_path: Path) -> None:
-    """/status shows a listener's TLS handshakes and access log entries as the node's sum: the
-    supervisor serves no connection, so before this it showed no "tls" and an access log with
-    nothing written. Each of 24 connections makes one handshake and one logged request, spread
-    over both workers; /status counts each once, as /metrics does."""
+    """/status shows a listener's connections, TLS handshakes and access log entries as the
+    node's sum: the supervisor serves no connection, so before this it showed no "tls", an
+    access log with nothing written and no connection open (the status page too). Each of 24
+    connections makes one handshake and one logged request, spread over both workers; /status
+    counts each once, as /metrics does; then connections held open on both are counted."""
     from tests.tlsgen import make_ca, make_leaf
 
     ca = make_ca()
@@ -531,6 +532,26 @@ def test_status_adds_up_the_workers_tls_handshakes_and_access_log(spawn: Spawn, 
     assert after["access_log"]["path"] == str(log_path) and after["access_log"]["dropped"] == 0
     handshakes = sample(node.metrics(), 'fulcrum_tls_handshakes_total{listener="web"}')
     assert handshakes == node.status()["listeners"]["web"]["tls"]["handshakes"]
+    # Connections open now, on both workers: the node's and the listener's count, and the page's.
+    held: list[ssl.SSLSocket] = []
+    holders: set[int] = set()
+    while holders != set(pids) or len(held) < 4:
+        tls = context.wrap_socket(socket.create_connection(("127.0.0.1", https_port), timeout=5),
+                                  server_hostname="www.example.com")
+        held.append(tls)
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+        holders |= {pid for pid in pids if tls.getsockname()[1] in accepted_by(pid, https_port)}
+        assert len(held) <= 40
+    wait_until(lambda: node.status()["connections"]["open"] == len(held), 5, "the closed ones counted out")
+    status = node.status()
+    assert status["listeners"]["web"]["connections"]["open"] == len(held)
+    accepted = status["listeners"]["web"]["connections"]["accepted"]
+    assert accepted - before["connections"]["accepted"] == 24 + len(held)
+    page = httpx.get(f"http://127.0.0.1:{node.admin_port}/status/page.json", timeout=5).json()
+    assert (page["listeners"][0]["open"], page["listeners"][0]["accepted"]) == (len(held), accepted)
+    for tls in held:
+        tls.close()
 
 
 def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ def _doc(handshakes: int, resumed: int, in_progress: int, failures: dict[str, in
          written: int, dropped: int, buffered: int) -> dict[str, Any]:
     return {"listeners": {
         "web": {
+            "connections": {"open": in_progress + 2, "accepted": handshakes},
             "tls": {"handshakes": handshakes, "resumed": resumed, "in_progress": in_progress,
                     "failures": failures, "ticket_key": key},
             "access_log": {"path": "/var/log/web.log", "format": "json", "written": written,
@@ -29,6 +30,7 @@ def test_live_workers_add_up() -> None:
     two = _doc(7, 1, 0, {"eof": 1, "protocol": 3}, "shared", 20, 0, 5)
     assert add_up_listeners([one, two]) == {
         "web": {
+            "connections": {"open": 5, "accepted": 17},
             "tls": {"handshakes": 17, "resumed": 5, "in_progress": 1, "failures": {"eof": 3, "protocol": 3},
                     "ticket_key": "shared"},
             "access_log": {"path": "/var/log/web.log", "format": "json", "written": 50, "dropped": 1, "buffered": 7},
@@ -53,6 +55,7 @@ def test_a_dead_workers_counts_stay_and_its_gauges_go() -> None:
     # A dead worker's in-progress handshakes and buffered entries are gone; its "own" key is not
     # today's (the live workers' say "shared").
     assert total["web"] == {
+        "connections": {"open": 3, "accepted": 17},  # the dead ones' open connections are gone
         "tls": {"handshakes": 17, "resumed": 5, "in_progress": 1, "failures": {"eof": 3, "reset": 1},
                 "ticket_key": "shared"},
         "access_log": {"path": "/var/log/web.log", "format": "json", "written": 40, "dropped": 1, "buffered": 1},
