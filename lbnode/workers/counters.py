@@ -18,16 +18,31 @@ from lbnode.histogram import Histogram
 from lbnode.runtime import Snapshot
 
 # Metric families whose samples are the sum of the workers' (the supervisor serves no
-# request, so its own are zero or absent): the listeners, TLS, PROXY protocol, access log,
-# and what the data path counts per backend and per pool.
+# request, so its own are zero or absent): the listeners, HTTP/1 and HTTP/2, TLS, PROXY
+# protocol, access log, mirroring, and what the data path counts per backend and per pool.
 DATA_PLANE_PREFIXES = (
-    "fulcrum_listener_", "fulcrum_http_", "fulcrum_tcp_", "fulcrum_proxy_protocol_", "fulcrum_access_log_",
-    "fulcrum_tls_", "fulcrum_pool_", "fulcrum_affinity_hits_total", "fulcrum_affinity_misses_total",
+    "fulcrum_listener_", "fulcrum_http_", "fulcrum_http2_", "fulcrum_tcp_", "fulcrum_proxy_protocol_",
+    "fulcrum_access_log_", "fulcrum_tls_", "fulcrum_pool_", "fulcrum_mirror_", "fulcrum_affinity_hits_total",
+    "fulcrum_affinity_misses_total",
 )
 DATA_PLANE_BACKEND = (
     "fulcrum_backend_requests_total", "fulcrum_backend_responses_total", "fulcrum_backend_response_seconds",
     "fulcrum_backend_failures_total", "fulcrum_backend_inflight_requests", "fulcrum_backend_open_connections",
 )
+
+
+# The families the supervisor keeps itself, shown as it has them: health and its checks,
+# admin state, weights, ejections (the supervisor decides them), the configuration, the
+# cluster agent, the affinity table (the node's, kept by the supervisor) and draining.
+SUPERVISOR_FAMILIES = frozenset({
+    "fulcrum_affinity_table_entries", "fulcrum_backend_admin_state", "fulcrum_backend_ejected",
+    "fulcrum_backend_ejections_total", "fulcrum_backend_health", "fulcrum_backend_weight",
+    "fulcrum_cluster_etcd_reachable", "fulcrum_cluster_lease_held", "fulcrum_cluster_lease_renewal_failures_total",
+    "fulcrum_cluster_lease_renewals_total", "fulcrum_cluster_nodes", "fulcrum_cluster_store_revision",
+    "fulcrum_cluster_vips_held", "fulcrum_cluster_watch_lag_seconds", "fulcrum_config_revision",
+    "fulcrum_config_stale", "fulcrum_config_version", "fulcrum_health_check_duration_seconds",
+    "fulcrum_health_checks_total", "fulcrum_node_draining",
+})
 
 
 def summed(family: str) -> bool:

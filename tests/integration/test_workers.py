@@ -567,7 +567,11 @@ def test_an_h2c_listener_is_served_by_the_workers(spawn: Spawn, tmp_path: Path) 
             for _ in range(5):
                 r = client.get(f"http://127.0.0.1:{h2_port}/")
                 assert (r.http_version, r.status_code, r.text) == ("HTTP/2", 200, "a\n")
-    assert sample(node.metrics(), 'fulcrum_http_requests_total{listener="web"}') == before + 30
+    metrics = node.metrics()
+    assert sample(metrics, 'fulcrum_http_requests_total{listener="web"}') == before + 30
+    # The HTTP/2 families are the workers' sum too (they were absent: the supervisor's own, empty).
+    assert sample(metrics, 'fulcrum_http2_streams_total{listener="web"}') == 30
+    assert sample(metrics, 'fulcrum_http2_connections_total{listener="web"}') == 6
 
 
 def test_default_runs_one_worker_per_available_core_and_lbnode_check_says_how_many(

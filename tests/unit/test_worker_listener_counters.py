@@ -4,9 +4,12 @@ the workers' sums, a dead worker's counts kept without its gauges, and the ticke
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
-from lbnode.workers.counters import Retired, add_up_listeners
+import lbnode.admin.metrics
+from lbnode.workers.counters import SUPERVISOR_FAMILIES, Retired, add_up_listeners, summed
 
 
 def _doc(handshakes: int, resumed: int, in_progress: int, failures: dict[str, int], key: str,
@@ -66,3 +69,17 @@ def test_a_dead_workers_counts_stay_and_its_gauges_go() -> None:
 def test_no_document_no_listener() -> None:
     assert add_up_listeners([]) == {}
     assert Retired().document()["listeners"] == {}
+
+
+def test_every_metric_family_is_either_summed_over_the_workers_or_the_supervisors_own() -> None:
+    """A family added to /metrics must be placed: one the data path counts and the
+    supervisor does not sum shows nothing on a node with workers (as fulcrum_http2_* and
+    fulcrum_mirror_* did); one the supervisor keeps must not be summed (its workers' zeros)."""
+    source = (Path(lbnode.admin.metrics.__file__)).read_text()
+    families = set(re.findall(r'out\.(?:add|histogram)\(\s*"(fulcrum_[a-z0-9_]+)"', source))
+    assert len(families) >= 60  # (the pattern still finds them)
+    assert set(re.findall(r'"(fulcrum_[a-z0-9_]+)"', source)) == families  # no family named another way
+    unplaced = sorted(f for f in families if not summed(f) and f not in SUPERVISOR_FAMILIES)
+    both = sorted(f for f in families if summed(f) and f in SUPERVISOR_FAMILIES)
+    assert not unplaced and not both, (unplaced, both)
+    assert SUPERVISOR_FAMILIES <= families  # none left over from a family that is gone
