@@ -311,14 +311,22 @@ def _cluster(out: Exposition, node: Any) -> None:
 
 
 def _process(out: Exposition) -> None:
-    """The usual process_* and python_gc_* names (those of the official clients), so stock dashboards work."""
+    """The usual process_* and python_gc_* names (those of the official clients), so stock
+    dashboards work: this process's. And the node's CPU and memory (``fulcrum_node_*``): the
+    same figures here, which a supervisor adds its workers' to (lbnode.workers.counters)."""
     times = os.times()
-    out.add("process_cpu_seconds_total", "counter", "User and system CPU time spent.",
-            [((), times.user + times.system)])
+    cpu = times.user + times.system
+    out.add("process_cpu_seconds_total", "counter", "User and system CPU time spent.", [((), cpu)])
+    out.add("fulcrum_node_cpu_seconds_total", "counter",
+            "User and system CPU time spent by the node: every process (with workers: the supervisor, "
+            "its workers, and the workers that died, as last read).", [((), cpu)])
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * _PAGE_SIZE
         out.add("process_resident_memory_bytes", "gauge", "Resident memory size.", [((), rss)])
+        out.add("fulcrum_node_resident_memory_bytes", "gauge",
+                "Resident memory of the node's processes, added up (with workers: the supervisor and its workers).",
+                [((), rss)])
         out.add("process_open_fds", "gauge", "Open file descriptors.", [((), len(os.listdir("/proc/self/fd")))])
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])

@@ -45,8 +45,13 @@ SUPERVISOR_FAMILIES = frozenset({
 })
 
 
+# The node's own CPU and memory: the supervisor's figure plus every worker's (the others are
+# the workers' sum alone, or the supervisor's alone).
+NODE_FAMILIES = frozenset({"fulcrum_node_cpu_seconds_total", "fulcrum_node_resident_memory_bytes"})
+
+
 def summed(family: str) -> bool:
-    return family.startswith(DATA_PLANE_PREFIXES) or family in DATA_PLANE_BACKEND
+    return family.startswith(DATA_PLANE_PREFIXES) or family in DATA_PLANE_BACKEND or family in NODE_FAMILIES
 
 
 def counters_document(node: Any) -> dict[str, Any]:
@@ -174,9 +179,11 @@ def parse_exposition(text: str) -> dict[str, tuple[list[str], dict[str, float]]]
 
 
 def merge_metrics(own: str, workers: Iterable[str]) -> str:
-    """The supervisor's exposition with every data-plane family replaced by the workers' sum."""
+    """The supervisor's exposition with every data-plane family replaced by the workers' sum,
+    and the node's CPU and memory (``NODE_FAMILIES``) its own plus the workers'."""
     mine = parse_exposition(own)
-    total: dict[str, tuple[list[str], dict[str, float]]] = {}
+    total: dict[str, tuple[list[str], dict[str, float]]] = {
+        name: (head, dict(samples)) for name, (head, samples) in mine.items() if name in NODE_FAMILIES}
     for text in workers:
         for name, (head, samples) in parse_exposition(text).items():
             if not summed(name):

@@ -265,6 +265,21 @@ def test_counters_add_up_over_the_workers(spawn: Spawn, tmp_path: Path) -> None:
     ).stdout
     backends = json.loads(out)["pools"][0]["backends"]
     assert int(backends[0]["requests"]) == total
+    # The node's CPU and memory: the supervisor's and both workers', as /proc has them around
+    # the scrape. CPU in clock ticks (10 ms) read before and after: a tick of margin each.
+    procs = [node.proc.pid, *pids]
+
+    def cpu_seconds() -> float:
+        return sum(sum(int(x) for x in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+                   for p in procs) / os.sysconf("SC_CLK_TCK")
+
+    low = cpu_seconds()
+    metrics = node.metrics()
+    high = cpu_seconds()
+    assert low - 0.01 * len(procs) <= sample(metrics, "fulcrum_node_cpu_seconds_total") <= high + 0.01 * len(procs)
+    assert sample(metrics, "fulcrum_node_cpu_seconds_total") > sample(metrics, "process_cpu_seconds_total")
+    rss = sum(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") for p in procs)
+    assert abs(sample(metrics, "fulcrum_node_resident_memory_bytes") - rss) < 0.2 * rss  # (it moves a little)
 
 
 def test_a_killed_worker_is_replaced_and_the_other_workers_connections_lose_nothing(

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import lbnode.admin.metrics
-from lbnode.workers.counters import SUPERVISOR_FAMILIES, Retired, add_up_listeners, summed
+from lbnode.workers.counters import (
+    SUPERVISOR_FAMILIES,
+    Retired,
+    add_up_listeners,
+    merge_metrics,
+    summed,
+)
 
 
 def _doc(handshakes: int, resumed: int, in_progress: int, failures: dict[str, int], key: str,
@@ -83,3 +89,21 @@ def test_every_metric_family_is_either_summed_over_the_workers_or_the_supervisor
     both = sorted(f for f in families if summed(f) and f in SUPERVISOR_FAMILIES)
     assert not unplaced and not both, (unplaced, both)
     assert SUPERVISOR_FAMILIES <= families  # none left over from a family that is gone
+
+
+def test_the_nodes_cpu_and_memory_are_the_supervisors_plus_the_workers() -> None:
+    def exposition(cpu: float, rss: int) -> str:
+        return ("# HELP fulcrum_node_cpu_seconds_total CPU.\n# TYPE fulcrum_node_cpu_seconds_total counter\n"
+                f"fulcrum_node_cpu_seconds_total {cpu}\n"
+                "# HELP fulcrum_node_resident_memory_bytes RSS.\n# TYPE fulcrum_node_resident_memory_bytes gauge\n"
+                f"fulcrum_node_resident_memory_bytes {rss}\n")
+
+    supervisor = exposition(2.5, 40_000_000)
+    retired = Retired()
+    retired.add({"metrics": exposition(7.25, 90_000_000)})  # a worker that died: its CPU stays, its memory goes
+    merged = merge_metrics(supervisor, [exposition(10.0, 60_000_000), exposition(20.0, 70_000_000),
+                                        retired.document()["metrics"]])
+    assert "fulcrum_node_cpu_seconds_total 39.75\n" in merged
+    assert "fulcrum_node_resident_memory_bytes 170000000\n" in merged
+    # No worker answered: the supervisor's own.
+    assert "fulcrum_node_cpu_seconds_total 2.5\n" in merge_metrics(supervisor, [])
