@@ -127,6 +127,62 @@ class Plan:
     release: tuple[str, ...] = ()  # VIPs this node holds and should hand off
 
 
+def deal(free: Sequence[str], able: Mapping[str, Collection[str]], count: Mapping[str, int], ceil: int) -> dict[str, str]:
+    """Who each free VIP goes to: the same answer on every node from the same view.
+
+    The VIPs fewest candidates take go first (a VIP only one node takes is its before the
+    others fill its share), then in address order; each to the taker with the fewest VIPs
+    (held and dealt) below ``ceil``, ties in rendezvous order. When every taker of a VIP is at
+    the ceiling already, a VIP dealt earlier moves along a chain of takers to one below it
+    (the shortest chain, found breadth-first), so a VIP is not dealt over the ceiling and
+    handed off again right after (two moves) while a placement within the shares exists;
+    when none exists, the VIP goes over the ceiling to its least loaded taker."""
+    load = dict(count)
+    owner: dict[str, str] = {}
+    ranks = {v: {node: i for i, node in enumerate(preference(v, able[v]))} for v in free}
+    for vip in sorted(free, key=lambda v: (len(able[v]), v)):
+        rank = ranks[vip]
+        takers = sorted(able[vip], key=lambda c: (load[c], rank[c]))
+        winner = next((c for c in takers if load[c] < ceil), None)
+        if winner is None:
+            winner = _make_room(takers, owner, able, load, ceil)
+            if winner is None:
+                winner = takers[0]
+                load[winner] += 1
+        else:
+            load[winner] += 1
+        owner[vip] = winner
+    return owner
+
+
+def _make_room(
+    starts: list[str], owner: dict[str, str], able: Mapping[str, Collection[str]], load: dict[str, int], ceil: int,
+) -> str | None:
+    """A chain start -> (a VIP dealt to it) -> another of that VIP's takers -> ... ending at a
+    node below ``ceil``: the VIPs along it move one step (``owner``, and ``load`` of the last
+    node), and the start, which kept its load, is returned to take one more; None if no chain."""
+    parent: dict[str, tuple[str, str] | None] = dict.fromkeys(starts)
+    queue = list(starts)
+    for node in queue:  # breadth-first: the list grows as it is walked
+        for vip in sorted(v for v, o in owner.items() if o == node):
+            for other in sorted(able[vip]):
+                if other in parent:
+                    continue
+                parent[other] = (node, vip)
+                if load[other] < ceil:
+                    load[other] += 1
+                    step: tuple[str, str] | None = (node, vip)
+                    receiver = other
+                    while step is not None:
+                        giver, moved = step
+                        owner[moved] = receiver
+                        receiver = giver
+                        step = parent[giver]
+                    return receiver
+                queue.append(other)
+    return None
+
+
 def plan(
     me: str,
     vips: Sequence[str],
@@ -141,9 +197,10 @@ def plan(
     claimer keys). ``takes``: the VIPs each candidate takes (configures); a candidate it does
     not name takes every VIP of ``vips``. A VIP's *takers* are the candidates that take it.
 
-    - Free VIPs are dealt out in address order, each to the taker with the fewest VIPs
-      below the ceiling share (ties: rendezvous order); ``me`` campaigns for those it is
-      dealt, and for any free VIP it takes in ``urgent`` (free for too long: anyone may
+    - Free VIPs are dealt out (``deal``: the most constrained first, each to the taker with
+      the fewest VIPs below the ceiling share, ties in rendezvous order, moving earlier deals
+      along to make room rather than going over the ceiling); ``me`` campaigns for those it
+      is dealt, and for any free VIP it takes in ``urgent`` (free for too long: anyone may
       take it). A VIP that no candidate takes is left alone.
     - Hand-off only when no VIP is free, one VIP per round: a node above the ceiling gives
       back its extras that another taker below the ceiling can have; otherwise the
@@ -170,18 +227,10 @@ def plan(
         holder = holders.get(vip)
         if holder in count:
             count[holder] += 1
-    free = sorted(v for v in vips if v not in holders and able[v])
-    campaign = []
-    dealt = dict(count)
-    for vip in free:
-        rank = {node: i for i, node in enumerate(preference(vip, able[vip]))}
-        eligible = [c for c in able[vip] if dealt[c] < ceil] or list(able[vip])
-        winner = min(eligible, key=lambda c: (dealt[c], rank[c]))
-        dealt[winner] += 1
-        if winner == me or (vip in urgent and me in able[vip]):
-            campaign.append(vip)
+    free = [v for v in vips if v not in holders and able[v]]
     if free:
-        return Plan(campaign=tuple(campaign))
+        dealt = deal(free, able, count, ceil)
+        return Plan(campaign=tuple(v for v in free if dealt[v] == me or (v in urgent and me in able[v])))
     held: dict[str, list[str]] = {c: sorted(v for v in vips if holders.get(v) == c) for c in cands}
     mine = held[me]
     if count[me] > ceil:
