@@ -32,7 +32,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # Where `make wheel` puts the wheel the Ansible role installs (git-ignored).
 DIST    ?= dist
 
-.PHONY: demo demo-cluster test test-fast bench fuzz flood soak lint venv lock wheel sysdeps-test sysdeps-bench clean
+.PHONY: demo demo-cluster test test-fast bench fuzz explore flood soak lint venv lock wheel sysdeps-test sysdeps-bench clean
 
 # A venv ($(1)) of interpreter $(2) with the pinned dependencies and this checkout (editable).
 define make-venv
@@ -101,6 +101,14 @@ bench: sysdeps-bench $(BENCH_STAMP)
 FUZZ_SECONDS ?= 600
 fuzz: $(STAMP)
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/fuzz
+
+# The suite's property tests (hypothesis) with fresh random examples, EXPLORE_RUNS times; not
+# in CI, where they run the same examples every time (tests/conftest.py, docs/fuzzing.md).
+EXPLORE_RUNS ?= 20
+explore: $(STAMP)
+	@for i in $$(seq $(EXPLORE_RUNS)); do \
+		HYPOTHESIS_EXPLORE=1 $(BIN)/python -m pytest -q -p no:cacheprovider $$(grep -l "@given" tests/unit/*.py) || exit 1; \
+	done
 
 # Slow clients at full scale (not in CI: ~2 minutes of both cores): 10,000 slowloris
 # connections against one node (the suite runs 2,000), plus the connection-flood test.
