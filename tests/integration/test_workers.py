@@ -163,6 +163,18 @@ def accepted_by(pid: int, listen_port: int) -> set[int]:
     return ports
 
 
+def get_one(s: socket.socket, host: str) -> bytes:
+    """GET / on ``s`` and its answer, read to the end of its body (the demo backend's name and
+    a line end)."""
+    s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    data = b""
+    while not data.endswith(b"\n") or b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
 def served_by_each(port: int, pids: list[int], expected: str, attempts: int = 200, *,
                    tls: ssl.SSLContext | None = None, host: str = "x") -> None:
     """Fresh connections to ``port`` (TLS handshakes for ``host`` with ``tls``) until each worker
@@ -174,12 +186,7 @@ def served_by_each(port: int, pids: list[int], expected: str, attempts: int = 20
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             client_port = raw.getsockname()[1]
             with tls.wrap_socket(raw, server_hostname=host) if tls else raw as s:
-                s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-                data = b""
-                while not data.endswith(b"\n") or b"\r\n\r\n" not in data:
-                    chunk = s.recv(65536)
-                    assert chunk, data
-                    data += chunk
+                data = get_one(s, host)
                 seen |= {pid for pid in pids if client_port in accepted_by(pid, port)}
         assert data.startswith(b"HTTP/1.1 200 ") and data.rpartition(b"\r\n\r\n")[2].decode().strip() == expected, data
         if seen == set(pids):
@@ -527,12 +534,7 @@ def test_status_adds_up_the_workers_tls_handshakes_and_access_log(spawn: Spawn, 
         with socket.create_connection(("127.0.0.1", https_port), timeout=5) as raw:
             client_port = raw.getsockname()[1]
             with context.wrap_socket(raw, server_hostname="www.example.com") as tls:
-                tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
-                data = b""
-                while not data.endswith(b"\n") or b"\r\n\r\n" not in data:
-                    chunk = tls.recv(65536)
-                    assert chunk, data
-                    data += chunk
+                data = get_one(tls, "www.example.com")
                 # (while it is open: the worker's socket is listed)
                 accepted |= {pid for pid in pids if client_port in accepted_by(pid, https_port)}
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"a\n"), data
@@ -554,8 +556,7 @@ def test_status_adds_up_the_workers_tls_handshakes_and_access_log(spawn: Spawn, 
         tls = context.wrap_socket(socket.create_connection(("127.0.0.1", https_port), timeout=5),
                                   server_hostname="www.example.com")
         held.append(tls)
-        tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
-        assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+        assert get_one(tls, "www.example.com").startswith(b"HTTP/1.1 200")
         holders |= {pid for pid in pids if tls.getsockname()[1] in accepted_by(pid, https_port)}
         assert len(held) <= 40
     wait_until(lambda: node.status()["connections"]["open"] == len(held), 5, "the closed ones counted out")
