@@ -147,7 +147,8 @@ class Supervisor(LbNode):
         self._last_counters: list[dict[str, Any] | None] = []
         self._retired = Retired()  # what dead workers had counted, as last read
         self.worker_queues: dict[str, int] = {}
-        # /status's listener counters (TLS, access log): the workers', summed at each read.
+        # /status's and the page's listener counters (connections, TLS, access log): the
+        # workers', summed at each read.
         self.worker_listeners: dict[str, dict[str, Any]] = {}
         self._spare: tuple[trio.Process, Channel] | None = None
         self.spare_ready = False  # the spare has imported everything and waits for a slot

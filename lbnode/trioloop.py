@@ -3,15 +3,16 @@
 At every task step, every task it schedules and every I/O wait, Trio's run loop asks whether
 an instrument wants that hook (``"before_task_step" in runner.instruments``) so as to skip
 the hooks nobody installed. In the Trio this was written against (0.35) that table,
-``Instruments``, is a ``collections.UserDict``, whose ``__contains__`` is a Python function: each of those checks is
-a Python call, about 14 per keep-alive request and 23 per new L4 connection (what
-``bench.opcount`` lists as ``collections/__init__.py:__contains__``). ``fast_instruments`` gives
-the running loop the same table as a ``dict``, whose ``in`` is dict's own lookup, in C. Adding,
-removing and calling instruments stay Trio's own functions, unchanged, on the same entries.
+``Instruments``, is a ``collections.UserDict``, whose ``__contains__`` is a Python function:
+each of those checks is a Python call, about 14 per keep-alive request and 23 per new L4
+connection (what ``bench.opcount`` lists as ``collections/__init__.py:__contains__``).
+``fast_instruments`` gives the running loop the same table as a ``dict``, whose ``in`` is
+dict's own lookup, in C. Adding, removing and calling instruments stay Trio's own functions,
+unchanged, on the same entries.
 
 It reaches into Trio's runner, which is not public, so it checks what it finds: a table that is
-a ``dict`` already (as in older Trio versions) is left, and anything it does not recognise is left as it
-is and reported (the loop then runs as Trio made it, only slower).
+a ``dict`` already (as in older Trio versions) is left, and anything it does not recognise is
+left as it is and reported (the loop then runs as Trio made it, only slower).
 """
 
 from __future__ import annotations

@@ -98,8 +98,8 @@ def status_document(node: AdminView) -> dict[str, Any]:
         config["stale"] = True  # the store stopped answering: changes made meanwhile are not here
     # A supervisor serves no connection: its workers' counts, added up by refresh_counters.
     summed = getattr(node, "worker_listeners", None)
-    own = listener_counters(node) if summed is None else summed
-    listeners = {name: {"protocol": li.protocol, **own.get(name, {})} for name, li in snap.listeners.items()}
+    counted = listener_counters(node) if summed is None else summed
+    listeners = {name: {"protocol": li.protocol, **counted.get(name, {})} for name, li in snap.listeners.items()}
     gate = getattr(node, "connection_gate", None)
     # A supervisor's connections are its workers': the sum of its listeners' (which the
     # node's gate counts in a single process).
