@@ -23,6 +23,11 @@ closes it: what ``openssl s_time -new`` in bench/tls.py costs the node, in Pytho
 Figures are then per connection. ``tls-keepalive``: requests one after the other on one TLS
 connection to that listener (figures per request).
 
+``--calls`` counts Python calls by function instead (a coroutine's resumptions included, so
+a handler's count is its task's scheduler steps): a function called from C on every step
+(a ``__contains__`` Trio asks at each task step, ``lbnode.trioloop``) or a task that steps
+more often than the request needs shows there first.
+
 What it does not see: time in C (llhttp, the system calls, ``bytes.join``, dict
 lookups), which costs far more per call than an instruction, and the batching of a
 loaded node (with one request at a time, every Trio scheduler turn serves one
@@ -76,6 +81,10 @@ def _tracer(frame, event, arg):
             counts[key] += 1
         return local
     return local
+def _call_tracer(frame, event, arg):  # --calls: each call, and each resumption of a coroutine
+    counts[_key(frame.f_code)] += 1
+if CALLS:
+    _tracer = _call_tracer
 import gc
 gc_at_start = [0, 0, 0]
 def _start(signum, _):
@@ -267,9 +276,9 @@ def client_for(mode: str, ports: Ports) -> Client | NewConnectionClient:
 
 
 def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
-          mode: str = "keepalive", protections: bool = False) -> dict[str, int]:
+          mode: str = "keepalive", protections: bool = False, calls: bool = False) -> dict[str, int]:
     """Instructions by function over ``requests`` requests (connections but in the keep-alive
-    modes) served by the lbnode of ``tree``."""
+    modes) served by the lbnode of ``tree``; ``calls``: calls (and resumptions) instead."""
     ports = dataclasses.replace(
         ctx.ports,
         fulcrum_web=pick_port(29280 + 10 * i, taken),
@@ -286,7 +295,7 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
     else:
         conf.write_text(fulcrum_config(ports, node_id=f"ops{i}", protections=protections))
     probe = (PROBE.replace("START_GC", str(int(START_GC))).replace("START", str(int(START)))
-             .replace("STOP", str(int(STOP))).replace("OUT", repr(str(out))))
+             .replace("STOP", str(int(STOP))).replace("OUT", repr(str(out))).replace("CALLS", str(calls)))
     argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", probe, "run", "--config", str(conf)]
     proc = ctx.spawn(f"ops{i}", argv)
     ready = [ports.fulcrum_web] if mode.startswith("tls-") else [ports.fulcrum_web, ports.fulcrum_bulk]
@@ -325,12 +334,12 @@ def _phase(pid: int, start: int, client: Client | NewConnectionClient, requests:
     return counts
 
 
-def report(name: str, counts: dict[str, float], top: int, unit: str = "request") -> list[str]:
+def report(name: str, counts: dict[str, float], top: int, unit: str = "request", what: str = "instructions") -> list[str]:
     by_area: dict[str, float] = collections.defaultdict(float)
     for k, v in counts.items():
         by_area[area(k)] += v
     total = sum(v for k, v in counts.items() if area(k) != "gc")
-    lines = [f"{name}: {total:.0f} instructions per {unit} ("
+    lines = [f"{name}: {total:.0f} {what} per {unit} ("
              + ", ".join(f"{a} {by_area[a]:.0f}" for a in ("lbnode", "trio", "other")) + ")"]
     gcs = [f"{1000 * v:.2f}" for k, v in sorted(counts.items()) if area(k) == "gc"]
     if gcs:
@@ -359,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=300,
                    help="requests (connections in close, l4 and tls-new modes) counted per tree (default 300)")
     p.add_argument("--top", type=int, default=40, help="functions listed (default 40)")
+    p.add_argument("--calls", action="store_true",
+                   help="count Python calls by function (a coroutine's resumptions included: its task's "
+                        "steps) instead of instructions: what a function costs per call, and how many "
+                        "scheduler turns a request takes")
     p.add_argument("--protections", action="store_true",
                    help="count each tree without, then with the protections section's settings (health "
                         "checks, outlier detection, limits, a rate limit): the difference is their cost")
@@ -380,9 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         variants = [(f"{name}{' +protections' if on else ''}", tree, on) for name, tree in trees
                     for on in ((False, True) if args.protections else (False,))]
         for i, (name, tree, on) in enumerate(variants):
-            counts = per_request(count(ctx, tree, i, args.requests, taken, args.mode, on), args.requests)
+            counts = per_request(count(ctx, tree, i, args.requests, taken, args.mode, on, args.calls), args.requests)
             results.append(counts)
-            print("\n".join(report(name, counts, args.top, unit)), flush=True)
+            print("\n".join(report(name, counts, args.top, unit, "calls" if args.calls else "instructions")),
+                  flush=True)
         if len(results) >= 2:
             print(f"{variants[1][0]} - {variants[0][0]}, per {unit}:")
             print("\n".join(compare(results[0], results[1], args.top)))

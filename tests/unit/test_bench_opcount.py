@@ -40,3 +40,9 @@ def test_new_connection_modes_report_per_connection() -> None:
     lines = report("x", counts, top=1, unit="connection")
     assert lines[0] == "x: 200 instructions per connection (lbnode 200, trio 0, other 0)"
     assert lines[1] == "  garbage collections per 1000 connections, generations 0/1/2: 0.00"
+
+
+def test_calls_mode_says_calls() -> None:
+    lines = report("HEAD", {"trio/_core/_run.py:reschedule": 7.5, "lbnode/http/proxy.py:handle": 2.0}, 5,
+                           what="calls")
+    assert lines[0] == "HEAD: 10 calls per request (lbnode 2, trio 8, other 0)"
