@@ -111,14 +111,18 @@ def add_up(snapshot: Snapshot, documents: Iterable[dict[str, Any]]) -> dict[str,
     return queues
 
 
-# Of a listener's /status counters (lbnode.admin.server.listener_counters): what a worker
-# counted since it started (kept by ``Retired`` when it dies), and what it has now (dropped).
-_TLS_COUNTERS = ("handshakes", "resumed")
-_TLS_GAUGES = ("in_progress",)
-_LOG_COUNTERS = ("written", "dropped")
-_LOG_GAUGES = ("buffered",)
-_CONN_COUNTERS = ("accepted",)
-_CONN_GAUGES = ("open",)
+# A listener's /status counters (lbnode.admin.counted.listener_counters), by section: what a
+# worker counted since it started (kept by ``Retired`` when it dies) and what it has now (gone
+# with it: open connections, handshakes under way, entries buffered). Each section may also
+# name its listener's settings (the access log's path and format), the same in every worker.
+_SECTIONS = {
+    "connections": (("accepted",), ("open",)),
+    "tls": (("handshakes", "resumed"), ("in_progress",)),
+    "access_log": (("written", "dropped"), ("buffered",)),
+}
+_SETTINGS = ("path", "format")
+# What a dead worker's reading says of now only: its gauges, and the ticket key it used.
+_NOW = frozenset(g for _, gauges in _SECTIONS.values() for g in gauges) | {"ticket_key"}
 
 
 def add_up_listeners(documents: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -131,27 +135,21 @@ def add_up_listeners(documents: Iterable[dict[str, Any]]) -> dict[str, dict[str,
     for doc in documents:
         for name, theirs in doc.get("listeners", {}).items():
             into = out.setdefault(name, {})
-            conns = theirs.get("connections")
-            if conns is not None:
-                mine = into.setdefault("connections", dict.fromkeys(_CONN_GAUGES + _CONN_COUNTERS, 0))
-                for key in _CONN_GAUGES + _CONN_COUNTERS:
-                    mine[key] += conns.get(key, 0)
+            for section, (counts, gauges) in _SECTIONS.items():
+                part = theirs.get(section)
+                if part is None:
+                    continue
+                mine = into.setdefault(section, {key: part[key] for key in _SETTINGS if key in part})
+                for key in counts + gauges:
+                    mine[key] = mine.get(key, 0) + part.get(key, 0)
             tls = theirs.get("tls")
             if tls is not None:
-                mine = into.setdefault("tls", {**dict.fromkeys(_TLS_COUNTERS + _TLS_GAUGES, 0), "failures": {}})
-                for key in _TLS_COUNTERS + _TLS_GAUGES:
-                    mine[key] += tls.get(key, 0)
+                failures = into["tls"].setdefault("failures", {})
                 for kind, n in tls.get("failures", {}).items():
-                    mine["failures"][kind] = mine["failures"].get(kind, 0) + n
+                    failures[kind] = failures.get(kind, 0) + n
                 if "ticket_key" in tls:  # (a dead worker's counts say nothing of today's key)
-                    mine["ticket_key"] = "shared" if tls["ticket_key"] == "shared" and mine.get(
+                    into["tls"]["ticket_key"] = "shared" if tls["ticket_key"] == "shared" and into["tls"].get(
                         "ticket_key", "shared") == "shared" else "own"
-            log = theirs.get("access_log")
-            if log is not None:
-                mine = into.setdefault("access_log", {"path": log["path"], "format": log["format"],
-                                                      **dict.fromkeys(_LOG_COUNTERS + _LOG_GAUGES, 0)})
-                for key in _LOG_COUNTERS + _LOG_GAUGES:
-                    mine[key] += log.get(key, 0)
     for entry in out.values():
         if "tls" in entry:
             entry["tls"]["failures"] = dict(sorted(entry["tls"]["failures"].items()))
@@ -234,21 +232,10 @@ class Retired:
                 b["responses"] = [x + y for x, y in zip(b["responses"], c["responses"], strict=True)]
                 b["histogram"] = [[x + y for x, y in zip(b["histogram"][0], c["histogram"][0], strict=True)],
                                   b["histogram"][1] + c["histogram"][1]]
-        # Its listeners' counters, without the gauges (open connections, handshakes under way,
-        # entries buffered: what it had, gone with it) and the ticket key (what it used).
-        counted = {}
-        for name, theirs in doc.get("listeners", {}).items():
-            kept: dict[str, Any] = {}
-            if "connections" in theirs:
-                kept["connections"] = {key: theirs["connections"].get(key, 0) for key in _CONN_COUNTERS}
-            if "tls" in theirs:
-                kept["tls"] = {key: theirs["tls"].get(key, 0) for key in _TLS_COUNTERS}
-                kept["tls"]["failures"] = dict(theirs["tls"].get("failures", {}))
-            if "access_log" in theirs:
-                log = theirs["access_log"]
-                kept["access_log"] = {"path": log["path"], "format": log["format"],
-                                      **{key: log.get(key, 0) for key in _LOG_COUNTERS}}
-            counted[name] = kept
+        # Its listeners' counters, without what says only how it was when it died (``_NOW``).
+        counted = {name: {section: {key: value for key, value in part.items() if key not in _NOW}
+                          for section, part in theirs.items()}
+                   for name, theirs in doc.get("listeners", {}).items()}
         self.listeners = add_up_listeners([{"listeners": self.listeners}, {"listeners": counted}])
         for name, (head, samples) in parse_exposition(doc.get("metrics", "")).items():
             if not summed(name) or any(line.endswith(" gauge") for line in head if line.startswith("# TYPE ")):
