@@ -150,6 +150,7 @@ class Supervisor(LbNode):
         # /status's and the page's listener counters (connections, TLS, access log): the
         # workers', summed at each read.
         self.worker_listeners: dict[str, dict[str, Any]] = {}
+        self.worker_connections_open: int | None = None  # /status's node total: the workers' sum
         self._spare: tuple[trio.Process, Channel] | None = None
         self.spare_ready = False  # the spare has imported everything and waits for a slot
         self._spare_wait = trio.CancelScope()
@@ -485,6 +486,7 @@ class Supervisor(LbNode):
         docs = [d for d in self._last_counters if d is not None] + [self._retired.document()]
         self.worker_queues = add_up(self.snapshot, docs)
         self.worker_listeners = add_up_listeners(docs)
+        self.worker_connections_open = sum(d.get("open", 0) for d in docs)  # (a dead worker's are gone)
         self._worker_metrics = [d["metrics"] for d in docs]
 
     def workers_status(self) -> dict[str, Any]:

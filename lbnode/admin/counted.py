@@ -32,3 +32,11 @@ def listener_counters(node: Any) -> dict[str, dict[str, Any]]:
         if entry:
             out[name] = entry
     return out
+
+
+def node_listener_counters(node: Any) -> dict[str, dict[str, Any]]:
+    """The node's counters per listener: a supervisor serves no connection, so its are its
+    workers', summed at each read (``worker_listeners``, by ``refresh_counters``); a single
+    process's are its own."""
+    summed: dict[str, dict[str, Any]] | None = getattr(node, "worker_listeners", None)
+    return listener_counters(node) if summed is None else summed

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from lbnode.admin.counted import listener_counters
+from lbnode.admin.counted import node_listener_counters
 from lbnode.control.events import (
     BackendHealthChange,
     CertificateChange,
@@ -80,8 +80,7 @@ def _address(host: str, port: int) -> str:
 def _listeners(node: Any) -> list[dict[str, Any]]:
     snap = node.snapshot
     bound = node.bound.listeners if getattr(node, "bound", None) is not None else {}
-    summed = getattr(node, "worker_listeners", None)  # a supervisor's: its workers', added up
-    counted = listener_counters(node) if summed is None else summed
+    counted = node_listener_counters(node)
     out = []
     for name, li in snap.listeners.items():
         host, port = bound.get(name, (li.bind.host, li.bind.port))

@@ -17,7 +17,7 @@ import trio
 
 from lbnode.admin import metrics, page
 from lbnode.admin.access import OPEN, AdminAccess, check
-from lbnode.admin.counted import listener_counters
+from lbnode.admin.counted import node_listener_counters
 from lbnode.http.framing import RequestReader
 from lbnode.http.headers import RequestHead
 from lbnode.listen import ConnectionGate, accept_loop
@@ -96,16 +96,13 @@ def status_document(node: AdminView) -> dict[str, Any]:
     follower = getattr(node, "follower", None)
     if follower is not None and follower.failing:
         config["stale"] = True  # the store stopped answering: changes made meanwhile are not here
-    # A supervisor serves no connection: its workers' counts, added up by refresh_counters.
-    summed = getattr(node, "worker_listeners", None)
-    counted = listener_counters(node) if summed is None else summed
+    counted = node_listener_counters(node)
     listeners = {name: {"protocol": li.protocol, **counted.get(name, {})} for name, li in snap.listeners.items()}
     gate = getattr(node, "connection_gate", None)
-    # A supervisor's connections are its workers': the sum of its listeners' (which the
-    # node's gate counts in a single process).
-    open_now = gate.in_use if gate is not None else None
-    if summed is not None:
-        open_now = sum(entry.get("connections", {}).get("open", 0) for entry in summed.values())
+    # A supervisor serves no connection: the sum of its workers' gates (refresh_counters).
+    open_now = getattr(node, "worker_connections_open", None)
+    if open_now is None:
+        open_now = gate.in_use if gate is not None else None
     workers = getattr(node, "workers_status", None)  # a supervisor's worker processes
     return {
         **(workers() if workers is not None else {}),

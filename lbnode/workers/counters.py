@@ -71,7 +71,8 @@ def counters_document(node: Any) -> dict[str, Any]:
                 for b in pool.backends
             },
         }
-    return {"metrics": render(node).decode(), "pools": pools, "listeners": listener_counters(node)}
+    return {"metrics": render(node).decode(), "pools": pools, "listeners": listener_counters(node),
+            "open": node.connection_gate.in_use}  # (its listeners', and those of removed ones still draining)
 
 
 def add_up(snapshot: Snapshot, documents: Iterable[dict[str, Any]]) -> dict[str, int]:
