@@ -27,15 +27,13 @@ class TokenBucket:
         self.tokens = float(burst)
         self.updated = now
 
-    def refill(self, now: float) -> None:
-        # A clock that steps back must not mint tokens, nor jam the bucket.
+    def take(self, now: float) -> float:
+        """0.0 when allowed (one token spent), else the seconds until a token is there."""
+        # The refill first (here, not in a method of its own: a call per request less). A clock
+        # that steps back must not mint tokens, nor jam the bucket.
         if now > self.updated:
             self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
             self.updated = now
-
-    def take(self, now: float) -> float:
-        """0.0 when allowed (one token spent), else the seconds until a token is there."""
-        self.refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
@@ -51,9 +49,14 @@ def retry_after_seconds(wait: float) -> int:
     return max(1, math.ceil(wait))
 
 
-# How many of the least recently seen clients each call inspects for removal:
-# a constant, so a call stays O(1), and above 1 so the table shrinks while it is used.
+# How many of the least recently seen clients a new client's arrival inspects for removal:
+# a constant, so a call stays O(1), and above 1 so the table shrinks while clients come.
 _SWEEP_PER_CALL = 2
+# A known client's request sweeps too, but at most every _SWEEP_INTERVAL seconds and then up
+# to _SWEEP_PER_INTERVAL clients, so that the table also shrinks while the same clients stay
+# (at up to 640 clients a second) without a sweep on every request of a busy client.
+_SWEEP_INTERVAL = 0.1
+_SWEEP_PER_INTERVAL = 64
 
 
 class RateLimiter:
@@ -75,6 +78,7 @@ class RateLimiter:
         self.burst = burst
         self.max_clients = max_clients
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._sweep_at = -math.inf  # when a known client's request next sweeps
         self.evicted_early = 0  # clients dropped before their bucket was full
 
     def __len__(self) -> int:
@@ -85,7 +89,7 @@ class RateLimiter:
         buckets = self._buckets
         bucket = buckets.get(client)
         if bucket is None:
-            self._sweep(now)
+            self._sweep(now, _SWEEP_PER_CALL)
             while len(buckets) >= self.max_clients:
                 _, oldest = buckets.popitem(last=False)
                 if oldest.full_at() > now:
@@ -96,12 +100,15 @@ class RateLimiter:
         wait = bucket.take(now)
         # After the take, not before: a client whose bucket had refilled since its last request
         # (a client at a low rate: most of them) keeps it rather than have it swept and made
-        # again, and being the most recent now, it is not what the sweep looks at.
-        self._sweep(now)
+        # again, and being the most recent now, it is where the sweep stops.
+        if now >= self._sweep_at:
+            self._sweep_at = now + _SWEEP_INTERVAL
+            self._sweep(now, _SWEEP_PER_INTERVAL)
         return wait
 
-    def _sweep(self, now: float) -> None:
-        for _ in range(_SWEEP_PER_CALL):
+    def _sweep(self, now: float, most: int) -> None:
+        """Drop up to ``most`` of the least recently seen clients whose bucket is full again."""
+        for _ in range(most):
             if not self._buckets:
                 return
             client, bucket = next(iter(self._buckets.items()))

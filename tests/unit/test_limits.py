@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lbnode import limits
 from lbnode.limits import RateLimiter, RetryBudget, TokenBucket, retry_after_seconds
 
 # --------------------------------------------------------------------------- token bucket
@@ -133,6 +134,19 @@ def test_idle_clients_whose_bucket_refilled_are_dropped() -> None:
     for i in range(50):
         limiter.take("192.0.2.1", 10.0 + i)
     assert len(limiter) == 1
+    assert limiter.evicted_early == 0
+
+
+def test_a_busy_client_sweeps_the_table_at_most_every_interval_and_never_itself() -> None:
+    limiter = RateLimiter(rate=1.0, burst=2, max_clients=1000)
+    for i in range(200):
+        limiter.take(f"10.0.2.{i}", 0.0)
+    busy = "10.0.2.199"  # known, so its requests sweep only on the interval
+    sizes = []
+    for step in range(10):  # every 0.6 intervals: a sweep (up to 64 refilled clients) every other step
+        limiter.take(busy, 10.0 + step * limits._SWEEP_INTERVAL * 0.6)
+        sizes.append(len(limiter))
+    assert sizes == [136, 136, 72, 72, 8, 8, 1, 1, 1, 1]
     assert limiter.evicted_early == 0
 
 
