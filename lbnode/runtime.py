@@ -254,8 +254,12 @@ class PoolRuntime:
     def report(self, backend: BackendState, failure: str | None, now: float) -> None:
         """Outcome of one attempt for passive checks: None = success, else a failure kind."""
         if failure is None:  # the common case, first
-            if self.outlier is not None and self._current(backend):
-                self.outlier.record_success(backend.id, now)
+            # Not only for a backend still in this pool's list (as failures are): the detector
+            # outlives snapshots and is keyed by backend id, so a success reported through an
+            # older snapshot resets the right record, and a removed backend has none.
+            outlier = self.outlier
+            if outlier is not None:
+                outlier.record_success(backend.id, now)
             return
         backend.failures += 1
         if not self._current(backend):
