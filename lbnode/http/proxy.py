@@ -616,8 +616,9 @@ class HttpProxy:
             entry.host = head.host
         if self.listener.redirect_https is not None:
             return await self._redirect_https(conn, head)
+        now = self.clock()  # read again only after something that waits; _forward's too
         if self.rate_limiter is not None:
-            wait = self.rate_limiter.take(conn.ip, self.clock())
+            wait = self.rate_limiter.take(conn.ip, now)
             if wait > 0:
                 rate = self.listener.rate_limit.rate  # type: ignore[union-attr]
                 return await self._refuse_unread(conn, head, 429, f"rate limit of {rate:g}/s exceeded",
@@ -637,12 +638,14 @@ class HttpProxy:
         body: list[bytes | End] | None = None
         if head.has_body:
             body = await self._buffer_body(conn, head, pool)
+            now = self.clock()
         else:
             events = conn.reader.events
             if events and type(events[0]) is End:
                 events.popleft()  # the usual case: the End came with the head, no need to wait
             else:
                 await self._expect_end(conn)
+                now = self.clock()
             body = []
         spec = pool.spec
         ctx = conn.pick_context  # the client's address only: one per connection
@@ -657,9 +660,9 @@ class HttpProxy:
                 hash_key = extract_hash_key(spec.hash_key, conn.ip, head.path, head.query, header)
                 ctx = PickContext(client_ip=conn.ip, hash_key=hash_key)
             if pool.stickiness is not None:
-                bound_to, key = pool.stickiness.remembered(conn.ip, header, self.clock(), self.wall_clock())
+                bound_to, key = pool.stickiness.remembered(conn.ip, header, now, self.wall_clock())
                 session = Session(key, bound_to)
-        return await self._forward(conn, head, pool, ctx, body, session)
+        return await self._forward(conn, head, pool, ctx, body, now, session)
 
     async def _refuse_unread(
         self, conn: ClientConn, head: RequestHead, status: int, reason: str,
@@ -812,16 +815,17 @@ class HttpProxy:
         pool: PoolRuntime,
         ctx: PickContext,
         body: list[bytes | End] | None,
+        now: float,
         session: Session | None = None,
     ) -> bool:
-        """Try backends until one answers; relay its response."""
+        """Try backends until one answers; relay its response. ``now``: the clock, read since the
+        request last waited."""
         spec = pool.spec
         tried: set[int] = set()
         retries_left = spec.retries
         fresh_retry_used = False
         last: UpstreamError | None = None
         budget = pool.retry_budget
-        now = self.clock()  # read again only after something that waits
         budget.record_request(now)
         extra = conn.forwarded + conn.request_id_line if conn.request_id_line else conn.forwarded
         # HTTP/1.0 without Host (rare): the Host it goes upstream with
