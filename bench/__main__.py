@@ -112,6 +112,13 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
         help="interleaved runs per balancer in the l7, connections and tls sections, each row "
         "their median (default 3, 1 with --quick)",
     )
+    p.add_argument(
+        "--variant-rounds",
+        type=int,
+        help="ABBA rounds (A, B, B, A) in the sections that compare two Fulcrum configs "
+        "(protections, access log, metrics, routes, workers, cluster), each giving one ratio, "
+        "the median reported (default 3, 1 with --quick)",
+    )
     p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     p.add_argument(
         "--no-pin", action="store_true", help="do not pin wrk and the balancer to separate CPUs"
@@ -132,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         opts.duration, opts.warmup, opts.bulk_duration = 3.0, 1.0, 2.0
         opts.variant_duration = 2.0
-        opts.rounds = 1
+        opts.rounds = opts.variant_rounds = 1
     if args.duration is not None:
         opts.duration = max(1.0, args.duration)
     if args.variant_duration is not None:
         opts.variant_duration = max(1.0, args.variant_duration)
     if args.rounds is not None:
         opts.rounds = max(1, args.rounds)
+    if args.variant_rounds is not None:
+        opts.variant_rounds = max(1, args.variant_rounds)
     if args.bulk_duration is not None:
         opts.bulk_duration = max(0.5, args.bulk_duration)
     chosen = [s for s in all_sections if args.only is None or s.name in (args.only, "targets")]

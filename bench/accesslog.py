@@ -10,6 +10,7 @@ from bench.variants import (
     Variant,
     abba,
     compare_runs,
+    order_text,
     render_comparison,
     render_runs,
     run_all,
@@ -25,13 +26,13 @@ UNLOGGED = Variant("access log off")
 LOGGED = Variant("access log on", access_log=True)
 
 
-def access_log_runs() -> list[tuple[str, Variant]]:
-    """Off, on, on, off. (ABBA)"""
-    return abba(UNLOGGED, LOGGED)
+def access_log_runs(rounds: int = 1) -> list[tuple[str, Variant]]:
+    """Off, on, on, off, ``rounds`` times. (ABBA)"""
+    return abba(UNLOGGED, LOGGED, rounds)
 
 
 def section_access_log(ctx: Context) -> str:
-    runs = access_log_runs()
+    runs = access_log_runs(ctx.opts.variant_rounds)
     rows = run_all(ctx, runs, "accesslog")
     off = [r for r, (_, v) in zip(rows, runs, strict=True) if v == UNLOGGED]
     on = [r for r, (_, v) in zip(rows, runs, strict=True) if v == LOGGED]
@@ -47,8 +48,7 @@ def section_access_log(ctx: Context) -> str:
         "(and req/s at most that far below) the runs without. The writer's thread formats and "
         "writes in lbnode's process: its CPU is in the figures. "
         + variant_load_text(ctx)
-        + "Runs in the order off, on, on, off; the comparison is between the means of the two "
-        "runs of each. "
+        + order_text("off", "on", ctx.opts.variant_rounds)
         + spread_text(off, "Off")
         + " "
         + spread_text(on, "On")

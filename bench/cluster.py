@@ -22,6 +22,7 @@ from bench.variants import (
     Variant,
     abba,
     compare_runs,
+    order_text,
     render_comparison,
     render_runs,
     run_all,
@@ -46,9 +47,9 @@ STANDALONE = Variant("standalone")
 CLUSTERED = Variant("cluster member", cluster=True)
 
 
-def cluster_runs() -> list[tuple[str, Variant]]:
-    """Standalone, cluster, cluster, standalone. (ABBA)"""
-    return abba(STANDALONE, CLUSTERED)
+def cluster_runs(rounds: int = 1) -> list[tuple[str, Variant]]:
+    """Standalone, cluster, cluster, standalone, ``rounds`` times. (ABBA)"""
+    return abba(STANDALONE, CLUSTERED, rounds)
 
 
 @dataclass
@@ -309,7 +310,7 @@ def section_cluster(ctx: Context) -> str:
             f"skipped: etcd is not installed ({ETCD}; Debian package etcd-server, which "
             "`make sysdeps-test` installs). Nothing was measured."
         )
-    runs = cluster_runs()
+    runs = cluster_runs(ctx.opts.variant_rounds)
     o = ctx.opts
     rows = run_all(ctx, runs, "cluster", duration=o.duration, warmup=o.warmup)
     ctx.results["cluster"] = rows
@@ -348,9 +349,8 @@ def section_cluster(ctx: Context) -> str:
         "one-member etcd the benchmark starts in its temp dir (unpinned; running during "
         "every run, idle in the standalone ones): its pools are seeded into etcd and "
         "followed through a watch, and it keeps a lease alive (node key, every TTL/3 of the "
-        "default 5 s). No health checks, so no observations are published. Runs in the "
-        "order standalone, cluster, cluster, standalone; means compared; nothing is re-run "
-        "or dropped. "
+        "default 5 s). No health checks, so no observations are published. "
+        + order_text("standalone", "cluster", o.variant_rounds)
         + spread_text(standalone, "Standalone")
         + " "
         + spread_text(clustered, "Cluster member")

@@ -224,6 +224,7 @@ class Options:
     bulk_min_downloads: int = 3
     variant_duration: float = 4.0  # measured seconds per run in the policies/protections sections
     variant_warmup: float = 1.0  # warm-up seconds per run there (not measured)
+    variant_rounds: int = 3  # ABBA rounds in the sections that compare two configs
     start_timeout: float = 20.0
     pin: bool = True
     rounds: int = 3  # interleaved runs per balancer in the l7, connections and tls sections

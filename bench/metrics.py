@@ -12,7 +12,9 @@ from bench.measure import L7Row, progress
 from bench.variants import (
     BASELINE,
     CORE_NOTE,
+    abba_labelled,
     compare_runs,
+    order_text,
     render_comparison,
     render_runs,
     run_variant,
@@ -60,21 +62,18 @@ class Scraper:
         self._thread.join()
 
 
-def metrics_runs() -> list[tuple[str, bool]]:
-    """Never scraped, scraped, scraped, never scraped (ABBA, as the protections section)."""
-    return [
-        ("never scraped (1st)", False),
-        ("scraped every 1 s (1st)", True),
-        ("scraped every 1 s (2nd)", True),
-        ("never scraped (2nd)", False),
-    ]
+def metrics_runs(rounds: int = 1) -> list[tuple[str, bool]]:
+    """Never scraped, scraped, scraped, never scraped, ``rounds`` times (ABBA, as the
+    protections section)."""
+    return abba_labelled("never scraped", False, f"scraped every {SCRAPE_INTERVAL:g} s", True, rounds)
 
 
 def section_metrics(ctx: Context) -> str:
     ctx.backends()
     rows: list[L7Row] = []
     scrapers: list[Scraper] = []
-    for i, (label, scraped) in enumerate(metrics_runs()):
+    runs = metrics_runs(ctx.opts.variant_rounds)
+    for i, (label, scraped) in enumerate(runs):
         if scraped:
             with Scraper(ctx.ports.fulcrum_admin) as scraper:
                 rows.append(run_variant(ctx, label, BASELINE, f"fulcrum-metrics-{i}"))
@@ -82,7 +81,6 @@ def section_metrics(ctx: Context) -> str:
         else:
             rows.append(run_variant(ctx, label, BASELINE, f"fulcrum-metrics-{i}"))
         progress(rows[-1])
-    runs = metrics_runs()
     never = [r for r, (_, s) in zip(rows, runs, strict=True) if not s]
     scraped_rows = [r for r, (_, s) in zip(rows, runs, strict=True) if s]
     comparison = compare_runs(never, scraped_rows, METRICS_TARGET, "never scraped", "scraped")
@@ -99,8 +97,7 @@ def section_metrics(ctx: Context) -> str:
         f"process): {sum(s.scrapes for s in scrapers)} scrapes answered, "
         f"{sum(s.failures for s in scrapers)} refused (while lbnode started), {size} bytes each. "
         + variant_load_text(ctx)
-        + "Runs in the order never, scraped, scraped, never; the comparison is between the "
-        "means of the two runs of each. "
+        + order_text("never", "scraped", ctx.opts.variant_rounds)
         + spread_text(never, "Never scraped")
         + " "
         + spread_text(scraped_rows, "Scraped")

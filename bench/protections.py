@@ -15,6 +15,7 @@ from bench.variants import (
     Variant,
     abba,
     compare_runs,
+    order_text,
     render_comparison,
     render_runs,
     run_all,
@@ -29,9 +30,9 @@ PLAIN = Variant("without protections")
 PROTECTED = Variant("with protections", protections=True)
 
 
-def protection_runs() -> list[tuple[str, Variant]]:
-    """Without, with, with, without. (ABBA)"""
-    return abba(PLAIN, PROTECTED)
+def protection_runs(rounds: int = 1) -> list[tuple[str, Variant]]:
+    """Without, with, with, without, ``rounds`` times. (ABBA)"""
+    return abba(PLAIN, PROTECTED, rounds)
 
 
 def compare_protections(
@@ -44,7 +45,7 @@ def compare_protections(
 
 
 def section_protections(ctx: Context) -> str:
-    runs = protection_runs()
+    runs = protection_runs(ctx.opts.variant_rounds)
     rows = run_all(ctx, runs, "protect")
     ctx.results["protections"] = rows
     without = [r for r, (_, v) in zip(rows, runs, strict=True) if v == PLAIN]
@@ -66,9 +67,7 @@ def section_protections(ctx: Context) -> str:
         f"{pr['rate']}, burst {pr['burst']} (never triggered by this load: a 429 would count "
         "as an error). Round robin in both. "
         + variant_load_text(ctx)
-        + "Runs in the order without, with, with, without (a steady drift of the machine "
-        "weighs on both sides alike); the comparison is between the means of the two runs "
-        "of each; nothing is re-run or dropped. "
+        + order_text("without", "with", ctx.opts.variant_rounds)
         + spread_text(without, "Without protections")
         + " "
         + spread_text(with_, "With protections")

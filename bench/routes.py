@@ -18,6 +18,7 @@ from bench.variants import (
     abba,
     compare_runs,
     mean_figure,
+    order_text,
     render_comparison,
     render_runs,
     run_all,
@@ -34,9 +35,9 @@ ONE_ROUTE = Variant("1 route", routes=1)
 MANY_ROUTES = Variant(f"{MANY:,} routes", routes=MANY)
 
 
-def route_runs() -> list[tuple[str, Variant]]:
-    """1 route, 1,000, 1,000, 1. (ABBA)"""
-    return abba(ONE_ROUTE, MANY_ROUTES)
+def route_runs(rounds: int = 1) -> list[tuple[str, Variant]]:
+    """1 route, 1,000, 1,000, 1, ``rounds`` times. (ABBA)"""
+    return abba(ONE_ROUTE, MANY_ROUTES, rounds)
 
 
 def _tables() -> dict[int, RouteTable]:
@@ -88,7 +89,7 @@ def render_match_costs(costs: dict[str, list[float]]) -> str:
 
 def section_routes(ctx: Context) -> str:
     costs = match_costs(rounds=2 if ctx.opts.quick else 4)
-    runs = route_runs()
+    runs = route_runs(ctx.opts.variant_rounds)
     rows = run_all(ctx, runs, "routes")
     one = [r for r, (_, v) in zip(rows, runs, strict=True) if v == ONE_ROUTE]
     many = [r for r, (_, v) in zip(rows, runs, strict=True) if v == MANY_ROUTES]
@@ -116,8 +117,7 @@ def section_routes(ctx: Context) -> str:
         "none of which the request meets; the one before last (`path_prefix = \"/small\"`) takes "
         "it. One route: that route alone. Both send to the same pool. "
         + variant_load_text(ctx)
-        + "Runs in the order 1, many, many, 1; the comparison is between the means of the two "
-        "runs of each. "
+        + order_text("1", "many", ctx.opts.variant_rounds)
         + spread_text(one, "1 route")
         + " "
         + spread_text(many, f"{MANY:,} routes")

@@ -8,9 +8,11 @@ The policies, protections, metrics and cluster sections are built from these.
 from __future__ import annotations
 
 import http.client
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from bench.configs import HOST, SMALL_PATH, Ports, fulcrum_config
 from bench.harness import Context, StartError, try_proc
@@ -63,6 +65,8 @@ class Variant:
 
 
 BASELINE = Variant("round_robin")
+
+T = TypeVar("T")
 
 
 # wrk Lua script for client "x-user". A request function makes wrk build each request
@@ -119,12 +123,55 @@ class Comparison:
     ratio: str
     goal: str
     status: str
+    by_round: str = DASH  # each round's ratio, in run order
 
 
-def abba(a: Variant, b: Variant) -> list[tuple[str, Variant]]:
-    """``a``, ``b``, ``b``, ``a``, labelled (1st) and (2nd): a steady drift of the machine
-    weighs on both sides alike, and each side's two runs show this run's noise."""
-    return [(f"{a.name} (1st)", a), (f"{b.name} (1st)", b), (f"{b.name} (2nd)", b), (f"{a.name} (2nd)", a)]
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def abba_labelled(a_name: str, a: T, b_name: str, b: T, rounds: int = 1) -> list[tuple[str, T]]:
+    """``rounds`` times ``a``, ``b``, ``b``, ``a``, each run labelled with its side's count:
+    a steady drift of the machine weighs on both sides alike within a round, each round
+    gives one ratio (``round_ratios``), and the rounds' spread shows this run's noise."""
+    runs: list[tuple[str, T]] = []
+    for r in range(rounds):
+        first, second = ordinal(2 * r + 1), ordinal(2 * r + 2)
+        runs += [(f"{a_name} ({first})", a), (f"{b_name} ({first})", b),
+                 (f"{b_name} ({second})", b), (f"{a_name} ({second})", a)]
+    return runs
+
+
+def abba(a: Variant, b: Variant, rounds: int = 1) -> list[tuple[str, Variant]]:
+    """``abba_labelled`` for two variants, named by their names."""
+    return abba_labelled(a.name, a, b.name, b, rounds)
+
+
+def round_ratios(base: Sequence[L7Row], other: Sequence[L7Row], attr: str) -> list[float]:
+    """One ratio per round of ABBA runs: the mean of ``other``'s two runs of the round over
+    ``base``'s (the rows of each side in run order, two a round); a round where a side has
+    no figure gives none. A side of one run (no ABBA) pairs run with run."""
+    size = 2 if len(base) > 1 and len(other) > 1 else 1
+    out = []
+    for i in range(0, min(len(base), len(other)), size):
+        ratio = ratio_of(mean_figure(other[i:i + size], attr), mean_figure(base[i:i + size], attr))
+        if ratio is not None:
+            out.append(ratio)
+    return out
+
+
+def order_text(a_name: str, b_name: str, rounds: int) -> str:
+    """How the runs were ordered and compared, for a section's notes."""
+    times = "once" if rounds == 1 else f"{rounds} times"
+    return (
+        f"Runs in the order {a_name}, {b_name}, {b_name}, {a_name}, {times} (a steady drift of "
+        "the machine weighs on both sides alike); a round's ratio is between the means of its "
+        "two runs of each, the ratio shown is the median of the rounds' (each in the by-round "
+        "column: their spread is this run's noise, and a goal inside it is not a result); "
+        "nothing is re-run or dropped. "
+    )
 
 
 def compare_runs(
@@ -134,9 +181,10 @@ def compare_runs(
     base_name: str,
     other_name: str,
 ) -> list[Comparison]:
-    """Means of the ``base_name`` runs (``without``) against the ``other_name`` runs
-    (``with_``): req/s at most ``limit`` below, CPU µs/req at most ``limit`` above (both
-    targets), p99 for information. Too many errors in the ``with_`` runs fail both."""
+    """The ``other_name`` runs (``with_``) against the ``base_name`` runs (``without``), both
+    in run order: the median of the rounds' ratios (``round_ratios``) at most ``limit`` below
+    for req/s, at most ``limit`` above for CPU µs/req (both targets), p99 for information;
+    the means of all runs beside them. Too many errors in the ``with_`` runs fail both."""
     errors = sum(r.errors for r in with_ if not r.failed)
     requests = sum(r.requests for r in with_ if not r.failed)
     bad = too_many_errors(errors, requests)
@@ -147,15 +195,19 @@ def compare_runs(
         ("p99 ms", "p99_ms", 2, None),
     ):
         a, b = mean_figure(without, attr), mean_figure(with_, attr)
-        ratio = ratio_of(b, a)
+        by_round = round_ratios(without, with_, attr)
+        ratio = statistics.median(by_round) if by_round else None
         if higher_ok is None:
             goal, status = DASH, "information"
         else:
-            goal = f">= {1 - limit:.2f}x" if higher_ok else f"<= {1 + limit:.2f}x"
+            goal_ratio = 1 - limit if higher_ok else 1 + limit
+            goal = f">= {goal_ratio:.2f}x" if higher_ok else f"<= {goal_ratio:.2f}x"
             missing = f"no figure {base_name}" if a is None else f"no figure {other_name}"
-            status = ratio_status(ratio, 1 - limit if higher_ok else 1 + limit, higher_ok, missing)
+            status = ratio_status(ratio, goal_ratio, higher_ok, missing)
             if status == "met" and bad:
                 status = f"not met ({errors} errors in {requests} requests)"
+            elif len(by_round) > 1 and min(by_round) < goal_ratio < max(by_round):
+                status += " (goal inside the rounds' spread)"
         out.append(
             Comparison(
                 figure,
@@ -164,6 +216,7 @@ def compare_runs(
                 DASH if ratio is None else f"{ratio:.3f}x",
                 goal,
                 status,
+                " ".join(f"{r:.3f}" for r in by_round) or DASH,
             )
         )
     return out
@@ -194,9 +247,10 @@ def render_comparison(
     rows: Sequence[Comparison], base: str = "without", other: str = "with"
 ) -> str:
     return render_table(
-        ["Figure", f"{base} (mean)", f"{other} (mean)", f"{other} / {base}", "goal", "status"],
-        [[c.figure, c.without, c.with_, c.ratio, c.goal, c.status] for c in rows],
-        align="lrrrll",
+        ["Figure", f"{base} (mean)", f"{other} (mean)", f"{other} / {base} (median)", "by round",
+         "goal", "status"],
+        [[c.figure, c.without, c.with_, c.ratio, c.by_round, c.goal, c.status] for c in rows],
+        align="lrrrlll",
     )
 
 
@@ -307,7 +361,7 @@ CORE_NOTE = (
 
 def spread_text(rows: Sequence[L7Row], what: str) -> str:
     sp = spread(rows)
-    figures = " and ".join(fmt_num(r.rps, 0, thousands=True) for r in rows if not r.failed)
+    figures = ", ".join(fmt_num(r.rps, 0, thousands=True) for r in rows if not r.failed)
     if sp is None:
         return f"{what}: {figures or 'no figure'} req/s."
     return (

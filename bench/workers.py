@@ -16,6 +16,7 @@ from bench.variants import (
     Variant,
     abba,
     compare_runs,
+    order_text,
     render_comparison,
     render_runs,
     run_all,
@@ -65,7 +66,7 @@ def section_workers(ctx: Context) -> str:
 
 
 def _section_workers(ctx: Context) -> str:
-    runs = abba(ONE, TWO)
+    runs = abba(ONE, TWO, ctx.opts.variant_rounds)
     rows = run_all(ctx, runs, "workers")
     one = [r for r, (_, v) in zip(rows, runs, strict=True) if v == ONE]
     two = [r for r, (_, v) in zip(rows, runs, strict=True) if v == TWO]
@@ -83,7 +84,7 @@ def _section_workers(ctx: Context) -> str:
         "the backends and the balancer share every core of the machine (two here), so req/s "
         "depends on what else runs; CPU µs/req is the figure to compare. "
         + variant_load_text(ctx)
-        + "Runs in the order 1, 2, 2, 1 for each. "
+        + order_text("1", "2", ctx.opts.variant_rounds)
         + spread_text(one, "1 worker")
         + " "
         + spread_text(two, "2 workers")

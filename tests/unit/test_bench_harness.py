@@ -20,6 +20,7 @@ from bench import (  # noqa: E402
     configs,
     harness,
     measure,
+    metrics,
     policies,
     procstat,
     protections,
@@ -608,11 +609,12 @@ def test_render_runs_and_comparison():
         "Figure",
         "without (mean)",
         "with (mean)",
-        "with / without",
+        "with / without (median)",
+        "by round",
         "goal",
         "status",
     ]
-    assert cells(out[2]) == ["req/s", "1,000", "990", "0.990x", ">= 0.95x", "met"]
+    assert cells(out[2]) == ["req/s", "1,000", "990", "0.990x", "0.990", ">= 0.95x", "met"]
 
 
 def test_cookie_from_set_cookie():
@@ -713,8 +715,42 @@ def test_compare_runs_names_its_sides():
     assert cells(out[0])[1:4] == [
         "standalone (mean)",
         "cluster member (mean)",
-        "cluster member / standalone",
+        "cluster member / standalone (median)",
     ]
+
+
+def test_abba_rounds_label_each_run_once():
+    runs = protections.protection_runs(3)
+    assert [v for _, v in runs] == [protections.PLAIN, protections.PROTECTED, protections.PROTECTED,
+                                    protections.PLAIN] * 3
+    assert [label for label, _ in runs[-4:]] == [
+        "without protections (5th)", "with protections (5th)", "with protections (6th)",
+        "without protections (6th)"]
+    assert len({label for label, _ in runs}) == 12
+    assert [variants.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 103)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "103rd"]
+    assert [scraped for _, scraped in metrics.metrics_runs(2)] == [False, True, True, False] * 2
+
+
+def test_compare_runs_is_the_median_of_the_rounds_ratios():
+    # three rounds of ABBA: CPU ratios 1.10, 1.02, 1.04 by round; the mean of all runs would
+    # say 1.053 (the first round's outlier pulls it), the median of the rounds says 1.04
+    base = [_prow(f"s{i}", 1000.0, cpu=c) for i, c in enumerate([100.0, 100.0, 100.0, 100.0, 90.0, 110.0])]
+    other = [_prow(f"c{i}", 1000.0, cpu=c) for i, c in enumerate([110.0, 110.0, 102.0, 102.0, 104.0, 104.0])]
+    c = variants.compare_runs(base, other, 0.05, "standalone", "cluster member")
+    cpu = c[1]
+    assert (cpu.ratio, cpu.by_round) == ("1.040x", "1.100 1.020 1.040")
+    assert cpu.status == "met (goal inside the rounds' spread)"
+    assert (cpu.without, cpu.with_) == ("100.0", "105.3")
+    # every round above the goal: not met, and not said to be inside the spread
+    other = [_prow(f"c{i}", 1000.0, cpu=108.0) for i in range(6)]
+    c = variants.compare_runs(base, other, 0.05, "standalone", "cluster member")
+    assert (c[1].ratio, c[1].status) == ("1.080x", "not met")
+    # a round where one side failed gives no ratio; the others still count
+    other[0] = L7Row("c0", failed="x")
+    other[1] = L7Row("c1", failed="x")
+    c = variants.compare_runs(base, other, 0.05, "standalone", "cluster member")
+    assert c[1].by_round == "1.080 1.080"
 
 
 def test_etcd_argv_is_one_member_on_loopback(tmp_path):
