@@ -43,6 +43,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import trio
 
 from lbnode.model import Address
+from lbnode.trioloop import run_clock
 
 log = logging.getLogger("lbnode.sockio")
 
@@ -114,7 +115,7 @@ async def recv_within(
         deadlines = current_deadlines()
     # A plain socket waits in the run's KeptWaits (registered once) if ``kept``; a TLS one in Trio's.
     wait = deadlines.kept.wait_readable if kept and type(sock) is socket.socket else trio.lowlevel.wait_readable
-    entry = deadlines.arm(sock, trio.current_time() + timeout)
+    entry = deadlines.arm(sock, deadlines.now() + timeout)
     try:
         while True:
             # The wait of the Deadlines docstring (a scope-free timeout: once per request).
@@ -316,6 +317,7 @@ class Deadlines:
 
     def __init__(self) -> None:
         self._heap: list[list[Any]] = []
+        self.now = run_clock()  # this run's clock, one call (made in the run: see PerRun)
         self.kept = KeptWaits()  # this run's kept waits: a fired deadline ends theirs too
         self._seq = 0
         self._blank = 0  # disarmed entries still in the heap

@@ -65,6 +65,7 @@ from lbnode.sockio import (
     send_all,
     try_send,
 )
+from lbnode.trioloop import run_clock
 
 log = logging.getLogger("lbnode.http")
 
@@ -336,7 +337,7 @@ class HttpProxy:
         self,
         listener: Listener,
         node: Node,
-        clock: Callable[[], float] = trio.current_time,
+        clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.time,
         port: int | None = None,
         access_log: ListenerAccessLog | None = None,
@@ -354,7 +355,7 @@ class HttpProxy:
         self.rng = rng or random.Random()  # weighted split: the side of a request (not sticky)
         self.access_log = access_log
         self.node = node
-        self.clock = clock
+        self.clock = clock if clock is not None else run_clock()  # the run's (trioloop), one call
         self.wall_clock = wall_clock  # affinity cookies expire in wall-clock time, valid on every node
         self.proto = "https" if listener.protocol == "https" else "http"
         # X-Forwarded-Port: the port the client connected to (the bound one when bind said 0).
