@@ -670,10 +670,16 @@ class HttpProxy:
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> bool:
         """Answer before reading the body: the connection only goes on if there is none."""
+        keep = await self._end_unread(conn, head)
+        await self._refuse(conn, head, status, reason, close=not keep, extra=extra)
+        return keep
+
+    async def _end_unread(self, conn: ClientConn, head: RequestHead) -> bool:
+        """Before an answer given without reading a body: whether the connection can go on
+        (only without a body, kept alive and not an upgrade), and if so its request's end read."""
         keep = not head.has_body and head.keep_alive and not head.upgrade
         if keep:
             await self._expect_end(conn)
-        await self._refuse(conn, head, status, reason, close=not keep, extra=extra)
         return keep
 
     async def _redirect_https(self, conn: ClientConn, head: RequestHead) -> bool:
@@ -688,9 +694,7 @@ class HttpProxy:
             slash = target.find(b"/", target.find(b"//") + 2)
             target = target[slash:] if slash >= 0 else b"/"
         location = b"https://" + authority.encode("latin-1") + target
-        keep = not head.has_body and head.keep_alive and not head.upgrade
-        if keep:
-            await self._expect_end(conn)
+        keep = await self._end_unread(conn, head)
         self.redirects += 1
         extra = [(b"Location", location)]
         if conn.request_id is not None:
@@ -745,9 +749,7 @@ class HttpProxy:
                       extra: list[tuple[bytes, bytes]], route: Route) -> bool:
         """A route's own answer: logged with ``reason`` (the access log's mark of a local answer,
         as for the node's errors) and counted as a local response; no Via."""
-        keep = not head.has_body and head.keep_alive and not head.upgrade
-        if keep:
-            await self._expect_end(conn)
+        keep = await self._end_unread(conn, head)
         self.route_answers[status] = self.route_answers.get(status, 0) + 1
         if conn.entry is not None:
             conn.entry.status = status
