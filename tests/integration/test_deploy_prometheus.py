@@ -38,7 +38,8 @@ def run_role(tmp_path: Path, inventory: str, variables: dict[str, object]) -> su
                  "prometheus_targets_scrape_config_file": str(tmp_path / "prometheus" / "scrape_configs" / "fulcrum.yml"),
                  "prometheus_targets_secrets_owner": os.getuid(), "prometheus_targets_secrets_group": os.getgid(),
                  "prometheus_targets_owner": os.getuid(), "prometheus_targets_group_owner": os.getgid(),
-                 "prometheus_targets_validate": f"{PROMTOOL} check config %s"} | variables
+                 "prometheus_targets_validate": f"{PROMTOOL} check config %s",
+                 "prometheus_targets_reload": ""} | variables  # no systemd unit here: see the reload test
     (tmp_path / "inventory.ini").write_text(inventory)
     play = [{"hosts": "prometheus", "gather_facts": False, "roles": ["prometheus_targets"]}]
     (tmp_path / "play.yml").write_text(json.dumps(play))
@@ -226,3 +227,72 @@ def test_prometheus_with_the_roles_job_scrapes_a_node_with_admin_token_tls_and_c
     finally:
         spawn_prometheus.terminate()
         spawn_prometheus.wait(timeout=30)
+
+
+def test_a_changed_scrape_job_reloads_prometheus_once_and_an_unchanged_one_does_not(
+    tmp_path: Path,
+) -> None:
+    """The role's handler, with a real Prometheus and the reload command pointed at it (SIGHUP, what
+    Debian's unit sends): the run that writes the job reloads it, a second identical run does not,
+    and a run with another job reloads it again."""
+    import time
+
+    import httpx
+
+    from tests.conftest import free_port
+
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus missing: run `make sysdeps-test` (Debian package prometheus)")
+    (tmp_path / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\n")
+    port = free_port()
+    server = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=open(tmp_path / "prometheus.log", "wb"),
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def last_reload() -> float | None:
+        """prometheus_config_last_reload_success_timestamp_seconds, from its own /metrics."""
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        except httpx.TransportError:
+            return None  # not listening yet
+        for line in text.splitlines():
+            if line.startswith("prometheus_config_last_reload_success_timestamp_seconds "):
+                return float(line.split()[1])
+        return None
+
+    def wait_for_reload_after(before: float) -> float:
+        deadline = time.monotonic() + 30  # a reload takes milliseconds; 30 s for 2 busy cores
+        while True:
+            assert server.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            now = last_reload()
+            if now is not None and now > before:
+                return now
+            assert time.monotonic() < deadline, f"no reload after {before}"
+            time.sleep(0.1)
+
+    try:
+        started = wait_for_reload_after(0.0)  # the load at start counts as one
+        targets = str(tmp_path / "file_sd" / "fulcrum.yml")
+        reload = {"prometheus_targets_file": targets, "prometheus_targets_reload": f"kill -HUP {server.pid}"}
+        # the timestamp has whole-second resolution in some versions: let a second pass
+        time.sleep(1.1)
+        first = run_role(tmp_path, INVENTORY, reload)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "RUNNING HANDLER [prometheus_targets : Reload Prometheus]" in first.stdout
+        reloaded = wait_for_reload_after(started)
+
+        again = run_role(tmp_path, INVENTORY, reload)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "RUNNING HANDLER" not in again.stdout  # nothing changed: no reload
+
+        time.sleep(1.1)
+        changed = run_role(tmp_path, INVENTORY, reload | {"prometheus_targets_scrape_interval": "30s"})
+        assert changed.returncode == 0, changed.stdout + changed.stderr
+        assert "RUNNING HANDLER [prometheus_targets : Reload Prometheus]" in changed.stdout
+        wait_for_reload_after(reloaded)
+        assert last_reload() is not None and server.poll() is None  # a reload, not a crash
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
