@@ -371,7 +371,7 @@ class Deadlines:
     async def _run(self) -> None:
         heap = self._heap
         while True:
-            now = trio.current_time()
+            now = self.now()
             while heap:
                 entry = heap[0]
                 if entry[2] is None:
