@@ -129,7 +129,7 @@ def test_memory_stays_bounded_under_a_flood_of_clients() -> None:
 def test_idle_clients_whose_bucket_refilled_are_dropped() -> None:
     limiter = RateLimiter(rate=1.0, burst=2, max_clients=1000)
     for i in range(50):
-        limiter.take(f"10.0.0.{i}", 0.0)
+        limiter.take(f"198.51.100.{i}", 0.0)
     # after burst / rate seconds their buckets are full: forgetting them loses nothing
     for i in range(50):
         limiter.take("192.0.2.1", 10.0 + i)
@@ -140,8 +140,8 @@ def test_idle_clients_whose_bucket_refilled_are_dropped() -> None:
 def test_a_busy_client_sweeps_the_table_at_most_every_interval_and_never_itself() -> None:
     limiter = RateLimiter(rate=1.0, burst=2, max_clients=1000)
     for i in range(200):
-        limiter.take(f"10.0.2.{i}", 0.0)
-    busy = "10.0.2.199"  # known, so its requests sweep only on the interval
+        limiter.take(f"203.0.113.{i}", 0.0)
+    busy = "203.0.113.199"  # known, so its requests sweep only on the interval
     sizes = []
     for step in range(10):  # every 0.6 intervals: a sweep (up to 64 refilled clients) every other step
         limiter.take(busy, 10.0 + step * limits._SWEEP_INTERVAL * 0.6)
@@ -156,7 +156,7 @@ def test_an_active_abuser_keeps_its_empty_bucket_while_others_come_and_go() -> N
     for i in range(100):
         now += 0.01
         limiter.take("198.51.100.7", now)  # the abuser: seen on every step, stays recent
-        limiter.take(f"10.0.1.{i}", now)
+        limiter.take(f"203.0.113.{i}", now)
     assert limiter.take("198.51.100.7", now) > 0
 
 
