@@ -65,10 +65,12 @@ class Signals:
 
     During cleanup a signal is noted and ignored: the cleanup always finishes."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
     def __init__(self) -> None:
         self.requested = False
         self.cleaning = False
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -82,6 +84,14 @@ class Signals:
     def checkpoint(self) -> None:
         if self.requested and not self.cleaning:
             raise Stop
+
+    def ignore_from_now(self) -> None:
+        """After the cleanup: a late signal is ignored through the interpreter's exit too. Python
+        puts the default action back on every signal it handled as it shuts down, so a second
+        Ctrl-C landing then (in a test: sent on "stopping the nodes", after a quick cleanup)
+        killed the demo with SIGINT instead of its exit status; an ignored one stays ignored."""
+        for signum in self.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
     def sleep(self, seconds: float) -> None:
         self.checkpoint()
@@ -529,5 +539,6 @@ def run_cluster_demo(*, loopback: bool = False) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         out("demo stopped: everything it made is gone")
+        signals.ignore_from_now()
     return status
 
