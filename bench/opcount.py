@@ -276,9 +276,11 @@ def client_for(mode: str, ports: Ports) -> Client | NewConnectionClient:
 
 
 def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
-          mode: str = "keepalive", protections: bool = False, calls: bool = False) -> dict[str, int]:
+          mode: str = "keepalive", variant: str = "", calls: bool = False) -> dict[str, int]:
     """Instructions by function over ``requests`` requests (connections but in the keep-alive
-    modes) served by the lbnode of ``tree``; ``calls``: calls (and resumptions) instead."""
+    modes) served by the lbnode of ``tree``; ``calls``: calls (and resumptions) instead.
+    ``variant``: "" (the standalone config), "protections" (the protections section's
+    settings) or "cluster" (a member of the bench's one-member etcd, as the cluster section's)."""
     ports = dataclasses.replace(
         ctx.ports,
         fulcrum_web=pick_port(29280 + 10 * i, taken),
@@ -293,7 +295,12 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
                                            cert, key))
     else:
-        conf.write_text(fulcrum_config(ports, node_id=f"ops{i}", protections=protections))
+        member = variant == "cluster"  # a member of the bench's etcd, with its own key prefix
+        conf.write_text(fulcrum_config(
+            ports, node_id=f"ops{i}", protections=variant == "protections",
+            etcd=[ctx.etcd()] if member else (), etcd_prefix=f"/fulcrum-opcount-{i}/v1" if member else None,
+            state_dir=str(ctx.tmp / f"ops{i}.state") if member else None,
+        ))
     probe = (PROBE.replace("START_GC", str(int(START_GC))).replace("START", str(int(START)))
              .replace("STOP", str(int(STOP))).replace("OUT", repr(str(out))).replace("CALLS", str(calls)))
     argv = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", probe, "run", "--config", str(conf)]
@@ -375,7 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protections", action="store_true",
                    help="count each tree without, then with the protections section's settings (health "
                         "checks, outlier detection, limits, a rate limit): the difference is their cost")
+    p.add_argument("--cluster", action="store_true",
+                   help="count each tree standalone, then as a cluster member (etcd started by the bench, "
+                        "pools followed through a watch, a lease kept alive): the difference is what "
+                        "membership costs the data path's thread (etcd's own threads are not counted)")
     args = p.parse_args(argv)
+    if args.protections and args.cluster:
+        p.error("--protections and --cluster: one comparison at a time")
+    variant = "protections" if args.protections else "cluster" if args.cluster else ""
     unit = "request" if args.mode in ("keepalive", "tls-keepalive") else "connection"
     tmp = Path(tempfile.mkdtemp(prefix="opcount-"))
     trees: list[tuple[str, Path]] = []
@@ -390,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         ctx.backends()
         taken = set(ports_of(ctx.ports))
         results = []
-        variants = [(f"{name}{' +protections' if on else ''}", tree, on) for name, tree in trees
-                    for on in ((False, True) if args.protections else (False,))]
-        for i, (name, tree, on) in enumerate(variants):
-            counts = per_request(count(ctx, tree, i, args.requests, taken, args.mode, on, args.calls), args.requests)
+        variants = [(f"{name}{' +' + v if v else ''}", tree, v) for name, tree in trees
+                    for v in (("", variant) if variant else ("",))]
+        for i, (name, tree, v) in enumerate(variants):
+            counts = per_request(count(ctx, tree, i, args.requests, taken, args.mode, v, args.calls), args.requests)
             results.append(counts)
             print("\n".join(report(name, counts, args.top, unit, "calls" if args.calls else "instructions")),
                   flush=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.opcount import area, compare, per_request, report
+import pytest
+
+from bench.opcount import area, compare, main, per_request, report
 
 
 def test_functions_are_put_in_lbnode_trio_or_other() -> None:
@@ -46,3 +48,10 @@ def test_calls_mode_says_calls() -> None:
     lines = report("HEAD", {"trio/_core/_run.py:reschedule": 7.5, "lbnode/http/proxy.py:handle": 2.0}, 5,
                            what="calls")
     assert lines[0] == "HEAD: 10 calls per request (lbnode 2, trio 8, other 0)"
+
+
+def test_one_comparison_at_a_time(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--protections", "--cluster"])
+    assert exc.value.code == 2
+    assert "--protections and --cluster: one comparison at a time" in capsys.readouterr().err
