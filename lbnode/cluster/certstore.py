@@ -25,6 +25,7 @@ from lbnode.cluster.store import (
     CertificateResync,
     Conflict,
     NotFound,
+    StopFlag,
     StoreError,
     Unavailable,
     follow_history,
@@ -134,7 +135,7 @@ class EtcdCertificates:
             raise _refusal(name, expected_revision, revision)
 
     def watch_certificates(
-        self, after_revision: int, stop: threading.Event
+        self, after_revision: int, stop: StopFlag
     ) -> Iterator[CertificateEvent | CertificateResync]:
         def resync() -> tuple[CertificateResync, int]:
             records, revision = self.list_certificates()
@@ -224,7 +225,7 @@ class FileCertificates:
             self._save(name, None)
 
     def watch_certificates(
-        self, after_revision: int, stop: threading.Event
+        self, after_revision: int, stop: StopFlag
     ) -> Iterator[CertificateEvent | CertificateResync]:
         return follow_history(
             self._changed, stop, after_revision, lambda: (self._oldest, self._revision, self._history),

@@ -31,6 +31,7 @@ from lbnode.cluster.store import (
     PoolEvent,
     PoolRecord,
     Resync,
+    StopFlag,
     StoreError,
     Unavailable,
 )
@@ -53,8 +54,6 @@ LEADERLESS_RETRY_PAUSE = 0.1
 # endpoint has failed, the oldest failure is tried again at once (so one etcd that
 # restarts is found again on the next call, not after the library's 300 s default).
 FAILED_ENDPOINT_SKIP = 5.0
-# How soon a watch notices that its stop flag was set and cancels its stream.
-WATCH_STOP_POLL = 0.1
 # After a watch broke, before it is opened again: a flapping member must not make us spin.
 WATCH_RETRY_PAUSE = 0.2
 # gRPC channel settings. Reconnect backoff capped at 1 s (gRPC's default grows to 120 s, far
@@ -430,7 +429,7 @@ class EtcdConnection:
             self.client.close()
 
     # ------------------------------------------------------------------ watch
-    def watch_prefix(self, prefix: str, start_revision: int, stop: threading.Event) -> Iterator[list[KeyEvent]]:
+    def watch_prefix(self, prefix: str, start_revision: int, stop: StopFlag) -> Iterator[list[KeyEvent]]:
         """Changes under ``prefix`` from ``start_revision`` on, one list per etcd response, until ``stop``.
 
         Raises ``Compacted`` when etcd no longer has that history, ``Unavailable`` when the
@@ -450,23 +449,23 @@ class EtcdConnection:
                 key=key, range_end=prefix_range_end(key), start_revision=start_revision
             )
         )
-        ended = threading.Event()
-        calls: list[Any] = []
+        # Set when the stream is over: ``stop`` was set (which also cancels it), or it ended.
+        over = threading.Event()
 
         def requests() -> Iterator[Any]:
             yield create
-            # gRPC reads this generator in a thread of its own: the one place that can wait
-            # for ``stop`` while the reader below is blocked on the stream.
-            while not stop.wait(WATCH_STOP_POLL):
-                if ended.is_set():
-                    return
-            for call in calls:
-                call.cancel()
+            # gRPC reads this generator in a thread of its own, which waits here while the stream
+            # lasts. No timeout: a poll for ``stop`` would wake the thread ten times a second for
+            # nothing, each time taking the GIL from the data plane's thread.
+            over.wait()
 
         call = etcdrpc.WatchStub(channel).Watch(requests(), metadata=REQUIRE_LEADER)
-        calls.append(call)
-        if stop.is_set():  # requests() may have seen ``stop`` before ``calls`` held this call
+
+        def stopped() -> None:
+            over.set()
             call.cancel()
+
+        forget = stop.on_set(stopped)  # at once if ``stop`` is set already
         try:
             for response in call:
                 if response.compact_revision:
@@ -490,7 +489,8 @@ class EtcdConnection:
                 f"etcd watch on {prefix} at {endpoint.netloc} broke: {details}{_tls_hint(details) if self.tls else ''}"
             ) from None
         finally:
-            ended.set()
+            forget()
+            over.set()
             call.cancel()
 
 
@@ -534,7 +534,7 @@ def watch_with_resync(
     conn: EtcdConnection,
     prefix: str,
     after_revision: int,
-    stop: threading.Event,
+    stop: StopFlag,
     what: str,
     to_event: Callable[[KeyEvent], EventT | None],
     resync: Callable[[], tuple[ResyncT, int]],
@@ -657,7 +657,7 @@ class EtcdStore:
         return Conflict(f'pool "{name}" changed since revision {expected_revision} (now at {now}): read it again and retry')
 
     # ------------------------------------------------------------------ watch
-    def watch_pools(self, after_revision: int, stop: threading.Event) -> Iterator[PoolEvent | Resync]:
+    def watch_pools(self, after_revision: int, stop: StopFlag) -> Iterator[PoolEvent | Resync]:
         """Changes after ``after_revision``; after a compaction or a broken stream, a ``Resync``.
 
         ``Unavailable`` escapes only when etcd cannot even be read for the resync: the

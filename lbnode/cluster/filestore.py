@@ -25,6 +25,7 @@ from lbnode.cluster.store import (
     PoolEvent,
     PoolRecord,
     Resync,
+    StopFlag,
     Unavailable,
     follow_history,
 )
@@ -109,7 +110,7 @@ class FileStore:
             self._save(name, None)
 
     # ------------------------------------------------------------------ watch
-    def watch_pools(self, after_revision: int, stop: threading.Event) -> Iterator[PoolEvent | Resync]:
+    def watch_pools(self, after_revision: int, stop: StopFlag) -> Iterator[PoolEvent | Resync]:
         return follow_history(
             self._changed, stop, after_revision, lambda: (self._oldest, self._revision, self._history),
             lambda: Resync(tuple(self._pools[n] for n in sorted(self._pools)), self._revision), STOP_POLL)

@@ -23,6 +23,7 @@ from lbnode.cluster.store import (
     RouteEvent,
     RouteRecord,
     RouteResync,
+    StopFlag,
     StoreError,
     Unavailable,
     follow_history,
@@ -115,7 +116,7 @@ class EtcdRoutes:
         if not done:
             raise _refusal(listener, name, expected_revision, revision)
 
-    def watch_routes(self, after_revision: int, stop: threading.Event) -> Iterator[RouteEvent | RouteResync]:
+    def watch_routes(self, after_revision: int, stop: StopFlag) -> Iterator[RouteEvent | RouteResync]:
         def resync() -> tuple[RouteResync, int]:
             records, revision = self.list_routes()
             return RouteResync(tuple(records), revision), revision
@@ -212,7 +213,7 @@ class FileRoutes:
                 self._check(record, expected_revision)
             self._save((listener, name), None)
 
-    def watch_routes(self, after_revision: int, stop: threading.Event) -> Iterator[RouteEvent | RouteResync]:
+    def watch_routes(self, after_revision: int, stop: StopFlag) -> Iterator[RouteEvent | RouteResync]:
         return follow_history(
             self._changed, stop, after_revision, lambda: (self._oldest, self._revision, self._history),
             lambda: RouteResync(tuple(self._routes[k] for k in sorted(self._routes)), self._revision), STOP_POLL)

@@ -11,7 +11,6 @@ node.toml pools and routes seed the store here, in the same thread as the first 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -30,6 +29,7 @@ from lbnode.cluster.store import (
     RouteEvent,
     RouteRecord,
     RouteResync,
+    StopFlag,
     StoreError,
 )
 from lbnode.cluster.watch import follow_watch
@@ -205,7 +205,7 @@ class StoreFollower:
         self,
         what: str,
         read: Callable[[], tuple[list[Any], int]],
-        watch: Callable[[threading.Event], Iterable[Any]],
+        watch: Callable[[StopFlag], Iterable[Any]],
         replace_all: Callable[[list[Any], int], None],
         on_event: Callable[[Any], None],
         *,

@@ -8,14 +8,13 @@ StoreError, not wrapped in an ExceptionGroup. Never interprets the items.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TypeVar
 
 import trio
 
-from lbnode.cluster.store import StoreError
+from lbnode.cluster.store import StopFlag, StoreError
 
 T = TypeVar("T")
 
@@ -24,7 +23,7 @@ CHANNEL_SIZE = 64
 
 
 async def follow_watch(
-    watch: Callable[[threading.Event], Iterable[T]],
+    watch: Callable[[StopFlag], Iterable[T]],
     handle: Callable[[T], None],
     until: trio.Event | None = None,
 ) -> None:
@@ -35,7 +34,7 @@ async def follow_watch(
     cancellation sets ``stop`` so that the thread finishes.
     """
     send, receive = trio.open_memory_channel[T | StoreError](CHANNEL_SIZE)
-    stop = threading.Event()
+    stop = StopFlag()
     token = trio.lowlevel.current_trio_token()
 
     def pump() -> None:

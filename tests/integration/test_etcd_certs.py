@@ -21,6 +21,7 @@ from lbnode.cluster.store import (
     CertificateResync,
     Conflict,
     NotFound,
+    StopFlag,
     StoreError,
     Unavailable,
 )
@@ -60,7 +61,7 @@ def cert(name: str, *hosts: str) -> tuple[Certificate, Issued]:
 class Watch:
     def __init__(self, store: EtcdCertificates, after: int) -> None:
         self.items: queue.Queue[object] = queue.Queue()
-        self.stop = threading.Event()
+        self.stop = StopFlag()
         self.thread = threading.Thread(target=self._run, args=(store, after), daemon=True)
         self.thread.start()
 

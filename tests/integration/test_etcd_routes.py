@@ -20,6 +20,7 @@ from lbnode.cluster.store import (
     NotFound,
     RouteEvent,
     RouteResync,
+    StopFlag,
     StoreError,
 )
 from lbnode.model import route_from_dict
@@ -53,7 +54,7 @@ def route(name: str, **table: object):  # type: ignore[no-untyped-def]
 class Watch:
     def __init__(self, store: EtcdRoutes, after: int) -> None:
         self.items: queue.Queue[object] = queue.Queue()
-        self.stop = threading.Event()
+        self.stop = StopFlag()
         self.thread = threading.Thread(target=self._run, args=(store, after), daemon=True)
         self.thread.start()
 

@@ -22,6 +22,7 @@ from lbnode.cluster.store import (
     PoolEvent,
     PoolRecord,
     Resync,
+    StopFlag,
     StoreError,
     Unavailable,
 )
@@ -56,9 +57,9 @@ def web(*ports: int) -> Pool:
 class WatchThread:
     """Runs ``watch_pools`` in a thread (as the node does) and queues what it yields."""
 
-    def __init__(self, store: EtcdStore, after_revision: int) -> None:
+    def __init__(self, store: EtcdStore, after_revision: int, stop: StopFlag | None = None) -> None:
         self.items: queue.Queue[PoolEvent | Resync | BaseException] = queue.Queue()
-        self.stop = threading.Event()
+        self.stop = StopFlag() if stop is None else stop
         self.thread = threading.Thread(target=self._run, args=(store, after_revision), daemon=True)
         self.thread.start()
 
@@ -244,10 +245,47 @@ def test_watch_delivers_create_update_delete_in_order(store: EtcdStore) -> None:
     assert stopped_in < 0.5  # the stop flag ends the watch promptly
 
 
+def test_an_open_watch_waits_without_polling_and_its_stop_cancels_it(
+    store: EtcdStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread of an open watch wakes up on a timer of ours to look at its stop flag (each
+    wake would take the GIL from the data plane's thread): the flag's ``set`` cancels the
+    stream. Every wait on the stop flag, and on an event the watch makes, is recorded."""
+    timed: list[float | None] = []
+
+    class RecordedEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            timed.append(timeout)
+            return super().wait(timeout)
+
+    class RecordedStop(StopFlag):
+        def wait(self, timeout: float | None = None) -> bool:
+            timed.append(timeout)
+            return super().wait(timeout)
+
+    class Threading:  # the module etcd.py sees: threading, with the recorded Event
+        Event = RecordedEvent
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(threading, name)
+
+    monkeypatch.setattr(etcd, "threading", Threading())
+    _, revision = store.list_pools()
+    watch = WatchThread(store, revision, RecordedStop())
+    try:
+        created = store.create_pool(web(8001))
+        assert watch.next() == PoolEvent("web", created, created.revision)  # the stream is open
+        time.sleep(0.3)  # three polls' worth of the old 0.1 s poll
+    finally:
+        stopped_in = watch.close()
+    assert timed == [None]  # the request thread's one wait, for the stream's end
+    assert stopped_in < 0.5  # the cancel ends the reader's iteration at once; 0.5 s for 2 busy cores
+
+
 def test_a_watch_stopped_while_it_opens_still_ends(store: EtcdStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stop flag set before the stream's call is known to the thread that watches the flag
-    (CI hung here once: the watch stayed open on etcd, its reader blocked for good). The
-    opening is slowed so that the flag is always seen first."""
+    """The stop flag set before the stream's call exists (CI hung here once, when a thread
+    polled the flag: the watch stayed open on etcd, its reader blocked for good). The opening
+    is slowed so that the flag is always set first: the call is cancelled as it is made."""
     stub = etcd.etcdrpc.WatchStub
 
     class SlowToOpen:
@@ -256,15 +294,15 @@ def test_a_watch_stopped_while_it_opens_still_ends(store: EtcdStore, monkeypatch
 
         def Watch(self, *args: object, **kwargs: object) -> object:  # noqa: N802 (gRPC's name)
             call = self.stub.Watch(*args, **kwargs)
-            time.sleep(5 * etcd.WATCH_STOP_POLL)  # the request thread sees the flag meanwhile
+            time.sleep(0.5)  # the flag was set before this call existed
             return call
 
     monkeypatch.setattr(etcd.etcdrpc, "WatchStub", SlowToOpen)
-    stop = threading.Event()
+    stop = StopFlag()
     stop.set()
     reader = threading.Thread(target=lambda: list(store.conn.watch_prefix(store.prefix, 1, stop)), daemon=True)
     reader.start()
-    reader.join(5)  # ends within a poll of the flag: 5 s for 2 busy cores
+    reader.join(5)  # the opening's 0.5 s and a cancelled call's end: 5 s for 2 busy cores
     assert not reader.is_alive()
 
 

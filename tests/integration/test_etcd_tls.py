@@ -13,7 +13,7 @@ import pytest
 
 from lbctl.certs import init_etcd_certs
 from lbnode.cluster.etcd import EtcdConnection, EtcdStore, EtcdTls, connect
-from lbnode.cluster.store import Unavailable
+from lbnode.cluster.store import StopFlag, Unavailable
 from tests.conftest import REPO, free_port, spawn_backend, wait_port
 
 # A node registers, seeds its pool and serves within a second or two here; 20 s leaves room for
@@ -109,10 +109,8 @@ def test_etcd_refuses_clients_without_its_certificate_and_a_wrong_ca_is_named(et
         "TLS: etcd refused this node's client certificate (cluster.etcd_cert, etcd_key): "
         "missing, or not signed by the CA etcd trusts (--trusted-ca-file)")
 
-    import threading
-
     with pytest.raises(Unavailable) as caught:  # a watch says the same
-        next(iter(no_cert.watch_prefix("/", 1, threading.Event())))
+        next(iter(no_cert.watch_prefix("/", 1, StopFlag())))
     assert str(caught.value).endswith("missing, or not signed by the CA etcd trusts (--trusted-ca-file)")
 
     init_etcd_certs(tmp_path / "other", {"x": []})  # another CA, and a client certificate it signed
