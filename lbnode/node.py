@@ -1008,8 +1008,10 @@ def node_from_config(config: Config, kind: type[LbNode] = LbNode) -> LbNode:
 
         return kind(config, store=FileStore(Path(config.node.state_dir), config.pools,
                                             listener_routes(config.listeners)))
-    from lbnode.cluster.etcd import EtcdStore, connect
+    from lbnode.cluster.etcd import EtcdStore, connect, quiet_grpc_waits
     from lbnode.model import ConfigError, ConfigFileError
+
+    quiet_grpc_waits()  # this process waits on gRPC only in worker threads
 
     try:
         connection = connect(config.cluster)

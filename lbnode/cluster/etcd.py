@@ -159,6 +159,32 @@ def _read_pem(path: str, key: str, kind: str) -> bytes:
     return data
 
 
+# How long a thread blocked in a gRPC call waits before it looks at its call again. gRPC's
+# own is 0.1 s (grpc._common.MAXIMUM_WAIT_TIMEOUT, so that the main thread's signal
+# handlers run while it waits); see quiet_grpc_waits.
+GRPC_WAIT_POLL = 1.0
+
+
+def quiet_grpc_waits() -> bool:
+    """Make the threads blocked in gRPC calls wake once a second instead of ten times.
+
+    A thread that iterates a gRPC stream (each etcd watch) or waits for a unary answer wakes
+    every 0.1 s, only so that *the main thread's* signal handlers can run while it is the one
+    waiting (grpc/grpc#19481). In lbnode the main thread runs Trio and every etcd call runs in
+    a worker thread, where no signal handler ever runs: each of those wakes takes the GIL from
+    the data plane's thread for nothing (a cluster member idles with half a dozen watches).
+    At worst a Ctrl-C that lands while the main thread itself waits on gRPC (before Trio has
+    started) is handled within a second. The setting is private to gRPC: returns False,
+    changing nothing, if this gRPC does not have it (tests/unit/test_etcd_waits.py fails then).
+    """
+    from grpc import _common
+
+    if not isinstance(getattr(_common, "MAXIMUM_WAIT_TIMEOUT", None), float):
+        return False
+    _common.MAXIMUM_WAIT_TIMEOUT = GRPC_WAIT_POLL
+    return True
+
+
 def connect(settings: ClusterSettings) -> EtcdConnection:
     """The node's connection to etcd, from ``[cluster]``; warns once when it is plain http."""
     tls = load_tls(settings)
