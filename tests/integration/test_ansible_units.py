@@ -134,10 +134,10 @@ def test_the_etcd_role_compacts_history_and_etcd_takes_its_config(tmp_path: Path
     """The etcd role's config file turns periodic compaction on (without it Fulcrum's health
     observations grow etcd's history until its quota refuses writes, make soak measured); a
     real etcd started from the rendered file compacts within a few retention periods."""
-    import threading
     import time
 
     from lbnode.cluster.etcd import Compacted, EtcdConnection
+    from lbnode.cluster.store import StopFlag
     from tests.conftest import free_port
     from tests.integration.etcd_helpers import ETCD
 
@@ -171,7 +171,7 @@ def test_the_etcd_role_compacts_history_and_etcd_takes_its_config(tmp_path: Path
         deadline = time.monotonic() + 15
         while True:
             conn.put("/t/k", b"again")
-            history = conn.watch_prefix("/t/", 1, threading.Event())  # from the first revision
+            history = conn.watch_prefix("/t/", 1, StopFlag())  # from the first revision
             try:
                 next(history)  # the history is still there: its first events
             except Compacted:
