@@ -176,16 +176,24 @@ async def test_on_a_terminal_it_redraws_in_place_and_ctrl_c_gives_the_screen_bac
                 return
             screen += chunk
 
+    async def read_within(marker: bytes, count: int, what: str) -> None:
+        # The read is given up at the deadline (abandon_on_cancel: a thread blocked in read()
+        # cannot be cancelled; the finally below kills lbctl, which ends it), and the failure
+        # says where lbctl's threads stood, instead of a test that waits for good.
+        with trio.move_on_after(DEADLINE):
+            await trio.to_thread.run_sync(lambda: read_until(marker, count), abandon_on_cancel=True)
+        if screen.count(marker) < count:
+            exit_code_or_stacks(proc, 0, f"lbctl top, {what} (screen so far: {screen[-300:]!r})")
+            raise AssertionError(f"lbctl top: {what}: it ended instead; screen so far: {screen[-300:]!r}")
+
     try:
-        with trio.fail_after(DEADLINE):
-            await trio.to_thread.run_sync(lambda: read_until(REDRAW.encode(), 2))  # two refreshes
+        await read_within(REDRAW.encode(), 2, f"two refreshes within {DEADLINE:g} s")
         assert screen.startswith(ENTER_SCREEN.encode()) and b"127.0.0.1:" in screen
         proc.send_signal(signal.SIGINT)
         # Read the terminal until lbctl gives the screen back, then wait for its exit: a pty
         # holds a few KiB, and a refresh written while nobody reads it, then the screen's
         # release, would block lbctl in write() for good.
-        with trio.fail_after(DEADLINE):
-            await trio.to_thread.run_sync(lambda: read_until(LEAVE_SCREEN.encode()))
+        await read_within(LEAVE_SCREEN.encode(), 1, f"the screen given back within {DEADLINE:g} s of Ctrl-C")
         code = await trio.to_thread.run_sync(lambda: exit_code_or_stacks(proc, DEADLINE, "lbctl top after Ctrl-C"))
         err = proc.stderr.read().decode()  # type: ignore[union-attr]
         assert code == 0 and "Traceback" not in err, err
