@@ -9,7 +9,7 @@ import pytest
 
 from lbnode.cluster.assign import backend_key, checkers_for, cluster_verdict, fresh_verdict
 
-BACKENDS = [backend_key(f"pool{i % 7}", f"10.0.{i // 250}.{i % 250}:8080") for i in range(1000)]
+BACKENDS = [backend_key(f"pool{i % 7}", f"192.0.2.{i % 250}:{8080 + i // 250}") for i in range(1000)]
 NODES = [f"node-{c}" for c in "abcde"]
 
 

@@ -150,7 +150,7 @@ def test_source_hash_keeps_a_client_on_one_backend() -> None:
         first = p.pick(PickContext(client_ip=ip), lambda i: True)
         assert all(p.pick(PickContext(client_ip=ip), lambda i: True) == first for _ in range(5))
     spread = Counter(
-        p.pick(PickContext(client_ip=f"10.1.{n // 256}.{n % 256}"), lambda i: True)
+        p.pick(PickContext(client_ip=f"2001:db8::{n:x}"), lambda i: True)
         for n in range(4000)
     )
     assert set(spread) == {0, 1, 2, 3}
@@ -167,7 +167,7 @@ def test_full_size_table_for_1000_backends_builds_in_well_under_a_second() -> No
     rng = random.Random(3)
     t = time.perf_counter()
     table = MaglevTable(
-        [f"10.0.{i // 256}.{i % 256}:80" for i in range(1000)],
+        [f"192.0.2.{i % 256}:{80 + i // 256}" for i in range(1000)],
         [rng.randint(1, 100) for _ in range(1000)],
         SIZE,
     )
