@@ -36,6 +36,14 @@ hypothesis_settings.load_profile("explore" if os.environ.get("HYPOTHESIS_EXPLORE
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Tests stop lbctl, lbnode and the demos with Ctrl-C (SIGINT) as a user would. A suite started
+# with SIGINT ignored (a background job of a non-interactive shell: `cmd &` in a script) would
+# pass that on to every child, since an ignored signal stays ignored across exec, and Python
+# installs no KeyboardInterrupt handler for a signal ignored at its start: the children would
+# never see the tests' Ctrl-C. With a handler here, children start with SIGINT at its default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _collect_garbage_per_module() -> Iterator[None]:
