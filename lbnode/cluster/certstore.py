@@ -40,8 +40,6 @@ FILE_NAME = "certificates.json"
 FORMAT = 1  # bumped if the layout of certificates.json ever changes
 # Changes kept for file watchers that fall behind; older ones get a resync instead.
 HISTORY = 256
-# How often a blocked file watch looks at its stop event (the follower asks for <= 0.2 s).
-STOP_POLL = 0.1
 
 
 # --------------------------------------------------------------------------- encoding
@@ -229,7 +227,7 @@ class FileCertificates:
     ) -> Iterator[CertificateEvent | CertificateResync]:
         return follow_history(
             self._changed, stop, after_revision, lambda: (self._oldest, self._revision, self._history),
-            lambda: CertificateResync(tuple(self._certs[n] for n in sorted(self._certs)), self._revision), STOP_POLL)
+            lambda: CertificateResync(tuple(self._certs[n] for n in sorted(self._certs)), self._revision))
 
     # ------------------------------------------------------------------ internals
     def _get(self, name: str) -> CertificateRecord:

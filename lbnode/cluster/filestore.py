@@ -39,8 +39,6 @@ FILE_NAME = "pools.json"
 FORMAT = 1  # bumped if the layout of pools.json ever changes
 # Changes kept for watchers that fall behind; older ones get a Resync instead.
 HISTORY = 1024
-# How often a blocked watch looks at its stop event (the protocol asks for <= 0.2 s).
-STOP_POLL = 0.1
 
 
 class FileStore:
@@ -113,7 +111,7 @@ class FileStore:
     def watch_pools(self, after_revision: int, stop: StopFlag) -> Iterator[PoolEvent | Resync]:
         return follow_history(
             self._changed, stop, after_revision, lambda: (self._oldest, self._revision, self._history),
-            lambda: Resync(tuple(self._pools[n] for n in sorted(self._pools)), self._revision), STOP_POLL)
+            lambda: Resync(tuple(self._pools[n] for n in sorted(self._pools)), self._revision))
 
     # ------------------------------------------------------------------ internals
     def _get(self, name: str) -> PoolRecord:

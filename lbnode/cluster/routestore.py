@@ -38,8 +38,6 @@ FILE_NAME = "routes.json"
 FORMAT = 1  # bumped if the layout of routes.json ever changes
 # Changes kept for file watchers that fall behind; older ones get a resync instead.
 HISTORY = 1024
-# How often a blocked file watch looks at its stop event (the follower asks for <= 0.2 s).
-STOP_POLL = 0.1
 
 
 def encode_route(route: Route) -> bytes:
@@ -216,7 +214,7 @@ class FileRoutes:
     def watch_routes(self, after_revision: int, stop: StopFlag) -> Iterator[RouteEvent | RouteResync]:
         return follow_history(
             self._changed, stop, after_revision, lambda: (self._oldest, self._revision, self._history),
-            lambda: RouteResync(tuple(self._routes[k] for k in sorted(self._routes)), self._revision), STOP_POLL)
+            lambda: RouteResync(tuple(self._routes[k] for k in sorted(self._routes)), self._revision))
 
     # ------------------------------------------------------------------ internals
     def _get(self, listener: str, name: str) -> RouteRecord:

@@ -251,27 +251,38 @@ def follow_history(
     after_revision: int,
     window: Callable[[], tuple[int, int, Iterable[E]]],
     resync: Callable[[], R],
-    poll: float,
 ) -> Iterator[E | R]:
     """The watch of a file-backed store (pools, certificates, routes): the events after
-    ``after_revision`` in order, waiting on ``changed`` (polled every ``poll`` seconds for
-    ``stop``), or ``resync()`` when the cursor is older than the kept history or ahead of it
+    ``after_revision`` in order, waiting on ``changed`` (which ``stop`` also wakes: no timed
+    wait), or ``resync()`` when the cursor is older than the kept history or ahead of it
     (from another life of the file). ``window()`` gives (oldest revision kept, current
     revision, history); it and ``resync()`` run under ``changed``'s lock."""
-    cursor = after_revision
-    while not stop.is_set():
+
+    def wake() -> None:
         with changed:
-            oldest, revision, history = window()
-            batch: list[E | R]
-            if cursor < oldest or cursor > revision:
-                batch = [resync()]
-            else:
-                batch = [e for e in history if e.revision > cursor]
-                if not batch:
-                    changed.wait(poll)
-                    continue
-        for event in batch:
-            if stop.is_set():
-                return
-            yield event
-            cursor = event.revision
+            changed.notify_all()
+
+    forget = stop.on_set(wake)
+    try:
+        cursor = after_revision
+        while not stop.is_set():
+            with changed:
+                oldest, revision, history = window()
+                batch: list[E | R]
+                if cursor < oldest or cursor > revision:
+                    batch = [resync()]
+                else:
+                    batch = [e for e in history if e.revision > cursor]
+                    if not batch:
+                        # Looked at under the lock that wake() takes: a stop set after this
+                        # look notifies the wait below, one set before it ends the loop.
+                        if not stop.is_set():
+                            changed.wait()
+                        continue
+            for event in batch:
+                if stop.is_set():
+                    return
+                yield event
+                cursor = event.revision
+    finally:
+        forget()

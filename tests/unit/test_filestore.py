@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from lbnode.cluster.filestore import FileStore
-from lbnode.cluster.store import AlreadyExists, Conflict, NotFound, PoolEvent, Resync, Unavailable
+from lbnode.cluster.store import (
+    AlreadyExists,
+    Conflict,
+    NotFound,
+    PoolEvent,
+    Resync,
+    StopFlag,
+    Unavailable,
+)
 from lbnode.config import ConfigFileError
 from lbnode.model import Address, Backend, Pool
 
@@ -125,7 +134,7 @@ def test_a_corrupt_file_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def collect(store: FileStore, after: int, count: int) -> list[PoolEvent | Resync]:
-    stop = threading.Event()
+    stop = StopFlag()
     events: list[PoolEvent | Resync] = []
     for event in store.watch_pools(after, stop):
         events.append(event)
@@ -137,7 +146,7 @@ def collect(store: FileStore, after: int, count: int) -> list[PoolEvent | Resync
 def test_watch_delivers_changes_in_order(tmp_path: Path) -> None:
     store = FileStore(tmp_path, [])
     got: list[PoolEvent | Resync] = []
-    stop = threading.Event()
+    stop = StopFlag()
 
     def watch() -> None:
         for event in store.watch_pools(0, stop):
@@ -155,7 +164,7 @@ def test_watch_delivers_changes_in_order(tmp_path: Path) -> None:
             break
         deadline.wait(0.02)
     stop.set()
-    thread.join(timeout=1)  # returns within the protocol's 0.2 s of stop
+    thread.join(timeout=1)  # the stop wakes its wait at once; 1 s for a thread on a busy machine
     assert not thread.is_alive()
     assert [(e.name, e.revision, e.record is None) for e in got if isinstance(e, PoolEvent)] == [
         ("web", 1, False), ("api", 2, False), ("web", 3, False), ("api", 4, True),
@@ -181,12 +190,42 @@ def test_watch_from_before_the_store_opened_starts_with_a_resync(tmp_path: Path)
 
 def test_watch_returns_when_stopped_while_idle(tmp_path: Path) -> None:
     store = FileStore(tmp_path, [])
-    stop = threading.Event()
+    stop = StopFlag()
     thread = threading.Thread(target=lambda: list(store.watch_pools(0, stop)))
     thread.start()
     stop.set()
     thread.join(timeout=0.5)
     assert not thread.is_alive()
+
+
+def test_an_idle_watch_waits_without_a_timeout_and_its_stop_wakes_it(tmp_path: Path) -> None:
+    """An idle watch used to wake every 0.1 s to look at its stop event (each wake taking the
+    GIL from the data plane's thread); now it waits on the store until a change or the stop."""
+    store = FileStore(tmp_path, [])
+    waits: list[float | None] = []
+
+    class Recording(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            return super().wait(timeout)
+
+    store._changed = Recording(store._lock)
+    stop = StopFlag()
+    thread = threading.Thread(target=lambda: list(store.watch_pools(0, stop)))
+    thread.start()
+    for _ in range(500):  # up to 5 s for the thread to start and wait on a busy machine
+        if waits:
+            break
+        time.sleep(0.01)
+    store.create_pool(pool("web"))  # a change wakes it too, and it waits again
+    for _ in range(500):
+        if len(waits) == 2:
+            break
+        time.sleep(0.01)
+    stop.set()
+    thread.join(timeout=5)  # the stop notifies the wait; 5 s for a thread on a busy machine
+    assert not thread.is_alive()
+    assert waits == [None, None]
 
 
 def test_concurrent_updates_from_the_same_revision_exactly_one_wins(tmp_path: Path) -> None:

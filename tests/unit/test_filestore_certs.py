@@ -15,6 +15,7 @@ from lbnode.cluster.store import (
     CertificateResync,
     Conflict,
     NotFound,
+    StopFlag,
 )
 from lbnode.config import ConfigFileError
 from lbnode.tls.certs import Certificate, load_certificate
@@ -102,7 +103,7 @@ def test_a_damaged_file_is_one_line_naming_the_entry(tmp_path: Path) -> None:
 def test_watch_delivers_puts_and_deletes_in_order_and_stops_promptly(tmp_path: Path) -> None:
     store = FileStore(tmp_path, []).certificates
     got: list[CertificateEvent | CertificateResync] = []
-    stop = threading.Event()
+    stop = StopFlag()
     thread = threading.Thread(target=lambda: got.extend(store.watch_certificates(0, stop)))
     thread.start()
     web, _ = cert("web")
@@ -125,7 +126,7 @@ def test_watch_delivers_puts_and_deletes_in_order_and_stops_promptly(tmp_path: P
 def test_watch_from_before_the_store_opened_starts_with_a_resync(tmp_path: Path) -> None:
     FileStore(tmp_path, []).certificates.put_certificate(cert("web")[0])
     store = FileStore(tmp_path, []).certificates
-    stop = threading.Event()
+    stop = StopFlag()
     for event in store.watch_certificates(0, stop):
         assert isinstance(event, CertificateResync)
         assert event.revision == 1 and [r.certificate.name for r in event.records] == ["web"]

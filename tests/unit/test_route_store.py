@@ -4,13 +4,19 @@ validation), and the standalone file store keeps them with revisions, conflicts 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
 from lbnode.cluster.routestore import FileRoutes, decode_route, encode_route
-from lbnode.cluster.store import AlreadyExists, Conflict, NotFound, RouteEvent, RouteResync
+from lbnode.cluster.store import (
+    AlreadyExists,
+    Conflict,
+    NotFound,
+    RouteEvent,
+    RouteResync,
+    StopFlag,
+)
 from lbnode.config import load_config_text
 from lbnode.model import (
     ConfigError,
@@ -147,7 +153,7 @@ def test_file_route_watch_yields_changes_after_a_revision_then_a_resync_for_a_st
     store.put_route("public", route(name="a"))
     store.put_route("public", route(name="b"))
     store.delete_route("public", "a")
-    stop = threading.Event()
+    stop = StopFlag()
     events = []
     for event in store.watch_routes(1, stop):
         events.append(event)
@@ -155,7 +161,7 @@ def test_file_route_watch_yields_changes_after_a_revision_then_a_resync_for_a_st
             stop.set()
     assert [(e.name, e.record is None, e.revision) for e in events if isinstance(e, RouteEvent)] == \
         [("b", False, 2), ("a", True, 3)]
-    stop = threading.Event()
+    stop = StopFlag()
     first = next(iter(store.watch_routes(99, stop)))
     assert isinstance(first, RouteResync) and [r.route.name for r in first.records] == ["b"]
 
