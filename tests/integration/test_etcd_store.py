@@ -258,10 +258,8 @@ def test_an_open_watch_waits_without_polling_and_its_stop_cancels_it(
             timed.append(timeout)
             return super().wait(timeout)
 
-    class RecordedStop(StopFlag):
-        def wait(self, timeout: float | None = None) -> bool:
-            timed.append(timeout)
-            return super().wait(timeout)
+    class RecordedStop(RecordedEvent, StopFlag):  # its waits recorded as the Event's
+        pass
 
     class Threading:  # the module etcd.py sees: threading, with the recorded Event
         Event = RecordedEvent
