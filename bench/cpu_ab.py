@@ -7,8 +7,13 @@ HAProxy, pinned like the main bench (balancers on one CPU, wrk on the other). A 
 every balancer in turn with the same wrk command, forward in even rounds and backward in odd
 ones (ABBA), and takes the balancer's CPU time from /proc (user + system) over the requests
 wrk completed: a figure less sensitive to a shared machine than throughput. The summary gives
-each one's median and range, its ratio to HAProxy, and the per-round ratio of the second tree
-to the first.
+each one's median and range, its ratio to HAProxy, the kernel's part (system time), and the
+per-round ratio of every other tree to the first.
+
+``--config`` runs each tree with several node.toml variants (``plain``, ``protections``: the
+protections section's settings), each its own lbnode: ``--config plain --config protections
+--config plain`` measures what the protections cost beside what two identical nodes differ by
+(an A/A pair), in the same rounds.
 
 Modes: ``keepalive`` (the main L7 figure), ``close`` (wrk's ``Connection: close``: a new client
 connection per request through the http listener), ``l4`` (the same through the tcp listener:
@@ -43,12 +48,15 @@ from bench.configs import HOST, SMALL_PATH, fulcrum_config
 from bench.harness import Context, Options, Proc, StartError, pick_port, ports_of
 from bench.http2 import _h2load as h2load_run
 from bench.measure import paired_ratios, round_order
-from bench.procstat import tree_cpu_seconds
+from bench.procstat import tree_cpu_split
 from bench.tls import _certificate, _s_time, certificate_in, fulcrum_tls_config, haproxy_tls_config
 from bench.wrk import WrkParseError, parse_wrk
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("keepalive", "close", "l4", "h2", "tls-new", "tls-keepalive")
+# node.toml variants (--config) for the plain listeners (keepalive, close, l4): the standalone
+# config, or the same with the protections section's settings (bench/configs.py, PROTECTIONS).
+CONFIGS = ("plain", "protections")
 HAPROXY = "haproxy"
 
 
@@ -98,6 +106,22 @@ def _short(frame: str) -> str:
     return re.sub(r" \((.*?):\d+\)", path, frame)
 
 
+def variant_list(
+    trees: list[tuple[str, Path]], pythons: list[str], configs: list[str],
+) -> list[tuple[str, Path, str, str]]:
+    """(name, tree, python, config) for every tree under every interpreter with every config,
+    named for each of those that has several; a repeated one (an A/A pair) is numbered."""
+    variants: list[tuple[str, Path, str, str]] = []
+    seen: collections.Counter[str] = collections.Counter()
+    for name, tree in trees:
+        for py in pythons:
+            for config in configs:
+                label = name + (f" ({py})" if len(pythons) > 1 else "") + (f" [{config}]" if len(configs) > 1 else "")
+                seen[label] += 1
+                variants.append((label + (f" #{seen[label]}" if seen[label] > 1 else ""), tree, py, config))
+    return variants
+
+
 def _export(rev: str, dest: Path) -> Path:
     dest.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "lbnode"], capture_output=True, check=True)
@@ -106,7 +130,8 @@ def _export(rev: str, dest: Path) -> Path:
 
 
 def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = False,
-                  tls: tuple[Path, Path] | None = None, python: str = sys.executable) -> tuple[Proc, int, int]:
+                  tls: tuple[Path, Path] | None = None, python: str = sys.executable,
+                  config: str = "plain") -> tuple[Proc, int, int]:
     ports = dataclasses.replace(
         ctx.ports,
         fulcrum_web=pick_port(28080 + 10 * i, taken),
@@ -122,7 +147,7 @@ def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = 
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
                                            tls[0], tls[1], ports.fulcrum_bulk))
     else:
-        conf.write_text(fulcrum_config(ports, node_id=f"ab{i}"))
+        conf.write_text(fulcrum_config(ports, node_id=f"ab{i}", protections=config == "protections"))
     # PYTHONPATH puts this tree's lbnode ahead of the venv's editable install.
     argv = ["env", f"PYTHONPATH={tree}", python, "-c",
             "import sys; from lbnode.cli import main; sys.exit(main())", "run", "--config", str(conf)]
@@ -178,9 +203,7 @@ def run(args: argparse.Namespace) -> int:
         trees.append((str(tree), Path(tree).resolve()))
     if not trees:
         trees.append(("worktree", REPO))
-    # Every tree under every interpreter (--python), named for both when there are several.
-    pythons = args.python or [sys.executable]
-    variants = [(name if len(pythons) == 1 else f"{name} ({py})", tree, py) for name, tree in trees for py in pythons]
+    variants = variant_list(trees, args.python or [sys.executable], args.config or ["plain"])
     ctx = Context(Options(start_timeout=30.0), REPO, tmp)
     try:
         ctx.backends()
@@ -205,25 +228,27 @@ def run(args: argparse.Namespace) -> int:
         else:
             procs = {HAPROXY: ctx.haproxy()}
             ports = {HAPROXY: ctx.ports.haproxy_bulk if args.mode == "l4" else ctx.ports.haproxy_web}
-        for i, (name, tree, py) in enumerate(variants):
-            proc, web, bulk = _start_lbnode(ctx, tree, i, taken, h2, certificate, py)
+        for i, (name, tree, py, config) in enumerate(variants):
+            proc, web, bulk = _start_lbnode(ctx, tree, i, taken, h2, certificate, py, config)
             procs[name] = proc
             ports[name] = bulk if args.mode == "l4" else web
-        names = [name for name, _, _ in variants] + [HAPROXY]
+        names = [name for name, _, _, _ in variants] + [HAPROXY]
+        system: dict[str, list[float]] = {name: [] for name in names}  # the kernel's part, µs/request
 
         def measure(name: str, seconds: float) -> float:
-            cpu0 = tree_cpu_seconds([procs[name].pid])
+            user0, sys0 = tree_cpu_split([procs[name].pid])
             if h2:
                 requests = _h2load(ctx, ports[name], seconds)
             else:
                 requests = _wrk(ctx, ports[name], seconds, args.mode, args.connections)
-            cpu1 = tree_cpu_seconds([procs[name].pid])
-            return (cpu1 - cpu0) * 1e6 / max(requests, 1)
+            user1, sys1 = tree_cpu_split([procs[name].pid])
+            system[name].append((sys1 - sys0) * 1e6 / max(requests, 1))
+            return (user1 - user0 + sys1 - sys0) * 1e6 / max(requests, 1)
 
         for name in names:
             measure(name, 2)  # warm-up: pools, caches, the first connections
         if args.py_spy:
-            spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+            spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy") or shutil.which("py-spy", path=str(REPO / ".venv" / "bin"))
             if spy is None:
                 raise StartError("py-spy not installed (.venv/bin/pip install py-spy)")
             first = names[0]
@@ -240,20 +265,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"{first} under perf: {measure(first, args.seconds):.1f} us/request", flush=True)
             rec.wait()
         results: dict[str, list[float]] = {name: [] for name in names}
+        for figures in system.values():
+            figures.clear()  # the warm-up's and the profiled run's
         for rnd in range(args.rounds):
             for name in round_order(names, rnd):
                 us = measure(name, args.seconds)
                 results[name].append(us)
-                print(f"round {rnd} {name}: {us:.1f} us/request", flush=True)
+                print(f"round {rnd} {name}: {us:.1f} us/request ({system[name][-1]:.1f} system)", flush=True)
             print(f"  load average {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
         client = "h2load -c4 -m100 (TLS)" if h2 else f"wrk -t1 -c{args.connections}"
         print(f"## {args.mode}, {client}, {args.seconds:g} s runs")
         for line in summarize(results):
             print(line)
-        if len(variants) >= 2:
-            ratios = paired_ratios(results[names[0]], results[names[1]])
-            print(f"{names[1]} / {names[0]} by round: " + " ".join(f"{r:.2f}" for r in ratios)
-                  + f" (median {statistics.median(ratios):.2f})")
+        print("system (kernel) part, median us/request: "
+              + ", ".join(f"{name} {statistics.median(system[name]):.1f}" for name in names if system[name]))
+        for other in names[1:len(variants)]:
+            ratios = paired_ratios(results[names[0]], results[other])
+            print(f"{other} / {names[0]} by round: " + " ".join(f"{r:.3f}" for r in ratios)
+                  + f" (median {statistics.median(ratios):.3f})")
     except StartError as exc:
         print(f"cpu_ab: {exc}", file=sys.stderr)
         return 1
@@ -286,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     p.add_argument("--rev", action="append", help="a git revision to measure (repeatable)")
     p.add_argument("--tree", action="append", type=Path, help="a directory holding lbnode/ (repeatable)")
+    p.add_argument("--config", action="append", choices=CONFIGS,
+                   help="the node.toml of every tree (repeatable, e.g. plain and protections, or plain twice for "
+                        "an A/A pair; default plain); modes keepalive, close and l4 only")
     p.add_argument("--python", action="append",
                    help="an interpreter to run every tree with (repeatable; it must have the dependencies, "
                         "e.g. a venv's bin/python; default: this one)")
@@ -296,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.shares:
         return print_shares(args.shares, args.top)
+    if args.config and args.mode not in ("keepalive", "close", "l4"):
+        p.error(f"--config: mode {args.mode} has its own node.toml")
     os.environ.pop("PYTHONPATH", None)
     return run(args)
 

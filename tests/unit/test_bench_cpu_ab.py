@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.cpu_ab import shares, summarize
+from pathlib import Path
+
+from bench.cpu_ab import shares, summarize, variant_list
 from bench.measure import L7Row, interleaved, median_run, paired_ratios, ratio_spread, round_order
 
 
@@ -11,6 +13,17 @@ def test_rounds_alternate_forward_and_backward() -> None:
     assert [round_order(names, r) for r in range(4)] == [
         ["a", "b", "haproxy"], ["haproxy", "b", "a"], ["a", "b", "haproxy"], ["haproxy", "b", "a"],
     ]
+
+
+def test_variants_are_named_for_what_differs_and_a_repeated_one_is_numbered() -> None:
+    here = Path(".")
+    one = variant_list([("worktree", here)], ["py"], ["plain"])
+    assert one == [("worktree", here, "py", "plain")]
+    aab = variant_list([("worktree", here)], ["py"], ["plain", "protections", "plain"])
+    assert [v[0] for v in aab] == ["worktree [plain]", "worktree [protections]", "worktree [plain] #2"]
+    assert [v[3] for v in aab] == ["plain", "protections", "plain"]
+    two = variant_list([("a", here), ("b", here)], ["p1", "p2"], ["plain"])
+    assert [v[0] for v in two] == ["a (p1)", "a (p2)", "b (p1)", "b (p2)"]
 
 
 def test_paired_ratios_are_b_over_a_round_by_round() -> None:

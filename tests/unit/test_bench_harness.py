@@ -136,6 +136,12 @@ def test_own_process_tree_cpu_is_readable():
     tree = procstat.process_tree(os.getpid())
     assert os.getpid() in tree
     assert procstat.tree_cpu_seconds([os.getpid()]) >= 0.0
+    user0, system0 = procstat.tree_cpu_split([os.getpid()])
+    end = time.process_time() + 0.1
+    while time.process_time() < end:  # 0.1 s of user time: at least a tick on any kernel
+        pass
+    user1, system1 = procstat.tree_cpu_split([os.getpid()])
+    assert user1 > user0 and system1 >= system0
     assert procstat.process_tree(2**22 + 12345) == {}
 
 
