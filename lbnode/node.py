@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
-from lbnode import accesslog
+from lbnode import accesslog, stopsignals
 from lbnode.admin.access import AdminAccess, load_access
 from lbnode.admin.server import serve_admin
 from lbnode.affinity import AffinityTable
@@ -962,7 +962,7 @@ class LbNode:
             log.error("reload refused, serving the previous configuration: %s", exc)
 
     async def _watch_signals(self, everything: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
+        with stopsignals.receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self._reload_on_signal()

@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from lbnode import stopsignals
 from lbnode.cluster.certstore import certificate_from_document
 from lbnode.config import load_config
 from lbnode.listen import _FILTERED, Bound
@@ -348,7 +349,7 @@ async def _watch_signals(node: WorkerNode) -> None:
     # SIGINT too: a Ctrl-C in a terminal reaches the whole process group, and the supervisor
     # drains its workers itself (DRAIN). SIGHUP likewise (`kill -HUP -PGID`): the supervisor
     # reloads and sends the workers the result (RELOAD); its default action would kill us.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
+    with stopsignals.receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGUSR1:
                 node.reopen_access_logs()
