@@ -11,7 +11,8 @@ each one's median and range, its ratio to HAProxy, the kernel's part (system tim
 per-round ratio of every other tree to the first.
 
 ``--config`` runs each tree with several node.toml variants (``plain``, ``protections``: the
-protections section's settings), each its own lbnode: ``--config plain --config protections
+protections section's settings, or a balancing policy such as ``least_connections``), each its
+own lbnode: ``--config plain --config protections
 --config plain`` measures what the protections cost beside what two identical nodes differ by
 (an A/A pair), in the same rounds.
 
@@ -55,8 +56,10 @@ from bench.wrk import WrkParseError, parse_wrk
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("keepalive", "close", "l4", "h2", "tls-new", "tls-keepalive")
 # node.toml variants (--config) for the plain listeners (keepalive, close, l4): the standalone
-# config, or the same with the protections section's settings (bench/configs.py, PROTECTIONS).
-CONFIGS = ("plain", "protections")
+# config, the same with the protections section's settings (bench/configs.py, PROTECTIONS), or
+# with another balancing policy that needs no other setting (round robin in the others).
+POLICY_CONFIGS = ("random", "least_connections", "least_loaded", "least_latency", "source_hash")
+CONFIGS = ("plain", "protections", *POLICY_CONFIGS)
 HAPROXY = "haproxy"
 
 
@@ -147,7 +150,8 @@ def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = 
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
                                            tls[0], tls[1], ports.fulcrum_bulk))
     else:
-        conf.write_text(fulcrum_config(ports, node_id=f"ab{i}", protections=config == "protections"))
+        algorithm = config if config in POLICY_CONFIGS else "round_robin"
+        conf.write_text(fulcrum_config(ports, node_id=f"ab{i}", protections=config == "protections", algorithm=algorithm))
     # PYTHONPATH puts this tree's lbnode ahead of the venv's editable install.
     argv = ["env", f"PYTHONPATH={tree}", python, "-c",
             "import sys; from lbnode.cli import main; sys.exit(main())", "run", "--config", str(conf)]
