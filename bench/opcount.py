@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 from bench.configs import HOST, SMALL_PATH, Ports, fulcrum_config
-from bench.cpu_ab import REPO, _export
+from bench.cpu_ab import POLICY_CONFIGS, REPO, _export
 from bench.harness import Context, Options, StartError, pick_port, ports_of
 from bench.tls import certificate_in, fulcrum_tls_config
 
@@ -280,7 +280,8 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
     """Instructions by function over ``requests`` requests (connections but in the keep-alive
     modes) served by the lbnode of ``tree``; ``calls``: calls (and resumptions) instead.
     ``variant``: "" (the standalone config), "protections" (the protections section's
-    settings) or "cluster" (a member of the bench's one-member etcd, as the cluster section's)."""
+    settings), "cluster" (a member of the bench's one-member etcd, as the cluster section's)
+    or the name of a balancing policy (the standalone config with that policy)."""
     ports = dataclasses.replace(
         ctx.ports,
         fulcrum_web=pick_port(29280 + 10 * i, taken),
@@ -298,6 +299,7 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
         member = variant == "cluster"  # a member of the bench's etcd, with its own key prefix
         conf.write_text(fulcrum_config(
             ports, node_id=f"ops{i}", protections=variant == "protections",
+            algorithm=variant if variant in POLICY_CONFIGS else "round_robin",
             etcd=[ctx.etcd()] if member else (), etcd_prefix=f"/fulcrum-opcount-{i}/v1" if member else None,
             state_dir=str(ctx.tmp / f"ops{i}.state") if member else None,
         ))
@@ -386,10 +388,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="count each tree standalone, then as a cluster member (etcd started by the bench, "
                         "pools followed through a watch, a lease kept alive): the difference is what "
                         "membership costs the data path's thread (etcd's own threads are not counted)")
+    p.add_argument("--policy", choices=POLICY_CONFIGS,
+                   help="count each tree with round robin, then with this balancing policy")
     args = p.parse_args(argv)
-    if args.protections and args.cluster:
-        p.error("--protections and --cluster: one comparison at a time")
-    variant = "protections" if args.protections else "cluster" if args.cluster else ""
+    if sum(map(bool, (args.protections, args.cluster, args.policy))) > 1:
+        p.error("--protections, --cluster, --policy: one comparison at a time")
+    variant = "protections" if args.protections else "cluster" if args.cluster else args.policy or ""
     unit = "request" if args.mode in ("keepalive", "tls-keepalive") else "connection"
     tmp = Path(tempfile.mkdtemp(prefix="opcount-"))
     trees: list[tuple[str, Path]] = []

@@ -50,8 +50,10 @@ def test_calls_mode_says_calls() -> None:
     assert lines[0] == "HEAD: 10 calls per request (lbnode 2, trio 8, other 0)"
 
 
-def test_one_comparison_at_a_time(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("argv", [["--protections", "--cluster"], ["--policy", "least_connections", "--cluster"],
+                                  ["--protections", "--policy", "random"]])
+def test_one_comparison_at_a_time(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["--protections", "--cluster"])
+        main(argv)
     assert exc.value.code == 2
-    assert "--protections and --cluster: one comparison at a time" in capsys.readouterr().err
+    assert "--protections, --cluster, --policy: one comparison at a time" in capsys.readouterr().err
