@@ -3,7 +3,10 @@
 Owns the active counts and a heap ordered by (active / weight, tie key) that
 finds the least loaded backend in O(log n), like HAProxy's fwlc tree. Ties
 are broken at random in proportion to weight: tie keys are exponential race
-times, redrawn whenever a backend is picked or its load changes. Pure: no
+times, redrawn whenever a backend is picked or its load falls. A rise in load
+(a request starting) only counts: the backend's heap entry then understates its
+load, which ``pick`` corrects when that entry reaches the top. So a request that
+starts and finishes between two picks of others costs the heap nothing. Pure: no
 clock, no I/O; randomness only from the injected rng.
 """
 
@@ -54,13 +57,17 @@ class LeastConnections:
         if len(self._active) != n:
             raise ValueError(f"active has {len(self._active)} counts for {n} backends")
         self._version = [0] * n
+        # The score (active / weight) in each backend's current heap entry: at most its
+        # real one, since a start does not touch the heap (see ``pick``).
+        self._stored = [0.0] * n
         self._key = [0.0] * n
         self._race = 0.0
         self._heap: list[_Entry] = []
         for i, w in enumerate(self._weights):
             if w > 0:
                 self._key[i] = self._draw_key(w)
-                self._heap.append((self._active[i] / w, self._key[i], i, 0))
+                self._stored[i] = self._active[i] / w
+                self._heap.append((self._stored[i], self._key[i], i, 0))
         heapq.heapify(self._heap)
 
     def _draw_key(self, weight: float) -> float:
@@ -73,16 +80,18 @@ class LeastConnections:
         if w <= 0:
             return
         key = self._key[i] = self._draw_key(w)
+        score = self._stored[i] = self._active[i] / w
         heap = self._heap
-        heapq.heappush(heap, (self._active[i] / w, key, i, v))
+        heapq.heappush(heap, (score, key, i, v))
         if len(heap) > COMPACT_FACTOR * len(self._weights) + 64:
             self._compact()
 
     def _compact(self) -> None:
-        weights, active, key, version = self._weights, self._active, self._key, self._version
-        self._heap = [
-            (active[i] / w, key[i], i, version[i]) for i, w in enumerate(weights) if w > 0
-        ]
+        weights, active, key, version, stored = self._weights, self._active, self._key, self._version, self._stored
+        for i, w in enumerate(weights):
+            if w > 0:
+                stored[i] = active[i] / w
+        self._heap = [(stored[i], key[i], i, version[i]) for i, w in enumerate(weights) if w > 0]
         heapq.heapify(self._heap)
 
     def set_weight(self, index: int, weight: float) -> None:
@@ -92,28 +101,42 @@ class LeastConnections:
             self._requeue(index)
 
     def on_start(self, index: int) -> None:
+        # Counted only: the heap entry's lower score is corrected by ``pick`` if it reaches the top.
         self._active[index] += 1
-        self._requeue(index)
 
     def on_finish(self, index: int, latency: float, now: float) -> None:
-        if self._active[index] == 0:
+        active = self._active
+        if active[index] == 0:
             return  # started under an older snapshot's policy; nothing to undo
-        self._active[index] -= 1
-        self._requeue(index)
+        active[index] -= 1
+        w = self._weights[index]
+        # A new entry only if the current one now overstates the load (pick had corrected it
+        # upwards), or if its tie key fell behind the race while the backend was busier than
+        # the winners (kept, it would win the next tie at once); else it is exact again.
+        if w > 0 and (active[index] / w < self._stored[index] or self._key[index] < self._race):
+            self._requeue(index)
 
     def active(self, index: int) -> int:
         return self._active[index]
 
     def pick(self, ctx: PickContext, usable: Usable, *, retry: bool = False) -> int | None:
-        heap, version = self._heap, self._version
+        heap, version, active, weights = self._heap, self._version, self._active, self._weights
         passed: list[_Entry] = []  # valid entries of unusable backends, put back after
         chosen: int | None = None
-        for _ in range(DRAW_ATTEMPTS):
+        attempts = 0
+        while attempts < DRAW_ATTEMPTS:
             while heap and heap[0][3] != version[heap[0][2]]:
                 heapq.heappop(heap)  # stale
             if not heap:
                 break
             score, key, i, v = heap[0]
+            current = active[i] / weights[i]
+            if score != current:
+                # Requests started there since the entry was made: it moves down to its real
+                # score (at most once per backend per start), and the new top is looked at.
+                self._stored[i] = current
+                heapq.heapreplace(heap, (current, key, i, v))
+                continue
             if usable(i):
                 # Redraw the winner's tie key so that the next tie goes elsewhere.
                 self._race = key
@@ -122,6 +145,7 @@ class LeastConnections:
                 chosen = i
                 break
             passed.append(heapq.heappop(heap))
+            attempts += 1
         for entry in passed:
             heapq.heappush(heap, entry)
         if chosen is None and (passed or heap):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from lbnode.balance import PickContext, Policy, WeightedRoundRobin, make_policy
 from lbnode.balance.keys import extract_hash_key
+from lbnode.balance.least_connections import LeastConnections
 from lbnode.balance.power_of_two import PROBE_EVERY, PROBE_INTERVAL, LeastLatency
 from lbnode.balance.round_robin import SCHEDULE_BUDGET, smooth_schedule
 from lbnode.model import ALGORITHMS, Address, Backend, Pool
@@ -288,6 +289,40 @@ def test_least_connections_skips_an_unusable_least_loaded_backend() -> None:
     p.on_start(0)
     p.on_start(2)
     assert {p.pick(CTX, lambda i: i != 1) for _ in range(50)} == {2}
+
+
+def test_least_connections_request_between_picks_costs_the_heap_nothing() -> None:
+    """A start only counts; the finish that brings the load back to what the backend's heap
+    entry says leaves the entry as it is. The old code pushed an entry at each of both (2 per
+    request, the stale ones dropped at the top or by compaction, up to 4n + 64 of them)."""
+    p = policy("least_connections", (1, 1, 1))
+    assert isinstance(p, LeastConnections)
+    for _ in range(100):
+        i = p.pick(CTX, always)
+        assert i is not None
+        p.on_start(i)
+        p.on_finish(i, 0.01, 0.0)
+    assert len(p._heap) == 3
+
+
+def test_least_connections_shares_by_weight_with_requests_in_flight() -> None:
+    """50 requests in flight, the oldest finishing as each new one starts: each backend's share
+    is its weight's (the heap entries that understate a load are corrected as they reach the top)."""
+    p = policy("least_connections", (1, 2, 3))
+    inflight: deque[int] = deque()
+    picks = Counter[int]()
+    for _ in range(30_000):
+        i = p.pick(CTX, always)
+        assert i is not None
+        p.on_start(i)
+        loads = [p.active(b) / w for b, w in enumerate((1, 2, 3))]
+        assert loads[i] - 1 / (1, 2, 3)[i] <= min(loads)  # it was the least loaded when picked
+        picks[i] += 1
+        inflight.append(i)
+        if len(inflight) == 50:
+            p.on_finish(inflight.popleft(), 0.01, 0.0)
+    for b, share in enumerate((1 / 6, 2 / 6, 3 / 6)):
+        assert abs(picks[b] / 30_000 - share) < 0.01
 
 
 def test_finish_without_start_does_not_go_negative() -> None:
