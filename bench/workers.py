@@ -9,6 +9,8 @@ CPU per request of one worker on the 2-core CI host).
 
 from __future__ import annotations
 
+import statistics
+
 from bench.harness import Context
 from bench.measure import L7Row, measure_l7, progress
 from bench.variants import (
@@ -25,6 +27,7 @@ from bench.variants import (
 )
 
 WORKERS_TARGET = 0.10  # issue 13: CPU/request with 2 workers within 10 % of 1 worker
+PROJECTED_CORES = 16  # issue 13: a projection for a 16-core host
 
 ONE = Variant("1 worker")
 TWO = Variant("2 workers", workers=2)
@@ -49,6 +52,29 @@ def haproxy_runs(ctx: Context) -> list[L7Row]:
     ctx.stop("haproxy-nbthread2")
     ctx.stop("haproxy")
     return rows
+
+
+def projection(two_workers: list[L7Row], haproxy_two: list[L7Row], cores: int = PROJECTED_CORES) -> str:
+    """What ``cores`` cores would serve, from this run's CPU per request with two workers and
+    with HAProxy's two threads (medians of the runs that did not fail), the assumptions next to it."""
+    ours = [r.cpu_us_per_req for r in two_workers if not r.failed and r.cpu_us_per_req]
+    theirs = [r.cpu_us_per_req for r in haproxy_two if not r.failed and r.cpu_us_per_req]
+    if not ours or not theirs:
+        return f"Projection for a {cores}-core host: not made (a run with two workers or two threads failed)."
+    cpu, ref = statistics.median(ours), statistics.median(theirs)
+    fulcrum, haproxy = cores * 1e6 / cpu, cores * 1e6 / ref
+    return (
+        f"Projection for a {cores}-core host running only the balancer: Fulcrum with `workers = \"auto\"` "
+        f"({cores} workers) about {fulcrum:,.0f} keep-alive req/s, HAProxy with {cores} threads about "
+        f"{haproxy:,.0f} ({fulcrum / haproxy:.2f}x), from this run's CPU per request with two workers "
+        f"({cpu:.1f} µs, the supervisor's share included) and HAProxy's with two threads ({ref:.1f} µs). "
+        "Assumptions: every core runs the balancer at that CPU per request, as two do here (clients and "
+        "backends on other hosts; no contention that two cores do not already show, in the kernel's "
+        "network stack or in memory); the supervisor's share stays what it is with two (it works on "
+        "configuration changes and counter reads, not per request); SO_REUSEPORT spreads connections "
+        "evenly enough over the workers. Workers scale the node; they do not make a request cheaper, "
+        "so the ratio to HAProxy is the per-core one."
+    )
 
 
 def section_workers(ctx: Context) -> str:
@@ -89,4 +115,6 @@ def _section_workers(ctx: Context) -> str:
         + " "
         + spread_text(two, "2 workers")
         + CORE_NOTE
+        + "\n\n"
+        + projection(two, [r for r in haproxy if "nbthread 2" in r.name])
     )
