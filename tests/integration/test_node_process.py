@@ -307,10 +307,11 @@ def test_sigint_stops_an_idle_node_at_once(spawn: Spawn, tmp_path: Path) -> None
 def test_signals_that_keep_coming_while_the_node_exits_leave_its_exit_status_alone(
     spawn: Spawn, tmp_path: Path, signum: int, workers: int,
 ) -> None:
-    """The first signal drains, the second stops at once, and the ones after it land in the
-    exit itself: they used to find the signal's default action back (Trio's receiver puts
-    it back when left) and the node died of them (-15, -2) in 5 runs of 5; now they are
-    ignored there. Three runs each: the signals come every 0.5 ms until the node is gone."""
+    """The first signal drains, a second one read before the drain ends stops at once, and the
+    ones after the node stopped reading them land in the exit itself: they used to find the
+    signal's default action back (Trio's receiver puts it back when left) and the node died
+    of them (-15, -2) in 5 runs of 5; now they are ignored there. Three runs each: the signals
+    come every 0.5 ms until the node is gone, so some always land in the exit."""
     backend = start_backend(spawn)
     for _ in range(3):
         node = start_node(spawn, tmp_path, backend, workers=workers)
@@ -323,7 +324,9 @@ def test_signals_that_keep_coming_while_the_node_exits_leave_its_exit_status_alo
             time.sleep(0.0005)
         assert node.proc.popen.wait(10) == 0, node.proc.log()
         log = node.proc.log()
-        assert f"{signal.Signals(signum).name} again: stopping now" in log
+        assert f"{signal.Signals(signum).name}: stopping gracefully" in log
+        # Not asserted: "again: stopping now". An idle node may finish its drain before it
+        # reads the second signal (a CI run did): then every later one lands in the exit.
         assert "Traceback" not in log
 
 
