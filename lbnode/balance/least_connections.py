@@ -66,9 +66,7 @@ class LeastConnections:
         for i, w in enumerate(self._weights):
             if w > 0:
                 self._key[i] = self._draw_key(w)
-                self._stored[i] = self._active[i] / w
-                self._heap.append((self._stored[i], self._key[i], i, 0))
-        heapq.heapify(self._heap)
+        self._compact()
 
     def _draw_key(self, weight: float) -> float:
         return self._race - math.log(1.0 - self._rng.random()) / weight
@@ -87,12 +85,15 @@ class LeastConnections:
             self._compact()
 
     def _compact(self) -> None:
-        weights, active, key, version, stored = self._weights, self._active, self._key, self._version, self._stored
-        for i, w in enumerate(weights):
+        """The heap made again from the current entries only: one per backend of weight > 0."""
+        active, key, version, stored = self._active, self._key, self._version, self._stored
+        heap: list[_Entry] = []
+        for i, w in enumerate(self._weights):
             if w > 0:
                 stored[i] = active[i] / w
-        self._heap = [(stored[i], key[i], i, version[i]) for i, w in enumerate(weights) if w > 0]
-        heapq.heapify(self._heap)
+                heap.append((stored[i], key[i], i, version[i]))
+        heapq.heapify(heap)
+        self._heap = heap
 
     def set_weight(self, index: int, weight: float) -> None:
         weight = float(weight)
