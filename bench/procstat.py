@@ -24,8 +24,12 @@ class ProcTimes:
     cstime: int
 
     @property
-    def ticks(self) -> int:
-        return self.utime + self.stime + self.cutime + self.cstime
+    def user(self) -> int:
+        return self.utime + self.cutime
+
+    @property
+    def system(self) -> int:
+        return self.stime + self.cstime
 
 
 def parse_proc_stat(text: str) -> ProcTimes:
@@ -89,8 +93,8 @@ def tree_cpu_split(roots: Iterable[int]) -> tuple[float, float]:
     user = system = 0
     for root in roots:
         for st in process_tree(root).values():
-            user += st.utime + st.cutime
-            system += st.stime + st.cstime
+            user += st.user
+            system += st.system
     return user / CLK_TCK, system / CLK_TCK
 
 

@@ -129,7 +129,7 @@ def test_parse_proc_stat_with_spaces_and_parens_in_comm():
         8,
         9,
     )
-    assert st.ticks == 1234 + 567 + 8 + 9
+    assert st.user == 1234 + 8 and st.system == 567 + 9
 
 
 def test_own_process_tree_cpu_is_readable():
