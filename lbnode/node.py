@@ -598,8 +598,8 @@ class LbNode:
         )
         try:
             async with trio.open_nursery() as outer:
-                if handle_signals:
-                    outer.start_soon(self._watch_signals, outer.cancel_scope)
+                if handle_signals:  # open before anything serves: a signal from then on is handled
+                    await outer.start(self._watch_signals, outer.cancel_scope)
                 if self.agent is not None:
                     self.agent.on_assignment_change(self._sync_health)
                     self.agent.on_verdict(self._on_verdict)
@@ -961,8 +961,10 @@ class LbNode:
         except ReloadRefused as exc:
             log.error("reload refused, serving the previous configuration: %s", exc)
 
-    async def _watch_signals(self, everything: trio.CancelScope) -> None:
+    async def _watch_signals(self, everything: trio.CancelScope, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with stopsignals.receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self._reload_on_signal()

@@ -227,7 +227,7 @@ async def serve(fd: int) -> int:
     for writer in node.access_log_writers:
         writer.open()
     async with trio.open_nursery() as outer:
-        outer.start_soon(_watch_signals, node)
+        await outer.start(_watch_signals, node)  # before the listeners serve
         access_log_scope = trio.CancelScope()
         if node.access_log_writers:
             outer.start_soon(node._run_access_logs, access_log_scope)
@@ -345,11 +345,12 @@ async def _send_ejections(channel: Channel, node: WorkerNode) -> None:
             await channel.send(Kind.OBSERVATION, {"ejected": ejected, "runs": runs})
 
 
-async def _watch_signals(node: WorkerNode) -> None:
+async def _watch_signals(node: WorkerNode, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     # SIGINT too: a Ctrl-C in a terminal reaches the whole process group, and the supervisor
     # drains its workers itself (DRAIN). SIGHUP likewise (`kill -HUP -PGID`): the supervisor
     # reloads and sends the workers the result (RELOAD); its default action would kill us.
     with stopsignals.receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGUSR1:
                 node.reopen_access_logs()
