@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import trio
 
+from lbnode import stopsignals
 from lbnode.cluster import heartbeat, vipguard
 from lbnode.cluster.assign import checkers_for
 from lbnode.cluster.etcd import EtcdConnection, KeyEvent, KeyValue
@@ -1282,17 +1283,19 @@ async def _main(args: argparse.Namespace) -> None:
                 pass
         await stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(agent.run)
-        await nursery.start(claimer.run)
-        if args.serve_port:
-            nursery.start_soon(trio.serve_tcp, identify, args.serve_port)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # Open before the claimer claims, and ignored once read: a SIGTERM during its start is read
+    # after it, and one repeated during the release no longer kills it with the VIPs still held.
+    with stopsignals.receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await nursery.start(claimer.run)
+            if args.serve_port:
+                nursery.start_soon(trio.serve_tcp, identify, args.serve_port)
             async for _ in signals:
                 break
-        with trio.move_on_after(5):
-            await claimer.release_all()
-        nursery.cancel_scope.cancel()
+            with trio.move_on_after(5):
+                await claimer.release_all()
+            nursery.cancel_scope.cancel()
     conn.close()
 
 

@@ -143,8 +143,16 @@ class Claimers:
         self.procs[node].wait(5)
 
     def stop(self, node: str) -> None:
-        self.procs[node].send_signal(signal.SIGTERM)
-        self.procs[node].wait(10)
+        """A planned stop, SIGTERM repeated every 5 ms until the claimer is gone (a process
+        manager may repeat it): the first one starts the release, the rest must not cut it
+        short (before stopsignals they found the default action back and killed the claimer
+        with its VIPs still on the interface)."""
+        proc = self.procs[node]
+        deadline = time.monotonic() + 10  # release_all gives up after 5 s; 10 for a busy machine
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.005)
+        assert proc.wait(1) == 0, f"{node}: exit status {proc.returncode}"
 
     def holders(self, vip: str) -> set[str]:
         return self.lan.holders(vip, NODES)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2] / "lbnode"
 # node's assembly (lbnode.node, cli, demos), the control API, the admin endpoint or the cluster
 # agent (etcd, leases, VIPs), which stay in the supervising process.
 BELOW = ("model", "runtime", "listen", "sockio", "limits", "affinity", "histogram", "logthrottle",
-         "proxyproto", "proxyaccept", "accesslog", "statedir", "reloadplan", "handover", "listeners", "routing", "balance", "health", "http", "http2", "tcp",
+         "proxyproto", "proxyaccept", "accesslog", "stopsignals", "statedir", "reloadplan", "handover", "listeners", "routing", "balance", "health", "http", "http2", "tcp",
          "tls", "trioloop")
 ABOVE = ("node", "cli", "demo", "demo_cluster", "demo_lan", "control", "admin", "cluster", "supervisor", "workers")
 
