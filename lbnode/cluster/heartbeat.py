@@ -162,6 +162,7 @@ class Heartbeats:
         self.started = now  # echoes older than this are not of our heartbeats
         self.peers: dict[str, Peer] = {}
         self._counts: list[tuple[float, int]] = []  # (until when, claimer count) after a shrink
+        self._left: dict[str, Peer] = {}  # peers whose claimer key went or changed lease, by node
 
     def set_lease(self, lease: int, now: float) -> None:
         """Our lease changed: what peers echoed was for the old one."""
@@ -170,17 +171,29 @@ class Heartbeats:
             self.started = now
             for peer in self.peers.values():
                 peer.echo, peer.confirmed_since = -math.inf, math.inf
+            self._left.clear()
 
     def set_peers(self, peers: Mapping[str, int], now: float) -> None:
         """The other claimers with a heartbeat address, with their lease (from their claimer key).
-        A new lease is a new peer: nothing carries over."""
+
+        A new lease is a new peer, with one exception: its echoes of our heartbeats carry over
+        (a node that lost its lease to an etcd election and registered again, or restarted,
+        within ``FENCE_AFTER`` of its last echo). They stay true facts about our heartbeats,
+        and the safety argument holds with them (docs/vips.md, "A peer under a new lease"); a
+        holder whose one remaining confirmer re-registered no longer fences for
+        ``STABLE_AFTER``. Everything else of it starts over: its reports, its silence, replays."""
         before = self.claimers
         for node in list(self.peers):
             if node not in peers or peers[node] != self.peers[node].lease:
-                del self.peers[node]
+                self._left[node] = self.peers.pop(node)
         for node, lease in peers.items():
             if node != self.node_id and node not in self.peers:
-                self.peers[node] = Peer(lease, now)
+                peer = self.peers[node] = Peer(lease, now)
+                left = self._left.pop(node, None)
+                if left is not None:
+                    peer.echo, peer.confirmed_since = left.echo, left.confirmed_since
+        # an echo older than FENCE_AFTER confirms nothing: nothing left to carry over
+        self._left = {node: p for node, p in self._left.items() if now - p.echo <= FENCE_AFTER}
         if self.claimers < before:
             self._counts.append((now + HOLD_DOWN, before))
 

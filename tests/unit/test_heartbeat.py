@@ -178,6 +178,40 @@ def test_a_new_lease_of_ours_starts_confirmation_over() -> None:
     assert not states["a"].may_hold(t)
 
 
+def test_a_peer_that_registers_again_under_a_new_lease_keeps_confirming_the_holder() -> None:
+    """A CI run: n1's host died, n3 took the VIP, and n2, whose first keepalive fell in the etcd
+    election, lost its lease and registered again at once. n2 was n3's one confirmer left
+    (n1 still counted for the hold-down), and as a new peer it confirmed nothing for
+    STABLE_AFTER: n3 fenced and the VIP was on nobody for 0.3 s. Its echoes now carry over."""
+    from lbnode.cluster.heartbeat import HOLD_DOWN
+
+    states = cluster(["a", "b", "c"])
+    t = run(states, 100.0, 1.0)
+    del states["c"]  # c's host died; its key went (a counts it for the hold-down)
+    for s in states.values():
+        s.set_peers({n: LEASES[n] for n in "ab"}, t)
+    t = run(states, t, 0.5)
+    assert states["a"].may_hold(t)
+    states["b"].set_lease(21, t)  # b lost its lease and registered again
+    states["a"].set_peers({}, t + 0.001)  # its claimer key went ...
+    states["a"].set_peers({"b": 21}, t + 0.004)  # ... and came back, a watch event later
+    start = t
+    while t < start + 2 * STABLE_AFTER:
+        exchange(states, t)
+        assert states["a"].may_hold(t), f"a fenced {t - start:.2f}s after b's new lease"
+        t += HEARTBEAT_INTERVAL
+    assert t < start + HOLD_DOWN  # all of it while c still counts
+
+
+def test_echoes_carried_over_are_dropped_when_our_own_lease_changes() -> None:
+    states = cluster(["a", "b", "c"])
+    t = run(states, 100.0, 1.0)
+    states["a"].set_peers({"c": LEASES["c"]}, t)  # b's key went ...
+    states["a"].set_lease(11, t)  # ... and ours changed: no echo so far is of our new lease
+    states["a"].set_peers({"b": 21, "c": LEASES["c"]}, t)
+    assert states["a"].confirmed(t) == set()
+
+
 # ---------------------------------------------------------------------- safety, simulated
 
 
@@ -188,26 +222,61 @@ def test_a_new_lease_of_ours_starts_confirmation_over() -> None:
     loss=st.floats(0.0, 0.6),
     max_delay=st.floats(0.0, 0.4),
     stall=st.floats(0.0, 0.5),
+    relets=st.floats(0.0, 0.003),
 )
-def test_never_holder_and_revoked_at_once(n: int, seed: int, loss: float, max_delay: float, stall: float) -> None:
-    """Random loss, delays, one-way cuts that come and go, senders that stall: whenever any node
+def test_never_holder_and_revoked_at_once(
+    n: int, seed: int, loss: float, max_delay: float, stall: float, relets: float,
+) -> None:
+    """Random loss, delays, one-way cuts that come and go, senders that stall, nodes that take
+    a new lease (registered again, or restarted with nothing kept; ``relets``: the chance per
+    node and 10 ms step, up to about 3 times in the 12 s), which every other node learns a
+    watch event later, its claimer key gone for a moment first or not: whenever any node
     may revoke a holder, the holder has not been allowed to hold for DETECT_AFTER - FENCE_AFTER
     (the margin for its own lateness), less the 10 ms step."""
     rng = random.Random(seed)
     names = list(LEASES)[:n]
     offsets = {name: rng.uniform(-1000, 1000) for name in names}  # unrelated monotonic clocks
     step = 0.01
-    states = {name: Heartbeats(name, LEASES[name], 50.0 + offsets[name]) for name in names}
+    leases = dict(LEASES)
+    states = {name: Heartbeats(name, leases[name], 50.0 + offsets[name]) for name in names}
     for s in states.values():
-        s.set_peers({name: LEASES[name] for name in names}, 50.0 + offsets[s.node_id])
+        s.set_peers({name: leases[name] for name in names}, 50.0 + offsets[s.node_id])
+    known = {name: {other: leases[other] for other in names} for name in names}  # claimer keys as each sees them
+    key_events: list[tuple[float, str, str, int | None]] = []  # (when, observer, node, its lease or None: gone)
     next_send = {name: 50.0 + rng.uniform(0, HEARTBEAT_INTERVAL) for name in names}
     in_flight: list[tuple[float, str, Heartbeat]] = []
     cut: set[tuple[str, str]] = set()
-    last_allowed = dict.fromkeys(names, -math.inf)  # real time each node last was allowed to hold
+    # real time each node last was allowed to hold, by lease: a revocation ends the lease the
+    # voter knows, and VIPs held under another one (a new process's) are not touched by it
+    last_allowed: dict[tuple[str, int], float] = {}
     t = 50.0
     while t < 62.0:
         if rng.random() < 0.01:  # the links change now and then: one-way cuts come and go
             cut = {(x, y) for x in names for y in names if x != y and rng.random() < 0.3}
+        for name in names:
+            if rng.random() < relets:
+                leases[name] += 100
+                if rng.random() < 0.5:
+                    states[name].set_lease(leases[name], t + offsets[name])  # the same process
+                else:  # a new process: nothing of the old one's view
+                    states[name] = Heartbeats(name, leases[name], t + offsets[name])
+                    states[name].set_peers({o: ln for o, ln in known[name].items() if o != name}, t + offsets[name])
+                for other in names:
+                    if other != name:
+                        seen = t + rng.uniform(0.0, 0.1)  # a watch event (a round at most)
+                        if rng.random() < 0.5:  # the old key's deletion seen first
+                            key_events.append((seen, other, name, None))
+                            seen += rng.uniform(0.0, 0.05)
+                        key_events.append((seen, other, name, leases[name]))
+        due = sorted(e for e in key_events if e[0] <= t)
+        key_events = [e for e in key_events if e[0] > t]
+        for _, observer, node, lease in due:
+            if lease is None:
+                known[observer].pop(node, None)
+            else:
+                known[observer][node] = lease
+            states[observer].set_peers({o: ln for o, ln in known[observer].items() if o != observer},
+                                       t + offsets[observer])
         for name in names:
             if t >= next_send[name]:
                 beat = states[name].message(t + offsets[name])
@@ -223,12 +292,14 @@ def test_never_holder_and_revoked_at_once(n: int, seed: int, loss: float, max_de
             states[receiver].received(beat, t + offsets[receiver])
         for name in names:
             if states[name].may_hold(t + offsets[name]):
-                last_allowed[name] = t
+                last_allowed[(name, states[name].lease)] = t
         for voter in names:
             for holder in names:
                 if holder != voter and states[voter].missing(holder, t + offsets[voter]):
-                    assert t - last_allowed[holder] >= DETECT_AFTER - FENCE_AFTER - step, (
-                        f"{voter} may revoke {holder} at {t:.2f}, which held until {last_allowed[holder]:.2f}")
+                    lease = states[voter].peers[holder].lease
+                    held = last_allowed.get((holder, lease), -math.inf)
+                    assert t - held >= DETECT_AFTER - FENCE_AFTER - step, (
+                        f"{voter} may revoke {holder}'s lease {lease} at {t:.2f}, which held until {held:.2f}")
         t += step
 
 
