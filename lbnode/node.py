@@ -72,6 +72,12 @@ EXPIRY_CHECK_INTERVAL = 3600.0
 # past this bound it serves its cached configuration and follows the store once it answers.
 FIRST_READ_WAIT = 1.0
 
+# After a takeover, how long the old process still answers the admin connections it accepted
+# before the new process took the socket: a request already sent arrives within milliseconds
+# (2 s leaves room for a busy host); a client silent longer is closed, so that the old
+# process's drain is not held for the admin endpoint's READ_TIMEOUT (10 s).
+ADMIN_HANDOVER_GRACE = 2.0
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigSource:
@@ -152,7 +158,8 @@ class LbNode:
         self.config_path: Path | None = None  # node.toml, read again by SIGHUP
         self.command_socket: CommandSocket | None = None  # state_dir/lbnode.sock (lbnode run)
         self.takeover: Takeover | None = None  # the running node whose sockets this one takes
-        self._admin_scope = trio.CancelScope()
+        self._admin_scope = trio.CancelScope()  # the admin endpoint, its connections too
+        self._admin_accepting = trio.CancelScope()  # its accept loop only
         self._admin_done = trio.Event()
         self._control_scope: trio.CancelScope | None = None
         self._control_stopped = trio.Event()
@@ -487,11 +494,15 @@ class LbNode:
             return
         log.info("takeover: the new process serves our sockets; draining and exiting")
         self._handed_over = True
-        self._admin_scope.cancel()  # its socket is the new process's now
+        self._admin_accepting.cancel()  # its socket is the new process's now: we accept no more
         if admin_bind is not None:
-            # A request already read finishes first (cancelling reaches a task only at its next
-            # checkpoint): it must answer "ok", not the "draining" the stop below would make it say.
-            await self._admin_done.wait()
+            # The connections we accepted are answered first, a request still on its way too (a
+            # CI run saw one closed unanswered when they were cancelled with the accept loop),
+            # and before the stop below: they must say "ok", not "draining". A client that sends
+            # nothing within ADMIN_HANDOVER_GRACE is closed, not waited for READ_TIMEOUT.
+            with trio.move_on_after(ADMIN_HANDOVER_GRACE):
+                await self._admin_done.wait()
+        self._admin_scope.cancel()
         self.stop()
         await conn.answer({"ok": True, "message": "draining"})
 
@@ -710,7 +721,7 @@ class LbNode:
         """The admin endpoint, until the node stops or a new process takes its socket over."""
         try:
             with self._admin_scope:
-                await serve_admin(sock, self, access)
+                await serve_admin(sock, self, access, self._admin_accepting)
         finally:
             self._admin_done.set()
 

@@ -233,11 +233,16 @@ async def _handle(node: AdminView, sock: socket.socket, client_ip: str, access: 
                 close_tls(tls)
 
 
-async def serve_admin(sock: socket.socket, node: AdminView, access: AdminAccess = OPEN) -> None:
-    """Answer admin requests on ``sock`` until cancelled; ``access``: [admin]'s token and TLS."""
+async def serve_admin(sock: socket.socket, node: AdminView, access: AdminAccess = OPEN,
+                      accepting: trio.CancelScope | None = None) -> None:
+    """Answer admin requests on ``sock`` until cancelled; ``access``: [admin]'s token and TLS.
+
+    ``accepting`` cancelled: no new connection is taken (a new process took the socket over),
+    the ones accepted are answered (one request each, within ``READ_TIMEOUT``), then this returns."""
 
     async def handler(conn: socket.socket, client_ip: str) -> None:
         await _handle(node, conn, client_ip, access)
 
     async with trio.open_nursery() as handlers:
-        await accept_loop(sock, handler, handlers, ConnectionGate(64), "admin")
+        with accepting if accepting is not None else trio.CancelScope():
+            await accept_loop(sock, handler, handlers, ConnectionGate(64), "admin")

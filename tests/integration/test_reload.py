@@ -357,6 +357,35 @@ def test_takeover_upgrades_the_process_under_load(spawn: Spawn, tmp_path: Path, 
     assert done.returncode == 0 and done.stdout.strip().startswith("reloaded: listeners unchanged"), done
 
 
+def test_an_admin_connection_accepted_before_a_takeover_is_answered_by_the_old_process(
+    spawn: Spawn, tmp_path: Path,
+) -> None:
+    """A CI run under load: an admin request (the load's health probe) got its connection closed
+    unanswered, 1.5 ms after it connected, as the old process handed its sockets over: the
+    accept loop was cancelled with the connections it had accepted. Here a connection is
+    accepted by the old process and its request sent only once the old process logged that it
+    drains: it is answered, and "ok" (GET /healthz says 200, not the "draining" of the stop).
+    One that sends nothing is closed after ADMIN_HANDOVER_GRACE, and the old process exits."""
+    site = Site(spawn, tmp_path)
+    site.write([("web", "http", site.web, "pa")])
+    old = site.start(spawn)
+    with socket.create_connection(("127.0.0.1", site.admin), timeout=10) as early, \
+            socket.create_connection(("127.0.0.1", site.admin), timeout=10) as silent:
+        time.sleep(0.3)  # both accepted by the old process (an idle node accepts within milliseconds)
+        spawn("-m", "lbnode.cli", "run", "--config", str(site.config), "--takeover", name="node")
+        old_log = tmp_path / "node-2.log"  # after the two backends
+        wait_until(lambda: "takeover: the new process serves our sockets; draining and exiting" in old_log.read_text(),
+                   30, "the old node's handover")
+        # ADMIN_HANDOVER_GRACE (2 s) for the request to come: this one is sent within wait_until's poll (20 ms)
+        early.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := early.recv(4096):
+            answer += chunk
+        assert silent.recv(100) == b""  # closed after the grace (2 s; the socket's timeout is 10 s)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert old.wait(HANDED_OVER_WITHIN[1]) == 0
+
+
 def test_takeover_without_a_running_node_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text(node_toml(pool_toml("p", ["127.0.0.1:1"]), listener_toml("web", "http", "p")))
