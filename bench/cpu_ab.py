@@ -60,7 +60,13 @@ MODES = ("keepalive", "close", "l4", "h2", "tls-new", "tls-keepalive")
 # with another balancing policy that needs no other setting (round robin in the others).
 POLICY_CONFIGS = ("random", "least_connections", "least_loaded", "least_latency", "source_hash")
 CONFIGS = ("plain", "protections", *POLICY_CONFIGS)
+
 HAPROXY = "haproxy"
+
+
+def algorithm_of(variant: str) -> str:
+    """The pool's balancing policy for a node.toml variant: its own name for a policy's, else round robin."""
+    return variant if variant in POLICY_CONFIGS else "round_robin"
 
 
 def summarize(results: dict[str, list[float]], reference: str = HAPROXY) -> list[str]:
@@ -150,8 +156,8 @@ def _start_lbnode(ctx: Context, tree: Path, i: int, taken: set[int], h2: bool = 
         conf.write_text(fulcrum_tls_config(list(ctx.ports.backends), ports.fulcrum_web, ports.fulcrum_admin,
                                            tls[0], tls[1], ports.fulcrum_bulk))
     else:
-        algorithm = config if config in POLICY_CONFIGS else "round_robin"
-        conf.write_text(fulcrum_config(ports, node_id=f"ab{i}", protections=config == "protections", algorithm=algorithm))
+        conf.write_text(fulcrum_config(ports, node_id=f"ab{i}", protections=config == "protections",
+                                       algorithm=algorithm_of(config)))
     # PYTHONPATH puts this tree's lbnode ahead of the venv's editable install.
     argv = ["env", f"PYTHONPATH={tree}", python, "-c",
             "import sys; from lbnode.cli import main; sys.exit(main())", "run", "--config", str(conf)]

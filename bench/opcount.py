@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 from bench.configs import HOST, SMALL_PATH, Ports, fulcrum_config
-from bench.cpu_ab import POLICY_CONFIGS, REPO, _export
+from bench.cpu_ab import POLICY_CONFIGS, REPO, _export, algorithm_of
 from bench.harness import Context, Options, StartError, pick_port, ports_of
 from bench.tls import certificate_in, fulcrum_tls_config
 
@@ -299,7 +299,7 @@ def count(ctx: Context, tree: Path, i: int, requests: int, taken: set[int],
         member = variant == "cluster"  # a member of the bench's etcd, with its own key prefix
         conf.write_text(fulcrum_config(
             ports, node_id=f"ops{i}", protections=variant == "protections",
-            algorithm=variant if variant in POLICY_CONFIGS else "round_robin",
+            algorithm=algorithm_of(variant),
             etcd=[ctx.etcd()] if member else (), etcd_prefix=f"/fulcrum-opcount-{i}/v1" if member else None,
             state_dir=str(ctx.tmp / f"ops{i}.state") if member else None,
         ))
