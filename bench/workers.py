@@ -33,12 +33,16 @@ ONE = Variant("1 worker")
 TWO = Variant("2 workers", workers=2)
 
 
+# HAProxy's runs, in order: (label, nbthread).
+HAPROXY_RUNS = (("HAProxy nbthread 1 (1st)", 1), ("HAProxy nbthread 2 (1st)", 2),
+                ("HAProxy nbthread 2 (2nd)", 2), ("HAProxy nbthread 1 (2nd)", 1))
+
+
 def haproxy_runs(ctx: Context) -> list[L7Row]:
-    """HAProxy nbthread 1, 2, 2, 1 under the same load as the Fulcrum runs."""
+    """HAProxy nbthread 1, 2, 2, 1 (``HAPROXY_RUNS``) under the same load as the Fulcrum runs."""
     o = ctx.opts
     rows = []
-    for label, nbthread in (("HAProxy nbthread 1 (1st)", 1), ("HAProxy nbthread 2 (1st)", 2),
-                            ("HAProxy nbthread 2 (2nd)", 2), ("HAProxy nbthread 1 (2nd)", 1)):
+    for label, nbthread in HAPROXY_RUNS:
         ctx.stop("haproxy")
         ctx.stop("haproxy-nbthread2")
         try:
@@ -116,5 +120,5 @@ def _section_workers(ctx: Context) -> str:
         + spread_text(two, "2 workers")
         + CORE_NOTE
         + "\n\n"
-        + projection(two, [r for r in haproxy if "nbthread 2" in r.name])
+        + projection(two, [r for r, (_, n) in zip(haproxy, HAPROXY_RUNS, strict=True) if n == 2])
     )
